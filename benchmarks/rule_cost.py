@@ -1,0 +1,92 @@
+"""Cost of one SGD step of each rule, relative to plain backprop.
+
+    python benchmarks/rule_cost.py [--model resnet20] [--batch 128] [--repeats 15] [--threads 2]
+
+Plain BP is the same network built from stock nn.Conv2d / nn.Linear (rule=None), trained
+with the same SGD.  Steps of all rules are interleaved round-robin in one process, so
+machine noise hits every rule alike, and the median step time is taken.  Everything a
+rule does per step counts: forward, backward, the optimizer, and the rule's own hooks
+(brSF's redraw, weight-mirror steps).  The last line printed is a JSON object
+{rule: time / BP time}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from localnet.engine import InProcessExecutor, OptimConfig
+from localnet.models import build_model
+from localnet.rules import make_rule
+
+RULES = ["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "pfa", "pfa-o"]
+
+
+class PlainStep:
+    """Stock PyTorch: forward, loss, backward, SGD."""
+
+    def __init__(self, model, lr=0.1, momentum=0.9, wd=1e-4):
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd,
+                                   fused=True)
+
+    def __call__(self, x, y):
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class RuleStep:
+    def __init__(self, model):
+        self.ex = InProcessExecutor(model, OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4))
+
+    def __call__(self, x, y):
+        self.ex.train_step(x, y, 0.1, 1e-4)
+
+
+def make(rule: str, model: str, shape):
+    if rule == "plain":
+        return PlainStep(build_model(model, None, shape, 10))
+    r = make_rule("pfa", ortho=True) if rule == "pfa-o" else make_rule(rule)
+    return RuleStep(build_model(model, r, shape, 10))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rules", nargs="+", default=RULES)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    x = torch.randn(args.batch, *shape)
+    y = torch.randint(0, 10, (args.batch,))
+    steps = {r: make(r, args.model, shape) for r in ["plain", *args.rules]}
+    times = {r: [] for r in steps}
+    for i in range(args.warmup + args.repeats):
+        for r, step in steps.items():
+            tic = time.perf_counter()
+            step(x, y)
+            if i >= args.warmup:
+                times[r].append(time.perf_counter() - tic)
+    med = {r: statistics.median(t) for r, t in times.items()}
+    base = med.pop("plain")
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads: plain BP step "
+          f"{1000 * base:.1f} ms (median of {args.repeats})")
+    for r, t in med.items():
+        print(f"  {r:6s} {1000 * t:8.1f} ms   x{t / base:.3f}")
+    print(json.dumps({r: round(t / base, 3) for r, t in med.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""`localnet` command line: run, validate, rules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, dump_config, load_config
+
+
+def _cmd_run(args) -> int:
+    from .train import new_run_dir, train  # torch import only when needed
+
+    if args.resume:
+        from pathlib import Path
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml", args.set)
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = new_run_dir(cfg, args.out)
+    Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
+                               f"{cfg.data.name} -> {run_dir}")
+    summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    print(json.dumps({k: summary[k] for k in ("rule", "model", "dataset", "epochs", "steps",
+                                              "test_accuracy", "test_loss", "samples_per_s")}))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.print:
+        print(dump_config(cfg), end="")
+    else:
+        print(f"{args.config}: ok ({cfg.rule.name} / {cfg.model.name} / {cfg.data.name})")
+    return 0
+
+
+def _cmd_rules(args) -> int:
+    from .rules import RULES
+
+    table = Table(title="localnet learning rules")
+    for col in ("name", "weight transport", "paper"):
+        table.add_column(col)
+    for name, cls in RULES.items():
+        table.add_row(name, "yes" if cls.transports_weights else "no", cls.paper)
+    Console().print(table)
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _cmd_simulate(args) -> int:
+    from .runtime.plan import simulate_config
+
+    cfg = load_config(args.config, args.set)
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    plan = simulate_config(cfg, shape, args.num_classes,
+                           _floats(args.fwd) if args.fwd else None,
+                           _floats(args.bwd) if args.bwd else None, args.comm, args.repeats)
+    if args.json:
+        print(json.dumps(plan))
+        return 0
+    table = Table(title=f"{plan['schedule']}: {plan['stages']} stages x {plan['micro_batches']} "
+                        f"micro-batches ({plan['cost_source']} costs, ms per micro-batch)")
+    for col in ("stage", "units", "fwd ms", "bwd ms", "busy ms", "peak act."):
+        table.add_column(col)
+    for st in plan["per_stage"]:
+        units = st["units"] if len(st["units"]) <= 3 else st["units"][:1] + ["..."] + st["units"][-1:]
+        table.add_row(str(st["stage"]), " ".join(units), f"{st['fwd_s'] * 1e3:.3f}",
+                      f"{st['bwd_s'] * 1e3:.3f}", f"{st['busy_s'] * 1e3:.3f}",
+                      str(st["peak_activations"]))
+    Console().print(table)
+    print(f"makespan: {plan['makespan_s'] * 1e3:.3f} ms per batch of {plan['batch_size']}")
+    print(f"bubble fraction: {plan['bubble_fraction']:.4f} "
+          f"(gpipe with equal costs: {plan['gpipe_equal_cost_bubble']:.4f})")
+    print(f"predicted samples/s: {plan['samples_per_s']:.1f}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="localnet", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train a model per a config")
+    r.add_argument("config", nargs="?", help="YAML config (not needed with --resume)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set rule.name=fa (repeatable)")
+    r.add_argument("--out", help="run directory (default: <out_dir>/<name>-<time>)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
+    v = sub.add_parser("validate", help="check a config; non-zero exit names the bad key")
+    v.add_argument("config")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--print", action="store_true", help="print the resolved config")
+    v.set_defaults(func=_cmd_validate)
+
+    si = sub.add_parser("simulate", help="predict the pipeline's bubble fraction and samples/s "
+                                         "(runtime.schedule / runtime.partition), no Ray")
+    si.add_argument("config")
+    si.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    si.add_argument("--fwd", metavar="S0,S1,...", help="forward seconds per micro-batch per stage "
+                                                     "(default: measured in-process)")
+    si.add_argument("--bwd", metavar="S0,S1,...", help="backward seconds per micro-batch per stage")
+    si.add_argument("--comm", type=float, default=0.0, help="seconds per cross-stage message")
+    si.add_argument("--input-shape", metavar="C,H,W", help="skip loading data: the input shape")
+    si.add_argument("--num-classes", type=int, help="skip loading data: the class count")
+    si.add_argument("--repeats", type=int, default=3, help="timed repeats per unit")
+    si.add_argument("--json", action="store_true", help="print the plan as JSON")
+    si.set_defaults(func=_cmd_simulate)
+
+    ru = sub.add_parser("rules", help="list the learning rules and their papers")
+    ru.set_defaults(func=_cmd_rules)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "command", None) == "run" and not args.config and not args.resume:
+        parser().error("run: give a CONFIG or --resume RUN_DIR")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"localnet: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"localnet: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

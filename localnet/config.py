@@ -1,0 +1,239 @@
+"""One typed, validated config: YAML files plus `--set a.b=c` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key
+(`rule.nmae: unknown key`) rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RuleName = Literal["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "pfa"]
+ModelName = Literal["mlp", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50"]
+DataName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MirrorConfig(Section):
+    """Weight-mirror steps (rule `wm`)."""
+
+    sigma: float = Field(1.0, gt=0, description="std of the noise driven into each layer")
+    lr: float = Field(0.01, gt=0, description="eta_m")
+    decay: float | None = Field(None, ge=0, lt=1, description="lambda_m; default lr*sigma^2 (fixed point B = W)")
+    batch: int = Field(16, ge=1, description="noise samples per mirror step")
+    warmup_steps: int = Field(100, ge=0, description="mirror steps before training")
+    every: int = Field(1, ge=1, description="one mirror step every N training steps")
+
+
+class RuleConfig(Section):
+    name: RuleName = "bp"
+    r: int = Field(10, ge=1, description="PFA expansion ratio")
+    ortho: bool = Field(False, description="PFA-o: square orthogonal B_p")
+    pfa_mode: Literal["auto", "fused", "factored"] = Field(
+        "auto", description="PFA association: fused W_eff = B_p R, or factored (delta B_p) R")
+    batch_manhattan: bool = Field(False, description="update with the sign of the gradient (Moskovitz et al. 2018)")
+    norm_constraint: bool = Field(False, description="keep each forward weight's norm at most its initial norm")
+    mirror: MirrorConfig = MirrorConfig()
+
+    def options(self) -> dict:
+        """Constructor options for the chosen rule class."""
+        if self.name == "pfa":
+            return {"r": self.r, "ortho": self.ortho, "mode": self.pfa_mode}
+        if self.name == "wm":
+            m = self.mirror
+            return {"sigma": m.sigma, "lr": m.lr, "decay": m.decay, "batch": m.batch}
+        return {}
+
+
+class ModelConfig(Section):
+    name: ModelName = "mlp"
+    widths: list[int] = Field(default_factory=lambda: [512, 512], description="mlp hidden widths")
+
+
+class DataConfig(Section):
+    name: DataName = "synthetic"
+    root: str | None = Field(None, description="data root; else $LOCALNET_DATA; else the user cache dir")
+    subset: int | None = Field(None, ge=1, description="use only the first N training samples")
+    test_subset: int | None = Field(None, ge=1, description="use only the first N test samples")
+    augment: bool | None = Field(None, description="None: the dataset's default (CIFAR: crop+flip)")
+    download: bool = Field(False, description="allow torchvision downloads (needs a network)")
+    image_size: int = Field(224, ge=8, description="imagefolder crop size")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
+    micro_batches: int = Field(1, ge=1, description="split each batch into M micro-batches")
+    eval_batch_size: int = Field(1000, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    wd_milestones: dict[int, float] = Field(
+        default_factory=dict, description="epoch -> weight decay from that epoch on (PFA: {1: 1e-4})")
+    lr_schedule: Literal["constant", "milestones", "cosine"] = "constant"
+    lr_milestones: list[int] = Field(default_factory=list, description="epochs where lr *= lr_gamma")
+    lr_gamma: float = Field(0.1, gt=0)
+    threads: int | None = Field(None, ge=1, description="torch threads; default: torch's choice")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by "
+                             f"train.micro_batches ({self.micro_batches})")
+        for e, wd in self.wd_milestones.items():
+            if e < 0 or wd < 0:
+                raise ValueError(f"train.wd_milestones: epoch and decay must be >= 0, got {e}: {wd}")
+        return self
+
+
+class MetricsConfig(Section):
+    alignment_every: int = Field(100, ge=0, description="log per-layer alignment every N steps (0: per epoch only)")
+    bp_angle: bool = Field(False, description="also measure the angle to the true BP gradient (extra BP pass)")
+
+
+class PartitionStages(Section):
+    """`runtime.partition: {stages: N, balance: params|cost}`: N consecutive groups of units."""
+
+    stages: int = Field(..., ge=1, description="number of pipeline stages (actors)")
+    balance: Literal["params", "cost"] = Field(
+        "params", description="balance groups by parameter count or by measured fwd+bwd time")
+
+
+class RuntimeConfig(Section):
+    """Where the stages run.  `inprocess` (default): this process; `ray`: one Ray actor per
+    stage, activations and errors travelling actor to actor (localnet/runtime)."""
+
+    executor: Literal["inprocess", "ray"] = "inprocess"
+    schedule: Literal["gpipe", "1f1b"] = Field("gpipe", description="pipeline schedule (ray)")
+    partition: Literal["per_unit"] | PartitionStages | list[int] = Field(
+        "per_unit", description="per_unit (one actor per unit), {stages: N, balance: params|cost}, "
+                                "or explicit unit boundaries [b1, b2, ...]")
+    address: str | None = Field(None, description="Ray cluster address; default $RAY_ADDRESS, "
+                                                  "else an embedded local Ray")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per stage actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per stage actor")
+    placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement group strategy")
+    threads: int = Field(1, ge=1, description="torch threads inside each actor")
+    local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
+    timeout_s: float = Field(600.0, gt=0, description="longest wait for any actor reply")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.partition, list) and self.partition != sorted(set(self.partition)):
+            raise ValueError(f"runtime.partition: boundaries must be strictly increasing, "
+                             f"got {self.partition}")
+        if isinstance(self.partition, list) and any(b < 1 for b in self.partition):
+            raise ValueError("runtime.partition: boundaries must be >= 1")
+        return self
+
+
+class Config(Section):
+    seed: int = 0
+    per_rule: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="rule name -> {dotted.key: value} applied when that rule is chosen "
+                    "(a rule's own recipe, e.g. PFA's large first-epoch weight decay); "
+                    "--set still wins")
+    name: str | None = Field(None, description="run name; default <model>_<rule>_<dataset>")
+    out_dir: str = Field("runs", description="parent directory of run directories")
+    rule: RuleConfig = RuleConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def run_name(self) -> str:
+        return self.name or f"{self.model.name}_{self.rule.name}_{self.data.name}"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every offending key."""
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """'train.lr=0.1' -> (['train', 'lr'], 0.1); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    path = [k for k in key.strip().split(".") if k]
+    if not path:
+        raise ConfigError(f"--set has an empty key: {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, k in enumerate(path[:-1]):
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _rule_recipe(data: dict, overrides: list[str]) -> list[str]:
+    """The `per_rule` entries for the chosen rule, as --set style items."""
+    per_rule = data.get("per_rule") or {}
+    rule = (data.get("rule") or {}).get("name", "bp")
+    if not isinstance(per_rule, dict) or not isinstance(per_rule.get(rule, {}), dict):
+        raise ConfigError("per_rule must map rule names to {dotted.key: value} mappings")
+    items = []
+    for key, value in (per_rule.get(rule) or {}).items():
+        if not isinstance(key, str) or key.split(".")[0] in ("per_rule", "rule"):
+            raise ConfigError(f"per_rule.{rule}.{key}: a recipe may not change the rule itself")
+        items.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    return items
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    overrides = list(overrides or [])
+    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, _rule_recipe(data, overrides))
+    data = apply_overrides(data, overrides)  # explicit --set beats the rule's recipe
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="python"), sort_keys=False)

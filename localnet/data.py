@@ -1,0 +1,393 @@
+"""
+Datasets for localnet: MNIST, Fashion-MNIST, CIFAR-10, generic image folders, and a
+synthetic problem for tests.
+
+Small datasets live in memory as one tensor each and are fetched a whole batch at a
+time (Dataset.__getitems__): an MNIST MLP step takes ~2 ms, so per-sample fetching
+plus collation would dominate the run. Shuffling and augmentation are drawn from a
+generator seeded by (seed, epoch), so a run is reproducible and a resumed run sees
+the same batches as an uninterrupted one.
+"""
+
+import copy
+import hashlib
+import io
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
+
+# per-channel statistics of the training sets, on the [0, 1] pixel scale
+MEAN_STD = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data is not where we looked; the message says where we looked and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# where things live
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localnet"
+
+
+def resolve_root(root: str | None) -> Path:
+    """Data root: the config value, else $LOCALNET_DATA, else ~/.cache/localnet/data."""
+    root = root or os.environ.get("LOCALNET_DATA") or _user_cache() / "data"
+    return Path(root).expanduser()
+
+
+def cache_dir() -> Path:
+    """Where decoded tensors are cached: $LOCALNET_CACHE, else ~/.cache/localnet."""
+    env = os.environ.get("LOCALNET_CACHE")
+    return Path(env).expanduser() if env else _user_cache()
+
+
+def _how_to_get(name: str, looked: list[Path], layout: str) -> DatasetNotFoundError:
+    where = "\n".join(f"  - {p}" for p in looked)
+    env = os.environ.get("LOCALNET_DATA")
+    return DatasetNotFoundError(
+        f"dataset '{name}' not found. Looked at:\n{where}\n"
+        f"($LOCALNET_DATA is {'set to ' + env if env else 'not set'}.) To fix: point data.root "
+        f"(or $LOCALNET_DATA) at a folder holding {layout}; or set data.download=true "
+        f"when a network is available."
+    )
+
+
+# -----------------------------------------------------------------------------
+# in-memory datasets with batched fetch
+
+def _generator(seed: int, *more: int) -> torch.Generator:
+    # mix the integers into one 63-bit seed; distinct (seed, epoch) pairs get distinct streams
+    h = hashlib.sha256(repr((seed, *more)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
+
+
+def crop_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Per-sample random crop (zero padding) + horizontal flip of a batch, without a loop.
+    x: (B,C,H,W); shift: (B,2) top-left offsets in [0, 2*pad]; flip: (B,) bool."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))  # zeros = black pixels, as torchvision's RandomCrop(padding=4)
+    rows = shift[:, 0:1] + torch.arange(H)  # (B,H) source rows of each crop
+    cols = shift[:, 1:2] + torch.arange(W)  # (B,W) source columns
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip just reads the columns backwards
+    out = xp[torch.arange(B)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B,H,W,C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class TensorImageDataset(Dataset):
+    """Images x (N,C,H,W) and int64 labels y (N,) held in memory.
+    x is either float and already normalised (MNIST, synthetic), or uint8 and normalised
+    on fetch with mean/std (CIFAR: 4x less memory, and augmentation pads with black pixels).
+    __getitems__ returns a ready batch (x, y); use collate_fn=passthrough in a DataLoader."""
+
+    def __init__(self, x, y, mean=None, std=None, augment=False):
+        assert len(x) == len(y)
+        self.x, self.y, self.augment = x, y, augment
+        self.mean = None if mean is None else torch.tensor(mean).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(std).view(-1, 1, 1)
+        self.aug = None  # per-sample (shift, flip) drawn for one epoch, see for_epoch
+
+    def __len__(self):
+        return len(self.y)
+
+    def for_epoch(self, g: torch.Generator) -> "TensorImageDataset":
+        """A shallow copy whose augmentation for every sample is drawn now from g.
+        Drawing per sample (not per batch) makes it independent of batch order and workers."""
+        view = copy.copy(self)
+        if self.augment:
+            n = len(self)
+            # crop offsets in [0, 8] of the 4-padded image, and a coin flip for mirroring
+            view.aug = (torch.randint(0, 9, (n, 2), generator=g), torch.rand(n, generator=g) < 0.5)
+        return view
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x, y = self.x[idx], self.y[idx]
+        if self.aug is not None:
+            x = crop_flip(x, self.aug[0][idx], self.aug[1][idx])
+        if self.mean is not None:
+            x = (x.float() / 255 - self.mean) / self.std
+        return x, y
+
+    def __getitem__(self, i):
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+
+def passthrough(batch):
+    # __getitems__ already returned the collated (x, y)
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# the bundle handed to training code
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    test: Dataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+    name: str
+    classes: list[str] | None = field(default=None, repr=False)
+
+    def train_loader(self, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> DataLoader:
+        """Shuffled, and augmented if the dataset augments, both determined by (seed, epoch)."""
+        g = _generator(seed, epoch)
+        order = torch.randperm(len(self.train), generator=g).tolist()
+        ds = self.train.for_epoch(g) if hasattr(self.train, "for_epoch") else self.train
+        return DataLoader(ds, batch_size=batch_size, sampler=order, drop_last=drop_last,
+                          collate_fn=_collate_for(ds))
+
+    def test_loader(self, batch_size: int) -> DataLoader:
+        return DataLoader(self.test, batch_size=batch_size, shuffle=False, collate_fn=_collate_for(self.test))
+
+
+def _collate_for(ds):
+    return passthrough if hasattr(ds, "__getitems__") else None  # None = torch's default collate
+
+
+# -----------------------------------------------------------------------------
+# MNIST / Fashion-MNIST
+
+def _load_mnist(name, root, download):
+    import torchvision
+    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    try:
+        splits = [cls(str(root), train=t, download=download) for t in (True, False)]
+    except RuntimeError as e:  # torchvision's "Dataset not found"
+        raise _how_to_get(name, [root / cls.__name__ / "raw"],
+                          f"{cls.__name__}/raw/ with the four uncompressed idx files "
+                          f"(train-images-idx3-ubyte, ...)") from e
+    mean, std = MEAN_STD[name]
+    # normalise once up front: the whole set is ~190 MB as float and batches are then plain slices
+    out = [TensorImageDataset(((s.data.float() / 255 - mean[0]) / std[0]).unsqueeze(1), s.targets.long())
+           for s in splits]
+    return out[0], out[1], splits[0].classes
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10
+
+def _fingerprint(path: Path) -> str:
+    # a tar changes size/mtime when rewritten; a folder tree's class dirs change mtime
+    # when files are added or removed
+    paths = [path] if path.is_file() else sorted(p for p in path.glob("*/*") if p.is_dir())
+    stats = [(str(p), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(repr(("v1", str(path.resolve()), stats)).encode()).hexdigest()[:16]
+
+
+def _split_class(parts):
+    # ".../train/<class>/<file>" -> ("train", "<class>"), else None; tolerates a top-level prefix
+    if len(parts) >= 3 and parts[-3] in ("train", "test") and parts[-1].lower().endswith(IMAGE_EXTS):
+        return parts[-3], parts[-2]
+    return None
+
+
+def _image_files(src: Path):
+    """Yield (split, class, filename, bytes) for every image in a folder tree or a tar."""
+    if src.is_dir():
+        for split in ("train", "test"):
+            for f in sorted((src / split).glob("*/*")):
+                if f.suffix.lower() in IMAGE_EXTS:
+                    yield split, f.parent.name, f.name, f.read_bytes()
+    else:
+        with tarfile.open(src) as tf:  # read members in place: no extraction to disk
+            for m in tf:
+                sc = _split_class(m.name.split("/")) if m.isfile() else None
+                if sc:
+                    yield *sc, m.name.rsplit("/", 1)[1], tf.extractfile(m).read()
+
+
+def _decode_tree(src: Path) -> dict:
+    # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29
+    import numpy as np
+    from PIL import Image
+    items = {"train": [], "test": []}
+    for split, cls, fname, data in _image_files(src):
+        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (H,W,3) uint8
+        items[split].append((cls, fname, img))
+    classes = sorted({c for c, _, _ in items["train"]})  # same class indices as ImageFolder
+    index = {c: i for i, c in enumerate(classes)}
+    out = {"classes": classes}
+    for split, its in items.items():
+        # order: the 1st file of every class, then the 2nd, ... so that the first N samples
+        # (subset=N) are class balanced; ImageFolder's class-major order would give N airplanes
+        its.sort(key=lambda t: t[:2])
+        ranked = [(k, index[c], img) for c, group in groupby(its, key=lambda t: t[0])
+                  for k, (_, _, img) in enumerate(group)]
+        ranked.sort(key=lambda t: t[:2])
+        if len({im.shape for _, _, im in ranked}) > 1:
+            raise ValueError(f"{src}: {split} images differ in size; expected all 32x32")
+        out[f"{split}_x"] = torch.from_numpy(np.stack([im for _, _, im in ranked])).permute(0, 3, 1, 2).contiguous()
+        out[f"{split}_y"] = torch.tensor([c for _, c, _ in ranked], dtype=torch.long)
+    return out
+
+
+def load_cifar_tree(src: Path) -> dict:
+    """Decode an image-folder tree or tar once; later calls read the cached uint8 tensors."""
+    path = cache_dir() / f"cifar10-{_fingerprint(src)}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    t0 = time.time()
+    data = _decode_tree(src)
+    data["source"], data["decode_s"] = str(src), time.time() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(data, tmp)
+    os.replace(tmp, path)  # atomic: parallel workers never read a half-written file
+    return data
+
+
+def _load_cifar10(root, download):
+    import torchvision
+    # (a) torchvision's own layout
+    tv = root / "cifar-10-batches-py"
+    # (b) an image-folder tree, (c) a tar of that tree
+    trees = [root / "cifar10", root / "cifar10-jpeg", root]
+    tars = [root / "cifar10-jpeg.tar", root / "cifar10.tar"]
+    src = None
+    if not tv.is_dir():
+        src = next((t for t in trees if (t / "train").is_dir() and (t / "test").is_dir()), None)
+        src = src or next((t for t in tars if t.is_file()), None)
+        if src is None and not download:
+            looked = [tv] + [t / s for t in trees for s in ("train", "test")] + tars
+            raise _how_to_get("cifar10", looked, "cifar-10-batches-py/ (torchvision), or "
+                              "cifar10-jpeg.tar / a cifar10/ folder with train/<class>/*.jpg and "
+                              "test/<class>/*.jpg")
+    if src is None:  # torchvision layout, downloading it only if asked to
+        splits = [torchvision.datasets.CIFAR10(str(root), train=t, download=download) for t in (True, False)]
+        xs = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in splits]
+        ys = [torch.tensor(s.targets, dtype=torch.long) for s in splits]
+        classes = splits[0].classes
+    else:
+        d = load_cifar_tree(src)
+        xs, ys, classes = [d["train_x"], d["test_x"]], [d["train_y"], d["test_y"]], d["classes"]
+    return xs, ys, classes
+
+
+# -----------------------------------------------------------------------------
+# generic image folder (ImageNet-like): per-sample decoding and transforms
+
+class SeededTransformDataset(Dataset):
+    """ImageFolder samples with a transform whose randomness comes from (seed, epoch, index),
+    so augmentation is reproducible regardless of order, without touching the global RNG."""
+
+    def __init__(self, folder, transform, indices=None, seed=None):
+        self.folder, self.transform, self.seed = folder, transform, seed
+        self.indices = list(range(len(folder))) if indices is None else indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def for_epoch(self, g: torch.Generator) -> "SeededTransformDataset":
+        view = copy.copy(self)
+        view.seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        return view
+
+    def __getitem__(self, i):
+        img, label = self.folder[self.indices[i]]
+        if self.seed is None:
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + i)
+            return self.transform(img), label
+
+
+def _load_imagefolder(root, augment, image_size):
+    import torchvision
+    from torchvision.transforms import v2
+    train_dir = root / "train"
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise _how_to_get("imagefolder", [train_dir, root / "val", root / "test"],
+                          "train/<class>/*.jpg and val/<class>/*.jpg (or test/)")
+    mean, std = MEAN_STD["imagenet"]
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    test_tf = v2.Compose([v2.Resize(round(image_size * 256 / 224)), v2.CenterCrop(image_size), *tail])
+    train_tf = v2.Compose([v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip(), *tail]) if augment else test_tf
+    train = torchvision.datasets.ImageFolder(str(train_dir))
+    test = torchvision.datasets.ImageFolder(str(test_dir))
+    if test.classes != train.classes:
+        raise ValueError(f"{test_dir} and {train_dir} have different class folders")
+    return SeededTransformDataset(train, train_tf), SeededTransformDataset(test, test_tf), train.classes
+
+
+# -----------------------------------------------------------------------------
+# synthetic: a learnable problem for tests
+
+def _synthetic(seed, shape, size, num_classes=10):
+    g = _generator(seed, -1)
+    protos = torch.randn(num_classes, *shape, generator=g)  # one mean pattern per class
+
+    def draw(n):
+        y = torch.randperm(n, generator=g) % num_classes  # balanced classes, shuffled
+        return 0.5 * protos[y] + torch.randn(n, *shape, generator=g), y
+
+    (xtr, ytr), (xte, yte) = draw(size), draw(max(size // 2, 1))
+    return TensorImageDataset(xtr, ytr), TensorImageDataset(xte, yte)
+
+
+# -----------------------------------------------------------------------------
+
+def load_data(name: str, root: str | None = None, subset: int | None = None, test_subset: int | None = None,
+              augment: bool | None = None, download: bool = False, seed: int = 0,
+              image_size: int = 224, synthetic_shape: tuple | None = None,
+              synthetic_size: int = 512) -> DataBundle:
+    """Load a dataset by name. subset / test_subset keep the first N samples in dataset order.
+    augment=None means the dataset's default (on for cifar10 and imagefolder train sets).
+    seed only matters for 'synthetic'; shuffling is seeded in DataBundle.train_loader."""
+    name = name.lower().replace("-", "_")
+    name = {"fashionmnist": "fashion_mnist", "cifar_10": "cifar10"}.get(name, name)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
+    if augment and name in ("mnist", "fashion_mnist", "synthetic"):
+        raise ValueError(f"dataset '{name}' has no augmentation; set augment to false or null")
+    classes = None
+    if name == "synthetic":
+        shape = tuple(synthetic_shape or (3, 32, 32))
+        train, test = _synthetic(seed, shape, synthetic_size)
+        num_classes = 10
+    elif name in ("mnist", "fashion_mnist"):
+        train, test, classes = _load_mnist(name, resolve_root(root), download)
+        shape, num_classes = (1, 28, 28), 10
+    elif name == "cifar10":
+        (xtr, xte), (ytr, yte), classes = _load_cifar10(resolve_root(root), download)
+        mean, std = MEAN_STD["cifar10"]
+        train = TensorImageDataset(xtr, ytr, mean, std, augment=augment is not False)
+        test = TensorImageDataset(xte, yte, mean, std)
+        shape, num_classes = (3, 32, 32), len(classes)
+    else:
+        train, test, classes = _load_imagefolder(resolve_root(root), augment is not False, image_size)
+        shape, num_classes = (3, image_size, image_size), len(classes)
+    train, test = _take(train, subset), _take(test, test_subset)
+    return DataBundle(train, test, shape, num_classes, name, classes)
+
+
+def _take(ds, n):
+    """The first n samples of ds (all if n is None)."""
+    if n is None or n >= len(ds):
+        return ds
+    ds = copy.copy(ds)
+    if isinstance(ds, TensorImageDataset):
+        ds.x, ds.y = ds.x[:n].clone(), ds.y[:n].clone()  # clone: let the full tensors be freed
+    else:
+        ds.indices = ds.indices[:n]
+    return ds

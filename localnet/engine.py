@@ -1,0 +1,245 @@
+"""Stages and the in-process executor.
+
+A `Stage` owns a contiguous slice of a model's units, their optimizer and every piece of
+local state.  Its interface is the whole contract between units:
+
+    y = stage.forward(x, mb)            activations go up
+    dx = stage.backward(dy, mb, e)      projected errors come down (e: DFA's output error)
+    stage.step(lr, wd)                  each stage steps its own optimizer
+
+Nothing else crosses: no weights, no global optimizer.  The in-process executor chains
+stages with plain calls; the distributed runtime runs the very same class inside actors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .alignment import update_angles, weight_alignment
+from .layers import local_layers, restore_rules, set_rule
+from .rules import make_rule, output_error
+
+
+@dataclass
+class OptimConfig:
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool = False
+    batch_manhattan: bool = False
+    norm_constraint: bool = False
+    mirror_every: int = 1
+
+
+class Stage:
+    def __init__(self, units: list[nn.Module], optim: OptimConfig, first: bool,
+                 names: list[str] | None = None):
+        self.module = nn.Sequential(*units)
+        self.names = list(names or [str(i) for i in range(len(units))])
+        # layer names as in the full model ("layer1.0.conv1.conv"), not stage-local indices
+        self.layers = [(self._model_name(n), m) for n, m in local_layers(self.module)]
+        self.first = first  # the first stage's input is data: no error to send down
+        self.optim = optim
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        # fused SGD: one kernel over all parameters (PFA's R is r times W's size on CPU)
+        self.opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                                   weight_decay=optim.weight_decay, nesterov=optim.nesterov,
+                                   fused=params[0].dtype in (torch.float32, torch.float64)) \
+            if params else None
+        if optim.norm_constraint:  # Moskovitz et al.: forward weights keep their initial norm
+            self.norm_limits = {n: l.weight.detach().norm().item() for n, l in self.layers}
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.steps = 0
+
+    def _model_name(self, name: str) -> str:
+        idx, _, rest = name.partition(".")
+        return ".".join(p for p in (self.names[int(idx)], rest) if p)
+
+    # -- data path --------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, mb: int = 0) -> torch.Tensor:
+        x = x.detach().requires_grad_(not self.first)
+        y = self.module(x)
+        self._pending[mb] = (x, y)
+        return y.detach()
+
+    def backward(self, grad_y: torch.Tensor, mb: int = 0, e: torch.Tensor | None = None):
+        x, y = self._pending.pop(mb)
+        ctx = output_error(e) if e is not None else contextlib.nullcontext()
+        with ctx:
+            y.backward(grad_y)
+        return None if self.first else x.grad
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    # -- learning ---------------------------------------------------------------------
+    def step(self, lr: float, weight_decay: float) -> None:
+        if self.opt is not None:
+            for group in self.opt.param_groups:
+                group["lr"], group["weight_decay"] = lr, weight_decay
+            if self.optim.batch_manhattan:
+                for group in self.opt.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.sign_()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if self.optim.norm_constraint:
+                for n, layer in self.layers:
+                    norm = layer.weight.norm()
+                    if norm > self.norm_limits[n]:
+                        layer.weight.mul_(self.norm_limits[n] / norm)
+            for _, layer in self.layers:
+                layer.rule.after_step(layer)
+        self.steps += 1
+        if self.steps % self.optim.mirror_every == 0:
+            self.mirror_steps(1)
+
+    def mirror_steps(self, n: int) -> None:
+        for _ in range(n):
+            for _, layer in self.layers:
+                layer.rule.mirror_step(layer)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    # -- metrics ----------------------------------------------------------------------
+    def alignment(self) -> dict:
+        return {self._model_name(n): a for n, a in weight_alignment(self.module).items()}
+
+    def weight_grads(self) -> dict[str, torch.Tensor]:
+        return {n: l.weight.grad.detach().clone() for n, l in self.layers if l.weight.grad is not None}
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(),
+                "opt": self.opt.state_dict() if self.opt else None, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        if self.opt and state["opt"]:
+            self.opt.load_state_dict(state["opt"])
+        self.steps = state["steps"]
+
+
+def loss_and_error(logits: torch.Tensor, targets: torch.Tensor, batch_total: int):
+    """Cross-entropy (mean over the *whole* batch, so micro-batch errors add up to the
+    batch's) and e = dL/dlogits, the error that enters the network."""
+    logits = logits.detach().requires_grad_(True)
+    loss = F.cross_entropy(logits, targets, reduction="sum") / batch_total
+    loss.backward()
+    correct = (logits.argmax(1) == targets).sum().item()
+    return loss.item() * batch_total, correct, logits.grad
+
+
+@dataclass
+class StepStats:
+    loss_sum: float   # summed over samples
+    correct: int
+    samples: int
+
+
+class InProcessExecutor:
+    """Runs stages in this process, unit slices in order; the reference for the runtime."""
+
+    name = "inprocess"
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, micro_batches: int = 1,
+                 boundaries: list[int] | None = None):
+        units = list(model.units)
+        cuts = [0] + list(boundaries or []) + [len(units)]
+        names = model.unit_names
+        self.stages = [Stage(units[a:b], optim, first=(i == 0), names=names[a:b])
+                       for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+        self.micro_batches = micro_batches
+        self.model = model
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
+        self.forward_backward(x, y, stats := StepStats(0.0, 0, 0))
+        for stage in self.stages:
+            stage.step(lr, wd)
+        return stats
+
+    def forward_backward(self, x, y, stats: StepStats) -> None:
+        n = x.shape[0]
+        for xm, ym in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
+            h = xm
+            for stage in self.stages:
+                h = stage.forward(h)
+            loss_sum, correct, e = loss_and_error(h, ym, n)
+            g = e
+            for stage in reversed(self.stages):
+                g = stage.backward(g, e=e)
+            stats.loss_sum += loss_sum
+            stats.correct += correct
+            stats.samples += xm.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> tuple[float, float]:
+        self.train(False)
+        loss, correct, n = 0.0, 0, 0
+        for x, y in loader:
+            h = x
+            for stage in self.stages:
+                h = stage.infer(h)
+            loss += F.cross_entropy(h, y, reduction="sum").item()
+            correct += (h.argmax(1) == y).sum().item()
+            n += y.shape[0]
+        self.train(True)
+        return loss / max(n, 1), correct / max(n, 1)
+
+    def train(self, mode: bool) -> None:
+        for s in self.stages:
+            s.train(mode)
+
+    def mirror_steps(self, n: int) -> None:
+        for s in self.stages:
+            s.mirror_steps(n)
+
+    def alignment(self) -> dict:
+        out = {}
+        for s in self.stages:
+            out.update(s.alignment())
+        return out
+
+    def bp_update_angles(self, x, y) -> dict[str, float]:
+        """Angle between each layer's update under its rule and the true BP gradient on
+        the same batch.  Runs two extra passes; BatchNorm statistics are restored."""
+        bn_state = {k: v.clone() for k, v in self.model.state_dict().items() if "running" in k or "num_batches" in k}
+        try:
+            grads = []
+            for rule in (None, make_rule("bp")):
+                old = set_rule(self.model, rule) if rule is not None else None
+                try:
+                    for s in self.stages:
+                        s.zero_grad()
+                    self.forward_backward(x, y, StepStats(0.0, 0, 0))
+                    g = {}
+                    for s in self.stages:
+                        g.update(s.weight_grads())
+                    grads.append(g)
+                finally:
+                    if old is not None:
+                        restore_rules(self.model, old)
+        finally:
+            for s in self.stages:
+                s.zero_grad()
+            self.model.load_state_dict(bn_state, strict=False)
+        return update_angles(grads[0], grads[1])
+
+    def state_dict(self) -> dict:
+        return {"stages": [s.state_dict() for s in self.stages]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, st in zip(self.stages, state["stages"]):
+            s.load_state_dict(st)

@@ -1,0 +1,75 @@
+"""CIFAR ResNets (He et al. 2016, sec. 4.2): 6n+2 layers, widths 16/32/64, and the
+option-A shortcut -- stride-2 subsampling plus zero channel padding, no parameters.
+"""
+
+from collections import OrderedDict
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import LayerFactory
+from .base import Flatten, UnitModel
+
+
+class PadShortcut(nn.Module):
+    """Option A: x[:, :, ::2, ::2] zero-padded to the new width (no weights)."""
+
+    def __init__(self, stride: int, extra_channels: int):
+        super().__init__()
+        self.stride, self.extra = stride, extra_channels
+
+    def forward(self, x):
+        x = x[:, :, ::self.stride, ::self.stride]
+        half = self.extra // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+
+
+class ConvBN(nn.Sequential):
+    """conv -> BN (-> ReLU -> tap): a single layer, the finest unit the runtime places."""
+
+    def __init__(self, f: LayerFactory, c_in, c_out, k=3, stride=1, relu=True):
+        mods = [("conv", f.conv(c_in, c_out, k, stride, k // 2)), ("bn", nn.BatchNorm2d(c_out))]
+        if relu:
+            mods += [("relu", nn.ReLU()), ("tap", f.tap())]
+        super().__init__(OrderedDict(mods))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, f: LayerFactory, c_in, c_out, stride, shortcut: nn.Module):
+        super().__init__()
+        self.conv1 = ConvBN(f, c_in, c_out, 3, stride)
+        self.conv2 = ConvBN(f, c_out, c_out, 3, 1, relu=False)
+        self.shortcut = shortcut
+        self.tap = f.tap()
+
+    def forward(self, x):
+        return self.tap(F.relu(self.conv2(self.conv1(x)) + self.shortcut(x)))
+
+
+def _cifar_shortcut(f, c_in, c_out, stride):
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return PadShortcut(stride, c_out - c_in)
+
+
+class Head(nn.Sequential):
+    def __init__(self, f: LayerFactory, c, num_classes):
+        super().__init__(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=Flatten(),
+                                     fc=f.linear(c, num_classes)))
+
+
+def resnet_cifar(f: LayerFactory, input_shape, num_classes, depth=20) -> UnitModel:
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    units, names = [ConvBN(f, input_shape[0], 16, 3, 1)], ["stem"]
+    c_in = 16
+    for stage, c_out in enumerate((16, 32, 64)):
+        for i in range(n):
+            stride = 2 if (i == 0 and stage > 0) else 1
+            units.append(BasicBlock(f, c_in, c_out, stride, _cifar_shortcut(f, c_in, c_out, stride)))
+            names.append(f"layer{stage + 1}.{i}")
+            c_in = c_out
+    units.append(Head(f, c_in, num_classes))
+    names.append("head")
+    return UnitModel(units, names)

@@ -1,0 +1,186 @@
+"""The machinery every local rule shares: one autograd op and the Rule interface.
+
+A layer computes y = op(x, W) + b.  Its backward pass has three outputs, and a
+local rule decides each one:
+
+  (a) the error sent to the layer below: op_input_grad(delta, F), where F is the
+      *feedback* weight the rule hands over at forward time;
+  (b) the forward-weight update: op_weight_grad(x, delta) -- the layer's own input
+      and the error it received, the same for every rule;
+  (c) the gradient of the feedback weights (KP and PFA learn them from (b)).
+
+Locality is structural: `LocalOp` saves x and F for backward, never W.  So once the
+forward pass is over, nothing any rule but `bp` does (where F *is* W) can read W.
+Sign rules hand over F = c*sign(W), a fresh tensor, so they see only sign(W).
+
+Conv backward uses `aten.convolution_backward` directly, as autograd's own conv backward
+does: grad_weight from x (the kernel needs only the weight's shape, never its values),
+grad_input through F.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class LinearGeometry:
+    """y = x W^T + b, for x of shape (..., N_in)."""
+
+    def forward(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def backward(self, grad_y, x, feedback, w_shape, need_x, need_w, need_b):
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        gx = (grad_y @ feedback) if need_x else None
+        gw = (g2.t() @ x.reshape(-1, x.shape[-1])) if need_w else None
+        gb = g2.sum(0) if need_b else None
+        return gx, gw, gb
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """2-d convolution with any stride, padding, dilation and groups."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def forward(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(self, grad_y, x, feedback, w_shape, need_x, need_w, need_b):
+        if feedback is None:  # weight grad only: the kernel needs a shape, not values
+            feedback = x.new_zeros(()).expand(w_shape)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_y, x, feedback,
+            [w_shape[0]] if need_b else None,
+            list(self.stride), list(self.padding), list(self.dilation),
+            False, [0, 0], self.groups, [need_x, need_w, need_b],
+        )
+        return gx, gw, gb
+
+    def input_grad(self, grad_y, x_shape, feedback):
+        """Transposed conv of an error through a kernel (used by tests and metrics)."""
+        return torch.nn.grad.conv2d_input(x_shape, feedback, grad_y, self.stride,
+                                          self.padding, self.dilation, self.groups)
+
+
+# ----------------------------------------------------------------------------- the op
+class LocalOp(torch.autograd.Function):
+    """y = geometry(x, W, b) whose backward is decided by a local rule (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, rule, *feedback):
+        # Deliberately not saving `weight`: only x and the feedback tensors survive.
+        ctx.save_for_backward(x, *feedback)
+        ctx.geometry, ctx.rule = geometry, rule
+        ctx.w_shape = weight.shape
+        ctx.has_bias = bias is not None
+        return geometry.forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, *feedback = ctx.saved_tensors
+        rule, geo = ctx.rule, ctx.geometry
+        need_x = ctx.needs_input_grad[0] and rule.sends_error
+        need_fb = ctx.needs_input_grad[5:]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        # (b) the forward-weight update, delta x^T, identical for every rule; and, when
+        # the rule's feedback is one W-shaped tensor F, (a) op^T(F) delta in the same call
+        f = feedback[0] if len(feedback) == 1 and feedback[0].shape == ctx.w_shape else None
+        gx, gw, gb = geo.backward(grad_y, x, f, ctx.w_shape, need_x and f is not None,
+                                  True, need_b)
+        # (a) and (c): the rule's call
+        gx, gfb = rule.backward(geo, grad_y, x, tuple(feedback), gw, gx, need_x, need_fb)
+        return (gx, gw if ctx.needs_input_grad[1] else None, gb, None, None, *gfb)
+
+
+# ----------------------------------------------------------------------------- rules
+class Rule:
+    """A local plasticity rule.  Stateless: the state it needs (B, R, M, ...) lives on
+    the layer as buffers or parameters, so checkpoints and devices just work.
+
+    Subclasses override what differs from the defaults below.
+    """
+
+    name: str = "?"
+    paper: str = ""
+    # True only for bp: its backward reads W (weight transport).
+    transports_weights: bool = False
+    # False for DFA: no error is sent to the layer below; errors arrive at taps instead.
+    sends_error: bool = True
+
+    def __init__(self, **options):
+        self.options = options
+
+    # -- state ---------------------------------------------------------------------
+    def init_layer(self, layer) -> None:
+        """Register feedback state on a freshly built layer (W is already initialised)."""
+
+    def init_tap(self, tap, shape: torch.Size, num_classes: int) -> None:
+        """Register state on an error tap once its activation shape is known (DFA)."""
+
+    # -- (a) and (c) -----------------------------------------------------------------
+    def feedback(self, layer) -> torch.Tensor:
+        """The feedback weight F, computed at forward time; backward sends op^T(F) delta."""
+        raise NotImplementedError
+
+    def feedback_tensors(self, layer, x) -> tuple[torch.Tensor, ...]:
+        """What the backward pass may use, fixed at forward time (default: F alone)."""
+        return (self.feedback(layer),)
+
+    def feedback_grad(self, grad_w):
+        """Gradient for F given the layer's weight gradient (None: F is not learned by SGD)."""
+        return None
+
+    def backward(self, geometry, grad_y, x, feedback, grad_w, grad_x, need_x, need_fb):
+        """(a) the error sent down and (c) gradients for the feedback tensors.
+
+        grad_x arrives already computed as op^T(F) delta when the feedback is a single
+        W-shaped F (the common case); rules with other feedback compute their own."""
+        return grad_x, (self.feedback_grad(grad_w) if need_fb[0] else None,)
+
+    def tap(self, tap, h: torch.Tensor) -> torch.Tensor:
+        """What an error tap after a hidden layer does; identity except for DFA."""
+        return h
+
+    # -- hooks the trainer calls --------------------------------------------------------
+    def after_step(self, layer) -> None:
+        """Called after every optimizer step (e.g. brSF redraws its magnitudes)."""
+
+    def mirror_step(self, layer) -> None:
+        """One weight-mirror step (only `wm` does anything)."""
+
+    def effective_feedback(self, layer) -> torch.Tensor | None:
+        """The matrix compared with W by the alignment metrics (None when not W-shaped)."""
+        with torch.no_grad():
+            return self.feedback(layer).detach()
+
+    def describe(self) -> str:
+        return self.name
+
+
+def xavier_std(weight_shape, gain: float = 1.0) -> float:
+    """Std of Xavier (Glorot) init for a Linear or Conv weight shape."""
+    fan_out = weight_shape[0] * math.prod(weight_shape[2:])
+    fan_in = math.prod(weight_shape[1:])
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def layer_generator(layer) -> torch.Generator:
+    """Each layer owns an RNG (seeded at build time from the run seed and its position),
+    so noise drawn inside the layer is the same wherever the layer runs."""
+    return layer.generator
+
+
+def new_like(weight: torch.Tensor, init, generator: torch.Generator) -> torch.Tensor:
+    t = torch.empty_like(weight)
+    init(t, generator=generator)
+    return t

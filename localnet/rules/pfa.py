@@ -1,0 +1,93 @@
+"""Product feedback alignment, PFA (Li & Benna 2024, "Deep Learning without Weight
+Symmetry", arXiv:2405.20594).
+
+The feedback pathway is a product of two matrices owned by the layer:
+a fixed random B_p (N_out x r*N_out; for a conv a 1x1 kernel) and a plastic R
+(r*N_out x N_in; for a conv r*C_out x C_in x k x k).  The error sent down is
+
+    R^T B_p^T delta,
+
+and R learns locally from the same signal as W:  g_R = B_p^T g_W, with weight decay
+on W and on R.  Then R -> B_p^T W and B_p R -> B_p B_p^T W ~ W (B_p B_p^T ~ I).
+B_p is Xavier-uniform with gain sqrt((1 + 1/r)/2), which makes E[B_p B_p^T] = I;
+PFA-o (`ortho: true`) uses a square orthogonal B_p (r = 1), where B_p B_p^T = I.
+
+Fused, unlike the published r-fold convolutions: W_eff = B_p R is formed once per
+forward pass (a small matmul), the error goes down with one transposed conv through
+W_eff, and autograd's matmul backward turns the layer's g_W into g_R = B_p^T g_W.
+
+For a Linear layer fed fewer samples than it has outputs (an MLP at batch 64), the
+other association is cheaper and gives the same numbers: d = delta B_p once, then the
+error d R and g_R = d^T x.  `mode: auto` picks whichever costs fewer multiply-adds.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .base import LinearGeometry, Rule
+
+
+class ProductFeedbackAlignment(Rule):
+    name = "pfa"
+    paper = "Li & Benna 2024, 'Deep Learning without Weight Symmetry' (product feedback alignment)"
+
+    def __init__(self, r=10, ortho=False, mode="auto", **options):
+        super().__init__(**options)
+        self.r, self.ortho = (1 if ortho else int(r)), bool(ortho)
+        if self.r < 1:
+            raise ValueError(f"rule.r must be >= 1, got {r}")
+        if mode not in ("auto", "fused", "factored"):
+            raise ValueError(f"pfa mode must be auto, fused or factored, got {mode!r}")
+        self.mode = mode
+
+    def init_layer(self, layer):
+        w = layer.weight.detach()
+        n_out, hidden = w.shape[0], self.r * w.shape[0]
+        b_p = w.new_empty(n_out, hidden)
+        if self.ortho:
+            nn.init.orthogonal_(b_p, generator=layer.generator)
+        else:
+            nn.init.xavier_uniform_(b_p, gain=math.sqrt((1 + 1 / self.r) / 2),
+                                    generator=layer.generator)
+        layer.register_buffer("feedback_fixed", b_p)
+        r = w.new_empty(hidden, *w.shape[1:])
+        nn.init.kaiming_uniform_(r, a=math.sqrt(5), generator=layer.generator)  # W's own init
+        layer.feedback_plastic = nn.Parameter(r)
+
+    def feedback(self, layer):
+        """W_eff = B_p R, in W's shape."""
+        r = layer.feedback_plastic
+        return (layer.feedback_fixed @ r.flatten(1)).view(layer.weight.shape)
+
+    def _factored(self, layer, x) -> bool:
+        if self.mode != "auto":
+            return self.mode == "factored"
+        if not isinstance(layer.geometry, LinearGeometry):
+            return False
+        n = x.numel() // x.shape[-1]               # samples
+        n_out, hidden, n_in = layer.feedback_fixed.shape[0], layer.feedback_fixed.shape[1], x.shape[-1]
+        fused = 2 * n_out * hidden * n_in          # W_eff = B_p R, and g_R = B_p^T g_W
+        factored = n * n_out * hidden + 2 * n * hidden * n_in   # d = delta B_p, d R, d^T x
+        return factored < fused
+
+    def feedback_tensors(self, layer, x):
+        if self._factored(layer, x):
+            return (layer.feedback_fixed, layer.feedback_plastic)
+        return (self.feedback(layer),)
+
+    def feedback_grad(self, grad_w):
+        return grad_w  # fused: d(B_p R)/dR then gives g_R = B_p^T g_W
+
+    def backward(self, geometry, grad_y, x, feedback, grad_w, grad_x, need_x, need_fb):
+        if len(feedback) == 1:  # fused: grad_x came through W_eff
+            return super().backward(geometry, grad_y, x, feedback, grad_w, grad_x, need_x, need_fb)
+        b_p, r = feedback
+        d = grad_y.reshape(-1, grad_y.shape[-1]) @ b_p         # B_p^T delta, per sample
+        gx = (d @ r).view(*grad_y.shape[:-1], r.shape[1]) if need_x else None
+        g_r = d.t() @ x.reshape(-1, x.shape[-1]) if need_fb[1] else None   # = B_p^T g_W
+        return gx, (None, g_r)
+
+    def describe(self):
+        return f"pfa(r={self.r}{', ortho' if self.ortho else ''})"

@@ -1,0 +1,64 @@
+"""Weight mirror (Akrout, Wilson, Humphreys, Lillicrap & Tweed 2019, "Deep Learning
+without Weight Transport", NeurIPS, sec. 3).
+
+The error sent down is B^T delta.  B learns in separate *mirror* steps: the layer's
+input is driven with noise x ~ N(0, sigma^2 I), the layer computes its ordinary
+forward response y = W x (for a conv, the same convolution), and
+
+    B <- (1 - lambda_m) B + eta_m * E[y x^T]          (Akrout eq. 6-7)
+
+Since E[y x^T] = sigma^2 W, B comes to mirror W using only the layer's own input and
+output, never a read of W in the backward pass.  Noise is independent per layer and
+drawn from the layer's own RNG.  For a conv, E[y x^T] takes the conv-weight-gradient
+form; the noise is a small patch and the mirror conv uses no padding, so every output
+position sees a full receptive field and E[y x^T] = sigma^2 W holds exactly.
+With lambda_m = eta_m * sigma^2 (the default) the fixed point is B = W.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import ConvGeometry, Rule
+
+
+class WeightMirror(Rule):
+    name = "wm"
+    paper = "Akrout et al. 2019, 'Deep Learning without Weight Transport' (weight mirror)"
+
+    def __init__(self, sigma=1.0, lr=0.01, decay=None, batch=16, **options):
+        super().__init__(**options)
+        self.sigma, self.lr, self.batch = sigma, lr, batch
+        self.decay = lr * sigma ** 2 if decay is None else decay
+
+    def init_layer(self, layer):
+        b = layer.weight.detach().new_empty(layer.weight.shape)
+        nn.init.xavier_uniform_(b, generator=layer.generator)
+        layer.register_buffer("feedback_weight", b)
+
+    def feedback(self, layer):
+        return layer.feedback_weight
+
+    @torch.no_grad()
+    def mirror_step(self, layer):
+        w, g = layer.weight, layer.generator
+        if isinstance(layer.geometry, ConvGeometry):
+            geo = layer.geometry
+            kh, kw = w.shape[2:]
+            # input patch giving a 4x4 output with no padding
+            size = [(k - 1) * d + 1 + s * 3 for k, d, s in zip((kh, kw), geo.dilation, geo.stride)]
+            x = torch.randn(self.batch, w.shape[1] * geo.groups, *size, generator=g,
+                            dtype=w.dtype).to(w.device) * self.sigma
+            y = F.conv2d(x, w, None, geo.stride, 0, geo.dilation, geo.groups)
+            corr = torch.nn.grad.conv2d_weight(x, w.shape, y, geo.stride, 0,
+                                               geo.dilation, geo.groups)
+            corr /= self.batch * y.shape[2] * y.shape[3]
+        else:
+            x = torch.randn(self.batch, w.shape[1], generator=g, dtype=w.dtype).to(w.device)
+            x *= self.sigma
+            y = x @ w.t()
+            corr = y.t() @ x / self.batch
+        layer.feedback_weight.mul_(1 - self.decay).add_(corr, alpha=self.lr)
+
+    def describe(self):
+        return f"wm(sigma={self.sigma}, lr={self.lr}, decay={self.decay})"

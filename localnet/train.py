@@ -1,0 +1,198 @@
+"""The training loop and the run directory.
+
+A run directory holds:
+  config.yaml     the resolved config
+  metrics.jsonl   one line per epoch: loss, accuracy, lr, wd, per-layer alignment
+  steps.jsonl     every `metrics.alignment_every` steps: loss and per-layer alignment
+  checkpoint.pt   written atomically at the end of every epoch
+  summary.json    the headline numbers (see `Summary`)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, dump_config
+from .data import load_data
+from .engine import InProcessExecutor, OptimConfig
+from .models import build_model
+from .progress import TrainProgress
+from .rules import make_rule
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    t = cfg.train
+    if t.lr_schedule == "milestones":
+        return t.lr * t.lr_gamma ** sum(epoch >= m for m in t.lr_milestones)
+    if t.lr_schedule == "cosine":
+        progress = (epoch + step_in_epoch / max(steps_per_epoch, 1)) / t.epochs
+        return 0.5 * t.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return t.lr
+
+
+def wd_at(cfg: Config, epoch: int) -> float:
+    """Weight decay from the milestone table ({epoch: wd}), else the base value."""
+    wd = cfg.train.weight_decay
+    for e in sorted(cfg.train.wd_milestones):
+        if epoch >= e:
+            wd = cfg.train.wd_milestones[e]
+    return wd
+
+
+def build(cfg: Config):
+    """Data, rule, model and executor for a config."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    d = cfg.data
+    data = load_data(d.name, root=d.root, subset=d.subset, test_subset=d.test_subset,
+                     augment=d.augment, download=d.download, seed=cfg.seed,
+                     image_size=d.image_size)
+    rule = make_rule(cfg.rule.name, **cfg.rule.options())
+    kwargs = {"widths": tuple(cfg.model.widths)} if cfg.model.name == "mlp" else {}
+    model = build_model(cfg.model.name, rule, data.input_shape, data.num_classes,
+                        seed=cfg.seed, **kwargs)
+    t = cfg.train
+    optim = OptimConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                        nesterov=t.nesterov, batch_manhattan=cfg.rule.batch_manhattan,
+                        norm_constraint=cfg.rule.norm_constraint,
+                        mirror_every=cfg.rule.mirror.every)
+    if cfg.runtime.executor == "ray":  # one actor per stage; the driver's model only gives the layout
+        from .runtime.ray_executor import RayExecutor
+        executor = RayExecutor(cfg, data.input_shape, data.num_classes, model=model)
+    else:
+        executor = InProcessExecutor(model, optim, micro_batches=t.micro_batches)
+    return data, rule, model, executor
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def new_run_dir(cfg: Config, out: str | None) -> Path:
+    if out:
+        path = Path(out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(cfg.out_dir) / f"{cfg.run_name()}-{stamp}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train per `cfg`, writing into run_dir; returns the summary dict."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    data, rule, model, ex = build(cfg)
+    t = cfg.train
+
+    ckpt_path = run_dir / "checkpoint.pt"
+    start_epoch, step, train_time, samples_seen = 0, 0, 0.0, 0
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ex.load_state_dict(ckpt["executor"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        train_time, samples_seen = ckpt["train_time"], ckpt["samples"]
+        torch.set_rng_state(ckpt["torch_rng"])
+    elif resume:
+        raise FileNotFoundError(f"--resume: no checkpoint.pt in {run_dir}")
+    else:
+        for f in ("metrics.jsonl", "steps.jsonl"):
+            (run_dir / f).unlink(missing_ok=True)
+        if cfg.rule.name == "wm" and cfg.rule.mirror.warmup_steps:
+            ex.mirror_steps(cfg.rule.mirror.warmup_steps)
+
+    test_loader = data.test_loader(t.eval_batch_size)
+    steps_per_epoch = len(data.train) // t.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size={t.batch_size} exceeds the {len(data.train)} "
+                         f"training samples (data.subset?)")
+    total_steps = min(t.epochs * steps_per_epoch, t.max_steps or 10**18)
+    metrics_f = open(run_dir / "metrics.jsonl", "a")
+    steps_f = open(run_dir / "steps.jsonl", "a")
+    last = {"train_loss": float("nan"), "test_loss": float("nan"), "test_accuracy": float("nan")}
+    epochs_done = start_epoch
+    wall_start = time.perf_counter()
+    bar = TrainProgress(total_steps, enabled=progress, initial=step)
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            if step >= total_steps:
+                break
+            loss_sum, correct, seen = 0.0, 0, 0
+            wd = wd_at(cfg, epoch)
+            tic = time.perf_counter()
+            for i, (x, y) in enumerate(data.train_loader(t.batch_size, cfg.seed, epoch)):
+                if step >= total_steps:
+                    break
+                lr = lr_at(cfg, epoch, i, steps_per_epoch)
+                record = cfg.metrics.alignment_every and step % cfg.metrics.alignment_every == 0
+                angles = ex.bp_update_angles(x, y) if (record and cfg.metrics.bp_angle) else None
+                st = ex.train_step(x, y, lr, wd)
+                step += 1
+                if not math.isfinite(st.loss_sum):
+                    raise NonFiniteLossError(
+                        f"loss became {st.loss_sum} at step {step} (epoch {epoch}); the last good "
+                        f"checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}. "
+                        f"Try a smaller train.lr.")
+                loss_sum, correct, seen = loss_sum + st.loss_sum, correct + st.correct, seen + st.samples
+                if record:
+                    line = {"step": step, "epoch": epoch, "loss": st.loss_sum / st.samples, "lr": lr,
+                            "alignment": ex.alignment()}
+                    if angles is not None:
+                        line["bp_update_angle"] = angles
+                    steps_f.write(json.dumps(line) + "\n")
+                    steps_f.flush()
+                bar.update(loss=st.loss_sum / st.samples, acc=st.correct / st.samples,
+                           samples_per_s=seen / (time.perf_counter() - tic))
+            train_time += time.perf_counter() - tic
+            samples_seen += seen
+            test_loss, test_acc = ex.evaluate(test_loader)
+            last = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                    "test_loss": test_loss, "test_accuracy": test_acc}
+            line = {"epoch": epoch, "step": step, **last, "lr": lr_at(cfg, epoch, 0, steps_per_epoch),
+                    "weight_decay": wd, "alignment": ex.alignment()}
+            metrics_f.write(json.dumps(line) + "\n")
+            metrics_f.flush()
+            bar.epoch_done(epoch, test_acc)
+            epochs_done = epoch + 1
+            state = {"executor": ex.state_dict(), "epoch": epoch, "step": step,
+                     "train_time": train_time, "samples": samples_seen,
+                     "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
+            _atomic_write(ckpt_path, lambda p: torch.save(state, p))
+    finally:
+        bar.close()
+        metrics_f.close()
+        steps_f.close()
+
+    alignment = ex.alignment()
+    summary = {
+        "rule": cfg.rule.name, "model": cfg.model.name, "dataset": cfg.data.name,
+        "epochs": epochs_done, "steps": step,
+        "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+        "train_loss": last["train_loss"],
+        "samples_per_s": samples_seen / train_time if train_time else 0.0,
+        "train_s": train_time,
+        "wall_s": time.perf_counter() - wall_start,
+        "alignment": {n: a["angle"] for n, a in alignment.items()},
+        "norm_ratio": {n: a["norm_ratio"] for n, a in alignment.items()},
+        "transports_weights": rule.transports_weights,
+        "seed": cfg.seed, "torch": torch.__version__, "host": platform.node(),
+        "runtime": {"executor": ex.name, "micro_batches": t.micro_batches},
+    }
+    _atomic_write(run_dir / "summary.json",
+                  lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    return summary

@@ -1,0 +1,89 @@
+"""Config: typed schema, YAML + --set overrides, errors that name the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localnet.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.train.epochs >= 1
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(ROOT / "configs/mnist_mlp.yaml",
+                      ["rule.name=fa", "train.lr=0.5", "data.subset=100", "model.widths=[8, 4]",
+                       "train.wd_milestones={2: 0.001}"])
+    assert cfg.rule.name == "fa"
+    assert cfg.train.lr == 0.5
+    assert cfg.data.subset == 100
+    assert cfg.model.widths == [8, 4]
+    assert cfg.train.wd_milestones == {2: 0.001}
+
+
+@pytest.mark.parametrize("override, key", [
+    (["rule.nmae=fa"], "rule.nmae"),
+    (["rule.name=backprop"], "rule.name"),
+    (["train.lr=-1"], "train.lr"),
+    (["train.batch_size=lots"], "train.batch_size"),
+    (["bogus=1"], "bogus"),
+    (["data.subset=0"], "data.subset"),
+    (["train.batch_size=10", "train.micro_batches=3"], "micro_batches"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs/mnist_mlp.yaml", override)
+    assert key in str(info.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 1\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: unknown key"):
+        load_config(bad)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(broken)
+
+
+def test_validate_cli_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "localnet", "validate", str(CONFIGS[0])],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "localnet", "validate", str(CONFIGS[0]),
+                          "--set", "rule.colour=blue"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "rule.colour" in bad.stderr and "unknown key" in bad.stderr
+
+
+def test_per_rule_recipe_applies_only_to_its_rule_and_set_wins():
+    path = ROOT / "configs/mnist_mlp.yaml"
+    pfa = load_config(path)
+    assert pfa.rule.name == "pfa"
+    assert pfa.train.weight_decay == 3e-2 and pfa.train.wd_milestones == {1: 9e-5}
+    bp = load_config(path, ["rule.name=bp"])
+    assert bp.train.weight_decay == 9e-5 and bp.train.wd_milestones == {}
+    explicit = load_config(path, ["train.weight_decay=0.5"])
+    assert explicit.train.weight_decay == 0.5
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from localnet.config import dump_config
+    cfg = load_config(ROOT / "configs/resnet_pfa.yaml", ["train.epochs=3"])
+    out = tmp_path / "resolved.yaml"
+    out.write_text(dump_config(cfg))
+    assert load_config(out) == cfg

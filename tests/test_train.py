@@ -1,0 +1,130 @@
+"""The trainer and the `localnet run` CLI, end to end on small data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from localnet.config import load_config
+from localnet.train import NonFiniteLossError, lr_at, train, wd_at
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"rule", "model", "dataset", "epochs", "steps", "test_accuracy", "test_loss",
+                "train_loss", "samples_per_s", "wall_s", "alignment"}
+
+
+def small(*extra):
+    return load_config(None, ["data.name=synthetic", "model.name=mlp", "model.widths=[32]",
+                              "train.epochs=2", "train.batch_size=32", "train.lr=0.05",
+                              "metrics.alignment_every=4", *extra])
+
+
+def test_run_directory_contents(tmp_path):
+    summary = train(small("rule.name=fa"), tmp_path, progress=False)
+    assert SUMMARY_KEYS <= set(summary)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["test_accuracy"] == summary["test_accuracy"]
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * (512 // 32)
+    # the synthetic problem is learnable: far above the 10% of chance after 2 epochs
+    assert summary["test_accuracy"] > 0.5
+    epochs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    for e in epochs:
+        assert {"train_loss", "test_loss", "test_accuracy", "lr", "alignment"} <= set(e)
+        assert set(e["alignment"]) == {"fc1.linear", "head"}
+    steps = [json.loads(l) for l in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 33, 4))
+    assert load_config(tmp_path / "config.yaml") == small("rule.name=fa")
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_fa_alignment_angle_falls_below_90_while_learning(tmp_path):
+    summary = train(small("rule.name=fa", "train.epochs=4"), tmp_path, progress=False)
+    first = json.loads((tmp_path / "steps.jsonl").read_text().splitlines()[0])
+    # W starts random w.r.t. B (~90 deg) and aligns with it as it learns (Lillicrap et al.)
+    assert first["alignment"]["head"]["angle"] > 80
+    assert summary["alignment"]["head"] < first["alignment"]["head"]["angle"] - 10
+
+
+def test_bp_update_angle_is_zero_for_bp_and_positive_for_fa(tmp_path):
+    bp = train(small("rule.name=bp", "metrics.bp_angle=true", "train.epochs=1"), tmp_path / "bp",
+               progress=False)
+    fa = train(small("rule.name=fa", "metrics.bp_angle=true", "train.epochs=1"), tmp_path / "fa",
+               progress=False)
+    line = lambda d: json.loads((d / "steps.jsonl").read_text().splitlines()[1])
+    assert max(line(tmp_path / "bp")["bp_update_angle"].values()) < 1e-3
+    angles = line(tmp_path / "fa")["bp_update_angle"]
+    assert angles["head"] < 1e-3          # the output layer's update is exact under FA
+    assert angles["fc1.linear"] > 1       # the hidden layer's is not
+    assert bp["steps"] == fa["steps"]
+
+
+def test_max_steps_and_determinism(tmp_path):
+    a = train(small("rule.name=pfa", "rule.r=2", "train.max_steps=5"), tmp_path / "a", progress=False)
+    b = train(small("rule.name=pfa", "rule.r=2", "train.max_steps=5"), tmp_path / "b", progress=False)
+    assert a["steps"] == 5 and a["epochs"] == 1
+    assert a["test_loss"] == b["test_loss"]
+    wa = torch.load(tmp_path / "a/checkpoint.pt", weights_only=False)["executor"]
+    wb = torch.load(tmp_path / "b/checkpoint.pt", weights_only=False)["executor"]
+    for k, v in wa["stages"][0]["module"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, wb["stages"][0]["module"][k]), k
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    full = train(small("rule.name=kp", "train.epochs=3"), tmp_path / "full", progress=False)
+    train(small("rule.name=kp", "train.epochs=2"), tmp_path / "part", progress=False)
+    resumed = train(small("rule.name=kp", "train.epochs=3"), tmp_path / "part", resume=True,
+                    progress=False)
+    assert resumed["steps"] == full["steps"]
+    assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
+    lines = (tmp_path / "part/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
+
+
+def test_nan_fails_clearly_and_keeps_checkpoint(tmp_path):
+    train(small("rule.name=fa", "train.epochs=1"), tmp_path, progress=False)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(NonFiniteLossError, match="step"):
+        train(small("rule.name=fa", "train.epochs=3", "train.lr=1e12"), tmp_path, resume=True,
+              progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_schedules():
+    cfg = load_config(ROOT / "configs/resnet_pfa.yaml")
+    assert lr_at(cfg, 0, 0, 100) == 0.1
+    assert lr_at(cfg, 150, 0, 100) == pytest.approx(0.1 * 0.1 ** 2)
+    assert wd_at(cfg, 0) == 5e-3 and wd_at(cfg, 1) == 1e-4 and wd_at(cfg, 249) == 1e-4
+    cos = load_config(None, ["train.lr_schedule=cosine", "train.lr=1.0", "train.epochs=10"])
+    assert lr_at(cos, 0, 0, 10) == 1.0
+    assert lr_at(cos, 5, 0, 10) == pytest.approx(0.5)
+
+
+def test_cli_run_and_rules(tmp_path):
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "localnet", "run", str(ROOT / "configs/mnist_mlp.yaml"),
+                          "--set", "data.name=synthetic", "--set", "data.subset=256",
+                          "--set", "train.epochs=1", "--set", "model.widths=[16]",
+                          "--out", str(out), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[0])["steps"] == 256 // 64
+    assert (out / "summary.json").exists()
+    rules = subprocess.run([sys.executable, "-m", "localnet", "rules"], capture_output=True,
+                           text=True, timeout=120)
+    for name in ("bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "pfa"):
+        assert name in rules.stdout
+    assert "Li & Benna" in rules.stdout
+
+
+def test_cli_missing_dataset_message(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "localnet", "run", str(ROOT / "configs/mnist_mlp.yaml"),
+                          "--set", f"data.root={tmp_path}", "--out", str(tmp_path / "r"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert str(tmp_path) in res.stderr and "MNIST" in res.stderr
