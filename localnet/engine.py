@@ -69,6 +69,8 @@ class Stage:
 
     def backward(self, grad_y: torch.Tensor, mb: int = 0, e: torch.Tensor | None = None):
         x, y = self._pending.pop(mb)
+        if grad_y is None:  # DFA: nothing came down; the taps in this stage inject D_l e
+            grad_y = torch.zeros_like(y)
         ctx = output_error(e) if e is not None else contextlib.nullcontext()
         with ctx:
             y.backward(grad_y)

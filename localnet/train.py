@@ -21,10 +21,9 @@ import torch
 
 from .config import Config, dump_config
 from .data import load_data
-from .engine import InProcessExecutor, OptimConfig
-from .models import build_model
+from .builders import build_rule_and_model, optim_config
+from .engine import InProcessExecutor
 from .progress import TrainProgress
-from .rules import make_rule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,20 +58,13 @@ def build(cfg: Config):
     data = load_data(d.name, root=d.root, subset=d.subset, test_subset=d.test_subset,
                      augment=d.augment, download=d.download, seed=cfg.seed,
                      image_size=d.image_size)
-    rule = make_rule(cfg.rule.name, **cfg.rule.options())
-    kwargs = {"widths": tuple(cfg.model.widths)} if cfg.model.name == "mlp" else {}
-    model = build_model(cfg.model.name, rule, data.input_shape, data.num_classes,
-                        seed=cfg.seed, **kwargs)
-    t = cfg.train
-    optim = OptimConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                        nesterov=t.nesterov, batch_manhattan=cfg.rule.batch_manhattan,
-                        norm_constraint=cfg.rule.norm_constraint,
-                        mirror_every=cfg.rule.mirror.every)
+    rule, model = build_rule_and_model(cfg, data.input_shape, data.num_classes)
+    optim = optim_config(cfg)
     if cfg.runtime.executor == "ray":  # one actor per stage; the driver's model only gives the layout
         from .runtime.ray_executor import RayExecutor
         executor = RayExecutor(cfg, data.input_shape, data.num_classes, model=model)
     else:
-        executor = InProcessExecutor(model, optim, micro_batches=t.micro_batches)
+        executor = InProcessExecutor(model, optim, micro_batches=cfg.train.micro_batches)
     return data, rule, model, executor
 
 

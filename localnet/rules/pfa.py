@@ -18,7 +18,11 @@ W_eff, and autograd's matmul backward turns the layer's g_W into g_R = B_p^T g_W
 
 For a Linear layer fed fewer samples than it has outputs (an MLP at batch 64), the
 other association is cheaper and gives the same numbers: d = delta B_p once, then the
-error d R and g_R = d^T x.  `mode: auto` picks whichever costs fewer multiply-adds.
+error d R and g_R = d^T x.  `mode: auto` picks whichever costs fewer multiply-adds
+(`factored` applies to Linear layers only; convs are always fused).
+
+A grouped conv gets a block-diagonal B_p (one block per group), so the feedback of
+each group stays within it, as the forward weights do.
 """
 
 import math
@@ -45,12 +49,18 @@ class ProductFeedbackAlignment(Rule):
     def init_layer(self, layer):
         w = layer.weight.detach()
         n_out, hidden = w.shape[0], self.r * w.shape[0]
-        b_p = w.new_empty(n_out, hidden)
-        if self.ortho:
-            nn.init.orthogonal_(b_p, generator=layer.generator)
-        else:
-            nn.init.xavier_uniform_(b_p, gain=math.sqrt((1 + 1 / self.r) / 2),
-                                    generator=layer.generator)
+        # A grouped conv's feedback stays within its groups: B_p is block-diagonal, one
+        # block per group, so W_eff = B_p R has W's group structure.
+        groups = getattr(layer.geometry, "groups", 1)
+        b_p = w.new_zeros(n_out, hidden)
+        n, h = n_out // groups, hidden // groups
+        for g in range(groups):
+            block = b_p[g * n:(g + 1) * n, g * h:(g + 1) * h]
+            if self.ortho:
+                nn.init.orthogonal_(block, generator=layer.generator)
+            else:
+                nn.init.xavier_uniform_(block, gain=math.sqrt((1 + 1 / self.r) / 2),
+                                        generator=layer.generator)
         layer.register_buffer("feedback_fixed", b_p)
         r = w.new_empty(hidden, *w.shape[1:])
         nn.init.kaiming_uniform_(r, a=math.sqrt(5), generator=layer.generator)  # W's own init
@@ -62,10 +72,10 @@ class ProductFeedbackAlignment(Rule):
         return (layer.feedback_fixed @ r.flatten(1)).view(layer.weight.shape)
 
     def _factored(self, layer, x) -> bool:
+        if not isinstance(layer.geometry, LinearGeometry):
+            return False  # convs are always fused: many positions per sample make it cheap
         if self.mode != "auto":
             return self.mode == "factored"
-        if not isinstance(layer.geometry, LinearGeometry):
-            return False
         n = x.numel() // x.shape[-1]               # samples
         n_out, hidden, n_in = layer.feedback_fixed.shape[0], layer.feedback_fixed.shape[1], x.shape[-1]
         fused = 2 * n_out * hidden * n_in          # W_eff = B_p R, and g_R = B_p^T g_W

@@ -1,0 +1,33 @@
+"""Building the model, rule and optimizer settings from a config, without data.
+
+Used by `localnet.train.build()` (which also loads data) and by every runtime worker,
+with the input shape and class count the coordinator hands over.  `build_model` is
+deterministic in the seed, so every process gets identical weights and keeps its units.
+"""
+
+from __future__ import annotations
+
+from .config import Config
+from .engine import OptimConfig
+from .models import build_model
+from .rules import make_rule
+
+
+def as_config(cfg) -> Config:
+    return cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
+
+
+def build_rule_and_model(cfg: Config, input_shape, num_classes: int):
+    rule = make_rule(cfg.rule.name, **cfg.rule.options())
+    kwargs = {"widths": tuple(cfg.model.widths)} if cfg.model.name == "mlp" else {}
+    model = build_model(cfg.model.name, rule, tuple(input_shape), int(num_classes),
+                        seed=cfg.seed, **kwargs)
+    return rule, model
+
+
+def optim_config(cfg: Config) -> OptimConfig:
+    t = cfg.train
+    return OptimConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                       nesterov=t.nesterov, batch_manhattan=cfg.rule.batch_manhattan,
+                       norm_constraint=cfg.rule.norm_constraint,
+                       mirror_every=cfg.rule.mirror.every)

@@ -1,0 +1,271 @@
+"""Typed, versioned messages: the only things that cross between pipeline stages.
+
+A data message is a small msgpack header plus one tensor payload (a numpy array, which
+Ray's object store hands to the receiving actor without a pickle copy):
+
+    header  {v, run, step, mb, src, dst, kind, detail, dtype, shape, meta}
+    payload numpy.ndarray of that dtype and shape
+
+Data kinds (`DATA_KINDS`):
+
+  activation  forward, stage s -> s+1 (detail "train" or "eval"; the driver's input
+              batch is an activation driver -> stage0 with detail "input"/"eval")
+  error       backward, stage s+1 -> s (detail "chain": a projected error B^T delta),
+              or DFA's output error e broadcast by the last stage (detail "output",
+              dst "*": every stage receives it)
+  target      class labels, driver -> last stage (int64)
+
+There is deliberately no kind that carries a parameter: weights, feedback weights and
+optimizer state never travel between stages, and `Message.make` refuses an
+`nn.Parameter` payload outright.
+
+Control messages (`Control`) carry no tensor at all, only msgpack scalars: the driver's
+`step`, `mirror`, `mode` commands and a stage's `stats` reply (loss, correct, samples).
+
+Every receiver calls `validate` on what it gets; a bad message raises `MessageError`
+naming the edge (src->dst), the kind and the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+import torch
+import torch.nn as nn
+
+SCHEMA_VERSION = 1
+
+ACTIVATION, ERROR, TARGET = "activation", "error", "target"
+DATA_KINDS = (ACTIVATION, ERROR, TARGET)
+CONTROL = "control"
+# details of an error message
+CHAIN, OUTPUT = "chain", "output"
+BROADCAST = "*"
+CONTROL_KINDS = ("step", "mirror", "mode", "stats", "reset")
+
+# numpy dtype names allowed on the wire
+_DTYPES = {"float16", "bfloat16", "float32", "float64", "int64", "int32", "uint8"}
+
+
+class MessageError(RuntimeError):
+    """A malformed or unexpected message; names the edge, the kind and the step."""
+
+    def __init__(self, reason: str, src: str = "?", dst: str = "?", kind: str = "?",
+                 step: int = -1, mb: int = -1):
+        self.reason, self.src, self.dst, self.kind, self.step, self.mb = reason, src, dst, kind, step, mb
+        super().__init__(f"bad {kind} message on edge {src}->{dst} at step {step} "
+                         f"(micro-batch {mb}): {reason}")
+
+    @property
+    def edge(self) -> str:
+        return f"{self.src}->{self.dst}"
+
+    def __reduce__(self):  # survives pickling through Ray
+        return (type(self), (self.reason, self.src, self.dst, self.kind, self.step, self.mb))
+
+
+# ------------------------------------------------------------------------------ header
+@dataclass(frozen=True)
+class Header:
+    kind: str
+    src: str
+    dst: str
+    step: int
+    mb: int
+    dtype: str
+    shape: tuple[int, ...]
+    run: str = ""
+    detail: str = ""
+    meta: dict = field(default_factory=dict)
+    version: int = SCHEMA_VERSION
+
+    def encode(self) -> bytes:
+        return msgpack.packb({
+            "v": self.version, "run": self.run, "step": self.step, "mb": self.mb,
+            "src": self.src, "dst": self.dst, "kind": self.kind, "detail": self.detail,
+            "dtype": self.dtype, "shape": list(self.shape), "meta": self.meta,
+        }, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Header":
+        try:
+            d = msgpack.unpackb(raw, raw=False)
+            h = cls(kind=d["kind"], src=d["src"], dst=d["dst"], step=int(d["step"]),
+                    mb=int(d["mb"]), dtype=d["dtype"], shape=tuple(int(n) for n in d["shape"]),
+                    run=d["run"], detail=d.get("detail", ""), meta=d.get("meta") or {},
+                    version=int(d["v"]))
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a bad message
+            raise MessageError(f"undecodable header ({type(exc).__name__}: {exc})") from None
+        if h.version != SCHEMA_VERSION:
+            raise MessageError(f"schema version {h.version}, this build speaks {SCHEMA_VERSION}",
+                               h.src, h.dst, h.kind, h.step, h.mb)
+        return h
+
+    @property
+    def edge(self) -> str:
+        return f"{self.src}->{self.dst}"
+
+    def error(self, reason: str, dst: str | None = None) -> MessageError:
+        return MessageError(reason, self.src, dst or self.dst, self.kind, self.step, self.mb)
+
+
+# ------------------------------------------------------------------------------ data
+def _to_numpy(t) -> np.ndarray:
+    if isinstance(t, nn.Parameter):
+        raise TypeError("a message payload cannot be an nn.Parameter: parameters never "
+                        "cross between stages")
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            raise TypeError("bfloat16 payloads are not supported on the wire yet")
+        return t.cpu().contiguous().numpy()
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t)
+    raise TypeError(f"a message payload must be a tensor or ndarray, got {type(t).__name__}")
+
+
+@dataclass
+class Message:
+    header: Header
+    payload: np.ndarray
+    raw_header: bytes = b""
+
+    @classmethod
+    def make(cls, kind: str, tensor, *, src: str, dst: str, step: int, mb: int,
+             run: str = "", detail: str = "", meta: dict | None = None) -> "Message":
+        if kind not in DATA_KINDS:
+            raise ValueError(f"unknown data kind {kind!r}; one of {DATA_KINDS} "
+                             f"(control messages are `Control`)")
+        arr = _to_numpy(tensor)
+        if arr.dtype.name not in _DTYPES:
+            raise TypeError(f"dtype {arr.dtype.name} not allowed on the wire")
+        h = Header(kind=kind, src=src, dst=dst, step=int(step), mb=int(mb),
+                   dtype=arr.dtype.name, shape=tuple(arr.shape), run=run, detail=detail,
+                   meta=dict(meta or {}))
+        return cls(h, arr, h.encode())
+
+    @classmethod
+    def from_wire(cls, raw_header: bytes, payload) -> "Message":
+        if not isinstance(raw_header, (bytes, bytearray)):
+            raise MessageError(f"header must be bytes, got {type(raw_header).__name__}")
+        h = Header.decode(bytes(raw_header))
+        if not isinstance(payload, np.ndarray):
+            raise h.error(f"payload must be an ndarray, got {type(payload).__name__}")
+        return cls(h, payload, bytes(raw_header))
+
+    def wire(self) -> tuple[bytes, np.ndarray]:
+        return self.raw_header, self.payload
+
+    @property
+    def header_bytes(self) -> int:
+        return len(self.raw_header)
+
+    @property
+    def payload_bytes(self) -> int:
+        return int(self.payload.nbytes)
+
+    def tensor(self) -> torch.Tensor:
+        """The payload as a torch tensor.  Arrays from Ray's object store are read-only
+        shared memory; those are copied once so autograd may never write into them."""
+        arr = self.payload if self.payload.flags.writeable else self.payload.copy()
+        return torch.from_numpy(arr)
+
+
+def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, *,
+             detail: str | None = None, dst: str | None = None, step: int | None = None,
+             mb: int | None = None, finite: bool = True) -> Message:
+    """Check a received message; raise MessageError naming edge, kind and step.
+
+    expected_shape: a tuple whose None entries match any size (e.g. (None, 16) for an
+    activation whose batch dimension is free).  dtype: a torch or numpy dtype or name.
+    dst: the receiver's name (a broadcast "*" is accepted too).
+    """
+    h, arr = msg.header, msg.payload
+    who = dst or h.dst
+    if h.kind != expected_kind:
+        raise h.error(f"expected kind {expected_kind!r}, got {h.kind!r}", who)
+    if detail is not None and h.detail != detail:
+        raise h.error(f"expected {expected_kind} detail {detail!r}, got {h.detail!r}", who)
+    if dst is not None and h.dst not in (dst, BROADCAST):
+        raise h.error(f"addressed to {h.dst!r}, delivered to {dst!r}", who)
+    if step is not None and h.step != step:
+        raise h.error(f"expected step {step}, got step {h.step}", who)
+    if mb is not None and h.mb != mb:
+        raise h.error(f"expected micro-batch {mb}, got {h.mb}", who)
+    if tuple(arr.shape) != tuple(h.shape) or arr.dtype.name != h.dtype:
+        raise h.error(f"payload {arr.dtype.name}{list(arr.shape)} does not match its header "
+                      f"{h.dtype}{list(h.shape)}", who)
+    if expected_shape is not None:
+        exp = tuple(expected_shape)
+        if len(exp) != arr.ndim or any(e is not None and e != n for e, n in zip(exp, arr.shape)):
+            shown = ["*" if e is None else e for e in exp]
+            raise h.error(f"expected shape {shown}, got {list(arr.shape)}", who)
+    if dtype is not None:
+        want = _dtype_name(dtype)
+        if arr.dtype.name != want:
+            raise h.error(f"expected dtype {want}, got {arr.dtype.name}", who)
+    if finite and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise h.error(f"{bad} of {arr.size} values are not finite (NaN/inf)", who)
+    return msg
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return np.dtype(dtype).name
+
+
+# ------------------------------------------------------------------------------ control
+@dataclass(frozen=True)
+class Control:
+    """A command or reply without tensors: {v, run, step, src, dst, kind: control, op, args}."""
+
+    op: str
+    src: str
+    dst: str
+    step: int = 0
+    run: str = ""
+    args: dict = field(default_factory=dict)
+    version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.op not in CONTROL_KINDS:
+            raise ValueError(f"unknown control op {self.op!r}; one of {CONTROL_KINDS}")
+        for k, v in self.args.items():
+            if not (v is None or isinstance(v, (bool, int, float, str))):
+                raise TypeError(f"control arg {k!r} must be a scalar, got {type(v).__name__}")
+            if isinstance(v, float) and not math.isfinite(v) and self.op != "stats":
+                raise ValueError(f"control arg {k!r} is not finite: {v}")
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": self.version, "run": self.run, "step": self.step,
+                              "src": self.src, "dst": self.dst, "kind": CONTROL,
+                              "op": self.op, "args": self.args}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes, expected_op: str | None = None) -> "Control":
+        try:
+            d = msgpack.unpackb(raw, raw=False)
+            kind = d.get("kind")
+            if kind != CONTROL:
+                raise MessageError(f"expected a control message, got kind {kind!r}",
+                                   d.get("src", "?"), d.get("dst", "?"), str(kind),
+                                   int(d.get("step", -1)))
+            c = cls(op=d["op"], src=d["src"], dst=d["dst"], step=int(d["step"]), run=d["run"],
+                    args=dict(d["args"]), version=int(d["v"]))
+        except MessageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise MessageError(f"undecodable control message ({type(exc).__name__}: {exc})",
+                               kind=CONTROL) from None
+        if c.version != SCHEMA_VERSION:
+            raise MessageError(f"schema version {c.version}, this build speaks {SCHEMA_VERSION}",
+                               c.src, c.dst, CONTROL, c.step)
+        if expected_op is not None and c.op != expected_op:
+            raise MessageError(f"expected control op {expected_op!r}, got {c.op!r}",
+                               c.src, c.dst, CONTROL, c.step)
+        return c

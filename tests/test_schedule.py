@@ -1,0 +1,82 @@
+"""Schedules as data and the dry-run simulator."""
+
+import pytest
+
+from localnet.runtime.schedule import (STEP, B, DeadlockError, F, Schedule, check_schedule, gpipe,
+                                       make_schedule, one_f_one_b, simulate)
+
+SIZES = [(S, M) for S in (1, 2, 3, 4, 6) for M in (1, 2, 3, 4, 8)]
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("dfa", [False, True])
+def test_every_schedule_runs_without_deadlock(name, dfa):
+    for S, M in SIZES:
+        sched = make_schedule(name, S, M)
+        check_schedule(sched)
+        res = simulate(sched, [1.0 + s / 10 for s in range(S)], 2.0, comm_cost=0.25, dfa=dfa)
+        assert len(res.trace) == S * (2 * M + 1)
+        assert res.makespan > 0 and 0 <= res.bubble_fraction < 1
+
+
+@pytest.mark.parametrize("S, M", SIZES)
+def test_gpipe_bubble_matches_formula(S, M):
+    res = simulate(gpipe(S, M), 1.0, 1.0, batch_size=32)
+    assert res.bubble_fraction == pytest.approx((S - 1) / (M + S - 1))
+    assert res.makespan == pytest.approx((M + S - 1) * 2.0)
+    assert res.samples_per_s == pytest.approx(32 / res.makespan)
+    assert res.busy == [2.0 * M] * S
+
+
+def test_1f1b_same_time_less_memory():
+    for S, M in [(2, 4), (4, 8), (6, 8)]:
+        g, o = simulate(gpipe(S, M), 1.0, 2.0), simulate(one_f_one_b(S, M), 1.0, 2.0)
+        assert o.makespan == pytest.approx(g.makespan)
+        assert g.peak_activations == [M] * S
+        assert o.peak_activations == [min(S - s, M) for s in range(S)]
+
+
+def test_1f1b_layout():
+    sched = one_f_one_b(3, 4)
+    assert sched.stages[0] == [F(0), F(1), F(2), B(0), F(3), B(1), B(2), B(3), STEP]
+    assert sched.stages[2] == [F(0), B(0), F(1), B(1), F(2), B(2), F(3), B(3), STEP]
+
+
+def test_broken_schedule_deadlocks_and_names_the_stuck_actions():
+    # stage0 wants B(0) before F(1); stage1 wants F(1) before B(0): a cycle
+    bad = Schedule("bad", [[F(0), B(0), F(1), B(1), STEP], [F(0), F(1), B(0), B(1), STEP]], 2)
+    with pytest.raises(DeadlockError) as info:
+        simulate(bad, 1.0, 1.0)
+    msg = str(info.value)
+    assert "stage0 B(0) waits for stage1 B(0)" in msg
+    assert "stage1 F(1) waits for stage0 F(1)" in msg
+    assert {(s, str(a)) for s, a, _ in info.value.stuck} == {(0, "B(0)"), (1, "F(1)")}
+    # a backward before its own forward is stuck too
+    with pytest.raises(DeadlockError, match="stage0 B"):
+        simulate(Schedule("bad", [[B(0), F(0), STEP]], 1), 1.0, 1.0)
+
+
+def test_dfa_backwards_need_only_the_output_error():
+    # under DFA every stage's backward can start as soon as the last forward produced e
+    S, M = 4, 4
+    chain, dfa = simulate(gpipe(S, M), 1.0, 1.0), simulate(gpipe(S, M), 1.0, 1.0, dfa=True)
+    assert dfa.makespan < chain.makespan
+    # stage0 runs B(0) before F(1) while stage1 runs F(1) before B(0): a deadlock when errors
+    # travel down the chain, fine under DFA (stage0's B(0) needs only stage1's F(0))
+    crossed = Schedule("x", [[F(0), B(0), F(1), B(1), STEP], [F(0), F(1), B(0), B(1), STEP]], 2)
+    with pytest.raises(DeadlockError):
+        simulate(crossed, 1.0, 1.0)
+    simulate(crossed, 1.0, 1.0, dfa=True)
+
+
+def test_comm_cost_and_structure_checks():
+    base, slow = simulate(gpipe(3, 4), 1.0, 1.0), simulate(gpipe(3, 4), 1.0, 1.0, comm_cost=0.5)
+    assert slow.makespan == pytest.approx(base.makespan + 2 * 2 * 0.5)  # 2 hops up, 2 down
+    with pytest.raises(ValueError, match="once each"):
+        check_schedule(Schedule("x", [[F(0), F(0), B(0), STEP]], 1))
+    with pytest.raises(ValueError, match="end with exactly one STEP"):
+        check_schedule(Schedule("x", [[F(0), STEP, B(0)]], 1))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule("zigzag", 2, 2)
+    with pytest.raises(ValueError, match="3 stages"):
+        simulate(gpipe(3, 2), [1.0, 1.0], 1.0)
