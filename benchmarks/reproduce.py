@@ -88,12 +88,13 @@ def commit() -> str:
         return "unknown"
 
 
-def write_results(setting: str, results: dict, epochs: int, subset: int | None, command: str):
+def write_results(setting: str, results: dict, epochs: int, subset: int | None, command: str,
+                  rev: str):
     ref = PAPER[setting]
     name = {"mnist": "MNIST, mlp 784-512-512-10", "cifar10": "CIFAR-10 (JPEG q75 copy), ResNet-20"}[setting]
     budget = f"{epochs} epochs" + (f" on the first {subset} training images" if subset else "")
     lines = [f"### Accuracy: {name}, {budget}", "",
-             f"Hardware: {hardware()}.  Commit `{commit()}`.  Command: `{command}`", "",
+             f"Hardware: {hardware()}.  Commit `{rev}`.  Command: `{command}`", "",
              "| rule | test accuracy (%) | paper (%) | difference | samples/s | wall (s) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for rule, s in results.items():
@@ -124,13 +125,14 @@ def main():
     args = p.parse_args()
     epochs = args.epochs or SETTINGS[args.setting][1]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    rev = commit()  # the code the runs use, read before they start
     tic = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = {r: pool.submit(run_one, args.setting, r, epochs, args.subset, threads)
                    for r in args.rules}
         results = {r: f.result() for r, f in futures.items()}
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])
-    write_results(args.setting, results, epochs, args.subset, command)
+    write_results(args.setting, results, epochs, args.subset, command, rev)
     print(json.dumps({r: round(100 * s["test_accuracy"], 2) for r, s in results.items()}))
     print(f"total {time.time() - tic:.0f} s; table in {HERE / 'RESULTS.md'}")
 

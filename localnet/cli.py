@@ -1,4 +1,4 @@
-"""`localnet` command line: run, validate, rules."""
+"""`localnet` command line: run, validate, simulate, report, rules."""
 
 from __future__ import annotations
 
@@ -84,6 +84,22 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import report, table  # matplotlib only when needed
+
+    res = report(args.run_dirs, args.out)
+    if args.json:
+        print(json.dumps({"files": res["files"], "rows": res["rows"], "skipped": res["skipped"]}))
+        return 0
+    console = Console()
+    console.print(table(res["runs"]))
+    for f in res["files"]:
+        console.print(f"wrote {f}")
+    for name, why in res["skipped"].items():
+        console.print(f"[dim]no {name}: {why}[/]")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localnet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +132,14 @@ def parser() -> argparse.ArgumentParser:
     si.add_argument("--repeats", type=int, default=3, help="timed repeats per unit")
     si.add_argument("--json", action="store_true", help="print the plan as JSON")
     si.set_defaults(func=_cmd_simulate)
+
+    rp = sub.add_parser("report", help="plots (curves, alignment, message bytes per edge) "
+                                       "of one or more run directories, and a table")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", help="output directory (default: RUN_DIR/report for one run, "
+                                  "./report for several)")
+    rp.add_argument("--json", action="store_true", help="print files and table rows as JSON")
+    rp.set_defaults(func=_cmd_report)
 
     ru = sub.add_parser("rules", help="list the learning rules and their papers")
     ru.set_defaults(func=_cmd_rules)

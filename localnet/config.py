@@ -98,6 +98,18 @@ class TrainConfig(Section):
 class MetricsConfig(Section):
     alignment_every: int = Field(100, ge=0, description="log per-layer alignment every N steps (0: per epoch only)")
     bp_angle: bool = Field(False, description="also measure the angle to the true BP gradient (extra BP pass)")
+    # -- live Prometheus endpoint (localnet/metrics.py; every series is named localnet_*)
+    port: int | None = Field(None, ge=0, le=65535,
+                             description="serve /metrics on this port; null: no endpoint; "
+                                         "0: an ephemeral port (printed, and written to sd_dir)")
+    address: str = Field("127.0.0.1", min_length=1,
+                         description="address the endpoint binds (0.0.0.0: every interface)")
+    linger_s: float = Field(0.0, ge=0, description="after the run, keep the endpoint up until "
+                            "it is scraped once more, or at most this many seconds")
+    poll_every: int = Field(10, ge=1, description="ray: collect actor timings and the message "
+                            "ledger every N steps (in-process stages are timed every step)")
+    sd_dir: str | None = Field(None, description="write a Prometheus file-SD target file "
+                               "<sd_dir>/<run>.json while the endpoint is up")
 
 
 class PartitionStages(Section):

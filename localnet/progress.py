@@ -23,6 +23,11 @@ class TrainProgress:
     def update(self, loss: float, acc: float, samples_per_s: float) -> None:
         self._progress.update(self._task, advance=1, loss=loss, acc=acc, sps=samples_per_s)
 
+    def note(self, text: str) -> None:
+        """A line above the bar (e.g. the metrics endpoint's URL); printed with the bar
+        off too."""
+        self._progress.console.print(text)
+
     def epoch_done(self, epoch: int, test_acc: float) -> None:
         if self.enabled:
             self._progress.console.print(f"epoch {epoch}: test accuracy {test_acc:.4f}")

@@ -6,6 +6,10 @@ A run directory holds:
   steps.jsonl     every `metrics.alignment_every` steps: loss and per-layer alignment
   checkpoint.pt   written atomically at the end of every epoch
   summary.json    the headline numbers (see `Summary`)
+  messages.json   Ray executor: messages and bytes per edge and kind (localnet/metrics.py)
+
+With `metrics.port` set, the run also serves its metrics in the Prometheus format
+(localnet/metrics.py, deploy/README.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .config import Config, dump_config
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
+from .metrics import RunObserver
 from .progress import TrainProgress
 
 
@@ -114,12 +119,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         raise ValueError(f"train.batch_size={t.batch_size} exceeds the {len(data.train)} "
                          f"training samples (data.subset?)")
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or 10**18)
+    obs = RunObserver(cfg, run_dir, ex, resume=resume, total_steps=total_steps, step=step,
+                      epoch=start_epoch)  # Prometheus endpoint (metrics.port), messages.json
     metrics_f = open(run_dir / "metrics.jsonl", "a")
     steps_f = open(run_dir / "steps.jsonl", "a")
     last = {"train_loss": float("nan"), "test_loss": float("nan"), "test_accuracy": float("nan")}
     epochs_done = start_epoch
     wall_start = time.perf_counter()
     bar = TrainProgress(total_steps, enabled=progress, initial=step)
+    if obs.url:
+        bar.note(f"metrics: {obs.url}")
     try:
         for epoch in range(start_epoch, t.epochs):
             if step >= total_steps:
@@ -132,8 +141,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                     break
                 lr = lr_at(cfg, epoch, i, steps_per_epoch)
                 record = cfg.metrics.alignment_every and step % cfg.metrics.alignment_every == 0
-                angles = ex.bp_update_angles(x, y) if (record and cfg.metrics.bp_angle) else None
-                st = ex.train_step(x, y, lr, wd)
+                angles = obs.untimed(ex.bp_update_angles, x, y) if (record and cfg.metrics.bp_angle) else None
+                st = obs.timed_step(ex.train_step, x, y, lr, wd)
                 step += 1
                 if not math.isfinite(st.loss_sum):
                     raise NonFiniteLossError(
@@ -148,10 +157,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                         line["bp_update_angle"] = angles
                     steps_f.write(json.dumps(line) + "\n")
                     steps_f.flush()
+                    obs.record(line["alignment"], angles)
+                sps = seen / (time.perf_counter() - tic)
+                obs.step(step=step, epoch=epoch, lr=lr, wd=wd, batch_loss=st.loss_sum / st.samples,
+                         loss_sum=loss_sum, correct=correct, seen=seen, samples=st.samples,
+                         samples_per_s=sps)
                 bar.update(loss=st.loss_sum / st.samples, acc=st.correct / st.samples,
-                           samples_per_s=seen / (time.perf_counter() - tic))
+                           samples_per_s=sps)
             train_time += time.perf_counter() - tic
             samples_seen += seen
+            obs.eval_begin()
             test_loss, test_acc = ex.evaluate(test_loader)
             last = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                     "test_loss": test_loss, "test_accuracy": test_acc}
@@ -159,12 +174,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                     "weight_decay": wd, "alignment": ex.alignment()}
             metrics_f.write(json.dumps(line) + "\n")
             metrics_f.flush()
+            obs.epoch_end(line, samples_seen)
             bar.epoch_done(epoch, test_acc)
             epochs_done = epoch + 1
             state = {"executor": ex.state_dict(), "epoch": epoch, "step": step,
                      "train_time": train_time, "samples": samples_seen,
                      "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
             _atomic_write(ckpt_path, lambda p: torch.save(state, p))
+    except BaseException:
+        obs.close()
+        raise
     finally:
         bar.close()
         metrics_f.close()
@@ -187,4 +206,5 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     }
     _atomic_write(run_dir / "summary.json",
                   lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values
     return summary

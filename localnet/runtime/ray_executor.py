@@ -393,6 +393,10 @@ class RayExecutor:
             out.update(d)
         return out
 
+    def stage_timings(self, clear: bool = True) -> list[dict]:
+        """Per stage, `StageWorker.timings()`: call times since the last call (metrics)."""
+        return self._get([w.timings.remote(clear) for w in self.workers], "timings")
+
     def ledger(self) -> Ledger:
         led = Ledger().merge(self._ledger)
         for d in self._get([w.ledger.remote() for w in self.workers], "ledger"):

@@ -33,6 +33,7 @@ from ..engine import Stage, loss_and_error
 from ..layers import ErrorTap, restore_rules, set_rule
 from ..rules import make_rule
 from ..builders import as_config, build_rule_and_model, optim_config
+from ..metrics import StageTimer
 from .ledger import Ledger
 from .messages import (ACTIVATION, BROADCAST, CHAIN, CONTROL, ERROR, OUTPUT, TARGET, Control,
                        Header, Message, MessageError, validate)
@@ -96,6 +97,7 @@ class StageWorker:
         self.unit_names = names
         self.stage = Stage(units, optim_config(cfg), first=self.is_first, names=names)
         self.stage.train(True)
+        self._timer = StageTimer(self.stage)  # observability: see timings()
         del model, all_units
         params = list(self.stage.module.parameters())
         self.dtype = params[0].dtype if params else torch.float32
@@ -351,6 +353,12 @@ class StageWorker:
             i, _, rest = k.partition(".")
             out[f"units.{a + int(i)}.{rest}"] = v
         return out
+
+    # -- observability (localnet/metrics.py) --
+    def timings(self, clear: bool = True) -> dict:
+        """Seconds per forward / backward / update call since the last call, training
+        samples forwarded, and torch's GPU memory in use (None without CUDA)."""
+        return self._timer.take(clear)
 
     def ledger(self, clear: bool = False) -> dict:
         d = self._ledger.to_dict()

@@ -1,0 +1,588 @@
+"""Live metrics of a training run, in the Prometheus format, and the run's message log.
+
+    obs = RunObserver(cfg, run_dir, executor, total_steps=..., step=..., epoch=...)
+    st = obs.timed_step(ex.train_step, x, y, lr, wd)      # wall time of the step
+    obs.step(...); obs.record(alignment, bp_angles)       # run gauges; per-layer gauges
+    angles = obs.untimed(ex.bp_update_angles, x, y)        # measuring passes: not timed
+    obs.eval_begin(); obs.epoch_end(...)                   # epoch values; messages.json
+    obs.close(linger=True)                                 # final scrape, then shut down
+
+`metrics.port` (null: no endpoint) and `metrics.address` (127.0.0.1) place the endpoint;
+each run has its own CollectorRegistry, so runs (and tests) in one process never share
+series.  Every series is named `localnet_*`; METRICS below is the full list, and
+deploy/README.md documents it (a test keeps the two in step).
+
+Per-actor times come from `StageTimer`, which wraps a `Stage`'s forward / backward / step.
+In-process the driver reads it after every step.  On Ray each StageWorker holds one and
+`RayExecutor.stage_timings()` collects them every `metrics.poll_every` steps, together with
+the message ledger.  Wait (idle) time of a stage is the step's wall time on the driver
+minus the stage's busy time in it; the bubble fraction is the summed wait over
+(stages x wall time).
+
+Without a ledger (the in-process executor) there is no message traffic to count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# ------------------------------------------------------------------ the metric list
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str      # as exposed (counters end in _total)
+    type: str      # gauge | counter | histogram | info
+    labels: tuple  # label names
+    help: str
+
+
+RUN, ACTOR, EDGE, LAYER = "run", "actor", "edge", "layer"
+
+METRICS: list[tuple[str, MetricSpec]] = [
+    (RUN, MetricSpec("localnet_run_info", "info", ("run", "rule", "model", "dataset", "executor"),
+                     "constant 1; the run's name, rule, model, dataset and executor")),
+    (RUN, MetricSpec("localnet_step", "gauge", (), "optimizer steps done")),
+    (RUN, MetricSpec("localnet_total_steps", "gauge", (), "optimizer steps the run will take")),
+    (RUN, MetricSpec("localnet_epoch", "gauge", (), "the epoch being trained (0-based)")),
+    (RUN, MetricSpec("localnet_loss", "gauge", ("split",),
+                     "split=train: mean loss over the epoch so far (the epoch's, once it "
+                     "ends); split=test: at the last evaluation")),
+    (RUN, MetricSpec("localnet_batch_loss", "gauge", (), "mean loss of the last step's batch")),
+    (RUN, MetricSpec("localnet_accuracy", "gauge", ("split",),
+                     "fraction correct; split=train: over the epoch so far; split=test: at "
+                     "the last evaluation")),
+    (RUN, MetricSpec("localnet_learning_rate", "gauge", (), "learning rate of the last step")),
+    (RUN, MetricSpec("localnet_weight_decay", "gauge", (), "weight decay of the last step")),
+    (RUN, MetricSpec("localnet_samples_per_second", "gauge", (),
+                     "training samples per second over the epoch so far")),
+    (RUN, MetricSpec("localnet_train_samples_total", "counter", (),
+                     "training samples processed by this process")),
+    (RUN, MetricSpec("localnet_bubble_fraction", "gauge", (),
+                     "idle share of the stages' time during training steps: summed wait over "
+                     "(stages x step wall time), over the last poll window")),
+    (ACTOR, MetricSpec("localnet_actor_forward_seconds", "histogram", ("rank", "unit"),
+                       "forward time of one micro-batch on a stage")),
+    (ACTOR, MetricSpec("localnet_actor_backward_seconds", "histogram", ("rank", "unit"),
+                       "backward time of one micro-batch on a stage (error in, error out)")),
+    (ACTOR, MetricSpec("localnet_actor_update_seconds", "histogram", ("rank", "unit"),
+                       "one optimizer step of a stage, its rule's after-step and mirror work "
+                       "included")),
+    (ACTOR, MetricSpec("localnet_actor_wait_seconds", "histogram", ("rank", "unit"),
+                       "idle time of a stage per training step: step wall time minus its "
+                       "forward, backward and update time (on Ray: averaged over each poll "
+                       "window)")),
+    (ACTOR, MetricSpec("localnet_actor_samples_total", "counter", ("rank", "unit"),
+                       "samples through a stage's training forward")),
+    (ACTOR, MetricSpec("localnet_actor_gpu_memory_bytes", "gauge", ("rank", "unit"),
+                       "GPU memory allocated by torch in the stage's process (only with CUDA)")),
+    (EDGE, MetricSpec("localnet_messages_total", "counter", ("src", "dst", "kind"),
+                      "messages sent on an edge (driver, stage0, ...), per kind (activation, "
+                      "error, target, control); from the runtime's ledger")),
+    (EDGE, MetricSpec("localnet_message_bytes_total", "counter", ("src", "dst", "kind"),
+                      "header plus payload bytes sent on an edge, per kind")),
+    (EDGE, MetricSpec("localnet_message_parameter_bytes_total", "counter", (),
+                      "payload bytes that alias a parameter of the sender (0: no weight "
+                      "transport)")),
+    (LAYER, MetricSpec("localnet_alignment_angle_degrees", "gauge", ("layer",),
+                       "angle between W and the feedback matrix the rule sends errors through "
+                       "(B; B_p R for PFA; W for BP)")),
+    (LAYER, MetricSpec("localnet_feedback_norm_ratio", "gauge", ("layer",),
+                       "||feedback|| / ||W||")),
+    (LAYER, MetricSpec("localnet_bp_update_angle_degrees", "gauge", ("layer",),
+                       "angle between the rule's update and the true BP gradient on the same "
+                       "batch (only with metrics.bp_angle)")),
+]
+
+# 50 us .. 60 s: a tiny MLP's micro-batch to a ResNet-50 stage's
+TIME_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+OPS = ("forward", "backward", "update")
+
+
+# ------------------------------------------------------------------ per-stage timing
+
+
+class StageTimer:
+    """Times one `engine.Stage`: wraps the instance's forward, backward and step (the
+    class is untouched).  `take()` returns and clears what was recorded since."""
+
+    def __init__(self, stage):
+        self.stage = stage
+        self._clear()
+        for op, attr in zip(OPS, ("forward", "backward", "step")):
+            setattr(stage, attr, self._wrap(op, getattr(stage, attr)))
+
+    def _clear(self) -> None:
+        self.times: dict[str, list[float]] = {op: [] for op in OPS}
+        self.samples = 0
+
+    def _wrap(self, op, fn):
+        clock = time.perf_counter
+
+        def timed(*args, **kwargs):
+            t0 = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.times[op].append(clock() - t0)
+                if op == "forward" and args:
+                    self.samples += int(args[0].shape[0])
+        timed.__wrapped__ = fn
+        return timed
+
+    def take(self, clear: bool = True) -> dict:
+        out = {**{op: list(v) for op, v in self.times.items()},
+               "samples": self.samples, "gpu_memory_bytes": _gpu_memory()}
+        if clear:
+            self._clear()
+        return out
+
+
+def _gpu_memory() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_allocated())
+
+
+def _unit_label(names) -> str:
+    names = list(names)
+    if not names:
+        return ""
+    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+
+
+class _Stages:
+    """Reads per-stage timings off an executor: in-process (its Stage objects, timed
+    here) or Ray (`stage_timings()`); no stages for an executor with neither."""
+
+    def __init__(self, ex):
+        self.ex = ex
+        self.remote = hasattr(ex, "stage_timings")
+        if self.remote:
+            infos = getattr(ex, "stage_info", None) or []
+            self.labels = [(str(i), _unit_label(info.get("unit_names", [])))
+                           for i, info in enumerate(infos)]
+            self.timers = None
+        else:
+            stages = getattr(ex, "stages", [])
+            self.timers = [StageTimer(s) for s in stages]
+            self.labels = [(str(i), _unit_label(s.names)) for i, s in enumerate(stages)]
+
+    def take(self) -> list[dict]:
+        if self.remote:
+            return list(self.ex.stage_timings(True))
+        return [t.take() for t in self.timers]
+
+
+# ------------------------------------------------------------------ the registry
+
+
+class _LedgerCollector:
+    """Edge counters mirrored from the latest ledger snapshot."""
+
+    def __init__(self):
+        self.rows: dict = {}
+        self.parameter_bytes = 0
+
+    def update(self, ledger) -> None:
+        self.rows = {k: list(v) for k, v in ledger.rows.items()}
+        self.parameter_bytes = ledger.parameter_bytes
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        spec = {s.name: s for _, s in METRICS}
+        msgs = CounterMetricFamily("localnet_messages", spec["localnet_messages_total"].help,
+                                   labels=["src", "dst", "kind"])
+        nbytes = CounterMetricFamily("localnet_message_bytes",
+                                     spec["localnet_message_bytes_total"].help,
+                                     labels=["src", "dst", "kind"])
+        for (s, d, k), (c, h, p) in sorted(self.rows.items()):
+            msgs.add_metric([s, d, k], c)
+            nbytes.add_metric([s, d, k], h + p)
+        pbytes = CounterMetricFamily("localnet_message_parameter_bytes",
+                                     spec["localnet_message_parameter_bytes_total"].help,
+                                     value=self.parameter_bytes)
+        return [msgs, nbytes, pbytes]
+
+
+class _ScrapeWatch:
+    """Tells when a scrape that *started* after `arm()` has collected everything: its
+    `first` collector is registered before every other one, `last` after them (a registry
+    collects in registration order, one scrape per thread)."""
+
+    def __init__(self):
+        self.armed = False
+        self.scraped = threading.Event()
+        self._local = threading.local()
+        watch = self
+
+        class First:
+            def collect(self):
+                watch._local.armed = watch.armed
+                return []
+
+        class Last:
+            def collect(self):
+                if getattr(watch._local, "armed", False):
+                    watch.scraped.set()
+                return []
+
+        self.first, self.last = First(), Last()
+
+    def arm(self) -> None:
+        self.scraped.clear()
+        self.armed = True
+
+
+class Metrics:
+    """The run's Prometheus series in a registry of their own, and the endpoint.
+    Usable without an endpoint (`start()` not called): tests read `registry`."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+        self.registry = reg = CollectorRegistry()
+        spec = {s.name: s for _, s in METRICS}
+        self.watch = _ScrapeWatch()
+        reg.register(self.watch.first)
+
+        def make(name):
+            s = spec[name]
+            if s.type == "gauge":
+                return Gauge(name, s.help, s.labels, registry=reg)
+            if s.type == "counter":
+                return Counter(name.removesuffix("_total"), s.help, s.labels, registry=reg)
+            if s.type == "histogram":
+                return Histogram(name, s.help, s.labels, registry=reg, buckets=TIME_BUCKETS)
+            return Info(name.removesuffix("_info"), s.help, registry=reg)
+
+        self.run_info = make("localnet_run_info")
+        for name in ("step", "total_steps", "epoch", "loss", "batch_loss", "accuracy",
+                     "learning_rate", "weight_decay", "samples_per_second", "bubble_fraction",
+                     "alignment_angle_degrees", "feedback_norm_ratio",
+                     "bp_update_angle_degrees", "actor_gpu_memory_bytes"):
+            setattr(self, name, make(f"localnet_{name}"))
+        self.train_samples = make("localnet_train_samples_total")
+        self.actor_samples = make("localnet_actor_samples_total")
+        self.actor_time = {op: make(f"localnet_actor_{op}_seconds") for op in (*OPS, "wait")}
+        self.ledger = _LedgerCollector()
+        reg.register(self.ledger)
+        reg.register(self.watch.last)
+        self._server = None
+        self.host, self.port = None, None
+
+    # -- endpoint ------------------------------------------------------------------
+    def start(self, port: int, address: str = "127.0.0.1") -> str:
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(int(port), addr=address, registry=self.registry)
+        self.host, self.port = address, int(self._server.server_port)
+        return self.url
+
+    @property
+    def url(self) -> str | None:
+        if self.port is None:
+            return None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def wait_for_scrape(self, timeout: float) -> bool:
+        """Block until the endpoint has served one more scrape (or timeout)."""
+        if self._server is None or timeout <= 0:
+            return False
+        self.watch.arm()
+        try:
+            return self.watch.scraped.wait(timeout)
+        finally:
+            self.watch.armed = False
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def exposition(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+    # -- observations --------------------------------------------------------------
+    def alignment_values(self, alignment: dict, bp_angles: dict | None = None) -> None:
+        for layer, a in alignment.items():
+            self.alignment_angle_degrees.labels(layer).set(a["angle"])
+            self.feedback_norm_ratio.labels(layer).set(a["norm_ratio"])
+        for layer, deg in (bp_angles or {}).items():
+            self.bp_update_angle_degrees.labels(layer).set(deg)
+
+    def stage_values(self, labels, timings: list[dict], walls: list[float]) -> None:
+        """timings: per stage, what StageTimer.take() returned over the steps whose driver
+        wall times are `walls`."""
+        wall, k = sum(walls), len(walls)
+        waits = []
+        for (rank, unit), t in zip(labels, timings):
+            busy = 0.0
+            for op in OPS:
+                h = self.actor_time[op].labels(rank, unit)
+                for d in t.get(op, ()):
+                    h.observe(d)
+                    busy += d
+            if t.get("samples"):
+                self.actor_samples.labels(rank, unit).inc(t["samples"])
+            if t.get("gpu_memory_bytes") is not None:
+                self.actor_gpu_memory_bytes.labels(rank, unit).set(t["gpu_memory_bytes"])
+            if k:
+                wait = max(wall - busy, 0.0)
+                waits.append(wait)
+                h = self.actor_time["wait"].labels(rank, unit)
+                for _ in range(k):
+                    h.observe(wait / k)
+        if k and waits and wall > 0:
+            self.bubble_fraction.set(sum(waits) / (len(waits) * wall))
+
+
+# ------------------------------------------------------------------ messages.json
+
+
+class MessageLog:
+    """`RUN_DIR/messages.json`, rewritten at every epoch end from the executor's ledger:
+
+        edges:  "src->dst" -> kind -> {count, header_bytes, payload_bytes, bytes}
+        kinds:  kind -> {count, bytes, ...}, total_bytes, total_count, parameter_bytes
+        eval_bytes (evaluation), probe_bytes (metrics.bp_angle's measuring passes),
+        train_bytes (the rest: training steps, mirror steps, control), samples (training
+        samples), steps, bytes_per_sample = train_bytes / samples,
+        per_epoch: [{epoch, step, samples, bytes, train_bytes}]
+        ledger: the raw ledger (resume adds to it)
+
+    A no-op for an executor without a ledger (in-process: nothing crosses a wire)."""
+
+    def __init__(self, run_dir: Path, ex, resume: bool = False):
+        from .runtime.ledger import Ledger
+
+        self.path = Path(run_dir) / "messages.json"
+        self.ex = ex
+        self.enabled = hasattr(ex, "ledger") and callable(getattr(ex, "ledger"))
+        self.base, self.per_epoch = Ledger(), []
+        self.excluded = {"eval": 0, "probe": 0}
+        self._marks: dict[str, int] = {}
+        if not self.enabled:
+            return
+        if resume and self.path.exists():
+            old = json.loads(self.path.read_text())
+            self.base = Ledger.from_dict(old.get("ledger", {"rows": []}))
+            self.excluded = {k: int(old.get(f"{k}_bytes", 0)) for k in self.excluded}
+            self.per_epoch = list(old.get("per_epoch", []))
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def fetch(self):
+        """(this process's ledger, the run's: base + this process's); (None, None)
+        without a ledger."""
+        if not self.enabled:
+            return None, None
+        from .runtime.ledger import Ledger
+
+        cur = self.ex.ledger()
+        return cur, Ledger().merge(self.base).merge(cur)
+
+    def ledger(self):
+        return self.fetch()[1]
+
+    @staticmethod
+    def _total(led) -> int:
+        return sum(h + p for _, h, p in led.rows.values())
+
+    def begin(self, what: str, led=None) -> None:
+        """Bytes from here to end(what) (or the next write) count as `what`_bytes."""
+        if self.enabled:
+            self._marks[what] = self._total(led or self.ledger())
+
+    def end(self, what: str, led=None) -> None:
+        if self.enabled and what in self._marks:
+            self.excluded[what] += self._total(led or self.ledger()) - self._marks.pop(what)
+
+    def write(self, epoch: int, step: int, samples: int, led=None) -> dict | None:
+        if not self.enabled:
+            return None
+        led = led or self.ledger()
+        total = self._total(led)
+        for what in list(self._marks):
+            self.end(what, led)
+        train_bytes = total - sum(self.excluded.values())
+        self.per_epoch.append({"epoch": epoch, "step": step, "samples": samples,
+                               "bytes": total, "train_bytes": train_bytes})
+        doc = {"edges": led.edges(), "kinds": led.as_summary(),
+               **{f"{k}_bytes": v for k, v in self.excluded.items()},
+               "train_bytes": train_bytes, "samples": samples, "steps": step,
+               "bytes_per_sample": train_bytes / samples if samples else None,
+               "per_epoch": self.per_epoch, "ledger": led.to_dict()}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, self.path)
+        return doc
+
+
+# ------------------------------------------------------------------ the trainer's view
+
+
+class RunObserver:
+    """Everything train() reports besides its jsonl files: the Prometheus series (when
+    `metrics.port` is set) and messages.json (when the executor has a ledger)."""
+
+    def __init__(self, cfg, run_dir, ex, *, resume: bool = False, total_steps: int = 0,
+                 step: int = 0, epoch: int = 0):
+        m = cfg.metrics
+        self.cfg, self.ex, self.run_dir = cfg, ex, Path(run_dir)
+        self.messages = MessageLog(self.run_dir, ex, resume=resume)
+        self.metrics = None
+        self.url = None
+        self.sd_file = None
+        if m.port is None:
+            return
+        self.metrics = Metrics()
+        self.stages = _Stages(ex)
+        self.poll_every = 1 if not self.stages.remote else m.poll_every
+        self._walls: list[float] = []
+        mt = self.metrics
+        mt.run_info.info({"run": self.run_dir.name, "rule": cfg.rule.name,
+                          "model": cfg.model.name, "dataset": cfg.data.name,
+                          "executor": getattr(ex, "name", type(ex).__name__)})
+        mt.total_steps.set(total_steps)
+        mt.step.set(step)
+        mt.epoch.set(epoch)
+        try:
+            self.url = mt.start(m.port, m.address)
+        except OSError as err:
+            from .config import ConfigError
+            raise ConfigError(f"metrics.port={m.port}, metrics.address={m.address}: cannot "
+                              f"serve metrics there ({err.strerror or err}); pick another "
+                              f"port, or 0 for an ephemeral one") from None
+        if m.sd_dir:
+            self._write_sd(Path(m.sd_dir))
+
+    @property
+    def enabled(self) -> bool:
+        return self.metrics is not None
+
+    def _write_sd(self, sd_dir: Path) -> None:
+        host = self.metrics.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        sd_dir.mkdir(parents=True, exist_ok=True)
+        self.sd_file = sd_dir / f"{self.run_dir.name}.json"
+        doc = [{"targets": [f"{host}:{self.metrics.port}"],
+                "labels": {"run": self.run_dir.name, "rule": self.cfg.rule.name}}]
+        tmp = self.sd_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc) + "\n")
+        os.replace(tmp, self.sd_file)
+
+    # -- steps ---------------------------------------------------------------------
+    def timed_step(self, fn, *args, **kwargs):
+        """Run one training step (fn), timing it on the driver; collects stage timings
+        every step in-process, every `metrics.poll_every` steps on Ray."""
+        if not self.enabled:
+            return fn(*args, **kwargs)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self._walls.append(time.perf_counter() - t0)
+        if len(self._walls) >= self.poll_every:
+            self.poll()
+        return out
+
+    def untimed(self, fn, *args, **kwargs):
+        """Run fn (extra measuring passes) without counting its stage time, its messages
+        counted as probe_bytes."""
+        self.messages.begin("probe")
+        try:
+            if not self.enabled:
+                return fn(*args, **kwargs)
+            self.poll()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stages.take()  # discard
+        finally:
+            self.messages.end("probe")
+
+    def poll(self) -> None:
+        """Stage timings since the last poll, and the ledger's edge counters."""
+        if not self.enabled:
+            return
+        timings = self.stages.take()
+        self.metrics.stage_values(self.stages.labels, timings, self._walls)
+        self._walls = []
+        if self.messages.enabled:
+            self.metrics.ledger.update(self.ex.ledger())
+
+    def step(self, *, step: int, epoch: int, lr: float, wd: float, batch_loss: float,
+             loss_sum: float, correct: int, seen: int, samples: int,
+             samples_per_s: float) -> None:
+        if not self.enabled:
+            return
+        mt = self.metrics
+        mt.step.set(step)
+        mt.epoch.set(epoch)
+        mt.learning_rate.set(lr)
+        mt.weight_decay.set(wd)
+        mt.batch_loss.set(batch_loss)
+        mt.train_samples.inc(samples)
+        mt.samples_per_second.set(samples_per_s)
+        if seen:
+            mt.loss.labels("train").set(loss_sum / seen)
+            mt.accuracy.labels("train").set(correct / seen)
+
+    def record(self, alignment: dict, bp_angles: dict | None = None) -> None:
+        if self.enabled:
+            self.metrics.alignment_values(alignment, bp_angles)
+
+    # -- epochs --------------------------------------------------------------------
+    def eval_begin(self) -> None:
+        if self.enabled and self._walls:
+            self.poll()
+        self.messages.begin("eval")
+
+    def epoch_end(self, line: dict, samples: int) -> None:
+        """line: the epoch's metrics.jsonl record; samples: training samples so far."""
+        cur, led = self.messages.fetch()
+        self.messages.write(line["epoch"], line["step"], samples, led)
+        if not self.enabled:
+            return
+        mt = self.metrics
+        for split in ("train", "test"):
+            if f"{split}_loss" in line:
+                mt.loss.labels(split).set(line[f"{split}_loss"])
+            if f"{split}_accuracy" in line:
+                mt.accuracy.labels(split).set(line[f"{split}_accuracy"])
+        mt.alignment_values(line.get("alignment", {}))
+        if cur is not None:
+            mt.ledger.update(cur)  # this process's counts: counters restart with it
+
+    # -- the end -------------------------------------------------------------------
+    def close(self, linger: bool = False) -> None:
+        """Shut the endpoint down; with linger, first wait (at most metrics.linger_s) for
+        one more scrape so that a scraper has the final values."""
+        if not self.enabled:
+            return
+        try:
+            if linger and self.cfg.metrics.linger_s > 0:
+                if self.metrics.wait_for_scrape(self.cfg.metrics.linger_s):
+                    time.sleep(0.5)  # let the scraper receive and store the reply
+        finally:
+            if self.sd_file is not None:
+                self.sd_file.unlink(missing_ok=True)
+                self.sd_file = None
+            self.metrics.stop()

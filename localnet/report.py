@@ -1,0 +1,284 @@
+"""`localnet report RUN_DIR [RUN_DIR ...]`: plots of finished (or running) runs, and a
+side-by-side table.
+
+Writes into --out (default RUN_DIR/report for one run, ./report for several):
+  curves.png           loss and accuracy against optimizer steps (train and test)
+  alignment.png        per-layer angle between W and the feedback, over steps (one panel
+                       per run)
+  bp_update_angle.png  per-layer angle between the rule's update and BP's gradient (only
+                       for runs with metrics.bp_angle)
+  messages.png         message bytes per edge, stacked by kind (only for runs with a
+                       messages.json: the Ray executor)
+
+and prints one row per run: rule, test accuracy, mean alignment angle, samples/s and
+message bytes per training sample.  Reads metrics.jsonl, steps.jsonl, summary.json,
+messages.json and config.yaml; a run still in progress (no summary.json yet) is read from
+its jsonl files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    summary: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    epochs: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    messages: dict | None = None
+
+    @property
+    def rule(self) -> str:
+        return self.summary.get("rule") or (self.config.get("rule") or {}).get("name", "?")
+
+    def alignment_series(self, key: str = "alignment") -> dict[str, list[tuple[int, float]]]:
+        """layer -> [(step, degrees)], from steps.jsonl and the epoch lines, by step."""
+        points: dict[int, dict] = {}
+        for rec in self.steps + (self.epochs if key == "alignment" else []):
+            if rec.get(key):
+                points.setdefault(int(rec["step"]), rec[key])
+        out: dict[str, list] = {}
+        for step in sorted(points):
+            for layer, v in points[step].items():
+                deg = v["angle"] if isinstance(v, dict) else v
+                out.setdefault(layer, []).append((step, deg))
+        return out
+
+    def final_alignment(self) -> dict[str, float]:
+        if self.summary.get("alignment"):
+            return dict(self.summary["alignment"])
+        for rec in reversed(self.epochs):
+            if rec.get("alignment"):
+                return {k: v["angle"] for k, v in rec["alignment"].items()}
+        return {}
+
+    def row(self) -> dict:
+        s = self.summary
+        acc = s.get("test_accuracy", self.epochs[-1].get("test_accuracy") if self.epochs else None)
+        angles = [v for v in self.final_alignment().values() if v is not None and not math.isnan(v)]
+        bps = None
+        if self.messages and self.messages.get("bytes_per_sample") is not None:
+            bps = float(self.messages["bytes_per_sample"])
+        return {"run": self.label, "rule": self.rule,
+                "model": s.get("model") or (self.config.get("model") or {}).get("name"),
+                "dataset": s.get("dataset") or (self.config.get("data") or {}).get("name"),
+                "epochs": s.get("epochs", len(self.epochs)),
+                "test_accuracy": acc,
+                "alignment_deg": sum(angles) / len(angles) if angles else None,
+                "samples_per_s": s.get("samples_per_s"),
+                "bytes_per_sample": bps,
+                "executor": (s.get("runtime") or {}).get("executor")
+                            or (self.config.get("runtime") or {}).get("executor")}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written right now
+                pass
+    return out
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"report: no run directory {path}")
+    files = [path / f for f in ("summary.json", "metrics.jsonl", "steps.jsonl")]
+    if not any(f.exists() for f in files):
+        raise FileNotFoundError(f"report: {path} is not a run directory (no summary.json, "
+                                f"metrics.jsonl or steps.jsonl)")
+    run = Run(path=path, label=label or path.name)
+    if (path / "summary.json").exists():
+        run.summary = json.loads((path / "summary.json").read_text())
+    if (path / "config.yaml").exists():
+        run.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    run.epochs = _jsonl(path / "metrics.jsonl")
+    run.steps = _jsonl(path / "steps.jsonl")
+    if (path / "messages.json").exists():
+        run.messages = json.loads((path / "messages.json").read_text())
+    return run
+
+
+def load_runs(paths) -> list[Run]:
+    paths = [Path(p) for p in paths]
+    labels = [p.resolve().name for p in paths]
+    if len(set(labels)) < len(labels):  # same directory names: add the parent
+        labels = [f"{p.resolve().parent.name}/{p.resolve().name}" for p in paths]
+    return [load_run(p, lab) for p, lab in zip(paths, labels)]
+
+
+# ------------------------------------------------------------------ plots
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    return Figure(figsize=(w, h), layout="constrained")
+
+
+def _colors(n: int, cmap: str = "tab10"):
+    import matplotlib
+
+    cm = matplotlib.colormaps[cmap]
+    if cmap == "tab10":
+        return [cm(i % 10) for i in range(n)]
+    return [cm(i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_curves(runs: list[Run], path: Path) -> Path:
+    fig = _figure(11, 4.2)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for run, c in zip(runs, _colors(len(runs))):
+        if run.steps:
+            xs = [r["step"] for r in run.steps if "loss" in r]
+            ax_loss.plot(xs, [r["loss"] for r in run.steps if "loss" in r], color=c, lw=0.8,
+                         alpha=0.45, label=f"{run.label} train (batch)")
+        ep = [e for e in run.epochs if "step" in e]
+        if ep:
+            xs = [e["step"] for e in ep]
+            for key, style, what in (("train", "--", "train"), ("test", "-", "test")):
+                if any(f"{key}_loss" in e for e in ep):
+                    ax_loss.plot(xs, [e.get(f"{key}_loss", math.nan) for e in ep], style,
+                                 color=c, marker="o", ms=3, label=f"{run.label} {what}")
+                if any(f"{key}_accuracy" in e for e in ep):
+                    ax_acc.plot(xs, [e.get(f"{key}_accuracy", math.nan) for e in ep], style,
+                                color=c, marker="o", ms=3, label=f"{run.label} {what}")
+    ax_loss.set(title="loss", xlabel="optimizer step", ylabel="cross-entropy")
+    if all(v > 0 for line in ax_loss.get_lines() for v in line.get_ydata() if not math.isnan(v)) \
+            and ax_loss.get_lines():
+        ax_loss.set_yscale("log")
+    ax_acc.set(title="accuracy", xlabel="optimizer step", ylabel="fraction correct")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize="x-small")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _panels(n: int):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure(5.2 * cols, 3.9 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str) -> Path | None:
+    series = [(run, run.alignment_series(key)) for run in runs]
+    series = [(run, s) for run, s in series if s]
+    if not series:
+        return None
+    fig, axes = _panels(len(series))
+    for ax, (run, s) in zip(axes, series):
+        for (layer, pts), c in zip(s.items(), _colors(len(s), "viridis")):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.2, label=layer)
+        ax.set(title=f"{run.label} ({run.rule})", xlabel="optimizer step", ylabel=ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="xx-small", ncol=1 + len(s) // 12, title="layer (input -> output)",
+                  title_fontsize="xx-small")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_messages(runs: list[Run], path: Path) -> Path | None:
+    with_msgs = [r for r in runs if r.messages and r.messages.get("edges")]
+    if not with_msgs:
+        return None
+    from matplotlib.ticker import EngFormatter
+
+    fig, axes = _panels(len(with_msgs))
+    kinds = sorted({k for r in with_msgs for e in r.messages["edges"].values() for k in e})
+    colors = dict(zip(kinds, _colors(len(kinds))))
+    for ax, run in zip(axes, with_msgs):
+        edges = run.messages["edges"]
+        names = list(edges)
+        present = [k for k in kinds if any(edges[e].get(k, {}).get("bytes") for e in names)]
+        h = 0.8 / max(len(present), 1)
+        for j, kind in enumerate(present):  # grouped, not stacked: a log axis
+            vals = [float(edges[e].get(kind, {}).get("bytes", 0)) for e in names]
+            ys = [i - 0.4 + h * (j + 0.5) for i in range(len(names))]
+            ax.barh(ys, vals, height=h, color=colors[kind], label=kind)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+        ax.set(title=f"{run.label} ({run.rule}): bytes per edge", xlabel="bytes sent (log)")
+        ax.tick_params(axis="y", labelsize="x-small")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ------------------------------------------------------------------ the command
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def table(runs: list[Run]):
+    from rich.table import Table
+
+    t = Table(title="runs (alignment: mean over layers of the final angle(W, feedback))")
+    for col, just in (("run", "left"), ("rule", "left"), ("test acc", "right"),
+                      ("align. deg", "right"), ("samples/s", "right"),
+                      ("bytes/sample", "right")):
+        t.add_column(col, justify=just, overflow="fold")
+    for run in runs:
+        r = run.row()
+        t.add_row(r["run"], r["rule"], _fmt(r["test_accuracy"], ".4f"),
+                  _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),
+                  _fmt(r["bytes_per_sample"], ",.0f"))
+    return t
+
+
+def report(paths, out: str | Path | None = None) -> dict:
+    """Plots for the runs at `paths`; returns {"files": [...], "rows": [...],
+    "skipped": {plot: why}}."""
+    runs = load_runs(paths)
+    if not runs:
+        raise ValueError("report: give at least one run directory")
+    out = Path(out) if out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    out.mkdir(parents=True, exist_ok=True)
+    files, skipped = [plot_curves(runs, out / "curves.png")], {}
+    for name, key, ylabel, why in (
+            ("alignment.png", "alignment", "angle(W, feedback) (deg)",
+             "no alignment recorded (metrics.alignment_every, or a rule without feedback "
+             "weights)"),
+            ("bp_update_angle.png", "bp_update_angle", "angle(update, BP gradient) (deg)",
+             "no run measured it (metrics.bp_angle: true)")):
+        p = plot_layer_angles(runs, out / name, key, ylabel)
+        if p:
+            files.append(p)
+        else:
+            skipped[name] = why
+    p = plot_messages(runs, out / "messages.png")
+    if p:
+        files.append(p)
+    else:
+        skipped["messages.png"] = ("no messages.json: only the Ray executor sends messages "
+                                   "(runtime.executor: ray)")
+    return {"files": [str(f) for f in files], "rows": [r.row() for r in runs],
+            "skipped": skipped, "runs": runs}

@@ -1,0 +1,300 @@
+"""The Prometheus endpoint of a run (localnet/metrics.py): what it exports, where it binds,
+that it goes away, and the per-actor and per-edge series of the Ray executor (in local
+mode: the same StageWorkers and ledger, no Ray processes)."""
+
+import json
+import re
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import localnet.train as train_mod
+from localnet.config import ConfigError, load_config
+from localnet.engine import OptimConfig, Stage
+from localnet.metrics import METRICS, Metrics, RunObserver, StageTimer
+from localnet.runtime.ledger import Ledger
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = {"fc1.linear", "head"}
+
+
+def small(*extra):
+    return load_config(None, ["data.name=synthetic", "model.name=mlp", "model.widths=[32]",
+                              "train.epochs=1", "train.batch_size=32", "train.lr=0.05",
+                              "metrics.alignment_every=4", *extra])
+
+
+def samples(text: str) -> dict:
+    """Exposition text -> {(sample name, ((label, value), ...)): value}."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(scraped: dict, name: str, **labels):
+    return scraped[(name, tuple(sorted((k, str(v)) for k, v in labels.items())))]
+
+
+def labelsets(scraped: dict, name: str) -> list[dict]:
+    return [dict(lab) for (n, lab) in scraped if n == name]
+
+
+def run_and_scrape(cfg, run_dir: Path, sd_dir: Path):
+    """train() with its endpoint announced in sd_dir; a thread scrapes it until the run is
+    over.  Returns (summary, the last scrape as samples(), seconds train() took)."""
+    last, stop = {}, threading.Event()
+
+    def scrape():
+        url = None
+        while not stop.is_set():
+            if url is None:
+                files = list(sd_dir.glob("*.json"))
+                if files:
+                    url = f"http://{json.loads(files[0].read_text())[0]['targets'][0]}/metrics"
+            if url is not None:
+                try:
+                    last["text"] = urllib.request.urlopen(url, timeout=5).read().decode()
+                except OSError:
+                    pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=scrape, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    try:
+        summary = train_mod.train(cfg, run_dir, progress=False)
+    finally:
+        took = time.perf_counter() - t0
+        stop.set()
+        th.join(10)
+    assert "text" in last, "the endpoint was never scraped"
+    return summary, samples(last["text"]), took
+
+
+# ------------------------------------------------------------------ config and endpoint
+
+
+def test_metrics_config_defaults_and_bounds():
+    m = small().metrics
+    assert m.port is None and m.address == "127.0.0.1" and m.linger_s == 0
+    assert small("metrics.port=0").metrics.port == 0
+    for bad in ("metrics.port=-1", "metrics.port=70000", "metrics.linger_s=-1",
+                "metrics.poll_every=0", "metrics.prot=1"):
+        with pytest.raises(ConfigError, match="metrics"):
+            small(bad)
+
+
+def test_endpoint_binds_loopback_on_an_ephemeral_port_and_stops():
+    m = Metrics()
+    url = m.start(0)
+    try:
+        assert url.startswith("http://127.0.0.1:") and m.port > 0
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert "localnet_step 0.0" in text
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert names and all(n.startswith("localnet_") for n in names)
+    finally:
+        m.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", m.port), timeout=1).close()
+
+
+def test_linger_waits_for_a_scrape_that_starts_after_the_run():
+    m = Metrics()
+    m.start(0)
+    try:
+        assert not m.wait_for_scrape(0.2)  # nobody scrapes
+        m.watch.first.collect()  # a scrape already under way when the run ends ...
+        m.watch.arm()
+        m.watch.last.collect()
+        assert not m.watch.scraped.is_set()  # ... does not count
+        done = threading.Timer(0.3, lambda: urllib.request.urlopen(m.url, timeout=5).read())
+        done.start()
+        t0 = time.perf_counter()
+        assert m.wait_for_scrape(20)
+        assert time.perf_counter() - t0 < 10
+        done.join()
+    finally:
+        m.stop()
+
+
+def test_a_taken_port_is_a_config_error_naming_the_key(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        _, _, _, ex = train_mod.build(small())
+        with pytest.raises(ConfigError, match=f"metrics.port={port}"):
+            RunObserver(small(f"metrics.port={port}"), tmp_path, ex)
+
+
+def test_no_endpoint_unless_metrics_port_is_set(tmp_path):
+    data, _, _, ex = train_mod.build(small())
+    obs = RunObserver(small(), tmp_path, ex)
+    assert not obs.enabled and obs.url is None
+    assert obs.timed_step(lambda: 7) == 7
+    obs.close(linger=True)
+    assert not (tmp_path / "messages.json").exists()  # in-process: no wire, no ledger
+
+
+def test_every_metric_is_documented_with_its_type_and_labels():
+    doc = (ROOT / "deploy/README.md").read_text()
+    rows = {m.group(1): m for m in re.finditer(r"^\| `(localnet_\w+)` \| (\w+) \| ([^|]*) \|",
+                                               doc, re.M)}
+    for _, spec in METRICS:
+        assert spec.name in rows, f"{spec.name} missing from deploy/README.md"
+        row = rows[spec.name]
+        assert row.group(2) == spec.type
+        labels = [x.strip() for x in row.group(3).split(",") if x.strip() not in ("", "—")]
+        assert labels == list(spec.labels), spec.name
+    assert set(rows) == {s.name for _, s in METRICS}
+
+
+def test_stage_timer_times_forward_backward_and_step():
+    torch.manual_seed(0)
+    stage = Stage([torch.nn.Linear(4, 3)], OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0),
+                  first=True)
+    timer = StageTimer(stage)
+    for mb in range(2):
+        y = stage.forward(torch.randn(5, 4), mb)
+        stage.backward(torch.ones_like(y), mb)
+    stage.step(0.1, 0.0)
+    got = timer.take()
+    assert [len(got[k]) for k in ("forward", "backward", "update")] == [2, 2, 1]
+    assert got["samples"] == 10 and all(t >= 0 for t in got["forward"])
+    assert got["gpu_memory_bytes"] is None or got["gpu_memory_bytes"] >= 0
+    assert timer.take()["samples"] == 0 and stage.steps == 1
+
+
+# ------------------------------------------------------------------ a run, scraped
+
+
+def test_inprocess_run_exports_run_actor_and_layer_series(tmp_path):
+    sd = tmp_path / "sd"
+    cfg = small("rule.name=fa", "metrics.port=0", f"metrics.sd_dir={sd}", "metrics.linger_s=30",
+                "metrics.bp_angle=true", "train.micro_batches=2")
+    summary, s, took = run_and_scrape(cfg, tmp_path / "run", sd)
+    steps = summary["steps"]
+    assert steps == 16
+    assert took < 25, "linger must end at the first scrape after the run, not at linger_s"
+    assert value(s, "localnet_step") == steps == value(s, "localnet_total_steps")
+    assert value(s, "localnet_epoch") == 0
+    assert value(s, "localnet_accuracy", split="test") == pytest.approx(summary["test_accuracy"])
+    assert value(s, "localnet_loss", split="test") == pytest.approx(summary["test_loss"])
+    assert value(s, "localnet_loss", split="train") == pytest.approx(summary["train_loss"])
+    assert value(s, "localnet_learning_rate") == pytest.approx(0.05)
+    assert value(s, "localnet_train_samples_total") == 512
+    assert value(s, "localnet_samples_per_second") > 0
+    assert 0 <= value(s, "localnet_bubble_fraction") <= 1
+    info = labelsets(s, "localnet_run_info")
+    assert info == [{"run": "run", "rule": "fa", "model": "mlp", "dataset": "synthetic",
+                     "executor": "inprocess"}]
+    # per layer: the final alignment, and the update angle of the last recorded step
+    for layer in LAYERS:
+        assert value(s, "localnet_alignment_angle_degrees", layer=layer) == pytest.approx(
+            summary["alignment"][layer])
+        assert value(s, "localnet_feedback_norm_ratio", layer=layer) > 0
+    last_step = json.loads((tmp_path / "run/steps.jsonl").read_text().splitlines()[-1])
+    for layer, deg in last_step["bp_update_angle"].items():
+        assert value(s, "localnet_bp_update_angle_degrees", layer=layer) == pytest.approx(deg)
+    # per actor: one in-process stage holding every unit; the BP probes are not counted
+    actor = {"rank": 0, "unit": "fc1..head"}
+    assert value(s, "localnet_actor_forward_seconds_count", **actor) == steps * 2
+    assert value(s, "localnet_actor_backward_seconds_count", **actor) == steps * 2
+    assert value(s, "localnet_actor_update_seconds_count", **actor) == steps
+    assert value(s, "localnet_actor_wait_seconds_count", **actor) == steps
+    assert value(s, "localnet_actor_samples_total", **actor) == 512
+    assert value(s, "localnet_actor_forward_seconds_sum", **actor) > 0
+    assert value(s, "localnet_actor_forward_seconds_bucket", le="+Inf", **actor) == steps * 2
+    assert not list(sd.glob("*.json")), "the file-SD target outlives the endpoint"
+
+
+def _local_ray_build(monkeypatch):
+    from localnet.runtime.ray_executor import RayExecutor
+
+    orig = train_mod.build
+
+    def build(cfg):
+        data, rule, model, _ = orig(cfg)
+        return data, rule, model, RayExecutor(cfg, data.input_shape, data.num_classes,
+                                              model=model, local=True)
+    monkeypatch.setattr(train_mod, "build", build)
+
+
+def test_ray_executor_exports_per_actor_and_per_edge_series(tmp_path, monkeypatch):
+    _local_ray_build(monkeypatch)
+    sd = tmp_path / "sd"
+    cfg = load_config(None, ["data.name=synthetic", "model.name=mlp", "model.widths=[16,16]",
+                             "data.subset=256", "data.test_subset=64", "train.batch_size=32",
+                             "train.micro_batches=2", "rule.name=fa", "metrics.alignment_every=4",
+                             "metrics.bp_angle=true", "metrics.port=0", "metrics.poll_every=3",
+                             f"metrics.sd_dir={sd}", "metrics.linger_s=30"])
+    summary, s, _ = run_and_scrape(cfg, tmp_path / "run", sd)
+    steps = summary["steps"]
+    assert steps == 8
+    assert labelsets(s, "localnet_run_info")[0]["executor"] == "ray"
+    units = {a["rank"]: a["unit"] for a in labelsets(s, "localnet_actor_samples_total")}
+    assert units == {"0": "fc1", "1": "fc2", "2": "head"}
+    for rank, unit in units.items():
+        assert value(s, "localnet_actor_forward_seconds_count", rank=rank, unit=unit) == steps * 2
+        assert value(s, "localnet_actor_backward_seconds_count", rank=rank, unit=unit) == steps * 2
+        assert value(s, "localnet_actor_update_seconds_count", rank=rank, unit=unit) == steps
+        assert value(s, "localnet_actor_wait_seconds_count", rank=rank, unit=unit) == steps
+        assert value(s, "localnet_actor_samples_total", rank=rank, unit=unit) == 256
+    assert 0 <= value(s, "localnet_bubble_fraction") <= 1
+
+    # per edge: the exported counters are the ledger in messages.json
+    msgs = json.loads((tmp_path / "run/messages.json").read_text())
+    led = Ledger.from_dict(msgs["ledger"])
+    assert led.rows
+    for (src, dst, kind), (c, h, p) in led.rows.items():
+        assert value(s, "localnet_messages_total", src=src, dst=dst, kind=kind) == c
+        assert value(s, "localnet_message_bytes_total", src=src, dst=dst, kind=kind) == h + p
+    assert {"driver->stage0", "stage0->stage1", "stage1->stage0", "stage2->driver"} <= set(msgs["edges"])
+    assert value(s, "localnet_message_parameter_bytes_total") == 0
+    assert msgs["samples"] == 256 and msgs["steps"] == steps
+    assert msgs["eval_bytes"] > 0 and msgs["probe_bytes"] > 0
+    total = msgs["kinds"]["total_bytes"]
+    assert msgs["train_bytes"] == total - msgs["eval_bytes"] - msgs["probe_bytes"] > 0
+    assert msgs["bytes_per_sample"] == pytest.approx(msgs["train_bytes"] / 256)
+
+
+def test_a_failed_run_closes_its_endpoint(tmp_path, monkeypatch):
+    seen = []
+    orig = RunObserver.close
+
+    def close(self, linger=False):
+        seen.append((self.metrics.port, linger))
+        return orig(self, linger)
+    monkeypatch.setattr(RunObserver, "close", close)
+    cfg = small("train.lr=1e6", "train.momentum=0", "metrics.port=0", "metrics.linger_s=30")
+    with pytest.raises(train_mod.NonFiniteLossError):
+        train_mod.train(cfg, tmp_path, progress=False)
+    (port, linger), = seen
+    assert not linger
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_resume_adds_to_messages_json(tmp_path, monkeypatch):
+    _local_ray_build(monkeypatch)
+    base = ["data.name=synthetic", "model.name=mlp", "model.widths=[16]", "data.subset=128",
+            "data.test_subset=32", "train.batch_size=32", "rule.name=kp"]
+    train_mod.train(load_config(None, base + ["train.epochs=1"]), tmp_path, progress=False)
+    first = json.loads((tmp_path / "messages.json").read_text())
+    train_mod.train(load_config(None, base + ["train.epochs=2"]), tmp_path, resume=True,
+                    progress=False)
+    both = json.loads((tmp_path / "messages.json").read_text())
+    assert [e["epoch"] for e in both["per_epoch"]] == [0, 1]
+    assert both["samples"] == 256 and both["steps"] == 8
+    assert both["eval_bytes"] == 2 * first["eval_bytes"]
+    assert both["train_bytes"] == 2 * first["train_bytes"]  # same traffic every epoch
+    assert both["kinds"]["total_count"] == 2 * first["kinds"]["total_count"]

@@ -1,0 +1,151 @@
+"""A real Prometheus scrapes a short run; its HTTP API must then hold the run's series.
+
+Needs the `prometheus` binary (Debian's package; .ci/run installs it).  Without it the
+test is skipped, except under CI (env CI set), where a missing binary is a failure.
+Everything listens on 127.0.0.1 only.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+import yaml
+
+from localnet.config import load_config
+from localnet.train import train
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI: the prometheus binary is missing (.ci/run installs Debian's "
+                        "prometheus package)")
+        pytest.skip("no prometheus binary (apt-get install prometheus)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """A Prometheus on 127.0.0.1:<free port> scraping every 1 s the targets that runs
+    announce in tmp_path/sd (metrics.sd_dir).  Yields (api base URL, sd dir)."""
+    binary = prometheus_binary()
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "localnet",
+                            "file_sd_configs": [{"files": [str(sd / "*.json")],
+                                                 "refresh_interval": "1s"}]}]}))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([binary, f"--config.file={config}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prometheus exited with {proc.returncode}:\n"
+                            f"{(tmp_path / 'prometheus.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("prometheus not ready within 60 s")
+            time.sleep(0.2)
+        yield base, sd
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def query(base: str, promql: str) -> list[dict]:
+    d = get_json(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
+    assert d["status"] == "success", d
+    return d["data"]["result"]
+
+
+def wait_for(base: str, promql: str, ok, timeout: float = 20.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        res = query(base, promql)
+        if ok(res) or time.monotonic() > deadline:
+            return res
+        time.sleep(0.3)
+
+
+def test_prometheus_scrapes_a_run(prometheus, tmp_path):
+    base, sd = prometheus
+    cfg = load_config(None, [
+        "data.name=synthetic", "model.name=mlp", "model.widths=[32]", "train.epochs=2",
+        "train.batch_size=32", "train.lr=0.05", "rule.name=fa", "metrics.alignment_every=4",
+        "metrics.port=0", f"metrics.sd_dir={sd}", "metrics.linger_s=45"])
+    summary = train(cfg, tmp_path / "run", progress=False)
+    steps = summary["steps"]
+    assert steps == 32
+
+    # the final values: the endpoint lingered until Prometheus had scraped them
+    res = wait_for(base, "last_over_time(localnet_step[10m])",
+                   lambda r: r and float(r[0]["value"][1]) == steps)
+    assert len(res) == 1, res
+    assert float(res[0]["value"][1]) == steps
+    m = res[0]["metric"]
+    assert m["job"] == "localnet" and m["run"] == "run" and m["rule"] == "fa"
+    assert m["instance"].startswith("127.0.0.1:")
+
+    res = query(base, 'last_over_time(localnet_accuracy{split="test"}[10m])')
+    assert float(res[0]["value"][1]) == pytest.approx(summary["test_accuracy"])
+
+    # per layer
+    res = query(base, "last_over_time(localnet_alignment_angle_degrees[10m])")
+    got = {r["metric"]["layer"]: float(r["value"][1]) for r in res}
+    assert got.keys() == summary["alignment"].keys() == {"fc1.linear", "head"}
+    for layer, deg in summary["alignment"].items():
+        assert got[layer] == pytest.approx(deg)
+
+    # per actor: a histogram, one stage holding every unit
+    res = query(base, "last_over_time(localnet_actor_update_seconds_count[10m])")
+    assert [(r["metric"]["rank"], r["metric"]["unit"], float(r["value"][1])) for r in res] \
+        == [("0", "fc1..head", float(steps))]
+
+    # the series the run left behind, all named localnet_*
+    d = get_json(f"{base}/api/v1/label/__name__/values?"
+                 + urllib.parse.urlencode({"match[]": '{job="localnet"}'}))
+    names = set(d["data"])
+    assert {"localnet_step", "localnet_loss", "localnet_accuracy", "localnet_learning_rate",
+            "localnet_samples_per_second", "localnet_bubble_fraction", "localnet_epoch",
+            "localnet_feedback_norm_ratio", "localnet_actor_forward_seconds_bucket",
+            "localnet_actor_wait_seconds_sum", "localnet_actor_samples_total",
+            "localnet_run_info"} <= names
+    ours = {n for n in names if not n.startswith("scrape_") and n != "up"}
+    assert all(n.startswith("localnet_") for n in ours), ours
+    assert not list(sd.glob("*.json"))

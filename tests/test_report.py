@@ -1,0 +1,109 @@
+"""`localnet report`: plots of run directories and the side-by-side table."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from localnet.cli import main
+from localnet.config import load_config
+from localnet.metrics import MessageLog
+from localnet.report import load_run, report
+from localnet.runtime.ledger import Ledger
+from localnet.train import train
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A real FA run (with BP angles), a hand-written 'ray' run with a messages.json made
+    by MessageLog, and a run still in progress (steps.jsonl only)."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, ["data.name=synthetic", "model.name=mlp", "model.widths=[32]",
+                             "train.epochs=2", "train.batch_size=64", "train.lr=0.05",
+                             "rule.name=fa", "metrics.alignment_every=2", "metrics.bp_angle=true"])
+    train(cfg, root / "fa", progress=False)
+
+    ray = root / "pfa"
+    ray.mkdir()
+    align = {"fc1.linear": {"angle": 80.0, "norm_ratio": 1.0}, "head": {"angle": 40.0, "norm_ratio": 2.0}}
+    (ray / "metrics.jsonl").write_text("".join(json.dumps(
+        {"epoch": e, "step": 8 * (e + 1), "train_loss": 1.0 / (e + 1), "train_accuracy": 0.5 + e / 10,
+         "test_loss": 1.1 / (e + 1), "test_accuracy": 0.6 + e / 10, "lr": 0.1, "weight_decay": 0.0,
+         "alignment": align}) + "\n" for e in range(2)))
+    (ray / "steps.jsonl").write_text("".join(json.dumps(
+        {"step": s, "epoch": s // 8, "loss": 2.0 / s, "lr": 0.1, "alignment": align}) + "\n"
+        for s in range(1, 17, 3)))
+    (ray / "summary.json").write_text(json.dumps(
+        {"rule": "pfa", "model": "mlp", "dataset": "synthetic", "epochs": 2, "steps": 16,
+         "test_accuracy": 0.7, "samples_per_s": 123.0, "alignment": {"fc1.linear": 80.0, "head": 40.0},
+         "runtime": {"executor": "ray"}}))
+
+    class FakeExecutor:  # what MessageLog reads off a RayExecutor
+        def __init__(self):
+            self.led = Ledger()
+
+        def ledger(self):
+            return Ledger().merge(self.led)
+
+    ex = FakeExecutor()
+    log = MessageLog(ray, ex)
+    ex.led.record("driver", "stage0", "activation", 100, 4000)
+    ex.led.record("stage0", "stage1", "activation", 100, 2000)
+    ex.led.record("stage1", "stage0", "error", 100, 2000)
+    log.begin("eval")
+    ex.led.record("driver", "stage0", "activation", 100, 900)  # evaluation traffic
+    log.write(epoch=1, step=16, samples=64)
+
+    live = root / "live"
+    live.mkdir()
+    (live / "steps.jsonl").write_text(json.dumps({"step": 1, "epoch": 0, "loss": 2.3, "lr": 0.1,
+                                                  "alignment": align}) + "\n{\"step\": 2, \"ep")
+    return root
+
+
+def test_report_writes_plots_and_rows(runs, tmp_path):
+    res = report([runs / "fa", runs / "pfa", runs / "live"], tmp_path / "out")
+    names = sorted(Path(f).name for f in res["files"])
+    assert names == ["alignment.png", "bp_update_angle.png", "curves.png", "messages.png"]
+    for f in res["files"]:
+        data = Path(f).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000
+    rows = {r["run"]: r for r in res["rows"]}
+    fa, pfa, live = rows["fa"], rows["pfa"], rows["live"]
+    summary = json.loads((runs / "fa/summary.json").read_text())
+    assert fa["rule"] == "fa" and fa["test_accuracy"] == summary["test_accuracy"]
+    assert fa["alignment_deg"] == pytest.approx(sum(summary["alignment"].values()) / 2)
+    assert fa["samples_per_s"] == summary["samples_per_s"] and fa["bytes_per_sample"] is None
+    assert pfa["rule"] == "pfa" and pfa["alignment_deg"] == 60.0
+    assert pfa["bytes_per_sample"] == pytest.approx((300 + 8000) / 64)  # eval bytes left out
+    assert live["rule"] == "?" and live["test_accuracy"] is None
+    assert load_run(runs / "live").alignment_series()["head"] == [(1, 40.0)]
+
+
+def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, capsys):
+    assert main(["report", str(runs / "fa"), str(runs / "pfa"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for word in ("rule", "test acc", "samples/s", "bytes/sample", "fa", "pfa", "0.7000", "130",
+                 "curves.png", "messages.png"):
+        assert word in out, word
+    assert main(["report", str(runs / "fa"), "--json", "--out", str(tmp_path / "one")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["rule"] for r in doc["rows"]] == ["fa"]
+    assert "runtime.executor: ray" in doc["skipped"]["messages.png"]  # an in-process run
+    assert {Path(f).name for f in doc["files"]} == {"curves.png", "alignment.png",
+                                                    "bp_update_angle.png"}
+
+
+def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch):
+    assert main(["report", str(runs / "pfa"), "--json"]) == 0
+    assert (runs / "pfa/report/curves.png").exists()
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(runs / "pfa"), str(runs / "fa"), "--json"]) == 0
+    assert (tmp_path / "report/messages.png").exists()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
