@@ -1,4 +1,4 @@
-"""`localnet` command line: run, validate, simulate, report, rules."""
+"""`localnet` command line: run, validate, simulate, report, sweep, rules."""
 
 from __future__ import annotations
 
@@ -100,6 +100,17 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    res = sweep(args.config, args.grid, args.set, args.out,
+                log=lambda m: Console(stderr=True).print(m, markup=False))
+    print((res["dir"] / "sweep.md").read_text(), end="")
+    print(f"sweep directory: {res['dir']} (ran {len(res['ran'])}, "
+          f"skipped {len(res['skipped'])} finished)")
+    return 0 if all(r["status"] == "ok" for r in res["rows"]) else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localnet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,6 +151,17 @@ def parser() -> argparse.ArgumentParser:
                                   "./report for several)")
     rp.add_argument("--json", action="store_true", help="print files and table rows as JSON")
     rp.set_defaults(func=_cmd_report)
+
+    sw = sub.add_parser("sweep", help="one run per grid point (resumable), then sweep.csv, "
+                                      "sweep.md and sweep.png (accuracy vs error bits/sample)")
+    sw.add_argument("config")
+    sw.add_argument("--grid", action="append", default=[], required=True,
+                    metavar="KEY=V1,V2,...", help="a swept key, e.g. channel.error.codec=fp32,"
+                                                   "int8,sign (repeatable: cartesian product)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--out", help="sweep directory (default: <out_dir>/sweep-<time>); "
+                                  "rerun with the same --out to resume")
+    sw.set_defaults(func=_cmd_sweep)
 
     ru = sub.add_parser("rules", help="list the learning rules and their papers")
     ru.set_defaults(func=_cmd_rules)

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 RuleName = Literal["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "pfa"]
-ModelName = Literal["mlp", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50"]
+ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50"]
 DataName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic"]
 
 
@@ -122,30 +122,107 @@ class PartitionStages(Section):
 
 class RuntimeConfig(Section):
     """Where the stages run.  `inprocess` (default): this process; `ray`: one Ray actor per
-    stage, activations and errors travelling actor to actor (localnet/runtime)."""
+    stage, activations and errors travelling actor to actor (localnet/runtime); `local`:
+    the Ray runtime's stage workers and schedules in this process, without Ray (debugging)."""
 
-    executor: Literal["inprocess", "ray"] = "inprocess"
-    schedule: Literal["gpipe", "1f1b"] = Field("gpipe", description="pipeline schedule (ray)")
-    partition: Literal["per_unit"] | PartitionStages | list[int] = Field(
-        "per_unit", description="per_unit (one actor per unit), {stages: N, balance: params|cost}, "
-                                "or explicit unit boundaries [b1, b2, ...]")
+    executor: Literal["inprocess", "ray", "local"] = "inprocess"
+    schedule: Literal["gpipe", "1f1b", "async"] = Field(
+        "gpipe", description="pipeline schedule (ray): gpipe / 1f1b (one update per batch, "
+                             "the in-process maths) or async (an update per micro-batch, "
+                             "no flush; stale by at most the pipeline depth)")
+    partition: Literal["per_unit", "per_layer"] | PartitionStages | list[int] | list[list[str | int]] = Field(
+        "per_unit", description="per_unit (one actor per unit), per_layer (one actor per layer; "
+                                "skip connections become edges), {stages: N, balance: "
+                                "params|cost}, explicit unit boundaries [b1, b2, ...], or "
+                                "explicit groups [[stem, layer1.0], [layer1.1, ...], ...]")
     address: str | None = Field(None, description="Ray cluster address; default $RAY_ADDRESS, "
                                                   "else an embedded local Ray")
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per stage actor")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per stage actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per stage actor; an actor "
+                                                   "holding one computes on it")
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement group strategy")
     threads: int = Field(1, ge=1, description="torch threads inside each actor")
     local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
     timeout_s: float = Field(600.0, gt=0, description="longest wait for any actor reply")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="checkpoint every N steps (each actor writes its own state "
+                                "into the run directory); default: at the end of every epoch")
+    max_recoveries: int = Field(3, ge=0, description="actor deaths the coordinator recovers "
+                                                     "from (from the last checkpoint) per run")
 
     @model_validator(mode="after")
     def _check(self):
-        if isinstance(self.partition, list) and self.partition != sorted(set(self.partition)):
-            raise ValueError(f"runtime.partition: boundaries must be strictly increasing, "
-                             f"got {self.partition}")
-        if isinstance(self.partition, list) and any(b < 1 for b in self.partition):
-            raise ValueError("runtime.partition: boundaries must be >= 1")
+        p = self.partition
+        if isinstance(p, list) and p and all(isinstance(b, int) for b in p):
+            if p != sorted(set(p)):
+                raise ValueError(f"runtime.partition: boundaries must be strictly increasing, "
+                                 f"got {p}")
+            if any(b < 1 for b in p):
+                raise ValueError("runtime.partition: boundaries must be >= 1")
+        if isinstance(p, list) and any(isinstance(g, list) and not g for g in p):
+            raise ValueError("runtime.partition: explicit groups may not be empty")
         return self
+
+
+CodecName = Literal["fp32", "fp16", "bf16", "int8", "topk", "sign", "lowrank"]
+
+
+class LinkConfig(Section):
+    """One direction of the messages between stages: a codec and its faults."""
+
+    codec: CodecName = "fp32"
+    k: float = Field(0.1, gt=0, le=1, description="topk: fraction of entries sent")
+    error_feedback: bool = Field(False, description="topk: the sender re-sends what it left out")
+    q: int = Field(8, ge=1, description="lowrank: rank of the seeded random projection")
+    per_channel: bool = Field(False, description="int8: one scale per channel (dim 1)")
+    stochastic: bool = Field(True, description="int8: stochastic (unbiased) rounding")
+    delay: int = Field(0, ge=0, description="messages arrive this many steps late")
+    drop: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
+    bandwidth: float | None = Field(None, gt=0, description="bytes/s cap (accounted)")
+
+
+class EdgeChannelConfig(Section):
+    """Overrides for one edge: any LinkConfig keys, per direction."""
+
+    activation: dict[str, Any] = Field(default_factory=dict)
+    error: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChannelConfig(Section):
+    """Communication-restricted learning (localnet/channels): codecs, delay, drop and
+    bandwidth on the activations (up) and errors (down) between stages."""
+
+    enabled: bool | None = Field(None, description="None: on iff anything differs from the "
+                                 "defaults; true: always (fp32 is still accounted); false: off")
+    activation: LinkConfig = LinkConfig()
+    error: LinkConfig = LinkConfig()
+    edges: dict[int | str, EdgeChannelConfig] = Field(
+        default_factory=dict, description="boundary index (unit index of the cut) or "
+                                          "'unitA->unitB' -> {activation: {...}, error: {...}}")
+    enforce_bandwidth: bool = Field(False, description="sleep to enforce bandwidth caps")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key, over in self.edges.items():
+            for kind in ("activation", "error"):
+                try:
+                    LinkConfig(**{**getattr(self, kind).model_dump(), **getattr(over, kind)})
+                except ValidationError as err:
+                    bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                    raise ValueError(f"channel.edges.{key}.{kind}: {bad}") from None
+            link = {**self.activation.model_dump(), **over.activation}
+            if link["delay"] or link["drop"]:
+                raise ValueError(f"channel.edges.{key}.activation: delay/drop on "
+                                 "activations are not modelled (use codecs/bandwidth)")
+        if self.activation.delay or self.activation.drop:
+            raise ValueError("channel.activation: delay/drop on activations are not modelled "
+                             "(faults apply to the error path; use codecs/bandwidth here)")
+        return self
+
+    def active(self) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        return self != ChannelConfig()
 
 
 class Config(Section):
@@ -163,6 +240,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     metrics: MetricsConfig = MetricsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    channel: ChannelConfig = ChannelConfig()
 
     def run_name(self) -> str:
         return self.name or f"{self.model.name}_{self.rule.name}_{self.data.name}"

@@ -157,16 +157,26 @@ class InProcessExecutor:
     name = "inprocess"
 
     def __init__(self, model: nn.Module, optim: OptimConfig, micro_batches: int = 1,
-                 boundaries: list[int] | None = None):
+                 boundaries: list[int] | None = None, channels=None, channel_seed: int = 0):
         units = list(model.units)
+        if channels is not None and boundaries is None:  # channels sit between stages
+            boundaries = list(range(1, len(units)))
         cuts = [0] + list(boundaries or []) + [len(units)]
         names = model.unit_names
         self.stages = [Stage(units[a:b], optim, first=(i == 0), names=names[a:b])
                        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         self.micro_batches = micro_batches
         self.model = model
+        self.channels = None
+        if channels is not None:  # a ChannelConfig: localnet/channels
+            from .channels.channel import ChannelSet
+            dfa = any(not layer.rule.sends_error for _, layer in local_layers(model))
+            self.channels = ChannelSet(channels, names, cuts, dfa=dfa, seed=channel_seed,
+                                       slots_per_step=micro_batches)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
+        if self.channels is not None:
+            return self._train_step_channels(x, y, lr, wd)
         self.forward_backward(x, y, stats := StepStats(0.0, 0, 0))
         for stage in self.stages:
             stage.step(lr, wd)
@@ -185,6 +195,52 @@ class InProcessExecutor:
             stats.loss_sum += loss_sum
             stats.correct += correct
             stats.samples += xm.shape[0]
+
+    def _train_step_channels(self, x, y, lr: float, wd: float) -> StepStats:
+        """train_step with every activation and error through its channel.
+
+        A missing error (dropped, or not yet arrived under `delay`) means: no error for
+        that micro-batch, so that stage runs no backward for it (its pending forward is
+        discarded), sends nothing further down, and a stage that received no error in the
+        whole step does not step its optimizer (no momentum or weight-decay drift).
+        Stale errors of another shape (a smaller last batch) count as missing."""
+        ch, stages, last = self.channels, self.stages, len(self.stages) - 1
+        stats, n = StepStats(0.0, 0, 0), x.shape[0]
+        updated = [False] * len(stages)
+        for xm, ym in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
+            h = xm
+            for i, stage in enumerate(stages):
+                h = stage.forward(h)
+                if i < last:
+                    h = ch.activations[i].transmit(h)  # activations are never lost
+            loss_sum, correct, e = loss_and_error(h, ym, n)
+            g = stages[last].backward(e, e=e)
+            updated[last] = True
+            for i in range(last - 1, -1, -1):
+                link, stage = ch.errors[i], stages[i]
+                if ch.dfa:  # the output error e, broadcast to every stage
+                    got, want = link.transmit(e), e.shape
+                else:       # the chain error from the stage above
+                    got = link.transmit(g)  # None: nothing to send, the slot stays empty
+                    want = stage._pending[0][1].shape
+                if got is None or got.shape != want:
+                    stage._pending.pop(0)
+                    g = None
+                    continue
+                g = stage.backward(None, e=got) if ch.dfa else stage.backward(got, e=e)
+                updated[i] = True
+            stats.loss_sum += loss_sum
+            stats.correct += correct
+            stats.samples += xm.shape[0]
+        ch.samples += n
+        for stage, up in zip(stages, updated):
+            if up:
+                stage.step(lr, wd)
+        return stats
+
+    def channel_summary(self) -> dict | None:
+        """Bytes per edge and kind, bytes per sample, error bits per sample (channels)."""
+        return self.channels.summary() if self.channels is not None else None
 
     @torch.no_grad()
     def evaluate(self, loader) -> tuple[float, float]:
@@ -245,3 +301,34 @@ class InProcessExecutor:
     def load_state_dict(self, state: dict) -> None:
         for s, st in zip(self.stages, state["stages"]):
             s.load_state_dict(st)
+
+    # -- what train.py uses of every executor (the distributed runtime has the same) --
+    def save_state(self, run_dir) -> dict:
+        """What checkpoint.pt keeps: the whole state (it all lives in this process)."""
+        return self.state_dict()
+
+    def load_saved_state(self, run_dir, saved: dict) -> None:
+        self.load_state_dict(saved)
+        self._steps_base = [s.steps for s in self.stages]
+
+    def runtime_info(self) -> dict:
+        return {"executor": self.name, "actors": 0, "schedule": "sequential",
+                "micro_batches": self.micro_batches, "staleness": 0,
+                "stages": len(self.stages)}
+
+    def ledger_summary(self) -> dict:
+        """No messages: nothing crosses a wire.  parameter_bytes counts weight transport
+        as the runtime does (localnet/runtime/ledger.py): bp's backward reads W, once
+        per update of each layer; 0 for every other rule."""
+        from .runtime.ledger import Ledger
+
+        led = Ledger()
+        base = getattr(self, "_steps_base", None) or [0] * len(self.stages)
+        for s, b in zip(self.stages, base):
+            w = sum(layer.weight.numel() * layer.weight.element_size()
+                    for _, layer in s.layers if layer.rule.transports_weights)
+            led.record_transport((s.steps - b) * w)
+        return led.run_summary()
+
+    def close(self) -> None:
+        """Nothing to release in-process."""

@@ -4,7 +4,10 @@ A run directory holds:
   config.yaml     the resolved config
   metrics.jsonl   one line per epoch: loss, accuracy, lr, wd, per-layer alignment
   steps.jsonl     every `metrics.alignment_every` steps: loss and per-layer alignment
-  checkpoint.pt   written atomically at the end of every epoch
+  checkpoint.pt   written atomically at the end of every epoch (and every
+                  runtime.checkpoint_every steps); the Ray runtime's actors each write
+                  checkpoint/step-<N>/<actor>.pt themselves, next to a manifest, and
+                  checkpoint.pt only records where (localnet/runtime/README.md)
   summary.json    the headline numbers (see `Summary`)
   messages.json   Ray executor: messages and bytes per edge and kind (localnet/metrics.py)
 
@@ -65,12 +68,34 @@ def build(cfg: Config):
                      image_size=d.image_size)
     rule, model = build_rule_and_model(cfg, data.input_shape, data.num_classes)
     optim = optim_config(cfg)
-    if cfg.runtime.executor == "ray":  # one actor per stage; the driver's model only gives the layout
-        from .runtime.ray_executor import RayExecutor
-        executor = RayExecutor(cfg, data.input_shape, data.num_classes, model=model)
+    if cfg.channel.active() and cfg.runtime.executor != "inprocess":
+        raise ValueError("channel: communication restrictions run in-process only "
+                         "(runtime.executor: inprocess); see localnet/channels/README.md")
+    if cfg.runtime.executor in ("ray", "local"):  # one actor per stage (local: no Ray, same
+        from .runtime.ray_executor import RayExecutor  # workers); the model only gives the layout
+        executor = RayExecutor(cfg, data.input_shape, data.num_classes, model=model,
+                               local=cfg.runtime.executor == "local")
     else:
-        executor = InProcessExecutor(model, optim, micro_batches=cfg.train.micro_batches)
+        ch = cfg.channel  # localnet/channels: only when restricted (else bit-identical as before)
+        part = cfg.runtime.partition  # explicit unit boundaries [b1, ...]; else one stage per unit
+        part = part if isinstance(part, list) and all(isinstance(b, int) for b in part) else None
+        executor = InProcessExecutor(model, optim, micro_batches=cfg.train.micro_batches,
+                                     **({"channels": ch, "channel_seed": cfg.seed,
+                                         "boundaries": part} if ch.active() else {}))
     return data, rule, model, executor
+
+
+def _drop_lines_after(run_dir: Path, step: int, epoch: int) -> None:
+    """On resume: forget steps.jsonl lines past the checkpoint's step and metrics.jsonl
+    lines of epochs it had not finished (a killed run may have written them)."""
+    for name, keep in (("steps.jsonl", lambda d: d.get("step", 0) <= step),
+                       ("metrics.jsonl", lambda d: d.get("epoch", 0) < epoch)):
+        f = run_dir / name
+        if f.exists():
+            lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if keep(json.loads(ln))]
+            if len(kept) != len(lines):
+                _atomic_write(f, lambda p: p.write_text("".join(k + "\n" for k in kept)))
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -95,16 +120,27 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     data, rule, model, ex = build(cfg)
+    try:
+        return _train(cfg, run_dir, resume, progress, data, rule, ex)
+    finally:
+        ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, data, rule, ex) -> dict:
     t = cfg.train
 
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, step, train_time, samples_seen = 0, 0, 0.0, 0
+    skip, sums = 0, (0.0, 0, 0)  # a mid-epoch checkpoint: batches done, their loss/correct/seen
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        ex.load_state_dict(ckpt["executor"])
+        ex.load_saved_state(run_dir, ckpt["executor"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         train_time, samples_seen = ckpt["train_time"], ckpt["samples"]
         torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("batch") is not None:  # runtime.checkpoint_every: resume inside the epoch
+            start_epoch, skip, sums = ckpt["epoch"], ckpt["batch"], tuple(ckpt["epoch_sums"])
+        _drop_lines_after(run_dir, step, start_epoch)  # what a killed run wrote past it
     elif resume:
         raise FileNotFoundError(f"--resume: no checkpoint.pt in {run_dir}")
     else:
@@ -127,18 +163,27 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     epochs_done = start_epoch
     wall_start = time.perf_counter()
     bar = TrainProgress(total_steps, enabled=progress, initial=step)
+
+    def save(epoch, step, train_time, samples, **mid_epoch):
+        """checkpoint.pt; the executor saves its state (Ray: each actor to its own file)."""
+        state = {"executor": ex.save_state(run_dir), "epoch": epoch, "step": step,
+                 "train_time": train_time, "samples": samples, **mid_epoch,
+                 "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
+        _atomic_write(ckpt_path, lambda p: torch.save(state, p))
     if obs.url:
         bar.note(f"metrics: {obs.url}")
     try:
         for epoch in range(start_epoch, t.epochs):
             if step >= total_steps:
                 break
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, correct, seen = sums if epoch == start_epoch else (0.0, 0, 0)
             wd = wd_at(cfg, epoch)
             tic = time.perf_counter()
             for i, (x, y) in enumerate(data.train_loader(t.batch_size, cfg.seed, epoch)):
                 if step >= total_steps:
                     break
+                if epoch == start_epoch and i < skip:
+                    continue  # done before the (mid-epoch) checkpoint we resumed from
                 lr = lr_at(cfg, epoch, i, steps_per_epoch)
                 record = cfg.metrics.alignment_every and step % cfg.metrics.alignment_every == 0
                 angles = obs.untimed(ex.bp_update_angles, x, y) if (record and cfg.metrics.bp_angle) else None
@@ -164,6 +209,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                          samples_per_s=sps)
                 bar.update(loss=st.loss_sum / st.samples, acc=st.correct / st.samples,
                            samples_per_s=sps)
+                every = cfg.runtime.checkpoint_every
+                if every and step % every == 0 and step < total_steps:
+                    save(epoch, step, train_time + time.perf_counter() - tic, samples_seen,
+                         batch=i + 1, epoch_sums=(loss_sum, correct, seen))
             train_time += time.perf_counter() - tic
             samples_seen += seen
             obs.eval_begin()
@@ -177,10 +226,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             obs.epoch_end(line, samples_seen)
             bar.epoch_done(epoch, test_acc)
             epochs_done = epoch + 1
-            state = {"executor": ex.state_dict(), "epoch": epoch, "step": step,
-                     "train_time": train_time, "samples": samples_seen,
-                     "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
-            _atomic_write(ckpt_path, lambda p: torch.save(state, p))
+            save(epoch, step, train_time, samples_seen)
     except BaseException:
         obs.close()
         raise
@@ -202,8 +248,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         "norm_ratio": {n: a["norm_ratio"] for n, a in alignment.items()},
         "transports_weights": rule.transports_weights,
         "seed": cfg.seed, "torch": torch.__version__, "host": platform.node(),
-        "runtime": {"executor": ex.name, "micro_batches": t.micro_batches},
+        "runtime": {k: v for k, v in ex.runtime_info().items() if k != "actor_info"},
+        "messages": ex.ledger_summary(),  # per kind count and bytes; parameter_bytes
     }
+    if getattr(ex, "channel_summary", None) and ex.channel_summary() is not None:
+        summary["channels"] = ex.channel_summary()
     _atomic_write(run_dir / "summary.json",
                   lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values

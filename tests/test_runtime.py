@@ -1,15 +1,17 @@
 """The Ray runtime against the in-process engine: same weights, nothing but activations
-and errors crossing, bad messages caught, bytes accounted.
+and errors crossing, bad messages caught, bytes accounted; per-layer placement with skip
+edges, the async schedule, per-actor checkpoints and recovery from a killed actor.
 
-One Ray session and one set of three stage actors serve the whole module: executors
-reuse the actors (`RayExecutor(..., actors=...)`), and teardown kills them and shuts
-Ray down.
+One Ray session and one pool of eight stage actors (enough for ResNet-8 per layer) serve
+the whole module: executors reuse the actors (`RayExecutor(..., actors=...)`), and
+teardown kills them and shuts Ray down.
 """
 
 import os
 from collections import defaultdict
 
 import pytest
+import torch
 
 from localnet.config import Config
 from localnet.runtime.messages import MessageError
@@ -19,6 +21,8 @@ ray = pytest.importorskip("ray")
 from localnet.runtime.ray_executor import RayExecutor  # noqa: E402
 
 MLP = {"model": {"name": "mlp", "widths": [16, 16]}, "data": {"name": "synthetic"}}
+RESNET8 = {"model": {"name": "resnet8"}, "data": {"name": "synthetic"}}
+IMG = (3, 8, 8)
 SHAPE, NC, BS, M = (1, 8, 8), 10, 16, 4
 NON_BP = ["fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "pfa"]
 
@@ -44,9 +48,10 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def spawner(ray_session):
-    """An executor that spawned the module's three actors (in a PACK placement group)."""
-    ex = RayExecutor(cfg_for("fa"), SHAPE, NC)
-    assert ex.num_stages == 3 and len({a["pid"] for a in ex.stage_info}) == 3
+    """An executor that spawned the module's eight actors (in a PACK placement group):
+    ResNet-8, one actor per layer."""
+    ex = RayExecutor(cfg_for("fa", model=RESNET8, partition="per_layer", m=2, bs=8), IMG, NC)
+    assert ex.num_stages == 8 and len({a["pid"] for a in ex.stage_info}) == 8
     yield ex
     ex.close()
 
@@ -54,6 +59,17 @@ def spawner(ray_session):
 @pytest.fixture
 def actors(spawner):
     return spawner.workers
+
+
+@pytest.fixture(autouse=True)
+def _actor_threads():
+    """The reference computes with the actors' thread count (runtime.threads): a
+    different count changes float reduction order (BN statistics move by ~1e-5 over 20
+    steps between 1 and 2 threads, in-process alone)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def train_both(cfg, actors, steps, shape=SHAPE, bs=BS, **kw):
@@ -223,3 +239,108 @@ def test_train_build_chooses_the_ray_executor(ray_session):
         assert [s["units"] for s in ex.state_dict()["stages"]] == [[0, 1], [1, 2]]
     finally:
         ex.close()
+
+
+# ---------------------------------------------------------------------------- per layer
+@pytest.mark.parametrize("rule, schedule", [("fa", "gpipe"), ("kp", "1f1b"), ("pfa", "gpipe"),
+                                            ("dfa", "1f1b"), ("wm", "gpipe")])
+def test_ray_per_layer_resnet8_matches_inprocess_after_20_steps(actors, rule, schedule):
+    """Every layer on its own actor; identity (layer1.0) and option-A (layer2.0, layer3.0)
+    skip connections are edges between actors.  (Every rule x schedule pair runs in
+    test_runtime_local; here each rule once, both schedules, over Ray.)"""
+    cfg = cfg_for(rule, schedule, RESNET8, "per_layer", m=2, bs=8)
+    ref, model, ex = train_both(cfg, actors, steps=20, shape=IMG, bs=8)
+    assert ex.num_stages == 8
+    skips = [(p, c) for p, c in ex.placement.edges() if c - p > 1]
+    assert skips == [(0, 2), (2, 4), (4, 6)]  # block input -> the block's merge
+    worst, rng = state_diff(model.state_dict(), ex.model_state_dict())  # BN statistics too
+    assert worst < 1e-5 and not rng, f"{rule}/{schedule}: weights differ by {worst}"
+    e = ex.ledger().edges()
+    assert e["stage0->stage2"]["activation"]["count"] == 20 * 2  # the skip's activation
+    if rule != "dfa":  # the merge's error goes back along both edges
+        assert e["stage2->stage0"]["error"]["count"] == e["stage1->stage0"]["error"]["count"] == 40
+    assert ex.ledger_summary()["parameter_bytes"] == 0
+
+
+# ---------------------------------------------------------------------------- async
+def test_ray_async_equals_the_local_interpreter_and_drains(actors):
+    """The async stream on Ray does exactly what the in-process interpreter does (each
+    actor runs its list in order), with backwards still in flight between steps."""
+    cfg = cfg_for("pfa", "async", RESNET8, "per_layer", m=2, bs=8)
+    data = batches(6, 8, IMG, NC, seed=11)
+    outs = []
+    for local in (True, False):
+        ex = RayExecutor(cfg, IMG, NC, **({"local": True} if local else {"actors": actors}))
+        losses = [ex.train_step(x, y, 0.05, 1e-3).loss_sum for x, y in data]
+        if not local:
+            assert ex._outstanding or ex._streams[0].start < ex._g  # work still in flight
+        outs.append((losses, ex.model_state_dict(), ex.runtime_info()))
+    (la, sa, ia), (lb, sb, ib) = outs
+    assert lb == pytest.approx(la, rel=1e-6)
+    assert state_diff(sa, sb)[0] < 1e-6
+    assert ib["staleness"] == 7 and ib["staleness_per_actor"] == [7, 6, 5, 4, 3, 2, 1, 0]
+
+
+# ---------------------------------------------------------------------------- recovery
+def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp_path):
+    """ray.kill an actor with its async backwards in flight: the coordinator recreates
+    it from the last checkpoint (every actor rolls back), retries the step and goes on;
+    only the steps since the checkpoint are lost."""
+    cfg = cfg_for("kp", "async")
+    data = batches(6, BS, SHAPE, NC, seed=12)
+    ex = RayExecutor(cfg, SHAPE, NC, actors=actors)
+    try:
+        for x, y in data[:3]:
+            ex.train_step(x, y, 0.05, 1e-3)
+        saved = ex.save_state(tmp_path)          # every actor writes its own file
+        files = sorted(p.name for p in (tmp_path / saved["checkpoint"]).iterdir())
+        assert files == ["manifest.json", "stage0.pt", "stage1.pt", "stage2.pt"]
+        ex.train_step(*data[3], 0.05, 1e-3)      # lost: after the checkpoint
+        old_pid = ex.stage_info[1]["pid"]
+        ray.kill(ex.workers[1])
+        st = ex.train_step(*data[4], 0.05, 1e-3)  # fails, recovers, retries
+        assert st.samples == BS
+        (rec,) = ex.recoveries
+        assert rec["dead"] == ["stage1"] and rec["restored_step"] == 3 and rec["lost_steps"] == 1
+        assert ex.stage_info[1]["pid"] != old_pid
+        got = ex.model_state_dict()
+        info = ex.runtime_info()
+        assert info["recoveries"] == [rec]
+    finally:
+        for i in ex._owned:  # hand the replacement back to the module's pool
+            spawner.workers[i] = ex.workers[i]
+        ex.detach_actors()
+    # the same run in-process: 3 steps, (checkpoint: drain), the retried step
+    ref = RayExecutor(cfg, SHAPE, NC, local=True)
+    for x, y in data[:3]:
+        ref.train_step(x, y, 0.05, 1e-3)
+    ref.save_state(tmp_path / "ref")
+    ref.train_step(*data[4], 0.05, 1e-3)
+    assert state_diff(ref.model_state_dict(), got)[0] < 1e-6
+
+
+# ---------------------------------------------------------------------------- train()
+def test_train_on_ray_checkpoints_per_actor_and_summarises(ray_session, tmp_path):
+    import json
+
+    from localnet.train import train
+
+    cfg = Config.model_validate({
+        "seed": 1, "rule": {"name": "pfa"}, "model": {"name": "mlp", "widths": [16]},
+        "data": {"name": "synthetic", "subset": 96, "test_subset": 32},
+        "train": {"batch_size": 16, "micro_batches": 2, "eval_batch_size": 32, "max_steps": 5},
+        "metrics": {"alignment_every": 0},
+        "runtime": {"executor": "ray", "schedule": "async", "checkpoint_every": 2,
+                    "timeout_s": 120}})
+    s = train(cfg, tmp_path, progress=False)
+    assert s["steps"] == 5
+    rt, msg = s["runtime"], s["messages"]
+    assert {k: rt[k] for k in ("executor", "actors", "schedule", "micro_batches", "staleness")} \
+        == {"executor": "ray", "actors": 2, "schedule": "async", "micro_batches": 2, "staleness": 1}
+    assert msg["parameter_bytes"] == 0 and msg["activation"]["count"] > 0
+    assert all(msg[k]["bytes"] > 0 for k in ("activation", "error", "target", "control"))
+    man = json.loads((tmp_path / "checkpoint/manifest.json").read_text())
+    assert man["step"] == 5 and [a["actor"] for a in man["actors"]] == ["stage0", "stage1"]
+    assert all(a["pid"] != os.getpid() for a in man["actors"])  # written by the actors
+    ckpt = __import__("torch").load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert "stages" not in ckpt["executor"]  # no weights went through the driver

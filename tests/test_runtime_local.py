@@ -25,8 +25,11 @@ def cfg_for(rule, schedule="gpipe", model=None, partition="per_unit", M=4, bs=16
 
 
 @pytest.fixture(autouse=True)
-def _keep_threads():
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation, which is very
+    slow on a busy 2-core machine (the workers run with one thread, as actors do)."""
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
@@ -110,7 +113,7 @@ def test_worker_rejects_bad_messages_in_process():
     with pytest.raises(MessageError, match="already in flight"):
         w0.forward(*x.wire())
     with pytest.raises(RuntimeError, match="without its forward"):
-        w1.backward(5)
+        w1.backward(1, 5)
 
 
 # ---------------------------------------------------------------------------- ledger
@@ -178,3 +181,303 @@ def test_leak_detector_catches_weights_transposes_and_signs():
     assert "units.1.linear.weight (sign)" in leaks(w.sign().numpy(), ts)
     assert "units.1.linear.feedback_weight (value)" in leaks(ts["units.1.linear.feedback_weight"], ts)
     assert leaks(torch.randn(w.shape).numpy(), ts) == []
+
+
+# ---------------------------------------------------------------------------- layer graph
+RESNET8 = {"model": {"name": "resnet8"}, "data": {"name": "synthetic"}}
+IMG = (3, 8, 8)
+FIVE = ["fa", "kp", "pfa", "dfa", "wm"]
+
+
+@pytest.mark.parametrize("name, shape, nodes", [("mlp", (1, 4, 4), 3), ("resnet8", IMG, 8),
+                                                ("resnet20", IMG, 20), ("resnet18", (3, 16, 16), 21)])
+def test_layer_graph_composes_to_the_model(name, shape, nodes):
+    from localnet.models import build_model
+    from localnet.models.base import run_layer_graph
+    from localnet.rules import make_rule
+
+    model = build_model(name, make_rule("fa"), shape, NC).eval()
+    graph = model.layer_graph()
+    assert len(graph) == nodes and graph[-1].name == "head"
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.equal(run_layer_graph(graph, x), model(x))
+    # the nodes share the model's modules: together they hold every parameter once
+    ids = [id(p) for n in graph for p in n.module.parameters()]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    if name == "resnet8":
+        merges = {n.name: n.inputs for n in graph if len(n.inputs) == 2}
+        assert merges == {"layer1.0.conv2": [1, 0], "layer2.0.conv2": [3, 2],
+                          "layer3.0.conv2": [5, 4]}
+        assert type(graph[2].module.shortcut).__name__ == "Identity"      # identity skip
+        assert type(graph[4].module.shortcut).__name__ == "PadShortcut"   # option A
+    if name == "resnet18":  # option B: the projection is a layer (and actor) of its own
+        assert [n.name for n in graph[5:8]] == ["layer2.0.conv1", "layer2.0.shortcut",
+                                                "layer2.0.conv2"]
+        assert graph[7].inputs == [5, 6]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("rule", FIVE)
+def test_per_layer_resnet8_matches_inprocess_after_20_steps(rule, schedule):
+    """One actor per layer; the skip's activation goes to the merge's actor, the merge's
+    error back along both edges, and the block input's actor sums the two."""
+    cfg = cfg_for(rule, schedule, RESNET8, "per_layer", M=2, bs=8)
+    ref, model, ex = run_both(cfg, IMG, NC, steps=20, bs=8)
+    assert ex.num_stages == 8 and ex.runtime_info()["partition"] == "per_layer"
+    worst, rng = state_diff(model.state_dict(), ex.model_state_dict())
+    assert worst < 1e-5 and not rng, f"{rule}/{schedule}: {worst}"
+    al, bl = ref.alignment(), ex.alignment()
+    assert al.keys() == bl.keys()
+    assert all(bl[k]["angle"] == pytest.approx(al[k]["angle"], abs=1e-3) for k in al)
+    if rule == "pfa":
+        loader = batches(2, 8, IMG, NC, seed=9)
+        assert ex.evaluate(loader) == pytest.approx(ref.evaluate(loader), rel=1e-5)
+        x, y = batches(1, 8, IMG, NC, seed=4)[0]
+        a, b = ref.bp_update_angles(x, y), ex.bp_update_angles(x, y)
+        assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], abs=1e-3) for k in a)
+    if rule != "dfa":  # the block input's actor receives (and sums) two errors
+        e = ex.ledger().edges()
+        assert e["stage1->stage0"]["error"]["count"] == e["stage2->stage0"]["error"]["count"]
+
+
+def test_per_layer_projection_shortcut_and_dfa_limit():
+    cfg = cfg_for("kp", "1f1b", {"model": {"name": "resnet18"}}, "per_layer", M=2, bs=4)
+    ref, model, ex = run_both(cfg, IMG, NC, steps=2, bs=4)
+    assert ex.num_stages == 21
+    assert state_diff(model.state_dict(), ex.model_state_dict())[0] < 1e-5
+    with pytest.raises(ValueError, match="layer2.0.shortcut.*does not end with"):
+        RayExecutor(cfg_for("dfa", "1f1b", {"model": {"name": "resnet18"}}, "per_layer",
+                            M=2, bs=4), IMG, NC, local=True)
+
+
+def test_explicit_groups_and_placement_checks():
+    from localnet.runtime.graph import Placement
+    from localnet.runtime.partition import groups_to_boundaries
+
+    names = ["stem", "layer1.0", "layer2.0", "layer3.0", "head"]
+    assert groups_to_boundaries([["stem", "layer1.0"], ["layer2.0"], ["layer3.0", "head"]],
+                                names) == [2, 3]
+    with pytest.raises(ValueError, match="once each, in order"):
+        groups_to_boundaries([["stem"], ["layer2.0", "layer1.0", "layer3.0", "head"]], names)
+    with pytest.raises(ValueError, match="no unit named"):
+        groups_to_boundaries([["stem", "layer9"]], names)
+    cfg = cfg_for("fa", "1f1b", RESNET8, [["stem", "layer1.0"], ["layer2.0", "layer3.0"],
+                                          ["head"]], M=2, bs=8)
+    ref, model, ex = run_both(cfg, IMG, NC, steps=2, bs=8, )
+    assert ex.boundaries == [2, 4] and ex.runtime_info()["units"][0] == ["stem", "layer1.0"]
+    assert state_diff(model.state_dict(), ex.model_state_dict())[0] < 1e-5
+    with pytest.raises(ValueError, match="topological"):
+        Placement("layers", [0, 1], [["a"], ["b"]], [[-1], [1]])
+    with pytest.raises(ValueError, match="feed nobody"):
+        Placement("layers", [0, 1, 2], [["a"], ["b"], ["c"]], [[-1], [0], [0]])
+
+
+# ---------------------------------------------------------------------------- async
+def _async_cfg(rule="fa", model=None, partition="per_unit", M=4, bs=16):
+    return cfg_for(rule, "async", model, partition, M=M, bs=bs)
+
+
+def test_async_on_one_actor_is_sgd_on_each_micro_batch():
+    """Staleness 0: an update per micro-batch (its gradient is 1/M of the batch's, and
+    it uses wd/M) is plain SGD on the micro-batches with lr/M."""
+    M = 4
+    cfg = _async_cfg("kp", partition=[["fc1", "fc2", "head"]], M=M)
+    ex = RayExecutor(cfg, SHAPE, NC, local=True)
+    assert ex.staleness() == [0]
+    ref, model = reference(cfg_for("kp", M=1, bs=4), SHAPE, NC)
+    for x, y in batches(5, 16, SHAPE, NC, seed=2):
+        b = ex.train_step(x, y, 0.05, 1e-3)
+        a = sum(ref.train_step(xm, ym, 0.05 / M, 1e-3).loss_sum
+                for xm, ym in zip(x.chunk(M), y.chunk(M)))
+        assert b.loss_sum == pytest.approx(a, rel=1e-6)
+    assert state_diff(model.state_dict(), ex.model_state_dict())[0] < 1e-6
+
+
+@pytest.mark.parametrize("model, partition, depth", [(None, "per_unit", [2, 1, 0]),
+                                                     (RESNET8, "per_layer", [7, 6, 5, 4, 3, 2, 1, 0])])
+def test_async_staleness_is_the_depth_below_each_actor(model, partition, depth):
+    """White box: when actor s forwards micro-batch g (global count), it has applied
+    exactly max(g - d(s), 0) updates -- it misses the d(s) before g -- and when it runs
+    g's backward it has applied g (weight stashing: the gradient is taken at the
+    forward's weights)."""
+    cfg = _async_cfg("pfa", model, partition, M=2, bs=8)
+    shape = IMG if model else SHAPE
+    ex = RayExecutor(cfg, shape, NC, local=True)
+    assert ex.staleness() == depth and ex.runtime_info()["staleness"] == depth[0]
+    seen = [[] for _ in range(ex.num_stages)]
+    for s, w in enumerate(ex.workers):
+        st = w._obj.stage
+        for op in ("forward", "backward"):
+            fn = getattr(st, op)
+            setattr(st, op, (lambda fn, op, s, st: lambda *a, **k: (
+                seen[s].append((op, a[1], st.steps)), fn(*a, **k))[1])(fn, op, s, st))
+    for x, y in batches(5, 8, shape, NC, seed=3):
+        ex.train_step(x, y, 0.05, 1e-3)
+    ex.model_state_dict()  # drains the stream
+    for s, log in enumerate(seen):
+        order = {}
+        for op, key, steps in log:
+            g = 2 * (key[0] - 1) + key[1]  # (step, mb) -> global micro-batch
+            order.setdefault(op, []).append(g)
+            want = max(g - depth[s], 0) if op == "forward" else g
+            assert steps == want, (s, op, g, steps)
+        assert order["forward"] == order["backward"] == list(range(10))
+
+
+def test_async_learns_and_drains_for_state_eval_and_probes():
+    from localnet.data import load_data
+
+    data = load_data("synthetic", subset=256, test_subset=128, seed=0)
+    for rule in ("dfa", "pfa"):
+        cfg = cfg_for(rule, "async", {"model": {"name": "mlp", "widths": [32, 32]}}, M=4, bs=32)
+        ex = RayExecutor(cfg, data.input_shape, data.num_classes, local=True)
+        losses = [ex.train_step(x, y, 0.01, 1e-4).loss_sum / 32
+                  for e in range(3) for x, y in data.train_loader(32, 0, e)]
+        assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, rule
+        assert ex._streams[0].start < ex._g  # backwards still in flight ...
+        loss, acc = ex.evaluate(data.test_loader(64))  # ... drained first
+        assert ex._streams[0].start == ex._g and not ex._mbs and acc > 0.5
+        angles = ex.bp_update_angles(*next(iter(data.train_loader(32, 0, 0))))
+        assert set(angles) >= {"head"}
+        st = ex.state_dict()
+        ex2 = RayExecutor(cfg, data.input_shape, data.num_classes, local=True)
+        ex2.load_state_dict(st)
+        assert state_diff(ex.model_state_dict(), ex2.model_state_dict()) == (0.0, [])
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_save_state_writes_one_file_per_actor_and_a_manifest(tmp_path):
+    import json
+
+    cfg = cfg_for("wm", "1f1b", RESNET8, "per_layer", M=2, bs=8)
+    ex = RayExecutor(cfg, IMG, NC, local=True)
+    for x, y in batches(2, 8, IMG, NC, seed=1):
+        ex.train_step(x, y, 0.05, 1e-3)
+    saved = ex.save_state(tmp_path)
+    assert "stages" not in saved and saved["checkpoint"] == "checkpoint/step-000000002"
+    gen = tmp_path / saved["checkpoint"]
+    man = json.loads((gen / "manifest.json").read_text())
+    assert [a["file"] for a in man["actors"]] == [f"stage{i}.pt" for i in range(8)]
+    assert [a["node"] for a in man["actors"]][:3] == ["stem", "layer1.0.conv1", "layer1.0.conv2"]
+    assert json.loads((tmp_path / "checkpoint/manifest.json").read_text())["generation"] == gen.name
+    for x, y in batches(3, 8, IMG, NC, seed=5):  # two more generations; the oldest goes
+        ex.train_step(x, y, 0.05, 1e-3)
+        ex.save_state(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoint").glob("step-*")) == \
+        ["step-000000004", "step-000000005"]
+    ex2 = RayExecutor(cfg, IMG, NC, local=True)
+    ex2.load_saved_state(tmp_path, ex.save_state(tmp_path))
+    assert state_diff(ex.model_state_dict(), ex2.model_state_dict()) == (0.0, [])
+    other = RayExecutor(cfg_for("wm", "1f1b", RESNET8, "per_unit", M=2, bs=8), IMG, NC, local=True)
+    with pytest.raises(ValueError, match="same runtime.partition"):
+        other.load_saved_state(tmp_path, ex.save_state(tmp_path))
+
+
+def _small(*extra):
+    from localnet.config import load_config
+
+    return load_config(None, ["data.name=synthetic", "data.subset=128", "data.test_subset=64",
+                              "model.name=mlp", "model.widths=[16]", "train.epochs=2",
+                              "train.batch_size=16", "train.micro_batches=2", "train.lr=0.05",
+                              "metrics.alignment_every=3", *extra])
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "async"])
+def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule):
+    """runtime.checkpoint_every=3; the run dies at step 5; `--resume` continues from
+    step 3 and ends exactly where an uninterrupted run does."""
+    import json
+
+    from localnet.train import train
+
+    sets = ["rule.name=kp", "runtime.executor=local", f"runtime.schedule={schedule}",
+            "runtime.checkpoint_every=3"]
+    full = train(_small(*sets), tmp_path / "full", progress=False)
+    orig = RayExecutor.train_step
+
+    def dies_at_5(self, *a, **k):
+        if self._step == 4:
+            raise KeyboardInterrupt("killed")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(RayExecutor, "train_step", dies_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(_small(*sets), tmp_path / "part", progress=False)
+    monkeypatch.setattr(RayExecutor, "train_step", orig)
+    ckpt = torch.load(tmp_path / "part/checkpoint.pt", weights_only=False)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (3, 0, 3)
+    res = train(_small(*sets), tmp_path / "part", resume=True, progress=False)
+    assert (res["steps"], res["test_loss"]) == (full["steps"], full["test_loss"])
+    steps = lambda d: [json.loads(ln)["step"] for ln in (d / "steps.jsonl").read_text().splitlines()]
+    assert steps(tmp_path / "part") == steps(tmp_path / "full")
+
+
+def test_summary_runtime_and_messages_for_every_executor(tmp_path):
+    from localnet.train import train
+
+    keys = {"executor", "actors", "schedule", "micro_batches", "staleness"}
+    s = train(_small("rule.name=bp", "train.epochs=1"), tmp_path / "a", progress=False)
+    assert {k: s["runtime"][k] for k in keys} == {"executor": "inprocess", "actors": 0,
+                                                  "schedule": "sequential",
+                                                  "micro_batches": 2, "staleness": 0}
+    m = s["messages"]
+    assert all(m[k] == {"count": 0, "bytes": 0, "header_bytes": 0, "payload_bytes": 0}
+               for k in ("activation", "error", "target", "control"))
+    # bp transports weights: 8 updates x (fc1 16x3072 + head 10x16) float32
+    assert m["parameter_bytes"] == m["weight_transport_bytes"] == 8 * (16 * 3072 + 10 * 16) * 4
+    for rule in ("bp", "pfa"):
+        s = train(_small(f"rule.name={rule}", "train.epochs=1", "runtime.executor=local",
+                         "runtime.partition=per_layer"), tmp_path / rule, progress=False)
+        assert {k: s["runtime"][k] for k in keys} == {"executor": "local", "actors": 2,
+                                                      "schedule": "gpipe",
+                                                      "micro_batches": 2, "staleness": 0}
+        assert s["messages"]["error"]["count"] == 8 * 2 and s["messages"]["wire_parameter_bytes"] == 0
+        assert (s["messages"]["parameter_bytes"] > 0) == (rule == "bp")
+
+
+# ---------------------------------------------------------------------------- devices
+def test_device_plumbing_on_cpu():
+    """num_gpus > 0 makes each actor compute on its GPU (module and incoming tensors
+    moved there, CPU numpy out).  Here: the CPU path, and a clear error without a GPU."""
+    spec = {"config": cfg_for("fa"), "index": 0, "num_stages": 2, "units": (0, 1),
+            "input_shape": SHAPE, "num_classes": NC, "threads": 0, "device": "cpu"}
+    w = StageWorker(spec, threads=0)
+    assert w.info()["device"] == "cpu" and w.stage.device.type == "cpu"
+    from localnet.runtime.messages import Message
+    x = Message.make("activation", torch.randn(4, *SHAPE), src="driver", dst="stage0", step=1, mb=0)
+    hdr, payload = w.forward(*x.wire())
+    assert type(payload).__name__ == "ndarray"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no GPU"):
+            StageWorker({**spec, "device": "cuda"}, threads=0)
+
+
+def test_simulate_config_per_layer_and_async():
+    plan = simulate_config(cfg_for("pfa", "async", RESNET8, "per_layer", M=2, bs=8), IMG, NC,
+                           fwd=[1.0] * 8, bwd=[1.0] * 8, step=0.0)
+    assert plan["stages"] == 8 and plan["staleness"] == 7 and plan["batches"] == 8
+    assert plan["deadlock_free"] == {"gpipe": "ok", "1f1b": "ok", "async": "ok"}
+    assert [2, 4] in plan["edges"]
+    sync = simulate_config(cfg_for("pfa", "1f1b", RESNET8, "per_layer", M=2, bs=8), IMG, NC,
+                           fwd=[1.0] * 8, bwd=[1.0] * 8)
+    assert plan["makespan_s"] < sync["makespan_s"]  # no flush: the bubble is paid once
+    measured = simulate_config(cfg_for("dfa", "async", M=2, bs=8), SHAPE, NC, repeats=1)
+    assert measured["cost_source"] == "measured" and measured["samples_per_s"] > 0
+    assert all(s["step_s"] > 0 for s in measured["per_stage"])
+
+
+def test_cli_simulate_reports_a_deadlock(tmp_path, capsys, monkeypatch):
+    from localnet.cli import main
+    from localnet.runtime import plan
+    from localnet.runtime.schedule import STEP, B, F, Schedule
+
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name: mlp, widths: [16]}\nrule: {name: fa}\n"
+                 "train: {batch_size: 16, micro_batches: 2}\nruntime: {schedule: async}\n")
+    crossed = Schedule("crossed", [[F(0), B(0), F(1), B(1), STEP], [F(0), F(1), B(0), B(1), STEP]], 2)
+    monkeypatch.setattr(plan, "make_schedule", lambda name, S, M, graph=None: crossed)
+    assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--fwd", "1,1", "--bwd", "1,1"]) == 2
+    err = capsys.readouterr().err
+    assert "deadlocks" in err and "stage0 B(0) waits for stage1 B(0)" in err

@@ -80,3 +80,78 @@ def test_comm_cost_and_structure_checks():
         make_schedule("zigzag", 2, 2)
     with pytest.raises(ValueError, match="3 stages"):
         simulate(gpipe(3, 2), [1.0, 1.0], 1.0)
+
+
+# ---------------------------------------------------------------------------- graphs, async
+from localnet.runtime.schedule import (STEP_MB, AsyncStream, async_, depths,  # noqa: E402
+                                       staleness, stream_staleness)
+
+# ResNet-8 per layer: stem, (conv1, merge) x 3, head; a merge reads conv1 and the skip
+RESNET8 = [[-1], [0], [1, 0], [2], [3, 2], [4], [5, 4], [6]]
+# ResNet-18-like block with a projection: conv1 and shortcut both read stage 0
+PROJ = [[-1], [0], [0], [1, 2], [3]]
+
+
+@pytest.mark.parametrize("graph", [None, RESNET8, PROJ])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "async"])
+@pytest.mark.parametrize("dfa", [False, True])
+def test_every_schedule_on_every_graph_runs_without_deadlock(graph, name, dfa):
+    for M in (1, 2, 3, 8):
+        S = len(graph) if graph else 4
+        sched = make_schedule(name, S, M, graph)
+        check_schedule(sched)
+        res = simulate(sched, 1.0, 2.0, comm_cost=0.1, step_cost=0.05, dfa=dfa)
+        steps = M if name == "async" else 1
+        assert len(res.trace) == S * (2 * M + steps)
+
+
+def test_depths_and_1f1b_on_a_graph():
+    assert depths(RESNET8) == [7, 6, 5, 4, 3, 2, 1, 0]
+    assert depths(PROJ) == [3, 2, 2, 1, 0]
+    sched = one_f_one_b(5, 8, PROJ)
+    res = simulate(sched, 1.0, 1.0)
+    assert res.peak_activations == [4, 3, 3, 2, 1]   # d(s) + 1 in flight, not M
+    assert res.makespan == pytest.approx(simulate(gpipe(5, 8, PROJ), 1.0, 1.0).makespan)
+
+
+def test_async_layout_and_staleness():
+    sched = async_(3, 4)
+    assert sched.stages[0] == [F(0), F(1), F(2), B(0), STEP_MB(0), F(3), B(1), STEP_MB(1),
+                               B(2), STEP_MB(2), B(3), STEP_MB(3)]
+    assert staleness(sched) == [2, 1, 0] and staleness(one_f_one_b(3, 4)) == [0, 0, 0]
+    assert staleness(async_(8, 2, RESNET8)) == [1] * 7 + [0]  # one batch: at most M - 1
+    assert stream_staleness(RESNET8, 8) == [7, 6, 5, 4, 3, 2, 1, 0]  # streamed: d(s)
+    with pytest.raises(ValueError, match=r"STEP\(0\) before B\(0\)"):
+        check_schedule(Schedule("x", [[F(0), STEP_MB(0), B(0)]], 1))
+
+
+def test_async_beats_1f1b_when_streamed():
+    """Without the flush, K batches pay the fill/drain bubble once."""
+    S, M, K = 4, 4, 8
+    flushed = K * simulate(one_f_one_b(S, M), 1.0, 2.0).makespan
+    streamed = simulate(async_(S, M * K), 1.0, 2.0).makespan
+    assert streamed < 0.8 * flushed
+
+
+def test_async_stream_take_and_drain_cover_every_action_once():
+    for d in (0, 1, 3, 6):
+        st, got = AsyncStream(d), []
+        for limit in (4, 8, 12):
+            got += st.take(limit)
+        got += st.drain(12)
+        for g in range(12):
+            assert [a for a in got if a.mb == g] == [F(g), B(g), STEP_MB(g)]
+        assert st.take(14)[:1] == [F(12)]  # a fresh warm-up after the drain
+
+
+def test_deadlock_on_a_graph_names_the_skip_edge():
+    # stage 0 feeds stages 1 and 2 (the skip); stage 0 backwards mb 0 before forwarding
+    # mb 1, but stage 2 (the merge) waits for F(1) before it backwards mb 0
+    bad = Schedule("bad", [[F(0), B(0), F(1), B(1), STEP],
+                           [F(0), B(0), F(1), B(1), STEP],
+                           [F(0), F(1), B(0), B(1), STEP]], 2, [[-1], [0], [1, 0]])
+    with pytest.raises(DeadlockError) as info:
+        simulate(bad, 1.0, 1.0)
+    msg = str(info.value)
+    assert "stage0 B(0) waits for stage1 B(0), stage2 B(0)" in msg   # errors along both edges
+    assert "stage2 F(1) waits for stage1 F(1), stage0 F(1)" in msg   # the skip's activation

@@ -15,6 +15,7 @@ from .resnet_imagenet import resnet_imagenet
 
 MODELS = {
     "mlp": mlp,
+    "resnet8": partial(resnet_cifar, depth=8),    # one block per width: a small test model
     "resnet20": partial(resnet_cifar, depth=20),
     "resnet32": partial(resnet_cifar, depth=32),
     "resnet56": partial(resnet_cifar, depth=56),

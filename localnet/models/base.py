@@ -7,7 +7,10 @@ from a `LayerFactory`, so the same model code serves every rule.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class UnitModel(nn.Module):
@@ -21,6 +24,86 @@ class UnitModel(nn.Module):
         for unit in self.units:
             x = unit(x)
         return x
+
+    def layer_graph(self) -> list["LayerNode"]:
+        """The finer graph the runtime's `partition: per_layer` places, one node per layer.
+
+        A unit with a `layer_nodes()` method (a residual block) splits into its layers;
+        any other unit (stem, head, an MLP layer) is one node.  Nodes share their modules
+        with the units (no copies), in topological order; the last one is the output.
+        Composing them (`run_layer_graph`) is exactly `forward`."""
+        nodes: list[LayerNode] = []
+        prev = -1  # the node whose output is the current unit's input (-1: the model input)
+        for u, (unit, name) in enumerate(zip(self.units, self.unit_names)):
+            parts = unit.layer_nodes() if hasattr(unit, "layer_nodes") else [("", unit, ["in"])]
+            base = len(nodes)
+            for suffix, module, inputs in parts:
+                ids = [prev if i == "in" else base + int(i) for i in inputs]
+                nodes.append(LayerNode(f"{name}.{suffix}" if suffix else name, u, name,
+                                       module, ids))
+            prev = len(nodes) - 1
+        return nodes
+
+
+@dataclass
+class LayerNode:
+    """One node of a model's layer graph.
+
+    name:   "layer1.0.conv1"; a whole unit's node is named like the unit
+    unit:   index of the unit it belongs to; unit_name its name
+    module: its part of the unit, submodules under their paths *within the unit*, so
+            its state-dict keys are the model's keys minus "units.<unit>."
+    inputs: node ids it reads, in order (-1: the model input); two inputs are a merge
+    """
+
+    name: str
+    unit: int
+    unit_name: str
+    module: nn.Module
+    inputs: list[int]
+
+
+def run_layer_graph(nodes: list[LayerNode], x):
+    outs = []
+    for n in nodes:
+        outs.append(n.module(*[x if i < 0 else outs[i] for i in n.inputs]))
+    return outs[-1]
+
+
+class Part(nn.Module):
+    """Some submodules of a unit, under their names in the unit, applied in order."""
+
+    def __init__(self, **modules: nn.Module):
+        super().__init__()
+        for k, m in modules.items():
+            self.add_module(k, m)
+
+    def forward(self, x):
+        for m in self.children():
+            x = m(x)
+        return x
+
+
+class Merge(nn.Module):
+    """Where a residual block's two branches meet: tap(relu(main(h) + shortcut(skip))).
+
+    `main` is the block's last conv (conv2 / conv3), h its input; `skip` is the block's
+    input (or a projection shortcut's output, which is then a node of its own and
+    `shortcut` the identity).  Same operations, in the same order, as the block."""
+
+    def __init__(self, main_name: str, main: nn.Module, shortcut: nn.Module, tap: nn.Module):
+        super().__init__()
+        self.main_name = main_name
+        self.add_module(main_name, main)
+        self.shortcut = shortcut
+        self.tap = tap
+
+    def forward(self, h, skip):
+        return self.tap(F.relu(getattr(self, self.main_name)(h) + self.shortcut(skip)))
+
+
+def has_parameters(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
 
 
 class Flatten(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import LayerFactory
-from .base import Flatten, UnitModel
+from .base import Flatten, Merge, Part, UnitModel, has_parameters
 
 
 class PadShortcut(nn.Module):
@@ -44,6 +44,26 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         return self.tap(F.relu(self.conv2(self.conv1(x)) + self.shortcut(x)))
+
+    def layer_nodes(self):
+        """Layers for `UnitModel.layer_graph`: (suffix, module, inputs); an input is "in"
+        (the block's input) or the index of an earlier node of this block.  conv1 reads
+        the input; the merge reads conv1's output and the skip.  A shortcut with weights
+        (option B) is a layer of its own."""
+        return residual_nodes(self, ["conv1"], "conv2")
+
+
+def residual_nodes(block, chain: list[str], last: str):
+    nodes = [(name, Part(**{name: getattr(block, name)}), ["in" if i == 0 else i - 1])
+             for i, name in enumerate(chain)]
+    skip = "in"
+    shortcut = block.shortcut
+    if has_parameters(shortcut):
+        nodes.append(("shortcut", Part(shortcut=shortcut), ["in"]))
+        skip, shortcut = len(nodes) - 1, nn.Identity()
+    nodes.append((last, Merge(last, getattr(block, last), shortcut, block.tap),
+                  [len(chain) - 1, skip]))
+    return nodes
 
 
 def _cifar_shortcut(f, c_in, c_out, stride):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..layers import LayerFactory
 from .base import UnitModel
-from .resnet_cifar import BasicBlock, ConvBN, Head
+from .resnet_cifar import BasicBlock, ConvBN, Head, residual_nodes
 
 
 class Bottleneck(nn.Module):
@@ -24,6 +24,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         return self.tap(F.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x)))
+
+    def layer_nodes(self):
+        """conv1 -> conv2 -> merge(conv3, skip); see BasicBlock.layer_nodes."""
+        return residual_nodes(self, ["conv1", "conv2"], "conv3")
 
 
 class Stem(nn.Sequential):

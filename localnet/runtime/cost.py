@@ -1,5 +1,5 @@
-"""Per-unit compute cost, measured in-process: time each unit's forward and backward on
-one micro-batch.  Feeds `partition: {balance: cost}` and `localnet simulate`."""
+"""Per-actor compute cost, measured in-process: time each actor's forward, backward and
+update on one micro-batch.  Feeds `partition: {balance: cost}` and `localnet simulate`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ import time
 
 import torch
 
-from ..engine import Stage, loss_and_error
+from ..engine import loss_and_error
 from ..builders import as_config, build_rule_and_model, optim_config
 
 
-def measure_unit_costs(cfg, input_shape, num_classes: int, micro_batch: int | None = None,
-                       repeats: int = 3, threads: int | None = None):
-    """(fwd_s, bwd_s): median seconds per unit for one micro-batch (after one warm-up).
+def measure_costs(cfg, input_shape, num_classes: int, placement=None,
+                  micro_batch: int | None = None, repeats: int = 3, threads: int | None = None,
+                  stash: bool = False):
+    """(fwd_s, bwd_s, step_s): median seconds per actor of `placement` (default: one
+    actor per unit) for one micro-batch, after one warm-up.  stash: time the async
+    schedule's weight stashing too.  Builds a throwaway copy of the model."""
+    from .graph import NodeStage, Placement, modules_for
 
-    Builds a throwaway copy of the model; the caller's model is not touched."""
     cfg = as_config(cfg)
     mb = micro_batch or max(cfg.train.batch_size // cfg.train.micro_batches, 1)
     old_threads = torch.get_num_threads()
@@ -24,36 +27,55 @@ def measure_unit_costs(cfg, input_shape, num_classes: int, micro_batch: int | No
         torch.set_num_threads(threads)
     try:
         _, model = build_rule_and_model(cfg, input_shape, num_classes)
-        units, names = list(model.units), model.unit_names
-        stages = [Stage([u], optim_config(cfg), first=(i == 0), names=[names[i]])
-                  for i, u in enumerate(units)]
+        pl = placement or Placement.from_boundaries(list(range(1, len(model.units))),
+                                                    list(model.unit_names))
+        S = pl.num_actors
+        stages = []
+        for i in range(S):
+            mods, names, _, _, _ = modules_for(pl, i, model, input_shape)
+            stages.append(NodeStage(mods, optim_config(cfg), names, stash=stash,
+                                    grad_inputs=[p >= 0 for p in pl.inputs[i]]))
         g = torch.Generator().manual_seed(cfg.seed)
         x = torch.randn(mb, *input_shape, generator=g)
         y = torch.randint(0, num_classes, (mb,), generator=g)
-        fwd = [[] for _ in units]
-        bwd = [[] for _ in units]
+        fwd, bwd, upd = ([[] for _ in range(S)] for _ in range(3))
+        clock = time.perf_counter
         for r in range(repeats + 1):
-            h, shapes = x, []
+            outs = []
             for i, st in enumerate(stages):
-                t0 = time.perf_counter()
-                h = st.forward(h)
+                ins = [x if p < 0 else outs[p] for p in pl.inputs[i]]
+                t0 = clock()
+                outs.append(st.forward(ins[0], 0, ins[1:]))
                 if r:
-                    fwd[i].append(time.perf_counter() - t0)
-                shapes.append(h.shape)
-            _, _, e = loss_and_error(h, y, mb)
-            grad = e
-            for i in reversed(range(len(stages))):
-                if grad is None:  # DFA: nothing comes down; the stage's tap discards it
-                    grad = torch.zeros(shapes[i])
-                t0 = time.perf_counter()
-                grad = stages[i].backward(grad, e=e)
+                    fwd[i].append(clock() - t0)
+            _, _, e = loss_and_error(outs[-1], y, mb)
+            grads: list = [None] * S
+            grads[-1] = e
+            for i in reversed(range(S)):
+                grad = grads[i] if grads[i] is not None else torch.zeros(outs[i].shape)
+                t0 = clock()
+                dxs = stages[i].backward(grad, 0, e=e)
                 if r:
-                    bwd[i].append(time.perf_counter() - t0)
-            for st in stages:
-                st.zero_grad()
-        return [statistics.median(v) for v in fwd], [statistics.median(v) for v in bwd]
+                    bwd[i].append(clock() - t0)
+                for slot, p in enumerate(pl.inputs[i]):
+                    if p >= 0 and dxs[slot] is not None:
+                        grads[p] = dxs[slot] if grads[p] is None else grads[p] + dxs[slot]
+            for i, st in enumerate(stages):
+                t0 = clock()
+                st.step(1e-9, 0.0)
+                if r:
+                    upd[i].append(clock() - t0)
+        med = lambda v: [statistics.median(t) for t in v]  # noqa: E731
+        return med(fwd), med(bwd), med(upd)
     finally:
         torch.set_num_threads(old_threads)
+
+
+def measure_unit_costs(cfg, input_shape, num_classes: int, micro_batch: int | None = None,
+                       repeats: int = 3, threads: int | None = None):
+    """(fwd_s, bwd_s): median seconds per unit for one micro-batch (after one warm-up)."""
+    f, b, _ = measure_costs(cfg, input_shape, num_classes, None, micro_batch, repeats, threads)
+    return f, b
 
 
 def stage_costs(unit_costs: list[float], boundaries: list[int]) -> list[float]:

@@ -7,6 +7,12 @@ that receives it.  Header and payload bytes are kept apart.
 `parameter_bytes` counts payload bytes whose storage aliases a parameter or buffer of the
 sending stage.  No message kind carries a parameter, so it stays 0; the sender checks
 every payload anyway so that the claim is measured, not assumed.
+
+`transport_bytes` counts weight transport: the bytes of forward weights that a stage's
+backward pass reads under a rule that transports weights (bp), once per update -- what a
+physically separate feedback pathway would have to receive to stay equal to W.  Nothing
+crosses the wire for it; it is 0 for every rule but bp.  `as_summary()["parameter_bytes"]`
+is the sum of both.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ class Ledger:
         # (src, dst, kind) -> [count, header_bytes, payload_bytes]
         self.rows: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
         self.parameter_bytes = 0
+        self.transport_bytes = 0
 
     def record(self, src: str, dst: str, kind: str, header_bytes: int, payload_bytes: int = 0,
                *, parameter_bytes: int = 0) -> None:
@@ -28,6 +35,10 @@ class Ledger:
         row[2] += int(payload_bytes)
         self.parameter_bytes += int(parameter_bytes)
 
+    def record_transport(self, nbytes: int) -> None:
+        """Weight transport: `nbytes` of forward weights read by a backward (see module doc)."""
+        self.transport_bytes += int(nbytes)
+
     # -- merging and transport ------------------------------------------------------
     def merge(self, other: "Ledger") -> "Ledger":
         for key, (c, h, p) in other.rows.items():
@@ -36,6 +47,7 @@ class Ledger:
             row[1] += h
             row[2] += p
         self.parameter_bytes += other.parameter_bytes
+        self.transport_bytes += getattr(other, "transport_bytes", 0)
         return self
 
     __iadd__ = merge
@@ -48,8 +60,11 @@ class Ledger:
         return out
 
     def to_dict(self) -> dict:
-        return {"rows": [[s, d, k, c, h, p] for (s, d, k), (c, h, p) in self.rows.items()],
-                "parameter_bytes": self.parameter_bytes}
+        out = {"rows": [[s, d, k, c, h, p] for (s, d, k), (c, h, p) in self.rows.items()],
+               "parameter_bytes": self.parameter_bytes}
+        if self.transport_bytes:
+            out["transport_bytes"] = self.transport_bytes
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Ledger":
@@ -57,11 +72,13 @@ class Ledger:
         for s, dst, k, c, h, p in d["rows"]:
             led.rows[(s, dst, k)] = [c, h, p]
         led.parameter_bytes = d.get("parameter_bytes", 0)
+        led.transport_bytes = d.get("transport_bytes", 0)
         return led
 
     def clear(self) -> None:
         self.rows.clear()
         self.parameter_bytes = 0
+        self.transport_bytes = 0
 
     # -- views ----------------------------------------------------------------------
     def edges(self) -> dict[str, dict]:
@@ -85,7 +102,18 @@ class Ledger:
         return {**dict(sorted(kinds.items())),
                 "total_bytes": sum(e["bytes"] for e in kinds.values()),
                 "total_count": sum(e["count"] for e in kinds.values()),
-                "parameter_bytes": self.parameter_bytes}
+                "parameter_bytes": self.parameter_bytes + self.transport_bytes}
+
+    def run_summary(self, kinds=("activation", "error", "target", "control")) -> dict:
+        """`as_summary()` with every kind present (zeros where none was sent) and
+        parameter bytes split into `wire_parameter_bytes` (payloads aliasing a parameter:
+        always 0) and `weight_transport_bytes` (bp's backward reading W)."""
+        s = self.as_summary()
+        for k in kinds:
+            s.setdefault(k, {"count": 0, "bytes": 0, "header_bytes": 0, "payload_bytes": 0})
+        s["wire_parameter_bytes"] = self.parameter_bytes
+        s["weight_transport_bytes"] = self.transport_bytes
+        return s
 
     def __repr__(self):
         return f"Ledger({self.as_summary()})"

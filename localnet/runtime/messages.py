@@ -8,9 +8,12 @@ Ray's object store hands to the receiving actor without a pickle copy):
 
 Data kinds (`DATA_KINDS`):
 
-  activation  forward, stage s -> s+1 (detail "train" or "eval"; the driver's input
-              batch is an activation driver -> stage0 with detail "input"/"eval")
-  error       backward, stage s+1 -> s (detail "chain": a projected error B^T delta),
+  activation  forward, stage s -> its consumers (detail "train" or "eval"; the driver's
+              input batch is an activation driver -> stage0 with detail "input"/"eval").
+              An output read by several actors (a residual block's input, read by conv1
+              and by the merge) is one message whose dst lists them: "stage3,stage5"
+  error       backward, consumer -> producer (detail "chain": a projected error
+              B^T delta; a producer with several consumers sums what it receives),
               or DFA's output error e broadcast by the last stage (detail "output",
               dst "*": every stage receives it)
   target      class labels, driver -> last stage (int64)
@@ -181,7 +184,8 @@ def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, 
 
     expected_shape: a tuple whose None entries match any size (e.g. (None, 16) for an
     activation whose batch dimension is free).  dtype: a torch or numpy dtype or name.
-    dst: the receiver's name (a broadcast "*" is accepted too).
+    dst: the receiver's name (a broadcast "*", or a comma-separated list naming it, is
+    accepted too).
     """
     h, arr = msg.header, msg.payload
     who = dst or h.dst
@@ -189,7 +193,7 @@ def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, 
         raise h.error(f"expected kind {expected_kind!r}, got {h.kind!r}", who)
     if detail is not None and h.detail != detail:
         raise h.error(f"expected {expected_kind} detail {detail!r}, got {h.detail!r}", who)
-    if dst is not None and h.dst not in (dst, BROADCAST):
+    if dst is not None and h.dst != BROADCAST and dst not in h.dst.split(","):
         raise h.error(f"addressed to {h.dst!r}, delivered to {dst!r}", who)
     if step is not None and h.step != step:
         raise h.error(f"expected step {step}, got step {h.step}", who)

@@ -1,12 +1,16 @@
-"""Which units go to which actor: `runtime.partition` -> boundaries.
+"""Which units go to which actor: `runtime.partition` -> a `Placement` (graph.py).
 
 Boundaries are cut points between units, as for `InProcessExecutor(boundaries=...)`:
 [2, 5] with 8 units gives stages [0, 2), [2, 5), [5, 8).
 
   per_unit                    one stage per unit (a residual block, the stem, the head)
+  per_layer                   one actor per layer of the model's layer graph: a residual
+                              block becomes conv1 and its merge (conv2 + skip -> relu),
+                              and the skip an edge between actors
   {stages: N, balance: params} N consecutive groups, balanced by parameter count
   {stages: N, balance: cost}  ... by measured forward+backward time per unit
   [b1, b2, ...]               explicit boundaries
+  [[stem, layer1.0], [...]]   explicit groups: consecutive unit names (or indices)
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def resolve_partition(spec, num_units: int, params_per_unit: list[int] | None = 
     be a list or a zero-argument callable (measured only when needed)."""
     if spec is None or spec == "per_unit":
         return list(range(1, num_units))
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(g, (list, tuple)) for g in spec):
+        raise ValueError("runtime.partition: explicit groups need the unit names; use "
+                         "resolve_placement")
     if isinstance(spec, (list, tuple)):
         bounds = [int(b) for b in spec]
         if any(not 0 < b < num_units for b in bounds) or bounds != sorted(set(bounds)):
@@ -69,3 +76,44 @@ def resolve_partition(spec, num_units: int, params_per_unit: list[int] | None = 
 def groups(boundaries: list[int], num_units: int) -> list[tuple[int, int]]:
     cuts = [0] + list(boundaries) + [num_units]
     return list(zip(cuts[:-1], cuts[1:]))
+
+
+def groups_to_boundaries(spec, unit_names: list[str]) -> list[int]:
+    """[[stem, layer1.0], [layer1.1, ...], ...] (names or indices) -> boundaries.  The
+    groups must list every unit once, in order."""
+    flat = []
+    for g in spec:
+        if not g:
+            raise ValueError("runtime.partition: an empty group")
+        for u in g:
+            if isinstance(u, str):
+                if u not in unit_names:
+                    raise ValueError(f"runtime.partition: no unit named {u!r}; units are "
+                                     f"{unit_names}")
+                flat.append(unit_names.index(u))
+            else:
+                flat.append(int(u))
+    if flat != list(range(len(unit_names))):
+        raise ValueError(f"runtime.partition: groups must cover the units {unit_names} "
+                         f"once each, in order")
+    bounds, n = [], 0
+    for g in spec[:-1]:
+        n += len(g)
+        bounds.append(n)
+    return bounds
+
+
+def resolve_placement(spec, model, cost_per_unit=None):
+    """`runtime.partition` -> Placement for a built UnitModel."""
+    from .graph import Placement
+
+    if spec == "per_layer":
+        return Placement.from_layers(model.layer_graph())
+    names = list(model.unit_names)
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(g, (list, tuple)) for g in spec):
+        return Placement.from_boundaries(groups_to_boundaries(spec, names), names, "groups")
+    params = [sum(p.numel() for p in u.parameters()) for u in model.units]
+    bounds = resolve_partition(spec, len(names), params, cost_per_unit)
+    label = (spec if isinstance(spec, str) else "boundaries" if isinstance(spec, (list, tuple))
+             else f"stages={getattr(spec, 'stages', None) or spec.get('stages')}")
+    return Placement.from_boundaries(bounds, names, str(label))

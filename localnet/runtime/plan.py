@@ -1,16 +1,34 @@
 """`localnet simulate`: predict a config's pipeline without Ray.
 
-Per-stage costs are measured in-process (each unit's forward and backward on one
-micro-batch, summed per stage) unless given; the schedule is then dry-run by
-`schedule.simulate`.
+Per-actor costs are measured in-process (each actor's forward, backward and update on
+one micro-batch) unless given; the schedule is then dry-run by `schedule.simulate`, which
+raises `DeadlockError` naming the stuck actions if it cannot finish.  Every schedule
+(gpipe, 1f1b, async) is checked for the config's actor graph, not only the chosen one.
+async streams across batches, so it is simulated over `batches` batches (default 8)
+and reported per batch.
 """
 
 from __future__ import annotations
 
 from ..builders import as_config, build_rule_and_model
-from .cost import measure_unit_costs, stage_costs
-from .partition import groups, resolve_partition
-from .schedule import make_schedule, simulate
+from ..config import ConfigError
+from .cost import measure_costs
+from .partition import resolve_placement
+from .schedule import (SCHEDULES, DeadlockError, make_schedule, simulate, staleness,
+                       stream_staleness)
+
+
+class ScheduleDeadlock(DeadlockError, ConfigError):
+    """A DeadlockError that `localnet simulate` reports like a bad config (exit code 2,
+    the stuck actions named)."""
+
+    def __init__(self, name: str, err: DeadlockError):
+        self.schedule = name
+        DeadlockError.__init__(self, err.stuck)
+        self.args = (f"runtime.schedule={name}: {err}",)
+
+    def __str__(self):
+        return self.args[0]
 
 # fixed by the dataset itself, so `simulate` need not load data for them
 KNOWN_SHAPES = {"mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10),
@@ -34,47 +52,70 @@ def data_shape(cfg, input_shape=None, num_classes=None):
 
 
 def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
-                    comm: float = 0.0, repeats: int = 3) -> dict:
-    """Plan for cfg.runtime: stages, per-stage costs (s per micro-batch), and the
-    simulated makespan, bubble fraction and samples/s of one batch."""
+                    comm: float = 0.0, repeats: int = 3, step=None,
+                    batches: int | None = None, cores: int | None = None) -> dict:
+    """Plan for cfg.runtime: actors, per-actor costs (s per micro-batch), and the
+    simulated makespan, bubble fraction and samples/s of one batch (async: the mean
+    over `batches` streamed batches).  cores: actors share that many cores (None: one
+    each)."""
     cfg = as_config(cfg)
     shape, nc = data_shape(cfg, input_shape, num_classes)
     rt, t = cfg.runtime, cfg.train
     _, model = build_rule_and_model(cfg, shape, nc)
-    units = list(model.units)
-    params = [sum(p.numel() for p in u.parameters()) for u in units]
+    mb = max(t.batch_size // t.micro_batches, 1)
     measured = {}
 
-    def unit_costs():
-        if not measured:
-            measured["f"], measured["b"] = measure_unit_costs(
-                cfg, shape, nc, max(t.batch_size // t.micro_batches, 1), repeats, rt.threads)
-        return [a + b for a, b in zip(measured["f"], measured["b"])]
+    def unit_costs():  # for partition: {balance: cost}
+        f, b, _ = measure_costs(cfg, shape, nc, None, mb, repeats, rt.threads)
+        return [a + b_ for a, b_ in zip(f, b)]
 
-    bounds = resolve_partition(rt.partition, len(units), params, unit_costs)
-    S, M = len(bounds) + 1, t.micro_batches
+    pl = resolve_placement(rt.partition, model, unit_costs)
+    S, M = pl.num_actors, t.micro_batches
+    is_async = rt.schedule == "async"
     if fwd is None or bwd is None:
-        unit_costs()
-        fwd = fwd or stage_costs(measured["f"], bounds)
-        bwd = bwd or stage_costs(measured["b"], bounds)
+        measured["f"], measured["b"], measured["s"] = measure_costs(
+            cfg, shape, nc, pl, mb, repeats, rt.threads, stash=is_async)
+        fwd = fwd or measured["f"]
+        bwd = bwd or measured["b"]
+        step = measured["s"] if step is None else step
         source = "measured"
     else:
         source = "given"
+    step = 0.0 if step is None else step
     if len(fwd) != S or len(bwd) != S:
-        raise ValueError(f"{S} stages but {len(fwd)} forward / {len(bwd)} backward costs")
+        raise ValueError(f"{S} actors but {len(fwd)} forward / {len(bwd)} backward costs")
     from ..rules import make_rule
     dfa = not make_rule(cfg.rule.name, **cfg.rule.options()).sends_error
-    sched = make_schedule(rt.schedule, S, M)
-    sim = simulate(sched, fwd, bwd, comm, dfa=dfa, batch_size=t.batch_size)
-    names = model.unit_names
+    graph = None if pl.is_chain else pl.inputs
+    checked = {}
+    for name in SCHEDULES:  # a schedule that cannot finish raises, naming the stuck actions
+        for k in (1, 2):
+            try:
+                simulate(make_schedule(name, S, M * k, graph), 1.0, 1.0, dfa=dfa)
+            except DeadlockError as err:
+                raise ScheduleDeadlock(name, err) from None
+        checked[name] = "ok"
+    K = (batches or 8) if is_async else 1
+    sched = make_schedule(rt.schedule, S, M * K, graph)
+    # async steps after every micro-batch; gpipe / 1f1b once per batch
+    step_cost = step
+    sim = simulate(sched, fwd, bwd, comm, step_cost=step_cost, dfa=dfa,
+                   batch_size=t.batch_size * K, cores=cores)
+    stale = stream_staleness(graph, S) if is_async else staleness(sched)
+    names = [" ".join(n) for n in pl.names]
     return {
-        "schedule": sched.name, "stages": S, "micro_batches": M, "batch_size": t.batch_size,
-        "dfa_broadcast": dfa, "cost_source": source, "comm_s": comm,
-        "per_stage": [{"stage": i, "units": names[a:b], "fwd_s": f, "bwd_s": b_,
-                       "busy_s": busy, "peak_activations": pk}
-                      for i, ((a, b), f, b_, busy, pk) in enumerate(
-                          zip(groups(bounds, len(units)), fwd, bwd, sim.busy, sim.peak_activations))],
-        "makespan_s": sim.makespan, "bubble_fraction": sim.bubble_fraction,
+        "schedule": sched.name, "stages": S, "actors": S, "micro_batches": M,
+        "batch_size": t.batch_size, "batches": K, "partition": pl.spec,
+        "edges": [list(e) for e in pl.edges()],
+        "dfa_broadcast": dfa, "cost_source": source, "comm_s": comm, "cores": cores,
+        "deadlock_free": checked, "staleness": max(stale), "staleness_per_actor": stale,
+        "per_stage": [{"stage": i, "units": list(pl.names[i]), "fwd_s": f, "bwd_s": b_,
+                       "step_s": (step[i] if isinstance(step, (list, tuple)) else step),
+                       "busy_s": busy / K, "peak_activations": pk}
+                      for i, (f, b_, busy, pk) in enumerate(
+                          zip(fwd, bwd, sim.busy, sim.peak_activations))],
+        "names": names,
+        "makespan_s": sim.makespan / K, "bubble_fraction": sim.bubble_fraction,
         "samples_per_s": sim.samples_per_s,
         "gpipe_equal_cost_bubble": (S - 1) / (M + S - 1),
     }

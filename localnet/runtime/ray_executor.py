@@ -1,27 +1,42 @@
-"""`RayExecutor`: the in-process executor's interface, one Ray actor per pipeline stage.
+"""`RayExecutor`: the in-process executor's interface, one Ray actor per node of the graph.
 
     ex = RayExecutor(cfg, input_shape, num_classes)      # or runtime.executor: ray in a config
     stats = ex.train_step(x, y, lr, wd)                   # -> engine.StepStats
     ex.evaluate(loader); ex.alignment(); ex.mirror_steps(n); ex.state_dict()
+    ex.save_state(run_dir); ex.load_saved_state(run_dir, saved)   # per-actor checkpoints
     ex.ledger_summary(); ex.runtime_info(); ex.close()
 
-The driver never touches a tensor in flight.  It interprets the schedule (gpipe / 1f1b,
-`schedule.py`): for every action, in an order the simulator proved deadlock-free, it
-issues an actor call whose arguments are the ObjectRefs returned by the producing call,
-so activations and errors go actor to actor through Ray's object store.  Each actor runs
-its calls in submission order, which is exactly its schedule list.  DFA: the last stage's
-forward returns e, and that one object is handed to every stage's backward.
+The driver never touches a tensor in flight.  It interprets the schedule (gpipe / 1f1b /
+async, `schedule.py`) over the actor graph (`graph.Placement`): every stage's action list
+goes into a queue, and an action is issued as soon as the actions it depends on have been
+issued, with the ObjectRefs those returned as arguments -- so activations and errors go
+actor to actor through Ray's object store.  Each actor runs its calls in submission
+order, which is exactly its schedule list.  DFA: the last actor's forward returns e, and
+that one object is handed to every actor's backward.
+
+gpipe / 1f1b: one batch at a time, one update per actor at its end -- the in-process
+maths.  async: the actors' lists are streamed across batches without a flush (1F1B with a
+step after every backward); `train_step` returns once the last actor has the batch's
+loss, while earlier actors are still running its backward passes.  Anything that reads or
+writes whole-model state first drains the stream.
 
 A failure anywhere (a bad message, NaN in an error) propagates through the ObjectRefs:
-the step's STEP calls depend on every backward, so no stage updates its weights, and the
-driver re-raises the original `MessageError` naming edge, kind and step.
+a gpipe/1f1b step's STEP calls depend on its backwards, so a stage whose backward failed
+does not update, and the driver re-raises the original `MessageError` naming edge, kind
+and step.  An actor that *dies* is recreated from the last checkpoint (`save_state`), every
+other actor rolls back to it too, and the step is retried: the run loses at most the
+steps since that checkpoint (`runtime_info()["recoveries"]`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
 import uuid
 from collections import deque
+from pathlib import Path
 
 import torch
 
@@ -29,11 +44,15 @@ from ..engine import StepStats
 from ..rules import make_rule
 from ..builders import as_config, build_rule_and_model
 from .cost import measure_unit_costs
+from .graph import Placement
 from .ledger import Ledger
 from .messages import ACTIVATION, CONTROL, TARGET, Control, Message, MessageError
-from .partition import groups, resolve_partition
-from .schedule import make_schedule, simulate
+from .partition import resolve_placement
+from .schedule import (STEP, Action, AsyncStream, DeadlockError, _deps, consumers,
+                       make_schedule, simulate, stream_staleness)
 from .worker import DRIVER, StageWorker, stage_name
+
+CHECKPOINT_DIR = "checkpoint"
 
 
 def ensure_ray(runtime) -> bool:
@@ -55,6 +74,15 @@ def ensure_ray(runtime) -> bool:
     return True
 
 
+class _Mb:
+    """One micro-batch, driver side, until every actor has finished with it."""
+
+    __slots__ = ("step", "mb", "x", "y", "n", "lr", "wd")
+
+    def __init__(self, step, mb, x, y, n, lr, wd):
+        self.step, self.mb, self.x, self.y, self.n, self.lr, self.wd = step, mb, x, y, n, lr, wd
+
+
 class RayExecutor:
     name = "ray"
 
@@ -63,10 +91,10 @@ class RayExecutor:
         """cfg: a Config (runtime section: schedule, partition, resources, address).
         model: the driver's copy, only read for its structure (built when omitted).
         actors: existing StageWorker actor handles to reuse (at least one per stage);
-        the executor then neither spawns nor kills actors.  audit: workers keep a copy of
-        every message they receive (`audit_log()`), for tests.  local: no Ray at all --
-        plain StageWorker objects in this process, driven by the same schedule interpreter
-        (for debugging and fast tests)."""
+        the executor then neither spawns nor kills them (but replaces a dead one).
+        audit: workers keep a copy of every message they receive (`audit_log()`), for
+        tests.  local: no Ray at all -- plain StageWorker objects in this process, driven
+        by the same schedule interpreter (for debugging and fast tests)."""
         self.cfg = cfg = as_config(cfg)
         rt = cfg.runtime
         self.input_shape, self.num_classes = tuple(input_shape), int(num_classes)
@@ -74,57 +102,79 @@ class RayExecutor:
         self.timeout = rt.timeout_s
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.audit = audit
-        self.local = local
+        self.local = local  # (`name` stays "ray": the same runtime, minus the transport)
         self._owns_ray = False
-        self._owns_actors = actors is None
+        self._owned: set[int] = set()
         self._pg = None
         self.workers = []
 
         if model is None:
             _, model = build_rule_and_model(cfg, self.input_shape, self.num_classes)
-        units = list(model.units)
         self.unit_names = list(model.unit_names)
-        params = [sum(p.numel() for p in u.parameters()) for u in units]
 
         def costs():
             f, b = measure_unit_costs(cfg, self.input_shape, self.num_classes, threads=rt.threads)
             return [x + y for x, y in zip(f, b)]
 
-        self.boundaries = resolve_partition(rt.partition, len(units), params, costs)
-        self.groups = groups(self.boundaries, len(units))
-        S = self.num_stages = len(self.groups)
+        self.placement: Placement = resolve_placement(rt.partition, model, costs)
+        pl = self.placement
+        S = self.num_stages = pl.num_actors
+        self.boundaries = pl.boundaries
+        self.groups = [tuple(m) for m in pl.members] if pl.kind == "units" else None
+        self.graph = [list(i) for i in pl.inputs]
+        self._cons = consumers(self.graph)
+        self._err_index = [{slot: k for k, slot in enumerate(
+            i for i, p in enumerate(ins) if p >= 0)} for ins in self.graph]
+        self.schedule_name = rt.schedule
+        self.is_async = rt.schedule == "async"
         self.dfa = not make_rule(cfg.rule.name, **cfg.rule.options()).sends_error
-        self._schedules: dict[int, tuple] = {}
+        self.device = "cuda" if rt.num_gpus > 0 else "cpu"
+        self._schedules: dict = {}
         self._plan(self.micro_batches)  # raises DeadlockError before any actor exists
-
+        self._specs = [{"config": cfg.model_dump(mode="json"), "index": i,
+                        "placement": pl.to_dict(), "input_shape": list(self.input_shape),
+                        "num_classes": self.num_classes, "run": self.run_id, "audit": audit,
+                        "threads": 0 if local else rt.threads, "device": self.device,
+                        "stash": self.is_async} for i in range(S)]
         try:
             self._owns_ray = False if local else ensure_ray(rt)
             if local:
+                shared = build_rule_and_model(cfg, self.input_shape, self.num_classes)[1]
                 self.workers = [_Local(StageWorker(threads=0)) for _ in range(S)]
-            elif actors is None:
-                self.workers = self._spawn(S)
+                self.stage_info = [w._obj.setup(s, shared) for w, s in zip(self.workers, self._specs)]
+                del shared
             else:
-                if len(actors) < S:
-                    raise ValueError(f"{len(actors)} actors given for {S} stages")
-                self.workers = list(actors[:S])
-            specs = [{"config": cfg.model_dump(mode="json"), "index": i, "num_stages": S,
-                      "units": list(g), "input_shape": list(self.input_shape),
-                      "num_classes": self.num_classes, "run": self.run_id, "audit": audit,
-                      "threads": 0 if local else rt.threads} for i, g in enumerate(self.groups)]
-            self.stage_info = self._get([w.setup.remote(s) for w, s in zip(self.workers, specs)],
-                                        "setup")
+                if actors is None:
+                    self.workers = self._spawn(S)
+                    self._owned = set(range(S))
+                else:
+                    if len(actors) < S:
+                        raise ValueError(f"{len(actors)} actors given for {S} stages")
+                    self.workers = list(actors[:S])
+                self.stage_info = self._get([w.setup.remote(s) for w, s in
+                                             zip(self.workers, self._specs)], "setup")
         except BaseException:
             self.close()
             raise
         self._step = 0
-        self._ledger = Ledger()          # what the driver sends
-        self._audit: list[dict] = []     # what the driver receives (audit mode)
+        self._g = 0                       # next global micro-batch id
+        self._ledger = Ledger()           # what the driver sends
+        self._audit: list[dict] = []      # what the driver receives (audit mode)
+        self._ckpt: Path | None = None    # the last checkpoint generation (recovery)
+        self._ckpt_step = 0
+        self._pre_mirror = 0              # mirror steps before any checkpoint (replayed)
+        self.recoveries: list[dict] = []
+        self._reset_pipeline()
 
     # ------------------------------------------------------------------ actors
-    def _spawn(self, S: int):
+    def _remote_class(self):
         import ray
+
+        rt = self.cfg.runtime
+        return ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus)(StageWorker)
+
+    def _spawn(self, S: int):
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         rt = self.cfg.runtime
         # a bundle may not be all zeros: reserve a token CPU share when num_cpus is 0
@@ -136,10 +186,16 @@ class RayExecutor:
             raise TimeoutError(f"placement group of {S} bundles {bundle} ({rt.placement}) not "
                                f"ready within {self.timeout}s: does the cluster have the "
                                f"resources (runtime.num_cpus / num_gpus)?") from None
-        remote = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus)(StageWorker)
-        return [remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i)).remote(threads=rt.threads)
-                for i in range(S)]
+        return [self._spawn_one(i) for i in range(S)]
+
+    def _spawn_one(self, i: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        remote = self._remote_class()
+        if self._pg is not None:
+            remote = remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self._pg, placement_group_bundle_index=i))
+        return remote.remote(threads=self.cfg.runtime.threads)
 
     def close(self) -> None:
         """Kill the actors this executor spawned, free the placement group, and shut down
@@ -151,13 +207,14 @@ class RayExecutor:
 
         if not ray.is_initialized():
             return
-        if self._owns_actors:
-            for w in self.workers:
+        for i, w in enumerate(self.workers):
+            if i in self._owned:
                 try:
                     ray.kill(w)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
         self.workers = []
+        self._owned = set()
         if self._pg is not None:
             from ray.util.placement_group import remove_placement_group
             remove_placement_group(self._pg)
@@ -169,7 +226,7 @@ class RayExecutor:
     def detach_actors(self) -> list:
         """Hand the actor handles over (for reuse by another executor); this executor
         stops using them and will not kill them."""
-        ws, self.workers, self._owns_actors = self.workers, [], False
+        ws, self.workers, self._owned = self.workers, [], set()
         return ws
 
     def __enter__(self):
@@ -225,74 +282,156 @@ class RayExecutor:
         return self._get([w.control.remote(self._control(op, s, step, **args))
                           for s, w in enumerate(self.workers)], op)
 
+    def _schedule(self, name: str, M: int):
+        key = (name, M)
+        if key not in self._schedules:
+            graph = None if self.placement.is_chain else self.graph
+            self._schedules[key] = make_schedule(name, self.num_stages, M, graph)
+        return self._schedules[key]
+
     def _plan(self, M: int):
-        if M not in self._schedules:
-            sched = make_schedule(self.cfg.runtime.schedule, self.num_stages, M)
-            self._schedules[M] = (sched, simulate(sched, 1.0, 1.0, dfa=self.dfa).order())
-        return self._schedules[M]
+        """Dry-run every schedule this executor may issue (its own, and 1f1b for
+        measuring passes), so a deadlock is found before any actor exists."""
+        for name in {self.schedule_name, "1f1b"}:
+            for dfa in {self.dfa, False}:
+                simulate(self._schedule(name, M), 1.0, 1.0, dfa=dfa)
+        return self._schedule(self.schedule_name, M)
 
     def _recover(self) -> None:
         """After a failed step: clear every stage's in-flight state (best effort)."""
+        self._reset_pipeline()
         try:
             self._get([w.reset.remote() for w in self.workers], "reset")
         except Exception:  # noqa: BLE001 - the original error is what matters
             pass
 
-    # ------------------------------------------------------------------ training
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
-        self._step += 1
-        return self._run(x, y, self._step, step_args={"lr": float(lr), "wd": float(wd)})
+    # ------------------------------------------------------------------ the interpreter
+    def _reset_pipeline(self) -> None:
+        S = self.num_stages
+        self._queues: list[deque] = [deque() for _ in range(S)]
+        self._issued: set = set()
+        self._mbs: dict[int, _Mb] = {}
+        self._acts: dict = {}
+        self._errs: dict = {}
+        self._e: dict = {}
+        self._left: dict = {}             # ("a"|"e"|"x", s, g) -> consumers still to issue
+        self._stats_refs: dict = {}
+        self._bwd: dict = {}              # (s, g) -> first ref of B(s, g)
+        self._step_refs: list = []
+        self._outstanding: list = []      # async: STEP refs not yet checked
+        self._steps_done: dict[int, int] = {}
+        self._dfa_now = self.dfa
+        depth = stream_staleness(self.graph, S)
+        self._streams = [AsyncStream(depth[s], self._g if hasattr(self, "_g") else 0)
+                         for s in range(S)]
 
-    def _run(self, x, y, step: int, step_args: dict | None, dfa: bool | None = None) -> StepStats:
-        """Issue one batch's schedule; STEP actions only when step_args is given."""
-        dfa = self.dfa if dfa is None else dfa
-        S, n = self.num_stages, x.shape[0]
-        xs, ys = x.chunk(self.micro_batches), y.chunk(self.micro_batches)
-        M = len(xs)
-        sched, order = self._plan(M)
-        if dfa != self.dfa:
-            order = simulate(sched, 1.0, 1.0, dfa=dfa).order()
-        last = S - 1
-        acts, errs, e_refs, stats, firsts = {}, {}, {}, {}, [[] for _ in range(S)]
-        done = []
-        for s, a in order:
-            w, mb = self.workers[s], a.mb
-            if a.op == "F":
-                if s == 0:
-                    inp = self._send(ACTIVATION, xs[mb], stage_name(0), step, mb, "input")
+    def _release(self, key, table) -> None:
+        """One more consumer has issued its call with table[key]: drop the ref after
+        the last one, so the object store may free the tensor."""
+        self._left[key] -= 1
+        if self._left[key] == 0:
+            del self._left[key]
+            del table[key[1:] if len(key) > 2 else key[1]]
+
+    def _issue(self, s: int, a: Action, batch) -> None:
+        w, g, pl, S = self.workers[s], a.mb, self.placement, self.num_stages
+        sink = S - 1
+        if a.op == "F":
+            ctx = self._mbs[g]
+            wire = []
+            for p in pl.inputs[s]:
+                if p < 0:
+                    wire += self._send(ACTIVATION, ctx.x, stage_name(s), ctx.step, ctx.mb, "input")
                 else:
-                    inp = acts.pop((s - 1, mb))
-                if s < last:
-                    acts[(s, mb)] = w.forward.options(num_returns=2).remote(*inp)
-                    continue
-                tgt = self._send(TARGET, ys[mb], stage_name(last), step, mb, "train",
-                                 meta={"batch": n})
-                if dfa and S > 1:
-                    r = w.forward.options(num_returns=3).remote(*inp, *tgt)
-                    stats[mb], e_refs[mb] = r[0], (r[1], r[2])
+                    wire += self._acts[(p, g)]
+                    self._release(("a", p, g), self._acts)
+            if s == sink:
+                wire += self._send(TARGET, ctx.y, stage_name(s), ctx.step, ctx.mb, "train",
+                                   meta={"batch": ctx.n})
+                if self._dfa_now and S > 1:
+                    r = w.forward.options(num_returns=3).remote(*wire)
+                    self._stats_refs[g], self._e[g] = r[0], (r[1], r[2])
+                    self._left[("e", g)] = S - 1
                 else:
-                    stats[mb] = w.forward.remote(*inp, *tgt)
-            elif a.op == "B":
-                sends = s > 0 and not dfa  # returns the chain error (hdr, payload)
-                call = w.backward.options(num_returns=2 if sends else 1)
-                if s == last:
-                    r = call.remote(mb, dep=stats[mb])
-                elif dfa:
-                    r = call.remote(mb, None, None, *e_refs[mb])
-                else:
-                    r = call.remote(mb, *errs.pop((s + 1, mb)))
-                if sends:
-                    errs[(s, mb)] = r
-                    firsts[s].append(r[0])
-                else:
-                    firsts[s].append(r)
-            elif step_args is not None:  # STEP: waits on (and aborts with) every backward
-                done.append(w.control.remote(self._control("step", s, step, **step_args),
-                                             *firsts[s]))
+                    self._stats_refs[g] = w.forward.remote(*wire)
             else:
-                done.extend(firsts[s])
+                self._acts[(s, g)] = w.forward.options(num_returns=2).remote(*wire)
+                self._left[("a", s, g)] = len(pl.consumers[s])
+        elif a.op == "B":
+            ctx = self._mbs[g]
+            nerr = 0 if self._dfa_now else len(self._err_index[s])
+            call = w.backward.options(num_returns=max(2 * nerr, 1))
+            if s == sink:
+                r = call.remote(ctx.step, ctx.mb, dep=self._stats_refs[g])
+            elif self._dfa_now:
+                r = call.remote(ctx.step, ctx.mb, *self._e[g])
+                self._release(("e", g), self._e)
+            else:
+                wire = []
+                for c, slot in pl.consumers[s]:
+                    er, k = self._errs[(c, g)], self._err_index[c][slot]
+                    wire += [er[2 * k], er[2 * k + 1]]
+                    self._release(("x", c, g), self._errs)
+                r = call.remote(ctx.step, ctx.mb, *wire)
+            if nerr:
+                self._errs[(s, g)] = r
+                self._left[("x", s, g)] = nerr
+                self._bwd[(s, g)] = r[0]
+            else:
+                self._bwd[(s, g)] = r
+        elif a.mb < 0:  # the batch's STEP: waits on (and aborts with) its backwards
+            step, lr, wd, gs = batch
+            deps = [self._bwd.pop((s, gg)) for gg in gs]
+            self._step_refs.append(w.control.remote(self._control("step", s, step, lr=lr, wd=wd),
+                                                    *deps))
+        else:  # async STEP(g): the update from micro-batch g alone
+            ctx = self._mbs[g]
+            ref = w.control.remote(self._control("step", s, ctx.step, lr=ctx.lr, wd=ctx.wd),
+                                   self._bwd.pop((s, g)))
+            self._outstanding.append(ref)
+            self._steps_done[g] = self._steps_done.get(g, 0) + 1
+            if self._steps_done[g] == S:  # every actor is done with g
+                del self._steps_done[g], self._mbs[g]
+                for st in range(S):
+                    self._issued.discard((st, Action("F", g)))
+                    self._issued.discard((st, Action("B", g)))
+
+    def _pump(self) -> None:
+        """Issue every queued action whose dependencies have been issued, until none is
+        left that can go; each stage's queue strictly in order."""
+        S = self.num_stages
+        progressed = True
+        while progressed:
+            progressed = False
+            for s in range(S):
+                q = self._queues[s]
+                while q:
+                    a, batch = q[0]
+                    if a.op != "STEP":
+                        deps = _deps(s, a, S, 0, self._dfa_now, self.graph, self._cons)
+                        if any(d not in self._issued for d in deps):
+                            break
+                    self._issue(s, a, batch)
+                    q.popleft()
+                    if a.op != "STEP":
+                        self._issued.add((s, a))
+                    progressed = True
+        stuck = [(s, q[0][0], []) for s, q in enumerate(self._queues) if q]
+        if stuck:
+            self._reset_pipeline()
+            raise DeadlockError(stuck)
+
+    def _micro_batches(self, x, y, step, lr=0.0, wd=0.0) -> list[int]:
+        xs, ys = x.chunk(self.micro_batches), y.chunk(self.micro_batches)
+        base, n = self._g, x.shape[0]
+        self._g += len(xs)
+        for m, (xm, ym) in enumerate(zip(xs, ys)):
+            self._mbs[base + m] = _Mb(step, m, xm, ym, n, lr, wd)
+        return list(range(base, self._g))
+
+    def _collect(self, refs, M: int, what: str) -> StepStats:
         try:
-            out = self._get([stats[m] for m in range(M)] + done, f"step {step}")
+            out = self._get(refs, what)
         except BaseException:
             self._recover()
             raise
@@ -303,6 +442,100 @@ class RayExecutor:
             st.correct += d["correct"]
             st.samples += d["samples"]
         return st
+
+    def _run(self, x, y, step: int, step_args: dict | None, dfa: bool | None = None,
+             schedule: str | None = None) -> StepStats:
+        """One batch through a flushing schedule (gpipe / 1f1b); STEP actions only when
+        step_args is given."""
+        self._drain()
+        self._dfa_now = self.dfa if dfa is None else dfa
+        name = schedule or (self.schedule_name if not self.is_async else "1f1b")
+        lr, wd = (step_args or {}).get("lr", 0.0), (step_args or {}).get("wd", 0.0)
+        gs = self._micro_batches(x, y, step, lr, wd)
+        M, base = len(gs), gs[0]
+        batch = (step, float(lr), float(wd), gs)
+        for stream in self._streams:  # (async) the stream goes on after these ids
+            stream.restart(self._g)
+        for s, acts in enumerate(self._schedule(name, M).stages):
+            for a in acts:
+                if a.op == "STEP":
+                    if step_args is not None:
+                        self._queues[s].append((STEP, batch))
+                else:
+                    self._queues[s].append((Action(a.op, base + a.mb), batch))
+        self._pump()
+        refs = [self._stats_refs.pop(g) for g in gs]
+        refs += self._step_refs if step_args is not None else [self._bwd.pop(k) for k in
+                                                              list(self._bwd)]
+        self._step_refs = []
+        self._issued.clear()
+        for g in gs:
+            self._mbs.pop(g, None)
+        try:
+            return self._collect(refs, M, f"step {step}")
+        finally:
+            self._dfa_now = self.dfa
+
+    def _run_async(self, x, y, step: int, lr: float, wd: float) -> StepStats:
+        """Stream one batch into the async pipeline; returns when the last actor has its
+        loss.  Each micro-batch's update uses lr and wd/M (M updates make one batch's)."""
+        gs = self._micro_batches(x, y, step, float(lr), float(wd) / self.micro_batches)
+        for s, stream in enumerate(self._streams):
+            self._queues[s].extend((a, None) for a in stream.take(self._g))
+        self._pump()
+        st = self._collect([self._stats_refs.pop(g) for g in gs], len(gs), f"step {step}")
+        self._check_outstanding()
+        return st
+
+    def _check_outstanding(self) -> None:
+        """Surface errors of finished async updates without waiting for the rest."""
+        if self.local or not self._outstanding:
+            self._outstanding = []
+            return
+        import ray
+
+        ready, rest = ray.wait(self._outstanding, num_returns=len(self._outstanding), timeout=0)
+        self._outstanding = rest
+        if ready:
+            try:
+                self._get(ready, f"step {self._step}")
+            except BaseException:
+                self._recover()
+                raise
+
+    def _drain(self) -> None:
+        """async: finish every micro-batch in flight (their backwards and updates)."""
+        if not self.is_async:
+            return
+        if self._streams and self._streams[0].start < self._g:
+            for s, stream in enumerate(self._streams):
+                self._queues[s].extend((a, None) for a in stream.drain(self._g))
+            self._pump()
+        refs, self._outstanding = self._outstanding, []
+        if refs:
+            try:
+                self._get(refs, "drain")
+            except BaseException:
+                self._recover()
+                raise
+
+    def flush(self) -> None:
+        """Wait until every issued step has finished (async: drain the stream)."""
+        self._drain()
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
+        self._step += 1
+        while True:
+            try:
+                if self.is_async:
+                    return self._run_async(x, y, self._step, lr, wd)
+                return self._run(x, y, self._step, {"lr": float(lr), "wd": float(wd)})
+            except MessageError:
+                raise
+            except Exception as err:  # noqa: BLE001 - an actor may have died
+                if not self._revive(err):
+                    raise
 
     def forward_backward(self, x, y, stats: StepStats) -> None:
         """Forward and backward of one batch, gradients left in the stages (no step)."""
@@ -316,6 +549,7 @@ class RayExecutor:
         its rule and the BP gradient on the same batch; BatchNorm statistics restored."""
         from ..alignment import update_angles
 
+        self._drain()
         self._get([w.probe_begin.remote() for w in self.workers], "probe")
         try:
             grads = []
@@ -333,8 +567,19 @@ class RayExecutor:
     def evaluate(self, loader) -> tuple[float, float]:
         """Loss and accuracy through the same actors, forward only, a few batches in
         flight at a time."""
+        while True:
+            try:
+                return self._evaluate(loader)
+            except MessageError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                if not self._revive(err):
+                    raise
+
+    def _evaluate(self, loader) -> tuple[float, float]:
+        self._drain()
         self._broadcast("mode", train=False)
-        S, last = self.num_stages, self.num_stages - 1
+        S, last, pl = self.num_stages, self.num_stages - 1, self.placement
         loss, correct, n = 0.0, 0, 0
         pending: deque = deque()
 
@@ -345,11 +590,17 @@ class RayExecutor:
 
         try:
             for i, (x, y) in enumerate(loader):
-                h = self._send(ACTIVATION, x, stage_name(0), self._step, i, "eval")
-                for s in range(last):
-                    h = self.workers[s].infer.options(num_returns=2).remote(*h)
-                t = self._send(TARGET, y, stage_name(last), self._step, i, "eval")
-                pending.append(self.workers[last].infer.remote(*h, *t))
+                outs = {}
+                for s in range(S):
+                    wire = []
+                    for p in pl.inputs[s]:
+                        wire += (self._send(ACTIVATION, x, stage_name(s), self._step, i, "eval")
+                                 if p < 0 else outs[p])
+                    if s < last:
+                        outs[s] = self.workers[s].infer.options(num_returns=2).remote(*wire)
+                    else:
+                        wire += self._send(TARGET, y, stage_name(last), self._step, i, "eval")
+                        pending.append(self.workers[last].infer.remote(*wire))
                 if len(pending) > S:
                     collect()
             while pending:
@@ -363,7 +614,10 @@ class RayExecutor:
 
     def mirror_steps(self, n: int) -> None:
         if n:
+            self._drain()
             self._broadcast("mirror", n=int(n))
+            if self._ckpt is None:
+                self._pre_mirror += int(n)
 
     # ------------------------------------------------------------------ metrics and state
     def alignment(self) -> dict:
@@ -372,27 +626,143 @@ class RayExecutor:
             out.update(d)
         return out
 
+    def _layout(self) -> dict:
+        return {"executor": self.name, "boundaries": self.boundaries,
+                "placement": self.placement.to_dict(), "step": self._step}
+
     def state_dict(self) -> dict:
+        """Every stage's state, gathered on the driver (small models, tests); training
+        checkpoints use `save_state`, where each actor writes its own file."""
+        self._drain()
         return {"stages": self._get([w.state_dict.remote() for w in self.workers], "state_dict"),
-                "executor": self.name, "boundaries": list(self.boundaries), "step": self._step}
+                **self._layout()}
+
+    def _check_layout(self, state: dict, n: int) -> None:
+        pl = state.get("placement")
+        same = (Placement.from_dict(pl).same_layout(self.placement) if pl is not None
+                else state.get("boundaries", self.boundaries) == self.boundaries)
+        if n != self.num_stages or not same:
+            raise ValueError(f"checkpoint has {n} stages (boundaries {state.get('boundaries')}"
+                             f"); this runtime has {self.num_stages} (boundaries "
+                             f"{self.boundaries}): use the same runtime.partition")
 
     def load_state_dict(self, state: dict) -> None:
         stages = state["stages"]
-        if len(stages) != self.num_stages or state.get("boundaries", self.boundaries) != self.boundaries:
-            raise ValueError(f"checkpoint has {len(stages)} stages (boundaries "
-                             f"{state.get('boundaries')}); this runtime has {self.num_stages} "
-                             f"(boundaries {self.boundaries}): use the same runtime.partition")
+        self._check_layout(state, len(stages))
+        self._drain()
         self._get([w.load_state_dict.remote(st) for w, st in zip(self.workers, stages)],
                   "load_state_dict")
         self._step = int(state.get("step", self._step))
 
+    def save_state(self, run_dir) -> dict:
+        """Checkpoint: every actor writes its own state (weights, feedback weights,
+        optimizer state, RNG) to <run_dir>/checkpoint/step-<N>/<actor>.pt, then the
+        driver writes the manifest.  Returns the small record train.py keeps in
+        checkpoint.pt; the actors' files never pass through the driver.  The last two
+        generations are kept, so a crash while saving leaves the previous one intact."""
+        self._drain()
+        root = Path(run_dir).resolve() / CHECKPOINT_DIR
+        gen = root / f"step-{self._step:09d}"
+        receipts = self._get([w.save_checkpoint.remote(str(gen)) for w in self.workers],
+                             "checkpoint")
+        manifest = {"version": 1, "run_id": self.run_id, "step": self._step,
+                    "time": time.time(), "schedule": self.schedule_name,
+                    "micro_batches": self.micro_batches, **self._layout(), "actors": receipts,
+                    "bytes": sum(r["bytes"] for r in receipts)}
+        _write_json(gen / "manifest.json", manifest)
+        _write_json(root / "manifest.json", {**manifest, "generation": gen.name})
+        gens = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in gens[:-2]:
+            if old != gen:
+                shutil.rmtree(old, ignore_errors=True)
+        self._ckpt, self._ckpt_step = gen, self._step
+        return {"executor": self.name, "checkpoint": f"{CHECKPOINT_DIR}/{gen.name}",
+                "step": self._step, "bytes": manifest["bytes"], **self._layout()}
+
+    def load_saved_state(self, run_dir, saved: dict) -> None:
+        """Resume from what `save_state` returned: each actor loads its own file."""
+        if "stages" in saved:  # a checkpoint gathered on the driver (state_dict)
+            self.load_state_dict(saved)
+            return
+        gen = Path(run_dir).resolve() / saved["checkpoint"]
+        manifest = json.loads((gen / "manifest.json").read_text())
+        self._check_layout(manifest, len(manifest["actors"]))
+        self._drain()
+        self._get([w.load_checkpoint.remote(str(gen)) for w in self.workers], "resume")
+        self._step = int(manifest["step"])
+        self._ckpt, self._ckpt_step = gen, self._step
+
     def model_state_dict(self) -> dict:
         """The full model's state dict ("units.<i>...."), gathered from the stages."""
+        self._drain()
         out = {}
         for d in self._get([w.unit_state.remote() for w in self.workers], "unit_state"):
             out.update(d)
         return out
 
+    # ------------------------------------------------------------------ recovery
+    def _dead(self) -> list[int]:
+        """Indices of actors that are gone (RayActorError on a ping)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        dead = []
+        refs = [w.ping.remote() for w in self.workers]
+        for i, r in enumerate(refs):
+            try:
+                ray.get(r, timeout=self.timeout)
+            except RayActorError:
+                dead.append(i)
+            except GetTimeoutError:
+                raise TimeoutError(f"{stage_name(i)} does not answer a ping within "
+                                   f"{self.timeout}s") from None
+        return dead
+
+    def _revive(self, err: BaseException) -> bool:
+        """After a failed call: if actors died, recreate them and roll every actor back
+        to the last checkpoint (or to the start); True when the call may be retried."""
+        if self.local or not self.workers:
+            return False
+        dead = self._dead()
+        if not dead:
+            return False
+        if len(self.recoveries) >= self.cfg.runtime.max_recoveries:
+            raise RuntimeError(f"actors {[stage_name(i) for i in dead]} died; already "
+                               f"recovered {len(self.recoveries)} times "
+                               f"(runtime.max_recoveries)") from err
+        import ray
+
+        t0 = time.perf_counter()
+        for i in dead:
+            try:
+                ray.kill(self.workers[i])
+            except Exception:  # noqa: BLE001
+                pass
+            self.workers[i] = self._spawn_one(i)
+            self._owned.add(i)
+        self._reset_pipeline()
+        self._get([self.workers[i].setup.remote(self._specs[i]) for i in dead], "recovery setup")
+        if self._ckpt is not None:
+            self._get([w.load_checkpoint.remote(str(self._ckpt)) for w in self.workers],
+                      "recovery")
+            restored = self._ckpt_step
+        else:  # no checkpoint yet: every actor back to its initial state
+            alive = [i for i in range(self.num_stages) if i not in dead]
+            self._get([self.workers[i].setup.remote(self._specs[i]) for i in alive],
+                      "recovery setup")
+            if self._pre_mirror:
+                self._broadcast("mirror", n=self._pre_mirror)
+            restored = 0
+        self.stage_info = self._get([w.info.remote() for w in self.workers], "info")
+        self.recoveries.append({
+            "at_step": self._step, "dead": [stage_name(i) for i in dead],
+            "restored_step": restored, "lost_steps": max(self._step - 1 - restored, 0),
+            "checkpoint": str(self._ckpt) if self._ckpt else None,
+            "error": f"{type(err).__name__}: {err}"[:300],
+            "seconds": time.perf_counter() - t0})
+        return True
+
+    # ------------------------------------------------------------------ observability
     def stage_timings(self, clear: bool = True) -> list[dict]:
         """Per stage, `StageWorker.timings()`: call times since the last call (metrics)."""
         return self._get([w.timings.remote(clear) for w in self.workers], "timings")
@@ -404,7 +774,7 @@ class RayExecutor:
         return led
 
     def ledger_summary(self) -> dict:
-        return self.ledger().as_summary()
+        return self.ledger().run_summary()
 
     def reset_ledger(self) -> None:
         self._ledger.clear()
@@ -424,16 +794,44 @@ class RayExecutor:
         """Test hook: stage `stage` corrupts its next outgoing `kind` message."""
         self._get(self.workers[stage].inject_fault.remote(kind, mode, step, mb), "inject_fault")
 
+    def staleness(self) -> list[int]:
+        """Per actor: how many updates its forward of a micro-batch may be missing
+        (0: gpipe / 1f1b).  async: d(s), the edges on the longest path from the actor to
+        the last one -- at most the pipeline depth minus one."""
+        if not self.is_async:
+            return [0] * self.num_stages
+        return stream_staleness(self.graph, self.num_stages)
+
     def runtime_info(self) -> dict:
-        sched, _ = self._plan(self.micro_batches)
+        sched = self._schedule(self.schedule_name, self.micro_batches)
         sim = simulate(sched, 1.0, 1.0, dfa=self.dfa)
-        return {"executor": self.name, "schedule": sched.name, "stages": self.num_stages,
-                "micro_batches": self.micro_batches, "boundaries": list(self.boundaries),
-                "units": [[self.unit_names[i] for i in range(a, b)] for a, b in self.groups],
+        stale = self.staleness()
+        pl = self.placement
+        return {"executor": "local" if self.local else self.name, "actors": self.num_stages,
+                "schedule": self.schedule_name, "micro_batches": self.micro_batches,
+                "staleness": max(stale), "staleness_per_actor": stale,
+                "staleness_unit": "optimizer updates (one per micro-batch) missing from a "
+                                  "forward pass; 0 = the in-process maths",
+                "partition": pl.spec, "stages": self.num_stages,
+                "pipeline_depth": max(stream_staleness(self.graph, self.num_stages)) + 1,
+                "boundaries": self.boundaries,
+                "units": [list(n) for n in pl.names],
+                "edges": [list(e) for e in pl.edges()],
                 "dfa_broadcast": self.dfa, "placement": self.cfg.runtime.placement,
+                "num_cpus": self.cfg.runtime.num_cpus, "num_gpus": self.cfg.runtime.num_gpus,
+                "devices": sorted({i.get("device", "cpu") for i in self.stage_info}),
                 "bubble_fraction_equal_costs": sim.bubble_fraction,
                 "ray_address": None if self.local else _ray_address(),
-                "actors": self.stage_info, "run_id": self.run_id, "step": self._step}
+                "actor_info": self.stage_info, "run_id": self.run_id, "step": self._step,
+                "checkpoint": str(self._ckpt) if self._ckpt else None,
+                "recoveries": list(self.recoveries)}
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _ray_address():

@@ -1,14 +1,17 @@
 """Pipeline schedules as data, and a dry-run simulator.
 
 A schedule is, per stage, an ordered list of actions: `F(mb)` (forward one micro-batch),
-`B(mb)` (backward it), `STEP` (step the stage's own optimizer).  A stage runs its list
-strictly in order; an action also waits for its dependencies on other stages:
+`B(mb)` (backward it), `STEP` (step the stage's own optimizer on the whole batch) or
+`STEP(mb)` (async: step on one micro-batch's gradient).  A stage runs its list strictly in
+order; an action also waits for its dependencies on other stages.  Stages form a graph
+(`graph`: per stage its producer stages, -1 for the driver; default the chain s-1 -> s):
 
-    F(s, mb)  needs  F(s-1, mb)                          (the activation)
-    B(s, mb)  needs  F(s, mb)  and  B(s+1, mb)           (the projected error), s < S-1
+    F(s, mb)  needs  F(p, mb) for every producer p           (the activations)
+    B(s, mb)  needs  F(s, mb)  and  B(c, mb) for every consumer c   (the projected errors;
+                                                               a producer sums them)
     B(S-1,mb) needs  F(S-1, mb)                          (the last stage owns the loss: its
                                                           forward computes e from the targets)
-    STEP(s)   needs  every B(s, mb) of its own stage
+    STEP(s)   needs  every B(s, mb) of its own stage;  STEP(mb) only B(s, mb)
 
 DFA (`dfa=True`): no error travels down the chain.  Every stage's backward needs only the
 output error e of that micro-batch, which the last stage computes in its *forward* F(S-1,
@@ -17,9 +20,13 @@ not B(s+1, mb) -- we deliberately depend on the last forward rather than the las
 backward: e exists as soon as the logits do, and all stages may run their backward
 passes at the same time.
 
-Generators: `gpipe(S, M)` and `one_f_one_b(S, M)` (alias `SCHEDULES["1f1b"]`).  Both
-process micro-batches in ascending order on every stage, so gradients add up in the
-same order as in the in-process executor.
+Generators: `gpipe(S, M)`, `one_f_one_b(S, M)` (alias `SCHEDULES["1f1b"]`) and
+`async_(S, M)` (`"async"`).  gpipe and 1f1b process micro-batches in ascending order on
+every stage and step once per batch, so gradients add up in the same order as in the
+in-process executor.  async is 1F1B without the flush: stage s warms up with d(s)
+forwards (d = edges on the longest path to the last stage), then runs F(m+d) B(m)
+STEP(m) -- it updates as soon as micro-batch m's error is in, and its forward of m runs on
+weights that miss the updates of the d(s) micro-batches before it (`staleness`).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ class Action:
             raise ValueError(f"{self.op} needs a micro-batch index")
 
     def __str__(self):
-        return "STEP" if self.op == "STEP" else f"{self.op}({self.mb})"
+        return "STEP" if self.op == "STEP" and self.mb < 0 else f"{self.op}({self.mb})"
 
     __repr__ = __str__
 
@@ -55,56 +62,193 @@ def B(mb: int) -> Action:  # noqa: N802
 STEP = Action("STEP")
 
 
+def STEP_MB(mb: int) -> Action:  # noqa: N802 - async: the update from micro-batch mb
+    return Action("STEP", mb)
+
+
 @dataclass
 class Schedule:
     name: str
     stages: list[list[Action]]
     micro_batches: int
+    graph: list[list[int]] | None = None   # per stage its producers (-1: driver); None: chain
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def per_micro_batch_steps(self) -> bool:
+        return any(a.op == "STEP" and a.mb >= 0 for acts in self.stages for a in acts)
 
     def __str__(self):
         return "\n".join(f"stage{s}: " + " ".join(map(str, acts))
                          for s, acts in enumerate(self.stages))
 
 
+# ------------------------------------------------------------------------------ graphs
+def chain(S: int) -> list[list[int]]:
+    return [[s - 1] for s in range(S)]
+
+
+def consumers(graph: list[list[int]]) -> list[list[int]]:
+    """Per stage, the stages that read its output (each once, ascending)."""
+    out: list[list[int]] = [[] for _ in graph]
+    for c, ins in enumerate(graph):
+        for p in ins:
+            if p >= 0 and c not in out[p]:
+                out[p].append(c)
+    return out
+
+
+def depths(graph: list[list[int]]) -> list[int]:
+    """Per stage: edges on the longest path from it to the last stage."""
+    cons, d = consumers(graph), [0] * len(graph)
+    for s in reversed(range(len(graph) - 1)):
+        d[s] = 1 + max((d[c] for c in cons[s]), default=-1)
+    return d
+
+
+def _graph(S: int, graph) -> list[list[int]]:
+    g = chain(S) if graph is None else [list(x) for x in graph]
+    if len(g) != S:
+        raise ValueError(f"graph has {len(g)} stages, schedule {S}")
+    for c, ins in enumerate(g):
+        if not ins or any(not -1 <= p < c for p in ins):
+            raise ValueError(f"graph: stage {c} reads {ins}; stages must be in topological "
+                             f"order and read earlier stages or the driver (-1)")
+    return g
+
+
 # ------------------------------------------------------------------------------ generators
-def gpipe(S: int, M: int) -> Schedule:
+def gpipe(S: int, M: int, graph=None) -> Schedule:
     """All forwards, then all backwards (ascending micro-batch), then the step."""
     _check(S, M)
     acts = [F(m) for m in range(M)] + [B(m) for m in range(M)] + [STEP]
-    return Schedule("gpipe", [list(acts) for _ in range(S)], M)
+    return Schedule("gpipe", [list(acts) for _ in range(S)], M,
+                    None if graph is None else _graph(S, graph))
 
 
-def one_f_one_b(S: int, M: int) -> Schedule:
-    """1F1B (PipeDream-flush): stage s warms up with S-1-s forwards, then alternates one
-    forward and one backward, then cools down with the remaining backwards.  Same math as
-    GPipe; a stage holds at most S-s micro-batches' activations instead of M."""
-    _check(S, M)
+def _warm_interleave(S, M, graph, step_each: bool) -> list[list[Action]]:
+    d = depths(_graph(S, graph))
     stages = []
     for s in range(S):
-        warm = min(S - 1 - s, M)
+        warm = min(d[s], M)
         acts = [F(m) for m in range(warm)]
         f, b = warm, 0
         while f < M:
-            acts += [F(f), B(b)]
+            acts += [F(f), B(b)] + ([STEP_MB(b)] if step_each else [])
             f, b = f + 1, b + 1
-        acts += [B(m) for m in range(b, M)]
-        acts.append(STEP)
+        for m in range(b, M):
+            acts += [B(m)] + ([STEP_MB(m)] if step_each else [])
+        if not step_each:
+            acts.append(STEP)
         stages.append(acts)
-    return Schedule("1f1b", stages, M)
+    return stages
 
 
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def one_f_one_b(S: int, M: int, graph=None) -> Schedule:
+    """1F1B (PipeDream-flush): stage s warms up with d(s) forwards (S-1-s on a chain),
+    then alternates one forward and one backward, then cools down with the remaining
+    backwards.  Same math as GPipe; a stage holds at most d(s)+1 micro-batches'
+    activations instead of M."""
+    _check(S, M)
+    return Schedule("1f1b", _warm_interleave(S, M, graph, False), M,
+                    None if graph is None else _graph(S, graph))
 
 
-def make_schedule(name: str, S: int, M: int) -> Schedule:
+def async_(S: int, M: int, graph=None) -> Schedule:
+    """1F1B with a step after every backward (PipeDream without the flush): F(m+d) B(m)
+    STEP(m).  One batch of M here; the executor streams it across batches."""
+    _check(S, M)
+    return Schedule("async", _warm_interleave(S, M, graph, True), M,
+                    None if graph is None else _graph(S, graph))
+
+
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "async": async_}
+
+
+def make_schedule(name: str, S: int, M: int, graph=None) -> Schedule:
     try:
-        return SCHEDULES[name](S, M)
+        gen = SCHEDULES[name]
     except KeyError:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}") from None
+    return gen(S, M, graph)
+
+
+def staleness(schedule: Schedule) -> list[int]:
+    """Per stage: the most updates that sequential SGD would have applied before some
+    micro-batch's forward and this stage had not (0 for gpipe / 1f1b: one update per
+    batch, after every micro-batch)."""
+    if not schedule.per_micro_batch_steps:
+        return [0] * schedule.num_stages
+    out = []
+    for acts in schedule.stages:
+        worst, done = 0, set()
+        for a in acts:
+            if a.op == "STEP":
+                done.add(a.mb)
+            elif a.op == "F":
+                worst = max(worst, sum(1 for j in range(a.mb) if j not in done))
+        out.append(worst)
+    return out
+
+
+def stream_staleness(graph: list[list[int]] | None, S: int) -> list[int]:
+    """Per stage, the staleness of the async schedule streamed across batches (no
+    flush): d(s), the edges on the longest path from the stage to the last one."""
+    return depths(_graph(S, graph))
+
+
+class AsyncStream:
+    """One stage's endless async action list, from micro-batch `start` on:
+    F(start) .. F(start+d-1), then F(g+d) B(g) STEP(g) for g = start, start+1, ...
+
+    take(limit): the next actions up to (not including) the first F(g >= limit).
+    drain(limit): the remaining B(g) / STEP(g) for g < limit (forwards >= limit are
+    dropped), after which the stream restarts at `limit` with a new warm-up."""
+
+    def __init__(self, d: int, start: int = 0):
+        self.d = d
+        self._restart(start)
+
+    def restart(self, start: int) -> None:
+        """Start over at `start` (nothing of the old stream may be in flight)."""
+        self._restart(start)
+
+    def _restart(self, start: int) -> None:
+        self.start = start
+        self._it = self._gen(start)
+        self._peek = next(self._it)
+
+    def _gen(self, start):
+        for g in range(start, start + self.d):
+            yield F(g)
+        g = start
+        while True:
+            yield F(g + self.d)
+            yield B(g)
+            yield STEP_MB(g)
+            g += 1
+
+    def take(self, limit: int) -> list[Action]:
+        out = []
+        while not (self._peek.op == "F" and self._peek.mb >= limit):
+            out.append(self._peek)
+            self._peek = next(self._it)
+        return out
+
+    def drain(self, limit: int) -> list[Action]:
+        out = []
+        while True:
+            a = self._peek
+            if a.mb >= limit and a.op != "F":
+                break  # B / STEP of micro-batches that never started
+            if a.mb < limit:
+                out.append(a)
+            self._peek = next(self._it)
+        self._restart(limit)
+        return out
 
 
 def _check(S, M):
@@ -114,17 +258,27 @@ def _check(S, M):
 
 def check_schedule(schedule: Schedule) -> None:
     """Structural checks: each stage runs every F(mb) and B(mb) exactly once and ends with
-    one STEP.  (Order problems -- a B(mb) before its F(mb), crossed waits between stages --
-    show up as a DeadlockError in `simulate`.)"""
+    one STEP -- or, with per-micro-batch steps (async), runs STEP(mb) once after each B(mb).
+    (Order problems -- a B(mb) before its F(mb), crossed waits between stages -- show up
+    as a DeadlockError in `simulate`.)"""
     M = schedule.micro_batches
+    each = schedule.per_micro_batch_steps
     for s, acts in enumerate(schedule.stages):
         want = sorted([F(m) for m in range(M)] + [B(m) for m in range(M)])
         got = sorted(a for a in acts if a.op != "STEP")
         if got != want:
             raise ValueError(f"stage{s}: must run F(0..{M - 1}) and B(0..{M - 1}) once each, "
                              f"got {' '.join(map(str, acts))}")
-        if [a for a in acts if a.op == "STEP"] != [STEP] or acts[-1] != STEP:
-            raise ValueError(f"stage{s}: must end with exactly one STEP")
+        steps = [a for a in acts if a.op == "STEP"]
+        if not each:
+            if steps != [STEP] or acts[-1] != STEP:
+                raise ValueError(f"stage{s}: must end with exactly one STEP")
+            continue
+        if sorted(a.mb for a in steps) != list(range(M)):
+            raise ValueError(f"stage{s}: must run STEP(0..{M - 1}) once each")
+        for a in steps:
+            if acts.index(a) < acts.index(B(a.mb)):
+                raise ValueError(f"stage{s}: STEP({a.mb}) before B({a.mb})")
 
 
 # ------------------------------------------------------------------------------ simulator
@@ -138,15 +292,26 @@ class DeadlockError(RuntimeError):
         super().__init__("schedule deadlocks:\n  " + "\n  ".join(lines))
 
 
-def dependencies(s: int, a: Action, S: int, M: int, dfa: bool = False) -> list[tuple[int, Action]]:
+def dependencies(s: int, a: Action, S: int, M: int, dfa: bool = False,
+                 graph=None) -> list[tuple[int, Action]]:
     """(stage, action) pairs that (s, a) waits for, besides its own list order."""
+    g = chain(S) if graph is None else graph
+    return _deps(s, a, S, M, dfa, g, consumers(g))
+
+
+def _deps(s, a, S, M, dfa, graph, cons):
     if a.op == "F":
-        return [(s - 1, F(a.mb))] if s > 0 else []
+        return [(p, F(a.mb)) for p in graph[s] if p >= 0]
     if a.op == "B":
         deps = [(s, F(a.mb))]
         if s < S - 1:
-            deps.append((S - 1, F(a.mb)) if dfa else (s + 1, B(a.mb)))
+            if dfa:
+                deps.append((S - 1, F(a.mb)))
+            else:
+                deps += [(c, B(a.mb)) for c in cons[s]]
         return deps
+    if a.mb >= 0:
+        return [(s, B(a.mb))]
     return [(s, B(m)) for m in range(M)]
 
 
@@ -166,15 +331,23 @@ class SimResult:
 
 
 def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost: float = 0.0, *,
-             step_cost=0.0, dfa: bool = False, batch_size: int | None = None) -> SimResult:
+             step_cost=0.0, dfa: bool = False, batch_size: int | None = None,
+             cores: int | None = None) -> SimResult:
     """Dry-run a schedule: each stage executes its list in order, each action starts when
     its stage is free and its dependencies are done (+comm_cost for one on another stage).
 
     fwd_cost, bwd_cost, step_cost: per stage, a list or one number for all stages
-    (time per micro-batch).  Raises DeadlockError when no stage can progress.
+    (time per micro-batch).  cores: at most this many actions run at once (actors
+    sharing a machine with fewer cores than actors); None: every actor has its own.
+    Raises DeadlockError when no stage can progress.
     """
+    if cores is not None:
+        return _simulate_cores(schedule, fwd_cost, bwd_cost, comm_cost, step_cost, dfa,
+                               batch_size, int(cores))
     check_schedule(schedule)
     S, M = schedule.num_stages, schedule.micro_batches
+    graph = _graph(S, schedule.graph)
+    cons = consumers(graph)
     fc, bc, sc = (_per_stage(c, S, n) for c, n in ((fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"),
                                                     (step_cost, "step_cost")))
     end: dict[tuple[int, Action], float] = {}
@@ -189,7 +362,7 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost: float = 0.0, *,
         for s in range(S):
             while ptr[s] < len(schedule.stages[s]):
                 a = schedule.stages[s][ptr[s]]
-                deps = dependencies(s, a, S, M, dfa)
+                deps = _deps(s, a, S, M, dfa, graph, cons)
                 if any(d not in end for d in deps):
                     break
                 ready = max([free[s]] + [end[d] + (comm_cost if d[0] != s else 0.0) for d in deps])
@@ -210,7 +383,8 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost: float = 0.0, *,
             for s in range(S):
                 if ptr[s] < len(schedule.stages[s]):
                     a = schedule.stages[s][ptr[s]]
-                    stuck.append((s, a, [d for d in dependencies(s, a, S, M, dfa) if d not in end]))
+                    stuck.append((s, a, [d for d in _deps(s, a, S, M, dfa, graph, cons)
+                                         if d not in end]))
             raise DeadlockError(stuck)
     makespan = max(free) if free else 0.0
     trace.sort(key=lambda t: (t[2], t[3], t[0]))
@@ -229,3 +403,64 @@ def _per_stage(c, S, name):
     if len(c) != S:
         raise ValueError(f"{name}: {len(c)} values for {S} stages")
     return c
+
+
+def _simulate_cores(schedule, fwd_cost, bwd_cost, comm_cost, step_cost, dfa, batch_size,
+                    cores) -> SimResult:
+    """`simulate` with a limited number of cores: event-driven list scheduling, always
+    starting next the ready action that can start earliest (ties: lower stage)."""
+    import heapq
+
+    check_schedule(schedule)
+    S, M = schedule.num_stages, schedule.micro_batches
+    graph = _graph(S, schedule.graph)
+    cons = consumers(graph)
+    fc, bc, sc = (_per_stage(c, S, n) for c, n in ((fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"),
+                                                    (step_cost, "step_cost")))
+    end: dict = {}
+    ptr, free, busy = [0] * S, [0.0] * S, [0.0] * S
+    held, peak, trace = [0] * S, [0] * S, []
+    core_free = [0.0] * max(cores, 1)
+    total = sum(len(a) for a in schedule.stages)
+    while len(end) < total:
+        best = None
+        for s in range(S):
+            if ptr[s] >= len(schedule.stages[s]):
+                continue
+            a = schedule.stages[s][ptr[s]]
+            deps = _deps(s, a, S, M, dfa, graph, cons)
+            if any(d not in end for d in deps):
+                continue
+            ready = max([free[s]] + [end[d] + (comm_cost if d[0] != s else 0.0) for d in deps])
+            start = max(ready, core_free[0])
+            if best is None or start < best[0]:
+                best = (start, s, a)
+        if best is None:
+            stuck = []
+            for s in range(S):
+                if ptr[s] < len(schedule.stages[s]):
+                    a = schedule.stages[s][ptr[s]]
+                    stuck.append((s, a, [d for d in _deps(s, a, S, M, dfa, graph, cons)
+                                         if d not in end]))
+            raise DeadlockError(stuck)
+        start, s, a = best
+        cost = fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
+        heapq.heapreplace(core_free, start + cost)
+        end[(s, a)] = start + cost
+        trace.append((s, a, start, start + cost))
+        free[s] = start + cost
+        busy[s] += cost
+        if a.op == "F":
+            held[s] += 1
+            peak[s] = max(peak[s], held[s])
+        elif a.op == "B":
+            held[s] -= 1
+        ptr[s] += 1
+    makespan = max(free) if free else 0.0
+    trace.sort(key=lambda t: (t[2], t[3], t[0]))
+    bubble = 1.0 - sum(busy) / (S * makespan) if makespan > 0 else 0.0
+    return SimResult(
+        makespan=makespan, busy=busy, bubble_fraction=bubble,
+        samples_per_s=(batch_size / makespan) if (batch_size and makespan > 0) else None,
+        micro_batches_per_s=M / makespan if makespan > 0 else float("inf"),
+        peak_activations=peak, trace=trace)

@@ -1,22 +1,27 @@
-"""`StageWorker`: one pipeline stage, the unit of placement of the distributed runtime.
+"""`StageWorker`: one actor of the runtime's graph, the unit of placement.
 
 A plain class (no Ray in here): the executor makes it an actor at spawn time with
 `ray.remote(num_cpus=..., num_gpus=...)(StageWorker)`, and tests can drive it directly.
 It builds the whole model from the config (deterministic in the seed), keeps only its
-slice of units and wraps an `engine.Stage` around them -- so the maths is the in-process
-engine's, line for line.
+part -- a group of units, or one node of the layer graph (`partition: per_layer`) -- and
+wraps a `NodeStage` (graph.py: `engine.Stage` with several inputs) around it, so the
+maths is the in-process engine's, line for line.
 
 Everything it receives is a wire message (header bytes + ndarray) and is validated before
 use: kind, edge, step, micro-batch, shape, dtype, finite values.  Everything it sends is
-counted in its ledger.  The last stage also owns the loss: given the targets, its forward
+counted in its ledger.  The last actor also owns the loss: given the targets, its forward
 computes loss and e = dL/dlogits (`engine.loss_and_error`).
 
-Wire calls (what the executor invokes):
-  forward(hdr, payload[, t_hdr, t_payload]) -> (hdr, payload)             stages < last
-                                            -> stats | (stats, e_hdr, e_payload)   last
-  backward(mb, hdr, payload, e_hdr, e_payload, dep) -> (hdr, payload) | None
-  infer(hdr, payload[, t_hdr, t_payload])   -> (hdr, payload) | stats
-  control(raw, *deps)                       step / mirror / mode / reset commands
+Wire calls (what the executor invokes); `wire` is a flat list of (header, payload) pairs:
+  forward(*wire)        one activation per input slot (+ the targets, last actor)
+                        -> (hdr, payload)                 actors with consumers
+                        -> stats | (stats, e_hdr, e_payload)   the last actor (DFA: + e)
+  backward(step, mb, *wire, dep=None)
+                        one chain error per consumer edge (summed), or DFA's e
+                        -> (hdr, payload) per input slot fed by another actor | None
+  infer(*wire)          forward only -> (hdr, payload) | stats
+  control(raw, *deps)   step / mirror / mode / reset commands
+  save_checkpoint(dir) / load_checkpoint(dir)   this actor's own state, to/from its file
 """
 
 from __future__ import annotations
@@ -24,16 +29,18 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import Stage, loss_and_error
+from ..engine import loss_and_error
 from ..layers import ErrorTap, restore_rules, set_rule
 from ..rules import make_rule
 from ..builders import as_config, build_rule_and_model, optim_config
 from ..metrics import StageTimer
+from .graph import NodeStage, Placement, modules_for
 from .ledger import Ledger
 from .messages import (ACTIVATION, BROADCAST, CHAIN, CONTROL, ERROR, OUTPUT, TARGET, Control,
                        Header, Message, MessageError, validate)
@@ -41,12 +48,23 @@ from .messages import (ACTIVATION, BROADCAST, CHAIN, CONTROL, ERROR, OUTPUT, TAR
 DRIVER = "driver"
 
 
+def _cpu(obj):
+    """A copy of a (nested) state with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
 def stage_name(i: int) -> str:
     return f"stage{i}"
 
 
 class StageWorker:
-    def __init__(self, spec: dict | None = None, threads: int = 1):
+    def __init__(self, spec: dict | None = None, threads: int = 1, model=None):
         if threads:  # 0: leave the process's setting alone (in-process use)
             torch.set_num_threads(int(threads))
         self._ledger = Ledger()
@@ -54,62 +72,84 @@ class StageWorker:
         self._fault: dict | None = None
         self.stage = None
         if spec is not None:
-            self.setup(spec)
+            self.setup(spec, model)
 
     # ------------------------------------------------------------------ construction
-    def setup(self, spec: dict) -> dict:
-        """(Re)build this worker for a stage.  spec: config (dict or Config), index,
-        num_stages, units (a, b), input_shape, num_classes, run, audit."""
+    def setup(self, spec: dict, model=None) -> dict:
+        """(Re)build this worker for an actor of the graph.  spec: config (dict or Config),
+        index, placement (Placement.to_dict(); default: a chain of `units` groups of
+        `num_stages`), input_shape, num_classes, run, audit, threads, device, stash.
+        model: a freshly built model to take the modules from (local mode builds one for
+        every worker); default: build it here."""
         cfg = as_config(spec["config"])
         threads = spec.get("threads", cfg.runtime.threads)
         if threads:
             torch.set_num_threads(int(threads))
-        self.index, self.num_stages = int(spec["index"]), int(spec["num_stages"])
-        self.units = tuple(spec["units"])
+        self.index = int(spec["index"])
+        if "placement" in spec:
+            pl = Placement.from_dict(spec["placement"])
+        else:  # older spec: this actor's units in a chain of num_stages
+            S = int(spec["num_stages"])
+            members = [[0, 0]] * S
+            members[self.index] = list(spec["units"])
+            pl = Placement("units", members, [[""]] * S, [[s - 1] for s in range(S)])
+        self.placement = pl
+        self.num_stages = pl.num_actors
         self.name = stage_name(self.index)
-        self.prev = DRIVER if self.index == 0 else stage_name(self.index - 1)
-        self.next = None if self.index == self.num_stages - 1 else stage_name(self.index + 1)
-        self.last_name = stage_name(self.num_stages - 1)
-        self.is_first, self.is_last = self.index == 0, self.index == self.num_stages - 1
+        self.inputs = [DRIVER if p < 0 else stage_name(p) for p in pl.inputs[self.index]]
+        self.consumers = [stage_name(c) for c, _ in pl.consumers[self.index]]
+        self.receivers = list(dict.fromkeys(self.consumers))  # each consumer once
+        self.last_name = stage_name(pl.sink)
+        self.is_last = self.index == pl.sink
+        self.is_first = all(p == DRIVER for p in self.inputs)
+        self.kind = pl.kind
+        member = pl.members[self.index]
+        self.units = tuple(member) if pl.kind == "units" else (member,)
         self.run = str(spec.get("run", ""))
         self.audit_enabled = bool(spec.get("audit", False))
         self.num_classes = int(spec["num_classes"])
+        self.device = torch.device(spec.get("device") or "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{self.name}: runtime.num_gpus > 0 but this actor sees no GPU "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
         torch.manual_seed(cfg.seed)
 
-        rule, model = build_rule_and_model(cfg, spec["input_shape"], self.num_classes)
-        a, b = self.units
-        all_units = list(model.units)
-        if not (0 <= a < b <= len(all_units)):
-            raise ValueError(f"{self.name}: units [{a}, {b}) outside the model's {len(all_units)}")
-        units, names = all_units[a:b], list(model.unit_names[a:b])
-        was = model.training
-        model.eval()
-        with torch.no_grad():  # per-sample input/output shapes of this stage
-            h = torch.zeros(2, *spec["input_shape"])
-            for u in all_units[:a]:
-                h = u(h)
-            self.in_shape = tuple(h.shape[1:])
-            for u in units:
-                h = u(h)
-            self.out_shape = tuple(h.shape[1:])
-        model.train(was)
+        if model is None:
+            rule, model = build_rule_and_model(cfg, spec["input_shape"], self.num_classes)
+        else:
+            rule = make_rule(cfg.rule.name, **cfg.rule.options())
+        if pl.kind == "units":
+            a, b = member
+            if not (0 <= a < b <= len(model.units)):
+                raise ValueError(f"{self.name}: units [{a}, {b}) outside the model's "
+                                 f"{len(model.units)}")
+        mods, names, unit_ids, in_shapes, out_shape = modules_for(pl, self.index, model,
+                                                                  spec["input_shape"])
+        self.in_shapes, self.out_shape = [tuple(s) for s in in_shapes], tuple(out_shape)
+        self.in_shape = self.in_shapes[0]
+        self.node_name = pl.names[self.index][0] if pl.kind == "layers" else None
         self.rule = rule
         self.unit_names = names
-        self.stage = Stage(units, optim_config(cfg), first=self.is_first, names=names)
+        self.unit_ids = unit_ids
+        self.stage = NodeStage(mods, optim_config(cfg), names,
+                               grad_inputs=[p != DRIVER for p in self.inputs],
+                               device=self.device, stash=bool(spec.get("stash", False)))
         self.stage.train(True)
         self._timer = StageTimer(self.stage)  # observability: see timings()
-        del model, all_units
+        del model
         params = list(self.stage.module.parameters())
         self.dtype = params[0].dtype if params else torch.float32
+        self._transport = self.stage.transported_bytes()
         # DFA: no error is sent down; e is broadcast and each stage's output tap discards
         # whatever gradient arrives from above -- check that it really does.
         self.broadcast_error = not rule.sends_error
         if self.broadcast_error and not self.is_last and not self._ends_with_tap():
             raise ValueError(f"{self.name}: rule {rule.name} needs every stage boundary right "
-                             f"after an error tap; units {names} do not end with one")
+                             f"after an error tap; {names} ({self.node_name or 'units'}) "
+                             f"does not end with one")
         self._probe = None
-        self._inflight: dict[int, tuple[int, int, tuple]] = {}  # mb -> (step, batch, out shape)
-        self._errors: dict[int, torch.Tensor] = {}               # last stage: mb -> e
+        self._inflight: dict[tuple, tuple[int, tuple]] = {}  # (step, mb) -> (batch, out shape)
+        self._errors: dict[tuple, torch.Tensor] = {}         # last stage: (step, mb) -> e
         self._ledger.clear()
         self._audit.clear()
         self._fault = None
@@ -123,7 +163,8 @@ class StageWorker:
         self.stage.module.eval()
         try:
             with torch.no_grad():
-                y = self.stage.module(torch.zeros(2, *self.in_shape, dtype=self.dtype))
+                y = self.stage.module(*[torch.zeros(2, *s, dtype=self.dtype, device=self.device)
+                                        for s in self.in_shapes])
         finally:
             for hk in hooks:
                 hk.remove()
@@ -132,12 +173,18 @@ class StageWorker:
 
     def info(self) -> dict:
         return {"name": self.name, "index": self.index, "units": list(self.units),
-                "unit_names": self.unit_names, "in_shape": list(self.in_shape),
+                "unit_names": self.unit_names if self.kind == "units" else [self.node_name],
+                "node": self.node_name, "inputs": self.inputs, "consumers": self.receivers,
+                "in_shape": list(self.in_shape), "in_shapes": [list(s) for s in self.in_shapes],
                 "out_shape": list(self.out_shape),
                 "params": sum(p.numel() for p in self.stage.module.parameters()),
                 "rule": self.rule.name, "broadcast_error": self.broadcast_error,
+                "device": str(self.device), "stash": self.stage.stash,
                 "pid": os.getpid(), "host": socket.gethostname(),
                 "threads": torch.get_num_threads()}
+
+    def ping(self) -> str:
+        return self.name
 
     # ------------------------------------------------------------------ wire helpers
     def _receive(self, raw, payload, kind, shape, dtype, *, src, detail=None, step=None,
@@ -178,76 +225,117 @@ class StageWorker:
         self._ledger.record(self.name, dst, CONTROL, len(raw), 0)
         return raw
 
+    def _activations(self, wire, detail=None) -> list[Message]:
+        k = len(self.inputs)
+        if len(wire) < 2 * k:
+            raise MessageError(f"{self.name} expects {k} activation(s), got {len(wire) // 2}",
+                               "?", self.name, ACTIVATION)
+        msgs = [self._receive(wire[2 * i], wire[2 * i + 1], ACTIVATION,
+                              (None, *self.in_shapes[i]), self.dtype, src=self.inputs[i],
+                              detail=detail) for i in range(k)]
+        h0 = msgs[0].header
+        for m in msgs[1:]:
+            if (m.header.step, m.header.mb) != (h0.step, h0.mb):
+                raise m.header.error(f"step {m.header.step} micro-batch {m.header.mb} merged "
+                                     f"with step {h0.step} micro-batch {h0.mb}", self.name)
+            if m.payload.shape[0] != msgs[0].payload.shape[0]:
+                raise m.header.error("batch size differs between the merged inputs", self.name)
+        return msgs
+
+    def _send_up(self, y, step, mb, detail):
+        return self._send(ACTIVATION, y, ",".join(self.receivers), step, mb, detail,
+                          receivers=self.receivers).wire()
+
     # ------------------------------------------------------------------ data path
-    def forward(self, hdr, payload, t_hdr=None, t_payload=None):
-        msg = self._receive(hdr, payload, ACTIVATION, (None, *self.in_shape), self.dtype,
-                            src=self.prev)
-        step, mb = msg.header.step, msg.header.mb
-        if mb in self._inflight:
-            raise msg.header.error(f"micro-batch {mb} is already in flight on {self.name}",
-                                   self.name)
-        x = msg.tensor()
+    def forward(self, *wire):
+        msgs = self._activations(wire)
+        step, mb = msgs[0].header.step, msgs[0].header.mb
+        key = (step, mb)
+        if key in self._inflight:
+            raise msgs[0].header.error(f"micro-batch {mb} is already in flight on {self.name}",
+                                       self.name)
+        xs = [m.tensor() for m in msgs]
+        n = xs[0].shape[0]
         tmsg = None
         if self.is_last:  # check the targets before touching any state
-            tmsg = self._receive(t_hdr, t_payload, TARGET, (x.shape[0],), torch.int64,
+            k = 2 * len(self.inputs)
+            if len(wire) < k + 2:
+                raise MessageError("the last stage's forward needs the targets", DRIVER,
+                                   self.name, TARGET, step, mb)
+            tmsg = self._receive(wire[k], wire[k + 1], TARGET, (n,), torch.int64,
                                  src=DRIVER, step=step, mb=mb)
-        y = self.stage.forward(x, mb)
-        self._inflight[mb] = (step, x.shape[0], tuple(y.shape))
+        y = self.stage.forward(xs[0], key, xs[1:])
+        self._inflight[key] = (n, tuple(y.shape))
         if not self.is_last:
-            return self._send(ACTIVATION, y, self.next, step, mb, "train").wire()
-        total = int(tmsg.header.meta.get("batch", x.shape[0]))
-        loss_sum, correct, e = loss_and_error(y, tmsg.tensor(), total)
-        self._errors[mb] = e
+            return self._send_up(y, step, mb, "train")
+        total = int(tmsg.header.meta.get("batch", n))
+        loss_sum, correct, e = loss_and_error(y, tmsg.tensor().to(y.device), total)
+        self._errors[key] = e
         stats = self._send_control("stats", DRIVER, step, {
-            "mb": mb, "loss_sum": float(loss_sum), "correct": int(correct),
-            "samples": int(x.shape[0])})
+            "mb": mb, "loss_sum": float(loss_sum), "correct": int(correct), "samples": int(n)})
         if self.broadcast_error and self.num_stages > 1:
-            others = [stage_name(i) for i in range(self.num_stages - 1)]
+            others = [stage_name(i) for i in range(self.num_stages) if i != self.index]
             emsg = self._send(ERROR, e, BROADCAST, step, mb, OUTPUT, receivers=others)
             return (stats, *emsg.wire())
         return stats
 
-    def backward(self, mb: int, hdr=None, payload=None, e_hdr=None, e_payload=None, dep=None):
-        """Backward of micro-batch mb.  hdr/payload: the chain error from the next stage;
-        e_hdr/e_payload: DFA's broadcast output error; dep: ignored (orders the call
-        after the last stage's forward)."""
-        if mb not in self._inflight:
-            raise RuntimeError(f"{self.name}: backward of micro-batch {mb} without its forward")
-        step, batch, out_shape = self._inflight[mb]
+    def backward(self, step: int, mb: int, *wire, dep=None):
+        """Backward of micro-batch (step, mb).  wire: the chain errors, one (hdr,
+        payload) per consumer edge in `consumers` order (summed); or DFA's broadcast
+        output error.  dep: ignored (orders the call after the last stage's forward)."""
+        key = (step, mb)
+        if key not in self._inflight:
+            raise RuntimeError(f"{self.name}: backward of step {step} micro-batch {mb} "
+                               f"without its forward")
+        batch, out_shape = self._inflight[key]
         if self.is_last:
-            grad = e = self._errors.pop(mb)
+            grad = e = self._errors.pop(key)
         elif self.broadcast_error:
-            emsg = self._receive(e_hdr, e_payload, ERROR, (batch, self.num_classes), self.dtype,
+            if len(wire) < 2:
+                raise MessageError("DFA backward without the output error", self.last_name,
+                                   self.name, ERROR, step, mb)
+            emsg = self._receive(wire[0], wire[1], ERROR, (batch, self.num_classes), self.dtype,
                                  src=self.last_name, detail=OUTPUT, step=step, mb=mb)
             e = emsg.tensor()
             # the stage ends at an error tap, which discards the gradient from above
             grad = torch.zeros((), dtype=self.dtype).expand(out_shape)
         else:
-            gmsg = self._receive(hdr, payload, ERROR, out_shape, self.dtype, src=self.next,
-                                 detail=CHAIN, step=step, mb=mb)
-            grad, e = gmsg.tensor(), None
-        del self._inflight[mb]
-        dx = self.stage.backward(grad, mb, e)
+            if len(wire) != 2 * len(self.consumers):
+                raise MessageError(f"{self.name} expects {len(self.consumers)} chain error(s), "
+                                   f"got {len(wire) // 2}", "?", self.name, ERROR, step, mb)
+            grad, e = None, None
+            for i, src in enumerate(self.consumers):
+                g = self._receive(wire[2 * i], wire[2 * i + 1], ERROR, out_shape, self.dtype,
+                                  src=src, detail=CHAIN, step=step, mb=mb).tensor()
+                grad = g if grad is None else grad + g  # what autograd sums over the uses
+        del self._inflight[key]
+        dxs = self.stage.backward(grad, key, e)
         if self.is_first or self.broadcast_error:
             return None
-        if dx is None:  # no path from the input to the output: the error is zero
-            dx = torch.zeros(batch, *self.in_shape, dtype=self.dtype)
-        return self._send(ERROR, dx, self.prev, step, mb, CHAIN).wire()
+        out = []
+        for i, src in enumerate(self.inputs):
+            if src == DRIVER:
+                continue
+            dx = dxs[i]
+            if dx is None:  # no path from this input to the output: the error is zero
+                dx = torch.zeros(batch, *self.in_shapes[i], dtype=self.dtype)
+            out.extend(self._send(ERROR, dx, src, step, mb, CHAIN).wire())
+        return tuple(out)
 
     @torch.no_grad()
-    def infer(self, hdr, payload, t_hdr=None, t_payload=None):
-        msg = self._receive(hdr, payload, ACTIVATION, (None, *self.in_shape), self.dtype,
-                            src=self.prev, detail="eval")
-        step, mb = msg.header.step, msg.header.mb
-        x = msg.tensor()
-        y = self.stage.infer(x)
+    def infer(self, *wire):
+        msgs = self._activations(wire, detail="eval")
+        step, mb = msgs[0].header.step, msgs[0].header.mb
+        xs = [m.tensor() for m in msgs]
+        y = self.stage.infer(xs[0], xs[1:])
         if not self.is_last:
-            return self._send(ACTIVATION, y, self.next, step, mb, "eval").wire()
-        t = self._receive(t_hdr, t_payload, TARGET, (x.shape[0],), torch.int64, src=DRIVER,
-                          step=step, mb=mb).tensor()
+            return self._send_up(y, step, mb, "eval")
+        k = 2 * len(self.inputs)
+        t = self._receive(wire[k], wire[k + 1], TARGET, (xs[0].shape[0],), torch.int64,
+                          src=DRIVER, step=step, mb=mb).tensor().to(y.device)
         return self._send_control("stats", DRIVER, step, {
             "mb": mb, "loss_sum": F.cross_entropy(y, t, reduction="sum").item(),
-            "correct": int((y.argmax(1) == t).sum().item()), "samples": int(x.shape[0])})
+            "correct": int((y.argmax(1) == t).sum().item()), "samples": int(xs[0].shape[0])})
 
     # ------------------------------------------------------------------ control path
     def control(self, raw: bytes, *deps):
@@ -274,10 +362,12 @@ class StageWorker:
         return None
 
     def step(self, lr: float, wd: float) -> None:
-        if self._inflight:
+        if self._inflight and not self.stage.stash:
             raise RuntimeError(f"{self.name}: STEP with micro-batches {sorted(self._inflight)} "
                                f"still in flight (a schedule bug)")
         self.stage.step(lr, wd)
+        if self._transport:
+            self._ledger.record_transport(self._transport)
 
     def mirror_steps(self, n: int) -> None:
         self.stage.mirror_steps(n)
@@ -291,6 +381,7 @@ class StageWorker:
         self._errors.clear()
         self.stage._pending.clear()
         self.stage.zero_grad()
+        self.stage.drop_snapshot()
 
     # ------------------------------------------------------------------ BP-angle probe
     def probe_begin(self) -> None:
@@ -313,7 +404,7 @@ class StageWorker:
             self.broadcast_error = self._probe["broadcast"]
 
     def weight_grads(self, zero: bool = True) -> dict:
-        g = self.stage.weight_grads()
+        g = {k: v.cpu() for k, v in self.stage.weight_grads().items()}
         if zero:
             self.stage.zero_grad()
         return g
@@ -324,34 +415,76 @@ class StageWorker:
         self.probe_rule(None)
         self.stage.zero_grad()
         self.stage.module.load_state_dict(self._probe["bn"], strict=False)
+        self.stage.drop_snapshot()
         self._probe = None
 
     # ------------------------------------------------------------------ metrics and state
     def alignment(self) -> dict:
         return self.stage.alignment()
 
+    def _member(self) -> dict:
+        if self.kind == "units":
+            return {"units": list(self.units)}
+        return {"node": self.node_name}
+
     def state_dict(self) -> dict:
         """This stage's own state: weights, feedback weights (layer buffers/parameters,
-        with each layer's RNG), optimizer state, step count and the actor's torch RNG."""
-        return {**self.stage.state_dict(), "rng": torch.get_rng_state(),
-                "units": list(self.units)}
+        with each layer's RNG), optimizer state, step count and the actor's torch RNG --
+        on the CPU, whatever device the stage computes on."""
+        st = {**self.stage.state_dict(), "rng": torch.get_rng_state(), **self._member()}
+        if self.device.type == "cuda":
+            st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return _cpu(st)
 
     def load_state_dict(self, state: dict) -> None:
-        if "units" in state and tuple(state["units"]) != self.units:
+        if "units" in state and (self.kind != "units" or tuple(state["units"]) != self.units):
             raise ValueError(f"{self.name}: checkpoint holds units {state['units']}, this "
-                             f"stage runs {list(self.units)} (different runtime.partition?)")
+                             f"stage runs {self._member()} (different runtime.partition?)")
+        if "node" in state and state["node"] != self.node_name:
+            raise ValueError(f"{self.name}: checkpoint holds layer {state['node']!r}, this "
+                             f"stage runs {self._member()} (different runtime.partition?)")
         self.stage.load_state_dict(state)
         if "rng" in state:
-            torch.set_rng_state(state["rng"])
+            torch.set_rng_state(state["rng"].cpu() if hasattr(state["rng"], "cpu") else state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+
+    def save_checkpoint(self, directory: str) -> dict:
+        """Write this actor's state to <directory>/<name>.pt itself (atomically); nothing
+        but this small receipt goes back to the driver."""
+        if self._inflight:
+            raise RuntimeError(f"{self.name}: checkpoint with micro-batches "
+                               f"{sorted(self._inflight)} in flight")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{self.name}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return {"actor": self.name, "file": path.name, "bytes": path.stat().st_size,
+                "steps": self.stage.steps, **self._member(), "host": socket.gethostname(),
+                "pid": os.getpid()}
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Drop in-flight work and load <directory>/<name>.pt; returns the stage's steps."""
+        path = Path(directory) / f"{self.name}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{self.name}: no checkpoint file {path} (is the run "
+                                    f"directory on a filesystem every node shares?)")
+        # on the CPU: layer RNG states must stay CPU tensors; load_state_dict copies the
+        # weights (and the optimizer its state) onto this actor's device
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.reset()
+        self.load_state_dict(state)
+        return self.stage.steps
 
     def unit_state(self) -> dict:
         """This stage's slice of the model state dict, keyed as in the full model
-        ("units.<i>.<...>")."""
-        a = self.units[0]
+        ("units.<i>.<...>"), on the CPU."""
         out = {}
         for k, v in self.stage.module.state_dict().items():
             i, _, rest = k.partition(".")
-            out[f"units.{a + int(i)}.{rest}"] = v
+            out[f"units.{self.unit_ids[int(i)]}.{rest}"] = v.cpu() if hasattr(v, "cpu") else v
         return out
 
     # -- observability (localnet/metrics.py) --

@@ -1,0 +1,446 @@
+"""Pipeline throughput: ResNet-20 with PFA on CPU, Ray stages against the in-process
+executor with the same thread budget, and the simulator's prediction of it.
+
+    python benchmarks/pipeline.py                  # the full run (about 5 minutes on 2 cores)
+    python benchmarks/pipeline.py --quick          # a smoke run (about a minute)
+    python benchmarks/pipeline.py --stages 1,2 --micro 4,8 --steps 6 --no-write
+
+What it measures (synthetic CIFAR-shaped input, batch --batch, one torch thread per actor):
+
+  framing      per-message overhead of the wire format (messages.py): header encode,
+               payload wrap, decode and validation, in microseconds, for 4 KiB .. 1 MiB
+               payloads; header bytes against payload bytes; and the time Ray takes to
+               move the same payload actor to actor, so `framing_overhead_1mb` is framing
+               time / 1 MiB transfer time
+  in-process   InProcessExecutor at 1, 2, 4 torch threads (the thread budget of 1, 2, 4
+               single-threaded actors), samples/s
+  ray          RayExecutor at S = 1, 2, 4 stages (partition balanced by measured cost) and
+               M = 1, 4, 8 micro-batches: gpipe everywhere, async for S > 1 and M > 1
+  simulator    `schedule.simulate` with the measured per-hop latency as communication
+               cost and the machine's core count, fed with per-stage costs two ways:
+               profiled (median forward / backward / update per call, as the actors
+               timed them during the warm-up steps -- contention of actors sharing cores
+               included) and a priori (each unit timed alone in-process, one thread, as
+               `localnet simulate` does); error = |predicted - measured| / measured
+
+The last line printed is a JSON object: sim_error_max (profiled costs;
+sim_error_max_apriori for the a-priori ones), framing_overhead_1mb,
+two_stage_vs_inprocess (2-stage async / in-process at 2 threads, best M), gpipe_vs_bound
+(min over S > 1 of gpipe throughput / (S x in-process 1-thread throughput x
+M/(M+S-1))), the targets, the load average, and every row.  Results are written to
+benchmarks/RESULTS.md between <!-- pipeline --> markers (--no-write: not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from localnet.builders import build_rule_and_model, optim_config  # noqa: E402
+from localnet.config import Config  # noqa: E402
+from localnet.engine import InProcessExecutor  # noqa: E402
+from localnet.runtime.cost import measure_costs  # noqa: E402
+from localnet.runtime.messages import Message, validate  # noqa: E402
+from localnet.runtime.partition import balanced_boundaries  # noqa: E402
+from localnet.runtime.schedule import make_schedule, simulate  # noqa: E402
+
+SHAPE, NC = (3, 32, 32), 10
+TARGETS = {"sim_error_max": 0.15, "framing_overhead_1mb": 0.05,
+           "two_stage_vs_inprocess": 0.9, "gpipe_vs_bound": 0.9}
+
+
+# ------------------------------------------------------------------------------ helpers
+class LoadSampler:
+    """Samples the 1-minute load average every few seconds while the benchmark runs."""
+
+    def __init__(self, every: float = 5.0):
+        self.samples = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._t.start()
+
+    def _run(self, every):
+        while not self._stop.wait(every):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self.samples.append(os.getloadavg()[0])
+        return {"start": round(self.samples[0], 2), "mean": round(statistics.mean(self.samples), 2),
+                "max": round(max(self.samples), 2), "end": round(self.samples[-1], 2)}
+
+
+def cfg_for(schedule="gpipe", M=1, batch=64, partition="per_unit") -> Config:
+    return Config.model_validate({
+        "seed": 0, "rule": {"name": "pfa"}, "model": {"name": "resnet20"},
+        "data": {"name": "synthetic"},
+        "train": {"batch_size": batch, "micro_batches": M, "lr": 0.01, "momentum": 0.9,
+                  "weight_decay": 1e-4},
+        "runtime": {"executor": "ray", "schedule": schedule, "partition": partition,
+                    "threads": 1, "timeout_s": 600}})
+
+
+def data(batch: int, n: int = 4):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, *SHAPE, generator=g), torch.randint(0, NC, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def hardware() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import ray
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------ framing
+def framing(reps: int) -> list[dict]:
+    """Sender + receiver cost of the wire format (not the transport)."""
+    out = []
+    for nbytes in (4096, 65536, 1 << 20):
+        t = torch.randn(nbytes // 4)
+        ro = t.numpy().copy()
+        ro.setflags(write=False)  # what the object store hands a receiver
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            m = Message.make("activation", t, src="stage0", dst="stage1", step=12, mb=3,
+                             run="0123456789ab", detail="train")
+            raw, _ = m.wire()
+            r = Message.from_wire(raw, ro)
+            validate(r, "activation", (None,), torch.float32, dst="stage1", step=12, mb=3)
+            times.append(time.perf_counter() - t0)
+        out.append({"payload_bytes": nbytes, "header_bytes": len(raw),
+                    "framing_us": statistics.median(times) * 1e6})
+    return out
+
+
+def ray_transfer(reps: int) -> dict:
+    """Ray on this machine: a no-op call's round trip; an actor's service time per call
+    (many calls in flight, so the time per call is what it occupies the actor); and a
+    hop -- a call whose argument is the previous call's result on another actor, as an
+    activation or error travels -- with a tiny and with a 1 MiB payload."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Node:
+        def make(self, n):
+            return np.ones(n, np.float32)
+
+        def relay(self, a):
+            return a
+
+        def nop(self):
+            return 0
+
+    a, b = Node.remote(), Node.remote()
+    ray.get([a.nop.remote(), b.nop.remote()], timeout=120)
+
+    def med(fn, n=reps):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    call = med(lambda: ray.get(a.nop.remote(), timeout=60))
+    service = med(lambda: ray.get([a.nop.remote() for _ in range(100)], timeout=60), 5) / 100
+
+    def chain(size, hops=20):
+        x = a.make.remote(size)
+        ray.get(x, timeout=60)
+        t0 = time.perf_counter()
+        for i in range(hops):
+            x = (b if i % 2 == 0 else a).relay.remote(x)
+        ray.get(x, timeout=60)
+        return (time.perf_counter() - t0) / hops
+
+    hop = med(lambda: chain(1), 5)
+    hop_1mb = med(lambda: chain(1 << 18), 5)
+    ray.kill(a)
+    ray.kill(b)
+    return {"call_us": call * 1e6, "service_us": service * 1e6, "hop_us": hop * 1e6,
+            "hop_1mb_us": hop_1mb * 1e6, "service_s": service, "hop_s": hop,
+            "transfer_1mb_s": hop_1mb}
+
+
+# ------------------------------------------------------------------------------ runs
+def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[float]:
+    """Seconds between consecutive step returns, after `warmup` untimed steps.  The
+    throughput reported is batch / median of these: robust to other jobs' bursts on a
+    shared machine, and for async the steady state (a step returns when the last actor
+    has its loss; the pipeline stays full across steps)."""
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+        if i == 0 and profile:
+            profile()  # drop the first step's timings (allocations, lazy init)
+    if profile:
+        profile.result = profile()
+    out, t0 = [], time.perf_counter()
+    for i in range(steps):
+        step(*batches[i % len(batches)])
+        t1 = time.perf_counter()
+        out.append(t1 - t0)
+        t0 = t1
+    return out
+
+
+def inprocess(batch, threads, warmup, steps, batches) -> float:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfg = cfg_for(batch=batch)
+        _, model = build_rule_and_model(cfg, SHAPE, NC)
+        ex = InProcessExecutor(model, optim_config(cfg), micro_batches=1)
+        dts = time_steps(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), batches, warmup, steps)
+        return batch / statistics.median(dts)
+    finally:
+        torch.set_num_threads(old)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="batch 32, 3 steps, S in 1,2, M in 1,4")
+    p.add_argument("--batch", type=int, default=128, help="the PFA recipe's batch size")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the "
+                                                         "simulator's profile: all but the first)")
+    p.add_argument("--stages", default="1,2,4")
+    p.add_argument("--micro", default="1,4,8")
+    p.add_argument("--repeats", type=int, default=3, help="cost measurement repeats")
+    p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.steps, args.warmup, args.repeats = 32, 3, 2, 2
+        args.stages, args.micro = "1,2", "1,4"
+    stages = [int(s) for s in args.stages.split(",")]
+    micro = [int(m) for m in args.micro.split(",")]
+    if any(args.batch % m for m in micro):
+        p.error("--batch must be divisible by every --micro")
+    command = "python benchmarks/pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load = LoadSampler()
+    t_start = time.perf_counter()
+    torch.set_num_threads(1)
+    batches = data(args.batch)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+
+    import ray
+
+    ray.init(num_cpus=max(4, max(stages)), include_dashboard=False, log_to_driver=False)
+    from localnet.runtime.ray_executor import RayExecutor
+    from localnet.runtime.worker import StageWorker
+
+    env = hardware()
+    log(f"# {env}; commit {commit()}; load average at start {os.getloadavg()[0]:.2f}")
+
+    # -- per-message overhead -------------------------------------------------------
+    fr = framing(200 if not args.quick else 50)
+    tr = ray_transfer(40 if not args.quick else 10)
+    for f in fr:
+        log(f"framing  {f['payload_bytes']:>8} B payload  {f['header_bytes']} B header  "
+            f"{f['framing_us']:.1f} us")
+    log(f"ray      no-op call {tr['call_us']:.0f} us; service {tr['service_us']:.0f} us per call; "
+        f"hop actor->actor {tr['hop_us']:.0f} us tiny, {tr['hop_1mb_us']:.0f} us with 1 MiB")
+    framing_1mb = fr[-1]["framing_us"] * 1e-6 / tr["transfer_1mb_s"]
+
+    # -- in-process baselines ---------------------------------------------------------
+    base = {}
+    for T in sorted(set(stages)):
+        base[T] = inprocess(args.batch, T, args.warmup, args.steps, batches)
+        log(f"inprocess threads={T}  {base[T]:.1f} samples/s")
+
+    # -- costs for the partition and the simulator -----------------------------------
+    unit_costs = {}
+    for M in micro:
+        for stash in ([False, True] if M > 1 and max(stages) > 1 else [False]):
+            unit_costs[(M, stash)] = measure_costs(cfg_for(M=M, batch=args.batch), SHAPE, NC,
+                                                   None, args.batch // M, args.repeats, 1, stash)
+    ref_m = 4 if 4 in micro else micro[-1]
+    f, b, _ = unit_costs[(ref_m, False)]
+    weights = [x + y for x, y in zip(f, b)]
+    bounds = {S: balanced_boundaries(weights, S) for S in stages}
+
+    # -- Ray ----------------------------------------------------------------------------
+    Remote = ray.remote(num_cpus=0)(StageWorker)
+    pool = [Remote.remote(threads=1) for _ in range(max(stages))]
+    rows = []
+    cores = os.cpu_count() or 1
+    for S in stages:
+        for M in micro:
+            for schedule in ["gpipe"] + (["async"] if S > 1 and M > 1 else []):
+                cfg = cfg_for(schedule, M, args.batch, bounds[S])  # [] for S = 1
+                ex = RayExecutor(cfg, SHAPE, NC, actors=pool)
+                prof = lambda: ex.stage_timings(True)  # noqa: E731
+                dts = time_steps(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), batches,
+                                 args.warmup, args.steps, profile=prof)
+                ex.flush()
+                measured = args.batch / statistics.median(dts)
+
+                def predict(f, b, u):
+                    # every call also occupies its actor for Ray's service time; a hop's
+                    # latency beyond that is the communication cost.  async: the steady
+                    # state, (makespan of 6 streamed batches - of 2) / 4
+                    c = tr["service_s"]
+                    sims = [simulate(make_schedule(schedule, S, M * k), [v + c for v in f],
+                                     [v + c for v in b], max(tr["hop_s"] - c, 0.0),
+                                     step_cost=[v + c for v in u], cores=cores)
+                            for k in ((2, 6) if schedule == "async" else (1,))]
+                    per_batch = (sims[-1].makespan - sims[0].makespan) / 4 if len(sims) > 1 \
+                        else sims[0].makespan
+                    return args.batch / per_batch, sims[-1].bubble_fraction
+
+                med = lambda t, op: statistics.median(t[op]) if t[op] else 0.0  # noqa: E731
+                tm = prof.result
+                predicted, bubble = predict(*([med(t, op) for t in tm]
+                                              for op in ("forward", "backward", "update")))
+                fu, bu, su = unit_costs[(M, schedule == "async")]
+                cuts = [0] + bounds[S] + [len(fu)]
+                per = lambda c: [sum(c[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]  # noqa: E731
+                apriori, _ = predict(per(fu), per(bu), per(su))
+                row = {"stages": S, "micro_batches": M, "schedule": schedule,
+                       "samples_per_s": round(measured, 1),
+                       "samples_per_s_mean": round(args.batch * len(dts) / sum(dts), 1),
+                       "inprocess_same_threads": round(base[S], 1),
+                       "vs_inprocess": round(measured / base[S], 3),
+                       "predicted": round(predicted, 1),
+                       "sim_error": round(abs(predicted - measured) / measured, 3),
+                       "predicted_apriori": round(apriori, 1),
+                       "sim_error_apriori": round(abs(apriori - measured) / measured, 3),
+                       "bubble_predicted": round(bubble, 3)}
+                if schedule == "gpipe":
+                    bound = M / (M + S - 1)
+                    row["gpipe_bound"] = round(bound, 3)
+                    row["vs_bound"] = round(measured / (S * base[1] * bound), 3)
+                rows.append(row)
+                log(f"ray S={S} M={M} {schedule:5s} {measured:7.1f} samples/s  "
+                    f"(in-process {base[S]:.1f}: x{row['vs_inprocess']:.2f})  "
+                    f"simulated {predicted:7.1f} (error {row['sim_error']:.1%}; a priori "
+                    f"{apriori:.1f}, {row['sim_error_apriori']:.1%})")
+                ex.detach_actors()
+    for w in pool:
+        ray.kill(w)
+    ray.shutdown()
+
+    async2 = [r for r in rows if r["stages"] == 2 and r["schedule"] == "async"]
+    best2 = max(async2, key=lambda r: r["samples_per_s"]) if async2 else None
+    gp = [r for r in rows if r["schedule"] == "gpipe" and r["stages"] > 1]
+    result = {
+        "sim_error_max": max(r["sim_error"] for r in rows),
+        "sim_error_max_apriori": max(r["sim_error_apriori"] for r in rows),
+        "framing_overhead_1mb": round(framing_1mb, 4),
+        "two_stage_vs_inprocess": (round(best2["samples_per_s"] / base[2], 3) if best2 and 2 in base
+                                   else None),
+        "two_stage_async_micro_batches": best2["micro_batches"] if best2 else None,
+        "gpipe_vs_bound": min((r["vs_bound"] for r in gp), default=None),
+        "targets": TARGETS,
+        "framing": [{k: round(v, 1) if isinstance(v, float) else v for k, v in f.items()}
+                    for f in fr],
+        "ray_transfer_us": {k: round(v, 1) for k, v in tr.items() if k.endswith("_us")},
+        "inprocess": {str(k): round(v, 1) for k, v in base.items()},
+        "rows": rows, "batch": args.batch, "steps": args.steps, "cores": cores,
+        "load_average": load.stop(), "wall_s": round(time.perf_counter() - t_start, 1),
+        "hardware": env, "commit": commit(), "command": command,
+    }
+    if not args.no_write:
+        write_results(result)
+    return result
+
+
+# ------------------------------------------------------------------------------ RESULTS.md
+def write_results(r: dict) -> None:
+    path = HERE / "RESULTS.md"
+    lines = [
+        "<!-- pipeline -->",
+        "### Pipeline: ResNet-20 + PFA on CPU, Ray stages vs in-process",
+        "",
+        f"Hardware: {r['hardware']}.  Commit `{r['commit']}` (plus the working tree).  "
+        f"Command: `{r['command'].strip()}`.  Batch {r['batch']}, {r['steps']} timed steps "
+        f"per row (samples/s = batch / median step time), one torch thread per actor; the "
+        f"in-process baseline gets as many threads "
+        f"as there are actors.  The machine was shared with other jobs: 1-minute load "
+        f"average {r['load_average']['start']} at the start, mean {r['load_average']['mean']}, "
+        f"max {r['load_average']['max']} (on {r['cores']} cores).  Wall time {r['wall_s']} s.",
+        "",
+        "Simulated: `schedule.simulate` with the per-stage costs the actors profiled in the "
+        "warm-up steps, the measured per-hop latency and the core count; a priori: the same "
+        "with every unit timed alone in-process (what `localnet simulate` does).  vs bound: "
+        "gpipe samples/s / (S x in-process 1-thread samples/s x M/(M+S-1)).",
+        "",
+        "| stages | M | schedule | samples/s | in-process (same threads) | ratio | simulated | "
+        "sim error | a priori | a-priori error | gpipe bound M/(M+S-1) | vs bound |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in r["rows"]:
+        lines.append(f"| {row['stages']} | {row['micro_batches']} | {row['schedule']} | "
+                     f"{row['samples_per_s']} | {row['inprocess_same_threads']} | "
+                     f"{row['vs_inprocess']} | {row['predicted']} | {row['sim_error']:.1%} | "
+                     f"{row['predicted_apriori']} | {row['sim_error_apriori']:.1%} | "
+                     f"{row.get('gpipe_bound', '—')} | {row.get('vs_bound', '—')} |")
+    lines += ["", "Per-message overhead (wire format: msgpack header + numpy payload, "
+                  "encode + decode + validation):", "",
+              "| payload bytes | header bytes | framing (us) |", "| --- | --- | --- |"]
+    for f in r["framing"]:
+        lines.append(f"| {f['payload_bytes']} | {f['header_bytes']} | {f['framing_us']} |")
+    t = r["ray_transfer_us"]
+    lines += ["", f"Ray on this machine: a no-op actor call {t['call_us']} us round trip, "
+                  f"{t['service_us']} us of an actor's time per call; a hop (a call on another "
+                  f"actor taking the previous result) {t['hop_us']} us with a tiny payload, "
+                  f"{t['hop_1mb_us']} us with 1 MiB -- the 1 MiB transfer time that framing is "
+                  f"compared with.", "",
+              "| metric | measured | target |", "| --- | --- | --- |",
+              f"| simulator error, max over rows (profiled costs) | {r['sim_error_max']:.1%} | "
+              f"< 15% |",
+              f"| simulator error, max over rows (a-priori costs) | "
+              f"{r['sim_error_max_apriori']:.1%} | (< 15%) |",
+              f"| framing / 1 MiB transfer | {r['framing_overhead_1mb']:.2%} | < 5% |",
+              f"| 2-stage async / in-process at 2 threads (M={r['two_stage_async_micro_batches']}) "
+              f"| {r['two_stage_vs_inprocess']} | >= 0.9 |",
+              f"| gpipe / (S x 1-thread in-process x M/(M+S-1)), min | {r['gpipe_vs_bound']} | "
+              f">= 0.9 |",
+              "<!-- /pipeline -->"]
+    section = "\n".join(lines)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    a, b = text.find("<!-- pipeline -->"), text.find("<!-- /pipeline -->")
+    if a >= 0 and b > a:
+        text = text[:a] + section + text[b + len("<!-- /pipeline -->"):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    res = main()
+    print(json.dumps(res))

@@ -1,0 +1,184 @@
+"""A `Channel` is one direction of one edge between stages: a codec plus faults.
+
+    ch = Channel(codec, src="fc1", dst="fc2", kind="activation", delay=0, drop=0.0,
+                 bandwidth=None, seed=...)
+    out = ch.transmit(x)     # the tensor the receiver gets now, or None: nothing arrived
+
+Semantics (per message; a step carries `slots_per_step` messages, one per micro-batch):
+
+  codec      the sender encodes, the receiver decodes; the encoded payload bytes are
+             counted (in `ch.ledger`, a runtime `Ledger`, header bytes 0) when sent.
+  drop p     each sent message is lost with probability p, drawn from the channel's own
+             seeded generator.  Lost messages are still counted as sent bytes.
+  delay k    a message arrives k steps late (a FIFO of k·slots_per_step messages); during
+             the first k steps nothing has arrived yet, which the receiver treats as a drop.
+  bandwidth  bytes/s cap.  Accounted: `bandwidth_s` is the time the traffic would take at
+             that cap.  With `enforce=True` the sender also sleeps that long per message.
+
+What a receiver does with `None` is the executor's business; `InProcessExecutor` treats a
+missing error as "no error for this micro-batch" (see localnet/channels/README.md).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections import deque
+
+import torch
+
+from ..runtime.ledger import Ledger
+from .codecs import Codec, make_codec
+
+ACTIVATION, ERROR = "activation", "error"
+
+
+def edge_seed(seed: int, kind: str, src: str, dst: str) -> int:
+    """A deterministic per-channel seed (not Python's salted hash)."""
+    return (int(seed) * 2_654_435_761 + zlib.crc32(f"{kind}:{src}->{dst}".encode())) % (2**63 - 1)
+
+
+class Channel:
+    def __init__(self, codec: Codec, *, src: str, dst: str, kind: str, delay: int = 0,
+                 drop: float = 0.0, bandwidth: float | None = None, enforce: bool = False,
+                 seed: int = 0, slots_per_step: int = 1, ledger: Ledger | None = None):
+        if delay < 0 or not 0.0 <= drop <= 1.0:
+            raise ValueError(f"channel {src}->{dst}: delay must be >= 0 and drop in [0, 1]")
+        self.codec, self.src, self.dst, self.kind = codec, src, dst, kind
+        self.delay, self.drop, self.bandwidth, self.enforce = delay, drop, bandwidth, enforce
+        self.slots_per_step = slots_per_step
+        self.rng = torch.Generator().manual_seed(seed)  # codec randomness and drops
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.fifo: deque = deque()
+        self.sent = self.delivered = self.dropped = self.missing = 0
+        self.bytes = 0
+
+    @property
+    def edge(self) -> str:
+        return f"{self.src}->{self.dst}"
+
+    @property
+    def faulty(self) -> bool:
+        return self.delay > 0 or self.drop > 0
+
+    def send(self, x: torch.Tensor | None) -> None:
+        """Sender side: encode, count, maybe lose, enqueue.  x None: the sender has
+        nothing to send this slot (it received no error itself); no bytes, and the
+        slot arrives empty, so later messages keep their delay."""
+        if x is None:
+            self.fifo.append(None)
+            return
+        enc = self.codec.encode(x, self.rng)
+        n = enc.nbytes
+        self.sent += 1
+        self.bytes += n
+        self.ledger.record(self.src, self.dst, self.kind, 0, n)
+        if self.enforce and self.bandwidth:
+            time.sleep(n / self.bandwidth)
+        lost = self.drop > 0 and (self.drop >= 1.0 or
+                                  torch.rand((), generator=self.rng).item() < self.drop)
+        if lost:
+            self.dropped += 1
+        self.fifo.append(None if lost else enc)
+
+    def receive(self) -> torch.Tensor | None:
+        """Receiver side: the message due now (decoded), or None if it was lost or none
+        has arrived yet (the first `delay` steps)."""
+        if len(self.fifo) <= self.delay * self.slots_per_step:
+            self.missing += 1
+            return None
+        enc = self.fifo.popleft()
+        if enc is None:
+            return None
+        self.delivered += 1
+        return self.codec.decode(enc)
+
+    def transmit(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        self.send(x)
+        return self.receive()
+
+    @property
+    def bandwidth_s(self) -> float:
+        return self.bytes / self.bandwidth if self.bandwidth else 0.0
+
+    def stats(self, samples: int) -> dict:
+        return {"codec": self.codec.name, "messages": self.sent, "delivered": self.delivered,
+                "dropped": self.dropped, "not_yet_arrived": self.missing, "bytes": self.bytes,
+                "bytes_per_sample": self.bytes / samples if samples else 0.0,
+                "delay": self.delay, "drop": self.drop, "bandwidth": self.bandwidth,
+                "bandwidth_s": self.bandwidth_s}
+
+    def reset(self) -> None:
+        """Forget queued messages and codec state (counters and bytes are kept)."""
+        self.fifo.clear()
+        self.codec.reset()
+
+
+class ChannelSet:
+    """The channels of one partitioned model, as `InProcessExecutor` uses them.
+
+    Stage i holds units[cuts[i]:cuts[i+1]].  The boundary above stage i is the unit index
+    b = cuts[i+1] (the numbering of `runtime.partition: [b1, b2, ...]`).
+
+      activation(i)  stage i -> stage i+1 across boundary cuts[i+1];
+                     edge "<last unit of i>-><first unit of i+1>"
+      error(i)       the error that reaches stage i (i < last stage): the chain error
+                     from stage i+1 across boundary cuts[i+1], edge "<first unit of
+                     i+1>-><last unit of i>"; with DFA, the output error e broadcast by
+                     the last stage, edge "<first unit of last stage>-><last unit of i>".
+
+    Per-edge overrides (`channel.edges`) are keyed by the boundary index (int or string)
+    or by "unitA->unitB" in either direction.
+    """
+
+    def __init__(self, cfg, unit_names: list[str], cuts: list[int], *, dfa: bool = False,
+                 seed: int = 0, slots_per_step: int = 1):
+        self.cfg, self.dfa = cfg, dfa
+        self.ledger = Ledger()
+        n = len(cuts) - 1
+        first = lambda i: unit_names[cuts[i]]
+        last = lambda i: unit_names[cuts[i + 1] - 1]
+        self.activations: list[Channel] = []
+        self.errors: list[Channel] = []
+        for i in range(n - 1):
+            b = cuts[i + 1]
+            a_src, a_dst = last(i), first(i + 1)
+            self.activations.append(self._make(ACTIVATION, b, a_src, a_dst, seed, slots_per_step))
+            e_src = first(n - 1) if dfa else first(i + 1)
+            self.errors.append(self._make(ERROR, b, e_src, last(i), seed, slots_per_step))
+        self.samples = 0
+
+    def _link(self, kind: str, boundary: int, src: str, dst: str) -> dict:
+        base = getattr(self.cfg, kind).model_dump()
+        for key, over in (self.cfg.edges or {}).items():
+            k = str(key)
+            if k == str(boundary) or k in (f"{src}->{dst}", f"{dst}->{src}"):
+                base.update(getattr(over, kind))
+        return base
+
+    def _make(self, kind, boundary, src, dst, seed, slots) -> Channel:
+        o = self._link(kind, boundary, src, dst)
+        s = edge_seed(seed, kind, src, dst)
+        codec = make_codec(o["codec"], k=o["k"], error_feedback=o["error_feedback"], q=o["q"],
+                           per_channel=o["per_channel"], stochastic=o["stochastic"],
+                           seed=s % (2**31))
+        return Channel(codec, src=src, dst=dst, kind=kind, delay=o["delay"], drop=o["drop"],
+                       bandwidth=o["bandwidth"], enforce=self.cfg.enforce_bandwidth, seed=s,
+                       slots_per_step=slots, ledger=self.ledger)
+
+    def all(self) -> list[Channel]:
+        return self.activations + self.errors
+
+    def summary(self) -> dict:
+        s = self.samples
+        out = {"samples": s, "dfa_broadcast": self.dfa}
+        for kind, chans in ((ACTIVATION, self.activations), (ERROR, self.errors)):
+            out[kind] = {c.edge: c.stats(s) for c in chans}
+            total = sum(c.bytes for c in chans)
+            out[f"{kind}_bytes"] = total
+            out[f"{kind}_bytes_per_sample"] = total / s if s else 0.0
+            out[f"{kind}_bandwidth_s"] = sum(c.bandwidth_s for c in chans)
+        out["error_bits_per_sample"] = 8 * out["error_bytes_per_sample"]
+        out["activation_bits_per_sample"] = 8 * out["activation_bytes_per_sample"]
+        out["ledger"] = self.ledger.as_summary()
+        return out

@@ -1,0 +1,246 @@
+"""Codecs for the messages between stages: what one activation or error costs on the wire.
+
+Every codec maps a tensor to an `Encoded` (the compact payload tensors, exactly what a
+sender would put on the wire, and their byte count) and back:
+
+    enc = codec.encode(x, rng)      # rng: the channel's torch.Generator (stochastic parts)
+    x_hat = codec.decode(enc)       # same shape and dtype as x
+
+`Encoded.nbytes` is the size of the real encoded payload: the sum of the payload
+tensors' bytes plus the scalars the codec must send (scales, a projection counter).
+
+Codecs may be stateful per edge (top-k's error-feedback residual, low-rank's message
+counter); make one instance per `Channel`.  No codec ever sees a weight: low-rank's
+projection is generated from a seed that sender and receiver share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Encoded:
+    """One encoded message: `payload` tensors, `meta` scalars, `nbytes` on the wire."""
+
+    codec: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    payload: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    scalar_bytes: int = 0  # bytes of scalars sent besides the payload tensors (in meta)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.payload.values()) + self.scalar_bytes
+
+
+class Codec:
+    name = "?"
+
+    def encode(self, x: torch.Tensor, rng: torch.Generator | None = None) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget per-edge state (residuals, counters)."""
+
+    def _enc(self, x, payload, meta=None, scalar_bytes=0) -> Encoded:
+        return Encoded(self.name, tuple(x.shape), x.dtype, payload, meta or {}, scalar_bytes)
+
+
+class Cast(Codec):
+    """fp32 / fp16 / bf16: the tensor itself, in that dtype (fp32: unchanged)."""
+
+    def __init__(self, dtype: torch.dtype, name: str):
+        self.dtype, self.name = dtype, name
+
+    def encode(self, x, rng=None):
+        return self._enc(x, {"x": x.detach().to(self.dtype)})
+
+    def decode(self, enc):
+        return enc.payload["x"].to(enc.dtype)
+
+
+class Int8(Codec):
+    """Symmetric int8: q = round(x / s) in [-127, 127], s = max|x| / 127, per tensor or
+    per channel (dim 1).  `stochastic` (default): round up with probability equal to the
+    fraction, so E[decode(encode(x))] = x and the error is below one step s; otherwise
+    round to nearest, error at most s/2."""
+
+    name = "int8"
+
+    def __init__(self, per_channel: bool = False, stochastic: bool = True):
+        self.per_channel, self.stochastic = per_channel, stochastic
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.detach().abs().float()
+        if self.per_channel and x.dim() >= 2:
+            dims = [d for d in range(x.dim()) if d != 1]
+            m = a.amax(dim=dims, keepdim=True)
+        else:
+            m = a.amax().reshape([1] * max(x.dim(), 1))
+        s = m / 127.0
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    def encode(self, x, rng=None):
+        s = self.scale(x)
+        v = x.detach().float() / s
+        if self.stochastic:
+            u = torch.rand(v.shape, generator=rng, dtype=v.dtype)
+            q = torch.floor(v + u)
+        else:
+            q = torch.round(v)
+        q = q.clamp_(-127, 127).to(torch.int8)
+        return self._enc(x, {"q": q, "scale": s.to(torch.float32)})
+
+    def decode(self, enc):
+        return (enc.payload["q"].float() * enc.payload["scale"]).to(enc.dtype)
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    if n <= 256:
+        return torch.uint8
+    if n <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+class TopK(Codec):
+    """The k·n largest-magnitude entries (k a fraction), as fp32 values plus flat indices
+    in the narrowest integer type that holds n (1, 2 or 4 bytes).  With `error_feedback`
+    the sender keeps what it did not send and adds it to the next message on this edge."""
+
+    name = "topk"
+
+    def __init__(self, k: float = 0.1, error_feedback: bool = False):
+        if not 0 < k <= 1:
+            raise ValueError(f"topk: k must be in (0, 1], got {k}")
+        self.k, self.error_feedback = k, error_feedback
+        self.residual: torch.Tensor | None = None
+
+    def count(self, n: int) -> int:
+        return min(n, max(1, int(round(self.k * n))))
+
+    def encode(self, x, rng=None):
+        flat = x.detach().float().reshape(-1)
+        if self.error_feedback and self.residual is not None and self.residual.shape == flat.shape:
+            flat = flat + self.residual
+        n = flat.numel()
+        idx = flat.abs().topk(self.count(n), sorted=False).indices
+        vals = flat[idx]
+        if self.error_feedback:
+            res = flat.clone()
+            res[idx] = 0
+            self.residual = res
+        ix = idx.to(torch.int32)
+        if _index_dtype(n) == torch.uint8:
+            ix = ix.to(torch.uint8)
+        elif _index_dtype(n) == torch.int16:
+            ix = ix.to(torch.int16)
+        return self._enc(x, {"values": vals, "index": ix})
+
+    def decode(self, enc):
+        n = math.prod(enc.shape)
+        out = torch.zeros(n, dtype=torch.float32)
+        idx = enc.payload["index"].long()
+        out[idx] = enc.payload["values"]
+        return out.reshape(enc.shape).to(enc.dtype)
+
+    def reset(self):
+        self.residual = None
+
+
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+class Sign(Codec):
+    """1 bit per entry (x >= 0), packed 8 to a byte, plus one fp32 scale = mean |x|:
+    decode gives scale · sign(x).  ceil(n/8) + 4 bytes."""
+
+    name = "sign"
+
+    def encode(self, x, rng=None):
+        flat = x.detach().reshape(-1)
+        n = flat.numel()
+        bits = (flat >= 0).to(torch.uint8)
+        pad = (-n) % 8
+        if pad:
+            bits = torch.cat([bits, bits.new_zeros(pad)])
+        packed = (bits.reshape(-1, 8) * _BITS).sum(1, dtype=torch.int32).to(torch.uint8)
+        scale = flat.float().abs().mean().reshape(1) if n else torch.zeros(1)
+        return self._enc(x, {"bits": packed, "scale": scale})
+
+    def decode(self, enc):
+        n = math.prod(enc.shape)
+        bits = (enc.payload["bits"].unsqueeze(1) & _BITS).ne(0).reshape(-1)[:n]
+        out = torch.where(bits, 1.0, -1.0) * enc.payload["scale"]
+        return out.reshape(enc.shape).to(enc.dtype)
+
+
+class LowRank(Codec):
+    """Random projection of rank q.  Each sample (row of the flattened tensor) x is sent
+    as z = x P, P an n×q matrix with orthonormal columns drawn from (seed, message
+    counter); the receiver regenerates P from the same seed and counter and decodes
+    x_hat = z P^T, the orthogonal projection of x onto span(P): exact for inputs in that
+    span.  Sender and receiver share only the seed; the 4-byte counter travels with the
+    message.  Bytes: batch·q·4 + 4."""
+
+    name = "lowrank"
+
+    def __init__(self, q: int = 8, seed: int = 0):
+        if q < 1:
+            raise ValueError(f"lowrank: q must be >= 1, got {q}")
+        self.q, self.seed = q, seed
+        self.counter = 0
+
+    def projection(self, n: int, counter: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + counter) % (2**63 - 1))
+        q = min(self.q, n)
+        p = torch.randn(n, q, generator=g)
+        return torch.linalg.qr(p).Q  # (n, q), orthonormal columns
+
+    def _rows(self, shape):
+        return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+
+    def encode(self, x, rng=None):
+        b, n = self._rows(tuple(x.shape))
+        counter = self.counter
+        self.counter += 1
+        z = x.detach().float().reshape(b, n) @ self.projection(n, counter)
+        return self._enc(x, {"z": z}, {"counter": counter}, scalar_bytes=4)
+
+    def decode(self, enc):
+        b, n = self._rows(enc.shape)
+        p = self.projection(n, enc.meta["counter"])
+        return (enc.payload["z"] @ p.T).reshape(enc.shape).to(enc.dtype)
+
+    def reset(self):
+        self.counter = 0
+
+
+CODECS = ("fp32", "fp16", "bf16", "int8", "topk", "sign", "lowrank")
+
+
+def make_codec(name: str, *, k: float = 0.1, error_feedback: bool = False, q: int = 8,
+               per_channel: bool = False, stochastic: bool = True, seed: int = 0) -> Codec:
+    if name == "fp32":
+        return Cast(torch.float32, "fp32")
+    if name == "fp16":
+        return Cast(torch.float16, "fp16")
+    if name == "bf16":
+        return Cast(torch.bfloat16, "bf16")
+    if name == "int8":
+        return Int8(per_channel=per_channel, stochastic=stochastic)
+    if name == "topk":
+        return TopK(k=k, error_feedback=error_feedback)
+    if name == "sign":
+        return Sign()
+    if name == "lowrank":
+        return LowRank(q=q, seed=seed)
+    raise ValueError(f"unknown codec {name!r}; known: {', '.join(CODECS)}")

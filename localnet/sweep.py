@@ -1,0 +1,149 @@
+"""`localnet sweep`: one run per grid point, sequentially, then a table and a plot.
+
+    localnet sweep CONFIG --grid rule.name=fa,pfa,kp --grid channel.error.codec=fp32,int8,sign
+                   [--set KEY=VALUE ...] [--out DIR]
+
+Each grid point (the cartesian product of the --grid lists) is an ordinary run directory
+under the sweep directory, named after its settings.  A point whose run directory already
+holds a summary.json is not run again, so rerunning the same command (same --out) resumes.
+Every point runs with `channel.enabled=true` (unless --set/--grid says otherwise), so even
+an unrestricted fp32 point reports its error bits per sample.
+
+Writes into the sweep directory: sweep.csv, sweep.md (rule, restriction, test accuracy,
+error bits per sample, wall time) and sweep.png (accuracy against error bits per sample,
+one line per rule, log x).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
+           "point"]
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+    """['rule.name=fa,kp'] -> [('rule.name', ['fa', 'kp'])]; values stay text (YAML-parsed
+    by the config loader like --set)."""
+    grid = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid expects key=v1,v2,..., got {item!r}")
+        key, raw = item.split("=", 1)
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not key.strip() or not values:
+            raise ConfigError(f"--grid {item!r}: needs a key and at least one value")
+        grid.append((key.strip(), values))
+    return grid
+
+
+def points(grid: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
+    keys = [k for k, _ in grid]
+    return [list(zip(keys, combo)) for combo in itertools.product(*(v for _, v in grid))]
+
+
+def point_name(point: list[tuple[str, str]]) -> str:
+    text = "__".join(f"{k}-{v}" for k, v in point) or "base"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def restriction(point: list[tuple[str, str]]) -> str:
+    parts = [f"{k.removeprefix('channel.')}={v}" for k, v in point if k != "rule.name"]
+    return " ".join(parts) or "none"
+
+
+def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | None = None,
+          out: str | Path | None = None, log=print) -> dict:
+    """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran", "skipped"}."""
+    from .train import train  # torch only when needed
+
+    sets = list(sets or [])
+    grid = parse_grid(grid_items)
+    pts = points(grid)
+    forced = [] if any(s.split("=", 1)[0].strip() == "channel.enabled" for s in sets) or \
+        any(k == "channel.enabled" for k, _ in grid) else ["channel.enabled=true"]
+    cfgs = [load_config(config, forced + sets + [f"{k}={v}" for k, v in p]) for p in pts]
+    if out is None:
+        out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, ran, skipped = [], [], []
+    for p, cfg in zip(pts, cfgs):
+        name = point_name(p)
+        run_dir = out / name
+        done = run_dir / "summary.json"
+        status = "ok"
+        if done.exists():
+            skipped.append(name)
+            summary = json.loads(done.read_text())
+            log(f"[sweep] {name}: done already, skipped")
+        else:
+            log(f"[sweep] {name}: running")
+            try:
+                summary = train(cfg, run_dir, progress=False)
+                ran.append(name)
+            except Exception as exc:  # one bad point must not lose the others
+                summary, status = {}, f"failed: {type(exc).__name__}: {exc}"
+                log(f"[sweep] {name}: {status}")
+        ch = summary.get("channels") or {}
+        rows.append({"rule": summary.get("rule", cfg.rule.name), "restriction": restriction(p),
+                     "test_accuracy": summary.get("test_accuracy", float("nan")),
+                     "error_bits_per_sample": ch.get("error_bits_per_sample", float("nan")),
+                     "wall_s": summary.get("wall_s", float("nan")), "status": status,
+                     "point": name})
+    files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md")]
+    png = write_png(rows, out / "sweep.png")
+    if png:
+        files.append(png)
+    return {"dir": out, "rows": rows, "files": files, "ran": ran, "skipped": skipped}
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_md(rows: list[dict], path: Path) -> Path:
+    lines = ["| rule | restriction | test accuracy | error bits/sample | wall s | status |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['rule']} | {r['restriction']} | {r['test_accuracy']:.4f} | "
+                     f"{r['error_bits_per_sample']:.1f} | {r['wall_s']:.1f} | {r['status']} |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_png(rows: list[dict], path: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r["error_bits_per_sample"] > 0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for rule in dict.fromkeys(r["rule"] for r in ok):
+        pts = sorted((r["error_bits_per_sample"], r["test_accuracy"], r["restriction"])
+                     for r in ok if r["rule"] == rule)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=rule)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log")
+    ax.set_xlabel("error bits per sample (all edges)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy vs. error-path communication")
+    ax.grid(True, which="both", alpha=0.3)
+    if ok:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,304 @@
+"""localnet.channels: codecs, faulty channels, and their in-process integration."""
+
+import math
+
+import pytest
+import torch
+
+from localnet.channels import Channel, make_codec
+from localnet.channels.codecs import Int8, LowRank, TopK
+from localnet.config import ConfigError, load_config
+from localnet.train import build
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def small(*extra):
+    return load_config(None, ["data.name=synthetic", "model.name=mlp", "model.widths=[16,16]",
+                              "train.batch_size=32", "train.lr=0.05", "train.weight_decay=1e-3",
+                              "rule.name=fa", *extra])
+
+
+def batches(data, n, bs=32):
+    out = []
+    for x, y in data.train_loader(bs, 0, 0):
+        out.append((x, y))
+        if len(out) == n:
+            return out
+    return out
+
+
+# ------------------------------------------------------------------------- codecs
+def test_int8_nearest_error_at_most_half_a_step_and_bytes():
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    c = Int8(stochastic=False)
+    enc = c.encode(x)
+    s = enc.payload["scale"].item()
+    assert s == pytest.approx(x.abs().max().item() / 127)
+    assert (c.decode(enc) - x).abs().max().item() <= s / 2 + 1e-7
+    assert enc.nbytes == x.numel() + 4 and enc.payload["q"].dtype == torch.int8
+
+
+def test_int8_stochastic_rounding_is_unbiased_and_within_one_step():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, generator=g)
+    c = Int8()  # stochastic by default
+    s = c.scale(x).item()
+    mean = torch.zeros_like(x)
+    trials = 4000
+    for _ in range(trials):
+        d = c.decode(c.encode(x, g))
+        assert (d - x).abs().max().item() < s * (1 + 1e-5)
+        mean += d / trials
+    # per entry the rounding error has std <= s/2, so the mean's std <= s/(2 sqrt(trials))
+    assert (mean - x).abs().max().item() < 5 * s / (2 * math.sqrt(trials))
+    # nearest rounding is biased on the same input: much larger systematic error
+    near = Int8(stochastic=False)
+    assert (near.decode(near.encode(x)) - x).abs().max().item() > 0.2 * s
+
+
+def test_int8_per_channel_scales():
+    x = torch.randn(4, 3, 5, 5) * torch.tensor([1.0, 10.0, 100.0]).view(1, 3, 1, 1)
+    enc = Int8(per_channel=True).encode(x, torch.Generator().manual_seed(0))
+    assert enc.payload["scale"].shape == (1, 3, 1, 1)
+    assert enc.nbytes == x.numel() + 3 * 4
+    err = (Int8(per_channel=True).decode(enc) - x).abs().amax(dim=(0, 2, 3))
+    assert (err <= enc.payload["scale"].view(3) * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("name,size", [("fp32", 4), ("fp16", 2), ("bf16", 2)])
+def test_float_codecs_bytes_and_roundtrip(name, size):
+    x = torch.randn(7, 9)
+    c = make_codec(name)
+    enc = c.encode(x)
+    assert enc.nbytes == x.numel() * size
+    d = c.decode(enc)
+    assert d.dtype == x.dtype and d.shape == x.shape
+    if name == "fp32":
+        assert torch.equal(d, x)
+    else:
+        assert torch.allclose(d, x, rtol=1e-2, atol=1e-2)
+
+
+def test_topk_keeps_exactly_k_entries():
+    x = torch.randn(10, 30, generator=torch.Generator().manual_seed(2))
+    c = TopK(k=0.1)
+    enc = c.encode(x)
+    d = c.decode(enc)
+    kept = int(round(0.1 * x.numel()))
+    assert (d != 0).sum().item() == kept == 30
+    # the kept entries are the largest in magnitude, unchanged
+    top = x.abs().reshape(-1).topk(kept).indices
+    assert torch.equal(d.reshape(-1)[top], x.reshape(-1)[top])
+    # 4-byte values + 2-byte indices (n = 300 needs more than one byte)
+    assert enc.nbytes == kept * (4 + 2)
+
+
+def test_topk_error_feedback_resends_the_residual():
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(50, generator=g) + 0.5 for _ in range(200)]
+    total = torch.stack(inputs).sum(0)
+    for ef in (True, False):
+        c = TopK(k=0.1, error_feedback=ef)
+        sent = torch.zeros(50)
+        for x in inputs:
+            sent += c.decode(c.encode(x))
+        gap = (sent - total).norm() / total.norm()
+        if ef:
+            # nothing is lost, only late: what was sent plus what is held back is the input
+            assert torch.allclose(sent + c.residual, total, atol=1e-3)
+            assert gap < 0.1
+        else:
+            assert gap > 0.5
+
+
+def test_sign_bits_and_scale():
+    x = torch.randn(3, 13)  # 39 entries: not a multiple of 8
+    c = make_codec("sign")
+    enc = c.encode(x)
+    assert enc.nbytes == math.ceil(39 / 8) + 4
+    d = c.decode(enc)
+    assert d.shape == x.shape
+    scale = x.abs().mean()
+    assert torch.allclose(d, torch.where(x >= 0, scale, -scale))
+
+
+def test_lowrank_shares_only_a_seed_and_is_exact_in_span():
+    sender, receiver = LowRank(q=4, seed=11), LowRank(q=4, seed=11)
+    x = torch.randn(6, 2, 5, 5)
+    enc = sender.encode(x)
+    assert enc.payload["z"].shape == (6, 4) and enc.nbytes == 6 * 4 * 4 + 4
+    assert receiver.decode(enc).shape == x.shape
+    # the receiver reconstructs with its own copy of the seeded projection
+    p = receiver.projection(50, enc.meta["counter"])
+    assert torch.allclose(p.T @ p, torch.eye(4), atol=1e-5)
+    # for inputs in the projection's span the reconstruction is exact
+    x_span = (torch.randn(6, 4) @ sender.projection(50, 1).T).reshape(6, 2, 5, 5)
+    enc = sender.encode(x_span)
+    assert enc.meta["counter"] == 1
+    assert torch.allclose(receiver.decode(enc), x_span, atol=1e-5)
+    # the codec is built from (q, seed) alone: no weight ever reaches it
+    assert all(not isinstance(v, torch.Tensor) for v in vars(sender).values())
+
+
+# ------------------------------------------------------------------------ channels
+def test_channel_bytes_equal_encoded_sizes():
+    ch = Channel(make_codec("int8"), src="a", dst="b", kind="error", seed=0)
+    sizes = []
+    for n in (10, 20, 30):
+        x = torch.randn(n)
+        sizes.append(ch.codec.encode(x, torch.Generator()).nbytes)
+        ch.transmit(x)
+    assert ch.bytes == sum(sizes) == sum(n + 4 for n in (10, 20, 30))
+    assert ch.ledger.edges()["a->b"]["error"] == {"count": 3, "header_bytes": 0,
+                                                 "payload_bytes": ch.bytes, "bytes": ch.bytes}
+
+
+def test_channel_delay_and_drop():
+    ch = Channel(make_codec("fp32"), src="a", dst="b", kind="error", delay=1)
+    xs = [torch.full((2,), float(i)) for i in range(4)]
+    got = [ch.transmit(x) for x in xs]
+    assert got[0] is None and all(torch.equal(g, x) for g, x in zip(got[1:], xs))
+    # delay counts steps: with 2 messages (micro-batches) per step, 2 messages late
+    ch = Channel(make_codec("fp32"), src="a", dst="b", kind="error", delay=1, slots_per_step=2)
+    got = [ch.transmit(x) for x in xs]
+    assert got[:2] == [None, None] and torch.equal(got[2], xs[0]) and torch.equal(got[3], xs[1])
+    # drop: own seeded generator, reproducible, about p of the messages, bytes still counted
+    pattern = []
+    for _ in range(2):
+        ch = Channel(make_codec("fp32"), src="a", dst="b", kind="error", drop=0.5, seed=7)
+        pattern.append([ch.transmit(torch.ones(3)) is None for _ in range(400)])
+    assert pattern[0] == pattern[1] and 150 < sum(pattern[0]) < 250
+    assert ch.bytes == 400 * 12 and ch.dropped == sum(pattern[0])
+    ch = Channel(make_codec("fp32"), src="a", dst="b", kind="error", drop=1.0)
+    assert all(ch.transmit(torch.ones(3)) is None for _ in range(10))
+
+
+def test_bandwidth_is_accounted():
+    ch = Channel(make_codec("fp16"), src="a", dst="b", kind="activation", bandwidth=1000.0)
+    for _ in range(5):
+        ch.transmit(torch.ones(100))
+    assert ch.bytes == 1000 and ch.stats(10)["bandwidth_s"] == pytest.approx(1.0)
+    assert ch.stats(10)["bytes_per_sample"] == 100
+
+
+# --------------------------------------------------------------------- integration
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _train(cfg, steps=4):
+    data, _, model, ex = build(cfg)
+    for x, y in batches(data, steps):
+        ex.train_step(x, y, cfg.train.lr, cfg.train.weight_decay)
+    return model, ex
+
+
+def test_default_channel_config_builds_no_channels():
+    cfg = small()
+    assert not cfg.channel.active()
+    _, _, _, ex = build(cfg)
+    assert ex.channels is None and ex.channel_summary() is None and len(ex.stages) == 1
+
+
+@pytest.mark.parametrize("extra", [["rule.name=fa"], ["rule.name=dfa"],
+                                   ["rule.name=kp", "train.micro_batches=2"]])
+def test_fp32_channels_are_bit_identical_to_no_channels(extra):
+    plain, _ = _train(small(*extra))
+    chan, ex = _train(small(*extra, "channel.enabled=true"))
+    assert len(ex.stages) == 3 and ex.channels is not None
+    a, b = plain.state_dict(), chan.state_dict()
+    tensors = [k for k in a if isinstance(a[k], torch.Tensor)]
+    assert a.keys() == b.keys() and tensors
+    assert all(torch.equal(a[k], b[k]) for k in tensors)
+    s = ex.channel_summary()
+    # fp32 errors: 4 bytes per entry of each 16-wide hidden activation, 2 edges
+    assert s["error_bytes_per_sample"] == (2 * 16 * 4 if extra[0] != "rule.name=dfa" else 2 * 10 * 4)
+    assert s["error_bits_per_sample"] == 8 * s["error_bytes_per_sample"]
+
+
+def test_executor_bytes_equal_encoded_sizes():
+    model, ex = _train(small("channel.error.codec=int8", "channel.activation.codec=sign"), steps=3)
+    s = ex.channel_summary()
+    assert s["samples"] == 3 * 32
+    for edge in s["error"].values():
+        assert edge["messages"] == 3 and edge["bytes"] == 3 * (32 * 16 + 4)
+    for edge in s["activation"].values():
+        assert edge["bytes"] == 3 * (math.ceil(32 * 16 / 8) + 4)
+    assert s["ledger"]["total_bytes"] == s["error_bytes"] + s["activation_bytes"]
+    assert s["ledger"]["error"]["payload_bytes"] == s["error_bytes"]
+
+
+def test_delay_one_uses_the_error_of_the_previous_step():
+    cfg = small("channel.error.delay=1", "model.widths=[16]")
+    data, _, model, ex = build(cfg)
+    sent, received = [], []
+    bottom, top = ex.stages
+    top_bw, bottom_bw = top.backward, bottom.backward
+    top.backward = lambda g, mb=0, e=None: sent.append(top_bw(g, mb, e)) or sent[-1]
+    bottom.backward = lambda g, mb=0, e=None: received.append(g.clone()) or bottom_bw(g, mb, e)
+    w0 = _params(bottom.module)
+    for t, (x, y) in enumerate(batches(data, 4)):
+        ex.train_step(x, y, cfg.train.lr, 0.0)
+        if t == 0:  # nothing has arrived yet: no backward, no update below the edge
+            assert received == [] and all(torch.equal(v, w0[k]) for k, v in
+                                          _params(bottom.module).items())
+    assert len(sent) == 4 and len(received) == 3
+    for t in range(1, 4):  # step t ran on the error sent at step t-1
+        assert torch.equal(received[t - 1], sent[t - 1])
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_drop_everything_freezes_the_weights_below_that_edge(rule):
+    # 3 units fc1, fc2, head; drop every error crossing boundary 2 (fc2 <-> head)
+    cfg = small(f"rule.name={rule}", "train.momentum=0.9",
+                "channel.edges={2: {error: {drop: 1.0}}}")
+    data, _, model, ex = build(cfg)
+    before = [_params(s.module) for s in ex.stages]
+    for x, y in batches(data, 4):
+        ex.train_step(x, y, cfg.train.lr, cfg.train.weight_decay)
+    after = [_params(s.module) for s in ex.stages]
+    changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(before, after)]
+    if rule == "fa":   # fc1 and fc2 are below the dead edge
+        assert changed == [False, False, True]
+    else:              # DFA: only fc2's broadcast copy of e is lost; fc1 still learns
+        assert changed == [True, False, True]
+    s = ex.channel_summary()
+    dead = [v for v in s["error"].values() if v["drop"] == 1.0]
+    assert len(dead) == 1 and dead[0]["delivered"] == 0 and dead[0]["dropped"] == 4
+
+
+def test_edge_overrides_by_name_and_config_validation():
+    cfg = small("channel.edges={fc1->fc2: {error: {codec: sign}}, 2: {activation: {codec: fp16}}}")
+    _, _, _, ex = build(cfg)
+    ch = ex.channels
+    assert [c.codec.name for c in ch.errors] == ["sign", "fp32"]
+    assert [c.codec.name for c in ch.activations] == ["fp32", "fp16"]
+    assert [c.edge for c in ch.errors] == ["fc2->fc1", "head->fc2"]
+    with pytest.raises(ConfigError, match="codec"):
+        small("channel.error.codec=float8")
+    with pytest.raises(ConfigError, match="edges.1.error"):
+        small("channel.edges={1: {error: {drop: 2}}}")
+    with pytest.raises(ConfigError, match="activation"):
+        small("channel.activation.delay=1")
+
+
+def test_train_summary_has_channels(tmp_path):
+    from localnet.train import train
+    s = train(small("channel.error.codec=topk", "channel.error.k=0.25", "train.max_steps=3"),
+              tmp_path, progress=False)
+    ch = s["channels"]
+    assert ch["error"]["fc2->fc1"]["codec"] == "topk"
+    # 16 entries per sample, 25%: 32*16*0.25 values of 4 bytes + 1-byte indices (n = 512 -> 2)
+    assert ch["error"]["fc2->fc1"]["bytes"] == 3 * 128 * (4 + 2)
+
+
+def test_channels_refuse_other_executors():
+    with pytest.raises(ValueError, match="in-process only"):
+        build(small("channel.error.codec=sign", "runtime.executor=ray"))
