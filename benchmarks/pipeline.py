@@ -26,8 +26,9 @@ What it measures (synthetic CIFAR-shaped input, batch --batch, one torch thread 
 The last line printed is a JSON object: sim_error_max (profiled costs;
 sim_error_max_apriori for the a-priori ones), framing_overhead_1mb,
 two_stage_vs_inprocess (2-stage async / in-process at 2 threads, best M), gpipe_vs_bound
-(min over S > 1 of gpipe throughput / (S x in-process 1-thread throughput x
-M/(M+S-1))), the targets, the load average, and every row.  Results are written to
+(min over 1 < S <= cores of gpipe throughput / (S x in-process 1-thread throughput x
+M/(M+S-1)); gpipe_vs_bound_all: over every S > 1, which on a machine with fewer cores than
+stages cannot reach the bound), the targets, the load average, and every row.  Results are written to
 benchmarks/RESULTS.md between <!-- pipeline --> markers (--no-write: not).
 """
 
@@ -48,6 +49,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray runs its workers at nice 15; the in-process baseline runs at 0.  Compare like with
+# like (and do not let other jobs on a shared machine starve only the actors).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -188,8 +192,9 @@ def ray_transfer(reps: int) -> dict:
         ray.get(x, timeout=60)
         return (time.perf_counter() - t0) / hops
 
-    hop = med(lambda: chain(1), 5)
-    hop_1mb = med(lambda: chain(1 << 18), 5)
+    chain(1)
+    hop = statistics.median(chain(1) for _ in range(5))
+    hop_1mb = statistics.median(chain(1 << 18) for _ in range(5))
     ray.kill(a)
     ray.kill(b)
     return {"call_us": call * 1e6, "service_us": service * 1e6, "hop_us": hop * 1e6,
@@ -356,7 +361,7 @@ def main(argv=None) -> dict:
 
     async2 = [r for r in rows if r["stages"] == 2 and r["schedule"] == "async"]
     best2 = max(async2, key=lambda r: r["samples_per_s"]) if async2 else None
-    gp = [r for r in rows if r["schedule"] == "gpipe" and r["stages"] > 1]
+    gp = [r for r in rows if r["schedule"] == "gpipe" and 1 < r["stages"] <= cores]
     result = {
         "sim_error_max": max(r["sim_error"] for r in rows),
         "sim_error_max_apriori": max(r["sim_error_apriori"] for r in rows),
@@ -365,6 +370,8 @@ def main(argv=None) -> dict:
                                    else None),
         "two_stage_async_micro_batches": best2["micro_batches"] if best2 else None,
         "gpipe_vs_bound": min((r["vs_bound"] for r in gp), default=None),
+        "gpipe_vs_bound_all": min((r["vs_bound"] for r in rows if r["schedule"] == "gpipe"
+                                   and r["stages"] > 1), default=None),
         "targets": TARGETS,
         "framing": [{k: round(v, 1) if isinstance(v, float) else v for k, v in f.items()}
                     for f in fr],
@@ -387,7 +394,8 @@ def write_results(r: dict) -> None:
         "### Pipeline: ResNet-20 + PFA on CPU, Ray stages vs in-process",
         "",
         f"Hardware: {r['hardware']}.  Commit `{r['commit']}` (plus the working tree).  "
-        f"Command: `{r['command'].strip()}`.  Batch {r['batch']}, {r['steps']} timed steps "
+        f"Command: `{r['command'].strip()}` (actors at nice 0, `RAY_worker_niceness=0`, like "
+        f"the in-process baseline).  Batch {r['batch']}, {r['steps']} timed steps "
         f"per row (samples/s = batch / median step time), one torch thread per actor; the "
         f"in-process baseline gets as many threads "
         f"as there are actors.  The machine was shared with other jobs: 1-minute load "
@@ -428,8 +436,10 @@ def write_results(r: dict) -> None:
               f"| framing / 1 MiB transfer | {r['framing_overhead_1mb']:.2%} | < 5% |",
               f"| 2-stage async / in-process at 2 threads (M={r['two_stage_async_micro_batches']}) "
               f"| {r['two_stage_vs_inprocess']} | >= 0.9 |",
-              f"| gpipe / (S x 1-thread in-process x M/(M+S-1)), min | {r['gpipe_vs_bound']} | "
-              f">= 0.9 |",
+              f"| gpipe / (S x 1-thread in-process x M/(M+S-1)), min over 1 < S <= cores | "
+              f"{r['gpipe_vs_bound']} | >= 0.9 |",
+              f"| the same over every S > 1 (S > cores cannot reach it) | "
+              f"{r['gpipe_vs_bound_all']} | — |",
               "<!-- /pipeline -->"]
     section = "\n".join(lines)
     text = path.read_text() if path.exists() else "# Benchmark results\n"

@@ -126,3 +126,12 @@ def test_control_roundtrip_and_checks():
         Control("launch", src="driver", dst="stage0")
     with pytest.raises(MessageError, match="expected a control message"):
         Control.decode(_act().raw_header)
+
+
+def test_one_activation_addressed_to_several_receivers():
+    """A block input read by conv1 and by the merge is one message for both."""
+    m = _act(dst="stage1,stage2")
+    for who in ("stage1", "stage2"):
+        validate(m, ACTIVATION, (4, 8), torch.float32, dst=who)
+    with pytest.raises(MessageError, match="delivered to 'stage3'"):
+        validate(m, ACTIVATION, dst="stage3")

@@ -70,6 +70,10 @@ def ensure_ray(runtime) -> bool:
     if address:
         ray.init(address=address)
     else:
+        # Ray starts workers at nice 15 so that its own processes stay responsive; here
+        # the actors *are* the training, and at 15 they lose every core to whatever else
+        # runs on the machine.  Normal priority, unless the environment says otherwise.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=runtime.local_cpus, include_dashboard=False)
     return True
 
