@@ -113,16 +113,7 @@ def deg(a, b) -> float:
     return math.degrees(math.acos(float(cos.clamp(-1, 1))))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, which is very slow
-    on a busy 2-core machine.  Scoped to each test of this file and restored after it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def close(a, b, tol=1e-12):

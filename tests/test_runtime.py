@@ -61,15 +61,9 @@ def actors(spawner):
     return spawner.workers
 
 
-@pytest.fixture(autouse=True)
-def _actor_threads():
-    """The reference computes with the actors' thread count (runtime.threads): a
-    different count changes float reduction order (BN statistics move by ~1e-5 over 20
-    steps between 1 and 2 threads, in-process alone)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The reference computes with the actors' thread count (runtime.threads): a different
+# count changes float reduction order (BN statistics move by ~1e-5 over 20 steps).
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def train_both(cfg, actors, steps, shape=SHAPE, bs=BS, **kw):

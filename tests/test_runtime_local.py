@@ -24,14 +24,7 @@ def cfg_for(rule, schedule="gpipe", model=None, partition="per_unit", M=4, bs=16
     return Config.model_validate(d)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, which is very
-    slow on a busy 2-core machine (the workers run with one thread, as actors do)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def run_both(cfg, shape, nc, steps, bs, **kw):

@@ -11,12 +11,7 @@ from localnet.config import ConfigError
 from localnet.sweep import parse_grid, point_name, points, sweep
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_grid_points_and_names():
