@@ -336,5 +336,5 @@ def test_train_on_ray_checkpoints_per_actor_and_summarises(ray_session, tmp_path
     man = json.loads((tmp_path / "checkpoint/manifest.json").read_text())
     assert man["step"] == 5 and [a["actor"] for a in man["actors"]] == ["stage0", "stage1"]
     assert all(a["pid"] != os.getpid() for a in man["actors"])  # written by the actors
-    ckpt = __import__("torch").load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert "stages" not in ckpt["executor"]  # no weights went through the driver

@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from localnet.cli import main
 from localnet.config import ConfigError
