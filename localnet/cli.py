@@ -104,7 +104,8 @@ def _cmd_sweep(args) -> int:
     from .sweep import sweep
 
     res = sweep(args.config, args.grid, args.set, args.out,
-                log=lambda m: Console(stderr=True).print(m, markup=False))
+                log=lambda m: Console(stderr=True).print(m, markup=False),
+                vary_items=args.vary, jobs=args.jobs)
     print((res["dir"] / "sweep.md").read_text(), end="")
     print(f"sweep directory: {res['dir']} (ran {len(res['ran'])}, "
           f"skipped {len(res['skipped'])} finished)")
@@ -155,9 +156,14 @@ def parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="one run per grid point (resumable), then sweep.csv, "
                                       "sweep.md and sweep.png (accuracy vs error bits/sample)")
     sw.add_argument("config")
-    sw.add_argument("--grid", action="append", default=[], required=True,
+    sw.add_argument("--grid", action="append", default=[],
                     metavar="KEY=V1,V2,...", help="a swept key, e.g. channel.error.codec=fp32,"
                                                    "int8,sign (repeatable: cartesian product)")
+    sw.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="one restriction at a time: each value is one more point per grid "
+                         "point, with only this key changed (repeatable)")
+    sw.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own "
+                                                        "process (default 1)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sw.add_argument("--out", help="sweep directory (default: <out_dir>/sweep-<time>); "
                                   "rerun with the same --out to resume")

@@ -122,17 +122,21 @@ class StageTimer:
 
     def _clear(self) -> None:
         self.times: dict[str, list[float]] = {op: [] for op in OPS}
+        # CPU seconds of the calling thread (one torch thread per actor: the compute
+        # itself, without the time lost to other processes sharing the core)
+        self.cpu: dict[str, list[float]] = {op: [] for op in OPS}
         self.samples = 0
 
     def _wrap(self, op, fn):
-        clock = time.perf_counter
+        clock, cpu = time.perf_counter, time.thread_time
 
         def timed(*args, **kwargs):
-            t0 = clock()
+            t0, c0 = clock(), cpu()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.times[op].append(clock() - t0)
+                self.cpu[op].append(cpu() - c0)
                 if op == "forward" and args:
                     self.samples += int(args[0].shape[0])
         timed.__wrapped__ = fn
@@ -140,6 +144,7 @@ class StageTimer:
 
     def take(self, clear: bool = True) -> dict:
         out = {**{op: list(v) for op, v in self.times.items()},
+               **{f"{op}_cpu": list(v) for op, v in self.cpu.items()},
                "samples": self.samples, "gpu_memory_bytes": _gpu_memory()}
         if clear:
             self._clear()

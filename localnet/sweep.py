@@ -1,9 +1,12 @@
 """`localnet sweep`: one run per grid point, sequentially, then a table and a plot.
 
     localnet sweep CONFIG --grid rule.name=fa,pfa,kp --grid channel.error.codec=fp32,int8,sign
-                   [--set KEY=VALUE ...] [--out DIR]
+                   [--vary channel.error.delay=1,4 --vary channel.error.drop=0.1,0.5]
+                   [--set KEY=VALUE ...] [--out DIR] [--jobs N]
 
-Each grid point (the cartesian product of the --grid lists) is an ordinary run directory
+The points are the cartesian product of the --grid lists; each --vary list adds, for
+every product point, one point per value with only that key changed (so rules x codecs
+plus rules x delays plus rules x drops, not their product).  Each point is an ordinary run directory
 under the sweep directory, named after its settings.  A point whose run directory already
 holds a summary.json is not run again, so rerunning the same command (same --out) resumes.
 Every point runs with `channel.enabled=true` (unless --set/--grid says otherwise), so even
@@ -44,9 +47,25 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
-def points(grid: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
+def points(grid: list[tuple[str, list[str]]],
+           vary: list[tuple[str, list[str]]] | None = None) -> list[list[tuple[str, str]]]:
+    """The cartesian product of the grid axes; with `vary` axes, each product point once
+    per value of each vary axis (one restriction at a time, the rest at the config's)."""
     keys = [k for k, _ in grid]
-    return [list(zip(keys, combo)) for combo in itertools.product(*(v for _, v in grid))]
+    base = [list(zip(keys, combo)) for combo in itertools.product(*(v for _, v in grid))]
+    if not vary:
+        return base
+    return [b + [(k, v)] for b in base for k, values in vary for v in values]
+
+
+def _run_point(cfg, run_dir: Path) -> tuple[dict, str]:
+    """One point (also in a worker process): its summary and status."""
+    from .train import train
+
+    try:
+        return train(cfg, run_dir, progress=False), "ok"
+    except Exception as exc:  # one bad point must not lose the others
+        return {}, f"failed: {type(exc).__name__}: {exc}"
 
 
 def point_name(point: list[tuple[str, str]]) -> str:
@@ -60,38 +79,56 @@ def restriction(point: list[tuple[str, str]]) -> str:
 
 
 def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | None = None,
-          out: str | Path | None = None, log=print) -> dict:
-    """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran", "skipped"}."""
-    from .train import train  # torch only when needed
-
+          out: str | Path | None = None, log=print, vary_items: list[str] | None = None,
+          jobs: int = 1) -> dict:
+    """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran", "skipped"}.
+    jobs > 1: that many points at once, each in its own process (give each run
+    `train.threads` so that jobs x threads fits the machine)."""
     sets = list(sets or [])
-    grid = parse_grid(grid_items)
-    pts = points(grid)
+    grid, vary = parse_grid(grid_items), parse_grid(vary_items or [])
+    pts = points(grid, vary)
+    if not pts:
+        raise ConfigError("sweep: no points (give --grid and/or --vary)")
+    keys = [k for k, _ in grid + vary]
     forced = [] if any(s.split("=", 1)[0].strip() == "channel.enabled" for s in sets) or \
-        any(k == "channel.enabled" for k, _ in grid) else ["channel.enabled=true"]
+        "channel.enabled" in keys else ["channel.enabled=true"]
     cfgs = [load_config(config, forced + sets + [f"{k}={v}" for k, v in p]) for p in pts]
     if out is None:
         out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, ran, skipped = [], [], []
+    results: dict[str, tuple[dict, str]] = {}
+    ran, skipped, todo = [], [], []
     for p, cfg in zip(pts, cfgs):
         name = point_name(p)
-        run_dir = out / name
-        done = run_dir / "summary.json"
-        status = "ok"
+        done = out / name / "summary.json"
         if done.exists():
             skipped.append(name)
-            summary = json.loads(done.read_text())
+            results[name] = (json.loads(done.read_text()), "ok")
             log(f"[sweep] {name}: done already, skipped")
         else:
+            todo.append((name, cfg))
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_run_point, cfg, out / name): name for name, cfg in todo}
+            for fut in as_completed(futs):
+                name = futs[fut]
+                results[name] = fut.result()
+                log(f"[sweep] {name}: {results[name][1]}")
+    else:
+        for name, cfg in todo:
             log(f"[sweep] {name}: running")
-            try:
-                summary = train(cfg, run_dir, progress=False)
-                ran.append(name)
-            except Exception as exc:  # one bad point must not lose the others
-                summary, status = {}, f"failed: {type(exc).__name__}: {exc}"
-                log(f"[sweep] {name}: {status}")
+            results[name] = _run_point(cfg, out / name)
+            if results[name][1] != "ok":
+                log(f"[sweep] {name}: {results[name][1]}")
+    ran = [n for n, _ in todo if results[n][1] == "ok"]
+    rows = []
+    for p, cfg in zip(pts, cfgs):
+        name = point_name(p)
+        summary, status = results[name]
         ch = summary.get("channels") or {}
         rows.append({"rule": summary.get("rule", cfg.rule.name), "restriction": restriction(p),
                      "test_accuracy": summary.get("test_accuracy", float("nan")),

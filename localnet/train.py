@@ -68,9 +68,6 @@ def build(cfg: Config):
                      image_size=d.image_size)
     rule, model = build_rule_and_model(cfg, data.input_shape, data.num_classes)
     optim = optim_config(cfg)
-    if cfg.channel.active() and cfg.runtime.executor != "inprocess":
-        raise ValueError("channel: communication restrictions run in-process only "
-                         "(runtime.executor: inprocess); see localnet/channels/README.md")
     if cfg.runtime.executor in ("ray", "local"):  # one actor per stage (local: no Ray, same
         from .runtime.ray_executor import RayExecutor  # workers); the model only gives the layout
         executor = RayExecutor(cfg, data.input_shape, data.num_classes, model=model,

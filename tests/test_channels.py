@@ -294,6 +294,79 @@ def test_train_summary_has_channels(tmp_path):
     assert ch["error"]["fc2->fc1"]["bytes"] == 3 * 128 * (4 + 2)
 
 
-def test_channels_refuse_other_executors():
-    with pytest.raises(ValueError, match="in-process only"):
-        build(small("channel.error.codec=sign", "runtime.executor=ray"))
+# ------------------------------------------------------------------ on the runtime's actors
+RUNTIME_LINKS = [
+    # (rule, schedule, channel settings): every codec path, drops, delays, per-edge overrides
+    ("fa", "gpipe", ["channel.error.codec=int8", "channel.error.drop=0.3",
+                     "channel.activation.codec=fp16"]),
+    ("kp", "1f1b", ["channel.error.codec=topk", "channel.error.k=0.25",
+                    "channel.error.error_feedback=true", "channel.error.delay=1"]),
+    ("dfa", "gpipe", ["channel.error.codec=sign", "channel.error.drop=0.5",
+                      "channel.edges={1: {error: {codec: lowrank, q: 3}}}"]),
+    ("pfa", "async", ["channel.error.codec=bf16", "channel.activation.codec=int8"]),
+]
+
+
+def _runtime_pair(rule, schedule, links, M=2):
+    from localnet.runtime.ray_executor import RayExecutor
+
+    cfg = small(f"rule.name={rule}", "train.momentum=0.9", f"train.micro_batches={M}", *links)
+    data, _, model, ref = build(cfg)   # in-process, one stage per unit
+    rcfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(
+        update={"executor": "local", "schedule": schedule})})
+    ex = RayExecutor(rcfg, data.input_shape, data.num_classes, local=True)
+    return cfg, data, model, ref, ex
+
+
+@pytest.mark.parametrize("rule, schedule, links", RUNTIME_LINKS[:3])
+def test_runtime_actors_apply_channels_exactly_as_inprocess(rule, schedule, links):
+    # the actors split every channel at send / receive (codec state and drops on the
+    # sender, decode and the delay FIFO on the receiver); same edges and seeds as
+    # in-process, so after several steps every weight and every count must agree
+    cfg, data, model, ref, ex = _runtime_pair(rule, schedule, links)
+    for x, y in batches(data, 6):
+        a = ref.train_step(x, y, cfg.train.lr, cfg.train.weight_decay)
+        b = ex.train_step(x, y, cfg.train.lr, cfg.train.weight_decay)
+        assert b.loss_sum == pytest.approx(a.loss_sum, rel=1e-5, abs=1e-6)
+    from localnet.runtime.testing import state_diff
+    worst, rng = state_diff(model.state_dict(), ex.model_state_dict())
+    assert worst < 1e-5 and not rng
+    want, got = ref.channel_summary(), ex.channel_summary()
+    for kind in ("activation", "error"):
+        assert got[kind].keys() == want[kind].keys()
+        for edge, w in want[kind].items():
+            g = got[kind][edge]
+            for k in ("codec", "messages", "delivered", "dropped", "not_yet_arrived", "bytes"):
+                assert g[k] == w[k], (kind, edge, k)
+    assert got["error_bits_per_sample"] == pytest.approx(want["error_bits_per_sample"])
+    if any("drop" in s for s in links):
+        assert sum(v["dropped"] for v in got["error"].values()) > 0  # the test bites
+    ex.close()
+
+
+def test_runtime_ledger_counts_the_encoded_bytes_and_async_runs():
+    # int8 activations: 1 byte per entry + a 4-byte scale on the wire; the worker ledger
+    # (what the run summary's `messages` reports) counts exactly that as payload
+    cfg, data, _, _, ex = _runtime_pair(*RUNTIME_LINKS[3])
+    steps = 3
+    for x, y in batches(data, steps):
+        ex.train_step(x, y, cfg.train.lr, cfg.train.weight_decay)
+    ex.flush()
+    s = ex.channel_summary()
+    # 32 samples x 16 features per boundary (fc1->fc2, fc2->head), 2 micro-batches
+    for edge in ("fc1->fc2", "fc2->head"):
+        assert s["activation"][edge]["bytes"] == steps * 2 * (16 * 16 + 4)
+        assert s["error"][edge.split("->")[1] + "->" + edge.split("->")[0]]["bytes"] == \
+            steps * 2 * 16 * 16 * 2  # bf16
+    act = ex.ledger_summary()["activation"]
+    driver_inputs = steps * 32 * 3 * 32 * 32 * 4  # fp32 images from the driver, unrestricted
+    assert act["payload_bytes"] == driver_inputs + 2 * steps * 2 * (16 * 16 + 4)
+    ex.close()
+
+
+def test_runtime_refuses_channels_per_layer():
+    from localnet.runtime.ray_executor import RayExecutor
+
+    cfg = small("channel.error.codec=sign", "runtime.executor=local", "runtime.partition=per_layer")
+    with pytest.raises(ValueError, match="per_layer"):
+        RayExecutor(cfg, (3, 32, 32), 10, local=True)

@@ -338,3 +338,34 @@ def test_train_on_ray_checkpoints_per_actor_and_summarises(ray_session, tmp_path
     assert all(a["pid"] != os.getpid() for a in man["actors"])  # written by the actors
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert "stages" not in ckpt["executor"]  # no weights went through the driver
+
+
+# ---------------------------------------------------------------------------- channels
+@pytest.mark.parametrize("rule, channel", [
+    ("fa", {"error": {"codec": "int8", "drop": 0.3}, "activation": {"codec": "fp16"}}),
+    ("dfa", {"error": {"codec": "sign", "delay": 1, "drop": 0.2}}),
+])
+def test_ray_channels_match_inprocess_channels(actors, rule, channel):
+    # the sender actor encodes and draws the drop, the receiver actor decodes and holds
+    # the delay FIFO: through Ray's object store the weights and every count still equal
+    # the in-process executor's with the same channels and seed
+    from localnet.engine import InProcessExecutor
+    from localnet.builders import build_rule_and_model, optim_config
+
+    cfg = Config.model_validate({**cfg_for(rule).model_dump(), "channel": channel})
+    _, model = build_rule_and_model(cfg, SHAPE, NC)
+    ref = InProcessExecutor(model, optim_config(cfg), micro_batches=M, channels=cfg.channel,
+                            channel_seed=cfg.seed)
+    ex = RayExecutor(cfg, SHAPE, NC, actors=actors, model=model)
+    for x, y in batches(8, BS, SHAPE, NC, seed=2):
+        a, b = ref.train_step(x, y, 0.05, 1e-3), ex.train_step(x, y, 0.05, 1e-3)
+        assert b.loss_sum == pytest.approx(a.loss_sum, rel=1e-5, abs=1e-5)
+    worst, rng = state_diff(model.state_dict(), ex.model_state_dict())
+    assert worst < 1e-5 and not rng
+    want, got = ref.channel_summary(), ex.channel_summary()
+    for kind in ("activation", "error"):
+        for edge, w in want[kind].items():
+            assert {k: got[kind][edge][k] for k in ("messages", "dropped", "delivered", "bytes")} \
+                == {k: w[k] for k in ("messages", "dropped", "delivered", "bytes")}
+    assert sum(v["dropped"] for v in got["error"].values()) > 0
+    assert ex.ledger_summary()["parameter_bytes"] == 0

@@ -55,3 +55,21 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     (out / "rule.name-kp__channel.error.codec-sign" / "summary.json").unlink()
     res = sweep(cfg, grid, ["seed=1"], out, log=lambda m: None)
     assert res["ran"] == ["rule.name-kp__channel.error.codec-sign"] and len(res["skipped"]) == 3
+
+
+def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):
+    grid, vary = parse_grid(["rule.name=fa,kp"]), parse_grid(["channel.error.codec=int8",
+                                                              "channel.error.drop=0.5,1.0"])
+    pts = points(grid, vary)
+    assert len(pts) == 2 * 3 and pts[1] == [("rule.name", "fa"), ("channel.error.drop", "0.5")]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, max_steps: 3, lr: 0.05, threads: 1}\n"
+                   "metrics: {alignment_every: 0}\n")
+    res = sweep(cfg, ["rule.name=fa"], [], tmp_path / "s", log=lambda m: None,
+                vary_items=["channel.error.drop=0.5,1.0"], jobs=2)
+    assert sorted(res["ran"]) == ["rule.name-fa__channel.error.drop-0.5",
+                                  "rule.name-fa__channel.error.drop-1.0"]
+    dead = json.loads((tmp_path / "s" / res["ran"][1] / "summary.json").read_text())
+    err = dead["channels"]["error"]["head->fc1"]
+    assert err["drop"] == 1.0 and err["delivered"] == 0 and err["dropped"] == err["messages"] == 3

@@ -28,7 +28,7 @@ from collections import deque
 import torch
 
 from ..runtime.ledger import Ledger
-from .codecs import Codec, make_codec
+from .codecs import Codec, Encoded, make_codec
 
 ACTIVATION, ERROR = "activation", "error"
 
@@ -66,8 +66,14 @@ class Channel:
         nothing to send this slot (it received no error itself); no bytes, and the
         slot arrives empty, so later messages keep their delay."""
         if x is None:
-            self.fifo.append(None)
+            self.arrive(None)
             return
+        enc, lost = self.encode(x)
+        self.arrive(None if lost else enc)
+
+    def encode(self, x: torch.Tensor) -> tuple[Encoded, bool]:
+        """The sender's half: encode x, count its bytes (a lost message was still sent),
+        enforce the bandwidth cap, and draw whether the message is lost."""
         enc = self.codec.encode(x, self.rng)
         n = enc.nbytes
         self.sent += 1
@@ -79,7 +85,11 @@ class Channel:
                                   torch.rand((), generator=self.rng).item() < self.drop)
         if lost:
             self.dropped += 1
-        self.fifo.append(None if lost else enc)
+        return enc, lost
+
+    def arrive(self, enc: Encoded | None) -> None:
+        """The receiver's half, on arrival: queue the message (None: an empty slot)."""
+        self.fifo.append(enc)
 
     def receive(self) -> torch.Tensor | None:
         """Receiver side: the message due now (decoded), or None if it was lost or none
@@ -112,6 +122,47 @@ class Channel:
         """Forget queued messages and codec state (counters and bytes are kept)."""
         self.fifo.clear()
         self.codec.reset()
+
+
+def link_options(cfg, kind: str, src: str, dst: str, boundary: int | None = None) -> dict:
+    """The settings of one link: channel.<kind>, then any channel.edges entry keyed by
+    the boundary index or by "src->dst" in either direction."""
+    base = getattr(cfg, kind).model_dump()
+    for key, over in (cfg.edges or {}).items():
+        k = str(key)
+        if (boundary is not None and k == str(boundary)) or k in (f"{src}->{dst}", f"{dst}->{src}"):
+            base.update(getattr(over, kind))
+    return base
+
+
+def make_channel(cfg, kind: str, src: str, dst: str, *, boundary: int | None = None,
+                 seed: int = 0, slots_per_step: int = 1, ledger: Ledger | None = None) -> Channel:
+    """The channel of one link from a ChannelConfig.  Sender and receiver build it from
+    the same config and seed, so they share the codec's seed (low-rank) and nothing else."""
+    o = link_options(cfg, kind, src, dst, boundary)
+    s = edge_seed(seed, kind, src, dst)
+    codec = make_codec(o["codec"], k=o["k"], error_feedback=o["error_feedback"], q=o["q"],
+                       per_channel=o["per_channel"], stochastic=o["stochastic"], seed=s % (2**31))
+    return Channel(codec, src=src, dst=dst, kind=kind, delay=o["delay"], drop=o["drop"],
+                   bandwidth=o["bandwidth"], enforce=cfg.enforce_bandwidth, seed=s,
+                   slots_per_step=slots_per_step, ledger=ledger)
+
+
+def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bool,
+              ledger: Ledger) -> dict:
+    """The run summary's `channels` section from per-channel `Channel.stats` dicts
+    (each with its "edge")."""
+    out = {"samples": samples, "dfa_broadcast": dfa}
+    for kind, chans in ((ACTIVATION, activations), (ERROR, errors)):
+        out[kind] = {c["edge"]: {k: v for k, v in c.items() if k != "edge"} for c in chans}
+        total = sum(c["bytes"] for c in chans)
+        out[f"{kind}_bytes"] = total
+        out[f"{kind}_bytes_per_sample"] = total / samples if samples else 0.0
+        out[f"{kind}_bandwidth_s"] = sum(c["bandwidth_s"] for c in chans)
+    out["error_bits_per_sample"] = 8 * out["error_bytes_per_sample"]
+    out["activation_bits_per_sample"] = 8 * out["activation_bytes_per_sample"]
+    out["ledger"] = ledger.as_summary()
+    return out
 
 
 class ChannelSet:
@@ -148,37 +199,15 @@ class ChannelSet:
             self.errors.append(self._make(ERROR, b, e_src, last(i), seed, slots_per_step))
         self.samples = 0
 
-    def _link(self, kind: str, boundary: int, src: str, dst: str) -> dict:
-        base = getattr(self.cfg, kind).model_dump()
-        for key, over in (self.cfg.edges or {}).items():
-            k = str(key)
-            if k == str(boundary) or k in (f"{src}->{dst}", f"{dst}->{src}"):
-                base.update(getattr(over, kind))
-        return base
-
     def _make(self, kind, boundary, src, dst, seed, slots) -> Channel:
-        o = self._link(kind, boundary, src, dst)
-        s = edge_seed(seed, kind, src, dst)
-        codec = make_codec(o["codec"], k=o["k"], error_feedback=o["error_feedback"], q=o["q"],
-                           per_channel=o["per_channel"], stochastic=o["stochastic"],
-                           seed=s % (2**31))
-        return Channel(codec, src=src, dst=dst, kind=kind, delay=o["delay"], drop=o["drop"],
-                       bandwidth=o["bandwidth"], enforce=self.cfg.enforce_bandwidth, seed=s,
-                       slots_per_step=slots, ledger=self.ledger)
+        return make_channel(self.cfg, kind, src, dst, boundary=boundary, seed=seed,
+                            slots_per_step=slots, ledger=self.ledger)
 
     def all(self) -> list[Channel]:
         return self.activations + self.errors
 
     def summary(self) -> dict:
         s = self.samples
-        out = {"samples": s, "dfa_broadcast": self.dfa}
-        for kind, chans in ((ACTIVATION, self.activations), (ERROR, self.errors)):
-            out[kind] = {c.edge: c.stats(s) for c in chans}
-            total = sum(c.bytes for c in chans)
-            out[f"{kind}_bytes"] = total
-            out[f"{kind}_bytes_per_sample"] = total / s if s else 0.0
-            out[f"{kind}_bandwidth_s"] = sum(c.bandwidth_s for c in chans)
-        out["error_bits_per_sample"] = 8 * out["error_bytes_per_sample"]
-        out["activation_bits_per_sample"] = 8 * out["activation_bytes_per_sample"]
-        out["ledger"] = self.ledger.as_summary()
-        return out
+        return summarize([{"edge": c.edge, **c.stats(s)} for c in self.activations],
+                         [{"edge": c.edge, **c.stats(s)} for c in self.errors], s, self.dfa,
+                         self.ledger)

@@ -132,6 +132,11 @@ class RayExecutor:
         self.schedule_name = rt.schedule
         self.is_async = rt.schedule == "async"
         self.dfa = not make_rule(cfg.rule.name, **cfg.rule.options()).sends_error
+        # communication restrictions (localnet/channels): each actor encodes what it
+        # sends and decodes what it receives; DFA's e then goes out once per receiver
+        self.channels = cfg.channel.active() and pl.num_actors > 1
+        self._ch_now = self.channels
+        self._ch_samples = 0
         self.device = "cuda" if rt.num_gpus > 0 else "cpu"
         self._schedules: dict = {}
         self._plan(self.micro_batches)  # raises DeadlockError before any actor exists
@@ -353,8 +358,9 @@ class RayExecutor:
                 wire += self._send(TARGET, ctx.y, stage_name(s), ctx.step, ctx.mb, "train",
                                    meta={"batch": ctx.n})
                 if self._dfa_now and S > 1:
-                    r = w.forward.options(num_returns=3).remote(*wire)
-                    self._stats_refs[g], self._e[g] = r[0], (r[1], r[2])
+                    n = 1 + 2 * (S - 1) if self._ch_now else 3
+                    r = w.forward.options(num_returns=n).remote(*wire)
+                    self._stats_refs[g], self._e[g] = r[0], tuple(r[1:])
                     self._left[("e", g)] = S - 1
                 else:
                     self._stats_refs[g] = w.forward.remote(*wire)
@@ -368,7 +374,8 @@ class RayExecutor:
             if s == sink:
                 r = call.remote(ctx.step, ctx.mb, dep=self._stats_refs[g])
             elif self._dfa_now:
-                r = call.remote(ctx.step, ctx.mb, *self._e[g])
+                e = self._e[g]
+                r = call.remote(ctx.step, ctx.mb, *(e[2 * s:2 * s + 2] if self._ch_now else e))
                 self._release(("e", g), self._e)
             else:
                 wire = []
@@ -530,6 +537,7 @@ class RayExecutor:
     # ------------------------------------------------------------------ training
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
         self._step += 1
+        self._ch_samples += int(x.shape[0])
         while True:
             try:
                 if self.is_async:
@@ -541,9 +549,45 @@ class RayExecutor:
                 if not self._revive(err):
                     raise
 
+    def _channels(self, on: bool) -> None:
+        """Measuring passes bypass the channels (as in-process): no codec state, drop
+        draws or delay slots are spent on them."""
+        if self.channels and self._ch_now != on:
+            self._drain()
+            self._get([w.set_channels.remote(on) for w in self.workers], "channels")
+            self._ch_now = on
+
+    def channel_summary(self) -> dict | None:
+        """As InProcessExecutor.channel_summary: bytes per edge and kind, bytes and bits
+        per sample -- from the sending and receiving halves in the actors."""
+        if not self.channels:
+            return None
+        from ..channels.channel import summarize
+
+        self._drain()
+        parts = self._get([w.channel_stats.remote() for w in self.workers], "channel stats")
+        recv = {(d["kind"], d["edge"]): d for p in parts for d in p["recv"]}
+        kinds: dict[str, list] = {"activation": [], "error": []}
+        ledger = Ledger()
+        n = self._ch_samples
+        for d in sorted((d for p in parts for d in p["send"]), key=lambda d: d["edge"]):
+            r = recv.get((d["kind"], d["edge"]), {})
+            row = {**d, "delivered": r.get("delivered", 0),
+                   "not_yet_arrived": r.get("not_yet_arrived", 0),
+                   "bytes_per_sample": d["bytes"] / n if n else 0.0}
+            kinds[row.pop("kind")].append(row)
+            src, dst = d["edge"].split("->", 1)
+            if d["messages"]:
+                ledger.rows[(src, dst, d["kind"])] = [d["messages"], 0, d["bytes"]]
+        return summarize(kinds["activation"], kinds["error"], n, self.dfa, ledger)
+
     def forward_backward(self, x, y, stats: StepStats) -> None:
         """Forward and backward of one batch, gradients left in the stages (no step)."""
-        st = self._run(x, y, self._step + 1, None)
+        self._channels(False)
+        try:
+            st = self._run(x, y, self._step + 1, None)
+        finally:
+            self._channels(True)
         stats.loss_sum += st.loss_sum
         stats.correct += st.correct
         stats.samples += st.samples
@@ -554,6 +598,7 @@ class RayExecutor:
         from ..alignment import update_angles
 
         self._drain()
+        self._channels(False)
         self._get([w.probe_begin.remote() for w in self.workers], "probe")
         try:
             grads = []
@@ -566,6 +611,7 @@ class RayExecutor:
                 grads.append(g)
         finally:
             self._get([w.probe_end.remote() for w in self.workers], "probe")
+            self._channels(True)
         return update_angles(grads[0], grads[1])
 
     def evaluate(self, loader) -> tuple[float, float]:

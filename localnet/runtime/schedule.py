@@ -330,15 +330,18 @@ class SimResult:
         return [(s, a) for s, a, _, _ in self.trace]
 
 
-def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost: float = 0.0, *,
+def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
              step_cost=0.0, dfa: bool = False, batch_size: int | None = None,
              cores: int | None = None) -> SimResult:
     """Dry-run a schedule: each stage executes its list in order, each action starts when
     its stage is free and its dependencies are done (+comm_cost for one on another stage).
 
     fwd_cost, bwd_cost, step_cost: per stage, a list or one number for all stages
-    (time per micro-batch).  cores: at most this many actions run at once (actors
-    sharing a machine with fewer cores than actors); None: every actor has its own.
+    (time per micro-batch).  comm_cost: seconds a message takes between stages, one
+    number, or a function (src, dst, op) -> seconds, op "F" for an activation and "B"
+    for an error (payload sizes differ per edge).  cores: at most this many actions run
+    at once (actors sharing a machine with fewer cores than actors); None: every actor
+    has its own.
     Raises DeadlockError when no stage can progress.
     """
     if cores is not None:
@@ -365,7 +368,7 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost: float = 0.0, *,
                 deps = _deps(s, a, S, M, dfa, graph, cons)
                 if any(d not in end for d in deps):
                     break
-                ready = max([free[s]] + [end[d] + (comm_cost if d[0] != s else 0.0) for d in deps])
+                ready = max([free[s]] + [end[d] + _comm(comm_cost, d, s) for d in deps])
                 cost = fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
                 end[(s, a)] = ready + cost
                 trace.append((s, a, ready, ready + cost))
@@ -394,6 +397,13 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost: float = 0.0, *,
         samples_per_s=(batch_size / makespan) if (batch_size and makespan > 0) else None,
         micro_batches_per_s=M / makespan if makespan > 0 else float("inf"),
         peak_activations=peak, trace=trace)
+
+
+def _comm(comm_cost, dep, s: int) -> float:
+    """Latency of the message that dependency `dep` (stage, action) sends to stage s."""
+    if dep[0] == s:
+        return 0.0
+    return float(comm_cost(dep[0], s, dep[1].op)) if callable(comm_cost) else comm_cost
 
 
 def _per_stage(c, S, name):
@@ -431,7 +441,7 @@ def _simulate_cores(schedule, fwd_cost, bwd_cost, comm_cost, step_cost, dfa, bat
             deps = _deps(s, a, S, M, dfa, graph, cons)
             if any(d not in end for d in deps):
                 continue
-            ready = max([free[s]] + [end[d] + (comm_cost if d[0] != s else 0.0) for d in deps])
+            ready = max([free[s]] + [end[d] + _comm(comm_cost, d, s) for d in deps])
             start = max(ready, core_free[0])
             if best is None or start < best[0]:
                 best = (start, s, a)

@@ -40,6 +40,8 @@ from ..layers import ErrorTap, restore_rules, set_rule
 from ..rules import make_rule
 from ..builders import as_config, build_rule_and_model, optim_config
 from ..metrics import StageTimer
+from ..channels.channel import make_channel
+from ..channels.wire import EMPTY, LOST, marker, pack, unpack
 from .graph import NodeStage, Placement, modules_for
 from .ledger import Ledger
 from .messages import (ACTIVATION, BROADCAST, CHAIN, CONTROL, ERROR, OUTPUT, TARGET, Control,
@@ -136,6 +138,7 @@ class StageWorker:
                                device=self.device, stash=bool(spec.get("stash", False)))
         self.stage.train(True)
         self._timer = StageTimer(self.stage)  # observability: see timings()
+        self._setup_channels(cfg, pl, list(model.unit_names), not rule.sends_error)
         del model
         params = list(self.stage.module.parameters())
         self.dtype = params[0].dtype if params else torch.float32
@@ -154,6 +157,104 @@ class StageWorker:
         self._audit.clear()
         self._fault = None
         return self.info()
+
+    # ------------------------------------------------------------------ channels
+    def _setup_channels(self, cfg, pl: Placement, unit_names: list[str], dfa: bool) -> None:
+        """Communication restrictions (localnet/channels), split at send / receive: this
+        actor owns the sending half of its outgoing links (codec state, drops, bytes) and
+        the receiving half of its incoming ones (decode, delay FIFO).  Edges and seeds are
+        `InProcessExecutor`'s (`ChannelSet`), so both executors draw the same numbers."""
+        self.ch = {}                 # "act_in" | "act_out" | "err_in" | "err_out" -> Channel
+        self.ch_dfa: list = []       # last stage, DFA: one error link per other stage
+        self._ch_on = self._ch_cfg = False
+        self._bwd_since_step = 0
+        if not cfg.channel.active() or self.num_stages == 1:
+            return
+        if pl.kind != "units" or not pl.is_chain:
+            raise ValueError("channel: communication restrictions need a chain of unit "
+                             "groups (runtime.partition: per_unit, {stages: N} or explicit "
+                             "groups), not per_layer")
+        m, i, n = pl.members, self.index, self.num_stages
+        first = lambda j: unit_names[m[j][0]]  # noqa: E731
+        last = lambda j: unit_names[m[j][1] - 1]  # noqa: E731
+        mk = lambda kind, src, dst, b: make_channel(  # noqa: E731
+            cfg.channel, kind, src, dst, boundary=b, seed=cfg.seed,
+            slots_per_step=cfg.train.micro_batches)
+        if i < n - 1:
+            self.ch["act_out"] = mk("activation", last(i), first(i + 1), m[i][1])
+            src = first(n - 1) if dfa else first(i + 1)
+            self.ch["err_in"] = mk("error", src, last(i), m[i][1])
+        if i > 0:
+            self.ch["act_in"] = mk("activation", last(i - 1), first(i), m[i][0])
+            if not dfa:
+                self.ch["err_out"] = mk("error", first(i), last(i - 1), m[i][0])
+        if dfa and i == n - 1:
+            self.ch_dfa = [mk("error", first(i), last(j), m[j][1]) for j in range(n - 1)]
+        self._ch_on = self._ch_cfg = True
+
+    def set_channels(self, on: bool) -> bool:
+        """Route training messages through the channels (True, when configured) or not
+        (measuring passes: BP-angle probes, forward_backward).  Returns the old state."""
+        old, self._ch_on = self._ch_on, bool(on) and self._ch_cfg
+        return old
+
+    def channel_stats(self) -> dict:
+        """This actor's halves of its links: the sender's counts (messages, bytes, drops)
+        and the receiver's (delivered, not yet arrived), by kind and edge."""
+        out = {"send": [], "recv": []}
+        for key, c in self.ch.items():
+            out["send" if key.endswith("_out") else "recv"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})
+        for c in self.ch_dfa:
+            out["send"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})
+        return out
+
+    def _send_coded(self, kind, x, ch, dst, step, mb, detail) -> Message:
+        """Send x through channel ch (x None: an empty slot).  The ledger counts the
+        encoded bytes, a lost message's too (it was sent; the channel lost it)."""
+        pbytes = 0
+        if x is None:
+            arr, meta = marker(ch.codec.name, EMPTY)
+        else:
+            if self._aliases_state(x):
+                raise RuntimeError(f"{self.name}: a {kind} message would carry a parameter")
+            enc, lost = ch.encode(x)
+            arr, meta = marker(ch.codec.name, LOST) if lost else pack(enc)
+            pbytes = enc.nbytes - enc.scalar_bytes  # the scalars travel in the header
+        msg = Message.make(kind, arr, src=self.name, dst=dst, step=step, mb=mb, run=self.run,
+                           detail=detail, meta={"codec": meta})
+        msg = self._maybe_fault(msg)
+        self._ledger.record(self.name, dst, msg.header.kind, msg.header_bytes,
+                            pbytes if x is not None else 0)
+        return msg
+
+    def _receive_coded(self, ch, raw, payload, kind, shape, dtype, *, src, detail, step,
+                       mb) -> Message | None:
+        """Receive through channel ch: the message due now (after `delay`), decoded and
+        validated like any other; None when it was lost, sent empty or not yet arrived
+        (and for a stale error whose batch size no longer fits)."""
+        msg = self._open(raw, payload, kind, src)
+        h = msg.header
+        validate(msg, kind, None, None, detail=detail, dst=self.name, step=step, mb=mb,
+                 finite=False)
+        meta = h.meta.get("codec")
+        if not isinstance(meta, dict) or meta.get("name") != ch.codec.name:
+            raise h.error(f"expected a {ch.codec.name}-encoded message on this channel",
+                          self.name)
+        try:
+            enc = unpack(msg.payload, meta)
+        except ValueError as err:
+            raise h.error(str(err), self.name) from None
+        ch.arrive(enc)
+        x = ch.receive()
+        if x is None:
+            return None
+        if kind == ERROR and ch.delay and any(e is not None and e != n for e, n in
+                                               zip(shape, x.shape)):
+            return None  # a stale error of another batch size counts as missing
+        arr = x.detach().contiguous().numpy()
+        dec = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=arr.dtype.name,
+                     shape=tuple(arr.shape), run=h.run, detail=h.detail)
+        return validate(Message(dec, arr, raw), kind, shape, dtype, dst=self.name)
 
     def _ends_with_tap(self) -> bool:
         outs = []
@@ -189,6 +290,14 @@ class StageWorker:
     # ------------------------------------------------------------------ wire helpers
     def _receive(self, raw, payload, kind, shape, dtype, *, src, detail=None, step=None,
                  mb=None) -> Message:
+        msg = self._open(raw, payload, kind, src)
+        if "codec" in msg.header.meta:
+            raise msg.header.error("an encoded message where a plain one was expected "
+                                   "(channels on one side only)", self.name)
+        return validate(msg, kind, shape, dtype, detail=detail, dst=self.name, step=step, mb=mb)
+
+    def _open(self, raw, payload, kind, src) -> Message:
+        """Decode the header (naming the edge on failure), audit, check the sender."""
         try:
             msg = Message.from_wire(raw, payload)
         except MessageError as err:
@@ -199,10 +308,9 @@ class StageWorker:
                                 "detail": msg.header.detail, "step": msg.header.step,
                                 "mb": msg.header.mb, "header_bytes": len(raw),
                                 "payload_bytes": int(payload.nbytes), "payload": np.array(payload)})
-        h = msg.header
-        if h.src != src:
-            raise h.error(f"expected a message from {src}", self.name)
-        return validate(msg, kind, shape, dtype, detail=detail, dst=self.name, step=step, mb=mb)
+        if msg.header.src != src:
+            raise msg.header.error(f"expected a message from {src}", self.name)
+        return msg
 
     def _aliases_state(self, t: torch.Tensor) -> bool:
         ptr = t.untyped_storage().data_ptr()
@@ -230,9 +338,15 @@ class StageWorker:
         if len(wire) < 2 * k:
             raise MessageError(f"{self.name} expects {k} activation(s), got {len(wire) // 2}",
                                "?", self.name, ACTIVATION)
-        msgs = [self._receive(wire[2 * i], wire[2 * i + 1], ACTIVATION,
-                              (None, *self.in_shapes[i]), self.dtype, src=self.inputs[i],
-                              detail=detail) for i in range(k)]
+        ch = self.ch.get("act_in") if self._ch_on and detail is None else None
+        if ch is not None:  # a chain: one input, from the stage below (never lost)
+            msgs = [self._receive_coded(ch, wire[0], wire[1], ACTIVATION,
+                                        (None, *self.in_shapes[0]), self.dtype,
+                                        src=self.inputs[0], detail="train", step=None, mb=None)]
+        else:
+            msgs = [self._receive(wire[2 * i], wire[2 * i + 1], ACTIVATION,
+                                  (None, *self.in_shapes[i]), self.dtype, src=self.inputs[i],
+                                  detail=detail) for i in range(k)]
         h0 = msgs[0].header
         for m in msgs[1:]:
             if (m.header.step, m.header.mb) != (h0.step, h0.mb):
@@ -243,6 +357,9 @@ class StageWorker:
         return msgs
 
     def _send_up(self, y, step, mb, detail):
+        ch = self.ch.get("act_out") if self._ch_on and detail == "train" else None
+        if ch is not None:
+            return self._send_coded(ACTIVATION, y, ch, self.receivers[0], step, mb, detail).wire()
         return self._send(ACTIVATION, y, ",".join(self.receivers), step, mb, detail,
                           receivers=self.receivers).wire()
 
@@ -273,6 +390,13 @@ class StageWorker:
         self._errors[key] = e
         stats = self._send_control("stats", DRIVER, step, {
             "mb": mb, "loss_sum": float(loss_sum), "correct": int(correct), "samples": int(n)})
+        if self.broadcast_error and self.num_stages > 1 and self._ch_on:
+            # one channel per receiving stage (its own codec state and drops)
+            out = [stats]
+            for j, ch in enumerate(self.ch_dfa):
+                out.extend(self._send_coded(ERROR, e, ch, stage_name(j), step, mb,
+                                            OUTPUT).wire())
+            return tuple(out)
         if self.broadcast_error and self.num_stages > 1:
             others = [stage_name(i) for i in range(self.num_stages) if i != self.index]
             emsg = self._send(ERROR, e, BROADCAST, step, mb, OUTPUT, receivers=others)
@@ -290,6 +414,24 @@ class StageWorker:
         batch, out_shape = self._inflight[key]
         if self.is_last:
             grad = e = self._errors.pop(key)
+        elif self._ch_on:
+            if len(wire) != 2:
+                raise MessageError(f"{self.name} expects one error message, got "
+                                   f"{len(wire) // 2}", "?", self.name, ERROR, step, mb)
+            if self.broadcast_error:
+                src, shape, detail = self.last_name, (batch, self.num_classes), OUTPUT
+            else:
+                src, shape, detail = self.consumers[0], out_shape, CHAIN
+            got = self._receive_coded(self.ch["err_in"], wire[0], wire[1], ERROR, shape,
+                                      self.dtype, src=src, detail=detail, step=step, mb=mb)
+            if got is None:  # lost or not yet arrived: no update from this micro-batch
+                del self._inflight[key]
+                self.stage._pending.pop(key, None)
+                return self._send_errors_down(None, batch, step, mb)
+            if self.broadcast_error:
+                e, grad = got.tensor(), torch.zeros((), dtype=self.dtype).expand(out_shape)
+            else:
+                grad, e = got.tensor(), None
         elif self.broadcast_error:
             if len(wire) < 2:
                 raise MessageError("DFA backward without the output error", self.last_name,
@@ -310,8 +452,18 @@ class StageWorker:
                 grad = g if grad is None else grad + g  # what autograd sums over the uses
         del self._inflight[key]
         dxs = self.stage.backward(grad, key, e)
+        self._bwd_since_step += 1
+        return self._send_errors_down(dxs, batch, step, mb)
+
+    def _send_errors_down(self, dxs, batch, step, mb):
+        """One error per input fed by another actor (dxs None: this micro-batch had no
+        error, so an empty slot goes down the channel)."""
         if self.is_first or self.broadcast_error:
             return None
+        if self._ch_on:
+            dx = None if dxs is None else dxs[0]
+            return self._send_coded(ERROR, dx, self.ch["err_out"], self.inputs[0], step, mb,
+                                    CHAIN).wire()
         out = []
         for i, src in enumerate(self.inputs):
             if src == DRIVER:
@@ -365,6 +517,9 @@ class StageWorker:
         if self._inflight and not self.stage.stash:
             raise RuntimeError(f"{self.name}: STEP with micro-batches {sorted(self._inflight)} "
                                f"still in flight (a schedule bug)")
+        if self._ch_on and self._bwd_since_step == 0:
+            return  # no error reached this stage since its last update: nothing to apply
+        self._bwd_since_step = 0
         self.stage.step(lr, wd)
         if self._transport:
             self._ledger.record_transport(self._transport)

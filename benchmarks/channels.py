@@ -1,0 +1,118 @@
+"""Communication-restricted learning: accuracy against error bits per sample, per rule.
+
+    python benchmarks/channels.py --setting mnist            # mlp 784-512-512-10, 1 epoch
+    python benchmarks/channels.py --setting cifar10 --subset 4000 --test-subset 1000
+    python benchmarks/channels.py --setting mnist --jobs 2   # two points at once
+
+One `localnet sweep` per setting (resumable: rerun the same command to finish it):
+rules bp, fa, kp, pfa, usf, dfa (--rules) x {every error codec, delay 1 and 4, drop 0.1
+and 0.5}, one restriction at a time (`--vary`), activations fp32.  Every point is a full
+training run in-process with a channel on every unit boundary.
+
+It writes the sweep's csv, md and png under benchmarks/runs/channels-<setting>, copies the
+plot to benchmarks/channels_<setting>.png, and puts a section into benchmarks/RESULTS.md
+(between <!-- channels:<setting> --> markers) with the issue's target for MNIST: with int8
+errors every rule loses at most 0.5 points against fp32 while sending at most 26% of
+fp32's error bytes.  The last line printed is a JSON object with those figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from localnet.sweep import sweep  # noqa: E402
+
+CODECS = "fp32,fp16,bf16,int8,topk,sign,lowrank"
+CONFIGS = {"mnist": "configs/mnist_mlp.yaml", "cifar10": "configs/cifar10_resnet20.yaml"}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setting", choices=sorted(CONFIGS), default="mnist")
+    p.add_argument("--rules", default="bp,fa,kp,pfa,usf,dfa")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--subset", type=int, default=None, help="training images (default: all)")
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    command = "python benchmarks/channels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    sets = [f"train.epochs={args.epochs}", "train.threads=1", "metrics.alignment_every=0"]
+    if args.subset:
+        sets.append(f"data.subset={args.subset}")
+    if args.test_subset:
+        sets.append(f"data.test_subset={args.test_subset}")
+    out = HERE / "runs" / f"channels-{args.setting}"
+    t0 = time.perf_counter()
+    res = sweep(ROOT / CONFIGS[args.setting], [f"rule.name={args.rules}"], sets, out,
+                log=lambda m: print(m, flush=True), jobs=args.jobs,
+                vary_items=[f"channel.error.codec={CODECS}", "channel.error.delay=1,4",
+                            "channel.error.drop=0.1,0.5"])
+    rows = res["rows"]
+    by = {(r["rule"], r["restriction"]): r for r in rows}
+    checks = {}
+    for rule in args.rules.split(","):
+        a, b = by.get((rule, "error.codec=fp32")), by.get((rule, "error.codec=int8"))
+        if a and b and a["status"] == b["status"] == "ok":
+            checks[rule] = {"loss_points": round(100 * (a["test_accuracy"] - b["test_accuracy"]), 2),
+                            "bytes_ratio": round(b["error_bits_per_sample"] /
+                                                 a["error_bits_per_sample"], 4)}
+    result = {"setting": args.setting, "int8_vs_fp32": checks,
+              "int8_max_loss_points": max((c["loss_points"] for c in checks.values()), default=None),
+              "int8_max_bytes_ratio": max((c["bytes_ratio"] for c in checks.values()), default=None),
+              "targets": {"int8_max_loss_points": 0.5, "int8_max_bytes_ratio": 0.26},
+              "points": len(rows), "failed": [r["point"] for r in rows if r["status"] != "ok"],
+              "ran": len(res["ran"]), "wall_s": round(time.perf_counter() - t0, 1),
+              "command": command, "sets": sets}
+    png = HERE / f"channels_{args.setting}.png"
+    if (out / "sweep.png").exists():
+        shutil.copy(out / "sweep.png", png)
+    if not args.no_write:
+        write_results(result, (out / "sweep.md").read_text(), png.name)
+    return result
+
+
+def write_results(r: dict, table: str, png: str) -> None:
+    from pipeline import commit, hardware_cpu
+
+    tag = f"channels:{r['setting']}"
+    c = r["int8_vs_fp32"]
+    lines = [f"<!-- {tag} -->",
+             f"### Restricted error channels: {r['setting']}, accuracy vs error bits per sample",
+             "",
+             f"Hardware: {hardware_cpu()}.  Commit `{commit()}`.  Command: `{r['command'].strip()}` "
+             f"(settings: {', '.join(r['sets'])}; one seed; activations fp32; one restriction "
+             f"at a time on every error edge).  Plot: `benchmarks/{png}`.",
+             "", table.strip(), "",
+             "int8 against fp32 errors, per rule (accuracy points lost, error-byte ratio): "
+             + ", ".join(f"{k} {v['loss_points']:+.2f} / {v['bytes_ratio']:.1%}"
+                         for k, v in c.items()) + ".",
+             f"Largest loss {r['int8_max_loss_points']} points (target <= 0.5), largest byte "
+             f"ratio {r['int8_max_bytes_ratio']} (target <= 0.26).  Negative loss means int8 "
+             f"did better (noise of one seed).",
+             f"<!-- /{tag} -->"]
+    path = HERE / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = "\n".join(lines)
+    a, b = text.find(f"<!-- {tag} -->"), text.find(f"<!-- /{tag} -->")
+    if a >= 0 and b > a:
+        text = text[:a] + section + text[b + len(f"<!-- /{tag} -->"):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("LOCALNET_DATA", str(ROOT.parent / "shared" / "data"))
+    print(json.dumps(main()))
