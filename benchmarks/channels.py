@@ -1,7 +1,7 @@
 """Communication-restricted learning: accuracy against error bits per sample, per rule.
 
     python benchmarks/channels.py --setting mnist            # mlp 784-512-512-10, 1 epoch
-    python benchmarks/channels.py --setting cifar10 --subset 4000 --test-subset 1000
+    python benchmarks/channels.py --setting cifar10 --epochs 3 --subset 5000 --test-subset 1000
     python benchmarks/channels.py --setting mnist --jobs 2   # two points at once
 
 One `localnet sweep` per setting (resumable: rerun the same command to finish it):
@@ -34,7 +34,10 @@ sys.path.insert(0, str(HERE))
 from localnet.sweep import sweep  # noqa: E402
 
 CODECS = "fp32,fp16,bf16,int8,topk,sign,lowrank"
-CONFIGS = {"mnist": "configs/mnist_mlp.yaml", "cifar10": "configs/cifar10_resnet20.yaml"}
+CONFIGS = {"mnist": "configs/mnist_mlp.yaml", "cifar10": "configs/resnet_pfa.yaml"}
+# resnet_pfa.yaml holds PFA's CIFAR recipe (per_rule); here it runs in-process, one batch
+# at a time, so that each point is one ordinary process
+EXTRA = {"mnist": [], "cifar10": ["runtime.executor=inprocess", "train.micro_batches=1"]}
 
 
 def main(argv=None) -> dict:
@@ -48,7 +51,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     command = "python benchmarks/channels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    sets = [f"train.epochs={args.epochs}", "train.threads=1", "metrics.alignment_every=0"]
+    sets = [f"train.epochs={args.epochs}", "train.threads=1", "metrics.alignment_every=0",
+            *EXTRA[args.setting]]
     if args.subset:
         sets.append(f"data.subset={args.subset}")
     if args.test_subset:

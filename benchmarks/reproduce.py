@@ -3,11 +3,13 @@
     python benchmarks/reproduce.py --setting mnist                 # 40 epochs, PFA's MNIST setting
     python benchmarks/reproduce.py --setting cifar10 --epochs 3 --subset 10000   # what fits a CPU
     python benchmarks/reproduce.py --setting mnist --jobs 2 --rules bp fa
+    python benchmarks/reproduce.py --setting mnist --jobs 2 --rules fa --seeds 0 1 2
 
-Each (setting, rule) is an ordinary `localnet run` into benchmarks/runs/<setting>/<rule>;
-finished runs (a summary.json with the requested budget) are not rerun.  The table is
-written to benchmarks/RESULTS.md (between markers, one section per setting) with the
-hardware, commit and command.
+Each (setting, rule, seed) is an ordinary `localnet run` into
+benchmarks/runs/<setting>/<rule> (seed 0) or <rule>-seed<k>; finished runs (a summary.json
+with the requested budget) are not rerun.  The table -- every rule with a finished run at
+this budget, the mean over its seeds -- is written to benchmarks/RESULTS.md (between
+markers, one section per setting) with the hardware, commit and command.
 """
 
 from __future__ import annotations
@@ -45,25 +47,40 @@ def overrides(rule: str) -> list[str]:
     return [f"rule.name={rule}"]
 
 
-def run_one(setting: str, rule: str, epochs: int, subset: int | None, threads: int) -> dict:
-    from localnet.config import load_config
-    from localnet.train import train
+def run_dir(setting: str, rule: str, seed: int) -> Path:
+    return HERE / "runs" / setting / (rule if seed == 0 else f"{rule}-seed{seed}")
 
-    config, _ = SETTINGS[setting]
-    sets = overrides(rule) + [f"train.epochs={epochs}", f"train.threads={threads}"]
-    if subset:
-        sets.append(f"data.subset={subset}")
-    out = HERE / "runs" / setting / rule
-    done = out / "summary.json"
+
+def finished(setting: str, rule: str, seed: int, epochs: int, subset: int | None) -> dict | None:
+    done = run_dir(setting, rule, seed) / "summary.json"
     if done.exists():
         s = json.loads(done.read_text())
         if s.get("epochs") == epochs and s.get("budget", {}).get("subset") == subset:
             return s
+    return None
+
+
+def run_one(setting: str, rule: str, epochs: int, subset: int | None, threads: int,
+            seed: int = 0) -> dict:
+    from localnet.config import load_config
+    from localnet.train import train
+
+    config, _ = SETTINGS[setting]
+    sets = overrides(rule) + [f"train.epochs={epochs}", f"train.threads={threads}",
+                              f"seed={seed}"]
+    if subset:
+        sets.append(f"data.subset={subset}")
+    out = run_dir(setting, rule, seed)
+    done = out / "summary.json"
+    s = finished(setting, rule, seed, epochs, subset)
+    if s is not None:
+        return s
     cfg = load_config(ROOT / config, sets)
     s = train(cfg, out, progress=False)
     s["budget"] = {"epochs": epochs, "subset": subset}
     done.write_text(json.dumps(s, indent=2) + "\n")
-    print(f"{setting:8s} {rule:6s} {100 * s['test_accuracy']:.2f}%  {s['wall_s']:.0f} s", flush=True)
+    print(f"{setting:8s} {rule:6s} seed {seed} {100 * s['test_accuracy']:.2f}%  "
+          f"{s['wall_s']:.0f} s", flush=True)
     return s
 
 
@@ -89,24 +106,30 @@ def commit() -> str:
 
 
 def write_results(setting: str, results: dict, epochs: int, subset: int | None, command: str,
-                  rev: str):
+                  rev: str, tag: str | None = None):
     ref = PAPER[setting]
     name = {"mnist": "MNIST, mlp 784-512-512-10", "cifar10": "CIFAR-10 (JPEG q75 copy), ResNet-20"}[setting]
     budget = f"{epochs} epochs" + (f" on the first {subset} training images" if subset else "")
     lines = [f"### Accuracy: {name}, {budget}", "",
-             f"Hardware: {hardware()}.  Commit `{rev}`.  Command: `{command}`", "",
-             "| rule | test accuracy (%) | paper (%) | difference | samples/s | wall (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for rule, s in results.items():
-        acc = 100 * s["test_accuracy"]
+             f"Hardware: {hardware()}.  Commit `{rev}`.  Command: `{command}`.  Test "
+             f"accuracy is the mean over the seeds run (each seed's in the last column).", "",
+             "| rule | test accuracy (%) | paper (%) | difference | samples/s | wall (s) | "
+             "seeds: accuracy (%) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for rule, runs in results.items():
+        accs = [100 * s["test_accuracy"] for s in runs.values()]
+        acc = sum(accs) / len(accs)
         paper = ref.get(rule)
         diff = f"{acc - paper:+.2f}" if paper is not None else "—"
+        s0 = next(iter(runs.values()))
+        per = ", ".join(f"{k}: {100 * s['test_accuracy']:.2f}" for k, s in runs.items())
         lines.append(f"| {rule} | {acc:.2f} | {paper if paper is not None else '—'} | {diff} | "
-                     f"{s['samples_per_s']:.0f} | {s['wall_s']:.0f} |")
+                     f"{s0['samples_per_s']:.0f} | {s0['wall_s']:.0f} | {per} |")
     section = "\n".join(lines) + "\n"
     path = HERE / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- reproduce:{setting} -->", f"<!-- /reproduce:{setting} -->"
+    tag = tag or setting
+    start, end = f"<!-- reproduce:{tag} -->", f"<!-- /reproduce:{tag} -->"
     block = f"{start}\n{section}{end}"
     if start in text:
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
@@ -121,6 +144,9 @@ def main():
     p.add_argument("--rules", nargs="+", default=RULES, choices=RULES)
     p.add_argument("--epochs", type=int, help="default: the paper's (MNIST 40, CIFAR 250)")
     p.add_argument("--subset", type=int, help="first N training samples only")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per rule")
+    p.add_argument("--tag", help="RESULTS.md section name (default: the setting); the table "
+                                 "lists every rule with finished runs on disk")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     args = p.parse_args()
     epochs = args.epochs or SETTINGS[args.setting][1]
@@ -128,12 +154,20 @@ def main():
     rev = commit()  # the code the runs use, read before they start
     tic = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {r: pool.submit(run_one, args.setting, r, epochs, args.subset, threads)
-                   for r in args.rules}
-        results = {r: f.result() for r, f in futures.items()}
+        futures = {(r, k): pool.submit(run_one, args.setting, r, epochs, args.subset, threads, k)
+                   for r in args.rules for k in args.seeds}
+        for f in futures.values():
+            f.result()
+    results = {}  # every rule with finished runs at this budget, all its seeds
+    for r in RULES:
+        runs = {k: s for k in range(10)
+                if (s := finished(args.setting, r, k, epochs, args.subset)) is not None}
+        if runs:
+            results[r] = runs
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])
-    write_results(args.setting, results, epochs, args.subset, command, rev)
-    print(json.dumps({r: round(100 * s["test_accuracy"], 2) for r, s in results.items()}))
+    write_results(args.setting, results, epochs, args.subset, command, rev, args.tag)
+    print(json.dumps({r: [round(100 * s["test_accuracy"], 2) for s in runs.values()]
+                      for r, runs in results.items()}))
     print(f"total {time.time() - tic:.0f} s; table in {HERE / 'RESULTS.md'}")
 
 

@@ -105,7 +105,7 @@ def _cmd_sweep(args) -> int:
 
     res = sweep(args.config, args.grid, args.set, args.out,
                 log=lambda m: Console(stderr=True).print(m, markup=False),
-                vary_items=args.vary, jobs=args.jobs)
+                vary_items=args.vary, jobs=args.jobs, use_ray=args.ray)
     print((res["dir"] / "sweep.md").read_text(), end="")
     print(f"sweep directory: {res['dir']} (ran {len(res['ran'])}, "
           f"skipped {len(res['skipped'])} finished)")
@@ -164,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
                          "point, with only this key changed (repeatable)")
     sw.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own "
                                                         "process (default 1)")
+    sw.add_argument("--ray", action="store_true",
+                    help="run every point as a Ray task (runtime.address / RAY_ADDRESS, else "
+                         "a local Ray): as many at once as the cluster has CPUs for")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sw.add_argument("--out", help="sweep directory (default: <out_dir>/sweep-<time>); "
                                   "rerun with the same --out to resume")

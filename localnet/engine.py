@@ -14,6 +14,7 @@ stages with plain calls; the distributed runtime runs the very same class inside
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,11 @@ class Stage:
         self.steps = state["steps"]
 
 
+def _first(dx):
+    """A stage's error for its input (a graph stage returns one per input)."""
+    return dx[0] if isinstance(dx, list) else dx
+
+
 def loss_and_error(logits: torch.Tensor, targets: torch.Tensor, batch_total: int):
     """Cross-entropy (mean over the *whole* batch, so micro-batch errors add up to the
     batch's) and e = dL/dlogits, the error that enters the network."""
@@ -169,10 +175,19 @@ class InProcessExecutor:
         self.model = model
         self.channels = None
         if channels is not None:  # a ChannelConfig: localnet/channels
-            from .channels.channel import ChannelSet
+            from .channels.channel import ChannelSet, error_delays
             dfa = any(not layer.rule.sends_error for _, layer in local_layers(model))
             self.channels = ChannelSet(channels, names, cuts, dfa=dfa, seed=channel_seed,
                                        slots_per_step=micro_batches)
+            if error_delays(channels):
+                # delayed errors meet their own micro-batch's stored forward steps later:
+                # each stage stashes the weights that forward used (as the async schedule)
+                from .runtime.graph import NodeStage
+                self.stages = [NodeStage(units[a:b], optim, names[a:b], grad_inputs=[i > 0],
+                                         stash=True)
+                               for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+            self._waiting = [deque() for _ in self.stages]  # stored forwards, oldest first
+            self._mb_id = 1  # (forward_backward, which bypasses channels, uses key 0)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
         if self.channels is not None:
@@ -199,35 +214,41 @@ class InProcessExecutor:
     def _train_step_channels(self, x, y, lr: float, wd: float) -> StepStats:
         """train_step with every activation and error through its channel.
 
-        A missing error (dropped, or not yet arrived under `delay`) means: no error for
-        that micro-batch, so that stage runs no backward for it (its pending forward is
-        discarded), sends nothing further down, and a stage that received no error in the
-        whole step does not step its optimizer (no momentum or weight-decay drift).
-        Stale errors of another shape (a smaller last batch) count as missing."""
+        Each stage stores its forwards in order; an error slot coming down pairs with
+        the oldest stored forward (the same micro-batch, `delay` steps later): DATA runs
+        that backward, LOST discards that forward (no update from it) and sends an empty
+        slot down, WAIT (not arrived yet) keeps it and passes WAIT down.  A stage that
+        ran no backward in the whole step does not step its optimizer (no momentum or
+        weight-decay drift)."""
+        from .channels.channel import DATA, WAIT
+
         ch, stages, last = self.channels, self.stages, len(self.stages) - 1
         stats, n = StepStats(0.0, 0, 0), x.shape[0]
         updated = [False] * len(stages)
         for xm, ym in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
+            key, self._mb_id = self._mb_id, self._mb_id + 1
             h = xm
             for i, stage in enumerate(stages):
-                h = stage.forward(h)
+                h = stage.forward(h, key)
                 if i < last:
+                    self._waiting[i].append(key)
                     h = ch.activations[i].transmit(h)  # activations are never lost
             loss_sum, correct, e = loss_and_error(h, ym, n)
-            g = stages[last].backward(e, e=e)
+            g = _first(stages[last].backward(e, key, e=e))
             updated[last] = True
             for i in range(last - 1, -1, -1):
                 link, stage = ch.errors[i], stages[i]
-                if ch.dfa:  # the output error e, broadcast to every stage
-                    got, want = link.transmit(e), e.shape
-                else:       # the chain error from the stage above
-                    got = link.transmit(g)  # None: nothing to send, the slot stays empty
-                    want = stage._pending[0][1].shape
-                if got is None or got.shape != want:
-                    stage._pending.pop(0)
+                link.send(e if ch.dfa else g)  # DFA: e to every stage; else the chain error
+                state, got = link.receive_slot()
+                if state == WAIT:
+                    g = WAIT
+                    continue
+                old = self._waiting[i].popleft()
+                if state != DATA:
+                    stage._pending.pop(old)
                     g = None
                     continue
-                g = stage.backward(None, e=got) if ch.dfa else stage.backward(got, e=e)
+                g = _first(stage.backward(None, old, e=got) if ch.dfa else stage.backward(got, old))
                 updated[i] = True
             stats.loss_sum += loss_sum
             stats.correct += correct

@@ -2,7 +2,7 @@
 
     localnet sweep CONFIG --grid rule.name=fa,pfa,kp --grid channel.error.codec=fp32,int8,sign
                    [--vary channel.error.delay=1,4 --vary channel.error.drop=0.1,0.5]
-                   [--set KEY=VALUE ...] [--out DIR] [--jobs N]
+                   [--set KEY=VALUE ...] [--out DIR] [--jobs N | --ray]
 
 The points are the cartesian product of the --grid lists; each --vary list adds, for
 every product point, one point per value with only that key changed (so rules x codecs
@@ -78,12 +78,43 @@ def restriction(point: list[tuple[str, str]]) -> str:
     return " ".join(parts) or "none"
 
 
+def _run_on_ray(todo, out: Path, runtime, log) -> dict[str, tuple[dict, str]]:
+    """Every point as a Ray task (num_cpus = its train.threads, at least 1), so the
+    cluster runs as many at once as it has room for.  The run directories must be on a
+    filesystem the nodes share (they are written by the tasks)."""
+    import ray
+
+    from .runtime.ray_executor import ensure_ray
+
+    owns = ensure_ray(runtime)
+    try:
+        task = ray.remote(_run_point)
+        refs = {task.options(num_cpus=max(1, cfg.train.threads or 1)).remote(cfg, out / name): name
+                for name, cfg in todo}
+        results, pending = {}, list(refs)
+        while pending:  # no deadline on a training run; poll, so Ctrl-C stays responsive
+            ready, pending = ray.wait(pending, num_returns=1, timeout=60)
+            for ref in ready:
+                name = refs[ref]
+                try:
+                    results[name] = ray.get(ref, timeout=60)
+                except Exception as exc:  # noqa: BLE001 - a lost task fails its point only
+                    results[name] = ({}, f"failed: {type(exc).__name__}: {exc}")
+                log(f"[sweep] {name}: {results[name][1]}")
+        return results
+    finally:
+        if owns:
+            ray.shutdown()
+
+
 def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | None = None,
           out: str | Path | None = None, log=print, vary_items: list[str] | None = None,
-          jobs: int = 1) -> dict:
+          jobs: int = 1, use_ray: bool = False) -> dict:
     """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran", "skipped"}.
     jobs > 1: that many points at once, each in its own process (give each run
-    `train.threads` so that jobs x threads fits the machine)."""
+    `train.threads` so that jobs x threads fits the machine).  use_ray: every point a
+    Ray task on the cluster (runtime.address / $RAY_ADDRESS, else a local Ray), as many
+    at once as the cluster has CPUs for."""
     sets = list(sets or [])
     grid, vary = parse_grid(grid_items), parse_grid(vary_items or [])
     pts = points(grid, vary)
@@ -108,7 +139,9 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
             log(f"[sweep] {name}: done already, skipped")
         else:
             todo.append((name, cfg))
-    if jobs > 1 and len(todo) > 1:
+    if use_ray and todo:
+        results.update(_run_on_ray(todo, out, cfgs[0].runtime, log))
+    elif jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 

@@ -236,8 +236,8 @@ def test_delay_one_uses_the_error_of_the_previous_step():
     sent, received = [], []
     bottom, top = ex.stages
     top_bw, bottom_bw = top.backward, bottom.backward
-    top.backward = lambda g, mb=0, e=None: sent.append(top_bw(g, mb, e)) or sent[-1]
-    bottom.backward = lambda g, mb=0, e=None: received.append(g.clone()) or bottom_bw(g, mb, e)
+    top.backward = lambda g, mb=0, e=None: sent.append((mb, top_bw(g, mb, e)[0])) or [sent[-1][1]]
+    bottom.backward = lambda g, mb=0, e=None: received.append((mb, g.clone())) or bottom_bw(g, mb, e)
     w0 = _params(bottom.module)
     for t, (x, y) in enumerate(batches(data, 4)):
         ex.train_step(x, y, cfg.train.lr, 0.0)
@@ -245,8 +245,27 @@ def test_delay_one_uses_the_error_of_the_previous_step():
             assert received == [] and all(torch.equal(v, w0[k]) for k, v in
                                           _params(bottom.module).items())
     assert len(sent) == 4 and len(received) == 3
-    for t in range(1, 4):  # step t ran on the error sent at step t-1
-        assert torch.equal(received[t - 1], sent[t - 1])
+    for t in range(1, 4):  # step t ran on the error sent at step t-1, with its forward
+        (mb, g), (mb_sent, g_sent) = received[t - 1], sent[t - 1]
+        assert mb == mb_sent and torch.equal(g, g_sent)
+
+
+def test_delayed_error_updates_with_the_input_it_belongs_to():
+    # stale errors, as in delayed-gradient training: the bottom layer pairs the error of
+    # step t-1 with its own stored input of step t-1 (and the weights that forward used).
+    # FA (fixed B), plain SGD: after step 2 of the delayed run the bottom layer equals the
+    # undelayed run's after step 1; pairing with the current batch's input would not.
+    base = ["model.widths=[16]", "train.momentum=0", "train.weight_decay=0"]
+    d0, _, m0, ex0 = build(small(*base, "channel.enabled=true"))
+    d1, _, m1, ex1 = build(small(*base, "channel.error.delay=1"))
+    b = batches(d0, 2)
+    init = _params(ex1.stages[0].module)
+    ex0.train_step(*b[0], 0.05, 0.0)
+    for x, y in b:
+        ex1.train_step(x, y, 0.05, 0.0)
+    want, got = _params(ex0.stages[0].module), _params(ex1.stages[0].module)
+    assert all(torch.allclose(got[k], want[k], atol=1e-7) for k in want)
+    assert any(not torch.equal(got[k], init[k]) for k in init)  # it did learn
 
 
 @pytest.mark.parametrize("rule", ["fa", "dfa"])

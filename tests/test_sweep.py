@@ -73,3 +73,18 @@ def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):
     dead = json.loads((tmp_path / "s" / res["ran"][1] / "summary.json").read_text())
     err = dead["channels"]["error"]["head->fc1"]
     assert err["drop"] == 1.0 and err["delivered"] == 0 and err["dropped"] == err["messages"] == 3
+
+
+def test_sweep_points_run_as_ray_tasks(tmp_path):
+    pytest.importorskip("ray")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, max_steps: 2, lr: 0.05, threads: 1}\n"
+                   "metrics: {alignment_every: 0}\nruntime: {local_cpus: 2}\n")
+    res = sweep(cfg, ["channel.error.codec=fp32,sign"], [], tmp_path / "s", log=lambda m: None,
+                use_ray=True)
+    assert sorted(res["ran"]) == ["channel.error.codec-fp32", "channel.error.codec-sign"]
+    bits = {r["restriction"]: r["error_bits_per_sample"] for r in res["rows"]}
+    assert bits == {"error.codec=fp32": 16 * 32, "error.codec=sign": (16 * 32 // 8 + 4) * 8 / 32}
+    import ray
+    assert not ray.is_initialized()  # the sweep shut down the Ray it started

@@ -10,13 +10,17 @@ Semantics (per message; a step carries `slots_per_step` messages, one per micro-
              counted (in `ch.ledger`, a runtime `Ledger`, header bytes 0) when sent.
   drop p     each sent message is lost with probability p, drawn from the channel's own
              seeded generator.  Lost messages are still counted as sent bytes.
-  delay k    a message arrives k steps late (a FIFO of k·slots_per_step messages); during
-             the first k steps nothing has arrived yet, which the receiver treats as a drop.
+  delay k    a message arrives k steps late (a FIFO of k·slots_per_step messages).  The
+             receiver pairs it with its own stored forward of that micro-batch (stale
+             errors, as in delayed-gradient training): during the first k steps nothing
+             has arrived yet (WAIT), so the stored forwards wait and the receiver passes
+             WAIT down (a stage below a delayed edge waits for the sum of the delays).
   bandwidth  bytes/s cap.  Accounted: `bandwidth_s` is the time the traffic would take at
              that cap.  With `enforce=True` the sender also sleeps that long per message.
 
-What a receiver does with `None` is the executor's business; `InProcessExecutor` treats a
-missing error as "no error for this micro-batch" (see localnet/channels/README.md).
+A slot is DATA (a tensor), LOST (dropped, or the sender had nothing: that micro-batch
+gets no update) or WAIT (not arrived yet: its micro-batch's error is still to come).
+What a receiver does with each is the executor's business (localnet/channels/README.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..runtime.ledger import Ledger
 from .codecs import Codec, Encoded, make_codec
 
 ACTIVATION, ERROR = "activation", "error"
+DATA, LOST, WAIT = "data", "lost", "wait"  # what a receiver finds in a slot
 
 
 def edge_seed(seed: int, kind: str, src: str, dst: str) -> int:
@@ -61,12 +66,13 @@ class Channel:
     def faulty(self) -> bool:
         return self.delay > 0 or self.drop > 0
 
-    def send(self, x: torch.Tensor | None) -> None:
+    def send(self, x) -> None:
         """Sender side: encode, count, maybe lose, enqueue.  x None: the sender has
         nothing to send this slot (it received no error itself); no bytes, and the
-        slot arrives empty, so later messages keep their delay."""
-        if x is None:
-            self.arrive(None)
+        slot arrives empty, so later messages keep their delay.  x WAIT: the sender's
+        own error has not arrived yet; the slot says so."""
+        if x is None or isinstance(x, str):
+            self.arrive(x)
             return
         enc, lost = self.encode(x)
         self.arrive(None if lost else enc)
@@ -87,21 +93,30 @@ class Channel:
             self.dropped += 1
         return enc, lost
 
-    def arrive(self, enc: Encoded | None) -> None:
-        """The receiver's half, on arrival: queue the message (None: an empty slot)."""
+    def arrive(self, enc) -> None:
+        """The receiver's half, on arrival: queue the slot (an Encoded message, None for
+        a lost or empty one, or WAIT)."""
         self.fifo.append(enc)
 
-    def receive(self) -> torch.Tensor | None:
-        """Receiver side: the message due now (decoded), or None if it was lost or none
-        has arrived yet (the first `delay` steps)."""
+    def receive_slot(self) -> tuple[str, torch.Tensor | None]:
+        """Receiver side: the slot due now -- (DATA, decoded tensor), (LOST, None) or
+        (WAIT, None): nothing has arrived yet (the first `delay` steps, or the sender
+        was itself still waiting)."""
         if len(self.fifo) <= self.delay * self.slots_per_step:
             self.missing += 1
-            return None
+            return WAIT, None
         enc = self.fifo.popleft()
         if enc is None:
-            return None
+            return LOST, None
+        if isinstance(enc, str):
+            self.missing += 1
+            return WAIT, None
         self.delivered += 1
-        return self.codec.decode(enc)
+        return DATA, self.codec.decode(enc)
+
+    def receive(self) -> torch.Tensor | None:
+        """The tensor due now, or None (lost, empty, or not arrived yet)."""
+        return self.receive_slot()[1]
 
     def transmit(self, x: torch.Tensor | None) -> torch.Tensor | None:
         self.send(x)
@@ -133,6 +148,13 @@ def link_options(cfg, kind: str, src: str, dst: str, boundary: int | None = None
         if (boundary is not None and k == str(boundary)) or k in (f"{src}->{dst}", f"{dst}->{src}"):
             base.update(getattr(over, kind))
     return base
+
+
+def error_delays(cfg) -> bool:
+    """Whether any error link of a ChannelConfig is delayed (stages then stash the
+    weights each forward used, for the backward that comes steps later)."""
+    return cfg.active() and (cfg.error.delay > 0 or any(
+        int((over.error or {}).get("delay", 0) or 0) > 0 for over in (cfg.edges or {}).values()))
 
 
 def make_channel(cfg, kind: str, src: str, dst: str, *, boundary: int | None = None,

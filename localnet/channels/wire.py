@@ -11,7 +11,7 @@ end to end as raw bytes, and the header's meta says how to cut them apart again:
 A message the channel lost is sent as {"name": ..., "lost": true} with an empty payload
 (the receiver's step bookkeeping stays aligned, and it learns that nothing arrived); a
 sender with nothing to send (it received no error itself) sends {"name": ..., "empty":
-true}.  No weight is ever in here: the codecs see only the tensor they encode.
+true}, and one whose own (delayed) error has not arrived yet {"name": ..., "wait": true}.  No weight is ever in here: the codecs see only the tensor they encode.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from .codecs import Encoded
 
-LOST, EMPTY = "lost", "empty"
+LOST, EMPTY, WAITING = "lost", "empty", "wait"
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -51,15 +51,17 @@ def pack(enc: Encoded) -> tuple[np.ndarray, dict]:
 
 
 def marker(codec: str, what: str) -> tuple[np.ndarray, dict]:
-    """The payload and meta of a lost (LOST) or empty (EMPTY) slot."""
+    """The payload and meta of a lost (LOST), empty (EMPTY) or waiting (WAITING) slot."""
     return np.zeros(0, np.uint8), {"name": codec, what: True}
 
 
 def unpack(payload: np.ndarray, meta: dict) -> Encoded | None:
-    """The Encoded message back (None for a lost or empty slot).  Raises ValueError when
-    the meta and the payload do not fit together."""
+    """The Encoded message back: None for a lost or empty slot, channel.WAIT for a
+    waiting one.  Raises ValueError when the meta and the payload do not fit together."""
     if meta.get(LOST) or meta.get(EMPTY):
         return None
+    if meta.get(WAITING):
+        return WAITING  # == channel.WAIT
     try:
         xdtype, xshape = _dtype(meta["x"][0]), tuple(int(n) for n in meta["x"][1])
         parts = [(str(k), _dtype(d), tuple(int(n) for n in s)) for k, d, s in meta["parts"]]

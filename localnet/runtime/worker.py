@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import deque
 import socket
 from pathlib import Path
 
@@ -40,8 +41,8 @@ from ..layers import ErrorTap, restore_rules, set_rule
 from ..rules import make_rule
 from ..builders import as_config, build_rule_and_model, optim_config
 from ..metrics import StageTimer
-from ..channels.channel import make_channel
-from ..channels.wire import EMPTY, LOST, marker, pack, unpack
+from ..channels.channel import DATA, WAIT, error_delays, make_channel
+from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
 from .graph import NodeStage, Placement, modules_for
 from .ledger import Ledger
 from .messages import (ACTIVATION, BROADCAST, CHAIN, CONTROL, ERROR, OUTPUT, TARGET, Control,
@@ -133,9 +134,12 @@ class StageWorker:
         self.rule = rule
         self.unit_names = names
         self.unit_ids = unit_ids
+        # stash the weights each forward used when its backward may come later: the
+        # async schedule, and delayed error channels (localnet/channels)
+        stash = bool(spec.get("stash", False)) or error_delays(cfg.channel)
         self.stage = NodeStage(mods, optim_config(cfg), names,
                                grad_inputs=[p != DRIVER for p in self.inputs],
-                               device=self.device, stash=bool(spec.get("stash", False)))
+                               device=self.device, stash=stash)
         self.stage.train(True)
         self._timer = StageTimer(self.stage)  # observability: see timings()
         self._setup_channels(cfg, pl, list(model.unit_names), not rule.sends_error)
@@ -168,6 +172,7 @@ class StageWorker:
         self.ch_dfa: list = []       # last stage, DFA: one error link per other stage
         self._ch_on = self._ch_cfg = False
         self._bwd_since_step = 0
+        self._order: deque = deque()  # stored forwards, oldest first (errors pair in order)
         if not cfg.channel.active() or self.num_stages == 1:
             return
         if pl.kind != "units" or not pl.is_chain:
@@ -194,7 +199,8 @@ class StageWorker:
 
     def set_channels(self, on: bool) -> bool:
         """Route training messages through the channels (True, when configured) or not
-        (measuring passes: BP-angle probes, forward_backward).  Returns the old state."""
+        (measuring passes: BP-angle probes, forward_backward).  Returns the old state.
+        Forwards still waiting for delayed errors stay stored across the pause."""
         old, self._ch_on = self._ch_on, bool(on) and self._ch_cfg
         return old
 
@@ -209,11 +215,15 @@ class StageWorker:
         return out
 
     def _send_coded(self, kind, x, ch, dst, step, mb, detail) -> Message:
-        """Send x through channel ch (x None: an empty slot).  The ledger counts the
-        encoded bytes, a lost message's too (it was sent; the channel lost it)."""
+        """Send x through channel ch (x None: an empty slot; WAIT: a waiting one).  The
+        ledger counts the encoded bytes, a lost message's too (it was sent; the channel
+        lost it)."""
         pbytes = 0
         if x is None:
             arr, meta = marker(ch.codec.name, EMPTY)
+        elif isinstance(x, str):
+            arr, meta = marker(ch.codec.name, WAITING)
+            x = None
         else:
             if self._aliases_state(x):
                 raise RuntimeError(f"{self.name}: a {kind} message would carry a parameter")
@@ -228,10 +238,11 @@ class StageWorker:
         return msg
 
     def _receive_coded(self, ch, raw, payload, kind, shape, dtype, *, src, detail, step,
-                       mb) -> Message | None:
-        """Receive through channel ch: the message due now (after `delay`), decoded and
-        validated like any other; None when it was lost, sent empty or not yet arrived
-        (and for a stale error whose batch size no longer fits)."""
+                       mb) -> tuple[str, Message | None]:
+        """Receive through channel ch: the slot due now (after `delay`) -- (DATA, the
+        message decoded and validated like any other), (LOST, None) when it was lost or
+        sent empty, (WAIT, None) when nothing has arrived yet.  shape: the expected
+        shape, or a function of nothing giving it (known once the slot is known)."""
         msg = self._open(raw, payload, kind, src)
         h = msg.header
         validate(msg, kind, None, None, detail=detail, dst=self.name, step=step, mb=mb,
@@ -245,16 +256,14 @@ class StageWorker:
         except ValueError as err:
             raise h.error(str(err), self.name) from None
         ch.arrive(enc)
-        x = ch.receive()
-        if x is None:
-            return None
-        if kind == ERROR and ch.delay and any(e is not None and e != n for e, n in
-                                               zip(shape, x.shape)):
-            return None  # a stale error of another batch size counts as missing
+        state, x = ch.receive_slot()
+        if state != DATA:
+            return state, None
         arr = x.detach().contiguous().numpy()
         dec = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=arr.dtype.name,
                      shape=tuple(arr.shape), run=h.run, detail=h.detail)
-        return validate(Message(dec, arr, raw), kind, shape, dtype, dst=self.name)
+        shape = shape() if callable(shape) else shape
+        return DATA, validate(Message(dec, arr, raw), kind, shape, dtype, dst=self.name)
 
     def _ends_with_tap(self) -> bool:
         outs = []
@@ -340,9 +349,14 @@ class StageWorker:
                                "?", self.name, ACTIVATION)
         ch = self.ch.get("act_in") if self._ch_on and detail is None else None
         if ch is not None:  # a chain: one input, from the stage below (never lost)
-            msgs = [self._receive_coded(ch, wire[0], wire[1], ACTIVATION,
-                                        (None, *self.in_shapes[0]), self.dtype,
-                                        src=self.inputs[0], detail="train", step=None, mb=None)]
+            state, msg = self._receive_coded(ch, wire[0], wire[1], ACTIVATION,
+                                             (None, *self.in_shapes[0]), self.dtype,
+                                             src=self.inputs[0], detail="train", step=None,
+                                             mb=None)
+            if state != DATA:
+                raise MessageError("an activation went missing (activations have no delay "
+                                   "or drop)", self.inputs[0], self.name, ACTIVATION)
+            msgs = [msg]
         else:
             msgs = [self._receive(wire[2 * i], wire[2 * i + 1], ACTIVATION,
                                   (None, *self.in_shapes[i]), self.dtype, src=self.inputs[i],
@@ -383,6 +397,8 @@ class StageWorker:
                                  src=DRIVER, step=step, mb=mb)
         y = self.stage.forward(xs[0], key, xs[1:])
         self._inflight[key] = (n, tuple(y.shape))
+        if self._ch_on and not self.is_last:
+            self._order.append(key)
         if not self.is_last:
             return self._send_up(y, step, mb, "train")
         total = int(tmsg.header.meta.get("batch", n))
@@ -418,13 +434,23 @@ class StageWorker:
             if len(wire) != 2:
                 raise MessageError(f"{self.name} expects one error message, got "
                                    f"{len(wire) // 2}", "?", self.name, ERROR, step, mb)
+            # the slot belongs to the oldest stored forward (the same micro-batch, the
+            # channel's delay later): DATA runs its backward, LOST discards it, WAIT
+            # keeps it (and every later one) until its error arrives
+            old = lambda: self._inflight[self._order[0]]  # noqa: E731
             if self.broadcast_error:
-                src, shape, detail = self.last_name, (batch, self.num_classes), OUTPUT
+                src, detail = self.last_name, OUTPUT
+                shape = lambda: (old()[0], self.num_classes)  # noqa: E731
             else:
-                src, shape, detail = self.consumers[0], out_shape, CHAIN
-            got = self._receive_coded(self.ch["err_in"], wire[0], wire[1], ERROR, shape,
-                                      self.dtype, src=src, detail=detail, step=step, mb=mb)
-            if got is None:  # lost or not yet arrived: no update from this micro-batch
+                src, detail, shape = self.consumers[0], CHAIN, lambda: old()[1]
+            state, got = self._receive_coded(self.ch["err_in"], wire[0], wire[1], ERROR, shape,
+                                             self.dtype, src=src, detail=detail, step=step,
+                                             mb=mb)
+            if state == WAIT:
+                return self._send_errors_down(WAIT, batch, step, mb)
+            key = self._order.popleft()
+            batch, out_shape = self._inflight[key]
+            if state != DATA:  # lost, or nothing reached the stage above: no update
                 del self._inflight[key]
                 self.stage._pending.pop(key, None)
                 return self._send_errors_down(None, batch, step, mb)
@@ -457,11 +483,11 @@ class StageWorker:
 
     def _send_errors_down(self, dxs, batch, step, mb):
         """One error per input fed by another actor (dxs None: this micro-batch had no
-        error, so an empty slot goes down the channel)."""
+        error, so an empty slot goes down the channel; WAIT: a waiting slot)."""
         if self.is_first or self.broadcast_error:
             return None
         if self._ch_on:
-            dx = None if dxs is None else dxs[0]
+            dx = dxs if dxs is None or isinstance(dxs, str) else dxs[0]
             return self._send_coded(ERROR, dx, self.ch["err_out"], self.inputs[0], step, mb,
                                     CHAIN).wire()
         out = []
@@ -533,6 +559,7 @@ class StageWorker:
     def reset(self) -> None:
         """Drop every in-flight micro-batch and gradient (after a failed step)."""
         self._inflight.clear()
+        self._order.clear()
         self._errors.clear()
         self.stage._pending.clear()
         self.stage.zero_grad()
@@ -607,9 +634,11 @@ class StageWorker:
     def save_checkpoint(self, directory: str) -> dict:
         """Write this actor's state to <directory>/<name>.pt itself (atomically); nothing
         but this small receipt goes back to the driver."""
-        if self._inflight:
+        if self._inflight and not (self._ch_on and self._order):
             raise RuntimeError(f"{self.name}: checkpoint with micro-batches "
                                f"{sorted(self._inflight)} in flight")
+        # (forwards still waiting for a delayed error are not checkpointed: like the
+        # channels' queues, a resumed run starts without them)
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{self.name}.pt"
