@@ -47,12 +47,16 @@ def overrides(rule: str) -> list[str]:
     return [f"rule.name={rule}"]
 
 
-def run_dir(setting: str, rule: str, seed: int) -> Path:
-    return HERE / "runs" / setting / (rule if seed == 0 else f"{rule}-seed{seed}")
+def run_dir(setting: str, rule: str, seed: int, extra: list[str] = ()) -> Path:
+    name = rule if seed == 0 else f"{rule}-seed{seed}"
+    if extra:  # --set overrides: their own directories
+        name += "__" + "__".join(e.replace("=", "-").replace("/", "_") for e in extra)
+    return HERE / "runs" / setting / name
 
 
-def finished(setting: str, rule: str, seed: int, epochs: int, subset: int | None) -> dict | None:
-    done = run_dir(setting, rule, seed) / "summary.json"
+def finished(setting: str, rule: str, seed: int, epochs: int, subset: int | None,
+             extra: list[str] = ()) -> dict | None:
+    done = run_dir(setting, rule, seed, extra) / "summary.json"
     if done.exists():
         s = json.loads(done.read_text())
         if s.get("epochs") == epochs and s.get("budget", {}).get("subset") == subset:
@@ -61,18 +65,18 @@ def finished(setting: str, rule: str, seed: int, epochs: int, subset: int | None
 
 
 def run_one(setting: str, rule: str, epochs: int, subset: int | None, threads: int,
-            seed: int = 0) -> dict:
+            seed: int = 0, extra: list[str] = ()) -> dict:
     from localnet.config import load_config
     from localnet.train import train
 
     config, _ = SETTINGS[setting]
     sets = overrides(rule) + [f"train.epochs={epochs}", f"train.threads={threads}",
-                              f"seed={seed}"]
+                              f"seed={seed}", *extra]
     if subset:
         sets.append(f"data.subset={subset}")
-    out = run_dir(setting, rule, seed)
+    out = run_dir(setting, rule, seed, extra)
     done = out / "summary.json"
-    s = finished(setting, rule, seed, epochs, subset)
+    s = finished(setting, rule, seed, epochs, subset, extra)
     if s is not None:
         return s
     cfg = load_config(ROOT / config, sets)
@@ -147,6 +151,8 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per rule")
     p.add_argument("--tag", help="RESULTS.md section name (default: the setting); the table "
                                  "lists every rule with finished runs on disk")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run (their own run directories)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     args = p.parse_args()
     epochs = args.epochs or SETTINGS[args.setting][1]
@@ -154,14 +160,15 @@ def main():
     rev = commit()  # the code the runs use, read before they start
     tic = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {(r, k): pool.submit(run_one, args.setting, r, epochs, args.subset, threads, k)
+        futures = {(r, k): pool.submit(run_one, args.setting, r, epochs, args.subset, threads, k,
+                                       args.set)
                    for r in args.rules for k in args.seeds}
         for f in futures.values():
             f.result()
     results = {}  # every rule with finished runs at this budget, all its seeds
     for r in RULES:
         runs = {k: s for k in range(10)
-                if (s := finished(args.setting, r, k, epochs, args.subset)) is not None}
+                if (s := finished(args.setting, r, k, epochs, args.subset, args.set)) is not None}
         if runs:
             results[r] = runs
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])

@@ -40,15 +40,20 @@ class RuleConfig(Section):
         "auto", description="PFA association: fused W_eff = B_p R, or factored (delta B_p) R")
     batch_manhattan: bool = Field(False, description="update with the sign of the gradient (Moskovitz et al. 2018)")
     norm_constraint: bool = Field(False, description="keep each forward weight's norm at most its initial norm")
+    feedback_gain: float = Field(1.0, gt=0, description="fa, kp, wm: B is Xavier-uniform "
+                                 "times this gain (the scale of the errors sent down)")
     mirror: MirrorConfig = MirrorConfig()
 
     def options(self) -> dict:
         """Constructor options for the chosen rule class."""
+        gain = {"gain": self.feedback_gain} if self.feedback_gain != 1.0 else {}
         if self.name == "pfa":
             return {"r": self.r, "ortho": self.ortho, "mode": self.pfa_mode}
         if self.name == "wm":
             m = self.mirror
-            return {"sigma": m.sigma, "lr": m.lr, "decay": m.decay, "batch": m.batch}
+            return {"sigma": m.sigma, "lr": m.lr, "decay": m.decay, "batch": m.batch, **gain}
+        if self.name in ("fa", "kp"):
+            return gain
         return {}
 
 

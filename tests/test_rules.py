@@ -722,3 +722,20 @@ def test_unknown_rule_and_bad_options_rejected():
         make_rule("pfa", r=0)
     with pytest.raises(ValueError):
         make_rule("pfa", mode="sideways")
+
+
+@pytest.mark.parametrize("rule", ["fa", "kp", "wm"])
+def test_feedback_gain_scales_the_random_b_and_so_the_error_sent_down(rule):
+    # B is Xavier-uniform x gain: same draw (same layer seed), scaled; bound gain*sqrt(3)*std
+    base = make_layer("linear", make_rule(rule), seed=4)
+    scaled = make_layer("linear", make_rule(rule, gain=0.5), seed=4)
+    b, b2 = base.feedback_weight.detach(), scaled.feedback_weight.detach()
+    close(b2, 0.5 * b)
+    assert b.abs().max() <= math.sqrt(3) * xavier_c(b.shape) + 1e-12
+    assert b.abs().max() > 0.9 * math.sqrt(3) * xavier_c(b.shape)  # uniform fills the bound
+    x, delta = inputs("linear")
+    _, gx, _, _ = run_layer(base, x, delta)
+    _, gx2, _, _ = run_layer(scaled, x, delta)
+    close(gx2, 0.5 * gx)
+    from localnet.config import load_config
+    assert load_config(None, [f"rule.name={rule}", "rule.feedback_gain=0.5"]).rule.options()["gain"] == 0.5

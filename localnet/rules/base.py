@@ -180,6 +180,15 @@ def layer_generator(layer) -> torch.Generator:
     return layer.generator
 
 
+def random_feedback(rule: "Rule", layer) -> torch.Tensor:
+    """A fixed random B of W's shape: Xavier-uniform, times the rule's `gain` option
+    (`rule.feedback_gain`, default 1) -- the scale of the errors sent down."""
+    b = layer.weight.detach().new_empty(layer.weight.shape)
+    torch.nn.init.xavier_uniform_(b, gain=float(rule.options.get("gain", 1.0)),
+                                  generator=layer.generator)
+    return b
+
+
 def new_like(weight: torch.Tensor, init, generator: torch.Generator) -> torch.Tensor:
     t = torch.empty_like(weight)
     init(t, generator=generator)

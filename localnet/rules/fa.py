@@ -1,13 +1,11 @@
 """Feedback alignment (Lillicrap, Cownden, Tweed & Akerman 2016, Nat. Commun. 7:13276).
 
 The error sent down is B^T delta with B a fixed random matrix of W's shape
-(Xavier-uniform here); B never changes.  W still learns from its own input and the
-error it receives, dW = delta x^T, and comes to align with B.
+(Xavier-uniform here, times `rule.feedback_gain`); B never changes.  W still learns from
+its own input and the error it receives, dW = delta x^T, and comes to align with B.
 """
 
-import torch.nn as nn
-
-from .base import Rule
+from .base import Rule, random_feedback
 
 
 class FeedbackAlignment(Rule):
@@ -15,9 +13,7 @@ class FeedbackAlignment(Rule):
     paper = "Lillicrap et al. 2016, 'Random synaptic feedback weights support error backpropagation'"
 
     def init_layer(self, layer):
-        b = layer.weight.detach().new_empty(layer.weight.shape)
-        nn.init.xavier_uniform_(b, generator=layer.generator)
-        layer.register_buffer("feedback_weight", b)
+        layer.register_buffer("feedback_weight", random_feedback(self, layer))
 
     def feedback(self, layer):
         return layer.feedback_weight

@@ -12,7 +12,7 @@ and B converges to W without ever reading it.  B starts random (Xavier-uniform).
 
 import torch.nn as nn
 
-from .base import Rule
+from .base import Rule, random_feedback
 
 
 class KolenPollack(Rule):
@@ -20,9 +20,8 @@ class KolenPollack(Rule):
     paper = "Akrout et al. 2019, 'Deep Learning without Weight Transport' (Kolen-Pollack)"
 
     def init_layer(self, layer):
-        b = layer.weight.detach().new_empty(layer.weight.shape)
-        nn.init.xavier_uniform_(b, generator=layer.generator)
-        layer.feedback_weight = nn.Parameter(b)  # trained by the layer's own optimizer
+        # trained by the layer's own optimizer
+        layer.feedback_weight = nn.Parameter(random_feedback(self, layer))
 
     def feedback(self, layer):
         return layer.feedback_weight

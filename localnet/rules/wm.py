@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import ConvGeometry, Rule
+from .base import ConvGeometry, Rule, random_feedback
 
 
 class WeightMirror(Rule):
@@ -32,9 +32,7 @@ class WeightMirror(Rule):
         self.decay = lr * sigma ** 2 if decay is None else decay
 
     def init_layer(self, layer):
-        b = layer.weight.detach().new_empty(layer.weight.shape)
-        nn.init.xavier_uniform_(b, generator=layer.generator)
-        layer.register_buffer("feedback_weight", b)
+        layer.register_buffer("feedback_weight", random_feedback(self, layer))
 
     def feedback(self, layer):
         return layer.feedback_weight
