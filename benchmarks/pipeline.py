@@ -323,6 +323,9 @@ def main(argv=None) -> dict:
     p.add_argument("--micro", default="1,4,8")
     p.add_argument("--repeats", type=int, default=3, help="cost measurement repeats")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--inline-bytes", type=int, default=None,
+                   help="Ray's max_direct_call_object_size: results up to this size go "
+                        "inline through the caller instead of the object store")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.steps, args.warmup, args.repeats = 32, 3, 2, 2
@@ -340,6 +343,8 @@ def main(argv=None) -> dict:
 
     import ray
 
+    if args.inline_bytes is not None:
+        os.environ["RAY_max_direct_call_object_size"] = str(args.inline_bytes)
     ray.init(num_cpus=max(4, max(stages)), include_dashboard=False, log_to_driver=False)
     from localnet.runtime.ray_executor import RayExecutor
     from localnet.runtime.worker import StageWorker
@@ -364,7 +369,7 @@ def main(argv=None) -> dict:
 
     # -- in-process baselines ---------------------------------------------------------
     base = {}
-    for T in sorted(set(stages)):
+    for T in sorted(set(stages) | {1}):  # 1: the perfect-scaling reference
         base[T] = inprocess(args.batch, T, args.warmup, args.steps, batches)
         log(f"inprocess threads={T}  {base[T]:.1f} samples/s")
 

@@ -302,8 +302,9 @@ def _rule_recipe(data: dict, overrides: list[str]) -> list[str]:
         raise ConfigError("per_rule must map rule names to {dotted.key: value} mappings")
     items = []
     for key, value in (per_rule.get(rule) or {}).items():
-        if not isinstance(key, str) or key.split(".")[0] in ("per_rule", "rule"):
-            raise ConfigError(f"per_rule.{rule}.{key}: a recipe may not change the rule itself")
+        if not isinstance(key, str) or key.split(".")[0] == "per_rule" or key == "rule.name":
+            raise ConfigError(f"per_rule.{rule}.{key}: a recipe may not change the rule itself "
+                              f"(its options, rule.<option>, it may)")
         items.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
     return items
 
