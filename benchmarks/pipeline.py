@@ -57,6 +57,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from localnet.alloc import keep_freed_memory  # noqa: E402
 from localnet.builders import build_rule_and_model, optim_config  # noqa: E402
 from localnet.config import Config  # noqa: E402
 from localnet.engine import InProcessExecutor  # noqa: E402
@@ -337,6 +338,7 @@ def main(argv=None) -> dict:
     command = "python benchmarks/pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load = LoadSampler()
     t_start = time.perf_counter()
+    keep_freed_memory()  # as `localnet run` and every actor (localnet/alloc.py)
     torch.set_num_threads(1)
     batches = data(args.batch)
     log = lambda *a: print(*a, flush=True)  # noqa: E731

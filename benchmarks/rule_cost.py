@@ -3,10 +3,13 @@
     python benchmarks/rule_cost.py [--model resnet20] [--batch 128] [--repeats 15] [--threads 2]
 
 Plain BP is the same network built from stock nn.Conv2d / nn.Linear (rule=None), trained
-with the same SGD.  Steps of all rules are interleaved round-robin in one process, so
-machine noise hits every rule alike, and the median step time is taken.  Everything a
+with the same SGD.  Steps of all rules are interleaved in one process, in a fresh random
+order every round (a step's time depends on which ran before it), so machine noise hits
+every rule alike, and the median step time is taken.  Everything a
 rule does per step counts: forward, backward, the optimizer, and the rule's own hooks
-(brSF's redraw, weight-mirror steps).  The last line printed is a JSON object
+(brSF's redraw, weight-mirror steps).  The process keeps freed memory for reuse, as
+`localnet run` does (localnet/alloc.py; --malloc-default: glibc's defaults, where every
+step page-faults its buffers back in).  The last line printed is a JSON object
 {rule: time / BP time}.
 """
 
@@ -14,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from localnet.alloc import keep_freed_memory
 from localnet.engine import InProcessExecutor, OptimConfig
 from localnet.models import build_model
 from localnet.rules import make_rule
@@ -65,7 +70,11 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rules", nargs="+", default=RULES)
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc thresholds alone (localnet/alloc.py)")
     args = p.parse_args()
+    if not args.malloc_default:  # what `localnet run` and the actors do; plain BP gets it too
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = (3, 32, 32)
@@ -73,8 +82,14 @@ def main():
     y = torch.randint(0, 10, (args.batch,))
     steps = {r: make(r, args.model, shape) for r in ["plain", *args.rules]}
     times = {r: [] for r in steps}
+    order = list(steps)
+    shuffle = random.Random(0).shuffle
     for i in range(args.warmup + args.repeats):
-        for r, step in steps.items():
+        # a fresh order every round: a step's time depends on which ran just before it
+        # (caches, the allocator), and a fixed order would bias some rules every time
+        shuffle(order)
+        for r in order:
+            step = steps[r]
             tic = time.perf_counter()
             step(x, y)
             if i >= args.warmup:

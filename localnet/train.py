@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .alloc import keep_freed_memory
 from .config import Config, dump_config
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
@@ -59,6 +60,7 @@ def wd_at(cfg: Config, epoch: int) -> float:
 
 def build(cfg: Config):
     """Data, rule, model and executor for a config."""
+    keep_freed_memory()  # training reallocates the same big buffers every step (alloc.py)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)

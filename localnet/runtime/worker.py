@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..alloc import keep_freed_memory
 from ..engine import loss_and_error
 from ..layers import ErrorTap, restore_rules, set_rule
 from ..rules import make_rule
@@ -68,6 +69,7 @@ def stage_name(i: int) -> str:
 
 class StageWorker:
     def __init__(self, spec: dict | None = None, threads: int = 1, model=None):
+        keep_freed_memory()  # an actor reallocates its activations every step (alloc.py)
         if threads:  # 0: leave the process's setting alone (in-process use)
             torch.set_num_threads(int(threads))
         self._ledger = Ledger()

@@ -1,0 +1,48 @@
+"""Keep freed memory in the process, so training steps stop page-faulting.
+
+glibc's malloc serves blocks above M_MMAP_THRESHOLD (128 KiB to start) with a fresh
+mmap and unmaps them on free, and trims the heap top back to the OS above
+M_TRIM_THRESHOLD.  A training step frees and reallocates the same activation-sized
+buffers (a ResNet-20 conv output at batch 128 is 8 MiB) every step.  So every step pays
+page faults to zero those pages again.  On the 2-core box that is 10-20% of a CPU
+step, more for rules that allocate a little more (PFA's W_eff).  `benchmarks/RESULTS.md`,
+rule_cost, has the numbers.
+
+`keep_freed_memory()` raises both thresholds with mallopt.  Freed blocks then stay in
+the process for reuse, and its footprint stays at its peak.  Called by `localnet.train`
+and by every stage actor.  It is a no-op off glibc.  Set LOCALNET_KEEP_FREED_MEMORY=0 to
+leave malloc alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# mmap only above 1 GiB; older glibc caps the threshold at 32 MiB (HEAP_MAX / 2 on
+# 64-bit) and refuses more, so that is the fallback
+MMAP_THRESHOLDS = (1 << 30, 32 << 20)
+
+_done: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds once per process; True when they are set."""
+    global _done
+    if _done is not None:
+        return _done
+    _done = False
+    if os.environ.get("LOCALNET_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mmap = any(mallopt(M_MMAP_THRESHOLD, v) == 1 for v in MMAP_THRESHOLDS)
+    _done = mmap and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    return _done
