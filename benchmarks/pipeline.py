@@ -16,10 +16,10 @@ What it measures (synthetic CIFAR-shaped input, batch --batch, one torch thread 
                single-threaded actors), samples/s
   ray          RayExecutor at S = 1, 2, 4 stages (partition balanced by measured cost) and
                M = 1, 4, 8 micro-batches: gpipe everywhere, async for S > 1 and M > 1
-  simulator    `schedule.simulate` with the measured per-hop latency as communication
-               cost and the machine's core count, fed with per-stage costs two ways:
+  simulator    `schedule.simulate` with the measured Ray hop curve (time and CPU by
+               payload size, see `predict`) and the machine's core count, fed with per-stage costs two ways:
                profiled (median forward / backward / update per call, as the actors
-               timed them during the warm-up steps -- contention of actors sharing cores
+               timed them during the timed steps -- contention of actors sharing cores
                included) and a priori (each unit timed alone in-process, one thread, as
                `localnet simulate` does); error = |predicted - measured| / measured
 
@@ -485,12 +485,12 @@ def write_results(r: dict) -> None:
         f"the in-process baseline).  Batch {r['batch']}, {r['steps']} timed steps "
         f"per row (samples/s = batch / median step time), one torch thread per actor; the "
         f"in-process baseline gets as many threads "
-        f"as there are actors.  The machine was shared with other jobs: 1-minute load "
-        f"average {r['load_average']['start']} at the start, mean {r['load_average']['mean']}, "
+        f"as there are actors.  1-minute load average (the benchmark's own processes count) "
+        f"was {r['load_average']['start']} at the start, mean {r['load_average']['mean']}, "
         f"max {r['load_average']['max']} (on {r['cores']} cores).  Wall time {r['wall_s']} s.",
         "",
-        "Simulated: `schedule.simulate` with the per-stage costs the actors profiled in the "
-        "warm-up steps, the measured per-hop latency and the core count; a priori: the same "
+        "Simulated: `schedule.simulate` with the per-stage costs the actors profiled during the "
+        "timed steps, the measured per-hop latency and the core count; a priori: the same "
         "with every unit timed alone in-process (what `localnet simulate` does).  Each "
         "message costs the measured time of a Ray hop at its payload size; the CPU part "
         "beyond a tiny message's is charged to the sending call (see `predict`).  vs bound: "
