@@ -31,6 +31,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from common import commit, hardware_cpu  # noqa: E402
 from localnet.sweep import sweep  # noqa: E402
 
 CODECS = "fp32,fp16,bf16,int8,topk,sign,lowrank"
@@ -88,8 +89,6 @@ def main(argv=None) -> dict:
 
 
 def write_results(r: dict, table: str, png: str) -> None:
-    from pipeline import commit, hardware_cpu
-
     tag = f"channels:{r['setting']}"
     c = r["int8_vs_fp32"]
     lines = [f"<!-- {tag} -->",

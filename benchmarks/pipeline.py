@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray runs its workers at nice 15; the in-process baseline runs at 0.  Compare like with
 # like (and do not let other jobs on a shared machine starve only the actors).
@@ -57,6 +56,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common import commit, hardware_cpu  # noqa: E402
 from localnet.alloc import keep_freed_memory  # noqa: E402
 from localnet.builders import build_rule_and_model, optim_config  # noqa: E402
 from localnet.config import Config  # noqa: E402
@@ -111,28 +111,6 @@ def data(batch: int, n: int = 4):
 def hardware() -> str:
     import ray
     return f"{hardware_cpu()}, ray {ray.__version__}"
-
-
-def hardware_cpu() -> str:
-    """CPU model, cores, torch and Python versions (no Ray)."""
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------ framing

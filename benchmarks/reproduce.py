@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +24,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from common import commit, hardware_cpu  # noqa: E402
 
 # Published final test accuracy (%).  MNIST: read off the PFA paper's curves (Li & Benna
 # 2024); CIFAR-10 ResNet-20, 250 epochs: PFA paper; brSF/frSF: BioTorch (Sanfiz & Akrout 2021).
@@ -88,34 +89,13 @@ def run_one(setting: str, rule: str, epochs: int, subset: int | None, threads: i
     return s
 
 
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_results(setting: str, results: dict, epochs: int, subset: int | None, command: str,
                   rev: str, tag: str | None = None):
     ref = PAPER[setting]
     name = {"mnist": "MNIST, mlp 784-512-512-10", "cifar10": "CIFAR-10 (JPEG q75 copy), ResNet-20"}[setting]
     budget = f"{epochs} epochs" + (f" on the first {subset} training images" if subset else "")
     lines = [f"### Accuracy: {name}, {budget}", "",
-             f"Hardware: {hardware()}.  Commit `{rev}`.  Command: `{command}`.  Test "
+             f"Hardware: {hardware_cpu()}.  Commit `{rev}`.  Command: `{command}`.  Test "
              f"accuracy is the mean over the seeds run (each seed's in the last column).", "",
              "| rule | test accuracy (%) | paper (%) | difference | samples/s | wall (s) | "
              "seeds: accuracy (%) |",
