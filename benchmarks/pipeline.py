@@ -209,11 +209,8 @@ def busy_cpu_s() -> float:
 
 def interp(curve, nbytes: float, col: int) -> float:
     """Piecewise-linear in bytes through the measured (bytes, hop_s, cpu_s) points."""
-    pts = sorted((c[0], c[col]) for c in curve)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if nbytes <= x1 or (x1, y1) == pts[-1]:
-            return y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0) if x1 > x0 else y1
-    return pts[-1][1]
+    pts = sorted(curve)
+    return float(np.interp(nbytes, [c[0] for c in pts], [c[col] for c in pts]))
 
 
 # ------------------------------------------------------------------------------ simulator

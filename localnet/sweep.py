@@ -129,7 +129,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[dict, str]] = {}
-    ran, skipped, todo = [], [], []
+    skipped, todo = [], []
     for p, cfg in zip(pts, cfgs):
         name = point_name(p)
         done = out / name / "summary.json"

@@ -568,17 +568,16 @@ class RayExecutor:
         parts = self._get([w.channel_stats.remote() for w in self.workers], "channel stats")
         recv = {(d["kind"], d["edge"]): d for p in parts for d in p["recv"]}
         kinds: dict[str, list] = {"activation": [], "error": []}
-        ledger = Ledger()
+        sends = sorted((d for p in parts for d in p["send"]), key=lambda d: d["edge"])
         n = self._ch_samples
-        for d in sorted((d for p in parts for d in p["send"]), key=lambda d: d["edge"]):
+        for d in sends:
             r = recv.get((d["kind"], d["edge"]), {})
             row = {**d, "delivered": r.get("delivered", 0),
                    "not_yet_arrived": r.get("not_yet_arrived", 0),
                    "bytes_per_sample": d["bytes"] / n if n else 0.0}
+            del row["ledger"]
             kinds[row.pop("kind")].append(row)
-            src, dst = d["edge"].split("->", 1)
-            if d["messages"]:
-                ledger.rows[(src, dst, d["kind"])] = [d["messages"], 0, d["bytes"]]
+        ledger = Ledger.merged(d["ledger"] for d in sends)
         return summarize(kinds["activation"], kinds["error"], n, self.dfa, ledger)
 
     def forward_backward(self, x, y, stats: StepStats) -> None:

@@ -199,21 +199,23 @@ class StageWorker:
             self.ch_dfa = [mk("error", first(i), last(j), m[j][1]) for j in range(n - 1)]
         self._ch_on = self._ch_cfg = True
 
-    def set_channels(self, on: bool) -> bool:
+    def set_channels(self, on: bool) -> None:
         """Route training messages through the channels (True, when configured) or not
-        (measuring passes: BP-angle probes, forward_backward).  Returns the old state.
-        Forwards still waiting for delayed errors stay stored across the pause."""
-        old, self._ch_on = self._ch_on, bool(on) and self._ch_cfg
-        return old
+        (measuring passes: BP-angle probes, forward_backward).  Forwards still waiting
+        for delayed errors stay stored across the pause."""
+        self._ch_on = bool(on) and self._ch_cfg
 
     def channel_stats(self) -> dict:
         """This actor's halves of its links: the sender's counts (messages, bytes, drops)
         and the receiver's (delivered, not yet arrived), by kind and edge."""
         out = {"send": [], "recv": []}
-        for key, c in self.ch.items():
-            out["send" if key.endswith("_out") else "recv"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})
-        for c in self.ch_dfa:
-            out["send"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})
+        senders = [c for k, c in self.ch.items() if k.endswith("_out")] + self.ch_dfa
+        for c in senders:  # the sender's ledger holds what it put on the wire
+            out["send"].append({"edge": c.edge, "kind": c.kind, **c.stats(0),
+                                "ledger": c.ledger.to_dict()})
+        for k, c in self.ch.items():
+            if k.endswith("_in"):
+                out["recv"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})
         return out
 
     def _send_coded(self, kind, x, ch, dst, step, mb, detail) -> Message:
@@ -225,7 +227,6 @@ class StageWorker:
             arr, meta = marker(ch.codec.name, EMPTY)
         elif isinstance(x, str):
             arr, meta = marker(ch.codec.name, WAITING)
-            x = None
         else:
             if self._aliases_state(x):
                 raise RuntimeError(f"{self.name}: a {kind} message would carry a parameter")
@@ -235,16 +236,14 @@ class StageWorker:
         msg = Message.make(kind, arr, src=self.name, dst=dst, step=step, mb=mb, run=self.run,
                            detail=detail, meta={"codec": meta})
         msg = self._maybe_fault(msg)
-        self._ledger.record(self.name, dst, msg.header.kind, msg.header_bytes,
-                            pbytes if x is not None else 0)
+        self._ledger.record(self.name, dst, msg.header.kind, msg.header_bytes, pbytes)
         return msg
 
     def _receive_coded(self, ch, raw, payload, kind, shape, dtype, *, src, detail, step,
                        mb) -> tuple[str, Message | None]:
         """Receive through channel ch: the slot due now (after `delay`) -- (DATA, the
         message decoded and validated like any other), (LOST, None) when it was lost or
-        sent empty, (WAIT, None) when nothing has arrived yet.  shape: the expected
-        shape, or a function of nothing giving it (known once the slot is known)."""
+        sent empty, (WAIT, None) when nothing has arrived yet."""
         msg = self._open(raw, payload, kind, src)
         h = msg.header
         validate(msg, kind, None, None, detail=detail, dst=self.name, step=step, mb=mb,
@@ -264,7 +263,6 @@ class StageWorker:
         arr = x.detach().contiguous().numpy()
         dec = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=arr.dtype.name,
                      shape=tuple(arr.shape), run=h.run, detail=h.detail)
-        shape = shape() if callable(shape) else shape
         return DATA, validate(Message(dec, arr, raw), kind, shape, dtype, dst=self.name)
 
     def _ends_with_tap(self) -> bool:
@@ -439,12 +437,11 @@ class StageWorker:
             # the slot belongs to the oldest stored forward (the same micro-batch, the
             # channel's delay later): DATA runs its backward, LOST discards it, WAIT
             # keeps it (and every later one) until its error arrives
-            old = lambda: self._inflight[self._order[0]]  # noqa: E731
+            old_batch, old_shape = self._inflight[self._order[0]]
             if self.broadcast_error:
-                src, detail = self.last_name, OUTPUT
-                shape = lambda: (old()[0], self.num_classes)  # noqa: E731
+                src, detail, shape = self.last_name, OUTPUT, (old_batch, self.num_classes)
             else:
-                src, detail, shape = self.consumers[0], CHAIN, lambda: old()[1]
+                src, detail, shape = self.consumers[0], CHAIN, old_shape
             state, got = self._receive_coded(self.ch["err_in"], wire[0], wire[1], ERROR, shape,
                                              self.dtype, src=src, detail=detail, step=step,
                                              mb=mb)
