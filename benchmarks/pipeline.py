@@ -12,24 +12,32 @@ What it measures (synthetic CIFAR-shaped input, batch --batch, one torch thread 
                payloads; header bytes against payload bytes; and the time Ray takes to
                move the same payload actor to actor, so `framing_overhead_1mb` is framing
                time / 1 MiB transfer time
-  in-process   InProcessExecutor at 1, 2, 4 torch threads (the thread budget of 1, 2, 4
-               single-threaded actors), samples/s
-  ray          RayExecutor at S = 1, 2, 4 stages (partition balanced by measured cost) and
-               M = 1, 4, 8 micro-batches: gpipe everywhere, async for S > 1 and M > 1
+  ray          RayExecutor at S = 1, 2, 4 stages and M = 1, 4, 8 micro-batches, gpipe
+               everywhere and async for S > 1; each run's partition balanced by the unit
+               costs at its own micro-batch size (what `partition: {balance: cost}` does)
+  in-process   InProcessExecutor at S torch threads (the thread budget of S
+               single-threaded actors), on the whole batch and on the same M micro-batches.
+               Timed in blocks that alternate with the Ray blocks of each row (--rounds),
+               and every ratio is the median over rounds of Ray / the in-process blocks of
+               its round: this machine's speed drifts by 10-30% within minutes, and a
+               baseline timed minutes away from the run it divides says more about the
+               drift than about the runtime
   simulator    `schedule.simulate` with the measured Ray hop curve (time and CPU by
-               payload size, see `predict`) and the machine's core count, fed with per-stage costs two ways:
-               profiled (median forward / backward / update per call, as the actors
-               timed them during the timed steps -- contention of actors sharing cores
-               included) and a priori (each unit timed alone in-process, one thread, as
-               `localnet simulate` does); error = |predicted - measured| / measured
+               payload size) and the machine's core count, fed two ways (see `predict`):
+               profiled -- the forward / backward / update costs the actors timed during
+               the row's steps, and the Ray overhead per call measured in those steps --
+               and a priori -- every unit timed alone in-process, one thread, and a tiny
+               hop's CPU per call, as `localnet simulate` has before any run;
+               error = |predicted - measured| / measured
 
 The last line printed is a JSON object: sim_error_max (profiled costs;
 sim_error_max_apriori for the a-priori ones), framing_overhead_1mb,
 two_stage_vs_inprocess (2-stage async / in-process at 2 threads, best M), gpipe_vs_bound
-(the issue's gpipe target: min over 1 < S <= cores and M of gpipe throughput / (in-process
-throughput at S threads x M/(M+S-1)); gpipe_vs_linear_bound: the same against S x the
-1-thread in-process throughput, i.e. perfect scaling), the targets, the load average,
-and every row with the costs the simulator was fed.  Results are written to
+(the issue's gpipe target: min over 1 < S <= cores and M of the gpipe ratio to in-process
+at S threads / M/(M+S-1); gpipe_vs_bound_same_micro: the same with the in-process
+executor on the same micro-batches; gpipe_vs_linear_bound: against S x the 1-thread
+in-process throughput, i.e. perfect scaling), the targets, the load average, and every
+row with the costs the simulator was fed.  Results are written to
 benchmarks/RESULTS.md between <!-- pipeline --> markers (--no-write: not).
 """
 
@@ -214,24 +222,29 @@ def interp(curve, nbytes: float, col: int) -> float:
 
 
 # ------------------------------------------------------------------------------ simulator
-def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch):
+def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_call=None):
     """Samples/s that `schedule.simulate` predicts from per-stage costs f, b, u (seconds
     per forward / backward / update call) and the measured Ray hop curve `tr`.
 
-    Every call occupies its actor for Ray's service time.  A message of n bytes costs a
-    hop's time at n bytes (`interp` over the measured curve); the part of it that is CPU
-    beyond a tiny message's (putting the payload into the object store and mapping it on
-    the other side) is charged to the sending call, because on a machine with fewer cores
-    than processes it competes with the actors' compute; the rest is latency on the edge.
+    Every call costs `per_call` seconds of CPU on top of its compute: what issuing it
+    takes the driver, the raylet and the actor's Ray threads.  Measured per row (the
+    machine's CPU during the timed steps beyond the actors' calls, per call), or by
+    default a tiny hop's CPU over all processes.  On a machine with as many cores as
+    processes it would overlap; here (2 cores, 2+ actors, a driver, a raylet) it takes
+    the actors' cores, so it is charged to the call.  A message of n bytes adds the CPU
+    of a hop at n bytes beyond a tiny one's (putting the payload into the object store
+    and mapping it on the other side), charged to the sending call, and the rest of the
+    hop's time as latency on the edge (`interp` over the measured curve).
     boundary_bytes[i]: the payload across the cut after stage i (activation up, error
     down: the same shape).  async: the steady state, (makespan of 6 streamed batches - of
     2) / 4."""
-    curve, c = tr["curve"], tr["service_s"]
+    curve = tr["curve"]
+    per_call = interp(curve, 0, 2) if per_call is None else per_call
     cpu = lambda n: max(interp(curve, n, 2) - interp(curve, 0, 2), 0.0)  # noqa: E731
-    lat = lambda n: max(interp(curve, n, 1) - c - cpu(n), 0.0)  # noqa: E731
-    fc = [v + c + (cpu(boundary_bytes[i]) if i < S - 1 else 0.0) for i, v in enumerate(f)]
-    bc = [v + c + (cpu(boundary_bytes[i - 1]) if i > 0 else 0.0) for i, v in enumerate(b)]
-    uc = [v + c for v in u]
+    lat = lambda n: max(interp(curve, n, 1) - interp(curve, 0, 2) - cpu(n), 0.0)  # noqa: E731
+    fc = [v + per_call + (cpu(boundary_bytes[i]) if i < S - 1 else 0.0) for i, v in enumerate(f)]
+    bc = [v + per_call + (cpu(boundary_bytes[i - 1]) if i > 0 else 0.0) for i, v in enumerate(b)]
+    uc = [v + per_call for v in u]
 
     def comm(src, dst, op):
         return lat(boundary_bytes[src] if op == "F" else boundary_bytes[dst])
@@ -252,13 +265,14 @@ def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[flo
         step(*batches[i % len(batches)])
     if profile:
         profile()  # drop the warm-up's timings (allocations, lazy init)
-    out, t0 = [], time.perf_counter()
+    out, c0, t0 = [], busy_cpu_s(), time.perf_counter()
     for i in range(steps):
         step(*batches[i % len(batches)])
         t1 = time.perf_counter()
         out.append(t1 - t0)
         t0 = t1
-    if profile:  # what each actor's calls took during the timed steps
+    if profile:  # what each actor's calls took during the timed steps, and the machine
+        profile.machine_cpu_s = busy_cpu_s() - c0
         profile.result = profile()
     return out
 
@@ -275,24 +289,39 @@ def unit_output_bytes() -> list[int]:
     return out
 
 
-def inprocess(batch, threads, warmup, steps, batches) -> float:
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        cfg = cfg_for(batch=batch)
-        _, model = build_rule_and_model(cfg, SHAPE, NC)
-        ex = InProcessExecutor(model, optim_config(cfg), micro_batches=1)
-        dts = time_steps(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), batches, warmup, steps)
-        return batch / statistics.median(dts)
-    finally:
-        torch.set_num_threads(old)
+class InProcess:
+    """In-process executors at T torch threads and M micro-batches, built once and kept
+    warm, so that short timed blocks of them can alternate with the Ray blocks."""
+
+    def __init__(self, batch: int, batches):
+        self.batch, self.batches, self._ex = batch, batches, {}
+
+    def times(self, threads: int, M: int, steps: int, warmup: int = 1) -> list[float]:
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            if (threads, M) not in self._ex:
+                cfg = cfg_for(M=M, batch=self.batch)
+                _, model = build_rule_and_model(cfg, SHAPE, NC)
+                self._ex[(threads, M)] = InProcessExecutor(model, optim_config(cfg),
+                                                           micro_batches=M)
+            ex = self._ex[(threads, M)]
+            return time_steps(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), self.batches,
+                              warmup, steps)
+        finally:
+            torch.set_num_threads(old)
+
+    def rate(self, threads: int, M: int, steps: int, warmup: int = 1) -> float:
+        return self.batch / statistics.median(self.times(threads, M, steps, warmup))
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="batch 32, 3 steps, S in 1,2, M in 1,4")
     p.add_argument("--batch", type=int, default=128, help="the PFA recipe's batch size")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (in-process block, Ray "
+                                                         "block) per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the "
                                                          "simulator's profile: all but the first)")
     p.add_argument("--stages", default="1,2,4")
@@ -304,7 +333,7 @@ def main(argv=None) -> dict:
                         "inline through the caller instead of the object store")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.steps, args.warmup, args.repeats = 32, 3, 2, 2
+        args.batch, args.steps, args.warmup, args.repeats, args.rounds = 32, 3, 2, 2, 1
         args.stages, args.micro = "1,2", "1,4"
     stages = [int(s) for s in args.stages.split(",")]
     micro = [int(m) for m in args.micro.split(",")]
@@ -345,21 +374,29 @@ def main(argv=None) -> dict:
     framing_1mb = fr[-1]["framing_us"] * 1e-6 / tr["transfer_1mb_s"]
 
     # -- in-process baselines ---------------------------------------------------------
-    base = {}
+    # base[T]: whole batch at T threads (the issue's baseline); base_m[T, M]: the same
+    # micro-batches as the pipeline, one after another -- the pipeline's work without it
+    # (these figures are context; each Ray row is compared with in-process blocks timed
+    # in turn with its own blocks, below)
+    ip = InProcess(args.batch, batches)
+    base, base_m = {}, {}
     for T in sorted(set(stages) | {1}):  # 1: the perfect-scaling reference
-        base[T] = inprocess(args.batch, T, args.warmup, args.steps, batches)
-        log(f"inprocess threads={T}  {base[T]:.1f} samples/s")
+        for M in sorted(set(micro) | {1}):
+            base_m[(T, M)] = ip.rate(T, M, args.steps, args.warmup)
+            log(f"inprocess threads={T} M={M}  {base_m[(T, M)]:.1f} samples/s")
+        base[T] = base_m[(T, 1)]
 
     # -- costs for the partition and the simulator -----------------------------------
     unit_costs = {}
     for M in micro:
-        for stash in ([False, True] if M > 1 and max(stages) > 1 else [False]):
+        for stash in ([False, True] if max(stages) > 1 else [False]):
             unit_costs[(M, stash)] = measure_costs(cfg_for(M=M, batch=args.batch), SHAPE, NC,
                                                    None, args.batch // M, args.repeats, 1, stash)
-    ref_m = 4 if 4 in micro else micro[-1]
-    f, b, _ = unit_costs[(ref_m, False)]
-    weights = [x + y for x, y in zip(f, b)]
-    bounds = {S: balanced_boundaries(weights, S) for S in stages}
+    # balance each run by its own micro-batch's unit costs, as `balance: cost` does (the
+    # 16-channel blocks at 32x32 cost twice the 64-channel ones at batch 128, less at 32)
+    def bounds_for(S, M, stash):
+        f, b, _ = unit_costs[(M, stash)]
+        return balanced_boundaries([x + y for x, y in zip(f, b)], S)
 
     # -- Ray ----------------------------------------------------------------------------
     Remote = ray.remote(num_cpus=0)(StageWorker)
@@ -368,34 +405,62 @@ def main(argv=None) -> dict:
     cores = os.cpu_count() or 1
     for S in stages:
         for M in micro:
-            for schedule in ["gpipe"] + (["async"] if S > 1 and M > 1 else []):
-                cfg = cfg_for(schedule, M, args.batch, bounds[S])  # [] for S = 1
+            for schedule in ["gpipe"] + (["async"] if S > 1 else []):
+                cut = bounds_for(S, M, schedule == "async")  # [] for S = 1
+                cfg = cfg_for(schedule, M, args.batch, cut)
                 ex = RayExecutor(cfg, SHAPE, NC, actors=pool)
                 prof = lambda: ex.stage_timings(True)  # noqa: E731
-                dts = time_steps(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), batches,
-                                 args.warmup, args.steps, profile=prof)
-                ex.flush()
+                # rounds of: in-process at S threads (whole batch, and the same M), then
+                # Ray; the ratios pair each Ray block with the in-process blocks next to it
+                dts, ip1, ipm, tm, machine = [], [], [], None, 0.0
+                pair, pair_m = [], []
+                for r in range(args.rounds):
+                    a = ip.times(S, 1, args.steps)
+                    am = ip.times(S, M, args.steps) if M > 1 else a
+                    d = time_steps(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), batches,
+                                   args.warmup if r == 0 else 1, args.steps, profile=prof)
+                    ex.flush()  # (async) drained: the next in-process block runs alone
+                    dts, ip1, ipm = dts + d, ip1 + a, ipm + am
+                    machine += prof.machine_cpu_s
+                    tm = prof.result if tm is None else [  # per stage, every round's calls
+                        {k: v + more[k] if isinstance(v, list) else v for k, v in seen.items()}
+                        for seen, more in zip(tm, prof.result)]
+                    pair.append(statistics.median(a) / statistics.median(d))
+                    pair_m.append(statistics.median(am) / statistics.median(d))
                 measured = args.batch / statistics.median(dts)
+                base_row = args.batch / statistics.median(ip1)
+                base_row_m = args.batch / statistics.median(ipm)
+                ratio, ratio_m = statistics.median(pair), statistics.median(pair_m)
 
-                pb = [per_sample[c - 1] * (args.batch // M) for c in bounds[S]]
-                pred = lambda f, b, u: predict(schedule, S, M, f, b, u, pb, tr, cores,  # noqa: E731
-                                               args.batch)
+                pb = [per_sample[c - 1] * (args.batch // M) for c in cut]
+                pred = lambda f, b, u, pc=None: predict(schedule, S, M, f, b, u, pb, tr,  # noqa: E731
+                                                        cores, args.batch, pc)
 
                 med = lambda t, op: statistics.median(t[op]) if t[op] else 0.0  # noqa: E731
-                tm = prof.result
-                costs = [[med(t, op) for t in tm] for op in ("forward", "backward", "update")]
-                cpu_costs = [[med(t, op + "_cpu") for t in tm]
-                             for op in ("forward", "backward", "update")]
-                predicted, bubble = pred(*costs)
+                ops = ("forward", "backward", "update")
+                costs = [[med(t, op) for t in tm] for op in ops]
+                cpu_costs = [[med(t, op + "_cpu") for t in tm] for op in ops]
+                # the machine's CPU in the timed steps beyond the actors' calls: the Ray
+                # overhead (driver, raylet, actors' Ray threads), per call
+                calls = sum(len(t[op]) for t in tm for op in ops)
+                in_calls = sum(sum(t[op + "_cpu"]) for t in tm for op in ops)
+                per_call = max(machine - in_calls, 0.0) / max(calls, 1)
+                # fewer cores than actors: a call's wall time counts the time slices the
+                # others took, which the simulator's core limit already models -- feed it
+                # the CPU time instead
+                predicted, bubble = pred(*(costs if S <= cores else cpu_costs), per_call)
                 fu, bu, su = unit_costs[(M, schedule == "async")]
-                cuts = [0] + bounds[S] + [len(fu)]
+                cuts = [0] + cut + [len(fu)]
                 per = lambda c: [sum(c[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]  # noqa: E731
                 apriori, _ = pred(per(fu), per(bu), per(su))
-                row = {"stages": S, "micro_batches": M, "schedule": schedule,
+                row = {"stages": S, "micro_batches": M, "schedule": schedule, "boundaries": cut,
                        "samples_per_s": round(measured, 1),
                        "samples_per_s_mean": round(args.batch * len(dts) / sum(dts), 1),
-                       "inprocess_same_threads": round(base[S], 1),
-                       "vs_inprocess": round(measured / base[S], 3),
+                       "inprocess_same_threads": round(base_row, 1),
+                       "vs_inprocess": round(ratio, 3),
+                       "vs_inprocess_rounds": [round(x, 3) for x in pair],
+                       "inprocess_same_micro": round(base_row_m, 1),
+                       "vs_inprocess_same_micro": round(ratio_m, 3),
                        "predicted": round(predicted, 1),
                        "sim_error": round(abs(predicted - measured) / measured, 3),
                        "predicted_apriori": round(apriori, 1),
@@ -403,17 +468,21 @@ def main(argv=None) -> dict:
                        "bubble_predicted": round(bubble, 3),
                        "profiled": {"forward": costs[0], "backward": costs[1],
                                     "update": costs[2], "boundary_bytes": pb,
+                                    "per_call_overhead_s": per_call, "calls": calls,
+                                    "machine_cpu_s": machine,
                                     "cpu": cpu_costs}}
                 if schedule == "gpipe":
                     bound = M / (M + S - 1)
                     row["gpipe_bound"] = round(bound, 3)
                     # the issue's target: gpipe / in-process at the same threads, over
                     # the bubble's ceiling M/(M+S-1); and against S perfect 1-thread cores
-                    row["vs_bound"] = round(measured / (base[S] * bound), 3)
+                    row["vs_bound"] = round(ratio / bound, 3)
+                    row["vs_bound_same_micro"] = round(ratio_m / bound, 3)
                     row["vs_linear_bound"] = round(measured / (S * base[1] * bound), 3)
                 rows.append(row)
                 log(f"ray S={S} M={M} {schedule:5s} {measured:7.1f} samples/s  "
-                    f"(in-process {base[S]:.1f}: x{row['vs_inprocess']:.2f})  "
+                    f"(in-process {base_row:.1f}: x{row['vs_inprocess']:.2f}; same M "
+                    f"x{row['vs_inprocess_same_micro']:.2f})  "
                     f"simulated {predicted:7.1f} (error {row['sim_error']:.1%}; a priori "
                     f"{apriori:.1f}, {row['sim_error_apriori']:.1%})")
                 ex.detach_actors()
@@ -422,16 +491,16 @@ def main(argv=None) -> dict:
     ray.shutdown()
 
     async2 = [r for r in rows if r["stages"] == 2 and r["schedule"] == "async"]
-    best2 = max(async2, key=lambda r: r["samples_per_s"]) if async2 else None
+    best2 = max(async2, key=lambda r: r["vs_inprocess"]) if async2 else None
     gp = [r for r in rows if r["schedule"] == "gpipe" and 1 < r["stages"] <= cores]
     result = {
         "sim_error_max": max(r["sim_error"] for r in rows),
         "sim_error_max_apriori": max(r["sim_error_apriori"] for r in rows),
         "framing_overhead_1mb": round(framing_1mb, 4),
-        "two_stage_vs_inprocess": (round(best2["samples_per_s"] / base[2], 3) if best2 and 2 in base
-                                   else None),
+        "two_stage_vs_inprocess": best2["vs_inprocess"] if best2 else None,
         "two_stage_async_micro_batches": best2["micro_batches"] if best2 else None,
         "gpipe_vs_bound": min((r["vs_bound"] for r in gp), default=None),
+        "gpipe_vs_bound_same_micro": min((r["vs_bound_same_micro"] for r in gp), default=None),
         "gpipe_vs_linear_bound": min((r["vs_linear_bound"] for r in gp), default=None),
         "targets": TARGETS,
         "framing": [{k: round(v, 1) if isinstance(v, float) else v for k, v in f.items()}
@@ -439,7 +508,9 @@ def main(argv=None) -> dict:
         "ray_transfer_us": {k: round(v, 1) for k, v in tr.items() if k.endswith("_us")},
         "hop_curve": tr["curve"],
         "inprocess": {str(k): round(v, 1) for k, v in base.items()},
-        "rows": rows, "batch": args.batch, "steps": args.steps, "cores": cores,
+        "inprocess_micro": {f"{t}x{m}": round(v, 1) for (t, m), v in base_m.items()},
+        "rows": rows, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+        "cores": cores,
         "load_average": load.stop(), "wall_s": round(time.perf_counter() - t_start, 1),
         "hardware": env, "commit": commit(), "command": command,
     }
@@ -455,34 +526,45 @@ def write_results(r: dict) -> None:
         "<!-- pipeline -->",
         "### Pipeline: ResNet-20 + PFA on CPU, Ray stages vs in-process",
         "",
-        f"Hardware: {r['hardware']}.  Commit `{r['commit']}` (plus the working tree).  "
-        f"Command: `{r['command'].strip()}` (actors at nice 0, `RAY_worker_niceness=0`, like "
-        f"the in-process baseline).  Batch {r['batch']}, {r['steps']} timed steps "
-        f"per row (samples/s = batch / median step time), one torch thread per actor; the "
-        f"in-process baseline gets as many threads "
-        f"as there are actors.  1-minute load average (the benchmark's own processes count) "
-        f"was {r['load_average']['start']} at the start, mean {r['load_average']['mean']}, "
-        f"max {r['load_average']['max']} (on {r['cores']} cores).  Wall time {r['wall_s']} s.",
+        f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
+        f"`{r['command'].strip()}` (actors at nice 0, `RAY_worker_niceness=0`, like the "
+        f"in-process baseline).  Batch {r['batch']}, one torch thread per actor; the "
+        f"in-process baseline gets as many threads as there are actors.  Each row is "
+        f"{r['rounds']} rounds of (in-process block, Ray block), {r['steps']} timed steps "
+        f"per block: samples/s = batch / median step time over the rounds, and a ratio is "
+        f"the median over rounds of Ray / the in-process blocks of the same round (this "
+        f"machine's speed drifts by 10-30% within minutes).  1-minute load average (the "
+        f"benchmark's own processes count) was {r['load_average']['start']} at the start, "
+        f"mean {r['load_average']['mean']}, max {r['load_average']['max']} (on {r['cores']} "
+        f"cores).  Wall time {r['wall_s']} s.",
         "",
-        "Simulated: `schedule.simulate` with the per-stage costs the actors profiled during the "
-        "timed steps, the measured per-hop latency and the core count; a priori: the same "
-        "with every unit timed alone in-process (what `localnet simulate` does).  Each "
-        "message costs the measured time of a Ray hop at its payload size; the CPU part "
-        "beyond a tiny message's is charged to the sending call (see `predict`).  vs bound: "
-        "gpipe samples/s / (in-process samples/s at S threads x M/(M+S-1)); vs linear: "
-        "the same against S x the 1-thread in-process samples/s.",
+        "Simulated: `schedule.simulate` with the per-stage costs the actors profiled during "
+        "the timed steps (wall time per call; CPU time where there are more actors than "
+        "cores, since the simulator's core limit models the sharing), plus the Ray "
+        "overhead per call measured in the same steps (the machine's CPU beyond the "
+        "actors' calls, per call: driver, raylet, object store, the actors' Ray threads), "
+        "the measured hop curve and the core count.  A priori: every unit timed alone "
+        "in-process and a tiny hop's CPU per call (what `localnet simulate` has before a "
+        "run).  Whole batch: the in-process executor on the whole batch at S threads; same "
+        "M: on the same M micro-batches one after another (the pipeline's work without the "
+        "pipeline).  vs bound: ratio / M/(M+S-1), the bubble's ceiling.",
         "",
-        "| stages | M | schedule | samples/s | in-process (same threads) | ratio | simulated | "
-        "sim error | a priori | a-priori error | gpipe bound M/(M+S-1) | vs bound | vs linear |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stages | M | schedule | cut | samples/s | in-process (whole batch) | ratio | ratio "
+        "per round | in-process (same M) | ratio | simulated | sim error | a priori | "
+        "a-priori error | ms overhead per call | vs bound (whole batch) | vs bound (same M) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
+        "--- | --- | --- |",
     ]
     for row in r["rows"]:
         lines.append(f"| {row['stages']} | {row['micro_batches']} | {row['schedule']} | "
-                     f"{row['samples_per_s']} | {row['inprocess_same_threads']} | "
-                     f"{row['vs_inprocess']} | {row['predicted']} | {row['sim_error']:.1%} | "
+                     f"{row['boundaries'] or '—'} | {row['samples_per_s']} | "
+                     f"{row['inprocess_same_threads']} | {row['vs_inprocess']} | "
+                     f"{', '.join(map(str, row['vs_inprocess_rounds']))} | "
+                     f"{row['inprocess_same_micro']} | {row['vs_inprocess_same_micro']} | "
+                     f"{row['predicted']} | {row['sim_error']:.1%} | "
                      f"{row['predicted_apriori']} | {row['sim_error_apriori']:.1%} | "
-                     f"{row.get('gpipe_bound', '—')} | {row.get('vs_bound', '—')} | "
-                     f"{row.get('vs_linear_bound', '—')} |")
+                     f"{row['profiled']['per_call_overhead_s'] * 1e3:.2f} | "
+                     f"{row.get('vs_bound', '—')} | {row.get('vs_bound_same_micro', '—')} |")
     lines += ["", "Per-message overhead (wire format: msgpack header + numpy payload, "
                   "encode + decode + validation):", "",
               "| payload bytes | header bytes | framing (us) |", "| --- | --- | --- |"]
@@ -506,6 +588,8 @@ def write_results(r: dict) -> None:
               f"| {r['two_stage_vs_inprocess']} | >= 0.9 |",
               f"| gpipe / (in-process at S threads x M/(M+S-1)), min over M, 1 < S <= cores | "
               f"{r['gpipe_vs_bound']} | >= 0.9 |",
+              f"| the same against in-process on the same M micro-batches | "
+              f"{r['gpipe_vs_bound_same_micro']} | — |",
               f"| the same against S x 1-thread in-process (perfect scaling) | "
               f"{r['gpipe_vs_linear_bound']} | — |",
               "<!-- /pipeline -->"]

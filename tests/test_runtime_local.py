@@ -6,7 +6,7 @@ import torch
 
 from localnet.config import Config
 from localnet.runtime.ledger import Ledger
-from localnet.runtime.messages import MessageError
+from localnet.runtime.messages import Control, MessageError
 from localnet.runtime.partition import balanced_boundaries, resolve_partition
 from localnet.runtime.plan import simulate_config
 from localnet.runtime.ray_executor import RayExecutor
@@ -105,8 +105,18 @@ def test_worker_rejects_bad_messages_in_process():
     assert "step 1" in str(info.value)
     with pytest.raises(MessageError, match="already in flight"):
         w0.forward(*x.wire())
+    # the failure poisons w1: its later calls -- Ray runs them in order, with no
+    # reference to the failed one -- fail with the same error, a STEP included
+    with pytest.raises(MessageError, match="expected a message from stage0"):
+        w1.backward(1, 5)
+    step = Control("step", src="driver", dst="stage1", step=1, args={"lr": 0.1, "wd": 0.0})
+    with pytest.raises(MessageError, match="expected a message from stage0"):
+        w1.control(step.encode())
+    w1.reset()  # what the executor does on recovery: the worker runs again
     with pytest.raises(RuntimeError, match="without its forward"):
         w1.backward(1, 5)
+    w1.reset()
+    w1.control(step.encode())
 
 
 # ---------------------------------------------------------------------------- ledger

@@ -326,6 +326,13 @@ class RayExecutor:
         self._left: dict = {}             # ("a"|"e"|"x", s, g) -> consumers still to issue
         self._stats_refs: dict = {}
         self._bwd: dict = {}              # (s, g) -> first ref of B(s, g)
+        # (s, g) -> the header refs F(s, g) and B(s, g) took from other actors.  A call
+        # that follows another on the same actor gets no reference to it (Ray runs one
+        # submitter's calls in order; a reference would cost a round trip through the
+        # driver); it gets these instead -- resolved already, so free -- and fails with
+        # them when an upstream call failed and its own predecessor never ran.  A failure
+        # on the actor itself poisons it (worker.py).
+        self._hdrs: dict = {}
         self._step_refs: list = []
         self._outstanding: list = []      # async: STEP refs not yet checked
         self._steps_done: dict[int, int] = {}
@@ -348,11 +355,13 @@ class RayExecutor:
         if a.op == "F":
             ctx = self._mbs[g]
             wire = []
+            hdrs = self._hdrs.setdefault((s, g), [])
             for p in pl.inputs[s]:
                 if p < 0:
                     wire += self._send(ACTIVATION, ctx.x, stage_name(s), ctx.step, ctx.mb, "input")
                 else:
                     wire += self._acts[(p, g)]
+                    hdrs.append(self._acts[(p, g)][0])
                     self._release(("a", p, g), self._acts)
             if s == sink:
                 wire += self._send(TARGET, ctx.y, stage_name(s), ctx.step, ctx.mb, "train",
@@ -371,17 +380,21 @@ class RayExecutor:
             ctx = self._mbs[g]
             nerr = 0 if self._dfa_now else len(self._err_index[s])
             call = w.backward.options(num_returns=max(2 * nerr, 1))
-            if s == sink:
-                r = call.remote(ctx.step, ctx.mb, dep=self._stats_refs[g])
+            hdrs = self._hdrs.setdefault((s, g), [])
+            if s == sink:  # after its forward (same actor, in order); fails with its inputs
+                r = call.remote(ctx.step, ctx.mb, *hdrs, deps=len(hdrs))
             elif self._dfa_now:
                 e = self._e[g]
-                r = call.remote(ctx.step, ctx.mb, *(e[2 * s:2 * s + 2] if self._ch_now else e))
+                e = e[2 * s:2 * s + 2] if self._ch_now else e
+                hdrs.append(e[0])
+                r = call.remote(ctx.step, ctx.mb, *e)
                 self._release(("e", g), self._e)
             else:
                 wire = []
                 for c, slot in pl.consumers[s]:
                     er, k = self._errs[(c, g)], self._err_index[c][slot]
                     wire += [er[2 * k], er[2 * k + 1]]
+                    hdrs.append(er[2 * k])
                     self._release(("x", c, g), self._errs)
                 r = call.remote(ctx.step, ctx.mb, *wire)
             if nerr:
@@ -390,15 +403,19 @@ class RayExecutor:
                 self._bwd[(s, g)] = r[0]
             else:
                 self._bwd[(s, g)] = r
-        elif a.mb < 0:  # the batch's STEP: waits on (and aborts with) its backwards
+        elif a.mb < 0:  # the batch's STEP: after its backwards (same actor, in order)
             step, lr, wd, gs = batch
-            deps = [self._bwd.pop((s, gg)) for gg in gs]
+            deps = []
+            for gg in gs:
+                del self._bwd[(s, gg)]
+                deps += self._hdrs.pop((s, gg), [])
             self._step_refs.append(w.control.remote(self._control("step", s, step, lr=lr, wd=wd),
                                                     *deps))
         else:  # async STEP(g): the update from micro-batch g alone
             ctx = self._mbs[g]
+            del self._bwd[(s, g)]
             ref = w.control.remote(self._control("step", s, ctx.step, lr=ctx.lr, wd=ctx.wd),
-                                   self._bwd.pop((s, g)))
+                                   *self._hdrs.pop((s, g), []))
             self._outstanding.append(ref)
             self._steps_done[g] = self._steps_done.get(g, 0) + 1
             if self._steps_done[g] == S:  # every actor is done with g
@@ -482,6 +499,8 @@ class RayExecutor:
         self._issued.clear()
         for g in gs:
             self._mbs.pop(g, None)
+            for s in range(self.num_stages):
+                self._hdrs.pop((s, g), None)
         try:
             return self._collect(refs, M, f"step {step}")
         finally:

@@ -16,16 +16,24 @@ Wire calls (what the executor invokes); `wire` is a flat list of (header, payloa
   forward(*wire)        one activation per input slot (+ the targets, last actor)
                         -> (hdr, payload)                 actors with consumers
                         -> stats | (stats, e_hdr, e_payload)   the last actor (DFA: + e)
-  backward(step, mb, *wire, dep=None)
+  backward(step, mb, *wire, deps=0)
                         one chain error per consumer edge (summed), or DFA's e
                         -> (hdr, payload) per input slot fed by another actor | None
   infer(*wire)          forward only -> (hdr, payload) | stats
   control(raw, *deps)   step / mirror / mode / reset commands
   save_checkpoint(dir) / load_checkpoint(dir)   this actor's own state, to/from its file
+
+Order and failure.  Ray runs one submitter's calls on an actor in the order they were
+submitted, so the executor passes no reference between two calls on the same actor (each
+would cost a round trip through the driver): a backward follows its forward, a STEP its
+backwards.  Instead a failed forward or backward *poisons* the worker: every later
+forward, backward and STEP fails with the same error until `reset()`, so a STEP never
+applies half a batch and the driver sees the first error whichever reference it checks.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections import deque
@@ -67,6 +75,20 @@ def stage_name(i: int) -> str:
     return f"stage{i}"
 
 
+def _poisoning(fn):
+    """Fail fast after an earlier failure; remember this call's failure (module doc)."""
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return fn(self, *args, **kwargs)
+        except BaseException as err:
+            self._failed = err
+            raise
+    return call
+
+
 class StageWorker:
     def __init__(self, spec: dict | None = None, threads: int = 1, model=None):
         keep_freed_memory()  # an actor reallocates its activations every step (alloc.py)
@@ -75,6 +97,7 @@ class StageWorker:
         self._ledger = Ledger()
         self._audit: list[dict] = []
         self._fault: dict | None = None
+        self._failed: BaseException | None = None  # see _poisoning
         self.stage = None
         if spec is not None:
             self.setup(spec, model)
@@ -162,6 +185,7 @@ class StageWorker:
         self._ledger.clear()
         self._audit.clear()
         self._fault = None
+        self._failed = None
         return self.info()
 
     # ------------------------------------------------------------------ channels
@@ -378,6 +402,7 @@ class StageWorker:
                           receivers=self.receivers).wire()
 
     # ------------------------------------------------------------------ data path
+    @_poisoning
     def forward(self, *wire):
         msgs = self._activations(wire)
         step, mb = msgs[0].header.step, msgs[0].header.mb
@@ -419,10 +444,14 @@ class StageWorker:
             return (stats, *emsg.wire())
         return stats
 
-    def backward(self, step: int, mb: int, *wire, dep=None):
+    @_poisoning
+    def backward(self, step: int, mb: int, *wire, deps: int = 0):
         """Backward of micro-batch (step, mb).  wire: the chain errors, one (hdr,
         payload) per consumer edge in `consumers` order (summed); or DFA's broadcast
-        output error.  dep: ignored (orders the call after the last stage's forward)."""
+        output error.  The last `deps` arguments are only dependencies (references Ray
+        resolves, and fails the call with, before it runs): ignored."""
+        if deps:
+            wire = wire[:-deps]
         key = (step, mb)
         if key not in self._inflight:
             raise RuntimeError(f"{self.name}: backward of step {step} micro-batch {mb} "
@@ -527,6 +556,8 @@ class StageWorker:
             raise MessageError(f"control {c.op} from {c.src} addressed to {c.dst}",
                                c.src, self.name, CONTROL, c.step)
         if c.op == "step":
+            if self._failed is not None:  # a forward / backward of this batch failed
+                raise self._failed
             self.step(c.args["lr"], c.args["wd"])
         elif c.op == "mirror":
             self.mirror_steps(int(c.args["n"]))
@@ -557,6 +588,7 @@ class StageWorker:
 
     def reset(self) -> None:
         """Drop every in-flight micro-batch and gradient (after a failed step)."""
+        self._failed = None
         self._inflight.clear()
         self._order.clear()
         self._errors.clear()
