@@ -484,3 +484,26 @@ def test_cli_simulate_reports_a_deadlock(tmp_path, capsys, monkeypatch):
                  "--fwd", "1,1", "--bwd", "1,1"]) == 2
     err = capsys.readouterr().err
     assert "deadlocks" in err and "stage0 B(0) waits for stage1 B(0)" in err
+
+
+# ---------------------------------------------------------------------------- ray init
+def test_embedded_ray_gets_the_inline_threshold(monkeypatch):
+    """runtime.local_inline_bytes reaches the embedded Ray's system config; a cluster
+    address never gets it (it would route every payload through the driver)."""
+    import ray
+
+    from localnet.runtime.ray_executor import ensure_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rt = lambda **kw: Config.model_validate({"runtime": kw}).runtime  # noqa: E731
+    assert ensure_ray(rt(local_inline_bytes=600000))
+    assert calls[-1]["_system_config"] == {"max_direct_call_object_size": 600000}
+    ensure_ray(rt())
+    assert "_system_config" not in calls[-1]
+    ensure_ray(rt(local_inline_bytes=600000, address="10.0.0.1:6379"))
+    assert calls[-1] == {"address": "10.0.0.1:6379"}
+    with pytest.raises(ValueError, match="local_inline_bytes"):
+        rt(local_inline_bytes=-1)

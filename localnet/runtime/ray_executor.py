@@ -74,7 +74,13 @@ def ensure_ray(runtime) -> bool:
         # the actors *are* the training, and at 15 they lose every core to whatever else
         # runs on the machine.  Normal priority, unless the environment says otherwise.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=runtime.local_cpus, include_dashboard=False)
+        extra = {}
+        if getattr(runtime, "local_inline_bytes", None) is not None:
+            # small messages through the driver's memory instead of the object store: on
+            # one machine that skips the store's create / seal / map round trips (on a
+            # cluster it would route every payload through the driver, hence local only)
+            extra["_system_config"] = {"max_direct_call_object_size": int(runtime.local_inline_bytes)}
+        ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, **extra)
     return True
 
 
