@@ -63,7 +63,8 @@ def _cmd_simulate(args) -> int:
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
     plan = simulate_config(cfg, shape, args.num_classes,
                            _floats(args.fwd) if args.fwd else None,
-                           _floats(args.bwd) if args.bwd else None, args.comm, args.repeats)
+                           _floats(args.bwd) if args.bwd else None, args.comm, args.repeats,
+                           cores=args.cores, call_overhead=args.call_overhead)
     if args.json:
         print(json.dumps(plan))
         return 0
@@ -80,7 +81,11 @@ def _cmd_simulate(args) -> int:
     print(f"makespan: {plan['makespan_s'] * 1e3:.3f} ms per batch of {plan['batch_size']}")
     print(f"bubble fraction: {plan['bubble_fraction']:.4f} "
           f"(gpipe with equal costs: {plan['gpipe_equal_cost_bubble']:.4f})")
-    print(f"predicted samples/s: {plan['samples_per_s']:.1f}")
+    print(f"predicted samples/s: {plan['samples_per_s']:.1f}"
+          + (f" ({plan['cores']} core{'s' * (plan['cores'] != 1)}" if plan["cores"]
+             else " (a core per actor")
+          + (f", {plan['call_overhead_s'] * 1e3:.2f} ms overhead per call)"
+             if plan["call_overhead_s"] else ", no runtime overhead)"))
     return 0
 
 
@@ -139,6 +144,11 @@ def parser() -> argparse.ArgumentParser:
                                                      "(default: measured in-process)")
     si.add_argument("--bwd", metavar="S0,S1,...", help="backward seconds per micro-batch per stage")
     si.add_argument("--comm", type=float, default=0.0, help="seconds per cross-stage message")
+    si.add_argument("--cores", type=int, default=None,
+                    help="the actors share this many cores (default: one core each)")
+    si.add_argument("--call-overhead", type=float, default=0.0, metavar="S",
+                    help="seconds of CPU each call costs beyond its compute (the runtime's "
+                         "overhead; benchmarks/pipeline.py measured 3-5 ms with Ray on 2 cores)")
     si.add_argument("--input-shape", metavar="C,H,W", help="skip loading data: the input shape")
     si.add_argument("--num-classes", type=int, help="skip loading data: the class count")
     si.add_argument("--repeats", type=int, default=3, help="timed repeats per unit")

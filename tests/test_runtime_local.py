@@ -153,6 +153,15 @@ def test_simulate_config_given_and_measured_costs():
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1])
     assert plan["stages"] == 3 and plan["bubble_fraction"] == pytest.approx(2 / 6)
     assert plan["samples_per_s"] == pytest.approx(16 / 12)
+    # gpipe, 3 stages x 4 micro-batches: (M+S-1) forward slots, as many backward ones,
+    # then the first stage's update -- each call 0.5 s dearer with the runtime overhead
+    plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_overhead=0.5)
+    assert plan["makespan_s"] == pytest.approx(6 * 1.5 + 6 * 1.5 + 0.5)
+    # one core for three actors: nothing overlaps, the makespan is all the work
+    plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], cores=1)
+    assert plan["makespan_s"] == pytest.approx(3 * 4 * 2) and plan["bubble_fraction"] > 0.6
+    with pytest.raises(ValueError, match="call_overhead"):
+        simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_overhead=-1)
     plan = simulate_config(cfg_for("dfa", "1f1b"), SHAPE, NC, repeats=1)
     assert plan["cost_source"] == "measured" and plan["dfa_broadcast"]
     assert all(s["fwd_s"] > 0 and s["bwd_s"] > 0 for s in plan["per_stage"])
@@ -169,6 +178,12 @@ def test_cli_simulate(tmp_path, capsys):
                  "--fwd", "1,1,1", "--bwd", "2,2,2"]) == 0
     out = capsys.readouterr().out
     assert "bubble fraction: 0.3333" in out and "predicted samples/s: 0.9" in out
+    assert "no runtime overhead" in out
+    assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--fwd", "1,1,1", "--bwd", "2,2,2", "--cores", "1",
+                 "--call-overhead", "0.5"]) == 0
+    out = capsys.readouterr().out  # one core: 3 x 4 x (1 + 2 + 2 x 0.5) + 3 x 0.5 s
+    assert "predicted samples/s: 0.3" in out and "(1 core, 500.00 ms overhead per call)" in out
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--repeats", "1"]) == 0
     assert "bubble fraction" in capsys.readouterr().out
