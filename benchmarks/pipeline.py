@@ -226,22 +226,25 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_call=
     """Samples/s that `schedule.simulate` predicts from per-stage costs f, b, u (seconds
     per forward / backward / update call) and the measured Ray hop curve `tr`.
 
-    Every call costs `per_call` seconds of CPU on top of its compute: what issuing it
-    takes the driver, the raylet and the actor's Ray threads.  Measured per row (the
-    machine's CPU during the timed steps beyond the actors' calls, per call), or by
-    default a tiny hop's CPU over all processes.  On a machine with as many cores as
-    processes it would overlap; here (2 cores, 2+ actors, a driver, a raylet) it takes
-    the actors' cores, so it is charged to the call.  A message of n bytes adds the CPU
-    of a hop at n bytes beyond a tiny one's (putting the payload into the object store
-    and mapping it on the other side), charged to the sending call, and the rest of the
-    hop's time as latency on the edge (`interp` over the measured curve).
-    boundary_bytes[i]: the payload across the cut after stage i (activation up, error
-    down: the same shape).  async: the steady state, (makespan of 6 streamed batches - of
-    2) / 4."""
+    Every call costs `per_call` seconds of CPU on top of its compute: what the driver,
+    the raylet, the object store and the actor's Ray threads spend on it.  Profiled: the
+    overhead measured in the row's own steps (the machine's CPU beyond the actors'
+    calls, per call), which already holds the CPU of moving the payloads.  A priori
+    (per_call None): a tiny hop's CPU over all processes, plus, for a call that sends a
+    payload of n bytes, the CPU of a hop at n bytes beyond a tiny one's (putting it into
+    the object store and mapping it on the other side).  On a machine with as many cores
+    as processes that CPU would overlap; here (2 cores, 2+ actors, a driver, a raylet)
+    it takes the actors' cores, so it is charged to the call.  The rest of a hop's time
+    is latency on the edge (`interp` over the measured curve).  boundary_bytes[i]: the
+    payload across the cut after stage i (activation up, error down: the same shape).
+    async: the steady state, (makespan of 6 streamed batches - of 2) / 4."""
     curve = tr["curve"]
-    per_call = interp(curve, 0, 2) if per_call is None else per_call
-    cpu = lambda n: max(interp(curve, n, 2) - interp(curve, 0, 2), 0.0)  # noqa: E731
-    lat = lambda n: max(interp(curve, n, 1) - interp(curve, 0, 2) - cpu(n), 0.0)  # noqa: E731
+    hop_cpu = lambda n: max(interp(curve, n, 2) - interp(curve, 0, 2), 0.0)  # noqa: E731
+    lat = lambda n: max(interp(curve, n, 1) - interp(curve, 0, 2) - hop_cpu(n), 0.0)  # noqa: E731
+    if per_call is None:
+        per_call, cpu = interp(curve, 0, 2), hop_cpu
+    else:  # measured: the payloads' CPU is in it already
+        cpu = lambda n: 0.0  # noqa: E731
     fc = [v + per_call + (cpu(boundary_bytes[i]) if i < S - 1 else 0.0) for i, v in enumerate(f)]
     bc = [v + per_call + (cpu(boundary_bytes[i - 1]) if i > 0 else 0.0) for i, v in enumerate(b)]
     uc = [v + per_call for v in u]
