@@ -352,9 +352,10 @@ def main(argv=None) -> dict:
 
     import ray
 
-    if args.inline_bytes is not None:
-        os.environ["RAY_max_direct_call_object_size"] = str(args.inline_bytes)
-    ray.init(num_cpus=max(4, max(stages)), include_dashboard=False, log_to_driver=False)
+    extra = {}
+    if args.inline_bytes is not None:  # as runtime.local_inline_bytes does (ensure_ray)
+        extra["_system_config"] = {"max_direct_call_object_size": args.inline_bytes}
+    ray.init(num_cpus=max(4, max(stages)), include_dashboard=False, log_to_driver=False, **extra)
     from localnet.runtime.ray_executor import RayExecutor
     from localnet.runtime.worker import StageWorker
 

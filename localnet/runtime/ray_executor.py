@@ -75,7 +75,7 @@ def ensure_ray(runtime) -> bool:
         # runs on the machine.  Normal priority, unless the environment says otherwise.
         os.environ.setdefault("RAY_worker_niceness", "0")
         extra = {}
-        if getattr(runtime, "local_inline_bytes", None) is not None:
+        if runtime.local_inline_bytes is not None:
             # small messages through the driver's memory instead of the object store: on
             # one machine that skips the store's create / seal / map round trips (on a
             # cluster it would route every payload through the driver, hence local only)
