@@ -245,14 +245,15 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_call=
         per_call, cpu = interp(curve, 0, 2), hop_cpu
     else:  # measured: the payloads' CPU is in it already
         cpu = lambda n: 0.0  # noqa: E731
-    fc = [v + per_call + (cpu(boundary_bytes[i]) if i < S - 1 else 0.0) for i, v in enumerate(f)]
-    bc = [v + per_call + (cpu(boundary_bytes[i - 1]) if i > 0 else 0.0) for i, v in enumerate(b)]
-    uc = [v + per_call for v in u]
+    fc = [v + (cpu(boundary_bytes[i]) if i < S - 1 else 0.0) for i, v in enumerate(f)]
+    bc = [v + (cpu(boundary_bytes[i - 1]) if i > 0 else 0.0) for i, v in enumerate(b)]
 
     def comm(src, dst, op):
         return lat(boundary_bytes[src] if op == "F" else boundary_bytes[dst])
 
-    sims = [simulate(make_schedule(schedule, S, M * k), fc, bc, comm, step_cost=uc, cores=cores)
+    # per_call once per call: the runtime runs some actions together (group_calls)
+    sims = [simulate(make_schedule(schedule, S, M * k), fc, bc, comm, step_cost=u,
+                     call_cost=per_call, cores=cores)
             for k in ((2, 6) if schedule == "async" else (1,))]
     per_batch = (sims[-1].makespan - sims[0].makespan) / 4 if len(sims) > 1 else sims[0].makespan
     return batch / per_batch, sims[-1].bubble_fraction
@@ -445,8 +446,10 @@ def main(argv=None) -> dict:
                 costs = [[med(t, op) for t in tm] for op in ops]
                 cpu_costs = [[med(t, op + "_cpu") for t in tm] for op in ops]
                 # the machine's CPU in the timed steps beyond the actors' calls: the Ray
-                # overhead (driver, raylet, actors' Ray threads), per call
-                calls = sum(len(t[op]) for t in tm for op in ops)
+                # overhead (driver, raylet, actors' Ray threads), per call -- per Ray
+                # call, several actions in one call counting once (group_calls)
+                calls = (sum(map(len, make_schedule(schedule, S, M).calls()))
+                         * args.rounds * args.steps)
                 in_calls = sum(sum(t[op + "_cpu"]) for t in tm for op in ops)
                 per_call = max(machine - in_calls, 0.0) / max(calls, 1)
                 # fewer cores than actors: a call's wall time counts the time slices the

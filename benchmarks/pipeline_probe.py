@@ -3,6 +3,7 @@
     python benchmarks/pipeline_probe.py contention       # 1-thread step: alone vs two at once
     python benchmarks/pipeline_probe.py cpu --micro 1 --schedule async
     python benchmarks/pipeline_probe.py cpu --micro 4 --schedule gpipe --steps 20
+    python benchmarks/pipeline_probe.py cpu --micro 4 --schedule gpipe --inline-bytes 1200000
 
 contention   one full ResNet-20 + PFA training step (batch --batch, one torch thread) in
              this process, then the same in two processes started together: the median
@@ -87,7 +88,9 @@ def cpu(args) -> None:
     f, b, _ = measure_costs(cfg_for(M=M, batch=args.batch), SHAPE, NC, None,
                             args.batch // M, 3, 1, stash)
     cut = balanced_boundaries([x + y for x, y in zip(f, b)], 2)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    extra = ({"_system_config": {"max_direct_call_object_size": args.inline_bytes}}
+             if args.inline_bytes is not None else {})  # as ensure_ray does
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, **extra)
     try:
         pool = [ray.remote(num_cpus=0)(StageWorker).remote(threads=1) for _ in range(2)]
         ex = RayExecutor(cfg_for(args.schedule, M, args.batch, cut), SHAPE, NC, actors=pool)
@@ -121,6 +124,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--micro", type=int, default=1)
     p.add_argument("--schedule", default="async", choices=["gpipe", "1f1b", "async"])
+    p.add_argument("--inline-bytes", type=int, default=None,
+                   help="cpu: Ray's max_direct_call_object_size (runtime.local_inline_bytes)")
     args = p.parse_args(argv)
     if args.what == "_step":  # one of contention's two processes
         print(step_time(args.batch, args.steps))

@@ -86,6 +86,7 @@ def _cmd_simulate(args) -> int:
              else " (a core per actor")
           + (f", {plan['call_overhead_s'] * 1e3:.2f} ms overhead per call)"
              if plan["call_overhead_s"] else ", no runtime overhead)"))
+    print(f"calls per batch: {plan['calls_per_batch']:g}")
     return 0
 
 

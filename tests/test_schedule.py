@@ -3,7 +3,7 @@
 import pytest
 
 from localnet.runtime.schedule import (STEP, B, DeadlockError, F, Schedule, check_schedule, gpipe,
-                                       make_schedule, one_f_one_b, simulate)
+                                       group_calls, make_schedule, one_f_one_b, simulate)
 
 SIZES = [(S, M) for S in (1, 2, 3, 4, 6) for M in (1, 2, 3, 4, 8)]
 
@@ -32,7 +32,7 @@ def test_1f1b_same_time_less_memory():
     for S, M in [(2, 4), (4, 8), (6, 8)]:
         g, o = simulate(gpipe(S, M), 1.0, 2.0), simulate(one_f_one_b(S, M), 1.0, 2.0)
         assert o.makespan == pytest.approx(g.makespan)
-        assert g.peak_activations == [M] * S
+        assert g.peak_activations == [M] * (S - 1) + [1]  # the last stage: F(m) B(m)
         assert o.peak_activations == [min(S - s, M) for s in range(S)]
 
 
@@ -40,6 +40,48 @@ def test_1f1b_layout():
     sched = one_f_one_b(3, 4)
     assert sched.stages[0] == [F(0), F(1), F(2), B(0), F(3), B(1), B(2), B(3), STEP]
     assert sched.stages[2] == [F(0), B(0), F(1), B(1), F(2), B(2), F(3), B(3), STEP]
+
+
+def test_calls_fuse_only_what_needs_nothing_in_between():
+    from localnet.runtime.schedule import STEP_MB
+    # the last stage: F(m) B(m) in one call, and the batch's STEP rides on the last one
+    assert group_calls([F(0), B(0), F(1), B(1), STEP], last=True) == [(F(0), B(0)),
+                                                                      (F(1), B(1), STEP)]
+    # elsewhere a forward stays alone (its error comes from another stage)
+    assert group_calls([F(0), B(0), F(1), B(1), STEP], last=False) == [
+        (F(0),), (B(0),), (F(1),), (B(1), STEP)]
+    # only the backward of the same micro-batch fuses with a forward, and only
+    # a STEP of that micro-batch (or the batch's) with a backward
+    assert group_calls([F(0), F(1), B(1), B(0), STEP_MB(1)], last=True) == [
+        (F(0),), (F(1), B(1)), (B(0),), (STEP_MB(1),)]
+    assert group_calls([F(0), B(0), STEP_MB(0)], last=True) == [(F(0), B(0), STEP_MB(0))]
+    # every action exactly once, in order, for every schedule
+    for name in ("gpipe", "1f1b", "async"):
+        sched = make_schedule(name, 4, 8)
+        for acts, calls in zip(sched.stages, sched.calls()):
+            assert [a for c in calls for a in c] == acts
+        # stage 0..2: F alone, B alone, last B with its STEP; the last stage: M calls
+        n = len(sched.calls()[-1])
+        assert n == 8
+        if name != "async":
+            assert [len(c) for c in sched.calls()[0]] == [1] * 15 + [2]
+
+
+def test_call_cost_is_charged_once_per_call():
+    S, M = 2, 4
+    sched = gpipe(S, M)
+    base, o = simulate(sched, 1.0, 2.0), 0.5
+    with_cost = simulate(sched, 1.0, 2.0, call_cost=o)
+    n_calls = [len(c) for c in sched.calls()]
+    assert n_calls == [2 * M, M]  # stage 0: M F + (M-1) B + (B STEP); stage 1: M x (F B)
+    assert with_cost.busy == pytest.approx([b + o * n for b, n in zip(base.busy, n_calls)])
+    # the last stage's fused call ends its forward and backward together.  Under DFA,
+    # stage 0's B(0) needs only the last stage's F(0) -- which now ends with its B(0):
+    # stage 0 F(0) [0, 1], F(1) [1, 2]; stage 1 F(0) B(0) [1, 4]; so stage 0 B(0) at 4
+    dfa = simulate(gpipe(2, 2), 1.0, 2.0, dfa=True)
+    starts = {(s, a): t0 for s, a, t0, _ in dfa.trace}
+    assert starts[(1, F(0))] == starts[(1, B(0))] == 1.0
+    assert starts[(0, B(0))] == 4.0
 
 
 def test_broken_schedule_deadlocks_and_names_the_stuck_actions():

@@ -59,8 +59,9 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     simulated makespan, bubble fraction and samples/s of one batch (async: the mean
     over `batches` streamed batches).  cores: actors share that many cores (None: one
     each).  call_overhead: seconds of CPU that issuing one call (forward, backward or
-    update) costs beyond its compute -- the runtime's own overhead, charged to the call
-    (`benchmarks/pipeline.py` measures it: 3-5 ms on a 2-core box with Ray)."""
+    update, or several of them in one call: `schedule.group_calls`) costs beyond its
+    compute -- the runtime's own overhead, charged once per call (`benchmarks/pipeline.py`
+    measures it: 3-5 ms on a 2-core box with Ray)."""
     if call_overhead < 0:
         raise ValueError(f"call_overhead must be >= 0, got {call_overhead}")
     cfg = as_config(cfg)
@@ -104,8 +105,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     sched = make_schedule(rt.schedule, S, M * K, graph)
     # async steps after every micro-batch; gpipe / 1f1b once per batch
     o = float(call_overhead)
-    add = lambda c: ([v + o for v in c] if isinstance(c, (list, tuple)) else c + o)  # noqa: E731
-    sim = simulate(sched, add(fwd), add(bwd), comm, step_cost=add(step), dfa=dfa,
+    sim = simulate(sched, fwd, bwd, comm, step_cost=step, call_cost=o, dfa=dfa,
                    batch_size=t.batch_size * K, cores=cores)
     stale = stream_staleness(graph, S) if is_async else staleness(sched)
     names = [" ".join(n) for n in pl.names]
@@ -114,7 +114,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "batch_size": t.batch_size, "batches": K, "partition": pl.spec,
         "edges": [list(e) for e in pl.edges()],
         "dfa_broadcast": dfa, "cost_source": source, "comm_s": comm, "cores": cores,
-        "call_overhead_s": o,
+        "call_overhead_s": o, "calls_per_batch": sum(map(len, sched.calls())) / K,
         "deadlock_free": checked, "staleness": max(stale), "staleness_per_actor": stale,
         "per_stage": [{"stage": i, "units": list(pl.names[i]), "fwd_s": f, "bwd_s": b_,
                        "step_s": (step[i] if isinstance(step, (list, tuple)) else step),

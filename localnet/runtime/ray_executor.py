@@ -48,7 +48,7 @@ from .graph import Placement
 from .ledger import Ledger
 from .messages import ACTIVATION, CONTROL, TARGET, Control, Message, MessageError
 from .partition import resolve_placement
-from .schedule import (STEP, Action, AsyncStream, DeadlockError, _deps, consumers,
+from .schedule import (Action, AsyncStream, DeadlockError, _deps, consumers, group_calls,
                        make_schedule, simulate, stream_staleness)
 from .worker import DRIVER, StageWorker, stage_name
 
@@ -355,83 +355,138 @@ class RayExecutor:
             del self._left[key]
             del table[key[1:] if len(key) > 2 else key[1]]
 
-    def _issue(self, s: int, a: Action, batch) -> None:
-        w, g, pl, S = self.workers[s], a.mb, self.placement, self.num_stages
-        sink = S - 1
-        if a.op == "F":
-            ctx = self._mbs[g]
-            wire = []
-            hdrs = self._hdrs.setdefault((s, g), [])
-            for p in pl.inputs[s]:
-                if p < 0:
-                    wire += self._send(ACTIVATION, ctx.x, stage_name(s), ctx.step, ctx.mb, "input")
-                else:
-                    wire += self._acts[(p, g)]
-                    hdrs.append(self._acts[(p, g)][0])
-                    self._release(("a", p, g), self._acts)
-            if s == sink:
-                wire += self._send(TARGET, ctx.y, stage_name(s), ctx.step, ctx.mb, "train",
-                                   meta={"batch": ctx.n})
-                if self._dfa_now and S > 1:
-                    n = 1 + 2 * (S - 1) if self._ch_now else 3
-                    r = w.forward.options(num_returns=n).remote(*wire)
-                    self._stats_refs[g], self._e[g] = r[0], tuple(r[1:])
-                    self._left[("e", g)] = S - 1
-                else:
-                    self._stats_refs[g] = w.forward.remote(*wire)
+    def _issue(self, s: int, call: tuple, batch) -> None:
+        """Issue one call of stage s: F, B or STEP alone, or a group of them
+        (`schedule.group_calls`): F B [STEP] on the last stage, B STEP anywhere."""
+        w, head = self.workers[s], call[0]
+        step = call[-1] if call[-1].op == "STEP" else None
+        if head.op == "STEP":
+            raw, deps = self._step_control(s, head, batch)
+            self._stepped(s, head, batch, w.control.remote(raw, *deps))
+        elif head.op == "F" and s == self.num_stages - 1:
+            self._issue_last(w, head.mb, call, step, batch)
+        elif head.op == "F":
+            self._acts[(s, head.mb)] = w.forward.options(num_returns=2).remote(
+                *self._forward_wire(s, head.mb))
+            self._left[("a", s, head.mb)] = len(self.placement.consumers[s])
+        else:
+            self._issue_backward(s, head.mb, step, batch)
+
+    def _forward_wire(self, s: int, g: int) -> list:
+        """F(s, g)'s arguments: its input activations (+ the targets on the last actor)."""
+        ctx, wire = self._mbs[g], []
+        hdrs = self._hdrs.setdefault((s, g), [])
+        for p in self.placement.inputs[s]:
+            if p < 0:
+                wire += self._send(ACTIVATION, ctx.x, stage_name(s), ctx.step, ctx.mb, "input")
             else:
-                self._acts[(s, g)] = w.forward.options(num_returns=2).remote(*wire)
-                self._left[("a", s, g)] = len(pl.consumers[s])
-        elif a.op == "B":
-            ctx = self._mbs[g]
-            nerr = 0 if self._dfa_now else len(self._err_index[s])
-            call = w.backward.options(num_returns=max(2 * nerr, 1))
-            hdrs = self._hdrs.setdefault((s, g), [])
-            if s == sink:  # after its forward (same actor, in order); fails with its inputs
-                r = call.remote(ctx.step, ctx.mb, *hdrs, deps=len(hdrs))
-            elif self._dfa_now:
-                e = self._e[g]
-                e = e[2 * s:2 * s + 2] if self._ch_now else e
-                hdrs.append(e[0])
-                r = call.remote(ctx.step, ctx.mb, *e)
-                self._release(("e", g), self._e)
-            else:
-                wire = []
-                for c, slot in pl.consumers[s]:
-                    er, k = self._errs[(c, g)], self._err_index[c][slot]
-                    wire += [er[2 * k], er[2 * k + 1]]
-                    hdrs.append(er[2 * k])
-                    self._release(("x", c, g), self._errs)
-                r = call.remote(ctx.step, ctx.mb, *wire)
-            if nerr:
-                self._errs[(s, g)] = r
-                self._left[("x", s, g)] = nerr
-                self._bwd[(s, g)] = r[0]
-            else:
-                self._bwd[(s, g)] = r
-        elif a.mb < 0:  # the batch's STEP: after its backwards (same actor, in order)
+                wire += self._acts[(p, g)]
+                hdrs.append(self._acts[(p, g)][0])
+                self._release(("a", p, g), self._acts)
+        if s == self.num_stages - 1:
+            wire += self._send(TARGET, ctx.y, stage_name(s), ctx.step, ctx.mb, "train",
+                               meta={"batch": ctx.n})
+        return wire
+
+    def _then(self, s: int, step: Action | None, batch) -> tuple[dict, list]:
+        """For a call that ends with `step`: the keyword that runs it, and the references
+        it must wait for (built after the call's own wire, whose headers are among them)."""
+        if step is None:
+            return {}, []
+        raw, deps = self._step_control(s, step, batch)
+        return {"then": raw}, deps
+
+    def _issue_last(self, w, g: int, call: tuple, step: Action | None, batch) -> None:
+        """The last actor's forward (its stats, and DFA's e), with the backward of the
+        same micro-batch in the same call when the schedule groups them (then the
+        errors it sends down follow), and the STEP after that."""
+        S, s = self.num_stages, self.num_stages - 1
+        fused = len(call) > 1 and call[1].op == "B"
+        wire = self._forward_wire(s, g)
+        then, deps = self._then(s, step, batch)
+        n = 1
+        if self._dfa_now and S > 1:
+            n = 1 + 2 * (S - 1) if self._ch_now else 3
+        nerr = 0 if self._dfa_now or not fused else len(self._err_index[s])
+        r = w.forward.options(num_returns=n + 2 * nerr).remote(
+            *wire, *deps, backward=fused, deps=len(deps), **then)
+        r = list(r) if n + 2 * nerr > 1 else [r]
+        self._stats_refs[g] = r[0]
+        if n > 1:
+            self._e[g] = tuple(r[1:n])
+            self._left[("e", g)] = S - 1
+        if fused:
+            self._backward_done(s, g, r[n:], r[0])
+        if step is not None:
+            self._stepped(s, step, batch, r[0])
+
+    def _issue_backward(self, s: int, g: int, step: Action | None, batch) -> None:
+        """B(s, g), alone or with the STEP after it."""
+        ctx, pl = self._mbs[g], self.placement
+        nerr = 0 if self._dfa_now else len(self._err_index[s])
+        hdrs = self._hdrs.setdefault((s, g), [])
+        wire, extra = [], []
+        if s == self.num_stages - 1:
+            # after its forward (same actor, in order); fails with the forward's inputs
+            extra = list(hdrs)
+        elif self._dfa_now:
+            e = self._e[g]
+            wire = list(e[2 * s:2 * s + 2] if self._ch_now else e)
+            hdrs.append(wire[0])
+            self._release(("e", g), self._e)
+        else:
+            for c, slot in pl.consumers[s]:
+                er, k = self._errs[(c, g)], self._err_index[c][slot]
+                wire += [er[2 * k], er[2 * k + 1]]
+                hdrs.append(er[2 * k])
+                self._release(("x", c, g), self._errs)
+        then, deps = self._then(s, step, batch)
+        extra += deps
+        r = self.workers[s].backward.options(num_returns=max(2 * nerr, 1)).remote(
+            ctx.step, ctx.mb, *wire, *extra, deps=len(extra), **then)
+        refs = list(r) if nerr else [r]
+        self._backward_done(s, g, refs[:2 * nerr], refs[0])
+        if step is not None:
+            self._stepped(s, step, batch, refs[0])
+
+    def _backward_done(self, s: int, g: int, errs: list, first) -> None:
+        if errs:
+            self._errs[(s, g)] = tuple(errs)
+            self._left[("x", s, g)] = len(errs) // 2
+        self._bwd[(s, g)] = first
+
+    def _step_control(self, s: int, a: Action, batch) -> tuple[bytes, list]:
+        """The STEP's control message, and the references it must wait for: the inputs
+        of this stage's calls for the batch (a call whose input failed never ran, and
+        the update must not apply the rest alone)."""
+        if a.mb < 0:
             step, lr, wd, gs = batch
-            deps = []
-            for gg in gs:
+            deps = [h for gg in gs for h in self._hdrs.pop((s, gg), [])]
+            return self._control("step", s, step, lr=lr, wd=wd), deps
+        ctx = self._mbs[a.mb]
+        return (self._control("step", s, ctx.step, lr=ctx.lr, wd=ctx.wd),
+                self._hdrs.pop((s, a.mb), []))
+
+    def _stepped(self, s: int, a: Action, batch, ref) -> None:
+        """Bookkeeping once the STEP `a` of stage s is issued (alone or in a call)."""
+        S = self.num_stages
+        if a.mb < 0:
+            for gg in batch[3]:
                 del self._bwd[(s, gg)]
-                deps += self._hdrs.pop((s, gg), [])
-            self._step_refs.append(w.control.remote(self._control("step", s, step, lr=lr, wd=wd),
-                                                    *deps))
-        else:  # async STEP(g): the update from micro-batch g alone
-            ctx = self._mbs[g]
-            del self._bwd[(s, g)]
-            ref = w.control.remote(self._control("step", s, ctx.step, lr=ctx.lr, wd=ctx.wd),
-                                   *self._hdrs.pop((s, g), []))
-            self._outstanding.append(ref)
-            self._steps_done[g] = self._steps_done.get(g, 0) + 1
-            if self._steps_done[g] == S:  # every actor is done with g
-                del self._steps_done[g], self._mbs[g]
-                for st in range(S):
-                    self._issued.discard((st, Action("F", g)))
-                    self._issued.discard((st, Action("B", g)))
+            self._step_refs.append(ref)
+            return
+        g = a.mb
+        del self._bwd[(s, g)]
+        self._outstanding.append(ref)
+        self._steps_done[g] = self._steps_done.get(g, 0) + 1
+        if self._steps_done[g] == S:  # every actor is done with g
+            del self._steps_done[g], self._mbs[g]
+            for st in range(S):
+                self._issued.discard((st, Action("F", g)))
+                self._issued.discard((st, Action("B", g)))
 
     def _pump(self) -> None:
-        """Issue every queued action whose dependencies have been issued, until none is
+        """Issue every queued call whose dependencies have been issued, until none is
         left that can go; each stage's queue strictly in order."""
         S = self.num_stages
         progressed = True
@@ -440,20 +495,24 @@ class RayExecutor:
             for s in range(S):
                 q = self._queues[s]
                 while q:
-                    a, batch = q[0]
-                    if a.op != "STEP":
-                        deps = _deps(s, a, S, 0, self._dfa_now, self.graph, self._cons)
-                        if any(d not in self._issued for d in deps):
-                            break
-                    self._issue(s, a, batch)
+                    call, batch = q[0]
+                    deps = [d for a in call if a.op != "STEP"
+                            for d in _deps(s, a, S, 0, self._dfa_now, self.graph, self._cons)
+                            if d[0] != s or d[1] not in call]
+                    if any(d not in self._issued for d in deps):
+                        break
                     q.popleft()
-                    if a.op != "STEP":
-                        self._issued.add((s, a))
+                    self._issued.update((s, a) for a in call if a.op != "STEP")
+                    self._issue(s, call, batch)  # (an async STEP may forget g again)
                     progressed = True
-        stuck = [(s, q[0][0], []) for s, q in enumerate(self._queues) if q]
+        stuck = [(s, q[0][0][0], []) for s, q in enumerate(self._queues) if q]
         if stuck:
             self._reset_pipeline()
             raise DeadlockError(stuck)
+
+    def _enqueue(self, s: int, actions, batch) -> None:
+        """Queue stage s's actions as the calls that will run them."""
+        self._queues[s].extend((c, batch) for c in group_calls(actions, s == self.num_stages - 1))
 
     def _micro_batches(self, x, y, step, lr=0.0, wd=0.0) -> list[int]:
         xs, ys = x.chunk(self.micro_batches), y.chunk(self.micro_batches)
@@ -491,12 +550,8 @@ class RayExecutor:
         for stream in self._streams:  # (async) the stream goes on after these ids
             stream.restart(self._g)
         for s, acts in enumerate(self._schedule(name, M).stages):
-            for a in acts:
-                if a.op == "STEP":
-                    if step_args is not None:
-                        self._queues[s].append((STEP, batch))
-                else:
-                    self._queues[s].append((Action(a.op, base + a.mb), batch))
+            self._enqueue(s, [a if a.op == "STEP" else Action(a.op, base + a.mb) for a in acts
+                              if a.op != "STEP" or step_args is not None], batch)
         self._pump()
         refs = [self._stats_refs.pop(g) for g in gs]
         refs += self._step_refs if step_args is not None else [self._bwd.pop(k) for k in
@@ -517,7 +572,7 @@ class RayExecutor:
         loss.  Each micro-batch's update uses lr and wd/M (M updates make one batch's)."""
         gs = self._micro_batches(x, y, step, float(lr), float(wd) / self.micro_batches)
         for s, stream in enumerate(self._streams):
-            self._queues[s].extend((a, None) for a in stream.take(self._g))
+            self._enqueue(s, stream.take(self._g), None)
         self._pump()
         st = self._collect([self._stats_refs.pop(g) for g in gs], len(gs), f"step {step}")
         self._check_outstanding()
@@ -545,7 +600,7 @@ class RayExecutor:
             return
         if self._streams and self._streams[0].start < self._g:
             for s, stream in enumerate(self._streams):
-                self._queues[s].extend((a, None) for a in stream.drain(self._g))
+                self._enqueue(s, stream.drain(self._g), None)
             self._pump()
         refs, self._outstanding = self._outstanding, []
         if refs:

@@ -31,6 +31,7 @@ weights that miss the updates of the d(s) micro-batches before it (`staleness`).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 
@@ -81,9 +82,42 @@ class Schedule:
     def per_micro_batch_steps(self) -> bool:
         return any(a.op == "STEP" and a.mb >= 0 for acts in self.stages for a in acts)
 
+    def calls(self) -> list[list[tuple[Action, ...]]]:
+        """Per stage, its actions as the runtime issues them: one call per group
+        (`group_calls`)."""
+        S = self.num_stages
+        return [group_calls(acts, s == S - 1) for s, acts in enumerate(self.stages)]
+
     def __str__(self):
         return "\n".join(f"stage{s}: " + " ".join(map(str, acts))
                          for s, acts in enumerate(self.stages))
+
+
+def group_calls(actions, last: bool) -> list[tuple[Action, ...]]:
+    """Cut one stage's action list into the calls that run it.  Each call to an actor
+    costs the runtime milliseconds of CPU on a small machine (`benchmarks/pipeline.py`),
+    so neighbours that need nothing from anyone else in between share one call:
+
+    * a backward and the STEP right after it (the update needs nothing but the
+      backwards before it, all on this stage);
+    * on the last stage (`last`), a forward and the backward of the same micro-batch
+      right after it: the last stage computes the error from its own logits.
+
+    So the last stage runs F(m) B(m) [STEP] as one call, and every other stage ends its
+    batch with B STEP.  The order of the actions is unchanged."""
+    out, i, acts = [], 0, list(actions)
+    while i < len(acts):
+        call = [acts[i]]
+        i += 1
+        if last and call[0].op == "F" and i < len(acts) and acts[i] == B(call[0].mb):
+            call.append(acts[i])
+            i += 1
+        if (call[-1].op == "B" and i < len(acts) and acts[i].op == "STEP"
+                and acts[i].mb in (-1, call[-1].mb)):
+            call.append(acts[i])
+            i += 1
+        out.append(tuple(call))
+    return out
 
 
 # ------------------------------------------------------------------------------ graphs
@@ -122,10 +156,15 @@ def _graph(S: int, graph) -> list[list[int]]:
 
 # ------------------------------------------------------------------------------ generators
 def gpipe(S: int, M: int, graph=None) -> Schedule:
-    """All forwards, then all backwards (ascending micro-batch), then the step."""
+    """All forwards, then all backwards (ascending micro-batch), then the step.  The
+    last stage runs each backward right after its forward: its error exists as soon as
+    its logits do, so there is nothing to wait for, it holds one micro-batch instead of
+    M, and the two become one call (`group_calls`).  Nothing steps before STEP, so the
+    order changes no number."""
     _check(S, M)
-    acts = [F(m) for m in range(M)] + [B(m) for m in range(M)] + [STEP]
-    return Schedule("gpipe", [list(acts) for _ in range(S)], M,
+    fill_drain = [F(m) for m in range(M)] + [B(m) for m in range(M)] + [STEP]
+    last = [a for m in range(M) for a in (F(m), B(m))] + [STEP]
+    return Schedule("gpipe", [list(fill_drain) for _ in range(S - 1)] + [last], M,
                     None if graph is None else _graph(S, graph))
 
 
@@ -331,64 +370,93 @@ class SimResult:
 
 
 def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
-             step_cost=0.0, dfa: bool = False, batch_size: int | None = None,
+             step_cost=0.0, call_cost=0.0, dfa: bool = False, batch_size: int | None = None,
              cores: int | None = None) -> SimResult:
-    """Dry-run a schedule: each stage executes its list in order, each action starts when
-    its stage is free and its dependencies are done (+comm_cost for one on another stage).
+    """Dry-run a schedule: each stage runs its calls (`Schedule.calls`) in order; a call
+    starts when its stage is free and every action it depends on outside the call is
+    done (+comm_cost for one on another stage), and all of its actions end together.
 
     fwd_cost, bwd_cost, step_cost: per stage, a list or one number for all stages
-    (time per micro-batch).  comm_cost: seconds a message takes between stages, one
-    number, or a function (src, dst, op) -> seconds, op "F" for an activation and "B"
-    for an error (payload sizes differ per edge).  cores: at most this many actions run
-    at once (actors sharing a machine with fewer cores than actors); None: every actor
-    has its own.
+    (time per micro-batch).  call_cost: the runtime's own cost of one call, per stage or
+    one number (charged once per call, however many actions it runs).  comm_cost:
+    seconds a message takes between stages, one number, or a function (src, dst, op) ->
+    seconds, op "F" for an activation and "B" for an error (payload sizes differ per
+    edge).  cores: at most this many calls run at once (actors sharing a machine with
+    fewer cores than actors); None: every actor has its own.
     Raises DeadlockError when no stage can progress.
     """
-    if cores is not None:
-        return _simulate_cores(schedule, fwd_cost, bwd_cost, comm_cost, step_cost, dfa,
-                               batch_size, int(cores))
     check_schedule(schedule)
     S, M = schedule.num_stages, schedule.micro_batches
     graph = _graph(S, schedule.graph)
     cons = consumers(graph)
-    fc, bc, sc = (_per_stage(c, S, n) for c, n in ((fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"),
-                                                    (step_cost, "step_cost")))
+    fc, bc, sc, cc = (_per_stage(c, S, n) for c, n in (
+        (fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"), (step_cost, "step_cost"),
+        (call_cost, "call_cost")))
+    calls = schedule.calls()
+
+    def needs(s, call):  # what the call waits for outside itself
+        return [d for a in call for d in _deps(s, a, S, M, dfa, graph, cons)
+                if d[0] != s or d[1] not in call]
+
+    def cost(s, call):
+        return cc[s] + sum(fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
+                           for a in call)
+
     end: dict[tuple[int, Action], float] = {}
-    ptr = [0] * S
-    free = [0.0] * S
-    busy = [0.0] * S
-    held, peak = [0] * S, [0] * S
-    trace = []
-    total = sum(len(a) for a in schedule.stages)
-    while len(end) < total:
-        progressed = False
-        for s in range(S):
-            while ptr[s] < len(schedule.stages[s]):
-                a = schedule.stages[s][ptr[s]]
-                deps = _deps(s, a, S, M, dfa, graph, cons)
-                if any(d not in end for d in deps):
-                    break
-                ready = max([free[s]] + [end[d] + _comm(comm_cost, d, s) for d in deps])
-                cost = fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
-                end[(s, a)] = ready + cost
-                trace.append((s, a, ready, ready + cost))
-                free[s] = ready + cost
-                busy[s] += cost
-                if a.op == "F":
-                    held[s] += 1
-                    peak[s] = max(peak[s], held[s])
-                elif a.op == "B":
-                    held[s] -= 1
-                ptr[s] += 1
-                progressed = True
-        if not progressed:
-            stuck = []
+    ptr, free, busy = [0] * S, [0.0] * S, [0.0] * S
+    held, peak, trace = [0] * S, [0] * S, []
+    core_free = [0.0] * max(int(cores), 1) if cores is not None else None
+
+    def ready_at(s):
+        """When stage s's next call could start, or None (finished, or waiting)."""
+        if ptr[s] >= len(calls[s]):
+            return None
+        deps = needs(s, calls[s][ptr[s]])
+        if any(d not in end for d in deps):
+            return None
+        return max([free[s]] + [end[d] + _comm(comm_cost, d, s) for d in deps])
+
+    def run(s, start):
+        call = calls[s][ptr[s]]
+        c = cost(s, call)
+        if core_free is not None:
+            heapq.heapreplace(core_free, start + c)
+        for a in call:
+            end[(s, a)] = start + c
+            trace.append((s, a, start, start + c))
+            if a.op == "F":
+                held[s] += 1
+                peak[s] = max(peak[s], held[s])
+            elif a.op == "B":
+                held[s] -= 1
+        free[s] = start + c
+        busy[s] += c
+        ptr[s] += 1
+
+    total = sum(len(c) for c in calls)
+    done = 0
+    while done < total:
+        if core_free is None:  # every stage runs whatever it can, in stage order
+            progressed = False
             for s in range(S):
-                if ptr[s] < len(schedule.stages[s]):
-                    a = schedule.stages[s][ptr[s]]
-                    stuck.append((s, a, [d for d in _deps(s, a, S, M, dfa, graph, cons)
-                                         if d not in end]))
-            raise DeadlockError(stuck)
+                while (t := ready_at(s)) is not None:
+                    run(s, t)
+                    done += 1
+                    progressed = True
+        else:  # list scheduling: next, the ready call that can start earliest
+            best = None
+            for s in range(S):
+                t = ready_at(s)
+                if t is not None and (best is None or max(t, core_free[0]) < best[0]):
+                    best = (max(t, core_free[0]), s)
+            progressed = best is not None
+            if progressed:
+                run(best[1], best[0])
+                done += 1
+        if not progressed:
+            raise DeadlockError([(s, calls[s][ptr[s]][0],
+                                  [d for d in needs(s, calls[s][ptr[s]]) if d not in end])
+                                 for s in range(S) if ptr[s] < len(calls[s])])
     makespan = max(free) if free else 0.0
     trace.sort(key=lambda t: (t[2], t[3], t[0]))
     bubble = 1.0 - sum(busy) / (S * makespan) if makespan > 0 else 0.0
@@ -413,64 +481,3 @@ def _per_stage(c, S, name):
     if len(c) != S:
         raise ValueError(f"{name}: {len(c)} values for {S} stages")
     return c
-
-
-def _simulate_cores(schedule, fwd_cost, bwd_cost, comm_cost, step_cost, dfa, batch_size,
-                    cores) -> SimResult:
-    """`simulate` with a limited number of cores: event-driven list scheduling, always
-    starting next the ready action that can start earliest (ties: lower stage)."""
-    import heapq
-
-    check_schedule(schedule)
-    S, M = schedule.num_stages, schedule.micro_batches
-    graph = _graph(S, schedule.graph)
-    cons = consumers(graph)
-    fc, bc, sc = (_per_stage(c, S, n) for c, n in ((fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"),
-                                                    (step_cost, "step_cost")))
-    end: dict = {}
-    ptr, free, busy = [0] * S, [0.0] * S, [0.0] * S
-    held, peak, trace = [0] * S, [0] * S, []
-    core_free = [0.0] * max(cores, 1)
-    total = sum(len(a) for a in schedule.stages)
-    while len(end) < total:
-        best = None
-        for s in range(S):
-            if ptr[s] >= len(schedule.stages[s]):
-                continue
-            a = schedule.stages[s][ptr[s]]
-            deps = _deps(s, a, S, M, dfa, graph, cons)
-            if any(d not in end for d in deps):
-                continue
-            ready = max([free[s]] + [end[d] + _comm(comm_cost, d, s) for d in deps])
-            start = max(ready, core_free[0])
-            if best is None or start < best[0]:
-                best = (start, s, a)
-        if best is None:
-            stuck = []
-            for s in range(S):
-                if ptr[s] < len(schedule.stages[s]):
-                    a = schedule.stages[s][ptr[s]]
-                    stuck.append((s, a, [d for d in _deps(s, a, S, M, dfa, graph, cons)
-                                         if d not in end]))
-            raise DeadlockError(stuck)
-        start, s, a = best
-        cost = fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
-        heapq.heapreplace(core_free, start + cost)
-        end[(s, a)] = start + cost
-        trace.append((s, a, start, start + cost))
-        free[s] = start + cost
-        busy[s] += cost
-        if a.op == "F":
-            held[s] += 1
-            peak[s] = max(peak[s], held[s])
-        elif a.op == "B":
-            held[s] -= 1
-        ptr[s] += 1
-    makespan = max(free) if free else 0.0
-    trace.sort(key=lambda t: (t[2], t[3], t[0]))
-    bubble = 1.0 - sum(busy) / (S * makespan) if makespan > 0 else 0.0
-    return SimResult(
-        makespan=makespan, busy=busy, bubble_fraction=bubble,
-        samples_per_s=(batch_size / makespan) if (batch_size and makespan > 0) else None,
-        micro_batches_per_s=M / makespan if makespan > 0 else float("inf"),
-        peak_activations=peak, trace=trace)

@@ -13,12 +13,17 @@ counted in its ledger.  The last actor also owns the loss: given the targets, it
 computes loss and e = dL/dlogits (`engine.loss_and_error`).
 
 Wire calls (what the executor invokes); `wire` is a flat list of (header, payload) pairs:
-  forward(*wire)        one activation per input slot (+ the targets, last actor)
+  forward(*wire, backward=False, then=None, deps=0)
+                        one activation per input slot (+ the targets, last actor)
                         -> (hdr, payload)                 actors with consumers
                         -> stats | (stats, e_hdr, e_payload)   the last actor (DFA: + e)
-  backward(step, mb, *wire, deps=0)
+                        backward=True (the last actor): the backward of the same
+                        micro-batch in the same call; its errors follow the above
+  backward(step, mb, *wire, deps=0, then=None)
                         one chain error per consumer edge (summed), or DFA's e
                         -> (hdr, payload) per input slot fed by another actor | None
+  then=raw              a control message (the optimizer STEP) to run after the
+                        forward / backward, in the same call (`schedule.group_calls`)
   infer(*wire)          forward only -> (hdr, payload) | stats
   control(raw, *deps)   step / mirror / mode / reset commands
   save_checkpoint(dir) / load_checkpoint(dir)   this actor's own state, to/from its file
@@ -403,7 +408,25 @@ class StageWorker:
 
     # ------------------------------------------------------------------ data path
     @_poisoning
-    def forward(self, *wire):
+    def forward(self, *wire, backward: bool = False, then: bytes | None = None, deps: int = 0):
+        """The forward of one micro-batch; on the last actor optionally its backward
+        (`backward`) and then the STEP (`then`) too: one call instead of two or three.
+        The last `deps` arguments are only dependencies (as in `backward`)."""
+        if deps:
+            wire = wire[:-deps]
+        if backward and not self.is_last:
+            raise RuntimeError(f"{self.name}: only the last actor runs its backward in the "
+                               f"forward's call (its error is its own)")
+        (step, mb), out = self._forward(wire)
+        if backward:
+            errs = self._backward(step, mb, ())
+            out = (out if isinstance(out, tuple) else (out,)) + (errs or ())
+            out = out if len(out) > 1 else out[0]
+        if then is not None:
+            self.control(then)
+        return out
+
+    def _forward(self, wire):
         msgs = self._activations(wire)
         step, mb = msgs[0].header.step, msgs[0].header.mb
         key = (step, mb)
@@ -425,7 +448,7 @@ class StageWorker:
         if self._ch_on and not self.is_last:
             self._order.append(key)
         if not self.is_last:
-            return self._send_up(y, step, mb, "train")
+            return key, self._send_up(y, step, mb, "train")
         total = int(tmsg.header.meta.get("batch", n))
         loss_sum, correct, e = loss_and_error(y, tmsg.tensor().to(y.device), total)
         self._errors[key] = e
@@ -437,21 +460,28 @@ class StageWorker:
             for j, ch in enumerate(self.ch_dfa):
                 out.extend(self._send_coded(ERROR, e, ch, stage_name(j), step, mb,
                                             OUTPUT).wire())
-            return tuple(out)
+            return key, tuple(out)
         if self.broadcast_error and self.num_stages > 1:
             others = [stage_name(i) for i in range(self.num_stages) if i != self.index]
             emsg = self._send(ERROR, e, BROADCAST, step, mb, OUTPUT, receivers=others)
-            return (stats, *emsg.wire())
-        return stats
+            return key, (stats, *emsg.wire())
+        return key, stats
 
     @_poisoning
-    def backward(self, step: int, mb: int, *wire, deps: int = 0):
+    def backward(self, step: int, mb: int, *wire, deps: int = 0, then: bytes | None = None):
         """Backward of micro-batch (step, mb).  wire: the chain errors, one (hdr,
         payload) per consumer edge in `consumers` order (summed); or DFA's broadcast
         output error.  The last `deps` arguments are only dependencies (references Ray
-        resolves, and fails the call with, before it runs): ignored."""
+        resolves, and fails the call with, before it runs): ignored.  then: a control
+        message (the STEP) to run afterwards, in the same call."""
         if deps:
             wire = wire[:-deps]
+        out = self._backward(step, mb, wire)
+        if then is not None:
+            self.control(then)
+        return out
+
+    def _backward(self, step: int, mb: int, wire):
         key = (step, mb)
         if key not in self._inflight:
             raise RuntimeError(f"{self.name}: backward of step {step} micro-batch {mb} "
