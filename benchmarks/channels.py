@@ -31,7 +31,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from common import commit, hardware_cpu  # noqa: E402
+from common import commit, hardware_cpu, write_section  # noqa: E402
 from localnet.sweep import sweep  # noqa: E402
 
 CODECS = "fp32,fp16,bf16,int8,topk,sign,lowrank"
@@ -91,8 +91,7 @@ def main(argv=None) -> dict:
 def write_results(r: dict, table: str, png: str) -> None:
     tag = f"channels:{r['setting']}"
     c = r["int8_vs_fp32"]
-    lines = [f"<!-- {tag} -->",
-             f"### Restricted error channels: {r['setting']}, accuracy vs error bits per sample",
+    lines = [f"### Restricted error channels: {r['setting']}, accuracy vs error bits per sample",
              "",
              f"Hardware: {hardware_cpu()}.  Commit `{commit()}`.  Command: `{r['command'].strip()}` "
              f"(settings: {', '.join(r['sets'])}; one seed; activations fp32; one restriction "
@@ -104,16 +103,8 @@ def write_results(r: dict, table: str, png: str) -> None:
              f"Largest loss {r['int8_max_loss_points']} points (target <= 0.5), largest byte "
              f"ratio {r['int8_max_bytes_ratio']} (target <= 0.26).  Negative loss means int8 "
              f"did better (noise of one seed).",
-             f"<!-- /{tag} -->"]
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = "\n".join(lines)
-    a, b = text.find(f"<!-- {tag} -->"), text.find(f"<!-- /{tag} -->")
-    if a >= 0 and b > a:
-        text = text[:a] + section + text[b + len(f"<!-- /{tag} -->"):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+             ]
+    write_section(tag, lines)
 
 
 if __name__ == "__main__":

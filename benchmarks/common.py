@@ -33,3 +33,18 @@ def commit() -> str:
                               text=True, timeout=10).stdout.strip() or "unknown"
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+def write_section(tag: str, lines: list[str]) -> None:
+    """Put `lines` into benchmarks/RESULTS.md between <!-- tag --> and <!-- /tag -->
+    (replacing what was there, or appended)."""
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    section = "\n".join([start, *lines, end])
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    a, b = text.find(start), text.find(end)
+    if a >= 0 and b > a:
+        text = text[:a] + section + text[b + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)

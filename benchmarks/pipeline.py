@@ -64,7 +64,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import commit, hardware_cpu  # noqa: E402
+from common import commit, hardware_cpu, write_section  # noqa: E402
 from localnet.alloc import keep_freed_memory  # noqa: E402
 from localnet.builders import build_rule_and_model, optim_config  # noqa: E402
 from localnet.config import Config  # noqa: E402
@@ -528,9 +528,7 @@ def main(argv=None) -> dict:
 
 # ------------------------------------------------------------------------------ RESULTS.md
 def write_results(r: dict) -> None:
-    path = HERE / "RESULTS.md"
     lines = [
-        "<!-- pipeline -->",
         "### Pipeline: ResNet-20 + PFA on CPU, Ray stages vs in-process",
         "",
         f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
@@ -599,15 +597,8 @@ def write_results(r: dict) -> None:
               f"{r['gpipe_vs_bound_same_micro']} | — |",
               f"| the same against S x 1-thread in-process (perfect scaling) | "
               f"{r['gpipe_vs_linear_bound']} | — |",
-              "<!-- /pipeline -->"]
-    section = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    a, b = text.find("<!-- pipeline -->"), text.find("<!-- /pipeline -->")
-    if a >= 0 and b > a:
-        text = text[:a] + section + text[b + len("<!-- /pipeline -->"):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+              ]
+    write_section("pipeline", lines)
 
 
 if __name__ == "__main__":

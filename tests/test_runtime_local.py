@@ -519,7 +519,9 @@ def test_embedded_ray_gets_the_inline_threshold(monkeypatch):
     rt = lambda **kw: Config.model_validate({"runtime": kw}).runtime  # noqa: E731
     assert ensure_ray(rt(local_inline_bytes=600000))
     assert calls[-1]["_system_config"] == {"max_direct_call_object_size": 600000}
-    ensure_ray(rt())
+    ensure_ray(rt())  # the default: a 2 MiB message and its header inline
+    assert calls[-1]["_system_config"] == {"max_direct_call_object_size": 2_200_000}
+    ensure_ray(rt(local_inline_bytes=None))  # Ray's own default
     assert "_system_config" not in calls[-1]
     ensure_ray(rt(local_inline_bytes=600000, address="10.0.0.1:6379"))
     assert calls[-1] == {"address": "10.0.0.1:6379"}
