@@ -332,10 +332,13 @@ def main(argv=None) -> dict:
     p.add_argument("--micro", default="1,4,8")
     p.add_argument("--repeats", type=int, default=3, help="cost measurement repeats")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
-    p.add_argument("--inline-bytes", type=int, default=None,
+    p.add_argument("--inline-bytes", default=str(Config().runtime.local_inline_bytes),
                    help="Ray's max_direct_call_object_size: results up to this size go "
-                        "inline through the caller instead of the object store")
+                        "inline through the caller instead of the object store (default: "
+                        "runtime.local_inline_bytes' default, as `localnet run` has it; "
+                        "null: Ray's 100 KiB)")
     args = p.parse_args(argv)
+    args.inline_bytes = None if args.inline_bytes in ("null", "None") else int(args.inline_bytes)
     if args.quick:
         args.batch, args.steps, args.warmup, args.repeats, args.rounds = 32, 3, 2, 2, 1
         args.stages, args.micro = "1,2", "1,4"
@@ -520,6 +523,7 @@ def main(argv=None) -> dict:
         "cores": cores,
         "load_average": load.stop(), "wall_s": round(time.perf_counter() - t_start, 1),
         "hardware": env, "commit": commit(), "command": command,
+        "inline_bytes": args.inline_bytes,
     }
     if not args.no_write:
         write_results(result)
@@ -532,7 +536,9 @@ def write_results(r: dict) -> None:
         "### Pipeline: ResNet-20 + PFA on CPU, Ray stages vs in-process",
         "",
         f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
-        f"`{r['command'].strip()}` (actors at nice 0, `RAY_worker_niceness=0`, like the "
+        f"`{r['command'].strip()}` (Ray's `max_direct_call_object_size` "
+        f"{r['inline_bytes'] or 'at its default'}, as the embedded Ray of `localnet run` has "
+        f"it; actors at nice 0, `RAY_worker_niceness=0`, like the "
         f"in-process baseline).  Batch {r['batch']}, one torch thread per actor; the "
         f"in-process baseline gets as many threads as there are actors.  Each row is "
         f"{r['rounds']} rounds of (in-process block, Ray block), {r['steps']} timed steps "

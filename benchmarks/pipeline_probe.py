@@ -124,9 +124,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--micro", type=int, default=1)
     p.add_argument("--schedule", default="async", choices=["gpipe", "1f1b", "async"])
-    p.add_argument("--inline-bytes", type=int, default=None,
-                   help="cpu: Ray's max_direct_call_object_size (runtime.local_inline_bytes)")
+    p.add_argument("--inline-bytes", default="null",
+                   help="cpu: Ray's max_direct_call_object_size (runtime.local_inline_bytes; "
+                        "null: Ray's 100 KiB)")
     args = p.parse_args(argv)
+    args.inline_bytes = None if args.inline_bytes in ("null", "None") else int(args.inline_bytes)
     if args.what == "_step":  # one of contention's two processes
         print(step_time(args.batch, args.steps))
     else:

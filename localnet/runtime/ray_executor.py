@@ -510,9 +510,12 @@ class RayExecutor:
             self._reset_pipeline()
             raise DeadlockError(stuck)
 
-    def _enqueue(self, s: int, actions, batch) -> None:
-        """Queue stage s's actions as the calls that will run them."""
-        self._queues[s].extend((c, batch) for c in group_calls(actions, s == self.num_stages - 1))
+    def _enqueue(self, s: int, actions, batch, streamed: bool = False) -> None:
+        """Queue stage s's actions as the calls that will run them (`Schedule.calls`:
+        streamed async keeps the last actor's forward alone, its loss is what
+        train_step waits for)."""
+        last = s == self.num_stages - 1 and not streamed
+        self._queues[s].extend((c, batch) for c in group_calls(actions, last))
 
     def _micro_batches(self, x, y, step, lr=0.0, wd=0.0) -> list[int]:
         xs, ys = x.chunk(self.micro_batches), y.chunk(self.micro_batches)
@@ -572,7 +575,7 @@ class RayExecutor:
         loss.  Each micro-batch's update uses lr and wd/M (M updates make one batch's)."""
         gs = self._micro_batches(x, y, step, float(lr), float(wd) / self.micro_batches)
         for s, stream in enumerate(self._streams):
-            self._enqueue(s, stream.take(self._g), None)
+            self._enqueue(s, stream.take(self._g), None, streamed=True)
         self._pump()
         st = self._collect([self._stats_refs.pop(g) for g in gs], len(gs), f"step {step}")
         self._check_outstanding()
@@ -600,7 +603,7 @@ class RayExecutor:
             return
         if self._streams and self._streams[0].start < self._g:
             for s, stream in enumerate(self._streams):
-                self._enqueue(s, stream.drain(self._g), None)
+                self._enqueue(s, stream.drain(self._g), None, streamed=True)
             self._pump()
         refs, self._outstanding = self._outstanding, []
         if refs:

@@ -84,9 +84,9 @@ class Schedule:
 
     def calls(self) -> list[list[tuple[Action, ...]]]:
         """Per stage, its actions as the runtime issues them: one call per group
-        (`group_calls`)."""
-        S = self.num_stages
-        return [group_calls(acts, s == S - 1) for s, acts in enumerate(self.stages)]
+        (`group_calls`; async keeps the last stage's forwards alone)."""
+        S, fuse = self.num_stages, not self.per_micro_batch_steps
+        return [group_calls(acts, fuse and s == S - 1) for s, acts in enumerate(self.stages)]
 
     def __str__(self):
         return "\n".join(f"stage{s}: " + " ".join(map(str, acts))
@@ -104,7 +104,12 @@ def group_calls(actions, last: bool) -> list[tuple[Action, ...]]:
       right after it: the last stage computes the error from its own logits.
 
     So the last stage runs F(m) B(m) [STEP] as one call, and every other stage ends its
-    batch with B STEP.  The order of the actions is unchanged."""
+    batch with B STEP.  The order of the actions is unchanged.
+
+    async passes last=False: there the driver feeds the next batch once the last stage's
+    forward has returned the loss, and a forward that also ran the backward and the update
+    would hold the whole pipeline back by that much (S=2, M=1: 0.71 of the in-process
+    throughput instead of 0.94, `benchmarks/pipeline.py`)."""
     out, i, acts = [], 0, list(actions)
     while i < len(acts):
         call = [acts[i]]
