@@ -253,7 +253,7 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_call=
 
     # per_call once per call: the runtime runs some actions together (group_calls)
     sims = [simulate(make_schedule(schedule, S, M * k), fc, bc, comm, step_cost=u,
-                     call_cost=per_call, cores=cores)
+                     call_cost=per_call, cores=cores, feed=M)
             for k in ((2, 6) if schedule == "async" else (1,))]
     per_batch = (sims[-1].makespan - sims[0].makespan) / 4 if len(sims) > 1 else sims[0].makespan
     return batch / per_batch, sims[-1].bubble_fraction

@@ -200,3 +200,21 @@ def test_deadlock_on_a_graph_names_the_skip_edge():
     msg = str(info.value)
     assert "stage0 B(0) waits for stage1 B(0), stage2 B(0)" in msg   # errors along both edges
     assert "stage2 F(1) waits for stage1 F(1), stage0 F(1)" in msg   # the skip's activation
+
+
+def test_feed_holds_each_batch_until_the_last_forward_of_the_one_before():
+    """Streamed async: train_step feeds batch b once the loss of b-1 is back."""
+    S, M, K = 4, 2, 5
+    sched = async_(S, M * K)
+    free = simulate(sched, 1.0, 2.0)
+    fed = simulate(sched, 1.0, 2.0, feed=M)
+    def times(res):
+        return {(s, a): (t0, t1) for s, a, t0, t1 in res.trace}
+    tf, tx = times(fed), times(free)
+    for b in range(1, K):
+        assert tf[(0, F(b * M))][0] >= tf[(S - 1, F(b * M - 1))][1]
+    # without it, stage 0 runs ahead of the loss (which is why the prediction was high)
+    assert any(tx[(0, F(b * M))][0] < tx[(S - 1, F(b * M - 1))][1] for b in range(1, K))
+    assert fed.makespan > free.makespan
+    # one batch at a time already waits for nothing more
+    assert simulate(gpipe(S, M), 1.0, 2.0, feed=M).makespan == simulate(gpipe(S, M), 1.0, 2.0).makespan

@@ -106,7 +106,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     # async steps after every micro-batch; gpipe / 1f1b once per batch
     o = float(call_overhead)
     sim = simulate(sched, fwd, bwd, comm, step_cost=step, call_cost=o, dfa=dfa,
-                   batch_size=t.batch_size * K, cores=cores)
+                   batch_size=t.batch_size * K, cores=cores, feed=M if is_async else None)
     stale = stream_staleness(graph, S) if is_async else staleness(sched)
     names = [" ".join(n) for n in pl.names]
     return {

@@ -376,7 +376,7 @@ class SimResult:
 
 def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
              step_cost=0.0, call_cost=0.0, dfa: bool = False, batch_size: int | None = None,
-             cores: int | None = None) -> SimResult:
+             cores: int | None = None, feed: int | None = None) -> SimResult:
     """Dry-run a schedule: each stage runs its calls (`Schedule.calls`) in order; a call
     starts when its stage is free and every action it depends on outside the call is
     done (+comm_cost for one on another stage), and all of its actions end together.
@@ -387,7 +387,10 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
     seconds a message takes between stages, one number, or a function (src, dst, op) ->
     seconds, op "F" for an activation and "B" for an error (payload sizes differ per
     edge).  cores: at most this many calls run at once (actors sharing a machine with
-    fewer cores than actors); None: every actor has its own.
+    fewer cores than actors); None: every actor has its own.  feed: micro-batches come in
+    batches of `feed`, and the driver feeds batch b once the last stage's forwards of
+    batch b-1 are done (`train_step` returns with their loss) -- what a streamed async
+    schedule does; None: every micro-batch is there from the start.
     Raises DeadlockError when no stage can progress.
     """
     check_schedule(schedule)
@@ -403,6 +406,12 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
         return [d for a in call for d in _deps(s, a, S, M, dfa, graph, cons)
                 if d[0] != s or d[1] not in call]
 
+    def fed(s, call):  # the last forward of the batch before, when the driver feeds it
+        if not feed or -1 not in graph[s]:
+            return []
+        return [(S - 1, F(a.mb // feed * feed - 1)) for a in call
+                if a.op == "F" and a.mb >= feed]
+
     def cost(s, call):
         return cc[s] + sum(fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
                            for a in call)
@@ -416,10 +425,11 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
         """When stage s's next call could start, or None (finished, or waiting)."""
         if ptr[s] >= len(calls[s]):
             return None
-        deps = needs(s, calls[s][ptr[s]])
-        if any(d not in end for d in deps):
+        deps, inputs = needs(s, calls[s][ptr[s]]), fed(s, calls[s][ptr[s]])
+        if any(d not in end for d in deps + inputs):
             return None
-        return max([free[s]] + [end[d] + _comm(comm_cost, d, s) for d in deps])
+        return max([free[s]] + [end[d] + _comm(comm_cost, d, s) for d in deps]
+                   + [end[d] for d in inputs])
 
     def run(s, start):
         call = calls[s][ptr[s]]
@@ -460,7 +470,8 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
                 done += 1
         if not progressed:
             raise DeadlockError([(s, calls[s][ptr[s]][0],
-                                  [d for d in needs(s, calls[s][ptr[s]]) if d not in end])
+                                  [d for d in needs(s, calls[s][ptr[s]]) + fed(s, calls[s][ptr[s]])
+                                   if d not in end])
                                  for s in range(S) if ptr[s] < len(calls[s])])
     makespan = max(free) if free else 0.0
     trace.sort(key=lambda t: (t[2], t[3], t[0]))
