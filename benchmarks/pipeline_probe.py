@@ -13,6 +13,11 @@ cpu          a 2-stage RayExecutor (partition balanced by cost) runs --steps ste
              process's CPU time (/proc/<pid>/stat) over them, per step, grouped as the
              actors, the driver, the raylet, the GCS and the rest.
 
+resim        re-run the simulator on saved runs of benchmarks/pipeline.py (its output, the
+             last line of which is the JSON with every row's profiled costs), with the
+             simulator as it is now: `python benchmarks/pipeline.py --no-write > run.log`,
+             then `python benchmarks/pipeline_probe.py resim run.log`.
+
 Figures quoted from it in benchmarks/RESULTS.md (pipeline notes) come from these commands.
 """
 
@@ -117,9 +122,32 @@ def cpu(args) -> None:
             print(f"  {group:7s} {busy}")
 
 
+def resim(args) -> None:
+    import json
+
+    from pipeline import predict
+
+    for path in args.logs:
+        d = json.loads(Path(path).read_text().strip().splitlines()[-1])
+        worst = 0.0
+        for r in d["rows"]:
+            p, S, M = r["profiled"], r["stages"], r["micro_batches"]
+            costs = (p["forward"], p["backward"], p["update"]) if S <= d["cores"] else p["cpu"]
+            pred, _ = predict(r["schedule"], S, M, *costs, p["boundary_bytes"],
+                              {"curve": d["hop_curve"]}, d["cores"], d["batch"],
+                              p["per_call_overhead_s"])
+            err = abs(pred - r["samples_per_s"]) / r["samples_per_s"]
+            worst = max(worst, err)
+            print(f"{path}: S={S} M={M} {r['schedule']:5s} measured {r['samples_per_s']:7.1f}  "
+                  f"recorded prediction {r['predicted']:7.1f} ({r['sim_error']:.1%})  "
+                  f"now {pred:7.1f} ({err:.1%})")
+        print(f"{path}: worst row now {worst:.1%} (recorded {d['sim_error_max']:.1%})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["contention", "cpu", "_step"])
+    p.add_argument("what", choices=["contention", "cpu", "resim", "_step"])
+    p.add_argument("logs", nargs="*", help="resim: saved outputs of benchmarks/pipeline.py")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--micro", type=int, default=1)
@@ -132,7 +160,7 @@ def main(argv=None) -> None:
     if args.what == "_step":  # one of contention's two processes
         print(step_time(args.batch, args.steps))
     else:
-        {"contention": contention, "cpu": cpu}[args.what](args)
+        {"contention": contention, "cpu": cpu, "resim": resim}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -154,8 +154,9 @@ class RuntimeConfig(Section):
                                      "store (Ray's max_direct_call_object_size; null: Ray's "
                                      "100 KiB).  The default takes a 2 MiB message (ResNet-20's "
                                      "widest activation at micro-batch 32) with its header: "
-                                     "on the 2-core box the main job ran 2-9% faster with it "
-                                     "and the raylet's CPU per step fell from 20 to 2 ms "
+                                     "on the 2-core box the main job ran 1-4.5% faster with "
+                                     "it (benchmarks/inline.py) and a 2-stage pipeline's "
+                                     "raylet CPU per step fell from 20 to 2 ms "
                                      "(benchmarks/RESULTS.md)")
     timeout_s: float = Field(600.0, gt=0, description="longest wait for any actor reply")
     checkpoint_every: int | None = Field(
