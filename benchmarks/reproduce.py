@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import commit, hardware_cpu  # noqa: E402
+from common import commit, hardware_cpu, write_section  # noqa: E402
 
 # Published final test accuracy (%).  MNIST: read off the PFA paper's curves (Li & Benna
 # 2024); CIFAR-10 ResNet-20, 250 epochs: PFA paper; brSF/frSF: BioTorch (Sanfiz & Akrout 2021).
@@ -109,17 +109,7 @@ def write_results(setting: str, results: dict, epochs: int, subset: int | None, 
         per = ", ".join(f"{k}: {100 * s['test_accuracy']:.2f}" for k, s in runs.items())
         lines.append(f"| {rule} | {acc:.2f} | {paper if paper is not None else '—'} | {diff} | "
                      f"{s0['samples_per_s']:.0f} | {s0['wall_s']:.0f} | {per} |")
-    section = "\n".join(lines) + "\n"
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    tag = tag or setting
-    start, end = f"<!-- reproduce:{tag} -->", f"<!-- /reproduce:{tag} -->"
-    block = f"{start}\n{section}{end}"
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_section(f"reproduce:{tag or setting}", lines)
 
 
 def main():

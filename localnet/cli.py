@@ -149,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
                     help="the actors share this many cores (default: one core each)")
     si.add_argument("--call-overhead", type=float, default=0.0, metavar="S",
                     help="seconds of CPU each call costs beyond its compute (the runtime's "
-                         "overhead; benchmarks/pipeline.py measured 3-5 ms with Ray on 2 cores)")
+                         "overhead; benchmarks/pipeline.py measured 3-6 ms with Ray on 2 cores)")
     si.add_argument("--input-shape", metavar="C,H,W", help="skip loading data: the input shape")
     si.add_argument("--num-classes", type=int, help="skip loading data: the class count")
     si.add_argument("--repeats", type=int, default=3, help="timed repeats per unit")

@@ -61,7 +61,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     each).  call_overhead: seconds of CPU that issuing one call (forward, backward or
     update, or several of them in one call: `schedule.group_calls`) costs beyond its
     compute -- the runtime's own overhead, charged once per call (`benchmarks/pipeline.py`
-    measures it: 3-5 ms on a 2-core box with Ray)."""
+    measures it: 3-6 ms on a 2-core box with Ray)."""
     if call_overhead < 0:
         raise ValueError(f"call_overhead must be >= 0, got {call_overhead}")
     cfg = as_config(cfg)

@@ -48,7 +48,7 @@ from .graph import Placement
 from .ledger import Ledger
 from .messages import ACTIVATION, CONTROL, TARGET, Control, Message, MessageError
 from .partition import resolve_placement
-from .schedule import (Action, AsyncStream, DeadlockError, _deps, consumers, group_calls,
+from .schedule import (Action, AsyncStream, DeadlockError, call_deps, consumers, group_calls,
                        make_schedule, simulate, stream_staleness)
 from .worker import DRIVER, StageWorker, stage_name
 
@@ -496,9 +496,8 @@ class RayExecutor:
                 q = self._queues[s]
                 while q:
                     call, batch = q[0]
-                    deps = [d for a in call if a.op != "STEP"
-                            for d in _deps(s, a, S, 0, self._dfa_now, self.graph, self._cons)
-                            if d[0] != s or d[1] not in call]
+                    # (M=0: a STEP's own backwards were issued before it, in order)
+                    deps = call_deps(s, call, S, 0, self._dfa_now, self.graph, self._cons)
                     if any(d not in self._issued for d in deps):
                         break
                     q.popleft()

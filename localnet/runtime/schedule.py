@@ -343,6 +343,13 @@ def dependencies(s: int, a: Action, S: int, M: int, dfa: bool = False,
     return _deps(s, a, S, M, dfa, g, consumers(g))
 
 
+def call_deps(s: int, call, S: int, M: int, dfa: bool, graph, cons) -> list[tuple[int, Action]]:
+    """What a call (a group of stage s's actions, `group_calls`) waits for outside
+    itself: the dependencies of its actions, less those it runs itself."""
+    return [d for a in call for d in _deps(s, a, S, M, dfa, graph, cons)
+            if d[0] != s or d[1] not in call]
+
+
 def _deps(s, a, S, M, dfa, graph, cons):
     if a.op == "F":
         return [(p, F(a.mb)) for p in graph[s] if p >= 0]
@@ -402,9 +409,8 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
         (call_cost, "call_cost")))
     calls = schedule.calls()
 
-    def needs(s, call):  # what the call waits for outside itself
-        return [d for a in call for d in _deps(s, a, S, M, dfa, graph, cons)
-                if d[0] != s or d[1] not in call]
+    def needs(s, call):
+        return call_deps(s, call, S, M, dfa, graph, cons)
 
     def fed(s, call):  # the last forward of the batch before, when the driver feeds it
         if not feed or -1 not in graph[s]:
