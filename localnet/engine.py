@@ -83,6 +83,8 @@ class Stage:
 
     # -- learning ---------------------------------------------------------------------
     def step(self, lr: float, weight_decay: float) -> None:
+        for _, layer in self.layers:
+            layer.rule.before_step(layer)  # gradients a rule forms once per step (PFA's g_R)
         if self.opt is not None:
             for group in self.opt.param_groups:
                 group["lr"], group["weight_decay"] = lr, weight_decay
@@ -122,6 +124,8 @@ class Stage:
 
     def zero_grad(self) -> None:
         self.module.zero_grad(set_to_none=True)
+        for _, layer in self.layers:
+            layer.rule.drop_grads(layer)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict:

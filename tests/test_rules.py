@@ -84,10 +84,13 @@ def ref_input_grad(geom: str, x, feedback, delta):
 
 
 def run_layer(layer, x, delta):
-    """Forward, backward with upstream `delta`; returns (y, grad x, grad W, grad b)."""
+    """Forward, backward with upstream `delta`; returns (y, grad x, grad W, grad b).
+    The feedback gradients are complete once `before_step` has run (PFA forms g_R
+    there, once per optimizer step), as the trainer does before every step."""
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
     y.backward(delta)
+    layer.rule.before_step(layer)
     gb = layer.bias.grad if layer.bias is not None else None
     return y, x.grad, layer.weight.grad, gb
 
@@ -527,6 +530,80 @@ def test_pfa_r_tracks_bpt_w_under_sgd(geom):
         stage.backward(delta)
         stage.step(lr, wd)
         close(gap(), (1 - lr * wd) ** t * g0, tol=1e-10)
+
+
+def _two_step_error(geom, x, delta, bp, r):
+    """R^T B_p^T delta, by autograd through a conv/linear with weight B_p R."""
+    return ref_input_grad(geom, x, (bp @ r.detach().flatten(1)).view(bp.shape[0], *r.shape[1:]),
+                          delta)
+
+
+@pytest.mark.parametrize("geom", ["conv_s2_p1", "conv_s2_p1_g2"])
+def test_pfa_micro_batches_form_w_eff_and_g_r_once_per_step(geom):
+    """W_eff = B_p R is formed once per value of R and g_R once per step, from the summed
+    g_W: every micro-batch still sends R^T B_p^T delta with the R of its forward, the
+    step's g_R is B_p^T (sum of g_W), a backward that arrives after a step (async)
+    counts in the next one, and zero_grad forgets what was collected."""
+    lr = 0.5
+    layer = make_layer(geom, make_rule("pfa", r=2), seed=23)
+    stage = Stage([layer], OptimConfig(lr=lr, momentum=0.0, weight_decay=0.0), first=False)
+    bp, r = layer.feedback_fixed, layer.feedback_plastic
+    mbs = [inputs(geom, seed=60 + m) for m in range(3)]
+    r0 = r.detach().clone()
+    products = 0
+    real_feedback = layer.rule.feedback
+
+    def counting(lay):
+        nonlocal products
+        products += 1
+        return real_feedback(lay)
+
+    layer.rule.feedback = counting
+    for m, (x, delta) in enumerate(mbs):
+        stage.forward(x, m)
+    for m, (x, delta) in enumerate(mbs):
+        close(stage.backward(delta, m), _two_step_error(geom, x, delta, bp, r0))
+    assert products == 1
+    assert r.grad is None  # not yet: g_R waits for the step
+    g_w = layer.weight.grad.clone()
+    stage.step(lr, 0.0)
+    close(r.detach(), r0 - lr * (bp.t() @ g_w.flatten(1)).view(r.shape))
+    r1 = r.detach().clone()
+    assert (r1 - r0).abs().max() > 1e-3
+
+    # after the step the product is formed again, from the new R
+    x, delta = mbs[0]
+    stage.forward(x, 0)
+    assert products == 2
+    # ... and a forward from before the next step, backpropagated after it (async):
+    # its error uses the R it was forwarded with, its g_W counts in the step after
+    x1, delta1 = mbs[1]
+    stage.forward(x1, 1)
+    close(stage.backward(delta, 0), _two_step_error(geom, x, delta, bp, r1))
+    g_w0 = layer.weight.grad.clone()
+    stage.step(lr, 0.0)
+    r2 = r.detach().clone()
+    close(r2, r1 - lr * (bp.t() @ g_w0.flatten(1)).view(r.shape))
+    close(stage.backward(delta1, 1), _two_step_error(geom, x1, delta1, bp, r1))
+    g_w1 = layer.weight.grad.clone()
+    stage.step(lr, 0.0)
+    close(r.detach(), r2 - lr * (bp.t() @ g_w1.flatten(1)).view(r.shape))
+
+    # zero_grad drops the collected g_W: the next step moves R by nothing from it
+    stage.forward(x, 0)
+    stage.backward(delta, 0)
+    stage.zero_grad()
+    r3 = r.detach().clone()
+    stage.step(lr, 0.0)
+    close(r.detach(), r3)
+
+    # an in-place write to R (as load_state_dict does) is seen by the next forward
+    stage.forward(x, 0)
+    close(stage.backward(delta, 0), _two_step_error(geom, x, delta, bp, r3))
+    with torch.no_grad():
+        r.mul_(-1)
+    stage.forward(x, 0)
+    close(stage.backward(delta, 0), _two_step_error(geom, x, delta, bp, -r3))
 
 
 # ----------------------------------------------------------------------------- 7. DFA

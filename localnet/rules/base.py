@@ -152,6 +152,13 @@ class Rule:
         return h
 
     # -- hooks the trainer calls --------------------------------------------------------
+    def before_step(self, layer) -> None:
+        """Called before every optimizer step, once the step's gradients are all in:
+        a rule that collects a gradient itself completes it here (PFA's g_R)."""
+
+    def drop_grads(self, layer) -> None:
+        """Called with the stage's zero_grad: forget gradients the rule collects itself."""
+
     def after_step(self, layer) -> None:
         """Called after every optimizer step (e.g. brSF redraws its magnitudes)."""
 

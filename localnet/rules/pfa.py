@@ -13,8 +13,14 @@ B_p is Xavier-uniform with gain sqrt((1 + 1/r)/2), which makes E[B_p B_p^T] = I;
 PFA-o (`ortho: true`) uses a square orthogonal B_p (r = 1), where B_p B_p^T = I.
 
 Fused, unlike the published r-fold convolutions: W_eff = B_p R is formed once per
-forward pass (a small matmul), the error goes down with one transposed conv through
-W_eff, and autograd's matmul backward turns the layer's g_W into g_R = B_p^T g_W.
+value of R (a small matmul) and the error goes down with one transposed conv through
+W_eff.  g_R = B_p^T g_W is linear in g_W, so the layer sums the g_W of a step's
+micro-batches and forms g_R once, just before the optimizer step (`before_step`):
+with M micro-batches that is 2 matmuls per step instead of 2M, the same sum up to
+rounding.  (At micro-batch 16 on one CPU thread the per-micro-batch matmuls were 16%
+of a ResNet-20 step.)  R changes only at optimizer steps -- `before_step` drops the
+cached product -- or through in-place writes that bump its version (load_state_dict,
+copy_), which the cache checks.
 
 For a Linear layer fed fewer samples than it has outputs (an MLP at batch 64), the
 other association is cheaper and gives the same numbers: d = delta B_p once, then the
@@ -26,11 +32,41 @@ each group stays within it, as the forward weights do.
 """
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
 
 from .base import LinearGeometry, Rule
+
+
+class _GradSum:
+    """The g_W of a step's fused passes, summed, until `before_step` turns it into g_R."""
+
+    __slots__ = ("total",)
+
+    def __init__(self):
+        self.total = None
+
+    def add(self, g):
+        # g is also W's gradient, which autograd may keep as W.grad and add into: copy
+        self.total = g.clone() if self.total is None else self.total.add_(g)
+
+
+class _Product(torch.autograd.Function):
+    """W_eff = B_p R already formed (`w_eff`), whose gradient -- the layer's g_W, as
+    `feedback_grad` says -- goes into the layer's _GradSum instead of through the
+    matmul: R gets it at the step, as B_p^T (sum of g_W)."""
+
+    @staticmethod
+    def forward(ctx, r, w_eff, grads):
+        ctx.grads = grads
+        return w_eff.view_as(w_eff)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.grads.add(g)
+        return None, None, None
 
 
 class ProductFeedbackAlignment(Rule):
@@ -85,10 +121,35 @@ class ProductFeedbackAlignment(Rule):
     def feedback_tensors(self, layer, x):
         if self._factored(layer, x):
             return (layer.feedback_fixed, layer.feedback_plastic)
-        return (self.feedback(layer),)
+        r = layer.feedback_plastic
+        cache = layer.__dict__.get("_pfa_w_eff")
+        key = (r._version, layer.feedback_fixed._version)
+        if cache is None or cache[0]() is not r or cache[1] != key:
+            with torch.no_grad():
+                cache = (weakref.ref(r), key, self.feedback(layer))
+            layer.__dict__["_pfa_w_eff"] = cache
+        if not (r.requires_grad and torch.is_grad_enabled()):
+            return (cache[2],)
+        grads = layer.__dict__.setdefault("_pfa_grads", _GradSum())
+        return (_Product.apply(r, cache[2], grads),)
+
+    def before_step(self, layer):
+        layer.__dict__.pop("_pfa_w_eff", None)   # R is about to change (fused SGD: in place)
+        grads = layer.__dict__.get("_pfa_grads")
+        if grads is None or grads.total is None:
+            return
+        r = layer.feedback_plastic
+        g_r = (layer.feedback_fixed.t() @ grads.total.flatten(1)).view(r.shape)
+        r.grad = g_r if r.grad is None else r.grad.add_(g_r)
+        grads.total = None
+
+    def drop_grads(self, layer):
+        grads = layer.__dict__.get("_pfa_grads")
+        if grads is not None:
+            grads.total = None
 
     def feedback_grad(self, grad_w):
-        return grad_w  # fused: d(B_p R)/dR then gives g_R = B_p^T g_W
+        return grad_w  # fused: _Product sums it; before_step makes g_R = B_p^T g_W
 
     def backward(self, geometry, grad_y, x, feedback, grad_w, grad_x, need_x, need_fb):
         if len(feedback) == 1:  # fused: grad_x came through W_eff
