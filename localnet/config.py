@@ -158,6 +158,12 @@ class RuntimeConfig(Section):
                                      "it (benchmarks/inline.py) and a 2-stage pipeline's "
                                      "raylet CPU per step fell from 20 to 2 ms "
                                      "(benchmarks/RESULTS.md)")
+    local_shm_bytes: int | None = Field(
+        65536, ge=1, description="one machine only (the embedded local Ray, or a one-node "
+                                 "Ray on the driver's machine): a payload of this many bytes "
+                                 "or more, for a single receiver, goes through a file in "
+                                 "/dev/shm instead of through Ray (localnet/runtime/shm.py); "
+                                 "null: always through Ray")
     timeout_s: float = Field(600.0, gt=0, description="longest wait for any actor reply")
     checkpoint_every: int | None = Field(
         None, ge=1, description="checkpoint every N steps (each actor writes its own state "

@@ -1,11 +1,14 @@
 """Wire messages: typed, versioned headers; receiver-side validation; no parameters."""
 
+import os
+
 import msgpack
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+from localnet.runtime import shm
 from localnet.runtime.messages import (ACTIVATION, ERROR, OUTPUT, SCHEMA_VERSION, TARGET, Control,
                                        Header, Message, MessageError, validate)
 
@@ -135,3 +138,59 @@ def test_one_activation_addressed_to_several_receivers():
         validate(m, ACTIVATION, (4, 8), torch.float32, dst=who)
     with pytest.raises(MessageError, match="delivered to 'stage3'"):
         validate(m, ACTIVATION, dst="stage3")
+
+
+# ---------------------------------------------------------------------------- shared memory
+needs_shm = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+
+
+def _shm_files(run):
+    return [n for n in os.listdir(shm.ROOT) if n.startswith(shm.prefix(run))]
+
+
+@needs_shm
+def test_payload_through_shared_memory_is_the_same_message():
+    m = _act(torch.randn(3, 5, 7), run="shm-a")
+    s = m.via_shm("shm-a")
+    raw, payload = s.wire()
+    assert payload.size == 0 and payload.dtype == np.float32      # nothing on the wire
+    name = msgpack.unpackb(raw)["meta"]["shm"]
+    assert _shm_files("shm-a") == [name]
+    assert os.path.getsize(os.path.join(shm.ROOT, name)) == m.payload_bytes
+    # the sender's ledger counts the same payload; the header names the file
+    assert s.payload_bytes == m.payload_bytes and s.header_bytes > m.header_bytes
+    back = Message.from_wire(raw, payload)
+    assert back.header == s.header and torch.equal(back.tensor(), m.tensor())
+    assert back.payload.flags.writeable                         # a fresh array of its own
+    assert _shm_files("shm-a") == []                            # read once, then deleted
+    validate(back, ACTIVATION, (None, 5, 7), torch.float32, dst="stage1")
+
+
+@needs_shm
+def test_bad_shared_memory_payloads_name_the_edge():
+    m = _act(run="shm-b").via_shm("shm-b")
+    raw, payload = m.wire()
+    Message.from_wire(raw, payload)
+    with pytest.raises(MessageError, match="does not exist") as info:   # read twice
+        Message.from_wire(raw, payload)
+    assert info.value.edge == "stage0->stage1" and info.value.step == 3
+    # a file shorter than its header says
+    m = _act(run="shm-b").via_shm("shm-b")
+    raw, payload = m.wire()
+    os.truncate(os.path.join(shm.ROOT, m.header.meta["shm"]), 12)
+    with pytest.raises(MessageError, match="has 12 bytes, its header says 128"):
+        Message.from_wire(raw, payload)
+    assert _shm_files("shm-b") == []
+    # a name that is not localnet's never opens a file
+    for name in ("../etc/passwd", "localnet-x/../../etc/passwd", 7):
+        bad = Header(**{**m.header.__dict__, "meta": {"shm": name}})
+        with pytest.raises(MessageError, match="not one of localnet's"):
+            Message.from_wire(bad.encode(), np.empty(0, np.float32))
+    # a payload on the wire as well as in shared memory
+    m = _act(run="shm-b").via_shm("shm-b")
+    with pytest.raises(MessageError, match="on the wire and one in shared memory"):
+        Message.from_wire(m.raw_header, m.payload)
+    # what a failed step leaves is swept, for its run only
+    _act(run="shm-c").via_shm("shm-c")
+    assert shm.sweep("shm-b") == 1 and _shm_files("shm-b") == []
+    assert shm.sweep("shm-c") == 1

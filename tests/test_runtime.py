@@ -210,6 +210,28 @@ def test_nan_in_dfa_broadcast_error(actors):
     assert info.value.edge in ("stage2->stage0", "stage2->stage1") and info.value.step == 1
 
 
+def test_payloads_through_shared_memory_between_actors(actors):
+    """local_shm_bytes=1: every single-receiver payload goes between the actor processes
+    through /dev/shm.  The weights are the in-process ones, the ledger is what the
+    receivers got, a NaN still fails the step naming the edge, and no file is left."""
+    from localnet.runtime import shm
+
+    cfg = cfg_for("pfa", "1f1b")
+    cfg.runtime.local_shm_bytes = 1
+    ref, model, ex = train_both(cfg, actors, steps=5, audit=True)
+    assert ex.shm_bytes == 1  # this test's Ray is one node, on this machine
+    worst, rng = state_diff(model.state_dict(), ex.model_state_dict())
+    assert worst < 1e-5 and not rng
+    _assert_ledger_matches(ex.ledger(), ex.audit_log())
+    left = lambda: [n for n in os.listdir(shm.ROOT) if n.startswith(shm.prefix(ex.run_id))]  # noqa: E731
+    assert left() == []
+    ex.inject_fault(2, "error", "nan", step=ex._step + 1, mb=1)
+    with pytest.raises(MessageError, match="not finite") as info:
+        ex.train_step(*batches(1, BS, SHAPE, NC, seed=3)[0], 0.05, 0.0)
+    assert info.value.edge == "stage2->stage1" and info.value.mb == 1
+    assert left() == []
+
+
 # ---------------------------------------------------------------------------- wiring
 def test_train_build_chooses_the_ray_executor(ray_session):
     from localnet.train import build

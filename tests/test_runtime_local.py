@@ -1,10 +1,14 @@
 """The runtime's pieces without Ray: ledger, partition, plan, and the schedule
 interpreter driving plain StageWorker objects in this process (`local=True`)."""
 
+import copy
+import os
+
 import pytest
 import torch
 
 from localnet.config import Config
+from localnet.runtime import shm
 from localnet.runtime.ledger import Ledger
 from localnet.runtime.messages import Control, MessageError
 from localnet.runtime.partition import balanced_boundaries, resolve_partition
@@ -527,3 +531,65 @@ def test_embedded_ray_gets_the_inline_threshold(monkeypatch):
     assert calls[-1] == {"address": "10.0.0.1:6379"}
     with pytest.raises(ValueError, match="local_inline_bytes"):
         rt(local_inline_bytes=-1)
+
+
+# ---------------------------------------------------------------------------- shared memory
+@pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+def test_shared_memory_payloads_change_no_number(monkeypatch):
+    """Payloads through /dev/shm (local_shm_bytes=1: every one with a single receiver)
+    give bit-identical losses, weights and evaluation, the same messages and payload
+    bytes in the ledger, and leave no file behind -- also after a failed step."""
+    cfg = cfg_for("pfa", "gpipe", {"model": {"name": "resnet20"}}, {"stages": 3}, M=2, bs=8)
+    shape, puts, runs = (3, 8, 8), [], {}
+    real_put = shm.put
+    monkeypatch.setattr(shm, "put", lambda arr, run: puts.append(run) or real_put(arr, run))
+
+    def left(ex):
+        return [n for n in os.listdir(shm.ROOT) if n.startswith(shm.prefix(ex.run_id))]
+
+    for b in (None, 1):
+        c = cfg.model_copy(deep=True)
+        c.runtime.local_shm_bytes = b
+        ex = RayExecutor(c, shape, NC, local=True)
+        assert ex.shm_bytes == b
+        losses = [ex.train_step(x, y, 0.05, 1e-3).loss_sum
+                  for x, y in batches(3, 8, shape, NC, seed=1)]
+        runs[b] = (losses, ex.evaluate(batches(2, 8, shape, NC, seed=9)),
+                   copy.deepcopy(ex.model_state_dict()),
+                   dict(ex.ledger().rows), puts.count(ex.run_id))
+        assert left(ex) == []
+    data = batches(1, 8, shape, NC, seed=2)[0]
+    ex.inject_fault(1, "activation", "shape", step=ex._step + 1, mb=0)
+    with pytest.raises(MessageError, match="expected shape") as info:
+        ex.train_step(*data, 0.05, 1e-3)
+    assert info.value.edge == "stage1->stage2"
+    assert left(ex) == []  # what the failed step sent and nobody read is swept
+    ex.train_step(*data, 0.05, 1e-3)  # and it goes on
+    (l0, e0, s0, r0, n0), (l1, e1, s1, r1, n1) = runs[None], runs[1]
+    assert n0 == 0 and n1 > 0
+    assert l0 == l1 and e0 == e1 and state_diff(s0, s1) == (0.0, [])
+    assert r0.keys() == r1.keys()
+    for k in r0:  # [count, header bytes, payload bytes]: the header names the file
+        assert r0[k][0] == r1[k][0] and r0[k][2] == r1[k][2]
+        assert r1[k][1] > r0[k][1] if r0[k][2] else r1[k][1] == r0[k][1]
+
+
+def test_shared_memory_only_on_one_machine(monkeypatch):
+    """Payloads go through /dev/shm only where every actor shares the driver's machine:
+    in-process, on the Ray the executor started, or on a one-node Ray here -- never on a
+    cluster; null turns it off anywhere."""
+    from localnet.runtime import ray_executor
+    from localnet.runtime.ray_executor import shm_threshold
+
+    rt = cfg_for("fa").runtime
+    assert RayExecutor(cfg_for("fa"), SHAPE, NC, local=True).shm_bytes == 65536
+    monkeypatch.setattr(ray_executor, "_single_machine", lambda: False)
+    assert shm_threshold(rt, local=False, owns_ray=False) is None      # a cluster
+    assert shm_threshold(rt, local=False, owns_ray=True) == 65536      # embedded
+    assert shm_threshold(rt, local=True, owns_ray=False) == 65536
+    monkeypatch.setattr(ray_executor, "_single_machine", lambda: True)
+    assert shm_threshold(rt, local=False, owns_ray=False) == 65536     # a one-node Ray
+    off = rt.model_copy(update={"local_shm_bytes": None})
+    assert shm_threshold(off, local=True, owns_ray=True) is None
+    with pytest.raises(ValueError, match="local_shm_bytes"):
+        Config.model_validate({"runtime": {"local_shm_bytes": 0}})

@@ -27,10 +27,15 @@ Control messages (`Control`) carry no tensor at all, only msgpack scalars: the d
 
 Every receiver calls `validate` on what it gets; a bad message raises `MessageError`
 naming the edge (src->dst), the kind and the step.
+
+On one machine a payload may travel out of band, in a shared-memory file that the
+header names (meta "shm"; `Message.via_shm`, shm.py): the receiver reads and deletes it
+in `from_wire`, before validation, and it is the same message in every other respect.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -38,6 +43,8 @@ import msgpack
 import numpy as np
 import torch
 import torch.nn as nn
+
+from . import shm
 
 SCHEMA_VERSION = 1
 
@@ -135,6 +142,9 @@ class Message:
     header: Header
     payload: np.ndarray
     raw_header: bytes = b""
+    # the payload travels in a shared-memory file named in the header (shm.py), and
+    # the wire carries an empty array in its place
+    out_of_band: bool = False
 
     @classmethod
     def make(cls, kind: str, tensor, *, src: str, dst: str, step: int, mb: int,
@@ -157,9 +167,23 @@ class Message:
         h = Header.decode(bytes(raw_header))
         if not isinstance(payload, np.ndarray):
             raise h.error(f"payload must be an ndarray, got {type(payload).__name__}")
+        if "shm" in h.meta:
+            if payload.size:
+                raise h.error("a payload on the wire and one in shared memory")
+            try:
+                payload = shm.take(h.meta["shm"], h.dtype, h.shape)
+            except ValueError as exc:
+                raise h.error(str(exc)) from None
         return cls(h, payload, bytes(raw_header))
 
+    def via_shm(self, run: str) -> "Message":
+        """The same message with its payload moved into shared memory (same machine only)."""
+        h = dataclasses.replace(self.header, meta={**self.header.meta, "shm": shm.put(self.payload, run)})
+        return Message(h, self.payload, h.encode(), out_of_band=True)
+
     def wire(self) -> tuple[bytes, np.ndarray]:
+        if self.out_of_band:
+            return self.raw_header, np.empty(0, self.payload.dtype)
         return self.raw_header, self.payload
 
     @property

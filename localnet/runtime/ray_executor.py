@@ -45,6 +45,7 @@ from ..rules import make_rule
 from ..builders import as_config, build_rule_and_model
 from .cost import measure_unit_costs
 from .graph import Placement
+from . import shm
 from .ledger import Ledger
 from .messages import ACTIVATION, CONTROL, TARGET, Control, Message, MessageError
 from .partition import resolve_placement
@@ -82,6 +83,29 @@ def ensure_ray(runtime) -> bool:
             extra["_system_config"] = {"max_direct_call_object_size": int(runtime.local_inline_bytes)}
         ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, **extra)
     return True
+
+
+def shm_threshold(runtime, *, local: bool, owns_ray: bool) -> int | None:
+    """runtime.local_shm_bytes where every actor shares the driver's machine -- in this
+    process, on the Ray this executor started, or on a one-node Ray on this machine --
+    else None: every payload through Ray (shm.py)."""
+    if runtime.local_shm_bytes is None or not shm.available():
+        return None
+    return int(runtime.local_shm_bytes) if local or owns_ray or _single_machine() else None
+
+
+def _single_machine() -> bool:
+    """True when the connected Ray is one live node, this driver's (not a Ray client)."""
+    import ray
+
+    try:
+        if ray.util.client.ray.is_connected():
+            return False
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == \
+            ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - when unsure, leave payloads to Ray
+        return False
 
 
 class _Mb:
@@ -151,8 +175,12 @@ class RayExecutor:
                         "num_classes": self.num_classes, "run": self.run_id, "audit": audit,
                         "threads": 0 if local else rt.threads, "device": self.device,
                         "stash": self.is_async} for i in range(S)]
+        self.shm_bytes = None
         try:
             self._owns_ray = False if local else ensure_ray(rt)
+            self.shm_bytes = shm_threshold(rt, local=local, owns_ray=self._owns_ray)
+            for spec in self._specs:
+                spec["shm_bytes"] = self.shm_bytes
             if local:
                 shared = build_rule_and_model(cfg, self.input_shape, self.num_classes)[1]
                 self.workers = [_Local(StageWorker(threads=0)) for _ in range(S)]
@@ -215,6 +243,7 @@ class RayExecutor:
     def close(self) -> None:
         """Kill the actors this executor spawned, free the placement group, and shut down
         Ray if this executor started it."""
+        self._sweep()
         if self.local:
             self.workers = []
             return
@@ -275,6 +304,8 @@ class RayExecutor:
     def _send(self, kind, tensor, dst, step, mb, detail, meta=None) -> tuple:
         msg = Message.make(kind, tensor, src=DRIVER, dst=dst, step=step, mb=mb, run=self.run_id,
                            detail=detail, meta=meta)
+        if self.shm_bytes is not None and msg.payload_bytes >= self.shm_bytes:
+            msg = msg.via_shm(self.run_id)
         self._ledger.record(DRIVER, dst, kind, msg.header_bytes, msg.payload_bytes)
         return msg.wire()
 
@@ -319,6 +350,12 @@ class RayExecutor:
             self._get([w.reset.remote() for w in self.workers], "reset")
         except Exception:  # noqa: BLE001 - the original error is what matters
             pass
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Delete the shared-memory payloads a failed step left unread (shm.py)."""
+        if getattr(self, "shm_bytes", None) is not None:
+            shm.sweep(self.run_id)
 
     # ------------------------------------------------------------------ the interpreter
     def _reset_pipeline(self) -> None:
@@ -487,7 +524,15 @@ class RayExecutor:
 
     def _pump(self) -> None:
         """Issue every queued call whose dependencies have been issued, until none is
-        left that can go; each stage's queue strictly in order."""
+        left that can go; each stage's queue strictly in order.  (In-process, `local`,
+        the calls run here and now, so a bad message fails right here.)"""
+        try:
+            self._issue_ready()
+        except BaseException:
+            self._recover()
+            raise
+
+    def _issue_ready(self) -> None:
         S = self.num_stages
         progressed = True
         while progressed:

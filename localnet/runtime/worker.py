@@ -139,6 +139,8 @@ class StageWorker:
         member = pl.members[self.index]
         self.units = tuple(member) if pl.kind == "units" else (member,)
         self.run = str(spec.get("run", ""))
+        # payloads from this many bytes go through /dev/shm (same machine; shm.py)
+        self.shm_bytes = spec.get("shm_bytes")
         self.audit_enabled = bool(spec.get("audit", False))
         self.num_classes = int(spec["num_classes"])
         self.device = torch.device(spec.get("device") or "cpu")
@@ -345,7 +347,9 @@ class StageWorker:
             self._audit.append({"src": msg.header.src, "dst": self.name, "kind": msg.header.kind,
                                 "detail": msg.header.detail, "step": msg.header.step,
                                 "mb": msg.header.mb, "header_bytes": len(raw),
-                                "payload_bytes": int(payload.nbytes), "payload": np.array(payload)})
+                                # what arrived, on the wire or through shared memory
+                                "payload_bytes": msg.payload_bytes,
+                                "payload": np.array(msg.payload)})
         if msg.header.src != src:
             raise msg.header.error(f"expected a message from {src}", self.name)
         return msg
@@ -361,6 +365,9 @@ class StageWorker:
         msg = Message.make(kind, tensor, src=self.name, dst=dst, step=step, mb=mb, run=self.run,
                            detail=detail, meta=meta)
         msg = self._maybe_fault(msg)
+        if self.shm_bytes is not None and msg.payload_bytes >= self.shm_bytes \
+                and len(receivers or [dst]) == 1 and dst != BROADCAST:
+            msg = msg.via_shm(self.run)  # one reader, who deletes the file
         for r in receivers or [dst]:
             self._ledger.record(self.name, r, msg.header.kind, msg.header_bytes, msg.payload_bytes,
                                 parameter_bytes=pbytes)
