@@ -194,3 +194,19 @@ def test_bad_shared_memory_payloads_name_the_edge():
     _act(run="shm-c").via_shm("shm-c")
     assert shm.sweep("shm-b") == 1 and _shm_files("shm-b") == []
     assert shm.sweep("shm-c") == 1
+
+
+@needs_shm
+def test_files_of_processes_that_are_gone_are_swept():
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    gone = os.path.join(shm.ROOT, f"{shm.prefix('shm-d')}{int(dead.stdout)}-0")
+    open(gone, "wb").close()
+    mine = _act(run="shm-d").via_shm("shm-d")          # this process is alive: kept
+    assert shm.sweep_orphans() >= 1
+    assert not os.path.exists(gone)
+    assert _shm_files("shm-d") == [mine.header.meta["shm"]]
+    shm.sweep("shm-d")

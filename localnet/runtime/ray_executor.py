@@ -179,6 +179,8 @@ class RayExecutor:
         try:
             self._owns_ray = False if local else ensure_ray(rt)
             self.shm_bytes = shm_threshold(rt, local=local, owns_ray=self._owns_ray)
+            if self.shm_bytes is not None:
+                shm.sweep_orphans()  # what killed runs left in /dev/shm
             for spec in self._specs:
                 spec["shm_bytes"] = self.shm_bytes
             if local:

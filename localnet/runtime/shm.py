@@ -15,8 +15,9 @@ into a fresh array, checks its size against the header, and deletes it; the mess
 then validated like any other.  What crosses is unchanged -- the same activation or
 error, counted by the ledger with the same payload bytes -- only the medium differs.
 
-Every file's name starts with the run's prefix, so the coordinator deletes what a failed
-step left unread (`sweep`), and what a killed run left, when it resumes.
+Every file's name holds the run and the writer's pid: the coordinator deletes what a
+failed step left unread (`sweep`), and, when it starts, what processes that are gone
+left behind (`sweep_orphans`: a killed run, a crashed actor).
 """
 
 from __future__ import annotations
@@ -105,3 +106,30 @@ def sweep(run: str) -> int:
             except FileNotFoundError:
                 pass
     return n
+
+
+def sweep_orphans() -> int:
+    """Delete every localnet payload file whose writer process no longer exists."""
+    if not available():
+        return 0
+    n = 0
+    for name in os.listdir(ROOT):
+        m = re.fullmatch(re.escape(_PREFIX) + r".*-(\d+)-\d+", name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(ROOT, name))
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
