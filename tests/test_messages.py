@@ -210,3 +210,18 @@ def test_files_of_processes_that_are_gone_are_swept():
     assert not os.path.exists(gone)
     assert _shm_files("shm-d") == [mine.header.meta["shm"]]
     shm.sweep("shm-d")
+
+
+@needs_shm
+def test_full_shared_memory_falls_back_to_the_wire(monkeypatch):
+    import errno
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    m = _act(run="shm-e")
+    monkeypatch.setattr(os, "write", full)
+    s = m.via_shm("shm-e")
+    assert s is m and not s.out_of_band and _shm_files("shm-e") == []
+    raw, payload = s.wire()
+    assert torch.equal(Message.from_wire(raw, payload).tensor(), m.tensor())

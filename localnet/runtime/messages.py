@@ -177,8 +177,13 @@ class Message:
         return cls(h, payload, bytes(raw_header))
 
     def via_shm(self, run: str) -> "Message":
-        """The same message with its payload moved into shared memory (same machine only)."""
-        h = dataclasses.replace(self.header, meta={**self.header.meta, "shm": shm.put(self.payload, run)})
+        """The same message with its payload moved into shared memory (same machine
+        only); unchanged, payload on the wire, when /dev/shm cannot take it (full)."""
+        try:
+            name = shm.put(self.payload, run)
+        except OSError:
+            return self
+        h = dataclasses.replace(self.header, meta={**self.header.meta, "shm": name})
         return Message(h, self.payload, h.encode(), out_of_band=True)
 
     def wire(self) -> tuple[bytes, np.ndarray]:

@@ -47,11 +47,15 @@ def put(arr: np.ndarray, run: str) -> str:
     """Write a C-contiguous array to a new file; returns the file's name."""
     name = f"{prefix(run)}{os.getpid()}-{next(_counter)}"
     view = memoryview(arr).cast("B")
-    fd = os.open(os.path.join(ROOT, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    path = os.path.join(ROOT, name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         done = 0
         while done < len(view):
             done += os.write(fd, view[done:])
+    except BaseException:
+        os.unlink(path)  # e.g. /dev/shm full (a container's 64 MiB): leave nothing behind
+        raise
     finally:
         os.close(fd)
     return name
