@@ -337,8 +337,12 @@ def main(argv=None) -> dict:
                         "inline through the caller instead of the object store (default: "
                         "runtime.local_inline_bytes' default, as `localnet run` has it; "
                         "null: Ray's 100 KiB)")
+    p.add_argument("--shm-bytes", default=str(Config().runtime.local_shm_bytes),
+                   help="runtime.local_shm_bytes: payloads from this size through /dev/shm "
+                        "(default: the config's, as `localnet run` has it; null: never)")
     args = p.parse_args(argv)
     args.inline_bytes = None if args.inline_bytes in ("null", "None") else int(args.inline_bytes)
+    args.shm_bytes = None if args.shm_bytes in ("null", "None") else int(args.shm_bytes)
     if args.quick:
         args.batch, args.steps, args.warmup, args.repeats, args.rounds = 32, 3, 2, 2, 1
         args.stages, args.micro = "1,2", "1,4"
@@ -416,6 +420,7 @@ def main(argv=None) -> dict:
             for schedule in ["gpipe"] + (["async"] if S > 1 else []):
                 cut = bounds_for(S, M, schedule == "async")  # [] for S = 1
                 cfg = cfg_for(schedule, M, args.batch, cut)
+                cfg.runtime.local_shm_bytes = args.shm_bytes
                 ex = RayExecutor(cfg, SHAPE, NC, actors=pool)
                 prof = lambda: ex.stage_timings(True)  # noqa: E731
                 # rounds of: in-process at S threads (whole batch, and the same M), then
@@ -523,7 +528,7 @@ def main(argv=None) -> dict:
         "cores": cores,
         "load_average": load.stop(), "wall_s": round(time.perf_counter() - t_start, 1),
         "hardware": env, "commit": commit(), "command": command,
-        "inline_bytes": args.inline_bytes,
+        "inline_bytes": args.inline_bytes, "shm_bytes": args.shm_bytes,
     }
     if not args.no_write:
         write_results(result)
@@ -538,7 +543,8 @@ def write_results(r: dict) -> None:
         f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
         f"`{r['command'].strip()}` (Ray's `max_direct_call_object_size` "
         f"{r['inline_bytes'] or 'at its default'}, as the embedded Ray of `localnet run` has "
-        f"it; actors at nice 0, `RAY_worker_niceness=0`, like the "
+        f"it; payloads from {r['shm_bytes']} bytes through /dev/shm, "
+        f"`runtime.local_shm_bytes`; actors at nice 0, `RAY_worker_niceness=0`, like the "
         f"in-process baseline).  Batch {r['batch']}, one torch thread per actor; the "
         f"in-process baseline gets as many threads as there are actors.  Each row is "
         f"{r['rounds']} rounds of (in-process block, Ray block), {r['steps']} timed steps "
