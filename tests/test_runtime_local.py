@@ -303,15 +303,19 @@ def _async_cfg(rule="fa", model=None, partition="per_unit", M=4, bs=16):
     return cfg_for(rule, "async", model, partition, M=M, bs=bs)
 
 
-def test_async_on_one_actor_is_sgd_on_each_micro_batch():
+@pytest.mark.parametrize("rule, model, partition, shape", [
+    ("kp", None, [["fc1", "fc2", "head"]], SHAPE),
+    # PFA's convs collect g_W and form g_R at each update (rules/pfa.py)
+    ("pfa", {"model": {"name": "resnet8"}}, {"stages": 1}, (3, 8, 8))])
+def test_async_on_one_actor_is_sgd_on_each_micro_batch(rule, model, partition, shape):
     """Staleness 0: an update per micro-batch (its gradient is 1/M of the batch's, and
     it uses wd/M) is plain SGD on the micro-batches with lr/M."""
     M = 4
-    cfg = _async_cfg("kp", partition=[["fc1", "fc2", "head"]], M=M)
-    ex = RayExecutor(cfg, SHAPE, NC, local=True)
+    cfg = _async_cfg(rule, model, partition=partition, M=M)
+    ex = RayExecutor(cfg, shape, NC, local=True)
     assert ex.staleness() == [0]
-    ref, model = reference(cfg_for("kp", M=1, bs=4), SHAPE, NC)
-    for x, y in batches(5, 16, SHAPE, NC, seed=2):
+    ref, model = reference(cfg_for(rule, model=model, M=1, bs=4), shape, NC)
+    for x, y in batches(5, 16, shape, NC, seed=2):
         b = ex.train_step(x, y, 0.05, 1e-3)
         a = sum(ref.train_step(xm, ym, 0.05 / M, 1e-3).loss_sum
                 for xm, ym in zip(x.chunk(M), y.chunk(M)))

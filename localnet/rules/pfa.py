@@ -17,8 +17,9 @@ value of R (a small matmul) and the error goes down with one transposed conv thr
 W_eff.  g_R = B_p^T g_W is linear in g_W, so the layer sums the g_W of a step's
 micro-batches and forms g_R once, just before the optimizer step (`before_step`):
 with M micro-batches that is 2 matmuls per step instead of 2M, the same sum up to
-rounding.  (At micro-batch 16 on one CPU thread the per-micro-batch matmuls were 16%
-of a ResNet-20 step.)  R changes only at optimizer steps -- `before_step` drops the
+rounding.  (Paid per micro-batch, they made 8 micro-batches of 16 run at 0.82 of the
+whole batch's speed on one CPU thread; now at 0.92-1.00, `benchmarks/RESULTS.md`.)  R changes
+only at optimizer steps -- `before_step` drops the
 cached product -- or through in-place writes that bump its version (load_state_dict,
 copy_), which the cache checks.
 

@@ -99,33 +99,29 @@ def take(name, dtype: str, shape) -> np.ndarray:
 
 def sweep(run: str) -> int:
     """Delete every payload file of `run` still there; returns how many."""
+    p = prefix(run)
+    return _delete_where(lambda name: name.startswith(p))
+
+
+def sweep_orphans() -> int:
+    """Delete every localnet payload file whose writer process no longer exists."""
+    def orphan(name):
+        m = re.fullmatch(re.escape(_PREFIX) + r".*-(\d+)-\d+", name)
+        return m is not None and not _alive(int(m.group(1)))
+    return _delete_where(orphan)
+
+
+def _delete_where(pick) -> int:
     if not available():
         return 0
-    p, n = prefix(run), 0
+    n = 0
     for name in os.listdir(ROOT):
-        if name.startswith(p):
+        if pick(name):
             try:
                 os.unlink(os.path.join(ROOT, name))
                 n += 1
             except FileNotFoundError:
                 pass
-    return n
-
-
-def sweep_orphans() -> int:
-    """Delete every localnet payload file whose writer process no longer exists."""
-    if not available():
-        return 0
-    n = 0
-    for name in os.listdir(ROOT):
-        m = re.fullmatch(re.escape(_PREFIX) + r".*-(\d+)-\d+", name)
-        if m is None or _alive(int(m.group(1))):
-            continue
-        try:
-            os.unlink(os.path.join(ROOT, name))
-            n += 1
-        except FileNotFoundError:
-            pass
     return n
 
 
