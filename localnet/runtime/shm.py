@@ -104,7 +104,8 @@ def sweep(run: str) -> int:
 
 
 def sweep_orphans() -> int:
-    """Delete every localnet payload file whose writer process no longer exists."""
+    """Delete every localnet payload file whose writer process no longer exists (in
+    this pid namespace: a container has its own /dev/shm, so its files are its own)."""
     def orphan(name):
         m = re.fullmatch(re.escape(_PREFIX) + r".*-(\d+)-\d+", name)
         return m is not None and not _alive(int(m.group(1)))
