@@ -160,10 +160,12 @@ def test_simulate_config_given_and_measured_costs():
     # each call 0.5 s dearer with the runtime overhead.  gpipe, 3 stages x 4
     # micro-batches, as calls (schedule.group_calls): stages 0 and 1 run F(0) in [0, 1.5]
     # and [1.5, 3]; then the last stage its four F(m) B(m) calls of 2.5 s back to back
-    # (to 13); then B(3)+STEP on stage 1 and on stage 0, 1.5 s each
+    # (to 13); then B(3) on stage 1 and B(3)+STEP on stage 0, 1.5 s each.  Stages 1 and
+    # 2 send errors down, so their STEP is a call of its own, run while the stage below
+    # does its backward (schedule.steps_alone)
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_overhead=0.5)
     assert plan["makespan_s"] == pytest.approx(3 + 4 * 2.5 + 2 * 1.5)
-    assert plan["calls_per_batch"] == 8 + 8 + 4
+    assert plan["calls_per_batch"] == 8 + 9 + 5
     # one core for three actors: nothing overlaps, the makespan is all the work
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], cores=1)
     assert plan["makespan_s"] == pytest.approx(3 * 4 * 2) and plan["bubble_fraction"] > 0.6

@@ -3,7 +3,8 @@
 import pytest
 
 from localnet.runtime.schedule import (STEP, B, DeadlockError, F, Schedule, check_schedule, gpipe,
-                                       group_calls, make_schedule, one_f_one_b, simulate)
+                                       group_calls, make_schedule, one_f_one_b, simulate,
+                                       steps_alone)
 
 SIZES = [(S, M) for S in (1, 2, 3, 4, 6) for M in (1, 2, 3, 4, 8)]
 
@@ -55,19 +56,33 @@ def test_calls_fuse_only_what_needs_nothing_in_between():
     assert group_calls([F(0), F(1), B(1), B(0), STEP_MB(1)], last=True) == [
         (F(0),), (F(1), B(1)), (B(0),), (STEP_MB(1),)]
     assert group_calls([F(0), B(0), STEP_MB(0)], last=True) == [(F(0), B(0), STEP_MB(0))]
+    # step_alone: the batch's STEP is a call of its own; async's per-micro-batch ones not
+    assert group_calls([F(0), B(0), F(1), B(1), STEP], last=True, step_alone=True) == [
+        (F(0), B(0)), (F(1), B(1)), (STEP,)]
+    assert group_calls([F(0), B(0), STEP_MB(0)], last=False, step_alone=True) == [
+        (F(0),), (B(0), STEP_MB(0))]
     # every action exactly once, in order, for every schedule
     for name in ("gpipe", "1f1b", "async"):
         sched = make_schedule(name, 4, 8)
-        for acts, calls in zip(sched.stages, sched.calls()):
-            assert [a for c in calls for a in c] == acts
-        # stage 0..2: F alone, B alone, last B with its STEP; the last stage: M calls
+        for dfa in (False, True):
+            for acts, calls in zip(sched.stages, sched.calls(dfa)):
+                assert [a for c in calls for a in c] == acts
         # (async: F alone, then B with its STEP -- the driver waits for that forward)
-        last = sched.calls()[-1]
-        if name != "async":
-            assert len(last) == 8
-            assert [len(c) for c in sched.calls()[0]] == [1] * 15 + [2]
-        else:
+        if name == "async":
+            last = sched.calls()[-1]
             assert last[:2] == [(F(0),), (B(0), STEP_MB(0))] and len(last) == 16
+            continue
+        # the first stage sends nothing down: its last B and the STEP are one call; the
+        # others send errors, which the drain waits for: their STEP goes alone; the last
+        # stage runs F(m) B(m) as one call
+        n = [[len(c) for c in calls] for calls in sched.calls()]
+        assert n[0] == [1] * 15 + [2] and n[1] == n[2] == [1] * 17 and n[3] == [2] * 8 + [1]
+        # DFA: no error goes down, only the last stage's e: its STEP alone, the rest fused
+        n = [[len(c) for c in calls] for calls in sched.calls(dfa=True)]
+        assert n[0] == n[1] == n[2] == [1] * 15 + [2] and n[3] == [2] * 8 + [1]
+    assert steps_alone(1, False) == steps_alone(1, True) == [False]
+    # a graph: a stage fed only by the driver sends nothing down
+    assert steps_alone(3, False, [[-1], [-1], [0, 1]]) == [False, False, True]
 
 
 def test_call_cost_is_charged_once_per_call():
@@ -76,7 +91,7 @@ def test_call_cost_is_charged_once_per_call():
     base, o = simulate(sched, 1.0, 2.0), 0.5
     with_cost = simulate(sched, 1.0, 2.0, call_cost=o)
     n_calls = [len(c) for c in sched.calls()]
-    assert n_calls == [2 * M, M]  # stage 0: M F + (M-1) B + (B STEP); stage 1: M x (F B)
+    assert n_calls == [2 * M, M + 1]  # stage 0: M F + (M-1) B + (B STEP); 1: M x (F B), STEP
     assert with_cost.busy == pytest.approx([b + o * n for b, n in zip(base.busy, n_calls)])
     # the last stage's fused call ends its forward and backward together.  Under DFA,
     # stage 0's B(0) needs only the last stage's F(0) -- which now ends with its B(0):
@@ -218,3 +233,14 @@ def test_feed_holds_each_batch_until_the_last_forward_of_the_one_before():
     assert fed.makespan > free.makespan
     # one batch at a time already waits for nothing more
     assert simulate(gpipe(S, M), 1.0, 2.0, feed=M).makespan == simulate(gpipe(S, M), 1.0, 2.0).makespan
+
+
+def test_an_update_does_not_hold_back_the_error_below():
+    """The last stage's STEP is a call of its own (it sends errors down): stage 0's
+    last backward starts when that error exists, not after the update.  gpipe, 2 x 2,
+    forward and backward 1 s, stage 1's update 5 s: stage 1 F(0)B(0) [1, 3], F(1)B(1)
+    [3, 5], STEP [5, 10]; stage 0 B(1) from 5 (fused with the STEP it would wait to 10)."""
+    sim = simulate(gpipe(2, 2), 1.0, 1.0, step_cost=[0.0, 5.0])
+    starts = {(s, a): t0 for s, a, t0, _ in sim.trace}
+    assert starts[(0, B(1))] == 5.0 and starts[(1, STEP)] == 5.0
+    assert sim.makespan == pytest.approx(10.0)

@@ -50,7 +50,7 @@ from .ledger import Ledger
 from .messages import ACTIVATION, CONTROL, TARGET, Control, Message, MessageError
 from .partition import resolve_placement
 from .schedule import (Action, AsyncStream, DeadlockError, call_deps, consumers, group_calls,
-                       make_schedule, simulate, stream_staleness)
+                       make_schedule, simulate, steps_alone, stream_staleness)
 from .worker import DRIVER, StageWorker, stage_name
 
 CHECKPOINT_DIR = "checkpoint"
@@ -561,7 +561,9 @@ class RayExecutor:
         streamed async keeps the last actor's forward alone, its loss is what
         train_step waits for)."""
         last = s == self.num_stages - 1 and not streamed
-        self._queues[s].extend((c, batch) for c in group_calls(actions, last))
+        alone = steps_alone(self.num_stages, self._dfa_now,
+                            None if self.placement.is_chain else self.graph)[s]
+        self._queues[s].extend((c, batch) for c in group_calls(actions, last, alone))
 
     def _micro_batches(self, x, y, step, lr=0.0, wd=0.0) -> list[int]:
         xs, ys = x.chunk(self.micro_batches), y.chunk(self.micro_batches)

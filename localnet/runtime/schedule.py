@@ -82,18 +82,33 @@ class Schedule:
     def per_micro_batch_steps(self) -> bool:
         return any(a.op == "STEP" and a.mb >= 0 for acts in self.stages for a in acts)
 
-    def calls(self) -> list[list[tuple[Action, ...]]]:
+    def calls(self, dfa: bool = False) -> list[list[tuple[Action, ...]]]:
         """Per stage, its actions as the runtime issues them: one call per group
-        (`group_calls`; async keeps the last stage's forwards alone)."""
+        (`group_calls`; async keeps the last stage's forwards alone, and a batch's
+        update goes alone where its call would hold back what others wait for)."""
         S, fuse = self.num_stages, not self.per_micro_batch_steps
-        return [group_calls(acts, fuse and s == S - 1) for s, acts in enumerate(self.stages)]
+        alone = steps_alone(S, dfa, self.graph)
+        return [group_calls(acts, fuse and s == S - 1, alone[s])
+                for s, acts in enumerate(self.stages)]
 
     def __str__(self):
         return "\n".join(f"stage{s}: " + " ".join(map(str, acts))
                          for s, acts in enumerate(self.stages))
 
 
-def group_calls(actions, last: bool) -> list[tuple[Action, ...]]:
+def steps_alone(S: int, dfa: bool, graph=None) -> list[bool]:
+    """Per stage: whether its batch's update (a flushing STEP) runs as a call of its own.
+    In one call with the batch's last backward it would hold back what that call sends
+    -- the error for the stage below, or (DFA) the last stage's e for everyone -- while
+    the drain waits for it: on the 2-core box the update of ResNet-20's second half took
+    about 5 ms of a 205 ms step (`benchmarks/pipeline.py`, profiled update costs).  Alone,
+    it runs while the stage below does that backward.  The first stage sends nothing."""
+    g = _graph(S, graph)
+    return [S > 1 and ((dfa and s == S - 1) or (not dfa and any(p >= 0 for p in g[s])))
+            for s in range(S)]
+
+
+def group_calls(actions, last: bool, step_alone: bool = False) -> list[tuple[Action, ...]]:
     """Cut one stage's action list into the calls that run it.  Each call to an actor
     costs the runtime milliseconds of CPU on a small machine (`benchmarks/pipeline.py`),
     so neighbours that need nothing from anyone else in between share one call:
@@ -104,7 +119,8 @@ def group_calls(actions, last: bool) -> list[tuple[Action, ...]]:
       right after it: the last stage computes the error from its own logits.
 
     So the last stage runs F(m) B(m) [STEP] as one call, and every other stage ends its
-    batch with B STEP.  The order of the actions is unchanged.
+    batch with B STEP.  The order of the actions is unchanged.  `step_alone`: a batch's
+    STEP (not async's per-micro-batch ones) stays a call of its own (`steps_alone`).
 
     async passes last=False: there the driver feeds the next batch once the last stage's
     forward has returned the loss, and a forward that also ran the backward and the update
@@ -118,7 +134,7 @@ def group_calls(actions, last: bool) -> list[tuple[Action, ...]]:
             call.append(acts[i])
             i += 1
         if (call[-1].op == "B" and i < len(acts) and acts[i].op == "STEP"
-                and acts[i].mb in (-1, call[-1].mb)):
+                and acts[i].mb in (-1, call[-1].mb) and not (step_alone and acts[i].mb == -1)):
             call.append(acts[i])
             i += 1
         out.append(tuple(call))
@@ -407,7 +423,7 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
     fc, bc, sc, cc = (_per_stage(c, S, n) for c, n in (
         (fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"), (step_cost, "step_cost"),
         (call_cost, "call_cost")))
-    calls = schedule.calls()
+    calls = schedule.calls(dfa)
 
     def needs(s, call):
         return call_deps(s, call, S, M, dfa, graph, cons)
