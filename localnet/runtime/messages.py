@@ -176,9 +176,12 @@ class Message:
                 raise h.error(str(exc)) from None
         return cls(h, payload, bytes(raw_header))
 
-    def via_shm(self, run: str) -> "Message":
+    def via_shm(self, run: str, min_bytes: int = 0) -> "Message":
         """The same message with its payload moved into shared memory (same machine
-        only); unchanged, payload on the wire, when /dev/shm cannot take it (full)."""
+        only); unchanged, payload on the wire, when it has fewer than `min_bytes` bytes
+        or /dev/shm cannot take it (full)."""
+        if self.payload_bytes < min_bytes:
+            return self
         try:
             name = shm.put(self.payload, run)
         except OSError:

@@ -162,6 +162,9 @@ class RayExecutor:
         self.schedule_name = rt.schedule
         self.is_async = rt.schedule == "async"
         self.dfa = not make_rule(cfg.rule.name, **cfg.rule.options()).sends_error
+        # per stage, whether a batch's STEP is a call of its own (measuring passes may
+        # run without DFA's broadcast, hence both)
+        self._steps_alone = {d: steps_alone(S, d, self.graph) for d in (False, True)}
         # communication restrictions (localnet/channels): each actor encodes what it
         # sends and decodes what it receives; DFA's e then goes out once per receiver
         self.channels = cfg.channel.active() and pl.num_actors > 1
@@ -306,8 +309,8 @@ class RayExecutor:
     def _send(self, kind, tensor, dst, step, mb, detail, meta=None) -> tuple:
         msg = Message.make(kind, tensor, src=DRIVER, dst=dst, step=step, mb=mb, run=self.run_id,
                            detail=detail, meta=meta)
-        if self.shm_bytes is not None and msg.payload_bytes >= self.shm_bytes:
-            msg = msg.via_shm(self.run_id)
+        if self.shm_bytes is not None:
+            msg = msg.via_shm(self.run_id, self.shm_bytes)
         self._ledger.record(DRIVER, dst, kind, msg.header_bytes, msg.payload_bytes)
         return msg.wire()
 
@@ -356,7 +359,7 @@ class RayExecutor:
 
     def _sweep(self) -> None:
         """Delete the shared-memory payloads a failed step left unread (shm.py)."""
-        if getattr(self, "shm_bytes", None) is not None:
+        if self.shm_bytes is not None:
             shm.sweep(self.run_id)
 
     # ------------------------------------------------------------------ the interpreter
@@ -561,8 +564,7 @@ class RayExecutor:
         streamed async keeps the last actor's forward alone, its loss is what
         train_step waits for)."""
         last = s == self.num_stages - 1 and not streamed
-        alone = steps_alone(self.num_stages, self._dfa_now,
-                            None if self.placement.is_chain else self.graph)[s]
+        alone = self._steps_alone[self._dfa_now][s]
         self._queues[s].extend((c, batch) for c in group_calls(actions, last, alone))
 
     def _micro_batches(self, x, y, step, lr=0.0, wd=0.0) -> list[int]:

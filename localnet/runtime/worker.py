@@ -365,9 +365,8 @@ class StageWorker:
         msg = Message.make(kind, tensor, src=self.name, dst=dst, step=step, mb=mb, run=self.run,
                            detail=detail, meta=meta)
         msg = self._maybe_fault(msg)
-        if self.shm_bytes is not None and msg.payload_bytes >= self.shm_bytes \
-                and len(receivers or [dst]) == 1 and dst != BROADCAST:
-            msg = msg.via_shm(self.run)  # one reader, who deletes the file
+        if self.shm_bytes is not None and len(receivers or [dst]) == 1 and dst != BROADCAST:
+            msg = msg.via_shm(self.run, self.shm_bytes)  # one reader, who deletes the file
         for r in receivers or [dst]:
             self._ledger.record(self.name, r, msg.header.kind, msg.header_bytes, msg.payload_bytes,
                                 parameter_bytes=pbytes)
