@@ -222,17 +222,15 @@ def interp(curve, nbytes: float, col: int) -> float:
 
 
 # ------------------------------------------------------------------------------ simulator
-def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_call=None):
+def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_hop=None):
     """Samples/s that `schedule.simulate` predicts from per-stage costs f, b, u (seconds
     per forward / backward / update call) and the measured Ray hop curve `tr`.
 
-    Every call costs `per_call` seconds of CPU on top of its compute: what the driver,
-    the raylet, the object store and the actor's Ray threads spend on it.  Profiled: the
-    overhead measured in the row's own steps (the machine's CPU beyond the actors'
-    calls, per call), which already holds the CPU of moving the payloads.  A priori
-    (per_call None): a tiny hop's CPU over all processes, plus, for a call that sends a
-    payload of n bytes, the CPU of a hop at n bytes beyond a tiny one's (putting it into
-    the object store and mapping it on the other side).  On a machine with as many cores
+    Every message between stages costs `per_hop` seconds of CPU on top of the compute
+    (the data plane's frame, payload and receive, and the coordinator's share), charged
+    to the action that receives it.  Profiled: the overhead measured in the row's own
+    steps (the machine's CPU beyond the actors' compute, per message).  A priori
+    (per_hop None): a hop's CPU from the measured curve at the payload's size.  On a machine with as many cores
     as processes that CPU would overlap; here (2 cores, 2+ actors, a driver, a raylet)
     it takes the actors' cores, so it is charged to the call.  The rest of a hop's time
     is latency on the edge (`interp` over the measured curve).  boundary_bytes[i]: the
@@ -241,8 +239,8 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_call=
     curve = tr["curve"]
     hop_cpu = lambda n: max(interp(curve, n, 2) - interp(curve, 0, 2), 0.0)  # noqa: E731
     lat = lambda n: max(interp(curve, n, 1) - interp(curve, 0, 2) - hop_cpu(n), 0.0)  # noqa: E731
-    if per_call is None:
-        per_call, cpu = interp(curve, 0, 2), hop_cpu
+    if per_hop is None:
+        per_hop, cpu = interp(curve, 0, 2), hop_cpu
     else:  # measured: the payloads' CPU is in it already
         cpu = lambda n: 0.0  # noqa: E731
     fc = [v + (cpu(boundary_bytes[i]) if i < S - 1 else 0.0) for i, v in enumerate(f)]
@@ -251,9 +249,8 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_call=
     def comm(src, dst, op):
         return lat(boundary_bytes[src] if op == "F" else boundary_bytes[dst])
 
-    # per_call once per call: the runtime runs some actions together (group_calls)
     sims = [simulate(make_schedule(schedule, S, M * k), fc, bc, comm, step_cost=u,
-                     call_cost=per_call, cores=cores, feed=M)
+                     hop_cost=per_hop, cores=cores, feed=M)
             for k in ((2, 6) if schedule == "async" else (1,))]
     per_batch = (sims[-1].makespan - sims[0].makespan) / 4 if len(sims) > 1 else sims[0].makespan
     return batch / per_batch, sims[-1].bubble_fraction
@@ -332,17 +329,7 @@ def main(argv=None) -> dict:
     p.add_argument("--micro", default="1,4,8")
     p.add_argument("--repeats", type=int, default=3, help="cost measurement repeats")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
-    p.add_argument("--inline-bytes", default=str(Config().runtime.local_inline_bytes),
-                   help="Ray's max_direct_call_object_size: results up to this size go "
-                        "inline through the caller instead of the object store (default: "
-                        "runtime.local_inline_bytes' default, as `localnet run` has it; "
-                        "null: Ray's 100 KiB)")
-    p.add_argument("--shm-bytes", default=str(Config().runtime.local_shm_bytes),
-                   help="runtime.local_shm_bytes: payloads from this size through /dev/shm "
-                        "(default: the config's, as `localnet run` has it; null: never)")
     args = p.parse_args(argv)
-    args.inline_bytes = None if args.inline_bytes in ("null", "None") else int(args.inline_bytes)
-    args.shm_bytes = None if args.shm_bytes in ("null", "None") else int(args.shm_bytes)
     if args.quick:
         args.batch, args.steps, args.warmup, args.repeats, args.rounds = 32, 3, 2, 2, 1
         args.stages, args.micro = "1,2", "1,4"
@@ -360,10 +347,7 @@ def main(argv=None) -> dict:
 
     import ray
 
-    extra = {}
-    if args.inline_bytes is not None:  # as runtime.local_inline_bytes does (ensure_ray)
-        extra["_system_config"] = {"max_direct_call_object_size": args.inline_bytes}
-    ray.init(num_cpus=max(4, max(stages)), include_dashboard=False, log_to_driver=False, **extra)
+    ray.init(num_cpus=max(4, max(stages)), include_dashboard=False, log_to_driver=False)
     from localnet.runtime.ray_executor import RayExecutor
     from localnet.runtime.worker import StageWorker
 
@@ -420,7 +404,6 @@ def main(argv=None) -> dict:
             for schedule in ["gpipe"] + (["async"] if S > 1 else []):
                 cut = bounds_for(S, M, schedule == "async")  # [] for S = 1
                 cfg = cfg_for(schedule, M, args.batch, cut)
-                cfg.runtime.local_shm_bytes = args.shm_bytes
                 ex = RayExecutor(cfg, SHAPE, NC, actors=pool)
                 prof = lambda: ex.stage_timings(True)  # noqa: E731
                 # rounds of: in-process at S threads (whole batch, and the same M), then
@@ -453,13 +436,12 @@ def main(argv=None) -> dict:
                 ops = ("forward", "backward", "update")
                 costs = [[med(t, op) for t in tm] for op in ops]
                 cpu_costs = [[med(t, op + "_cpu") for t in tm] for op in ops]
-                # the machine's CPU in the timed steps beyond the actors' calls: the Ray
-                # overhead (driver, raylet, actors' Ray threads), per call -- per Ray
-                # call, several actions in one call counting once (group_calls)
-                calls = (sum(map(len, make_schedule(schedule, S, M).calls()))
-                         * args.rounds * args.steps)
+                # the machine's CPU in the timed steps beyond the actors' compute: the
+                # data plane and the coordinator, per message between stages (an
+                # activation up and an error down per cut and micro-batch)
+                hops = 2 * (S - 1) * M * args.rounds * args.steps
                 in_calls = sum(sum(t[op + "_cpu"]) for t in tm for op in ops)
-                per_call = max(machine - in_calls, 0.0) / max(calls, 1)
+                per_call = max(machine - in_calls, 0.0) / max(hops, 1)
                 # fewer cores than actors: a call's wall time counts the time slices the
                 # others took, which the simulator's core limit already models -- feed it
                 # the CPU time instead
@@ -483,7 +465,7 @@ def main(argv=None) -> dict:
                        "bubble_predicted": round(bubble, 3),
                        "profiled": {"forward": costs[0], "backward": costs[1],
                                     "update": costs[2], "boundary_bytes": pb,
-                                    "per_call_overhead_s": per_call, "calls": calls,
+                                    "per_hop_overhead_s": per_call, "hops": hops,
                                     "machine_cpu_s": machine,
                                     "cpu": cpu_costs}}
                 if schedule == "gpipe":
@@ -528,7 +510,6 @@ def main(argv=None) -> dict:
         "cores": cores,
         "load_average": load.stop(), "wall_s": round(time.perf_counter() - t_start, 1),
         "hardware": env, "commit": commit(), "command": command,
-        "inline_bytes": args.inline_bytes, "shm_bytes": args.shm_bytes,
     }
     if not args.no_write:
         write_results(result)
@@ -541,11 +522,9 @@ def write_results(r: dict) -> None:
         "### Pipeline: ResNet-20 + PFA on CPU, Ray stages vs in-process",
         "",
         f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
-        f"`{r['command'].strip()}` (Ray's `max_direct_call_object_size` "
-        f"{r['inline_bytes'] or 'at its default'}, as the embedded Ray of `localnet run` has "
-        f"it; payloads from {r['shm_bytes']} bytes through /dev/shm, "
-        f"`runtime.local_shm_bytes`; actors at nice 0, `RAY_worker_niceness=0`, like the "
-        f"in-process baseline).  Batch {r['batch']}, one torch thread per actor; the "
+        f"`{r['command'].strip()}` (actors that run their own schedule, one coordinator "
+        f"call per actor per batch, activations and errors over gloo; actors at nice 0, "
+        f"`RAY_worker_niceness=0`, like the in-process baseline).  Batch {r['batch']}, one torch thread per actor; the "
         f"in-process baseline gets as many threads as there are actors.  Each row is "
         f"{r['rounds']} rounds of (in-process block, Ray block), {r['steps']} timed steps "
         f"per block: samples/s = batch / median step time over the rounds, and a ratio is "
@@ -556,19 +535,18 @@ def write_results(r: dict) -> None:
         f"cores).  Wall time {r['wall_s']} s.",
         "",
         "Simulated: `schedule.simulate` with the per-stage costs the actors profiled during "
-        "the timed steps (wall time per call; CPU time where there are more actors than "
-        "cores, since the simulator's core limit models the sharing), plus the Ray "
-        "overhead per call measured in the same steps (the machine's CPU beyond the "
-        "actors' calls, per call: driver, raylet, object store, the actors' Ray threads), "
-        "the measured hop curve and the core count.  A priori: every unit timed alone "
-        "in-process and a tiny hop's CPU per call (what `localnet simulate` has before a "
-        "run).  Whole batch: the in-process executor on the whole batch at S threads; same "
+        "the timed steps (wall time per action; CPU time where there are more actors than "
+        "cores, since the simulator's core limit models the sharing), plus the runtime's "
+        "overhead per message measured in the same steps (the machine's CPU beyond the "
+        "actors' compute, per message between stages: data plane and coordinator), the "
+        "measured hop curve and the core count.  A priori: every unit timed alone "
+        "in-process and the hop curve's CPU per message.  Whole batch: the in-process executor on the whole batch at S threads; same "
         "M: on the same M micro-batches one after another (the pipeline's work without the "
         "pipeline).  vs bound: ratio / M/(M+S-1), the bubble's ceiling.",
         "",
         "| stages | M | schedule | cut | samples/s | in-process (whole batch) | ratio | ratio "
         "per round | in-process (same M) | ratio | simulated | sim error | a priori | "
-        "a-priori error | ms overhead per call | vs bound (whole batch) | vs bound (same M) |",
+        "a-priori error | ms overhead per message | vs bound (whole batch) | vs bound (same M) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
         "--- | --- | --- |",
     ]
@@ -580,7 +558,7 @@ def write_results(r: dict) -> None:
                      f"{row['inprocess_same_micro']} | {row['vs_inprocess_same_micro']} | "
                      f"{row['predicted']} | {row['sim_error']:.1%} | "
                      f"{row['predicted_apriori']} | {row['sim_error_apriori']:.1%} | "
-                     f"{row['profiled']['per_call_overhead_s'] * 1e3:.2f} | "
+                     f"{row['profiled']['per_hop_overhead_s'] * 1e3:.2f} | "
                      f"{row.get('vs_bound', '—')} | {row.get('vs_bound_same_micro', '—')} |")
     lines += ["", "Per-message overhead (wire format: msgpack header + numpy payload, "
                   "encode + decode + validation):", "",

@@ -3,9 +3,7 @@
     python benchmarks/pipeline_probe.py contention       # 1-thread step: alone vs two at once
     python benchmarks/pipeline_probe.py cpu --micro 1 --schedule async
     python benchmarks/pipeline_probe.py cpu --micro 4 --schedule gpipe --steps 20
-    python benchmarks/pipeline_probe.py cpu --micro 4 --schedule gpipe --inline-bytes 1200000
-    python benchmarks/pipeline_probe.py cpu --micro 8 --schedule gpipe --shm-bytes null
-    python benchmarks/pipeline_probe.py hop --inline-bytes 2200000
+    python benchmarks/pipeline_probe.py cpu --micro 8 --schedule gpipe
 
 contention   one full ResNet-20 + PFA training step (batch --batch, one torch thread) in
              this process, then the same in two processes started together: the median
@@ -14,10 +12,6 @@ contention   one full ResNet-20 + PFA training step (batch --batch, one torch th
 cpu          a 2-stage RayExecutor (partition balanced by cost) runs --steps steps; every
              process's CPU time (/proc/<pid>/stat) over them, per step, grouped as the
              actors, the driver, the raylet, the GCS and the rest.
-
-hop          one payload from actor to actor, driver-issued, as the runtime does: through
-             Ray (inline, at --inline-bytes) against through /dev/shm (runtime/shm.py),
-             at 64 KiB - 2 MiB: wall time and every process's CPU time per hop.
 
 resim        re-run the simulator on saved runs of benchmarks/pipeline.py (its output, the
              last line of which is the JSON with every row's profiled costs), with the
@@ -43,11 +37,9 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_worker_niceness", "0")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from localnet.alloc import keep_freed_memory  # noqa: E402
-from localnet.config import Config  # noqa: E402
 from pipeline import SHAPE, NC, InProcess, cfg_for, data  # noqa: E402
 
 
@@ -101,13 +93,10 @@ def cpu(args) -> None:
     f, b, _ = measure_costs(cfg_for(M=M, batch=args.batch), SHAPE, NC, None,
                             args.batch // M, 3, 1, stash)
     cut = balanced_boundaries([x + y for x, y in zip(f, b)], 2)
-    extra = ({"_system_config": {"max_direct_call_object_size": args.inline_bytes}}
-             if args.inline_bytes is not None else {})  # as ensure_ray does
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, **extra)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         pool = [ray.remote(num_cpus=0)(StageWorker).remote(threads=1) for _ in range(2)]
         cfg = cfg_for(args.schedule, M, args.batch, cut)
-        cfg.runtime.local_shm_bytes = args.shm_bytes
         ex = RayExecutor(cfg, SHAPE, NC, actors=pool)
         batches = data(args.batch)
         for i in range(4):
@@ -124,63 +113,13 @@ def cpu(args) -> None:
     for pid, (group, c) in after.items():
         if pid in before:
             groups.setdefault(group, []).append((c - before[pid][1]) / args.steps * 1e3)
-    print(f"S=2 M={M} {args.schedule} cut {cut} shm {args.shm_bytes}: "
+    print(f"S=2 M={M} {args.schedule} cut {cut}: "
           f"{args.batch * args.steps / dt:.1f} samples/s, "
           f"{dt / args.steps * 1e3:.1f} ms per step; CPU ms per step:")
     for group, ms in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
         busy = sorted((round(v, 1) for v in ms if v >= 0.05), reverse=True)
         if busy:
             print(f"  {group:7s} {busy}")
-
-
-class _Hop:
-    """An actor that makes a payload or takes one, through Ray or through /dev/shm."""
-
-    def __init__(self):
-        self.src = np.ones(4 << 20, np.uint8)
-
-    def make(self, n: int) -> np.ndarray:
-        return self.src[:n].copy()
-
-    def take(self, x: np.ndarray) -> int:
-        return int(x.nbytes)
-
-    def make_shm(self, n: int) -> str:
-        from localnet.runtime import shm
-        return shm.put(self.src[:n], "probe")
-
-    def take_shm(self, name: str, n: int) -> int:
-        from localnet.runtime import shm
-        return int(shm.take(name, "uint8", (n,)).nbytes)
-
-
-def hop(args) -> None:
-    import ray
-
-    extra = ({"_system_config": {"max_direct_call_object_size": args.inline_bytes}}
-             if args.inline_bytes is not None else {})
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, **extra)
-    try:
-        a, b = [ray.remote(num_cpus=0)(_Hop).remote() for _ in range(2)]
-        ray.get([a.take.remote(a.make.remote(16)), b.take_shm.remote(a.make_shm.remote(16), 16)],
-                timeout=60)
-        K = args.steps * 20
-        for n in (64 << 10, 256 << 10, 512 << 10, 2 << 20):
-            for rnd in range(2):
-                row = []
-                for mode in ("ray", "shm"):
-                    before, t0 = process_cpu(), time.perf_counter()
-                    if mode == "ray":
-                        refs = [b.take.remote(a.make.remote(n)) for _ in range(K)]
-                    else:
-                        refs = [b.take_shm.remote(a.make_shm.remote(n), n) for _ in range(K)]
-                    assert ray.get(refs, timeout=600) == [n] * K
-                    dt, after = time.perf_counter() - t0, process_cpu()
-                    c = sum(v - before[p][1] for p, (_, v) in after.items() if p in before)
-                    row.append(f"{mode} {dt / K * 1e3:.2f} ms wall, {c / K * 1e3:.2f} ms CPU")
-                print(f"{n >> 10:5d} KiB round {rnd + 1}: " + "; ".join(row) + " per hop")
-    finally:
-        ray.shutdown()
 
 
 def resim(args) -> None:
@@ -196,7 +135,7 @@ def resim(args) -> None:
             costs = (p["forward"], p["backward"], p["update"]) if S <= d["cores"] else p["cpu"]
             pred, _ = predict(r["schedule"], S, M, *costs, p["boundary_bytes"],
                               {"curve": d["hop_curve"]}, d["cores"], d["batch"],
-                              p["per_call_overhead_s"])
+                              p.get("per_hop_overhead_s"))
             err = abs(pred - r["samples_per_s"]) / r["samples_per_s"]
             worst = max(worst, err)
             print(f"{path}: S={S} M={M} {r['schedule']:5s} measured {r['samples_per_s']:7.1f}  "
@@ -207,24 +146,17 @@ def resim(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["contention", "cpu", "hop", "resim", "_step"])
+    p.add_argument("what", choices=["contention", "cpu", "resim", "_step"])
     p.add_argument("logs", nargs="*", help="resim: saved outputs of benchmarks/pipeline.py")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--micro", type=int, default=1)
     p.add_argument("--schedule", default="async", choices=["gpipe", "1f1b", "async"])
-    p.add_argument("--inline-bytes", default="null",
-                   help="cpu: Ray's max_direct_call_object_size (runtime.local_inline_bytes; "
-                        "null: Ray's 100 KiB)")
-    p.add_argument("--shm-bytes", default=str(Config().runtime.local_shm_bytes),
-                   help="cpu: runtime.local_shm_bytes (null: every payload through Ray)")
     args = p.parse_args(argv)
-    args.inline_bytes = None if args.inline_bytes in ("null", "None") else int(args.inline_bytes)
-    args.shm_bytes = None if args.shm_bytes in ("null", "None") else int(args.shm_bytes)
     if args.what == "_step":  # one of contention's two processes
         print(step_time(args.batch, args.steps))
     else:
-        {"contention": contention, "cpu": cpu, "hop": hop, "resim": resim}[args.what](args)
+        {"contention": contention, "cpu": cpu, "resim": resim}[args.what](args)
 
 
 if __name__ == "__main__":

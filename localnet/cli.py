@@ -64,7 +64,8 @@ def _cmd_simulate(args) -> int:
     plan = simulate_config(cfg, shape, args.num_classes,
                            _floats(args.fwd) if args.fwd else None,
                            _floats(args.bwd) if args.bwd else None, args.comm, args.repeats,
-                           cores=args.cores, call_overhead=args.call_overhead)
+                           cores=args.cores, hop_cost=args.hop_cost,
+                           call_cost=args.call_cost)
     if args.json:
         print(json.dumps(plan))
         return 0
@@ -84,9 +85,14 @@ def _cmd_simulate(args) -> int:
     print(f"predicted samples/s: {plan['samples_per_s']:.1f}"
           + (f" ({plan['cores']} core{'s' * (plan['cores'] != 1)}" if plan["cores"]
              else " (a core per actor")
-          + (f", {plan['call_overhead_s'] * 1e3:.2f} ms overhead per call)"
-             if plan["call_overhead_s"] else ", no runtime overhead)"))
-    print(f"calls per batch: {plan['calls_per_batch']:g}")
+          + (f", {plan['hop_cost_s'] * 1e3:.3f} ms CPU per hop, "
+             f"{plan['call_cost_s'] * 1e3:.2f} ms per coordinator call)"
+             if plan["hop_cost_s"] or plan["call_cost_s"] else ", no runtime overhead)"))
+    print(f"coordinator calls per batch: {plan['calls_per_batch']:g} (one per actor)")
+    m = plan["memory_estimate"]
+    print(f"memory estimate: {m['total_mb']} MB for {m['actors']} actors (the largest "
+          f"{m['per_actor_mb_max']} MB; process floor {m['baseline_mb']} MB each, "
+          f"runtime.actor_baseline_mb)")
     return 0
 
 
@@ -147,9 +153,11 @@ def parser() -> argparse.ArgumentParser:
     si.add_argument("--comm", type=float, default=0.0, help="seconds per cross-stage message")
     si.add_argument("--cores", type=int, default=None,
                     help="the actors share this many cores (default: one core each)")
-    si.add_argument("--call-overhead", type=float, default=0.0, metavar="S",
-                    help="seconds of CPU each call costs beyond its compute (the runtime's "
-                         "overhead; benchmarks/pipeline.py measured 3-6 ms with Ray on 2 cores)")
+    si.add_argument("--hop-cost", type=float, default=0.0, metavar="S",
+                    help="seconds of CPU per message between actors on the data plane "
+                         "(benchmarks/dataplane.py; gloo on 2 cores: about 1e-4 at 64 KiB)")
+    si.add_argument("--call-cost", type=float, default=0.0, metavar="S",
+                    help="seconds of CPU per coordinator call (one per actor per batch)")
     si.add_argument("--input-shape", metavar="C,H,W", help="skip loading data: the input shape")
     si.add_argument("--num-classes", type=int, help="skip loading data: the class count")
     si.add_argument("--repeats", type=int, default=3, help="timed repeats per unit")
@@ -200,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"localnet: {exc}", file=sys.stderr)
         return 2
+    except (RuntimeError, TimeoutError, MemoryError) as exc:
+        # a bad message (names the edge and step), a dead actor after its recoveries, a
+        # silent peer: the run's saved work stays in its run directory
+        print(f"localnet: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

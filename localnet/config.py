@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 RuleName = Literal["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "pfa"]
-ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50"]
+ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                    "resnet18", "resnet34", "resnet50"]
 DataName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic"]
 
 
@@ -148,23 +149,17 @@ class RuntimeConfig(Section):
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement group strategy")
     threads: int = Field(1, ge=1, description="torch threads inside each actor")
     local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
-    local_inline_bytes: int | None = Field(
-        2_200_000, ge=0, description="embedded local Ray only: results up to this many bytes "
-                                     "go inline through the driver instead of the object "
-                                     "store (Ray's max_direct_call_object_size; null: Ray's "
-                                     "100 KiB).  The default takes a 2 MiB message (ResNet-20's "
-                                     "widest activation at micro-batch 32) with its header: "
-                                     "on the 2-core box the main job ran 1-4.5% faster with "
-                                     "it (benchmarks/inline.py) and a 2-stage pipeline's "
-                                     "raylet CPU per step fell from 20 to 2 ms "
-                                     "(benchmarks/RESULTS.md)")
-    local_shm_bytes: int | None = Field(
-        65536, ge=1, description="one machine only (the embedded local Ray, or a one-node "
-                                 "Ray on the driver's machine): a payload of this many bytes "
-                                 "or more, for a single receiver, goes through a file in "
-                                 "/dev/shm instead of through Ray (localnet/runtime/shm.py); "
-                                 "null: always through Ray")
-    timeout_s: float = Field(600.0, gt=0, description="longest wait for any actor reply")
+    actor_baseline_mb: float = Field(
+        330.0, ge=0, description="an actor process's own memory before any model (Ray's "
+                                 "worker plus import torch), for the memory preflight; "
+                                 "benchmarks/scaling.py measures it")
+    memory_preflight: bool = Field(True, description="refuse, before any actor starts, a "
+                                                     "partition whose estimated memory "
+                                                     "exceeds the Ray nodes' (runtime/memory.py)")
+    timeout_s: float = Field(600.0, gt=0, description="longest wait for any actor reply, and "
+                                                      "for any message on the data plane (a "
+                                                      "silent peer is an error naming the "
+                                                      "edge after this long)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="checkpoint every N steps (each actor writes its own state "
                                 "into the run directory); default: at the end of every epoch")

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from localnet.runtime import shm
 from localnet.runtime.messages import (ACTIVATION, ERROR, OUTPUT, SCHEMA_VERSION, TARGET, Control,
                                        Header, Message, MessageError, validate)
 
@@ -140,88 +139,32 @@ def test_one_activation_addressed_to_several_receivers():
         validate(m, ACTIVATION, dst="stage3")
 
 
-# ---------------------------------------------------------------------------- shared memory
-needs_shm = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+# ---------------------------------------------------------------------------- data plane
+def test_plane_frames_carry_the_header_and_rebuild_the_payload():
+    """A frame holds the header; the receiver views the payload's bytes as the array
+    the header describes, and refuses bytes that do not match it."""
+    import numpy as np
 
+    from localnet.runtime.plane import LocalPlane, PeerFailed, abort_frame, as_array, frame, unframe
 
-def _shm_files(run):
-    return [n for n in os.listdir(shm.ROOT) if n.startswith(shm.prefix(run))]
-
-
-@needs_shm
-def test_payload_through_shared_memory_is_the_same_message():
-    m = _act(torch.randn(3, 5, 7), run="shm-a")
-    s = m.via_shm("shm-a")
-    raw, payload = s.wire()
-    assert payload.size == 0 and payload.dtype == np.float32      # nothing on the wire
-    name = msgpack.unpackb(raw)["meta"]["shm"]
-    assert _shm_files("shm-a") == [name]
-    assert os.path.getsize(os.path.join(shm.ROOT, name)) == m.payload_bytes
-    # the sender's ledger counts the same payload; the header names the file
-    assert s.payload_bytes == m.payload_bytes and s.header_bytes > m.header_bytes
-    back = Message.from_wire(raw, payload)
-    assert back.header == s.header and torch.equal(back.tensor(), m.tensor())
-    assert back.payload.flags.writeable                         # a fresh array of its own
-    assert _shm_files("shm-a") == []                            # read once, then deleted
-    validate(back, ACTIVATION, (None, 5, 7), torch.float32, dst="stage1")
-
-
-@needs_shm
-def test_bad_shared_memory_payloads_name_the_edge():
-    m = _act(run="shm-b").via_shm("shm-b")
-    raw, payload = m.wire()
-    Message.from_wire(raw, payload)
-    with pytest.raises(MessageError, match="does not exist") as info:   # read twice
-        Message.from_wire(raw, payload)
-    assert info.value.edge == "stage0->stage1" and info.value.step == 3
-    # a file shorter than its header says
-    m = _act(run="shm-b").via_shm("shm-b")
-    raw, payload = m.wire()
-    os.truncate(os.path.join(shm.ROOT, m.header.meta["shm"]), 12)
-    with pytest.raises(MessageError, match="has 12 bytes, its header says 128"):
-        Message.from_wire(raw, payload)
-    assert _shm_files("shm-b") == []
-    # a name that is not localnet's never opens a file
-    for name in ("../etc/passwd", "localnet-x/../../etc/passwd", 7):
-        bad = Header(**{**m.header.__dict__, "meta": {"shm": name}})
-        with pytest.raises(MessageError, match="not one of localnet's"):
-            Message.from_wire(bad.encode(), np.empty(0, np.float32))
-    # a payload on the wire as well as in shared memory
-    m = _act(run="shm-b").via_shm("shm-b")
-    with pytest.raises(MessageError, match="on the wire and one in shared memory"):
-        Message.from_wire(m.raw_header, m.payload)
-    # what a failed step leaves is swept, for its run only
-    _act(run="shm-c").via_shm("shm-c")
-    assert shm.sweep("shm-b") == 1 and _shm_files("shm-b") == []
-    assert shm.sweep("shm-c") == 1
-
-
-@needs_shm
-def test_files_of_processes_that_are_gone_are_swept():
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    gone = os.path.join(shm.ROOT, f"{shm.prefix('shm-d')}{int(dead.stdout)}-0")
-    open(gone, "wb").close()
-    mine = _act(run="shm-d").via_shm("shm-d")          # this process is alive: kept
-    assert shm.sweep_orphans() >= 1
-    assert not os.path.exists(gone)
-    assert _shm_files("shm-d") == [mine.header.meta["shm"]]
-    shm.sweep("shm-d")
-
-
-@needs_shm
-def test_full_shared_memory_falls_back_to_the_wire(monkeypatch):
-    import errno
-
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    m = _act(run="shm-e")
-    monkeypatch.setattr(os, "write", full)
-    s = m.via_shm("shm-e")
-    assert s is m and not s.out_of_band and _shm_files("shm-e") == []
-    raw, payload = s.wire()
-    assert torch.equal(Message.from_wire(raw, payload).tensor(), m.tensor())
+    m = _act(torch.randn(3, 5))
+    raw, n = unframe(frame(m.raw_header, m.payload_bytes), "stage0", "stage1")
+    assert raw == m.raw_header and n == 60
+    arr = as_array(raw, m.payload.reshape(-1).view(np.uint8).copy(), "stage0", "stage1")
+    assert arr.shape == (3, 5) and np.array_equal(arr, m.payload)
+    with pytest.raises(MessageError, match="payload of 56 bytes") as info:
+        as_array(raw, np.zeros(56, np.uint8), "stage0", "stage1")
+    assert info.value.edge == "stage0->stage1"
+    with pytest.raises(MessageError, match="undecodable header"):
+        as_array(b"junk", np.zeros(4, np.uint8), "stage0", "stage1")
+    with pytest.raises(PeerFailed, match="stage3 failed, so stage1 stopped: boom"):
+        unframe(abort_frame("stage3", "boom"), "stage0", "stage1")
+    with pytest.raises(ValueError, match="does not fit"):
+        frame(b"x" * 5000, 0)
+    plane = LocalPlane(["stage0", "stage1"])
+    a, b = plane.endpoint(0), plane.endpoint(1)
+    assert not b.ready(0)
+    a.send(1, m.raw_header, m.payload)
+    got_raw, got = b.recv(0)
+    assert got_raw == m.raw_header and np.array_equal(got, m.payload)
+    assert not np.shares_memory(got, m.payload)  # a copy, as a real plane makes

@@ -84,6 +84,7 @@ def train_both(cfg, actors, steps, shape=SHAPE, bs=BS, **kw):
 @pytest.mark.parametrize("rule", ["fa", "kp", "pfa", "dfa", "wm"])
 def test_ray_matches_inprocess_after_20_steps(actors, rule, schedule):
     ref, model, ex = train_both(cfg_for(rule, schedule), actors, steps=20)
+    assert ex.calls == 20 * ex.num_stages  # one driver call per actor per batch
     worst, rng = state_diff(model.state_dict(), ex.model_state_dict())
     assert worst < 1e-5, f"{rule}/{schedule}: weights differ by {worst}"
     assert not rng, f"layer RNG states differ: {rng}"
@@ -210,26 +211,47 @@ def test_nan_in_dfa_broadcast_error(actors):
     assert info.value.edge in ("stage2->stage0", "stage2->stage1") and info.value.step == 1
 
 
-def test_payloads_through_shared_memory_between_actors(actors):
-    """local_shm_bytes=1: every single-receiver payload goes between the actor processes
-    through /dev/shm.  The weights are the in-process ones, the ledger is what the
-    receivers got, a NaN still fails the step naming the edge, and no file is left."""
-    from localnet.runtime import shm
+def test_silent_peer_is_an_error_naming_the_edge(actors):
+    """An actor that never sends: its reader gives up after runtime.timeout_s with an
+    error naming the edge, kind and step -- never a hang -- and the next step runs on a
+    rebuilt data plane."""
+    import time
 
-    cfg = cfg_for("pfa", "1f1b")
-    cfg.runtime.local_shm_bytes = 1
-    ref, model, ex = train_both(cfg, actors, steps=5, audit=True)
-    assert ex.shm_bytes == 1  # this test's Ray is one node, on this machine
-    worst, rng = state_diff(model.state_dict(), ex.model_state_dict())
-    assert worst < 1e-5 and not rng
-    _assert_ledger_matches(ex.ledger(), ex.audit_log())
-    left = lambda: [n for n in os.listdir(shm.ROOT) if n.startswith(shm.prefix(ex.run_id))]  # noqa: E731
-    assert left() == []
-    ex.inject_fault(2, "error", "nan", step=ex._step + 1, mb=1)
-    with pytest.raises(MessageError, match="not finite") as info:
-        ex.train_step(*batches(1, BS, SHAPE, NC, seed=3)[0], 0.05, 0.0)
-    assert info.value.edge == "stage2->stage1" and info.value.mb == 1
-    assert left() == []
+    cfg = cfg_for("fa", "1f1b")
+    cfg.runtime.timeout_s = 3
+    ex = RayExecutor(cfg, SHAPE, NC, actors=actors)
+    data = batches(2, BS, SHAPE, NC, seed=9)
+    ex.inject_fault(1, "activation", "silent", step=1, mb=3)  # the batch's last one
+    t0 = time.perf_counter()
+    with pytest.raises(MessageError, match="nothing arrived within 3 s") as info:
+        ex.train_step(*data[0], 0.05, 0.0)
+    assert time.perf_counter() - t0 < 3 * 1.5 + 10  # the plane's error, not Ray's timeout
+    err = info.value
+    assert (err.edge, err.kind, err.step, err.mb) == ("stage1->stage2", "activation", 1, 3)
+    assert ex.train_step(*data[1], 0.05, 0.0).samples == BS
+
+
+def test_a_partition_that_cannot_fit_is_refused_before_any_actor_starts(ray_session,
+                                                                       monkeypatch):
+    """The memory preflight compares the actors' estimate (process floor + state +
+    activations in flight) with what the Ray nodes offer, and refuses before spawning."""
+    from localnet.runtime import memory, session
+
+    def spawn(*a, **k):
+        raise AssertionError("an actor was started")
+    monkeypatch.setattr(session.Placer, "spawn", spawn)
+    monkeypatch.setattr(memory, "node_memory", lambda: (2 * 330 * memory.MB, 1))
+    cfg = cfg_for("pfa", "1f1b", RESNET8, "per_layer", m=2, bs=8)
+    with pytest.raises(memory.MemoryPreflightError) as info:
+        RayExecutor(cfg, IMG, NC)
+    msg = str(info.value)
+    for part in ("runtime.partition='per_layer'", "8 actors", "660 MB", "1 Ray node",
+                 "per_unit", "{stages: N}", "add nodes", "Nothing was started"):
+        assert part in msg, part
+    est = memory.estimate(cfg, RayExecutor(cfg, IMG, NC, local=True).placement,
+                          reference(cfg, IMG, NC)[1], IMG, [2] * 8)
+    assert all(r["total"] == r["baseline"] + r["state"] + r["activations"] for r in est)
+    assert all(r["baseline"] == 330 * memory.MB for r in est)
 
 
 # ---------------------------------------------------------------------------- wiring

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from localnet.config import Config
-from localnet.runtime import shm
 from localnet.runtime.ledger import Ledger
 from localnet.runtime.messages import Control, MessageError
 from localnet.runtime.partition import balanced_boundaries, resolve_partition
@@ -85,7 +84,10 @@ def test_local_bp_angles_state_and_eval():
 
 
 def test_dfa_needs_stage_boundaries_at_taps():
-    spec = {"config": cfg_for("dfa"), "index": 0, "num_stages": 2, "units": (0, 1),
+    from localnet.runtime.graph import Placement
+
+    pl = Placement("units", [[0, 1], [1, 3]], [["fc1"], ["fc2", "head"]], [[-1], [0]])
+    spec = {"config": cfg_for("dfa"), "index": 0, "placement": pl.to_dict(),
             "input_shape": SHAPE, "num_classes": NC, "threads": 0}
     StageWorker(spec, threads=0)  # fc1 ends with its error tap: fine
 
@@ -97,28 +99,33 @@ def test_dfa_needs_stage_boundaries_at_taps():
 
 
 def test_worker_rejects_bad_messages_in_process():
-    cfg = cfg_for("fa")
-    w0, w1 = (StageWorker({"config": cfg, "index": i, "num_stages": 2, "units": u,
-                           "input_shape": SHAPE, "num_classes": NC, "threads": 0}, threads=0)
-              for i, u in ((0, (0, 1)), (1, (1, 3))))
+    """Each actor validates what arrives over the data plane; a failure poisons the
+    actor until the coordinator resets it, so a later call -- an update included --
+    never runs on half a batch."""
     from localnet.runtime.messages import Message
+
+    ex = RayExecutor(cfg_for("fa", partition=[1]), SHAPE, NC, local=True)
+    w0, w1 = (w._obj for w in ex.workers)
     x = Message.make("activation", torch.randn(4, *SHAPE), src="driver", dst="stage0", step=1, mb=0)
-    hdr, payload = w0.forward(*x.wire())
+    y = Message.make("target", torch.zeros(4, dtype=torch.int64), src="driver", dst="stage1",
+                     step=1, mb=0)
+    w0.run([("F", 1, 0)], inputs={(1, 0): list(x.wire())})   # sent to stage1 over the plane
+    assert w1.plane.ready(0)
+    w1.plane.recv(0)                                          # (dropped)
+    w0.plane.send(1, *x.wire())   # the driver's message, arriving on the edge from stage0
     with pytest.raises(MessageError, match="expected a message from stage0") as info:
-        w1.forward(*x.wire())  # the driver may not feed stage1
-    assert "step 1" in str(info.value)
+        w1.run([("F", 1, 0)], targets={(1, 0): list(y.wire())})
+    assert "step 1" in str(info.value) and info.value.edge == "driver->stage1"
     with pytest.raises(MessageError, match="already in flight"):
-        w0.forward(*x.wire())
-    # the failure poisons w1: its later calls -- Ray runs them in order, with no
-    # reference to the failed one -- fail with the same error, a STEP included
-    with pytest.raises(MessageError, match="expected a message from stage0"):
-        w1.backward(1, 5)
+        w0.run([("F", 1, 0)], inputs={(1, 0): list(x.wire())})
+    with pytest.raises(MessageError, match="already in flight"):  # poisoned until reset
+        w0.run([("S", 1, 0.1, 0.0)])
     step = Control("step", src="driver", dst="stage1", step=1, args={"lr": 0.1, "wd": 0.0})
     with pytest.raises(MessageError, match="expected a message from stage0"):
         w1.control(step.encode())
-    w1.reset()  # what the executor does on recovery: the worker runs again
+    w1.reset()  # what the coordinator does after a failed batch: the worker runs again
     with pytest.raises(RuntimeError, match="without its forward"):
-        w1.backward(1, 5)
+        w1.run([("B", 1, 5)])
     w1.reset()
     w1.control(step.encode())
 
@@ -157,20 +164,21 @@ def test_simulate_config_given_and_measured_costs():
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1])
     assert plan["stages"] == 3 and plan["bubble_fraction"] == pytest.approx(2 / 6)
     assert plan["samples_per_s"] == pytest.approx(16 / 12)
-    # each call 0.5 s dearer with the runtime overhead.  gpipe, 3 stages x 4
-    # micro-batches, as calls (schedule.group_calls): stages 0 and 1 run F(0) in [0, 1.5]
-    # and [1.5, 3]; then the last stage its four F(m) B(m) calls of 2.5 s back to back
-    # (to 13); then B(3) on stage 1 and B(3)+STEP on stage 0, 1.5 s each.  Stages 1 and
-    # 2 send errors down, so their STEP is a call of its own, run while the stage below
-    # does its backward (schedule.steps_alone)
-    plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_overhead=0.5)
-    assert plan["makespan_s"] == pytest.approx(3 + 4 * 2.5 + 2 * 1.5)
-    assert plan["calls_per_batch"] == 8 + 9 + 5
+    # every message between actors costs its receiver 0.5 s of CPU (the data plane's
+    # hop cost): F on stages 1 and 2 and B on stages 0 and 1 take 1.5 s, stage 2's B
+    # (its own error) 1 s.  Stage 0 forwards in [0, 4], stage 1 in [1, 7]; the last
+    # stage's F(m) B(m) pairs run [2.5, 5], [5, 7.5], [7.5, 10], [10, 12.5]; stage 1's
+    # backwards follow them, ending at 14, and stage 0's B(3) runs [14, 15.5]
+    plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], hop_cost=0.5)
+    assert plan["makespan_s"] == pytest.approx(15.5)
+    assert plan["calls_per_batch"] == 3  # the coordinator's: one per actor
+    plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_cost=0.25)
+    assert plan["makespan_s"] == pytest.approx(12 + 3 * 0.25)  # once per actor, along the fill
     # one core for three actors: nothing overlaps, the makespan is all the work
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], cores=1)
     assert plan["makespan_s"] == pytest.approx(3 * 4 * 2) and plan["bubble_fraction"] > 0.6
-    with pytest.raises(ValueError, match="call_overhead"):
-        simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_overhead=-1)
+    with pytest.raises(ValueError, match="hop_cost"):
+        simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], hop_cost=-1)
     plan = simulate_config(cfg_for("dfa", "1f1b"), SHAPE, NC, repeats=1)
     assert plan["cost_source"] == "measured" and plan["dfa_broadcast"]
     assert all(s["fwd_s"] > 0 and s["bwd_s"] > 0 for s in plan["per_stage"])
@@ -188,11 +196,13 @@ def test_cli_simulate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bubble fraction: 0.3333" in out and "predicted samples/s: 0.9" in out
     assert "no runtime overhead" in out
+    assert "coordinator calls per batch: 3 (one per actor)" in out
+    assert "memory estimate:" in out and "process floor 330 MB each" in out
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--fwd", "1,1,1", "--bwd", "2,2,2", "--cores", "1",
-                 "--call-overhead", "0.5"]) == 0
-    out = capsys.readouterr().out  # one core: 3 x 4 x (1 + 2 + 2 x 0.5) + 3 x 0.5 s
-    assert "predicted samples/s: 0.3" in out and "(1 core, 500.00 ms overhead per call)" in out
+                 "--hop-cost", "0.5"]) == 0
+    out = capsys.readouterr().out  # one core: 3 x 4 x (1 + 2) + 16 hops x 0.5 s = 44 s
+    assert "predicted samples/s: 0.4" in out and "(1 core, 500.000 ms CPU per hop" in out
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--repeats", "1"]) == 0
     assert "bubble fraction" in capsys.readouterr().out
@@ -368,7 +378,7 @@ def test_async_learns_and_drains_for_state_eval_and_probes():
         assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, rule
         assert ex._streams[0].start < ex._g  # backwards still in flight ...
         loss, acc = ex.evaluate(data.test_loader(64))  # ... drained first
-        assert ex._streams[0].start == ex._g and not ex._mbs and acc > 0.5
+        assert ex._streams[0].start == ex._g and not ex._mb and acc > 0.5
         angles = ex.bp_update_angles(*next(iter(data.train_loader(32, 0, 0))))
         assert set(angles) >= {"head"}
         st = ex.state_dict()
@@ -471,14 +481,21 @@ def test_summary_runtime_and_messages_for_every_executor(tmp_path):
 def test_device_plumbing_on_cpu():
     """num_gpus > 0 makes each actor compute on its GPU (module and incoming tensors
     moved there, CPU numpy out).  Here: the CPU path, and a clear error without a GPU."""
-    spec = {"config": cfg_for("fa"), "index": 0, "num_stages": 2, "units": (0, 1),
+    from localnet.runtime.graph import Placement
+    from localnet.runtime.messages import Message
+    from localnet.runtime.plane import LocalPlane
+
+    pl = Placement("units", [[0, 1], [1, 3]], [["fc1"], ["fc2", "head"]], [[-1], [0]])
+    spec = {"config": cfg_for("fa"), "index": 0, "placement": pl.to_dict(),
             "input_shape": SHAPE, "num_classes": NC, "threads": 0, "device": "cpu"}
     w = StageWorker(spec, threads=0)
     assert w.info()["device"] == "cpu" and w.stage.device.type == "cpu"
-    from localnet.runtime.messages import Message
+    plane = LocalPlane(["stage0", "stage1"])
+    w.plane = plane.endpoint(0)
     x = Message.make("activation", torch.randn(4, *SHAPE), src="driver", dst="stage0", step=1, mb=0)
-    hdr, payload = w.forward(*x.wire())
-    assert type(payload).__name__ == "ndarray"
+    w.run([("F", 1, 0)], inputs={(1, 0): list(x.wire())})
+    hdr, payload = plane.endpoint(1).recv(0)
+    assert type(payload).__name__ == "ndarray" and payload.shape == (4, 16)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="sees no GPU"):
             StageWorker({**spec, "device": "cuda"}, threads=0)
@@ -512,90 +529,3 @@ def test_cli_simulate_reports_a_deadlock(tmp_path, capsys, monkeypatch):
                  "--fwd", "1,1", "--bwd", "1,1"]) == 2
     err = capsys.readouterr().err
     assert "deadlocks" in err and "stage0 B(0) waits for stage1 B(0)" in err
-
-
-# ---------------------------------------------------------------------------- ray init
-def test_embedded_ray_gets_the_inline_threshold(monkeypatch):
-    """runtime.local_inline_bytes reaches the embedded Ray's system config; a cluster
-    address never gets it (it would route every payload through the driver)."""
-    import ray
-
-    from localnet.runtime.ray_executor import ensure_ray
-
-    calls = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    rt = lambda **kw: Config.model_validate({"runtime": kw}).runtime  # noqa: E731
-    assert ensure_ray(rt(local_inline_bytes=600000))
-    assert calls[-1]["_system_config"] == {"max_direct_call_object_size": 600000}
-    ensure_ray(rt())  # the default: a 2 MiB message and its header inline
-    assert calls[-1]["_system_config"] == {"max_direct_call_object_size": 2_200_000}
-    ensure_ray(rt(local_inline_bytes=None))  # Ray's own default
-    assert "_system_config" not in calls[-1]
-    ensure_ray(rt(local_inline_bytes=600000, address="10.0.0.1:6379"))
-    assert calls[-1] == {"address": "10.0.0.1:6379"}
-    with pytest.raises(ValueError, match="local_inline_bytes"):
-        rt(local_inline_bytes=-1)
-
-
-# ---------------------------------------------------------------------------- shared memory
-@pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
-def test_shared_memory_payloads_change_no_number(monkeypatch):
-    """Payloads through /dev/shm (local_shm_bytes=1: every one with a single receiver)
-    give bit-identical losses, weights and evaluation, the same messages and payload
-    bytes in the ledger, and leave no file behind -- also after a failed step."""
-    cfg = cfg_for("pfa", "gpipe", {"model": {"name": "resnet20"}}, {"stages": 3}, M=2, bs=8)
-    shape, puts, runs = (3, 8, 8), [], {}
-    real_put = shm.put
-    monkeypatch.setattr(shm, "put", lambda arr, run: puts.append(run) or real_put(arr, run))
-
-    def left(ex):
-        return [n for n in os.listdir(shm.ROOT) if n.startswith(shm.prefix(ex.run_id))]
-
-    for b in (None, 1):
-        c = cfg.model_copy(deep=True)
-        c.runtime.local_shm_bytes = b
-        ex = RayExecutor(c, shape, NC, local=True)
-        assert ex.shm_bytes == b
-        losses = [ex.train_step(x, y, 0.05, 1e-3).loss_sum
-                  for x, y in batches(3, 8, shape, NC, seed=1)]
-        runs[b] = (losses, ex.evaluate(batches(2, 8, shape, NC, seed=9)),
-                   copy.deepcopy(ex.model_state_dict()),
-                   dict(ex.ledger().rows), puts.count(ex.run_id))
-        assert left(ex) == []
-    data = batches(1, 8, shape, NC, seed=2)[0]
-    ex.inject_fault(1, "activation", "shape", step=ex._step + 1, mb=0)
-    with pytest.raises(MessageError, match="expected shape") as info:
-        ex.train_step(*data, 0.05, 1e-3)
-    assert info.value.edge == "stage1->stage2"
-    assert left(ex) == []  # what the failed step sent and nobody read is swept
-    ex.train_step(*data, 0.05, 1e-3)  # and it goes on
-    (l0, e0, s0, r0, n0), (l1, e1, s1, r1, n1) = runs[None], runs[1]
-    assert n0 == 0 and n1 > 0
-    assert l0 == l1 and e0 == e1 and state_diff(s0, s1) == (0.0, [])
-    assert r0.keys() == r1.keys()
-    for k in r0:  # [count, header bytes, payload bytes]: the header names the file
-        assert r0[k][0] == r1[k][0] and r0[k][2] == r1[k][2]
-        assert r1[k][1] > r0[k][1] if r0[k][2] else r1[k][1] == r0[k][1]
-
-
-def test_shared_memory_only_on_one_machine(monkeypatch):
-    """Payloads go through /dev/shm only where every actor shares the driver's machine:
-    in-process, on the Ray the executor started, or on a one-node Ray here -- never on a
-    cluster; null turns it off anywhere."""
-    from localnet.runtime import ray_executor
-    from localnet.runtime.ray_executor import shm_threshold
-
-    rt = cfg_for("fa").runtime
-    assert RayExecutor(cfg_for("fa"), SHAPE, NC, local=True).shm_bytes == 65536
-    monkeypatch.setattr(ray_executor, "_single_machine", lambda: False)
-    assert shm_threshold(rt, local=False, owns_ray=False) is None      # a cluster
-    assert shm_threshold(rt, local=False, owns_ray=True) == 65536      # embedded
-    assert shm_threshold(rt, local=True, owns_ray=False) == 65536
-    monkeypatch.setattr(ray_executor, "_single_machine", lambda: True)
-    assert shm_threshold(rt, local=False, owns_ray=False) == 65536     # a one-node Ray
-    off = rt.model_copy(update={"local_shm_bytes": None})
-    assert shm_threshold(off, local=True, owns_ray=True) is None
-    with pytest.raises(ValueError, match="local_shm_bytes"):
-        Config.model_validate({"runtime": {"local_shm_bytes": 0}})

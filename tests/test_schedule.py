@@ -3,8 +3,7 @@
 import pytest
 
 from localnet.runtime.schedule import (STEP, B, DeadlockError, F, Schedule, check_schedule, gpipe,
-                                       group_calls, make_schedule, one_f_one_b, simulate,
-                                       steps_alone)
+                                       make_schedule, one_f_one_b, simulate)
 
 SIZES = [(S, M) for S in (1, 2, 3, 4, 6) for M in (1, 2, 3, 4, 8)]
 
@@ -43,63 +42,31 @@ def test_1f1b_layout():
     assert sched.stages[2] == [F(0), B(0), F(1), B(1), F(2), B(2), F(3), B(3), STEP]
 
 
-def test_calls_fuse_only_what_needs_nothing_in_between():
-    from localnet.runtime.schedule import STEP_MB
-    # the last stage: F(m) B(m) in one call, and the batch's STEP rides on the last one
-    assert group_calls([F(0), B(0), F(1), B(1), STEP], last=True) == [(F(0), B(0)),
-                                                                      (F(1), B(1), STEP)]
-    # elsewhere a forward stays alone (its error comes from another stage)
-    assert group_calls([F(0), B(0), F(1), B(1), STEP], last=False) == [
-        (F(0),), (B(0),), (F(1),), (B(1), STEP)]
-    # only the backward of the same micro-batch fuses with a forward, and only
-    # a STEP of that micro-batch (or the batch's) with a backward
-    assert group_calls([F(0), F(1), B(1), B(0), STEP_MB(1)], last=True) == [
-        (F(0),), (F(1), B(1)), (B(0),), (STEP_MB(1),)]
-    assert group_calls([F(0), B(0), STEP_MB(0)], last=True) == [(F(0), B(0), STEP_MB(0))]
-    # step_alone: the batch's STEP is a call of its own; async's per-micro-batch ones not
-    assert group_calls([F(0), B(0), F(1), B(1), STEP], last=True, step_alone=True) == [
-        (F(0), B(0)), (F(1), B(1)), (STEP,)]
-    assert group_calls([F(0), B(0), STEP_MB(0)], last=False, step_alone=True) == [
-        (F(0),), (B(0), STEP_MB(0))]
-    # every action exactly once, in order, for every schedule
-    for name in ("gpipe", "1f1b", "async"):
-        sched = make_schedule(name, 4, 8)
-        for dfa in (False, True):
-            for acts, calls in zip(sched.stages, sched.calls(dfa)):
-                assert [a for c in calls for a in c] == acts
-        # (async: F alone, then B with its STEP -- the driver waits for that forward)
-        if name == "async":
-            last = sched.calls()[-1]
-            assert last[:2] == [(F(0),), (B(0), STEP_MB(0))] and len(last) == 16
-            continue
-        # the first stage sends nothing down: its last B and the STEP are one call; the
-        # others send errors, which the drain waits for: their STEP goes alone; the last
-        # stage runs F(m) B(m) as one call
-        n = [[len(c) for c in calls] for calls in sched.calls()]
-        assert n[0] == [1] * 15 + [2] and n[1] == n[2] == [1] * 17 and n[3] == [2] * 8 + [1]
-        # DFA: no error goes down, only the last stage's e: its STEP alone, the rest fused
-        n = [[len(c) for c in calls] for calls in sched.calls(dfa=True)]
-        assert n[0] == n[1] == n[2] == [1] * 15 + [2] and n[3] == [2] * 8 + [1]
-    assert steps_alone(1, False) == steps_alone(1, True) == [False]
-    # a graph: a stage fed only by the driver sends nothing down
-    assert steps_alone(3, False, [[-1], [-1], [0, 1]]) == [False, False, True]
-
-
-def test_call_cost_is_charged_once_per_call():
+def test_hop_cost_is_charged_to_the_receiving_action():
+    """The data plane's CPU per message lands on the action that receives it; the
+    coordinator's one call per actor per batch once per stage."""
     S, M = 2, 4
-    sched = gpipe(S, M)
-    base, o = simulate(sched, 1.0, 2.0), 0.5
-    with_cost = simulate(sched, 1.0, 2.0, call_cost=o)
-    n_calls = [len(c) for c in sched.calls()]
-    assert n_calls == [2 * M, M + 1]  # stage 0: M F + (M-1) B + (B STEP); 1: M x (F B), STEP
-    assert with_cost.busy == pytest.approx([b + o * n for b, n in zip(base.busy, n_calls)])
-    # the last stage's fused call ends its forward and backward together.  Under DFA,
-    # stage 0's B(0) needs only the last stage's F(0) -- which now ends with its B(0):
-    # stage 0 F(0) [0, 1], F(1) [1, 2]; stage 1 F(0) B(0) [1, 4]; so stage 0 B(0) at 4
+    base, h = simulate(gpipe(S, M), 1.0, 2.0), 0.5
+    with_hops = simulate(gpipe(S, M), 1.0, 2.0, hop_cost=h)
+    # stage 0 receives M errors, stage 1 M activations (its own error is local)
+    assert with_hops.busy == pytest.approx([b + h * M for b in base.busy])
+    with_call = simulate(gpipe(S, M), 1.0, 2.0, call_cost=0.25)
+    assert with_call.busy == pytest.approx([b + 0.25 for b in base.busy])
+    # DFA: stage 0's B(0) needs only the last stage's F(0), which produced e
     dfa = simulate(gpipe(2, 2), 1.0, 2.0, dfa=True)
     starts = {(s, a): t0 for s, a, t0, _ in dfa.trace}
-    assert starts[(1, F(0))] == starts[(1, B(0))] == 1.0
-    assert starts[(0, B(0))] == 4.0
+    assert starts[(1, F(0))] == 1.0 and starts[(0, B(0))] == 2.0
+
+
+def test_feed_waits_for_the_last_stage_to_finish_the_batch_before():
+    """async streamed: the coordinator feeds batch b once the last actor's call for
+    batch b-1 returned, i.e. after its last update of that batch."""
+    sched = make_schedule("async", 2, 4)  # two batches of 2
+    res = simulate(sched, 1.0, 1.0, step_cost=0.5, feed=2)
+    ends = {(s, a): t1 for s, a, _, t1 in res.trace}
+    starts = {(s, a): t0 for s, a, t0, _ in res.trace}
+    from localnet.runtime.schedule import STEP_MB
+    assert starts[(0, F(2))] == pytest.approx(ends[(1, STEP_MB(1))])
 
 
 def test_broken_schedule_deadlocks_and_names_the_stuck_actions():

@@ -10,10 +10,16 @@
   cost.py          per-actor forward/backward/update cost, measured in-process
   plan.py          `localnet simulate`
   worker.py        StageWorker: one actor (a plain class; an actor once spawned)
-  ray_executor.py  RayExecutor: InProcessExecutor's interface on Ray actors; checkpoints
-                   per actor, recovery from a dead actor
+  interpreter.py   the actor's own loop: its action list for a batch, messages in and out
+  plane.py         the data plane: actor to actor over torch.distributed (gloo)
+  ray_executor.py  RayExecutor, the coordinator: placement, one call per actor per batch,
+                   recovery from a dead actor
+  executor_state.py the coordinator's whole-model operations (state, probes, reports)
+  checkpoint.py    per-actor checkpoints and their manifests
+  session.py       the Ray session, placement groups, replies and their errors
 
-Ray is imported only by ray_executor, and only when an executor is created.
+Ray is imported only by session, ray_executor and plane (the node's address), and only
+when an executor is created.
 """
 
 from .ledger import Ledger

@@ -1,7 +1,6 @@
 """Typed, versioned messages: the only things that cross between pipeline stages.
 
-A data message is a small msgpack header plus one tensor payload (a numpy array, which
-Ray's object store hands to the receiving actor without a pickle copy):
+A data message is a small msgpack header plus one tensor payload (a numpy array):
 
     header  {v, run, step, mb, src, dst, kind, detail, dtype, shape, meta}
     payload numpy.ndarray of that dtype and shape
@@ -28,15 +27,14 @@ Control messages (`Control`) carry no tensor at all, only msgpack scalars: the d
 Every receiver calls `validate` on what it gets; a bad message raises `MessageError`
 naming the edge (src->dst), the kind and the step.
 
-On one machine a payload may travel out of band, in a shared-memory file that the
-header names (meta "shm"; `Message.via_shm`, shm.py): the receiver reads and deletes it
-in `from_wire`, before validation, and it is the same message in every other respect.
+Between actors a message travels over the data plane (`plane.py`) as a frame holding the
+header, then the payload's bytes; the receiver rebuilds the array from the header.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 
 import msgpack
@@ -44,7 +42,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import shm
 
 SCHEMA_VERSION = 1
 
@@ -64,8 +61,11 @@ class MessageError(RuntimeError):
     """A malformed or unexpected message; names the edge, the kind and the step."""
 
     def __init__(self, reason: str, src: str = "?", dst: str = "?", kind: str = "?",
-                 step: int = -1, mb: int = -1):
+                 step: int = -1, mb: int = -1, t: float | None = None):
         self.reason, self.src, self.dst, self.kind, self.step, self.mb = reason, src, dst, kind, step, mb
+        # when it was raised: of several actors' errors, the first is the cause (a peer
+        # waiting on a silent one times out after it, since it started waiting later)
+        self.t = time.time() if t is None else t
         super().__init__(f"bad {kind} message on edge {src}->{dst} at step {step} "
                          f"(micro-batch {mb}): {reason}")
 
@@ -74,7 +74,8 @@ class MessageError(RuntimeError):
         return f"{self.src}->{self.dst}"
 
     def __reduce__(self):  # survives pickling through Ray
-        return (type(self), (self.reason, self.src, self.dst, self.kind, self.step, self.mb))
+        return (type(self), (self.reason, self.src, self.dst, self.kind, self.step, self.mb,
+                             self.t))
 
 
 # ------------------------------------------------------------------------------ header
@@ -142,9 +143,6 @@ class Message:
     header: Header
     payload: np.ndarray
     raw_header: bytes = b""
-    # the payload travels in a shared-memory file named in the header (shm.py), and
-    # the wire carries an empty array in its place
-    out_of_band: bool = False
 
     @classmethod
     def make(cls, kind: str, tensor, *, src: str, dst: str, step: int, mb: int,
@@ -167,31 +165,9 @@ class Message:
         h = Header.decode(bytes(raw_header))
         if not isinstance(payload, np.ndarray):
             raise h.error(f"payload must be an ndarray, got {type(payload).__name__}")
-        if "shm" in h.meta:
-            if payload.size:
-                raise h.error("a payload on the wire and one in shared memory")
-            try:
-                payload = shm.take(h.meta["shm"], h.dtype, h.shape)
-            except ValueError as exc:
-                raise h.error(str(exc)) from None
         return cls(h, payload, bytes(raw_header))
 
-    def via_shm(self, run: str, min_bytes: int = 0) -> "Message":
-        """The same message with its payload moved into shared memory (same machine
-        only); unchanged, payload on the wire, when it has fewer than `min_bytes` bytes
-        or /dev/shm cannot take it (full)."""
-        if self.payload_bytes < min_bytes:
-            return self
-        try:
-            name = shm.put(self.payload, run)
-        except OSError:
-            return self
-        h = dataclasses.replace(self.header, meta={**self.header.meta, "shm": name})
-        return Message(h, self.payload, h.encode(), out_of_band=True)
-
     def wire(self) -> tuple[bytes, np.ndarray]:
-        if self.out_of_band:
-            return self.raw_header, np.empty(0, self.payload.dtype)
         return self.raw_header, self.payload
 
     @property

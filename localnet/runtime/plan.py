@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..builders import as_config, build_rule_and_model
 from ..config import ConfigError
+from . import memory
 from .cost import measure_costs
 from .partition import resolve_placement
 from .schedule import (SCHEDULES, DeadlockError, make_schedule, simulate, staleness,
@@ -54,16 +55,17 @@ def data_shape(cfg, input_shape=None, num_classes=None):
 def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
                     comm: float = 0.0, repeats: int = 3, step=None,
                     batches: int | None = None, cores: int | None = None,
-                    call_overhead: float = 0.0) -> dict:
+                    hop_cost: float = 0.0, call_cost: float = 0.0) -> dict:
     """Plan for cfg.runtime: actors, per-actor costs (s per micro-batch), and the
     simulated makespan, bubble fraction and samples/s of one batch (async: the mean
     over `batches` streamed batches).  cores: actors share that many cores (None: one
-    each).  call_overhead: seconds of CPU that issuing one call (forward, backward or
-    update, or several of them in one call: `schedule.group_calls`) costs beyond its
-    compute -- the runtime's own overhead, charged once per call (`benchmarks/pipeline.py`
-    measures it: 3-6 ms on a 2-core box with Ray)."""
-    if call_overhead < 0:
-        raise ValueError(f"call_overhead must be >= 0, got {call_overhead}")
+    each).  hop_cost: seconds of CPU the data plane spends on one message between actors
+    (`benchmarks/dataplane.py` measures it per payload size), charged to the receiving
+    action.  call_cost: the coordinator's one call per actor per batch, charged once per
+    actor per batch."""
+    for name, v in (("hop_cost", hop_cost), ("call_cost", call_cost)):
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
     cfg = as_config(cfg)
     shape, nc = data_shape(cfg, input_shape, num_classes)
     rt, t = cfg.runtime, cfg.train
@@ -104,17 +106,20 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     K = (batches or 8) if is_async else 1
     sched = make_schedule(rt.schedule, S, M * K, graph)
     # async steps after every micro-batch; gpipe / 1f1b once per batch
-    o = float(call_overhead)
-    sim = simulate(sched, fwd, bwd, comm, step_cost=step, call_cost=o, dfa=dfa,
-                   batch_size=t.batch_size * K, cores=cores, feed=M if is_async else None)
+    sim = simulate(sched, fwd, bwd, comm, step_cost=step, hop_cost=float(hop_cost),
+                   call_cost=float(call_cost), dfa=dfa, batch_size=t.batch_size * K,
+                   cores=cores, feed=M if is_async else None)
     stale = stream_staleness(graph, S) if is_async else staleness(sched)
+    one = simulate(make_schedule(rt.schedule, S, M, graph), 1.0, 1.0, dfa=dfa)
+    mem = memory.summarize(memory.estimate(cfg, pl, model, shape, one.peak_activations))
     names = [" ".join(n) for n in pl.names]
     return {
         "schedule": sched.name, "stages": S, "actors": S, "micro_batches": M,
         "batch_size": t.batch_size, "batches": K, "partition": pl.spec,
         "edges": [list(e) for e in pl.edges()],
         "dfa_broadcast": dfa, "cost_source": source, "comm_s": comm, "cores": cores,
-        "call_overhead_s": o, "calls_per_batch": sum(map(len, sched.calls(dfa))) / K,
+        "hop_cost_s": float(hop_cost), "call_cost_s": float(call_cost),
+        "calls_per_batch": S,  # the coordinator's: one per actor (interpreter.py)
         "deadlock_free": checked, "staleness": max(stale), "staleness_per_actor": stale,
         "per_stage": [{"stage": i, "units": list(pl.names[i]), "fwd_s": f, "bwd_s": b_,
                        "step_s": (step[i] if isinstance(step, (list, tuple)) else step),
@@ -125,4 +130,5 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "makespan_s": sim.makespan / K, "bubble_fraction": sim.bubble_fraction,
         "samples_per_s": sim.samples_per_s,
         "gpipe_equal_cost_bubble": (S - 1) / (M + S - 1),
+        "memory_estimate": mem,
     }

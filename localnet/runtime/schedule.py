@@ -82,63 +82,9 @@ class Schedule:
     def per_micro_batch_steps(self) -> bool:
         return any(a.op == "STEP" and a.mb >= 0 for acts in self.stages for a in acts)
 
-    def calls(self, dfa: bool = False) -> list[list[tuple[Action, ...]]]:
-        """Per stage, its actions as the runtime issues them: one call per group
-        (`group_calls`; async keeps the last stage's forwards alone, and a batch's
-        update goes alone where its call would hold back what others wait for)."""
-        S, fuse = self.num_stages, not self.per_micro_batch_steps
-        alone = steps_alone(S, dfa, self.graph)
-        return [group_calls(acts, fuse and s == S - 1, alone[s])
-                for s, acts in enumerate(self.stages)]
-
     def __str__(self):
         return "\n".join(f"stage{s}: " + " ".join(map(str, acts))
                          for s, acts in enumerate(self.stages))
-
-
-def steps_alone(S: int, dfa: bool, graph=None) -> list[bool]:
-    """Per stage: whether its batch's update (a flushing STEP) runs as a call of its own.
-    In one call with the batch's last backward it would hold back what that call sends
-    -- the error for the stage below, or (DFA) the last stage's e for everyone -- while
-    the drain waits for it: on the 2-core box the update of ResNet-20's second half took
-    about 5 ms of a 205 ms step (`benchmarks/pipeline.py`, profiled update costs).  Alone,
-    it runs while the stage below does that backward.  The first stage sends nothing."""
-    g = _graph(S, graph)
-    return [S > 1 and ((dfa and s == S - 1) or (not dfa and any(p >= 0 for p in g[s])))
-            for s in range(S)]
-
-
-def group_calls(actions, last: bool, step_alone: bool = False) -> list[tuple[Action, ...]]:
-    """Cut one stage's action list into the calls that run it.  Each call to an actor
-    costs the runtime milliseconds of CPU on a small machine (`benchmarks/pipeline.py`),
-    so neighbours that need nothing from anyone else in between share one call:
-
-    * a backward and the STEP right after it (the update needs nothing but the
-      backwards before it, all on this stage);
-    * on the last stage (`last`), a forward and the backward of the same micro-batch
-      right after it: the last stage computes the error from its own logits.
-
-    So the last stage runs F(m) B(m) [STEP] as one call, and every other stage ends its
-    batch with B STEP.  The order of the actions is unchanged.  `step_alone`: a batch's
-    STEP (not async's per-micro-batch ones) stays a call of its own (`steps_alone`).
-
-    async passes last=False: there the driver feeds the next batch once the last stage's
-    forward has returned the loss, and a forward that also ran the backward and the update
-    would hold the whole pipeline back by that much (S=2, M=1: 0.71 of the in-process
-    throughput instead of 0.94, `benchmarks/pipeline.py`)."""
-    out, i, acts = [], 0, list(actions)
-    while i < len(acts):
-        call = [acts[i]]
-        i += 1
-        if last and call[0].op == "F" and i < len(acts) and acts[i] == B(call[0].mb):
-            call.append(acts[i])
-            i += 1
-        if (call[-1].op == "B" and i < len(acts) and acts[i].op == "STEP"
-                and acts[i].mb in (-1, call[-1].mb) and not (step_alone and acts[i].mb == -1)):
-            call.append(acts[i])
-            i += 1
-        out.append(tuple(call))
-    return out
 
 
 # ------------------------------------------------------------------------------ graphs
@@ -179,9 +125,8 @@ def _graph(S: int, graph) -> list[list[int]]:
 def gpipe(S: int, M: int, graph=None) -> Schedule:
     """All forwards, then all backwards (ascending micro-batch), then the step.  The
     last stage runs each backward right after its forward: its error exists as soon as
-    its logits do, so there is nothing to wait for, it holds one micro-batch instead of
-    M, and the two become one call (`group_calls`).  Nothing steps before STEP, so the
-    order changes no number."""
+    its logits do, so there is nothing to wait for and it holds one micro-batch instead
+    of M.  Nothing steps before STEP, so the order changes no number."""
     _check(S, M)
     fill_drain = [F(m) for m in range(M)] + [B(m) for m in range(M)] + [STEP]
     last = [a for m in range(M) for a in (F(m), B(m))] + [STEP]
@@ -352,20 +297,6 @@ class DeadlockError(RuntimeError):
         super().__init__("schedule deadlocks:\n  " + "\n  ".join(lines))
 
 
-def dependencies(s: int, a: Action, S: int, M: int, dfa: bool = False,
-                 graph=None) -> list[tuple[int, Action]]:
-    """(stage, action) pairs that (s, a) waits for, besides its own list order."""
-    g = chain(S) if graph is None else graph
-    return _deps(s, a, S, M, dfa, g, consumers(g))
-
-
-def call_deps(s: int, call, S: int, M: int, dfa: bool, graph, cons) -> list[tuple[int, Action]]:
-    """What a call (a group of stage s's actions, `group_calls`) waits for outside
-    itself: the dependencies of its actions, less those it runs itself."""
-    return [d for a in call for d in _deps(s, a, S, M, dfa, graph, cons)
-            if d[0] != s or d[1] not in call]
-
-
 def _deps(s, a, S, M, dfa, graph, cons):
     if a.op == "F":
         return [(p, F(a.mb)) for p in graph[s] if p >= 0]
@@ -392,51 +323,50 @@ class SimResult:
     peak_activations: list[int]        # per stage: most micro-batches held between F and B
     trace: list[tuple[int, Action, float, float]] = field(repr=False, default_factory=list)
 
-    def order(self) -> list[tuple[int, Action]]:
-        """A dependency-respecting global order (by start time) in which to issue work."""
-        return [(s, a) for s, a, _, _ in self.trace]
-
 
 def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
-             step_cost=0.0, call_cost=0.0, dfa: bool = False, batch_size: int | None = None,
-             cores: int | None = None, feed: int | None = None) -> SimResult:
-    """Dry-run a schedule: each stage runs its calls (`Schedule.calls`) in order; a call
-    starts when its stage is free and every action it depends on outside the call is
-    done (+comm_cost for one on another stage), and all of its actions end together.
+             step_cost=0.0, hop_cost=0.0, call_cost=0.0, dfa: bool = False,
+             batch_size: int | None = None, cores: int | None = None,
+             feed: int | None = None) -> SimResult:
+    """Dry-run a schedule as the runtime runs it: each stage works through its own list
+    (`interpreter.py`); an action starts when its stage is free and every action it
+    depends on is done (+comm_cost for a message from another stage).
 
     fwd_cost, bwd_cost, step_cost: per stage, a list or one number for all stages
-    (time per micro-batch).  call_cost: the runtime's own cost of one call, per stage or
-    one number (charged once per call, however many actions it runs).  comm_cost:
-    seconds a message takes between stages, one number, or a function (src, dst, op) ->
-    seconds, op "F" for an activation and "B" for an error (payload sizes differ per
-    edge).  cores: at most this many calls run at once (actors sharing a machine with
-    fewer cores than actors); None: every actor has its own.  feed: micro-batches come in
-    batches of `feed`, and the driver feeds batch b once the last stage's forwards of
-    batch b-1 are done (`train_step` returns with their loss) -- what a streamed async
-    schedule does; None: every micro-batch is there from the start.
-    Raises DeadlockError when no stage can progress.
+    (time per micro-batch).  hop_cost: CPU seconds the data plane spends on one message
+    from another stage (frame, payload, receive), charged to the action that receives
+    it -- per stage or one number; `benchmarks/dataplane.py` measures it.  call_cost:
+    the coordinator's one call per stage per batch, charged before the stage's first
+    action.  comm_cost: seconds a message takes between stages, one number, or a
+    function (src, dst, op) -> seconds, op "F" for an activation and "B" for an error.
+    cores: at most this many actions run at once (actors sharing a machine with fewer
+    cores than actors); None: every actor has its own.  feed: micro-batches come in
+    batches of `feed`, and the coordinator feeds batch b once the last stage has finished
+    batch b-1 (its call returned) -- a streamed async schedule; None: every micro-batch
+    is there from the start.  Raises DeadlockError when no stage can progress.
     """
     check_schedule(schedule)
     S, M = schedule.num_stages, schedule.micro_batches
     graph = _graph(S, schedule.graph)
     cons = consumers(graph)
-    fc, bc, sc, cc = (_per_stage(c, S, n) for c, n in (
+    fc, bc, sc, hc, cc = (_per_stage(c, S, n) for c, n in (
         (fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"), (step_cost, "step_cost"),
-        (call_cost, "call_cost")))
-    calls = schedule.calls(dfa)
+        (hop_cost, "hop_cost"), (call_cost, "call_cost")))
+    acts = schedule.stages
+    last_step = {a.mb: a for a in acts[-1] if a.op == "STEP"}
 
-    def needs(s, call):
-        return call_deps(s, call, S, M, dfa, graph, cons)
+    def needs(s, a):
+        return _deps(s, a, S, M, dfa, graph, cons)
 
-    def fed(s, call):  # the last forward of the batch before, when the driver feeds it
-        if not feed or -1 not in graph[s]:
+    def fed(s, a):  # the previous batch's end on the last stage, when the driver feeds it
+        if not feed or -1 not in graph[s] or a.op != "F" or a.mb < feed:
             return []
-        return [(S - 1, F(a.mb // feed * feed - 1)) for a in call
-                if a.op == "F" and a.mb >= feed]
+        prev = a.mb // feed * feed - 1
+        return [(S - 1, last_step.get(prev, B(prev)))]
 
-    def cost(s, call):
-        return cc[s] + sum(fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
-                           for a in call)
+    def cost(s, a, deps):
+        c = fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
+        return c + hc[s] * sum(1 for d in deps if d[0] != s) + (cc[s] if ptr[s] == 0 else 0.0)
 
     end: dict[tuple[int, Action], float] = {}
     ptr, free, busy = [0] * S, [0.0] * S, [0.0] * S
@@ -444,33 +374,33 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
     core_free = [0.0] * max(int(cores), 1) if cores is not None else None
 
     def ready_at(s):
-        """When stage s's next call could start, or None (finished, or waiting)."""
-        if ptr[s] >= len(calls[s]):
+        """When stage s's next action could start, or None (finished, or waiting)."""
+        if ptr[s] >= len(acts[s]):
             return None
-        deps, inputs = needs(s, calls[s][ptr[s]]), fed(s, calls[s][ptr[s]])
+        a = acts[s][ptr[s]]
+        deps, inputs = needs(s, a), fed(s, a)
         if any(d not in end for d in deps + inputs):
             return None
         return max([free[s]] + [end[d] + _comm(comm_cost, d, s) for d in deps]
                    + [end[d] for d in inputs])
 
     def run(s, start):
-        call = calls[s][ptr[s]]
-        c = cost(s, call)
+        a = acts[s][ptr[s]]
+        c = cost(s, a, needs(s, a))
         if core_free is not None:
             heapq.heapreplace(core_free, start + c)
-        for a in call:
-            end[(s, a)] = start + c
-            trace.append((s, a, start, start + c))
-            if a.op == "F":
-                held[s] += 1
-                peak[s] = max(peak[s], held[s])
-            elif a.op == "B":
-                held[s] -= 1
+        end[(s, a)] = start + c
+        trace.append((s, a, start, start + c))
+        if a.op == "F":
+            held[s] += 1
+            peak[s] = max(peak[s], held[s])
+        elif a.op == "B":
+            held[s] -= 1
         free[s] = start + c
         busy[s] += c
         ptr[s] += 1
 
-    total = sum(len(c) for c in calls)
+    total = sum(len(a) for a in acts)
     done = 0
     while done < total:
         if core_free is None:  # every stage runs whatever it can, in stage order
@@ -480,7 +410,7 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
                     run(s, t)
                     done += 1
                     progressed = True
-        else:  # list scheduling: next, the ready call that can start earliest
+        else:  # list scheduling: next, the ready action that can start earliest
             best = None
             for s in range(S):
                 t = ready_at(s)
@@ -491,10 +421,10 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
                 run(best[1], best[0])
                 done += 1
         if not progressed:
-            raise DeadlockError([(s, calls[s][ptr[s]][0],
-                                  [d for d in needs(s, calls[s][ptr[s]]) + fed(s, calls[s][ptr[s]])
+            raise DeadlockError([(s, acts[s][ptr[s]],
+                                  [d for d in needs(s, acts[s][ptr[s]]) + fed(s, acts[s][ptr[s]])
                                    if d not in end])
-                                 for s in range(S) if ptr[s] < len(calls[s])])
+                                 for s in range(S) if ptr[s] < len(acts[s])])
     makespan = max(free) if free else 0.0
     trace.sort(key=lambda t: (t[2], t[3], t[0]))
     bubble = 1.0 - sum(busy) / (S * makespan) if makespan > 0 else 0.0

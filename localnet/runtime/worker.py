@@ -12,33 +12,23 @@ use: kind, edge, step, micro-batch, shape, dtype, finite values.  Everything it 
 counted in its ledger.  The last actor also owns the loss: given the targets, its forward
 computes loss and e = dL/dlogits (`engine.loss_and_error`).
 
-Wire calls (what the executor invokes); `wire` is a flat list of (header, payload) pairs:
-  forward(*wire, backward=False, then=None, deps=0)
-                        one activation per input slot (+ the targets, last actor)
-                        -> (hdr, payload)                 actors with consumers
-                        -> stats | (stats, e_hdr, e_payload)   the last actor (DFA: + e)
-                        backward=True (the last actor): the backward of the same
-                        micro-batch in the same call; its errors follow the above
-  backward(step, mb, *wire, deps=0, then=None)
-                        one chain error per consumer edge (summed), or DFA's e
-                        -> (hdr, payload) per input slot fed by another actor | None
-  then=raw              a control message (the optimizer STEP) to run after the
-                        forward / backward, in the same call (`schedule.group_calls`)
-  infer(*wire)          forward only -> (hdr, payload) | stats
-  control(raw, *deps)   step / mirror / mode / reset commands
+Calls (what the coordinator invokes):
+  run(actions, inputs, targets)   this actor's action list for a batch, interpreted by
+                        the actor itself (interpreter.py): activations and errors come
+                        from and go to the other actors over the data plane (plane.py);
+                        returns the last actor's stats messages
+  plane_host() / plane_open(addr, port, world, timeout_s)   join the data plane
+  infer(*wire)          forward only -> (hdr, payload) | stats (run's "I" action)
+  control(raw)          step / mirror / mode / reset commands
   save_checkpoint(dir) / load_checkpoint(dir)   this actor's own state, to/from its file
 
-Order and failure.  Ray runs one submitter's calls on an actor in the order they were
-submitted, so the executor passes no reference between two calls on the same actor (each
-would cost a round trip through the driver): a backward follows its forward, a STEP its
-backwards.  Instead a failed forward or backward *poisons* the worker: every later
-forward, backward and STEP fails with the same error until `reset()`, so a STEP never
-applies half a batch and the driver sees the first error whichever reference it checks.
+Failure.  A call that fails marks the worker failed (`_failed`) and sends an abort frame
+to every other actor, so peers waiting on it stop at once; every later `run` fails with
+the same error until `reset()`, so an update never applies half a batch.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 from collections import deque
@@ -80,20 +70,6 @@ def stage_name(i: int) -> str:
     return f"stage{i}"
 
 
-def _poisoning(fn):
-    """Fail fast after an earlier failure; remember this call's failure (module doc)."""
-    @functools.wraps(fn)
-    def call(self, *args, **kwargs):
-        if self._failed is not None:
-            raise self._failed
-        try:
-            return fn(self, *args, **kwargs)
-        except BaseException as err:
-            self._failed = err
-            raise
-    return call
-
-
 class StageWorker:
     def __init__(self, spec: dict | None = None, threads: int = 1, model=None):
         keep_freed_memory()  # an actor reallocates its activations every step (alloc.py)
@@ -102,16 +78,17 @@ class StageWorker:
         self._ledger = Ledger()
         self._audit: list[dict] = []
         self._fault: dict | None = None
-        self._failed: BaseException | None = None  # see _poisoning
+        self._fault_silent = False
+        self._failed: BaseException | None = None  # see run()
         self.stage = None
+        self.plane = None
         if spec is not None:
             self.setup(spec, model)
 
     # ------------------------------------------------------------------ construction
     def setup(self, spec: dict, model=None) -> dict:
         """(Re)build this worker for an actor of the graph.  spec: config (dict or Config),
-        index, placement (Placement.to_dict(); default: a chain of `units` groups of
-        `num_stages`), input_shape, num_classes, run, audit, threads, device, stash.
+        index, placement (Placement.to_dict()), input_shape, num_classes, run, audit, threads, device, stash.
         model: a freshly built model to take the modules from (local mode builds one for
         every worker); default: build it here."""
         cfg = as_config(spec["config"])
@@ -119,13 +96,7 @@ class StageWorker:
         if threads:
             torch.set_num_threads(int(threads))
         self.index = int(spec["index"])
-        if "placement" in spec:
-            pl = Placement.from_dict(spec["placement"])
-        else:  # older spec: this actor's units in a chain of num_stages
-            S = int(spec["num_stages"])
-            members = [[0, 0]] * S
-            members[self.index] = list(spec["units"])
-            pl = Placement("units", members, [[""]] * S, [[s - 1] for s in range(S)])
+        pl = Placement.from_dict(spec["placement"])
         self.placement = pl
         self.num_stages = pl.num_actors
         self.name = stage_name(self.index)
@@ -133,14 +104,18 @@ class StageWorker:
         self.consumers = [stage_name(c) for c, _ in pl.consumers[self.index]]
         self.receivers = list(dict.fromkeys(self.consumers))  # each consumer once
         self.last_name = stage_name(pl.sink)
+        # the same, as ranks on the data plane (actor index; -1: the driver)
+        self.input_ranks = list(pl.inputs[self.index])
+        self.producer_ranks = [p for p in self.input_ranks if p >= 0]
+        self.consumer_ranks = [c for c, _ in pl.consumers[self.index]]
+        self.receiver_ranks = list(dict.fromkeys(self.consumer_ranks))
+        self.last_rank = pl.sink
         self.is_last = self.index == pl.sink
         self.is_first = all(p == DRIVER for p in self.inputs)
         self.kind = pl.kind
         member = pl.members[self.index]
         self.units = tuple(member) if pl.kind == "units" else (member,)
-        self.run = str(spec.get("run", ""))
-        # payloads from this many bytes go through /dev/shm (same machine; shm.py)
-        self.shm_bytes = spec.get("shm_bytes")
+        self.run_id = str(spec.get("run", ""))
         self.audit_enabled = bool(spec.get("audit", False))
         self.num_classes = int(spec["num_classes"])
         self.device = torch.device(spec.get("device") or "cpu")
@@ -192,6 +167,7 @@ class StageWorker:
         self._ledger.clear()
         self._audit.clear()
         self._fault = None
+        self._fault_silent = False
         self._failed = None
         return self.info()
 
@@ -264,7 +240,7 @@ class StageWorker:
             enc, lost = ch.encode(x)
             arr, meta = marker(ch.codec.name, LOST) if lost else pack(enc)
             pbytes = enc.nbytes - enc.scalar_bytes  # the scalars travel in the header
-        msg = Message.make(kind, arr, src=self.name, dst=dst, step=step, mb=mb, run=self.run,
+        msg = Message.make(kind, arr, src=self.name, dst=dst, step=step, mb=mb, run=self.run_id,
                            detail=detail, meta={"codec": meta})
         msg = self._maybe_fault(msg)
         self._ledger.record(self.name, dst, msg.header.kind, msg.header_bytes, pbytes)
@@ -362,22 +338,23 @@ class StageWorker:
 
     def _send(self, kind, tensor, dst, step, mb, detail, *, meta=None, receivers=None) -> Message:
         pbytes = tensor.numel() * tensor.element_size() if self._aliases_state(tensor) else 0
-        msg = Message.make(kind, tensor, src=self.name, dst=dst, step=step, mb=mb, run=self.run,
+        msg = Message.make(kind, tensor, src=self.name, dst=dst, step=step, mb=mb, run=self.run_id,
                            detail=detail, meta=meta)
         msg = self._maybe_fault(msg)
-        if self.shm_bytes is not None and len(receivers or [dst]) == 1 and dst != BROADCAST:
-            msg = msg.via_shm(self.run, self.shm_bytes)  # one reader, who deletes the file
         for r in receivers or [dst]:
             self._ledger.record(self.name, r, msg.header.kind, msg.header_bytes, msg.payload_bytes,
                                 parameter_bytes=pbytes)
         return msg
 
     def _send_control(self, op, dst, step, args) -> bytes:
-        raw = Control(op, src=self.name, dst=dst, step=step, run=self.run, args=args).encode()
+        raw = Control(op, src=self.name, dst=dst, step=step, run=self.run_id, args=args).encode()
         self._ledger.record(self.name, dst, CONTROL, len(raw), 0)
         return raw
 
-    def _activations(self, wire, detail=None) -> list[Message]:
+    def _activations(self, wire, detail=None, at=None) -> list[Message]:
+        """The input activations, validated; `at` (step, mb): the micro-batch the
+        schedule says comes next, which every one of them must be."""
+        step, mb = at if at is not None else (None, None)
         k = len(self.inputs)
         if len(wire) < 2 * k:
             raise MessageError(f"{self.name} expects {k} activation(s), got {len(wire) // 2}",
@@ -386,8 +363,8 @@ class StageWorker:
         if ch is not None:  # a chain: one input, from the stage below (never lost)
             state, msg = self._receive_coded(ch, wire[0], wire[1], ACTIVATION,
                                              (None, *self.in_shapes[0]), self.dtype,
-                                             src=self.inputs[0], detail="train", step=None,
-                                             mb=None)
+                                             src=self.inputs[0], detail="train", step=step,
+                                             mb=mb)
             if state != DATA:
                 raise MessageError("an activation went missing (activations have no delay "
                                    "or drop)", self.inputs[0], self.name, ACTIVATION)
@@ -395,7 +372,7 @@ class StageWorker:
         else:
             msgs = [self._receive(wire[2 * i], wire[2 * i + 1], ACTIVATION,
                                   (None, *self.in_shapes[i]), self.dtype, src=self.inputs[i],
-                                  detail=detail) for i in range(k)]
+                                  detail=detail, step=step, mb=mb) for i in range(k)]
         h0 = msgs[0].header
         for m in msgs[1:]:
             if (m.header.step, m.header.mb) != (h0.step, h0.mb):
@@ -413,27 +390,41 @@ class StageWorker:
                           receivers=self.receivers).wire()
 
     # ------------------------------------------------------------------ data path
-    @_poisoning
-    def forward(self, *wire, backward: bool = False, then: bytes | None = None, deps: int = 0):
-        """The forward of one micro-batch; on the last actor optionally its backward
-        (`backward`) and then the STEP (`then`) too: one call instead of two or three.
-        The last `deps` arguments are only dependencies (as in `backward`)."""
-        if deps:
-            wire = wire[:-deps]
-        if backward and not self.is_last:
-            raise RuntimeError(f"{self.name}: only the last actor runs its backward in the "
-                               f"forward's call (its error is its own)")
-        (step, mb), out = self._forward(wire)
-        if backward:
-            errs = self._backward(step, mb, ())
-            out = (out if isinstance(out, tuple) else (out,)) + (errs or ())
-            out = out if len(out) > 1 else out[0]
-        if then is not None:
-            self.control(then)
-        return out
+    # ------------------------------------------------------------------ data plane
+    def plane_host(self) -> tuple[str, int]:
+        """Address and free port for the data plane's store (asked of actor 0)."""
+        from .plane import GlooPlane
+        return GlooPlane.host()
 
-    def _forward(self, wire):
-        msgs = self._activations(wire)
+    def plane_open(self, addr: str, port: int, world: int, timeout_s: float) -> bool:
+        """Join a new data plane (every actor at once); the old one is dropped."""
+        from .plane import GlooPlane
+        self.plane_close()
+        self.plane = GlooPlane(addr, port, self.index, world, timeout_s,
+                               [stage_name(i) for i in range(world)])
+        return True
+
+    def plane_close(self) -> None:
+        if self.plane is not None:
+            self.plane.close()
+            self.plane = None
+
+    def run(self, actions, inputs=None, targets=None):
+        """One batch of this actor's schedule (interpreter.py); every message it needs
+        comes over the data plane, every one it makes goes straight to its reader."""
+        from .interpreter import drive, interpret
+        try:
+            if self._failed is not None:
+                raise self._failed
+            return drive(interpret(self, actions, inputs or {}, targets or {}), self.plane)
+        except BaseException as err:
+            self._failed = err
+            if self.plane is not None:
+                self.plane.abort(f"{type(err).__name__}: {err}")
+            raise
+
+    def _forward(self, wire, at=None):
+        msgs = self._activations(wire, at=at)
         step, mb = msgs[0].header.step, msgs[0].header.mb
         key = (step, mb)
         if key in self._inflight:
@@ -472,20 +463,6 @@ class StageWorker:
             emsg = self._send(ERROR, e, BROADCAST, step, mb, OUTPUT, receivers=others)
             return key, (stats, *emsg.wire())
         return key, stats
-
-    @_poisoning
-    def backward(self, step: int, mb: int, *wire, deps: int = 0, then: bytes | None = None):
-        """Backward of micro-batch (step, mb).  wire: the chain errors, one (hdr,
-        payload) per consumer edge in `consumers` order (summed); or DFA's broadcast
-        output error.  The last `deps` arguments are only dependencies (references Ray
-        resolves, and fails the call with, before it runs): ignored.  then: a control
-        message (the STEP) to run afterwards, in the same call."""
-        if deps:
-            wire = wire[:-deps]
-        out = self._backward(step, mb, wire)
-        if then is not None:
-            self.control(then)
-        return out
 
     def _backward(self, step: int, mb: int, wire):
         key = (step, mb)
@@ -565,8 +542,8 @@ class StageWorker:
         return tuple(out)
 
     @torch.no_grad()
-    def infer(self, *wire):
-        msgs = self._activations(wire, detail="eval")
+    def infer(self, *wire, at=None):
+        msgs = self._activations(wire, detail="eval", at=at)
         step, mb = msgs[0].header.step, msgs[0].header.mb
         xs = [m.tensor() for m in msgs]
         y = self.stage.infer(xs[0], xs[1:])
@@ -580,9 +557,8 @@ class StageWorker:
             "correct": int((y.argmax(1) == t).sum().item()), "samples": int(xs[0].shape[0])})
 
     # ------------------------------------------------------------------ control path
-    def control(self, raw: bytes, *deps):
-        """Run a driver command (step / mirror / mode / reset).  deps: results of earlier
-        calls this one must wait for (Ray resolves them first; an error in one aborts)."""
+    def control(self, raw: bytes):
+        """Run a driver command (step / mirror / mode / reset)."""
         c = Control.decode(raw)
         if self.audit_enabled:
             self._audit.append({"src": c.src, "dst": self.name, "kind": CONTROL, "detail": c.op,
@@ -760,8 +736,8 @@ class StageWorker:
     def inject_fault(self, kind: str, mode: str, step: int | None = None,
                      mb: int | None = None) -> None:
         """Test hook: corrupt this worker's next outgoing `kind` message (at `step`/`mb`
-        when given).  mode: nan | inf | shape | dtype | kind."""
-        if mode not in ("nan", "inf", "shape", "dtype", "kind"):
+        when given).  mode: nan | inf | shape | dtype | kind | silent (never sent)."""
+        if mode not in ("nan", "inf", "shape", "dtype", "kind", "silent"):
             raise ValueError(f"unknown fault mode {mode!r}")
         self._fault = {"kind": kind, "mode": mode, "step": step, "mb": mb}
 
@@ -771,6 +747,9 @@ class StageWorker:
                 or f["mb"] not in (None, h.mb)):
             return msg
         self._fault = None
+        if f["mode"] == "silent":
+            self._fault_silent = True  # the interpreter drops it (interpreter._ship)
+            return msg
         arr, kind = msg.payload, h.kind
         if f["mode"] in ("nan", "inf"):
             arr = arr.copy()

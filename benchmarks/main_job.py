@@ -1,0 +1,105 @@
+"""The main job on Ray against the same job in one process, interleaved.
+
+    python benchmarks/main_job.py                       # 3 rounds, configs/resnet_pfa.yaml
+    python benchmarks/main_job.py --set runtime.partition=per_layer --tag per-layer
+    python benchmarks/main_job.py --rounds 2 --no-write
+
+Runs `localnet run configs/resnet_pfa.yaml` (11 actors, 1f1b, 4 micro-batches of 32) on a
+CIFAR-10 subset with `runtime.executor=inprocess`, then with the config's Ray executor,
+once each per round, and reads what each run reports in summary.json: samples/s (training
+steps only), and for Ray the start-up until every actor is ready (`runtime.startup_s`:
+ray.init, spawning, building, the data plane) and the coordinator's calls per batch.
+This machine's speed drifts by 10-30% within minutes, so each Ray run is compared with
+the in-process run of the same round, and the ratios' median is reported.  Results go to
+benchmarks/RESULTS.md between <!-- main-job:TAG --> markers (--no-write: not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from common import commit, hardware_cpu, write_section  # noqa: E402
+
+SHORT = ["data.subset=6400", "train.epochs=1", "data.test_subset=500", "metrics.alignment_every=0"]
+
+
+def run_once(sets: list[str], out: Path, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "localnet", "run", "--no-progress", "configs/resnet_pfa.yaml",
+           "--out", str(out)]
+    for s in SHORT + sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    s = json.loads((out / "summary.json").read_text())
+    rt = s.get("runtime") or {}
+    return {"samples_per_s": s["samples_per_s"], "wall_s": wall, "actors": rt.get("actors", 0),
+            "startup_s": rt.get("startup_s"), "calls": rt.get("driver_calls_per_batch"),
+            "peak_used_gb": s.get("peak_used_gb")}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra overrides for both runs (e.g. runtime.partition=per_layer)")
+    p.add_argument("--tag", default="resnet-pfa", help="the RESULTS.md section's tag")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    runs: dict[str, list[dict]] = {"inprocess": [], "ray": []}
+    with tempfile.TemporaryDirectory(prefix="localnet-main-job-") as tmp:
+        for r in range(args.rounds):
+            for name, extra in (("inprocess", ["runtime.executor=inprocess"]), ("ray", [])):
+                res = run_once(args.set + extra, Path(tmp) / f"{name}-{r}", args.timeout)
+                runs[name].append(res)
+                print(f"round {r + 1} {name}: {res['samples_per_s']:.1f} samples/s, "
+                      f"{res['wall_s']:.0f} s, start-up {res['startup_s']}", flush=True)
+    ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs["ray"], runs["inprocess"])]
+    ray_runs = runs["ray"]
+    result = {"hardware": hardware_cpu(), "commit": commit(), "sets": args.set,
+              "inprocess": [round(x["samples_per_s"], 1) for x in runs["inprocess"]],
+              "ray": [round(x["samples_per_s"], 1) for x in ray_runs],
+              "ratios": [round(x, 3) for x in ratios],
+              "ratio_median": round(statistics.median(ratios), 3),
+              "actors": ray_runs[0]["actors"], "calls_per_batch": ray_runs[0]["calls"],
+              "startup_s": [round(x["startup_s"], 1) for x in ray_runs if x["startup_s"]],
+              "wall_s": {k: [round(x["wall_s"]) for x in v] for k, v in runs.items()},
+              "command": "python benchmarks/main_job.py " + " ".join(argv or sys.argv[1:])}
+    if not args.no_write:
+        sets = "".join(f" --set {s}" for s in SHORT + args.set)
+        lines = [f"### The main job: Ray ÷ in-process ({args.tag})", "",
+                 f"Hardware: {result['hardware']}.  Commit `{result['commit']}`.  Command: "
+                 f"`{result['command'].strip()}`: `localnet run configs/resnet_pfa.yaml{sets}` "
+                 f"in-process, then on Ray ({result['actors']} actors), once each per round; "
+                 f"samples/s from each run's summary.json; each ratio within its round.", "",
+                 "| round | in-process samples/s | Ray samples/s | Ray ÷ in-process | Ray start-up "
+                 "until every actor is ready (s) | wall in-process / Ray (s) |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for i in range(args.rounds):
+            lines.append(f"| {i + 1} | {result['inprocess'][i]} | {result['ray'][i]} | "
+                         f"{result['ratios'][i]} | {ray_runs[i]['startup_s']:.1f} | "
+                         f"{result['wall_s']['inprocess'][i]} / {result['wall_s']['ray'][i]} |")
+        lines += ["", f"Median Ray ÷ in-process: **{result['ratio_median']}**.  Coordinator "
+                      f"calls per training batch: {result['calls_per_batch']} (one per actor)."]
+        write_section(f"main-job:{args.tag}", lines)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("LOCALNET_DATA", str(ROOT.parent / "shared" / "data"))
+    print(json.dumps(main()))

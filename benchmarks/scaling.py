@@ -1,0 +1,341 @@
+"""Scaling with the number and fineness of actors: CIFAR ResNets, per unit and per layer.
+
+    python benchmarks/scaling.py                         # ResNet-20/32/56 x per_unit/per_layer
+    python benchmarks/scaling.py --models resnet20 --partitions per_layer --steps 8 --no-write
+
+For each model and partition (PFA, 1f1b, batch 128 in 4 micro-batches, CIFAR-shaped
+synthetic input, one torch thread per actor, an embedded Ray of its own):
+
+  in-process   InProcessExecutor at the machine's cores in threads, median step time
+  ray          RayExecutor: start-up until every actor is ready, median step time, the
+               machine's peak used memory during the run (MemTotal - MemAvailable,
+               sampled every 0.2 s; the idle machine's use before the run is reported
+               beside it), and each actor's private memory (/proc/PID/smaps_rollup)
+  baseline     in the same run: a bare Ray actor that imports torch and does nothing --
+               the process floor an actor cannot go below; an actor's private memory
+               above it is what localnet's own state costs
+  simulator    `localnet simulate`'s prediction (measured unit costs, the machine's
+               cores, the data plane's CPU per hop from --hop-cost)
+  preflight    runtime/memory.py's estimate; a partition it refuses is reported as such
+
+Then a projection past this machine: a cluster of 1..64 actors with one GPU each running
+ResNet-56 per layer (57 layers, grouped into consecutive stages), from a stated cost model
+(`gpu_cost`: each layer's FLOPs at a sustained rate, plus a fixed launch cost per layer
+and pass) and a hop cost per message, through the same simulator.  Writes the table and a
+plot (benchmarks/scaling.png) into benchmarks/RESULTS.md (--no-write: not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+import torch  # noqa: E402
+
+from common import commit, hardware_cpu, write_section  # noqa: E402
+from localnet.config import Config  # noqa: E402
+
+SHAPE, NC = (3, 32, 32), 10
+
+
+def cfg_for(model: str, partition: str, batch: int, M: int) -> Config:
+    return Config.model_validate({
+        "seed": 0, "rule": {"name": "pfa"}, "model": {"name": model},
+        "data": {"name": "synthetic"},
+        "train": {"batch_size": batch, "micro_batches": M, "lr": 0.01, "momentum": 0.9,
+                  "weight_decay": 1e-4},
+        "runtime": {"executor": "ray", "schedule": "1f1b", "partition": partition,
+                    "threads": 1, "timeout_s": 600, "local_cpus": 4}})
+
+
+def batches(batch: int, n: int = 4):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, *SHAPE, generator=g), torch.randint(0, NC, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def used_mb() -> float:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":", 1)
+        info[k] = int(v.split()[0])
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+def private_mb(pid: int) -> float:
+    """Private (unshared) memory of a process, clean + dirty, from smaps_rollup."""
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(line.split()[1])
+    return total / 1024
+
+
+class Peak:
+    """The machine's peak used memory while it runs, sampled in a thread."""
+
+    def __init__(self, every: float = 0.2):
+        self.peak, self._stop = used_mb(), threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._t.start()
+
+    def _run(self, every):
+        while not self._stop.wait(every):
+            self.peak = max(self.peak, used_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+class Idle:
+    """What a Ray actor costs before any model: Ray's worker and `import torch`."""
+
+    def __init__(self):
+        import torch  # noqa: F401 - what every stage actor imports
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def step_times(step, data, warmup: int, steps: int) -> list[float]:
+    for i in range(warmup):
+        step(*data[i % len(data)])
+    out = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(*data[i % len(data)])
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def inprocess(cfg, data, steps: int) -> float:
+    from localnet.runtime.testing import reference
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        ex, _ = reference(cfg, SHAPE, NC)
+        t = step_times(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), data, 2, steps)
+    finally:
+        torch.set_num_threads(threads)
+    return cfg.train.batch_size / statistics.median(t)
+
+
+def on_ray(cfg, data, steps: int) -> dict:
+    import ray
+
+    from localnet.runtime.memory import MemoryPreflightError
+    from localnet.runtime.ray_executor import RayExecutor
+
+    idle_mb = used_mb()
+    peak = Peak()
+    try:
+        ex = RayExecutor(cfg, SHAPE, NC)
+    except MemoryPreflightError as err:
+        peak.stop()
+        ray.shutdown()
+        return {"refused": str(err)}
+    try:
+        base = ray.remote(num_cpus=0)(Idle).remote()
+        base_mb = private_mb(ray.get(base.pid.remote(), timeout=120))
+        ex.flush()
+        t = step_times(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), data, 2, steps)
+        ex.flush()
+        actors = [private_mb(i["pid"]) for i in ex.stage_info]
+        out = {"samples_per_s": cfg.train.batch_size / statistics.median(t),
+               "startup_s": ex.startup_s, "actors": ex.num_stages,
+               "actor_private_mb": round(statistics.median(actors), 1),
+               "actor_private_mb_max": round(max(actors), 1), "baseline_mb": round(base_mb, 1),
+               "memory_estimate": ex.memory}
+    finally:
+        ex.close()
+    out["peak_used_mb"], out["idle_used_mb"] = round(peak.stop()), round(idle_mb)
+    return out
+
+
+def predicted(cfg, hop_cost: float) -> float:
+    from localnet.runtime.plan import simulate_config
+
+    plan = simulate_config(cfg, SHAPE, NC, repeats=2, cores=os.cpu_count() or 1,
+                           hop_cost=hop_cost)
+    return plan["samples_per_s"]
+
+
+# ------------------------------------------------------------------------------ projection
+def gpu_cost(flops: float, tflops: float = 50.0, launch_s: float = 20e-6) -> float:
+    """Seconds for a layer's forward (or backward: twice the FLOPs) on one GPU: its
+    FLOPs at a sustained `tflops` plus a fixed launch cost per pass."""
+    return flops / (tflops * 1e12) + launch_s
+
+
+def projection(batch: int, M: int, hop_s: float, sizes=(1, 2, 4, 8, 16, 32, 57)) -> list[dict]:
+    """ResNet-56 per layer on 1..57 GPU actors (consecutive layers grouped), 1f1b, at M
+    and at 4x M micro-batches of the same size (a larger batch)."""
+    from localnet.builders import build_rule_and_model
+    from localnet.runtime.schedule import make_schedule, simulate
+
+    cfg = cfg_for("resnet56", "per_layer", batch, M)
+    _, model = build_rule_and_model(cfg, SHAPE, NC)
+    nodes = model.layer_graph()
+    flops, outs, x = [], [], torch.zeros(1, *SHAPE)
+    for n in nodes:  # FLOPs per sample of each layer's conv / linear
+        ins = [x if i < 0 else outs[i] for i in n.inputs]
+        f = 0
+        with torch.no_grad():
+            y = n.module(*ins)
+        outs.append(y)
+        for m in n.module.modules():
+            w = getattr(m, "weight", None)
+            if w is not None and w.dim() == 4:
+                f += 2 * w.numel() * y.shape[-1] * y.shape[-2]
+            elif w is not None and w.dim() == 2:
+                f += 2 * w.numel()
+        flops.append(f)
+    mb = batch // M
+    rows = []
+    for S in sizes:
+        cuts = [round(i * len(nodes) / S) for i in range(S + 1)]
+        fwd = [sum(gpu_cost(mb * f) for f in flops[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        bwd = [2 * v for v in fwd]
+        row = {"actors": S, "stage_fwd_ms": max(fwd) * 1e3}
+        for k, tag in ((1, ""), (4, "_4x")):
+            res = simulate(make_schedule("1f1b", S, M * k), fwd, bwd, comm_cost=hop_s,
+                           hop_cost=hop_s, batch_size=batch * k)
+            row["samples_per_s" + tag], row["bubble" + tag] = res.samples_per_s, res.bubble_fraction
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], proj: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for part, marker in (("per_unit", "o"), ("per_layer", "s")):
+        pts = [r for r in rows if r["partition"] == part and "ray" in r and "samples_per_s" in r["ray"]]
+        a.plot([r["ray"]["actors"] for r in pts], [r["ray"]["samples_per_s"] for r in pts],
+               marker=marker, label=f"Ray, {part}")
+        a.plot([r["ray"]["actors"] for r in pts], [r["predicted"] for r in pts],
+               marker=marker, linestyle=":", label=f"simulator, {part}")
+    for r in rows:
+        if r["partition"] == "per_unit":
+            a.axhline(r["inprocess"], color="grey", linewidth=0.5)
+    a.set_xlabel("actors")
+    a.set_ylabel("samples/s (2 CPU cores)")
+    a.set_title("this machine (grey: in-process)")
+    a.legend(fontsize=7)
+    b.plot([p["actors"] for p in proj], [p["samples_per_s"] for p in proj], marker="o",
+           label="4 micro-batches")
+    b.plot([p["actors"] for p in proj], [p["samples_per_s_4x"] for p in proj], marker="s",
+           label="16 micro-batches (4x batch)")
+    b.legend(fontsize=7)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("GPU actors (ResNet-56, consecutive layers per actor)")
+    b.set_ylabel("samples/s (simulated)")
+    b.set_title("projection: one GPU per actor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet20,resnet32,resnet56")
+    p.add_argument("--partitions", default="per_unit,per_layer")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--hop-cost", type=float, default=2e-4,
+                   help="the data plane's CPU per message for the simulator (s); "
+                        "benchmarks/dataplane.py measures it")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    import ray
+
+    data = batches(args.batch)
+    rows = []
+    for model in args.models.split(","):
+        for part in args.partitions.split(","):
+            cfg = cfg_for(model, part, args.batch, args.micro)
+            row = {"model": model, "partition": part,
+                   "inprocess": round(inprocess(cfg, data, args.steps), 1),
+                   "predicted": round(predicted(cfg, args.hop_cost), 1)}
+            row["ray"] = on_ray(cfg, data, args.steps)
+            if "samples_per_s" in row["ray"]:
+                row["ray"]["samples_per_s"] = round(row["ray"]["samples_per_s"], 1)
+                row["ratio"] = round(row["ray"]["samples_per_s"] / row["inprocess"], 3)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if ray.is_initialized():
+                ray.shutdown()
+    proj = projection(args.batch, args.micro, 1e-4)
+    result = {"hardware": hardware_cpu(), "commit": commit(), "rows": rows, "projection": proj,
+              "command": "python benchmarks/scaling.py " + " ".join(argv or sys.argv[1:])}
+    print(json.dumps(result))
+    if not args.no_write:
+        plot(rows, proj, HERE / "scaling.png")
+        write_results(result, args)
+    return result
+
+
+def write_results(r: dict, args) -> None:
+    lines = ["### Scaling: CIFAR ResNets per unit and per layer, every actor a process", "",
+             f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
+             f"`{r['command'].strip()}`.  PFA, 1f1b, batch {args.batch} in {args.micro} "
+             f"micro-batches, synthetic CIFAR-shaped input; Ray: one torch thread per actor, "
+             f"an embedded Ray per row; in-process: {os.cpu_count()} threads.  Memory: the "
+             f"machine's peak used memory during the Ray run (and before it); an actor's "
+             f"private memory (smaps_rollup) against a bare Ray actor that imports torch, "
+             f"measured in the same run.", "",
+             "| model | partition | actors | in-process samples/s | Ray samples/s | Ray ÷ "
+             "in-process | simulator | start-up (s) | peak used GB (idle) | actor private "
+             "MB, median / max | bare torch actor MB | above it (median) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in r["rows"]:
+        ray_ = row["ray"]
+        if "refused" in ray_:
+            lines.append(f"| {row['model']} | {row['partition']} | — | {row['inprocess']} | "
+                         f"refused by the preflight | — | {row['predicted']} | — | — | — | — | — |")
+            continue
+        lines.append(
+            f"| {row['model']} | {row['partition']} | {ray_['actors']} | {row['inprocess']} | "
+            f"{ray_['samples_per_s']} | {row['ratio']} | {row['predicted']} | "
+            f"{ray_['startup_s']:.1f} | {ray_['peak_used_mb'] / 1024:.1f} "
+            f"({ray_['idle_used_mb'] / 1024:.1f}) | {ray_['actor_private_mb']} / "
+            f"{ray_['actor_private_mb_max']} | {ray_['baseline_mb']} | "
+            f"{ray_['actor_private_mb'] - ray_['baseline_mb']:.1f} |")
+    refused = [row for row in r["rows"] if "refused" in row["ray"]]
+    for row in refused:
+        lines += ["", f"{row['model']} {row['partition']}: {row['ray']['refused']}"]
+    lines += ["", "Projection (simulated, `gpu_cost`: FLOPs at 50 TFLOP/s plus 20 us per layer "
+                  "and pass, backward twice the forward, 0.1 ms per hop): ResNet-56 per "
+                  "layer, consecutive layers grouped onto N GPU actors, 1f1b, "
+                  f"{args.micro} micro-batches of {args.batch // args.micro}.", "",
+              f"| GPU actors | samples/s, M={args.micro} | bubble | samples/s, M={4 * args.micro} "
+              "(4x the batch) | bubble | slowest stage's forward per micro-batch (ms) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for p in r["projection"]:
+        lines.append(f"| {p['actors']} | {p['samples_per_s']:.0f} | {p['bubble']:.2f} | "
+                     f"{p['samples_per_s_4x']:.0f} | {p['bubble_4x']:.2f} | "
+                     f"{p['stage_fwd_ms']:.3f} |")
+    lines += ["", "![scaling](scaling.png)"]
+    write_section("scaling", lines)
+
+
+if __name__ == "__main__":
+    main()

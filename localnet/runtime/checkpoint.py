@@ -1,0 +1,54 @@
+"""Per-actor checkpoints: every actor writes its own file, the coordinator a manifest.
+
+    RUN_DIR/checkpoint/step-<N>/stage<i>.pt     one actor's weights, feedback weights,
+                                                optimizer state, steps and RNG states
+    RUN_DIR/checkpoint/step-<N>/manifest.json   actors, files, bytes, partition, step
+    RUN_DIR/checkpoint/manifest.json            the latest generation
+
+No tensor passes through the coordinator.  The two newest generations are kept, so a
+crash while saving leaves the previous one whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def save(ex, run_dir) -> tuple[Path, dict]:
+    """Every actor of executor `ex` writes its own file; then the manifests.  Returns the
+    generation's directory and its manifest."""
+    root = Path(run_dir).resolve() / CHECKPOINT_DIR
+    gen = root / f"step-{ex._step:09d}"
+    receipts = ex._get([w.save_checkpoint.remote(str(gen)) for w in ex.workers], "checkpoint")
+    manifest = {"version": 1, "run_id": ex.run_id, "step": ex._step, "time": time.time(),
+                "schedule": ex.schedule_name, "micro_batches": ex.micro_batches,
+                **ex._layout(), "actors": receipts, "bytes": sum(r["bytes"] for r in receipts)}
+    write_json(gen / "manifest.json", manifest)
+    write_json(root / "manifest.json", {**manifest, "generation": gen.name})
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-2]:
+        if old != gen:
+            shutil.rmtree(old, ignore_errors=True)
+    return gen, manifest
+
+
+def read_manifest(run_dir, saved: dict) -> tuple[Path, dict]:
+    gen = Path(run_dir).resolve() / saved["checkpoint"]
+    path = gen / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint manifest {path}: the run directory is "
+                                f"incomplete (or not on a filesystem every node shares)")
+    return gen, json.loads(path.read_text())

@@ -1,0 +1,245 @@
+"""The coordinator's whole-model operations: commands to every actor, state and
+checkpoints, measuring passes, and what it reports.  None of them is on the per-batch
+path (`ray_executor.py`); each first drains an async stream."""
+
+from __future__ import annotations
+
+from ..engine import StepStats
+from . import checkpoint
+from .graph import Placement
+from .ledger import Ledger
+from .messages import CONTROL, Control
+from .schedule import simulate, stream_staleness
+from .worker import DRIVER, stage_name
+
+
+class StateMixin:
+    # ------------------------------------------------------------------ commands
+    def _control(self, op, s, step, **args) -> bytes:
+        raw = Control(op, src=DRIVER, dst=stage_name(s), step=step, run=self.run_id,
+                      args=args).encode()
+        self._ledger.record(DRIVER, stage_name(s), CONTROL, len(raw), 0)
+        return raw
+
+    def _stats(self, raw: bytes) -> dict:
+        c = Control.decode(raw, "stats")
+        if self.audit:
+            self._audit.append({"src": c.src, "dst": DRIVER, "kind": CONTROL, "detail": "stats",
+                                "step": c.step, "mb": c.args.get("mb", -1),
+                                "header_bytes": len(raw), "payload_bytes": 0, "payload": None})
+        return c.args
+
+    def _broadcast(self, op, step=None, **args):
+        step = self._step if step is None else step
+        return self._get([w.control.remote(self._control(op, s, step, **args))
+                          for s, w in enumerate(self.workers)], op)
+
+    def train(self, mode: bool) -> None:
+        self._broadcast("mode", train=bool(mode))
+
+    def mirror_steps(self, n: int) -> None:
+        if n:
+            self._drain()
+            self._broadcast("mirror", n=int(n))
+            if self._ckpt is None:
+                self._pre_mirror += int(n)
+
+    # ------------------------------------------------------------------ measuring passes
+    def _channels(self, on: bool) -> None:
+        """Measuring passes bypass the channels (as in-process): no codec state, drop
+        draws or delay slots are spent on them."""
+        if self.channels and self._ch_now != on:
+            self._drain()
+            self._get([w.set_channels.remote(on) for w in self.workers], "channels")
+            self._ch_now = on
+
+    def forward_backward(self, x, y, stats: StepStats) -> None:
+        """Forward and backward of one batch, gradients left in the stages (no step)."""
+        self._channels(False)
+        try:
+            st = self._run(x, y, self._step + 1, None)
+        finally:
+            self._channels(True)
+        stats.loss_sum += st.loss_sum
+        stats.correct += st.correct
+        stats.samples += st.samples
+
+    def bp_update_angles(self, x, y) -> dict[str, float]:
+        """As InProcessExecutor.bp_update_angles: angle between each layer's update under
+        its rule and the BP gradient on the same batch; BatchNorm statistics restored."""
+        from ..alignment import update_angles
+
+        self._drain()
+        self._channels(False)
+        self._get([w.probe_begin.remote() for w in self.workers], "probe")
+        try:
+            grads = []
+            for rule in (None, "bp"):
+                self._get([w.probe_rule.remote(rule) for w in self.workers], "probe")
+                self._run(x, y, self._step + 1, None)
+                g = {}
+                for d in self._get([w.weight_grads.remote() for w in self.workers], "probe"):
+                    g.update(d)
+                grads.append(g)
+        finally:
+            self._get([w.probe_end.remote() for w in self.workers], "probe")
+            self._channels(True)
+        return update_angles(grads[0], grads[1])
+
+    # ------------------------------------------------------------------ state
+    def alignment(self) -> dict:
+        out = {}
+        for d in self._get([w.alignment.remote() for w in self.workers], "alignment"):
+            out.update(d)
+        return out
+
+    def _layout(self) -> dict:
+        return {"executor": self.name, "boundaries": self.boundaries,
+                "placement": self.placement.to_dict(), "step": self._step}
+
+    def state_dict(self) -> dict:
+        """Every stage's state, gathered on the driver (small models, tests); training
+        checkpoints use `save_state`, where each actor writes its own file."""
+        self._drain()
+        return {"stages": self._get([w.state_dict.remote() for w in self.workers], "state_dict"),
+                **self._layout()}
+
+    def _check_layout(self, state: dict, n: int) -> None:
+        pl = state.get("placement")
+        same = (Placement.from_dict(pl).same_layout(self.placement) if pl is not None
+                else state.get("boundaries", self.boundaries) == self.boundaries)
+        if n != self.num_stages or not same:
+            raise ValueError(f"checkpoint has {n} stages (boundaries {state.get('boundaries')}"
+                             f"); this runtime has {self.num_stages} (boundaries "
+                             f"{self.boundaries}): use the same runtime.partition")
+
+    def load_state_dict(self, state: dict) -> None:
+        stages = state["stages"]
+        self._check_layout(state, len(stages))
+        self._drain()
+        self._get([w.load_state_dict.remote(st) for w, st in zip(self.workers, stages)],
+                  "load_state_dict")
+        self._step = int(state.get("step", self._step))
+
+    def save_state(self, run_dir) -> dict:
+        """Checkpoint: every actor writes its own state (checkpoint.py).  Returns the small
+        record train.py keeps in checkpoint.pt; the actors' files never pass through the
+        driver."""
+        self._drain()
+        gen, manifest = checkpoint.save(self, run_dir)
+        self._ckpt, self._ckpt_step = gen, self._step
+        return {"executor": self.name, "checkpoint": f"{checkpoint.CHECKPOINT_DIR}/{gen.name}",
+                "step": self._step, "bytes": manifest["bytes"], **self._layout()}
+
+    def load_saved_state(self, run_dir, saved: dict) -> None:
+        """Resume from what `save_state` returned: each actor loads its own file."""
+        if "stages" in saved:  # a checkpoint gathered on the driver (state_dict)
+            self.load_state_dict(saved)
+            return
+        gen, manifest = checkpoint.read_manifest(run_dir, saved)
+        self._check_layout(manifest, len(manifest["actors"]))
+        self._drain()
+        self._get([w.load_checkpoint.remote(str(gen)) for w in self.workers], "resume")
+        self._step = int(manifest["step"])
+        self._ckpt, self._ckpt_step = gen, self._step
+
+    def model_state_dict(self) -> dict:
+        """The full model's state dict ("units.<i>...."), gathered from the stages."""
+        self._drain()
+        out = {}
+        for d in self._get([w.unit_state.remote() for w in self.workers], "unit_state"):
+            out.update(d)
+        return out
+
+    # ------------------------------------------------------------------ observability
+    def stage_timings(self, clear: bool = True) -> list[dict]:
+        """Per stage, `StageWorker.timings()`: call times since the last call (metrics)."""
+        return self._get([w.timings.remote(clear) for w in self.workers], "timings")
+
+    def ledger(self) -> Ledger:
+        led = Ledger().merge(self._ledger)
+        for d in self._get([w.ledger.remote() for w in self.workers], "ledger"):
+            led.merge(Ledger.from_dict(d))
+        return led
+
+    def ledger_summary(self) -> dict:
+        return self.ledger().run_summary()
+
+    def reset_ledger(self) -> None:
+        self._ledger.clear()
+        self._get([w.ledger.remote(clear=True) for w in self.workers], "ledger")
+
+    def audit_log(self, clear: bool = True) -> list[dict]:
+        """Every message received by a stage or the driver since the last call (audit=True)."""
+        out = list(self._audit)
+        for log in self._get([w.audit_log.remote(clear) for w in self.workers], "audit"):
+            out.extend(log)
+        if clear:
+            self._audit.clear()
+        return out
+
+    def inject_fault(self, stage: int, kind: str, mode: str, step: int | None = None,
+                     mb: int | None = None) -> None:
+        """Test hook: stage `stage` corrupts (or, mode "silent", never sends) its next
+        outgoing `kind` message."""
+        self._get(self.workers[stage].inject_fault.remote(kind, mode, step, mb), "inject_fault")
+
+    def staleness(self) -> list[int]:
+        """Per actor: how many updates its forward of a micro-batch may be missing
+        (0: gpipe / 1f1b).  async: d(s), the edges on the longest path from the actor to
+        the last one -- at most the pipeline depth minus one."""
+        if not self.is_async:
+            return [0] * self.num_stages
+        return stream_staleness(self.graph, self.num_stages)
+
+    def runtime_info(self) -> dict:
+        from .session import ray_address
+
+        sched = self._schedule(self.schedule_name, self.micro_batches)
+        sim = simulate(sched, 1.0, 1.0, dfa=self.dfa)
+        stale = self.staleness()
+        pl = self.placement
+        return {"executor": "local" if self.local else self.name, "actors": self.num_stages,
+                "schedule": self.schedule_name, "micro_batches": self.micro_batches,
+                "staleness": max(stale), "staleness_per_actor": stale,
+                "staleness_unit": "optimizer updates (one per micro-batch) missing from a "
+                                  "forward pass; 0 = the in-process maths",
+                "partition": pl.spec, "stages": self.num_stages,
+                "pipeline_depth": max(stream_staleness(self.graph, self.num_stages)) + 1,
+                "boundaries": self.boundaries,
+                "units": [list(n) for n in pl.names],
+                "edges": [list(e) for e in pl.edges()],
+                "dfa_broadcast": self.dfa, "placement": self.cfg.runtime.placement,
+                "num_cpus": self.cfg.runtime.num_cpus, "num_gpus": self.cfg.runtime.num_gpus,
+                "devices": sorted({i.get("device", "cpu") for i in self.stage_info}),
+                "data_plane": "local queues" if self.local else "torch.distributed gloo",
+                "driver_calls_per_batch": self.num_stages, "driver_calls": self.calls,
+                "startup_s": self.startup_s, "memory_estimate": self.memory,
+                "bubble_fraction_equal_costs": sim.bubble_fraction,
+                "ray_address": None if self.local else ray_address(),
+                "actor_info": self.stage_info, "run_id": self.run_id, "step": self._step,
+                "checkpoint": str(self._ckpt) if self._ckpt else None,
+                "recoveries": list(self.recoveries)}
+
+    def channel_summary(self) -> dict | None:
+        """As InProcessExecutor.channel_summary: bytes per edge and kind, bytes and bits
+        per sample -- from the sending and receiving halves in the actors."""
+        if not self.channels:
+            return None
+        from ..channels.channel import summarize
+
+        self._drain()
+        parts = self._get([w.channel_stats.remote() for w in self.workers], "channel stats")
+        recv = {(d["kind"], d["edge"]): d for p in parts for d in p["recv"]}
+        kinds: dict[str, list] = {"activation": [], "error": []}
+        sends = sorted((d for p in parts for d in p["send"]), key=lambda d: d["edge"])
+        n = self._ch_samples
+        for d in sends:
+            r = recv.get((d["kind"], d["edge"]), {})
+            row = {**d, "delivered": r.get("delivered", 0),
+                   "not_yet_arrived": r.get("not_yet_arrived", 0),
+                   "bytes_per_sample": d["bytes"] / n if n else 0.0}
+            del row["ledger"]
+            kinds[row.pop("kind")].append(row)
+        ledger = Ledger.merged(d["ledger"] for d in sends)
+        return summarize(kinds["activation"], kinds["error"], n, self.dfa, ledger)

@@ -1,0 +1,86 @@
+"""Memory preflight: will the actors fit?  Checked before any actor starts.
+
+Each actor is a process: the process floor (Ray's worker plus `import torch`; measured by
+`benchmarks/scaling.py` on the 2-core box, `runtime.actor_baseline_mb`), plus its
+weights, feedback weights, gradients and optimizer state, plus the activations autograd
+keeps for the micro-batches the schedule holds in flight (`schedule.simulate`'s peak).
+Ray would otherwise start actors until the node runs out and kill them for memory at
+setup -- a traceback instead of an answer, minutes in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+
+# autograd keeps about this many activation-sized tensors per layer for the backward
+# (input of the conv, BN's normalised input, ReLU's mask, ...): a conv + BN + ReLU unit
+SAVED_PER_OUTPUT = 4
+MB = 1 << 20
+
+
+class MemoryPreflightError(ConfigError):
+    """The placement does not fit the cluster's memory; says what to change."""
+
+
+def _bytes(module: torch.nn.Module) -> tuple[int, int]:
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return params, buffers
+
+
+def estimate(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> list[dict]:
+    """Per actor of `placement` (built from `model`): the estimate in bytes and its
+    parts."""
+    from .graph import modules_for
+
+    rt, t = cfg.runtime, cfg.train
+    mb = max(t.batch_size // t.micro_batches, 1)
+    base = int(rt.actor_baseline_mb * MB)
+    out = []
+    for i in range(placement.num_actors):
+        mods, names, _, in_shapes, out_shape = modules_for(placement, i, model, input_shape)
+        p, b = map(sum, zip(*[_bytes(m) for m in mods])) if mods else (0, 0)
+        state = 3 * p + b  # weights (and feedback weights), gradients, momentum; buffers
+        act = 4 * mb * (int(torch.tensor(out_shape).prod()) +
+                        sum(int(torch.tensor(s).prod()) for s in in_shapes))
+        inflight = SAVED_PER_OUTPUT * act * max(peak_in_flight[i], 1)
+        out.append({"actor": i, "units": names, "baseline": base, "state": state,
+                    "activations": inflight, "total": base + state + inflight})
+    return out
+
+
+def node_memory() -> tuple[int, int]:
+    """(bytes Ray may give to workers over all alive nodes, number of nodes)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return int(sum(n.get("Resources", {}).get("memory", 0) for n in nodes)), len(nodes)
+
+
+def summarize(per: list[dict]) -> dict:
+    worst = max(per, key=lambda r: r["total"])
+    return {"actors": len(per), "total_mb": round(sum(r["total"] for r in per) / MB),
+            "per_actor_mb_max": round(worst["total"] / MB),
+            "baseline_mb": round(worst["baseline"] / MB)}
+
+
+def check(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> dict:
+    """Raise MemoryPreflightError if the actors' estimate exceeds the nodes' memory;
+    else return the estimate (summary.json's runtime.memory_estimate)."""
+    per = estimate(cfg, placement, model, input_shape, peak_in_flight)
+    total = sum(r["total"] for r in per)
+    avail, n_nodes = node_memory()
+    summary = {**summarize(per), "nodes": n_nodes, "nodes_memory_mb": round(avail / MB)}
+    if avail and total > avail:
+        pl = placement
+        raise MemoryPreflightError(
+            f"runtime.partition={pl.spec!r} needs {len(per)} actors, estimated at "
+            f"{summary['total_mb']} MB in all (each at least the process floor of "
+            f"{summary['baseline_mb']} MB, runtime.actor_baseline_mb; the largest "
+            f"{summary['per_actor_mb_max']} MB), but the {n_nodes} Ray node(s) offer "
+            f"{summary['nodes_memory_mb']} MB.  Use fewer, larger actors "
+            f"(runtime.partition=per_unit, or '{{stages: N}}'), or add nodes.  Nothing was "
+            f"started.")
+    return summary

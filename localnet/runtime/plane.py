@@ -1,0 +1,232 @@
+"""The data plane: activations and errors straight from actor to actor.
+
+Each message is a fixed-size *frame* -- the lengths and the versioned msgpack header of
+`messages.py` -- followed by the payload's bytes, both as point-to-point sends of an
+existing engine.  The receiver rebuilds the array from its header and then validates the
+message like any other (`worker.py`), so the wire contract does not depend on the plane.
+
+`GlooPlane`  torch.distributed point-to-point (gloo) in a process group of the actors,
+             which the coordinator sets up over Ray (actor 0 hosts the TCPStore), the way
+             Ray Train does for data-parallel workers.  Chosen by measurement against Ray
+             actor-to-actor calls and Ray Compiled Graphs (`benchmarks/dataplane.py`,
+             RESULTS.md): the least CPU per hop at every size, and a receiver that blocks
+             without polling -- what a machine with fewer cores than actors needs.
+`LocalPlane` queues in this process, for `runtime.executor: local` (no Ray).
+
+A send is asynchronous (the sender keeps the buffers until the receiver took them, which
+under async may be in the receiver's next call); a receive blocks for at most
+`runtime.timeout_s` and then names the edge.  When an actor fails mid-batch it
+sends an *abort* frame to every other actor, so peers blocked on it (or on someone
+waiting for it) fail at once instead of at the timeout; the coordinator then rebuilds the
+plane, which drops whatever was left in flight.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import struct
+from collections import deque
+
+import msgpack
+import numpy as np
+import torch
+
+from .messages import Header, MessageError
+
+FRAME = 1024                 # bytes: lengths + header (a header is ~110-300 bytes)
+_LEN = struct.Struct("<iq")  # header length (-1: abort), payload bytes
+_TAG = 7
+
+
+class PeerFailed(RuntimeError):
+    """Another actor failed during this batch (its abort frame arrived, or its process
+    went away); the coordinator reports the first actor's own error instead."""
+
+    def __init__(self, src: str, dst: str, reason: str):
+        self.src, self.dst, self.reason = src, dst, reason
+        super().__init__(f"{src} failed, so {dst} stopped: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.src, self.dst, self.reason))
+
+
+def frame(raw: bytes, nbytes: int) -> torch.Tensor:
+    if len(raw) > FRAME - _LEN.size:
+        raise ValueError(f"a header of {len(raw)} bytes does not fit a {FRAME}-byte frame")
+    buf = bytearray(FRAME)
+    _LEN.pack_into(buf, 0, len(raw), nbytes)
+    buf[_LEN.size:_LEN.size + len(raw)] = raw
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def abort_frame(src: str, reason: str) -> torch.Tensor:
+    raw = msgpack.packb({"src": src, "reason": reason[:FRAME - 100]}, use_bin_type=True)
+    buf = bytearray(FRAME)
+    _LEN.pack_into(buf, 0, -1, 0)
+    buf[_LEN.size:_LEN.size + len(raw)] = raw[:FRAME - _LEN.size]
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def unframe(buf: torch.Tensor, src: str, dst: str) -> tuple[bytes, int]:
+    """(header bytes, payload bytes) of a received frame; PeerFailed for an abort."""
+    b = buf.numpy().tobytes()
+    n, nbytes = _LEN.unpack_from(b, 0)
+    if n < 0:
+        try:
+            d = msgpack.unpackb(b[_LEN.size:].rstrip(b"\0"), raw=False)
+            raise PeerFailed(d.get("src", src), dst, d.get("reason", "?"))
+        except (ValueError, msgpack.UnpackException):
+            raise PeerFailed(src, dst, "an abort frame") from None
+    if not 0 <= n <= FRAME - _LEN.size or nbytes < 0:
+        raise MessageError(f"bad frame (header {n} bytes, payload {nbytes})", src, dst)
+    return b[_LEN.size:_LEN.size + n], nbytes
+
+
+def as_array(raw: bytes, data: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """The payload bytes viewed as the array its header describes."""
+    try:
+        h = Header.decode(raw)
+    except MessageError as err:
+        raise MessageError(err.reason, src, dst) from None
+    try:
+        dt = np.dtype(h.dtype)
+        want = int(np.prod(h.shape, dtype=np.int64)) * dt.itemsize
+    except (TypeError, ValueError):
+        raise h.error(f"dtype {h.dtype!r} is not a wire dtype", dst) from None
+    if want != data.nbytes:
+        raise h.error(f"payload of {data.nbytes} bytes, its header says {h.dtype}"
+                      f"{list(h.shape)}", dst)
+    return data.view(dt).reshape(h.shape)
+
+
+class GlooPlane:
+    """One actor's end of a gloo process group over all actors (rank = actor index)."""
+
+    def __init__(self, addr: str, port: int, rank: int, world: int, timeout_s: float,
+                 names: list[str]):
+        import torch.distributed as dist
+
+        self.rank, self.names = rank, names
+        self.timeout = datetime.timedelta(seconds=float(timeout_s))
+        self._store = dist.TCPStore(addr, port, world, rank == 0, timeout=self.timeout,
+                                    wait_for_workers=False)
+        self.pg = dist.ProcessGroupGloo(self._store, rank, world, self.timeout)
+        self._pending: list = []
+
+    @staticmethod
+    def host() -> tuple[str, int]:
+        """This machine's address and a free port, for the TCPStore of rank 0."""
+        s = socket.socket()
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+        s.close()
+        return _ip(), port
+
+    def send(self, dst: int, raw: bytes, payload: np.ndarray) -> None:
+        # buffers must live until their receiver took them; which may be in its next
+        # call (async: an error for a micro-batch the stage below runs in the next batch)
+        self._pending = [p for p in self._pending if not all(w.is_completed() for w in p[0])]
+        f = frame(raw, payload.nbytes)
+        works = [self.pg.send([f], dst, _TAG)]
+        data = None
+        if payload.nbytes:
+            data = torch.from_numpy(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
+            works.append(self.pg.send([data], dst, _TAG))
+        self._pending.append((works, f, data, payload))  # alive until sent
+
+    def recv(self, src: int) -> tuple[bytes, np.ndarray]:
+        me, peer = self.names[self.rank], self.names[src]
+        f = torch.empty(FRAME, dtype=torch.uint8)
+        self._wait(self.pg.recv([f], src, _TAG), peer, me)
+        raw, nbytes = unframe(f, peer, me)
+        data = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            self._wait(self.pg.recv([data], src, _TAG), peer, me)
+        return raw, as_array(raw, data.numpy(), peer, me)
+
+    def _wait(self, work, peer: str, me: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as err:
+            text = str(err)
+            if "imed out" in text:
+                raise MessageError(f"nothing arrived within {self.timeout.total_seconds():g} s "
+                                   f"(runtime.timeout_s)", peer, me) from None
+            raise PeerFailed(peer, me, text.splitlines()[0][-200:]) from None
+
+    def flush(self) -> None:
+        """Wait until every send has been taken by its receiver (tests, benchmarks)."""
+        pending, self._pending = self._pending, []
+        for works, *_ in pending:
+            for w in works:
+                w.wait(self.timeout)
+
+    def abort(self, reason: str) -> None:
+        """Tell every other actor this one failed (not waited for: the plane is rebuilt).
+        What this actor already sent stays pending: dropping a send in flight would
+        cancel it, and the peer waiting for it would wait for the timeout instead of
+        reading on to the abort frame."""
+        f = abort_frame(self.names[self.rank], reason)
+        for dst in range(len(self.names)):
+            if dst != self.rank:
+                try:
+                    self._pending.append(([self.pg.send([f], dst, _TAG)], f, None, None))
+                except RuntimeError:
+                    pass  # that peer's connection is gone already
+
+    def close(self) -> None:
+        self._pending = []
+        self.pg = None
+        self._store = None
+
+
+class LocalPlane:
+    """In-process queues between the workers of one process (`executor: local`).  A
+    receive never blocks: `ready` tells the coordinator's round-robin whether it can."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self._q: dict[tuple[int, int], deque] = {}
+
+    def endpoint(self, rank: int) -> "LocalEnd":
+        return LocalEnd(self, rank)
+
+
+class LocalEnd:
+    def __init__(self, plane: LocalPlane, rank: int):
+        self.plane, self.rank, self.names = plane, rank, plane.names
+
+    def send(self, dst: int, raw: bytes, payload: np.ndarray) -> None:
+        # a copy, as a real plane makes: the sender may reuse its tensor
+        self.plane._q.setdefault((self.rank, dst), deque()).append((raw, np.array(payload)))
+
+    def ready(self, src: int) -> bool:
+        return bool(self.plane._q.get((src, self.rank)))
+
+    def recv(self, src: int) -> tuple[bytes, np.ndarray]:
+        raw, arr = self.plane._q[(src, self.rank)].popleft()
+        f = frame(raw, arr.nbytes)  # the same framing checks as on the wire
+        raw, nbytes = unframe(f, self.names[src], self.names[self.rank])
+        return raw, as_array(raw, arr.reshape(-1).view(np.uint8), self.names[src],
+                             self.names[self.rank])
+
+    def flush(self) -> None:
+        pass
+
+    def abort(self, reason: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray
+        pass
+    return socket.gethostbyname(socket.gethostname())

@@ -1,0 +1,137 @@
+"""The Ray side of the coordinator: the session, the actors' placement, and replies.
+
+Ray places the actors (a placement group of one bundle per actor), restarts what died
+(the coordinator's recovery asks it to), and carries the coordinator's one call per actor
+per batch.  Activations and errors do not go through Ray (`plane.py`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .messages import MessageError
+from .plane import PeerFailed
+
+
+def ensure_ray(runtime) -> bool:
+    """Connect to runtime.address / $RAY_ADDRESS, else start an embedded local Ray.
+    Returns True when this call started (and so owns) the Ray session."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # Ray starts workers at nice 15 so that its own processes stay responsive; here
+        # the actors *are* the training, and at 15 they lose every core to whatever else
+        # runs on the machine.  Normal priority, unless the environment says otherwise.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+class Placer:
+    """Spawns StageWorker actors, each in its own bundle of one placement group."""
+
+    def __init__(self, runtime, timeout: float):
+        self.rt, self.timeout, self.pg = runtime, timeout, None
+
+    def spawn(self, cls, S: int) -> list:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        rt = self.rt
+        # a bundle may not be all zeros: reserve a token CPU share when num_cpus is 0
+        bundle = {"CPU": rt.num_cpus or 0.001, **({"GPU": rt.num_gpus} if rt.num_gpus else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(S)], strategy=rt.placement)
+        try:
+            ray.get(self.pg.ready(), timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"placement group of {S} bundles {bundle} ({rt.placement}) not "
+                               f"ready within {self.timeout}s: does the cluster have the "
+                               f"resources (runtime.num_cpus / num_gpus)?") from None
+        return [self.spawn_one(cls, i) for i in range(S)]
+
+    def spawn_one(self, cls, i: int):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        rt = self.rt
+        remote = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus, max_concurrency=1)(cls)
+        if self.pg is not None:
+            remote = remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=i))
+        return remote.remote(threads=rt.threads)
+
+    def close(self) -> None:
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+def get(refs, timeout: float, what: str):
+    """ray.get with the runtime's errors: a MessageError as itself (naming the edge),
+    a timeout naming the call, an actor's death as RuntimeError (recovery looks)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except GetTimeoutError:
+        raise TimeoutError(f"ray executor: no reply within {timeout:g}s during {what} "
+                           f"(runtime.timeout_s)") from None
+    except RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, MessageError):
+            raise MessageError(cause.reason, cause.src, cause.dst, cause.kind, cause.step,
+                               cause.mb) from None
+        raise RuntimeError(f"a stage actor failed during {what}: "
+                           f"{type(cause).__name__ if cause else ''} {cause or err}") from err
+    except RayActorError as err:
+        raise RuntimeError(f"a stage actor died during {what}: {err}") from err
+
+
+def gather(refs: list, timeout: float, what: str, order=None) -> list:
+    """Every actor's reply to a batch.  When one failed, wait for the rest (the abort
+    frames make them stop at once) and raise the *cause*: a peer that stopped because of
+    another's failure (`PeerFailed`) is only its echo, and of several actors' own errors
+    (several waiting on one silent peer time out together) the first in `order` (default: the time each was raised)."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    try:
+        return get(refs, timeout, what)
+    except (MessageError, RuntimeError, TimeoutError) as first:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        died, own = None, []
+        for r in refs:
+            try:
+                ray.get(r, timeout=0)
+            except RayActorError as err:
+                died = died or err
+            except RayTaskError as err:
+                cause = getattr(err, "cause", None)
+                if not isinstance(cause, PeerFailed):
+                    own.append(cause)
+            except Exception:  # noqa: BLE001 - still running: the first error stands
+                pass
+        if died is not None:
+            raise RuntimeError(f"a stage actor died during {what}: {died}") from died
+        own.sort(key=order or (lambda e: getattr(e, "t", float("inf"))))
+        if own and isinstance(own[0], MessageError):
+            e = own[0]
+            raise MessageError(e.reason, e.src, e.dst, e.kind, e.step, e.mb, e.t) from None
+        if own and not isinstance(first, MessageError):
+            raise RuntimeError(f"a stage actor failed during {what}: "
+                               f"{type(own[0]).__name__} {own[0]}") from first
+        raise
