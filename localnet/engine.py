@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .alignment import update_angles, weight_alignment
 from .layers import local_layers, restore_rules, set_rule
+from .optim import SGD
 from .rules import make_rule, output_error
 
 
@@ -48,9 +49,9 @@ class Stage:
         self.optim = optim
         params = [p for p in self.module.parameters() if p.requires_grad]
         # fused SGD: one kernel over all parameters (PFA's R is r times W's size on CPU)
-        self.opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
-                                   weight_decay=optim.weight_decay, nesterov=optim.nesterov,
-                                   fused=params[0].dtype in (torch.float32, torch.float64)) \
+        self.opt = SGD(params, lr=optim.lr, momentum=optim.momentum,
+                       weight_decay=optim.weight_decay, nesterov=optim.nesterov,
+                       fused=params[0].dtype in (torch.float32, torch.float64)) \
             if params else None
         if optim.norm_constraint:  # Moskovitz et al.: forward weights keep their initial norm
             self.norm_limits = {n: l.weight.detach().norm().item() for n, l in self.layers}

@@ -1,0 +1,42 @@
+"""torch.optim.SGD, without importing torch._dynamo.
+
+torch.optim marks its methods as not to be compiled, lazily: the first call of
+`Optimizer.zero_grad`, `state_dict`, ... and every `step` imports torch._dynamo to do so.
+localnet never compiles, and on the 2-core box that import cost every process about 2 s
+of CPU and 126 MB of private memory (`benchmarks/scaling.py` measures an actor's memory
+against a bare torch process) -- multiplied by every actor of a per-layer run, it was most
+of what an actor held above the process floor, and of the runtime's start-up.
+
+`SGD` is torch.optim.SGD with the same update (the same code runs), minus that import:
+the optimizer's methods are marked "not compiled" up front, and `step` calls the
+undecorated function under no_grad, which is what the decorator adds when not compiling.
+A test checks it against torch.optim.SGD bit for bit and that torch._dynamo stays out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch._compile
+
+_STEP = torch.optim.SGD.step
+while hasattr(_STEP, "__wrapped__"):
+    _STEP = _STEP.__wrapped__
+
+
+def _mark_not_compiled() -> None:
+    # each `_disable_dynamo` wrapper caches torch._dynamo.disable(fn) on fn; cache fn
+    # itself, so the wrapper calls it as it is (what disable() does outside compilation)
+    code = torch._compile._disable_dynamo(lambda: None).__code__
+    for cls in (torch.optim.Optimizer, torch.optim.SGD):
+        for attr in vars(cls).values():
+            if getattr(attr, "__code__", None) is code:
+                setattr(attr.__wrapped__, "__dynamo_disable", attr.__wrapped__)
+
+
+_mark_not_compiled()
+
+
+class SGD(torch.optim.SGD):
+    @torch.no_grad()
+    def step(self, closure=None):
+        return _STEP(self, closure)
