@@ -13,9 +13,9 @@ message like any other (`worker.py`), so the wire contract does not depend on th
              without polling -- what a machine with fewer cores than actors needs.
 `LocalPlane` queues in this process, for `runtime.executor: local` (no Ray).
 
-A send is asynchronous (the sender keeps the buffers until the receiver took them, which
-under async may be in the receiver's next call); a receive blocks for at most
-`runtime.timeout_s` and then names the edge.  When an actor fails mid-batch it
+A send is asynchronous: the sender keeps the buffers until the receiver took them
+(`settle`: within the batch, or under async in the receiver's next call); a receive
+blocks for at most `runtime.timeout_s` and then names the edge.  When an actor fails mid-batch it
 sends an *abort* frame to every other actor, so peers blocked on it (or on someone
 waiting for it) fail at once instead of at the timeout; the coordinator then rebuilds the
 plane, which drops whatever was left in flight.
@@ -112,7 +112,8 @@ class GlooPlane:
         self._store = dist.TCPStore(addr, port, world, rank == 0, timeout=self.timeout,
                                     wait_for_workers=False)
         self.pg = dist.ProcessGroupGloo(self._store, rank, world, self.timeout)
-        self._pending: list = []
+        self._pending: list = []   # (call, works, buffers...) of sends not yet waited for
+        self._call = 0
 
     @staticmethod
     def host() -> tuple[str, int]:
@@ -124,16 +125,33 @@ class GlooPlane:
         return _ip(), port
 
     def send(self, dst: int, raw: bytes, payload: np.ndarray) -> None:
-        # buffers must live until their receiver took them; which may be in its next
-        # call (async: an error for a micro-batch the stage below runs in the next batch)
-        self._pending = [p for p in self._pending if not all(w.is_completed() for w in p[0])]
         f = frame(raw, payload.nbytes)
         works = [self.pg.send([f], dst, _TAG)]
         data = None
         if payload.nbytes:
             data = torch.from_numpy(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
             works.append(self.pg.send([data], dst, _TAG))
-        self._pending.append((works, f, data, payload))  # alive until sent
+        self._pending.append((self._call, works, f, data, payload))  # alive until taken
+
+    def settle(self, calls_back: int = 0) -> None:
+        """Wait until the receivers took what this actor sent before its last
+        `calls_back` calls, and free those buffers.  A gloo send is done only once
+        waited for (`is_completed` stays False until then), so without this every
+        payload ever sent would stay in memory.  calls_back=0 after a flushing batch
+        (every message is taken within it); 1 at the start of an async call (a message
+        may be taken in the receiver's next call, never later)."""
+        keep = self._call - calls_back
+        rest = []
+        for entry in self._pending:
+            if entry[0] < keep:
+                for w in entry[1]:
+                    w.wait(self.timeout)
+            else:
+                rest.append(entry)
+        self._pending = rest
+
+    def next_call(self) -> None:
+        self._call += 1
 
     def recv(self, src: int) -> tuple[bytes, np.ndarray]:
         me, peer = self.names[self.rank], self.names[src]
@@ -155,12 +173,6 @@ class GlooPlane:
                                    f"(runtime.timeout_s)", peer, me) from None
             raise PeerFailed(peer, me, text.splitlines()[0][-200:]) from None
 
-    def flush(self) -> None:
-        """Wait until every send has been taken by its receiver (tests, benchmarks)."""
-        pending, self._pending = self._pending, []
-        for works, *_ in pending:
-            for w in works:
-                w.wait(self.timeout)
 
     def abort(self, reason: str) -> None:
         """Tell every other actor this one failed (not waited for: the plane is rebuilt).
@@ -171,7 +183,7 @@ class GlooPlane:
         for dst in range(len(self.names)):
             if dst != self.rank:
                 try:
-                    self._pending.append(([self.pg.send([f], dst, _TAG)], f, None, None))
+                    self._pending.append((self._call, [self.pg.send([f], dst, _TAG)], f))
                 except RuntimeError:
                     pass  # that peer's connection is gone already
 
@@ -211,7 +223,10 @@ class LocalEnd:
         return raw, as_array(raw, arr.reshape(-1).view(np.uint8), self.names[src],
                              self.names[self.rank])
 
-    def flush(self) -> None:
+    def settle(self, calls_back: int = 0) -> None:
+        pass
+
+    def next_call(self) -> None:
         pass
 
     def abort(self, reason: str) -> None:

@@ -416,7 +416,13 @@ class StageWorker:
         try:
             if self._failed is not None:
                 raise self._failed
-            return drive(interpret(self, actions, inputs or {}, targets or {}), self.plane)
+            # what this actor sent in earlier calls has been taken by now (or is being)
+            self.plane.settle(calls_back=1)
+            self.plane.next_call()
+            out = drive(interpret(self, actions, inputs or {}, targets or {}), self.plane)
+            if not self.stage.stash:  # a flushing batch: every message is taken within it
+                self.plane.settle(calls_back=0)
+            return out
         except BaseException as err:
             self._failed = err
             if self.plane is not None:
