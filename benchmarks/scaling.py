@@ -19,7 +19,7 @@ synthetic input, one torch thread per actor, an embedded Ray of its own):
   preflight    runtime/memory.py's estimate; a partition it refuses is reported as such
 
 Then a projection past this machine: a cluster of 1..64 actors with one GPU each running
-ResNet-56 per layer (57 layers, grouped into consecutive stages), from a stated cost model
+ResNet-56 per layer (56 layers, grouped into consecutive stages; one each at most), from a stated cost model
 (`gpu_cost`: each layer's FLOPs at a sustained rate, plus a fixed launch cost per layer
 and pass) and a hop cost per message, through the same simulator.  Writes the table and a
 plot (benchmarks/scaling.png) into benchmarks/RESULTS.md (--no-write: not).
@@ -183,9 +183,10 @@ def gpu_cost(flops: float, tflops: float = 50.0, launch_s: float = 20e-6) -> flo
     return flops / (tflops * 1e12) + launch_s
 
 
-def projection(batch: int, M: int, hop_s: float, sizes=(1, 2, 4, 8, 16, 32, 57)) -> list[dict]:
-    """ResNet-56 per layer on 1..57 GPU actors (consecutive layers grouped), 1f1b, at M
-    and at 4x M micro-batches of the same size (a larger batch)."""
+def projection(batch: int, M: int, hop_s: float, sizes=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
+    """ResNet-56 per layer on 1..56 GPU actors (consecutive layers grouped; 56 layers, so
+    64 actors means one layer each), 1f1b, at M and at 4x M micro-batches of the same
+    size (a larger batch)."""
     from localnet.builders import build_rule_and_model
     from localnet.runtime.schedule import make_schedule, simulate
 
@@ -208,7 +209,7 @@ def projection(batch: int, M: int, hop_s: float, sizes=(1, 2, 4, 8, 16, 32, 57))
         flops.append(f)
     mb = batch // M
     rows = []
-    for S in sizes:
+    for S in sorted({min(S, len(nodes)) for S in sizes}):
         cuts = [round(i * len(nodes) / S) for i in range(S + 1)]
         fwd = [sum(gpu_cost(mb * f) for f in flops[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
         bwd = [2 * v for v in fwd]
@@ -291,6 +292,15 @@ def main(argv=None) -> dict:
         plot(rows, proj, HERE / "scaling.png")
         write_results(result, args)
     return result
+
+
+def rewrite(log: str) -> None:
+    """Redo the projection, plot and RESULTS section of a saved run (its last line)."""
+    r = json.loads(Path(log).read_text().strip().splitlines()[-1])
+    r["projection"] = projection(128, 4, 1e-4)
+    args = argparse.Namespace(batch=128, micro=4)
+    plot(r["rows"], r["projection"], HERE / "scaling.png")
+    write_results(r, args)
 
 
 def write_results(r: dict, args) -> None:

@@ -150,9 +150,10 @@ class RuntimeConfig(Section):
     threads: int = Field(1, ge=1, description="torch threads inside each actor")
     local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
     actor_baseline_mb: float = Field(
-        330.0, ge=0, description="an actor process's own memory before any model (Ray's "
-                                 "worker plus import torch), for the memory preflight; "
-                                 "benchmarks/scaling.py measures it")
+        400.0, ge=0, description="an actor process's own memory before its share of the "
+                                 "model: Ray's worker, import torch (about 312 MB "
+                                 "together) and the runtime's own (the data plane, the "
+                                 "model build); benchmarks/scaling.py measures both")
     memory_preflight: bool = Field(True, description="refuse, before any actor starts, a "
                                                      "partition whose estimated memory "
                                                      "exceeds the Ray nodes' (runtime/memory.py)")

@@ -240,18 +240,18 @@ def test_a_partition_that_cannot_fit_is_refused_before_any_actor_starts(ray_sess
     def spawn(*a, **k):
         raise AssertionError("an actor was started")
     monkeypatch.setattr(session.Placer, "spawn", spawn)
-    monkeypatch.setattr(memory, "node_memory", lambda: (2 * 330 * memory.MB, 1))
+    monkeypatch.setattr(memory, "node_memory", lambda: (2 * 400 * memory.MB, 1))
     cfg = cfg_for("pfa", "1f1b", RESNET8, "per_layer", m=2, bs=8)
     with pytest.raises(memory.MemoryPreflightError) as info:
         RayExecutor(cfg, IMG, NC)
     msg = str(info.value)
-    for part in ("runtime.partition='per_layer'", "8 actors", "660 MB", "1 Ray node",
+    for part in ("runtime.partition='per_layer'", "8 actors", "800 MB", "1 Ray node",
                  "per_unit", "{stages: N}", "add nodes", "Nothing was started"):
         assert part in msg, part
     est = memory.estimate(cfg, RayExecutor(cfg, IMG, NC, local=True).placement,
                           reference(cfg, IMG, NC)[1], IMG, [2] * 8)
     assert all(r["total"] == r["baseline"] + r["state"] + r["activations"] for r in est)
-    assert all(r["baseline"] == 330 * memory.MB for r in est)
+    assert all(r["baseline"] == 400 * memory.MB for r in est)
 
 
 # ---------------------------------------------------------------------------- wiring

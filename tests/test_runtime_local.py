@@ -197,7 +197,7 @@ def test_cli_simulate(tmp_path, capsys):
     assert "bubble fraction: 0.3333" in out and "predicted samples/s: 0.9" in out
     assert "no runtime overhead" in out
     assert "coordinator calls per batch: 3 (one per actor)" in out
-    assert "memory estimate:" in out and "process floor 330 MB each" in out
+    assert "memory estimate:" in out and "process floor 400 MB each" in out
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--fwd", "1,1,1", "--bwd", "2,2,2", "--cores", "1",
                  "--hop-cost", "0.5"]) == 0
