@@ -2,6 +2,7 @@
 
     python benchmarks/scaling.py                         # ResNet-20/32/56 x per_unit/per_layer
     python benchmarks/scaling.py --models resnet20 --partitions per_layer --steps 8 --no-write
+    python benchmarks/scaling.py --baseline              # a bare torch actor; + torch._dynamo
 
 For each model and partition (PFA, 1f1b, batch 128 in 4 micro-batches, CIFAR-shaped
 synthetic input, one torch thread per actor, an embedded Ray of its own):
@@ -110,6 +111,40 @@ class Idle:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def import_dynamo(self) -> float:
+        """CPU seconds of `import torch._dynamo` (what torch.optim.SGD does on first use;
+        localnet/optim.py avoids it)."""
+        t = time.process_time()
+        import torch._dynamo  # noqa: F401
+        return time.process_time() - t
+
+
+def baseline(write: bool) -> dict:
+    """A bare torch actor's private memory, and what importing torch._dynamo adds."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        a = ray.remote(num_cpus=0)(Idle).remote()
+        pid = ray.get(a.pid.remote(), timeout=120)
+        before = private_mb(pid)
+        cpu = ray.get(a.import_dynamo.remote(), timeout=120)
+        r = {"bare_mb": round(before, 1), "dynamo_mb": round(private_mb(pid) - before, 1),
+             "dynamo_cpu_s": round(cpu, 2), "hardware": hardware_cpu(), "commit": commit()}
+    finally:
+        ray.shutdown()
+    if write:
+        write_section("scaling:baseline", [
+            "### An actor's floor, and what torch._dynamo would add", "",
+            f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
+            "`python benchmarks/scaling.py --baseline`: a Ray actor that imports torch and "
+            "does nothing, its private memory (smaps_rollup), then `import torch._dynamo` "
+            "in it (what torch.optim.SGD does on first use; `localnet/optim.py` avoids it).",
+            "", "| bare torch actor, private MB | + torch._dynamo, MB | its import, CPU s |",
+            "| --- | --- | --- |",
+            f"| {r['bare_mb']} | {r['dynamo_mb']} | {r['dynamo_cpu_s']} |"])
+    return r
 
 
 def step_times(step, data, warmup: int, steps: int) -> list[float]:
@@ -265,7 +300,13 @@ def main(argv=None) -> dict:
                    help="the data plane's CPU per message for the simulator (s); "
                         "benchmarks/dataplane.py measures it")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--baseline", action="store_true",
+                   help="only a bare torch actor's memory and what torch._dynamo adds")
     args = p.parse_args(argv)
+    if args.baseline:
+        r = baseline(not args.no_write)
+        print(json.dumps(r))
+        return r
     import ray
 
     data = batches(args.batch)

@@ -2,10 +2,10 @@
 
 torch.optim marks its methods as not to be compiled, lazily: the first call of
 `Optimizer.zero_grad`, `state_dict`, ... and every `step` imports torch._dynamo to do so.
-localnet never compiles, and on the 2-core box that import cost every process about 2 s
-of CPU and 126 MB of private memory (`benchmarks/scaling.py` measures an actor's memory
-against a bare torch process) -- multiplied by every actor of a per-layer run, it was most
-of what an actor held above the process floor, and of the runtime's start-up.
+localnet never compiles, and on the 2-core box that import cost a Ray actor 1.8 s of CPU
+and 149 MB of private memory (`python benchmarks/scaling.py --baseline`) -- multiplied by
+every actor of a per-layer run, much of what an actor held above the process floor, and
+of the runtime's start-up.
 
 `SGD` is torch.optim.SGD with the same update (the same code runs), minus that import:
 the optimizer's methods are marked "not compiled" up front, and `step` calls the

@@ -32,7 +32,7 @@ def test_sgd_equals_torch_sgd_bit_for_bit(fused, nesterov):
 
 def test_training_never_imports_dynamo():
     """A stage's whole life -- build, steps, state dicts -- leaves torch._dynamo out of
-    the process (it costs every actor about 2 s of CPU and 126 MB; localnet/optim.py)."""
+    the process (it costs every actor seconds of CPU and over 100 MB; localnet/optim.py)."""
     code = """
 import sys, torch
 from localnet.config import Config

@@ -10,6 +10,8 @@ setup -- a traceback instead of an answer, minutes in.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import ConfigError
@@ -43,8 +45,7 @@ def estimate(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> l
         mods, names, _, in_shapes, out_shape = modules_for(placement, i, model, input_shape)
         p, b = map(sum, zip(*[_bytes(m) for m in mods])) if mods else (0, 0)
         state = 3 * p + b  # weights (and feedback weights), gradients, momentum; buffers
-        act = 4 * mb * (int(torch.tensor(out_shape).prod()) +
-                        sum(int(torch.tensor(s).prod()) for s in in_shapes))
+        act = 4 * mb * (math.prod(out_shape) + sum(math.prod(s) for s in in_shapes))
         inflight = SAVED_PER_OUTPUT * act * max(peak_in_flight[i], 1)
         out.append({"actor": i, "units": names, "baseline": base, "state": state,
                     "activations": inflight, "total": base + state + inflight})

@@ -42,7 +42,7 @@ from .executor_state import StateMixin
 from .graph import Placement
 from .interpreter import drive_all, interpret
 from .ledger import Ledger
-from .messages import ACTIVATION, TARGET, MessageError
+from .messages import ACTIVATION, TARGET, Message, MessageError
 from .partition import resolve_placement
 from .plane import LocalPlane
 from .schedule import Action, AsyncStream, make_schedule, simulate, stream_staleness
@@ -202,7 +202,7 @@ class RayExecutor(StateMixin):
     def _wire_in(self, x, y, step: int, mbs: list[int], n: int, detail: str) -> tuple[dict, dict]:
         """The driver's messages for micro-batches `mbs` of step `step`: the inputs, per
         first actor, and the targets for the last."""
-        xs, ys = x.chunk(len(mbs)) if len(mbs) > 1 else [x], y.chunk(len(mbs)) if len(mbs) > 1 else [y]
+        xs, ys = x.chunk(len(mbs)), y.chunk(len(mbs))
         last = self.num_stages - 1
         inputs = {s: {(step, m): list(self._send(ACTIVATION, xm, stage_name(s), step, m, detail))
                       for m, xm in zip(mbs, xs)} for s in self.first}
@@ -212,8 +212,6 @@ class RayExecutor(StateMixin):
         return inputs, targets
 
     def _send(self, kind, tensor, dst, step, mb, detail, meta=None) -> tuple:
-        from .messages import Message
-
         msg = Message.make(kind, tensor, src=DRIVER, dst=dst, step=step, mb=mb, run=self.run_id,
                            detail=detail, meta=meta)
         self._ledger.record(DRIVER, dst, kind, msg.header_bytes, msg.payload_bytes)
