@@ -101,6 +101,42 @@ class TrainConfig(Section):
         return self
 
 
+class MetricsTLS(Section):
+    """HTTPS for the metrics endpoint (prometheus-client's TLS server).  PEM files."""
+
+    certfile: str | None = Field(None, description="the endpoint's certificate (PEM); "
+                                 "set with keyfile to serve HTTPS")
+    keyfile: str | None = Field(None, description="its private key (PEM)")
+    client_cafile: str | None = Field(None, description="require client certificates "
+                                      "signed by this CA (PEM): only scrapers holding one "
+                                      "are served")
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        if (self.certfile is None) != (self.keyfile is None):
+            missing = "keyfile" if self.keyfile is None else "certfile"
+            raise ValueError(f"metrics.tls.{missing}: HTTPS needs both certfile and keyfile")
+        if self.client_cafile is not None and self.certfile is None:
+            raise ValueError("metrics.tls.client_cafile: client certificates need HTTPS "
+                             "(metrics.tls.certfile and keyfile)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 class MetricsConfig(Section):
     alignment_every: int = Field(100, ge=0, description="log per-layer alignment every N steps (0: per epoch only)")
     bp_angle: bool = Field(False, description="also measure the angle to the true BP gradient (extra BP pass)")
@@ -109,13 +145,33 @@ class MetricsConfig(Section):
                              description="serve /metrics on this port; null: no endpoint; "
                                          "0: an ephemeral port (printed, and written to sd_dir)")
     address: str = Field("127.0.0.1", min_length=1,
-                         description="address the endpoint binds (0.0.0.0: every interface)")
+                         description="address the endpoint binds (0.0.0.0: every interface; "
+                                     "anything but loopback needs metrics.tls or "
+                                     "metrics.allow_insecure)")
+    tls: MetricsTLS = MetricsTLS()
+    allow_insecure: bool = Field(False, description="allow plain HTTP on a non-loopback "
+                                 "address: anyone who can reach it reads the run's metrics")
     linger_s: float = Field(0.0, ge=0, description="after the run, keep the endpoint up until "
                             "it is scraped once more, or at most this many seconds")
     poll_every: int = Field(10, ge=1, description="ray: collect actor timings and the message "
                             "ledger every N steps (in-process stages are timed every step)")
     sd_dir: str | None = Field(None, description="write a Prometheus file-SD target file "
                                "<sd_dir>/<run>.json while the endpoint is up")
+
+    @model_validator(mode="after")
+    def _secure_binding(self):
+        # a routable endpoint without TLS serves anyone on the network, unauthenticated
+        if not is_loopback(self.address) and not self.tls.enabled and not self.allow_insecure:
+            raise ValueError(f"metrics.address: {self.address!r} is not a loopback address; "
+                             f"serve it over HTTPS (metrics.tls.certfile, metrics.tls.keyfile, "
+                             f"and metrics.tls.client_cafile to require client certificates), "
+                             f"or set metrics.allow_insecure=true to serve plain HTTP anyway")
+        return self
+
+    @property
+    def insecure(self) -> bool:
+        """Plain HTTP on a non-loopback address (allowed by allow_insecure)."""
+        return self.port is not None and not is_loopback(self.address) and not self.tls.enabled
 
 
 class PartitionStages(Section):
@@ -272,6 +328,10 @@ def _format(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # a section's own check: its message names the key; the section is noise
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
             msg += f" (got {e['input']!r})"
         lines.append(f"  {key}: {msg}")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .files import load_state, save_state
+
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
 
 # per-channel statistics of the training sets, on the [0, 1] pixel scale
@@ -245,14 +247,11 @@ def load_cifar_tree(src: Path) -> dict:
     """Decode an image-folder tree or tar once; later calls read the cached uint8 tensors."""
     path = cache_dir() / f"cifar10-{_fingerprint(src)}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        return load_state(path, "decoded CIFAR-10 cache")
     t0 = time.time()
     data = _decode_tree(src)
     data["source"], data["decode_s"] = str(src), time.time() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # atomic: parallel workers never read a half-written file
+    save_state(data, path)  # atomic: parallel workers never read a half-written file
     return data
 
 

@@ -25,12 +25,15 @@ Without a ledger (the in-process executor) there is no message traffic to count.
 from __future__ import annotations
 
 import json
-import os
 import socket
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import write_json
 
 # ------------------------------------------------------------------ the metric list
 
@@ -285,14 +288,22 @@ class Metrics:
         reg.register(self.ledger)
         reg.register(self.watch.last)
         self._server = None
-        self.host, self.port = None, None
+        self.host, self.port, self.scheme = None, None, "http"
 
     # -- endpoint ------------------------------------------------------------------
-    def start(self, port: int, address: str = "127.0.0.1") -> str:
+    def start(self, port: int, address: str = "127.0.0.1", tls=None) -> str:
+        """Serve /metrics; `tls` (config.MetricsTLS) switches to HTTPS, and with a client
+        CA every scraper must present a certificate it signed."""
         from prometheus_client import start_http_server
 
-        self._server, _ = start_http_server(int(port), addr=address, registry=self.registry)
+        kw = {}
+        if tls is not None and tls.enabled:
+            kw = {"certfile": tls.certfile, "keyfile": tls.keyfile,
+                  "client_cafile": tls.client_cafile,
+                  "client_auth_required": tls.client_cafile is not None}
+        self._server, _ = start_http_server(int(port), addr=address, registry=self.registry, **kw)
         self.host, self.port = address, int(self._server.server_port)
+        self.scheme = "https" if kw else "http"
         return self.url
 
     @property
@@ -300,7 +311,7 @@ class Metrics:
         if self.port is None:
             return None
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"{self.scheme}://{host}:{self.port}/metrics"
 
     def wait_for_scrape(self, timeout: float) -> bool:
         """Block until the endpoint has served one more scrape (or timeout)."""
@@ -433,9 +444,7 @@ class MessageLog:
                "train_bytes": train_bytes, "samples": samples, "steps": step,
                "bytes_per_sample": train_bytes / samples if samples else None,
                "per_epoch": self.per_epoch, "ledger": led.to_dict()}
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, doc)
         return doc
 
 
@@ -467,13 +476,25 @@ class RunObserver:
         mt.total_steps.set(total_steps)
         mt.step.set(step)
         mt.epoch.set(epoch)
+        from .config import ConfigError
+        for key in ("certfile", "keyfile", "client_cafile"):
+            f = getattr(m.tls, key)
+            if f is not None and not Path(f).is_file():
+                raise ConfigError(f"metrics.tls.{key}: no such file {f}")
         try:
-            self.url = mt.start(m.port, m.address)
+            self.url = mt.start(m.port, m.address, m.tls)
+        except ssl.SSLError as err:
+            raise ConfigError(f"metrics.tls: cannot serve HTTPS with certfile={m.tls.certfile}, "
+                              f"keyfile={m.tls.keyfile}, client_cafile={m.tls.client_cafile} "
+                              f"({getattr(err, 'reason', None) or err})") from None
         except OSError as err:
-            from .config import ConfigError
             raise ConfigError(f"metrics.port={m.port}, metrics.address={m.address}: cannot "
                               f"serve metrics there ({err.strerror or err}); pick another "
                               f"port, or 0 for an ephemeral one") from None
+        if m.insecure:
+            sys.stderr.write(f"localnet: warning: metrics are served over plain HTTP on "
+                             f"{m.address} (metrics.allow_insecure): anyone who can reach "
+                             f"{self.url} can read them\n")
         if m.sd_dir:
             self._write_sd(Path(m.sd_dir))
 
@@ -489,11 +510,11 @@ class RunObserver:
             host = f"[{host}]"
         sd_dir.mkdir(parents=True, exist_ok=True)
         self.sd_file = sd_dir / f"{self.run_dir.name}.json"
-        doc = [{"targets": [f"{host}:{self.metrics.port}"],
-                "labels": {"run": self.run_dir.name, "rule": self.cfg.rule.name}}]
-        tmp = self.sd_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc) + "\n")
-        os.replace(tmp, self.sd_file)
+        labels = {"run": self.run_dir.name, "rule": self.cfg.rule.name}
+        if self.metrics.scheme == "https":
+            labels["__scheme__"] = "https"  # Prometheus then scrapes it with its tls_config
+        doc = [{"targets": [f"{host}:{self.metrics.port}"], "labels": labels}]
+        write_json(self.sd_file, doc, indent=None)
 
     # -- steps ---------------------------------------------------------------------
     def timed_step(self, fn, *args, **kwargs):

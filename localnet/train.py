@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from .config import Config, dump_config
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
+from .files import load_state, save_state, write_json, write_text
 from .metrics import RunObserver
 from .progress import TrainProgress
 
@@ -94,13 +94,7 @@ def _drop_lines_after(run_dir: Path, step: int, epoch: int) -> None:
             lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if keep(json.loads(ln))]
             if len(kept) != len(lines):
-                _atomic_write(f, lambda p: p.write_text("".join(k + "\n" for k in kept)))
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+                write_text(f, "".join(k + "\n" for k in kept))
 
 
 def new_run_dir(cfg: Config, out: str | None) -> Path:
@@ -117,22 +111,26 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     """Train per `cfg`, writing into run_dir; returns the summary dict."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    ckpt = None
+    if resume:  # read (and refuse) the checkpoint before anything in run_dir is written
+        if not (run_dir / "checkpoint.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint.pt in {run_dir}")
+        ckpt = load_state(run_dir / "checkpoint.pt")
+    write_text(run_dir / "config.yaml", dump_config(cfg))
     data, rule, model, ex = build(cfg)
     try:
-        return _train(cfg, run_dir, resume, progress, data, rule, ex)
+        return _train(cfg, run_dir, ckpt, progress, data, rule, ex)
     finally:
         ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, data, rule, ex) -> dict:
+def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, rule, ex) -> dict:
     t = cfg.train
-
+    resume = ckpt is not None
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, step, train_time, samples_seen = 0, 0, 0.0, 0
     skip, sums = 0, (0.0, 0, 0)  # a mid-epoch checkpoint: batches done, their loss/correct/seen
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if resume:
         ex.load_saved_state(run_dir, ckpt["executor"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         train_time, samples_seen = ckpt["train_time"], ckpt["samples"]
@@ -140,8 +138,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, data, rule,
         if ckpt.get("batch") is not None:  # runtime.checkpoint_every: resume inside the epoch
             start_epoch, skip, sums = ckpt["epoch"], ckpt["batch"], tuple(ckpt["epoch_sums"])
         _drop_lines_after(run_dir, step, start_epoch)  # what a killed run wrote past it
-    elif resume:
-        raise FileNotFoundError(f"--resume: no checkpoint.pt in {run_dir}")
     else:
         for f in ("metrics.jsonl", "steps.jsonl"):
             (run_dir / f).unlink(missing_ok=True)
@@ -168,7 +164,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, data, rule,
         state = {"executor": ex.save_state(run_dir), "epoch": epoch, "step": step,
                  "train_time": train_time, "samples": samples, **mid_epoch,
                  "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
-        _atomic_write(ckpt_path, lambda p: torch.save(state, p))
+        save_state(state, ckpt_path)
     if obs.url:
         bar.note(f"metrics: {obs.url}")
     try:
@@ -252,7 +248,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, data, rule,
     }
     if getattr(ex, "channel_summary", None) and ex.channel_summary() is not None:
         summary["channels"] = ex.channel_summary()
-    _atomic_write(run_dir / "summary.json",
-                  lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    write_json(run_dir / "summary.json", summary, indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values
     return summary

@@ -1,6 +1,5 @@
 """Wire messages: typed, versioned headers; receiver-side validation; no parameters."""
 
-import os
 
 import msgpack
 import numpy as np
@@ -168,3 +167,41 @@ def test_plane_frames_carry_the_header_and_rebuild_the_payload():
     got_raw, got = b.recv(0)
     assert got_raw == m.raw_header and np.array_equal(got, m.payload)
     assert not np.shares_memory(got, m.payload)  # a copy, as a real plane makes
+
+
+def test_gloo_plane_frees_every_send_of_a_flushing_batch():
+    """A gloo send's buffers are freed only once it is waited for.  At the end of a
+    flushing batch (settle(0)) every send is taken, so none may stay -- this call's
+    included; at the start of an async call (settle(2)) the last two calls' sends
+    stay, since their receivers may take them only in their next call."""
+    import threading
+
+    import numpy as np
+
+    from localnet.runtime.plane import GlooPlane
+
+    addr, port = GlooPlane.host()
+    names = ["stage0", "stage1"]
+    planes = [None, None]
+
+    def join(rank):
+        planes[rank] = GlooPlane(addr, port, rank, 2, 30, names)
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    a, b = planes
+    m = _act(torch.randn(4, 8))
+    for call in range(3):
+        a.settle(calls_back=2)
+        a.next_call()
+        a.send(1, m.raw_header, m.payload)
+        raw, got = b.recv(0)
+        assert raw == m.raw_header and np.array_equal(got, m.payload)
+    a.settle(calls_back=2)
+    assert [e[0] for e in a._pending] == [2, 3]  # the last two calls' sends stay
+    a.settle(calls_back=0)
+    assert a._pending == []
+    a.close(), b.close()

@@ -298,3 +298,79 @@ def test_resume_adds_to_messages_json(tmp_path, monkeypatch):
     assert both["eval_bytes"] == 2 * first["eval_bytes"]
     assert both["train_bytes"] == 2 * first["train_bytes"]  # same traffic every epoch
     assert both["kinds"]["total_count"] == 2 * first["kinds"]["total_count"]
+
+
+# ------------------------------------------------------------------ TLS and bindings
+def https_get(url: str, certs: dict, client: str | None = "client") -> str:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    if client:
+        ctx.load_cert_chain(certs[f"{client}_cert"], certs[f"{client}_key"])
+    with urllib.request.urlopen(url, timeout=5, context=ctx) as r:
+        return r.read().decode()
+
+
+def test_tls_endpoint_serves_only_clients_with_a_certificate(tmp_path):
+    from certs import make_certs
+
+    certs = make_certs(tmp_path / "tls")
+    cfg = small("metrics.port=0", f"metrics.tls.certfile={certs['server_cert']}",
+                f"metrics.tls.keyfile={certs['server_key']}",
+                f"metrics.tls.client_cafile={certs['ca']}", f"metrics.sd_dir={tmp_path / 'sd'}")
+    _, _, _, ex = train_mod.build(cfg)
+    obs = RunObserver(cfg, tmp_path / "run", ex)
+    try:
+        assert obs.url.startswith("https://127.0.0.1:")
+        assert "localnet_step 0.0" in https_get(obs.url, certs)
+        for client in (None, "other"):  # no certificate; one from a CA it does not trust
+            with pytest.raises(OSError):
+                https_get(obs.url, certs, client)
+        with pytest.raises(OSError):  # and never plain HTTP
+            urllib.request.urlopen(obs.url.replace("https:", "http:"), timeout=5).read()
+        (target,) = json.loads(next((tmp_path / "sd").glob("*.json")).read_text())
+        assert target["labels"]["__scheme__"] == "https"
+    finally:
+        obs.close()
+
+
+def test_tls_settings_are_checked_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="metrics.tls.keyfile: HTTPS needs both"):
+        small("metrics.tls.certfile=a.pem")
+    with pytest.raises(ConfigError, match="metrics.tls.client_cafile: client certificates"):
+        small("metrics.tls.client_cafile=ca.pem")
+    cfg = small("metrics.port=0", f"metrics.tls.certfile={tmp_path / 'no.pem'}",
+                f"metrics.tls.keyfile={tmp_path / 'no.key'}")
+    _, _, _, ex = train_mod.build(cfg)
+    with pytest.raises(ConfigError, match="metrics.tls.certfile: no such file"):
+        RunObserver(cfg, tmp_path / "run", ex)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    cfg = small("metrics.port=0", f"metrics.tls.certfile={tmp_path / 'junk.pem'}",
+                f"metrics.tls.keyfile={tmp_path / 'junk.pem'}")
+    with pytest.raises(ConfigError, match="metrics.tls: cannot serve HTTPS"):
+        RunObserver(cfg, tmp_path / "run", ex)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "'::'", "192.0.2.7", "node1.example"])
+def test_a_routable_binding_without_tls_is_refused(address):
+    with pytest.raises(ConfigError, match=r"metrics.address: .* is not a loopback address") as info:
+        small(f"metrics.address={address}")
+    assert "metrics.allow_insecure" in str(info.value) and "metrics.tls" in str(info.value)
+    assert small(f"metrics.address={address}", "metrics.allow_insecure=true").metrics.insecure \
+        is False  # no port: nothing served
+    for loop in ("127.0.0.1", "'::1'", "localhost"):
+        assert small(f"metrics.address={loop}", "metrics.port=0").metrics.insecure is False
+
+
+def test_allow_insecure_serves_plain_http_with_a_warning(tmp_path, capsys):
+    cfg = small("metrics.port=0", "metrics.address=0.0.0.0", "metrics.allow_insecure=true")
+    assert cfg.metrics.insecure
+    _, _, _, ex = train_mod.build(cfg)
+    obs = RunObserver(cfg, tmp_path / "run", ex)
+    try:
+        assert "warning: metrics are served over plain HTTP on 0.0.0.0" in capsys.readouterr().err
+        text = urllib.request.urlopen(f"http://127.0.0.1:{obs.metrics.port}/metrics",
+                                      timeout=5).read().decode()
+        assert "localnet_step 0.0" in text
+    finally:
+        obs.close()

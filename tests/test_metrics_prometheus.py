@@ -13,12 +13,15 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
 from localnet.config import load_config
 from localnet.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def prometheus_binary() -> str:
@@ -42,19 +45,29 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(r.read().decode())
 
 
+FAST = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+
+
+def sd_job(name: str, sd) -> dict:
+    return {"job_name": name,
+            "file_sd_configs": [{"files": [str(sd / "*.json")], "refresh_interval": "1s"}]}
+
+
 @pytest.fixture
 def prometheus(tmp_path):
     """A Prometheus on 127.0.0.1:<free port> scraping every 1 s the targets that runs
     announce in tmp_path/sd (metrics.sd_dir).  Yields (api base URL, sd dir)."""
-    binary = prometheus_binary()
     sd = tmp_path / "sd"
     sd.mkdir()
+    for base in serve(tmp_path, {"global": FAST, "scrape_configs": [sd_job("localnet", sd)]}):
+        yield base, sd
+
+
+def serve(tmp_path, doc: dict):
+    """Run Prometheus with config `doc` until the generator is closed; yields its API URL."""
+    binary = prometheus_binary()
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "localnet",
-                            "file_sd_configs": [{"files": [str(sd / "*.json")],
-                                                 "refresh_interval": "1s"}]}]}))
+    config.write_text(yaml.safe_dump(doc))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "prometheus.log", "wb")
@@ -77,7 +90,7 @@ def prometheus(tmp_path):
             if time.monotonic() > deadline:
                 pytest.fail("prometheus not ready within 60 s")
             time.sleep(0.2)
-        yield base, sd
+        yield base
     finally:
         proc.terminate()
         try:
@@ -149,3 +162,37 @@ def test_prometheus_scrapes_a_run(prometheus, tmp_path):
     ours = {n for n in names if not n.startswith("scrape_") and n != "up"}
     assert all(n.startswith("localnet_") for n in ours), ours
     assert not list(sd.glob("*.json"))
+
+
+def test_prometheus_scrapes_a_run_over_tls_with_a_client_certificate(tmp_path):
+    """deploy/prometheus/prometheus-tls.yml, with test certificates: Prometheus scrapes a
+    run's HTTPS endpoint presenting its client certificate and stores localnet_ series;
+    the same scrape without the certificate is refused by the run."""
+    from certs import make_certs
+
+    certs = make_certs(tmp_path / "tls")
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    doc = yaml.safe_load((ROOT / "deploy/prometheus/prometheus-tls.yml").read_text())
+    (job,) = doc["scrape_configs"]
+    assert job["scheme"] == "https"
+    tls = job["tls_config"]
+    tls.update(ca_file=certs["ca"], cert_file=certs["client_cert"], key_file=certs["client_key"])
+    job.pop("static_configs")
+    job.update(sd_job("localnet", sd))
+    nocert = {**sd_job("nocert", sd), "scheme": "https", "tls_config": {"ca_file": certs["ca"]}}
+    doc.update({"global": FAST, "scrape_configs": [job, nocert]})
+    for base in serve(tmp_path, doc):
+        cfg = load_config(None, [
+            "data.name=synthetic", "model.name=mlp", "model.widths=[32]", "train.epochs=1",
+            "train.batch_size=32", "rule.name=fa", "metrics.port=0", f"metrics.sd_dir={sd}",
+            "metrics.linger_s=45", f"metrics.tls.certfile={certs['server_cert']}",
+            f"metrics.tls.keyfile={certs['server_key']}", f"metrics.tls.client_cafile={certs['ca']}"])
+        summary = train(cfg, tmp_path / "run", progress=False)
+        res = wait_for(base, "last_over_time(localnet_step[10m])",
+                       lambda r: r and float(r[0]["value"][1]) == summary["steps"])
+        assert [r["metric"]["job"] for r in res] == ["localnet"]
+        assert float(res[0]["value"][1]) == summary["steps"]
+        up = {r["metric"]["job"]: float(r["value"][1])
+              for r in query(base, "max_over_time(up[10m])")}
+        assert up == {"localnet": 1.0, "nocert": 0.0}  # the same target, without the cert

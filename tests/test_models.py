@@ -425,7 +425,7 @@ def test_checkpoint_resume_continues_the_same_run(rule):
     buf.seek(0)
     resumed = build("mlp", rule, (1, 4, 4), seed=5).to(DT)
     ex2 = InProcessExecutor(resumed, opt)
-    ex2.load_state_dict(torch.load(buf, weights_only=False))
+    ex2.load_state_dict(torch.load(buf, weights_only=True))
     steps(ex2, range(2, 4))
     _assert_same_state(full.state_dict(), resumed.state_dict())
 

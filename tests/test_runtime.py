@@ -357,6 +357,33 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
     assert state_diff(ref.model_state_dict(), got)[0] < 1e-6
 
 
+def test_recovery_refuses_a_checkpoint_that_would_run_code(actors, spawner, tmp_path):
+    """An actor's checkpoint file replaced by one whose pickle runs code: the recovery
+    that would load it is refused with an error naming the file, and nothing runs."""
+    from test_files import plant
+
+    from localnet.files import load_state
+
+    cfg = cfg_for("fa", "1f1b")
+    data = batches(3, BS, SHAPE, NC, seed=13)
+    ex = RayExecutor(cfg, SHAPE, NC, actors=actors)
+    marker = tmp_path / "marker"
+    try:
+        ex.train_step(*data[0], 0.05, 1e-3)
+        saved = ex.save_state(tmp_path)
+        victim = tmp_path / saved["checkpoint"] / "stage1.pt"
+        plant(victim, marker, keep=load_state(victim))
+        ray.kill(ex.workers[1])
+        with pytest.raises(RuntimeError, match="CheckpointError") as info:
+            ex.train_step(*data[1], 0.05, 1e-3)
+        assert str(victim) in str(info.value) and "could run code" in str(info.value)
+        assert not marker.exists()
+    finally:
+        for i in ex._owned:
+            spawner.workers[i] = ex.workers[i]
+        ex.detach_actors()
+
+
 # ---------------------------------------------------------------------------- train()
 def test_train_on_ray_checkpoints_per_actor_and_summarises(ray_session, tmp_path):
     import json
@@ -380,7 +407,7 @@ def test_train_on_ray_checkpoints_per_actor_and_summarises(ray_session, tmp_path
     man = json.loads((tmp_path / "checkpoint/manifest.json").read_text())
     assert man["step"] == 5 and [a["actor"] for a in man["actors"]] == ["stage0", "stage1"]
     assert all(a["pid"] != os.getpid() for a in man["actors"])  # written by the actors
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert "stages" not in ckpt["executor"]  # no weights went through the driver
 
 

@@ -1,8 +1,6 @@
 """The runtime's pieces without Ray: ledger, partition, plan, and the schedule
 interpreter driving plain StageWorker objects in this process (`local=True`)."""
 
-import copy
-import os
 
 import pytest
 import torch
@@ -446,7 +444,7 @@ def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule):
     with pytest.raises(KeyboardInterrupt):
         train(_small(*sets), tmp_path / "part", progress=False)
     monkeypatch.setattr(RayExecutor, "train_step", orig)
-    ckpt = torch.load(tmp_path / "part/checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "part/checkpoint.pt", weights_only=True)
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (3, 0, 3)
     res = train(_small(*sets), tmp_path / "part", resume=True, progress=False)
     assert (res["steps"], res["test_loss"]) == (full["steps"], full["test_loss"])

@@ -68,8 +68,8 @@ def test_max_steps_and_determinism(tmp_path):
     b = train(small("rule.name=pfa", "rule.r=2", "train.max_steps=5"), tmp_path / "b", progress=False)
     assert a["steps"] == 5 and a["epochs"] == 1
     assert a["test_loss"] == b["test_loss"]
-    wa = torch.load(tmp_path / "a/checkpoint.pt", weights_only=False)["executor"]
-    wb = torch.load(tmp_path / "b/checkpoint.pt", weights_only=False)["executor"]
+    wa = torch.load(tmp_path / "a/checkpoint.pt", weights_only=True)["executor"]
+    wb = torch.load(tmp_path / "b/checkpoint.pt", weights_only=True)["executor"]
     for k, v in wa["stages"][0]["module"].items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, wb["stages"][0]["module"][k]), k

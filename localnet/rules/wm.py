@@ -16,7 +16,6 @@ With lambda_m = eta_m * sigma^2 (the default) the fixed point is B = W.
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import ConvGeometry, Rule, random_feedback

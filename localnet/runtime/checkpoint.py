@@ -12,20 +12,13 @@ crash while saving leaves the previous one whole.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
+from ..files import write_json
+
 CHECKPOINT_DIR = "checkpoint"
-
-
-def write_json(path: Path, doc: dict) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def save(ex, run_dir) -> tuple[Path, dict]:

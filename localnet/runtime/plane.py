@@ -14,7 +14,7 @@ message like any other (`worker.py`), so the wire contract does not depend on th
 `LocalPlane` queues in this process, for `runtime.executor: local` (no Ray).
 
 A send is asynchronous: the sender keeps the buffers until the receiver took them
-(`settle`: within the batch, or under async in the receiver's next call); a receive
+(`settle`, at the start of the sender's next call); a receive
 blocks for at most `runtime.timeout_s` and then names the edge.  When an actor fails mid-batch it
 sends an *abort* frame to every other actor, so peers blocked on it (or on someone
 waiting for it) fail at once instead of at the timeout; the coordinator then rebuilds the
@@ -137,13 +137,13 @@ class GlooPlane:
         """Wait until the receivers took what this actor sent before its last
         `calls_back` calls, and free those buffers.  A gloo send is done only once
         waited for (`is_completed` stays False until then), so without this every
-        payload ever sent would stay in memory.  calls_back=0 after a flushing batch
-        (every message is taken within it); 1 at the start of an async call (a message
-        may be taken in the receiver's next call, never later)."""
-        keep = self._call - calls_back
+        payload ever sent would stay in memory.  calls_back=0 once a flushing batch is
+        over (every message, the last call's too, was taken within it); 2 at the start
+        of an async call (a message may be taken in the receiver's next call)."""
+        last = self._call - calls_back  # the newest call whose sends are waited for
         rest = []
         for entry in self._pending:
-            if entry[0] < keep:
+            if entry[0] <= last:
                 for w in entry[1]:
                     w.wait(self.timeout)
             else:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ..alloc import keep_freed_memory
 from ..engine import loss_and_error
+from ..files import load_state, save_state
 from ..layers import ErrorTap, restore_rules, set_rule
 from ..rules import make_rule
 from ..builders import as_config, build_rule_and_model, optim_config
@@ -416,13 +417,14 @@ class StageWorker:
         try:
             if self._failed is not None:
                 raise self._failed
-            # what this actor sent in earlier calls has been taken by now (or is being)
-            self.plane.settle(calls_back=1)
+            # Free what this actor sent in earlier calls, before this one allocates: a
+            # flushing batch's messages were all taken within it (had it failed, the
+            # coordinator rebuilt the plane, which drops them); async ones may be taken
+            # in the receiver's next call.  Not at the end of this call: a peer that
+            # failed mid-batch never takes them, and the wait would last the timeout.
+            self.plane.settle(calls_back=2 if self.stage.stash else 0)
             self.plane.next_call()
-            out = drive(interpret(self, actions, inputs or {}, targets or {}), self.plane)
-            if not self.stage.stash:  # a flushing batch: every message is taken within it
-                self.plane.settle(calls_back=0)
-            return out
+            return drive(interpret(self, actions, inputs or {}, targets or {}), self.plane)
         except BaseException as err:
             self._failed = err
             if self.plane is not None:
@@ -691,9 +693,7 @@ class StageWorker:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{self.name}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        save_state(self.state_dict(), path)
         return {"actor": self.name, "file": path.name, "bytes": path.stat().st_size,
                 "steps": self.stage.steps, **self._member(), "host": socket.gethostname(),
                 "pid": os.getpid()}
@@ -706,7 +706,7 @@ class StageWorker:
                                     f"directory on a filesystem every node shares?)")
         # on the CPU: layer RNG states must stay CPU tensors; load_state_dict copies the
         # weights (and the optimizer its state) onto this actor's device
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_state(path, f"{self.name}'s checkpoint")
         self.reset()
         self.load_state_dict(state)
         return self.stage.steps

@@ -1,0 +1,76 @@
+"""Files a run writes and reads back: atomic writes, and checkpoints that are only data.
+
+Atomic: every file is written beside its final name and then renamed over it, so a
+reader (a resumed run, Prometheus' file discovery, a parallel data worker) sees the old
+file or the new one, never half of one -- also when the writer is killed mid-write.
+
+Data: a checkpoint is loaded with `torch.load(weights_only=True)`, PyTorch's restricted
+unpickler, which builds tensors and plain containers and refuses everything else.  On a
+cluster, run directories live on shared storage; an unrestricted unpickler would run
+whatever code a file there names, on every node, at the next `--resume` or actor
+recovery.  So what localnet saves is tensors, numbers, strings and plain containers
+only, and a file holding anything else is refused before any of it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded as plain data (nothing from it ran)."""
+
+
+def atomic_write(path, write) -> None:
+    """write(tmp) a file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: no two writers share it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_json(path, doc, indent: int | None = 1) -> None:
+    write_text(path, json.dumps(doc, indent=indent) + "\n")
+
+
+def save_state(state, path) -> None:
+    """torch.save, atomically.  `state` must be data (see load_state)."""
+    import torch  # here: the modules that only write json need no torch
+
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_state(path, what: str = "checkpoint"):
+    """A file written by save_state, on the CPU, through the restricted unpickler.
+    Anything but tensors and plain containers is refused with CheckpointError, naming
+    the file and what it tried to load; nothing from the file runs."""
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's text advises how to allow the object; keep only what it was
+        m = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\. Please|\n|$)",
+                      str(err))
+        reason = m.group(1) if m else str(err).splitlines()[0]
+        raise CheckpointError(f"{what} {path} is refused: it holds more than tensors and plain "
+                              f"data, so loading it could run code ({reason}).  Nothing from it "
+                              f"was loaded; was it written by localnet?") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{what} {path} cannot be read ({str(err).splitlines()[0]}); "
+                              f"it is truncated or not a torch file") from None

@@ -1,0 +1,96 @@
+"""Files a run writes: atomic writes, and checkpoints that are only data (localnet/files.py).
+
+A checkpoint whose pickle would run code when loaded -- here it would create a marker
+file -- must be refused with an error naming the file, by `--resume` and by every
+loader, and the marker must never appear.
+"""
+
+import builtins
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from localnet.cli import main
+from localnet.files import CheckpointError, atomic_write, load_state, save_state
+from localnet.train import train
+
+from test_train import small
+
+
+class Evil:
+    """Unpickling this calls open(marker, "w"): it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path, keep: dict | None = None) -> None:
+    """Overwrite a checkpoint with one that still looks like it (same keys) but carries
+    a payload that runs code when unpickled without restriction."""
+    state = dict(keep or {})
+    state["payload"] = Evil(marker)
+    torch.save(state, path)
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    f = tmp_path / "summary.json"
+    f.write_text("old")
+
+    def half(p):
+        p.write_text("ne")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(f, half)
+    assert f.read_text() == "old"
+    assert os.listdir(tmp_path) == ["summary.json"]  # no temporary left behind
+    atomic_write(f, lambda p: p.write_text("new"))
+    assert f.read_text() == "new"
+
+
+def test_state_round_trips_as_data(tmp_path):
+    state = {"w": torch.randn(3, 2), "rng": torch.get_rng_state(), "step": 7,
+             "nested": [{"a": 1.5, "b": "x"}, (1, 2)], "none": None}
+    save_state(state, tmp_path / "s.pt")
+    back = load_state(tmp_path / "s.pt")
+    assert torch.equal(back["w"], state["w"]) and torch.equal(back["rng"], state["rng"])
+    assert back["nested"] == state["nested"] and back["step"] == 7 and back["none"] is None
+
+
+def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "marker"
+    plant(tmp_path / "bad.pt", marker)
+    with pytest.raises(CheckpointError, match=r"bad\.pt is refused.*could run code") as info:
+        load_state(tmp_path / "bad.pt")
+    assert "GLOBAL io.open" in str(info.value)  # says what it tried to load (open)
+    assert not marker.exists()
+    # the unrestricted loader would have run it: the test's payload is real
+    torch.load(tmp_path / "bad.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    save_state({"w": torch.ones(1000)}, tmp_path / "s.pt")
+    data = (tmp_path / "s.pt").read_bytes()
+    (tmp_path / "s.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_state(tmp_path / "s.pt")
+
+
+def test_resume_refuses_a_malicious_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(small("rule.name=fa", "train.epochs=1"), run, progress=False)
+    ckpt = run / "checkpoint.pt"
+    plant(ckpt, tmp_path / "marker", keep=load_state(ckpt))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["run", "--resume", str(run), "--set", "train.epochs=2", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "CheckpointError" in err and str(ckpt) in err and "could run code" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "marker").exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing lost
