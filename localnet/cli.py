@@ -25,6 +25,10 @@ def _cmd_run(args) -> int:
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
                                f"{cfg.data.name} -> {run_dir}")
     summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if summary.get("finished"):
+        print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
+              f"epochs); nothing to resume, nothing changed.  Its summary: "
+              f"{summary['summary_path']}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("rule", "model", "dataset", "epochs", "steps",
                                               "test_accuracy", "test_loss", "samples_per_s")}))
     print(f"run directory: {run_dir}")

@@ -322,11 +322,17 @@ class InProcessExecutor:
         return update_angles(grads[0], grads[1])
 
     def state_dict(self) -> dict:
-        return {"stages": [s.state_dict() for s in self.stages]}
+        st = {"stages": [s.state_dict() for s in self.stages]}
+        if self.channels is not None:  # each link's random stream and codec state
+            st["channels"] = [c.state_dict() for c in self.channels.all()]
+        return st
 
     def load_state_dict(self, state: dict) -> None:
         for s, st in zip(self.stages, state["stages"]):
             s.load_state_dict(st)
+        if self.channels is not None and "channels" in state:
+            for c, st in zip(self.channels.all(), state["channels"]):
+                c.load_state_dict(st)
 
     # -- what train.py uses of every executor (the distributed runtime has the same) --
     def save_state(self, run_dir) -> dict:

@@ -84,15 +84,25 @@ def build(cfg: Config):
     return data, rule, model, executor
 
 
+def _parses(line: str) -> bool:
+    """False for a line a killed writer left half-written."""
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
 def _drop_lines_after(run_dir: Path, step: int, epoch: int) -> None:
     """On resume: forget steps.jsonl lines past the checkpoint's step and metrics.jsonl
-    lines of epochs it had not finished (a killed run may have written them)."""
+    lines of epochs it had not finished (a killed run may have written them), and any
+    line it was killed in the middle of."""
     for name, keep in (("steps.jsonl", lambda d: d.get("step", 0) <= step),
                        ("metrics.jsonl", lambda d: d.get("epoch", 0) < epoch)):
         f = run_dir / name
         if f.exists():
             lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if keep(json.loads(ln))]
+            kept = [ln for ln in lines if _parses(ln) and keep(json.loads(ln))]
             if len(kept) != len(lines):
                 write_text(f, "".join(k + "\n" for k in kept))
 
@@ -116,12 +126,41 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         if not (run_dir / "checkpoint.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint.pt in {run_dir}")
         ckpt = load_state(run_dir / "checkpoint.pt")
+        done = finished_summary(run_dir, ckpt, cfg)
+        if done is not None:  # a retried command: the run is final, leave it as it is
+            return done
     write_text(run_dir / "config.yaml", dump_config(cfg))
     data, rule, model, ex = build(cfg)
     try:
         return _train(cfg, run_dir, ckpt, progress, data, rule, ex)
     finally:
         ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
+
+
+def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
+    """The recorded summary (plus `"finished": True`) when the run in run_dir has nothing
+    left to train under `cfg`: its summary was written at the checkpoint's step, by this
+    same config.  A config that asks for more (train.epochs) is a continuation instead."""
+    f = run_dir / "summary.json"
+    if not f.exists():
+        return None
+    summary = json.loads(f.read_text())
+    if summary.get("steps") != ckpt.get("step") or ckpt.get("config") != cfg.model_dump(mode="json"):
+        return None
+    return {**summary, "finished": True, "summary_path": str(f)}
+
+
+def _keep_recorded(summary: dict, path: Path) -> dict:
+    """A value that is not finite never replaces a finite one already recorded (a run
+    resumed with nothing left to evaluate would otherwise write NaN over its results)."""
+    if not path.exists():
+        return summary
+    old = json.loads(path.read_text())
+    for k, v in summary.items():
+        if isinstance(v, float) and not math.isfinite(v) and isinstance(old.get(k), (int, float)) \
+                and math.isfinite(old[k]):
+            summary[k] = old[k]
+    return summary
 
 
 def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, rule, ex) -> dict:
@@ -248,6 +287,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     }
     if getattr(ex, "channel_summary", None) and ex.channel_summary() is not None:
         summary["channels"] = ex.channel_summary()
-    write_json(run_dir / "summary.json", summary, indent=2)
+    write_json(run_dir / "summary.json", _keep_recorded(summary, run_dir / "summary.json"),
+               indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values
     return summary

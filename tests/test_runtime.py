@@ -322,8 +322,8 @@ def test_ray_async_equals_the_local_interpreter_and_drains(actors):
 # ---------------------------------------------------------------------------- recovery
 def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp_path):
     """ray.kill an actor with its async backwards in flight: the coordinator recreates
-    it from the last checkpoint (every actor rolls back), retries the step and goes on;
-    only the steps since the checkpoint are lost."""
+    it from the last checkpoint (every actor rolls back), replays the steps since the
+    checkpoint, retries the step and goes on; no step is lost."""
     cfg = cfg_for("kp", "async")
     data = batches(6, BS, SHAPE, NC, seed=12)
     ex = RayExecutor(cfg, SHAPE, NC, actors=actors)
@@ -333,13 +333,14 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
         saved = ex.save_state(tmp_path)          # every actor writes its own file
         files = sorted(p.name for p in (tmp_path / saved["checkpoint"]).iterdir())
         assert files == ["manifest.json", "stage0.pt", "stage1.pt", "stage2.pt"]
-        ex.train_step(*data[3], 0.05, 1e-3)      # lost: after the checkpoint
+        ex.train_step(*data[3], 0.05, 1e-3)      # after the checkpoint: replayed
         old_pid = ex.stage_info[1]["pid"]
         ray.kill(ex.workers[1])
         st = ex.train_step(*data[4], 0.05, 1e-3)  # fails, recovers, retries
         assert st.samples == BS
         (rec,) = ex.recoveries
-        assert rec["dead"] == ["stage1"] and rec["restored_step"] == 3 and rec["lost_steps"] == 1
+        assert rec["dead"] == ["stage1"] and rec["restored_step"] == 3
+        assert rec["replayed_steps"] == 1 and rec["lost_steps"] == 0
         assert ex.stage_info[1]["pid"] != old_pid
         got = ex.model_state_dict()
         info = ex.runtime_info()
@@ -348,13 +349,54 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
         for i in ex._owned:  # hand the replacement back to the module's pool
             spawner.workers[i] = ex.workers[i]
         ex.detach_actors()
-    # the same run in-process: 3 steps, (checkpoint: drain), the retried step
+    # the same run in-process, never interrupted: 3 steps, (checkpoint: drain), 2 steps
     ref = RayExecutor(cfg, SHAPE, NC, local=True)
     for x, y in data[:3]:
         ref.train_step(x, y, 0.05, 1e-3)
     ref.save_state(tmp_path / "ref")
-    ref.train_step(*data[4], 0.05, 1e-3)
+    for x, y in data[3:5]:
+        ref.train_step(x, y, 0.05, 1e-3)
     assert state_diff(ref.model_state_dict(), got)[0] < 1e-6
+
+
+LOSSY = {"activation": {"codec": "topk", "k": 0.3, "error_feedback": True},
+         "error": {"codec": "lowrank", "q": 2, "drop": 0.1}}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "async"])
+@pytest.mark.parametrize("partition", ["per_unit", "per_layer", "channels"])
+def test_recovery_replays_to_exactly_the_uninterrupted_run(actors, spawner, tmp_path,
+                                                           schedule, partition):
+    """An actor killed between checkpoints: the run ends with every weight and feedback
+    weight bit-identical to the same run never interrupted -- also through lossy links
+    (top-k residuals, low-rank counters and drop draws are checkpointed)."""
+    model, shape = (RESNET8, IMG) if partition == "per_layer" else (MLP, SHAPE)
+    cfg = cfg_for("kp", schedule, model=model, m=2, bs=8,
+                  partition="per_layer" if partition == "per_layer" else "per_unit")
+    if partition == "channels":
+        cfg = Config.model_validate({**cfg.model_dump(), "channel": LOSSY})
+    data = batches(6, 8, shape, NC, seed=21)
+
+    def run(kill: int | None):
+        ex = RayExecutor(cfg, shape, NC, actors=spawner.workers)
+        try:
+            for i, (x, y) in enumerate(data):
+                if i == 2:
+                    ex.save_state(tmp_path / f"kill{kill}")
+                if i == 4 and kill is not None:
+                    ray.kill(ex.workers[kill])  # steps 3 and 4 are since the checkpoint
+                ex.train_step(x, y, 0.05, 1e-3)
+            return ex.model_state_dict(), list(ex.recoveries)
+        finally:
+            for i in ex._owned:
+                spawner.workers[i] = ex.workers[i]
+            ex.detach_actors()
+
+    want, none = run(None)
+    got, (rec,) = run(1)
+    assert none == []
+    assert rec["restored_step"] == 2 and rec["replayed_steps"] == 2 and rec["lost_steps"] == 0
+    assert state_diff(want, got) == (0.0, [])  # every tensor equal, layer RNGs too
 
 
 def test_recovery_refuses_a_checkpoint_that_would_run_code(actors, spawner, tmp_path):

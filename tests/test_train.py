@@ -128,3 +128,44 @@ def test_cli_missing_dataset_message(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert str(tmp_path) in res.stderr and "MNIST" in res.stderr
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    """A retried command on a run that completed: every file stays byte-identical, and
+    the command says the run finished, where and with what."""
+    from localnet.cli import main
+
+    run = tmp_path / "run"
+    summary = train(small("rule.name=fa", "train.epochs=1"), run, progress=False)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert f"finished at step {summary['steps']}" in err and str(run / "summary.json") in err
+    assert json.loads(out.splitlines()[0])["test_accuracy"] == summary["test_accuracy"]
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == mtimes
+    # asking for more epochs is a continuation, not a finished run
+    more = train(small("rule.name=fa", "train.epochs=2"), run, resume=True, progress=False)
+    assert more["steps"] == 2 * summary["steps"] and "finished" not in more
+
+
+def test_a_non_finite_value_never_replaces_a_recorded_one(tmp_path):
+    from localnet.train import _keep_recorded
+
+    f = tmp_path / "summary.json"
+    f.write_text(json.dumps({"test_loss": 1.25, "train_loss": 2.0, "steps": 3}))
+    got = _keep_recorded({"test_loss": float("nan"), "train_loss": 1.5, "steps": 4}, f)
+    assert got == {"test_loss": 1.25, "train_loss": 1.5, "steps": 4}
+
+
+def test_resume_drops_a_half_written_log_line(tmp_path):
+    full = train(small("rule.name=kp", "train.epochs=2"), tmp_path / "full", progress=False)
+    train(small("rule.name=kp", "train.epochs=1"), tmp_path / "part", progress=False)
+    with open(tmp_path / "part/steps.jsonl", "a") as f:
+        f.write('{"step": 17, "epo')  # the writer was killed mid-line
+    resumed = train(small("rule.name=kp", "train.epochs=2"), tmp_path / "part", resume=True,
+                    progress=False)
+    assert resumed["test_loss"] == full["test_loss"]
+    assert (tmp_path / "part/steps.jsonl").read_text() == (tmp_path / "full/steps.jsonl").read_text()

@@ -133,6 +133,19 @@ class Channel:
                 "delay": self.delay, "drop": self.drop, "bandwidth": self.bandwidth,
                 "bandwidth_s": self.bandwidth_s}
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this link: its random stream (codec noise, drops),
+        its codec's state and its counts.  Queued messages are not kept: a link without
+        delay holds none between flushing steps."""
+        return {"rng": self.rng.get_state(), "codec": self.codec.state_dict(),
+                "counts": [self.sent, self.delivered, self.dropped, self.missing, self.bytes]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fifo.clear()
+        self.rng.set_state(state["rng"])
+        self.codec.load_state_dict(state["codec"])
+        self.sent, self.delivered, self.dropped, self.missing, self.bytes = state["counts"]
+
     def reset(self) -> None:
         """Forget queued messages and codec state (counters and bytes are kept)."""
         self.fifo.clear()

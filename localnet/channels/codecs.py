@@ -50,6 +50,14 @@ class Codec:
     def reset(self) -> None:
         """Forget per-edge state (residuals, counters)."""
 
+    def state_dict(self) -> dict:
+        """Per-edge state a checkpoint keeps (tensors and numbers only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
     def _enc(self, x, payload, meta=None, scalar_bytes=0) -> Encoded:
         return Encoded(self.name, tuple(x.shape), x.dtype, payload, meta or {}, scalar_bytes)
 
@@ -155,6 +163,9 @@ class TopK(Codec):
     def reset(self):
         self.residual = None
 
+    def state_dict(self):
+        return {"residual": self.residual}
+
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -222,6 +233,9 @@ class LowRank(Codec):
 
     def reset(self):
         self.counter = 0
+
+    def state_dict(self):
+        return {"counter": self.counter}
 
 
 CODECS = ("fp32", "fp16", "bf16", "int8", "topk", "sign", "lowrank")

@@ -120,6 +120,7 @@ class StateMixin:
         self._get([w.load_state_dict.remote(st) for w, st in zip(self.workers, stages)],
                   "load_state_dict")
         self._step = int(state.get("step", self._step))
+        self._replay.clear()
 
     def save_state(self, run_dir) -> dict:
         """Checkpoint: every actor writes its own state (checkpoint.py).  Returns the small
@@ -128,8 +129,10 @@ class StateMixin:
         self._drain()
         gen, manifest = checkpoint.save(self, run_dir)
         self._ckpt, self._ckpt_step = gen, self._step
+        self._replay.clear()
         return {"executor": self.name, "checkpoint": f"{checkpoint.CHECKPOINT_DIR}/{gen.name}",
-                "step": self._step, "bytes": manifest["bytes"], **self._layout()}
+                "step": self._step, "bytes": manifest["bytes"], **self._layout(),
+                "recoveries": list(self.recoveries)}  # a resumed run's summary lists them all
 
     def load_saved_state(self, run_dir, saved: dict) -> None:
         """Resume from what `save_state` returned: each actor loads its own file."""
@@ -142,6 +145,8 @@ class StateMixin:
         self._get([w.load_checkpoint.remote(str(gen)) for w in self.workers], "resume")
         self._step = int(manifest["step"])
         self._ckpt, self._ckpt_step = gen, self._step
+        self._replay.clear()
+        self.recoveries = list(saved.get("recoveries", []))
 
     def model_state_dict(self) -> dict:
         """The full model's state dict ("units.<i>...."), gathered from the stages."""

@@ -143,6 +143,7 @@ class RayExecutor(StateMixin):
         self._ckpt_step = 0
         self._pre_mirror = 0              # mirror steps before any checkpoint (replayed)
         self.recoveries: list[dict] = []
+        self._replay = Replay()  # the batches since the last checkpoint (recovery replays them)
         self.calls = 0                    # driver-issued actor calls for batches
         self._new_streams()
 
@@ -386,14 +387,20 @@ class RayExecutor(StateMixin):
         self._ch_samples += int(x.shape[0])
         while True:
             try:
-                if self.is_async:
-                    return self._run_async(x, y, self._step, lr, wd)
-                return self._run(x, y, self._step, {"lr": float(lr), "wd": float(wd)})
+                st = self._train(x, y, self._step, float(lr), float(wd))
+                break
             except MessageError:
                 raise
             except Exception as err:  # noqa: BLE001 - an actor may have died
                 if not self._revive(err):
                     raise
+        self._replay.remember(x, y, self._step, float(lr), float(wd))
+        return st
+
+    def _train(self, x, y, step: int, lr: float, wd: float) -> StepStats:
+        if self.is_async:
+            return self._run_async(x, y, step, lr, wd)
+        return self._run(x, y, step, {"lr": lr, "wd": wd})
 
     def evaluate(self, loader) -> tuple[float, float]:
         """Loss and accuracy through the same actors, forward only: one call per actor
@@ -488,13 +495,50 @@ class RayExecutor(StateMixin):
             restored = 0
         self._open_plane()
         self.stage_info = self._get([w.info.remote() for w in self.workers], "info")
+        # exactly once: retrain the steps since the checkpoint on the very batches, lr
+        # and wd they had; every actor's weights, optimizer state and RNG streams are
+        # the checkpoint's, so each step computes what it computed the first time (under
+        # async too: the checkpoint drained the stream, and the replay refills it as the
+        # run did after the checkpoint)
+        replayed = 0
+        for x, y, step, lr, wd in self._replay.batches():
+            self._train(x, y, step, lr, wd)
+            replayed += 1
         self.recoveries.append({
             "at_step": self._step, "dead": [stage_name(i) for i in dead],
-            "restored_step": restored, "lost_steps": max(self._step - 1 - restored, 0),
+            "restored_step": restored, "replayed_steps": replayed,
+            "lost_steps": max(self._step - 1 - restored - replayed, 0),
             "checkpoint": str(self._ckpt) if self._ckpt else None,
             "error": f"{type(err).__name__}: {err}"[:300],
             "seconds": time.perf_counter() - t0})
         return True
+
+
+class Replay:
+    """The batches trained since the last checkpoint, with their step, lr and wd, so a
+    recovery can retrain them.  Past `limit_bytes` it gives up (`batches()` is then
+    empty and a recovery loses those steps, as its record says) rather than hold an
+    unbounded share of the driver's memory; the next checkpoint starts it afresh."""
+
+    def __init__(self, limit_bytes: int = 1 << 30):
+        self.limit = limit_bytes
+        self.clear()
+
+    def clear(self) -> None:
+        self._items: list | None = []
+        self._bytes = 0
+
+    def remember(self, x, y, step: int, lr: float, wd: float) -> None:
+        if self._items is None:
+            return
+        self._bytes += x.nbytes + y.nbytes
+        if self._bytes > self.limit:
+            self._items = None
+            return
+        self._items.append((x, y, step, lr, wd))
+
+    def batches(self) -> list:
+        return list(self._items or [])
 
 
 class _Local:

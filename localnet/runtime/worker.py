@@ -665,6 +665,9 @@ class StageWorker:
         with each layer's RNG), optimizer state, step count and the actor's torch RNG --
         on the CPU, whatever device the stage computes on."""
         st = {**self.stage.state_dict(), "rng": torch.get_rng_state(), **self._member()}
+        if self.ch or self.ch_dfa:  # communication restrictions: each link's state
+            st["channels"] = {"links": {k: c.state_dict() for k, c in self.ch.items()},
+                              "dfa": [c.state_dict() for c in self.ch_dfa]}
         if self.device.type == "cuda":
             st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return _cpu(st)
@@ -677,6 +680,11 @@ class StageWorker:
             raise ValueError(f"{self.name}: checkpoint holds layer {state['node']!r}, this "
                              f"stage runs {self._member()} (different runtime.partition?)")
         self.stage.load_state_dict(state)
+        if "channels" in state:
+            for k, c in self.ch.items():
+                c.load_state_dict(state["channels"]["links"][k])
+            for c, s in zip(self.ch_dfa, state["channels"]["dfa"]):
+                c.load_state_dict(s)
         if "rng" in state:
             torch.set_rng_state(state["rng"].cpu() if hasattr(state["rng"], "cpu") else state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
