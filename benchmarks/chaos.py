@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, commit, hardware_cpu, write_section  # noqa: E402
 
-SETS = ["data.name=synthetic", "data.subset=3072", "data.test_subset=256", "model.name=mlp",
-        "model.widths=[256,256,256]", "rule.name=kp", "train.epochs=1", "train.batch_size=48",
-        "train.micro_batches=4", "train.lr=0.05", "metrics.alignment_every=1",
+SETS = ["data.name=synthetic", "data.test_subset=256", "model.name=mlp",
+        "model.widths=[256,256,256]", "rule.name=pfa", "train.epochs=1", "train.batch_size=8",
+        "train.micro_batches=2", "train.lr=0.01", "metrics.alignment_every=1",
         "runtime.executor=ray", "runtime.schedule=1f1b", "runtime.threads=1",
         "runtime.max_recoveries=10", "runtime.timeout_s=60"]
 
@@ -178,7 +178,7 @@ def write(r: dict) -> None:
     write_section("chaos", [
         "### Chaos: actors and the driver killed during one epoch", "",
         f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: `{r['command']}`: "
-        f"`localnet run` on Ray (MLP 256-256-256, 4 actors, KP, 1f1b, a checkpoint every 6 "
+        f"`localnet run` on Ray (MLP 256-256-256, 4 actors, PFA, 1f1b, a checkpoint every 6 "
         f"steps, {r['steps']} steps), once uninterrupted and once with `kill -9`: {kills}; "
         f"the driver's run resumed with `--resume`.", "",
         "| recovery | at step | dead | restored step | steps replayed | steps lost | seconds |",
