@@ -4,13 +4,31 @@ path (`ray_executor.py`); each first drains an async stream."""
 
 from __future__ import annotations
 
+import functools
+
 from ..engine import StepStats
 from . import checkpoint
 from .graph import Placement
 from .ledger import Ledger
-from .messages import CONTROL, Control
+from .messages import CONTROL, Control, MessageError
 from .schedule import simulate, stream_staleness
 from .worker import DRIVER, stage_name
+
+
+def recovering(method):
+    """A coordinator call that outlives actors' deaths: when actors died (a lost node),
+    recover them (`_revive`: recreate, restore the checkpoint, replay) and call again."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except MessageError:
+                raise
+            except Exception as err:  # noqa: BLE001 - an actor may have died
+                if not self._revive(err):
+                    raise
+    return call
 
 
 class StateMixin:
@@ -87,6 +105,7 @@ class StateMixin:
         return update_angles(grads[0], grads[1])
 
     # ------------------------------------------------------------------ state
+    @recovering
     def alignment(self) -> dict:
         out = {}
         for d in self._get([w.alignment.remote() for w in self.workers], "alignment"):
@@ -122,6 +141,7 @@ class StateMixin:
         self._step = int(state.get("step", self._step))
         self._replay.clear()
 
+    @recovering
     def save_state(self, run_dir) -> dict:
         """Checkpoint: every actor writes its own state (checkpoint.py).  Returns the small
         record train.py keeps in checkpoint.pt; the actors' files never pass through the
@@ -157,10 +177,12 @@ class StateMixin:
         return out
 
     # ------------------------------------------------------------------ observability
+    @recovering
     def stage_timings(self, clear: bool = True) -> list[dict]:
         """Per stage, `StageWorker.timings()`: call times since the last call (metrics)."""
         return self._get([w.timings.remote(clear) for w in self.workers], "timings")
 
+    @recovering
     def ledger(self) -> Ledger:
         led = Ledger().merge(self._ledger)
         for d in self._get([w.ledger.remote() for w in self.workers], "ledger"):
@@ -222,6 +244,7 @@ class StateMixin:
                 "startup_s": self.startup_s, "memory_estimate": self.memory,
                 "bubble_fraction_equal_costs": sim.bubble_fraction,
                 "ray_address": None if self.local else ray_address(),
+                "actor_nodes": [i.get("ray_node") for i in self.stage_info],
                 "actor_info": self.stage_info, "run_id": self.run_id, "step": self._step,
                 "checkpoint": str(self._ckpt) if self._ckpt else None,
                 "recoveries": list(self.recoveries)}

@@ -471,15 +471,28 @@ class RayExecutor(StateMixin):
         import ray
 
         t0 = time.perf_counter()
-        for i in dead:
-            try:
-                ray.kill(self.workers[i])
-            except Exception:  # noqa: BLE001
-                pass
-            self.workers[i] = self._placer.spawn_one(StageWorker, i)
-            self._owned.add(i)
         self._outstanding = []
-        self._get([self.workers[i].setup.remote(self._specs[i]) for i in dead], "recovery setup")
+        lost = sorted(dead)
+        for attempt in range(6):
+            for i in dead:
+                try:
+                    ray.kill(self.workers[i])
+                except Exception:  # noqa: BLE001
+                    pass
+                self.workers[i] = self._placer.spawn_one(StageWorker, i)
+                self._owned.add(i)
+            try:
+                self._get([self.workers[i].setup.remote(self._specs[i]) for i in dead],
+                          "recovery setup")
+                break
+            except RuntimeError:
+                # a lost node: until Ray has marked it dead and moved its placement-group
+                # bundles, a replacement may be placed there and die too -- try again
+                if attempt == 5:
+                    raise
+                time.sleep(2 ** attempt)
+                dead = self._dead()
+                lost = sorted(set(lost) | set(dead))
         self._new_streams()
         self._mb.clear()
         if self._ckpt is not None:
@@ -487,7 +500,7 @@ class RayExecutor(StateMixin):
                       "recovery")
             restored = self._ckpt_step
         else:  # no checkpoint yet: every actor back to its initial state
-            alive = [i for i in range(self.num_stages) if i not in dead]
+            alive = [i for i in range(self.num_stages) if i not in lost]
             self._get([self.workers[i].setup.remote(self._specs[i]) for i in alive],
                       "recovery setup")
             if self._pre_mirror:
@@ -505,7 +518,7 @@ class RayExecutor(StateMixin):
             self._train(x, y, step, lr, wd)
             replayed += 1
         self.recoveries.append({
-            "at_step": self._step, "dead": [stage_name(i) for i in dead],
+            "at_step": self._step, "dead": [stage_name(i) for i in lost],
             "restored_step": restored, "replayed_steps": replayed,
             "lost_steps": max(self._step - 1 - restored - replayed, 0),
             "checkpoint": str(self._ckpt) if self._ckpt else None,

@@ -33,6 +33,7 @@ import itertools
 import os
 from collections import deque
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,15 @@ def _cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cpu(v) for v in obj)
     return obj
+
+
+def _ray_node() -> str | None:
+    """The Ray node this actor runs on (None outside a Ray worker)."""
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else needs to
+    try:
+        return ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def stage_name(i: int) -> str:
@@ -298,7 +308,7 @@ class StageWorker:
                 "params": sum(p.numel() for p in self.stage.module.parameters()),
                 "rule": self.rule.name, "broadcast_error": self.broadcast_error,
                 "device": str(self.device), "stash": self.stage.stash,
-                "pid": os.getpid(), "host": socket.gethostname(),
+                "pid": os.getpid(), "host": socket.gethostname(), "ray_node": _ray_node(),
                 "threads": torch.get_num_threads()}
 
     def ping(self) -> str:
