@@ -99,8 +99,10 @@ def cluster(tmp_path_factory):
     token.write_text(secrets.token_hex(32))
     temp_dir = f"/tmp/lnc{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token), "LOCALNET_DATA": os.environ.get(
-               "LOCALNET_DATA", str(ROOT.parent / "shared/data"))}
+           "RAY_AUTH_TOKEN_PATH": str(token),
+           # absolute: a job runs in its uploaded copy of the working dir, not here
+           "LOCALNET_DATA": str(Path(os.environ.get("LOCALNET_DATA", ROOT.parent / "shared/data"))
+                                .resolve())}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
 
