@@ -38,7 +38,7 @@ from ..engine import StepStats
 from ..rules import make_rule
 from . import memory, session
 from .cost import measure_unit_costs
-from .executor_state import StateMixin
+from .executor_state import StateMixin, recovering
 from .graph import Placement
 from .interpreter import drive_all, interpret
 from .ledger import Ledger
@@ -385,15 +385,7 @@ class RayExecutor(StateMixin):
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
         self._step += 1
         self._ch_samples += int(x.shape[0])
-        while True:
-            try:
-                st = self._train(x, y, self._step, float(lr), float(wd))
-                break
-            except MessageError:
-                raise
-            except Exception as err:  # noqa: BLE001 - an actor may have died
-                if not self._revive(err):
-                    raise
+        st = self._train_recovering(x, y, self._step, float(lr), float(wd))
         self._replay.remember(x, y, self._step, float(lr), float(wd))
         return st
 
@@ -402,17 +394,12 @@ class RayExecutor(StateMixin):
             return self._run_async(x, y, step, lr, wd)
         return self._run(x, y, step, {"lr": lr, "wd": wd})
 
+    _train_recovering = recovering(_train)  # a recovery's own replay calls _train
+    @recovering
     def evaluate(self, loader) -> tuple[float, float]:
         """Loss and accuracy through the same actors, forward only: one call per actor
         per batch, a few batches in flight."""
-        while True:
-            try:
-                return self._evaluate(loader)
-            except MessageError:
-                raise
-            except Exception as err:  # noqa: BLE001
-                if not self._revive(err):
-                    raise
+        return self._evaluate(loader)
 
     def _evaluate(self, loader) -> tuple[float, float]:
         self._drain()
