@@ -2,7 +2,8 @@
 
 Used by `localnet.train.build()` (which also loads data) and by every runtime worker,
 with the input shape and class count the coordinator hands over.  `build_model` is
-deterministic in the seed, so every process gets identical weights and keeps its units.
+deterministic in the seed, unit by unit, so a worker builds only its own units (`units`,
+with their input shapes) and gets the whole model's weights for them.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ def as_config(cfg) -> Config:
     return cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
 
 
-def build_rule_and_model(cfg: Config, input_shape, num_classes: int):
+def build_rule_and_model(cfg: Config, input_shape, num_classes: int, units=None,
+                         unit_shapes=None):
     rule = make_rule(cfg.rule.name, **cfg.rule.options())
     kwargs = {"widths": tuple(cfg.model.widths)} if cfg.model.name == "mlp" else {}
     model = build_model(cfg.model.name, rule, tuple(input_shape), int(num_classes),
-                        seed=cfg.seed, **kwargs)
+                        seed=cfg.seed, units=units, unit_shapes=unit_shapes, **kwargs)
     return rule, model
 
 

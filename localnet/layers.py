@@ -1,17 +1,24 @@
 """Layers that delegate their backward pass to a local rule.
 
-`LocalLinear` and `LocalConv2d` hold W (and b) and initialise them exactly like
-nn.Linear / nn.Conv2d; the rule adds its feedback state and decides the backward.
+`LocalLinear` and `LocalConv2d` hold W (and b) and initialise them by nn.Linear /
+nn.Conv2d's scheme, drawn from the layer's own RNG; the rule adds its feedback state and
+decides the backward.
 `ErrorTap` marks a hidden layer's output (after its nonlinearity): DFA delivers its
 projected output error there; every other rule passes the gradient through.
 
 Models never see rule names: they build layers through `LayerFactory`, so one model
 file serves every rule.
+
+Every random draw of a layer -- W, b, feedback, and later noise -- comes from that
+layer's own generator, seeded from (run seed, unit index, position in the unit).  So a
+unit's initial state does not depend on which other units a process builds: a pipeline
+actor builds only its own units and gets exactly the whole model's weights.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn as nn
@@ -28,8 +35,9 @@ class LocalLayer(nn.Module):
 
     def _attach(self, rule: Rule, seed: int) -> None:
         self.rule = rule
-        # The layer's own RNG: feedback init, weight-mirror noise and brSF redraws.
+        # The layer's own RNG: W and b, feedback init, weight-mirror noise, brSF redraws.
         self.generator = torch.Generator().manual_seed(seed)
+        init_weights(self.weight, self.bias, self.generator)
         rule.init_layer(self)
 
     def forward(self, x):
@@ -48,9 +56,8 @@ class LocalLayer(nn.Module):
 class LocalLinear(LocalLayer):
     def __init__(self, in_features, out_features, bias=True, *, rule: Rule, seed: int = 0):
         super().__init__()
-        ref = nn.Linear(in_features, out_features, bias=bias)  # borrow torch's init
-        self.weight = nn.Parameter(ref.weight.detach().clone())
-        self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.in_features, self.out_features = in_features, out_features
         self.geometry = LinearGeometry()
         self._attach(rule, seed)
@@ -63,12 +70,11 @@ class LocalConv2d(LocalLayer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, bias=True, *, rule: Rule, seed: int = 0):
         super().__init__()
-        ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                        dilation, groups, bias)
-        self.weight = nn.Parameter(ref.weight.detach().clone())
-        self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
-        self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups,
+                                               *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.geometry = ConvGeometry(_pair(stride), _pair(padding), _pair(dilation), groups)
         self._attach(rule, seed)
 
@@ -95,41 +101,97 @@ class ErrorTap(nn.Module):
         return self.rule.tap(self, h)
 
 
-class LayerFactory:
-    """Builds rule-driven layers for a model; gives each a distinct, reproducible seed."""
+def init_weights(weight: torch.Tensor, bias: torch.Tensor | None,
+                 generator: torch.Generator) -> None:
+    """nn.Linear / nn.Conv2d's default init (`reset_parameters`: Kaiming-uniform with
+    a=sqrt(5), bias uniform in +-1/sqrt(fan_in)), drawn from `generator`."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        if bias is not None:
+            bound = 1 / math.sqrt(math.prod(weight.shape[1:]))
+            bias.uniform_(-bound, bound, generator=generator)
 
-    def __init__(self, rule: Rule, num_classes: int, seed: int = 0):
-        self.rule, self.num_classes = rule, num_classes
-        self._seeds = itertools.count(seed * 100_003 + 1)
+
+UNIT_LAYERS = 1 << 12  # seeds per unit; no unit has this many layers and taps
+
+
+def _mix32(x: int) -> int:
+    """A bijective 32-bit integer hash (xor-shift-multiply), so different run seeds give
+    a layer different seeds."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def unit_seed(seed: int, unit: int) -> int:
+    """The seed of unit `unit`'s first layer in a run seeded `seed` (its k-th: ^ k).
+
+    torch's CPU generator keeps only 32 bits of a seed, so the (unit, position) index
+    takes 24 of them and is xor-ed with a hash of the run seed: distinct for every layer
+    of a run (up to 4096 units), and different between runs for each layer."""
+    if not 0 <= unit < 1 << 12:
+        raise ValueError(f"unit index {unit} out of range for per-layer seeds")
+    return _mix32(seed) ^ (int(unit) * UNIT_LAYERS)
+
+
+class LayerFactory:
+    """Builds rule-driven layers for one unit of a model; gives each a distinct seed that
+    depends only on (run seed, unit, its position in the unit) -- see the module doc."""
+
+    def __init__(self, rule: Rule, num_classes: int, seed: int = 0, unit: int = 0):
+        self.rule, self.num_classes, self.seed = rule, num_classes, seed
+        self._first = unit_seed(seed, unit)
+        self._seeds = itertools.count()
+
+    def for_unit(self, unit: int) -> "LayerFactory":
+        return type(self)(self.rule, self.num_classes, self.seed, unit)
+
+    def _next_seed(self) -> int:
+        k = next(self._seeds)
+        if k >= UNIT_LAYERS:
+            raise ValueError(f"a unit has more than {UNIT_LAYERS} layers")
+        return self._first ^ k
 
     def linear(self, in_features, out_features, bias=True):
-        return LocalLinear(in_features, out_features, bias, rule=self.rule, seed=next(self._seeds))
+        return LocalLinear(in_features, out_features, bias, rule=self.rule, seed=self._next_seed())
 
     def conv(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
              dilation=1, groups=1, bias=False):
         return LocalConv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                           groups, bias, rule=self.rule, seed=next(self._seeds))
+                           groups, bias, rule=self.rule, seed=self._next_seed())
 
     def tap(self):
-        return ErrorTap(self.rule, self.num_classes, seed=next(self._seeds))
+        return ErrorTap(self.rule, self.num_classes, seed=self._next_seed())
 
 
 class TorchLayerFactory(LayerFactory):
     """Plain nn.Linear / nn.Conv2d and no taps: the same model in stock PyTorch, the
     baseline that benchmarks divide by."""
 
-    def __init__(self, num_classes: int, seed: int = 0):
-        self.num_classes = num_classes
+    def __init__(self, num_classes: int, seed: int = 0, unit: int = 0):
+        super().__init__(None, num_classes, seed, unit)
+
+    def for_unit(self, unit: int) -> "TorchLayerFactory":
+        return TorchLayerFactory(self.num_classes, self.seed, unit)
+
+    def _seeded(self, layer: nn.Module) -> nn.Module:
+        # the seed the rule-driven layer in this place would get, so both draw the same W
+        init_weights(layer.weight, layer.bias, torch.Generator().manual_seed(self._next_seed()))
+        return layer
 
     def linear(self, in_features, out_features, bias=True):
-        return nn.Linear(in_features, out_features, bias)
+        return self._seeded(nn.Linear(in_features, out_features, bias))
 
     def conv(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
              dilation=1, groups=1, bias=False):
-        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias)
+        return self._seeded(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                                      dilation, groups, bias))
 
     def tap(self):
+        self._next_seed()  # a rule-driven tap takes a seed here
         return nn.Identity()
 
 

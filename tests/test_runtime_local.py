@@ -17,6 +17,7 @@ from localnet.runtime.worker import StageWorker
 
 MLP = {"model": {"name": "mlp", "widths": [16, 16]}, "data": {"name": "synthetic"}}
 SHAPE, NC = (1, 8, 8), 10
+RESNET8 = {"model": {"name": "resnet8"}, "data": {"name": "synthetic"}}
 
 
 def cfg_for(rule, schedule="gpipe", model=None, partition="per_unit", M=4, bs=16, **train):
@@ -82,12 +83,59 @@ def test_local_bp_angles_state_and_eval():
         bad.load_state_dict(st)
 
 
+def _spec(cfg, pl, **common):
+    """Actor 0's setup spec, as the coordinator makes it."""
+    from localnet.builders import build_rule_and_model
+    from localnet.runtime.worker import worker_specs
+
+    model = build_rule_and_model(Config.model_validate(cfg) if isinstance(cfg, dict) else cfg,
+                                 SHAPE, NC)[1]
+    return worker_specs(cfg, pl, model, SHAPE, NC, **common)[0]
+
+
+@pytest.mark.parametrize("rule, model, partition, shape", [
+    ("pfa", RESNET8, "per_layer", (3, 8, 8)),
+    ("dfa", RESNET8, "per_unit", (3, 8, 8)),
+    ("brsf", {"model": {"name": "resnet18"}, "data": {"name": "synthetic"}}, "per_layer",
+     (3, 16, 16)),
+    ("wm", None, {"stages": 2}, SHAPE),
+])
+def test_each_actor_builds_only_its_units_with_the_whole_models_weights(rule, model, partition,
+                                                                       shape):
+    """An actor builds its own units only (layers.py: seeds per layer), and starts from
+    exactly the weights, feedback weights, buffers and layer RNGs that the whole model
+    gives those units."""
+    from localnet.builders import build_rule_and_model
+    from localnet.models.base import Absent
+    from localnet.runtime.partition import resolve_placement
+    from localnet.runtime.worker import worker_specs
+
+    cfg = Config.model_validate(cfg_for(rule, model=model, partition=partition))
+    whole = build_rule_and_model(cfg, shape, NC)[1]
+    pl = resolve_placement(cfg.runtime.partition, whole, None)
+    specs = worker_specs(cfg, pl, whole, shape, NC, threads=0)
+    built, compared = set(), 0
+    for spec in specs:
+        _, part = build_rule_and_model(cfg, shape, NC, units=spec["units"],
+                                       unit_shapes=spec["unit_shapes"])
+        absent = {u for u, m in enumerate(part.units) if isinstance(m, Absent)}
+        assert absent == set(range(len(whole.units))) - set(spec["units"])
+        built |= set(spec["units"])
+        lean = StageWorker(spec, threads=0).stage.module.state_dict()
+        full = StageWorker(spec, threads=0,
+                           model=build_rule_and_model(cfg, shape, NC)[1]).stage.module.state_dict()
+        worst, rng = state_diff(lean, full)
+        assert worst == 0 and not rng, (spec["index"], worst, rng)
+        compared += len(lean)
+    assert built == set(range(len(whole.units)))
+    assert compared == len(whole.state_dict())  # every tensor, feedback and RNG compared
+
+
 def test_dfa_needs_stage_boundaries_at_taps():
     from localnet.runtime.graph import Placement
 
     pl = Placement("units", [[0, 1], [1, 3]], [["fc1"], ["fc2", "head"]], [[-1], [0]])
-    spec = {"config": cfg_for("dfa"), "index": 0, "placement": pl.to_dict(),
-            "input_shape": SHAPE, "num_classes": NC, "threads": 0}
+    spec = _spec(cfg_for("dfa"), pl, threads=0)
     StageWorker(spec, threads=0)  # fc1 ends with its error tap: fine
 
     class NoTap(StageWorker):
@@ -220,7 +268,6 @@ def test_leak_detector_catches_weights_transposes_and_signs():
 
 
 # ---------------------------------------------------------------------------- layer graph
-RESNET8 = {"model": {"name": "resnet8"}, "data": {"name": "synthetic"}}
 IMG = (3, 8, 8)
 FIVE = ["fa", "kp", "pfa", "dfa", "wm"]
 
@@ -515,8 +562,7 @@ def test_device_plumbing_on_cpu():
     from localnet.runtime.plane import LocalPlane
 
     pl = Placement("units", [[0, 1], [1, 3]], [["fc1"], ["fc2", "head"]], [[-1], [0]])
-    spec = {"config": cfg_for("fa"), "index": 0, "placement": pl.to_dict(),
-            "input_shape": SHAPE, "num_classes": NC, "threads": 0, "device": "cpu"}
+    spec = _spec(cfg_for("fa"), pl, threads=0, device="cpu")
     w = StageWorker(spec, threads=0)
     assert w.info()["device"] == "cpu" and w.stage.device.type == "cpu"
     plane = LocalPlane(["stage0", "stage1"])

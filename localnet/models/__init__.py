@@ -8,7 +8,7 @@ import torch
 
 from ..layers import LayerFactory, TorchLayerFactory
 from ..rules import Rule
-from .base import UnitModel
+from .base import Absent, UnitModel
 from .mlp import mlp
 from .resnet_cifar import resnet_cifar
 from .resnet_imagenet import resnet_imagenet
@@ -28,27 +28,56 @@ MODELS = {
 
 
 def build_model(name: str, rule: Rule | None, input_shape, num_classes: int, seed: int = 0,
-                **kwargs) -> UnitModel:
-    """Deterministic in (name, rule, shapes, seed): every process that builds it gets the
-    same weights, so a pipeline stage can build the model and keep only its units.
-    rule=None builds the same network from stock nn.Linear/nn.Conv2d (plain backprop)."""
+                units=None, unit_shapes=None, **kwargs) -> UnitModel:
+    """Deterministic in (name, rule, shapes, seed); each unit's weights depend only on the
+    seed and the unit's index (layers.py), so a pipeline actor builds only its own units
+    and gets exactly the whole model's.  rule=None builds the same network from stock
+    nn.Linear/nn.Conv2d (plain backprop).
+
+    units: indices of the units to build (default: all); the others are `Absent`.  Then
+    unit_shapes[u], each built unit's input shape per sample, is needed too (a dry
+    forward through each unit creates the state whose shape depends on activations)."""
     try:
         builder = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+    specs = builder(tuple(input_shape), num_classes, **kwargs)
+    keep = range(len(specs)) if units is None else sorted(set(int(u) for u in units))
+    if units is not None and unit_shapes is None:
+        raise ValueError("build_model: building some units needs unit_shapes")
+    # the global RNG is left alone (stock nn layers draw from it before being re-seeded)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
         factory = (TorchLayerFactory(num_classes, seed) if rule is None
                    else LayerFactory(rule, num_classes, seed))
-        model = builder(factory, tuple(input_shape), num_classes, **kwargs)
+        mods = [spec.build(factory.for_unit(u)) if u in keep else Absent(spec.name)
+                for u, spec in enumerate(specs)]
+    model = UnitModel(mods, [spec.name for spec in specs])
     # One dry forward so state whose shape depends on activations (DFA's D_l) exists
     # before anything reads the state dict.
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(2, *input_shape))
+        if units is None:
+            model(torch.zeros(2, *input_shape))
+        else:
+            for u in keep:
+                model.units[u](torch.zeros(2, *unit_shapes[u]))
     model.train(was_training)
     return model
 
 
-__all__ = ["MODELS", "UnitModel", "build_model"]
+def unit_shapes(model: UnitModel, input_shape) -> list[tuple]:
+    """Each unit's input shape per sample, then the model's output shape (a dry forward
+    of a whole model)."""
+    shapes, h = [], torch.zeros(2, *input_shape)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for unit in model.units:
+            shapes.append(tuple(h.shape[1:]))
+            h = unit(h)
+    model.train(was)
+    return shapes + [tuple(h.shape[1:])]
+
+
+__all__ = ["MODELS", "UnitModel", "build_model", "unit_shapes"]

@@ -3,14 +3,36 @@
 A unit maps one tensor to one tensor, so a pipeline can cut the list anywhere and put
 each piece on its own actor; `UnitModel.forward` is just the composition.  Layers come
 from a `LayerFactory`, so the same model code serves every rule.
+
+A model file returns `UnitSpec`s -- a name and a function that builds the unit from a
+factory -- rather than built modules, so a pipeline actor can build only its own units
+(`build_model(..., units=...)`); the others stay `Absent`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    name: str
+    build: Callable[..., nn.Module]  # build(factory) -> the unit
+
+
+class Absent(nn.Module):
+    """A unit this process did not build (it lives on another actor)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        raise RuntimeError(f"unit {self.name!r} was not built in this process")
 
 
 class UnitModel(nn.Module):
@@ -25,22 +47,30 @@ class UnitModel(nn.Module):
             x = unit(x)
         return x
 
+    def unit_layers(self, u: int) -> list["LayerNode"]:
+        """Unit u's nodes of the layer graph, their inputs numbered within the unit
+        (-1: the unit's input).  A unit with a `layer_nodes()` method (a residual block)
+        splits into its layers; any other unit (stem, head, an MLP layer) is one node."""
+        unit, name = self.units[u], self.unit_names[u]
+        if isinstance(unit, Absent):
+            raise RuntimeError(f"unit {name!r} was not built in this process")
+        parts = unit.layer_nodes() if hasattr(unit, "layer_nodes") else [("", unit, ["in"])]
+        return [LayerNode(f"{name}.{suffix}" if suffix else name, u, name, module,
+                          [-1 if i == "in" else int(i) for i in inputs])
+                for suffix, module, inputs in parts]
+
     def layer_graph(self) -> list["LayerNode"]:
         """The finer graph the runtime's `partition: per_layer` places, one node per layer.
 
-        A unit with a `layer_nodes()` method (a residual block) splits into its layers;
-        any other unit (stem, head, an MLP layer) is one node.  Nodes share their modules
-        with the units (no copies), in topological order; the last one is the output.
-        Composing them (`run_layer_graph`) is exactly `forward`."""
+        Nodes share their modules with the units (no copies), in topological order; the
+        last one is the output.  Composing them (`run_layer_graph`) is exactly `forward`."""
         nodes: list[LayerNode] = []
         prev = -1  # the node whose output is the current unit's input (-1: the model input)
-        for u, (unit, name) in enumerate(zip(self.units, self.unit_names)):
-            parts = unit.layer_nodes() if hasattr(unit, "layer_nodes") else [("", unit, ["in"])]
+        for u in range(len(self.units)):
             base = len(nodes)
-            for suffix, module, inputs in parts:
-                ids = [prev if i == "in" else base + int(i) for i in inputs]
-                nodes.append(LayerNode(f"{name}.{suffix}" if suffix else name, u, name,
-                                       module, ids))
+            for n in self.unit_layers(u):
+                n.inputs = [prev if i < 0 else base + i for i in n.inputs]
+                nodes.append(n)
             prev = len(nodes) - 1
         return nodes
 

@@ -2,11 +2,12 @@
 
 import math
 from collections import OrderedDict
+from functools import partial
 
 import torch.nn as nn
 
 from ..layers import LayerFactory
-from .base import Flatten, UnitModel
+from .base import Flatten, UnitSpec
 
 
 class HiddenLayer(nn.Sequential):
@@ -18,14 +19,18 @@ class HiddenLayer(nn.Sequential):
         super().__init__(OrderedDict(mods))
 
 
-def mlp(f: LayerFactory, input_shape, num_classes, widths=(512, 512)) -> UnitModel:
-    n_in = math.prod(input_shape)
-    units, names = [], []
-    for i, w in enumerate(widths):
-        units.append(HiddenLayer(f, n_in, w, flatten=(i == 0)))
-        names.append(f"fc{i + 1}")
-        n_in = w
+def _head(f: LayerFactory, n_in: int, num_classes: int, flatten: bool) -> nn.Module:
     head = f.linear(n_in, num_classes)
-    units.append(head if widths else nn.Sequential(OrderedDict(flatten=Flatten(), linear=head)))
-    names.append("head")
-    return UnitModel(units, names)
+    return nn.Sequential(OrderedDict(flatten=Flatten(), linear=head)) if flatten else head
+
+
+def mlp(input_shape, num_classes, widths=(512, 512)) -> list[UnitSpec]:
+    n_in = math.prod(input_shape)
+    units = []
+    for i, w in enumerate(widths):
+        units.append(UnitSpec(f"fc{i + 1}", partial(HiddenLayer, n_in=n_in, n_out=w,
+                                                     flatten=(i == 0))))
+        n_in = w
+    units.append(UnitSpec("head", partial(_head, n_in=n_in, num_classes=num_classes,
+                                          flatten=not widths)))
+    return units

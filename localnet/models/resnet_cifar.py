@@ -3,12 +3,13 @@ option-A shortcut -- stride-2 subsampling plus zero channel padding, no paramete
 """
 
 from collections import OrderedDict
+from functools import partial
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import LayerFactory
-from .base import Flatten, Merge, Part, UnitModel, has_parameters
+from .base import Flatten, Merge, Part, UnitSpec, has_parameters
 
 
 class PadShortcut(nn.Module):
@@ -66,10 +67,10 @@ def residual_nodes(block, chain: list[str], last: str):
     return nodes
 
 
-def _cifar_shortcut(f, c_in, c_out, stride):
-    if stride == 1 and c_in == c_out:
-        return nn.Identity()
-    return PadShortcut(stride, c_out - c_in)
+def _cifar_block(f: LayerFactory, c_in, c_out, stride) -> BasicBlock:
+    same = stride == 1 and c_in == c_out
+    return BasicBlock(f, c_in, c_out, stride,
+                      nn.Identity() if same else PadShortcut(stride, c_out - c_in))
 
 
 class Head(nn.Sequential):
@@ -78,18 +79,17 @@ class Head(nn.Sequential):
                                      fc=f.linear(c, num_classes)))
 
 
-def resnet_cifar(f: LayerFactory, input_shape, num_classes, depth=20) -> UnitModel:
+def resnet_cifar(input_shape, num_classes, depth=20) -> list[UnitSpec]:
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     n = (depth - 2) // 6
-    units, names = [ConvBN(f, input_shape[0], 16, 3, 1)], ["stem"]
+    units = [UnitSpec("stem", partial(ConvBN, c_in=input_shape[0], c_out=16))]
     c_in = 16
     for stage, c_out in enumerate((16, 32, 64)):
         for i in range(n):
             stride = 2 if (i == 0 and stage > 0) else 1
-            units.append(BasicBlock(f, c_in, c_out, stride, _cifar_shortcut(f, c_in, c_out, stride)))
-            names.append(f"layer{stage + 1}.{i}")
+            units.append(UnitSpec(f"layer{stage + 1}.{i}",
+                                  partial(_cifar_block, c_in=c_in, c_out=c_out, stride=stride)))
             c_in = c_out
-    units.append(Head(f, c_in, num_classes))
-    names.append("head")
-    return UnitModel(units, names)
+    units.append(UnitSpec("head", partial(Head, c=c_in, num_classes=num_classes)))
+    return units

@@ -3,11 +3,13 @@ blocks, and 1x1 projection shortcuts (option B) where the shape changes.  The
 projection is a rule-driven conv like every other.
 """
 
+from functools import partial
+
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import LayerFactory
-from .base import UnitModel
+from .base import UnitSpec
 from .resnet_cifar import BasicBlock, ConvBN, Head, residual_nodes
 
 
@@ -41,24 +43,27 @@ class Stem(nn.Sequential):
 _LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3))}
 
 
-def resnet_imagenet(f: LayerFactory, input_shape, num_classes, depth=18) -> UnitModel:
+def _block(f: LayerFactory, kind, c_in, width, stride) -> nn.Module:
+    c_out = width * (Bottleneck.expansion if kind == "bottleneck" else 1)
+    shortcut = nn.Identity()
+    if stride != 1 or c_in != c_out:
+        shortcut = ConvBN(f, c_in, c_out, 1, stride, relu=False)
+    if kind == "basic":
+        return BasicBlock(f, c_in, c_out, stride, shortcut)
+    return Bottleneck(f, c_in, width, stride, shortcut)
+
+
+def resnet_imagenet(input_shape, num_classes, depth=18) -> list[UnitSpec]:
     kind, counts = _LAYOUTS[depth]
-    expansion = 4 if kind == "bottleneck" else 1
-    units, names = [Stem(f, input_shape[0], small_input=input_shape[-1] <= 64)], ["stem"]
+    expansion = Bottleneck.expansion if kind == "bottleneck" else 1
+    units = [UnitSpec("stem", partial(Stem, c_in=input_shape[0],
+                                      small_input=input_shape[-1] <= 64))]
     c_in = 64
     for stage, (width, count) in enumerate(zip((64, 128, 256, 512), counts)):
         for i in range(count):
             stride = 2 if (i == 0 and stage > 0) else 1
-            c_out = width * expansion
-            shortcut = nn.Identity()
-            if stride != 1 or c_in != c_out:
-                shortcut = ConvBN(f, c_in, c_out, 1, stride, relu=False)
-            if kind == "basic":
-                units.append(BasicBlock(f, c_in, c_out, stride, shortcut))
-            else:
-                units.append(Bottleneck(f, c_in, width, stride, shortcut))
-            names.append(f"layer{stage + 1}.{i}")
-            c_in = c_out
-    units.append(Head(f, c_in, num_classes))
-    names.append("head")
-    return UnitModel(units, names)
+            units.append(UnitSpec(f"layer{stage + 1}.{i}", partial(
+                _block, kind=kind, c_in=c_in, width=width, stride=stride)))
+            c_in = width * expansion
+    units.append(UnitSpec("head", partial(Head, c=c_in, num_classes=num_classes)))
+    return units

@@ -18,6 +18,7 @@ def measure_costs(cfg, input_shape, num_classes: int, placement=None,
     """(fwd_s, bwd_s, step_s): median seconds per actor of `placement` (default: one
     actor per unit) for one micro-batch, after one warm-up.  stash: time the async
     schedule's weight stashing too.  Builds a throwaway copy of the model."""
+    from ..models import unit_shapes
     from .graph import NodeStage, Placement, modules_for
 
     cfg = as_config(cfg)
@@ -31,8 +32,9 @@ def measure_costs(cfg, input_shape, num_classes: int, placement=None,
                                                     list(model.unit_names))
         S = pl.num_actors
         stages = []
+        shapes = unit_shapes(model, input_shape)
         for i in range(S):
-            mods, names, _, _, _ = modules_for(pl, i, model, input_shape)
+            mods, names, _, _, _ = modules_for(pl, i, model, shapes)
             stages.append(NodeStage(mods, optim_config(cfg), names, stash=stash,
                                     grad_inputs=[p >= 0 for p in pl.inputs[i]]))
         g = torch.Generator().manual_seed(cfg.seed)

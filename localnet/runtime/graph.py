@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine import Stage
+from ..models.base import Absent
 from ..rules import output_error
 
 
@@ -120,42 +121,45 @@ class Placement:
                                               for m in other.members], other.inputs)
 
 
-def modules_for(placement: Placement, index: int, model, input_shape):
+def actor_units(placement: Placement, model) -> list[list[int]]:
+    """Per actor: the units it must build (a node of the layer graph needs its unit)."""
+    if placement.kind == "units":
+        return [list(range(a, b)) for a, b in placement.members]
+    nodes = model.layer_graph()
+    return [[nodes[m].unit] for m in placement.members]
+
+
+def modules_for(placement: Placement, index: int, model, shapes):
     """(modules, names, unit ids, per-slot input shapes, output shape) of one actor, the
-    shapes per sample.  `model` is a freshly built UnitModel; the modules are its own."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if placement.kind == "units":
-                a, b = placement.members[index]
-                units = list(model.units)
-                return (units[a:b], list(model.unit_names[a:b]), list(range(a, b)),
-                        *_unit_shapes(units, a, b, input_shape))
-            nodes = model.layer_graph()
-            node = nodes[placement.members[index]]
-            if node.name != placement.names[index][0]:
-                raise ValueError(f"placement names node {placement.names[index][0]!r}, the "
-                                 f"model's node {placement.members[index]} is {node.name!r}")
-            x = torch.zeros(2, *input_shape)
-            outs = []
-            for n in nodes:
-                outs.append(n.module(*[x if i < 0 else outs[i] for i in n.inputs]))
-            in_shapes = [tuple((x if i < 0 else outs[i]).shape[1:]) for i in node.inputs]
-            return ([node.module], [node.unit_name], [node.unit], in_shapes,
-                    tuple(outs[placement.members[index]].shape[1:]))
-    finally:
-        model.train(was)
-
-
-def _unit_shapes(units, a, b, input_shape):
-    h = torch.zeros(2, *input_shape)
-    for u in units[:a]:
-        h = u(h)
-    ins = [tuple(h.shape[1:])]
-    for u in units[a:b]:
-        h = u(h)
-    return ins, tuple(h.shape[1:])
+    shapes per sample.  `model` is a UnitModel with at least this actor's units built
+    (`actor_units`); the modules are its own.  shapes: `models.unit_shapes` -- each
+    unit's input shape, then the model's output shape."""
+    if placement.kind == "units":
+        a, b = placement.members[index]
+        return (list(model.units[a:b]), list(model.unit_names[a:b]), list(range(a, b)),
+                [tuple(shapes[a])], tuple(shapes[b]))
+    want = placement.names[index][0]
+    for u, unit in enumerate(model.units):
+        if want != model.unit_names[u] and not want.startswith(model.unit_names[u] + "."):
+            continue
+        if isinstance(unit, Absent):
+            break
+        nodes = model.unit_layers(u)
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():  # the shapes of this unit's nodes, from its input's
+                x, outs = torch.zeros(2, *shapes[u]), []
+                for n in nodes:
+                    ins = [x if i < 0 else outs[i] for i in n.inputs]
+                    if n.name == want:
+                        return ([n.module], [n.unit_name], [u],
+                                [tuple(t.shape[1:]) for t in ins],
+                                tuple(n.module(*ins).shape[1:]))
+                    outs.append(n.module(*ins))
+        finally:
+            model.train(was)
+    raise ValueError(f"placement names node {want!r}, which this model does not build")
 
 
 # ------------------------------------------------------------------------------ stage

@@ -35,14 +35,16 @@ def _bytes(module: torch.nn.Module) -> tuple[int, int]:
 def estimate(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> list[dict]:
     """Per actor of `placement` (built from `model`): the estimate in bytes and its
     parts."""
+    from ..models import unit_shapes
     from .graph import modules_for
 
     rt, t = cfg.runtime, cfg.train
+    shapes = unit_shapes(model, input_shape)
     mb = max(t.batch_size // t.micro_batches, 1)
     base = int(rt.actor_baseline_mb * MB)
     out = []
     for i in range(placement.num_actors):
-        mods, names, _, in_shapes, out_shape = modules_for(placement, i, model, input_shape)
+        mods, names, _, in_shapes, out_shape = modules_for(placement, i, model, shapes)
         p, b = map(sum, zip(*[_bytes(m) for m in mods])) if mods else (0, 0)
         state = 3 * p + b  # weights (and feedback weights), gradients, momentum; buffers
         act = 4 * mb * (math.prod(out_shape) + sum(math.prod(s) for s in in_shapes))

@@ -47,7 +47,7 @@ from .partition import resolve_placement
 from .plane import LocalPlane
 from .schedule import Action, AsyncStream, make_schedule, simulate, stream_staleness
 from .session import ensure_ray  # noqa: F401 - the public name (sweep.py)
-from .worker import DRIVER, StageWorker, stage_name
+from .worker import DRIVER, StageWorker, stage_name, worker_specs
 
 
 class RayExecutor(StateMixin):
@@ -101,11 +101,10 @@ class RayExecutor(StateMixin):
         self.device = "cuda" if rt.num_gpus > 0 else "cpu"
         self._schedules: dict = {}
         self._plan(self.micro_batches)  # raises DeadlockError before any actor exists
-        self._specs = [{"config": cfg.model_dump(mode="json"), "index": i,
-                        "placement": pl.to_dict(), "input_shape": list(self.input_shape),
-                        "num_classes": self.num_classes, "run": self.run_id, "audit": audit,
-                        "threads": 0 if local else rt.threads, "device": self.device,
-                        "stash": self.is_async} for i in range(S)]
+        self._specs = worker_specs(cfg, pl, model, self.input_shape, self.num_classes,
+                                   run=self.run_id, audit=audit,
+                                   threads=0 if local else rt.threads, device=self.device,
+                                   stash=self.is_async)
         try:
             if local:
                 shared = build_rule_and_model(cfg, self.input_shape, self.num_classes)[1]

@@ -46,10 +46,11 @@ from ..files import load_state, save_state
 from ..layers import ErrorTap, restore_rules, set_rule
 from ..rules import make_rule
 from ..builders import as_config, build_rule_and_model, optim_config
+from ..models import unit_shapes
 from ..metrics import StageTimer
 from ..channels.channel import DATA, WAIT, error_delays, make_channel
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
-from .graph import NodeStage, Placement, modules_for
+from .graph import NodeStage, Placement, actor_units, modules_for
 from .ledger import Ledger
 from .messages import (ACTIVATION, BROADCAST, CHAIN, CONTROL, ERROR, OUTPUT, TARGET, Control,
                        Header, Message, MessageError, validate)
@@ -81,6 +82,19 @@ def stage_name(i: int) -> str:
     return f"stage{i}"
 
 
+def worker_specs(cfg, placement: Placement, model, input_shape, num_classes: int,
+                 **common) -> list[dict]:
+    """One `StageWorker.setup` spec per actor of `placement`, from the whole `model` the
+    coordinator built: each names the units that actor builds, and every unit's input
+    shape, so no actor builds more than its own.  common: run, audit, threads, device,
+    stash."""
+    shapes = [list(x) for x in unit_shapes(model, input_shape)]
+    return [{"config": as_config(cfg).model_dump(mode="json"), "index": i,
+             "placement": placement.to_dict(), "input_shape": list(input_shape),
+             "unit_shapes": shapes, "units": units, "num_classes": int(num_classes),
+             **common} for i, units in enumerate(actor_units(placement, model))]
+
+
 class StageWorker:
     def __init__(self, spec: dict | None = None, threads: int = 1, model=None):
         keep_freed_memory()  # an actor reallocates its activations every step (alloc.py)
@@ -99,7 +113,9 @@ class StageWorker:
     # ------------------------------------------------------------------ construction
     def setup(self, spec: dict, model=None) -> dict:
         """(Re)build this worker for an actor of the graph.  spec: config (dict or Config),
-        index, placement (Placement.to_dict()), input_shape, num_classes, run, audit, threads, device, stash.
+        index, placement (Placement.to_dict()), input_shape, unit_shapes (each unit's input
+        shape, then the output's), units (the ones this actor builds), num_classes, run,
+        audit, threads, device, stash.
         model: a freshly built model to take the modules from (local mode builds one for
         every worker); default: build it here."""
         cfg = as_config(spec["config"])
@@ -135,8 +151,10 @@ class StageWorker:
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
         torch.manual_seed(cfg.seed)
 
-        if model is None:
-            rule, model = build_rule_and_model(cfg, spec["input_shape"], self.num_classes)
+        shapes = [tuple(s) for s in spec["unit_shapes"]]
+        if model is None:  # only this actor's units: their weights are the whole model's
+            rule, model = build_rule_and_model(cfg, spec["input_shape"], self.num_classes,
+                                               units=spec["units"], unit_shapes=shapes)
         else:
             rule = make_rule(cfg.rule.name, **cfg.rule.options())
         if pl.kind == "units":
@@ -145,7 +163,7 @@ class StageWorker:
                 raise ValueError(f"{self.name}: units [{a}, {b}) outside the model's "
                                  f"{len(model.units)}")
         mods, names, unit_ids, in_shapes, out_shape = modules_for(pl, self.index, model,
-                                                                  spec["input_shape"])
+                                                                  shapes)
         self.in_shapes, self.out_shape = [tuple(s) for s in in_shapes], tuple(out_shape)
         self.in_shape = self.in_shapes[0]
         self.node_name = pl.names[self.index][0] if pl.kind == "layers" else None
