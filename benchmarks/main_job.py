@@ -47,8 +47,11 @@ def run_once(sets: list[str], out: Path, timeout: float) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
     rt = s.get("runtime") or {}
+    cpu = [a["process_cpu_s"] for a in rt.get("actor_info", []) if "process_cpu_s" in a]
     return {"samples_per_s": s["samples_per_s"], "wall_s": wall, "actors": rt.get("actors", 0),
             "startup_s": rt.get("startup_s"), "calls": rt.get("driver_calls_per_batch"),
+            "phases": rt.get("startup_phases_s") or {},
+            "actor_cpu_s": statistics.mean(cpu) if cpu else None,
             "peak_used_gb": s.get("peak_used_gb")}
 
 
@@ -88,11 +91,18 @@ def main(argv=None) -> dict:
                  f"in-process, then on Ray ({result['actors']} actors), once each per round; "
                  f"samples/s from each run's summary.json; each ratio within its round.", "",
                  "| round | in-process samples/s | Ray samples/s | Ray ÷ in-process | Ray start-up "
-                 "until every actor is ready (s) | wall in-process / Ray (s) |",
-                 "| --- | --- | --- | --- | --- | --- |"]
+                 "until every actor is ready (s) | of which ray.init / placement / actors "
+                 "built / data plane (s) | CPU each actor used to get ready (s, mean) | "
+                 "wall in-process / Ray (s) |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for i in range(args.rounds):
+            ph = ray_runs[i]["phases"]
+            phases = " / ".join(f"{ph[k]:.1f}" if k in ph else "-"
+                                for k in ("ray_init", "placement", "actors_built", "plane"))
+            cpu = ray_runs[i]["actor_cpu_s"]
             lines.append(f"| {i + 1} | {result['inprocess'][i]} | {result['ray'][i]} | "
-                         f"{result['ratios'][i]} | {ray_runs[i]['startup_s']:.1f} | "
+                         f"{result['ratios'][i]} | {ray_runs[i]['startup_s']:.1f} | {phases} | "
+                         f"{'-' if cpu is None else f'{cpu:.2f}'} | "
                          f"{result['wall_s']['inprocess'][i]} / {result['wall_s']['ray'][i]} |")
         lines += ["", f"Median Ray ÷ in-process: **{result['ratio_median']}**.  Coordinator "
                       f"calls per training batch: {result['calls_per_batch']} (one per actor)."]

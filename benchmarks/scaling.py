@@ -48,6 +48,9 @@ import torch  # noqa: E402
 
 from common import commit, hardware_cpu, write_section  # noqa: E402
 from localnet.config import Config  # noqa: E402
+from localnet.metrics import OPS  # noqa: E402
+
+MAIN = "ray::StageWorke"  # an actor's main thread: Ray names it after the class (15 chars)
 
 SHAPE, NC = (3, 32, 32), 10
 
@@ -83,6 +86,34 @@ def private_mb(pid: int) -> float:
         if line.startswith(("Private_Clean:", "Private_Dirty:")):
             total += int(line.split()[1])
     return total / 1024
+
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(stat_path: str) -> float:
+    """utime + stime of a /proc/.../stat file, in seconds."""
+    f = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / HZ
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread *name* of a process (gloo's I/O threads are gloo_tcp_loop;
+    an actor's main thread is named after its class)."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            out[name] = out.get(name, 0.0) + _ticks(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:
+            pass
+    return out
+
+
+def machine_cpu() -> float:
+    """CPU seconds all processes of the machine used (busy time in /proc/stat)."""
+    v = list(map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]))
+    return (sum(v) - v[3] - v[4]) / HZ
 
 
 class Peak:
@@ -147,28 +178,33 @@ def baseline(write: bool) -> dict:
     return r
 
 
-def step_times(step, data, warmup: int, steps: int) -> list[float]:
+def step_times(step, data, warmup: int, steps: int, cpu: list | None = None) -> list[float]:
     for i in range(warmup):
         step(*data[i % len(data)])
     out = []
+    c0 = time.process_time()
     for i in range(steps):
         t0 = time.perf_counter()
         step(*data[i % len(data)])
         out.append(time.perf_counter() - t0)
+    if cpu is not None:
+        cpu.append((time.process_time() - c0) / steps)
     return out
 
 
-def inprocess(cfg, data, steps: int) -> float:
+def inprocess(cfg, data, steps: int) -> tuple[float, float]:
+    """(samples/s, CPU seconds per batch) of the in-process executor."""
     from localnet.runtime.testing import reference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
+    cpu: list[float] = []
     try:
         ex, _ = reference(cfg, SHAPE, NC)
-        t = step_times(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), data, 2, steps)
+        t = step_times(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), data, 2, steps, cpu)
     finally:
         torch.set_num_threads(threads)
-    return cfg.train.batch_size / statistics.median(t)
+    return cfg.train.batch_size / statistics.median(t), cpu[0]
 
 
 def on_ray(cfg, data, steps: int) -> dict:
@@ -189,13 +225,30 @@ def on_ray(cfg, data, steps: int) -> dict:
         base = ray.remote(num_cpus=0)(Idle).remote()
         base_mb = private_mb(ray.get(base.pid.remote(), timeout=120))
         ex.flush()
-        t = step_times(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), data, 2, steps)
+        step = lambda x, y: ex.train_step(x, y, 0.01, 1e-4)  # noqa: E731
+        step_times(step, data, 2, 0)
         ex.flush()
+        ex.stage_timings()  # clears them
+        pids = [i["pid"] for i in ex.stage_info]
+        before, m0 = [thread_cpu(p) for p in pids], machine_cpu()
+        t = step_times(step, data, 0, steps)
+        ex.flush()
+        after, m1 = [thread_cpu(p) for p in pids], machine_cpu()
+        compute = sum(sum(tm[f"{op}_cpu"]) for tm in ex.stage_timings() for op in OPS)
+        gloo = sum(a.get("gloo_tcp_loop", 0) - b.get("gloo_tcp_loop", 0)
+                   for a, b in zip(after, before))
+        main = sum(a.get(MAIN, 0) - b.get(MAIN, 0) for a, b in zip(after, before))
+        actor = sum(sum(a.values()) - sum(b.values()) for a, b in zip(after, before))
+        cpu = {"machine": (m1 - m0) / steps, "compute": compute / steps,
+               "main_other": (main - compute) / steps, "gloo_io": gloo / steps,
+               "actor_rest": (actor - main - gloo) / steps,
+               "outside_actors": (m1 - m0 - actor) / steps}
         actors = [private_mb(i["pid"]) for i in ex.stage_info]
         out = {"samples_per_s": cfg.train.batch_size / statistics.median(t),
                "startup_s": ex.startup_s, "actors": ex.num_stages,
                "actor_private_mb": round(statistics.median(actors), 1),
                "actor_private_mb_max": round(max(actors), 1), "baseline_mb": round(base_mb, 1),
+               "cpu_per_batch": {k: round(v, 3) for k, v in cpu.items()},
                "memory_estimate": ex.memory}
     finally:
         ex.close()
@@ -314,8 +367,9 @@ def main(argv=None) -> dict:
     for model in args.models.split(","):
         for part in args.partitions.split(","):
             cfg = cfg_for(model, part, args.batch, args.micro)
-            row = {"model": model, "partition": part,
-                   "inprocess": round(inprocess(cfg, data, args.steps), 1),
+            rate, cpu = inprocess(cfg, data, args.steps)
+            row = {"model": model, "partition": part, "inprocess": round(rate, 1),
+                   "inprocess_cpu_per_batch": round(cpu, 3),
                    "predicted": round(predicted(cfg, args.hop_cost), 1)}
             row["ray"] = on_ray(cfg, data, args.steps)
             if "samples_per_s" in row["ray"]:
@@ -370,6 +424,24 @@ def write_results(r: dict, args) -> None:
             f"({ray_['idle_used_mb'] / 1024:.1f}) | {ray_['actor_private_mb']} / "
             f"{ray_['actor_private_mb_max']} | {ray_['baseline_mb']} | "
             f"{ray_['actor_private_mb'] - ray_['baseline_mb']:.1f} |")
+    cpu_rows = [row for row in r["rows"] if "cpu_per_batch" in row["ray"]]
+    if cpu_rows:
+        lines += ["", "Where the CPU goes, seconds per batch over the timed steps (the "
+                      "machine's busy time from /proc/stat; actors' threads from "
+                      "/proc/PID/task): *compute* is the forward, backward and update calls' "
+                      "own thread time (StageTimer); *main, other* the rest of an actor's main "
+                      "thread (the interpreter, framing and checks, gloo calls, Ray's call); "
+                      "*gloo I/O* gloo's socket threads; *outside* the driver, Ray's own "
+                      "processes and the rest of the machine.", "",
+                  "| model | partition | in-process CPU | Ray: machine | compute | main, "
+                  "other | gloo I/O | other actor threads | outside the actors |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in cpu_rows:
+            c = row["ray"]["cpu_per_batch"]
+            lines.append(f"| {row['model']} | {row['partition']} | "
+                         f"{row.get('inprocess_cpu_per_batch', '-')} | {c['machine']} | "
+                         f"{c['compute']} | {c['main_other']} | {c['gloo_io']} | "
+                         f"{c['actor_rest']} | {c['outside_actors']} |")
     refused = [row for row in r["rows"] if "refused" in row["ray"]]
     for row in refused:
         lines += ["", f"{row['model']} {row['partition']}: {row['ray']['refused']}"]

@@ -46,3 +46,16 @@ def keep_freed_memory() -> bool:
     mmap = any(mallopt(M_MMAP_THRESHOLD, v) == 1 for v in MMAP_THRESHOLDS)
     _done = mmap and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
     return _done
+
+
+def release_free_memory() -> None:
+    """Give the memory malloc holds free back to the OS (glibc's malloc_trim), once a
+    peak the process will not see again is over -- an actor's set-up, which builds its
+    units and their dry forward, before training's own steady peak.  A no-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

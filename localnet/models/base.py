@@ -129,7 +129,7 @@ class Merge(nn.Module):
         self.tap = tap
 
     def forward(self, h, skip):
-        return self.tap(F.relu(getattr(self, self.main_name)(h) + self.shortcut(skip)))
+        return self.tap(F.relu(getattr(self, self.main_name)(h) + self.shortcut(skip), inplace=True))
 
 
 def has_parameters(m: nn.Module) -> bool:

@@ -15,7 +15,7 @@ class HiddenLayer(nn.Sequential):
 
     def __init__(self, f: LayerFactory, n_in: int, n_out: int, flatten: bool = False):
         mods = [("flatten", Flatten())] if flatten else []
-        mods += [("linear", f.linear(n_in, n_out)), ("relu", nn.ReLU()), ("tap", f.tap())]
+        mods += [("linear", f.linear(n_in, n_out)), ("relu", nn.ReLU(inplace=True)), ("tap", f.tap())]
         super().__init__(OrderedDict(mods))
 
 

@@ -31,7 +31,7 @@ class ConvBN(nn.Sequential):
     def __init__(self, f: LayerFactory, c_in, c_out, k=3, stride=1, relu=True):
         mods = [("conv", f.conv(c_in, c_out, k, stride, k // 2)), ("bn", nn.BatchNorm2d(c_out))]
         if relu:
-            mods += [("relu", nn.ReLU()), ("tap", f.tap())]
+            mods += [("relu", nn.ReLU(inplace=True)), ("tap", f.tap())]
         super().__init__(OrderedDict(mods))
 
 
@@ -44,7 +44,7 @@ class BasicBlock(nn.Module):
         self.tap = f.tap()
 
     def forward(self, x):
-        return self.tap(F.relu(self.conv2(self.conv1(x)) + self.shortcut(x)))
+        return self.tap(F.relu(self.conv2(self.conv1(x)) + self.shortcut(x), inplace=True))
 
     def layer_nodes(self):
         """Layers for `UnitModel.layer_graph`: (suffix, module, inputs); an input is "in"

@@ -25,7 +25,7 @@ class Bottleneck(nn.Module):
         self.tap = f.tap()
 
     def forward(self, x):
-        return self.tap(F.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x)))
+        return self.tap(F.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x), inplace=True))
 
     def layer_nodes(self):
         """conv1 -> conv2 -> merge(conv3, skip); see BasicBlock.layer_nodes."""

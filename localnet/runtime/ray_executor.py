@@ -76,6 +76,7 @@ class RayExecutor(StateMixin):
         self._placer = None
         self.workers = []
         self.memory: dict | None = None   # the preflight's estimate (runtime/memory.py)
+        phases: dict[str, float] = {}
 
         if model is None:
             _, model = build_rule_and_model(cfg, self.input_shape, self.num_classes)
@@ -113,6 +114,7 @@ class RayExecutor(StateMixin):
                 del shared
             else:
                 self._owns_ray = ensure_ray(rt)
+                phases["ray_init"] = time.perf_counter()
                 self._placer = session.Placer(rt, self.timeout)
                 if actors is None and rt.memory_preflight:  # before any actor starts
                     peak = simulate(self._schedule(self.schedule_name, self.micro_batches),
@@ -121,17 +123,25 @@ class RayExecutor(StateMixin):
                 if actors is None:
                     self.workers = self._placer.spawn(StageWorker, S)
                     self._owned = set(range(S))
+                    phases["placement"] = time.perf_counter()
                 else:
                     if len(actors) < S:
                         raise ValueError(f"{len(actors)} actors given for {S} stages")
                     self.workers = list(actors[:S])
                 self.stage_info = self._get([w.setup.remote(s) for w, s in
                                              zip(self.workers, self._specs)], "setup")
+                phases["actors_built"] = time.perf_counter()
             self._open_plane()
         except BaseException:
             self.close()
             raise
+        phases["plane"] = time.perf_counter()
         self.startup_s = time.perf_counter() - t0  # until every actor is ready
+        # where start-up went: each phase's seconds since the previous one (the actors
+        # start their processes and import torch between "placement" and "actors_built")
+        marks = [("start", t0)] + list(phases.items())
+        self.startup_phases = {k: round(t - marks[i][1], 2)
+                               for i, (k, t) in enumerate(marks[1:])}
         self._step = 0
         self._g = 0                       # next global micro-batch id (async streams)
         self._mb: dict[int, tuple] = {}   # async: g -> (step, mb, lr, wd)

@@ -34,13 +34,14 @@ import os
 from collections import deque
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..alloc import keep_freed_memory
+from ..alloc import keep_freed_memory, release_free_memory
 from ..engine import loss_and_error
 from ..files import load_state, save_state
 from ..layers import ErrorTap, restore_rules, set_rule
@@ -198,6 +199,7 @@ class StageWorker:
         self._fault = None
         self._fault_silent = False
         self._failed = None
+        release_free_memory()  # the build's temporaries (and a replaced stage's memory)
         return self.info()
 
     # ------------------------------------------------------------------ channels
@@ -327,7 +329,10 @@ class StageWorker:
                 "rule": self.rule.name, "broadcast_error": self.broadcast_error,
                 "device": str(self.device), "stash": self.stage.stash,
                 "pid": os.getpid(), "host": socket.gethostname(), "ray_node": _ray_node(),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(),
+                # CPU this process has used so far: at setup, what starting an actor costs
+                # (Ray's worker, `import torch`, building its units)
+                "process_cpu_s": round(time.process_time(), 3)}
 
     def ping(self) -> str:
         return self.name
