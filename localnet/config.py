@@ -89,6 +89,9 @@ class TrainConfig(Section):
     lr_milestones: list[int] = Field(default_factory=list, description="epochs where lr *= lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
     threads: int | None = Field(None, ge=1, description="torch threads; default: torch's choice")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="in-process executor: where the model and each batch live "
+        "(auto: cuda when torch sees a GPU); Ray actors use runtime.num_gpus")
 
     @model_validator(mode="after")
     def _check(self):

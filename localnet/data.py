@@ -150,16 +150,20 @@ class DataBundle:
     name: str
     classes: list[str] | None = field(default=None, repr=False)
 
-    def train_loader(self, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> DataLoader:
-        """Shuffled, and augmented if the dataset augments, both determined by (seed, epoch)."""
+    def train_loader(self, batch_size: int, seed: int, epoch: int, drop_last: bool = True,
+                     pin_memory: bool = False) -> DataLoader:
+        """Shuffled, and augmented if the dataset augments, both determined by (seed, epoch).
+        pin_memory: batches in page-locked memory, so a GPU copies each one in a single
+        asynchronous transfer."""
         g = _generator(seed, epoch)
         order = torch.randperm(len(self.train), generator=g).tolist()
         ds = self.train.for_epoch(g) if hasattr(self.train, "for_epoch") else self.train
         return DataLoader(ds, batch_size=batch_size, sampler=order, drop_last=drop_last,
-                          collate_fn=_collate_for(ds))
+                          collate_fn=_collate_for(ds), pin_memory=pin_memory)
 
-    def test_loader(self, batch_size: int) -> DataLoader:
-        return DataLoader(self.test, batch_size=batch_size, shuffle=False, collate_fn=_collate_for(self.test))
+    def test_loader(self, batch_size: int, pin_memory: bool = False) -> DataLoader:
+        return DataLoader(self.test, batch_size=batch_size, shuffle=False,
+                          collate_fn=_collate_for(self.test), pin_memory=pin_memory)
 
 
 def _collate_for(ds):

@@ -168,7 +168,10 @@ class InProcessExecutor:
     name = "inprocess"
 
     def __init__(self, model: nn.Module, optim: OptimConfig, micro_batches: int = 1,
-                 boundaries: list[int] | None = None, channels=None, channel_seed: int = 0):
+                 boundaries: list[int] | None = None, channels=None, channel_seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        model.to(self.device)
         units = list(model.units)
         if channels is not None and boundaries is None:  # channels sit between stages
             boundaries = list(range(1, len(units)))
@@ -194,7 +197,15 @@ class InProcessExecutor:
             self._waiting = [deque() for _ in self.stages]  # stored forwards, oldest first
             self._mb_id = 1  # (forward_backward, which bypasses channels, uses key 0)
 
+    def _on_device(self, x: torch.Tensor, y: torch.Tensor):
+        """The batch on the executor's device: one copy each, asynchronous from pinned
+        memory (train.device); nothing on the CPU."""
+        if x.device == self.device:
+            return x, y
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
+        x, y = self._on_device(x, y)
         if self.channels is not None:
             return self._train_step_channels(x, y, lr, wd)
         self.forward_backward(x, y, stats := StepStats(0.0, 0, 0))
@@ -273,7 +284,7 @@ class InProcessExecutor:
         self.train(False)
         loss, correct, n = 0.0, 0, 0
         for x, y in loader:
-            h = x
+            h, y = self._on_device(x, y)
             for stage in self.stages:
                 h = stage.infer(h)
             loss += F.cross_entropy(h, y, reduction="sum").item()
@@ -299,6 +310,7 @@ class InProcessExecutor:
     def bp_update_angles(self, x, y) -> dict[str, float]:
         """Angle between each layer's update under its rule and the true BP gradient on
         the same batch.  Runs two extra passes; BatchNorm statistics are restored."""
+        x, y = self._on_device(x, y)
         bn_state = {k: v.clone() for k, v in self.model.state_dict().items() if "running" in k or "num_batches" in k}
         try:
             grads = []

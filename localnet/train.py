@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .alloc import keep_freed_memory
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
@@ -58,6 +58,18 @@ def wd_at(cfg: Config, epoch: int) -> float:
     return wd
 
 
+def train_device(cfg: Config) -> torch.device:
+    """train.device for the in-process executor (the Ray runtime: runtime.num_gpus)."""
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda, but torch sees no GPU here (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); "
+                         "use train.device=cpu or auto")
+    return torch.device(want)
+
+
 def build(cfg: Config):
     """Data, rule, model and executor for a config."""
     keep_freed_memory()  # training reallocates the same big buffers every step (alloc.py)
@@ -79,6 +91,7 @@ def build(cfg: Config):
         part = cfg.runtime.partition  # explicit unit boundaries [b1, ...]; else one stage per unit
         part = part if isinstance(part, list) and all(isinstance(b, int) for b in part) else None
         executor = InProcessExecutor(model, optim, micro_batches=cfg.train.micro_batches,
+                                     device=train_device(cfg),
                                      **({"channels": ch, "channel_seed": cfg.seed,
                                          "boundaries": part} if ch.active() else {}))
     return data, rule, model, executor
@@ -183,7 +196,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         if cfg.rule.name == "wm" and cfg.rule.mirror.warmup_steps:
             ex.mirror_steps(cfg.rule.mirror.warmup_steps)
 
-    test_loader = data.test_loader(t.eval_batch_size)
+    # a GPU in this process: batches come in pinned memory, one asynchronous copy each
+    pin = isinstance(ex, InProcessExecutor) and ex.device.type == "cuda"
+    test_loader = data.test_loader(t.eval_batch_size, pin_memory=pin)
     steps_per_epoch = len(data.train) // t.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={t.batch_size} exceeds the {len(data.train)} "
@@ -213,7 +228,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             loss_sum, correct, seen = sums if epoch == start_epoch else (0.0, 0, 0)
             wd = wd_at(cfg, epoch)
             tic = time.perf_counter()
-            for i, (x, y) in enumerate(data.train_loader(t.batch_size, cfg.seed, epoch)):
+            for i, (x, y) in enumerate(data.train_loader(t.batch_size, cfg.seed, epoch,
+                                                           pin_memory=pin)):
                 if step >= total_steps:
                     break
                 if epoch == start_epoch and i < skip:

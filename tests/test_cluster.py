@@ -150,6 +150,14 @@ def test_the_readmes_cluster_route_spreads_actors_over_every_node(cluster, tmp_p
     nodes = summary["runtime"]["actor_nodes"]
     assert summary["runtime"]["actors"] == len(nodes) == 11
     assert all(nodes) and len(set(nodes)) == 3  # every actor named, on all three nodes
+    # the edges between nodes carried activations one way and errors back
+    cross = summary["runtime"]["cross_node_edges"]
+    edges = json.loads((out / "messages.json").read_text())["edges"]
+    assert cross, summary["runtime"]["actor_nodes"]
+    for e in cross:
+        src, dst = e.split("->")
+        assert edges[e]["activation"]["payload_bytes"] > 0, e
+        assert edges[f"{dst}->{src}"]["error"]["payload_bytes"] > 0, e
 
 
 def test_a_lost_node_costs_no_step(cluster, tmp_path):
@@ -186,3 +194,50 @@ def test_a_lost_node_costs_no_step(cluster, tmp_path):
     assert recs and all(r["lost_steps"] == 0 for r in recs), recs
     assert recs[0]["restored_step"] % 4 == 0 and recs[0]["replayed_steps"] >= 1
     assert len(set(summary["runtime"]["actor_nodes"])) == 2  # node 2 is gone
+
+
+def test_prometheus_scrapes_localnet_and_every_ray_node(cluster, tmp_path):
+    """deploy/prometheus/prometheus.yml against the three-node cluster: its `ray` job
+    reads the service-discovery file the Ray head writes and scrapes Ray's metrics agent
+    on every node; its `localnet` job scrapes a run on the cluster (metrics.sd_dir)."""
+    import yaml
+    from test_metrics_prometheus import FAST, query, serve, wait_for
+
+    env, _, gcs, temp_dir = cluster
+    ray_sd = Path(temp_dir) / "prom_metrics_service_discovery.json"
+    deadline = time.monotonic() + 120
+    while not ray_sd.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray_sd.exists(), f"the Ray head wrote no {ray_sd.name} in {temp_dir}"
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    doc = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
+    assert set(jobs) == {"localnet", "ray"}
+    jobs["localnet"].pop("static_configs")
+    jobs["localnet"]["file_sd_configs"] = [{"files": [str(sd / "*.json")], "refresh_interval": "1s"}]
+    jobs["ray"]["file_sd_configs"] = [{"files": [str(ray_sd)], "refresh_interval": "1s"}]
+    doc["global"] = FAST
+    for base in serve(tmp_path, doc):
+        sets = ["data.name=synthetic", "model.name=mlp", "model.widths=[32,32]",
+                "rule.name=fa", "train.epochs=1", "train.batch_size=32", "data.subset=256",
+                "runtime.executor=ray", f"runtime.address={gcs}", "runtime.placement=SPREAD",
+                "metrics.port=0", f"metrics.sd_dir={sd}", "metrics.linger_s=30"]
+        r = subprocess.run([sys.executable, "-m", "localnet", "run",
+                            str(ROOT / "configs/mnist_mlp.yaml"), "--no-progress", "--out",
+                            str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        steps = json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]
+        res = wait_for(base, 'last_over_time(localnet_step{job="localnet"}[10m])',
+                       lambda r: r and float(r[0]["value"][1]) == steps)
+        assert res and float(res[0]["value"][1]) == steps
+        # every target in Ray's file up, one metrics agent per node at least
+        targets = {t for group in json.loads(ray_sd.read_text()) for t in group["targets"]}
+        up = wait_for(base, 'max_over_time(up{job="ray"}[10m])',
+                      lambda r: {x["metric"]["instance"] for x in r} >= targets)
+        assert len(targets) >= 3, targets
+        assert {x["metric"]["instance"]: float(x["value"][1]) for x in up} == \
+            {t: 1.0 for t in targets}
+        exporting = query(base, 'count by (instance) ({job="ray", __name__=~"ray_.+"})')
+        assert len(exporting) >= 3, exporting  # Ray's own series from each node's agent

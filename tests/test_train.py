@@ -169,3 +169,28 @@ def test_resume_drops_a_half_written_log_line(tmp_path):
                     progress=False)
     assert resumed["test_loss"] == full["test_loss"]
     assert (tmp_path / "part/steps.jsonl").read_text() == (tmp_path / "full/steps.jsonl").read_text()
+
+
+def test_train_device_cpu_and_a_clear_error_without_a_gpu(tmp_path, capsys):
+    """train.device: auto picks the CPU here; cuda without a GPU is a config error that
+    names the key, from the CLI too (no traceback); on the CPU nothing is pinned."""
+    from localnet.cli import main
+    from localnet.config import Config, ConfigError
+    from localnet.train import build, train_device
+
+    cfg = Config.model_validate({"data": {"name": "synthetic", "subset": 64},
+                                 "model": {"name": "mlp", "widths": [8]},
+                                 "train": {"device": "auto", "batch_size": 32}})
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert train_device(cfg).type == want
+    _, _, model, ex = build(cfg)
+    assert ex.device.type == want and all(p.device.type == want for p in model.parameters())
+    if torch.cuda.is_available():
+        return
+    bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
+    with pytest.raises(ConfigError, match="train.device: cuda"):
+        build(bad)
+    rc = main(["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "train.device=cuda",
+               "--set", "data.name=synthetic", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.device: cuda" in err and "Traceback" not in err

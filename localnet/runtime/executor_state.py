@@ -189,6 +189,11 @@ class StateMixin:
             led.merge(Ledger.from_dict(d))
         return led
 
+    def _cross_node_edges(self) -> list[str]:
+        nodes = [i.get("ray_node") for i in self.stage_info]
+        return [f"{stage_name(p)}->{stage_name(c)}" for p, c in self.placement.edges()
+                if nodes[p] and nodes[c] and nodes[p] != nodes[c]]
+
     def ledger_summary(self) -> dict:
         return self.ledger().run_summary()
 
@@ -247,6 +252,9 @@ class StateMixin:
                 "bubble_fraction_equal_costs": sim.bubble_fraction,
                 "ray_address": None if self.local else ray_address(),
                 "actor_nodes": [i.get("ray_node") for i in self.stage_info],
+                # edges whose two actors sit on different Ray nodes: their messages go
+                # between machines (gloo over TCP, as every edge; there is no shortcut)
+                "cross_node_edges": self._cross_node_edges(),
                 "actor_info": self.stage_info, "run_id": self.run_id, "step": self._step,
                 "checkpoint": str(self._ckpt) if self._ckpt else None,
                 "recoveries": list(self.recoveries)}
