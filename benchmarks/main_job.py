@@ -47,7 +47,7 @@ def run_once(sets: list[str], out: Path, timeout: float) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
     rt = s.get("runtime") or {}
-    cpu = [a["process_cpu_s"] for a in rt.get("actor_info", []) if "process_cpu_s" in a]
+    cpu = [c for c in rt.get("actor_startup_cpu_s") or [] if c is not None]
     return {"samples_per_s": s["samples_per_s"], "wall_s": wall, "actors": rt.get("actors", 0),
             "startup_s": rt.get("startup_s"), "calls": rt.get("driver_calls_per_batch"),
             "phases": rt.get("startup_phases_s") or {},

@@ -23,7 +23,8 @@ def build_rule_and_model(cfg: Config, input_shape, num_classes: int, units=None,
     rule = make_rule(cfg.rule.name, **cfg.rule.options())
     kwargs = {"widths": tuple(cfg.model.widths)} if cfg.model.name == "mlp" else {}
     model = build_model(cfg.model.name, rule, tuple(input_shape), int(num_classes),
-                        seed=cfg.seed, units=units, unit_shapes=unit_shapes, **kwargs)
+                        seed=cfg.seed, units=units, unit_shapes=unit_shapes,
+                        init=cfg.model.init, **kwargs)
     return rule, model
 
 

@@ -61,6 +61,10 @@ class RuleConfig(Section):
 class ModelConfig(Section):
     name: ModelName = "mlp"
     widths: list[int] = Field(default_factory=lambda: [512, 512], description="mlp hidden widths")
+    init: Literal["torch", "xavier"] = Field(
+        "torch", description="forward weights: torch's default (Kaiming-uniform a=sqrt(5), "
+        "random biases) or xavier (Xavier-uniform, zero biases: BioTorch's and the PFA "
+        "authors'); sign-concordant magnitudes and PFA's R are drawn the same way")
 
 
 class DataConfig(Section):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from .rules.base import ConvGeometry, LinearGeometry, LocalOp, Rule
+from .rules.base import ConvGeometry, LinearGeometry, LocalOp, Rule, draw_like_weights
 
 
 class LocalLayer(nn.Module):
@@ -33,11 +33,12 @@ class LocalLayer(nn.Module):
     geometry: LinearGeometry | ConvGeometry
     rule: Rule
 
-    def _attach(self, rule: Rule, seed: int) -> None:
+    def _attach(self, rule: Rule, seed: int, init: str) -> None:
         self.rule = rule
         # The layer's own RNG: W and b, feedback init, weight-mirror noise, brSF redraws.
         self.generator = torch.Generator().manual_seed(seed)
-        init_weights(self.weight, self.bias, self.generator)
+        self.init_scheme = init  # rules that draw feedback "like W" read it
+        init_weights(self.weight, self.bias, self.generator, init)
         rule.init_layer(self)
 
     def forward(self, x):
@@ -54,13 +55,14 @@ class LocalLayer(nn.Module):
 
 
 class LocalLinear(LocalLayer):
-    def __init__(self, in_features, out_features, bias=True, *, rule: Rule, seed: int = 0):
+    def __init__(self, in_features, out_features, bias=True, *, rule: Rule, seed: int = 0,
+                 init: str = "torch"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.in_features, self.out_features = in_features, out_features
         self.geometry = LinearGeometry()
-        self._attach(rule, seed)
+        self._attach(rule, seed, init)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rule={self.rule.describe()}"
@@ -68,7 +70,8 @@ class LocalLinear(LocalLayer):
 
 class LocalConv2d(LocalLayer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, bias=True, *, rule: Rule, seed: int = 0):
+                 dilation=1, groups=1, bias=True, *, rule: Rule, seed: int = 0,
+                 init: str = "torch"):
         super().__init__()
         self.kernel_size = _pair(kernel_size)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups,
@@ -76,7 +79,7 @@ class LocalConv2d(LocalLayer):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.in_channels, self.out_channels = in_channels, out_channels
         self.geometry = ConvGeometry(_pair(stride), _pair(padding), _pair(dilation), groups)
-        self._attach(rule, seed)
+        self._attach(rule, seed, init)
 
     def extra_repr(self):
         g = self.geometry
@@ -102,14 +105,20 @@ class ErrorTap(nn.Module):
 
 
 def init_weights(weight: torch.Tensor, bias: torch.Tensor | None,
-                 generator: torch.Generator) -> None:
-    """nn.Linear / nn.Conv2d's default init (`reset_parameters`: Kaiming-uniform with
-    a=sqrt(5), bias uniform in +-1/sqrt(fan_in)), drawn from `generator`."""
-    with torch.no_grad():
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
-        if bias is not None:
-            bound = 1 / math.sqrt(math.prod(weight.shape[1:]))
-            bias.uniform_(-bound, bound, generator=generator)
+                 generator: torch.Generator, scheme: str = "torch") -> None:
+    """W and b drawn from `generator` (`model.init`):
+    torch   nn.Linear / nn.Conv2d's default (`reset_parameters`: Kaiming-uniform with
+            a=sqrt(5), bias uniform in +-1/sqrt(fan_in))
+    xavier  Xavier-uniform W and zero b, as BioTorch and the PFA authors' code
+            (`init: xavier` in their experiment configs)"""
+    draw_like_weights(weight, scheme, generator)
+    if bias is not None:
+        with torch.no_grad():
+            if scheme == "xavier":
+                bias.zero_()
+            else:
+                bound = 1 / math.sqrt(math.prod(weight.shape[1:]))
+                bias.uniform_(-bound, bound, generator=generator)
 
 
 UNIT_LAYERS = 1 << 12  # seeds per unit; no unit has this many layers and taps
@@ -141,13 +150,14 @@ class LayerFactory:
     """Builds rule-driven layers for one unit of a model; gives each a distinct seed that
     depends only on (run seed, unit, its position in the unit) -- see the module doc."""
 
-    def __init__(self, rule: Rule, num_classes: int, seed: int = 0, unit: int = 0):
-        self.rule, self.num_classes, self.seed = rule, num_classes, seed
+    def __init__(self, rule: Rule, num_classes: int, seed: int = 0, unit: int = 0,
+                 init: str = "torch"):
+        self.rule, self.num_classes, self.seed, self.init = rule, num_classes, seed, init
         self._first = unit_seed(seed, unit)
         self._seeds = itertools.count()
 
     def for_unit(self, unit: int) -> "LayerFactory":
-        return type(self)(self.rule, self.num_classes, self.seed, unit)
+        return LayerFactory(self.rule, self.num_classes, self.seed, unit, self.init)
 
     def _next_seed(self) -> int:
         k = next(self._seeds)
@@ -156,12 +166,13 @@ class LayerFactory:
         return self._first ^ k
 
     def linear(self, in_features, out_features, bias=True):
-        return LocalLinear(in_features, out_features, bias, rule=self.rule, seed=self._next_seed())
+        return LocalLinear(in_features, out_features, bias, rule=self.rule,
+                           seed=self._next_seed(), init=self.init)
 
     def conv(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
              dilation=1, groups=1, bias=False):
         return LocalConv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                           groups, bias, rule=self.rule, seed=self._next_seed())
+                           groups, bias, rule=self.rule, seed=self._next_seed(), init=self.init)
 
     def tap(self):
         return ErrorTap(self.rule, self.num_classes, seed=self._next_seed())
@@ -171,15 +182,16 @@ class TorchLayerFactory(LayerFactory):
     """Plain nn.Linear / nn.Conv2d and no taps: the same model in stock PyTorch, the
     baseline that benchmarks divide by."""
 
-    def __init__(self, num_classes: int, seed: int = 0, unit: int = 0):
-        super().__init__(None, num_classes, seed, unit)
+    def __init__(self, num_classes: int, seed: int = 0, unit: int = 0, init: str = "torch"):
+        super().__init__(None, num_classes, seed, unit, init)
 
     def for_unit(self, unit: int) -> "TorchLayerFactory":
-        return TorchLayerFactory(self.num_classes, self.seed, unit)
+        return TorchLayerFactory(self.num_classes, self.seed, unit, self.init)
 
     def _seeded(self, layer: nn.Module) -> nn.Module:
         # the seed the rule-driven layer in this place would get, so both draw the same W
-        init_weights(layer.weight, layer.bias, torch.Generator().manual_seed(self._next_seed()))
+        init_weights(layer.weight, layer.bias, torch.Generator().manual_seed(self._next_seed()),
+                     self.init)
         return layer
 
     def linear(self, in_features, out_features, bias=True):

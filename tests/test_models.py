@@ -438,3 +438,30 @@ def test_built_feedback_is_independent_of_w():
         report = weight_alignment(build("resnet20", rule, seed=seed))
         assert len(report) == 20
         assert all(60 < a["angle"] < 120 for a in report.values())
+
+
+@pytest.mark.parametrize("init", ["torch", "xavier"])
+def test_model_init_and_pfas_r_drawn_like_the_weights(init):
+    """model.init: every rule-driven W is uniform on +-a, a = sqrt(6 / (fan_in + fan_out))
+    under xavier (biases zero), a = 1/sqrt(fan_in) under torch's default (biases uniform
+    in the same bound); PFA's R is drawn the same way for its own shape."""
+    model = build_model("mlp", make_rule("pfa"), (1, 16, 16), 10, seed=0, init=init,
+                        widths=(300, 300))
+
+    def bound(shape):
+        fan_in, fan_out = math.prod(shape[1:]), shape[0] * math.prod(shape[2:])
+        return math.sqrt(6 / (fan_in + fan_out)) if init == "xavier" else 1 / math.sqrt(fan_in)
+
+    layers = local_layers(model)
+    assert len(layers) == 3
+    for name, layer in layers:
+        for t in (layer.weight, layer.feedback_plastic):
+            a = bound(t.shape)
+            t = t.detach()
+            assert 0.98 * a < t.abs().max().item() <= a, (name, init)
+            assert t.std().item() == pytest.approx(a / math.sqrt(3), rel=0.05), (name, init)
+        b = layer.bias.detach()
+        if init == "xavier":
+            assert torch.count_nonzero(b) == 0
+        else:
+            assert 0 < b.abs().max().item() <= 1 / math.sqrt(layer.weight.shape[1])

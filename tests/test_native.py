@@ -50,3 +50,14 @@ def test_training_trajectory_matches_stock_pytorch():
     for n, b in theirs.items():
         a = ours.state_dict()[n]
         assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6), n
+
+
+def test_stock_pytorch_baseline_has_the_same_weights_under_either_init():
+    """Plain BP (stock nn layers) and localnet's layers start from the same weights under
+    model.init xavier too, so benchmarks divide by the same network."""
+    for init in ("torch", "xavier"):
+        native = build_model("resnet8", None, (3, 8, 8), 5, seed=2, init=init)
+        ours = build_model("resnet8", make_rule("bp"), (3, 8, 8), 5, seed=2, init=init)
+        theirs = dict(native.named_parameters())
+        for n, p in ours.named_parameters():
+            assert torch.equal(p, theirs[n]), (init, n)

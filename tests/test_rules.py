@@ -44,20 +44,17 @@ GEOMS = {
 }
 
 
-def make_layer(geom: str, rule, seed: int = 0):
+def make_layer(geom: str, rule, seed: int = 0, init: str = "torch"):
     g = GEOMS[geom]
     if isinstance(rule, str):
         rule = make_rule(rule)
-    # W's init borrows torch's global RNG: pin it, so equal seeds give equal layers.  Not
-    # to `seed` itself: the layer's own generator starts there, and W and a Xavier-uniform
-    # B drawn from identically seeded streams would be parallel.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7919 + seed)
-        if g["kind"] == "linear":
-            layer = LocalLinear(g["n_in"], g["n_out"], g["bias"], rule=rule, seed=seed)
-        else:
-            layer = LocalConv2d(g["c_in"], g["c_out"], g["k"], g["stride"], g["padding"],
-                                g["dilation"], g["groups"], g["bias"], rule=rule, seed=seed)
+    # every draw (W, b, feedback) comes from the layer's own generator: equal seeds, equal layers
+    if g["kind"] == "linear":
+        layer = LocalLinear(g["n_in"], g["n_out"], g["bias"], rule=rule, seed=seed, init=init)
+    else:
+        layer = LocalConv2d(g["c_in"], g["c_out"], g["k"], g["stride"], g["padding"],
+                            g["dilation"], g["groups"], g["bias"], rule=rule, seed=seed,
+                            init=init)
     return layer.to(DT)
 
 
@@ -193,8 +190,10 @@ def _expected_feedback(rule: str, layer):
         return w
     if rule in ("fa", "wm", "kp"):
         return layer.feedback_weight.detach()
-    if rule == "usf":
-        return xavier_c(w.shape) * torch.sign(w)
+    if rule == "usf":  # c: the std of W's init (Xavier's, or torch's U(+-1/sqrt(fan_in)))
+        c = (xavier_c(w.shape) if layer.init_scheme == "xavier"
+             else 1 / math.sqrt(3 * math.prod(w.shape[1:])))
+        return c * torch.sign(w)
     if rule in ("frsf", "brsf"):
         return layer.feedback_magnitude.abs() * torch.sign(w)
     if rule == "pfa":
@@ -216,14 +215,18 @@ def test_error_sent_down_is_transpose_through_the_rules_feedback(rule, geom):
 
 
 # ----------------------------------------------------------------------------- 3. sign-concordant
+@pytest.mark.parametrize("init", ["xavier", "torch"])
 @pytest.mark.parametrize("geom", ["linear", "conv_s2_p1_g2", "conv_dw_s2"])
-def test_usf_feedback_is_xavier_std_times_sign(geom):
-    layer = make_layer(geom, "usf", seed=6)
-    w_shape = layer.weight.shape
-    c = xavier_c(w_shape)
-    # Glorot & Bengio: std = sqrt(2 / (fan_in + fan_out)), fans as torch defines them
+def test_usf_feedback_is_the_init_std_times_sign(geom, init):
+    """c is the std of W's initial distribution (`model.init`): Glorot & Bengio's
+    sqrt(2 / (fan_in + fan_out)) under xavier (Moskovitz et al., BioTorch); under torch's
+    default, U(+-1/sqrt(fan_in)), whose std is 1/sqrt(3 fan_in)."""
+    layer = make_layer(geom, "usf", seed=6, init=init)
     fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
-    assert c == pytest.approx(math.sqrt(2.0 / (fan_in + fan_out)), rel=1e-15)
+    c = (math.sqrt(2.0 / (fan_in + fan_out)) if init == "xavier"
+         else 1.0 / math.sqrt(3 * fan_in))
+    if init == "xavier":
+        assert c == pytest.approx(xavier_c(layer.weight.shape), rel=1e-15)
     assert layer.sign_scale == pytest.approx(c, rel=1e-12)
     x, delta = inputs(geom, seed=4)
     _, gx, _, _ = run_layer(layer, x, delta)
@@ -280,15 +283,20 @@ def test_brsf_magnitudes_redrawn_each_step_signs_follow_w(geom):
         twin.rule.after_step(twin)
 
 
+@pytest.mark.parametrize("init", ["xavier", "torch"])
 @pytest.mark.parametrize("rule", ["frsf", "brsf"])
-def test_random_magnitudes_are_half_normal_with_xavier_scale(rule):
-    """M ~ N(0, c^2), |M| has mean c*sqrt(2/pi) and second moment c^2."""
-    layer = LocalLinear(150, 200, rule=make_rule(rule), seed=9).to(DT)
-    c = xavier_c(layer.weight.shape)
+def test_random_magnitudes_are_drawn_like_the_weights(rule, init):
+    """M is drawn like W (`model.init`), so |M| is U(0, a) with a W's uniform bound:
+    sqrt(6 / (fan_in + fan_out)) under xavier, 1/sqrt(fan_in) under torch's default;
+    mean a/2, second moment a^2/3, nothing above a -- at init and after brSF's redraws."""
+    layer = LocalLinear(150, 200, rule=make_rule(rule), seed=9, init=init).to(DT)
+    a = math.sqrt(6 / 350) if init == "xavier" else 1 / math.sqrt(150)
+    assert layer.weight.abs().max().item() <= a
     for _ in range(2):
         m = layer.feedback_magnitude
-        assert m.mean().item() == pytest.approx(c * math.sqrt(2 / math.pi), rel=0.02)
-        assert (m ** 2).mean().item() == pytest.approx(c ** 2, rel=0.02)
+        assert m.max().item() <= a and m.min().item() >= 0
+        assert m.mean().item() == pytest.approx(a / 2, rel=0.02)
+        assert (m ** 2).mean().item() == pytest.approx(a ** 2 / 3, rel=0.02)
         layer.rule.after_step(layer)
 
 

@@ -28,12 +28,13 @@ MODELS = {
 
 
 def build_model(name: str, rule: Rule | None, input_shape, num_classes: int, seed: int = 0,
-                units=None, unit_shapes=None, **kwargs) -> UnitModel:
+                units=None, unit_shapes=None, init: str = "torch", **kwargs) -> UnitModel:
     """Deterministic in (name, rule, shapes, seed); each unit's weights depend only on the
     seed and the unit's index (layers.py), so a pipeline actor builds only its own units
     and gets exactly the whole model's.  rule=None builds the same network from stock
     nn.Linear/nn.Conv2d (plain backprop).
 
+    init: "torch" or "xavier" (`model.init`; layers.init_weights).
     units: indices of the units to build (default: all); the others are `Absent`.  Then
     unit_shapes[u], each built unit's input shape per sample, is needed too (a dry
     forward through each unit creates the state whose shape depends on activations)."""
@@ -47,8 +48,8 @@ def build_model(name: str, rule: Rule | None, input_shape, num_classes: int, see
         raise ValueError("build_model: building some units needs unit_shapes")
     # the global RNG is left alone (stock nn layers draw from it before being re-seeded)
     with torch.random.fork_rng(devices=[]):
-        factory = (TorchLayerFactory(num_classes, seed) if rule is None
-                   else LayerFactory(rule, num_classes, seed))
+        factory = (TorchLayerFactory(num_classes, seed, init=init) if rule is None
+                   else LayerFactory(rule, num_classes, seed, init=init))
         mods = [spec.build(factory.for_unit(u)) if u in keep else Absent(spec.name)
                 for u, spec in enumerate(specs)]
     model = UnitModel(mods, [spec.name for spec in specs])

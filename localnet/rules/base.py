@@ -174,6 +174,31 @@ class Rule:
         return self.name
 
 
+INITS = ("torch", "xavier")
+
+
+def init_std(weight_shape, scheme: str = "torch") -> float:
+    """Std of a forward weight of this shape under an init scheme: "torch" is
+    nn.Linear / nn.Conv2d's default (Kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in)), std
+    1/sqrt(3 fan_in)); "xavier" is Xavier-uniform (std sqrt(2/(fan_in+fan_out)))."""
+    if scheme == "xavier":
+        return xavier_std(weight_shape)
+    if scheme == "torch":
+        return 1.0 / math.sqrt(3 * math.prod(weight_shape[1:]))
+    raise ValueError(f"model.init must be one of {INITS}, got {scheme!r}")
+
+
+def draw_like_weights(t: torch.Tensor, scheme: str, generator: torch.Generator) -> torch.Tensor:
+    """Fill t (in place) from the distribution forward weights of its shape start from
+    under `scheme` -- what the authors' code draws feedback magnitudes and PFA's R from."""
+    with torch.no_grad():
+        if scheme == "xavier":
+            return torch.nn.init.xavier_uniform_(t, generator=generator)
+        if scheme == "torch":
+            return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    raise ValueError(f"model.init must be one of {INITS}, got {scheme!r}")
+
+
 def xavier_std(weight_shape, gain: float = 1.0) -> float:
     """Std of Xavier (Glorot) init for a Linear or Conv weight shape."""
     fan_out = weight_shape[0] * math.prod(weight_shape[2:])

@@ -1,14 +1,12 @@
 """Batchwise random-magnitude sign-concordant feedback, brSF (Moskovitz,
 Litwin-Kumar & Abbott 2018, "Feedback alignment in deep convolutional networks").
 
-B = |M| o sign(W) with M ~ N(0, c^2) redrawn after every optimizer step (every
-batch), c the Xavier std; the draw uses the layer's own RNG.
+B = |M| o sign(W) with M redrawn after every optimizer step (every batch), drawn like
+the layer's initial weights (`model.init`); the draw uses the layer's own RNG.
 """
 
-import torch
-
 from .frsf import FixedRandomSignConcordant
-from .base import xavier_std
+from .base import draw_like_weights
 
 
 class BatchRandomSignConcordant(FixedRandomSignConcordant):
@@ -17,5 +15,4 @@ class BatchRandomSignConcordant(FixedRandomSignConcordant):
 
     def after_step(self, layer):
         m = layer.feedback_magnitude
-        m.copy_(torch.randn(m.shape, generator=layer.generator, dtype=m.dtype).abs_()
-                .mul_(xavier_std(m.shape)))
+        draw_like_weights(m, layer.init_scheme, layer.generator).abs_()

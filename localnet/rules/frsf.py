@@ -1,13 +1,13 @@
 """Fixed random-magnitude sign-concordant feedback, frSF (Moskovitz, Litwin-Kumar &
 Abbott 2018, "Feedback alignment in deep convolutional networks", sec. 2).
 
-B = |M| o sign(W): magnitudes |M| drawn once at init (M ~ N(0, c^2), c the Xavier
-std), signs following W.
+B = |M| o sign(W): magnitudes |M| drawn once at init, M drawn like the layer's initial
+weights (`model.init`; BioTorch draws it with the same init as W), signs following W.
 """
 
 import torch
 
-from .base import xavier_std
+from .base import draw_like_weights
 from .usf import SignConcordant
 
 
@@ -16,9 +16,9 @@ class FixedRandomSignConcordant(SignConcordant):
     paper = "Moskovitz et al. 2018 (fixed random-magnitude sign-concordant feedback)"
 
     def init_layer(self, layer):
-        w = layer.weight.detach()
-        m = torch.randn(w.shape, generator=layer.generator, dtype=w.dtype)
-        layer.register_buffer("feedback_magnitude", (m * xavier_std(w.shape)).abs())
+        m = torch.empty_like(layer.weight.detach())
+        draw_like_weights(m, layer.init_scheme, layer.generator)
+        layer.register_buffer("feedback_magnitude", m.abs_())
 
     def magnitude(self, layer):
         return layer.feedback_magnitude

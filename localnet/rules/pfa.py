@@ -38,7 +38,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from .base import LinearGeometry, Rule
+from .base import LinearGeometry, Rule, draw_like_weights
 
 
 class _GradSum:
@@ -100,7 +100,7 @@ class ProductFeedbackAlignment(Rule):
                                         generator=layer.generator)
         layer.register_buffer("feedback_fixed", b_p)
         r = w.new_empty(hidden, *w.shape[1:])
-        nn.init.kaiming_uniform_(r, a=math.sqrt(5), generator=layer.generator)  # W's own init
+        draw_like_weights(r, layer.init_scheme, layer.generator)  # R drawn like W
         layer.feedback_plastic = nn.Parameter(r)
 
     def feedback(self, layer):

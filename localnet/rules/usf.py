@@ -2,14 +2,15 @@
 is weight symmetry in backpropagation?", AAAI; Moskovitz, Litwin-Kumar & Abbott 2018,
 "Feedback alignment in deep convolutional networks", arXiv:1812.06488).
 
-The error sent down is B^T delta with B = c * sign(W), c the Xavier std of the layer
-(Moskovitz et al. sec. 2).  B follows sign(W) as W learns.  Only sign(W) is read,
+The error sent down is B^T delta with B = c * sign(W), c the std of the layer's initial
+weights (`model.init`: the Xavier std under xavier, as Moskovitz et al. sec. 2 and
+BioTorch; torch's default init's std otherwise).  B follows sign(W) as W learns.  Only sign(W) is read,
 once per forward pass; the backward pass sees B alone.
 """
 
 import torch
 
-from .base import Rule, xavier_std
+from .base import Rule, init_std
 
 
 class SignConcordant(Rule):
@@ -28,7 +29,7 @@ class UniformSignConcordant(SignConcordant):
     paper = "Liao et al. 2016; Moskovitz et al. 2018 (uniform sign-concordant feedback)"
 
     def init_layer(self, layer):
-        layer.sign_scale = xavier_std(layer.weight.shape)
+        layer.sign_scale = init_std(layer.weight.shape, layer.init_scheme)
 
     def magnitude(self, layer):
         return layer.sign_scale

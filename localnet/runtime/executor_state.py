@@ -248,6 +248,9 @@ class StateMixin:
                 "driver_calls_per_batch": self.num_stages, "driver_calls": self.calls,
                 "startup_s": self.startup_s,
                 "startup_phases_s": self.startup_phases,
+                # per actor, the CPU its process had used when set up: Ray's worker,
+                # `import torch`, building its units
+                "actor_startup_cpu_s": [i.get("process_cpu_s") for i in self.stage_info],
                 "memory_estimate": self.memory,
                 "bubble_fraction_equal_costs": sim.bubble_fraction,
                 "ray_address": None if self.local else ray_address(),
