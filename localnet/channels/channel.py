@@ -62,10 +62,6 @@ class Channel:
     def edge(self) -> str:
         return f"{self.src}->{self.dst}"
 
-    @property
-    def faulty(self) -> bool:
-        return self.delay > 0 or self.drop > 0
-
     def send(self, x) -> None:
         """Sender side: encode, count, maybe lose, enqueue.  x None: the sender has
         nothing to send this slot (it received no error itself); no bytes, and the

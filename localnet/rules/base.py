@@ -66,11 +66,6 @@ class ConvGeometry:
         )
         return gx, gw, gb
 
-    def input_grad(self, grad_y, x_shape, feedback):
-        """Transposed conv of an error through a kernel (used by tests and metrics)."""
-        return torch.nn.grad.conv2d_input(x_shape, feedback, grad_y, self.stride,
-                                          self.padding, self.dilation, self.groups)
-
 
 # ----------------------------------------------------------------------------- the op
 class LocalOp(torch.autograd.Function):
@@ -206,12 +201,6 @@ def xavier_std(weight_shape, gain: float = 1.0) -> float:
     return gain * math.sqrt(2.0 / (fan_in + fan_out))
 
 
-def layer_generator(layer) -> torch.Generator:
-    """Each layer owns an RNG (seeded at build time from the run seed and its position),
-    so noise drawn inside the layer is the same wherever the layer runs."""
-    return layer.generator
-
-
 def random_feedback(rule: "Rule", layer) -> torch.Tensor:
     """A fixed random B of W's shape: Xavier-uniform, times the rule's `gain` option
     (`rule.feedback_gain`, default 1) -- the scale of the errors sent down."""
@@ -219,9 +208,3 @@ def random_feedback(rule: "Rule", layer) -> torch.Tensor:
     torch.nn.init.xavier_uniform_(b, gain=float(rule.options.get("gain", 1.0)),
                                   generator=layer.generator)
     return b
-
-
-def new_like(weight: torch.Tensor, init, generator: torch.Generator) -> torch.Tensor:
-    t = torch.empty_like(weight)
-    init(t, generator=generator)
-    return t

@@ -78,9 +78,3 @@ def measure_unit_costs(cfg, input_shape, num_classes: int, micro_batch: int | No
     """(fwd_s, bwd_s): median seconds per unit for one micro-batch (after one warm-up)."""
     f, b, _ = measure_costs(cfg, input_shape, num_classes, None, micro_batch, repeats, threads)
     return f, b
-
-
-def stage_costs(unit_costs: list[float], boundaries: list[int]) -> list[float]:
-    """Sum per-unit costs into per-stage costs."""
-    cuts = [0] + list(boundaries) + [len(unit_costs)]
-    return [sum(unit_costs[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]

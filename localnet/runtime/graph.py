@@ -75,13 +75,6 @@ class Placement:
     def is_chain(self) -> bool:
         return all(ins == [s - 1] for s, ins in enumerate(self.inputs))
 
-    def depth(self) -> list[int]:
-        """Per actor: edges on the longest path to the sink (pipeline depth below it)."""
-        d = [0] * self.num_actors
-        for s in reversed(range(self.num_actors - 1)):
-            d[s] = 1 + max(d[c] for c, _ in self.consumers[s])
-        return d
-
     def edges(self) -> list[tuple[int, int]]:
         return [(p, c) for c, ins in enumerate(self.inputs) for p in ins if p >= 0]
 

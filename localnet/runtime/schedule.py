@@ -217,10 +217,6 @@ class AsyncStream:
         self.d = d
         self._restart(start)
 
-    def restart(self, start: int) -> None:
-        """Start over at `start` (nothing of the old stream may be in flight)."""
-        self._restart(start)
-
     def _restart(self, start: int) -> None:
         self.start = start
         self._it = self._gen(start)
