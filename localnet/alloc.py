@@ -29,18 +29,26 @@ MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 _done: bool | None = None
 
 
+def _glibc_function(name: str):
+    """A function of the C library, or None off Linux or where it lacks it (musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds once per process; True when they are set."""
     global _done
     if _done is not None:
         return _done
     _done = False
-    if os.environ.get("LOCALNET_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("LOCALNET_KEEP_FREED_MEMORY", "1") == "0":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     mmap = any(mallopt(M_MMAP_THRESHOLD, v) == 1 for v in MMAP_THRESHOLDS)
@@ -52,10 +60,6 @@ def release_free_memory() -> None:
     """Give the memory malloc holds free back to the OS (glibc's malloc_trim), once a
     peak the process will not see again is over -- an actor's set-up, which builds its
     units and their dry forward, before training's own steady peak.  A no-op off glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
