@@ -14,6 +14,9 @@ ray-call    actor A calls B.echo(payload) and B's reply brings it back (Ray's ow
 cgraph      Ray Compiled Graphs: a static DAG A.echo -> B.echo compiled once, shared-
             memory channels on a node; one execute() is a hop in, two between actors
             and one out, so a hop is a quarter of it.
+localnet    localnet's own plane on gloo (`localnet/runtime/plane.py`): a message with
+            its msgpack header in a frame, the payload behind it as one transfer, and
+            the receiver's buffer posted ahead -- what the actors use.
 
 Per size: the median latency per hop and the machine's CPU per hop (busy jiffies of
 every core in /proc/stat, so Ray's raylet and helper threads count too), and per plane
@@ -106,6 +109,34 @@ class Peer:
         self.pg.send([torch.zeros(1)], 1 - self.rank, 1).wait()
         return True
 
+    def plane_init(self, addr, port, rank, world):
+        from localnet.runtime.plane import GlooPlane
+
+        self.plane = GlooPlane(addr, port, rank, world, 60, ["a", "b"])
+        self.rank = rank
+        return True
+
+    def plane_bounce(self, nbytes: int, hops: int, first: bool) -> list[float]:
+        """As gloo_bounce, through localnet's plane: header and frame included."""
+        import torch
+
+        from localnet.runtime.messages import Message
+
+        m = Message.make("activation", torch.zeros(nbytes // 4), src="ab"[self.rank],
+                         dst="ab"[1 - self.rank], step=0, mb=0)
+        peer, times = 1 - self.rank, []
+        for _ in range(hops // 2):
+            t = time.perf_counter()
+            if first:
+                self.plane.send(peer, *m.wire())
+                self.plane.recv(peer)
+            else:
+                self.plane.recv(peer)
+                self.plane.send(peer, *m.wire())
+            self.plane.settle(0)
+            times.append(time.perf_counter() - t)
+        return times
+
     def echo(self, x):
         return x
 
@@ -148,7 +179,7 @@ def main(argv=None) -> int:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     R = ray.remote(num_cpus=0)(Peer)
     a, b = R.remote(), R.remote()
-    rows: dict[str, dict] = {"gloo": {}, "ray-call": {}, "cgraph": {}}
+    rows: dict[str, dict] = {"gloo": {}, "localnet": {}, "ray-call": {}, "cgraph": {}}
     idle: dict[str, float] = {}
     get = lambda r: ray.get(r, timeout=300)  # noqa: E731
 
@@ -165,6 +196,17 @@ def main(argv=None) -> int:
         r = b.gloo_send_late.remote(s)
         get([a.gloo_wait.remote(s), r])
     idle["gloo"] = idle_cpu(gloo_idle)
+
+    # localnet's plane, on a process group of its own
+    addr, port = get(a.free_port.remote())
+    get([a.plane_init.remote(addr, port, 0, 2), b.plane_init.remote(addr, port, 1, 2)])
+    for n in SIZES:
+        get([a.plane_bounce.remote(n, 20, True), b.plane_bounce.remote(n, 20, False)])
+        def run(n=n):
+            ra = a.plane_bounce.remote(n, args.hops, True)
+            rb = b.plane_bounce.remote(n, args.hops, False)
+            return get([ra, rb])[0]
+        rows["localnet"][n] = measure(run, args.hops, 2)
 
     # Ray actor-to-actor calls
     for n in SIZES:

@@ -169,30 +169,68 @@ def test_plane_frames_carry_the_header_and_rebuild_the_payload():
     assert not np.shares_memory(got, m.payload)  # a copy, as a real plane makes
 
 
+def _gloo_pair(names):
+    import threading
+
+    from localnet.runtime.plane import GlooPlane
+
+    addr, port = GlooPlane.host()
+    planes = [None] * len(names)
+
+    def join(rank):
+        planes[rank] = GlooPlane(addr, port, rank, len(names), 30, names)
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(len(names))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return planes
+
+
+def test_gloo_plane_carries_payloads_of_any_size_in_order():
+    """Frame and payload go as one transfer when the payload fits the room the receiver
+    posted (the previous payload's size on that edge), as two when it does not.  Either
+    way every message arrives whole and in order: growing, shrinking, empty, other
+    dtypes, several sent before any is taken, and both directions at once."""
+    import numpy as np
+
+    a, b = _gloo_pair(["stage0", "stage1"])
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 8), (4, 8), (64, 33), (2, 3), (64, 33), (0, 5), (7,), (128, 1024), (3, 3)]
+    sent = [_act(torch.randn(*s, generator=g, dtype=torch.float64 if i % 3 == 2 else
+                             torch.float32)) for i, s in enumerate(shapes)]
+    back = _act(torch.randn(5, 5, generator=g))
+    for m in sent[:4]:  # queued before the receiver takes any
+        a.send(1, m.raw_header, m.payload)
+    b.send(0, back.raw_header, back.payload)
+    for m in sent[4:]:
+        a.send(1, m.raw_header, m.payload)
+    sizes = [0] + [m.payload_bytes for m in sent]
+    # a second transfer (a body) exactly where the payload outgrew the last one
+    assert [e[3] is not None for e in a._pending] == [n > prev for prev, n in
+                                                      zip(sizes, sizes[1:])]
+    assert any(e[3] is None for e in a._pending) and any(e[3] is not None for e in a._pending)
+    for m in sent:
+        raw, got = b.recv(0)
+        assert raw == m.raw_header and got.dtype == m.payload.dtype
+        assert np.array_equal(got, m.payload)
+    raw, got = a.recv(1)
+    assert raw == back.raw_header and np.array_equal(got, back.payload)
+    # what b posted for the next message on the edge is room for the last payload
+    assert b._taken[0] == sent[-1].payload_bytes
+    a.settle(0), b.settle(0)
+    a.close(), b.close()
+
+
 def test_gloo_plane_frees_every_send_of_a_flushing_batch():
     """A gloo send's buffers are freed only once it is waited for.  At the end of a
     flushing batch (settle(0)) every send is taken, so none may stay -- this call's
     included; at the start of an async call (settle(2)) the last two calls' sends
     stay, since their receivers may take them only in their next call."""
-    import threading
-
     import numpy as np
 
-    from localnet.runtime.plane import GlooPlane
-
-    addr, port = GlooPlane.host()
-    names = ["stage0", "stage1"]
-    planes = [None, None]
-
-    def join(rank):
-        planes[rank] = GlooPlane(addr, port, rank, 2, 30, names)
-
-    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    a, b = planes
+    a, b = _gloo_pair(["stage0", "stage1"])
     m = _act(torch.randn(4, 8))
     for call in range(3):
         a.settle(calls_back=2)

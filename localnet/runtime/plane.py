@@ -1,7 +1,7 @@
 """The data plane: activations and errors straight from actor to actor.
 
 Each message is a fixed-size *frame* -- the lengths and the versioned msgpack header of
-`messages.py` -- followed by the payload's bytes, both as point-to-point sends of an
+`messages.py` -- with the payload's bytes right behind it, as point-to-point sends of an
 existing engine.  The receiver rebuilds the array from its header and then validates the
 message like any other (`worker.py`), so the wire contract does not depend on the plane.
 
@@ -12,6 +12,16 @@ message like any other (`worker.py`), so the wire contract does not depend on th
              RESULTS.md): the least CPU per hop at every size, and a receiver that blocks
              without polling -- what a machine with fewer cores than actors needs.
 `LocalPlane` queues in this process, for `runtime.executor: local` (no Ray).
+
+One transfer per message.  Each gloo transfer costs a wake-up of gloo's I/O thread and of
+the waiting one on both ends, which on a small machine costs more than the bytes, so frame
+and payload travel together.  A gloo receive may be larger than what arrives, but never
+smaller, so the receiver posts room for a frame plus the *previous* payload on that edge
+(a pipeline sends the same shapes over and over), and the sender, who knows that size
+too, puts a payload that fits behind the frame.  One that does not (an edge's first
+message, a larger last micro-batch) follows the frame as a second transfer on its own tag.
+Each receive is posted as soon as the one before it on that edge is taken, so gloo reads
+a message straight into its buffer as it arrives.
 
 A send is asynchronous: the sender keeps the buffers until the receiver took them
 (`settle`, at the start of the sender's next call); a receive
@@ -36,7 +46,7 @@ from .messages import Header, MessageError
 
 FRAME = 1024                 # bytes: lengths + header (a header is ~110-300 bytes)
 _LEN = struct.Struct("<iq")  # header length (-1: abort), payload bytes
-_TAG = 7
+_TAG, _BODY = 7, 8           # frames (with a payload that fits); payloads that did not
 
 
 class PeerFailed(RuntimeError):
@@ -51,13 +61,17 @@ class PeerFailed(RuntimeError):
         return (type(self), (self.src, self.dst, self.reason))
 
 
-def frame(raw: bytes, nbytes: int) -> torch.Tensor:
+def frame(raw: bytes, nbytes: int, room: int = 0) -> torch.Tensor:
+    """A frame for a header and a payload of `nbytes`, with `room` bytes behind it for the
+    payload itself (the caller fills them)."""
     if len(raw) > FRAME - _LEN.size:
         raise ValueError(f"a header of {len(raw)} bytes does not fit a {FRAME}-byte frame")
-    buf = bytearray(FRAME)
-    _LEN.pack_into(buf, 0, len(raw), nbytes)
-    buf[_LEN.size:_LEN.size + len(raw)] = raw
-    return torch.frombuffer(buf, dtype=torch.uint8)
+    buf = torch.empty(FRAME + room, dtype=torch.uint8)
+    b = buf.numpy()
+    b[:FRAME] = 0  # never send stale memory: the padding is zeros
+    _LEN.pack_into(b, 0, len(raw), nbytes)
+    b[_LEN.size:_LEN.size + len(raw)] = np.frombuffer(raw, np.uint8)
+    return buf
 
 
 def abort_frame(src: str, reason: str) -> torch.Tensor:
@@ -114,6 +128,10 @@ class GlooPlane:
         self.pg = dist.ProcessGroupGloo(self._store, rank, world, self.timeout)
         self._pending: list = []   # (call, works, buffers...) of sends not yet waited for
         self._call = 0
+        # payload bytes of the last message on each edge: the room the receiver posts
+        self._sent: dict[int, int] = {}    # dst -> sent there last
+        self._taken: dict[int, int] = {}   # src -> received from there last
+        self._posted: dict[int, tuple] = {}  # src -> (work, buffer) of the next receive
 
     @staticmethod
     def host() -> tuple[str, int]:
@@ -125,13 +143,19 @@ class GlooPlane:
         return _ip(), port
 
     def send(self, dst: int, raw: bytes, payload: np.ndarray) -> None:
-        f = frame(raw, payload.nbytes)
-        works = [self.pg.send([f], dst, _TAG)]
-        data = None
-        if payload.nbytes:
-            data = torch.from_numpy(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
-            works.append(self.pg.send([data], dst, _TAG))
-        self._pending.append((self._call, works, f, data, payload))  # alive until taken
+        n = payload.nbytes
+        inline = n <= self._sent.get(dst, 0)  # the receiver posted room for this much
+        buf = frame(raw, n, n if inline else 0)
+        if inline and n:
+            data = buf.numpy()[FRAME:].view(payload.dtype).reshape(payload.shape)
+            data[...] = payload  # the one copy: frame and payload as one transfer
+        works = [self.pg.send([buf], dst, _TAG)]
+        body = None
+        if n and not inline:
+            body = torch.from_numpy(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
+            works.append(self.pg.send([body], dst, _BODY))
+        self._sent[dst] = n
+        self._pending.append((self._call, works, buf, body, payload))  # alive until taken
 
     def settle(self, calls_back: int = 0) -> None:
         """Wait until the receivers took what this actor sent before its last
@@ -155,13 +179,22 @@ class GlooPlane:
 
     def recv(self, src: int) -> tuple[bytes, np.ndarray]:
         me, peer = self.names[self.rank], self.names[src]
-        f = torch.empty(FRAME, dtype=torch.uint8)
-        self._wait(self.pg.recv([f], src, _TAG), peer, me)
-        raw, nbytes = unframe(f, peer, me)
-        data = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            self._wait(self.pg.recv([data], src, _TAG), peer, me)
+        room = self._taken.get(src, 0)
+        work, buf = self._posted.pop(src, None) or self._post(src, room)
+        self._wait(work, peer, me)
+        raw, nbytes = unframe(buf[:FRAME], peer, me)
+        if nbytes <= room:
+            data = buf[FRAME:FRAME + nbytes]
+        else:
+            data = torch.empty(nbytes, dtype=torch.uint8)
+            self._wait(self.pg.recv([data], src, _BODY), peer, me)
+        self._taken[src] = nbytes
+        self._posted[src] = self._post(src, nbytes)  # the next message on this edge
         return raw, as_array(raw, data.numpy(), peer, me)
+
+    def _post(self, src: int, room: int) -> tuple:
+        buf = torch.empty(FRAME + room, dtype=torch.uint8)
+        return self.pg.recv([buf], src, _TAG), buf
 
     def _wait(self, work, peer: str, me: str) -> None:
         try:
@@ -189,6 +222,7 @@ class GlooPlane:
 
     def close(self) -> None:
         self._pending = []
+        self._posted = {}
         self.pg = None
         self._store = None
 
