@@ -52,7 +52,8 @@ class RuleConfig(Section):
             return {"r": self.r, "ortho": self.ortho, "mode": self.pfa_mode}
         if self.name == "wm":
             m = self.mirror
-            return {"sigma": m.sigma, "lr": m.lr, "decay": m.decay, "batch": m.batch, **gain}
+            return {"sigma": m.sigma, "lr": m.lr, "decay": m.decay, "batch": m.batch,
+                    "warmup_steps": m.warmup_steps, **gain}
         if self.name in ("fa", "kp"):
             return gain
         return {}

@@ -1,19 +1,13 @@
-"""Stages and the in-process executor.
+"""The in-process executor: the model's stages (`stage.py`) chained with plain calls.
 
-A `Stage` owns a contiguous slice of a model's units, their optimizer and every piece of
-local state.  Its interface is the whole contract between units:
-
-    y = stage.forward(x, mb)            activations go up
-    dx = stage.backward(dy, mb, e)      projected errors come down (e: DFA's output error)
-    stage.step(lr, wd)                  each stage steps its own optimizer
-
-Nothing else crosses: no weights, no global optimizer.  The in-process executor chains
-stages with plain calls; the distributed runtime runs the very same class inside actors.
+Each stage owns a slice of the units, its optimizer and its local state; only
+activations go up and errors come down between them, as between the runtime's actors,
+which run the very same `Stage` classes.  This executor is the reference the runtime is
+tested against, and what `runtime.executor: inprocess` runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -21,123 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .alignment import update_angles, weight_alignment
+from .alignment import update_angles
 from .layers import local_layers, restore_rules, set_rule
-from .optim import SGD
-from .rules import make_rule, output_error
+from .rules import make_rule
+from .stage import NodeStage, OptimConfig, Stage
 
-
-@dataclass
-class OptimConfig:
-    lr: float
-    momentum: float
-    weight_decay: float
-    nesterov: bool = False
-    batch_manhattan: bool = False
-    norm_constraint: bool = False
-    mirror_every: int = 1
-
-
-class Stage:
-    def __init__(self, units: list[nn.Module], optim: OptimConfig, first: bool,
-                 names: list[str] | None = None):
-        self.module = nn.Sequential(*units)
-        self.names = list(names or [str(i) for i in range(len(units))])
-        # layer names as in the full model ("layer1.0.conv1.conv"), not stage-local indices
-        self.layers = [(self._model_name(n), m) for n, m in local_layers(self.module)]
-        self.first = first  # the first stage's input is data: no error to send down
-        self.optim = optim
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        # fused SGD: one kernel over all parameters (PFA's R is r times W's size on CPU)
-        self.opt = SGD(params, lr=optim.lr, momentum=optim.momentum,
-                       weight_decay=optim.weight_decay, nesterov=optim.nesterov,
-                       fused=params[0].dtype in (torch.float32, torch.float64)) \
-            if params else None
-        if optim.norm_constraint:  # Moskovitz et al.: forward weights keep their initial norm
-            self.norm_limits = {n: l.weight.detach().norm().item() for n, l in self.layers}
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.steps = 0
-
-    def _model_name(self, name: str) -> str:
-        idx, _, rest = name.partition(".")
-        return ".".join(p for p in (self.names[int(idx)], rest) if p)
-
-    # -- data path --------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, mb: int = 0) -> torch.Tensor:
-        x = x.detach().requires_grad_(not self.first)
-        y = self.module(x)
-        self._pending[mb] = (x, y)
-        return y.detach()
-
-    def backward(self, grad_y: torch.Tensor, mb: int = 0, e: torch.Tensor | None = None):
-        x, y = self._pending.pop(mb)
-        if grad_y is None:  # DFA: nothing came down; the taps in this stage inject D_l e
-            grad_y = torch.zeros_like(y)
-        ctx = output_error(e) if e is not None else contextlib.nullcontext()
-        with ctx:
-            y.backward(grad_y)
-        return None if self.first else x.grad
-
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-    # -- learning ---------------------------------------------------------------------
-    def step(self, lr: float, weight_decay: float) -> None:
-        for _, layer in self.layers:
-            layer.rule.before_step(layer)  # gradients a rule forms once per step (PFA's g_R)
-        if self.opt is not None:
-            for group in self.opt.param_groups:
-                group["lr"], group["weight_decay"] = lr, weight_decay
-            if self.optim.batch_manhattan:
-                for group in self.opt.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.grad.sign_()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            if self.optim.norm_constraint:
-                for n, layer in self.layers:
-                    norm = layer.weight.norm()
-                    if norm > self.norm_limits[n]:
-                        layer.weight.mul_(self.norm_limits[n] / norm)
-            for _, layer in self.layers:
-                layer.rule.after_step(layer)
-        self.steps += 1
-        if self.steps % self.optim.mirror_every == 0:
-            self.mirror_steps(1)
-
-    def mirror_steps(self, n: int) -> None:
-        for _ in range(n):
-            for _, layer in self.layers:
-                layer.rule.mirror_step(layer)
-
-    def train(self, mode: bool = True) -> None:
-        self.module.train(mode)
-
-    # -- metrics ----------------------------------------------------------------------
-    def alignment(self) -> dict:
-        return {self._model_name(n): a for n, a in weight_alignment(self.module).items()}
-
-    def weight_grads(self) -> dict[str, torch.Tensor]:
-        return {n: l.weight.grad.detach().clone() for n, l in self.layers if l.weight.grad is not None}
-
-    def zero_grad(self) -> None:
-        self.module.zero_grad(set_to_none=True)
-        for _, layer in self.layers:
-            layer.rule.drop_grads(layer)
-
-    # -- state ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(),
-                "opt": self.opt.state_dict() if self.opt else None, "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        if self.opt and state["opt"]:
-            self.opt.load_state_dict(state["opt"])
-        self.steps = state["steps"]
+__all__ = ["InProcessExecutor", "OptimConfig", "Stage", "StepStats", "loss_and_error"]
 
 
 def _first(dx):
@@ -190,7 +73,6 @@ class InProcessExecutor:
             if error_delays(channels):
                 # delayed errors meet their own micro-batch's stored forward steps later:
                 # each stage stashes the weights that forward used (as the async schedule)
-                from .runtime.graph import NodeStage
                 self.stages = [NodeStage(units[a:b], optim, names[a:b], grad_inputs=[i > 0],
                                          stash=True)
                                for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
@@ -362,9 +244,9 @@ class InProcessExecutor:
 
     def ledger_summary(self) -> dict:
         """No messages: nothing crosses a wire.  parameter_bytes counts weight transport
-        as the runtime does (localnet/runtime/ledger.py): bp's backward reads W, once
+        as the runtime does (localnet/ledger.py): bp's backward reads W, once
         per update of each layer; 0 for every other rule."""
-        from .runtime.ledger import Ledger
+        from .ledger import Ledger
 
         led = Ledger()
         base = getattr(self, "_steps_base", None) or [0] * len(self.stages)

@@ -114,7 +114,7 @@ OPS = ("forward", "backward", "update")
 
 
 class StageTimer:
-    """Times one `engine.Stage`: wraps the instance's forward, backward and step (the
+    """Times one `stage.Stage`: wraps the instance's forward, backward and step (the
     class is untouched).  `take()` returns and clears what was recorded since."""
 
     def __init__(self, stage):
@@ -385,7 +385,7 @@ class MessageLog:
     A no-op for an executor without a ledger (in-process: nothing crosses a wire)."""
 
     def __init__(self, run_dir: Path, ex, resume: bool = False):
-        from .runtime.ledger import Ledger
+        from .ledger import Ledger
 
         self.path = Path(run_dir) / "messages.json"
         self.ex = ex
@@ -408,7 +408,7 @@ class MessageLog:
         without a ledger."""
         if not self.enabled:
             return None, None
-        from .runtime.ledger import Ledger
+        from .ledger import Ledger
 
         cur = self.ex.ledger()
         return cur, Ledger().merge(self.base).merge(cur)

@@ -82,29 +82,11 @@ def _run_on_ray(todo, out: Path, runtime, log) -> dict[str, tuple[dict, str]]:
     """Every point as a Ray task (num_cpus = its train.threads, at least 1), so the
     cluster runs as many at once as it has room for.  The run directories must be on a
     filesystem the nodes share (they are written by the tasks)."""
-    import ray
+    from .runtime.session import run_tasks
 
-    from .runtime.ray_executor import ensure_ray
-
-    owns = ensure_ray(runtime)
-    try:
-        task = ray.remote(_run_point)
-        refs = {task.options(num_cpus=max(1, cfg.train.threads or 1)).remote(cfg, out / name): name
-                for name, cfg in todo}
-        results, pending = {}, list(refs)
-        while pending:  # no deadline on a training run; poll, so Ctrl-C stays responsive
-            ready, pending = ray.wait(pending, num_returns=1, timeout=60)
-            for ref in ready:
-                name = refs[ref]
-                try:
-                    results[name] = ray.get(ref, timeout=60)
-                except Exception as exc:  # noqa: BLE001 - a lost task fails its point only
-                    results[name] = ({}, f"failed: {type(exc).__name__}: {exc}")
-                log(f"[sweep] {name}: {results[name][1]}")
-        return results
-    finally:
-        if owns:
-            ray.shutdown()
+    jobs = [(name, (cfg, out / name), max(1, cfg.train.threads or 1)) for name, cfg in todo]
+    return run_tasks(_run_point, jobs, runtime, log=lambda name, r: log(f"[sweep] {name}: {r[1]}"),
+                     failed=lambda exc: ({}, f"failed: {type(exc).__name__}: {exc}"))
 
 
 def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | None = None,

@@ -32,6 +32,7 @@ from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
 from .files import load_state, save_state, write_json, write_text
 from .metrics import RunObserver
+from .rules import make_rule
 from .progress import TrainProgress
 
 
@@ -193,8 +194,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     else:
         for f in ("metrics.jsonl", "steps.jsonl"):
             (run_dir / f).unlink(missing_ok=True)
-        if cfg.rule.name == "wm" and cfg.rule.mirror.warmup_steps:
-            ex.mirror_steps(cfg.rule.mirror.warmup_steps)
+        make_rule(cfg.rule.name, **cfg.rule.options()).on_start(ex)
 
     # a GPU in this process: batches come in pinned memory, one asynchronous copy each
     pin = isinstance(ex, InProcessExecutor) and ex.device.type == "cuda"

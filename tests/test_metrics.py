@@ -18,7 +18,7 @@ import localnet.train as train_mod
 from localnet.config import ConfigError, load_config
 from localnet.engine import OptimConfig, Stage
 from localnet.metrics import METRICS, Metrics, RunObserver, StageTimer
-from localnet.runtime.ledger import Ledger
+from localnet.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"fc1.linear", "head"}

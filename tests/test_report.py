@@ -9,7 +9,7 @@ from localnet.cli import main
 from localnet.config import load_config
 from localnet.metrics import MessageLog
 from localnet.report import load_run, report
-from localnet.runtime.ledger import Ledger
+from localnet.ledger import Ledger
 from localnet.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"

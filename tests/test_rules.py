@@ -383,6 +383,41 @@ def test_wm_mirror_steps_align_b_with_w(geom_kw):
     assert layer.feedback_weight.norm().item() == pytest.approx(w0.norm().item(), rel=0.15)
 
 
+def test_wm_warmup_runs_on_a_fresh_start_and_other_rules_do_nothing():
+    """`rule.on_start(executor)`: wm's warm-up (rule.mirror.warmup_steps) is exactly that
+    many mirror steps of the whole network -- the same B as calling mirror_steps -- and it
+    brings B towards W; a rule without a warm-up leaves every weight alone."""
+    from localnet.config import Config
+    import copy
+
+    from localnet.runtime.testing import reference, state_diff
+
+    def build(rule, warmup=None):
+        d = {"seed": 3, "rule": {"name": rule}, "model": {"name": "mlp", "widths": [32]},
+             "data": {"name": "synthetic"}}
+        if warmup is not None:
+            d["rule"]["mirror"] = {"warmup_steps": warmup}
+        cfg = Config.model_validate(d)
+        ex, model = reference(cfg, (1, 8, 8), 10)
+        return cfg, ex, model
+
+    cfg, ex, model = build("wm", warmup=40)
+    _, ref, ref_model = build("wm", warmup=40)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "feedback" in k}
+    assert before
+    make_rule(cfg.rule.name, **cfg.rule.options()).on_start(ex)
+    ref.mirror_steps(40)
+    after, want = model.state_dict(), ref_model.state_dict()
+    for k, b0 in before.items():
+        assert torch.equal(after[k], want[k])
+        w = after[k.replace("feedback_weight", "weight")]
+        assert deg(after[k], w) < deg(b0, w) - 5
+    cfg, ex, model = build("fa")
+    s0 = copy.deepcopy(model.state_dict())
+    make_rule(cfg.rule.name, **cfg.rule.options()).on_start(ex)
+    assert state_diff(model.state_dict(), s0) == (0.0, [])
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_wm_mirror_estimate_is_sigma_squared_w(kind):
     """One step with decay 1 and lr 1 sets B to the estimate of E[y x^T] = sigma^2 W."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from localnet.config import Config
-from localnet.runtime.ledger import Ledger
+from localnet.ledger import Ledger
 from localnet.runtime.messages import Control, MessageError
 from localnet.runtime.partition import balanced_boundaries, resolve_partition
 from localnet.runtime.plan import simulate_config

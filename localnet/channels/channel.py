@@ -31,7 +31,7 @@ from collections import deque
 
 import torch
 
-from ..runtime.ledger import Ledger
+from ..ledger import Ledger
 from .codecs import Codec, Encoded, make_codec
 
 ACTIVATION, ERROR = "activation", "error"

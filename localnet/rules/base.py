@@ -115,6 +115,10 @@ class Rule:
     def __init__(self, **options):
         self.options = options
 
+    def on_start(self, executor) -> None:
+        """Once, before a fresh run's first step (not on resume): what the rule does to
+        the whole network first, through the executor's interface (wm: mirror steps)."""
+
     # -- state ---------------------------------------------------------------------
     def init_layer(self, layer) -> None:
         """Register feedback state on a freshly built layer (W is already initialised)."""

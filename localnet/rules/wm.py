@@ -25,10 +25,17 @@ class WeightMirror(Rule):
     name = "wm"
     paper = "Akrout et al. 2019, 'Deep Learning without Weight Transport' (weight mirror)"
 
-    def __init__(self, sigma=1.0, lr=0.01, decay=None, batch=16, **options):
+    def __init__(self, sigma=1.0, lr=0.01, decay=None, batch=16, warmup_steps=0, **options):
         super().__init__(**options)
         self.sigma, self.lr, self.batch = sigma, lr, batch
         self.decay = lr * sigma ** 2 if decay is None else decay
+        self.warmup_steps = int(warmup_steps)
+
+    def on_start(self, executor) -> None:
+        # Akrout et al. align B before training starts, so the first updates already
+        # follow a mirrored feedback path rather than a random one
+        if self.warmup_steps:
+            executor.mirror_steps(self.warmup_steps)
 
     def init_layer(self, layer):
         layer.register_buffer("feedback_weight", random_feedback(self, layer))

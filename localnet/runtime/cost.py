@@ -19,7 +19,8 @@ def measure_costs(cfg, input_shape, num_classes: int, placement=None,
     actor per unit) for one micro-batch, after one warm-up.  stash: time the async
     schedule's weight stashing too.  Builds a throwaway copy of the model."""
     from ..models import unit_shapes
-    from .graph import NodeStage, Placement, modules_for
+    from ..stage import NodeStage
+    from .graph import Placement, modules_for
 
     cfg = as_config(cfg)
     mb = micro_batch or max(cfg.train.batch_size // cfg.train.micro_batches, 1)

@@ -9,7 +9,7 @@ import functools
 from ..engine import StepStats
 from . import checkpoint
 from .graph import Placement
-from .ledger import Ledger
+from ..ledger import Ledger
 from .messages import CONTROL, Control, MessageError
 from .schedule import simulate, stream_staleness
 from .worker import DRIVER, stage_name

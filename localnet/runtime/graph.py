@@ -1,4 +1,4 @@
-"""The actor graph, and the stage an actor runs.
+"""The actor graph: which part of the model each actor holds, and how actors connect.
 
 `Placement` says which part of the model each actor holds and how actors connect:
 
@@ -14,23 +14,16 @@ Activations travel along every edge p -> c; errors travel back c -> p, and an ac
 with several consumers (the block input feeding conv1 and the skip) sums the errors it
 receives -- autograd's sum over a tensor's uses, done across actors.
 
-`NodeStage` is `engine.Stage` for one actor: several inputs, a device, and weight
-stashing for the async schedule (each micro-batch's forward and backward see the same
-weights, while updates land on the live ones).
+The stage an actor runs is `stage.NodeStage`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..engine import Stage
 from ..models.base import Absent
-from ..rules import output_error
 
 
 @dataclass
@@ -153,128 +146,3 @@ def modules_for(placement: Placement, index: int, model, shapes):
         finally:
             model.train(was)
     raise ValueError(f"placement names node {want!r}, which this model does not build")
-
-
-# ------------------------------------------------------------------------------ stage
-class _Chain(nn.Sequential):
-    """nn.Sequential whose first module takes every input (a merge node takes two)."""
-
-    def forward(self, *xs):
-        it = iter(self)
-        h = next(it)(*xs)
-        for m in it:
-            h = m(h)
-        return h
-
-
-class NodeStage(Stage):
-    """`engine.Stage` for one actor of the graph.
-
-    forward(x, mb, rest)  x: first input, rest: the others (a merge's skip); -> y
-    backward(dy, mb, e)   -> one error per input (None where the input is data)
-    Everything else (step, mirror_steps, alignment, state_dict, ...) is Stage's.
-
-    device: the module lives there; inputs are moved there; outputs stay there (the
-    worker turns them into CPU numpy payloads).  stash: weight stashing (see module doc).
-    """
-
-    def __init__(self, modules: list[nn.Module], optim, names: list[str], *,
-                 grad_inputs: list[bool], device="cpu", stash: bool = False):
-        self.device = torch.device(device)
-        for m in modules:
-            m.to(self.device)
-        super().__init__(modules, optim, first=not any(grad_inputs), names=names)
-        self.module = _Chain(*modules)  # the same modules under the same keys
-        self.grad_inputs = list(grad_inputs)
-        self.stash = bool(stash)
-        skip = {f"{n}.{b}" if n else b for n, m in self.module.named_modules()
-                if isinstance(m, _BatchNorm) for b, _ in m.named_buffers(recurse=False)}
-        self._stashable_buffers = [n for n, _ in self.module.named_buffers() if n not in skip]
-        self._snap: dict | None = None
-        self._snap_versions: dict = {}
-        self._mutations = 0  # bumped by every update: fused SGD leaves version counters alone
-        self._snap_mutations = -1
-
-    # -- data path --------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, mb=0, rest=()) -> torch.Tensor:
-        xs = [t.to(self.device).detach().requires_grad_(g)
-              for t, g in zip((x, *rest), self.grad_inputs)]
-        if self.stash:
-            snap = self._snapshot()
-            y = torch.func.functional_call(self.module, snap, tuple(xs), strict=False)
-        else:
-            snap, y = None, self.module(*xs)
-        self._pending[mb] = (xs, y, snap)
-        return y.detach()
-
-    def backward(self, grad_y, mb=0, e=None):
-        xs, y, snap = self._pending.pop(mb)
-        grad_y = torch.zeros_like(y) if grad_y is None else grad_y.to(self.device)
-        ctx = output_error(e.to(self.device)) if e is not None else contextlib.nullcontext()
-        with ctx:
-            y.backward(grad_y)
-        if snap is not None:
-            self._collect(snap)
-        return [x.grad if g else None for x, g in zip(xs, self.grad_inputs)]
-
-    @torch.no_grad()
-    def infer(self, x, rest=()):
-        return self.module(*[t.to(self.device) for t in (x, *rest)])
-
-    # -- weight stashing (async) --------------------------------------------------------
-    def _snapshot(self) -> dict:
-        """Copies of the parameters (and of buffers other than BatchNorm's running
-        statistics) as they are now.  Parameters are copied again after every update
-        (the fused optimizer does not bump torch's version counters); a buffer is
-        copied again when its version counter moved (a weight-mirror step), so constant
-        feedback (DFA's D, PFA's B_p) is copied once.  Between two updates micro-batches
-        share one snapshot."""
-        params = dict(self.module.named_parameters())
-        bufs = dict(self.module.named_buffers())
-        prev, versions = self._snap or {}, {}
-        fresh = self._snap_mutations != self._mutations
-        if not fresh and prev:
-            if all(self._snap_versions.get(n) == bufs[n]._version
-                   for n in self._stashable_buffers):
-                return prev
-        snap = {}
-        for n, p in params.items():
-            snap[n] = (p.detach().clone().requires_grad_(p.requires_grad)
-                       if fresh or n not in prev else prev[n])
-        for n in self._stashable_buffers:
-            b = bufs[n]
-            versions[n] = b._version
-            snap[n] = prev[n] if n in prev and self._snap_versions.get(n) == b._version \
-                else b.detach().clone()
-        self._snap, self._snap_versions, self._snap_mutations = snap, versions, self._mutations
-        return snap
-
-    def _collect(self, snap: dict) -> None:
-        """Move gradients from the stashed copies onto the live parameters."""
-        for n, p in self.module.named_parameters():
-            s = snap.get(n)
-            if s is not None and s.grad is not None:
-                p.grad = s.grad if p.grad is None else p.grad + s.grad
-                s.grad = None
-
-    def drop_snapshot(self) -> None:
-        self._snap, self._snap_versions, self._snap_mutations = None, {}, -1
-
-    def step(self, lr: float, weight_decay: float) -> None:
-        super().step(lr, weight_decay)
-        self._mutations += 1
-
-    def mirror_steps(self, n: int) -> None:
-        super().mirror_steps(n)
-        self._mutations += 1
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.drop_snapshot()
-
-    def transported_bytes(self) -> int:
-        """Bytes of forward weights this stage's backward reads, under a rule that
-        transports weights (bp): what a separate feedback pathway would need after
-        every update.  0 for every other rule."""
-        return sum(layer.weight.numel() * layer.weight.element_size()
-                   for _, layer in self.layers if layer.rule.transports_weights)

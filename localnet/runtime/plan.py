@@ -79,7 +79,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
 
     pl = resolve_placement(rt.partition, model, unit_costs)
     S, M = pl.num_actors, t.micro_batches
-    is_async = rt.schedule == "async"
+    is_async = make_schedule(rt.schedule, 1, 1).per_micro_batch_steps
     if fwd is None or bwd is None:
         measured["f"], measured["b"], measured["s"] = measure_costs(
             cfg, shape, nc, pl, mb, repeats, rt.threads, stash=is_async)

@@ -41,7 +41,7 @@ from .cost import measure_unit_costs
 from .executor_state import StateMixin, recovering
 from .graph import Placement
 from .interpreter import drive_all, interpret
-from .ledger import Ledger
+from ..ledger import Ledger
 from .messages import ACTIVATION, TARGET, Message, MessageError
 from .partition import resolve_placement
 from .plane import LocalPlane

@@ -33,6 +33,32 @@ def ensure_ray(runtime) -> bool:
     return True
 
 
+def run_tasks(fn, jobs: list[tuple], runtime, *, log, failed) -> dict:
+    """fn(*args) for each (name, args, num_cpus) of `jobs` as Ray tasks, as many at once
+    as the cluster has room for; {name: result}.  A task that fails or is lost gives
+    failed(exc) for its name only; log(name, result) as each one ends."""
+    import ray
+
+    owns = ensure_ray(runtime)
+    try:
+        task = ray.remote(fn)
+        refs = {task.options(num_cpus=cpus).remote(*args): name for name, args, cpus in jobs}
+        results, pending = {}, list(refs)
+        while pending:  # no deadline on a training run; poll, so Ctrl-C stays responsive
+            ready, pending = ray.wait(pending, num_returns=1, timeout=60)
+            for ref in ready:
+                name = refs[ref]
+                try:
+                    results[name] = ray.get(ref, timeout=60)
+                except Exception as exc:  # noqa: BLE001 - a lost task fails its job only
+                    results[name] = failed(exc)
+                log(name, results[name])
+        return results
+    finally:
+        if owns:
+            ray.shutdown()
+
+
 def ray_address() -> str:
     import ray
 

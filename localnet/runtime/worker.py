@@ -4,7 +4,7 @@ A plain class (no Ray in here): the executor makes it an actor at spawn time wit
 `ray.remote(num_cpus=..., num_gpus=...)(StageWorker)`, and tests can drive it directly.
 It builds the whole model from the config (deterministic in the seed), keeps only its
 part -- a group of units, or one node of the layer graph (`partition: per_layer`) -- and
-wraps a `NodeStage` (graph.py: `engine.Stage` with several inputs) around it, so the
+wraps a `NodeStage` (stage.py: a `Stage` with several inputs) around it, so the
 maths is the in-process engine's, line for line.
 
 Everything it receives is a wire message (header bytes + ndarray) and is validated before
@@ -51,8 +51,9 @@ from ..models import unit_shapes
 from ..metrics import StageTimer
 from ..channels.channel import DATA, WAIT, error_delays, make_channel
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
-from .graph import NodeStage, Placement, actor_units, modules_for
-from .ledger import Ledger
+from ..stage import NodeStage
+from .graph import Placement, actor_units, modules_for
+from ..ledger import Ledger
 from .messages import (ACTIVATION, BROADCAST, CHAIN, CONTROL, ERROR, OUTPUT, TARGET, Control,
                        Header, Message, MessageError, validate)
 
