@@ -110,7 +110,10 @@ class Peer:
         return True
 
     def plane_init(self, addr, port, rank, world):
+        from localnet.alloc import keep_freed_memory
         from localnet.runtime.plane import GlooPlane
+
+        keep_freed_memory()  # as every stage actor does: buffers are reused, not re-faulted
 
         self.plane = GlooPlane(addr, port, rank, world, 60, ["a", "b"])
         self.rank = rank

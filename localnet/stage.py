@@ -32,6 +32,22 @@ from .optim import SGD
 from .rules import output_error
 
 
+def run_backward(y: torch.Tensor, grad_y: torch.Tensor) -> None:
+    """`y.backward(grad_y)`, through autograd's engine entry.  The public call checks the
+    error's shape with torch.fx's symbolic-shape helpers, whose first use imports sympy:
+    about half a second of CPU, once per process -- which every actor pays again on its
+    first backward, so a pipeline of many actors starts seconds slower.  The check it
+    makes (same shape and dtype) is made here instead."""
+    if grad_y.shape != y.shape or grad_y.dtype != y.dtype:
+        raise RuntimeError(f"an error of {grad_y.dtype}{list(grad_y.shape)} for an output of "
+                           f"{y.dtype}{list(y.shape)}")
+    engine = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if engine is None:  # a torch without it: the public call
+        y.backward(grad_y)
+        return
+    engine((y,), (grad_y,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+
+
 @dataclass
 class OptimConfig:
     lr: float
@@ -80,7 +96,7 @@ class Stage:
             grad_y = torch.zeros_like(y)
         ctx = output_error(e) if e is not None else contextlib.nullcontext()
         with ctx:
-            y.backward(grad_y)
+            run_backward(y, grad_y)
         return None if self.first else x.grad
 
     @torch.no_grad()
@@ -201,7 +217,7 @@ class NodeStage(Stage):
         grad_y = torch.zeros_like(y) if grad_y is None else grad_y.to(self.device)
         ctx = output_error(e.to(self.device)) if e is not None else contextlib.nullcontext()
         with ctx:
-            y.backward(grad_y)
+            run_backward(y, grad_y)
         if snap is not None:
             self._collect(snap)
         return [x.grad if g else None for x, g in zip(xs, self.grad_inputs)]

@@ -604,3 +604,45 @@ def test_cli_simulate_reports_a_deadlock(tmp_path, capsys, monkeypatch):
                  "--fwd", "1,1", "--bwd", "1,1"]) == 2
     err = capsys.readouterr().err
     assert "deadlocks" in err and "stage0 B(0) waits for stage1 B(0)" in err
+
+
+@pytest.mark.parametrize("rule, schedule, partition, channel", [
+    ("pfa", "1f1b", "per_layer", None),     # a DAG: a block input feeds two actors
+    ("dfa", "gpipe", "per_unit", None),     # e from the last actor to every other
+    ("pfa", "async", "per_layer", None),    # a stream: messages taken a call later
+    ("fa", "1f1b", "per_unit", {"error": {"codec": "sign", "delay": 1}}),
+])
+def test_receives_counts_what_each_actor_takes(monkeypatch, rule, schedule, partition, channel):
+    """`interpreter.receives(w, actions)` -- what the plane posts receives ahead for -- is
+    exactly how many messages each actor's interpreter takes from each other actor."""
+    from collections import Counter
+
+    import localnet.runtime.ray_executor as rx
+    from localnet.runtime.interpreter import interpret, receives
+
+    seen = []
+
+    def counting(w, actions, inputs, targets):
+        want, got = receives(w, actions), Counter()
+        gen = interpret(w, actions, inputs, targets)
+        try:
+            req = next(gen)
+            while True:
+                got[req[0]] += 1
+                req = gen.send((yield req))
+        except StopIteration as stop:
+            seen.append((w.name, want, got))
+            return stop.value
+
+    monkeypatch.setattr(rx, "interpret", counting)
+    cfg = cfg_for(rule, schedule, {"model": {"name": "resnet20"}}, partition, M=2, bs=8)
+    if channel:
+        cfg = Config.model_validate({**cfg.model_dump(), "channel": channel})
+    ex = RayExecutor(cfg, (3, 8, 8), NC, local=True)
+    for x, y in batches(3, 8, (3, 8, 8), NC, seed=1):
+        ex.train_step(x, y, 0.05, 1e-3)
+    ex.flush()
+    assert len(seen) >= 3 * ex.num_stages
+    assert any(sum(want.values()) > 0 for _, want, _ in seen)
+    for name, want, got in seen:
+        assert +want == +got, name

@@ -28,6 +28,8 @@ errors down it, DFA's e from the last actor), in the order both lists agree on
 
 from __future__ import annotations
 
+from collections import Counter
+
 from .messages import ACTIVATION, ERROR, MessageError
 
 
@@ -42,7 +44,7 @@ def interpret(w, actions, inputs: dict, targets: dict):
         step, mb = a[1], a[2]
         if op in ("F", "I"):
             wire = []
-            for p in w.input_ranks:
+            for p in w.input_ranks:  # in input order; -1: the coordinator's batch
                 wire += inputs[(step, mb)] if p < 0 else (yield p, ACTIVATION, step, mb)
             if w.is_last:
                 wire += targets[(step, mb)]
@@ -69,14 +71,8 @@ def interpret(w, actions, inputs: dict, targets: dict):
                         _ship(w, [r], pairs[2 * j:2 * j + 2])
         elif op == "B":
             wire = []
-            if not w.is_last:
-                if w.broadcast_error:
-                    wire += yield w.last_rank, ERROR, step, mb
-                elif w._ch_on:
-                    wire += yield w.consumer_ranks[0], ERROR, step, mb
-                else:
-                    for c in w.consumer_ranks:
-                        wire += yield c, ERROR, step, mb
+            for c in _error_sources(w):
+                wire += yield c, ERROR, step, mb
             errs = w._backward(step, mb, wire)
             if errs:
                 for j, r in enumerate(w.producer_ranks[:len(errs) // 2]):
@@ -84,6 +80,28 @@ def interpret(w, actions, inputs: dict, targets: dict):
         else:
             raise ValueError(f"{w.name}: unknown action {a!r}")
     return stats
+
+
+def _error_sources(w) -> list[int]:
+    """Whom a backward receives its error(s) from, in order: DFA's e from the last actor;
+    through a channel, the one consumer of a chain; else every consumer (summed)."""
+    if w.is_last:
+        return []
+    if w.broadcast_error:
+        return [w.last_rank]
+    return [w.consumer_ranks[0]] if w._ch_on else list(w.consumer_ranks)
+
+
+def receives(w, actions) -> Counter:
+    """How many messages `interpret(w, actions, ...)` will take from each actor: the
+    plane posts a receive ahead only for one that will come in this call."""
+    n: Counter = Counter()
+    for a in actions:
+        if a[0] in ("F", "I"):
+            n.update(p for p in w.input_ranks if p >= 0)
+        elif a[0] == "B":
+            n.update(_error_sources(w))
+    return n
 
 
 def _ship(w, ranks, pair) -> None:

@@ -21,7 +21,8 @@ smaller, so the receiver posts room for a frame plus the *previous* payload on t
 too, puts a payload that fits behind the frame.  One that does not (an edge's first
 message, a larger last micro-batch) follows the frame as a second transfer on its own tag.
 Each receive is posted as soon as the one before it on that edge is taken, so gloo reads
-a message straight into its buffer as it arrives.
+a message straight into its buffer as it arrives -- but only while this call still expects
+one on that edge (`expect`), so no buffer waits between calls.
 
 A send is asynchronous: the sender keeps the buffers until the receiver took them
 (`settle`, at the start of the sender's next call); a receive
@@ -132,6 +133,7 @@ class GlooPlane:
         self._sent: dict[int, int] = {}    # dst -> sent there last
         self._taken: dict[int, int] = {}   # src -> received from there last
         self._posted: dict[int, tuple] = {}  # src -> (work, buffer) of the next receive
+        self._left: dict[int, int] | None = None  # src -> receives this call still makes
 
     @staticmethod
     def host() -> tuple[str, int]:
@@ -189,8 +191,16 @@ class GlooPlane:
             data = torch.empty(nbytes, dtype=torch.uint8)
             self._wait(self.pg.recv([data], src, _BODY), peer, me)
         self._taken[src] = nbytes
-        self._posted[src] = self._post(src, nbytes)  # the next message on this edge
+        if self._left is not None:
+            self._left[src] = self._left.get(src, 0) - 1
+        if self._left is None or self._left[src] > 0:
+            self._posted[src] = self._post(src, nbytes)  # the next message on this edge
         return raw, as_array(raw, data.numpy(), peer, me)
+
+    def expect(self, counts: dict[int, int]) -> None:
+        """How many messages this call takes from each actor (None: unknown, post ahead
+        always)."""
+        self._left = None if counts is None else dict(counts)
 
     def _post(self, src: int, room: int) -> tuple:
         buf = torch.empty(FRAME + room, dtype=torch.uint8)
@@ -261,6 +271,9 @@ class LocalEnd:
         pass
 
     def next_call(self) -> None:
+        pass
+
+    def expect(self, counts) -> None:
         pass
 
     def abort(self, reason: str) -> None:

@@ -70,6 +70,7 @@ class Placer:
 
     def __init__(self, runtime, timeout: float):
         self.rt, self.timeout, self.pg = runtime, timeout, None
+        self._remote: dict = {}  # cls -> its Ray actor class
 
     def spawn(self, cls, S: int) -> list:
         import ray
@@ -92,7 +93,13 @@ class Placer:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         rt = self.rt
-        remote = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus, max_concurrency=1)(cls)
+        if cls not in self._remote:
+            # once per class, not per actor: Ray exports each new actor class on its
+            # first use, hashing its disassembled code on the driver's CPU while the
+            # actors start
+            self._remote[cls] = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus,
+                                           max_concurrency=1)(cls)
+        remote = self._remote[cls]
         if self.pg is not None:
             remote = remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=i))

@@ -447,7 +447,7 @@ class StageWorker:
     def run(self, actions, inputs=None, targets=None):
         """One batch of this actor's schedule (interpreter.py); every message it needs
         comes over the data plane, every one it makes goes straight to its reader."""
-        from .interpreter import drive, interpret
+        from .interpreter import drive, interpret, receives
         try:
             if self._failed is not None:
                 raise self._failed
@@ -458,6 +458,7 @@ class StageWorker:
             # failed mid-batch never takes them, and the wait would last the timeout.
             self.plane.settle(calls_back=2 if self.stage.stash else 0)
             self.plane.next_call()
+            self.plane.expect(receives(self, actions))
             return drive(interpret(self, actions, inputs or {}, targets or {}), self.plane)
         except BaseException as err:
             self._failed = err
