@@ -34,10 +34,10 @@ from .rules import output_error
 
 def run_backward(y: torch.Tensor, grad_y: torch.Tensor) -> None:
     """`y.backward(grad_y)`, through autograd's engine entry.  The public call checks the
-    error's shape with torch.fx's symbolic-shape helpers, whose first use imports sympy:
-    about half a second of CPU, once per process -- which every actor pays again on its
-    first backward, so a pipeline of many actors starts seconds slower.  The check it
-    makes (same shape and dtype) is made here instead."""
+    error's shape with torch.fx's symbolic-shape helpers, whose first use imports sympy --
+    a large import, once per process, which every actor would pay again on its first
+    backward (benchmarks/RESULTS.md, the notes on issue 12).  The check it makes (same
+    shape and dtype) is made here instead."""
     if grad_y.shape != y.shape or grad_y.dtype != y.dtype:
         raise RuntimeError(f"an error of {grad_y.dtype}{list(grad_y.shape)} for an output of "
                            f"{y.dtype}{list(y.shape)}")

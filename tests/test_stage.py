@@ -33,8 +33,8 @@ def test_run_backward_gives_exactly_what_tensor_backward_gives():
 
 
 def test_a_stage_trains_without_importing_sympy():
-    """An actor's first backward must not import sympy (torch.fx's symbolic shapes): a
-    process pays about half a second of CPU for it, and a pipeline has many processes."""
+    """An actor's first backward must not import sympy (torch.fx's symbolic shapes): every
+    process pays for that import, and a pipeline has many processes."""
     code = (
         "import sys, torch\n"
         "from localnet.config import Config\n"

@@ -32,8 +32,8 @@ class WeightMirror(Rule):
         self.warmup_steps = int(warmup_steps)
 
     def on_start(self, executor) -> None:
-        # Akrout et al. align B before training starts, so the first updates already
-        # follow a mirrored feedback path rather than a random one
+        # mirror B before the first update (rule.mirror.warmup_steps), so training starts
+        # from feedback already aligned with W rather than from a random B
         if self.warmup_steps:
             executor.mirror_steps(self.warmup_steps)
 
