@@ -32,7 +32,6 @@ from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
 from .files import load_state, save_state, write_json, write_text
 from .metrics import RunObserver
-from .rules import make_rule
 from .progress import TrainProgress
 
 
@@ -194,7 +193,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     else:
         for f in ("metrics.jsonl", "steps.jsonl"):
             (run_dir / f).unlink(missing_ok=True)
-        make_rule(cfg.rule.name, **cfg.rule.options()).on_start(ex)
+        rule.on_start(ex)
 
     # a GPU in this process: batches come in pinned memory, one asynchronous copy each
     pin = isinstance(ex, InProcessExecutor) and ex.device.type == "cuda"
