@@ -1,0 +1,259 @@
+"""`WireEnd`: one actor's end of the wire, a part of `StageWorker` (worker.py).
+
+Every message an actor sends is made here and counted in its ledger; every message it
+receives is decoded, audited and validated here before the stage sees it -- kind, edge,
+step, micro-batch, shape, dtype, finite values.  Communication restrictions
+(localnet/channels) sit on the same seam: this actor owns the sending half of its
+outgoing links and the receiving half of its incoming ones.  Tests corrupt outgoing
+messages through `inject_fault`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import numpy as np
+import torch
+
+from ..channels.channel import DATA, make_channel
+from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
+from .graph import Placement
+from .messages import (ACTIVATION, CONTROL, ERROR, Control, Header, Message, MessageError,
+                       validate)
+
+
+class WireEnd:
+    """Mixed into `StageWorker`, whose setup provides name, inputs, receivers,
+    in_shapes, dtype, stage, run_id, audit_enabled, _ledger, _audit and _fault."""
+
+    # ------------------------------------------------------------------ channels
+    def _setup_channels(self, cfg, pl: Placement, unit_names: list[str], dfa: bool) -> None:
+        """Communication restrictions (localnet/channels), split at send / receive: this
+        actor owns the sending half of its outgoing links (codec state, drops, bytes) and
+        the receiving half of its incoming ones (decode, delay FIFO).  Edges and seeds are
+        `InProcessExecutor`'s (`ChannelSet`), so both executors draw the same numbers."""
+        self.ch = {}                 # "act_in" | "act_out" | "err_in" | "err_out" -> Channel
+        self.ch_dfa: list = []       # last stage, DFA: one error link per other stage
+        self._ch_on = self._ch_cfg = False
+        self._bwd_since_step = 0
+        self._order: deque = deque()  # stored forwards, oldest first (errors pair in order)
+        if not cfg.channel.active() or self.num_stages == 1:
+            return
+        if pl.kind != "units" or not pl.is_chain:
+            raise ValueError("channel: communication restrictions need a chain of unit "
+                             "groups (runtime.partition: per_unit, {stages: N} or explicit "
+                             "groups), not per_layer")
+        m, i, n = pl.members, self.index, self.num_stages
+        first = lambda j: unit_names[m[j][0]]  # noqa: E731
+        last = lambda j: unit_names[m[j][1] - 1]  # noqa: E731
+        mk = lambda kind, src, dst, b: make_channel(  # noqa: E731
+            cfg.channel, kind, src, dst, boundary=b, seed=cfg.seed,
+            slots_per_step=cfg.train.micro_batches)
+        if i < n - 1:
+            self.ch["act_out"] = mk("activation", last(i), first(i + 1), m[i][1])
+            src = first(n - 1) if dfa else first(i + 1)
+            self.ch["err_in"] = mk("error", src, last(i), m[i][1])
+        if i > 0:
+            self.ch["act_in"] = mk("activation", last(i - 1), first(i), m[i][0])
+            if not dfa:
+                self.ch["err_out"] = mk("error", first(i), last(i - 1), m[i][0])
+        if dfa and i == n - 1:
+            self.ch_dfa = [mk("error", first(i), last(j), m[j][1]) for j in range(n - 1)]
+        self._ch_on = self._ch_cfg = True
+
+    def set_channels(self, on: bool) -> None:
+        """Route training messages through the channels (True, when configured) or not
+        (measuring passes: BP-angle probes, forward_backward).  Forwards still waiting
+        for delayed errors stay stored across the pause."""
+        self._ch_on = bool(on) and self._ch_cfg
+
+    def channel_stats(self) -> dict:
+        """This actor's halves of its links: the sender's counts (messages, bytes, drops)
+        and the receiver's (delivered, not yet arrived), by kind and edge."""
+        out = {"send": [], "recv": []}
+        senders = [c for k, c in self.ch.items() if k.endswith("_out")] + self.ch_dfa
+        for c in senders:  # the sender's ledger holds what it put on the wire
+            out["send"].append({"edge": c.edge, "kind": c.kind, **c.stats(0),
+                                "ledger": c.ledger.to_dict()})
+        for k, c in self.ch.items():
+            if k.endswith("_in"):
+                out["recv"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})
+        return out
+
+    def _send_coded(self, kind, x, ch, dst, step, mb, detail) -> Message:
+        """Send x through channel ch (x None: an empty slot; WAIT: a waiting one).  The
+        ledger counts the encoded bytes, a lost message's too (it was sent; the channel
+        lost it)."""
+        pbytes = 0
+        if x is None:
+            arr, meta = marker(ch.codec.name, EMPTY)
+        elif isinstance(x, str):
+            arr, meta = marker(ch.codec.name, WAITING)
+        else:
+            if self._aliases_state(x):
+                raise RuntimeError(f"{self.name}: a {kind} message would carry a parameter")
+            enc, lost = ch.encode(x)
+            arr, meta = marker(ch.codec.name, LOST) if lost else pack(enc)
+            pbytes = enc.nbytes - enc.scalar_bytes  # the scalars travel in the header
+        msg = Message.make(kind, arr, src=self.name, dst=dst, step=step, mb=mb, run=self.run_id,
+                           detail=detail, meta={"codec": meta})
+        msg = self._maybe_fault(msg)
+        self._ledger.record(self.name, dst, msg.header.kind, msg.header_bytes, pbytes)
+        return msg
+
+    def _receive_coded(self, ch, raw, payload, kind, shape, dtype, *, src, detail, step,
+                       mb) -> tuple[str, Message | None]:
+        """Receive through channel ch: the slot due now (after `delay`) -- (DATA, the
+        message decoded and validated like any other), (LOST, None) when it was lost or
+        sent empty, (WAIT, None) when nothing has arrived yet."""
+        msg = self._open(raw, payload, kind, src)
+        h = msg.header
+        validate(msg, kind, None, None, detail=detail, dst=self.name, step=step, mb=mb,
+                 finite=False)
+        meta = h.meta.get("codec")
+        if not isinstance(meta, dict) or meta.get("name") != ch.codec.name:
+            raise h.error(f"expected a {ch.codec.name}-encoded message on this channel",
+                          self.name)
+        try:
+            enc = unpack(msg.payload, meta)
+        except ValueError as err:
+            raise h.error(str(err), self.name) from None
+        ch.arrive(enc)
+        state, x = ch.receive_slot()
+        if state != DATA:
+            return state, None
+        arr = x.detach().contiguous().numpy()
+        dec = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=arr.dtype.name,
+                     shape=tuple(arr.shape), run=h.run, detail=h.detail)
+        return DATA, validate(Message(dec, arr, raw), kind, shape, dtype, dst=self.name)
+
+    # ------------------------------------------------------------------ wire helpers
+    def _receive(self, raw, payload, kind, shape, dtype, *, src, detail=None, step=None,
+                 mb=None) -> Message:
+        msg = self._open(raw, payload, kind, src)
+        if "codec" in msg.header.meta:
+            raise msg.header.error("an encoded message where a plain one was expected "
+                                   "(channels on one side only)", self.name)
+        return validate(msg, kind, shape, dtype, detail=detail, dst=self.name, step=step, mb=mb)
+
+    def _open(self, raw, payload, kind, src) -> Message:
+        """Decode the header (naming the edge on failure), audit, check the sender."""
+        try:
+            msg = Message.from_wire(raw, payload)
+        except MessageError as err:
+            raise MessageError(err.reason, err.src if err.src != "?" else src, self.name,
+                               err.kind if err.kind != "?" else kind, err.step, err.mb) from None
+        if self.audit_enabled:
+            self._audit.append({"src": msg.header.src, "dst": self.name, "kind": msg.header.kind,
+                                "detail": msg.header.detail, "step": msg.header.step,
+                                "mb": msg.header.mb, "header_bytes": len(raw),
+                                # what arrived, on the wire or through shared memory
+                                "payload_bytes": msg.payload_bytes,
+                                "payload": np.array(msg.payload)})
+        if msg.header.src != src:
+            raise msg.header.error(f"expected a message from {src}", self.name)
+        return msg
+
+    def _aliases_state(self, t: torch.Tensor) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        m = self.stage.module
+        return any(p.untyped_storage().data_ptr() == ptr
+                   for p in itertools.chain(m.parameters(), m.buffers()))
+
+    def _send(self, kind, tensor, dst, step, mb, detail, *, meta=None, receivers=None) -> Message:
+        pbytes = tensor.numel() * tensor.element_size() if self._aliases_state(tensor) else 0
+        msg = Message.make(kind, tensor, src=self.name, dst=dst, step=step, mb=mb, run=self.run_id,
+                           detail=detail, meta=meta)
+        msg = self._maybe_fault(msg)
+        for r in receivers or [dst]:
+            self._ledger.record(self.name, r, msg.header.kind, msg.header_bytes, msg.payload_bytes,
+                                parameter_bytes=pbytes)
+        return msg
+
+    def _send_control(self, op, dst, step, args) -> bytes:
+        raw = Control(op, src=self.name, dst=dst, step=step, run=self.run_id, args=args).encode()
+        self._ledger.record(self.name, dst, CONTROL, len(raw), 0)
+        return raw
+
+    def _activations(self, wire, detail=None, at=None) -> list[Message]:
+        """The input activations, validated; `at` (step, mb): the micro-batch the
+        schedule says comes next, which every one of them must be."""
+        step, mb = at if at is not None else (None, None)
+        k = len(self.inputs)
+        if len(wire) < 2 * k:
+            raise MessageError(f"{self.name} expects {k} activation(s), got {len(wire) // 2}",
+                               "?", self.name, ACTIVATION)
+        ch = self.ch.get("act_in") if self._ch_on and detail is None else None
+        if ch is not None:  # a chain: one input, from the stage below (never lost)
+            state, msg = self._receive_coded(ch, wire[0], wire[1], ACTIVATION,
+                                             (None, *self.in_shapes[0]), self.dtype,
+                                             src=self.inputs[0], detail="train", step=step,
+                                             mb=mb)
+            if state != DATA:
+                raise MessageError("an activation went missing (activations have no delay "
+                                   "or drop)", self.inputs[0], self.name, ACTIVATION)
+            msgs = [msg]
+        else:
+            msgs = [self._receive(wire[2 * i], wire[2 * i + 1], ACTIVATION,
+                                  (None, *self.in_shapes[i]), self.dtype, src=self.inputs[i],
+                                  detail=detail, step=step, mb=mb) for i in range(k)]
+        h0 = msgs[0].header
+        for m in msgs[1:]:
+            if (m.header.step, m.header.mb) != (h0.step, h0.mb):
+                raise m.header.error(f"step {m.header.step} micro-batch {m.header.mb} merged "
+                                     f"with step {h0.step} micro-batch {h0.mb}", self.name)
+            if m.payload.shape[0] != msgs[0].payload.shape[0]:
+                raise m.header.error("batch size differs between the merged inputs", self.name)
+        return msgs
+
+    def _send_up(self, y, step, mb, detail):
+        ch = self.ch.get("act_out") if self._ch_on and detail == "train" else None
+        if ch is not None:
+            return self._send_coded(ACTIVATION, y, ch, self.receivers[0], step, mb, detail).wire()
+        return self._send(ACTIVATION, y, ",".join(self.receivers), step, mb, detail,
+                          receivers=self.receivers).wire()
+
+
+    def ledger(self, clear: bool = False) -> dict:
+        d = self._ledger.to_dict()
+        if clear:
+            self._ledger.clear()
+        return d
+
+    def audit_log(self, clear: bool = True) -> list[dict]:
+        out = list(self._audit)
+        if clear:
+            self._audit.clear()
+        return out
+    # ------------------------------------------------------------------ fault injection
+    def inject_fault(self, kind: str, mode: str, step: int | None = None,
+                     mb: int | None = None) -> None:
+        """Test hook: corrupt this worker's next outgoing `kind` message (at `step`/`mb`
+        when given).  mode: nan | inf | shape | dtype | kind | silent (never sent)."""
+        if mode not in ("nan", "inf", "shape", "dtype", "kind", "silent"):
+            raise ValueError(f"unknown fault mode {mode!r}")
+        self._fault = {"kind": kind, "mode": mode, "step": step, "mb": mb}
+
+    def _maybe_fault(self, msg: Message) -> Message:
+        f, h = self._fault, msg.header
+        if (f is None or f["kind"] != h.kind or f["step"] not in (None, h.step)
+                or f["mb"] not in (None, h.mb)):
+            return msg
+        self._fault = None
+        if f["mode"] == "silent":
+            self._fault_silent = True  # the interpreter drops it (interpreter._ship)
+            return msg
+        arr, kind = msg.payload, h.kind
+        if f["mode"] in ("nan", "inf"):
+            arr = arr.copy()
+            arr.flat[0] = np.nan if f["mode"] == "nan" else np.inf
+        elif f["mode"] == "shape":
+            arr = np.ascontiguousarray(arr[..., :-1]) if arr.shape[-1] > 1 else arr[..., None]
+        elif f["mode"] == "dtype":
+            arr = arr.astype(np.float64)
+        else:
+            kind = ERROR if kind == ACTIVATION else ACTIVATION
+        bad = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=arr.dtype.name,
+                     shape=tuple(arr.shape), run=h.run, detail=h.detail, meta=h.meta)
+        return Message(bad, arr, bad.encode())

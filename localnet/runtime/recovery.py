@@ -1,0 +1,133 @@
+"""Recovery, a part of the coordinator (`RayExecutor`, ray_executor.py): an actor that
+died is recreated in its placement-group bundle, every actor reloads the last
+checkpoint, and the steps since then are retrained on the very batches they had, so the
+run ends where an uninterrupted one would (exactly once).
+"""
+
+from __future__ import annotations
+
+import time
+
+from .worker import StageWorker, stage_name
+
+
+class RecoveryMixin:
+    """Mixed into `RayExecutor`: workers, timeout, cfg, _placer, _specs, _ckpt,
+    _ckpt_step, _replay and the rest come from it."""
+
+    def _dead(self) -> list[int]:
+        """Indices of actors that are gone (RayActorError on a ping)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        dead = []
+        refs = [w.ping.remote() for w in self.workers]
+        for i, r in enumerate(refs):
+            try:
+                ray.get(r, timeout=self.timeout)
+            except RayActorError:
+                dead.append(i)
+            except GetTimeoutError:
+                raise TimeoutError(f"{stage_name(i)} does not answer a ping within "
+                                   f"{self.timeout}s") from None
+        return dead
+
+    def _revive(self, err: BaseException) -> bool:
+        """After a failed call: if actors died, recreate them, rebuild the plane and roll
+        every actor back to the last checkpoint (or to the start); True when the call
+        may be retried."""
+        if self.local or not self.workers:
+            return False
+        dead = self._dead()
+        if not dead:
+            return False
+        if len(self.recoveries) >= self.cfg.runtime.max_recoveries:
+            raise RuntimeError(f"actors {[stage_name(i) for i in dead]} died; already "
+                               f"recovered {len(self.recoveries)} times "
+                               f"(runtime.max_recoveries)") from err
+        import ray
+
+        t0 = time.perf_counter()
+        self._outstanding = []
+        lost = sorted(dead)
+        for attempt in range(6):
+            for i in dead:
+                try:
+                    ray.kill(self.workers[i])
+                except Exception:  # noqa: BLE001
+                    pass
+                self.workers[i] = self._placer.spawn_one(StageWorker, i)
+                self._owned.add(i)
+            try:
+                self._get([self.workers[i].setup.remote(self._specs[i]) for i in dead],
+                          "recovery setup")
+                break
+            except RuntimeError:
+                # a lost node: until Ray has marked it dead and moved its placement-group
+                # bundles, a replacement may be placed there and die too -- try again
+                if attempt == 5:
+                    raise
+                time.sleep(2 ** attempt)
+                dead = self._dead()
+                lost = sorted(set(lost) | set(dead))
+        self._new_streams()
+        self._mb.clear()
+        if self._ckpt is not None:
+            self._get([w.load_checkpoint.remote(str(self._ckpt)) for w in self.workers],
+                      "recovery")
+            restored = self._ckpt_step
+        else:  # no checkpoint yet: every actor back to its initial state
+            alive = [i for i in range(self.num_stages) if i not in lost]
+            self._get([self.workers[i].setup.remote(self._specs[i]) for i in alive],
+                      "recovery setup")
+            if self._pre_mirror:
+                self._broadcast("mirror", n=self._pre_mirror)
+            restored = 0
+        self._open_plane()
+        self.stage_info = self._get([w.info.remote() for w in self.workers], "info")
+        # exactly once: retrain the steps since the checkpoint on the very batches, lr
+        # and wd they had; every actor's weights, optimizer state and RNG streams are
+        # the checkpoint's, so each step computes what it computed the first time (under
+        # async too: the checkpoint drained the stream, and the replay refills it as the
+        # run did after the checkpoint)
+        replayed = 0
+        for x, y, step, lr, wd in self._replay.batches():
+            self._train(x, y, step, lr, wd)
+            replayed += 1
+        self.recoveries.append({
+            "at_step": self._step, "dead": [stage_name(i) for i in lost],
+            "restored_step": restored, "replayed_steps": replayed,
+            "lost_steps": max(self._step - 1 - restored - replayed, 0),
+            "checkpoint": str(self._ckpt) if self._ckpt else None,
+            "error": f"{type(err).__name__}: {err}"[:300],
+            "seconds": time.perf_counter() - t0})
+        return True
+
+
+class Replay:
+    """The batches trained since the last checkpoint, with their step, lr and wd, so a
+    recovery can retrain them.  Past `limit_bytes` it gives up (`batches()` is then
+    empty and a recovery loses those steps, as its record says) rather than hold an
+    unbounded share of the driver's memory; the next checkpoint starts it afresh."""
+
+    def __init__(self, limit_bytes: int = 1 << 30):
+        self.limit = limit_bytes
+        self.clear()
+
+    def clear(self) -> None:
+        self._items: list | None = []
+        self._bytes = 0
+
+    def remember(self, x, y, step: int, lr: float, wd: float) -> None:
+        if self._items is None:
+            return
+        self._bytes += x.nbytes + y.nbytes
+        if self._bytes > self.limit:
+            self._items = None
+            return
+        self._items.append((x, y, step, lr, wd))
+
+    def batches(self) -> list:
+        return list(self._items or [])
+
+

@@ -1,0 +1,152 @@
+"""`StageState`: what a stage actor holds beyond one batch, a part of `StageWorker`
+(worker.py): its state and checkpoint file, BP-angle probes, and its timings.
+
+An actor writes and reads its own checkpoint file; only a small receipt goes back to the
+coordinator, so weights never cross the wire, not even to be saved.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from ..files import load_state, save_state
+from ..layers import restore_rules, set_rule
+from ..rules import make_rule
+
+
+def _cpu(obj):
+    """A copy of a (nested) state with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+class StageState:
+    """Mixed into `StageWorker`, whose setup provides stage, name, kind, units,
+    node_name, unit_ids, device, ch, ch_dfa, broadcast_error and _timer."""
+
+    # ------------------------------------------------------------------ BP-angle probe
+    def probe_begin(self) -> None:
+        """Save BatchNorm statistics and zero gradients before extra measuring passes."""
+        self._probe = {"bn": {k: v.clone() for k, v in self.stage.module.state_dict().items()
+                              if "running" in k or "num_batches" in k},
+                       "broadcast": self.broadcast_error, "rules": None}
+        self.stage.zero_grad()
+
+    def probe_rule(self, name: str | None) -> None:
+        """Switch every layer to rule `name` (None: back to the configured rule)."""
+        if self._probe["rules"] is not None:
+            restore_rules(self.stage.module, self._probe["rules"])
+            self._probe["rules"] = None
+        if name is not None:
+            rule = make_rule(name)
+            self._probe["rules"] = set_rule(self.stage.module, rule)
+            self.broadcast_error = not rule.sends_error
+        else:
+            self.broadcast_error = self._probe["broadcast"]
+
+    def weight_grads(self, zero: bool = True) -> dict:
+        g = {k: v.cpu() for k, v in self.stage.weight_grads().items()}
+        if zero:
+            self.stage.zero_grad()
+        return g
+
+    def probe_end(self) -> None:
+        if self._probe is None:
+            return
+        self.probe_rule(None)
+        self.stage.zero_grad()
+        self.stage.module.load_state_dict(self._probe["bn"], strict=False)
+        self.stage.drop_snapshot()
+        self._probe = None
+
+    # ------------------------------------------------------------------ metrics and state
+    def alignment(self) -> dict:
+        return self.stage.alignment()
+
+    def _member(self) -> dict:
+        if self.kind == "units":
+            return {"units": list(self.units)}
+        return {"node": self.node_name}
+
+    def state_dict(self) -> dict:
+        """This stage's own state: weights, feedback weights (layer buffers/parameters,
+        with each layer's RNG), optimizer state, step count and the actor's torch RNG --
+        on the CPU, whatever device the stage computes on."""
+        st = {**self.stage.state_dict(), "rng": torch.get_rng_state(), **self._member()}
+        if self.ch or self.ch_dfa:  # communication restrictions: each link's state
+            st["channels"] = {"links": {k: c.state_dict() for k, c in self.ch.items()},
+                              "dfa": [c.state_dict() for c in self.ch_dfa]}
+        if self.device.type == "cuda":
+            st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return _cpu(st)
+
+    def load_state_dict(self, state: dict) -> None:
+        if "units" in state and (self.kind != "units" or tuple(state["units"]) != self.units):
+            raise ValueError(f"{self.name}: checkpoint holds units {state['units']}, this "
+                             f"stage runs {self._member()} (different runtime.partition?)")
+        if "node" in state and state["node"] != self.node_name:
+            raise ValueError(f"{self.name}: checkpoint holds layer {state['node']!r}, this "
+                             f"stage runs {self._member()} (different runtime.partition?)")
+        self.stage.load_state_dict(state)
+        if "channels" in state:
+            for k, c in self.ch.items():
+                c.load_state_dict(state["channels"]["links"][k])
+            for c, s in zip(self.ch_dfa, state["channels"]["dfa"]):
+                c.load_state_dict(s)
+        if "rng" in state:
+            torch.set_rng_state(state["rng"].cpu() if hasattr(state["rng"], "cpu") else state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+
+    def save_checkpoint(self, directory: str) -> dict:
+        """Write this actor's state to <directory>/<name>.pt itself (atomically); nothing
+        but this small receipt goes back to the driver."""
+        if self._inflight and not (self._ch_on and self._order):
+            raise RuntimeError(f"{self.name}: checkpoint with micro-batches "
+                               f"{sorted(self._inflight)} in flight")
+        # (forwards still waiting for a delayed error are not checkpointed: like the
+        # channels' queues, a resumed run starts without them)
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{self.name}.pt"
+        save_state(self.state_dict(), path)
+        return {"actor": self.name, "file": path.name, "bytes": path.stat().st_size,
+                "steps": self.stage.steps, **self._member(), "host": socket.gethostname(),
+                "pid": os.getpid()}
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Drop in-flight work and load <directory>/<name>.pt; returns the stage's steps."""
+        path = Path(directory) / f"{self.name}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{self.name}: no checkpoint file {path} (is the run "
+                                    f"directory on a filesystem every node shares?)")
+        # on the CPU: layer RNG states must stay CPU tensors; load_state_dict copies the
+        # weights (and the optimizer its state) onto this actor's device
+        state = load_state(path, f"{self.name}'s checkpoint")
+        self.reset()
+        self.load_state_dict(state)
+        return self.stage.steps
+
+    def unit_state(self) -> dict:
+        """This stage's slice of the model state dict, keyed as in the full model
+        ("units.<i>.<...>"), on the CPU."""
+        out = {}
+        for k, v in self.stage.module.state_dict().items():
+            i, _, rest = k.partition(".")
+            out[f"units.{self.unit_ids[int(i)]}.{rest}"] = v.cpu() if hasattr(v, "cpu") else v
+        return out
+
+    # -- observability (localnet/metrics.py) --
+    def timings(self, clear: bool = True) -> dict:
+        """Seconds per forward / backward / update call since the last call, training
+        samples forwarded, and torch's GPU memory in use (None without CUDA)."""
+        return self._timer.take(clear)
