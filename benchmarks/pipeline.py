@@ -72,7 +72,7 @@ from localnet.engine import InProcessExecutor  # noqa: E402
 from localnet.runtime.cost import measure_costs  # noqa: E402
 from localnet.runtime.messages import Message, validate  # noqa: E402
 from localnet.runtime.partition import balanced_boundaries  # noqa: E402
-from localnet.runtime.schedule import make_schedule, simulate  # noqa: E402
+from localnet.schedules import make_schedule, simulate  # noqa: E402
 
 SHAPE, NC = (3, 32, 32), 10
 TARGETS = {"sim_error_max": 0.15, "framing_overhead_1mb": 0.05,

@@ -276,7 +276,7 @@ def projection(batch: int, M: int, hop_s: float, sizes=(1, 2, 4, 8, 16, 32, 64))
     64 actors means one layer each), 1f1b, at M and at 4x M micro-batches of the same
     size (a larger batch)."""
     from localnet.builders import build_rule_and_model
-    from localnet.runtime.schedule import make_schedule, simulate
+    from localnet.schedules import make_schedule, simulate
 
     cfg = cfg_for("resnet56", "per_layer", batch, M)
     _, model = build_rule_and_model(cfg, SHAPE, NC)

@@ -4,9 +4,9 @@ glibc's malloc serves blocks above M_MMAP_THRESHOLD (128 KiB to start) with a fr
 mmap and unmaps them on free, and trims the heap top back to the OS above
 M_TRIM_THRESHOLD.  A training step frees and reallocates the same activation-sized
 buffers (a ResNet-20 conv output at batch 128 is 8 MiB) every step.  So every step pays
-page faults to zero those pages again.  On the 2-core box that is 10-20% of a CPU
-step, more for rules that allocate a little more (PFA's W_eff).  `benchmarks/RESULTS.md`,
-rule_cost, has the numbers.
+page faults to zero those pages again: a sizeable share of a CPU step, more for rules
+that allocate a little more (PFA's W_eff).  `benchmarks/RESULTS.md`, rule_cost, has the
+numbers.
 
 `keep_freed_memory()` raises both thresholds with mallopt.  Freed blocks then stay in
 the process for reuse, and its footprint stays at its peak.  Called by `localnet.train`

@@ -32,5 +32,4 @@ def optim_config(cfg: Config) -> OptimConfig:
     t = cfg.train
     return OptimConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                        nesterov=t.nesterov, batch_manhattan=cfg.rule.batch_manhattan,
-                       norm_constraint=cfg.rule.norm_constraint,
-                       mirror_every=cfg.rule.mirror.every)
+                       norm_constraint=cfg.rule.norm_constraint)

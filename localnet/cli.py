@@ -159,7 +159,7 @@ def parser() -> argparse.ArgumentParser:
                     help="the actors share this many cores (default: one core each)")
     si.add_argument("--hop-cost", type=float, default=0.0, metavar="S",
                     help="seconds of CPU per message between actors on the data plane "
-                         "(benchmarks/dataplane.py; gloo on 2 cores: about 1e-4 at 64 KiB)")
+                         "(benchmarks/dataplane.py measures it)")
     si.add_argument("--call-cost", type=float, default=0.0, metavar="S",
                     help="seconds of CPU per coordinator call (one per actor per batch)")
     si.add_argument("--input-shape", metavar="C,H,W", help="skip loading data: the input shape")

@@ -12,7 +12,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RuleName = Literal["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "pfa"]
 ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                     "resnet18", "resnet34", "resnet50"]
 DataName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic"]
@@ -22,41 +21,40 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class MirrorConfig(Section):
-    """Weight-mirror steps (rule `wm`)."""
-
-    sigma: float = Field(1.0, gt=0, description="std of the noise driven into each layer")
-    lr: float = Field(0.01, gt=0, description="eta_m")
-    decay: float | None = Field(None, ge=0, lt=1, description="lambda_m; default lr*sigma^2 (fixed point B = W)")
-    batch: int = Field(16, ge=1, description="noise samples per mirror step")
-    warmup_steps: int = Field(100, ge=0, description="mirror steps before training")
-    every: int = Field(1, ge=1, description="one mirror step every N training steps")
+def _plugin_options(section: Section, registry, name: str, name_key: str, prefix: str):
+    """A section that names a plugin (rule, codec) and holds that plugin's options beside
+    the name: the name checked against the registry, the other keys against the plugin's
+    `Options` model, and every option kept explicit, defaults included (a run's
+    config.yaml then shows what it ran with)."""
+    if name not in registry:
+        raise ValueError(f"{name_key}: unknown {registry.kind} {name!r}; choose one of "
+                         f"{', '.join(registry.names())}")
+    opts = registry.options(name, section.__pydantic_extra__, prefix)
+    object.__setattr__(section, "__pydantic_extra__", opts.model_dump())
+    return section
 
 
 class RuleConfig(Section):
-    name: RuleName = "bp"
-    r: int = Field(10, ge=1, description="PFA expansion ratio")
-    ortho: bool = Field(False, description="PFA-o: square orthogonal B_p")
-    pfa_mode: Literal["auto", "fused", "factored"] = Field(
-        "auto", description="PFA association: fused W_eff = B_p R, or factored (delta B_p) R")
+    """The learning rule: its `name`, and beside it that rule's own options -- the
+    `Options` model in its file under localnet/rules/ (pfa: r, ortho, mode; fa, kp:
+    feedback_gain; wm: feedback_gain, mirror.*) -- plus the update modifiers every rule
+    shares.  A key the chosen rule does not declare is an error naming it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = "bp"
     batch_manhattan: bool = Field(False, description="update with the sign of the gradient (Moskovitz et al. 2018)")
     norm_constraint: bool = Field(False, description="keep each forward weight's norm at most its initial norm")
-    feedback_gain: float = Field(1.0, gt=0, description="fa, kp, wm: B is Xavier-uniform "
-                                 "times this gain (the scale of the errors sent down)")
-    mirror: MirrorConfig = MirrorConfig()
+
+    @model_validator(mode="after")
+    def _rule_options(self):
+        from .rules import RULES  # the registry: every rule file, discovered
+
+        return _plugin_options(self, RULES, self.name, "rule.name", "rule")
 
     def options(self) -> dict:
-        """Constructor options for the chosen rule class."""
-        gain = {"gain": self.feedback_gain} if self.feedback_gain != 1.0 else {}
-        if self.name == "pfa":
-            return {"r": self.r, "ortho": self.ortho, "mode": self.pfa_mode}
-        if self.name == "wm":
-            m = self.mirror
-            return {"sigma": m.sigma, "lr": m.lr, "decay": m.decay, "batch": m.batch,
-                    "warmup_steps": m.warmup_steps, **gain}
-        if self.name in ("fa", "kp"):
-            return gain
-        return {}
+        """The chosen rule's options, checked: what its constructor takes."""
+        return dict(self.__pydantic_extra__ or {})
 
 
 class ModelConfig(Section):
@@ -196,10 +194,11 @@ class RuntimeConfig(Section):
     the Ray runtime's stage workers and schedules in this process, without Ray (debugging)."""
 
     executor: Literal["inprocess", "ray", "local"] = "inprocess"
-    schedule: Literal["gpipe", "1f1b", "async"] = Field(
-        "gpipe", description="pipeline schedule (ray): gpipe / 1f1b (one update per batch, "
-                             "the in-process maths) or async (an update per micro-batch, "
-                             "no flush; stale by at most the pipeline depth)")
+    schedule: str = Field(
+        "gpipe", description="pipeline schedule (ray), one of localnet/schedules: gpipe / "
+                             "1f1b (one update per batch, the in-process maths) or async "
+                             "(an update per micro-batch, no flush; stale by at most the "
+                             "pipeline depth)")
     partition: Literal["per_unit", "per_layer"] | PartitionStages | list[int] | list[list[str | int]] = Field(
         "per_unit", description="per_unit (one actor per unit), per_layer (one actor per layer; "
                                 "skip connections become edges), {stages: N, balance: "
@@ -215,9 +214,9 @@ class RuntimeConfig(Section):
     local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
     actor_baseline_mb: float = Field(
         400.0, ge=0, description="an actor process's own memory before its share of the "
-                                 "model: Ray's worker, import torch (about 312 MB "
-                                 "together) and the runtime's own (the data plane, the "
-                                 "model build); benchmarks/scaling.py measures both")
+                                 "model: Ray's worker, import torch and the runtime's own "
+                                 "(the data plane, the model build); "
+                                 "benchmarks/scaling.py measures it")
     memory_preflight: bool = Field(True, description="refuse, before any actor starts, a "
                                                      "partition whose estimated memory "
                                                      "exceeds the Ray nodes' (runtime/memory.py)")
@@ -233,6 +232,11 @@ class RuntimeConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        from .schedules import SCHEDULES  # the registry: every schedule file
+
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"runtime.schedule: unknown schedule {self.schedule!r}; choose "
+                             f"one of {', '.join(SCHEDULES.names())}")
         p = self.partition
         if isinstance(p, list) and p and all(isinstance(b, int) for b in p):
             if p != sorted(set(p)):
@@ -245,21 +249,24 @@ class RuntimeConfig(Section):
         return self
 
 
-CodecName = Literal["fp32", "fp16", "bf16", "int8", "topk", "sign", "lowrank"]
-
-
 class LinkConfig(Section):
-    """One direction of the messages between stages: a codec and its faults."""
+    """One direction of the messages between stages: a codec, with that codec's own
+    options beside it -- the `Options` of its class in localnet/channels/codecs.py (topk:
+    k, error_feedback; int8: per_channel, stochastic; lowrank: q) -- and its faults."""
 
-    codec: CodecName = "fp32"
-    k: float = Field(0.1, gt=0, le=1, description="topk: fraction of entries sent")
-    error_feedback: bool = Field(False, description="topk: the sender re-sends what it left out")
-    q: int = Field(8, ge=1, description="lowrank: rank of the seeded random projection")
-    per_channel: bool = Field(False, description="int8: one scale per channel (dim 1)")
-    stochastic: bool = Field(True, description="int8: stochastic (unbiased) rounding")
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    codec: str = "fp32"
     delay: int = Field(0, ge=0, description="messages arrive this many steps late")
     drop: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
     bandwidth: float | None = Field(None, gt=0, description="bytes/s cap (accounted)")
+
+    @model_validator(mode="after")
+    def _codec_options(self):
+        from .channels.codecs import CODECS  # the registry: every codec class
+
+        # keys relative to the link: _keyed puts channel.<kind> in front
+        return _plugin_options(self, CODECS, self.codec, "codec", "")
 
 
 class EdgeChannelConfig(Section):
@@ -284,14 +291,16 @@ class ChannelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        from .channels.channel import merge_link
+
         for key, over in self.edges.items():
             for kind in ("activation", "error"):
                 try:
-                    LinkConfig(**{**getattr(self, kind).model_dump(), **getattr(over, kind)})
+                    LinkConfig(**merge_link(getattr(self, kind).model_dump(), getattr(over, kind)))
                 except ValidationError as err:
-                    bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-                    raise ValueError(f"channel.edges.{key}.{kind}: {bad}") from None
-            link = {**self.activation.model_dump(), **over.activation}
+                    raise ValueError("\n  ".join(
+                        _keyed(f"channel.edges.{key}.{kind}", e) for e in err.errors())) from None
+            link = merge_link(self.activation.model_dump(), over.activation)
             if link["delay"] or link["drop"]:
                 raise ValueError(f"channel.edges.{key}.activation: delay/drop on "
                                  "activations are not modelled (use codecs/bandwidth)")
@@ -331,19 +340,23 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names every offending key."""
 
 
+def _keyed(where: str, e: dict) -> str:
+    """One pydantic error as `section.key: message`.  A section's own check (a
+    model_validator) names its keys itself: in full (`rule.r: ...`), or relative to its
+    section (`k: ...`, a link's codec option), which gets the section's path in front."""
+    key = ".".join([where] * bool(where) + [str(p) for p in e["loc"]]) or "<root>"
+    if e["type"] == "value_error" and isinstance(e.get("input"), (dict, BaseModel)):
+        lines = e["msg"].removeprefix("Value error, ").split("\n  ")
+        return "\n  ".join(ln if ln.startswith(key) or key == "<root>" else f"{key}.{ln}"
+                            for ln in lines)
+    msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
+        msg += f" (got {e['input']!r})"
+    return f"{key}: {msg}"
+
+
 def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        if e["type"] == "value_error" and isinstance(e.get("input"), dict):
-            # a section's own check: its message names the key; the section is noise
-            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
-            continue
-        if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
-            msg += f" (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
-    return "invalid config:\n" + "\n".join(lines)
+    return "invalid config:\n" + "\n".join(f"  {_keyed('', e)}" for e in err.errors())
 
 
 def parse_override(item: str) -> tuple[list[str], object]:

@@ -3,7 +3,7 @@ Datasets for localnet: MNIST, Fashion-MNIST, CIFAR-10, generic image folders, an
 synthetic problem for tests.
 
 Small datasets live in memory as one tensor each and are fetched a whole batch at a
-time (Dataset.__getitems__): an MNIST MLP step takes ~2 ms, so per-sample fetching
+time (Dataset.__getitems__): an MNIST MLP step is so short that per-sample fetching
 plus collation would dominate the run. Shuffling and augmentation are drawn from a
 generator seeded by (seed, epoch), so a run is reproducible and a resumed run sees
 the same batches as an uninterrupted one.

@@ -67,7 +67,7 @@ class InProcessExecutor:
         self.channels = None
         if channels is not None:  # a ChannelConfig: localnet/channels
             from .channels.channel import ChannelSet, error_delays
-            dfa = any(not layer.rule.sends_error for _, layer in local_layers(model))
+            dfa = any(layer.rule.broadcast_output_error for _, layer in local_layers(model))
             self.channels = ChannelSet(channels, names, cuts, dfa=dfa, seed=channel_seed,
                                        slots_per_step=micro_batches)
             if error_delays(channels):

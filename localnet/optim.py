@@ -2,10 +2,9 @@
 
 torch.optim marks its methods as not to be compiled, lazily: the first call of
 `Optimizer.zero_grad`, `state_dict`, ... and every `step` imports torch._dynamo to do so.
-localnet never compiles, and on the 2-core box that import cost a Ray actor 1.8 s of CPU
-and 149 MB of private memory (`python benchmarks/scaling.py --baseline`) -- multiplied by
-every actor of a per-layer run, much of what an actor held above the process floor, and
-of the runtime's start-up.
+localnet never compiles, and that import costs every Ray actor seconds of CPU and
+a large share of its private memory (`python benchmarks/scaling.py --baseline` measures
+both; RESULTS.md has the figures) -- multiplied by every actor of a per-layer run.
 
 `SGD` is torch.optim.SGD with the same update (the same code runs), minus that import:
 the optimizer's methods are marked "not compiled" up front, and `step` calls the

@@ -56,7 +56,6 @@ class OptimConfig:
     nesterov: bool = False
     batch_manhattan: bool = False
     norm_constraint: bool = False
-    mirror_every: int = 1
 
 
 class Stage:
@@ -126,8 +125,9 @@ class Stage:
             for _, layer in self.layers:
                 layer.rule.after_step(layer)
         self.steps += 1
-        if self.steps % self.optim.mirror_every == 0:
-            self.mirror_steps(1)
+        for _, layer in self.layers:  # a no-op but for rules that mirror (wm)
+            if self.steps % layer.rule.mirror_every == 0:
+                layer.rule.mirror_step(layer)
 
     def mirror_steps(self, n: int) -> None:
         for _ in range(n):

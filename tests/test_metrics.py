@@ -158,20 +158,43 @@ def test_every_metric_is_documented_with_its_type_and_labels():
     assert set(rows) == {s.name for _, s in METRICS}
 
 
-def test_stage_timer_times_forward_backward_and_step():
+class _Sleepy(torch.nn.Module):
+    """A linear layer whose forward also sleeps a known time (wall clock, no CPU)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.lin, self.seconds = torch.nn.Linear(4, 3), seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.lin(x)
+
+
+def test_stage_timer_records_each_calls_wall_and_cpu_time_and_changes_nothing():
     torch.manual_seed(0)
-    stage = Stage([torch.nn.Linear(4, 3)], OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0),
-                  first=True)
+    opt = OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0)
+    timed, plain = _Sleepy(0.05), _Sleepy(0.0)
+    plain.load_state_dict(timed.state_dict())
+    stage, ref = Stage([timed], opt, first=True), Stage([plain], opt, first=True)
     timer = StageTimer(stage)
-    for mb in range(2):
-        y = stage.forward(torch.randn(5, 4), mb)
+    for mb, n in enumerate((5, 3)):
+        x = torch.randn(n, 4)
+        y, y_ref = stage.forward(x, mb), ref.forward(x, mb)
+        assert torch.equal(y, y_ref)  # the wrapped call returns what the stage computes
         stage.backward(torch.ones_like(y), mb)
+        ref.backward(torch.ones_like(y_ref), mb)
     stage.step(0.1, 0.0)
+    ref.step(0.1, 0.0)
+    assert torch.equal(timed.lin.weight, plain.lin.weight)
     got = timer.take()
     assert [len(got[k]) for k in ("forward", "backward", "update")] == [2, 2, 1]
-    assert got["samples"] == 10 and all(t >= 0 for t in got["forward"])
+    # the forward slept 0.05 s: that is wall time, and no CPU time
+    assert all(0.05 <= t < 5.0 for t in got["forward"])
+    assert all(c < t - 0.04 for c, t in zip(got["forward_cpu"], got["forward"]))
+    assert got["samples"] == 5 + 3
     assert got["gpu_memory_bytes"] is None or got["gpu_memory_bytes"] >= 0
-    assert timer.take()["samples"] == 0 and stage.steps == 1
+    again = timer.take()  # take() clears what it returned
+    assert again["samples"] == 0 and again["forward"] == [] and stage.steps == 1
 
 
 # ------------------------------------------------------------------ a run, scraped

@@ -360,7 +360,7 @@ def test_kp_difference_decays_geometrically(geom, momentum):
     dict(kind="conv", c_in=3, c_out=4, k=3, stride=1, padding=2, dilation=2, groups=1),
 ], ids=["linear", "conv_s2_g2", "conv_dil2"])
 def test_wm_mirror_steps_align_b_with_w(geom_kw):
-    rule = make_rule("wm", sigma=1.0, lr=0.05, batch=128)
+    rule = make_rule("wm", mirror={"sigma": 1.0, "lr": 0.05, "batch": 128})
     assert rule.decay == pytest.approx(0.05)  # default lambda_m = eta_m * sigma^2
     g = geom_kw
     if g["kind"] == "linear":
@@ -422,8 +422,8 @@ def test_wm_warmup_runs_on_a_fresh_start_and_other_rules_do_nothing():
 def test_wm_mirror_estimate_is_sigma_squared_w(kind):
     """One step with decay 1 and lr 1 sets B to the estimate of E[y x^T] = sigma^2 W."""
     sigma = 0.5
-    rule = make_rule("wm", sigma=sigma, lr=1.0, decay=1.0,
-                     batch=40000 if kind == "linear" else 4000)
+    rule = make_rule("wm", mirror={"sigma": sigma, "lr": 1.0, "decay": 1.0,
+                                   "batch": 40000 if kind == "linear" else 4000})
     if kind == "linear":
         layer = LocalLinear(6, 4, rule=rule, seed=13).to(DT)
     else:
@@ -469,7 +469,6 @@ def test_pfa_conv_error_is_two_transposed_convs(geom):
     two_step = torch.nn.grad.conv2d_input(x.shape, r.detach(), d, g["stride"], g["padding"],
                                           g["dilation"], g["groups"])
     close(gx, two_step)
-    torch.testing.assert_close(gx, two_step, rtol=1e-5, atol=1e-5)
     close(r.grad, (bp.t() @ gw.flatten(1)).reshape(r.shape))
 
 
@@ -490,7 +489,6 @@ def test_pfa_grouped_conv_matches_two_step():
     d = F.conv_transpose2d(delta, bp.reshape(c_out, 2 * c_out, 1, 1))
     two_step = torch.nn.grad.conv2d_input(x.shape, r.detach(), d, g["stride"], g["padding"],
                                           g["dilation"], g["groups"])
-    torch.testing.assert_close(gx, two_step, rtol=1e-5, atol=1e-5)
     close(gx, two_step)
     close(r.grad, (bp.t() @ gw.flatten(1)).reshape(r.shape))
 
@@ -838,17 +836,20 @@ def test_alignment_angle_matches_independent_formula():
 def test_unknown_rule_and_bad_options_rejected():
     with pytest.raises(ValueError, match="unknown rule"):
         make_rule("backprop")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"rule\.r: .*greater than or equal to 1"):
         make_rule("pfa", r=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"rule\.mode: "):
         make_rule("pfa", mode="sideways")
+    with pytest.raises(ValueError, match=r"rule\.r: unknown key \(the options of rule 'fa': "
+                                         r"feedback_gain\)"):
+        make_rule("fa", r=3)
 
 
 @pytest.mark.parametrize("rule", ["fa", "kp", "wm"])
 def test_feedback_gain_scales_the_random_b_and_so_the_error_sent_down(rule):
     # B is Xavier-uniform x gain: same draw (same layer seed), scaled; bound gain*sqrt(3)*std
     base = make_layer("linear", make_rule(rule), seed=4)
-    scaled = make_layer("linear", make_rule(rule, gain=0.5), seed=4)
+    scaled = make_layer("linear", make_rule(rule, feedback_gain=0.5), seed=4)
     b, b2 = base.feedback_weight.detach(), scaled.feedback_weight.detach()
     close(b2, 0.5 * b)
     assert b.abs().max() <= math.sqrt(3) * xavier_c(b.shape) + 1e-12
@@ -858,4 +859,4 @@ def test_feedback_gain_scales_the_random_b_and_so_the_error_sent_down(rule):
     _, gx2, _, _ = run_layer(scaled, x, delta)
     close(gx2, 0.5 * gx)
     from localnet.config import load_config
-    assert load_config(None, [f"rule.name={rule}", "rule.feedback_gain=0.5"]).rule.options()["gain"] == 0.5
+    assert load_config(None, [f"rule.name={rule}", "rule.feedback_gain=0.5"]).rule.options()["feedback_gain"] == 0.5

@@ -593,7 +593,7 @@ def test_simulate_config_per_layer_and_async():
 def test_cli_simulate_reports_a_deadlock(tmp_path, capsys, monkeypatch):
     from localnet.cli import main
     from localnet.runtime import plan
-    from localnet.runtime.schedule import STEP, B, F, Schedule
+    from localnet.schedules import STEP, B, F, Schedule
 
     p = tmp_path / "c.yaml"
     p.write_text("model: {name: mlp, widths: [16]}\nrule: {name: fa}\n"

@@ -1,9 +1,13 @@
 """Schedules as data and the dry-run simulator."""
 
+from functools import partial
+
 import pytest
 
-from localnet.runtime.schedule import (STEP, B, DeadlockError, F, Schedule, check_schedule, gpipe,
-                                       make_schedule, one_f_one_b, simulate)
+from localnet.schedules import (STEP, B, DeadlockError, F, Schedule, check_schedule,
+                                make_schedule, simulate)
+
+gpipe, one_f_one_b, async_ = (partial(make_schedule, n) for n in ("gpipe", "1f1b", "async"))
 
 SIZES = [(S, M) for S in (1, 2, 3, 4, 6) for M in (1, 2, 3, 4, 8)]
 
@@ -65,7 +69,7 @@ def test_feed_waits_for_the_last_stage_to_finish_the_batch_before():
     res = simulate(sched, 1.0, 1.0, step_cost=0.5, feed=2)
     ends = {(s, a): t1 for s, a, _, t1 in res.trace}
     starts = {(s, a): t0 for s, a, t0, _ in res.trace}
-    from localnet.runtime.schedule import STEP_MB
+    from localnet.schedules import STEP_MB
     assert starts[(0, F(2))] == pytest.approx(ends[(1, STEP_MB(1))])
 
 
@@ -110,8 +114,8 @@ def test_comm_cost_and_structure_checks():
 
 
 # ---------------------------------------------------------------------------- graphs, async
-from localnet.runtime.schedule import (STEP_MB, AsyncStream, async_, depths,  # noqa: E402
-                                       staleness, stream_staleness)
+from localnet.schedules import (STEP_MB, AsyncStream, depths, staleness,  # noqa: E402
+                                stream_staleness)
 
 # ResNet-8 per layer: stem, (conv1, merge) x 3, head; a merge reads conv1 and the skip
 RESNET8 = [[-1], [0], [1, 0], [2], [3, 2], [4], [5, 4], [6]]

@@ -148,14 +148,25 @@ class Channel:
         self.codec.reset()
 
 
+LINK_FAULTS = ("delay", "drop", "bandwidth")
+
+
+def merge_link(base: dict, over: dict) -> dict:
+    """A link's settings with an edge's overrides on top; an override that names another
+    codec drops the base codec's options (they are that codec's, not the new one's)."""
+    if "codec" in over and over["codec"] != base.get("codec"):
+        base = {k: v for k, v in base.items() if k in LINK_FAULTS}
+    return {**base, **over}
+
+
 def link_options(cfg, kind: str, src: str, dst: str, boundary: int | None = None) -> dict:
     """The settings of one link: channel.<kind>, then any channel.edges entry keyed by
-    the boundary index or by "src->dst" in either direction."""
+    the boundary index or by "src->dst" in either direction (checked by the config)."""
     base = getattr(cfg, kind).model_dump()
     for key, over in (cfg.edges or {}).items():
         k = str(key)
         if (boundary is not None and k == str(boundary)) or k in (f"{src}->{dst}", f"{dst}->{src}"):
-            base.update(getattr(over, kind))
+            base = merge_link(base, getattr(over, kind))
     return base
 
 
@@ -172,8 +183,8 @@ def make_channel(cfg, kind: str, src: str, dst: str, *, boundary: int | None = N
     the same config and seed, so they share the codec's seed (low-rank) and nothing else."""
     o = link_options(cfg, kind, src, dst, boundary)
     s = edge_seed(seed, kind, src, dst)
-    codec = make_codec(o["codec"], k=o["k"], error_feedback=o["error_feedback"], q=o["q"],
-                       per_channel=o["per_channel"], stochastic=o["stochastic"], seed=s % (2**31))
+    codec = make_codec(o["codec"], seed=s % (2**31),
+                       **{k: v for k, v in o.items() if k not in ("codec", *LINK_FAULTS)})
     return Channel(codec, src=src, dst=dst, kind=kind, delay=o["delay"], drop=o["drop"],
                    bandwidth=o["bandwidth"], enforce=cfg.enforce_bandwidth, seed=s,
                    slots_per_step=slots_per_step, ledger=ledger)

@@ -12,6 +12,10 @@ tensors' bytes plus the scalars the codec must send (scales, a projection counte
 Codecs may be stateful per edge (top-k's error-feedback residual, low-rank's message
 counter); make one instance per `Channel`.  No codec ever sees a weight: low-rank's
 projection is generated from a seed that sender and receiver share.
+
+A codec is one class here (or in any imported module): a `Codec` subclass with its `name`
+and its `Options` model registers itself in `CODECS`, and the config accepts its options
+beside `codec:` in a link (`channel.error: {codec: topk, k: 0.05}`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
+
+from ..registry import NoOptions, Registry
+
+CODECS = Registry("codec")
 
 
 @dataclass
@@ -39,7 +48,18 @@ class Encoded:
 
 
 class Codec:
-    name = "?"
+    name: str = ""
+    Options = NoOptions
+    # the codec draws from a seed that sender and receiver share (the link's), not from
+    # the channel's random stream
+    seeded: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        CODECS.add(cls)
+
+    def __init__(self, **options):
+        self.options = CODECS.options(self.name, options, "codec")
 
     def encode(self, x: torch.Tensor, rng: torch.Generator | None = None) -> Encoded:
         raise NotImplementedError
@@ -65,14 +85,25 @@ class Codec:
 class Cast(Codec):
     """fp32 / fp16 / bf16: the tensor itself, in that dtype (fp32: unchanged)."""
 
-    def __init__(self, dtype: torch.dtype, name: str):
-        self.dtype, self.name = dtype, name
+    dtype: torch.dtype = torch.float32
 
     def encode(self, x, rng=None):
         return self._enc(x, {"x": x.detach().to(self.dtype)})
 
     def decode(self, enc):
         return enc.payload["x"].to(enc.dtype)
+
+
+class Fp32(Cast):
+    name, dtype = "fp32", torch.float32
+
+
+class Fp16(Cast):
+    name, dtype = "fp16", torch.float16
+
+
+class Bf16(Cast):
+    name, dtype = "bf16", torch.bfloat16
 
 
 class Int8(Codec):
@@ -83,8 +114,13 @@ class Int8(Codec):
 
     name = "int8"
 
-    def __init__(self, per_channel: bool = False, stochastic: bool = True):
-        self.per_channel, self.stochastic = per_channel, stochastic
+    class Options(NoOptions):
+        per_channel: bool = Field(False, description="one scale per channel (dim 1)")
+        stochastic: bool = Field(True, description="stochastic (unbiased) rounding")
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.per_channel, self.stochastic = self.options.per_channel, self.options.stochastic
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         a = x.detach().abs().float()
@@ -126,10 +162,13 @@ class TopK(Codec):
 
     name = "topk"
 
-    def __init__(self, k: float = 0.1, error_feedback: bool = False):
-        if not 0 < k <= 1:
-            raise ValueError(f"topk: k must be in (0, 1], got {k}")
-        self.k, self.error_feedback = k, error_feedback
+    class Options(NoOptions):
+        k: float = Field(0.1, gt=0, le=1, description="fraction of entries sent")
+        error_feedback: bool = Field(False, description="the sender re-sends what it left out")
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.k, self.error_feedback = self.options.k, self.options.error_feedback
         self.residual: torch.Tensor | None = None
 
     def count(self, n: int) -> int:
@@ -203,11 +242,14 @@ class LowRank(Codec):
     message.  Bytes: batch·q·4 + 4."""
 
     name = "lowrank"
+    seeded = True
 
-    def __init__(self, q: int = 8, seed: int = 0):
-        if q < 1:
-            raise ValueError(f"lowrank: q must be >= 1, got {q}")
-        self.q, self.seed = q, seed
+    class Options(NoOptions):
+        q: int = Field(8, ge=1, description="rank of the seeded random projection")
+
+    def __init__(self, seed: int = 0, **options):
+        super().__init__(**options)
+        self.q, self.seed = self.options.q, seed
         self.counter = 0
 
     def projection(self, n: int, counter: int) -> torch.Tensor:
@@ -238,23 +280,8 @@ class LowRank(Codec):
         return {"counter": self.counter}
 
 
-CODECS = ("fp32", "fp16", "bf16", "int8", "topk", "sign", "lowrank")
-
-
-def make_codec(name: str, *, k: float = 0.1, error_feedback: bool = False, q: int = 8,
-               per_channel: bool = False, stochastic: bool = True, seed: int = 0) -> Codec:
-    if name == "fp32":
-        return Cast(torch.float32, "fp32")
-    if name == "fp16":
-        return Cast(torch.float16, "fp16")
-    if name == "bf16":
-        return Cast(torch.bfloat16, "bf16")
-    if name == "int8":
-        return Int8(per_channel=per_channel, stochastic=stochastic)
-    if name == "topk":
-        return TopK(k=k, error_feedback=error_feedback)
-    if name == "sign":
-        return Sign()
-    if name == "lowrank":
-        return LowRank(q=q, seed=seed)
-    raise ValueError(f"unknown codec {name!r}; known: {', '.join(CODECS)}")
+def make_codec(name: str, *, seed: int = 0, **options) -> Codec:
+    """The codec registered as `name`, its options checked against its `Options`; seed:
+    the link's, for a codec that draws from a seed its two ends share."""
+    cls = CODECS.get(name)
+    return cls(seed=seed, **options) if cls.seeded else cls(**options)

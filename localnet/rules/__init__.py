@@ -1,33 +1,21 @@
 """Local learning rules: one file per rule, pure torch, no Ray.
 
-`make_rule(name, **options)` builds one; `RULES` maps names to classes.
+Each file defines a `Rule` subclass with its `name`, its `Options` and its capabilities;
+defining it registers it in `RULES`, and this package imports every module in it, so a
+new rule is one new file.  `make_rule(name, **options)` builds one.
 """
 
-from .base import Rule
-from .bp import Backprop
-from .brsf import BatchRandomSignConcordant
-from .dfa import DirectFeedbackAlignment, output_error
-from .fa import FeedbackAlignment
-from .frsf import FixedRandomSignConcordant
-from .kp import KolenPollack
-from .pfa import ProductFeedbackAlignment
-from .usf import UniformSignConcordant
-from .wm import WeightMirror
+from ..registry import discover
+from .base import RULES, Rule
 
-RULES: dict[str, type[Rule]] = {
-    cls.name: cls
-    for cls in (Backprop, FeedbackAlignment, DirectFeedbackAlignment, UniformSignConcordant,
-                BatchRandomSignConcordant, FixedRandomSignConcordant, KolenPollack,
-                WeightMirror, ProductFeedbackAlignment)
-}
+discover(__name__, __path__)
+
+from .dfa import output_error  # noqa: E402 - after discovery, like every rule module
 
 
 def make_rule(name: str, **options) -> Rule:
-    try:
-        cls = RULES[name]
-    except KeyError:
-        raise ValueError(f"unknown rule {name!r}; choose one of {sorted(RULES)}") from None
-    return cls(**options)
+    """The rule registered as `name`, its options checked against its `Options` model."""
+    return RULES.get(name)(**options)
 
 
 __all__ = ["RULES", "Rule", "make_rule", "output_error"]

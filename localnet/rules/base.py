@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from ..registry import NoOptions, Registry
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -84,7 +87,7 @@ class LocalOp(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, *feedback = ctx.saved_tensors
         rule, geo = ctx.rule, ctx.geometry
-        need_x = ctx.needs_input_grad[0] and rule.sends_error
+        need_x = ctx.needs_input_grad[0] and not rule.broadcast_output_error
         need_fb = ctx.needs_input_grad[5:]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         # (b) the forward-weight update, delta x^T, identical for every rule; and, when
@@ -98,22 +101,44 @@ class LocalOp(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- rules
+RULES = Registry("rule")
+
+
+class RandomFeedbackOptions(NoOptions):
+    """Options of the rules whose B starts as a fixed random matrix (fa, kp, wm)."""
+
+    feedback_gain: float = Field(1.0, gt=0, description="B is Xavier-uniform times this "
+                                 "gain: the scale of the errors sent down")
+
+
 class Rule:
     """A local plasticity rule.  Stateless: the state it needs (B, R, M, ...) lives on
     the layer as buffers or parameters, so checkpoints and devices just work.
 
+    A rule is one file: a subclass that sets `name` is registered by defining it, and
+    its `Options` model is what the config accepts under `rule:` beside the name.
     Subclasses override what differs from the defaults below.
     """
 
-    name: str = "?"
+    name: str = ""
     paper: str = ""
+    Options: type[BaseModel] = NoOptions
+    # -- capabilities, which the executors read instead of the rule's name
     # True only for bp: its backward reads W (weight transport).
     transports_weights: bool = False
-    # False for DFA: no error is sent to the layer below; errors arrive at taps instead.
-    sends_error: bool = True
+    # True for DFA: no error goes to the layer below; the last stage broadcasts the
+    # output error e, and each hidden layer's tap projects it (the runtime sends e to
+    # every stage instead of chaining errors down).
+    broadcast_output_error: bool = False
+    # mirror_step(layer) runs after every `mirror_every`-th update (wm's option).
+    mirror_every: int = 1
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        RULES.add(cls)
 
     def __init__(self, **options):
-        self.options = options
+        self.options = RULES.options(self.name, options, "rule")
 
     def on_start(self, executor) -> None:
         """Once, before a fresh run's first step (not on resume): what the rule does to
@@ -206,9 +231,9 @@ def xavier_std(weight_shape, gain: float = 1.0) -> float:
 
 
 def random_feedback(rule: "Rule", layer) -> torch.Tensor:
-    """A fixed random B of W's shape: Xavier-uniform, times the rule's `gain` option
-    (`rule.feedback_gain`, default 1) -- the scale of the errors sent down."""
+    """A fixed random B of W's shape: Xavier-uniform, times the rule's `feedback_gain`
+    option (`RandomFeedbackOptions`) -- the scale of the errors sent down."""
     b = layer.weight.detach().new_empty(layer.weight.shape)
-    torch.nn.init.xavier_uniform_(b, gain=float(rule.options.get("gain", 1.0)),
+    torch.nn.init.xavier_uniform_(b, gain=float(rule.options.feedback_gain),
                                   generator=layer.generator)
     return b

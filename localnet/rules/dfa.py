@@ -59,10 +59,10 @@ class _Inject(torch.autograd.Function):
 class DirectFeedbackAlignment(Rule):
     name = "dfa"
     paper = "Nøkland 2016, 'Direct Feedback Alignment Provides Learning in Deep Neural Networks'"
-    sends_error = False
+    broadcast_output_error = True
 
     def feedback(self, layer):
-        # Never used to send an error (sends_error is False); the backward needs only
+        # Never used to send an error (broadcast_output_error); the backward needs only
         # the weight's shape, so hand it a zero-stride placeholder, not W.
         return layer.weight.new_zeros(()).expand(layer.weight.shape)
 

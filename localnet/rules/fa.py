@@ -5,11 +5,12 @@ The error sent down is B^T delta with B a fixed random matrix of W's shape
 its own input and the error it receives, dW = delta x^T, and comes to align with B.
 """
 
-from .base import Rule, random_feedback
+from .base import RandomFeedbackOptions, Rule, random_feedback
 
 
 class FeedbackAlignment(Rule):
     name = "fa"
+    Options = RandomFeedbackOptions
     paper = "Lillicrap et al. 2016, 'Random synaptic feedback weights support error backpropagation'"
 
     def init_layer(self, layer):

@@ -12,11 +12,12 @@ and B converges to W without ever reading it.  B starts random (Xavier-uniform).
 
 import torch.nn as nn
 
-from .base import Rule, random_feedback
+from .base import RandomFeedbackOptions, Rule, random_feedback
 
 
 class KolenPollack(Rule):
     name = "kp"
+    Options = RandomFeedbackOptions
     paper = "Akrout et al. 2019, 'Deep Learning without Weight Transport' (Kolen-Pollack)"
 
     def init_layer(self, layer):

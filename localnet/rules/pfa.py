@@ -17,9 +17,8 @@ value of R (a small matmul) and the error goes down with one transposed conv thr
 W_eff.  g_R = B_p^T g_W is linear in g_W, so the layer sums the g_W of a step's
 micro-batches and forms g_R once, just before the optimizer step (`before_step`):
 with M micro-batches that is 2 matmuls per step instead of 2M, the same sum up to
-rounding.  (Paid per micro-batch, they made 8 micro-batches of 16 run at 0.82 of the
-whole batch's speed on one CPU thread; now at 0.92-1.00, `benchmarks/RESULTS.md`.)  R changes
-only at optimizer steps -- `before_step` drops the
+rounding, so micro-batching does not multiply PFA's extra work (`benchmarks/RESULTS.md`,
+rule_cost, has the step costs).  R changes only at optimizer steps -- `before_step` drops the
 cached product -- or through in-place writes that bump its version (load_state_dict,
 copy_), which the cache checks.
 
@@ -34,10 +33,13 @@ each group stays within it, as the forward weights do.
 
 import math
 import weakref
+from typing import Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
+from ..registry import NoOptions
 from .base import LinearGeometry, Rule, draw_like_weights
 
 
@@ -74,14 +76,16 @@ class ProductFeedbackAlignment(Rule):
     name = "pfa"
     paper = "Li & Benna 2024, 'Deep Learning without Weight Symmetry' (product feedback alignment)"
 
-    def __init__(self, r=10, ortho=False, mode="auto", **options):
+    class Options(NoOptions):
+        r: int = Field(10, ge=1, description="expansion ratio: R is (r*n_out) x n_in")
+        ortho: bool = Field(False, description="PFA-o: square orthogonal B_p (r = 1)")
+        mode: Literal["auto", "fused", "factored"] = Field(
+            "auto", description="association: fused W_eff = B_p R, or factored (delta B_p) R")
+
+    def __init__(self, **options):
         super().__init__(**options)
-        self.r, self.ortho = (1 if ortho else int(r)), bool(ortho)
-        if self.r < 1:
-            raise ValueError(f"rule.r must be >= 1, got {r}")
-        if mode not in ("auto", "fused", "factored"):
-            raise ValueError(f"pfa mode must be auto, fused or factored, got {mode!r}")
-        self.mode = mode
+        o = self.options
+        self.r, self.ortho, self.mode = (1 if o.ortho else o.r), o.ortho, o.mode
 
     def init_layer(self, layer):
         w = layer.weight.detach()

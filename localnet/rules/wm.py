@@ -17,19 +17,37 @@ With lambda_m = eta_m * sigma^2 (the default) the fixed point is B = W.
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from .base import ConvGeometry, Rule, random_feedback
+from ..registry import NoOptions
+from .base import ConvGeometry, RandomFeedbackOptions, Rule, random_feedback
+
+
+class MirrorOptions(NoOptions):
+    """The mirror steps (`rule.mirror.*`)."""
+
+    sigma: float = Field(1.0, gt=0, description="std of the noise driven into each layer")
+    lr: float = Field(0.01, gt=0, description="eta_m")
+    decay: float | None = Field(None, ge=0, le=1,
+                                description="lambda_m; default lr*sigma^2 (fixed point B = W)")
+    batch: int = Field(16, ge=1, description="noise samples per mirror step")
+    warmup_steps: int = Field(100, ge=0, description="mirror steps before training")
+    every: int = Field(1, ge=1, description="one mirror step every N training steps")
 
 
 class WeightMirror(Rule):
     name = "wm"
     paper = "Akrout et al. 2019, 'Deep Learning without Weight Transport' (weight mirror)"
 
-    def __init__(self, sigma=1.0, lr=0.01, decay=None, batch=16, warmup_steps=0, **options):
+    class Options(RandomFeedbackOptions):
+        mirror: MirrorOptions = MirrorOptions()
+
+    def __init__(self, **options):
         super().__init__(**options)
-        self.sigma, self.lr, self.batch = sigma, lr, batch
-        self.decay = lr * sigma ** 2 if decay is None else decay
-        self.warmup_steps = int(warmup_steps)
+        m = self.options.mirror
+        self.sigma, self.lr, self.batch = m.sigma, m.lr, m.batch
+        self.decay = m.lr * m.sigma ** 2 if m.decay is None else m.decay
+        self.warmup_steps, self.mirror_every = m.warmup_steps, m.every
 
     def on_start(self, executor) -> None:
         # mirror B before the first update (rule.mirror.warmup_steps), so training starts

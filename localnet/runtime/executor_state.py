@@ -11,7 +11,7 @@ from . import checkpoint
 from .graph import Placement
 from ..ledger import Ledger
 from .messages import CONTROL, Control, MessageError
-from .schedule import simulate, stream_staleness
+from ..schedules import simulate, stream_staleness
 from .worker import DRIVER, stage_name
 
 
@@ -220,7 +220,7 @@ class StateMixin:
         """Per actor: how many updates its forward of a micro-batch may be missing
         (0: gpipe / 1f1b).  async: d(s), the edges on the longest path from the actor to
         the last one -- at most the pipeline depth minus one."""
-        if not self.is_async:
+        if not self.streamed:
             return [0] * self.num_stages
         return stream_staleness(self.graph, self.num_stages)
 

@@ -137,7 +137,7 @@ def drive_all(gens: list, ends: list) -> list:
     """Run every actor's generator in this process, round-robin: each goes on while
     what it waits for is queued.  A schedule the simulator accepted never gets stuck;
     if one does, the error names who waits for whom."""
-    from .schedule import DeadlockError
+    from ..schedules import DeadlockError
 
     outs: list = [None] * len(gens)
     want: dict[int, int] = {}

@@ -1,7 +1,7 @@
 """Memory preflight: will the actors fit?  Checked before any actor starts.
 
 Each actor is a process: the process floor (Ray's worker, `import torch` and the runtime's
-own; `runtime.actor_baseline_mb`, from `benchmarks/scaling.py` on the 2-core box), plus its
+own; `runtime.actor_baseline_mb`, which `benchmarks/scaling.py` measures), plus its
 weights, feedback weights, gradients and optimizer state, plus the activations autograd
 keeps for the micro-batches the schedule holds in flight (`schedule.simulate`'s peak).
 Ray would otherwise start actors until the node runs out and kill them for memory at

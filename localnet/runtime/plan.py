@@ -15,8 +15,8 @@ from ..config import ConfigError
 from . import memory
 from .cost import measure_costs
 from .partition import resolve_placement
-from .schedule import (SCHEDULES, DeadlockError, make_schedule, simulate, staleness,
-                       stream_staleness)
+from ..schedules import (SCHEDULES, DeadlockError, make_schedule, simulate, staleness,
+                         stream_staleness)
 
 
 class ScheduleDeadlock(DeadlockError, ConfigError):
@@ -79,7 +79,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
 
     pl = resolve_placement(rt.partition, model, unit_costs)
     S, M = pl.num_actors, t.micro_batches
-    is_async = make_schedule(rt.schedule, 1, 1).per_micro_batch_steps
+    is_async = SCHEDULES.get(rt.schedule).streamed
     if fwd is None or bwd is None:
         measured["f"], measured["b"], measured["s"] = measure_costs(
             cfg, shape, nc, pl, mb, repeats, rt.threads, stash=is_async)
@@ -92,8 +92,8 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     step = 0.0 if step is None else step
     if len(fwd) != S or len(bwd) != S:
         raise ValueError(f"{S} actors but {len(fwd)} forward / {len(bwd)} backward costs")
-    from ..rules import make_rule
-    dfa = not make_rule(cfg.rule.name, **cfg.rule.options()).sends_error
+    from ..rules import RULES
+    dfa = RULES.get(cfg.rule.name).broadcast_output_error
     graph = None if pl.is_chain else pl.inputs
     checked = {}
     for name in SCHEDULES:  # a schedule that cannot finish raises, naming the stuck actions

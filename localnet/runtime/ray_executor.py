@@ -14,7 +14,7 @@ interprets its list itself (`interpreter.py`): activations and errors go from ac
 actor, never through here.  The coordinator only collects the losses.
 
 gpipe / 1f1b: it waits for every actor's call -- the in-process maths, one update per
-batch.  async: the lists are streamed across batches without a flush (`AsyncStream`),
+batch.  async: the lists are streamed across batches without a flush (`streamed`),
 and `train_step` returns once the last actor has finished the batch, with earlier actors
 still running its backward passes; anything that reads or writes whole-model state
 drains the stream first.
@@ -35,7 +35,7 @@ import torch
 
 from ..builders import as_config, build_rule_and_model
 from ..engine import StepStats
-from ..rules import make_rule
+from ..rules import RULES
 from . import memory, session
 from .cost import measure_unit_costs
 from .executor_state import StateMixin, recovering
@@ -46,7 +46,7 @@ from .messages import ACTIVATION, TARGET, Message, MessageError
 from .partition import resolve_placement
 from .plane import LocalPlane
 from .recovery import RecoveryMixin, Replay
-from .schedule import Action, AsyncStream, make_schedule, simulate, stream_staleness
+from ..schedules import SCHEDULES, Action, make_schedule, simulate, stream_staleness
 from .session import ensure_ray  # noqa: F401 - the public name (sweep.py)
 from .worker import DRIVER, StageWorker, stage_name, worker_specs
 
@@ -95,8 +95,11 @@ class RayExecutor(StateMixin, RecoveryMixin):
         self.graph = [list(i) for i in pl.inputs]
         self.first = [s for s in range(S) if -1 in pl.inputs[s]]
         self.schedule_name = rt.schedule
-        self.is_async = make_schedule(rt.schedule, 1, 1).per_micro_batch_steps
-        self.dfa = not make_rule(cfg.rule.name, **cfg.rule.options()).sends_error
+        self._sched = SCHEDULES.get(rt.schedule)()
+        self.streamed = self._sched.streamed
+        # the passes that must not update (evaluation, probes) flush
+        self.flush_name = self._sched.flush_with or rt.schedule
+        self.dfa = RULES.get(cfg.rule.name).broadcast_output_error
         self.channels = cfg.channel.active() and pl.num_actors > 1
         self._ch_now = self.channels
         self._ch_samples = 0
@@ -106,7 +109,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
         self._specs = worker_specs(cfg, pl, model, self.input_shape, self.num_classes,
                                    run=self.run_id, audit=audit,
                                    threads=0 if local else rt.threads, device=self.device,
-                                   stash=self.is_async)
+                                   stash=self.streamed)
         try:
             if local:
                 shared = build_rule_and_model(cfg, self.input_shape, self.num_classes)[1]
@@ -268,7 +271,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
 
     def _order(self, M: int) -> dict:
         """(stage, action) -> when it ends in a dry run of this schedule, unit costs."""
-        name = "1f1b" if self.is_async else self.schedule_name
+        name = self.flush_name
         res = simulate(self._schedule(name, M), 1.0, 1.0, dfa=self.dfa)
         return {(s, a): t1 for s, a, _, t1 in res.trace}
 
@@ -300,9 +303,9 @@ class RayExecutor(StateMixin, RecoveryMixin):
         return self._schedules[key]
 
     def _plan(self, M: int):
-        """Dry-run every schedule this executor may run (its own, and 1f1b for measuring
-        passes), so a deadlock is found before any actor exists."""
-        for name in {self.schedule_name, "1f1b"}:
+        """Dry-run every schedule this executor may run (its own, and its flushing
+        counterpart for measuring passes), so a deadlock is found before any actor exists."""
+        for name in {self.schedule_name, self.flush_name}:
             for dfa in {self.dfa, False}:
                 simulate(self._schedule(name, M), 1.0, 1.0, dfa=dfa)
         return self._schedule(self.schedule_name, M)
@@ -310,13 +313,13 @@ class RayExecutor(StateMixin, RecoveryMixin):
     def _new_streams(self) -> None:
         depth = stream_staleness(self.graph, self.num_stages)
         start = getattr(self, "_g", 0)
-        self._streams = [AsyncStream(depth[s], start) for s in range(self.num_stages)]
+        self._streams = [self._sched.stream(d, start) for d in depth] if self.streamed else []
 
     def _run(self, x, y, step: int, step_args: dict | None, schedule: str | None = None) -> StepStats:
         """One batch through a flushing schedule (gpipe / 1f1b); the update only when
         step_args is given (else the gradients stay, for probes)."""
         self._drain()
-        name = schedule or (self.schedule_name if not self.is_async else "1f1b")
+        name = schedule or self.flush_name
         M = min(self.micro_batches, int(x.shape[0]))
         lr, wd = (step_args or {}).get("lr", 0.0), (step_args or {}).get("wd", 0.0)
         acts = [[("S", step, float(lr), float(wd)) if a.op == "STEP" else (a.op, step, a.mb)
@@ -377,7 +380,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
 
     def _drain(self) -> None:
         """async: finish every micro-batch in flight (their backwards and updates)."""
-        if not self.is_async:
+        if not self.streamed:
             return
         if self._streams and self._streams[0].start < self._g:
             acts = [self._stream_acts(st.drain(self._g)) for st in self._streams]
@@ -400,7 +403,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
         return st
 
     def _train(self, x, y, step: int, lr: float, wd: float) -> StepStats:
-        if self.is_async:
+        if self.streamed:
             return self._run_async(x, y, step, lr, wd)
         return self._run(x, y, step, {"lr": lr, "wd": wd})
 

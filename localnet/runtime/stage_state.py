@@ -49,7 +49,7 @@ class StageState:
         if name is not None:
             rule = make_rule(name)
             self._probe["rules"] = set_rule(self.stage.module, rule)
-            self.broadcast_error = not rule.sends_error
+            self.broadcast_error = rule.broadcast_output_error
         else:
             self.broadcast_error = self._probe["broadcast"]
 

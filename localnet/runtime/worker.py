@@ -165,14 +165,14 @@ class StageWorker(WireEnd, StageState):
                                device=self.device, stash=stash)
         self.stage.train(True)
         self._timer = StageTimer(self.stage)  # observability: see timings()
-        self._setup_channels(cfg, pl, list(model.unit_names), not rule.sends_error)
+        self._setup_channels(cfg, pl, list(model.unit_names), rule.broadcast_output_error)
         del model
         params = list(self.stage.module.parameters())
         self.dtype = params[0].dtype if params else torch.float32
         self._transport = self.stage.transported_bytes()
         # DFA: no error is sent down; e is broadcast and each stage's output tap discards
         # whatever gradient arrives from above -- check that it really does.
-        self.broadcast_error = not rule.sends_error
+        self.broadcast_error = rule.broadcast_output_error
         if self.broadcast_error and not self.is_last and not self._ends_with_tap():
             raise ValueError(f"{self.name}: rule {rule.name} needs every stage boundary right "
                              f"after an error tap; {names} ({self.node_name or 'units'}) "

@@ -1,0 +1,101 @@
+"""Plugins that declare themselves: rules, codecs and schedules.
+
+A plugin is a class with a `name`, a pydantic `Options` model and its capabilities as
+class attributes.  Defining the class registers it (its base class's `__init_subclass__`
+calls `Registry.add`), and each plugin package imports its own modules (`discover`), so
+no central list names them: a new rule, codec or schedule is one file, and the config
+checks its options against the model that file declares.
+
+    RULES = Registry("rule")
+    class Rule:
+        def __init_subclass__(cls, **kw):
+            super().__init_subclass__(**kw)
+            RULES.add(cls)
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class NoOptions(BaseModel):
+    """A plugin without options: any key is an error naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Registry:
+    """name -> plugin class, for one kind of plugin ("rule", "codec", "schedule")."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._by_name: dict[str, type] = {}
+
+    def add(self, cls: type) -> type:
+        """Register cls under the `name` it defines itself; a class that defines none (an
+        abstract base shared by several plugins) is not a plugin."""
+        name = cls.__dict__.get("name")
+        if not name:
+            return cls
+        old = self._by_name.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__,
+                                                                     cls.__qualname__):
+            raise ValueError(f"two {self.kind}s are named {name!r}: "
+                             f"{old.__module__}.{old.__qualname__} and "
+                             f"{cls.__module__}.{cls.__qualname__}")
+        self._by_name[name] = cls  # the same class defined again (a reload) replaces it
+        return cls
+
+    def discard(self, name: str) -> None:
+        """Forget a plugin (one defined for a while: a test's toy)."""
+        self._by_name.pop(name, None)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._by_name
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def items(self) -> list[tuple[str, type]]:
+        return [(n, self._by_name[n]) for n in self.names()]
+
+    def get(self, name: str) -> type:
+        try:
+            return self._by_name[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown {self.kind} {name!r}; choose one of "
+                             f"{', '.join(self.names())}") from None
+
+    def options(self, name: str, values: dict | None, where: str) -> BaseModel:
+        """values checked against the plugin's Options model; a ValueError naming each bad
+        key as `where.key` (`rule.r: ...`), with the plugin's own keys for an unknown one."""
+        cls = self.get(name)
+        model = getattr(cls, "Options", NoOptions)
+        try:
+            return model(**(values or {}))
+        except ValidationError as err:
+            known = ", ".join(model.model_fields) or "none"
+            lines = []
+            for e in err.errors():
+                key = ".".join(p for p in [where, *map(str, e["loc"])] if p)
+                if e["type"] == "extra_forbidden":
+                    lines.append(f"{key}: unknown key (the options of {self.kind} "
+                                 f"{name!r}: {known})")
+                else:
+                    lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            raise ValueError("\n  ".join(lines)) from None
+
+
+def discover(package: str, path) -> None:
+    """Import every module of a plugin package, so that each registers its plugins."""
+    for mod in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{mod.name}")

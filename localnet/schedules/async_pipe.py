@@ -1,0 +1,79 @@
+"""async: 1F1B with an update after every backward and no flush (PipeDream's
+weight-stashing pipeline, Narayanan et al. 2019), streamed across batches."""
+
+from .base import STEP_MB, Action, B, F, PipelineSchedule, _graph, depths
+
+
+class Async(PipelineSchedule):
+    """Stage s warms up with d(s) forwards, then runs F(m+d) B(m) STEP(m): it updates as
+    soon as micro-batch m's error is in, and its forward of m runs on weights that miss
+    the updates of the d(s) micro-batches before it (`stream_staleness`).  The runtime
+    streams one endless list per stage across batches (`stream`); a batch's own lists
+    are that stream cut at the batch's end, so both come from one generator."""
+
+    name = "async"
+    streamed = True
+    flush_with = "1f1b"
+
+    def stages(self, S, M, graph):
+        out = []
+        for d in depths(graph):
+            s = self.stream(d)
+            out.append(s.take(M) + s.drain(M))
+        return out
+
+    def stream(self, d: int, start: int = 0) -> "AsyncStream":
+        return AsyncStream(d, start)
+
+
+def stream_staleness(graph: list[list[int]] | None, S: int) -> list[int]:
+    """Per stage, the staleness of the async schedule streamed across batches (no
+    flush): d(s), the edges on the longest path from the stage to the last one."""
+    return depths(_graph(S, graph))
+
+
+class AsyncStream:
+    """One stage's endless async action list, from micro-batch `start` on:
+    F(start) .. F(start+d-1), then F(g+d) B(g) STEP(g) for g = start, start+1, ...
+
+    take(limit): the next actions up to (not including) the first F(g >= limit).
+    drain(limit): the remaining B(g) / STEP(g) for g < limit (forwards >= limit are
+    dropped), after which the stream restarts at `limit` with a new warm-up."""
+
+    def __init__(self, d: int, start: int = 0):
+        self.d = d
+        self._restart(start)
+
+    def _restart(self, start: int) -> None:
+        self.start = start
+        self._it = self._gen(start)
+        self._peek = next(self._it)
+
+    def _gen(self, start):
+        for g in range(start, start + self.d):
+            yield F(g)
+        g = start
+        while True:
+            yield F(g + self.d)
+            yield B(g)
+            yield STEP_MB(g)
+            g += 1
+
+    def take(self, limit: int) -> list[Action]:
+        out = []
+        while not (self._peek.op == "F" and self._peek.mb >= limit):
+            out.append(self._peek)
+            self._peek = next(self._it)
+        return out
+
+    def drain(self, limit: int) -> list[Action]:
+        out = []
+        while True:
+            a = self._peek
+            if a.mb >= limit and a.op != "F":
+                break  # B / STEP of micro-batches that never started
+            if a.mb < limit:
+                out.append(a)
+            self._peek = next(self._it)
+        self._restart(limit)
+        return out
