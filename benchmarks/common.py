@@ -5,9 +5,21 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from a checkout finds localnet
+    sys.path.insert(0, str(ROOT))
+
+
+def ray_benchmark_env() -> None:
+    """Set before Ray starts, by a benchmark that compares Ray actors with an in-process
+    run: no usage stats, and Ray's workers at the driver's niceness.  Ray runs them at
+    nice 15, the in-process baseline runs at 0: compare like with like (and do not let
+    other jobs on a shared machine starve only the actors)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def hardware_cpu() -> str:

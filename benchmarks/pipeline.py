@@ -52,19 +52,13 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray runs its workers at nice 15; the in-process baseline runs at 0.  Compare like with
-# like (and do not let other jobs on a shared machine starve only the actors).
-os.environ.setdefault("RAY_worker_niceness", "0")
+from common import commit, hardware_cpu, ray_benchmark_env, write_section
+
+ray_benchmark_env()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import commit, hardware_cpu, write_section  # noqa: E402
 from localnet.alloc import keep_freed_memory  # noqa: E402
 from localnet.builders import build_rule_and_model, optim_config  # noqa: E402
 from localnet.config import Config  # noqa: E402

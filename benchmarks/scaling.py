@@ -37,16 +37,13 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_worker_niceness", "0")
+from common import commit, hardware_cpu, ray_benchmark_env, write_section
+
+ray_benchmark_env()
 
 import torch  # noqa: E402
 
-from common import commit, hardware_cpu, write_section  # noqa: E402
+HERE = Path(__file__).resolve().parent
 from localnet.config import Config  # noqa: E402
 from localnet.metrics import OPS  # noqa: E402
 

@@ -8,7 +8,6 @@ tested against, and what `runtime.executor: inprocess` runs.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +65,7 @@ class InProcessExecutor:
         self.model = model
         self.channels = None
         if channels is not None:  # a ChannelConfig: localnet/channels
-            from .channels.channel import ChannelSet, error_delays
+            from .channels.channel import ChannelSet, StoredForwards, error_delays
             dfa = any(layer.rule.broadcast_output_error for _, layer in local_layers(model))
             self.channels = ChannelSet(channels, names, cuts, dfa=dfa, seed=channel_seed,
                                        slots_per_step=micro_batches)
@@ -76,7 +75,7 @@ class InProcessExecutor:
                 self.stages = [NodeStage(units[a:b], optim, names[a:b], grad_inputs=[i > 0],
                                          stash=True)
                                for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
-            self._waiting = [deque() for _ in self.stages]  # stored forwards, oldest first
+            self._waiting = [StoredForwards() for _ in self.stages]
             self._mb_id = 1  # (forward_backward, which bypasses channels, uses key 0)
 
     def _on_device(self, x: torch.Tensor, y: torch.Tensor):
@@ -112,12 +111,10 @@ class InProcessExecutor:
     def _train_step_channels(self, x, y, lr: float, wd: float) -> StepStats:
         """train_step with every activation and error through its channel.
 
-        Each stage stores its forwards in order; an error slot coming down pairs with
-        the oldest stored forward (the same micro-batch, `delay` steps later): DATA runs
-        that backward, LOST discards that forward (no update from it) and sends an empty
-        slot down, WAIT (not arrived yet) keeps it and passes WAIT down.  A stage that
-        ran no backward in the whole step does not step its optimizer (no momentum or
-        weight-decay drift)."""
+        Each stage stores its forwards in order, and each error slot coming down pairs
+        with one of them (`StoredForwards`, as on the Ray actors); a LOST or WAIT slot is
+        passed on down as an empty or a waiting one.  A stage that ran no backward in the
+        whole step does not step its optimizer (no momentum or weight-decay drift)."""
         from .channels.channel import DATA, WAIT
 
         ch, stages, last = self.channels, self.stages, len(self.stages) - 1
@@ -129,7 +126,7 @@ class InProcessExecutor:
             for i, stage in enumerate(stages):
                 h = stage.forward(h, key)
                 if i < last:
-                    self._waiting[i].append(key)
+                    self._waiting[i].store(key)
                     h = ch.activations[i].transmit(h)  # activations are never lost
             loss_sum, correct, e = loss_and_error(h, ym, n)
             g = _first(stages[last].backward(e, key, e=e))
@@ -138,13 +135,9 @@ class InProcessExecutor:
                 link, stage = ch.errors[i], stages[i]
                 link.send(e if ch.dfa else g)  # DFA: e to every stage; else the chain error
                 state, got = link.receive_slot()
-                if state == WAIT:
-                    g = WAIT
-                    continue
-                old = self._waiting[i].popleft()
-                if state != DATA:
-                    stage._pending.pop(old)
-                    g = None
+                old = self._waiting[i].pair(state, stage)
+                if state != DATA:  # WAIT, or LOST (that forward dropped): passed on down
+                    g = WAIT if state == WAIT else None
                     continue
                 g = _first(stage.backward(None, old, e=got) if ch.dfa else stage.backward(got, old))
                 updated[i] = True

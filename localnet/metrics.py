@@ -70,13 +70,12 @@ METRICS: list[tuple[str, MetricSpec]] = [
     (RUN, MetricSpec("localnet_bubble_fraction", "gauge", (),
                      "idle share of the stages' time during training steps: summed wait over "
                      "(stages x step wall time), over the last poll window")),
-    (ACTOR, MetricSpec("localnet_actor_forward_seconds", "histogram", ("rank", "unit"),
-                       "forward time of one micro-batch on a stage")),
-    (ACTOR, MetricSpec("localnet_actor_backward_seconds", "histogram", ("rank", "unit"),
-                       "backward time of one micro-batch on a stage (error in, error out)")),
-    (ACTOR, MetricSpec("localnet_actor_update_seconds", "histogram", ("rank", "unit"),
-                       "one optimizer step of a stage, its rule's after-step and mirror work "
-                       "included")),
+    *[(ACTOR, MetricSpec(f"localnet_actor_{op}_seconds", "histogram", ("rank", "unit"), doc))
+      for op, doc in (
+          ("forward", "forward time of one micro-batch on a stage"),
+          ("backward", "backward time of one micro-batch on a stage (error in, error out)"),
+          ("update", "one optimizer step of a stage, its rule's after-step and mirror work "
+                     "included"))],
     (ACTOR, MetricSpec("localnet_actor_wait_seconds", "histogram", ("rank", "unit"),
                        "idle time of a stage per training step: step wall time minus its "
                        "forward, backward and update time (on Ray: averaged over each poll "

@@ -148,6 +148,44 @@ class Channel:
         self.codec.reset()
 
 
+class StoredForwards:
+    """One stage's forwards that wait for their error, oldest first: where both executors
+    pair each slot of the error channel with the forward it belongs to.  Errors come down
+    in the order the forwards went up, so a slot pairs with the oldest stored forward --
+    the same micro-batch, the channel's delay later:
+
+      DATA  that forward's backward runs with the error;
+      LOST  (lost, or sent empty by a stage that had no error itself) that forward is
+            dropped, with its autograd state: no update comes from it;
+      WAIT  (nothing arrived yet) every forward stays stored.
+    """
+
+    def __init__(self):
+        self._keys: deque = deque()
+
+    def store(self, key) -> None:
+        self._keys.append(key)
+
+    def oldest(self):
+        return self._keys[0]
+
+    def pair(self, state: str, stage):
+        """The key of the forward this slot belongs to, or None for WAIT.  LOST drops
+        that forward from `stage` (a Stage, whose pending autograd state it frees)."""
+        if state == WAIT:
+            return None
+        key = self._keys.popleft()
+        if state != DATA:
+            stage._pending.pop(key, None)
+        return key
+
+    def clear(self) -> None:
+        self._keys.clear()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 LINK_FAULTS = ("delay", "drop", "bandwidth")
 
 

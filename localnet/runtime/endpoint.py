@@ -11,12 +11,11 @@ messages through `inject_fault`.
 from __future__ import annotations
 
 import itertools
-from collections import deque
 
 import numpy as np
 import torch
 
-from ..channels.channel import DATA, make_channel
+from ..channels.channel import DATA, StoredForwards, make_channel
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
 from .graph import Placement
 from .messages import (ACTIVATION, CONTROL, ERROR, Control, Header, Message, MessageError,
@@ -37,7 +36,7 @@ class WireEnd:
         self.ch_dfa: list = []       # last stage, DFA: one error link per other stage
         self._ch_on = self._ch_cfg = False
         self._bwd_since_step = 0
-        self._order: deque = deque()  # stored forwards, oldest first (errors pair in order)
+        self._order = StoredForwards()  # the forwards that wait for their error slot
         if not cfg.channel.active() or self.num_stages == 1:
             return
         if pl.kind != "units" or not pl.is_chain:

@@ -1,6 +1,6 @@
 """An actor's own interpreter: it runs its part of the schedule for a batch by itself.
 
-The coordinator gives each actor one call per batch: its action list (`schedule.py`,
+The coordinator gives each actor one call per batch: its action list (`localnet/schedules`,
 with each micro-batch's step, and each update's lr and wd), plus the inputs (first
 actor) or the targets (last actor).  The actor then receives each activation and error
 it needs from the data plane (`plane.py`), computes (`worker.py`: the same validated

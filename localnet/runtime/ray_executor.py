@@ -9,7 +9,7 @@ node of the actor graph.
 
 The coordinator places the actors, sets up the data plane among them (`plane.py`), and
 then issues **one call per actor per batch**: the actor's own action list for it
-(`schedule.py`), the inputs to the first actor and the targets to the last.  Each actor
+(`localnet/schedules`), the inputs to the first actor and the targets to the last.  Each actor
 interprets its list itself (`interpreter.py`): activations and errors go from actor to
 actor, never through here.  The coordinator only collects the losses.
 

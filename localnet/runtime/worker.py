@@ -283,7 +283,7 @@ class StageWorker(WireEnd, StageState):
         y = self.stage.forward(xs[0], key, xs[1:])
         self._inflight[key] = (n, tuple(y.shape))
         if self._ch_on and not self.is_last:
-            self._order.append(key)
+            self._order.store(key)
         if not self.is_last:
             return key, self._send_up(y, step, mb, "train")
         total = int(tmsg.header.meta.get("batch", n))
@@ -316,10 +316,8 @@ class StageWorker(WireEnd, StageState):
             if len(wire) != 2:
                 raise MessageError(f"{self.name} expects one error message, got "
                                    f"{len(wire) // 2}", "?", self.name, ERROR, step, mb)
-            # the slot belongs to the oldest stored forward (the same micro-batch, the
-            # channel's delay later): DATA runs its backward, LOST discards it, WAIT
-            # keeps it (and every later one) until its error arrives
-            old_batch, old_shape = self._inflight[self._order[0]]
+            # the slot belongs to the oldest stored forward (StoredForwards)
+            old_batch, old_shape = self._inflight[self._order.oldest()]
             if self.broadcast_error:
                 src, detail, shape = self.last_name, OUTPUT, (old_batch, self.num_classes)
             else:
@@ -327,13 +325,12 @@ class StageWorker(WireEnd, StageState):
             state, got = self._receive_coded(self.ch["err_in"], wire[0], wire[1], ERROR, shape,
                                              self.dtype, src=src, detail=detail, step=step,
                                              mb=mb)
-            if state == WAIT:
+            key = self._order.pair(state, self.stage)
+            if key is None:  # WAIT
                 return self._send_errors_down(WAIT, batch, step, mb)
-            key = self._order.popleft()
             batch, out_shape = self._inflight[key]
-            if state != DATA:  # lost, or nothing reached the stage above: no update
+            if state != DATA:  # LOST: that forward was dropped, no update from it
                 del self._inflight[key]
-                self.stage._pending.pop(key, None)
                 return self._send_errors_down(None, batch, step, mb)
             if self.broadcast_error:
                 e, grad = got.tensor(), torch.zeros((), dtype=self.dtype).expand(out_shape)
