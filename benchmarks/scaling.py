@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 from localnet.config import Config  # noqa: E402
-from localnet.metrics import OPS  # noqa: E402
+from localnet.timing import OPS  # noqa: E402
 
 MAIN = "ray::StageWorke"  # an actor's main thread: Ray names it after the class (15 chars)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                     "resnet18", "resnet34", "resnet50"]
@@ -188,17 +189,37 @@ class PartitionStages(Section):
         "params", description="balance groups by parameter count or by measured fwd+bwd time")
 
 
+class ScheduleConfig(Section):
+    """`runtime.schedule`: a schedule's `name` -- one file of localnet/schedules -- and
+    that schedule's own options beside it.  A bare name is short for `{name: ...}`."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field("gpipe", description="gpipe / 1f1b (one update per batch, the "
+                                           "in-process maths) or async (an update per "
+                                           "micro-batch, no flush; stale by at most the "
+                                           "pipeline depth)")
+
+    @model_validator(mode="after")
+    def _schedule_options(self):
+        from .schedules import SCHEDULES  # the registry: every schedule file
+
+        return _plugin_options(self, SCHEDULES, self.name, "runtime.schedule.name",
+                               "runtime.schedule")
+
+    def options(self) -> dict:
+        """The chosen schedule's options, checked: what its constructor takes."""
+        return dict(self.__pydantic_extra__ or {})
+
+
 class RuntimeConfig(Section):
     """Where the stages run.  `inprocess` (default): this process; `ray`: one Ray actor per
     stage, activations and errors travelling actor to actor (localnet/runtime); `local`:
     the Ray runtime's stage workers and schedules in this process, without Ray (debugging)."""
 
     executor: Literal["inprocess", "ray", "local"] = "inprocess"
-    schedule: str = Field(
-        "gpipe", description="pipeline schedule (ray), one of localnet/schedules: gpipe / "
-                             "1f1b (one update per batch, the in-process maths) or async "
-                             "(an update per micro-batch, no flush; stale by at most the "
-                             "pipeline depth)")
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="pipeline schedule "
+                                     "(ray): a name, or {name, ...its options}")
     partition: Literal["per_unit", "per_layer"] | PartitionStages | list[int] | list[list[str | int]] = Field(
         "per_unit", description="per_unit (one actor per unit), per_layer (one actor per layer; "
                                 "skip connections become edges), {stages: N, balance: "
@@ -230,13 +251,13 @@ class RuntimeConfig(Section):
     max_recoveries: int = Field(3, ge=0, description="actor deaths the coordinator recovers "
                                                      "from (from the last checkpoint) per run")
 
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _bare_name(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _check(self):
-        from .schedules import SCHEDULES  # the registry: every schedule file
-
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"runtime.schedule: unknown schedule {self.schedule!r}; choose "
-                             f"one of {', '.join(SCHEDULES.names())}")
         p = self.partition
         if isinstance(p, list) and p and all(isinstance(b, int) for b in p):
             if p != sorted(set(p)):
@@ -380,6 +401,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         for i, k in enumerate(path[:-1]):
             child = node.setdefault(k, {})
+            if isinstance(child, str) and path[i + 1] != "name":
+                # a plugin given by its bare name (runtime.schedule: 1f1b): its options
+                # go beside the name
+                child = node[k] = {"name": child}
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")
             node = child

@@ -12,7 +12,8 @@ each run has its own CollectorRegistry, so runs (and tests) in one process never
 series.  Every series is named `localnet_*`; METRICS below is the full list, and
 deploy/README.md documents it (a test keeps the two in step).
 
-Per-actor times come from `StageTimer`, which wraps a `Stage`'s forward / backward / step.
+Per-actor times come from `StageTimer` (timing.py), which wraps a `Stage`'s forward /
+backward / step.
 In-process the driver reads it after every step.  On Ray each StageWorker holds one and
 `RayExecutor.stage_timings()` collects them every `metrics.poll_every` steps, together with
 the message ledger.  Wait (idle) time of a stage is the step's wall time on the driver
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import write_json
+from .timing import OPS, StageTimer
 
 # ------------------------------------------------------------------ the metric list
 
@@ -105,61 +107,6 @@ METRICS: list[tuple[str, MetricSpec]] = [
 # 50 us .. 60 s: a tiny MLP's micro-batch to a ResNet-50 stage's
 TIME_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25,
                 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-OPS = ("forward", "backward", "update")
-
-
-# ------------------------------------------------------------------ per-stage timing
-
-
-class StageTimer:
-    """Times one `stage.Stage`: wraps the instance's forward, backward and step (the
-    class is untouched).  `take()` returns and clears what was recorded since."""
-
-    def __init__(self, stage):
-        self.stage = stage
-        self._clear()
-        for op, attr in zip(OPS, ("forward", "backward", "step")):
-            setattr(stage, attr, self._wrap(op, getattr(stage, attr)))
-
-    def _clear(self) -> None:
-        self.times: dict[str, list[float]] = {op: [] for op in OPS}
-        # CPU seconds of the calling thread (one torch thread per actor: the compute
-        # itself, without the time lost to other processes sharing the core)
-        self.cpu: dict[str, list[float]] = {op: [] for op in OPS}
-        self.samples = 0
-
-    def _wrap(self, op, fn):
-        clock, cpu = time.perf_counter, time.thread_time
-
-        def timed(*args, **kwargs):
-            t0, c0 = clock(), cpu()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.times[op].append(clock() - t0)
-                self.cpu[op].append(cpu() - c0)
-                if op == "forward" and args:
-                    self.samples += int(args[0].shape[0])
-        timed.__wrapped__ = fn
-        return timed
-
-    def take(self, clear: bool = True) -> dict:
-        out = {**{op: list(v) for op, v in self.times.items()},
-               **{f"{op}_cpu": list(v) for op, v in self.cpu.items()},
-               "samples": self.samples, "gpu_memory_bytes": _gpu_memory()}
-        if clear:
-            self._clear()
-        return out
-
-
-def _gpu_memory() -> int | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.memory_allocated())
-
 
 def _unit_label(names) -> str:
     names = list(names)

@@ -329,10 +329,10 @@ RUNTIME_LINKS = [
 def _runtime_pair(rule, schedule, links, M=2):
     from localnet.runtime.ray_executor import RayExecutor
 
-    cfg = small(f"rule.name={rule}", "train.momentum=0.9", f"train.micro_batches={M}", *links)
+    sets = [f"rule.name={rule}", "train.momentum=0.9", f"train.micro_batches={M}", *links]
+    cfg = small(*sets)
     data, _, model, ref = build(cfg)   # in-process, one stage per unit
-    rcfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(
-        update={"executor": "local", "schedule": schedule})})
+    rcfg = small(*sets, "runtime.executor=local", f"runtime.schedule={schedule}")
     ex = RayExecutor(rcfg, data.input_shape, data.num_classes, local=True)
     return cfg, data, model, ref, ex
 

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import localnet.train as train_mod
 from localnet.config import ConfigError, load_config
 from localnet.engine import OptimConfig, Stage
-from localnet.metrics import METRICS, Metrics, RunObserver, StageTimer
+from localnet.metrics import METRICS, Metrics, RunObserver
+from localnet.timing import StageTimer
 from localnet.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -50,12 +50,16 @@ def toys():
             return (enc.payload["x"] / self.options.factor).to(enc.dtype)
 
     class ReversedGPipe(PipelineSchedule):
-        """GPipe with the backwards in descending micro-batch order."""
+        """GPipe with the backwards in descending micro-batch order (`reverse`)."""
 
         name = "toy_reversed"
 
+        class Options(NoOptions):
+            reverse: bool = True
+
         def stages(self, S, M, graph):
-            return [[F(m) for m in range(M)] + [B(m) for m in reversed(range(M))] + [STEP]
+            order = list(reversed(range(M)) if self.options.reverse else range(M))
+            return [[F(m) for m in range(M)] + [B(m) for m in order] + [STEP]
                     for _ in range(S)]
 
     yield ScaledBackprop, Doubled, ReversedGPipe
@@ -115,8 +119,22 @@ def test_a_toy_schedule_is_data_the_simulator_runs(toys):
     assert sched.stages[0] == [F(0), F(1), F(2), F(3), B(3), B(2), B(1), B(0), STEP]
     res = simulate(sched, 1.0, 1.0)
     assert res.makespan == pytest.approx(simulate(make_schedule("gpipe", 3, 4), 1.0, 1.0).makespan)
-    with pytest.raises(ConfigError, match="runtime.schedule: unknown schedule 'nope'"):
+    with pytest.raises(ConfigError, match="runtime.schedule.name: unknown schedule 'nope'"):
         load_config(None, ["runtime.schedule=nope"])
+
+
+def test_a_schedules_options_sit_beside_its_name(toys):
+    """`runtime.schedule: NAME` is short for {name: NAME}; options go beside it, checked
+    against the schedule's Options, and reach the lists the actors run."""
+    rt = load_config(None, ["runtime.schedule=toy_reversed",
+                            "runtime.schedule.reverse=false"]).runtime
+    assert (rt.schedule.name, rt.schedule.options()) == ("toy_reversed", {"reverse": False})
+    ex = RayExecutor(_cfg("runtime.schedule={name: toy_reversed, reverse: false}"), SHAPE, NC,
+                     local=True)
+    assert ex._schedule(ex.schedule_name, 4).stages[0][4:8] == [B(0), B(1), B(2), B(3)]
+    with pytest.raises(ConfigError, match=r"runtime\.schedule\.k: unknown key \(the options "
+                                          r"of schedule 'toy_reversed': reverse\)"):
+        load_config(None, ["runtime.schedule=toy_reversed", "runtime.schedule.k=1"])
 
 
 @pytest.mark.parametrize("executor", ["inprocess", "local"])

@@ -1,7 +1,7 @@
 """`localnet simulate`: predict a config's pipeline without Ray.
 
 Per-actor costs are measured in-process (each actor's forward, backward and update on
-one micro-batch) unless given; the schedule is then dry-run by `schedule.simulate`, which
+one micro-batch) unless given; the schedule is then dry-run by `localnet.schedules.simulate`, which
 raises `DeadlockError` naming the stuck actions if it cannot finish.  Every schedule
 (gpipe, 1f1b, async) is checked for the config's actor graph, not only the chosen one.
 async streams across batches, so it is simulated over `batches` batches (default 8)
@@ -79,7 +79,8 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
 
     pl = resolve_placement(rt.partition, model, unit_costs)
     S, M = pl.num_actors, t.micro_batches
-    is_async = SCHEDULES.get(rt.schedule).streamed
+    name, opts = rt.schedule.name, rt.schedule.options()
+    is_async = SCHEDULES.get(name).streamed
     if fwd is None or bwd is None:
         measured["f"], measured["b"], measured["s"] = measure_costs(
             cfg, shape, nc, pl, mb, repeats, rt.threads, stash=is_async)
@@ -96,21 +97,21 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     dfa = RULES.get(cfg.rule.name).broadcast_output_error
     graph = None if pl.is_chain else pl.inputs
     checked = {}
-    for name in SCHEDULES:  # a schedule that cannot finish raises, naming the stuck actions
+    for other in SCHEDULES:  # a schedule that cannot finish raises, naming the stuck actions
         for k in (1, 2):
             try:
-                simulate(make_schedule(name, S, M * k, graph), 1.0, 1.0, dfa=dfa)
+                simulate(make_schedule(other, S, M * k, graph), 1.0, 1.0, dfa=dfa)
             except DeadlockError as err:
-                raise ScheduleDeadlock(name, err) from None
-        checked[name] = "ok"
+                raise ScheduleDeadlock(other, err) from None
+        checked[other] = "ok"
     K = (batches or 8) if is_async else 1
-    sched = make_schedule(rt.schedule, S, M * K, graph)
+    sched = make_schedule(name, S, M * K, graph, **opts)
     # async steps after every micro-batch; gpipe / 1f1b once per batch
     sim = simulate(sched, fwd, bwd, comm, step_cost=step, hop_cost=float(hop_cost),
                    call_cost=float(call_cost), dfa=dfa, batch_size=t.batch_size * K,
                    cores=cores, feed=M if is_async else None)
     stale = stream_staleness(graph, S) if is_async else staleness(sched)
-    one = simulate(make_schedule(rt.schedule, S, M, graph), 1.0, 1.0, dfa=dfa)
+    one = simulate(make_schedule(name, S, M, graph, **opts), 1.0, 1.0, dfa=dfa)
     mem = memory.summarize(memory.estimate(cfg, pl, model, shape, one.peak_activations))
     names = [" ".join(n) for n in pl.names]
     return {

@@ -94,11 +94,12 @@ class RayExecutor(StateMixin, RecoveryMixin):
         self.groups = [tuple(m) for m in pl.members] if pl.kind == "units" else None
         self.graph = [list(i) for i in pl.inputs]
         self.first = [s for s in range(S) if -1 in pl.inputs[s]]
-        self.schedule_name = rt.schedule
-        self._sched = SCHEDULES.get(rt.schedule)()
+        self.schedule_name = rt.schedule.name
+        self._sched_options = rt.schedule.options()
+        self._sched = SCHEDULES.get(self.schedule_name)(**self._sched_options)
         self.streamed = self._sched.streamed
         # the passes that must not update (evaluation, probes) flush
-        self.flush_name = self._sched.flush_with or rt.schedule
+        self.flush_name = self._sched.flush_with or self.schedule_name
         self.dfa = RULES.get(cfg.rule.name).broadcast_output_error
         self.channels = cfg.channel.active() and pl.num_actors > 1
         self._ch_now = self.channels
@@ -299,7 +300,8 @@ class RayExecutor(StateMixin, RecoveryMixin):
         key = (name, M)
         if key not in self._schedules:
             graph = None if self.placement.is_chain else self.graph
-            self._schedules[key] = make_schedule(name, self.num_stages, M, graph)
+            opts = self._sched_options if name == self.schedule_name else {}
+            self._schedules[key] = make_schedule(name, self.num_stages, M, graph, **opts)
         return self._schedules[key]
 
     def _plan(self, M: int):

@@ -44,7 +44,7 @@ from ..channels.channel import DATA, WAIT, error_delays
 from ..engine import loss_and_error
 from ..layers import ErrorTap
 from ..ledger import Ledger
-from ..metrics import StageTimer
+from ..timing import StageTimer
 from ..models import unit_shapes
 from ..rules import make_rule
 from ..stage import NodeStage

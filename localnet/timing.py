@@ -1,0 +1,60 @@
+"""`StageTimer`: the time each forward, backward and update of a stage takes.
+
+Shared by both executors (the in-process run times its stages, each Ray actor its own)
+and read by metrics.py, so it lives with neither.
+"""
+
+from __future__ import annotations
+
+import time
+
+OPS = ("forward", "backward", "update")
+
+
+class StageTimer:
+    """Times one `stage.Stage`: wraps the instance's forward, backward and step (the
+    class is untouched).  `take()` returns and clears what was recorded since."""
+
+    def __init__(self, stage):
+        self.stage = stage
+        self._clear()
+        for op, attr in zip(OPS, ("forward", "backward", "step")):
+            setattr(stage, attr, self._wrap(op, getattr(stage, attr)))
+
+    def _clear(self) -> None:
+        self.times: dict[str, list[float]] = {op: [] for op in OPS}
+        # CPU seconds of the calling thread (one torch thread per actor: the compute
+        # itself, without the time lost to other processes sharing the core)
+        self.cpu: dict[str, list[float]] = {op: [] for op in OPS}
+        self.samples = 0
+
+    def _wrap(self, op, fn):
+        clock, cpu = time.perf_counter, time.thread_time
+
+        def timed(*args, **kwargs):
+            t0, c0 = clock(), cpu()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.times[op].append(clock() - t0)
+                self.cpu[op].append(cpu() - c0)
+                if op == "forward" and args:
+                    self.samples += int(args[0].shape[0])
+        timed.__wrapped__ = fn
+        return timed
+
+    def take(self, clear: bool = True) -> dict:
+        out = {**{op: list(v) for op, v in self.times.items()},
+               **{f"{op}_cpu": list(v) for op, v in self.cpu.items()},
+               "samples": self.samples, "gpu_memory_bytes": _gpu_memory()}
+        if clear:
+            self._clear()
+        return out
+
+
+def _gpu_memory() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_allocated())
