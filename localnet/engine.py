@@ -66,9 +66,9 @@ class InProcessExecutor:
         self.channels = None
         if channels is not None:  # a ChannelConfig: localnet/channels
             from .channels.channel import ChannelSet, StoredForwards, error_delays
-            dfa = any(layer.rule.broadcast_output_error for _, layer in local_layers(model))
-            self.channels = ChannelSet(channels, names, cuts, dfa=dfa, seed=channel_seed,
-                                       slots_per_step=micro_batches)
+            bcast = any(layer.rule.broadcast_output_error for _, layer in local_layers(model))
+            self.channels = ChannelSet(channels, names, cuts, broadcast_output_error=bcast,
+                                       seed=channel_seed, slots_per_step=micro_batches)
             if error_delays(channels):
                 # delayed errors meet their own micro-batch's stored forward steps later:
                 # each stage stashes the weights that forward used (as the async schedule)
@@ -118,6 +118,7 @@ class InProcessExecutor:
         from .channels.channel import DATA, WAIT
 
         ch, stages, last = self.channels, self.stages, len(self.stages) - 1
+        bcast = ch.broadcast_output_error  # DFA: e goes to every stage, no chain error
         stats, n = StepStats(0.0, 0, 0), x.shape[0]
         updated = [False] * len(stages)
         for xm, ym in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
@@ -133,13 +134,13 @@ class InProcessExecutor:
             updated[last] = True
             for i in range(last - 1, -1, -1):
                 link, stage = ch.errors[i], stages[i]
-                link.send(e if ch.dfa else g)  # DFA: e to every stage; else the chain error
+                link.send(e if bcast else g)
                 state, got = link.receive_slot()
                 old = self._waiting[i].pair(state, stage)
                 if state != DATA:  # WAIT, or LOST (that forward dropped): passed on down
                     g = WAIT if state == WAIT else None
                     continue
-                g = _first(stage.backward(None, old, e=got) if ch.dfa else stage.backward(got, old))
+                g = _first(stage.backward(None, old, e=got) if bcast else stage.backward(got, old))
                 updated[i] = True
             stats.loss_sum += loss_sum
             stats.correct += correct

@@ -262,9 +262,10 @@ class ChannelSet:
     or by "unitA->unitB" in either direction.
     """
 
-    def __init__(self, cfg, unit_names: list[str], cuts: list[int], *, dfa: bool = False,
-                 seed: int = 0, slots_per_step: int = 1):
-        self.cfg, self.dfa = cfg, dfa
+    def __init__(self, cfg, unit_names: list[str], cuts: list[int], *,
+                 broadcast_output_error: bool = False, seed: int = 0, slots_per_step: int = 1):
+        self.cfg, self.broadcast_output_error = cfg, broadcast_output_error
+        dfa = broadcast_output_error
         self.ledger = Ledger()
         n = len(cuts) - 1
         first = lambda i: unit_names[cuts[i]]
@@ -289,5 +290,6 @@ class ChannelSet:
     def summary(self) -> dict:
         s = self.samples
         return summarize([{"edge": c.edge, **c.stats(s)} for c in self.activations],
-                         [{"edge": c.edge, **c.stats(s)} for c in self.errors], s, self.dfa,
+                         [{"edge": c.edge, **c.stats(s)} for c in self.errors], s,
+                         self.broadcast_output_error,
                          self.ledger)

@@ -228,7 +228,7 @@ class StateMixin:
         from .session import ray_address
 
         sched = self._schedule(self.schedule_name, self.micro_batches)
-        sim = simulate(sched, 1.0, 1.0, dfa=self.dfa)
+        sim = simulate(sched, 1.0, 1.0, dfa=self.broadcast_output_error)
         stale = self.staleness()
         pl = self.placement
         return {"executor": "local" if self.local else self.name, "actors": self.num_stages,
@@ -241,7 +241,7 @@ class StateMixin:
                 "boundaries": self.boundaries,
                 "units": [list(n) for n in pl.names],
                 "edges": [list(e) for e in pl.edges()],
-                "dfa_broadcast": self.dfa, "placement": self.cfg.runtime.placement,
+                "dfa_broadcast": self.broadcast_output_error, "placement": self.cfg.runtime.placement,
                 "num_cpus": self.cfg.runtime.num_cpus, "num_gpus": self.cfg.runtime.num_gpus,
                 "devices": sorted({i.get("device", "cpu") for i in self.stage_info}),
                 "data_plane": "local queues" if self.local else "torch.distributed gloo",
@@ -283,4 +283,4 @@ class StateMixin:
             del row["ledger"]
             kinds[row.pop("kind")].append(row)
         ledger = Ledger.merged(d["ledger"] for d in sends)
-        return summarize(kinds["activation"], kinds["error"], n, self.dfa, ledger)
+        return summarize(kinds["activation"], kinds["error"], n, self.broadcast_output_error, ledger)

@@ -87,7 +87,7 @@ def _error_sources(w) -> list[int]:
     through a channel, the one consumer of a chain; else every consumer (summed)."""
     if w.is_last:
         return []
-    if w.broadcast_error:
+    if w.broadcast_output_error:
         return [w.last_rank]
     return [w.consumer_ranks[0]] if w._ch_on else list(w.consumer_ranks)
 

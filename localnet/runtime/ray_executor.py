@@ -100,7 +100,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
         self.streamed = self._sched.streamed
         # the passes that must not update (evaluation, probes) flush
         self.flush_name = self._sched.flush_with or self.schedule_name
-        self.dfa = RULES.get(cfg.rule.name).broadcast_output_error
+        self.broadcast_output_error = RULES.get(cfg.rule.name).broadcast_output_error
         self.channels = cfg.channel.active() and pl.num_actors > 1
         self._ch_now = self.channels
         self._ch_samples = 0
@@ -123,7 +123,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
                 self._placer = session.Placer(rt, self.timeout)
                 if actors is None and rt.memory_preflight:  # before any actor starts
                     peak = simulate(self._schedule(self.schedule_name, self.micro_batches),
-                                    1.0, 1.0, dfa=self.dfa).peak_activations
+                                    1.0, 1.0, dfa=self.broadcast_output_error).peak_activations
                     self.memory = memory.check(cfg, pl, model, self.input_shape, peak)
                 if actors is None:
                     self.workers = self._placer.spawn(StageWorker, S)
@@ -273,7 +273,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
     def _order(self, M: int) -> dict:
         """(stage, action) -> when it ends in a dry run of this schedule, unit costs."""
         name = self.flush_name
-        res = simulate(self._schedule(name, M), 1.0, 1.0, dfa=self.dfa)
+        res = simulate(self._schedule(name, M), 1.0, 1.0, dfa=self.broadcast_output_error)
         return {(s, a): t1 for s, a, _, t1 in res.trace}
 
     def _stats_of(self, raws) -> StepStats:
@@ -308,7 +308,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
         """Dry-run every schedule this executor may run (its own, and its flushing
         counterpart for measuring passes), so a deadlock is found before any actor exists."""
         for name in {self.schedule_name, self.flush_name}:
-            for dfa in {self.dfa, False}:
+            for dfa in {self.broadcast_output_error, False}:
                 simulate(self._schedule(name, M), 1.0, 1.0, dfa=dfa)
         return self._schedule(self.schedule_name, M)
 

@@ -31,14 +31,14 @@ def _cpu(obj):
 
 class StageState:
     """Mixed into `StageWorker`, whose setup provides stage, name, kind, units,
-    node_name, unit_ids, device, ch, ch_dfa, broadcast_error and _timer."""
+    node_name, unit_ids, device, ch, ch_dfa, broadcast_output_error and _timer."""
 
     # ------------------------------------------------------------------ BP-angle probe
     def probe_begin(self) -> None:
         """Save BatchNorm statistics and zero gradients before extra measuring passes."""
         self._probe = {"bn": {k: v.clone() for k, v in self.stage.module.state_dict().items()
                               if "running" in k or "num_batches" in k},
-                       "broadcast": self.broadcast_error, "rules": None}
+                       "broadcast": self.broadcast_output_error, "rules": None}
         self.stage.zero_grad()
 
     def probe_rule(self, name: str | None) -> None:
@@ -49,9 +49,9 @@ class StageState:
         if name is not None:
             rule = make_rule(name)
             self._probe["rules"] = set_rule(self.stage.module, rule)
-            self.broadcast_error = rule.broadcast_output_error
+            self.broadcast_output_error = rule.broadcast_output_error
         else:
-            self.broadcast_error = self._probe["broadcast"]
+            self.broadcast_output_error = self._probe["broadcast"]
 
     def weight_grads(self, zero: bool = True) -> dict:
         g = {k: v.cpu() for k, v in self.stage.weight_grads().items()}

@@ -172,8 +172,8 @@ class StageWorker(WireEnd, StageState):
         self._transport = self.stage.transported_bytes()
         # DFA: no error is sent down; e is broadcast and each stage's output tap discards
         # whatever gradient arrives from above -- check that it really does.
-        self.broadcast_error = rule.broadcast_output_error
-        if self.broadcast_error and not self.is_last and not self._ends_with_tap():
+        self.broadcast_output_error = rule.broadcast_output_error
+        if self.broadcast_output_error and not self.is_last and not self._ends_with_tap():
             raise ValueError(f"{self.name}: rule {rule.name} needs every stage boundary right "
                              f"after an error tap; {names} ({self.node_name or 'units'}) "
                              f"does not end with one")
@@ -211,7 +211,7 @@ class StageWorker(WireEnd, StageState):
                 "in_shape": list(self.in_shape), "in_shapes": [list(s) for s in self.in_shapes],
                 "out_shape": list(self.out_shape),
                 "params": sum(p.numel() for p in self.stage.module.parameters()),
-                "rule": self.rule.name, "broadcast_error": self.broadcast_error,
+                "rule": self.rule.name, "broadcast_output_error": self.broadcast_output_error,
                 "device": str(self.device), "stash": self.stage.stash,
                 "pid": os.getpid(), "host": socket.gethostname(), "ray_node": _ray_node(),
                 "threads": torch.get_num_threads(),
@@ -291,14 +291,14 @@ class StageWorker(WireEnd, StageState):
         self._errors[key] = e
         stats = self._send_control("stats", DRIVER, step, {
             "mb": mb, "loss_sum": float(loss_sum), "correct": int(correct), "samples": int(n)})
-        if self.broadcast_error and self.num_stages > 1 and self._ch_on:
+        if self.broadcast_output_error and self.num_stages > 1 and self._ch_on:
             # one channel per receiving stage (its own codec state and drops)
             out = [stats]
             for j, ch in enumerate(self.ch_dfa):
                 out.extend(self._send_coded(ERROR, e, ch, stage_name(j), step, mb,
                                             OUTPUT).wire())
             return key, tuple(out)
-        if self.broadcast_error and self.num_stages > 1:
+        if self.broadcast_output_error and self.num_stages > 1:
             others = [stage_name(i) for i in range(self.num_stages) if i != self.index]
             emsg = self._send(ERROR, e, BROADCAST, step, mb, OUTPUT, receivers=others)
             return key, (stats, *emsg.wire())
@@ -318,7 +318,7 @@ class StageWorker(WireEnd, StageState):
                                    f"{len(wire) // 2}", "?", self.name, ERROR, step, mb)
             # the slot belongs to the oldest stored forward (StoredForwards)
             old_batch, old_shape = self._inflight[self._order.oldest()]
-            if self.broadcast_error:
+            if self.broadcast_output_error:
                 src, detail, shape = self.last_name, OUTPUT, (old_batch, self.num_classes)
             else:
                 src, detail, shape = self.consumers[0], CHAIN, old_shape
@@ -332,11 +332,11 @@ class StageWorker(WireEnd, StageState):
             if state != DATA:  # LOST: that forward was dropped, no update from it
                 del self._inflight[key]
                 return self._send_errors_down(None, batch, step, mb)
-            if self.broadcast_error:
+            if self.broadcast_output_error:
                 e, grad = got.tensor(), torch.zeros((), dtype=self.dtype).expand(out_shape)
             else:
                 grad, e = got.tensor(), None
-        elif self.broadcast_error:
+        elif self.broadcast_output_error:
             if len(wire) < 2:
                 raise MessageError("DFA backward without the output error", self.last_name,
                                    self.name, ERROR, step, mb)
@@ -362,7 +362,7 @@ class StageWorker(WireEnd, StageState):
     def _send_errors_down(self, dxs, batch, step, mb):
         """One error per input fed by another actor (dxs None: this micro-batch had no
         error, so an empty slot goes down the channel; WAIT: a waiting slot)."""
-        if self.is_first or self.broadcast_error:
+        if self.is_first or self.broadcast_output_error:
             return None
         if self._ch_on:
             dx = dxs if dxs is None or isinstance(dxs, str) else dxs[0]
