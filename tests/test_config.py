@@ -80,9 +80,10 @@ def test_per_rule_recipe_applies_only_to_its_rule_and_set_wins():
     explicit = load_config(path, ["train.weight_decay=0.5"])
     assert explicit.train.weight_decay == 0.5
     # a recipe may set the rule's options (FA's B scale), never the rule itself
-    assert load_config(path, ["rule.name=fa"]).rule.feedback_gain == 0.5
-    assert load_config(path, ["rule.name=kp"]).rule.feedback_gain == 1.0
-    assert load_config(path, ["rule.name=fa", "rule.feedback_gain=2"]).rule.feedback_gain == 2.0
+    recipe = "per_rule={fa: {rule.feedback_gain: 0.5}}"
+    assert load_config(path, [recipe, "rule.name=fa"]).rule.feedback_gain == 0.5
+    assert load_config(path, [recipe, "rule.name=kp"]).rule.feedback_gain == 1.0
+    assert load_config(path, [recipe, "rule.name=fa", "rule.feedback_gain=2"]).rule.feedback_gain == 2.0
     with pytest.raises(ConfigError, match="rule.name: a recipe may not change the rule"):
         load_config(None, ["per_rule={fa: {rule.name: bp}}", "rule.name=fa"])
 
