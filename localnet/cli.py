@@ -48,12 +48,22 @@ def _cmd_rules(args) -> int:
     from .rules import RULES
 
     table = Table(title="localnet learning rules")
-    for col in ("name", "weight transport", "paper"):
+    for col in ("name", "weight transport", "options (rule.*, default)", "paper"):
         table.add_column(col)
     for name, cls in RULES.items():
-        table.add_row(name, "yes" if cls.transports_weights else "no", cls.paper)
+        table.add_row(name, "yes" if cls.transports_weights else "no", _options(cls.Options),
+                      cls.paper)
     Console().print(table)
     return 0
+
+
+def _options(model) -> str:
+    """A plugin's Options as `key=default`; a nested section as `key.{a,b,...}`."""
+    out = []
+    for key, field in model.model_fields.items():
+        sub = getattr(field.default, "model_fields", None)
+        out.append(f"{key}.{{{','.join(sub)}}}" if sub else f"{key}={field.default}")
+    return ", ".join(out) or "-"
 
 
 def _floats(text: str) -> list[float]:
