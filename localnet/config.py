@@ -35,13 +35,22 @@ def _plugin_options(section: Section, registry, name: str, name_key: str, prefix
     return section
 
 
-class RuleConfig(Section):
+class PluginSection(Section):
+    """A section naming a plugin (rule, schedule, a link's codec) with that plugin's
+    options beside the name; its validator checks them (`_plugin_options`)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    def options(self) -> dict:
+        """The chosen plugin's options, checked: what its constructor takes."""
+        return dict(self.__pydantic_extra__ or {})
+
+
+class RuleConfig(PluginSection):
     """The learning rule: its `name`, and beside it that rule's own options -- the
     `Options` model in its file under localnet/rules/ (pfa: r, ortho, mode; fa, kp:
     feedback_gain; wm: feedback_gain, mirror.*) -- plus the update modifiers every rule
     shares.  A key the chosen rule does not declare is an error naming it."""
-
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str = "bp"
     batch_manhattan: bool = Field(False, description="update with the sign of the gradient (Moskovitz et al. 2018)")
@@ -52,10 +61,6 @@ class RuleConfig(Section):
         from .rules import RULES  # the registry: every rule file, discovered
 
         return _plugin_options(self, RULES, self.name, "rule.name", "rule")
-
-    def options(self) -> dict:
-        """The chosen rule's options, checked: what its constructor takes."""
-        return dict(self.__pydantic_extra__ or {})
 
 
 class ModelConfig(Section):
@@ -189,11 +194,9 @@ class PartitionStages(Section):
         "params", description="balance groups by parameter count or by measured fwd+bwd time")
 
 
-class ScheduleConfig(Section):
+class ScheduleConfig(PluginSection):
     """`runtime.schedule`: a schedule's `name` -- one file of localnet/schedules -- and
     that schedule's own options beside it.  A bare name is short for `{name: ...}`."""
-
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str = Field("gpipe", description="gpipe / 1f1b (one update per batch, the "
                                            "in-process maths) or async (an update per "
@@ -206,10 +209,6 @@ class ScheduleConfig(Section):
 
         return _plugin_options(self, SCHEDULES, self.name, "runtime.schedule.name",
                                "runtime.schedule")
-
-    def options(self) -> dict:
-        """The chosen schedule's options, checked: what its constructor takes."""
-        return dict(self.__pydantic_extra__ or {})
 
 
 class RuntimeConfig(Section):
@@ -270,12 +269,10 @@ class RuntimeConfig(Section):
         return self
 
 
-class LinkConfig(Section):
+class LinkConfig(PluginSection):
     """One direction of the messages between stages: a codec, with that codec's own
     options beside it -- the `Options` of its class in localnet/channels/codecs.py (topk:
     k, error_feedback; int8: per_channel, stochastic; lowrank: q) -- and its faults."""
-
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     codec: str = "fp32"
     delay: int = Field(0, ge=0, description="messages arrive this many steps late")

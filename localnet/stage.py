@@ -89,6 +89,14 @@ class Stage:
         self._pending[mb] = (x, y)
         return y.detach()
 
+    def drop(self, mb=None) -> None:
+        """Forget a stored forward (all of them: mb None) whose backward will never run,
+        with the autograd graph it holds."""
+        if mb is None:
+            self._pending.clear()
+        else:
+            self._pending.pop(mb, None)
+
     def backward(self, grad_y: torch.Tensor, mb: int = 0, e: torch.Tensor | None = None):
         x, y = self._pending.pop(mb)
         if grad_y is None:  # DFA: nothing came down; the taps in this stage inject D_l e

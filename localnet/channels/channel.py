@@ -171,12 +171,12 @@ class StoredForwards:
 
     def pair(self, state: str, stage):
         """The key of the forward this slot belongs to, or None for WAIT.  LOST drops
-        that forward from `stage` (a Stage, whose pending autograd state it frees)."""
+        that forward from `stage` (a Stage: `Stage.drop`)."""
         if state == WAIT:
             return None
         key = self._keys.popleft()
         if state != DATA:
-            stage._pending.pop(key, None)
+            stage.drop(key)
         return key
 
     def clear(self) -> None:

@@ -441,7 +441,7 @@ class StageWorker(WireEnd, StageState):
         self._inflight.clear()
         self._order.clear()
         self._errors.clear()
-        self.stage._pending.clear()
+        self.stage.drop()
         self.stage.zero_grad()
         self.stage.drop_snapshot()
 
