@@ -553,6 +553,30 @@ def test_summary_runtime_and_messages_for_every_executor(tmp_path):
         assert (s["messages"]["parameter_bytes"] > 0) == (rule == "bp")
 
 
+def test_audit_counts_any_payload_that_aliases_a_parameter_or_buffer():
+    """The ledger's parameter_bytes: a payload sharing memory with the actor's weights (a
+    view of one, a buffer, a parameter assigned after the stage was built) counts; a
+    fresh tensor of the same values does not."""
+    from localnet.runtime.graph import Placement
+
+    pl = Placement("units", [[0, 1], [1, 3]], [["fc1"], ["fc2", "head"]], [[-1], [0]])
+    w = StageWorker(_spec(cfg_for("fa"), pl, threads=0), threads=0)
+    mod = w.stage.module
+    p = next(mod.parameters())
+    assert w._aliases_state(p.detach()) and w._aliases_state(p.detach()[:1].t())
+    assert not w._aliases_state(p.detach().clone())
+    sub = next(s for s in mod.modules() if s._parameters)
+    name = next(k for k, v in sub._parameters.items() if v is not None)
+    fresh = torch.nn.Parameter(torch.randn_like(getattr(sub, name)))
+    setattr(sub, name, fresh)  # reassigned: must be caught without rebuilding anything
+    assert w._aliases_state(fresh.detach())
+    sub.register_buffer("probe", torch.zeros(3))
+    assert w._aliases_state(sub.probe)
+    before = w._ledger.parameter_bytes
+    w._send("activation", fresh.detach(), "stage1", 1, 0, "train")
+    assert w._ledger.parameter_bytes - before == fresh.numel() * 4
+
+
 # ---------------------------------------------------------------------------- devices
 def test_device_plumbing_on_cpu():
     """num_gpus > 0 makes each actor compute on its GPU (module and incoming tensors

@@ -19,7 +19,7 @@ from ..channels.channel import DATA, StoredForwards, make_channel
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
 from .graph import Placement
 from .messages import (ACTIVATION, CONTROL, ERROR, Control, Header, Message, MessageError,
-                       validate)
+                       dtype_name, validate)
 
 
 class WireEnd:
@@ -123,7 +123,7 @@ class WireEnd:
         if state != DATA:
             return state, None
         arr = x.detach().contiguous().numpy()
-        dec = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=arr.dtype.name,
+        dec = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=dtype_name(arr.dtype),
                      shape=tuple(arr.shape), run=h.run, detail=h.detail)
         return DATA, validate(Message(dec, arr, raw), kind, shape, dtype, dst=self.name)
 
@@ -155,10 +155,18 @@ class WireEnd:
         return msg
 
     def _aliases_state(self, t: torch.Tensor) -> bool:
-        ptr = t.untyped_storage().data_ptr()
+        """Does `t` share memory with a parameter or buffer of this actor's module?  The
+        audit asks this of every message, so it reads the submodules' own dicts (a
+        stage's structure is fixed once built) instead of walking the module tree each
+        time; the dicts are read afresh, so a reassigned parameter is still caught."""
         m = self.stage.module
-        return any(p.untyped_storage().data_ptr() == ptr
-                   for p in itertools.chain(m.parameters(), m.buffers()))
+        if getattr(self, "_state_of", None) is not m:
+            self._state_of = m
+            self._state_mods = list(m.modules())
+        ptr = t.untyped_storage().data_ptr()
+        return any(p is not None and p.untyped_storage().data_ptr() == ptr
+                   for s in self._state_mods
+                   for p in itertools.chain(s._parameters.values(), s._buffers.values()))
 
     def _send(self, kind, tensor, dst, step, mb, detail, *, meta=None, receivers=None) -> Message:
         pbytes = tensor.numel() * tensor.element_size() if self._aliases_state(tensor) else 0
@@ -253,6 +261,6 @@ class WireEnd:
             arr = arr.astype(np.float64)
         else:
             kind = ERROR if kind == ACTIVATION else ACTIVATION
-        bad = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=arr.dtype.name,
+        bad = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=dtype_name(arr.dtype),
                      shape=tuple(arr.shape), run=h.run, detail=h.detail, meta=h.meta)
         return Message(bad, arr, bad.encode())

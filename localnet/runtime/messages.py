@@ -151,10 +151,11 @@ class Message:
             raise ValueError(f"unknown data kind {kind!r}; one of {DATA_KINDS} "
                              f"(control messages are `Control`)")
         arr = _to_numpy(tensor)
-        if arr.dtype.name not in _DTYPES:
-            raise TypeError(f"dtype {arr.dtype.name} not allowed on the wire")
+        name = dtype_name(arr.dtype)
+        if name not in _DTYPES:
+            raise TypeError(f"dtype {name} not allowed on the wire")
         h = Header(kind=kind, src=src, dst=dst, step=int(step), mb=int(mb),
-                   dtype=arr.dtype.name, shape=tuple(arr.shape), run=run, detail=detail,
+                   dtype=name, shape=tuple(arr.shape), run=run, detail=detail,
                    meta=dict(meta or {}))
         return cls(h, arr, h.encode())
 
@@ -207,8 +208,9 @@ def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, 
         raise h.error(f"expected step {step}, got step {h.step}", who)
     if mb is not None and h.mb != mb:
         raise h.error(f"expected micro-batch {mb}, got {h.mb}", who)
-    if tuple(arr.shape) != tuple(h.shape) or arr.dtype.name != h.dtype:
-        raise h.error(f"payload {arr.dtype.name}{list(arr.shape)} does not match its header "
+    got = dtype_name(arr.dtype)
+    if tuple(arr.shape) != tuple(h.shape) or got != h.dtype:
+        raise h.error(f"payload {got}{list(arr.shape)} does not match its header "
                       f"{h.dtype}{list(h.shape)}", who)
     if expected_shape is not None:
         exp = tuple(expected_shape)
@@ -216,19 +218,30 @@ def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, 
             shown = ["*" if e is None else e for e in exp]
             raise h.error(f"expected shape {shown}, got {list(arr.shape)}", who)
     if dtype is not None:
-        want = _dtype_name(dtype)
-        if arr.dtype.name != want:
-            raise h.error(f"expected dtype {want}, got {arr.dtype.name}", who)
+        want = dtype_name(dtype)
+        if got != want:
+            raise h.error(f"expected dtype {want}, got {got}", who)
     if finite and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         raise h.error(f"{bad} of {arr.size} values are not finite (NaN/inf)", who)
     return msg
 
 
-def _dtype_name(dtype) -> str:
+_NAMES: dict = {}
+
+
+def dtype_name(dtype) -> str:
+    """The wire name of a numpy or torch dtype (or a name).  Cached: numpy computes
+    `dtype.name` afresh on every access, and every message asks several times."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        pass
     if isinstance(dtype, torch.dtype):
-        return str(dtype).removeprefix("torch.")
-    return np.dtype(dtype).name
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = np.dtype(dtype).name
+    return _NAMES.setdefault(dtype, name)
 
 
 # ------------------------------------------------------------------------------ control
