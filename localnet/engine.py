@@ -211,8 +211,11 @@ class InProcessExecutor:
 
     def state_dict(self) -> dict:
         st = {"stages": [s.state_dict() for s in self.stages]}
-        if self.channels is not None:  # each link's random stream and codec state
+        if self.channels is not None:  # each link's random stream, codec state and queue
             st["channels"] = [c.state_dict() for c in self.channels.all()]
+            # the forwards still waiting for a delayed error, in the order they pair
+            st["waiting"] = [w.state_dict() for w in self._waiting]
+            st["mb_id"] = self._mb_id
         return st
 
     def load_state_dict(self, state: dict) -> None:
@@ -221,6 +224,9 @@ class InProcessExecutor:
         if self.channels is not None and "channels" in state:
             for c, st in zip(self.channels.all(), state["channels"]):
                 c.load_state_dict(st)
+            for w, keys in zip(self._waiting, state.get("waiting", [[]] * len(self._waiting))):
+                w.load_state_dict(keys)
+            self._mb_id = state.get("mb_id", self._mb_id)
 
     # -- what train.py uses of every executor (the distributed runtime has the same) --
     def save_state(self, run_dir) -> dict:

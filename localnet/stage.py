@@ -281,9 +281,54 @@ class NodeStage(Stage):
         super().mirror_steps(n)
         self._mutations += 1
 
+    # -- forwards in flight across a checkpoint (delayed errors) -------------------------
+    def state_dict(self) -> dict:
+        """Stage's state, plus each stored forward whose error is still to come (a
+        delayed error link keeps some across every step).  Its autograd graph cannot be
+        saved, but what rebuilds it can: the inputs and the stashed weights it used."""
+        st = super().state_dict()
+        if self._pending:
+            st["pending"] = [{"key": key, "xs": [x.detach() for x in xs], "snap": snap}
+                             for key, (xs, _, snap) in self._pending.items()]
+        return st
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.drop_snapshot()
+        self._pending.clear()
+        if state.get("pending"):
+            self._rebuild(state["pending"])
+            # the rebuilt forwards moved BatchNorm's running statistics: the checkpoint's
+            self.module.load_state_dict(state["module"])
+
+    def _rebuild(self, pending: list) -> None:
+        """Run each saved forward again on its own inputs and stashed weights, in train
+        mode: the same operations on the same values, so the graph -- and the backward
+        that will run through it -- is the one the interrupted run had.  Forwards that
+        shared a snapshot share it again (torch.save keeps shared tensors shared)."""
+        if not self.stash:
+            raise ValueError("a checkpoint with stored forwards needs weight stashing (the "
+                             "run had delayed error links; this one does not)")
+        grads = {n: p.requires_grad for n, p in self.module.named_parameters()}
+        revived: dict[int, torch.Tensor] = {}
+
+        def revive(n, t):
+            if id(t) not in revived:
+                revived[id(t)] = t.to(self.device).detach().requires_grad_(grads.get(n, False))
+            return revived[id(t)]
+
+        was = self.module.training
+        self.module.train(True)
+        try:
+            for e in pending:
+                snap = {n: revive(n, t) for n, t in e["snap"].items()}
+                xs = [x.to(self.device).detach().requires_grad_(g)
+                      for x, g in zip(e["xs"], self.grad_inputs)]
+                y = torch.func.functional_call(self.module, snap, tuple(xs), strict=False)
+                key = tuple(e["key"]) if isinstance(e["key"], list) else e["key"]
+                self._pending[key] = (xs, y, snap)
+        finally:
+            self.module.train(was)
 
     def transported_bytes(self) -> int:
         """Bytes of forward weights this stage's backward reads, under a rule that

@@ -360,7 +360,7 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
 
 
 LOSSY = {"activation": {"codec": "topk", "k": 0.3, "error_feedback": True},
-         "error": {"codec": "lowrank", "q": 2, "drop": 0.1}}
+         "error": {"codec": "lowrank", "q": 2, "drop": 0.1, "delay": 1}}
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "async"])

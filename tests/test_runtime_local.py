@@ -505,7 +505,7 @@ def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule, variant)
     if variant == "channels":
         sets += ["channel.activation.codec=topk", "channel.activation.k=0.3",
                  "channel.activation.error_feedback=true", "channel.error.codec=lowrank",
-                 "channel.error.q=2", "channel.error.drop=0.1"]
+                 "channel.error.q=2", "channel.error.drop=0.1", "channel.error.delay=1"]
     full = train(_small(*sets), tmp_path / "full", progress=False)
     orig = RayExecutor.train_step
 

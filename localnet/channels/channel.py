@@ -33,6 +33,7 @@ import torch
 
 from ..ledger import Ledger
 from .codecs import Codec, Encoded, make_codec
+from .wire import pack, unpack
 
 ACTIVATION, ERROR = "activation", "error"
 DATA, LOST, WAIT = "data", "lost", "wait"  # what a receiver finds in a slot
@@ -131,13 +132,16 @@ class Channel:
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of this link: its random stream (codec noise, drops),
-        its codec's state and its counts.  Queued messages are not kept: a link without
-        delay holds none between flushing steps."""
+        its codec's state, its counts, and the messages queued on it -- a delayed link
+        holds `delay` steps of them between steps, which a resumed run must still
+        deliver.  A queued message is kept as the wire has it (`wire.pack`)."""
         return {"rng": self.rng.get_state(), "codec": self.codec.state_dict(),
-                "counts": [self.sent, self.delivered, self.dropped, self.missing, self.bytes]}
+                "counts": [self.sent, self.delivered, self.dropped, self.missing, self.bytes],
+                "fifo": [_slot_state(enc) for enc in self.fifo]}
 
     def load_state_dict(self, state: dict) -> None:
         self.fifo.clear()
+        self.fifo.extend(_slot_from_state(s) for s in state.get("fifo", []))
         self.rng.set_state(state["rng"])
         self.codec.load_state_dict(state["codec"])
         self.sent, self.delivered, self.dropped, self.missing, self.bytes = state["counts"]
@@ -146,6 +150,20 @@ class Channel:
         """Forget queued messages and codec state (counters and bytes are kept)."""
         self.fifo.clear()
         self.codec.reset()
+
+
+def _slot_state(enc):
+    """A queued slot as plain data: None (lost or empty), WAIT, or the packed message."""
+    if enc is None or isinstance(enc, str):
+        return enc
+    arr, meta = pack(enc)
+    return {"payload": torch.from_numpy(arr.copy()), "meta": meta}
+
+
+def _slot_from_state(s):
+    if s is None or isinstance(s, str):
+        return s
+    return unpack(s["payload"].numpy(), s["meta"])
 
 
 class StoredForwards:
@@ -181,6 +199,12 @@ class StoredForwards:
 
     def clear(self) -> None:
         self._keys.clear()
+
+    def state_dict(self) -> list:
+        return list(self._keys)
+
+    def load_state_dict(self, keys: list) -> None:
+        self._keys = deque(tuple(k) if isinstance(k, list) else k for k in keys)
 
     def __len__(self) -> int:
         return len(self._keys)

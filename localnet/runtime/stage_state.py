@@ -85,6 +85,9 @@ class StageState:
         if self.ch or self.ch_dfa:  # communication restrictions: each link's state
             st["channels"] = {"links": {k: c.state_dict() for k, c in self.ch.items()},
                               "dfa": [c.state_dict() for c in self.ch_dfa]}
+        if self._inflight:  # forwards waiting for a delayed error (the stage keeps them)
+            st["inflight"] = [[list(k), n, list(shape)] for k, (n, shape) in self._inflight.items()]
+            st["order"] = [list(k) for k in self._order.state_dict()]
         if self.device.type == "cuda":
             st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return _cpu(st)
@@ -102,6 +105,8 @@ class StageState:
                 c.load_state_dict(state["channels"]["links"][k])
             for c, s in zip(self.ch_dfa, state["channels"]["dfa"]):
                 c.load_state_dict(s)
+        self._inflight = {tuple(k): (n, tuple(shape)) for k, n, shape in state.get("inflight", [])}
+        self._order.load_state_dict(state.get("order", []))
         if "rng" in state:
             torch.set_rng_state(state["rng"].cpu() if hasattr(state["rng"], "cpu") else state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
@@ -113,8 +118,8 @@ class StageState:
         if self._inflight and not (self._ch_on and self._order):
             raise RuntimeError(f"{self.name}: checkpoint with micro-batches "
                                f"{sorted(self._inflight)} in flight")
-        # (forwards still waiting for a delayed error are not checkpointed: like the
-        # channels' queues, a resumed run starts without them)
+        # forwards still waiting for a delayed error are in it (NodeStage.state_dict),
+        # and so are the messages queued on the links (Channel.state_dict)
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{self.name}.pt"
