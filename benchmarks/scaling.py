@@ -2,7 +2,8 @@
 
     python benchmarks/scaling.py                         # ResNet-20/32/56 x per_unit/per_layer
     python benchmarks/scaling.py --models resnet20 --partitions per_layer --steps 8 --no-write
-    python benchmarks/scaling.py --baseline              # a bare torch actor; + torch._dynamo
+    python benchmarks/scaling.py --baseline              # a bare torch actor; + torch._dynamo;
+                                                         # the CPU an actor needs to get ready
 
 For each model and partition (PFA, 1f1b, batch 128 in 4 micro-batches, CIFAR-shaped
 synthetic input, one torch thread per actor, an embedded Ray of its own):
@@ -148,20 +149,59 @@ class Idle:
         return time.process_time() - t
 
 
+class Bare:
+    """A Ray actor that has imported nothing of its own yet: the CPU an actor spends to
+    get ready, phase by phase (`process_time` counts every thread of the process)."""
+
+    def worker_cpu(self) -> float:
+        """CPU seconds the process used to become a Ray worker and take its first call."""
+        return time.process_time()
+
+    def import_cpu(self, module: str) -> float:
+        import importlib
+
+        t = time.process_time()
+        importlib.import_module(module)
+        return time.process_time() - t
+
+
+def startup_floor(ray, actors: int = 3) -> dict:
+    """Median CPU seconds per actor of each start-up phase, actors started one at a time
+    (so none waits for a core): Ray's worker, `import torch`, then localnet's stage
+    actor module (`localnet.runtime.worker`, torch already in)."""
+    phases: dict[str, list[float]] = {"ray_worker": [], "torch": [], "localnet": []}
+    for _ in range(actors):
+        a = ray.remote(num_cpus=0)(Bare).remote()
+        phases["ray_worker"].append(ray.get(a.worker_cpu.remote(), timeout=120))
+        phases["torch"].append(ray.get(a.import_cpu.remote("torch"), timeout=120))
+        phases["localnet"].append(ray.get(a.import_cpu.remote("localnet.runtime.worker"),
+                                          timeout=120))
+        ray.kill(a)
+    return {k: round(statistics.median(v), 2) for k, v in phases.items()}
+
+
 def baseline(write: bool) -> dict:
-    """A bare torch actor's private memory, and what importing torch._dynamo adds."""
+    """A bare torch actor's private memory, what importing torch._dynamo adds, and the
+    CPU an actor needs to get ready."""
     import ray
 
+    t = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - t
     try:
         a = ray.remote(num_cpus=0)(Idle).remote()
         pid = ray.get(a.pid.remote(), timeout=120)
         before = private_mb(pid)
         cpu = ray.get(a.import_dynamo.remote(), timeout=120)
-        r = {"bare_mb": round(before, 1), "dynamo_mb": round(private_mb(pid) - before, 1),
-             "dynamo_cpu_s": round(cpu, 2), "hardware": hardware_cpu(), "commit": commit()}
+        dynamo_mb = private_mb(pid) - before
+        ray.kill(a)
+        floor = startup_floor(ray)
+        r = {"bare_mb": round(before, 1), "dynamo_mb": round(dynamo_mb, 1),
+             "dynamo_cpu_s": round(cpu, 2), "ray_init_s": round(init_s, 2),
+             "startup_cpu_s": floor, "hardware": hardware_cpu(), "commit": commit()}
     finally:
         ray.shutdown()
+    f = r["startup_cpu_s"]
     if write:
         write_section("scaling:baseline", [
             "### An actor's floor, and what torch._dynamo would add", "",
@@ -171,7 +211,18 @@ def baseline(write: bool) -> dict:
             "in it (what torch.optim.SGD does on first use; `localnet/optim.py` avoids it).",
             "", "| bare torch actor, private MB | + torch._dynamo, MB | its import, CPU s |",
             "| --- | --- | --- |",
-            f"| {r['bare_mb']} | {r['dynamo_mb']} | {r['dynamo_cpu_s']} |"])
+            f"| {r['bare_mb']} | {r['dynamo_mb']} | {r['dynamo_cpu_s']} |", "",
+            "What an actor spends to get ready, in CPU seconds (median of 3 actors started "
+            "one at a time), and `ray.init` of the embedded Ray (wall, this run):", "",
+            "| Ray worker, to its first call | `import torch` | `import localnet.runtime.worker` "
+            "| sum | `ray.init` (s) |", "| --- | --- | --- | --- | --- |",
+            f"| {f['ray_worker']} | {f['torch']} | {f['localnet']} | "
+            f"{round(sum(f.values()), 2)} | {r['ray_init_s']} |", "",
+            "On C cores N actors cannot all be ready before `ray.init` + N x sum / C: "
+            f"for the main job's 11 actors on 2 cores, {r['ray_init_s']} + 11 x "
+            f"{round(sum(f.values()), 2)} / 2 = "
+            f"**{round(r['ray_init_s'] + 11 * sum(f.values()) / 2, 1)} s**, before any "
+            "actor builds its layers or joins the data plane."])
     return r
 
 
@@ -351,7 +402,8 @@ def main(argv=None) -> dict:
                         "benchmarks/dataplane.py measures it")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--baseline", action="store_true",
-                   help="only a bare torch actor's memory and what torch._dynamo adds")
+                   help="only a bare torch actor's memory, what torch._dynamo adds, and "
+                        "the CPU an actor spends to get ready")
     args = p.parse_args(argv)
     if args.baseline:
         r = baseline(not args.no_write)
