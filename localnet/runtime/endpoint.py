@@ -123,8 +123,9 @@ class WireEnd:
         if state != DATA:
             return state, None
         arr = x.detach().contiguous().numpy()
-        dec = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=dtype_name(arr.dtype),
-                     shape=tuple(arr.shape), run=h.run, detail=h.detail)
+        dec = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb,
+                     dtype=dtype_name(arr.dtype), shape=tuple(arr.shape), run=h.run,
+                     detail=h.detail)
         return DATA, validate(Message(dec, arr, raw), kind, shape, dtype, dst=self.name)
 
     # ------------------------------------------------------------------ wire helpers
@@ -261,6 +262,7 @@ class WireEnd:
             arr = arr.astype(np.float64)
         else:
             kind = ERROR if kind == ACTIVATION else ACTIVATION
-        bad = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb, dtype=dtype_name(arr.dtype),
-                     shape=tuple(arr.shape), run=h.run, detail=h.detail, meta=h.meta)
+        bad = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb,
+                     dtype=dtype_name(arr.dtype), shape=tuple(arr.shape), run=h.run,
+                     detail=h.detail, meta=h.meta)
         return Message(bad, arr, bad.encode())

@@ -86,7 +86,8 @@ class StageState:
             st["channels"] = {"links": {k: c.state_dict() for k, c in self.ch.items()},
                               "dfa": [c.state_dict() for c in self.ch_dfa]}
         if self._inflight:  # forwards waiting for a delayed error (the stage keeps them)
-            st["inflight"] = [[list(k), n, list(shape)] for k, (n, shape) in self._inflight.items()]
+            st["inflight"] = [[list(k), n, list(shape)]
+                              for k, (n, shape) in self._inflight.items()]
             st["order"] = [list(k) for k in self._order.state_dict()]
         if self.device.type == "cuda":
             st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
