@@ -9,7 +9,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError, dump_config, load_config
+from .config import ConfigError, dump_config, load_config, load_run_config
 
 
 def _cmd_run(args) -> int:
@@ -18,7 +18,11 @@ def _cmd_run(args) -> int:
     if args.resume:
         from pathlib import Path
         run_dir = Path(args.resume)
-        cfg = load_config(run_dir / "config.yaml", args.set)
+        cfg, dropped = load_run_config(run_dir, args.set)
+        if dropped:
+            print(f"localnet: {run_dir / 'config.yaml'} was written by an earlier localnet, "
+                  f"which kept every rule's and codec's options; dropped the ones this run's "
+                  f"rule and codecs never used: {', '.join(dropped)}", file=sys.stderr)
     else:
         cfg = load_config(args.config, args.set)
         run_dir = new_run_dir(cfg, args.out)

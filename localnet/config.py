@@ -6,6 +6,7 @@ Every section forbids unknown keys, so a typo is an error that names the key
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -424,22 +425,73 @@ def _rule_recipe(data: dict, overrides: list[str]) -> list[str]:
     return items
 
 
+def _read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return _config_from({} if path is None else _read_yaml(path), overrides)
+
+
+def load_run_config(run_dir, overrides: list[str] | None = None) -> tuple[Config, list[str]]:
+    """The config a run directory was written with (for --resume), and the keys dropped
+    from it.  A run written before rules and codecs declared their own options has every
+    rule's and every codec's options in one flat section; the options the run's rule or
+    codec does not take had no effect on it, so they are dropped (and named), and
+    `pfa_mode` is PFA's `mode` now.  Any other bad key is the usual error."""
+    data = _read_yaml(Path(run_dir) / "config.yaml")
+    # a run's config.yaml is already resolved: its per_rule recipe was applied, and then
+    # beaten by the run's --set, so applying it again would undo those
+    try:
+        return _config_from(data, overrides, recipes=False), []
+    except ConfigError:
+        migrated, dropped = _migrate_flat_plugins(data)
+        if not dropped:
+            raise
+        return _config_from(migrated, overrides, recipes=False), dropped
+
+
+def _migrate_flat_plugins(data: dict) -> tuple[dict, list[str]]:
+    from .channels.codecs import CODECS
+    from .rules import RULES
+
+    data, dropped = copy.deepcopy(data), []
+
+    def keep_own(section, where: str, registry, name_key: str, fixed) -> None:
+        if not isinstance(section, dict) or section.get(name_key) not in registry:
+            return
+        own = set(registry.get(section[name_key]).Options.model_fields) | set(fixed)
+        if "pfa_mode" in section and "mode" in own and "mode" not in section:
+            section["mode"] = section.pop("pfa_mode")
+        # another plugin's option: inert in that run.  A key no plugin declares stays,
+        # and fails validation as any unknown key does.
+        others = {f for _, cls in registry.items() for f in cls.Options.model_fields}
+        for key in [k for k in section if k not in own and k in others | {"pfa_mode"}]:
+            del section[key]
+            dropped.append(f"{where}.{key}")
+
+    keep_own(data.get("rule"), "rule", RULES, "name", RuleConfig.model_fields)
+    for kind in ("activation", "error"):
+        keep_own((data.get("channel") or {}).get(kind), f"channel.{kind}", CODECS, "codec",
+                 LinkConfig.model_fields)
+    return data, dropped
+
+
+def _config_from(data: dict, overrides: list[str] | None, recipes: bool = True) -> Config:
     overrides = list(overrides or [])
     data = apply_overrides(data, overrides)
-    data = apply_overrides(data, _rule_recipe(data, overrides))
-    data = apply_overrides(data, overrides)  # explicit --set beats the rule's recipe
+    if recipes:
+        data = apply_overrides(data, _rule_recipe(data, overrides))
+        data = apply_overrides(data, overrides)  # explicit --set beats the rule's recipe
     try:
         return Config.model_validate(data)
     except ValidationError as err:

@@ -142,7 +142,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         done = finished_summary(run_dir, ckpt, cfg)
         if done is not None:  # a retried command: the run is final, leave it as it is
             return done
-    write_text(run_dir / "config.yaml", dump_config(cfg))
+    if not resume:  # a resumed run's is rewritten once its checkpoint has loaded
+        write_text(run_dir / "config.yaml", dump_config(cfg))
     data, rule, model, ex = build(cfg)
     try:
         return _train(cfg, run_dir, ckpt, progress, data, rule, ex)
@@ -183,7 +184,16 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     start_epoch, step, train_time, samples_seen = 0, 0, 0.0, 0
     skip, sums = 0, (0.0, 0, 0)  # a mid-epoch checkpoint: batches done, their loss/correct/seen
     if resume:
-        ex.load_saved_state(run_dir, ckpt["executor"])
+        try:
+            ex.load_saved_state(run_dir, ckpt["executor"])
+        except RuntimeError as err:
+            if "size mismatch" not in str(err) and "Missing key" not in str(err):
+                raise
+            raise RuntimeError(f"--resume: {run_dir / 'checkpoint.pt'} does not fit this config "
+                               f"(did a --set change the model, the rule or its options?): "
+                               f"{err}") from None
+        # only now: a config the checkpoint does not fit leaves the run's own in place
+        write_text(run_dir / "config.yaml", dump_config(cfg))
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         train_time, samples_seen = ckpt["train_time"], ckpt["samples"]
         torch.set_rng_state(ckpt["torch_rng"])

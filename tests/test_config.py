@@ -94,3 +94,54 @@ def test_resolved_config_round_trips(tmp_path):
     out = tmp_path / "resolved.yaml"
     out.write_text(dump_config(cfg))
     assert load_config(out) == cfg
+
+
+OLD_FLAT = """
+rule: {name: pfa, r: 4, ortho: false, pfa_mode: fused, batch_manhattan: false,
+       norm_constraint: false, feedback_gain: 0.5,
+       mirror: {sigma: 1.0, lr: 0.01, decay: null, batch: 16, warmup_steps: 100, every: 1}}
+model: {name: mlp, widths: [16]}
+data: {name: synthetic}
+channel:
+  activation: {codec: topk, k: 0.3, error_feedback: true, q: 8, per_channel: false,
+               stochastic: true, delay: 0, drop: 0.0, bandwidth: null}
+  error: {codec: fp32, k: 0.1, error_feedback: false, q: 8, per_channel: false,
+          stochastic: true, delay: 1, drop: 0.0, bandwidth: null}
+"""
+
+
+def test_resume_reads_a_run_written_with_every_plugins_options(tmp_path):
+    """A run directory from before rules and codecs declared their own options: --resume
+    keeps what the run's rule and codecs take (pfa_mode is PFA's mode now) and names
+    what it dropped -- options that never reached that run.  Any other bad key is still
+    an error naming it."""
+    from localnet.config import load_run_config
+
+    (tmp_path / "config.yaml").write_text(OLD_FLAT)
+    with pytest.raises(ConfigError, match="rule.feedback_gain"):
+        load_config(tmp_path / "config.yaml")  # as a config to start from: refused
+    cfg, dropped = load_run_config(tmp_path, ["train.epochs=3"])
+    assert cfg.rule.options() == {"r": 4, "ortho": False, "mode": "fused"}
+    assert cfg.channel.activation.options() == {"k": 0.3, "error_feedback": True}
+    assert cfg.channel.error.options() == {} and cfg.channel.error.delay == 1
+    assert cfg.train.epochs == 3
+    assert sorted(dropped) == sorted(
+        ["rule.feedback_gain", "rule.mirror"]
+        + [f"channel.activation.{k}" for k in ("q", "per_channel", "stochastic")]
+        + [f"channel.error.{k}" for k in ("k", "error_feedback", "q", "per_channel",
+                                          "stochastic")])
+    (tmp_path / "config.yaml").write_text(OLD_FLAT.replace("r: 4", "rr: 4"))
+    with pytest.raises(ConfigError, match="rule.rr"):
+        load_run_config(tmp_path)
+
+
+def test_resume_keeps_what_the_run_set_over_its_rule_recipe(tmp_path):
+    """A run's config.yaml is resolved: its --set beat the per_rule recipe once, and
+    reading it back for --resume must not let the recipe win this time."""
+    from localnet.config import dump_config, load_run_config
+
+    cfg = load_config(ROOT / "configs/resnet_pfa.yaml", ["train.weight_decay=0.001", "rule.r=4"])
+    assert (cfg.rule.r, cfg.train.weight_decay) == (4, 0.001)
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    again, dropped = load_run_config(tmp_path)
+    assert again == cfg and dropped == []

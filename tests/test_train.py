@@ -103,6 +103,19 @@ def test_resume_continues_to_the_same_result(tmp_path, extra):
     assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
 
 
+def test_a_resume_the_checkpoint_does_not_fit_changes_no_file(tmp_path):
+    """--resume with a config the checkpoint cannot load into (PFA's r changed): the
+    error names the mismatch, and the run directory is left byte for byte as it was."""
+    from localnet.config import load_run_config
+
+    train(small("rule.name=pfa", "rule.r=2", "train.epochs=1"), tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    cfg, _ = load_run_config(tmp_path, ["train.epochs=2", "rule.r=3"])
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        train(cfg, tmp_path, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 def test_nan_fails_clearly_and_keeps_checkpoint(tmp_path):
     train(small("rule.name=fa", "train.epochs=1"), tmp_path, progress=False)
     before = (tmp_path / "checkpoint.pt").read_bytes()
