@@ -192,11 +192,14 @@ def test_a_lost_node_costs_no_step(cluster, tmp_path):
     assert summary["steps"] == 512 // 8
     recs = summary["runtime"]["recoveries"]
     assert recs and all(r["lost_steps"] == 0 for r in recs), recs
-    # the restore point is a checkpoint, and the replay covers exactly the steps from
-    # there to the one that failed (how many depends on when the loss is noticed)
+    # The restore point is a checkpoint, and the replay retrains every step that had
+    # finished since: up to the one before the failed step, or up to that step itself
+    # when the call that failed came after it (saving the checkpoint at step 8, say).
+    # How many depends on when the loss is noticed.
     rec = recs[0]
-    assert rec["restored_step"] % 4 == 0 and 0 <= rec["replayed_steps"] < 4, rec
-    assert rec["restored_step"] + rec["replayed_steps"] == rec["at_step"] - 1, rec
+    assert rec["restored_step"] % 4 == 0 and 0 <= rec["replayed_steps"] <= 4, rec
+    assert rec["restored_step"] + rec["replayed_steps"] in (rec["at_step"] - 1,
+                                                           rec["at_step"]), rec
     assert len(set(summary["runtime"]["actor_nodes"])) == 2  # node 2 is gone
 
 
