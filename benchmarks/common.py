@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +61,30 @@ def write_section(tag: str, lines: list[str]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def used_mb() -> float:
+    """The machine's used memory, MB: MemTotal - MemAvailable."""
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":", 1)
+        info[k] = int(v.split()[0])
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+class Peak:
+    """The machine's peak used memory while it runs, sampled in a thread."""
+
+    def __init__(self, every: float = 0.2):
+        self.peak, self._stop = used_mb(), threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._t.start()
+
+    def _run(self, every):
+        while not self._stop.wait(every):
+            self.peak = max(self.peak, used_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return self.peak

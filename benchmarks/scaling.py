@@ -34,11 +34,10 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
-from common import commit, hardware_cpu, ray_benchmark_env, write_section
+from common import Peak, commit, hardware_cpu, ray_benchmark_env, used_mb, write_section
 
 ray_benchmark_env()
 
@@ -67,14 +66,6 @@ def batches(batch: int, n: int = 4):
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(batch, *SHAPE, generator=g), torch.randint(0, NC, (batch,), generator=g))
             for _ in range(n)]
-
-
-def used_mb() -> float:
-    info = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        k, v = line.split(":", 1)
-        info[k] = int(v.split()[0])
-    return (info["MemTotal"] - info["MemAvailable"]) / 1024
 
 
 def private_mb(pid: int) -> float:
@@ -112,24 +103,6 @@ def machine_cpu() -> float:
     """CPU seconds all processes of the machine used (busy time in /proc/stat)."""
     v = list(map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]))
     return (sum(v) - v[3] - v[4]) / HZ
-
-
-class Peak:
-    """The machine's peak used memory while it runs, sampled in a thread."""
-
-    def __init__(self, every: float = 0.2):
-        self.peak, self._stop = used_mb(), threading.Event()
-        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
-        self._t.start()
-
-    def _run(self, every):
-        while not self._stop.wait(every):
-            self.peak = max(self.peak, used_mb())
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._t.join()
-        return self.peak
 
 
 class Idle:

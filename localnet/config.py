@@ -233,6 +233,11 @@ class RuntimeConfig(Section):
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement group strategy")
     threads: int = Field(1, ge=1, description="torch threads inside each actor")
     local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
+    local_object_store_mb: int = Field(
+        1024, ge=100, description="object store of the embedded local Ray.  Only the "
+                                  "coordinator's calls use it (batches, gathered state); "
+                                  "activations and errors take the data plane.  Ray's own "
+                                  "default, 30% of memory, is withheld from the actors")
     actor_baseline_mb: float = Field(
         400.0, ge=0, description="an actor process's own memory before its share of the "
                                  "model: Ray's worker, import torch and the runtime's own "

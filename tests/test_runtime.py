@@ -13,12 +13,13 @@ from collections import defaultdict
 import pytest
 import torch
 
-from localnet.config import Config
+from localnet.config import Config, RuntimeConfig
 from localnet.runtime.messages import MessageError
 from localnet.runtime.testing import batches, leaks, reference, state_diff, tensors_of
 
 ray = pytest.importorskip("ray")
 from localnet.runtime.ray_executor import RayExecutor  # noqa: E402
+from localnet.runtime.session import ensure_ray  # noqa: E402
 
 MLP = {"model": {"name": "mlp", "widths": [16, 16]}, "data": {"name": "synthetic"}}
 RESNET8 = {"model": {"name": "resnet8"}, "data": {"name": "synthetic"}}
@@ -37,11 +38,8 @@ def cfg_for(rule, schedule="gpipe", model=None, partition="per_unit", m=M, bs=BS
 
 @pytest.fixture(scope="module")
 def ray_session():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
+    started = ensure_ray(RuntimeConfig(local_cpus=4))  # the embedded Ray `localnet run` starts
+    yield started
     if started:
         ray.shutdown()
 
@@ -252,6 +250,16 @@ def test_a_partition_that_cannot_fit_is_refused_before_any_actor_starts(ray_sess
                           reference(cfg, IMG, NC)[1], IMG, [2] * 8)
     assert all(r["total"] == r["baseline"] + r["state"] + r["activations"] for r in est)
     assert all(r["baseline"] == 400 * memory.MB for r in est)
+
+
+def test_the_embedded_ray_keeps_its_object_store_out_of_the_actors_memory(ray_session):
+    """Ray withholds its object store from the memory it offers workers (what the
+    preflight compares with); the embedded session sizes the store by
+    runtime.local_object_store_mb, not Ray's default of 30% of the machine."""
+    if not ray_session:
+        pytest.skip("Ray was started outside this module")
+    want = RuntimeConfig().local_object_store_mb * 2**20
+    assert ray.cluster_resources()["object_store_memory"] == pytest.approx(want, rel=0.01)
 
 
 # ---------------------------------------------------------------------------- wiring

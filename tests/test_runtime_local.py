@@ -67,6 +67,20 @@ def test_local_interpreter_matches_inprocess_resnet(rule, schedule, partition):
     assert ex.evaluate(loader) == pytest.approx(ref.evaluate(loader), rel=1e-5)
 
 
+def test_evaluation_goes_through_the_actors_in_training_sized_micro_batches():
+    """An actor keeps the largest buffers it ever held (alloc.py), so a whole evaluation
+    batch per message would grow every actor by that batch's activations: the driver
+    cuts each one into pieces of training's micro-batch size.  Same loss and accuracy."""
+    cfg = cfg_for("pfa", "1f1b")  # micro-batches of 16 / 4 = 4 samples
+    ref, model, ex = run_both(cfg, SHAPE, NC, steps=2, bs=16)
+    ex.reset_ledger()
+    loader = batches(2, 10, SHAPE, NC, seed=4)  # 10 samples: pieces of 4, 4, 2
+    assert ex.evaluate(loader) == pytest.approx(ref.evaluate(loader), rel=1e-5)
+    rows = ex.ledger().rows
+    assert rows[("driver", "stage0", "activation")][0] == 2 * 3
+    assert rows[("driver", f"stage{ex.num_stages - 1}", "target")][0] == 2 * 3
+
+
 def test_local_bp_angles_state_and_eval():
     cfg = cfg_for("fa", "1f1b")
     ref, model, ex = run_both(cfg, SHAPE, NC, steps=2, bs=16)

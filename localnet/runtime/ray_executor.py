@@ -214,10 +214,13 @@ class RayExecutor(StateMixin, RecoveryMixin):
         return refs if self.local else session.get(refs, self.timeout, what)
 
     # ------------------------------------------------------------------ one call per actor
-    def _wire_in(self, x, y, step: int, mbs: list[int], n: int, detail: str) -> tuple[dict, dict]:
+    def _wire_in(self, x, y, step: int, mbs: list[int], n: int, detail: str,
+                 size: int | None = None) -> tuple[dict, dict]:
         """The driver's messages for micro-batches `mbs` of step `step`: the inputs, per
-        first actor, and the targets for the last."""
-        xs, ys = x.chunk(len(mbs)), y.chunk(len(mbs))
+        first actor, and the targets for the last.  The batch is cut into len(mbs) equal
+        chunks (as the in-process engine cuts it), or into pieces of `size`."""
+        xs, ys = (x.chunk(len(mbs)), y.chunk(len(mbs))) if size is None else \
+            (x.split(size), y.split(size))
         last = self.num_stages - 1
         inputs = {s: {(step, m): list(self._send(ACTIVATION, xm, stage_name(s), step, m, detail))
                       for m, xm in zip(mbs, xs)} for s in self.first}
@@ -413,7 +416,10 @@ class RayExecutor(StateMixin, RecoveryMixin):
     @recovering
     def evaluate(self, loader) -> tuple[float, float]:
         """Loss and accuracy through the same actors, forward only: one call per actor
-        per batch, a few batches in flight."""
+        per batch, a few batches in flight.  Each batch goes through in micro-batches of
+        training's size: an actor keeps the largest buffers it ever held (alloc.py), and
+        a whole evaluation batch (`train.eval_batch_size`) per message would grow every
+        actor by that batch's activations, many times training's own."""
         return self._evaluate(loader)
 
     def _evaluate(self, loader) -> tuple[float, float]:
@@ -427,10 +433,14 @@ class RayExecutor(StateMixin, RecoveryMixin):
             loss, correct, n = loss + st.loss_sum, correct + st.correct, n + st.samples
 
         try:
-            for i, (x, y) in enumerate(loader):
-                inputs, targets = self._wire_in(x, y, self._step, [i], int(x.shape[0]), "eval")
-                pending.append(self._issue([[("I", self._step, i)]] * self.num_stages,
-                                           inputs, targets))
+            size, first = max(self.cfg.train.batch_size // self.cfg.train.micro_batches, 1), 0
+            for x, y in loader:
+                b = int(x.shape[0])
+                mbs = list(range(first, first + -(-b // size)))  # x.split(size)'s pieces
+                first += len(mbs)
+                inputs, targets = self._wire_in(x, y, self._step, mbs, b, "eval", size)
+                acts = [("I", self._step, m) for m in mbs]
+                pending.append(self._issue([acts] * self.num_stages, inputs, targets))
                 if len(pending) > 2:
                     collect(pending.pop(0))
             while pending:

@@ -29,7 +29,10 @@ def ensure_ray(runtime) -> bool:
         # the actors *are* the training, and at 15 they lose every core to whatever else
         # runs on the machine.  Normal priority, unless the environment says otherwise.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, log_to_driver=False)
+        # Ray reserves its object store out of the memory it offers workers; the actors
+        # here need that memory more (memory.py's preflight counts on it)
+        ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=runtime.local_object_store_mb << 20)
     return True
 
 
