@@ -78,12 +78,13 @@ def check(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> dict
     summary = {**summarize(per), "nodes": n_nodes, "nodes_memory_mb": round(avail / MB)}
     if avail and total > avail:
         pl = placement
+        fewer = ("runtime.partition=per_unit, or '{stages: N}'" if pl.spec == "per_layer"
+                 else "'{stages: N}' with fewer stages than now")
         raise MemoryPreflightError(
             f"runtime.partition={pl.spec!r} needs {len(per)} actors, estimated at "
             f"{summary['total_mb']} MB in all (each at least the process floor of "
             f"{summary['baseline_mb']} MB, runtime.actor_baseline_mb; the largest "
             f"{summary['per_actor_mb_max']} MB), but the {n_nodes} Ray node(s) offer "
-            f"{summary['nodes_memory_mb']} MB.  Use fewer, larger actors "
-            f"(runtime.partition=per_unit, or '{{stages: N}}'), or add nodes.  Nothing was "
-            f"started.")
+            f"{summary['nodes_memory_mb']} MB.  Use fewer, larger actors ({fewer}), or "
+            f"add nodes.  Nothing was started.")
     return summary
