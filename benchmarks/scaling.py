@@ -15,7 +15,8 @@ synthetic input, one torch thread per actor, an embedded Ray of its own):
                beside it), and each actor's private memory (/proc/PID/smaps_rollup)
   baseline     in the same run: a bare Ray actor that imports torch and does nothing --
                the process floor an actor cannot go below; an actor's private memory
-               above it is what localnet's own state costs
+               above it is what localnet's own state costs, measured after set-up and
+               again after the timed steps (then with training's in-flight peak)
   simulator    `localnet simulate`'s prediction (measured unit costs, the machine's
                cores, the data plane's CPU per hop from --hop-cost)
   preflight    runtime/memory.py's estimate; a partition it refuses is reported as such
@@ -246,6 +247,9 @@ def on_ray(cfg, data, steps: int) -> dict:
         base = ray.remote(num_cpus=0)(Idle).remote()
         base_mb = private_mb(ray.get(base.pid.remote(), timeout=120))
         ex.flush()
+        # before any training step: what set-up left (units built, plane open, malloc
+        # trimmed); after the steps, the actor also holds its peak in-flight activations
+        setup = [private_mb(i["pid"]) for i in ex.stage_info]
         step = lambda x, y: ex.train_step(x, y, 0.01, 1e-4)  # noqa: E731
         step_times(step, data, 2, 0)
         ex.flush()
@@ -269,6 +273,7 @@ def on_ray(cfg, data, steps: int) -> dict:
                "startup_s": ex.startup_s, "actors": ex.num_stages,
                "actor_private_mb": round(statistics.median(actors), 1),
                "actor_private_mb_max": round(max(actors), 1), "baseline_mb": round(base_mb, 1),
+               "actor_private_setup_mb": round(statistics.median(setup), 1),
                "cpu_per_batch": {k: round(v, 3) for k, v in cpu.items()},
                "memory_estimate": ex.memory}
     finally:
@@ -431,7 +436,8 @@ def write_results(r: dict, args) -> None:
              f"measured in the same run.", "",
              "| model | partition | actors | in-process samples/s | Ray samples/s | Ray ÷ "
              "in-process | simulator | start-up (s) | peak used GB (idle) | actor private "
-             "MB, median / max | bare torch actor MB | above it (median) |",
+             "MB, median / max | bare torch actor MB | above it after set-up / after the steps "
+             "(median) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in r["rows"]:
         ray_ = row["ray"]
@@ -445,6 +451,7 @@ def write_results(r: dict, args) -> None:
             f"{ray_['startup_s']:.1f} | {ray_['peak_used_mb'] / 1024:.1f} "
             f"({ray_['idle_used_mb'] / 1024:.1f}) | {ray_['actor_private_mb']} / "
             f"{ray_['actor_private_mb_max']} | {ray_['baseline_mb']} | "
+            f"{ray_.get('actor_private_setup_mb', float('nan')) - ray_['baseline_mb']:.1f} / "
             f"{ray_['actor_private_mb'] - ray_['baseline_mb']:.1f} |")
     cpu_rows = [row for row in r["rows"] if "cpu_per_batch" in row["ray"]]
     if cpu_rows:
