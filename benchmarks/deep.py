@@ -44,7 +44,7 @@ ROWS = {  # name -> settings
     # converging and warmed up at 0.01; one short epoch stays there
     "resnet110-stages16": ["model.name=resnet110", "runtime.partition={stages: 16}",
                            "train.lr=0.01", "data.subset=5120", *CIFAR],
-    # PFA's R50 holds 258M parameters (B_p and R at r = 10); 64x64 keeps activations small
+    # 64x64 keeps the activations small; PFA's feedback weights (r = 10) stay large
     "resnet50-per_layer-64px": ["model.name=resnet50", "runtime.partition=per_layer",
                                 "data.name=imagefolder", "data.image_size=64"],
 }
