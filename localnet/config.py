@@ -237,7 +237,9 @@ class RuntimeConfig(Section):
         1024, ge=100, description="object store of the embedded local Ray.  Only the "
                                   "coordinator's calls use it (batches, gathered state); "
                                   "activations and errors take the data plane.  Ray's own "
-                                  "default, 30% of memory, is withheld from the actors")
+                                  "default, 30% of memory, is withheld from the actors.  "
+                                  "Raise it for large inputs (a batch of 224x224 images is "
+                                  "tens of MB, and a few are in flight)")
     actor_baseline_mb: float = Field(
         400.0, ge=0, description="an actor process's own memory before its share of the "
                                  "model: Ray's worker, import torch and the runtime's own "
