@@ -451,7 +451,7 @@ def write_results(r: dict, args) -> None:
             f"{ray_['startup_s']:.1f} | {ray_['peak_used_mb'] / 1024:.1f} "
             f"({ray_['idle_used_mb'] / 1024:.1f}) | {ray_['actor_private_mb']} / "
             f"{ray_['actor_private_mb_max']} | {ray_['baseline_mb']} | "
-            f"{ray_.get('actor_private_setup_mb', float('nan')) - ray_['baseline_mb']:.1f} / "
+            f"{ray_['actor_private_setup_mb'] - ray_['baseline_mb']:.1f} / "
             f"{ray_['actor_private_mb'] - ray_['baseline_mb']:.1f} |")
     cpu_rows = [row for row in r["rows"] if "cpu_per_batch" in row["ray"]]
     if cpu_rows:

@@ -103,6 +103,11 @@ class TrainConfig(Section):
         "auto", description="in-process executor: where the model and each batch live "
         "(auto: cuda when torch sees a GPU); Ray actors use runtime.num_gpus")
 
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per micro-batch (batch_size is a multiple of micro_batches)."""
+        return self.batch_size // self.micro_batches
+
     @model_validator(mode="after")
     def _check(self):
         if self.batch_size % self.micro_batches:

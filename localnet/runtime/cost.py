@@ -23,7 +23,7 @@ def measure_costs(cfg, input_shape, num_classes: int, placement=None,
     from .graph import Placement, modules_for
 
     cfg = as_config(cfg)
-    mb = micro_batch or max(cfg.train.batch_size // cfg.train.micro_batches, 1)
+    mb = micro_batch or cfg.train.micro_batch_size
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

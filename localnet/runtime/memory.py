@@ -40,7 +40,7 @@ def estimate(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> l
 
     rt, t = cfg.runtime, cfg.train
     shapes = unit_shapes(model, input_shape)
-    mb = max(t.batch_size // t.micro_batches, 1)
+    mb = t.micro_batch_size
     base = int(rt.actor_baseline_mb * MB)
     out = []
     for i in range(placement.num_actors):

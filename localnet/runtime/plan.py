@@ -70,7 +70,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     shape, nc = data_shape(cfg, input_shape, num_classes)
     rt, t = cfg.runtime, cfg.train
     _, model = build_rule_and_model(cfg, shape, nc)
-    mb = max(t.batch_size // t.micro_batches, 1)
+    mb = t.micro_batch_size
     measured = {}
 
     def unit_costs():  # for partition: {balance: cost}

@@ -433,7 +433,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
             loss, correct, n = loss + st.loss_sum, correct + st.correct, n + st.samples
 
         try:
-            size, first = max(self.cfg.train.batch_size // self.cfg.train.micro_batches, 1), 0
+            size, first = self.cfg.train.micro_batch_size, 0
             for x, y in loader:
                 b = int(x.shape[0])
                 mbs = list(range(first, first + -(-b // size)))  # x.split(size)'s pieces
