@@ -7,19 +7,22 @@
   plan.py          `localnet simulate`
   worker.py        StageWorker: one actor (a plain class; an actor once spawned)
   endpoint.py      its end of the wire: messages made, validated, counted; channels
-  stage_state.py   its state, checkpoint file, BP-angle probes and timings
+  stage_state.py   its state, checkpoint file, BP-angle probes, timings, and the
+                   coordinator's commands (step, mirror, mode, reset)
   interpreter.py   the actor's own loop: its action list for a batch, messages in and out
-  plane.py         the data plane: actor to actor over torch.distributed (gloo)
+  plane.py         the data plane: actor to actor over torch.distributed (gloo); in-process
+                   queues and actor stand-ins for `executor: local`
   ray_executor.py  RayExecutor, the coordinator: placement, one call per actor per batch
+  stream.py        the async schedule's stream across batches (no flush)
   recovery.py      a dead actor recreated, every actor back at the checkpoint, the lost
                    steps retrained
   executor_state.py the coordinator's whole-model operations (state, probes, reports)
   checkpoint.py    per-actor checkpoints and their manifests
   session.py       the Ray session, placement groups, replies and their errors
 
-Ray is imported only by session, ray_executor and plane (the node's address), and only
-when an executor is created.  The pieces both executors share live outside this package
-and import nothing from it: the stages (`localnet/stage.py`), the traffic ledger
+Ray is imported only in this package (session, ray_executor, stream, recovery, memory
+and plane), and only when an executor is created.  The pieces both executors share live
+outside this package and import nothing from it: the stages (`localnet/stage.py`), the traffic ledger
 (`localnet/ledger.py`), the channels (`localnet/channels`) and the schedules, which the
 actors interpret and the simulator dry-runs (`localnet/schedules`).
 """

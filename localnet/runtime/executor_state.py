@@ -12,7 +12,7 @@ from .graph import Placement
 from ..ledger import Ledger
 from .messages import CONTROL, Control, MessageError
 from ..schedules import simulate, stream_staleness
-from .worker import DRIVER, stage_name
+from .messages import DRIVER, stage_name
 
 
 def recovering(method):

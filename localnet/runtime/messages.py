@@ -52,6 +52,13 @@ CONTROL = "control"
 CHAIN, OUTPUT = "chain", "output"
 BROADCAST = "*"
 CONTROL_KINDS = ("step", "mirror", "mode", "stats", "reset")
+# the names on the wire: the coordinator, and actor i of the placement
+DRIVER = "driver"
+
+
+def stage_name(i: int) -> str:
+    return f"stage{i}"
+
 
 # numpy dtype names allowed on the wire
 _DTYPES = {"float16", "bfloat16", "float32", "float64", "int64", "int32", "uint8"}

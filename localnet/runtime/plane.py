@@ -283,6 +283,28 @@ class LocalEnd:
         pass
 
 
+class LocalHandle:
+    """Stands in for an actor handle in local mode: `h.method.remote(*a)` calls the
+    method at once."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def __getattr__(self, name):
+        return LocalMethod(getattr(self._obj, name))
+
+
+class LocalMethod:
+    def __init__(self, fn):
+        self._fn = fn
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+
 def _ip() -> str:
     try:
         import ray

@@ -42,16 +42,17 @@ from .executor_state import StateMixin, recovering
 from .graph import Placement
 from .interpreter import drive_all, interpret
 from ..ledger import Ledger
-from .messages import ACTIVATION, TARGET, Message, MessageError
+from .messages import ACTIVATION, DRIVER, TARGET, Message, MessageError, stage_name
 from .partition import resolve_placement
-from .plane import LocalPlane
+from .plane import LocalHandle, LocalPlane
 from .recovery import RecoveryMixin, Replay
-from ..schedules import SCHEDULES, Action, make_schedule, simulate, stream_staleness
+from .stream import StreamMixin
+from ..schedules import SCHEDULES, Action, make_schedule, simulate
 from .session import ensure_ray  # noqa: F401 - the public name (sweep.py)
-from .worker import DRIVER, StageWorker, stage_name, worker_specs
+from .worker import StageWorker, worker_specs
 
 
-class RayExecutor(StateMixin, RecoveryMixin):
+class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
     name = "ray"
 
     def __init__(self, cfg, input_shape, num_classes: int, *, model=None, actors=None,
@@ -114,7 +115,7 @@ class RayExecutor(StateMixin, RecoveryMixin):
         try:
             if local:
                 shared = build_rule_and_model(cfg, self.input_shape, self.num_classes)[1]
-                self.workers = [_Local(StageWorker(threads=0)) for _ in range(S)]
+                self.workers = [LocalHandle(StageWorker(threads=0)) for _ in range(S)]
                 self.stage_info = [w._obj.setup(s, shared) for w, s in zip(self.workers, self._specs)]
                 del shared
             else:
@@ -315,11 +316,6 @@ class RayExecutor(StateMixin, RecoveryMixin):
                 simulate(self._schedule(name, M), 1.0, 1.0, dfa=dfa)
         return self._schedule(self.schedule_name, M)
 
-    def _new_streams(self) -> None:
-        depth = stream_staleness(self.graph, self.num_stages)
-        start = getattr(self, "_g", 0)
-        self._streams = [self._sched.stream(d, start) for d in depth] if self.streamed else []
-
     def _run(self, x, y, step: int, step_args: dict | None, schedule: str | None = None) -> StepStats:
         """One batch through a flushing schedule (gpipe / 1f1b); the update only when
         step_args is given (else the gradients stay, for probes)."""
@@ -333,71 +329,6 @@ class RayExecutor(StateMixin, RecoveryMixin):
         inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
         outs = self._gather(self._issue(acts, inputs, targets), f"step {step}")
         return self._stats_of(outs[-1])
-
-    def _run_async(self, x, y, step: int, lr: float, wd: float) -> StepStats:
-        """Stream one batch into the async pipeline; returns when the last actor is done
-        with it.  Each micro-batch's update uses lr and wd/M (M updates make a batch's)."""
-        M = min(self.micro_batches, int(x.shape[0]))
-        base = self._g
-        self._g += M
-        for m in range(M):
-            self._mb[base + m] = (step, m, float(lr), float(wd) / M)
-        acts = [self._stream_acts(st.take(self._g)) for st in self._streams]
-        inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
-        refs = self._issue(acts, inputs, targets)
-        if self.local:
-            return self._stats_of(refs[-1])
-        self._outstanding += refs[:-1]
-        try:
-            out = session.get(refs[-1], self.timeout * 1.5 + 10, f"step {step}")
-        except BaseException:
-            refs, self._outstanding = self._outstanding + [refs[-1]], []
-            self._gather(refs, f"step {step}")  # raises the first actor's own error
-            raise
-        self._check_outstanding()
-        for g in [g for g in self._mb if g < base - 2 * (self.num_stages + M)]:
-            del self._mb[g]  # every actor is past it (staleness < S)
-        return self._stats_of(out)
-
-    def _stream_acts(self, actions) -> list:
-        out = []
-        for a in actions:
-            step, mb, lr, wd = self._mb[a.mb]
-            out.append(("S", step, lr, wd) if a.op == "STEP" else (a.op, step, mb))
-        return out
-
-    def _check_outstanding(self) -> None:
-        """Surface errors of finished async calls without waiting for the rest."""
-        if self.local or not self._outstanding:
-            self._outstanding = []
-            return
-        import ray
-
-        ready, rest = ray.wait(self._outstanding, num_returns=len(self._outstanding), timeout=0)
-        self._outstanding = rest
-        if ready:
-            try:
-                session.get(ready, self.timeout, f"step {self._step}")
-            except BaseException:
-                self._outstanding = []
-                self._gather(ready + rest, f"step {self._step}")  # the first actor's error
-                raise
-
-    def _drain(self) -> None:
-        """async: finish every micro-batch in flight (their backwards and updates)."""
-        if not self.streamed:
-            return
-        if self._streams and self._streams[0].start < self._g:
-            acts = [self._stream_acts(st.drain(self._g)) for st in self._streams]
-            self._outstanding += [r for r in self._issue(acts, {}, {}) if not self.local]
-        refs, self._outstanding = self._outstanding, []
-        if refs:
-            self._gather(refs, "drain")
-        self._mb.clear()
-
-    def flush(self) -> None:
-        """Wait until every issued step has finished (async: drain the stream)."""
-        self._drain()
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
@@ -449,24 +380,3 @@ class RayExecutor(StateMixin, RecoveryMixin):
             self._broadcast("mode", train=True)
         return loss / max(n, 1), correct / max(n, 1)
 
-
-class _Local:
-    """Stands in for an actor handle in local mode: `h.method.remote(*a)` calls the
-    method at once."""
-
-    def __init__(self, obj):
-        self._obj = obj
-
-    def __getattr__(self, name):
-        return _LocalMethod(getattr(self._obj, name))
-
-
-class _LocalMethod:
-    def __init__(self, fn):
-        self._fn = fn
-
-    def options(self, **_):
-        return self
-
-    def remote(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)

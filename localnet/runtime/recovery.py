@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 
-from .worker import StageWorker, stage_name
+from .messages import stage_name
+from .worker import StageWorker
 
 
 class RecoveryMixin:

@@ -1,5 +1,6 @@
 """`StageState`: what a stage actor holds beyond one batch, a part of `StageWorker`
-(worker.py): its state and checkpoint file, BP-angle probes, and its timings.
+(worker.py): its state and checkpoint file, BP-angle probes, its timings, and the
+coordinator's commands on them (step, mirror, mode, reset).
 
 An actor writes and reads its own checkpoint file; only a small receipt goes back to the
 coordinator, so weights never cross the wire, not even to be saved.
@@ -16,6 +17,7 @@ import torch
 from ..files import load_state, save_state
 from ..layers import restore_rules, set_rule
 from ..rules import make_rule
+from .messages import CONTROL, DRIVER, Control, MessageError
 
 
 def _cpu(obj):
@@ -156,3 +158,55 @@ class StageState:
         """Seconds per forward / backward / update call since the last call, training
         samples forwarded, and torch's GPU memory in use (None without CUDA)."""
         return self._timer.take(clear)
+
+    # ------------------------------------------------------------------ control path
+    def control(self, raw: bytes):
+        """Run a driver command (step / mirror / mode / reset)."""
+        c = Control.decode(raw)
+        if self.audit_enabled:
+            self._audit.append({"src": c.src, "dst": self.name, "kind": CONTROL, "detail": c.op,
+                                "step": c.step, "mb": -1, "header_bytes": len(raw),
+                                "payload_bytes": 0, "payload": None})
+        if c.dst != self.name or c.src != DRIVER:
+            raise MessageError(f"control {c.op} from {c.src} addressed to {c.dst}",
+                               c.src, self.name, CONTROL, c.step)
+        if c.op == "step":
+            if self._failed is not None:  # a forward / backward of this batch failed
+                raise self._failed
+            self.step(c.args["lr"], c.args["wd"])
+        elif c.op == "mirror":
+            self.mirror_steps(int(c.args["n"]))
+        elif c.op == "mode":
+            self.train(bool(c.args["train"]))
+        elif c.op == "reset":
+            self.reset()
+        else:
+            raise MessageError(f"{c.op} is not a command", c.src, self.name, CONTROL, c.step)
+        return None
+
+    def step(self, lr: float, wd: float) -> None:
+        if self._inflight and not self.stage.stash:
+            raise RuntimeError(f"{self.name}: STEP with micro-batches {sorted(self._inflight)} "
+                               f"still in flight (a schedule bug)")
+        if self._ch_on and self._bwd_since_step == 0:
+            return  # no error reached this stage since its last update: nothing to apply
+        self._bwd_since_step = 0
+        self.stage.step(lr, wd)
+        if self._transport:
+            self._ledger.record_transport(self._transport)
+
+    def mirror_steps(self, n: int) -> None:
+        self.stage.mirror_steps(n)
+
+    def train(self, mode: bool = True) -> None:
+        self.stage.train(mode)
+
+    def reset(self) -> None:
+        """Drop every in-flight micro-batch and gradient (after a failed step)."""
+        self._failed = None
+        self._inflight.clear()
+        self._order.clear()
+        self._errors.clear()
+        self.stage.drop()
+        self.stage.zero_grad()
+        self.stage.drop_snapshot()

@@ -50,11 +50,9 @@ from ..rules import make_rule
 from ..stage import NodeStage
 from .endpoint import WireEnd
 from .graph import Placement, actor_units, modules_for
-from .messages import BROADCAST, CHAIN, CONTROL, ERROR, OUTPUT, TARGET, Control, MessageError
+from .messages import (BROADCAST, CHAIN, DRIVER, ERROR, OUTPUT, TARGET, MessageError,
+                       stage_name)
 from .stage_state import StageState
-
-DRIVER = "driver"
-
 
 def _ray_node() -> str | None:
     """The Ray node this actor runs on (None outside a Ray worker)."""
@@ -63,10 +61,6 @@ def _ray_node() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
     except Exception:  # noqa: BLE001
         return None
-
-
-def stage_name(i: int) -> str:
-    return f"stage{i}"
 
 
 def worker_specs(cfg, placement: Placement, model, input_shape, num_classes: int,
@@ -392,56 +386,3 @@ class StageWorker(WireEnd, StageState):
         return self._send_control("stats", DRIVER, step, {
             "mb": mb, "loss_sum": F.cross_entropy(y, t, reduction="sum").item(),
             "correct": int((y.argmax(1) == t).sum().item()), "samples": int(xs[0].shape[0])})
-
-    # ------------------------------------------------------------------ control path
-    def control(self, raw: bytes):
-        """Run a driver command (step / mirror / mode / reset)."""
-        c = Control.decode(raw)
-        if self.audit_enabled:
-            self._audit.append({"src": c.src, "dst": self.name, "kind": CONTROL, "detail": c.op,
-                                "step": c.step, "mb": -1, "header_bytes": len(raw),
-                                "payload_bytes": 0, "payload": None})
-        if c.dst != self.name or c.src != DRIVER:
-            raise MessageError(f"control {c.op} from {c.src} addressed to {c.dst}",
-                               c.src, self.name, CONTROL, c.step)
-        if c.op == "step":
-            if self._failed is not None:  # a forward / backward of this batch failed
-                raise self._failed
-            self.step(c.args["lr"], c.args["wd"])
-        elif c.op == "mirror":
-            self.mirror_steps(int(c.args["n"]))
-        elif c.op == "mode":
-            self.train(bool(c.args["train"]))
-        elif c.op == "reset":
-            self.reset()
-        else:
-            raise MessageError(f"{c.op} is not a command", c.src, self.name, CONTROL, c.step)
-        return None
-
-    def step(self, lr: float, wd: float) -> None:
-        if self._inflight and not self.stage.stash:
-            raise RuntimeError(f"{self.name}: STEP with micro-batches {sorted(self._inflight)} "
-                               f"still in flight (a schedule bug)")
-        if self._ch_on and self._bwd_since_step == 0:
-            return  # no error reached this stage since its last update: nothing to apply
-        self._bwd_since_step = 0
-        self.stage.step(lr, wd)
-        if self._transport:
-            self._ledger.record_transport(self._transport)
-
-    def mirror_steps(self, n: int) -> None:
-        self.stage.mirror_steps(n)
-
-    def train(self, mode: bool = True) -> None:
-        self.stage.train(mode)
-
-    def reset(self) -> None:
-        """Drop every in-flight micro-batch and gradient (after a failed step)."""
-        self._failed = None
-        self._inflight.clear()
-        self._order.clear()
-        self._errors.clear()
-        self.stage.drop()
-        self.stage.zero_grad()
-        self.stage.drop_snapshot()
-

@@ -1,0 +1,91 @@
+"""`StreamMixin`: the async schedule's stream, a part of `RayExecutor` (ray_executor.py).
+
+Under `runtime.schedule: async` there is no flush between batches.  Each actor's action
+list is an endless stream (`schedules.async_pipe`), cut at batch boundaries: every
+`train_step` hands each actor the next piece of its own stream in one call, and returns
+as soon as the *last* actor is done with the batch, while earlier actors still run that
+batch's backward passes -- their replies are checked later (`_check_outstanding`).
+Anything that reads or writes whole-model state (evaluation, probes, checkpoints) first
+drains the stream (`_drain`), so it sees every update the issued batches make.
+"""
+
+from __future__ import annotations
+
+from ..engine import StepStats
+from ..schedules import stream_staleness
+from . import session
+
+
+class StreamMixin:
+    """Mixed into `RayExecutor`, which provides graph, num_stages, micro_batches, local,
+    timeout, streamed, _sched, _issue, _gather, _wire_in and _stats_of."""
+
+    def _new_streams(self) -> None:
+        depth = stream_staleness(self.graph, self.num_stages)
+        start = getattr(self, "_g", 0)
+        self._streams = [self._sched.stream(d, start) for d in depth] if self.streamed else []
+
+    def _run_async(self, x, y, step: int, lr: float, wd: float) -> StepStats:
+        """Stream one batch into the async pipeline; returns when the last actor is done
+        with it.  Each micro-batch's update uses lr and wd/M (M updates make a batch's)."""
+        M = min(self.micro_batches, int(x.shape[0]))
+        base = self._g
+        self._g += M
+        for m in range(M):
+            self._mb[base + m] = (step, m, float(lr), float(wd) / M)
+        acts = [self._stream_acts(st.take(self._g)) for st in self._streams]
+        inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
+        refs = self._issue(acts, inputs, targets)
+        if self.local:
+            return self._stats_of(refs[-1])
+        self._outstanding += refs[:-1]
+        try:
+            out = session.get(refs[-1], self.timeout * 1.5 + 10, f"step {step}")
+        except BaseException:
+            refs, self._outstanding = self._outstanding + [refs[-1]], []
+            self._gather(refs, f"step {step}")  # raises the first actor's own error
+            raise
+        self._check_outstanding()
+        for g in [g for g in self._mb if g < base - 2 * (self.num_stages + M)]:
+            del self._mb[g]  # every actor is past it (staleness < S)
+        return self._stats_of(out)
+
+    def _stream_acts(self, actions) -> list:
+        out = []
+        for a in actions:
+            step, mb, lr, wd = self._mb[a.mb]
+            out.append(("S", step, lr, wd) if a.op == "STEP" else (a.op, step, mb))
+        return out
+
+    def _check_outstanding(self) -> None:
+        """Surface errors of finished async calls without waiting for the rest."""
+        if self.local or not self._outstanding:
+            self._outstanding = []
+            return
+        import ray
+
+        ready, rest = ray.wait(self._outstanding, num_returns=len(self._outstanding), timeout=0)
+        self._outstanding = rest
+        if ready:
+            try:
+                session.get(ready, self.timeout, f"step {self._step}")
+            except BaseException:
+                self._outstanding = []
+                self._gather(ready + rest, f"step {self._step}")  # the first actor's error
+                raise
+
+    def _drain(self) -> None:
+        """async: finish every micro-batch in flight (their backwards and updates)."""
+        if not self.streamed:
+            return
+        if self._streams and self._streams[0].start < self._g:
+            acts = [self._stream_acts(st.drain(self._g)) for st in self._streams]
+            self._outstanding += [r for r in self._issue(acts, {}, {}) if not self.local]
+        refs, self._outstanding = self._outstanding, []
+        if refs:
+            self._gather(refs, "drain")
+        self._mb.clear()
+
+    def flush(self) -> None:
+        """Wait until every issued step has finished (async: drain the stream)."""
+        self._drain()
