@@ -70,6 +70,28 @@ def train_device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
+def _channel_cuts(cfg: Config, data, model) -> list[int]:
+    """Where the in-process executor's channels sit: between the actors that
+    `runtime.partition` would make (a chain of unit groups), so a run gives the same
+    numbers in-process as on Ray."""
+    from .runtime.partition import resolve_placement
+
+    part = cfg.runtime.partition
+    if part == "per_layer":
+        raise ConfigError("channel with runtime.partition: per_layer puts a channel on every "
+                          "edge of the layer graph, which only the actors model: use "
+                          "runtime.executor: local (the same actors in this process) or ray")
+
+    def costs():
+        from .runtime.cost import measure_unit_costs
+
+        f, b = measure_unit_costs(cfg, data.input_shape, data.num_classes,
+                                  threads=cfg.runtime.threads)
+        return [x + y for x, y in zip(f, b)]
+
+    return resolve_placement(part, model, costs).boundaries
+
+
 def build(cfg: Config):
     """Data, rule, model and executor for a config."""
     keep_freed_memory()  # training reallocates the same big buffers every step (alloc.py)
@@ -88,12 +110,11 @@ def build(cfg: Config):
                                local=cfg.runtime.executor == "local")
     else:
         ch = cfg.channel  # localnet/channels: only when restricted (else bit-identical as before)
-        part = cfg.runtime.partition  # explicit unit boundaries [b1, ...]; else one stage per unit
-        part = part if isinstance(part, list) and all(isinstance(b, int) for b in part) else None
         executor = InProcessExecutor(model, optim, micro_batches=cfg.train.micro_batches,
                                      device=train_device(cfg),
                                      **({"channels": ch, "channel_seed": cfg.seed,
-                                         "boundaries": part} if ch.active() else {}))
+                                         "boundaries": _channel_cuts(cfg, data, model)}
+                                        if ch.active() else {}))
     return data, rule, model, executor
 
 

@@ -381,11 +381,3 @@ def test_runtime_ledger_counts_the_encoded_bytes_and_async_runs():
     driver_inputs = steps * 32 * 3 * 32 * 32 * 4  # fp32 images from the driver, unrestricted
     assert act["payload_bytes"] == driver_inputs + 2 * steps * 2 * (16 * 16 + 4)
     ex.close()
-
-
-def test_runtime_refuses_channels_per_layer():
-    from localnet.runtime.ray_executor import RayExecutor
-
-    cfg = small("channel.error.codec=sign", "runtime.executor=local", "runtime.partition=per_layer")
-    with pytest.raises(ValueError, match="per_layer"):
-        RayExecutor(cfg, (3, 32, 32), 10, local=True)

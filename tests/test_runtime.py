@@ -15,7 +15,8 @@ import torch
 
 from localnet.config import Config, RuntimeConfig
 from localnet.runtime.messages import MessageError
-from localnet.runtime.testing import batches, leaks, reference, state_diff, tensors_of
+from localnet.runtime.testing import (batches, codec_on_every_edge, leaks, reference,
+                                      state_diff, tensors_of)
 
 ray = pytest.importorskip("ray")
 from localnet.runtime.ray_executor import RayExecutor  # noqa: E402
@@ -489,4 +490,25 @@ def test_ray_channels_match_inprocess_channels(actors, rule, channel):
             assert {k: got[kind][edge][k] for k in ("messages", "dropped", "delivered", "bytes")} \
                 == {k: w[k] for k in ("messages", "dropped", "delivered", "bytes")}
     assert sum(v["dropped"] for v in got["error"].values()) > 0
+    assert ex.ledger_summary()["parameter_bytes"] == 0
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_ray_per_layer_channels_are_a_codec_on_every_edge(actors, schedule):
+    """ResNet-8 per layer on eight actors, every edge of the layer graph through its own
+    pair of lossy links: the weights are the whole model's with a codec round trip on
+    each edge (`codec_on_every_edge`), and no parameter byte crossed."""
+    lossy = {"activation": {"codec": "int8", "stochastic": False}, "error": {"codec": "bf16"}}
+    cfg = Config.model_validate({**cfg_for("pfa", schedule, model=RESNET8, m=2, bs=8,
+                                           partition="per_layer").model_dump(),
+                                 "channel": lossy})
+    data = batches(20, 8, IMG, NC, seed=5)
+    ex = RayExecutor(cfg, IMG, NC, actors=actors)
+    for x, y in data:
+        ex.train_step(x, y, 0.05, 1e-3)
+    want = codec_on_every_edge(cfg, IMG, NC, data)
+    worst, _ = state_diff(want.state_dict(), ex.model_state_dict())
+    assert worst < 1e-5, worst
+    s = ex.channel_summary()
+    assert len(s["error"]) == len(ex.placement.edges()) and s["error_bytes"] > 0
     assert ex.ledger_summary()["parameter_bytes"] == 0

@@ -12,7 +12,7 @@ from localnet.runtime.messages import Control, MessageError
 from localnet.runtime.partition import balanced_boundaries, resolve_partition
 from localnet.runtime.plan import simulate_config
 from localnet.runtime.ray_executor import RayExecutor
-from localnet.runtime.testing import batches, reference, state_diff
+from localnet.runtime.testing import batches, codec_on_every_edge, reference, state_diff
 from localnet.runtime.worker import StageWorker
 
 MLP = {"model": {"name": "mlp", "widths": [16, 16]}, "data": {"name": "synthetic"}}
@@ -684,3 +684,72 @@ def test_receives_counts_what_each_actor_takes(monkeypatch, rule, schedule, part
     assert any(sum(want.values()) > 0 for _, want, _ in seen)
     for name, want, got in seen:
         assert +want == +got, name
+
+
+# ---------------------------------------------------------------------------- channels per layer
+@pytest.mark.parametrize("rule, schedule", [("fa", "gpipe"), ("pfa", "1f1b"), ("bp", "1f1b")])
+def test_per_layer_channels_are_a_codec_on_every_edge_of_the_layer_graph(rule, schedule):
+    """Per layer, each edge of the actor graph -- the skips included -- has its own pair of
+    channels, and an actor read by two others sums the two decoded errors."""
+    lossy = {"activation": {"codec": "int8", "stochastic": False},
+             "error": {"codec": "fp16"}}
+    cfg = Config.model_validate({**cfg_for(rule, schedule, RESNET8, "per_layer", M=2,
+                                           bs=8).model_dump(), "channel": lossy})
+    ex = RayExecutor(cfg, IMG, NC, local=True)
+    for x, y in batches(20, 8, IMG, NC, seed=1):
+        ex.train_step(x, y, 0.05, 1e-3)
+    want = codec_on_every_edge(cfg, IMG, NC, batches(20, 8, IMG, NC, seed=1))
+    worst, _ = state_diff(want.state_dict(), ex.model_state_dict())
+    assert worst < 1e-5, f"{rule}/{schedule}: {worst}"
+    # and the codecs do change the result: the same run without them ends elsewhere
+    plain = RayExecutor(cfg_for(rule, schedule, RESNET8, "per_layer", M=2, bs=8), IMG, NC,
+                        local=True)
+    for x, y in batches(20, 8, IMG, NC, seed=1):
+        plain.train_step(x, y, 0.05, 1e-3)
+    assert state_diff(want.state_dict(), plain.model_state_dict())[0] > 1e-3
+    # every edge of the graph, and only those, carried activations up and errors down
+    s, pl, name = ex.channel_summary(), ex.placement, lambda j: ex.placement.names[j][0]
+    edges = {f"{name(p)}->{name(c)}" for p, c in pl.edges()}
+    assert set(s["activation"]) == edges
+    assert set(s["error"]) == {f"{name(c)}->{name(p)}" for p, c in pl.edges()}
+    assert all(v["messages"] == 40 for v in [*s["activation"].values(), *s["error"].values()])
+
+
+def test_per_layer_lost_errors_and_the_limits_of_channels_on_a_graph(tmp_path):
+    """Every error lost: no actor below the last gets one, so none of them updates; a
+    delayed chain error cannot join at a residual block's input, and the in-process
+    executor, whose channels sit between units, does not pretend to run per-layer ones."""
+    from localnet.config import ConfigError, load_config
+
+    cfg = Config.model_validate({**cfg_for("fa", "1f1b", RESNET8, "per_layer", M=2,
+                                           bs=8).model_dump(),
+                                 "channel": {"error": {"drop": 1.0}}})
+    ex = RayExecutor(cfg, IMG, NC, local=True)
+    before = {k: v.clone() for k, v in ex.model_state_dict().items() if torch.is_tensor(v)}
+    for x, y in batches(3, 8, IMG, NC, seed=1):
+        ex.train_step(x, y, 0.05, 1e-3)
+    after = ex.model_state_dict()
+    moved = {k for k in before if k.endswith("weight") and not torch.equal(before[k], after[k])}
+    head = f"units.{ex.unit_names.index('head')}."
+    assert moved and all(k.startswith(head) for k in moved), moved
+    errors = ex.channel_summary()["error"]
+    assert errors["head->layer3.0.conv2"]["dropped"] == 6  # 3 steps of 2 micro-batches
+    assert all(v["messages"] == 0 for k, v in errors.items() if not k.startswith("head"))
+
+    with pytest.raises(ValueError, match="channel.error.delay.*per_layer"):
+        RayExecutor(Config.model_validate({**cfg.model_dump(),
+                                           "channel": {"error": {"delay": 1}}}),
+                    IMG, NC, local=True)
+    dfa = Config.model_validate({**cfg_for("dfa", "1f1b", RESNET8, "per_layer", M=2,
+                                           bs=8).model_dump(),
+                                 "channel": {"error": {"delay": 1, "codec": "fp16"}}})
+    ex = RayExecutor(dfa, IMG, NC, local=True)  # DFA's links run straight from the last actor
+    for x, y in batches(3, 8, IMG, NC, seed=1):
+        ex.train_step(x, y, 0.05, 1e-3)
+    assert ex.channel_summary()["error"]["head->layer1.0.conv1"]["delivered"] == 4
+
+    from localnet.train import build
+    sets = ["model.name=resnet8", "data.name=synthetic", "runtime.partition=per_layer",
+            "channel.error.codec=fp16"]
+    with pytest.raises(ConfigError, match="per_layer.*runtime.executor: local"):
+        build(load_config(None, sets))

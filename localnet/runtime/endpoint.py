@@ -15,11 +15,33 @@ import itertools
 import numpy as np
 import torch
 
-from ..channels.channel import DATA, StoredForwards, make_channel
+from ..channels.channel import DATA, StoredForwards, error_delays, make_channel
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
 from .graph import Placement
 from .messages import (ACTIVATION, CONTROL, ERROR, Control, Header, Message, MessageError,
-                       dtype_name, validate)
+                       dtype_name, stage_name, validate)
+
+
+def check_channel_graph(channel, pl: Placement, dfa: bool) -> None:
+    """Refuse channels on an actor graph whose semantics they cannot keep, before any
+    actor starts.  An actor with several consumers (a residual block's input, per layer)
+    sums the error slots that arrive and drops its forward only when all are lost.  A
+    delayed error link cannot join that: the errors reach such an actor along paths of
+    different lengths (the skip's one link, the block's two), each adding its delay, so
+    their slots would belong to different micro-batches.  DFA is fine: every error link
+    runs straight from the last actor."""
+    if not channel.active() or pl.is_chain:
+        return
+    for s, cons in enumerate(pl.consumers):  # one link per edge: each consumer reads s once
+        ranks = [c for c, _ in cons]
+        if len(set(ranks)) < len(ranks):
+            raise ValueError(f"channel: actor {s} ({pl.names[s][0]}) feeds one actor through "
+                             f"two inputs; channels need one edge per pair of actors")
+    if not dfa and error_delays(channel):
+        raise ValueError("channel.error.delay: delayed errors need a chain of actors or a "
+                         "rule that broadcasts the output error (dfa); with runtime.partition"
+                         " per_layer an actor sums errors that come along paths of different"
+                         " lengths.  Use per_unit or {stages: N}, or drop the delay")
 
 
 class WireEnd:
@@ -30,35 +52,43 @@ class WireEnd:
     def _setup_channels(self, cfg, pl: Placement, unit_names: list[str], dfa: bool) -> None:
         """Communication restrictions (localnet/channels), split at send / receive: this
         actor owns the sending half of its outgoing links (codec state, drops, bytes) and
-        the receiving half of its incoming ones (decode, delay FIFO).  Edges and seeds are
-        `InProcessExecutor`'s (`ChannelSet`), so both executors draw the same numbers."""
-        self.ch = {}                 # "act_in" | "act_out" | "err_in" | "err_out" -> Channel
+        the receiving half of its incoming ones (decode, delay FIFO) -- one link per edge
+        of the actor graph and direction, keyed "<peer rank>:<role>".  On a chain, edges
+        and seeds are `InProcessExecutor`'s (`ChannelSet`), so both executors draw the
+        same numbers; on a layer graph each edge is named by its two layers."""
+        self.ch = {}                 # "<peer>:act_in" | act_out | err_in | err_out -> Channel
         self.ch_dfa: list = []       # last stage, DFA: one error link per other stage
         self._ch_on = self._ch_cfg = False
         self._bwd_since_step = 0
         self._order = StoredForwards()  # the forwards that wait for their error slot
         if not cfg.channel.active() or self.num_stages == 1:
             return
-        if pl.kind != "units" or not pl.is_chain:
-            raise ValueError("channel: communication restrictions need a chain of unit "
-                             "groups (runtime.partition: per_unit, {stages: N} or explicit "
-                             "groups), not per_layer")
-        m, i, n = pl.members, self.index, self.num_stages
-        first = lambda j: unit_names[m[j][0]]  # noqa: E731
-        last = lambda j: unit_names[m[j][1] - 1]  # noqa: E731
-        mk = lambda kind, src, dst, b: make_channel(  # noqa: E731
-            cfg.channel, kind, src, dst, boundary=b, seed=cfg.seed,
-            slots_per_step=cfg.train.micro_batches)
-        if i < n - 1:
-            self.ch["act_out"] = mk("activation", last(i), first(i + 1), m[i][1])
-            src = first(n - 1) if dfa else first(i + 1)
-            self.ch["err_in"] = mk("error", src, last(i), m[i][1])
-        if i > 0:
-            self.ch["act_in"] = mk("activation", last(i - 1), first(i), m[i][0])
+        check_channel_graph(cfg.channel, pl, dfa)
+        i, sink = self.index, pl.sink
+
+        def ends(j):  # (first name, last name, boundary below j, boundary above j)
+            if pl.kind != "units":
+                return pl.names[j][0], pl.names[j][0], None, None
+            a, b = pl.members[j]
+            return unit_names[a], unit_names[b - 1], a, b
+
+        def mk(kind, src, dst, boundary):
+            return make_channel(cfg.channel, kind, src, dst, boundary=boundary, seed=cfg.seed,
+                                slots_per_step=cfg.train.micro_batches)
+
+        first, last, below, above = ends(i)
+        for r in self.receiver_ranks:   # activations up to r; r's errors back down
+            self.ch[f"{r}:act_out"] = mk("activation", last, ends(r)[0], ends(r)[2])
             if not dfa:
-                self.ch["err_out"] = mk("error", first(i), last(i - 1), m[i][0])
-        if dfa and i == n - 1:
-            self.ch_dfa = [mk("error", first(i), last(j), m[j][1]) for j in range(n - 1)]
+                self.ch[f"{r}:err_in"] = mk("error", ends(r)[0], last, ends(r)[2])
+        for p in self.producer_ranks:   # activations from p; errors back down to p
+            self.ch[f"{p}:act_in"] = mk("activation", ends(p)[1], first, below)
+            if not dfa:
+                self.ch[f"{p}:err_out"] = mk("error", first, ends(p)[1], below)
+        if dfa and i != sink:
+            self.ch[f"{sink}:err_in"] = mk("error", ends(sink)[0], last, above)
+        if dfa and i == sink:
+            self.ch_dfa = [mk("error", first, ends(j)[1], ends(j)[3]) for j in range(sink)]
         self._ch_on = self._ch_cfg = True
 
     def set_channels(self, on: bool) -> None:
@@ -192,20 +222,22 @@ class WireEnd:
         if len(wire) < 2 * k:
             raise MessageError(f"{self.name} expects {k} activation(s), got {len(wire) // 2}",
                                "?", self.name, ACTIVATION)
-        ch = self.ch.get("act_in") if self._ch_on and detail is None else None
-        if ch is not None:  # a chain: one input, from the stage below (never lost)
-            state, msg = self._receive_coded(ch, wire[0], wire[1], ACTIVATION,
-                                             (None, *self.in_shapes[0]), self.dtype,
-                                             src=self.inputs[0], detail="train", step=step,
+        msgs = []
+        for i, p in enumerate(self.input_ranks):
+            ch = self.ch.get(f"{p}:act_in") if self._ch_on and detail is None else None
+            if ch is None:  # the driver's batch, evaluation, or no channels
+                msgs.append(self._receive(wire[2 * i], wire[2 * i + 1], ACTIVATION,
+                                          (None, *self.in_shapes[i]), self.dtype,
+                                          src=self.inputs[i], detail=detail, step=step, mb=mb))
+                continue
+            state, msg = self._receive_coded(ch, wire[2 * i], wire[2 * i + 1], ACTIVATION,
+                                             (None, *self.in_shapes[i]), self.dtype,
+                                             src=self.inputs[i], detail="train", step=step,
                                              mb=mb)
             if state != DATA:
                 raise MessageError("an activation went missing (activations have no delay "
-                                   "or drop)", self.inputs[0], self.name, ACTIVATION)
-            msgs = [msg]
-        else:
-            msgs = [self._receive(wire[2 * i], wire[2 * i + 1], ACTIVATION,
-                                  (None, *self.in_shapes[i]), self.dtype, src=self.inputs[i],
-                                  detail=detail, step=step, mb=mb) for i in range(k)]
+                                   "or drop)", self.inputs[i], self.name, ACTIVATION)
+            msgs.append(msg)
         h0 = msgs[0].header
         for m in msgs[1:]:
             if (m.header.step, m.header.mb) != (h0.step, h0.mb):
@@ -215,13 +247,16 @@ class WireEnd:
                 raise m.header.error("batch size differs between the merged inputs", self.name)
         return msgs
 
-    def _send_up(self, y, step, mb, detail):
-        ch = self.ch.get("act_out") if self._ch_on and detail == "train" else None
-        if ch is not None:
-            return self._send_coded(ACTIVATION, y, ch, self.receivers[0], step, mb, detail).wire()
+    def _send_up(self, y, step, mb, detail) -> tuple:
+        """The activation for every receiver: one message to all of them, or through
+        channels one per receiver's link, in `receiver_ranks` order (each link has its
+        own codec state and ledger)."""
+        if self._ch_on and detail == "train":
+            return tuple(part for r in self.receiver_ranks
+                         for part in self._send_coded(ACTIVATION, y, self.ch[f"{r}:act_out"],
+                                                      stage_name(r), step, mb, detail).wire())
         return self._send(ACTIVATION, y, ",".join(self.receivers), step, mb, detail,
                           receivers=self.receivers).wire()
-
 
     def ledger(self, clear: bool = False) -> dict:
         d = self._ledger.to_dict()

@@ -57,18 +57,12 @@ def interpret(w, actions, inputs: dict, targets: dict):
                 continue
             _, out = w._forward(wire, at=(step, mb))
             if not w.is_last:
-                _ship(w, w.receiver_ranks, out)
+                _ship_each(w, w.receiver_ranks, out)
             elif isinstance(out, bytes):
                 stats.append(out)
             else:  # DFA: e for every other actor -- one message, or one per channel
                 stats.append(out[0])
-                pairs = out[1:]
-                others = [r for r in range(w.num_stages) if r != w.index]
-                if len(pairs) == 2:
-                    _ship(w, others, pairs)
-                else:
-                    for j, r in enumerate(others):
-                        _ship(w, [r], pairs[2 * j:2 * j + 2])
+                _ship_each(w, [r for r in range(w.num_stages) if r != w.index], out[1:])
         elif op == "B":
             wire = []
             for c in _error_sources(w):
@@ -83,13 +77,13 @@ def interpret(w, actions, inputs: dict, targets: dict):
 
 
 def _error_sources(w) -> list[int]:
-    """Whom a backward receives its error(s) from, in order: DFA's e from the last actor;
-    through a channel, the one consumer of a chain; else every consumer (summed)."""
+    """Whom a backward receives its error(s) from, in order: DFA's e from the last actor,
+    else every consumer (summed)."""
     if w.is_last:
         return []
     if w.broadcast_output_error:
         return [w.last_rank]
-    return [w.consumer_ranks[0]] if w._ch_on else list(w.consumer_ranks)
+    return list(w.consumer_ranks)
 
 
 def receives(w, actions) -> Counter:
@@ -102,6 +96,15 @@ def receives(w, actions) -> Counter:
         elif a[0] == "B":
             n.update(_error_sources(w))
     return n
+
+
+def _ship_each(w, ranks, parts) -> None:
+    """`parts`: one (header, payload) pair for every rank, or one pair for them all."""
+    if len(parts) == 2:
+        _ship(w, ranks, parts)
+        return
+    for j, r in enumerate(ranks):
+        _ship(w, [r], parts[2 * j:2 * j + 2])
 
 
 def _ship(w, ranks, pair) -> None:

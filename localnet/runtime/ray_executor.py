@@ -38,6 +38,7 @@ from ..engine import StepStats
 from ..rules import RULES
 from . import memory, session
 from .cost import measure_unit_costs
+from .endpoint import check_channel_graph
 from .executor_state import StateMixin, recovering
 from .graph import Placement
 from .interpreter import drive_all, interpret
@@ -103,6 +104,8 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         self.flush_name = self._sched.flush_with or self.schedule_name
         self.broadcast_output_error = RULES.get(cfg.rule.name).broadcast_output_error
         self.channels = cfg.channel.active() and pl.num_actors > 1
+        if self.channels:  # before any actor starts
+            check_channel_graph(cfg.channel, pl, self.broadcast_output_error)
         self._ch_now = self.channels
         self._ch_samples = 0
         self.device = "cuda" if rt.num_gpus > 0 else "cpu"

@@ -104,8 +104,11 @@ class StageState:
                              f"stage runs {self._member()} (different runtime.partition?)")
         self.stage.load_state_dict(state)
         if "channels" in state:
+            links = state["channels"]["links"]
             for k, c in self.ch.items():
-                c.load_state_dict(state["channels"]["links"][k])
+                # a chain's checkpoint written before links were keyed by peer names
+                # each role once ("act_out"), which is that chain's one link of the role
+                c.load_state_dict(links[k] if k in links else links[k.split(":", 1)[1]])
             for c, s in zip(self.ch_dfa, state["channels"]["dfa"]):
                 c.load_state_dict(s)
         self._inflight = {tuple(k): (n, tuple(shape)) for k, n, shape in state.get("inflight", [])}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..engine import InProcessExecutor
 from ..builders import as_config, build_rule_and_model, optim_config
@@ -16,6 +17,51 @@ def reference(cfg, input_shape, num_classes, boundaries=None):
     ex = InProcessExecutor(model, optim_config(cfg), micro_batches=cfg.train.micro_batches,
                            boundaries=boundaries)
     return ex, model
+
+
+class _Edge(torch.autograd.Function):
+    """One edge of the layer graph through its channels: the activation through the
+    activation codec going up, the error through the error codec coming down."""
+
+    @staticmethod
+    def forward(ctx, x, up, down):
+        ctx.down = down
+        return up(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.down(g), None, None
+
+
+def codec_on_every_edge(cfg, input_shape, num_classes, data, lr=0.05, wd=1e-3):
+    """What per-layer channels without delay or drop must compute, made another way: the
+    whole model in one process, each edge of its layer graph a codec round trip each way
+    (deterministic codecs only: no shared random stream), autograd summing the errors of
+    a tensor read twice, one step per batch of `data`.  Returns the model."""
+    from ..channels.channel import make_channel
+    from ..stage import Stage
+
+    cfg = as_config(cfg)
+    _, model = build_rule_and_model(cfg, input_shape, num_classes)
+    nodes = model.layer_graph()
+    stage = Stage(list(model.units), optim_config(cfg), first=True, names=model.unit_names)
+    trip = {}
+    for c, n in enumerate(nodes):
+        for p in (p for p in n.inputs if p >= 0):
+            a = make_channel(cfg.channel, "activation", nodes[p].name, n.name).codec
+            e = make_channel(cfg.channel, "error", n.name, nodes[p].name).codec
+            trip[p, c] = (lambda t, k=a: k.decode(k.encode(t)),
+                          lambda t, k=e: k.decode(k.encode(t)))
+    M = cfg.train.micro_batches
+    for x, y in data:
+        for xm, ym in zip(x.chunk(M), y.chunk(M)):
+            outs = []
+            for c, n in enumerate(nodes):
+                outs.append(n.module(*[xm if p < 0 else _Edge.apply(outs[p], *trip[p, c])
+                                       for p in n.inputs]))
+            (F.cross_entropy(outs[-1], ym, reduction="sum") / x.shape[0]).backward()
+        stage.step(lr, wd)
+    return model
 
 
 def batches(n: int, batch_size: int, input_shape, num_classes: int, seed: int = 0):

@@ -307,18 +307,21 @@ class StageWorker(WireEnd, StageState):
         if self.is_last:
             grad = e = self._errors.pop(key)
         elif self._ch_on:
-            if len(wire) != 2:
-                raise MessageError(f"{self.name} expects one error message, got "
+            srcs = [self.last_rank] if self.broadcast_output_error else self.consumer_ranks
+            if len(wire) != 2 * len(srcs):
+                raise MessageError(f"{self.name} expects {len(srcs)} error message(s), got "
                                    f"{len(wire) // 2}", "?", self.name, ERROR, step, mb)
-            # the slot belongs to the oldest stored forward (StoredForwards)
+            # the slots belong to the oldest stored forward (StoredForwards)
             old_batch, old_shape = self._inflight[self._order.oldest()]
             if self.broadcast_output_error:
-                src, detail, shape = self.last_name, OUTPUT, (old_batch, self.num_classes)
+                detail, shape = OUTPUT, (old_batch, self.num_classes)
             else:
-                src, detail, shape = self.consumers[0], CHAIN, old_shape
-            state, got = self._receive_coded(self.ch["err_in"], wire[0], wire[1], ERROR, shape,
-                                             self.dtype, src=src, detail=detail, step=step,
-                                             mb=mb)
+                detail, shape = CHAIN, old_shape
+            slots = [self._receive_coded(self.ch[f"{c}:err_in"], wire[2 * j], wire[2 * j + 1],
+                                         ERROR, shape, self.dtype, src=stage_name(c),
+                                         detail=detail, step=step, mb=mb)
+                     for j, c in enumerate(srcs)]
+            state = self._slot_state(slots, step, mb)
             key = self._order.pair(state, self.stage)
             if key is None:  # WAIT
                 return self._send_errors_down(WAIT, batch, step, mb)
@@ -326,10 +329,13 @@ class StageWorker(WireEnd, StageState):
             if state != DATA:  # LOST: that forward was dropped, no update from it
                 del self._inflight[key]
                 return self._send_errors_down(None, batch, step, mb)
+            got = [m.tensor() for st, m in slots if st == DATA]
             if self.broadcast_output_error:
-                e, grad = got.tensor(), torch.zeros((), dtype=self.dtype).expand(out_shape)
-            else:
-                grad, e = got.tensor(), None
+                e, grad = got[0], torch.zeros((), dtype=self.dtype).expand(out_shape)
+            else:  # the slots that arrived, summed as autograd sums a tensor's uses
+                grad, e = got[0], None
+                for g in got[1:]:
+                    grad = grad + g
         elif self.broadcast_output_error:
             if len(wire) < 2:
                 raise MessageError("DFA backward without the output error", self.last_name,
@@ -353,23 +359,35 @@ class StageWorker(WireEnd, StageState):
         self._bwd_since_step += 1
         return self._send_errors_down(dxs, batch, step, mb)
 
+    def _slot_state(self, slots, step, mb) -> str:
+        """One state for the error slots of a backward, one per consumer: DATA when any
+        arrived (the rest count as zero), LOST when all were lost or sent empty, WAIT
+        when none has arrived yet.  Without delays on a graph (`check_channel_graph`) a
+        slot can only wait on every link at once."""
+        states = {st for st, _ in slots}
+        if WAIT in states and len(states) > 1:
+            raise MessageError(f"error slots of step {step} micro-batch {mb} disagree: "
+                               f"{sorted(states)}", "?", self.name, ERROR, step, mb)
+        return DATA if DATA in states else states.pop()
+
     def _send_errors_down(self, dxs, batch, step, mb):
         """One error per input fed by another actor (dxs None: this micro-batch had no
-        error, so an empty slot goes down the channel; WAIT: a waiting slot)."""
+        error, so an empty slot goes down each channel; WAIT: a waiting slot)."""
         if self.is_first or self.broadcast_output_error:
             return None
-        if self._ch_on:
-            dx = dxs if dxs is None or isinstance(dxs, str) else dxs[0]
-            return self._send_coded(ERROR, dx, self.ch["err_out"], self.inputs[0], step, mb,
-                                    CHAIN).wire()
         out = []
         for i, src in enumerate(self.inputs):
             if src == DRIVER:
                 continue
-            dx = dxs[i]
-            if dx is None:  # no path from this input to the output: the error is zero
+            dx = dxs if dxs is None or isinstance(dxs, str) else dxs[i]
+            if dx is None and not (self._ch_on and dxs is None):
+                # no path from this input to the output: the error is zero
                 dx = torch.zeros(batch, *self.in_shapes[i], dtype=self.dtype)
-            out.extend(self._send(ERROR, dx, src, step, mb, CHAIN).wire())
+            if self._ch_on:
+                link = self.ch[f"{self.input_ranks[i]}:err_out"]
+                out.extend(self._send_coded(ERROR, dx, link, src, step, mb, CHAIN).wire())
+            else:
+                out.extend(self._send(ERROR, dx, src, step, mb, CHAIN).wire())
         return tuple(out)
 
     @torch.no_grad()
