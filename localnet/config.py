@@ -14,6 +14,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from .errors import ConfigError
+
 ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                     "resnet18", "resnet34", "resnet50"]
 DataName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic"]
@@ -365,10 +367,6 @@ class Config(Section):
 
     def run_name(self) -> str:
         return self.name or f"{self.model.name}_{self.rule.name}_{self.data.name}"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names every offending key."""
 
 
 def _keyed(where: str, e: dict) -> str:

@@ -301,6 +301,17 @@ def test_edge_overrides_by_name_and_config_validation():
         small("channel.edges={1: {error: {drop: 2}}}")
     with pytest.raises(ConfigError, match="activation"):
         small("channel.activation.delay=1")
+    # in-process, the stages are cut where runtime.partition cuts the actors
+    from localnet.runtime.ray_executor import RayExecutor
+    two = small("channel.error.codec=sign", "runtime.partition={stages: 2}")
+    data, _, _, ex = build(two)
+    actors = RayExecutor(two, data.input_shape, data.num_classes, local=True)
+    assert len(ex.stages) == 2 == actors.num_stages
+    assert [c.edge for c in ex.channels.errors] == list(actors.channel_summary()["error"])
+    # a key that names no edge of this run would change nothing: it is an error
+    for key in ("fc1->head", "3"):
+        with pytest.raises(ConfigError, match=f"channel.edges.{key}: no edge.*fc1->fc2"):
+            build(small(f"channel.edges={{{key}: {{error: {{codec: sign}}}}}}"))
 
 
 def test_train_summary_has_channels(tmp_path):

@@ -736,7 +736,16 @@ def test_per_layer_lost_errors_and_the_limits_of_channels_on_a_graph(tmp_path):
     assert errors["head->layer3.0.conv2"]["dropped"] == 6  # 3 steps of 2 micro-batches
     assert all(v["messages"] == 0 for k, v in errors.items() if not k.startswith("head"))
 
-    with pytest.raises(ValueError, match="channel.error.delay.*per_layer"):
+    named = {"error": {"codec": "fp16"},
+             "edges": {"layer1.0.conv2->stem": {"error": {"codec": "sign"}}}}
+    ex = RayExecutor(Config.model_validate({**cfg.model_dump(), "channel": named}), IMG, NC,
+                     local=True)  # a layer graph's edges are named by their two layers
+    codecs = {k: v["codec"] for k, v in ex.channel_summary()["error"].items()}
+    assert codecs.pop("layer1.0.conv2->stem") == "sign" and set(codecs.values()) == {"fp16"}
+    with pytest.raises(ConfigError, match="channel.edges.layer1.0->stem: no edge"):
+        RayExecutor(Config.model_validate({**cfg.model_dump(), "channel": {
+            "edges": {"layer1.0->stem": {"error": {"codec": "sign"}}}}}), IMG, NC, local=True)
+    with pytest.raises(ConfigError, match="channel.error.delay.*per_layer"):
         RayExecutor(Config.model_validate({**cfg.model_dump(),
                                            "channel": {"error": {"delay": 1}}}),
                     IMG, NC, local=True)

@@ -31,6 +31,7 @@ from collections import deque
 
 import torch
 
+from ..errors import ConfigError
 from ..ledger import Ledger
 from .codecs import Codec, Encoded, make_codec
 from .wire import pack, unpack
@@ -232,6 +233,22 @@ def link_options(cfg, kind: str, src: str, dst: str, boundary: int | None = None
     return base
 
 
+def check_edge_keys(cfg, links) -> None:
+    """Every `channel.edges` key must name a link of this run -- a boundary index, or
+    "a->b" in either direction -- or the override would silently do nothing.  links:
+    (boundary or None, lower name, upper name) per edge."""
+    known: dict[str, None] = {}
+    for b, lo, up in links:
+        if b is not None:
+            known[str(b)] = None
+        known[f"{lo}->{up}"] = None
+    names = set(known) | {"->".join(reversed(k.split("->"))) for k in known if "->" in k}
+    for key in cfg.edges or {}:
+        if str(key) not in names:
+            raise ConfigError(f"channel.edges.{key}: no edge of this run is called that; "
+                              f"its edges are {', '.join(known)}")
+
+
 def error_delays(cfg) -> bool:
     """Whether any error link of a ChannelConfig is delayed (stages then stash the
     weights each forward used, for the backward that comes steps later)."""
@@ -294,6 +311,7 @@ class ChannelSet:
         n = len(cuts) - 1
         first = lambda i: unit_names[cuts[i]]
         last = lambda i: unit_names[cuts[i + 1] - 1]
+        check_edge_keys(cfg, [(cuts[i + 1], last(i), first(i + 1)) for i in range(n - 1)])
         self.activations: list[Channel] = []
         self.errors: list[Channel] = []
         for i in range(n - 1):

@@ -15,33 +15,41 @@ import itertools
 import numpy as np
 import torch
 
-from ..channels.channel import DATA, StoredForwards, error_delays, make_channel
+from ..channels.channel import (DATA, StoredForwards, check_edge_keys, error_delays,
+                                make_channel)
+from ..errors import ConfigError
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
 from .graph import Placement
 from .messages import (ACTIVATION, CONTROL, ERROR, Control, Header, Message, MessageError,
                        dtype_name, stage_name, validate)
 
 
-def check_channel_graph(channel, pl: Placement, dfa: bool) -> None:
-    """Refuse channels on an actor graph whose semantics they cannot keep, before any
-    actor starts.  An actor with several consumers (a residual block's input, per layer)
-    sums the error slots that arrive and drops its forward only when all are lost.  A
-    delayed error link cannot join that: the errors reach such an actor along paths of
-    different lengths (the skip's one link, the block's two), each adding its delay, so
-    their slots would belong to different micro-batches.  DFA is fine: every error link
-    runs straight from the last actor."""
-    if not channel.active() or pl.is_chain:
+def check_channel_graph(channel, pl: Placement, dfa: bool, unit_names: list[str]) -> None:
+    """Refuse channels an actor graph cannot keep, before any actor starts: a
+    `channel.edges` key that names no edge of it, and delayed errors on a graph.
+
+    An actor with several consumers (a residual block's input, per layer) sums the error
+    slots that arrive and drops its forward only when all are lost.  A delayed error link
+    cannot join that: the errors reach such an actor along paths of different lengths
+    (the skip's one link, the block's two), each adding its delay, so their slots would
+    belong to different micro-batches.  DFA is fine: every error link runs straight from
+    the last actor."""
+    if not channel.active():
+        return
+    check_edge_keys(channel, pl.links(unit_names))
+    if pl.is_chain:
         return
     for s, cons in enumerate(pl.consumers):  # one link per edge: each consumer reads s once
         ranks = [c for c, _ in cons]
         if len(set(ranks)) < len(ranks):
-            raise ValueError(f"channel: actor {s} ({pl.names[s][0]}) feeds one actor through "
-                             f"two inputs; channels need one edge per pair of actors")
+            raise ConfigError(f"channel: actor {s} ({pl.names[s][0]}) feeds one actor through "
+                              f"two inputs; channels need one edge per pair of actors")
     if not dfa and error_delays(channel):
-        raise ValueError("channel.error.delay: delayed errors need a chain of actors or a "
-                         "rule that broadcasts the output error (dfa); with runtime.partition"
-                         " per_layer an actor sums errors that come along paths of different"
-                         " lengths.  Use per_unit or {stages: N}, or drop the delay")
+        raise ConfigError("channel.error.delay: delayed errors need a chain of actors or a "
+                          "rule that broadcasts the output error (dfa); with "
+                          "runtime.partition per_layer an actor sums errors that come along "
+                          "paths of different lengths.  Use per_unit or {stages: N}, or drop "
+                          "the delay")
 
 
 class WireEnd:
@@ -63,14 +71,11 @@ class WireEnd:
         self._order = StoredForwards()  # the forwards that wait for their error slot
         if not cfg.channel.active() or self.num_stages == 1:
             return
-        check_channel_graph(cfg.channel, pl, dfa)
+        check_channel_graph(cfg.channel, pl, dfa, unit_names)
         i, sink = self.index, pl.sink
 
         def ends(j):  # (first name, last name, boundary below j, boundary above j)
-            if pl.kind != "units":
-                return pl.names[j][0], pl.names[j][0], None, None
-            a, b = pl.members[j]
-            return unit_names[a], unit_names[b - 1], a, b
+            return pl.link_names(j, unit_names)
 
         def mk(kind, src, dst, boundary):
             return make_channel(cfg.channel, kind, src, dst, boundary=boundary, seed=cfg.seed,

@@ -77,6 +77,20 @@ class Placement:
             return None
         return [int(a) for a, _ in self.members[1:]]
 
+    def link_names(self, j: int, unit_names: list[str]) -> tuple:
+        """How communication channels name actor j's ends: (first name, last name,
+        boundary below j, boundary above j) -- its first and last unit and the unit
+        indices of the cuts around it, or per layer its node's name and no boundaries."""
+        if self.kind != "units":
+            return self.names[j][0], self.names[j][0], None, None
+        a, b = self.members[j]
+        return unit_names[a], unit_names[b - 1], a, b
+
+    def links(self, unit_names: list[str]) -> list[tuple]:
+        """(boundary, lower name, upper name) of every edge: what `channel.edges` keys."""
+        return [(self.link_names(c, unit_names)[2], self.link_names(p, unit_names)[1],
+                 self.link_names(c, unit_names)[0]) for p, c in self.edges()]
+
     # -- construction -----------------------------------------------------------------
     @classmethod
     def from_boundaries(cls, boundaries: list[int], unit_names: list[str],
