@@ -157,7 +157,11 @@ class GlooPlane:
             body = torch.from_numpy(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
             works.append(self.pg.send([body], dst, _BODY))
         self._sent[dst] = n
-        self._pending.append((self._call, works, buf, body, payload))  # alive until taken
+        # the buffers gloo reads from stay alive until the receiver took them (settle);
+        # the payload itself only through `body`, which views it: an inline payload was
+        # copied into `buf`, and keeping the array too would keep the error it came from
+        # (often nothing else holds it) for the rest of the call
+        self._pending.append((self._call, works, buf, body))
 
     def settle(self, calls_back: int = 0) -> None:
         """Wait until the receivers took what this actor sent before its last
