@@ -17,8 +17,8 @@ import torch
 
 from ..channels.channel import (DATA, StoredForwards, check_edge_keys, error_delays,
                                 make_channel)
-from ..errors import ConfigError
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
+from ..errors import ConfigError
 from .graph import Placement
 from .messages import (ACTIVATION, CONTROL, ERROR, Control, Header, Message, MessageError,
                        dtype_name, stage_name, validate)
