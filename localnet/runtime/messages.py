@@ -11,6 +11,7 @@ Data kinds (`DATA_KINDS`):
               input batch is an activation driver -> stage0 with detail "input"/"eval").
               An output read by several actors (a residual block's input, read by conv1
               and by the merge) is one message whose dst lists them: "stage3,stage5"
+              (through channels, one encoded message per reader's link)
   error       backward, consumer -> producer (detail "chain": a projected error
               B^T delta; a producer with several consumers sums what it receives),
               or DFA's output error e broadcast by the last stage (detail "output",
