@@ -506,7 +506,7 @@ def same(a, b, path="") -> list[str]:
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "async"])
-@pytest.mark.parametrize("variant", ["per_unit", "per_layer", "channels"])
+@pytest.mark.parametrize("variant", ["per_unit", "per_layer", "channels", "graph_channels"])
 def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule, variant):
     """runtime.checkpoint_every=3; the run dies at step 5; `--resume` continues from
     step 3 and ends exactly where an uninterrupted run does: every weight, feedback
@@ -520,7 +520,14 @@ def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule, variant)
         sets += ["channel.activation.codec=topk", "channel.activation.k=0.3",
                  "channel.activation.error_feedback=true", "channel.error.codec=lowrank",
                  "channel.error.q=2", "channel.error.drop=0.1", "channel.error.delay=1"]
+    if variant == "graph_channels":  # per layer with skips: a link on every edge, no delay
+        sets += ["model.name=resnet8", "runtime.partition=per_layer",
+                 "channel.activation.codec=topk", "channel.activation.k=0.3",
+                 "channel.activation.error_feedback=true", "channel.error.codec=lowrank",
+                 "channel.error.q=2", "channel.error.drop=0.1"]
     full = train(_small(*sets), tmp_path / "full", progress=False)
+    if variant == "graph_channels":  # the skip's own link is among them
+        assert "layer1.0.conv2->stem" in full["channels"]["error"]
     orig = RayExecutor.train_step
 
     def dies_at_5(self, *a, **k):
