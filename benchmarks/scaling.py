@@ -16,7 +16,11 @@ synthetic input, one torch thread per actor, an embedded Ray of its own):
   baseline     in the same run: a bare Ray actor that imports torch and does nothing --
                the process floor an actor cannot go below; an actor's private memory
                above it is what localnet's own state costs, measured after set-up and
-               again after the timed steps (then with training's in-flight peak)
+               again after the timed steps (then with training's in-flight peak).  It is
+               killed once measured: the run's peak does not include it
+  heap         malloc's books in the median actor between batches (`alloc.heap_mb`):
+               live (weights, optimizer state, sends the receivers took but the actor
+               has not yet reclaimed) and kept free (what the batch's peak needed on top)
   simulator    `localnet simulate`'s prediction (measured unit costs, the machine's
                cores, the data plane's CPU per hop from --hop-cost)
   preflight    runtime/memory.py's estimate; a partition it refuses is reported as such
@@ -31,6 +35,7 @@ plot (benchmarks/scaling.png) into benchmarks/RESULTS.md (--no-write: not).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -45,6 +50,7 @@ ray_benchmark_env()
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+from localnet.alloc import release_free_memory  # noqa: E402
 from localnet.config import Config  # noqa: E402
 from localnet.timing import OPS  # noqa: E402
 
@@ -200,6 +206,13 @@ def baseline(write: bool) -> dict:
     return r
 
 
+def _heap(_actor) -> dict | None:
+    """Run inside an actor (`__ray_call__`): malloc's live and kept-free memory."""
+    from localnet.alloc import heap_mb
+
+    return heap_mb()
+
+
 def step_times(step, data, warmup: int, steps: int, cpu: list | None = None) -> list[float]:
     for i in range(warmup):
         step(*data[i % len(data)])
@@ -244,8 +257,10 @@ def on_ray(cfg, data, steps: int) -> dict:
         ray.shutdown()
         return {"refused": str(err)}
     try:
+        # the floor, measured in this run; then gone, so that it is not in the run's peak
         base = ray.remote(num_cpus=0)(Idle).remote()
         base_mb = private_mb(ray.get(base.pid.remote(), timeout=120))
+        ray.kill(base)
         ex.flush()
         # before any training step: what set-up left (units built, plane open, malloc
         # trimmed); after the steps, the actor also holds its peak in-flight activations
@@ -269,11 +284,15 @@ def on_ray(cfg, data, steps: int) -> dict:
                "actor_rest": (actor - main - gloo) / steps,
                "outside_actors": (m1 - m0 - actor) / steps}
         actors = [private_mb(i["pid"]) for i in ex.stage_info]
+        heaps = ray.get([w.__ray_call__.remote(_heap) for w in ex.workers], timeout=120)
         out = {"samples_per_s": cfg.train.batch_size / statistics.median(t),
                "startup_s": ex.startup_s, "actors": ex.num_stages,
                "actor_private_mb": round(statistics.median(actors), 1),
                "actor_private_mb_max": round(max(actors), 1), "baseline_mb": round(base_mb, 1),
                "actor_private_setup_mb": round(statistics.median(setup), 1),
+               # malloc's books of the median actor, between batches
+               "actor_heap_mb": {k: statistics.median(h[k] for h in heaps) for k in heaps[0]}
+               if all(heaps) else None,
                "cpu_per_batch": {k: round(v, 3) for k, v in cpu.items()},
                "memory_estimate": ex.memory}
     finally:
@@ -395,6 +414,8 @@ def main(argv=None) -> dict:
         for part in args.partitions.split(","):
             cfg = cfg_for(model, part, args.batch, args.micro)
             rate, cpu = inprocess(cfg, data, args.steps)
+            gc.collect()
+            release_free_memory()  # not the in-process run's peak in the Ray run's
             row = {"model": model, "partition": part, "inprocess": round(rate, 1),
                    "inprocess_cpu_per_batch": round(cpu, 3),
                    "predicted": round(predicted(cfg, args.hop_cost), 1)}
@@ -425,6 +446,11 @@ def rewrite(log: str) -> None:
     write_results(r, args)
 
 
+def _heap_cell(ray_: dict) -> str:
+    h = ray_.get("actor_heap_mb")  # absent in runs saved before it was measured
+    return f"{h['live']} / {h['kept']}" if h else "—"
+
+
 def write_results(r: dict, args) -> None:
     lines = ["### Scaling: CIFAR ResNets per unit and per layer, every actor a process", "",
              f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
@@ -437,13 +463,13 @@ def write_results(r: dict, args) -> None:
              "| model | partition | actors | in-process samples/s | Ray samples/s | Ray ÷ "
              "in-process | simulator | start-up (s) | peak used GB (idle) | actor private "
              "MB, median / max | bare torch actor MB | above it after set-up / after the steps "
-             "(median) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(median) | malloc between batches: live / kept free (median MiB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in r["rows"]:
         ray_ = row["ray"]
         if "refused" in ray_:
             lines.append(f"| {row['model']} | {row['partition']} | — | {row['inprocess']} | "
-                         f"refused by the preflight | — | {row['predicted']} | — | — | — | — | — |")
+                         f"refused by the preflight | — | {row['predicted']} | — | — | — | — | — | — |")
             continue
         lines.append(
             f"| {row['model']} | {row['partition']} | {ray_['actors']} | {row['inprocess']} | "
@@ -452,7 +478,7 @@ def write_results(r: dict, args) -> None:
             f"({ray_['idle_used_mb'] / 1024:.1f}) | {ray_['actor_private_mb']} / "
             f"{ray_['actor_private_mb_max']} | {ray_['baseline_mb']} | "
             f"{ray_['actor_private_setup_mb'] - ray_['baseline_mb']:.1f} / "
-            f"{ray_['actor_private_mb'] - ray_['baseline_mb']:.1f} |")
+            f"{ray_['actor_private_mb'] - ray_['baseline_mb']:.1f} | {_heap_cell(ray_)} |")
     cpu_rows = [row for row in r["rows"] if "cpu_per_batch" in row["ray"]]
     if cpu_rows:
         lines += ["", "Where the CPU goes, seconds per batch over the timed steps (the "

@@ -11,7 +11,8 @@ numbers.
 `keep_freed_memory()` raises both thresholds with mallopt.  Freed blocks then stay in
 the process for reuse, and its footprint stays at its peak.  Called by `localnet.train`
 and by every stage actor.  It is a no-op off glibc.  Set LOCALNET_KEEP_FREED_MEMORY=0 to
-leave malloc alone.
+leave malloc alone.  `heap_mb()` says how much of that footprint is live and how much is
+kept free (what a step's peak needs on top of what lives between steps).
 """
 
 from __future__ import annotations
@@ -63,3 +64,24 @@ def release_free_memory() -> None:
     trim = _glibc_function("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+class _Mallinfo2(ctypes.Structure):
+    # glibc >= 2.33's struct mallinfo2: every field a size_t
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def heap_mb() -> dict | None:
+    """malloc's books for this process, in MiB (glibc's mallinfo2; None off glibc or
+    before 2.33): `live` in use, `kept` freed but held for reuse, `mapped` in blocks of
+    their own mmap.  With `keep_freed_memory`, live + kept is the process's peak."""
+    fn = _glibc_function("mallinfo2")
+    if fn is None:
+        return None
+    fn.argtypes, fn.restype = [], _Mallinfo2
+    m = fn()
+    mib = float(1 << 20)
+    return {"live": round((m.uordblks + m.hblkhd) / mib, 1), "kept": round(m.fordblks / mib, 1),
+            "mapped": round(m.hblkhd / mib, 1)}

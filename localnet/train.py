@@ -74,6 +74,7 @@ def _channel_cuts(cfg: Config, data, model) -> list[int]:
     """Where the in-process executor's channels sit: between the actors that
     `runtime.partition` would make (a chain of unit groups), so a run gives the same
     numbers in-process as on Ray."""
+    from .runtime.cost import unit_costs
     from .runtime.partition import resolve_placement
 
     part = cfg.runtime.partition
@@ -81,15 +82,8 @@ def _channel_cuts(cfg: Config, data, model) -> list[int]:
         raise ConfigError("channel with runtime.partition: per_layer puts a channel on every "
                           "edge of the layer graph, which only the actors model: use "
                           "runtime.executor: local (the same actors in this process) or ray")
-
-    def costs():
-        from .runtime.cost import measure_unit_costs
-
-        f, b = measure_unit_costs(cfg, data.input_shape, data.num_classes,
-                                  threads=cfg.runtime.threads)
-        return [x + y for x, y in zip(f, b)]
-
-    return resolve_placement(part, model, costs).boundaries
+    return resolve_placement(part, model, unit_costs(cfg, data.input_shape,
+                                                     data.num_classes)).boundaries
 
 
 def build(cfg: Config):

@@ -41,3 +41,28 @@ def test_thresholds_are_set_once_and_opt_out_is_honoured(fresh, monkeypatch):
     # the largest mmap threshold this glibc accepts, then the trim threshold
     assert calls[0] == (alloc.M_MMAP_THRESHOLD, alloc.MMAP_THRESHOLDS[0])
     assert calls[-1] == (alloc.M_TRIM_THRESHOLD, 1 << 30) and len(calls) in (2, 3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_heap_books_a_freed_block_as_kept_once_thresholds_are_raised():
+    import subprocess
+
+    # a fresh process: whether this one's thresholds are raised depends on earlier tests
+    code = (
+        "import json, torch\n"
+        "from localnet import alloc\n"
+        "if alloc.heap_mb() is None: print('null'); raise SystemExit\n"
+        "assert alloc.keep_freed_memory()\n"
+        "a = alloc.heap_mb(); x = torch.ones(16 << 20); b = alloc.heap_mb()\n"
+        "del x; c = alloc.heap_mb()\n"
+        "print(json.dumps([a, b, c]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    if out == "null":
+        pytest.skip("this libc has no mallinfo2")
+    import json
+
+    a, b, c = json.loads(out)
+    assert b["live"] - a["live"] >= 64 and b["mapped"] == a["mapped"]  # 64 MiB, in the heap
+    assert a["live"] - 1 <= c["live"] <= a["live"] + 1   # freed ...
+    assert c["kept"] - a["kept"] >= 64                    # ... and kept for reuse

@@ -79,3 +79,12 @@ def measure_unit_costs(cfg, input_shape, num_classes: int, micro_batch: int | No
     """(fwd_s, bwd_s): median seconds per unit for one micro-batch (after one warm-up)."""
     f, b, _ = measure_costs(cfg, input_shape, num_classes, None, micro_batch, repeats, threads)
     return f, b
+
+
+def unit_costs(cfg, input_shape, num_classes: int):
+    """`resolve_placement`'s cost function for a config: each unit's forward + backward
+    seconds, measured only if it is called (a partition that balances by cost)."""
+    def costs() -> list[float]:
+        f, b = measure_unit_costs(cfg, input_shape, num_classes, threads=cfg.runtime.threads)
+        return [x + y for x, y in zip(f, b)]
+    return costs

@@ -37,7 +37,7 @@ from ..builders import as_config, build_rule_and_model
 from ..engine import StepStats
 from ..rules import RULES
 from . import memory, session
-from .cost import measure_unit_costs
+from .cost import unit_costs
 from .endpoint import check_channel_graph
 from .executor_state import StateMixin, recovering
 from .graph import Placement
@@ -85,11 +85,8 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
             _, model = build_rule_and_model(cfg, self.input_shape, self.num_classes)
         self.unit_names = list(model.unit_names)
 
-        def costs():
-            f, b = measure_unit_costs(cfg, self.input_shape, self.num_classes, threads=rt.threads)
-            return [x + y for x, y in zip(f, b)]
-
-        self.placement: Placement = resolve_placement(rt.partition, model, costs)
+        self.placement: Placement = resolve_placement(
+            rt.partition, model, unit_costs(cfg, self.input_shape, self.num_classes))
         pl = self.placement
         S = self.num_stages = pl.num_actors
         self.boundaries = pl.boundaries
