@@ -15,8 +15,10 @@ cgraph      Ray Compiled Graphs: a static DAG A.echo -> B.echo compiled once, sh
             memory channels on a node; one execute() is a hop in, two between actors
             and one out, so a hop is a quarter of it.
 localnet    localnet's own plane on gloo (`localnet/runtime/plane.py`): a message with
-            its msgpack header in a frame, the payload behind it as one transfer, and
-            the receiver's buffer posted ahead -- what the actors use.
+            its msgpack header in a frame, a small payload copied behind it as one
+            transfer, a large one (plane.ZERO_COPY and up) sent uncopied as a second,
+            and the receiver's buffers posted ahead -- what the actors use.  Then again
+            with every payload copied behind its frame: what the uncopied path saves.
 
 Per size: the median latency per hop and the machine's CPU per hop (busy jiffies of
 every core in /proc/stat, so Ray's raylet and helper threads count too), and per plane
@@ -109,13 +111,14 @@ class Peer:
         self.pg.send([torch.zeros(1)], 1 - self.rank, 1).wait()
         return True
 
-    def plane_init(self, addr, port, rank, world):
+    def plane_init(self, addr, port, rank, world, copy_all: bool = False):
         from localnet.alloc import keep_freed_memory
-        from localnet.runtime.plane import GlooPlane
+        from localnet.runtime import plane
 
         keep_freed_memory()  # as every stage actor does: buffers are reused, not re-faulted
-
-        self.plane = GlooPlane(addr, port, rank, world, 60, ["a", "b"])
+        if copy_all:  # every payload copied behind its frame, large ones too
+            plane.ZERO_COPY = 1 << 62
+        self.plane = plane.GlooPlane(addr, port, rank, world, 60, ["a", "b"])
         self.rank = rank
         return True
 
@@ -155,6 +158,9 @@ class Peer:
         return times
 
 
+COPIED = "localnet, every payload copied"
+
+
 def measure(run, hops: int, per_call_hops: int) -> tuple[float, float]:
     """(median latency per hop, machine CPU per hop) of run() -> list of round times."""
     c0 = machine_busy()
@@ -182,7 +188,8 @@ def main(argv=None) -> int:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     R = ray.remote(num_cpus=0)(Peer)
     a, b = R.remote(), R.remote()
-    rows: dict[str, dict] = {"gloo": {}, "localnet": {}, "ray-call": {}, "cgraph": {}}
+    rows: dict[str, dict] = {"gloo": {}, "localnet": {}, COPIED: {}, "ray-call": {},
+                             "cgraph": {}}
     idle: dict[str, float] = {}
     get = lambda r: ray.get(r, timeout=300)  # noqa: E731
 
@@ -200,16 +207,22 @@ def main(argv=None) -> int:
         get([a.gloo_wait.remote(s), r])
     idle["gloo"] = idle_cpu(gloo_idle)
 
-    # localnet's plane, on a process group of its own
-    addr, port = get(a.free_port.remote())
-    get([a.plane_init.remote(addr, port, 0, 2), b.plane_init.remote(addr, port, 1, 2)])
-    for n in SIZES:
-        get([a.plane_bounce.remote(n, 20, True), b.plane_bounce.remote(n, 20, False)])
-        def run(n=n):
-            ra = a.plane_bounce.remote(n, args.hops, True)
-            rb = b.plane_bounce.remote(n, args.hops, False)
-            return get([ra, rb])[0]
-        rows["localnet"][n] = measure(run, args.hops, 2)
+    # localnet's plane, on a process group of its own; then with every payload copied
+    # behind its frame, the way it sends small ones (what ZERO_COPY saves, or costs)
+    for name, copy_all in (("localnet", False), (COPIED, True)):
+        pa, pb = (R.remote(), R.remote()) if copy_all else (a, b)
+        addr, port = get(pa.free_port.remote())
+        get([pa.plane_init.remote(addr, port, 0, 2, copy_all),
+             pb.plane_init.remote(addr, port, 1, 2, copy_all)])
+        for n in SIZES:
+            get([pa.plane_bounce.remote(n, 20, True), pb.plane_bounce.remote(n, 20, False)])
+            def run(n=n, pa=pa, pb=pb):
+                ra = pa.plane_bounce.remote(n, args.hops, True)
+                rb = pb.plane_bounce.remote(n, args.hops, False)
+                return get([ra, rb])[0]
+            rows[name][n] = measure(run, args.hops, 2)
+        if copy_all:
+            ray.kill(pa), ray.kill(pb)
 
     # Ray actor-to-actor calls
     for n in SIZES:

@@ -190,14 +190,19 @@ def _gloo_pair(names):
 
 def test_gloo_plane_carries_payloads_of_any_size_in_order():
     """Frame and payload go as one transfer when the payload fits the room the receiver
-    posted (the previous payload's size on that edge), as two when it does not.  Either
+    posted (the previous payload's size on that edge), as two when it does not; after a
+    large payload (ZERO_COPY and up) the receiver posts a body beside the frame and the
+    next payload goes into it uncopied (a filler byte first, if it outgrew it).  Either
     way every message arrives whole and in order: growing, shrinking, empty, other
     dtypes, several sent before any is taken, and both directions at once."""
     import numpy as np
 
+    from localnet.runtime.plane import FRAME, ZERO_COPY
+
     a, b = _gloo_pair(["stage0", "stage1"])
     g = torch.Generator().manual_seed(0)
-    shapes = [(4, 8), (4, 8), (64, 33), (2, 3), (64, 33), (0, 5), (7,), (128, 1024), (3, 3)]
+    shapes = [(4, 8), (4, 8), (64, 33), (2, 3), (64, 33), (0, 5), (7,), (128, 1024),
+              (128, 1024), (64, 1024), (128, 1024), (3, 3), (3, 3)]
     sent = [_act(torch.randn(*s, generator=g, dtype=torch.float64 if i % 3 == 2 else
                              torch.float32)) for i, s in enumerate(shapes)]
     back = _act(torch.randn(5, 5, generator=g))
@@ -207,10 +212,18 @@ def test_gloo_plane_carries_payloads_of_any_size_in_order():
     for m in sent[4:]:
         a.send(1, m.raw_header, m.payload)
     sizes = [0] + [m.payload_bytes for m in sent]
-    # a second transfer (a body) exactly where the payload outgrew the last one
-    assert [e[3] is not None for e in a._pending] == [n > prev for prev, n in
-                                                      zip(sizes, sizes[1:])]
-    assert any(e[3] is None for e in a._pending) and any(e[3] is not None for e in a._pending)
+    big = [prev >= ZERO_COPY for prev in sizes[:-1]]
+    outgrew = [n > prev for prev, n in zip(sizes, sizes[1:])]
+    # a second transfer (a body) where the payload outgrew the last one, or follows a
+    # large one; a third (the filler) where both
+    assert [e[3] is not None for e in a._pending] == [x or o for x, o in zip(big, outgrew)]
+    assert [len(e[1]) for e in a._pending] == [1 + (x or o) + (x and o)
+                                               for x, o in zip(big, outgrew)]
+    assert sum(x and not o for x, o in zip(big, outgrew)) >= 2  # ... large, and small
+    assert sum(x and o for x, o in zip(big, outgrew)) >= 1
+    for e, m, x in zip(a._pending, sent, big):
+        if x:  # sent from where it lies: no copy, and a frame without room
+            assert np.shares_memory(e[3].numpy(), m.payload) and e[2].numel() == FRAME
     for m in sent:
         raw, got = b.recv(0)
         assert raw == m.raw_header and got.dtype == m.payload.dtype

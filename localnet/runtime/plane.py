@@ -13,13 +13,23 @@ message like any other (`worker.py`), so the wire contract does not depend on th
              without polling -- what a machine with fewer cores than actors needs.
 `LocalPlane` queues in this process, for `runtime.executor: local` (no Ray).
 
-One transfer per message.  Each gloo transfer costs a wake-up of gloo's I/O thread and of
-the waiting one on both ends, which on a small machine costs more than the bytes, so frame
-and payload travel together.  A gloo receive may be larger than what arrives, but never
-smaller, so the receiver posts room for a frame plus the *previous* payload on that edge
-(a pipeline sends the same shapes over and over), and the sender, who knows that size
-too, puts a payload that fits behind the frame.  One that does not (an edge's first
-message, a larger last micro-batch) follows the frame as a second transfer on its own tag.
+One transfer per small message.  Each gloo transfer costs a wake-up of gloo's I/O thread
+and of the waiting one on both ends, which on a small machine costs more than a small
+payload's bytes, so frame and payload travel together.  A gloo receive may be larger than
+what arrives, but never smaller, so the receiver posts room for a frame plus the
+*previous* payload on that edge (a pipeline sends the same shapes over and over), and the
+sender, who knows that size too, copies a payload that fits behind the frame.  One that
+does not (an edge's first message, a larger last micro-batch) follows the frame as a
+second transfer on its own tag.
+
+A large payload (from ZERO_COPY bytes) is not copied: it goes as a second transfer
+straight from the sender's array, into a body buffer the receiver posted beside the
+frame's (again the previous payload's size).  The copy would cost about what the second
+transfer costs, and would double the memory of what an actor has sent but its reader has
+not yet taken: an activation stays alive anyway until its backward (autograd keeps it),
+so sent from where it lies it costs nothing more.  If it does not fit the posted body, a
+byte fills that and the payload follows on the other tag, as above.
+
 Each receive is posted as soon as the one before it on that edge is taken, so gloo reads
 a message straight into its buffer as it arrives -- but only while this call still expects
 one on that edge (`expect`), so no buffer waits between calls.
@@ -46,8 +56,11 @@ import torch
 from .messages import Header, MessageError
 
 FRAME = 1024                 # bytes: lengths + header (a header is ~110-300 bytes)
+ZERO_COPY = 256 << 10        # bytes: payloads from here on are sent from where they lie
 _LEN = struct.Struct("<iq")  # header length (-1: abort), payload bytes
-_TAG, _BODY = 7, 8           # frames (with a payload that fits); payloads that did not
+_TAG, _BODY, _FIT = 7, 8, 9  # frames (+ small payloads); payloads that did not fit; large
+                             # payloads into the body the receiver posted
+_FILLER = torch.zeros(1, dtype=torch.uint8)  # takes a posted body that the payload outgrew
 
 
 class PeerFailed(RuntimeError):
@@ -146,16 +159,22 @@ class GlooPlane:
 
     def send(self, dst: int, raw: bytes, payload: np.ndarray) -> None:
         n = payload.nbytes
-        inline = n <= self._sent.get(dst, 0)  # the receiver posted room for this much
+        room = self._sent.get(dst, 0)  # the receiver posted room for this much
+        inline = n <= room < ZERO_COPY
         buf = frame(raw, n, n if inline else 0)
         if inline and n:
             data = buf.numpy()[FRAME:].view(payload.dtype).reshape(payload.shape)
             data[...] = payload  # the one copy: frame and payload as one transfer
         works = [self.pg.send([buf], dst, _TAG)]
         body = None
-        if n and not inline:
+        if room >= ZERO_COPY or (n and not inline):
             body = torch.from_numpy(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
-            works.append(self.pg.send([body], dst, _BODY))
+            if room >= ZERO_COPY and n <= room:
+                works.append(self.pg.send([body], dst, _FIT))
+            else:
+                if room >= ZERO_COPY:
+                    works.append(self.pg.send([_FILLER], dst, _FIT))
+                works.append(self.pg.send([body], dst, _BODY))
         self._sent[dst] = n
         # the buffers gloo reads from stay alive until the receiver took them (settle);
         # the payload itself only through `body`, which views it: an inline payload was
@@ -186,11 +205,16 @@ class GlooPlane:
     def recv(self, src: int) -> tuple[bytes, np.ndarray]:
         me, peer = self.names[self.rank], self.names[src]
         room = self._taken.get(src, 0)
-        work, buf = self._posted.pop(src, None) or self._post(src, room)
+        work, buf, fit = self._posted.pop(src, None) or self._post(src, room)
         self._wait(work, peer, me)
         raw, nbytes = unframe(buf[:FRAME], peer, me)
+        if fit is not None:  # a large payload: into the body posted beside the frame
+            self._wait(fit[0], peer, me)  # (a filler byte, if the payload outgrew it)
+            body = fit[1]
+        else:
+            body = buf[FRAME:]
         if nbytes <= room:
-            data = buf[FRAME:FRAME + nbytes]
+            data = body[:nbytes]
         else:
             data = torch.empty(nbytes, dtype=torch.uint8)
             self._wait(self.pg.recv([data], src, _BODY), peer, me)
@@ -207,8 +231,13 @@ class GlooPlane:
         self._left = None if counts is None else dict(counts)
 
     def _post(self, src: int, room: int) -> tuple:
+        """(frame's receive, its buffer, None or (body's receive, its buffer))."""
+        if room >= ZERO_COPY:
+            head, body = (torch.empty(n, dtype=torch.uint8) for n in (FRAME, room))
+            return (self.pg.recv([head], src, _TAG), head,
+                    (self.pg.recv([body], src, _FIT), body))
         buf = torch.empty(FRAME + room, dtype=torch.uint8)
-        return self.pg.recv([buf], src, _TAG), buf
+        return self.pg.recv([buf], src, _TAG), buf, None
 
     def _wait(self, work, peer: str, me: str) -> None:
         try:
