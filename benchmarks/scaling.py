@@ -291,7 +291,8 @@ def on_ray(cfg, data, steps: int) -> dict:
                "actor_private_mb_max": round(max(actors), 1), "baseline_mb": round(base_mb, 1),
                "actor_private_setup_mb": round(statistics.median(setup), 1),
                # malloc's books of the median actor, between batches
-               "actor_heap_mb": {k: statistics.median(h[k] for h in heaps) for k in heaps[0]}
+               "actor_heap_mb": {k: round(statistics.median(h[k] for h in heaps), 1)
+                                 for k in heaps[0]}
                if all(heaps) else None,
                "cpu_per_batch": {k: round(v, 3) for k, v in cpu.items()},
                "memory_estimate": ex.memory}
@@ -448,7 +449,7 @@ def rewrite(log: str) -> None:
 
 def _heap_cell(ray_: dict) -> str:
     h = ray_.get("actor_heap_mb")  # absent in runs saved before it was measured
-    return f"{h['live']} / {h['kept']}" if h else "—"
+    return f"{h['live']:.1f} / {h['kept']:.1f}" if h else "—"
 
 
 def write_results(r: dict, args) -> None:
@@ -459,7 +460,9 @@ def write_results(r: dict, args) -> None:
              f"an embedded Ray per row; in-process: {os.cpu_count()} threads.  Memory: the "
              f"machine's peak used memory during the Ray run (and before it); an actor's "
              f"private memory (smaps_rollup) against a bare Ray actor that imports torch, "
-             f"measured in the same run.", "",
+             f"measured in the same run and killed before the steps (not in the peak); "
+             f"malloc's books (mallinfo2) of the median actor between batches: live, and "
+             f"kept free for the next batch's peak.", "",
              "| model | partition | actors | in-process samples/s | Ray samples/s | Ray ÷ "
              "in-process | simulator | start-up (s) | peak used GB (idle) | actor private "
              "MB, median / max | bare torch actor MB | above it after set-up / after the steps "
