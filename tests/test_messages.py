@@ -202,7 +202,7 @@ def test_gloo_plane_carries_payloads_of_any_size_in_order():
     a, b = _gloo_pair(["stage0", "stage1"])
     g = torch.Generator().manual_seed(0)
     shapes = [(4, 8), (4, 8), (64, 33), (2, 3), (64, 33), (0, 5), (7,), (128, 1024),
-              (128, 1024), (64, 1024), (128, 1024), (3, 3), (3, 3)]
+              (128, 1024), (64, 1024), (128, 1024), (3, 3), (64, 1024), (0, 5), (3, 3)]
     sent = [_act(torch.randn(*s, generator=g, dtype=torch.float64 if i % 3 == 2 else
                              torch.float32)) for i, s in enumerate(shapes)]
     back = _act(torch.randn(5, 5, generator=g))
@@ -214,15 +214,19 @@ def test_gloo_plane_carries_payloads_of_any_size_in_order():
     sizes = [0] + [m.payload_bytes for m in sent]
     big = [prev >= ZERO_COPY for prev in sizes[:-1]]
     outgrew = [n > prev for prev, n in zip(sizes, sizes[1:])]
-    # a second transfer (a body) where the payload outgrew the last one, or follows a
-    # large one; a third (the filler) where both
-    assert [e[3] is not None for e in a._pending] == [x or o for x, o in zip(big, outgrew)]
+    empty = [n == 0 for n in sizes[1:]]
+    # a second transfer where the payload outgrew the last one, or follows a large one
+    # (then into the posted body; a filler byte there if it outgrew that or is empty); a
+    # third where both
     assert [len(e[1]) for e in a._pending] == [1 + (x or o) + (x and o)
                                                for x, o in zip(big, outgrew)]
-    assert sum(x and not o for x, o in zip(big, outgrew)) >= 2  # ... large, and small
+    assert [e[3] is not None for e in a._pending] == [(x or o) and not z
+                                                      for x, o, z in zip(big, outgrew, empty)]
+    assert sum(x and not o and not z for x, o, z in zip(big, outgrew, empty)) >= 2
     assert sum(x and o for x, o in zip(big, outgrew)) >= 1
-    for e, m, x in zip(a._pending, sent, big):
-        if x:  # sent from where it lies: no copy, and a frame without room
+    assert sum(x and z for x, z in zip(big, empty)) == 1
+    for e, m, x, z in zip(a._pending, sent, big, empty):
+        if x and not z:  # sent from where it lies: no copy, and a frame without room
             assert np.shares_memory(e[3].numpy(), m.payload) and e[2].numel() == FRAME
     for m in sent:
         raw, got = b.recv(0)

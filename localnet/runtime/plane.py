@@ -27,8 +27,8 @@ straight from the sender's array, into a body buffer the receiver posted beside 
 frame's (again the previous payload's size).  The copy would cost about what the second
 transfer costs, and would double the memory of what an actor has sent but its reader has
 not yet taken: an activation stays alive anyway until its backward (autograd keeps it),
-so sent from where it lies it costs nothing more.  If it does not fit the posted body, a
-byte fills that and the payload follows on the other tag, as above.
+so sent from where it lies it costs nothing more.  If it does not fit the posted body (or
+is empty), a byte fills that and the payload follows on the other tag, as above.
 
 Each receive is posted as soon as the one before it on that edge is taken, so gloo reads
 a message straight into its buffer as it arrives -- but only while this call still expects
@@ -167,14 +167,15 @@ class GlooPlane:
             data[...] = payload  # the one copy: frame and payload as one transfer
         works = [self.pg.send([buf], dst, _TAG)]
         body = None
-        if room >= ZERO_COPY or (n and not inline):
+        if n and not inline:
             body = torch.from_numpy(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
-            if room >= ZERO_COPY and n <= room:
-                works.append(self.pg.send([body], dst, _FIT))
-            else:
-                if room >= ZERO_COPY:
-                    works.append(self.pg.send([_FILLER], dst, _FIT))
+        if room >= ZERO_COPY:  # the receiver posted a body of `room` bytes beside the frame
+            fits = body is not None and n <= room
+            works.append(self.pg.send([body if fits else _FILLER], dst, _FIT))
+            if body is not None and not fits:
                 works.append(self.pg.send([body], dst, _BODY))
+        elif body is not None:
+            works.append(self.pg.send([body], dst, _BODY))
         self._sent[dst] = n
         # the buffers gloo reads from stay alive until the receiver took them (settle);
         # the payload itself only through `body`, which views it: an inline payload was
