@@ -513,18 +513,17 @@ def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule, variant)
     weight, optimizer and RNG state bit for bit."""
     from localnet.train import train
 
+    per_layer = variant in ("per_layer", "graph_channels")
     sets = ["rule.name=kp", "runtime.executor=local", f"runtime.schedule={schedule}",
             "runtime.checkpoint_every=3", "model.widths=[16,16]",
-            "runtime.partition=per_layer" if variant == "per_layer" else "runtime.partition=per_unit"]
+            f"runtime.partition={'per_layer' if per_layer else 'per_unit'}"]
+    lossy = ["channel.activation.codec=topk", "channel.activation.k=0.3",
+             "channel.activation.error_feedback=true", "channel.error.codec=lowrank",
+             "channel.error.q=2", "channel.error.drop=0.1"]
     if variant == "channels":
-        sets += ["channel.activation.codec=topk", "channel.activation.k=0.3",
-                 "channel.activation.error_feedback=true", "channel.error.codec=lowrank",
-                 "channel.error.q=2", "channel.error.drop=0.1", "channel.error.delay=1"]
+        sets += [*lossy, "channel.error.delay=1"]
     if variant == "graph_channels":  # per layer with skips: a link on every edge, no delay
-        sets += ["model.name=resnet8", "runtime.partition=per_layer",
-                 "channel.activation.codec=topk", "channel.activation.k=0.3",
-                 "channel.activation.error_feedback=true", "channel.error.codec=lowrank",
-                 "channel.error.q=2", "channel.error.drop=0.1"]
+        sets += ["model.name=resnet8", *lossy]
     full = train(_small(*sets), tmp_path / "full", progress=False)
     if variant == "graph_channels":  # the skip's own link is among them
         assert "layer1.0.conv2->stem" in full["channels"]["error"]
