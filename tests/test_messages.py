@@ -31,6 +31,19 @@ def test_roundtrip_header_and_payload():
     assert m.header_bytes == len(raw) and m.payload_bytes == 4 * 8 * 4
 
 
+def test_each_header_is_decoded_from_its_own_bytes():
+    # Header.decode remembers the last bytes object it decoded (the plane and then the
+    # receiver decode every header): another message's bytes never get its header
+    a, b = _act(step=1).raw_header, _act(step=2).raw_header
+    assert Header.decode(a).step == 1 and Header.decode(b).step == 2
+    assert Header.decode(a).step == 1
+    assert Header.decode(a) is Header.decode(a)
+    bad = Header(**{**Header.decode(a).__dict__, "version": SCHEMA_VERSION + 1}).encode()
+    with pytest.raises(MessageError, match="schema version"):
+        Header.decode(bad)
+    assert Header.decode(b).step == 2
+
+
 def test_read_only_payload_is_copied_before_use():
     m = _act()
     arr = m.payload.copy()

@@ -45,6 +45,7 @@ plane, which drops whatever was left in flight.
 from __future__ import annotations
 
 import datetime
+import math
 import socket
 import struct
 from collections import deque
@@ -80,11 +81,11 @@ def frame(raw: bytes, nbytes: int, room: int = 0) -> torch.Tensor:
     payload itself (the caller fills them)."""
     if len(raw) > FRAME - _LEN.size:
         raise ValueError(f"a header of {len(raw)} bytes does not fit a {FRAME}-byte frame")
+    head = _LEN.pack(len(raw), nbytes) + raw
     buf = torch.empty(FRAME + room, dtype=torch.uint8)
-    b = buf.numpy()
-    b[:FRAME] = 0  # never send stale memory: the padding is zeros
-    _LEN.pack_into(b, 0, len(raw), nbytes)
-    b[_LEN.size:_LEN.size + len(raw)] = np.frombuffer(raw, np.uint8)
+    b = buf.numpy()  # numpy views: a torch slice costs several times more per message
+    b[:len(head)] = np.frombuffer(head, np.uint8)
+    b[len(head):FRAME] = 0  # never send stale memory: the padding is zeros
     return buf
 
 
@@ -96,19 +97,20 @@ def abort_frame(src: str, reason: str) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 
-def unframe(buf: torch.Tensor, src: str, dst: str) -> tuple[bytes, int]:
-    """(header bytes, payload bytes) of a received frame; PeerFailed for an abort."""
-    b = buf.numpy().tobytes()
+def unframe(buf, src: str, dst: str) -> tuple[bytes, int]:
+    """(header bytes, payload bytes) of a received frame (a tensor or its numpy view);
+    PeerFailed for an abort."""
+    b = buf.numpy() if isinstance(buf, torch.Tensor) else buf
     n, nbytes = _LEN.unpack_from(b, 0)
     if n < 0:
         try:
-            d = msgpack.unpackb(b[_LEN.size:].rstrip(b"\0"), raw=False)
+            d = msgpack.unpackb(b[_LEN.size:].tobytes().rstrip(b"\0"), raw=False)
             raise PeerFailed(d.get("src", src), dst, d.get("reason", "?"))
         except (ValueError, msgpack.UnpackException):
             raise PeerFailed(src, dst, "an abort frame") from None
     if not 0 <= n <= FRAME - _LEN.size or nbytes < 0:
         raise MessageError(f"bad frame (header {n} bytes, payload {nbytes})", src, dst)
-    return b[_LEN.size:_LEN.size + n], nbytes
+    return b[_LEN.size:_LEN.size + n].tobytes(), nbytes
 
 
 def as_array(raw: bytes, data: np.ndarray, src: str, dst: str) -> np.ndarray:
@@ -119,7 +121,7 @@ def as_array(raw: bytes, data: np.ndarray, src: str, dst: str) -> np.ndarray:
         raise MessageError(err.reason, src, dst) from None
     try:
         dt = np.dtype(h.dtype)
-        want = int(np.prod(h.shape, dtype=np.int64)) * dt.itemsize
+        want = math.prod(h.shape) * dt.itemsize  # Header.decode made them ints
     except (TypeError, ValueError):
         raise h.error(f"dtype {h.dtype!r} is not a wire dtype", dst) from None
     if want != data.nbytes:
@@ -162,9 +164,8 @@ class GlooPlane:
         room = self._sent.get(dst, 0)  # the receiver posted room for this much
         inline = n <= room < ZERO_COPY
         buf = frame(raw, n, n if inline else 0)
-        if inline and n:
-            data = buf.numpy()[FRAME:].view(payload.dtype).reshape(payload.shape)
-            data[...] = payload  # the one copy: frame and payload as one transfer
+        if inline and n:  # the one copy: frame and payload as one transfer
+            buf.numpy()[FRAME:] = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
         works = [self.pg.send([buf], dst, _TAG)]
         body = None
         if n and not inline:
@@ -208,23 +209,25 @@ class GlooPlane:
         room = self._taken.get(src, 0)
         work, buf, fit = self._posted.pop(src, None) or self._post(src, room)
         self._wait(work, peer, me)
-        raw, nbytes = unframe(buf[:FRAME], peer, me)
+        b = buf.numpy()
+        raw, nbytes = unframe(b, peer, me)
         if fit is not None:  # a large payload: into the body posted beside the frame
             self._wait(fit[0], peer, me)  # (a filler byte, if the payload outgrew it)
-            body = fit[1]
+            body = fit[1].numpy()
         else:
-            body = buf[FRAME:]
+            body = b[FRAME:]
         if nbytes <= room:
             data = body[:nbytes]
         else:
-            data = torch.empty(nbytes, dtype=torch.uint8)
-            self._wait(self.pg.recv([data], src, _BODY), peer, me)
+            big = torch.empty(nbytes, dtype=torch.uint8)
+            self._wait(self.pg.recv([big], src, _BODY), peer, me)
+            data = big.numpy()
         self._taken[src] = nbytes
         if self._left is not None:
             self._left[src] = self._left.get(src, 0) - 1
         if self._left is None or self._left[src] > 0:
             self._posted[src] = self._post(src, nbytes)  # the next message on this edge
-        return raw, as_array(raw, data.numpy(), peer, me)
+        return raw, as_array(raw, data, peer, me)
 
     def expect(self, counts: dict[int, int]) -> None:
         """How many messages this call takes from each actor (None: unknown, post ahead
