@@ -143,6 +143,22 @@ class Peer:
             times.append(time.perf_counter() - t)
         return times
 
+    def plane_wait(self, seconds: float) -> float:
+        """Block in the plane's recv until the peer sends, `seconds` late."""
+        t = time.perf_counter()
+        self.plane.recv(1 - self.rank)
+        return time.perf_counter() - t
+
+    def plane_send_late(self, seconds: float) -> bool:
+        from localnet.runtime.messages import Message
+
+        time.sleep(seconds)
+        m = Message.make("activation", np.zeros(16, np.float32), src="ab"[self.rank],
+                         dst="ab"[1 - self.rank], step=0, mb=0)
+        self.plane.send(1 - self.rank, *m.wire())
+        self.plane.settle(0)
+        return True
+
     def echo(self, x):
         return x
 
@@ -223,6 +239,11 @@ def main(argv=None) -> int:
             rows[name][n] = measure(run, args.hops, 2)
         if copy_all:
             ray.kill(pa), ray.kill(pb)
+        else:
+            def plane_idle(s, pa=pa, pb=pb):
+                r = pb.plane_send_late.remote(s)
+                get([pa.plane_wait.remote(s), r])
+            idle[name] = idle_cpu(plane_idle)
 
     # Ray actor-to-actor calls
     for n in SIZES:
