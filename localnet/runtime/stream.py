@@ -3,8 +3,11 @@
 Under `runtime.schedule: async` there is no flush between batches.  Each actor's action
 list is an endless stream (`schedules.async_pipe`), cut at batch boundaries: every
 `train_step` hands each actor the next piece of its own stream in one call, and returns
-as soon as the *last* actor is done with the batch, while earlier actors still run that
-batch's backward passes -- their replies are checked later (`_check_outstanding`).
+as soon as the *last* actor has the batch's loss: its piece ends at the batch's last
+forward, and the backward and update of that micro-batch open its next piece
+(`AsyncStream.take`), so the first actor's forward of the next batch overlaps them.
+Earlier actors still run that batch's backward passes -- their replies are checked later
+(`_check_outstanding`).
 Anything that reads or writes whole-model state (evaluation, probes, checkpoints) first
 drains the stream (`_drain`), so it sees every update the issued batches make.
 """
@@ -26,14 +29,16 @@ class StreamMixin:
         self._streams = [self._sched.stream(d, start) for d in depth] if self.streamed else []
 
     def _run_async(self, x, y, step: int, lr: float, wd: float) -> StepStats:
-        """Stream one batch into the async pipeline; returns when the last actor is done
-        with it.  Each micro-batch's update uses lr and wd/M (M updates make a batch's)."""
+        """Stream one batch into the async pipeline; returns when the last actor has its
+        loss.  Each micro-batch's update uses lr and wd/M (M updates make a batch's)."""
         M = min(self.micro_batches, int(x.shape[0]))
         base = self._g
         self._g += M
         for m in range(M):
             self._mb[base + m] = (step, m, float(lr), float(wd) / M)
-        acts = [self._stream_acts(st.take(self._g)) for st in self._streams]
+        last = len(self._streams) - 1  # returns with the loss, before its last backward
+        acts = [self._stream_acts(st.take(self._g, to_forward=s == last))
+                for s, st in enumerate(self._streams)]
         inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
         refs = self._issue(acts, inputs, targets)
         if self.local:

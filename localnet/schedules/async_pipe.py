@@ -37,6 +37,13 @@ class AsyncStream:
     F(start) .. F(start+d-1), then F(g+d) B(g) STEP(g) for g = start, start+1, ...
 
     take(limit): the next actions up to (not including) the first F(g >= limit).
+    take(limit, to_forward=True): only up to F(limit - 1), the batch's last forward: the
+    stage's backwards and updates after it open its next piece.  The runtime cuts the
+    last stage's stream so: the coordinator's step returns once that stage has the
+    batch's loss, and the first stage's forward of the next batch (which waits for that
+    return) runs while the last stage does the backward of this batch's last
+    micro-batch.  Cut after the backward, every batch would add one forward of the first
+    stage to the pipeline's period.  The order of actions, and so the maths, is the same.
     drain(limit): the remaining B(g) / STEP(g) for g < limit (forwards >= limit are
     dropped), after which the stream restarts at `limit` with a new warm-up."""
 
@@ -59,9 +66,11 @@ class AsyncStream:
             yield STEP_MB(g)
             g += 1
 
-    def take(self, limit: int) -> list[Action]:
+    def take(self, limit: int, to_forward: bool = False) -> list[Action]:
         out = []
         while not (self._peek.op == "F" and self._peek.mb >= limit):
+            if to_forward and out and out[-1].op == "F" and out[-1].mb == limit - 1:
+                break
             out.append(self._peek)
             self._peek = next(self._it)
         return out

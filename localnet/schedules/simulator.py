@@ -79,8 +79,9 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
     function (src, dst, op) -> seconds, op "F" for an activation and "B" for an error.
     cores: at most this many actions run at once (actors sharing a machine with fewer
     cores than actors); None: every actor has its own.  feed: micro-batches come in
-    batches of `feed`, and the coordinator feeds batch b once the last stage has finished
-    batch b-1 (its call returned) -- a streamed async schedule; None: every micro-batch
+    batches of `feed`, and the coordinator feeds batch b once the last stage has done
+    batch b-1's last forward (its call returns with the loss; `AsyncStream.take`) -- a
+    streamed async schedule; None: every micro-batch
     is there from the start.  Raises DeadlockError when no stage can progress.
     """
     check_schedule(schedule)
@@ -91,16 +92,15 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
         (fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"), (step_cost, "step_cost"),
         (hop_cost, "hop_cost"), (call_cost, "call_cost")))
     acts = schedule.stages
-    last_step = {a.mb: a for a in acts[-1] if a.op == "STEP"}
 
     def needs(s, a):
         return _deps(s, a, S, M, dfa, graph, cons)
 
-    def fed(s, a):  # the previous batch's end on the last stage, when the driver feeds it
+    def fed(s, a):  # the previous batch's last forward on the last stage: then the
+        # driver's step returns, and it feeds the next batch
         if not feed or -1 not in graph[s] or a.op != "F" or a.mb < feed:
             return []
-        prev = a.mb // feed * feed - 1
-        return [(S - 1, last_step.get(prev, B(prev)))]
+        return [(S - 1, F(a.mb // feed * feed - 1))]
 
     def cost(s, a, deps):
         c = fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
