@@ -163,13 +163,14 @@ class GlooPlane:
         n = payload.nbytes
         room = self._sent.get(dst, 0)  # the receiver posted room for this much
         inline = n <= room < ZERO_COPY
+        data = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)  # a view, if it can
         buf = frame(raw, n, n if inline else 0)
         if inline and n:  # the one copy: frame and payload as one transfer
-            buf.numpy()[FRAME:] = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
+            buf.numpy()[FRAME:] = data
         works = [self.pg.send([buf], dst, _TAG)]
         body = None
         if n and not inline:
-            body = torch.from_numpy(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
+            body = torch.from_numpy(data)
         if room >= ZERO_COPY:  # the receiver posted a body of `room` bytes beside the frame
             fits = body is not None and n <= room
             works.append(self.pg.send([body if fits else _FILLER], dst, _FIT))
