@@ -14,9 +14,10 @@ around every timed step:
              and every batch on the GPU (`train.device: cuda`); the batch comes from
              pinned memory in one asynchronous copy, as `localnet run` does
   ray        RayExecutor, per_unit, its actors sharing the one GPU through fractional
-             `runtime.num_gpus` (1 / actors each); activations and errors cross through
-             host memory over the gloo data plane, so this row measures the runtime's
-             overhead on a GPU, not a multi-GPU speed-up
+             `runtime.num_gpus` (1 / actors each); actors on one GPU cannot form NCCL
+             pairs, so activations and errors cross through host memory over the gloo
+             data plane (on several GPUs they would stay on the devices), and this row
+             measures the runtime's overhead on a GPU, not a multi-GPU speed-up
 
 The issue's target: in-process PFA at >= 0.85x plain BP's images/s.  Results go to
 benchmarks/RESULTS.md between <!-- gpu --> markers (--no-write: not).

@@ -152,6 +152,27 @@ def test_one_activation_addressed_to_several_receivers():
 
 
 # ---------------------------------------------------------------------------- data plane
+def test_a_payload_made_on_an_accelerator_stays_a_tensor_there():
+    """Message.make keeps a tensor that is not on the CPU as itself: a meta tensor
+    stands in for a GPU's, and any copy to the host would raise.  validate checks a
+    tensor payload as it does an array: against its header, and finite where it lies."""
+    t = torch.empty(2, 3, device="meta")
+    m = _act(t)
+    assert isinstance(m.payload, torch.Tensor) and m.payload.device.type == "meta"
+    assert m.payload_bytes == 24
+    assert m.header.shape == (2, 3) and m.header.dtype == "float32" and m.tensor() is m.payload
+    validate(m, ACTIVATION, (None, 3), torch.float32, finite=False)
+    x = torch.tensor([[1.0, float("nan")]])
+    ok = _act(x)  # made on the CPU: an array; as a tensor it must pass the same checks
+    with pytest.raises(MessageError, match="1 of 2 values are not finite"):
+        validate(Message(ok.header, x, ok.raw_header), ACTIVATION)
+    with pytest.raises(MessageError, match="does not match its header"):
+        validate(Message(ok.header, torch.zeros(1, 3), ok.raw_header), ACTIVATION)
+    assert validate(Message(ok.header, torch.ones(1, 2), ok.raw_header), ACTIVATION)
+    assert np.array_equal(Message(ok.header, x, ok.raw_header).host(), x.numpy(),
+                          equal_nan=True)
+
+
 def test_plane_frames_carry_the_header_and_rebuild_the_payload():
     """A frame holds the header; the receiver views the payload's bytes as the array
     the header describes, and refuses bytes that do not match it."""
@@ -160,8 +181,9 @@ def test_plane_frames_carry_the_header_and_rebuild_the_payload():
     from localnet.runtime.plane import LocalPlane, PeerFailed, abort_frame, as_array, frame, unframe
 
     m = _act(torch.randn(3, 5))
-    raw, n = unframe(frame(m.raw_header, m.payload_bytes), "stage0", "stage1")
-    assert raw == m.raw_header and n == 60
+    raw, n, on_dev = unframe(frame(m.raw_header, m.payload_bytes), "stage0", "stage1")
+    assert raw == m.raw_header and n == 60 and not on_dev
+    assert unframe(frame(m.raw_header, 60, device=True), "stage0", "stage1")[2]
     arr = as_array(raw, m.payload.reshape(-1).view(np.uint8).copy(), "stage0", "stage1")
     assert arr.shape == (3, 5) and np.array_equal(arr, m.payload)
     with pytest.raises(MessageError, match="payload of 56 bytes") as info:
@@ -182,7 +204,9 @@ def test_plane_frames_carry_the_header_and_rebuild_the_payload():
     assert not np.shares_memory(got, m.payload)  # a copy, as a real plane makes
 
 
-def _gloo_pair(names):
+def _gloo_pair(names, **kw):
+    """One GlooPlane per name, joined from threads of this process; kw[name][rank]: that
+    rank's keyword arguments."""
     import threading
 
     from localnet.runtime.plane import GlooPlane
@@ -191,7 +215,8 @@ def _gloo_pair(names):
     planes = [None] * len(names)
 
     def join(rank):
-        planes[rank] = GlooPlane(addr, port, rank, len(names), 30, names)
+        planes[rank] = GlooPlane(addr, port, rank, len(names), 30, names,
+                                 **{k: v[rank] for k, v in kw.items()})
 
     threads = [threading.Thread(target=join, args=(r,)) for r in range(len(names))]
     for t in threads:
@@ -213,6 +238,7 @@ def test_gloo_plane_carries_payloads_of_any_size_in_order():
     from localnet.runtime.plane import FRAME, ZERO_COPY
 
     a, b = _gloo_pair(["stage0", "stage1"])
+    assert a._dev is None and not b.device_peers  # CPU actors: no device group
     g = torch.Generator().manual_seed(0)
     shapes = [(4, 8), (4, 8), (64, 33), (2, 3), (64, 33), (0, 5), (7,), (128, 1024),
               (128, 1024), (64, 1024), (128, 1024), (3, 3), (64, 1024), (0, 5), (3, 3)]
@@ -251,6 +277,73 @@ def test_gloo_plane_carries_payloads_of_any_size_in_order():
     assert b._taken[0] == sent[-1].payload_bytes
     a.settle(0), b.settle(0)
     a.close(), b.close()
+
+
+def test_device_payloads_never_visit_the_host_between_different_accelerators(monkeypatch):
+    """Between actors on different accelerators a payload makes no host round trip: the
+    sender's tensor itself goes through the device group, into a buffer the receiver
+    made on its own device, and comes out as a tensor there.  Between actors sharing one
+    accelerator (no NCCL pair) it goes to the host once and over gloo.  Host and device
+    payloads mix on one edge in any order (a host body posted after a large host payload
+    is filled).  On CPU a gloo group stands in for NCCL; `host` is counted."""
+    import numpy as np
+    import torch.distributed as dist
+
+    from localnet.runtime import plane as plane_mod
+    from localnet.runtime.plane import ZERO_COPY
+
+    sent, made = [], []  # what went into the device group, and every buffer it filled
+
+    class Spy:
+        def __init__(self, store, rank, world, timeout):
+            self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
+
+        def send(self, ts, dst, tag):
+            sent.append(ts[0].data_ptr())
+            return self.pg.send(ts, dst, tag)
+
+        def recv(self, ts, src, tag):
+            made.append(ts[0].data_ptr())
+            return self.pg.recv(ts, src, tag)
+
+    copies = []
+
+    def counted_host(payload):
+        copies.append(payload.shape)
+        return host(payload)
+
+    host = plane_mod.host
+    monkeypatch.setattr(plane_mod, "host", counted_host)
+    names = ["stage0", "stage1", "stage2"]
+    a, b, c = _gloo_pair(names, key=["gpu-a", "gpu-b", "gpu-a"],
+                         device_group=[Spy] * 3)
+    assert a.device_peers == {1} and b.device_peers == {0, 2} and c.device_peers == {1}
+    g = torch.Generator().manual_seed(0)
+    big = (ZERO_COPY // 4) * 2
+    payloads = [torch.randn(big, generator=g).numpy(), torch.randn(4, 8, generator=g),
+                torch.randn(big, generator=g), torch.randn(3, generator=g).numpy(),
+                torch.zeros(0, 5), torch.randn(16, 16, generator=g, dtype=torch.float64)]
+    msgs = [_act(torch.as_tensor(p)) for p in payloads]
+    for m, p in zip(msgs, payloads):
+        a.send(1, m.raw_header, p)
+    device = [isinstance(p, torch.Tensor) for p in payloads]
+    assert sent == [p.data_ptr() for p, d in zip(payloads, device) if d and p.numel()]
+    for m, p, d in zip(msgs, payloads, device):
+        raw, got = b.recv(0)
+        assert raw == m.raw_header and isinstance(got, torch.Tensor) == d
+        assert np.array_equal(np.asarray(got), np.asarray(p)) and got.shape == p.shape
+        if d and p.numel():
+            assert got.untyped_storage().data_ptr() == made.pop(0)  # the group's buffer
+    assert not copies and not made
+    x = torch.randn(5, 7, generator=g)  # one accelerator shared: to the host once
+    m = _act(x)
+    a.send(2, m.raw_header, x)
+    raw, got = c.recv(0)
+    assert isinstance(got, np.ndarray) and np.array_equal(got, x.numpy())
+    assert copies == [x.shape] and len(sent) == 3  # nothing more through the group
+    for p in (a, b, c):
+        p.settle(0)
+        p.close()
 
 
 def test_gloo_plane_frees_every_send_of_a_flushing_batch():

@@ -21,7 +21,7 @@ from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
 from ..errors import ConfigError
 from .graph import Placement
 from .messages import (ACTIVATION, CONTROL, ERROR, Control, Header, Message, MessageError,
-                       dtype_name, stage_name, validate)
+                       dtype_name, host, stage_name, validate)
 
 
 def check_channel_graph(channel, pl: Placement, dfa: bool, unit_names: list[str]) -> None:
@@ -150,7 +150,7 @@ class WireEnd:
             raise h.error(f"expected a {ch.codec.name}-encoded message on this channel",
                           self.name)
         try:
-            enc = unpack(msg.payload, meta)
+            enc = unpack(msg.host(), meta)
         except ValueError as err:
             raise h.error(str(err), self.name) from None
         ch.arrive(enc)
@@ -185,7 +185,7 @@ class WireEnd:
                                 "mb": msg.header.mb, "header_bytes": len(raw),
                                 # what arrived, on the wire or through shared memory
                                 "payload_bytes": msg.payload_bytes,
-                                "payload": np.array(msg.payload)})
+                                "payload": np.array(msg.host())})
         if msg.header.src != src:
             raise msg.header.error(f"expected a message from {src}", self.name)
         return msg
@@ -292,7 +292,7 @@ class WireEnd:
         if f["mode"] == "silent":
             self._fault_silent = True  # the interpreter drops it (interpreter._ship)
             return msg
-        arr, kind = msg.payload, h.kind
+        arr, kind = host(msg.payload), h.kind
         if f["mode"] in ("nan", "inf"):
             arr = arr.copy()
             arr.flat[0] = np.nan if f["mode"] == "nan" else np.inf

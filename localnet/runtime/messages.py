@@ -1,9 +1,11 @@
 """Typed, versioned messages: the only things that cross between pipeline stages.
 
-A data message is a small msgpack header plus one tensor payload (a numpy array):
+A data message is a small msgpack header plus one tensor payload:
 
     header  {v, run, step, mb, src, dst, kind, detail, dtype, shape, meta}
-    payload numpy.ndarray of that dtype and shape
+    payload numpy.ndarray of that dtype and shape -- or, made on an accelerator, the
+            torch tensor itself, so that the data plane can keep it on the device
+            (`plane.py`); anything that needs host memory asks `host()`
 
 Data kinds (`DATA_KINDS`):
 
@@ -147,7 +149,10 @@ class Header:
 
 
 # ------------------------------------------------------------------------------ data
-def _to_numpy(t) -> np.ndarray:
+def _to_payload(t):
+    """A message's payload: a numpy array on the host; a tensor on an accelerator stays
+    one (contiguous, detached) -- copying it to the host here would cost every GPU
+    message a round trip that the plane may not need."""
     if isinstance(t, nn.Parameter):
         raise TypeError("a message payload cannot be an nn.Parameter: parameters never "
                         "cross between stages")
@@ -155,7 +160,9 @@ def _to_numpy(t) -> np.ndarray:
         t = t.detach()
         if t.dtype == torch.bfloat16:
             raise TypeError("bfloat16 payloads are not supported on the wire yet")
-        return t.cpu().contiguous().numpy()
+        if t.device.type != "cpu":
+            return t.contiguous()
+        return t.contiguous().numpy()
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(t)
     raise TypeError(f"a message payload must be a tensor or ndarray, got {type(t).__name__}")
@@ -164,7 +171,7 @@ def _to_numpy(t) -> np.ndarray:
 @dataclass
 class Message:
     header: Header
-    payload: np.ndarray
+    payload: np.ndarray | torch.Tensor  # a tensor only on an accelerator (_to_payload)
     raw_header: bytes = b""
 
     @classmethod
@@ -173,7 +180,7 @@ class Message:
         if kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {kind!r}; one of {DATA_KINDS} "
                              f"(control messages are `Control`)")
-        arr = _to_numpy(tensor)
+        arr = _to_payload(tensor)
         name = dtype_name(arr.dtype)
         if name not in _DTYPES:
             raise TypeError(f"dtype {name} not allowed on the wire")
@@ -188,8 +195,9 @@ class Message:
             raise MessageError(f"header must be bytes, got {type(raw_header).__name__}")
         raw = raw_header if type(raw_header) is bytes else bytes(raw_header)
         h = Header.decode(raw)
-        if not isinstance(payload, np.ndarray):
-            raise h.error(f"payload must be an ndarray, got {type(payload).__name__}")
+        if not isinstance(payload, np.ndarray) and not on_device(payload):
+            raise h.error(f"payload must be an ndarray or a device tensor, got "
+                          f"{type(payload).__name__}")
         return cls(h, payload, raw)
 
     def wire(self) -> tuple[bytes, np.ndarray]:
@@ -204,10 +212,29 @@ class Message:
         return int(self.payload.nbytes)
 
     def tensor(self) -> torch.Tensor:
-        """The payload as a torch tensor.  Arrays from Ray's object store are read-only
-        shared memory; those are copied once so autograd may never write into them."""
+        """The payload as a torch tensor (a device payload as it is).  Arrays from Ray's
+        object store are read-only shared memory; those are copied once so autograd may
+        never write into them."""
+        if isinstance(self.payload, torch.Tensor):
+            return self.payload
         arr = self.payload if self.payload.flags.writeable else self.payload.copy()
         return torch.from_numpy(arr)
+
+    def host(self) -> np.ndarray:
+        """The payload in host memory (a copy off the device for a device payload)."""
+        return host(self.payload)
+
+
+def on_device(payload) -> bool:
+    """Is this payload a tensor on an accelerator (not host memory)?"""
+    return isinstance(payload, torch.Tensor) and payload.device.type != "cpu"
+
+
+def host(payload) -> np.ndarray:
+    """A payload as a host array: itself, or a device tensor copied to the host."""
+    if isinstance(payload, torch.Tensor):
+        return payload.detach().cpu().contiguous().numpy()
+    return payload
 
 
 def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, *,
@@ -245,7 +272,11 @@ def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, 
         want = dtype_name(dtype)
         if got != want:
             raise h.error(f"expected dtype {want}, got {got}", who)
-    if finite and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+    if finite and isinstance(arr, torch.Tensor):  # a device payload: checked where it is
+        if arr.is_floating_point() and arr.numel() and not bool(torch.isfinite(arr).all()):
+            bad = int(arr.numel() - torch.isfinite(arr).sum())
+            raise h.error(f"{bad} of {arr.numel()} values are not finite (NaN/inf)", who)
+    elif finite and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         raise h.error(f"{bad} of {arr.size} values are not finite (NaN/inf)", who)
     return msg

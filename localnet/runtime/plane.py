@@ -30,6 +30,17 @@ not yet taken: an activation stays alive anyway until its backward (autograd kee
 so sent from where it lies it costs nothing more.  If it does not fit the posted body (or
 is empty), a byte fills that and the payload follows on the other tag, as above.
 
+**Payloads on an accelerator stay there.**  Between two actors on different GPUs (device
+edges), a payload goes through a second process group of the same actors whose backend
+moves device memory -- NCCL (`ProcessGroupNCCL`) -- while its frame still goes over gloo:
+the receiver reads the frame, then receives exactly the bytes it announces into a buffer
+on its own device, and the stage computes on that.  The actors tell each other which GPU
+each holds through the plane's store (`device_key`).  Two actors sharing one GPU
+(fractional `num_gpus`) cannot form an NCCL pair, so between them -- and between a GPU
+actor and a CPU one -- a device payload is copied to the host once and takes the gloo
+path.  The frame says which path its payload took, so a host payload on a device edge (a
+channel's encoded bytes) still arrives.
+
 Each receive is posted as soon as the one before it on that edge is taken, so gloo reads
 a message straight into its buffer as it arrives -- but only while this call still expects
 one on that edge (`expect`), so no buffer waits between calls.
@@ -54,13 +65,14 @@ import msgpack
 import numpy as np
 import torch
 
-from .messages import Header, MessageError
+from .messages import Header, MessageError, host
 
 FRAME = 1024                 # bytes: lengths + header (a header is ~110-300 bytes)
 ZERO_COPY = 256 << 10        # bytes: payloads from here on are sent from where they lie
-_LEN = struct.Struct("<iq")  # header length (-1: abort), payload bytes
+_LEN = struct.Struct("<iqi")  # header length (-1: abort), payload bytes, on the device (1)
 _TAG, _BODY, _FIT = 7, 8, 9  # frames (+ small payloads); payloads that did not fit; large
                              # payloads into the body the receiver posted
+_DEV = 10                    # device payloads, through the device group
 _FILLER = torch.zeros(1, dtype=torch.uint8)  # takes a posted body that the payload outgrew
 
 
@@ -76,12 +88,13 @@ class PeerFailed(RuntimeError):
         return (type(self), (self.src, self.dst, self.reason))
 
 
-def frame(raw: bytes, nbytes: int, room: int = 0) -> torch.Tensor:
+def frame(raw: bytes, nbytes: int, room: int = 0, device: bool = False) -> torch.Tensor:
     """A frame for a header and a payload of `nbytes`, with `room` bytes behind it for the
-    payload itself (the caller fills them)."""
+    payload itself (the caller fills them); device: the payload follows through the
+    device group."""
     if len(raw) > FRAME - _LEN.size:
         raise ValueError(f"a header of {len(raw)} bytes does not fit a {FRAME}-byte frame")
-    head = _LEN.pack(len(raw), nbytes) + raw
+    head = _LEN.pack(len(raw), nbytes, int(device)) + raw
     buf = torch.empty(FRAME + room, dtype=torch.uint8)
     b = buf.numpy()  # numpy views: a torch slice costs several times more per message
     b[:len(head)] = np.frombuffer(head, np.uint8)
@@ -92,29 +105,31 @@ def frame(raw: bytes, nbytes: int, room: int = 0) -> torch.Tensor:
 def abort_frame(src: str, reason: str) -> torch.Tensor:
     raw = msgpack.packb({"src": src, "reason": reason[:FRAME - 100]}, use_bin_type=True)
     buf = bytearray(FRAME)
-    _LEN.pack_into(buf, 0, -1, 0)
+    _LEN.pack_into(buf, 0, -1, 0, 0)
     buf[_LEN.size:_LEN.size + len(raw)] = raw[:FRAME - _LEN.size]
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 
-def unframe(buf, src: str, dst: str) -> tuple[bytes, int]:
-    """(header bytes, payload bytes) of a received frame (a tensor or its numpy view);
-    PeerFailed for an abort."""
+def unframe(buf, src: str, dst: str) -> tuple[bytes, int, bool]:
+    """(header bytes, payload bytes, whether the payload comes through the device group)
+    of a received frame (a tensor or its numpy view); PeerFailed for an abort."""
     b = buf.numpy() if isinstance(buf, torch.Tensor) else buf
-    n, nbytes = _LEN.unpack_from(b, 0)
+    n, nbytes, device = _LEN.unpack_from(b, 0)
     if n < 0:
         try:
             d = msgpack.unpackb(b[_LEN.size:].tobytes().rstrip(b"\0"), raw=False)
             raise PeerFailed(d.get("src", src), dst, d.get("reason", "?"))
         except (ValueError, msgpack.UnpackException):
             raise PeerFailed(src, dst, "an abort frame") from None
-    if not 0 <= n <= FRAME - _LEN.size or nbytes < 0:
-        raise MessageError(f"bad frame (header {n} bytes, payload {nbytes})", src, dst)
-    return b[_LEN.size:_LEN.size + n].tobytes(), nbytes
+    if not 0 <= n <= FRAME - _LEN.size or nbytes < 0 or device not in (0, 1):
+        raise MessageError(f"bad frame (header {n} bytes, payload {nbytes}, device "
+                           f"{device})", src, dst)
+    return b[_LEN.size:_LEN.size + n].tobytes(), nbytes, bool(device)
 
 
-def as_array(raw: bytes, data: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """The payload bytes viewed as the array its header describes."""
+def as_array(raw: bytes, data, src: str, dst: str):
+    """The payload bytes (a uint8 array, or a uint8 tensor on a device) viewed as the
+    array (tensor) its header describes."""
     try:
         h = Header.decode(raw)
     except MessageError as err:
@@ -127,21 +142,56 @@ def as_array(raw: bytes, data: np.ndarray, src: str, dst: str) -> np.ndarray:
     if want != data.nbytes:
         raise h.error(f"payload of {data.nbytes} bytes, its header says {h.dtype}"
                       f"{list(h.shape)}", dst)
+    if isinstance(data, torch.Tensor):
+        return data.view(_TORCH_DTYPES[dt.name]).reshape(h.shape)
     return data.view(dt).reshape(h.shape)
+
+
+_TORCH_DTYPES = {n: getattr(torch, n) for n in
+                 ("float16", "float32", "float64", "int64", "int32", "uint8")}
+
+
+def device_key(device) -> str | None:
+    """Which accelerator an actor computes on, the same string in every process that
+    sees it (the GPU's UUID); None on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def nccl_group(store, rank: int, world: int, timeout):
+    """The device group between GPU actors: torch.distributed's NCCL backend."""
+    import torch.distributed as dist
+
+    return dist.ProcessGroupNCCL(store, rank, world, timeout)
 
 
 class GlooPlane:
     """One actor's end of a gloo process group over all actors (rank = actor index)."""
 
     def __init__(self, addr: str, port: int, rank: int, world: int, timeout_s: float,
-                 names: list[str]):
+                 names: list[str], device="cpu", *, key: str | None = "auto",
+                 device_group=nccl_group):
+        """device: where this actor computes; key: its accelerator's identity ("auto":
+        `device_key(device)`); device_group(store, rank, world, timeout): the process
+        group that moves device payloads (tests pass a stand-in)."""
         import torch.distributed as dist
 
         self.rank, self.names = rank, names
+        self.device = torch.device(device)
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
         self._store = dist.TCPStore(addr, port, world, rank == 0, timeout=self.timeout,
                                     wait_for_workers=False)
         self.pg = dist.ProcessGroupGloo(self._store, rank, world, self.timeout)
+        # which accelerator each actor holds: a device edge joins two different ones
+        key = device_key(self.device) if key == "auto" else key
+        self._store.set(f"device/{rank}", key or "")
+        keys = [self._store.get(f"device/{r}").decode() or None for r in range(world)]
+        self.device_peers = {r for r, k in enumerate(keys)
+                             if key and k and k != key and r != rank}
+        self._dev = (device_group(dist.PrefixStore("device", self._store), rank, world,
+                                  self.timeout) if self.device_peers else None)
         self._pending: list = []   # (call, works, buffers...) of sends not yet waited for
         self._call = 0
         # payload bytes of the last message on each edge: the room the receiver posts
@@ -159,7 +209,13 @@ class GlooPlane:
         s.close()
         return _ip(), port
 
-    def send(self, dst: int, raw: bytes, payload: np.ndarray) -> None:
+    def send(self, dst: int, raw: bytes, payload) -> None:
+        """payload: a numpy array, or a tensor (a device payload)."""
+        if isinstance(payload, torch.Tensor):
+            if dst in self.device_peers:
+                self._send_device(dst, raw, payload)
+                return
+            payload = host(payload)  # to the host once: the peer cannot read this device
         n = payload.nbytes
         room = self._sent.get(dst, 0)  # the receiver posted room for this much
         inline = n <= room < ZERO_COPY
@@ -183,6 +239,19 @@ class GlooPlane:
         # the payload itself only through `body`, which views it: an inline payload was
         # copied into `buf`, and keeping the array too would keep the error it came from
         # (often nothing else holds it) for the rest of the call
+        self._pending.append((self._call, works, buf, body))
+
+    def _send_device(self, dst: int, raw: bytes, payload: torch.Tensor) -> None:
+        """The frame over gloo, the payload from where it lies through the device group."""
+        n = payload.nbytes
+        buf = frame(raw, n, device=True)
+        works = [self.pg.send([buf], dst, _TAG)]
+        if self._sent.get(dst, 0) >= ZERO_COPY:  # the receiver posted a host body: fill it
+            works.append(self.pg.send([_FILLER], dst, _FIT))
+        body = payload.detach().contiguous().reshape(-1).view(torch.uint8)
+        if n:
+            works.append(self._dev.send([body], dst, _DEV))
+        self._sent[dst] = 0  # the receiver posts a bare frame next (see recv)
         self._pending.append((self._call, works, buf, body))
 
     def settle(self, calls_back: int = 0) -> None:
@@ -211,7 +280,9 @@ class GlooPlane:
         work, buf, fit = self._posted.pop(src, None) or self._post(src, room)
         self._wait(work, peer, me)
         b = buf.numpy()
-        raw, nbytes = unframe(b, peer, me)
+        raw, nbytes, on_dev = unframe(b, peer, me)
+        if on_dev:
+            return raw, self._recv_device(src, raw, nbytes, fit, peer, me)
         if fit is not None:  # a large payload: into the body posted beside the frame
             self._wait(fit[0], peer, me)  # (a filler byte, if the payload outgrew it)
             body = fit[1].numpy()
@@ -224,11 +295,32 @@ class GlooPlane:
             self._wait(self.pg.recv([big], src, _BODY), peer, me)
             data = big.numpy()
         self._taken[src] = nbytes
+        self._advance(src)
+        return raw, as_array(raw, data, peer, me)
+
+    def _advance(self, src: int) -> None:
+        """One message from src taken: post the next one's receive (room for this one's
+        payload), if this call takes another from src."""
         if self._left is not None:
             self._left[src] = self._left.get(src, 0) - 1
         if self._left is None or self._left[src] > 0:
-            self._posted[src] = self._post(src, nbytes)  # the next message on this edge
-        return raw, as_array(raw, data, peer, me)
+            self._posted[src] = self._post(src, self._taken[src])
+
+    def _recv_device(self, src: int, raw: bytes, nbytes: int, fit, peer: str, me: str):
+        """The payload a frame announced, received through the device group into this
+        actor's device: exactly `nbytes` (NCCL matches sizes), so nothing is posted ahead
+        for it, and the next frame on this edge is posted bare, as its sender expects."""
+        if src not in self.device_peers:
+            raise MessageError("a device payload from an actor that shares no device "
+                               "group with this one", peer, me)
+        if fit is not None:  # the host body posted after a large host payload: a filler
+            self._wait(fit[0], peer, me)
+        body = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if nbytes:
+            self._wait(self._dev.recv([body], src, _DEV), peer, me)
+        self._taken[src] = 0
+        self._advance(src)
+        return as_array(raw, body, peer, me)
 
     def expect(self, counts: dict[int, int]) -> None:
         """How many messages this call takes from each actor (None: unknown, post ahead
@@ -271,7 +363,7 @@ class GlooPlane:
     def close(self) -> None:
         self._pending = []
         self._posted = {}
-        self.pg = None
+        self.pg = self._dev = None
         self._store = None
 
 
@@ -291,9 +383,10 @@ class LocalEnd:
     def __init__(self, plane: LocalPlane, rank: int):
         self.plane, self.rank, self.names = plane, rank, plane.names
 
-    def send(self, dst: int, raw: bytes, payload: np.ndarray) -> None:
+    def send(self, dst: int, raw: bytes, payload) -> None:
         # a copy, as a real plane makes: the sender may reuse its tensor
-        self.plane._q.setdefault((self.rank, dst), deque()).append((raw, np.array(payload)))
+        self.plane._q.setdefault((self.rank, dst), deque()).append(
+            (raw, np.array(host(payload))))
 
     def ready(self, src: int) -> bool:
         return bool(self.plane._q.get((src, self.rank)))
@@ -301,7 +394,7 @@ class LocalEnd:
     def recv(self, src: int) -> tuple[bytes, np.ndarray]:
         raw, arr = self.plane._q[(src, self.rank)].popleft()
         f = frame(raw, arr.nbytes)  # the same framing checks as on the wire
-        raw, nbytes = unframe(f, self.names[src], self.names[self.rank])
+        raw, nbytes, _ = unframe(f, self.names[src], self.names[self.rank])
         return raw, as_array(raw, arr.reshape(-1).view(np.uint8), self.names[src],
                              self.names[self.rank])
 

@@ -227,7 +227,7 @@ class StageWorker(WireEnd, StageState):
         from .plane import GlooPlane
         self.plane_close()
         self.plane = GlooPlane(addr, port, self.index, world, timeout_s,
-                               [stage_name(i) for i in range(world)])
+                               [stage_name(i) for i in range(world)], self.device)
         return True
 
     def plane_close(self) -> None:
