@@ -285,7 +285,9 @@ def test_device_payloads_never_visit_the_host_between_different_accelerators(mon
     made on its own device, and comes out as a tensor there.  Between actors sharing one
     accelerator (no NCCL pair) it goes to the host once and over gloo.  Host and device
     payloads mix on one edge in any order (a host body posted after a large host payload
-    is filled).  On CPU a gloo group stands in for NCCL; `host` is counted."""
+    is filled).  Every device pair is opened when the plane is (NCCL would otherwise
+    block a first sender mid-batch).  On CPU a gloo group stands in for NCCL; `host` is
+    counted."""
     import numpy as np
     import torch.distributed as dist
 
@@ -318,6 +320,8 @@ def test_device_payloads_never_visit_the_host_between_different_accelerators(mon
     a, b, c = _gloo_pair(names, key=["gpu-a", "gpu-b", "gpu-a"],
                          device_group=[Spy] * 3)
     assert a.device_peers == {1} and b.device_peers == {0, 2} and c.device_peers == {1}
+    assert len(sent) == len(made) == 4  # each device pair opened at once, a byte each way
+    sent.clear(), made.clear()
     g = torch.Generator().manual_seed(0)
     big = (ZERO_COPY // 4) * 2
     payloads = [torch.randn(big, generator=g).numpy(), torch.randn(4, 8, generator=g),
@@ -343,6 +347,44 @@ def test_device_payloads_never_visit_the_host_between_different_accelerators(mon
     assert copies == [x.shape] and len(sent) == 3  # nothing more through the group
     for p in (a, b, c):
         p.settle(0)
+        p.close()
+
+
+def test_device_pairs_open_in_an_order_without_a_cycle():
+    """NCCL opens a pair on its first transfer and holds both ends until both are there.
+    A stand-in group whose every transfer is such a meeting: four actors, each on its own
+    accelerator, all open their six pairs when the plane opens, and none waits forever."""
+    import threading
+
+    meet: dict = {}
+    lock = threading.Lock()
+
+    class Meeting:
+        def __init__(self, store, rank, world, timeout):
+            self.rank = rank
+
+        def _op(self, peer):
+            with lock:
+                b = meet.setdefault((min(self.rank, peer), max(self.rank, peer)),
+                                    threading.Barrier(2))
+
+            class Done:
+                @staticmethod
+                def wait(timeout):
+                    b.wait(5)  # BrokenBarrierError after 5 s: a cycle
+            return Done()
+
+        def send(self, ts, dst, tag):
+            return self._op(dst)
+
+        def recv(self, ts, src, tag):
+            return self._op(src)
+
+    planes = _gloo_pair([f"stage{i}" for i in range(4)], key=[f"gpu-{i}" for i in range(4)],
+                        device_group=[Meeting] * 4)
+    assert all(p is not None and len(p.device_peers) == 3 for p in planes)
+    assert sorted(meet) == [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    for p in planes:
         p.close()
 
 

@@ -35,7 +35,8 @@ edges), a payload goes through a second process group of the same actors whose b
 moves device memory -- NCCL (`ProcessGroupNCCL`) -- while its frame still goes over gloo:
 the receiver reads the frame, then receives exactly the bytes it announces into a buffer
 on its own device, and the stage computes on that.  The actors tell each other which GPU
-each holds through the plane's store (`device_key`).  Two actors sharing one GPU
+each holds through the plane's store (`device_key`), and open every device pair before
+the first batch (`_connect_device_peers`).  Two actors sharing one GPU
 (fractional `num_gpus`) cannot form an NCCL pair, so between them -- and between a GPU
 actor and a CPU one -- a device payload is copied to the host once and takes the gloo
 path.  The frame says which path its payload took, so a host payload on a device edge (a
@@ -192,6 +193,7 @@ class GlooPlane:
                              if key and k and k != key and r != rank}
         self._dev = (device_group(dist.PrefixStore("device", self._store), rank, world,
                                   self.timeout) if self.device_peers else None)
+        self._connect_device_peers()
         self._pending: list = []   # (call, works, buffers...) of sends not yet waited for
         self._call = 0
         # payload bytes of the last message on each edge: the room the receiver posts
@@ -199,6 +201,21 @@ class GlooPlane:
         self._taken: dict[int, int] = {}   # src -> received from there last
         self._posted: dict[int, tuple] = {}  # src -> (work, buffer) of the next receive
         self._left: dict[int, int] | None = None  # src -> receives this call still makes
+
+    def _connect_device_peers(self) -> None:
+        """Open every device pair now, with one byte each way.  NCCL sets up a pair on its
+        first transfer and blocks both ends' host until the other joins; mid-batch, an
+        actor blocked so (on a first send that its reader takes only later) could stall
+        the pipeline.  Every actor takes its pairs in one global order, (low rank, high
+        rank) ascending, so the first pair not yet open always has both ends waiting on
+        it: no cycle."""
+        me = self.rank
+        for peer in sorted(self.device_peers, key=lambda p: (min(p, me), max(p, me))):
+            byte = torch.zeros(1, dtype=torch.uint8, device=self.device)
+            first = self._dev.send if me < peer else self._dev.recv
+            then = self._dev.recv if me < peer else self._dev.send
+            for op in (first, then):
+                op([byte], peer, _DEV).wait(self.timeout)
 
     @staticmethod
     def host() -> tuple[str, int]:
