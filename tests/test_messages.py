@@ -286,8 +286,8 @@ def test_device_payloads_never_visit_the_host_between_different_accelerators(mon
     accelerator (no NCCL pair) it goes to the host once and over gloo.  Host and device
     payloads mix on one edge in any order (a host body posted after a large host payload
     is filled).  Every device pair is opened when the plane is (NCCL would otherwise
-    block a first sender mid-batch).  On CPU a gloo group stands in for NCCL; `host` is
-    counted."""
+    block a first sender mid-batch).  On CPU a gloo group stands in for NCCL; host copies
+    are counted."""
     import numpy as np
     import torch.distributed as dist
 
@@ -314,8 +314,8 @@ def test_device_payloads_never_visit_the_host_between_different_accelerators(mon
         copies.append(payload.shape)
         return host(payload)
 
-    host = plane_mod.host
-    monkeypatch.setattr(plane_mod, "host", counted_host)
+    host = plane_mod.to_host
+    monkeypatch.setattr(plane_mod, "to_host", counted_host)
     names = ["stage0", "stage1", "stage2"]
     a, b, c = _gloo_pair(names, key=["gpu-a", "gpu-b", "gpu-a"],
                          device_group=[Spy] * 3)

@@ -66,7 +66,8 @@ import msgpack
 import numpy as np
 import torch
 
-from .messages import Header, MessageError, host
+from .messages import Header, MessageError
+from .messages import host as to_host
 
 FRAME = 1024                 # bytes: lengths + header (a header is ~110-300 bytes)
 ZERO_COPY = 256 << 10        # bytes: payloads from here on are sent from where they lie
@@ -232,7 +233,7 @@ class GlooPlane:
             if dst in self.device_peers:
                 self._send_device(dst, raw, payload)
                 return
-            payload = host(payload)  # to the host once: the peer cannot read this device
+            payload = to_host(payload)  # once: the peer cannot read this device
         n = payload.nbytes
         room = self._sent.get(dst, 0)  # the receiver posted room for this much
         inline = n <= room < ZERO_COPY
@@ -403,7 +404,7 @@ class LocalEnd:
     def send(self, dst: int, raw: bytes, payload) -> None:
         # a copy, as a real plane makes: the sender may reuse its tensor
         self.plane._q.setdefault((self.rank, dst), deque()).append(
-            (raw, np.array(host(payload))))
+            (raw, np.array(to_host(payload))))
 
     def ready(self, src: int) -> bool:
         return bool(self.plane._q.get((src, self.rank)))
