@@ -364,6 +364,10 @@ def test_explicit_groups_and_placement_checks():
     ref, model, ex = run_both(cfg, IMG, NC, steps=2, bs=8, )
     assert ex.boundaries == [2, 4] and ex.runtime_info()["units"][0] == ["stem", "layer1.0"]
     assert state_diff(model.state_dict(), ex.model_state_dict())[0] < 1e-5
+    info = ex.runtime_info()  # in one process: no payload stays on a device
+    assert info["device_edges"] == [] and info["data_plane"] == "local queues"
+    ex.device_peers = [[1], [0], []]  # as a plane reports actors 0 and 1 on two GPUs
+    assert ex.runtime_info()["device_edges"] == ["stage0->stage1"]
     with pytest.raises(ValueError, match="topological"):
         Placement("layers", [0, 1], [["a"], ["b"]], [[-1], [1]])
     with pytest.raises(ValueError, match="feed nobody"):

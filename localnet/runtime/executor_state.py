@@ -189,6 +189,12 @@ class StateMixin:
             led.merge(Ledger.from_dict(d))
         return led
 
+    def _device_edges(self) -> list[str]:
+        """Edges whose payloads stay on the device: `device_peers[s]`, what the plane
+        told actor s when it opened (the coordinator's `_open_plane`)."""
+        return [f"{stage_name(p)}->{stage_name(c)}" for p, c in self.placement.edges()
+                if c in self.device_peers[p]]
+
     def _cross_node_edges(self) -> list[str]:
         nodes = [i.get("ray_node") for i in self.stage_info]
         return [f"{stage_name(p)}->{stage_name(c)}" for p, c in self.placement.edges()
@@ -244,7 +250,11 @@ class StateMixin:
                 "dfa_broadcast": self.broadcast_output_error, "placement": self.cfg.runtime.placement,
                 "num_cpus": self.cfg.runtime.num_cpus, "num_gpus": self.cfg.runtime.num_gpus,
                 "devices": sorted({i.get("device", "cpu") for i in self.stage_info}),
-                "data_plane": "local queues" if self.local else "torch.distributed gloo",
+                "data_plane": "local queues" if self.local else (
+                    "torch.distributed gloo" + ("; NCCL between GPUs" if self._device_edges()
+                                                else "")),
+                # edges whose payloads stay on the device (two actors on different GPUs)
+                "device_edges": self._device_edges(),
                 "driver_calls_per_batch": self.num_stages, "driver_calls": self.calls,
                 "startup_s": self.startup_s,
                 "startup_phases_s": self.startup_phases,

@@ -78,6 +78,7 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         self._owned: set[int] = set()
         self._placer = None
         self.workers = []
+        self.device_peers: list[list[int]] = []  # per actor, whom it reaches on the device
         self.memory: dict | None = None   # the preflight's estimate (runtime/memory.py)
         phases: dict[str, float] = {}
 
@@ -168,14 +169,15 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         """A fresh data plane among all actors (at start, and after every failure: a
         failed batch leaves messages in flight that nobody will read)."""
         S = self.num_stages
+        self.device_peers = [[] for _ in range(S)]
         if self.local:
             plane = LocalPlane([stage_name(i) for i in range(S)])
             for i, w in enumerate(self.workers):
                 w._obj.plane = plane.endpoint(i)
             return
         addr, port = self._get(self.workers[0].plane_host.remote(), "data plane")
-        self._get([w.plane_open.remote(addr, port, S, self.timeout) for w in self.workers],
-                  "data plane")
+        self.device_peers = self._get([w.plane_open.remote(addr, port, S, self.timeout)
+                                       for w in self.workers], "data plane")
 
     def close(self) -> None:
         """Kill the actors this executor spawned, free the placement group, and shut down

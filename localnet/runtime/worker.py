@@ -222,13 +222,14 @@ class StageWorker(WireEnd, StageState):
         from .plane import GlooPlane
         return GlooPlane.host()
 
-    def plane_open(self, addr: str, port: int, world: int, timeout_s: float) -> bool:
-        """Join a new data plane (every actor at once); the old one is dropped."""
+    def plane_open(self, addr: str, port: int, world: int, timeout_s: float) -> list[int]:
+        """Join a new data plane (every actor at once); the old one is dropped.  Returns
+        the actors this one reaches on the device (plane.py: NCCL between GPUs)."""
         from .plane import GlooPlane
         self.plane_close()
         self.plane = GlooPlane(addr, port, self.index, world, timeout_s,
                                [stage_name(i) for i in range(world)], self.device)
-        return True
+        return sorted(self.plane.device_peers)
 
     def plane_close(self) -> None:
         if self.plane is not None:
