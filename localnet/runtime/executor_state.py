@@ -237,6 +237,7 @@ class StateMixin:
         sim = simulate(sched, 1.0, 1.0, dfa=self.broadcast_output_error)
         stale = self.staleness()
         pl = self.placement
+        device_edges = self._device_edges()
         return {"executor": "local" if self.local else self.name, "actors": self.num_stages,
                 "schedule": self.schedule_name, "micro_batches": self.micro_batches,
                 "staleness": max(stale), "staleness_per_actor": stale,
@@ -251,10 +252,9 @@ class StateMixin:
                 "num_cpus": self.cfg.runtime.num_cpus, "num_gpus": self.cfg.runtime.num_gpus,
                 "devices": sorted({i.get("device", "cpu") for i in self.stage_info}),
                 "data_plane": "local queues" if self.local else (
-                    "torch.distributed gloo" + ("; NCCL between GPUs" if self._device_edges()
-                                                else "")),
+                    "torch.distributed gloo" + ("; NCCL between GPUs" if device_edges else "")),
                 # edges whose payloads stay on the device (two actors on different GPUs)
-                "device_edges": self._device_edges(),
+                "device_edges": device_edges,
                 "driver_calls_per_batch": self.num_stages, "driver_calls": self.calls,
                 "startup_s": self.startup_s,
                 "startup_phases_s": self.startup_phases,

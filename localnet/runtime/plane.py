@@ -144,13 +144,9 @@ def as_array(raw: bytes, data, src: str, dst: str):
     if want != data.nbytes:
         raise h.error(f"payload of {data.nbytes} bytes, its header says {h.dtype}"
                       f"{list(h.shape)}", dst)
-    if isinstance(data, torch.Tensor):
-        return data.view(_TORCH_DTYPES[dt.name]).reshape(h.shape)
+    if isinstance(data, torch.Tensor):  # numpy's names of the wire dtypes are torch's
+        return data.view(getattr(torch, dt.name)).reshape(h.shape)
     return data.view(dt).reshape(h.shape)
-
-
-_TORCH_DTYPES = {n: getattr(torch, n) for n in
-                 ("float16", "float32", "float64", "int64", "int32", "uint8")}
 
 
 def device_key(device) -> str | None:
