@@ -390,7 +390,9 @@ def main(argv=None) -> dict:
 
     # -- Ray ----------------------------------------------------------------------------
     Remote = ray.remote(num_cpus=0)(StageWorker)
-    pool = [Remote.remote(threads=1) for _ in range(max(stages))]
+    # the actors the executor would spawn: one torch thread, the runtime's CPU policy
+    policy = cfg_for().runtime.cpu_policy
+    pool = [Remote.remote(threads=1, cpu_policy=policy) for _ in range(max(stages))]
     rows = []
     cores = os.cpu_count() or 1
     for S in stages:

@@ -95,8 +95,9 @@ def cpu(args) -> None:
     cut = balanced_boundaries([x + y for x, y in zip(f, b)], 2)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        pool = [ray.remote(num_cpus=0)(StageWorker).remote(threads=1) for _ in range(2)]
         cfg = cfg_for(args.schedule, M, args.batch, cut)
+        pool = [ray.remote(num_cpus=0)(StageWorker).remote(
+            threads=1, cpu_policy=cfg.runtime.cpu_policy) for _ in range(2)]
         ex = RayExecutor(cfg, SHAPE, NC, actors=pool)
         batches = data(args.batch)
         for i in range(4):

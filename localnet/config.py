@@ -239,6 +239,11 @@ class RuntimeConfig(Section):
                                                    "holding one computes on it")
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement group strategy")
     threads: int = Field(1, ge=1, description="torch threads inside each actor")
+    cpu_policy: Literal["batch", "normal"] = Field(
+        "batch", description="Linux scheduling policy of the actors' threads: batch "
+                             "(SCHED_BATCH) lets a thread that a message wakes wait for the "
+                             "running computation's time slice instead of preempting it; "
+                             "normal leaves the default (runtime/cpu_policy.py)")
     local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
     local_object_store_mb: int = Field(
         1024, ge=100, description="object store of the embedded local Ray.  Only the "

@@ -9,6 +9,7 @@ teardown kills them and shuts Ray down.
 
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,6 +284,15 @@ def test_train_build_chooses_the_ray_executor(ray_session):
         assert loss > 0 and 0 <= acc <= 1
         info = ex.runtime_info()
         assert info["schedule"] == "1f1b" and info["units"] == [["fc1"], ["head"]]
+        # runtime.cpu_policy (default batch) reached every thread of every actor, the
+        # data plane's gloo threads (started after it was set) too; the driver keeps its own
+        assert info["cpu_policies"] == ["batch"]
+        for a in info["actor_info"]:
+            tids = os.listdir(f"/proc/{a['pid']}/task")
+            names = {Path(f"/proc/{a['pid']}/task/{t}/comm").read_text().strip() for t in tids}
+            assert "gloo_tcp_loop" in names, names
+            assert {os.sched_getscheduler(int(t)) for t in tids} == {os.SCHED_BATCH}
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
         assert [s["units"] for s in ex.state_dict()["stages"]] == [[0, 1], [1, 2]]
     finally:
         ex.close()

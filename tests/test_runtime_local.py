@@ -2,6 +2,9 @@
 interpreter driving plain StageWorker objects in this process (`local=True`)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -772,3 +775,32 @@ def test_per_layer_lost_errors_and_the_limits_of_channels_on_a_graph(tmp_path):
             "channel.error.codec=fp16"]
     with pytest.raises(ConfigError, match="per_layer.*runtime.executor: local"):
         build(load_config(None, sets))
+
+
+CPU_POLICY_CHILD = """
+import os, threading, time
+from localnet.runtime import cpu_policy
+stop = threading.Event()
+before = threading.Thread(target=stop.wait); before.start()
+assert cpu_policy.apply("batch") >= 2
+after = threading.Thread(target=stop.wait); after.start()  # inherits the starter's policy
+tids = [int(t) for t in os.listdir("/proc/self/task")]
+batch = {os.sched_getscheduler(t) for t in tids}
+cpu_policy.apply("normal")
+normal = {os.sched_getscheduler(t) for t in tids}
+stop.set(); before.join(); after.join()
+print(len(tids), batch == {os.SCHED_BATCH}, normal == {os.SCHED_OTHER}, cpu_policy.current())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_cpu_policy_covers_every_thread_and_those_started_later():
+    # in a child process: the test process's own threads keep their policy
+    r = subprocess.run([sys.executable, "-c", CPU_POLICY_CHILD], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, batch, normal, now = r.stdout.split()
+    assert int(n) >= 3 and batch == normal == "True" and now == "normal"
+    from localnet.runtime import cpu_policy
+    with pytest.raises(ValueError, match="runtime.cpu_policy"):
+        cpu_policy.apply("realtime")

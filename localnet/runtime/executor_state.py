@@ -251,6 +251,9 @@ class StateMixin:
                 "dfa_broadcast": self.broadcast_output_error, "placement": self.cfg.runtime.placement,
                 "num_cpus": self.cfg.runtime.num_cpus, "num_gpus": self.cfg.runtime.num_gpus,
                 "devices": sorted({i.get("device", "cpu") for i in self.stage_info}),
+                # the actors' threads' scheduling policy (runtime.cpu_policy); local: the
+                # driver's own, which the runtime leaves alone
+                "cpu_policies": sorted({i.get("cpu_policy", "?") for i in self.stage_info}),
                 "data_plane": "local queues" if self.local else (
                     "torch.distributed gloo" + ("; NCCL between GPUs" if device_edges else "")),
                 # edges whose payloads stay on the device (two actors on different GPUs)

@@ -106,7 +106,7 @@ class Placer:
         if self.pg is not None:
             remote = remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=i))
-        return remote.remote(threads=rt.threads)
+        return remote.remote(threads=rt.threads, cpu_policy=rt.cpu_policy)
 
     def close(self) -> None:
         if self.pg is not None:

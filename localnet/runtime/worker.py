@@ -48,6 +48,7 @@ from ..timing import StageTimer
 from ..models import unit_shapes
 from ..rules import make_rule
 from ..stage import NodeStage
+from .cpu_policy import apply as cpu_policy_apply, current as cpu_policy_current
 from .endpoint import WireEnd
 from .graph import Placement, actor_units, modules_for
 from .messages import (BROADCAST, CHAIN, DRIVER, ERROR, OUTPUT, TARGET, MessageError,
@@ -77,8 +78,11 @@ def worker_specs(cfg, placement: Placement, model, input_shape, num_classes: int
 
 
 class StageWorker(WireEnd, StageState):
-    def __init__(self, spec: dict | None = None, threads: int = 1, model=None):
+    def __init__(self, spec: dict | None = None, threads: int = 1, model=None,
+                 cpu_policy: str | None = None):
         keep_freed_memory()  # an actor reallocates its activations every step (alloc.py)
+        if cpu_policy:  # an actor process's own (None in-process: not the driver's)
+            cpu_policy_apply(cpu_policy)
         if threads:  # 0: leave the process's setting alone (in-process use)
             torch.set_num_threads(int(threads))
         self._ledger = Ledger()
@@ -208,7 +212,7 @@ class StageWorker(WireEnd, StageState):
                 "rule": self.rule.name, "broadcast_output_error": self.broadcast_output_error,
                 "device": str(self.device), "stash": self.stage.stash,
                 "pid": os.getpid(), "host": socket.gethostname(), "ray_node": _ray_node(),
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "cpu_policy": cpu_policy_current(),
                 # CPU this process has used so far: at setup, what starting an actor costs
                 # (Ray's worker, `import torch`, building its units)
                 "process_cpu_s": round(time.process_time(), 3)}
