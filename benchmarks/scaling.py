@@ -59,14 +59,16 @@ MAIN = "ray::StageWorke"  # an actor's main thread: Ray names it after the class
 SHAPE, NC = (3, 32, 32), 10
 
 
-def cfg_for(model: str, partition: str, batch: int, M: int) -> Config:
+def cfg_for(model: str, partition: str, batch: int, M: int,
+            cpu_policy: str | None = None) -> Config:
     return Config.model_validate({
         "seed": 0, "rule": {"name": "pfa"}, "model": {"name": model},
         "data": {"name": "synthetic"},
         "train": {"batch_size": batch, "micro_batches": M, "lr": 0.01, "momentum": 0.9,
                   "weight_decay": 1e-4},
         "runtime": {"executor": "ray", "schedule": "1f1b", "partition": partition,
-                    "threads": 1, "timeout_s": 600, "local_cpus": 4}})
+                    "threads": 1, "timeout_s": 600, "local_cpus": 4,
+                    **({"cpu_policy": cpu_policy} if cpu_policy else {})}})
 
 
 def batches(batch: int, n: int = 4):
@@ -104,6 +106,15 @@ def thread_cpu(pid: int) -> dict[str, float]:
         except OSError:
             pass
     return out
+
+
+def preemptions(pid: int) -> int:
+    """How often the kernel took the CPU from a process's main thread while it could
+    still run (nonvoluntary_ctxt_switches of /proc/PID/status: the main thread's own)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("nonvoluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
 
 def machine_cpu() -> float:
@@ -271,9 +282,11 @@ def on_ray(cfg, data, steps: int) -> dict:
         ex.stage_timings()  # clears them
         pids = [i["pid"] for i in ex.stage_info]
         before, m0 = [thread_cpu(p) for p in pids], machine_cpu()
+        pre0 = [preemptions(p) for p in pids]
         t = step_times(step, data, 0, steps)
         ex.flush()
         after, m1 = [thread_cpu(p) for p in pids], machine_cpu()
+        pre = [(preemptions(p) - b) / steps for p, b in zip(pids, pre0)]
         compute = sum(sum(tm[f"{op}_cpu"]) for tm in ex.stage_timings() for op in OPS)
         gloo = sum(a.get("gloo_tcp_loop", 0) - b.get("gloo_tcp_loop", 0)
                    for a, b in zip(after, before))
@@ -294,7 +307,11 @@ def on_ray(cfg, data, steps: int) -> dict:
                "actor_heap_mb": {k: round(statistics.median(h[k] for h in heaps), 1)
                                  for k in heaps[0]}
                if all(heaps) else None,
-               "cpu_per_batch": {k: round(v, 3) for k, v in cpu.items()},
+               # + 0.0: a difference that rounds to zero from below prints as 0.0, not -0.0
+               "cpu_per_batch": {k: round(v, 3) + 0.0 for k, v in cpu.items()},
+               # the median actor's main thread: preempted while runnable, per batch
+               "preemptions_per_batch": round(statistics.median(pre), 1),
+               "cpu_policy": cfg.runtime.cpu_policy,
                "memory_estimate": ex.memory}
     finally:
         ex.close()
@@ -398,6 +415,8 @@ def main(argv=None) -> dict:
     p.add_argument("--hop-cost", type=float, default=2e-4,
                    help="the data plane's CPU per message for the simulator (s); "
                         "benchmarks/dataplane.py measures it")
+    p.add_argument("--cpu-policy", choices=["batch", "normal"], default=None,
+                   help="runtime.cpu_policy of the actors (default: the config's)")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--baseline", action="store_true",
                    help="only a bare torch actor's memory, what torch._dynamo adds, and "
@@ -413,7 +432,7 @@ def main(argv=None) -> dict:
     rows = []
     for model in args.models.split(","):
         for part in args.partitions.split(","):
-            cfg = cfg_for(model, part, args.batch, args.micro)
+            cfg = cfg_for(model, part, args.batch, args.micro, args.cpu_policy)
             rate, cpu = inprocess(cfg, data, args.steps)
             gc.collect()
             release_free_memory()  # not the in-process run's peak in the Ray run's
