@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from localnet.runtime.messages import (ACTIVATION, ERROR, OUTPUT, SCHEMA_VERSION, TARGET, Control,
-                                       Header, Message, MessageError, validate)
+                                       Header, Message, MessageError, all_finite, validate)
 
 
 def _act(t=None, **kw):
@@ -97,6 +97,25 @@ def test_non_finite_error_is_rejected(bad):
         validate(m, ERROR, (4, 10), torch.float32)
     assert info.value.edge == "stage2->stage1" and info.value.step == 7
     assert "bad error message on edge stage2->stage1 at step 7" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_the_finiteness_check_agrees_with_the_exact_mask(dtype):
+    # the check sums first; the truth is numpy's element-wise mask
+    big = np.finfo(dtype).max
+    cases = {"finite": np.random.default_rng(0).standard_normal(5000),
+             "sum overflows, every value finite": np.full(64, big),
+             "+inf and -inf cancel to NaN": np.array([1.0, np.inf, -np.inf, 2.0]),
+             "NaN last": np.r_[np.zeros(1023), np.nan],
+             "inf first": np.r_[np.inf, np.ones(7)], "empty": np.zeros(0)}
+    for name, values in cases.items():
+        a = values.astype(dtype)
+        truth = bool(np.isfinite(a).all())
+        assert all_finite(a) is truth, name
+        assert all_finite(torch.from_numpy(a.copy())) is truth, name  # a device payload
+        a.flags.writeable = False
+        assert all_finite(a) is truth, name
+    assert all_finite(np.arange(5)) and all_finite(torch.arange(5))  # integers: finite
 
 
 def test_header_payload_mismatch_and_version():

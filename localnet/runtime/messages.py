@@ -272,14 +272,32 @@ def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, 
         want = dtype_name(dtype)
         if got != want:
             raise h.error(f"expected dtype {want}, got {got}", who)
-    if finite and isinstance(arr, torch.Tensor):  # a device payload: checked where it is
-        if arr.is_floating_point() and arr.numel() and not bool(torch.isfinite(arr).all()):
-            bad = int(arr.numel() - torch.isfinite(arr).sum())
-            raise h.error(f"{bad} of {arr.numel()} values are not finite (NaN/inf)", who)
-    elif finite and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
-        bad = int(arr.size - np.isfinite(arr).sum())
-        raise h.error(f"{bad} of {arr.size} values are not finite (NaN/inf)", who)
+    if finite and not all_finite(arr):  # a device payload is checked where it lies
+        dev = isinstance(arr, torch.Tensor)
+        n = arr.numel() if dev else arr.size
+        good = int((torch if dev else np).isfinite(arr).sum())
+        raise h.error(f"{n - good} of {n} values are not finite (NaN/inf)", who)
     return msg
+
+
+def all_finite(arr) -> bool:
+    """Whether every value of a floating payload (ndarray, or a tensor where it lies) is
+    finite.  One sum first: any NaN or inf makes the sum NaN or inf, and a sum reads the
+    payload once without allocating a mask as large as it.  Only a non-finite sum --
+    a bad value, or finite values whose sum overflows -- pays for the exact check."""
+    if isinstance(arr, torch.Tensor):
+        if not arr.is_floating_point() or not arr.numel():
+            return True
+        t = arr
+    else:
+        if arr.dtype.kind != "f" or not arr.size:
+            return True
+        if not arr.flags.writeable:  # torch views only writable arrays without a warning
+            return bool(np.isfinite(arr).all())
+        t = torch.from_numpy(arr)
+    # fp16/bf16 sums in fp32, so a large half payload does not overflow into the slow path
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
 
 
 _NAMES: dict = {}
