@@ -778,7 +778,7 @@ def test_per_layer_lost_errors_and_the_limits_of_channels_on_a_graph(tmp_path):
 
 
 CPU_POLICY_CHILD = """
-import os, threading, time
+import os, threading
 from localnet.runtime import cpu_policy
 stop = threading.Event()
 before = threading.Thread(target=stop.wait); before.start()

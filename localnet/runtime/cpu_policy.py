@@ -7,7 +7,8 @@ actor's convolution is cut short and resumes with its caches refilled by someone
 SCHED_BATCH marks a thread as throughput work: it never preempts on wake-up and waits
 for the running thread's slice instead.  Every actor thread is such work, so the actors
 take turns at slice boundaries rather than at every message.  Latency of one message
-matters less here than CPU per batch (benchmarks/RESULTS.md, "Notes: ... preemption").
+matters less here than CPU per batch (benchmarks/RESULTS.md, "Notes: actors that take
+turns").
 
 An unprivileged process may move its own threads between SCHED_OTHER and SCHED_BATCH
 (sched(7)), so this needs no capability; off Linux it does nothing.
