@@ -8,6 +8,7 @@ teardown kills them and shuts Ray down.
 """
 
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -135,6 +136,23 @@ def test_audit_nothing_but_activations_and_errors_cross(actors, rule):
     summary = ex.ledger_summary()
     assert summary["parameter_bytes"] == 0
     _assert_ledger_matches(ex.ledger(), records)
+
+
+def _kill(worker) -> None:
+    """ray.kill, then wait until Ray reports the actor dead: the kill is asynchronous,
+    and a call made right after it may still run on the doomed actor (the step would
+    then pass and the actor die later, under the next test)."""
+    ray.kill(worker)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(worker.ping.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue  # queued behind a call of the batch in flight: ask again
+        time.sleep(0.05)
+    raise AssertionError("ray.kill: the actor still answers after 60 s")
 
 
 def _assert_ledger_matches(ledger, records):
@@ -355,7 +373,7 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
         assert files == ["manifest.json", "stage0.pt", "stage1.pt", "stage2.pt"]
         ex.train_step(*data[3], 0.05, 1e-3)      # after the checkpoint: replayed
         old_pid = ex.stage_info[1]["pid"]
-        ray.kill(ex.workers[1])
+        _kill(ex.workers[1])
         st = ex.train_step(*data[4], 0.05, 1e-3)  # fails, recovers, retries
         assert st.samples == BS
         (rec,) = ex.recoveries
@@ -404,7 +422,7 @@ def test_recovery_replays_to_exactly_the_uninterrupted_run(actors, spawner, tmp_
                 if i == 2:
                     ex.save_state(tmp_path / f"kill{kill}")
                 if i == 4 and kill is not None:
-                    ray.kill(ex.workers[kill])  # steps 3 and 4 are since the checkpoint
+                    _kill(ex.workers[kill])  # steps 3 and 4 are since the checkpoint
                 ex.train_step(x, y, 0.05, 1e-3)
             return ex.model_state_dict(), list(ex.recoveries)
         finally:
@@ -435,7 +453,7 @@ def test_recovery_refuses_a_checkpoint_that_would_run_code(actors, spawner, tmp_
         saved = ex.save_state(tmp_path)
         victim = tmp_path / saved["checkpoint"] / "stage1.pt"
         plant(victim, marker, keep=load_state(victim))
-        ray.kill(ex.workers[1])
+        _kill(ex.workers[1])
         with pytest.raises(RuntimeError, match="CheckpointError") as info:
             ex.train_step(*data[1], 0.05, 1e-3)
         assert str(victim) in str(info.value) and "could run code" in str(info.value)
