@@ -28,7 +28,7 @@ import json
 import multiprocessing as mp
 import sys
 
-from scaling import NC, SHAPE, batches, cfg_for, on_ray, step_times  # sets Ray's env
+from scaling import NC, SHAPE, batches, cfg_for, inprocess, on_ray, step_times  # Ray's env
 
 import torch  # noqa: E402
 
@@ -39,15 +39,7 @@ from localnet.timing import OPS  # noqa: E402
 def inprocess_cpu(partition: str, steps: int) -> float:
     """CPU seconds per batch of the in-process executor at one thread (in a child:
     `side by side` runs two at once)."""
-    from localnet.runtime.testing import reference
-
-    torch.set_num_threads(1)
-    cfg = cfg_for("resnet20", partition, 128, 4)
-    data = batches(128)
-    ex, _ = reference(cfg, SHAPE, NC)
-    cpu: list[float] = []
-    step_times(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), data, 3, steps, cpu)
-    return cpu[0]
+    return inprocess(cfg_for("resnet20", partition, 128, 4), batches(128), steps, threads=1)[1]
 
 
 def local_cpu(partition: str, steps: int) -> tuple[float, float]:

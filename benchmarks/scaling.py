@@ -238,18 +238,19 @@ def step_times(step, data, warmup: int, steps: int, cpu: list | None = None) -> 
     return out
 
 
-def inprocess(cfg, data, steps: int) -> tuple[float, float]:
-    """(samples/s, CPU seconds per batch) of the in-process executor."""
+def inprocess(cfg, data, steps: int, threads: int | None = None) -> tuple[float, float]:
+    """(samples/s, CPU seconds per batch) of the in-process executor, at `threads` torch
+    threads (default: the machine's cores)."""
     from localnet.runtime.testing import reference
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     cpu: list[float] = []
     try:
         ex, _ = reference(cfg, SHAPE, NC)
         t = step_times(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), data, 2, steps, cpu)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(old)
     return cfg.train.batch_size / statistics.median(t), cpu[0]
 
 
