@@ -8,6 +8,8 @@ with their input shapes) and gets the whole model's weights for them.
 
 from __future__ import annotations
 
+import torch
+
 from .config import Config
 from .engine import OptimConfig
 from .models import build_model
@@ -25,6 +27,11 @@ def build_rule_and_model(cfg: Config, input_shape, num_classes: int, units=None,
     model = build_model(cfg.model.name, rule, tuple(input_shape), int(num_classes),
                         seed=cfg.seed, units=units, unit_shapes=unit_shapes,
                         init=cfg.model.init, **kwargs)
+    if cfg.train.memory_format == "channels_last":
+        # conv weights channels-last: a convolution then returns channels-last output
+        # whatever its input, so every later activation and error follows (the
+        # values are the same; only their order in memory changes)
+        model.to(memory_format=torch.channels_last)
     return rule, model
 
 

@@ -104,6 +104,10 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="in-process executor: where the model and each batch live "
         "(auto: cuda when torch sees a GPU); Ray actors use runtime.num_gpus")
+    memory_format: Literal["channels_last", "contiguous"] = Field(
+        "channels_last", description="how conv weights, and so every 4-d activation and "
+        "error, lie in memory: channels_last lets oneDNN convolve without reordering "
+        "(faster on the CPU, less scratch memory); activations cross the wire as they lie")
 
     @property
     def micro_batch_size(self) -> int:

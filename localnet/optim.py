@@ -38,4 +38,11 @@ _mark_not_compiled()
 class SGD(torch.optim.SGD):
     @torch.no_grad()
     def step(self, closure=None):
+        # The fused kernel walks a parameter and its gradient as flat memory, so a
+        # gradient laid out unlike its parameter (a row-major g_R for a channels-last R,
+        # `train.memory_format`) would update the wrong elements: lay it out alike first.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.stride() != p.stride():
+                    p.grad = torch.empty_like(p).copy_(p.grad)
         return _STEP(self, closure)

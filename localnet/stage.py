@@ -77,6 +77,18 @@ class Stage:
             self.norm_limits = {n: l.weight.detach().norm().item() for n, l in self.layers}
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
+        # the layout the model's conv weights were given (`train.memory_format`): inputs
+        # and errors that arrive in another (a codec's output, a driver's batch) are put
+        # in it, so a stage computes with the same kernels wherever its inputs came from
+        self.channels_last = any(
+            p.dim() == 4 and not p.is_contiguous()
+            and p.is_contiguous(memory_format=torch.channels_last)
+            for p in self.module.parameters())
+
+    def _layout(self, t):
+        if t is not None and self.channels_last and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)  # no copy if it is
+        return t
 
     def _model_name(self, name: str) -> str:
         idx, _, rest = name.partition(".")
@@ -84,7 +96,7 @@ class Stage:
 
     # -- data path --------------------------------------------------------------------
     def forward(self, x: torch.Tensor, mb: int = 0) -> torch.Tensor:
-        x = x.detach().requires_grad_(not self.first)
+        x = self._layout(x.detach()).requires_grad_(not self.first)
         y = self.module(x)
         self._pending[mb] = (x, y)
         return y.detach()
@@ -101,6 +113,7 @@ class Stage:
         x, y = self._pending.pop(mb)
         if grad_y is None:  # DFA: nothing came down; the taps in this stage inject D_l e
             grad_y = torch.zeros_like(y)
+        grad_y = self._layout(grad_y)
         ctx = output_error(e) if e is not None else contextlib.nullcontext()
         with ctx:
             run_backward(y, grad_y)
@@ -108,7 +121,7 @@ class Stage:
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+        return self.module(self._layout(x))
 
     # -- learning ---------------------------------------------------------------------
     def step(self, lr: float, weight_decay: float) -> None:
@@ -210,7 +223,7 @@ class NodeStage(Stage):
 
     # -- data path --------------------------------------------------------------------
     def forward(self, x: torch.Tensor, mb=0, rest=()) -> torch.Tensor:
-        xs = [t.to(self.device).detach().requires_grad_(g)
+        xs = [self._layout(t.to(self.device).detach()).requires_grad_(g)
               for t, g in zip((x, *rest), self.grad_inputs)]
         if self.stash:
             snap = self._snapshot()
@@ -222,7 +235,7 @@ class NodeStage(Stage):
 
     def backward(self, grad_y, mb=0, e=None):
         xs, y, snap = self._pending.pop(mb)
-        grad_y = torch.zeros_like(y) if grad_y is None else grad_y.to(self.device)
+        grad_y = torch.zeros_like(y) if grad_y is None else self._layout(grad_y.to(self.device))
         ctx = output_error(e.to(self.device)) if e is not None else contextlib.nullcontext()
         with ctx:
             run_backward(y, grad_y)
@@ -232,7 +245,7 @@ class NodeStage(Stage):
 
     @torch.no_grad()
     def infer(self, x, rest=()):
-        return self.module(*[t.to(self.device) for t in (x, *rest)])
+        return self.module(*[self._layout(t.to(self.device)) for t in (x, *rest)])
 
     # -- weight stashing (async) --------------------------------------------------------
     def _snapshot(self) -> dict:

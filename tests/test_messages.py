@@ -427,3 +427,49 @@ def test_gloo_plane_frees_every_send_of_a_flushing_batch():
     a.settle(calls_back=0)
     assert a._pending == []
     a.close(), b.close()
+
+
+def test_a_channels_last_payload_travels_as_it_lies():
+    """A channels-last activation is sent without a copy into row-major order: its
+    header names the bytes' order, the frame carries them as they lie, and the receiver
+    gets the same values in the same layout (over gloo, and over the local plane).  A
+    header whose order is no order of its axes is refused, naming the edge; an array in
+    neither dense layout is copied into row-major order first."""
+    from localnet.runtime.messages import CHANNELS_LAST, layout, wire_bytes
+    from localnet.runtime.plane import LocalPlane, as_array
+
+    t = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    m = _act(t)
+    assert m.header.order == CHANNELS_LAST and msgpack.unpackb(m.raw_header)["order"] == [0, 2, 3, 1]
+    assert np.shares_memory(m.payload, t.numpy()) and m.payload.shape == (2, 3, 4, 5)
+    flat = wire_bytes(m.payload, m.header.order)
+    assert np.shares_memory(flat, m.payload)  # the bytes as they lie: a view
+    assert np.array_equal(flat.view(np.float32), t.permute(0, 2, 3, 1).reshape(-1).numpy())
+    got = as_array(m.raw_header, flat.copy(), "stage0", "stage1")
+    assert np.array_equal(got, t.numpy()) and layout(got) == CHANNELS_LAST
+    assert torch.from_numpy(got).is_contiguous(memory_format=torch.channels_last)
+
+    plane = LocalPlane(["stage0", "stage1"])
+    plane.endpoint(0).send(1, m.raw_header, m.payload)
+    _, got = plane.endpoint(1).recv(0)
+    assert np.array_equal(got, t.numpy()) and layout(got) == CHANNELS_LAST
+
+    a, b = _gloo_pair(["stage0", "stage1"])
+    big = torch.randn(8, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    msgs = [m, _act(big), _act(big + 1), _act(torch.randn(2, 3, 4, 5))]  # then row-major
+    for x in msgs:
+        a.send(1, x.raw_header, x.payload)
+    for x in msgs:
+        raw, got = b.recv(0)
+        assert raw == x.raw_header and np.array_equal(got, x.payload)
+        assert layout(got) == x.header.order
+    a.settle(0), b.settle(0)
+    a.close(), b.close()
+
+    bad = Header(**{**m.header.__dict__, "order": (0, 1, 1, 3)}).encode()
+    with pytest.raises(MessageError, match=r"order \[0, 1, 1, 3\] is not an order") as info:
+        Header.decode(bad)
+    assert info.value.edge == "stage0->stage1"
+    strided = _act(torch.randn(4, 6)[:, ::2])
+    assert strided.header.order == () and strided.payload.flags.c_contiguous
+    assert layout(torch.randn(4, 6)[:, ::2]) is None

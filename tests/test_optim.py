@@ -48,3 +48,21 @@ print("torch._dynamo" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_a_gradient_laid_out_unlike_its_parameter_updates_the_right_elements():
+    """torch's fused SGD walks parameter and gradient as flat memory; a channels-last
+    parameter with a row-major gradient (PFA's g_R) must still get torch.optim.SGD's
+    update of the row-major pair, element for element."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    grads = [torch.randn(4, 3, 3, 3, generator=g) for _ in range(3)]
+    cl = torch.nn.Parameter(w.clone().contiguous(memory_format=torch.channels_last))
+    rm = torch.nn.Parameter(w.clone())
+    opt_cl = SGD([cl], lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True)
+    opt_rm = torch.optim.SGD([rm], lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for gr in grads:
+        cl.grad, rm.grad = gr.clone(), gr.clone()
+        opt_cl.step(), opt_rm.step()
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(cl, rm, atol=1e-6)

@@ -53,3 +53,38 @@ def test_a_stage_trains_without_importing_sympy():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_memory_format_lays_out_the_convs_and_keeps_the_maths():
+    """`train.memory_format: channels_last` gives conv weights (and so every 4-d
+    activation and error after them) channels-last storage and nothing else: the same
+    weights as the row-major build, and the same step to float tolerance.  A stage puts
+    an input that arrives row-major (a codec's output) into its layout."""
+    from localnet.builders import build_rule_and_model, optim_config
+    from localnet.config import Config
+    from localnet.engine import InProcessExecutor
+    from localnet.runtime.messages import CHANNELS_LAST, layout
+
+    def build(fmt):
+        cfg = Config.model_validate({"model": {"name": "resnet20"}, "rule": {"name": "pfa"},
+                                     "train": {"memory_format": fmt, "micro_batches": 2}})
+        _, model = build_rule_and_model(cfg, (3, 16, 16), 10)
+        return model, InProcessExecutor(model, optim_config(cfg), micro_batches=2)
+
+    (cl, ex_cl), (rm, ex_rm) = build("channels_last"), build("contiguous")
+    convs = [(n, p) for n, p in cl.named_parameters() if p.dim() == 4]
+    assert convs and all(layout(p) == CHANNELS_LAST and not p.is_contiguous() for _, p in convs)
+    assert all(p.is_contiguous() for p in rm.parameters())
+    for (n, a), (_, b) in zip(cl.state_dict().items(), rm.state_dict().items()):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else True, n
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+    a, b = ex_cl.train_step(x, y, 0.05, 1e-3), ex_rm.train_step(x, y, 0.05, 1e-3)
+    assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-5)
+    for (n, p), (_, q) in zip(cl.named_parameters(), rm.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+    stage = ex_cl.stages[0]
+    assert stage.channels_last and not ex_rm.stages[0].channels_last
+    h = torch.randn(2, 16, 8, 8)
+    assert layout(stage._layout(h)) == CHANNELS_LAST and torch.equal(stage._layout(h), h)
+    assert stage._layout(torch.randn(2, 5)).is_contiguous()

@@ -299,7 +299,7 @@ class WireEnd:
         elif f["mode"] == "shape":
             arr = np.ascontiguousarray(arr[..., :-1]) if arr.shape[-1] > 1 else arr[..., None]
         elif f["mode"] == "dtype":
-            arr = arr.astype(np.float64)
+            arr = arr.astype(np.float64, order="C")
         else:
             kind = ERROR if kind == ACTIVATION else ACTIVATION
         bad = Header(kind=kind, src=h.src, dst=h.dst, step=h.step, mb=h.mb,

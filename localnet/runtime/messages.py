@@ -2,10 +2,15 @@
 
 A data message is a small msgpack header plus one tensor payload:
 
-    header  {v, run, step, mb, src, dst, kind, detail, dtype, shape, meta}
+    header  {v, run, step, mb, src, dst, kind, detail, dtype, shape, order, meta}
     payload numpy.ndarray of that dtype and shape -- or, made on an accelerator, the
             torch tensor itself, so that the data plane can keep it on the device
             (`plane.py`); anything that needs host memory asks `host()`
+
+`order` says how the payload's bytes lie: [] row-major, [0, 2, 3, 1] a 4-d (N, C, H, W)
+payload stored channels-last, as (N, H, W, C) -- how convolutions on the CPU run fastest
+(`train.memory_format`).  The payload keeps its logical shape either way; only the bytes
+on the wire follow `order`, so neither end copies it into the other layout.
 
 Data kinds (`DATA_KINDS`):
 
@@ -46,7 +51,7 @@ import torch
 import torch.nn as nn
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `order`, the payload's layout
 
 ACTIVATION, ERROR, TARGET = "activation", "error", "target"
 DATA_KINDS = (ACTIVATION, ERROR, TARGET)
@@ -105,12 +110,14 @@ class Header:
     detail: str = ""
     meta: dict = field(default_factory=dict)
     version: int = SCHEMA_VERSION
+    order: tuple[int, ...] = ()  # the bytes' axis order (module doc); () row-major
 
     def encode(self) -> bytes:
         return msgpack.packb({
             "v": self.version, "run": self.run, "step": self.step, "mb": self.mb,
             "src": self.src, "dst": self.dst, "kind": self.kind, "detail": self.detail,
-            "dtype": self.dtype, "shape": list(self.shape), "meta": self.meta,
+            "dtype": self.dtype, "shape": list(self.shape), "order": list(self.order),
+            "meta": self.meta,
         }, use_bin_type=True)
 
     @classmethod
@@ -132,12 +139,15 @@ class Header:
             h = cls(kind=d["kind"], src=d["src"], dst=d["dst"], step=int(d["step"]),
                     mb=int(d["mb"]), dtype=d["dtype"], shape=tuple(int(n) for n in d["shape"]),
                     run=d["run"], detail=d.get("detail", ""), meta=d.get("meta") or {},
-                    version=int(d["v"]))
+                    version=int(d["v"]), order=tuple(int(n) for n in d.get("order") or ()))
         except Exception as exc:  # noqa: BLE001 - any decode failure is a bad message
             raise MessageError(f"undecodable header ({type(exc).__name__}: {exc})") from None
         if h.version != SCHEMA_VERSION:
             raise MessageError(f"schema version {h.version}, this build speaks {SCHEMA_VERSION}",
                                h.src, h.dst, h.kind, h.step, h.mb)
+        if h.order and sorted(h.order) != list(range(len(h.shape))):
+            raise h.error(f"order {list(h.order)} is not an order of the axes of shape "
+                          f"{list(h.shape)}")
         return h
 
     @property
@@ -149,6 +159,54 @@ class Header:
 
 
 # ------------------------------------------------------------------------------ data
+CHANNELS_LAST = (0, 2, 3, 1)
+
+
+def layout(arr) -> tuple[int, ...] | None:
+    """The `order` in which an array's (or tensor's) bytes lie densely: () row-major,
+    CHANNELS_LAST for a 4-d one stored channels-last; None for any other strides (it
+    needs a copy before it can travel)."""
+    if isinstance(arr, torch.Tensor):
+        if arr.is_contiguous():
+            return ()
+        if arr.dim() == 4 and arr.is_contiguous(memory_format=torch.channels_last):
+            return CHANNELS_LAST
+        return None
+    if arr.flags.c_contiguous:
+        return ()
+    if arr.ndim == 4 and arr.transpose(CHANNELS_LAST).flags.c_contiguous:
+        return CHANNELS_LAST
+    return None
+
+
+def wire_bytes(arr, order: tuple[int, ...] = ()):
+    """The payload's bytes as they lie (`order`), flat uint8: a view, never a copy of
+    a dense payload."""
+    if isinstance(arr, torch.Tensor):
+        t = arr.permute(order) if order else arr
+        return t.contiguous().reshape(-1).view(torch.uint8)
+    a = arr.transpose(order) if order else arr
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def from_wire_bytes(data, shape, order: tuple[int, ...] = ()):
+    """The inverse of `wire_bytes`, for bytes already viewed as the dtype: the array of
+    logical `shape` whose bytes lie in `order` (a view)."""
+    if not order:
+        return data.reshape(shape)
+    phys = data.reshape([shape[i] for i in order])
+    back = tuple(order.index(i) for i in range(len(order)))
+    return phys.permute(back) if isinstance(phys, torch.Tensor) else phys.transpose(back)
+
+
+def _dense(t):
+    """A tensor or array as it lies when that is dense (row-major or channels-last),
+    else a row-major copy."""
+    if layout(t) is not None:
+        return t
+    return t.contiguous() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
+
+
 def _to_payload(t):
     """A message's payload: a numpy array on the host; a tensor on an accelerator stays
     one (contiguous, detached) -- copying it to the host here would cost every GPU
@@ -161,10 +219,10 @@ def _to_payload(t):
         if t.dtype == torch.bfloat16:
             raise TypeError("bfloat16 payloads are not supported on the wire yet")
         if t.device.type != "cpu":
-            return t.contiguous()
-        return t.contiguous().numpy()
+            return _dense(t)
+        return _dense(t).numpy()
     if isinstance(t, np.ndarray):
-        return np.ascontiguousarray(t)
+        return _dense(t)
     raise TypeError(f"a message payload must be a tensor or ndarray, got {type(t).__name__}")
 
 
@@ -186,7 +244,7 @@ class Message:
             raise TypeError(f"dtype {name} not allowed on the wire")
         h = Header(kind=kind, src=src, dst=dst, step=int(step), mb=int(mb),
                    dtype=name, shape=tuple(arr.shape), run=run, detail=detail,
-                   meta=dict(meta or {}))
+                   meta=dict(meta or {}), order=layout(arr))
         return cls(h, arr, h.encode())
 
     @classmethod
@@ -233,7 +291,7 @@ def on_device(payload) -> bool:
 def host(payload) -> np.ndarray:
     """A payload as a host array: itself, or a device tensor copied to the host."""
     if isinstance(payload, torch.Tensor):
-        return payload.detach().cpu().contiguous().numpy()
+        return _dense(payload.detach().cpu()).numpy()  # in the layout its header names
     return payload
 
 

@@ -66,7 +66,7 @@ import msgpack
 import numpy as np
 import torch
 
-from .messages import Header, MessageError
+from .messages import Header, MessageError, from_wire_bytes, layout, wire_bytes
 from .messages import host as to_host
 
 FRAME = 1024                 # bytes: lengths + header (a header is ~110-300 bytes)
@@ -145,8 +145,8 @@ def as_array(raw: bytes, data, src: str, dst: str):
         raise h.error(f"payload of {data.nbytes} bytes, its header says {h.dtype}"
                       f"{list(h.shape)}", dst)
     if isinstance(data, torch.Tensor):  # numpy's names of the wire dtypes are torch's
-        return data.view(getattr(torch, dt.name)).reshape(h.shape)
-    return data.view(dt).reshape(h.shape)
+        return from_wire_bytes(data.view(getattr(torch, dt.name)), h.shape, h.order)
+    return from_wire_bytes(data.view(dt), h.shape, h.order)
 
 
 def device_key(device) -> str | None:
@@ -233,7 +233,7 @@ class GlooPlane:
         n = payload.nbytes
         room = self._sent.get(dst, 0)  # the receiver posted room for this much
         inline = n <= room < ZERO_COPY
-        data = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)  # a view, if it can
+        data = wire_bytes(payload, layout(payload) or ())  # as it lies: its header's order
         buf = frame(raw, n, n if inline else 0)
         if inline and n:  # the one copy: frame and payload as one transfer
             buf.numpy()[FRAME:] = data
@@ -262,7 +262,7 @@ class GlooPlane:
         works = [self.pg.send([buf], dst, _TAG)]
         if self._sent.get(dst, 0) >= ZERO_COPY:  # the receiver posted a host body: fill it
             works.append(self.pg.send([_FILLER], dst, _FIT))
-        body = payload.detach().contiguous().reshape(-1).view(torch.uint8)
+        body = wire_bytes(payload.detach(), layout(payload) or ())
         if n:
             works.append(self._dev.send([body], dst, _DEV))
         self._sent[dst] = 0  # the receiver posts a bare frame next (see recv)
@@ -409,7 +409,7 @@ class LocalEnd:
         raw, arr = self.plane._q[(src, self.rank)].popleft()
         f = frame(raw, arr.nbytes)  # the same framing checks as on the wire
         raw, nbytes, _ = unframe(f, self.names[src], self.names[self.rank])
-        return raw, as_array(raw, arr.reshape(-1).view(np.uint8), self.names[src],
+        return raw, as_array(raw, wire_bytes(arr, layout(arr) or ()), self.names[src],
                              self.names[self.rank])
 
     def settle(self, calls_back: int = 0) -> None:
