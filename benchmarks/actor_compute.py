@@ -36,18 +36,22 @@ from common import commit, hardware_cpu  # noqa: E402
 from localnet.timing import OPS  # noqa: E402
 
 
-def inprocess_cpu(partition: str, steps: int) -> float:
+def cfg(partition: str, fmt: str):
+    return cfg_for("resnet20", partition, 128, 4, memory_format=fmt)
+
+
+def inprocess_cpu(partition: str, steps: int, fmt: str) -> float:
     """CPU seconds per batch of the in-process executor at one thread (in a child:
     `side by side` runs two at once)."""
-    return inprocess(cfg_for("resnet20", partition, 128, 4), batches(128), steps, threads=1)[1]
+    return inprocess(cfg(partition, fmt), batches(128), steps, threads=1)[1]
 
 
-def local_cpu(partition: str, steps: int) -> tuple[float, float]:
+def local_cpu(partition: str, steps: int, fmt: str) -> tuple[float, float]:
     """(compute calls, everything) CPU seconds per batch of `executor: local`."""
     from localnet.runtime.ray_executor import RayExecutor
 
     torch.set_num_threads(1)
-    ex = RayExecutor(cfg_for("resnet20", partition, 128, 4), SHAPE, NC, local=True)
+    ex = RayExecutor(cfg(partition, fmt), SHAPE, NC, local=True)
     try:
         step = lambda x, y: ex.train_step(x, y, 0.01, 1e-4)  # noqa: E731
         data = batches(128)
@@ -65,27 +69,32 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--partition", default="per_unit", choices=["per_unit", "per_layer"])
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"],
+                   default="channels_last", help="train.memory_format everywhere")
     args = p.parse_args(argv)
+    run = (args.partition, args.steps, args.memory_format)
     spawn = mp.get_context("spawn")  # fresh processes: no state shared with this one
     with spawn.Pool(1) as pool:
-        alone = pool.apply(inprocess_cpu, (args.partition, args.steps))
+        alone = pool.apply(inprocess_cpu, run)
     with spawn.Pool(2) as pool:
-        pair = pool.starmap(inprocess_cpu, [(args.partition, args.steps)] * 2)
+        pair = pool.starmap(inprocess_cpu, [run] * 2)
     with spawn.Pool(1) as pool:
-        compute, total = pool.apply(local_cpu, (args.partition, args.steps))
+        compute, total = pool.apply(local_cpu, run)
     import ray
 
     try:
-        ray_ = on_ray(cfg_for("resnet20", args.partition, 128, 4), batches(128), args.steps)
+        ray_ = on_ray(cfg(args.partition, args.memory_format), batches(128), args.steps)
     finally:
         ray.shutdown()
     c = ray_["cpu_per_batch"]
     r = {"hardware": hardware_cpu(), "commit": commit(), "partition": args.partition,
+         "memory_format": args.memory_format,
          "actors": ray_["actors"], "alone": round(alone, 3),
          "side_by_side": round(sum(pair) / 2, 3), "local_compute": round(compute, 3),
          "local_all": round(total, 3), "ray_compute": c["compute"], "ray_machine": c["machine"],
          "command": " ".join(["python benchmarks/actor_compute.py", *(argv or sys.argv[1:])])}
-    print(f"ResNet-20 {args.partition} ({r['actors']} actors), CPU seconds per batch, one "
+    print(f"ResNet-20 {args.partition} ({r['actors']} actors, {args.memory_format}), CPU "
+          f"seconds per batch, one "
           f"torch thread each:\n\n| in-process, alone | two in-process at once (each) | "
           f"local: compute / all | Ray actors: compute / machine |\n| --- | --- | --- | --- |\n"
           f"| {r['alone']} | {r['side_by_side']} | {r['local_compute']} / {r['local_all']} | "

@@ -55,11 +55,12 @@ class RuleStep:
         self.ex.train_step(x, y, 0.1, 1e-4)
 
 
-def make(rule: str, model: str, shape):
-    if rule == "plain":
-        return PlainStep(build_model(model, None, shape, 10))
-    r = make_rule("pfa", ortho=True) if rule == "pfa-o" else make_rule(rule)
-    return RuleStep(build_model(model, r, shape, 10))
+def make(rule: str, model: str, shape, fmt: str):
+    r = None if rule == "plain" else make_rule("pfa", ortho=True) if rule == "pfa-o" else make_rule(rule)
+    net = build_model(model, r, shape, 10)
+    if fmt == "channels_last":  # as `localnet run` builds it (train.memory_format)
+        net.to(memory_format=torch.channels_last)
+    return PlainStep(net) if r is None else RuleStep(net)
 
 
 def main():
@@ -70,6 +71,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rules", nargs="+", default=RULES)
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"],
+                   default="channels_last", help="train.memory_format, for BP and every rule")
     p.add_argument("--malloc-default", action="store_true",
                    help="leave glibc's malloc thresholds alone (localnet/alloc.py)")
     args = p.parse_args()
@@ -80,7 +83,7 @@ def main():
     shape = (3, 32, 32)
     x = torch.randn(args.batch, *shape)
     y = torch.randint(0, 10, (args.batch,))
-    steps = {r: make(r, args.model, shape) for r in ["plain", *args.rules]}
+    steps = {r: make(r, args.model, shape, args.memory_format) for r in ["plain", *args.rules]}
     times = {r: [] for r in steps}
     order = list(steps)
     shuffle = random.Random(0).shuffle

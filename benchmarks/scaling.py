@@ -60,12 +60,13 @@ SHAPE, NC = (3, 32, 32), 10
 
 
 def cfg_for(model: str, partition: str, batch: int, M: int,
-            cpu_policy: str | None = None) -> Config:
+            cpu_policy: str | None = None, memory_format: str | None = None) -> Config:
     return Config.model_validate({
         "seed": 0, "rule": {"name": "pfa"}, "model": {"name": model},
         "data": {"name": "synthetic"},
         "train": {"batch_size": batch, "micro_batches": M, "lr": 0.01, "momentum": 0.9,
-                  "weight_decay": 1e-4},
+                  "weight_decay": 1e-4,
+                  **({"memory_format": memory_format} if memory_format else {})},
         "runtime": {"executor": "ray", "schedule": "1f1b", "partition": partition,
                     "threads": 1, "timeout_s": 600, "local_cpus": 4,
                     **({"cpu_policy": cpu_policy} if cpu_policy else {})}})
@@ -418,6 +419,8 @@ def main(argv=None) -> dict:
                         "benchmarks/dataplane.py measures it")
     p.add_argument("--cpu-policy", choices=["batch", "normal"], default=None,
                    help="runtime.cpu_policy of the actors (default: the config's)")
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default=None,
+                   help="train.memory_format of both executors (default: the config's)")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--baseline", action="store_true",
                    help="only a bare torch actor's memory, what torch._dynamo adds, and "
@@ -433,7 +436,8 @@ def main(argv=None) -> dict:
     rows = []
     for model in args.models.split(","):
         for part in args.partitions.split(","):
-            cfg = cfg_for(model, part, args.batch, args.micro, args.cpu_policy)
+            cfg = cfg_for(model, part, args.batch, args.micro, args.cpu_policy,
+                          args.memory_format)
             rate, cpu = inprocess(cfg, data, args.steps)
             gc.collect()
             release_free_memory()  # not the in-process run's peak in the Ray run's
