@@ -860,3 +860,35 @@ def test_feedback_gain_scales_the_random_b_and_so_the_error_sent_down(rule):
     close(gx2, 0.5 * gx)
     from localnet.config import load_config
     assert load_config(None, [f"rule.name={rule}", "rule.feedback_gain=0.5"]).rule.options()["feedback_gain"] == 0.5
+
+
+def test_channels_last_keeps_pfa_and_dfa_feedback_and_their_layout():
+    """Under `train.memory_format: channels_last`, PFA's W_eff = B_p R and g_R = B_p^T g_W
+    and DFA's D_l e are the row-major values, laid out channels-last like the conv
+    tensors around them (a row-major one would put the conv off oneDNN's fast path)."""
+    from localnet.rules.dfa import _Inject, output_error
+    from localnet.rules.pfa import _times
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(6, 30, generator=g)
+    r = torch.randn(30, 4, 3, 3, generator=g)
+    cl = r.contiguous(memory_format=torch.channels_last)
+    for m, t in ((b, r), (b.t().contiguous(), torch.randn(6, 4, 3, 3, generator=g))):
+        want = (m @ t.flatten(1)).view(len(m), *t.shape[1:])
+        got = _times(m, t.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(got, want, atol=1e-5)
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        assert torch.equal(_times(m, t), want)
+    assert torch.allclose(_times(b, cl), _times(b, r), atol=1e-5)
+
+    proj = torch.randn(10, 4 * 5 * 6, generator=g)
+    e = torch.randn(3, 10, generator=g)
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        h = torch.randn(3, 4, 5, 6, generator=g).contiguous(memory_format=fmt).requires_grad_()
+        y = _Inject.apply(h, proj)
+        with output_error(e):  # autograd.grad: the error as made, not re-laid like h
+            outs.append(torch.autograd.grad(y, h, torch.zeros_like(y))[0])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(outs[0], (e @ proj).view(3, 4, 5, 6), atol=1e-5)
+    assert outs[1].is_contiguous(memory_format=torch.channels_last)

@@ -53,7 +53,16 @@ class _Inject(torch.autograd.Function):
             raise RuntimeError("DFA: no output error is set; run the backward pass inside "
                                "localnet.rules.dfa.output_error(e)")
         # The incoming grad_h is discarded: DFA has no chain.
-        return (e.to(projection.dtype) @ projection).view_as(grad_h), None
+        e = e.to(projection.dtype)
+        if grad_h.dim() == 4 and not grad_h.is_contiguous() and grad_h.is_contiguous(
+                memory_format=torch.channels_last):
+            # channels-last (`train.memory_format`): D's columns taken in (H, W, C) order,
+            # so D_l e comes out in the layout of everything around it -- a row-major
+            # error here would send the layer's whole backward off oneDNN's fast path
+            n, c, h, w = grad_h.shape
+            d = projection.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(len(projection), -1)
+            return (e @ d).view(n, h, w, c).permute(0, 3, 1, 2), None
+        return (e @ projection).view_as(grad_h), None
 
 
 class DirectFeedbackAlignment(Rule):

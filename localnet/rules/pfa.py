@@ -72,6 +72,20 @@ class _Product(torch.autograd.Function):
         return None, None, None
 
 
+def _times(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """m @ t over t's first axis (B_p R, B_p^T g_W), t of any rank, in t's layout.  A
+    channels-last conv tensor (`train.memory_format`) is multiplied as the (H, W, C)-
+    ordered matrix it lies as, with no copy, and the product comes out channels-last
+    too: the same sums, and a W_eff laid out like the conv's input and error, which
+    keeps the conv on oneDNN's fast path."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        n, c, h, w = t.shape
+        out = m @ t.permute(0, 2, 3, 1).reshape(n, -1)
+        return out.view(len(m), h, w, c).permute(0, 3, 1, 2)
+    return (m @ t.flatten(1)).view(len(m), *t.shape[1:])
+
+
 class ProductFeedbackAlignment(Rule):
     name = "pfa"
     paper = "Li & Benna 2024, 'Deep Learning without Weight Symmetry' (product feedback alignment)"
@@ -109,8 +123,7 @@ class ProductFeedbackAlignment(Rule):
 
     def feedback(self, layer):
         """W_eff = B_p R, in W's shape."""
-        r = layer.feedback_plastic
-        return (layer.feedback_fixed @ r.flatten(1)).view(layer.weight.shape)
+        return _times(layer.feedback_fixed, layer.feedback_plastic)
 
     def _factored(self, layer, x) -> bool:
         if not isinstance(layer.geometry, LinearGeometry):
@@ -144,7 +157,7 @@ class ProductFeedbackAlignment(Rule):
         if grads is None or grads.total is None:
             return
         r = layer.feedback_plastic
-        g_r = (layer.feedback_fixed.t() @ grads.total.flatten(1)).view(r.shape)
+        g_r = _times(layer.feedback_fixed.t(), grads.total)
         r.grad = g_r if r.grad is None else r.grad.add_(g_r)
         grads.total = None
 
