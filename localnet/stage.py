@@ -193,6 +193,21 @@ class _Chain(nn.Sequential):
         return h
 
 
+class _Catch(torch.autograd.Function):
+    """x as it is, whose error lands in box[i] (summed, if x is read twice) instead of
+    in a leaf's .grad; saves nothing, so x lives only as long as a layer keeps it."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, box, i):
+        ctx.box, ctx.i = box, i
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.box[ctx.i] = g if ctx.box[ctx.i] is None else ctx.box[ctx.i] + g
+        return None, None, None, None
+
+
 class NodeStage(Stage):
     """`Stage` for one actor of the graph.
 
@@ -220,17 +235,27 @@ class NodeStage(Stage):
         self._snap_versions: dict = {}
         self._mutations = 0  # bumped by every update: fused SGD leaves version counters alone
         self._snap_mutations = -1
+        # makes each input's _Catch part of the graph (its output needs a grad-requiring
+        # input); receives no gradient itself
+        self._anchor = torch.zeros((), device=self.device, requires_grad=True)
 
     # -- data path --------------------------------------------------------------------
     def forward(self, x: torch.Tensor, mb=0, rest=()) -> torch.Tensor:
-        xs = [self._layout(t.to(self.device).detach()).requires_grad_(g)
-              for t, g in zip((x, *rest), self.grad_inputs)]
-        if self.stash:
+        xs = [self._layout(t.to(self.device).detach()) for t in (x, *rest)]
+        if self.stash:  # a checkpoint may need the inputs to rebuild this forward
+            xs = [t.requires_grad_(g) for t, g in zip(xs, self.grad_inputs)]
             snap = self._snapshot()
             y = torch.func.functional_call(self.module, snap, tuple(xs), strict=False)
-        else:
-            snap, y = None, self.module(*xs)
-        self._pending[mb] = (xs, y, snap)
+            self._pending[mb] = (xs, y, snap)
+            return y.detach()
+        # Each input's error is caught on its way out of the graph instead of read from
+        # a leaf's .grad: a leaf stays alive with the graph, and an input no layer saves
+        # (a merge's skip, read once by the add) would then be kept for every
+        # micro-batch in flight.
+        box: list = [None] * len(xs)
+        y = self.module(*[_Catch.apply(t, self._anchor, box, i) if g else t
+                          for i, (t, g) in enumerate(zip(xs, self.grad_inputs))])
+        self._pending[mb] = (box, y, None)
         return y.detach()
 
     def backward(self, grad_y, mb=0, e=None):
@@ -239,8 +264,9 @@ class NodeStage(Stage):
         ctx = output_error(e.to(self.device)) if e is not None else contextlib.nullcontext()
         with ctx:
             run_backward(y, grad_y)
-        if snap is not None:
-            self._collect(snap)
+        if snap is None:  # the errors _Catch caught
+            return [xs[i] if g else None for i, g in enumerate(self.grad_inputs)]
+        self._collect(snap)
         return [x.grad if g else None for x, g in zip(xs, self.grad_inputs)]
 
     @torch.no_grad()
@@ -300,7 +326,7 @@ class NodeStage(Stage):
         delayed error link keeps some across every step).  Its autograd graph cannot be
         saved, but what rebuilds it can: the inputs and the stashed weights it used."""
         st = super().state_dict()
-        if self._pending:
+        if self._pending and self.stash:  # without stashing, no forward outlives a batch
             st["pending"] = [{"key": key, "xs": [x.detach() for x in xs], "snap": snap}
                              for key, (xs, _, snap) in self._pending.items()]
         return st

@@ -88,3 +88,48 @@ def test_memory_format_lays_out_the_convs_and_keeps_the_maths():
     h = torch.randn(2, 16, 8, 8)
     assert layout(stage._layout(h)) == CHANNELS_LAST and torch.equal(stage._layout(h), h)
     assert stage._layout(torch.randn(2, 5)).is_contiguous()
+
+
+def test_a_merge_keeps_no_input_that_no_layer_saves():
+    """A node's errors for its inputs are caught on their way out of the graph, so an
+    input only the add reads (a merge's skip) is freed after the forward instead of
+    living with the graph until the backward; the errors are autograd's for both
+    inputs, the skip's summed over both paths it takes."""
+    import torch.nn as nn
+
+    from localnet.stage import NodeStage, OptimConfig
+
+    class Merge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, skip):
+            return self.lin(x) + skip + 2 * skip
+
+    torch.manual_seed(0)
+    m = Merge()
+    ref = Merge()
+    ref.load_state_dict(m.state_dict())
+    st = NodeStage([m], OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0), ["m"],
+                   grad_inputs=[True, True])
+    x, skip, g = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    st.forward(x, mb=0, rest=(skip,))
+
+    def held(fn, seen):  # every tensor the graph below fn keeps: leaves and saved ones
+        if fn is None or fn in seen:
+            return []
+        seen.add(fn)
+        out = [getattr(fn, "variable", None)] + [
+            getattr(fn, a) for a in dir(fn) if a.startswith("_saved_")]
+        out = [t for t in out if isinstance(t, torch.Tensor)]
+        return out + [t for nxt, _ in fn.next_functions for t in held(nxt, seen)]
+
+    kept = {t.data_ptr() for t in held(st._pending[0][1].grad_fn, set())}
+    assert x.data_ptr() in kept  # the linear layer saves x for its weight's gradient
+    assert skip.data_ptr() not in kept  # the skip, read only by the adds, is not kept
+    dx, dskip = st.backward(g, mb=0)
+    xr, sr = x.clone().requires_grad_(), skip.clone().requires_grad_()
+    ref(xr, sr).backward(g)
+    assert torch.allclose(dx, xr.grad) and torch.allclose(dskip, sr.grad)
+    assert torch.allclose(dskip, 3 * g)
