@@ -30,6 +30,7 @@ from .alignment import weight_alignment
 from .layers import local_layers
 from .optim import SGD
 from .rules import output_error
+from .rules.base import channels_last
 
 
 def run_backward(y: torch.Tensor, grad_y: torch.Tensor) -> None:
@@ -80,10 +81,7 @@ class Stage:
         # the layout the model's conv weights were given (`train.memory_format`): inputs
         # and errors that arrive in another (a codec's output, a driver's batch) are put
         # in it, so a stage computes with the same kernels wherever its inputs came from
-        self.channels_last = any(
-            p.dim() == 4 and not p.is_contiguous()
-            and p.is_contiguous(memory_format=torch.channels_last)
-            for p in self.module.parameters())
+        self.channels_last = any(channels_last(p) for p in self.module.parameters())
 
     def _layout(self, t):
         if t is not None and self.channels_last and t.dim() == 4:

@@ -70,6 +70,13 @@ class ConvGeometry:
         return gx, gw, gb
 
 
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether a tensor is stored channels-last (`train.memory_format`) and not also
+    row-major: 4-d, dense in (N, H, W, C) order."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last)
+
+
 # ----------------------------------------------------------------------------- the op
 class LocalOp(torch.autograd.Function):
     """y = geometry(x, W, b) whose backward is decided by a local rule (see module doc)."""

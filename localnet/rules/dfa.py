@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .base import Rule
+from .base import Rule, channels_last
 
 _OUTPUT_ERROR: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "localnet_dfa_output_error", default=None)
@@ -54,8 +54,7 @@ class _Inject(torch.autograd.Function):
                                "localnet.rules.dfa.output_error(e)")
         # The incoming grad_h is discarded: DFA has no chain.
         e = e.to(projection.dtype)
-        if grad_h.dim() == 4 and not grad_h.is_contiguous() and grad_h.is_contiguous(
-                memory_format=torch.channels_last):
+        if channels_last(grad_h):
             # channels-last (`train.memory_format`): D's columns taken in (H, W, C) order,
             # so D_l e comes out in the layout of everything around it -- a row-major
             # error here would send the layer's whole backward off oneDNN's fast path

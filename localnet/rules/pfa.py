@@ -40,7 +40,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from ..registry import NoOptions
-from .base import LinearGeometry, Rule, draw_like_weights
+from .base import LinearGeometry, Rule, channels_last, draw_like_weights
 
 
 class _GradSum:
@@ -78,8 +78,7 @@ def _times(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     ordered matrix it lies as, with no copy, and the product comes out channels-last
     too: the same sums, and a W_eff laid out like the conv's input and error, which
     keeps the conv on oneDNN's fast path."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-            memory_format=torch.channels_last):
+    if channels_last(t):
         n, c, h, w = t.shape
         out = m @ t.permute(0, 2, 3, 1).reshape(n, -1)
         return out.view(len(m), h, w, c).permute(0, 3, 1, 2)
