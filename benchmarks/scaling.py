@@ -177,6 +177,8 @@ def baseline(write: bool) -> dict:
     CPU an actor needs to get ready."""
     import ray
 
+    # the workers on the malloc the runtime gives its actors (runtime.allocator)
+    os.environ.setdefault("RAY_LD_PRELOAD_ON_WORKERS", "1")
     t = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     init_s = time.perf_counter() - t
@@ -270,7 +272,8 @@ def on_ray(cfg, data, steps: int) -> dict:
         ray.shutdown()
         return {"refused": str(err)}
     try:
-        # the floor, measured in this run; then gone, so that it is not in the run's peak
+        # the floor, measured in this run (the embedded Ray gives it the actors' malloc);
+        # then gone, so that it is not in the run's peak
         base = ray.remote(num_cpus=0)(Idle).remote()
         base_mb = private_mb(ray.get(base.pid.remote(), timeout=120))
         ray.kill(base)
@@ -304,6 +307,9 @@ def on_ray(cfg, data, steps: int) -> dict:
                "startup_s": ex.startup_s, "actors": ex.num_stages,
                "actor_private_mb": round(statistics.median(actors), 1),
                "actor_private_mb_max": round(max(actors), 1), "baseline_mb": round(base_mb, 1),
+               # every actor, in stage order, with malloc's books: which ones hold the most
+               "actor_private_mb_each": [round(a, 1) for a in actors],
+               "actor_heap_mb_each": heaps,
                "actor_private_setup_mb": round(statistics.median(setup), 1),
                # malloc's books of the median actor, between batches
                "actor_heap_mb": {k: round(statistics.median(h[k] for h in heaps), 1)
@@ -314,6 +320,7 @@ def on_ray(cfg, data, steps: int) -> dict:
                # the median actor's main thread: preempted while runnable, per batch
                "preemptions_per_batch": round(statistics.median(pre), 1),
                "cpu_policy": cfg.runtime.cpu_policy,
+               "allocators": sorted({str(i.get("allocator")) for i in ex.stage_info}),
                "memory_estimate": ex.memory}
     finally:
         ex.close()

@@ -248,6 +248,11 @@ class RuntimeConfig(Section):
                              "(SCHED_BATCH) lets a thread that a message wakes wait for the "
                              "running computation's time slice instead of preempting it; "
                              "normal leaves the default (runtime/cpu_policy.py)")
+    allocator: Literal["jemalloc", "glibc"] = Field(
+        "jemalloc", description="the actors' malloc: jemalloc (the one Ray ships, preloaded "
+                                "into each actor) keeps size classes apart, so a layer's "
+                                "actor holds little beyond its live activations; glibc "
+                                "fragments around them (localnet/alloc.py)")
     local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
     local_object_store_mb: int = Field(
         1024, ge=100, description="object store of the embedded local Ray.  Only the "

@@ -66,3 +66,47 @@ def test_heap_books_a_freed_block_as_kept_once_thresholds_are_raised():
     assert b["live"] - a["live"] >= 64 and b["mapped"] == a["mapped"]  # 64 MiB, in the heap
     assert a["live"] - 1 <= c["live"] <= a["live"] + 1   # freed ...
     assert c["kept"] - a["kept"] >= 64                    # ... and kept for reuse
+
+
+def _ray_jemalloc():
+    ray = pytest.importorskip("ray")
+    from pathlib import Path
+
+    lib = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    if not lib.exists():
+        pytest.skip("this Ray ships no jemalloc")
+    return str(lib)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD: Linux only")
+def test_under_jemalloc_freed_memory_is_kept_until_purged_and_booked():
+    import json
+    import os
+    import subprocess
+
+    # what a stage actor does under runtime.allocator=jemalloc: decay off, then a purge
+    # after set-up; mallctl's own counters are the truth the books are held to
+    code = (
+        "import ctypes, json, torch\n"
+        "from localnet import alloc\n"
+        "assert alloc.allocator() == 'jemalloc', alloc.allocator()\n"
+        "assert alloc.keep_freed_memory()\n"
+        "decay = [alloc._je_read(n, ctypes.c_ssize_t) for n in\n"
+        "         ('arenas.dirty_decay_ms', 'arena.0.dirty_decay_ms', 'arena.0.muzzy_decay_ms')]\n"
+        "a = alloc.heap_mb(); x = torch.ones(16 << 20); b = alloc.heap_mb()\n"
+        "del x; c = alloc.heap_mb(); alloc.release_free_memory(); d = alloc.heap_mb()\n"
+        "print(json.dumps([decay, a, b, c, d]))\n")
+    env = {**os.environ, "LD_PRELOAD": _ray_jemalloc()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    decay, a, b, c, d = books = json.loads(out.stdout.strip().splitlines()[-1])
+    assert decay == [-1, -1, -1], books
+    assert 63 <= b["live"] - a["live"] <= 66, books     # 64 MiB allocated ...
+    assert abs(c["live"] - a["live"]) <= 1, books       # ... freed ...
+    assert c["kept"] - a["kept"] >= 63, books           # ... kept for reuse ...
+    assert d["kept"] <= a["kept"] + 2, books            # ... until purged
+
+
+def test_without_a_preloaded_jemalloc_glibc_serves():
+    assert alloc.allocator() == ("glibc" if sys.platform.startswith("linux") else "other")

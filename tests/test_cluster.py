@@ -153,6 +153,9 @@ def test_the_readmes_cluster_route_spreads_actors_over_every_node(cluster, tmp_p
     # CPU actors: every payload over gloo, none through a device group
     assert summary["runtime"]["device_edges"] == []
     assert summary["runtime"]["data_plane"] == "torch.distributed gloo"
+    # on a cluster it did not start, the runtime still gives every actor jemalloc
+    # (runtime.allocator's default), through each actor's runtime env
+    assert summary["runtime"]["allocators"] == ["jemalloc"]
     # the edges between nodes carried activations one way and errors back
     cross = summary["runtime"]["cross_node_edges"]
     edges = json.loads((out / "messages.json").read_text())["edges"]

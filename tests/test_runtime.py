@@ -306,6 +306,8 @@ def test_train_build_chooses_the_ray_executor(ray_session):
         # runtime.cpu_policy (default batch) reached every thread of every actor, the
         # data plane's gloo threads (started after it was set) too; the driver keeps its own
         assert info["cpu_policies"] == ["batch"]
+        # runtime.allocator (default jemalloc): the embedded Ray gave it to every actor
+        assert info["allocators"] == ["jemalloc"]
         for a in info["actor_info"]:
             tids = os.listdir(f"/proc/{a['pid']}/task")
             names = {Path(f"/proc/{a['pid']}/task/{t}/comm").read_text().strip() for t in tids}

@@ -254,6 +254,8 @@ class StateMixin:
                 # the actors' threads' scheduling policy (runtime.cpu_policy); local: the
                 # driver's own, which the runtime leaves alone
                 "cpu_policies": sorted({i.get("cpu_policy", "?") for i in self.stage_info}),
+                # the actors' malloc (runtime.allocator); local: the driver's own
+                "allocators": sorted({i.get("allocator", "?") for i in self.stage_info}),
                 "data_plane": "local queues" if self.local else (
                     "torch.distributed gloo" + ("; NCCL between GPUs" if device_edges else "")),
                 # edges whose payloads stay on the device (two actors on different GPUs)

@@ -8,9 +8,15 @@ per batch.  Activations and errors do not go through Ray (`plane.py`).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .messages import MessageError
 from .plane import PeerFailed
+
+
+def cluster_address(runtime) -> str | None:
+    """The Ray cluster to join (runtime.address, else $RAY_ADDRESS); None: embedded."""
+    return runtime.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def ensure_ray(runtime) -> bool:
@@ -21,7 +27,7 @@ def ensure_ray(runtime) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = runtime.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(runtime)
     if address:
         ray.init(address=address)
     else:
@@ -29,6 +35,9 @@ def ensure_ray(runtime) -> bool:
         # the actors *are* the training, and at 15 they lose every core to whatever else
         # runs on the machine.  Normal priority, unless the environment says otherwise.
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray runs its own processes on the jemalloc it ships and, told so, its workers
+        # too (runtime.allocator; localnet/alloc.py says why)
+        os.environ["RAY_LD_PRELOAD_ON_WORKERS"] = "1" if runtime.allocator == "jemalloc" else "0"
         # Ray reserves its object store out of the memory it offers workers; the actors
         # here need that memory more (memory.py's preflight counts on it)
         ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, log_to_driver=False,
@@ -60,6 +69,20 @@ def run_tasks(fn, jobs: list[tuple], runtime, *, log, failed) -> dict:
     finally:
         if owns:
             ray.shutdown()
+
+
+def actor_env(runtime) -> dict:
+    """Environment variables for actors on a cluster this process did not start: Ray's
+    own jemalloc preloaded when runtime.allocator says so.  Costs each actor Ray's
+    runtime-env set-up (a Python process before the worker's).  On a node where the path
+    does not exist the loader skips it and the actor runs glibc's malloc; each actor
+    reports which one serves it (summary.json, "allocators")."""
+    import ray
+
+    lib = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    if runtime.allocator != "jemalloc" or not lib.exists():
+        return {}
+    return {"LD_PRELOAD": str(lib)}
 
 
 def ray_address() -> str:
@@ -100,8 +123,13 @@ class Placer:
             # once per class, not per actor: Ray exports each new actor class on its
             # first use, hashing its disassembled code on the driver's CPU while the
             # actors start
+            # a cluster's nodes were started by someone else: ask for the allocator per
+            # actor (an embedded Ray gives it to every worker: ensure_ray)
+            env = actor_env(rt) if cluster_address(rt) else {}
             self._remote[cls] = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus,
-                                           max_concurrency=1)(cls)
+                                           max_concurrency=1,
+                                           **({"runtime_env": {"env_vars": env}} if env else {})
+                                           )(cls)
         remote = self._remote[cls]
         if self.pg is not None:
             remote = remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(

@@ -38,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..alloc import keep_freed_memory, release_free_memory
+from ..alloc import allocator, keep_freed_memory, release_free_memory
 from ..builders import as_config, build_rule_and_model, optim_config
 from ..channels.channel import DATA, WAIT, error_delays
 from ..engine import loss_and_error
@@ -213,6 +213,7 @@ class StageWorker(WireEnd, StageState):
                 "device": str(self.device), "stash": self.stage.stash,
                 "pid": os.getpid(), "host": socket.gethostname(), "ray_node": _ray_node(),
                 "threads": torch.get_num_threads(), "cpu_policy": cpu_policy_current(),
+                "allocator": allocator(),
                 # CPU this process has used so far: at setup, what starting an actor costs
                 # (Ray's worker, `import torch`, building its units)
                 "process_cpu_s": round(time.process_time(), 3)}
