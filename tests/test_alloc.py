@@ -43,26 +43,31 @@ def test_thresholds_are_set_once_and_opt_out_is_honoured(fresh, monkeypatch):
     assert calls[-1] == (alloc.M_TRIM_THRESHOLD, 1 << 30) and len(calls) in (2, 3)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_heap_books_a_freed_block_as_kept_once_thresholds_are_raised():
+def _books_in_a_fresh_process(lines: str, env=None):
+    """Run `lines` after importing torch and localnet.alloc in a fresh process (whether
+    this one's malloc settings are changed depends on earlier tests); what it printed last,
+    as JSON."""
+    import json
     import subprocess
 
-    # a fresh process: whether this one's thresholds are raised depends on earlier tests
-    code = (
-        "import json, torch\n"
-        "from localnet import alloc\n"
+    code = "import ctypes, json, torch\nfrom localnet import alloc\n" + lines
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_heap_books_a_freed_block_as_kept_once_thresholds_are_raised():
+    books = _books_in_a_fresh_process(
         "if alloc.heap_mb() is None: print('null'); raise SystemExit\n"
         "assert alloc.keep_freed_memory()\n"
         "a = alloc.heap_mb(); x = torch.ones(16 << 20); b = alloc.heap_mb()\n"
         "del x; c = alloc.heap_mb()\n"
         "print(json.dumps([a, b, c]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True).stdout.strip()
-    if out == "null":
+    if books is None:
         pytest.skip("this libc has no mallinfo2")
-    import json
-
-    a, b, c = json.loads(out)
+    a, b, c = books
     assert b["live"] - a["live"] >= 64 and b["mapped"] == a["mapped"]  # 64 MiB, in the heap
     assert a["live"] - 1 <= c["live"] <= a["live"] + 1   # freed ...
     assert c["kept"] - a["kept"] >= 64                    # ... and kept for reuse
@@ -80,27 +85,20 @@ def _ray_jemalloc():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD: Linux only")
 def test_under_jemalloc_freed_memory_is_kept_until_purged_and_booked():
-    import json
     import os
-    import subprocess
 
     # what a stage actor does under runtime.allocator=jemalloc: decay off, then a purge
     # after set-up; mallctl's own counters are the truth the books are held to
-    code = (
-        "import ctypes, json, torch\n"
-        "from localnet import alloc\n"
+    books = _books_in_a_fresh_process(
         "assert alloc.allocator() == 'jemalloc', alloc.allocator()\n"
         "assert alloc.keep_freed_memory()\n"
         "decay = [alloc._je_read(n, ctypes.c_ssize_t) for n in\n"
         "         ('arenas.dirty_decay_ms', 'arena.0.dirty_decay_ms', 'arena.0.muzzy_decay_ms')]\n"
         "a = alloc.heap_mb(); x = torch.ones(16 << 20); b = alloc.heap_mb()\n"
         "del x; c = alloc.heap_mb(); alloc.release_free_memory(); d = alloc.heap_mb()\n"
-        "print(json.dumps([decay, a, b, c, d]))\n")
-    env = {**os.environ, "LD_PRELOAD": _ray_jemalloc()}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    decay, a, b, c, d = books = json.loads(out.stdout.strip().splitlines()[-1])
+        "print(json.dumps([decay, a, b, c, d]))\n",
+        env={**os.environ, "LD_PRELOAD": _ray_jemalloc()})
+    decay, a, b, c, d = books
     assert decay == [-1, -1, -1], books
     assert 63 <= b["live"] - a["live"] <= 66, books     # 64 MiB allocated ...
     assert abs(c["live"] - a["live"]) <= 1, books       # ... freed ...
