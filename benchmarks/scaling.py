@@ -60,7 +60,8 @@ SHAPE, NC = (3, 32, 32), 10
 
 
 def cfg_for(model: str, partition: str, batch: int, M: int,
-            cpu_policy: str | None = None, memory_format: str | None = None) -> Config:
+            cpu_policy: str | None = None, memory_format: str | None = None,
+            allocator: str | None = None) -> Config:
     return Config.model_validate({
         "seed": 0, "rule": {"name": "pfa"}, "model": {"name": model},
         "data": {"name": "synthetic"},
@@ -69,7 +70,8 @@ def cfg_for(model: str, partition: str, batch: int, M: int,
                   **({"memory_format": memory_format} if memory_format else {})},
         "runtime": {"executor": "ray", "schedule": "1f1b", "partition": partition,
                     "threads": 1, "timeout_s": 600, "local_cpus": 4,
-                    **({"cpu_policy": cpu_policy} if cpu_policy else {})}})
+                    **({"cpu_policy": cpu_policy} if cpu_policy else {}),
+                    **({"allocator": allocator} if allocator else {})}})
 
 
 def batches(batch: int, n: int = 4):
@@ -426,6 +428,8 @@ def main(argv=None) -> dict:
                         "benchmarks/dataplane.py measures it")
     p.add_argument("--cpu-policy", choices=["batch", "normal"], default=None,
                    help="runtime.cpu_policy of the actors (default: the config's)")
+    p.add_argument("--allocator", choices=["jemalloc", "glibc"], default=None,
+                   help="runtime.allocator of the actors (default: the config's)")
     p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default=None,
                    help="train.memory_format of both executors (default: the config's)")
     p.add_argument("--no-write", action="store_true")
@@ -444,7 +448,7 @@ def main(argv=None) -> dict:
     for model in args.models.split(","):
         for part in args.partitions.split(","):
             cfg = cfg_for(model, part, args.batch, args.micro, args.cpu_policy,
-                          args.memory_format)
+                          args.memory_format, args.allocator)
             rate, cpu = inprocess(cfg, data, args.steps)
             gc.collect()
             release_free_memory()  # not the in-process run's peak in the Ray run's
@@ -483,6 +487,10 @@ def _heap_cell(ray_: dict) -> str:
     return f"{h['live']:.1f} / {h['kept']:.1f}" if h else "—"
 
 
+def _allocators(r: dict) -> list[str]:
+    return sorted({a for row in r["rows"] for a in row["ray"].get("allocators") or []}) or ["?"]
+
+
 def write_results(r: dict, args) -> None:
     lines = ["### Scaling: CIFAR ResNets per unit and per layer, every actor a process", "",
              f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
@@ -492,8 +500,9 @@ def write_results(r: dict, args) -> None:
              f"machine's peak used memory during the Ray run (and before it); an actor's "
              f"private memory (smaps_rollup) against a bare Ray actor that imports torch, "
              f"measured in the same run and killed before the steps (not in the peak); "
-             f"malloc's books (mallinfo2) of the median actor between batches: live, and "
-             f"kept free for the next batch's peak.", "",
+             f"the actors' malloc ({', '.join(_allocators(r))}; the bare actor's the same) "
+             f"and its books (`alloc.heap_mb`) of the median actor between batches: live, "
+             f"and kept free for the next batch's peak.", "",
              "| model | partition | actors | in-process samples/s | Ray samples/s | Ray ÷ "
              "in-process | simulator | start-up (s) | peak used GB (idle) | actor private "
              "MB, median / max | bare torch actor MB | above it after set-up / after the steps "
