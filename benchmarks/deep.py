@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", default=",".join(ROWS), help=f"some of: {', '.join(ROWS)}")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for every row (after the row's own)")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="localnet-deep-") as tmp:
@@ -104,7 +106,7 @@ def main(argv=None) -> dict:
         for name in args.rows.split(","):
             if name not in ROWS:
                 p.error(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
-            sets = list(ROWS[name])
+            sets = list(ROWS[name]) + args.set
             if "data.name=imagefolder" in sets:
                 folder = folder or image_folder(Path(tmp) / "images")
                 sets.append(f"data.root={folder}")

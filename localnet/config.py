@@ -262,10 +262,11 @@ class RuntimeConfig(Section):
                                   "Raise it for large inputs (a batch of 224x224 images is "
                                   "tens of MB, and a few are in flight)")
     actor_baseline_mb: float = Field(
-        400.0, ge=0, description="an actor process's own memory before its share of the "
+        340.0, ge=0, description="an actor process's own memory before its share of the "
                                  "model: Ray's worker, import torch and the runtime's own "
-                                 "(the data plane, the model build); "
-                                 "benchmarks/scaling.py measures it")
+                                 "(the data plane, what its build leaves); "
+                                 "benchmarks/scaling.py measures it (a bare torch actor, "
+                                 "and what set-up adds)")
     memory_preflight: bool = Field(True, description="refuse, before any actor starts, a "
                                                      "partition whose estimated memory "
                                                      "exceeds the Ray nodes' (runtime/memory.py)")

@@ -269,7 +269,7 @@ def test_a_partition_that_cannot_fit_is_refused_before_any_actor_starts(ray_sess
     est = memory.estimate(cfg, RayExecutor(cfg, IMG, NC, local=True).placement,
                           reference(cfg, IMG, NC)[1], IMG, [2] * 8)
     assert all(r["total"] == r["baseline"] + r["state"] + r["activations"] for r in est)
-    assert all(r["baseline"] == 400 * memory.MB for r in est)
+    assert all(r["baseline"] == RuntimeConfig().actor_baseline_mb * memory.MB for r in est)
 
 
 def test_the_embedded_ray_keeps_its_object_store_out_of_the_actors_memory(ray_session):
