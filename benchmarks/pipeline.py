@@ -94,6 +94,9 @@ class LoadSampler:
                 "max": round(max(self.samples), 2), "end": round(self.samples[-1], 2)}
 
 
+RUNTIME: dict = {}  # runtime settings for every run (--allocator)
+
+
 def cfg_for(schedule="gpipe", M=1, batch=64, partition="per_unit") -> Config:
     return Config.model_validate({
         "seed": 0, "rule": {"name": "pfa"}, "model": {"name": "resnet20"},
@@ -101,7 +104,7 @@ def cfg_for(schedule="gpipe", M=1, batch=64, partition="per_unit") -> Config:
         "train": {"batch_size": batch, "micro_batches": M, "lr": 0.01, "momentum": 0.9,
                   "weight_decay": 1e-4},
         "runtime": {"executor": "ray", "schedule": schedule, "partition": partition,
-                    "threads": 1, "timeout_s": 600}})
+                    "threads": 1, "timeout_s": 600, **RUNTIME}})
 
 
 def data(batch: int, n: int = 4):
@@ -323,7 +326,11 @@ def main(argv=None) -> dict:
     p.add_argument("--micro", default="1,4,8")
     p.add_argument("--repeats", type=int, default=3, help="cost measurement repeats")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--allocator", choices=["jemalloc", "glibc"], default=None,
+                   help="runtime.allocator of the actors (default: the config's)")
     args = p.parse_args(argv)
+    if args.allocator:
+        RUNTIME["allocator"] = args.allocator
     if args.quick:
         args.batch, args.steps, args.warmup, args.repeats, args.rounds = 32, 3, 2, 2, 1
         args.stages, args.micro = "1,2", "1,4"
