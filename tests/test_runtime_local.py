@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from localnet.config import Config
+from localnet.config import Config, RuntimeConfig
 from localnet.ledger import Ledger
 from localnet.runtime.messages import Control, MessageError
 from localnet.runtime.partition import balanced_boundaries, resolve_partition
@@ -261,7 +261,8 @@ def test_cli_simulate(tmp_path, capsys):
     assert "bubble fraction: 0.3333" in out and "predicted samples/s: 0.9" in out
     assert "no runtime overhead" in out
     assert "coordinator calls per batch: 3 (one per actor)" in out
-    assert "memory estimate:" in out and "process floor 400 MB each" in out
+    floor = RuntimeConfig().actor_baseline_mb
+    assert "memory estimate:" in out and f"process floor {floor:.0f} MB each" in out
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--fwd", "1,1,1", "--bwd", "2,2,2", "--cores", "1",
                  "--hop-cost", "0.5"]) == 0
