@@ -14,6 +14,13 @@ ray-call    actor A calls B.echo(payload) and B's reply brings it back (Ray's ow
 cgraph      Ray Compiled Graphs: a static DAG A.echo -> B.echo compiled once, shared-
             memory channels on a node; one execute() is a hop in, two between actors
             and one out, so a hop is a quarter of it.
+ray-channel Compiled Graphs' shared-memory channel on its own, point to point (each
+            actor writes one, `ray.experimental.channel`), read only once a 1 KiB gloo
+            frame announced the payload -- so a waiting receiver blocks in gloo instead
+            of spinning in the channel -- and copied out, which releases the channel for
+            the next write.  The payload goes in parts of at most 1 MiB: Ray copies a
+            larger buffer with 6 new threads each time.  This is what a plane with
+            gloo frames and Ray's shared memory for the bytes would cost.
 localnet    localnet's own plane on gloo (`localnet/runtime/plane.py`): a message with
             its msgpack header in a frame, a small payload copied behind it as one
             transfer, a large one (plane.ZERO_COPY and up) sent uncopied as a second,
@@ -159,6 +166,56 @@ class Peer:
         self.plane.settle(0)
         return True
 
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def channel_open(self, reader, reader_node: str, nbytes: int):
+        """This actor's channel to `reader` (a channel is made by its writer)."""
+        import ray
+        from ray.experimental.channel.shared_memory_channel import Channel
+
+        self.out = Channel(ray.get_runtime_context().current_actor, [(reader, reader_node)],
+                           nbytes + (64 << 10))  # room for Ray's own framing of the parts
+        self.out.ensure_registered_as_writer()
+        return self.out
+
+    def channel_take(self, ch) -> bool:
+        self.inn = ch
+        ch.ensure_registered_as_reader()
+        return True
+
+    def channel_bounce(self, nbytes: int, hops: int, first: bool) -> list[float]:
+        """As gloo_bounce: the payload through the channel, its frame over gloo."""
+        import torch
+
+        x, into = np.zeros(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+        step = CHANNEL_PART
+        parts = [x[i:i + step] for i in range(0, nbytes, step)]
+        head, head_in = torch.zeros(1024, dtype=torch.uint8), torch.zeros(1024, dtype=torch.uint8)
+        peer, times = 1 - self.rank, []
+
+        def send():
+            self.out.write(parts, timeout=60)
+            self.pg.send([head], peer, 2).wait()
+
+        def recv():
+            self.pg.recv([head_in], peer, 2).wait()
+            got = self.inn.read(timeout=60)  # views of the shared buffer
+            off = 0
+            for p in got:
+                into[off:off + p.size] = p
+                off += p.size
+            del got, p  # the last view gone, the writer may write again
+
+        for _ in range(hops // 2):
+            t = time.perf_counter()
+            (send, recv)[not first]()
+            (recv, send)[not first]()
+            times.append(time.perf_counter() - t)
+        return times
+
     def echo(self, x):
         return x
 
@@ -175,6 +232,7 @@ class Peer:
 
 
 COPIED = "localnet, every payload copied"
+CHANNEL_PART = 1 << 20  # bytes: Ray copies a larger buffer into a channel with 6 threads
 
 
 def measure(run, hops: int, per_call_hops: int) -> tuple[float, float]:
@@ -205,7 +263,7 @@ def main(argv=None) -> int:
     R = ray.remote(num_cpus=0)(Peer)
     a, b = R.remote(), R.remote()
     rows: dict[str, dict] = {"gloo": {}, "localnet": {}, COPIED: {}, "ray-call": {},
-                             "cgraph": {}}
+                             "cgraph": {}, "ray-channel": {}}
     idle: dict[str, float] = {}
     get = lambda r: ray.get(r, timeout=300)  # noqa: E731
 
@@ -222,6 +280,20 @@ def main(argv=None) -> int:
         r = b.gloo_send_late.remote(s)
         get([a.gloo_wait.remote(s), r])
     idle["gloo"] = idle_cpu(gloo_idle)
+
+    # Ray's shared-memory channels point to point, frames over the gloo group above
+    na, nb = get([a.node.remote(), b.node.remote()])
+    ab = get(a.channel_open.remote(b, nb, SIZES[-1]))
+    ba = get(b.channel_open.remote(a, na, SIZES[-1]))
+    get([b.channel_take.remote(ab), a.channel_take.remote(ba)])
+    for n in SIZES:
+        get([a.channel_bounce.remote(n, 20, True), b.channel_bounce.remote(n, 20, False)])
+        def run(n=n):
+            ra = a.channel_bounce.remote(n, args.hops, True)
+            rb = b.channel_bounce.remote(n, args.hops, False)
+            return get([ra, rb])[0]
+        rows["ray-channel"][n] = measure(run, args.hops, 2)
+    idle["ray-channel"] = idle["gloo"]  # it waits in the same gloo receive
 
     # localnet's plane, on a process group of its own; then with every payload copied
     # behind its frame, the way it sends small ones (what ZERO_COPY saves, or costs)

@@ -294,13 +294,22 @@ def on_ray(cfg, data, steps: int) -> dict:
         ex.flush()
         after, m1 = [thread_cpu(p) for p in pids], machine_cpu()
         pre = [(preemptions(p) - b) / steps for p, b in zip(pids, pre0)]
-        compute = sum(sum(tm[f"{op}_cpu"]) for tm in ex.stage_timings() for op in OPS)
+        tms = ex.stage_timings()
+        compute = sum(sum(tm[f"{op}_cpu"]) for tm in tms for op in OPS)
+        in_run = sum(tm.get("run_cpu", 0.0) for tm in tms)  # the actors' own account
+        in_plane = sum(sum((tm.get("plane_cpu") or {}).values()) for tm in tms)
         gloo = sum(a.get("gloo_tcp_loop", 0) - b.get("gloo_tcp_loop", 0)
                    for a, b in zip(after, before))
         main = sum(a.get(MAIN, 0) - b.get(MAIN, 0) for a, b in zip(after, before))
         actor = sum(sum(a.values()) - sum(b.values()) for a, b in zip(after, before))
         cpu = {"machine": (m1 - m0) / steps, "compute": compute / steps,
-               "main_other": (main - compute) / steps, "gloo_io": gloo / steps,
+               "main_other": (main - compute) / steps,
+               # main_other split: the data plane's send and recv; the interpreter, the
+               # messages' framing and checks; outside the batch calls (Ray's task
+               # machinery, the coordinator's other calls)
+               "main_plane": in_plane / steps,
+               "main_interpreter": (in_run - compute - in_plane) / steps,
+               "main_calls": (main - in_run) / steps, "gloo_io": gloo / steps,
                "actor_rest": (actor - main - gloo) / steps,
                "outside_actors": (m1 - m0 - actor) / steps}
         actors = [private_mb(i["pid"]) for i in ex.stage_info]
@@ -528,17 +537,23 @@ def write_results(r: dict, args) -> None:
                       "machine's busy time from /proc/stat; actors' threads from "
                       "/proc/PID/task): *compute* is the forward, backward and update calls' "
                       "own thread time (StageTimer); *main, other* the rest of an actor's main "
-                      "thread (the interpreter, framing and checks, gloo calls, Ray's call); "
+                      "thread, split by the actor's own account (`StageWorker.timings`) into "
+                      "*plane* (the data plane's send and recv in the main thread), "
+                      "*interpreter* (the action lists, the messages' framing and checks) "
+                      "and *Ray calls* (outside the batch calls: Ray's task machinery); "
                       "*gloo I/O* gloo's socket threads; *outside* the driver, Ray's own "
                       "processes and the rest of the machine.", "",
                   "| model | partition | in-process CPU | Ray: machine | compute | main, "
-                  "other | gloo I/O | other actor threads | outside the actors |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "other | of which plane / interpreter / Ray calls | gloo I/O | other actor "
+                  "threads | outside the actors |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in cpu_rows:
             c = row["ray"]["cpu_per_batch"]
+            split = " / ".join(str(c.get(k, "-")) for k in
+                               ("main_plane", "main_interpreter", "main_calls"))
             lines.append(f"| {row['model']} | {row['partition']} | "
                          f"{row.get('inprocess_cpu_per_batch', '-')} | {c['machine']} | "
-                         f"{c['compute']} | {c['main_other']} | {c['gloo_io']} | "
+                         f"{c['compute']} | {c['main_other']} | {split} | {c['gloo_io']} | "
                          f"{c['actor_rest']} | {c['outside_actors']} |")
     refused = [row for row in r["rows"] if "refused" in row["ray"]]
     for row in refused:

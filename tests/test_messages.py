@@ -197,7 +197,8 @@ def test_plane_frames_carry_the_header_and_rebuild_the_payload():
     the header describes, and refuses bytes that do not match it."""
     import numpy as np
 
-    from localnet.runtime.plane import LocalPlane, PeerFailed, abort_frame, as_array, frame, unframe
+    from localnet.runtime.local_plane import LocalPlane
+    from localnet.runtime.plane import PeerFailed, abort_frame, as_array, frame, unframe
 
     m = _act(torch.randn(3, 5))
     raw, n, on_dev = unframe(frame(m.raw_header, m.payload_bytes), "stage0", "stage1")
@@ -436,7 +437,8 @@ def test_a_channels_last_payload_travels_as_it_lies():
     header whose order is no order of its axes is refused, naming the edge; an array in
     neither dense layout is copied into row-major order first."""
     from localnet.runtime.messages import CHANNELS_LAST, layout, wire_bytes
-    from localnet.runtime.plane import LocalPlane, as_array
+    from localnet.runtime.local_plane import LocalPlane
+    from localnet.runtime.plane import as_array
 
     t = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     m = _act(t)

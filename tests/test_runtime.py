@@ -190,6 +190,26 @@ def test_ledger_bytes_equal_header_plus_payload_sent(actors):
     assert s["total_bytes"] == sum(r["header_bytes"] + r["payload_bytes"] for r in records)
 
 
+def test_each_actor_accounts_for_its_main_threads_cpu(actors):
+    """The CPU account benchmarks/scaling.py splits the runtime's cost by: the batch
+    calls hold the compute and the data plane's send and recv, and the account starts
+    afresh once read."""
+    ex = RayExecutor(cfg_for("fa", "1f1b"), SHAPE, NC, actors=actors)
+    ex.stage_timings()  # clears what earlier tests left
+    for x, y in batches(3, BS, SHAPE, NC, seed=4):
+        ex.train_step(x, y, 0.05, 0.0)
+    for t in ex.stage_timings():
+        compute = sum(sum(t[f"{op}_cpu"]) for op in ("forward", "backward", "update"))
+        plane = t["plane_cpu"]
+        assert plane["send"] > 0 and plane["recv"] > 0  # every actor of the graph does both
+        assert t["run_cpu"] > 0 and t["calls_cpu"] >= 0
+        # thread_time reads one clock: the parts of a call cannot outgrow the call
+        assert compute + plane["send"] + plane["recv"] <= t["run_cpu"] + 1e-6
+    again = ex.stage_timings()
+    assert all(t["run_cpu"] == 0 and t["plane_cpu"] == {"send": 0.0, "recv": 0.0}
+               for t in again)
+
+
 # ---------------------------------------------------------------------------- bad messages
 @pytest.mark.parametrize("mode, match", [("kind", "expected kind 'activation', got 'error'"),
                                          ("shape", "expected shape"),

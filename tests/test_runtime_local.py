@@ -611,7 +611,7 @@ def test_device_plumbing_on_cpu():
     moved there, CPU numpy out).  Here: the CPU path, and a clear error without a GPU."""
     from localnet.runtime.graph import Placement
     from localnet.runtime.messages import Message
-    from localnet.runtime.plane import LocalPlane
+    from localnet.runtime.local_plane import LocalPlane
 
     pl = Placement("units", [[0, 1], [1, 3]], [["fc1"], ["fc2", "head"]], [[-1], [0]])
     spec = _spec(cfg_for("fa"), pl, threads=0, device="cpu")

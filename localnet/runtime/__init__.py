@@ -10,8 +10,9 @@
   stage_state.py   its state, checkpoint file, BP-angle probes, timings, and the
                    coordinator's commands (step, mirror, mode, reset)
   interpreter.py   the actor's own loop: its action list for a batch, messages in and out
-  plane.py         the data plane: actor to actor over torch.distributed (gloo); in-process
-                   queues and actor stand-ins for `executor: local`
+  plane.py         the data plane: actor to actor over torch.distributed (gloo; NCCL
+                   between GPUs)
+  local_plane.py   in-process queues and actor stand-ins for `executor: local`
   ray_executor.py  RayExecutor, the coordinator: placement, one call per actor per batch
   stream.py        the async schedule's stream across batches (no flush)
   recovery.py      a dead actor recreated, every actor back at the checkpoint, the lost

@@ -11,7 +11,7 @@ message like any other (`worker.py`), so the wire contract does not depend on th
              actor-to-actor calls and Ray Compiled Graphs (`benchmarks/dataplane.py`,
              RESULTS.md): the least CPU per hop at every size, and a receiver that blocks
              without polling -- what a machine with fewer cores than actors needs.
-`LocalPlane` queues in this process, for `runtime.executor: local` (no Ray).
+(`local_plane.py`: in-process queues for `runtime.executor: local`, no Ray.)
 
 One transfer per small message.  Each gloo transfer costs a wake-up of gloo's I/O thread
 and of the waiting one on both ends, which on a small machine costs more than a small
@@ -60,7 +60,7 @@ import datetime
 import math
 import socket
 import struct
-from collections import deque
+import time
 
 import msgpack
 import numpy as np
@@ -198,6 +198,9 @@ class GlooPlane:
         self._taken: dict[int, int] = {}   # src -> received from there last
         self._posted: dict[int, tuple] = {}  # src -> (work, buffer) of the next receive
         self._left: dict[int, int] | None = None  # src -> receives this call still makes
+        # the calling thread's CPU seconds in send and recv (waits included: gloo's wait
+        # blocks without burning CPU), for the actors' CPU account (StageState.timings)
+        self.cpu = {"send": 0.0, "recv": 0.0}
 
     def _connect_device_peers(self) -> None:
         """Open every device pair now, with one byte each way.  NCCL sets up a pair on its
@@ -225,6 +228,13 @@ class GlooPlane:
 
     def send(self, dst: int, raw: bytes, payload) -> None:
         """payload: a numpy array, or a tensor (a device payload)."""
+        c0 = time.thread_time()
+        try:
+            self._send(dst, raw, payload)
+        finally:
+            self.cpu["send"] += time.thread_time() - c0
+
+    def _send(self, dst: int, raw: bytes, payload) -> None:
         if isinstance(payload, torch.Tensor):
             if dst in self.device_peers:
                 self._send_device(dst, raw, payload)
@@ -289,6 +299,13 @@ class GlooPlane:
         self._call += 1
 
     def recv(self, src: int) -> tuple[bytes, np.ndarray]:
+        c0 = time.thread_time()
+        try:
+            return self._recv(src)
+        finally:
+            self.cpu["recv"] += time.thread_time() - c0
+
+    def _recv(self, src: int) -> tuple[bytes, np.ndarray]:
         me, peer = self.names[self.rank], self.names[src]
         room = self._taken.get(src, 0)
         work, buf, fit = self._posted.pop(src, None) or self._post(src, room)
@@ -379,75 +396,6 @@ class GlooPlane:
         self._posted = {}
         self.pg = self._dev = None
         self._store = None
-
-
-class LocalPlane:
-    """In-process queues between the workers of one process (`executor: local`).  A
-    receive never blocks: `ready` tells the coordinator's round-robin whether it can."""
-
-    def __init__(self, names: list[str]):
-        self.names = names
-        self._q: dict[tuple[int, int], deque] = {}
-
-    def endpoint(self, rank: int) -> "LocalEnd":
-        return LocalEnd(self, rank)
-
-
-class LocalEnd:
-    def __init__(self, plane: LocalPlane, rank: int):
-        self.plane, self.rank, self.names = plane, rank, plane.names
-
-    def send(self, dst: int, raw: bytes, payload) -> None:
-        # a copy, as a real plane makes: the sender may reuse its tensor
-        self.plane._q.setdefault((self.rank, dst), deque()).append(
-            (raw, np.array(to_host(payload))))
-
-    def ready(self, src: int) -> bool:
-        return bool(self.plane._q.get((src, self.rank)))
-
-    def recv(self, src: int) -> tuple[bytes, np.ndarray]:
-        raw, arr = self.plane._q[(src, self.rank)].popleft()
-        f = frame(raw, arr.nbytes)  # the same framing checks as on the wire
-        raw, nbytes, _ = unframe(f, self.names[src], self.names[self.rank])
-        return raw, as_array(raw, wire_bytes(arr, layout(arr) or ()), self.names[src],
-                             self.names[self.rank])
-
-    def settle(self, calls_back: int = 0) -> None:
-        pass
-
-    def next_call(self) -> None:
-        pass
-
-    def expect(self, counts) -> None:
-        pass
-
-    def abort(self, reason: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class LocalHandle:
-    """Stands in for an actor handle in local mode: `h.method.remote(*a)` calls the
-    method at once."""
-
-    def __init__(self, obj):
-        self._obj = obj
-
-    def __getattr__(self, name):
-        return LocalMethod(getattr(self._obj, name))
-
-
-class LocalMethod:
-    def __init__(self, fn):
-        self._fn = fn
-
-    def options(self, **_):
-        return self
-
-    def remote(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
 
 
 def _ip() -> str:

@@ -45,7 +45,7 @@ from .interpreter import drive_all, interpret
 from ..ledger import Ledger
 from .messages import ACTIVATION, DRIVER, TARGET, Message, MessageError, stage_name
 from .partition import resolve_placement
-from .plane import LocalHandle, LocalPlane
+from .local_plane import LocalHandle, LocalPlane
 from .recovery import RecoveryMixin, Replay
 from .stream import StreamMixin
 from ..schedules import SCHEDULES, Action, make_schedule, simulate

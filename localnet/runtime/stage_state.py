@@ -159,8 +159,21 @@ class StageState:
     # -- observability (localnet/metrics.py) --
     def timings(self, clear: bool = True) -> dict:
         """Seconds per forward / backward / update call since the last call, training
-        samples forwarded, and torch's GPU memory in use (None without CUDA)."""
-        return self._timer.take(clear)
+        samples forwarded, and torch's GPU memory in use (None without CUDA); and the
+        main thread's CPU seconds since then: `run_cpu` inside the batch calls (of which
+        `plane_cpu` in the data plane's send and recv, and the compute the *_cpu lists
+        hold), `calls_cpu` between them (Ray's task machinery, other calls)."""
+        out = self._timer.take(clear)
+        own = getattr(self, "_cpu", None)
+        plane = getattr(getattr(self, "plane", None), "cpu", None)
+        if own is not None:
+            out["run_cpu"], out["calls_cpu"] = own["run"], own["calls"]
+            out["plane_cpu"] = dict(plane) if plane is not None else None
+            if clear:
+                own["run"] = own["calls"] = 0.0
+                if plane is not None:
+                    plane["send"] = plane["recv"] = 0.0
+        return out
 
     # ------------------------------------------------------------------ control path
     def control(self, raw: bytes):

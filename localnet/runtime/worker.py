@@ -90,6 +90,10 @@ class StageWorker(WireEnd, StageState):
         self._fault: dict | None = None
         self._fault_silent = False
         self._failed: BaseException | None = None  # see run()
+        # the main thread's CPU inside run() and between runs (Ray's task machinery and
+        # the coordinator's other calls): StageState.timings splits it up
+        self._cpu = {"run": 0.0, "calls": 0.0}
+        self._run_ended: float | None = None
         self.stage = None
         self.plane = None
         if spec is not None:
@@ -245,6 +249,9 @@ class StageWorker(WireEnd, StageState):
         """One batch of this actor's schedule (interpreter.py); every message it needs
         comes over the data plane, every one it makes goes straight to its reader."""
         from .interpreter import drive, interpret, receives
+        c0 = time.thread_time()
+        if self._run_ended is not None:
+            self._cpu["calls"] += c0 - self._run_ended
         try:
             if self._failed is not None:
                 raise self._failed
@@ -262,6 +269,9 @@ class StageWorker(WireEnd, StageState):
             if self.plane is not None:
                 self.plane.abort(f"{type(err).__name__}: {err}")
             raise
+        finally:
+            self._run_ended = time.thread_time()
+            self._cpu["run"] += self._run_ended - c0
 
     def _forward(self, wire, at=None):
         msgs = self._activations(wire, at=at)
