@@ -84,6 +84,12 @@ METRICS: list[tuple[str, MetricSpec]] = [
                        "window)")),
     (ACTOR, MetricSpec("localnet_actor_samples_total", "counter", ("rank", "unit"),
                        "samples through a stage's training forward")),
+    (ACTOR, MetricSpec("localnet_actor_cpu_seconds_total", "counter", ("rank", "unit", "part"),
+                       "CPU seconds of a stage's main thread, by part: compute (forward, "
+                       "backward, update); on Ray also plane (the data plane's send and "
+                       "recv), interpreter (the rest of the batch calls: action lists, "
+                       "messages made and checked) and calls (between the batch calls: "
+                       "Ray's task machinery, other calls)")),
     (ACTOR, MetricSpec("localnet_actor_gpu_memory_bytes", "gauge", ("rank", "unit"),
                        "GPU memory allocated by torch in the stage's process (only with CUDA)")),
     (EDGE, MetricSpec("localnet_messages_total", "counter", ("src", "dst", "kind"),
@@ -229,6 +235,7 @@ class Metrics:
             setattr(self, name, make(f"localnet_{name}"))
         self.train_samples = make("localnet_train_samples_total")
         self.actor_samples = make("localnet_actor_samples_total")
+        self.actor_cpu = make("localnet_actor_cpu_seconds_total")
         self.actor_time = {op: make(f"localnet_actor_{op}_seconds") for op in (*OPS, "wait")}
         self.ledger = _LedgerCollector()
         reg.register(self.ledger)
@@ -302,6 +309,8 @@ class Metrics:
                     busy += d
             if t.get("samples"):
                 self.actor_samples.labels(rank, unit).inc(t["samples"])
+            for part, v in cpu_parts(t).items():
+                self.actor_cpu.labels(rank, unit, part).inc(v)
             if t.get("gpu_memory_bytes") is not None:
                 self.actor_gpu_memory_bytes.labels(rank, unit).set(t["gpu_memory_bytes"])
             if k:
@@ -312,6 +321,20 @@ class Metrics:
                     h.observe(wait / k)
         if k and waits and wall > 0:
             self.bubble_fraction.set(sum(waits) / (len(waits) * wall))
+
+
+def cpu_parts(t: dict) -> dict:
+    """A stage's main-thread CPU seconds by part, from its timings: compute always; plane,
+    interpreter and calls where a Ray actor kept its account (`StageState.timings`) --
+    not in-process, and not in `local` mode, whose queues are not a data plane."""
+    out = {"compute": sum(sum(t.get(f"{op}_cpu", ())) for op in OPS)}
+    plane = t.get("plane_cpu")
+    if plane is not None and t.get("run_cpu") is not None:
+        out["plane"] = sum(plane.values())
+        # thread_time ticks are exact, but never let rounding export a negative count
+        out["interpreter"] = max(t["run_cpu"] - out["compute"] - out["plane"], 0.0)
+        out["calls"] = t.get("calls_cpu", 0.0)
+    return out
 
 
 # ------------------------------------------------------------------ messages.json

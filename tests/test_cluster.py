@@ -254,3 +254,8 @@ def test_prometheus_scrapes_localnet_and_every_ray_node(cluster, tmp_path):
             {t: 1.0 for t in targets}
         exporting = query(base, 'count by (instance) ({job="ray", __name__=~"ray_.+"})')
         assert len(exporting) >= 3, exporting  # Ray's own series from each node's agent
+        # each actor's account of its main thread: the data plane's part is there, per actor
+        plane = query(base, 'last_over_time(localnet_actor_cpu_seconds_total'
+                            '{job="localnet", part="plane"}[10m])')
+        assert sorted(x["metric"]["rank"] for x in plane) == ["0", "1", "2"], plane
+        assert all(float(x["value"][1]) > 0 for x in plane), plane

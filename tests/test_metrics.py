@@ -237,8 +237,27 @@ def test_inprocess_run_exports_run_actor_and_layer_series(tmp_path):
     assert value(s, "localnet_actor_wait_seconds_count", **actor) == steps
     assert value(s, "localnet_actor_samples_total", **actor) == 512
     assert value(s, "localnet_actor_forward_seconds_sum", **actor) > 0
+    # in-process there is no data plane: the stage's CPU is its compute alone
+    assert value(s, "localnet_actor_cpu_seconds_total", part="compute", **actor) > 0
+    assert {a["part"] for a in labelsets(s, "localnet_actor_cpu_seconds_total")} == {"compute"}
     assert value(s, "localnet_actor_forward_seconds_bucket", le="+Inf", **actor) == steps * 2
     assert not list(sd.glob("*.json")), "the file-SD target outlives the endpoint"
+
+
+def test_cpu_parts_split_the_main_thread_as_the_actor_accounted_it():
+    from localnet.metrics import cpu_parts
+
+    t = {"forward_cpu": [0.1, 0.1], "backward_cpu": [0.2], "update_cpu": [0.05],
+         "run_cpu": 0.6, "calls_cpu": 0.03, "plane_cpu": {"send": 0.1, "recv": 0.05}}
+    parts = cpu_parts(t)
+    assert parts == pytest.approx({"compute": 0.45, "plane": 0.15, "interpreter": 0.0,
+                                   "calls": 0.03})
+    assert sum(parts.values()) == pytest.approx(t["run_cpu"] + t["calls_cpu"])
+    t["run_cpu"] = 0.9
+    assert cpu_parts(t)["interpreter"] == pytest.approx(0.3)
+    # in-process, or local mode's queues: the compute only
+    assert cpu_parts({**t, "plane_cpu": None}) == pytest.approx({"compute": 0.45})
+    assert cpu_parts({"forward_cpu": [0.2]}) == {"compute": 0.2}
 
 
 def _local_ray_build(monkeypatch):
