@@ -21,8 +21,11 @@ synthetic input, one torch thread per actor, an embedded Ray of its own):
   heap         malloc's books in the median actor between batches (`alloc.heap_mb`):
                live (weights, optimizer state, sends the receivers took but the actor
                has not yet reclaimed) and kept free (what the batch's peak needed on top)
-  simulator    `localnet simulate`'s prediction (measured unit costs, the machine's
-               cores, the data plane's CPU per hop from --hop-cost)
+  simulator    `localnet simulate`'s prediction a priori (measured unit costs, the
+               machine's cores, a message's CPU from the data plane's hop: --hop-cost
+               plus --hop-cost-per-mib x its payload), and again on the run's own
+               profile (each actor's compute, the rest of the machine's CPU per message):
+               how far the costs are off, and how far the model of the schedule
   preflight    runtime/memory.py's estimate; a partition it refuses is reported as such
 
 Then a projection past this machine: a cluster of 1..64 actors with one GPU each running
@@ -288,6 +291,7 @@ def on_ray(cfg, data, steps: int) -> dict:
         ex.flush()
         ex.stage_timings()  # clears them
         pids = [i["pid"] for i in ex.stage_info]
+        sent0 = messages_between_actors(ex)
         before, m0 = [thread_cpu(p) for p in pids], machine_cpu()
         pre0 = [preemptions(p) for p in pids]
         t = step_times(step, data, 0, steps)
@@ -295,6 +299,7 @@ def on_ray(cfg, data, steps: int) -> dict:
         after, m1 = [thread_cpu(p) for p in pids], machine_cpu()
         pre = [(preemptions(p) - b) / steps for p, b in zip(pids, pre0)]
         tms = ex.stage_timings()
+        messages = (messages_between_actors(ex) - sent0) / steps
         compute = sum(sum(tm[f"{op}_cpu"]) for tm in tms for op in OPS)
         in_run = sum(tm.get("run_cpu", 0.0) for tm in tms)  # the actors' own account
         in_plane = sum(sum((tm.get("plane_cpu") or {}).values()) for tm in tms)
@@ -328,6 +333,11 @@ def on_ray(cfg, data, steps: int) -> dict:
                if all(heaps) else None,
                # + 0.0: a difference that rounds to zero from below prints as 0.0, not -0.0
                "cpu_per_batch": {k: round(v, 3) + 0.0 for k, v in cpu.items()},
+               "messages_per_batch": round(messages, 1),
+               # the simulator on this run's own costs: each actor's compute per action,
+               # and all the rest of the machine's CPU spread over the messages
+               "simulated_profiled": round(profiled(cfg, tms, steps, messages,
+                                                    (m1 - m0) / steps - compute / steps), 1),
                # the median actor's main thread: preempted while runnable, per batch
                "preemptions_per_batch": round(statistics.median(pre), 1),
                "cpu_policy": cfg.runtime.cpu_policy,
@@ -339,12 +349,39 @@ def on_ray(cfg, data, steps: int) -> dict:
     return out
 
 
-def predicted(cfg, hop_cost: float) -> float:
+def predicted(cfg, hop_cost: float, per_mib: float) -> float:
+    """A priori: every unit timed alone in-process, a message's CPU from the data plane's
+    hop (a frame's cost plus its payload's MiB)."""
     from localnet.runtime.plan import simulate_config
 
     plan = simulate_config(cfg, SHAPE, NC, repeats=2, cores=os.cpu_count() or 1,
-                           hop_cost=hop_cost)
+                           hop_cost=hop_cost, hop_cost_per_mib=per_mib)
     return plan["samples_per_s"]
+
+
+def profiled(cfg, timings: list[dict], steps: int, messages: float, rest_cpu: float) -> float:
+    """The simulator on a run's own costs -- each actor's mean compute CPU per forward,
+    backward and update, and the rest of the machine's CPU per batch (data plane,
+    interpreter, Ray, driver) charged per message -- so that what is left between it and
+    the run is the simulator's model of the schedule on shared cores."""
+    from localnet.runtime.plan import simulate_config
+
+    def mean(tm, op):
+        v = tm[f"{op}_cpu"]
+        return sum(v) / len(v) if v else 0.0
+
+    plan = simulate_config(cfg, SHAPE, NC, fwd=[mean(t, "forward") for t in timings],
+                           bwd=[mean(t, "backward") for t in timings],
+                           step=[mean(t, "update") for t in timings],
+                           cores=os.cpu_count() or 1,
+                           hop_cost=rest_cpu / messages if messages else 0.0)
+    return plan["samples_per_s"]
+
+
+def messages_between_actors(ex) -> int:
+    """Activations and errors sent from actor to actor so far (the ledger's count)."""
+    return sum(row[0] for (src, dst, kind), row in ex.ledger().rows.items()
+               if kind in ("activation", "error") and "driver" not in (src, dst))
 
 
 # ------------------------------------------------------------------------------ projection
@@ -432,9 +469,11 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--hop-cost", type=float, default=2e-4,
-                   help="the data plane's CPU per message for the simulator (s); "
-                        "benchmarks/dataplane.py measures it")
+    p.add_argument("--hop-cost", type=float, default=1.4e-4,
+                   help="the data plane's CPU per message for the a-priori simulator (s): "
+                        "benchmarks/dataplane.py's localnet row at 4 KiB")
+    p.add_argument("--hop-cost-per-mib", type=float, default=4.9e-4,
+                   help="... plus this per MiB of payload (s): the same row, 4 KiB to 4 MiB")
     p.add_argument("--cpu-policy", choices=["batch", "normal"], default=None,
                    help="runtime.cpu_policy of the actors (default: the config's)")
     p.add_argument("--allocator", choices=["jemalloc", "glibc"], default=None,
@@ -463,7 +502,7 @@ def main(argv=None) -> dict:
             release_free_memory()  # not the in-process run's peak in the Ray run's
             row = {"model": model, "partition": part, "inprocess": round(rate, 1),
                    "inprocess_cpu_per_batch": round(cpu, 3),
-                   "predicted": round(predicted(cfg, args.hop_cost), 1)}
+                   "predicted": round(predicted(cfg, args.hop_cost, args.hop_cost_per_mib), 1)}
             row["ray"] = on_ray(cfg, data, args.steps)
             if "samples_per_s" in row["ray"]:
                 row["ray"]["samples_per_s"] = round(row["ray"]["samples_per_s"], 1)
@@ -513,7 +552,7 @@ def write_results(r: dict, args) -> None:
              f"and its books (`alloc.heap_mb`) of the median actor between batches: live, "
              f"and kept free for the next batch's peak.", "",
              "| model | partition | actors | in-process samples/s | Ray samples/s | Ray ÷ "
-             "in-process | simulator | start-up (s) | peak used GB (idle) | actor private "
+             "in-process | simulator: a priori / on the run's profile | start-up (s) | peak used GB (idle) | actor private "
              "MB, median / max | bare torch actor MB | above it after set-up / after the steps "
              "(median) | malloc between batches: live / kept free (median MiB) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -525,7 +564,8 @@ def write_results(r: dict, args) -> None:
             continue
         lines.append(
             f"| {row['model']} | {row['partition']} | {ray_['actors']} | {row['inprocess']} | "
-            f"{ray_['samples_per_s']} | {row['ratio']} | {row['predicted']} | "
+            f"{ray_['samples_per_s']} | {row['ratio']} | {row['predicted']} / "
+            f"{ray_.get('simulated_profiled', '-')} | "
             f"{ray_['startup_s']:.1f} | {ray_['peak_used_mb'] / 1024:.1f} "
             f"({ray_['idle_used_mb'] / 1024:.1f}) | {ray_['actor_private_mb']} / "
             f"{ray_['actor_private_mb_max']} | {ray_['baseline_mb']} | "

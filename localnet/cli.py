@@ -83,7 +83,7 @@ def _cmd_simulate(args) -> int:
                            _floats(args.fwd) if args.fwd else None,
                            _floats(args.bwd) if args.bwd else None, args.comm, args.repeats,
                            cores=args.cores, hop_cost=args.hop_cost,
-                           call_cost=args.call_cost)
+                           call_cost=args.call_cost, hop_cost_per_mib=args.hop_cost_per_mib)
     if args.json:
         print(json.dumps(plan))
         return 0
@@ -103,9 +103,11 @@ def _cmd_simulate(args) -> int:
     print(f"predicted samples/s: {plan['samples_per_s']:.1f}"
           + (f" ({plan['cores']} core{'s' * (plan['cores'] != 1)}" if plan["cores"]
              else " (a core per actor")
-          + (f", {plan['hop_cost_s'] * 1e3:.3f} ms CPU per hop, "
+          + (f", {plan['hop_cost_s'] * 1e3:.3f} ms CPU per hop + "
+             f"{plan['hop_cost_per_mib_s'] * 1e3:.3f} ms per MiB, "
              f"{plan['call_cost_s'] * 1e3:.2f} ms per coordinator call)"
-             if plan["hop_cost_s"] or plan["call_cost_s"] else ", no runtime overhead)"))
+             if plan["hop_cost_s"] or plan["call_cost_s"] or plan["hop_cost_per_mib_s"]
+             else ", no runtime overhead)"))
     print(f"coordinator calls per batch: {plan['calls_per_batch']:g} (one per actor)")
     m = plan["memory_estimate"]
     print(f"memory estimate: {m['total_mb']} MB for {m['actors']} actors (the largest "
@@ -174,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
     si.add_argument("--hop-cost", type=float, default=0.0, metavar="S",
                     help="seconds of CPU per message between actors on the data plane "
                          "(benchmarks/dataplane.py measures it)")
+    si.add_argument("--hop-cost-per-mib", type=float, default=0.0, metavar="S",
+                    help="seconds of CPU per MiB of a message's payload, on top of "
+                         "--hop-cost (benchmarks/dataplane.py: the 4 KiB and 4 MiB rows)")
     si.add_argument("--call-cost", type=float, default=0.0, metavar="S",
                     help="seconds of CPU per coordinator call (one per actor per batch)")
     si.add_argument("--input-shape", metavar="C,H,W", help="skip loading data: the input shape")

@@ -235,6 +235,13 @@ def test_simulate_config_given_and_measured_costs():
     # backwards follow them, ending at 14, and stage 0's B(3) runs [14, 15.5]
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], hop_cost=0.5)
     assert plan["makespan_s"] == pytest.approx(15.5)
+    # the same, from the payloads' size: fc1 and fc2 send 4 x 16 floats (256 bytes) up,
+    # and the errors coming back down have those shapes too, so at 0.5 s per 256 bytes
+    # every message costs 0.5 s again (the head's 4 x 10 logits never cross)
+    assert plan["payload_bytes"] == [256, 256, 160]
+    per_mib = 0.5 * 2**20 / 256
+    plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], hop_cost_per_mib=per_mib)
+    assert plan["makespan_s"] == pytest.approx(15.5)
     assert plan["calls_per_batch"] == 3  # the coordinator's: one per actor
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_cost=0.25)
     assert plan["makespan_s"] == pytest.approx(12 + 3 * 0.25)  # once per actor, along the fill

@@ -54,6 +54,10 @@ def test_hop_cost_is_charged_to_the_receiving_action():
     with_hops = simulate(gpipe(S, M), 1.0, 2.0, hop_cost=h)
     # stage 0 receives M errors, stage 1 M activations (its own error is local)
     assert with_hops.busy == pytest.approx([b + h * M for b in base.busy])
+    # a message's CPU may depend on the message: activations up cost 0.5, errors 0.25
+    by_kind = simulate(gpipe(S, M), 1.0, 2.0,
+                       hop_cost=lambda src, dst, op: 0.5 if op == "F" else 0.25)
+    assert by_kind.busy == pytest.approx([base.busy[0] + 0.25 * M, base.busy[1] + 0.5 * M])
     with_call = simulate(gpipe(S, M), 1.0, 2.0, call_cost=0.25)
     assert with_call.busy == pytest.approx([b + 0.25 for b in base.busy])
     # DFA: stage 0's B(0) needs only the last stage's F(0), which produced e

@@ -55,15 +55,19 @@ def data_shape(cfg, input_shape=None, num_classes=None):
 def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
                     comm: float = 0.0, repeats: int = 3, step=None,
                     batches: int | None = None, cores: int | None = None,
-                    hop_cost: float = 0.0, call_cost: float = 0.0) -> dict:
+                    hop_cost: float = 0.0, call_cost: float = 0.0,
+                    hop_cost_per_mib: float = 0.0) -> dict:
     """Plan for cfg.runtime: actors, per-actor costs (s per micro-batch), and the
     simulated makespan, bubble fraction and samples/s of one batch (async: the mean
     over `batches` streamed batches).  cores: actors share that many cores (None: one
-    each).  hop_cost: seconds of CPU the data plane spends on one message between actors
-    (`benchmarks/dataplane.py` measures it per payload size), charged to the receiving
-    action.  call_cost: the coordinator's one call per actor per batch, charged once per
-    actor per batch."""
-    for name, v in (("hop_cost", hop_cost), ("call_cost", call_cost)):
+    each).  hop_cost + hop_cost_per_mib x the payload's MiB: seconds of CPU the data
+    plane spends on one message between actors (`benchmarks/dataplane.py` measures both
+    per payload size: a frame's fixed cost, then the bytes'), charged to the receiving
+    action; a payload is the sending actor's output at the micro-batch size (an error
+    has the shape of the activation it answers).  call_cost: the coordinator's one call
+    per actor per batch, charged once per actor per batch."""
+    for name, v in (("hop_cost", hop_cost), ("call_cost", call_cost),
+                    ("hop_cost_per_mib", hop_cost_per_mib)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     cfg = as_config(cfg)
@@ -106,8 +110,13 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         checked[other] = "ok"
     K = (batches or 8) if is_async else 1
     sched = make_schedule(name, S, M * K, graph, **opts)
+    payload = payload_bytes(pl, model, shape, mb)
+
+    def hop(src, dst, op):  # an activation (or DFA's e) carries src's output, an error dst's
+        return hop_cost + hop_cost_per_mib * payload[src if op == "F" else dst] / 2**20
+
     # async steps after every micro-batch; gpipe / 1f1b once per batch
-    sim = simulate(sched, fwd, bwd, comm, step_cost=step, hop_cost=float(hop_cost),
+    sim = simulate(sched, fwd, bwd, comm, step_cost=step, hop_cost=hop,
                    call_cost=float(call_cost), dfa=dfa, batch_size=t.batch_size * K,
                    cores=cores, feed=M if is_async else None)
     stale = stream_staleness(graph, S) if is_async else staleness(sched)
@@ -119,7 +128,8 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "batch_size": t.batch_size, "batches": K, "partition": pl.spec,
         "edges": [list(e) for e in pl.edges()],
         "dfa_broadcast": dfa, "cost_source": source, "comm_s": comm, "cores": cores,
-        "hop_cost_s": float(hop_cost), "call_cost_s": float(call_cost),
+        "hop_cost_s": float(hop_cost), "hop_cost_per_mib_s": float(hop_cost_per_mib),
+        "call_cost_s": float(call_cost), "payload_bytes": payload,
         "calls_per_batch": S,  # the coordinator's: one per actor (interpreter.py)
         "deadlock_free": checked, "staleness": max(stale), "staleness_per_actor": stale,
         "per_stage": [{"stage": i, "units": list(pl.names[i]), "fwd_s": f, "bwd_s": b_,
@@ -133,3 +143,18 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "gpipe_equal_cost_bubble": (S - 1) / (M + S - 1),
         "memory_estimate": mem,
     }
+
+
+def payload_bytes(pl, model, input_shape, micro_batch: int) -> list[int]:
+    """Bytes of each actor's output at the micro-batch size: what it sends up each edge,
+    and what comes back down as the error on it (in the weights' dtype, as the actors
+    send them)."""
+    import math
+
+    from ..models import unit_shapes
+    from .graph import modules_for
+
+    shapes = unit_shapes(model, input_shape)
+    size = next(model.parameters()).element_size()
+    return [micro_batch * size * math.prod(modules_for(pl, i, model, shapes)[4])
+            for i in range(pl.num_actors)]

@@ -73,7 +73,8 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
     fwd_cost, bwd_cost, step_cost: per stage, a list or one number for all stages
     (time per micro-batch).  hop_cost: CPU seconds the data plane spends on one message
     from another stage (frame, payload, receive), charged to the action that receives
-    it -- per stage or one number; `benchmarks/dataplane.py` measures it.  call_cost:
+    it -- per stage, one number, or a function (src, dst, op) -> seconds like comm_cost
+    (a message's CPU grows with its payload); `benchmarks/dataplane.py` measures it.  call_cost:
     the coordinator's one call per stage per batch, charged before the stage's first
     action.  comm_cost: seconds a message takes between stages, one number, or a
     function (src, dst, op) -> seconds, op "F" for an activation and "B" for an error.
@@ -88,9 +89,14 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
     S, M = schedule.num_stages, schedule.micro_batches
     graph = _graph(S, schedule.graph)
     cons = consumers(graph)
-    fc, bc, sc, hc, cc = (_per_stage(c, S, n) for c, n in (
+    fc, bc, sc, cc = (_per_stage(c, S, n) for c, n in (
         (fwd_cost, "fwd_cost"), (bwd_cost, "bwd_cost"), (step_cost, "step_cost"),
-        (hop_cost, "hop_cost"), (call_cost, "call_cost")))
+        (call_cost, "call_cost")))
+    if callable(hop_cost):
+        hop = hop_cost
+    else:
+        hc = _per_stage(hop_cost, S, "hop_cost")
+        hop = lambda src, dst, op: hc[dst]  # noqa: E731 - charged to the receiver
     acts = schedule.stages
 
     def needs(s, a):
@@ -104,7 +110,8 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
 
     def cost(s, a, deps):
         c = fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
-        return c + hc[s] * sum(1 for d in deps if d[0] != s) + (cc[s] if ptr[s] == 0 else 0.0)
+        return (c + sum(hop(d[0], s, d[1].op) for d in deps if d[0] != s)
+                + (cc[s] if ptr[s] == 0 else 0.0))
 
     end: dict[tuple[int, Action], float] = {}
     ptr, free, busy = [0] * S, [0.0] * S, [0.0] * S
