@@ -52,7 +52,12 @@ def run_once(sets: list[str], out: Path, timeout: float) -> dict:
             "startup_s": rt.get("startup_s"), "calls": rt.get("driver_calls_per_batch"),
             "phases": rt.get("startup_phases_s") or {},
             "actor_cpu_s": statistics.mean(cpu) if cpu else None,
-            "peak_used_gb": s.get("peak_used_gb")}
+            "peak_used_gb": s.get("peak_used_gb"),
+            # the run's CPU per training step, evaluation included: the actors' main
+            # threads by part, and the coordinator's process
+            "cpu_per_step": {**{k: v / s["steps"] for k, v in (rt.get("actor_cpu_s") or {}).items()},
+                             **({"coordinator": rt["coordinator_cpu_s"] / s["steps"]}
+                                if "coordinator_cpu_s" in rt else {})}}
 
 
 def main(argv=None) -> dict:
@@ -82,6 +87,8 @@ def main(argv=None) -> dict:
               "actors": ray_runs[0]["actors"], "calls_per_batch": ray_runs[0]["calls"],
               "startup_s": [round(x["startup_s"], 1) for x in ray_runs if x["startup_s"]],
               "wall_s": {k: [round(x["wall_s"]) for x in v] for k, v in runs.items()},
+              "cpu_per_step": [{k: round(v, 4) for k, v in x["cpu_per_step"].items()}
+                               for x in ray_runs],
               "command": "python benchmarks/main_job.py " + " ".join(argv or sys.argv[1:])}
     if not args.no_write:
         sets = "".join(f" --set {s}" for s in SHORT + args.set)
@@ -93,8 +100,9 @@ def main(argv=None) -> dict:
                  "| round | in-process samples/s | Ray samples/s | Ray ÷ in-process | Ray start-up "
                  "until every actor is ready (s) | of which ray.init / placement / actors "
                  "built / data plane (s) | CPU each actor used to get ready (s, mean) | "
-                 "wall in-process / Ray (s) |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "wall in-process / Ray (s) | Ray, CPU per step (s): actors' compute / data "
+                 "plane / interpreter / Ray calls; coordinator |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for i in range(args.rounds):
             ph = ray_runs[i]["phases"]
             phases = " / ".join(f"{ph[k]:.1f}" if k in ph else "-"
@@ -103,11 +111,20 @@ def main(argv=None) -> dict:
             lines.append(f"| {i + 1} | {result['inprocess'][i]} | {result['ray'][i]} | "
                          f"{result['ratios'][i]} | {ray_runs[i]['startup_s']:.1f} | {phases} | "
                          f"{'-' if cpu is None else f'{cpu:.2f}'} | "
-                         f"{result['wall_s']['inprocess'][i]} / {result['wall_s']['ray'][i]} |")
+                         f"{result['wall_s']['inprocess'][i]} / {result['wall_s']['ray'][i]} | "
+                         f"{_cpu_cell(ray_runs[i]['cpu_per_step'])} |")
         lines += ["", f"Median Ray ÷ in-process: **{result['ratio_median']}**.  Coordinator "
                       f"calls per training batch: {result['calls_per_batch']} (one per actor)."]
         write_section(f"main-job:{args.tag}", lines)
     return result
+
+
+def _cpu_cell(c: dict) -> str:
+    if not c:
+        return "-"
+    parts = " / ".join(f"{c[k]:.3f}" if k in c else "-"
+                       for k in ("compute", "plane", "interpreter", "calls"))
+    return parts + (f"; {c['coordinator']:.3f}" if "coordinator" in c else "")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import write_json
-from .timing import OPS, StageTimer
+from .timing import OPS, StageTimer, cpu_parts
 
 # ------------------------------------------------------------------ the metric list
 
@@ -321,20 +321,6 @@ class Metrics:
                     h.observe(wait / k)
         if k and waits and wall > 0:
             self.bubble_fraction.set(sum(waits) / (len(waits) * wall))
-
-
-def cpu_parts(t: dict) -> dict:
-    """A stage's main-thread CPU seconds by part, from its timings: compute always; plane,
-    interpreter and calls where a Ray actor kept its account (`StageState.timings`) --
-    not in-process, and not in `local` mode, whose queues are not a data plane."""
-    out = {"compute": sum(sum(t.get(f"{op}_cpu", ())) for op in OPS)}
-    plane = t.get("plane_cpu")
-    if plane is not None and t.get("run_cpu") is not None:
-        out["plane"] = sum(plane.values())
-        # thread_time ticks are exact, but never let rounding export a negative count
-        out["interpreter"] = max(t["run_cpu"] - out["compute"] - out["plane"], 0.0)
-        out["calls"] = t.get("calls_cpu", 0.0)
-    return out
 
 
 # ------------------------------------------------------------------ messages.json

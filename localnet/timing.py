@@ -58,3 +58,17 @@ def _gpu_memory() -> int | None:
     if not torch.cuda.is_available():
         return None
     return int(torch.cuda.memory_allocated())
+
+
+def cpu_parts(t: dict) -> dict:
+    """A stage's main-thread CPU seconds by part, from its timings: compute always; plane,
+    interpreter and calls where a Ray actor kept its account (`StageState.timings`) --
+    not in-process, and not in `local` mode, whose queues are not a data plane."""
+    out = {"compute": sum(sum(t.get(f"{op}_cpu", ())) for op in OPS)}
+    plane = t.get("plane_cpu")
+    if plane is not None and t.get("run_cpu") is not None:
+        out["plane"] = sum(plane.values())
+        # thread_time ticks are exact, but never let rounding export a negative count
+        out["interpreter"] = max(t["run_cpu"] - out["compute"] - out["plane"], 0.0)
+        out["calls"] = t.get("calls_cpu", 0.0)
+    return out

@@ -245,7 +245,7 @@ def test_inprocess_run_exports_run_actor_and_layer_series(tmp_path):
 
 
 def test_cpu_parts_split_the_main_thread_as_the_actor_accounted_it():
-    from localnet.metrics import cpu_parts
+    from localnet.timing import cpu_parts
 
     t = {"forward_cpu": [0.1, 0.1], "backward_cpu": [0.2], "update_cpu": [0.05],
          "run_cpu": 0.6, "calls_cpu": 0.03, "plane_cpu": {"send": 0.1, "recv": 0.05}}

@@ -506,6 +506,12 @@ def test_train_on_ray_checkpoints_per_actor_and_summarises(ray_session, tmp_path
         == {"executor": "ray", "actors": 2, "schedule": "async", "micro_batches": 2, "staleness": 1}
     assert msg["parameter_bytes"] == 0 and msg["activation"]["count"] > 0
     assert all(msg[k]["bytes"] > 0 for k in ("activation", "error", "target", "control"))
+    # where the actors' CPU went over the run: every part of it, and the data plane's
+    # within the batch calls; the coordinator's own since its actors were ready
+    cpu = rt["actor_cpu_s"]
+    assert set(cpu) == {"compute", "plane", "interpreter", "calls"}
+    assert cpu["compute"] > 0 and cpu["plane"] > 0 and min(cpu.values()) >= 0
+    assert rt["coordinator_cpu_s"] > 0
     man = json.loads((tmp_path / "checkpoint/manifest.json").read_text())
     assert man["step"] == 5 and [a["actor"] for a in man["actors"]] == ["stage0", "stage1"]
     assert all(a["pid"] != os.getpid() for a in man["actors"])  # written by the actors

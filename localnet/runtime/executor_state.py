@@ -5,6 +5,7 @@ path (`ray_executor.py`); each first drains an async stream."""
 from __future__ import annotations
 
 import functools
+import time
 
 from ..engine import StepStats
 from . import checkpoint
@@ -12,6 +13,7 @@ from .graph import Placement
 from ..ledger import Ledger
 from .messages import CONTROL, Control, MessageError
 from ..schedules import simulate, stream_staleness
+from ..timing import cpu_parts
 from .messages import DRIVER, stage_name
 
 
@@ -179,8 +181,27 @@ class StateMixin:
     # ------------------------------------------------------------------ observability
     @recovering
     def stage_timings(self, clear: bool = True) -> list[dict]:
-        """Per stage, `StageWorker.timings()`: call times since the last call (metrics)."""
-        return self._get([w.timings.remote(clear) for w in self.workers], "timings")
+        """Per stage, `StageWorker.timings()`: call times since the last call (metrics).
+        What a clearing call takes is added to the run's CPU account (`actor_cpu_s`)."""
+        out = self._get([w.timings.remote(clear) for w in self.workers], "timings")
+        if clear:
+            for t in out:
+                for part, v in cpu_parts(t).items():
+                    self._cpu_taken[part] = self._cpu_taken.get(part, 0.0) + v
+        return out
+
+    def actor_cpu_s(self) -> dict:
+        """The actors' main-thread CPU seconds so far, summed over actors, by part
+        (`timing.cpu_parts`): what metrics polls took, plus what is not yet taken."""
+        total = dict(self._cpu_taken)
+        try:  # a report: never a recovery, and actors that are gone just add nothing
+            fresh = self._get([w.timings.remote(False) for w in self.workers], "timings")
+        except Exception:  # noqa: BLE001
+            fresh = []
+        for t in fresh:
+            for part, v in cpu_parts(t).items():
+                total[part] = total.get(part, 0.0) + v
+        return total
 
     @recovering
     def ledger(self) -> Ledger:
@@ -262,6 +283,10 @@ class StateMixin:
                 "device_edges": device_edges,
                 "driver_calls_per_batch": self.num_stages, "driver_calls": self.calls,
                 "startup_s": self.startup_s,
+                # where the actors' main threads spent their CPU over the run, and the
+                # coordinator's process since its actors were ready (data, calls, metrics)
+                "actor_cpu_s": self.actor_cpu_s(),
+                "coordinator_cpu_s": time.process_time() - self._cpu0,
                 "startup_phases_s": self.startup_phases,
                 # per actor, the CPU its process had used when set up: Ray's worker,
                 # `import torch`, building its units
