@@ -307,6 +307,8 @@ class Metrics:
                 for d in t.get(op, ()):
                     h.observe(d)
                     busy += d
+                # calls folded into sums between two polls (timing.KEEP) still count
+                busy += (t.get("folded") or {}).get(op, {}).get("s", 0.0)
             if t.get("samples"):
                 self.actor_samples.labels(rank, unit).inc(t["samples"])
             for part, v in cpu_parts(t).items():

@@ -9,6 +9,10 @@ from __future__ import annotations
 import time
 
 OPS = ("forward", "backward", "update")
+# calls per op kept one by one between two reads: with nobody reading (metrics off), a
+# long run would otherwise grow every actor's lists without bound; older calls fold into
+# exact sums (`folded`), so the run's CPU account stays whole
+KEEP = 4096
 
 
 class StageTimer:
@@ -26,7 +30,18 @@ class StageTimer:
         # CPU seconds of the calling thread (one torch thread per actor: the compute
         # itself, without the time lost to other processes sharing the core)
         self.cpu: dict[str, list[float]] = {op: [] for op in OPS}
+        # calls no longer kept one by one: op -> {"calls", "s", "cpu_s"} summed
+        self.folded: dict[str, dict] = {}
         self.samples = 0
+
+    def _fold(self, op: str) -> None:
+        """Sum the older half of op's calls into `folded`, keeping the newer ones."""
+        n = len(self.times[op]) // 2
+        f = self.folded.setdefault(op, {"calls": 0, "s": 0.0, "cpu_s": 0.0})
+        f["calls"] += n
+        f["s"] += sum(self.times[op][:n])
+        f["cpu_s"] += sum(self.cpu[op][:n])
+        del self.times[op][:n], self.cpu[op][:n]
 
     def _wrap(self, op, fn):
         clock, cpu = time.perf_counter, time.thread_time
@@ -38,6 +53,8 @@ class StageTimer:
             finally:
                 self.times[op].append(clock() - t0)
                 self.cpu[op].append(cpu() - c0)
+                if len(self.times[op]) > KEEP:
+                    self._fold(op)
                 if op == "forward" and args:
                     self.samples += int(args[0].shape[0])
         timed.__wrapped__ = fn
@@ -46,6 +63,7 @@ class StageTimer:
     def take(self, clear: bool = True) -> dict:
         out = {**{op: list(v) for op, v in self.times.items()},
                **{f"{op}_cpu": list(v) for op, v in self.cpu.items()},
+               "folded": {op: dict(f) for op, f in self.folded.items()},
                "samples": self.samples, "gpu_memory_bytes": _gpu_memory()}
         if clear:
             self._clear()
@@ -64,7 +82,8 @@ def cpu_parts(t: dict) -> dict:
     """A stage's main-thread CPU seconds by part, from its timings: compute always; plane,
     interpreter and calls where a Ray actor kept its account (`StageState.timings`) --
     not in-process, and not in `local` mode, whose queues are not a data plane."""
-    out = {"compute": sum(sum(t.get(f"{op}_cpu", ())) for op in OPS)}
+    out = {"compute": sum(sum(t.get(f"{op}_cpu", ())) for op in OPS)
+                      + sum(f["cpu_s"] for f in (t.get("folded") or {}).values())}
     plane = t.get("plane_cpu")
     if plane is not None and t.get("run_cpu") is not None:
         out["plane"] = sum(plane.values())

@@ -198,6 +198,27 @@ def test_stage_timer_records_each_calls_wall_and_cpu_time_and_changes_nothing():
     assert again["samples"] == 0 and again["forward"] == [] and stage.steps == 1
 
 
+def test_stage_timer_keeps_its_lists_short_and_its_sums_whole(monkeypatch):
+    """Unread for a long run (metrics off), a timer folds its older calls into sums:
+    its lists stay bounded and the run's CPU account loses nothing."""
+    import localnet.timing as timing
+    from localnet.timing import cpu_parts
+
+    monkeypatch.setattr(timing, "KEEP", 8)
+    opt = OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0)
+    stage = Stage([_Sleepy(0.0)], opt, first=True)
+    timer = StageTimer(stage)
+    for mb in range(50):
+        stage.forward(torch.randn(2, 4), mb)
+        assert len(timer.times["forward"]) <= 8 and len(timer.cpu["forward"]) <= 8
+    got = timer.take()
+    f = got["folded"]["forward"]
+    assert f["calls"] + len(got["forward"]) == 50 and got["samples"] == 100
+    total = f["cpu_s"] + sum(got["forward_cpu"])
+    assert cpu_parts(got)["compute"] == pytest.approx(total, abs=1e-12)
+    assert timer.take()["folded"] == {}  # a read starts afresh
+
+
 # ------------------------------------------------------------------ a run, scraped
 
 
