@@ -25,7 +25,7 @@ synthetic input, one torch thread per actor, an embedded Ray of its own):
                machine's cores, a message's CPU from the data plane's hop: --hop-cost
                plus --hop-cost-per-mib x its payload), and again on the run's own
                profile (each actor's compute, the rest of the machine's CPU per message):
-               how far the costs are off, and how far the model of the schedule
+               how far the costs are off, and how far the model of the schedule is
   preflight    runtime/memory.py's estimate; a partition it refuses is reported as such
 
 Then a projection past this machine: a cluster of 1..64 actors with one GPU each running
@@ -55,7 +55,7 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 from localnet.alloc import release_free_memory  # noqa: E402
 from localnet.config import Config  # noqa: E402
-from localnet.timing import OPS  # noqa: E402
+from localnet.timing import cpu_parts  # noqa: E402
 
 MAIN = "ray::StageWorke"  # an actor's main thread: Ray names it after the class (15 chars)
 
@@ -300,9 +300,10 @@ def on_ray(cfg, data, steps: int) -> dict:
         pre = [(preemptions(p) - b) / steps for p, b in zip(pids, pre0)]
         tms = ex.stage_timings()
         messages = (messages_between_actors(ex) - sent0) / steps
-        compute = sum(sum(tm[f"{op}_cpu"]) for tm in tms for op in OPS)
-        in_run = sum(tm.get("run_cpu", 0.0) for tm in tms)  # the actors' own account
-        in_plane = sum(sum((tm.get("plane_cpu") or {}).values()) for tm in tms)
+        parts = [cpu_parts(tm) for tm in tms]  # the actors' own account
+        compute = sum(p["compute"] for p in parts)
+        in_plane = sum(p.get("plane", 0.0) for p in parts)
+        in_run = sum(tm.get("run_cpu", 0.0) for tm in tms)
         gloo = sum(a.get("gloo_tcp_loop", 0) - b.get("gloo_tcp_loop", 0)
                    for a, b in zip(after, before))
         main = sum(a.get(MAIN, 0) - b.get(MAIN, 0) for a, b in zip(after, before))

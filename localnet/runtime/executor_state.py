@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import Counter
 
 from ..engine import StepStats
 from . import checkpoint
@@ -186,22 +187,20 @@ class StateMixin:
         out = self._get([w.timings.remote(clear) for w in self.workers], "timings")
         if clear:
             for t in out:
-                for part, v in cpu_parts(t).items():
-                    self._cpu_taken[part] = self._cpu_taken.get(part, 0.0) + v
+                self._cpu_taken.update(cpu_parts(t))  # a Counter: adds
         return out
 
     def actor_cpu_s(self) -> dict:
         """The actors' main-thread CPU seconds so far, summed over actors, by part
         (`timing.cpu_parts`): what metrics polls took, plus what is not yet taken."""
-        total = dict(self._cpu_taken)
+        total = Counter(self._cpu_taken)
         try:  # a report: never a recovery, and actors that are gone just add nothing
             fresh = self._get([w.timings.remote(False) for w in self.workers], "timings")
         except Exception:  # noqa: BLE001
             fresh = []
         for t in fresh:
-            for part, v in cpu_parts(t).items():
-                total[part] = total.get(part, 0.0) + v
-        return total
+            total.update(cpu_parts(t))
+        return dict(total)
 
     @recovering
     def ledger(self) -> Ledger:

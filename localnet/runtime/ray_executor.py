@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 
 import torch
 
@@ -146,7 +147,7 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         phases["plane"] = time.perf_counter()
         self.startup_s = time.perf_counter() - t0  # until every actor is ready
         self._cpu0 = time.process_time()  # runtime_info's coordinator_cpu_s
-        self._cpu_taken: dict[str, float] = {}  # the actors' CPU account, as polled
+        self._cpu_taken: Counter = Counter()  # the actors' CPU account, as polled
         # where start-up went: each phase's seconds since the previous one (the actors
         # start their processes and import torch between "placement" and "actors_built")
         marks = [("start", t0)] + list(phases.items())

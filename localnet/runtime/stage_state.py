@@ -164,15 +164,14 @@ class StageState:
         `plane_cpu` in the data plane's send and recv, and the compute the *_cpu lists
         hold), `calls_cpu` between them (Ray's task machinery, other calls)."""
         out = self._timer.take(clear)
-        own = getattr(self, "_cpu", None)
-        plane = getattr(getattr(self, "plane", None), "cpu", None)
-        if own is not None:
-            out["run_cpu"], out["calls_cpu"] = own["run"], own["calls"]
-            out["plane_cpu"] = dict(plane) if plane is not None else None
-            if clear:
-                own["run"] = own["calls"] = 0.0
-                if plane is not None:
-                    plane["send"] = plane["recv"] = 0.0
+        own = self._cpu
+        plane = getattr(self.plane, "cpu", None)  # local mode's queues keep no account
+        out["run_cpu"], out["calls_cpu"] = own["run"], own["calls"]
+        out["plane_cpu"] = dict(plane) if plane is not None else None
+        if clear:
+            own["run"] = own["calls"] = 0.0
+            if plane is not None:
+                plane["send"] = plane["recv"] = 0.0
         return out
 
     # ------------------------------------------------------------------ control path
