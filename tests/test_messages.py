@@ -436,7 +436,7 @@ def test_a_channels_last_payload_travels_as_it_lies():
     gets the same values in the same layout (over gloo, and over the local plane).  A
     header whose order is no order of its axes is refused, naming the edge; an array in
     neither dense layout is copied into row-major order first."""
-    from localnet.runtime.messages import CHANNELS_LAST, layout, wire_bytes
+    from localnet.runtime.payload import CHANNELS_LAST, layout, wire_bytes
     from localnet.runtime.local_plane import LocalPlane
     from localnet.runtime.plane import as_array
 

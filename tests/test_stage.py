@@ -63,7 +63,7 @@ def test_memory_format_lays_out_the_convs_and_keeps_the_maths():
     from localnet.builders import build_rule_and_model, optim_config
     from localnet.config import Config
     from localnet.engine import InProcessExecutor
-    from localnet.runtime.messages import CHANNELS_LAST, layout
+    from localnet.runtime.payload import CHANNELS_LAST, layout
 
     def build(fmt):
         cfg = Config.model_validate({"model": {"name": "resnet20"}, "rule": {"name": "pfa"},

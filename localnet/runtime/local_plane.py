@@ -9,8 +9,8 @@ from collections import deque
 
 import numpy as np
 
-from .messages import host as to_host
-from .messages import layout, wire_bytes
+from .payload import host as to_host
+from .payload import layout, wire_bytes
 from .plane import as_array, frame, unframe
 
 

@@ -7,10 +7,7 @@ A data message is a small msgpack header plus one tensor payload:
             torch tensor itself, so that the data plane can keep it on the device
             (`plane.py`); anything that needs host memory asks `host()`
 
-`order` says how the payload's bytes lie: [] row-major, [0, 2, 3, 1] a 4-d (N, C, H, W)
-payload stored channels-last, as (N, H, W, C) -- how convolutions on the CPU run fastest
-(`train.memory_format`).  The payload keeps its logical shape either way; only the bytes
-on the wire follow `order`, so neither end copies it into the other layout.
+`order` says how the payload's bytes lie: [] row-major, or channels-last (`payload.py`).
 
 Data kinds (`DATA_KINDS`):
 
@@ -50,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .payload import dense, host, layout, on_device
 
 SCHEMA_VERSION = 2  # 2: `order`, the payload's layout
 
@@ -158,55 +156,6 @@ class Header:
         return MessageError(reason, self.src, dst or self.dst, self.kind, self.step, self.mb)
 
 
-# ------------------------------------------------------------------------------ data
-CHANNELS_LAST = (0, 2, 3, 1)
-
-
-def layout(arr) -> tuple[int, ...] | None:
-    """The `order` in which an array's (or tensor's) bytes lie densely: () row-major,
-    CHANNELS_LAST for a 4-d one stored channels-last; None for any other strides (it
-    needs a copy before it can travel)."""
-    if isinstance(arr, torch.Tensor):
-        if arr.is_contiguous():
-            return ()
-        if arr.dim() == 4 and arr.is_contiguous(memory_format=torch.channels_last):
-            return CHANNELS_LAST
-        return None
-    if arr.flags.c_contiguous:
-        return ()
-    if arr.ndim == 4 and arr.transpose(CHANNELS_LAST).flags.c_contiguous:
-        return CHANNELS_LAST
-    return None
-
-
-def wire_bytes(arr, order: tuple[int, ...] = ()):
-    """The payload's bytes as they lie (`order`), flat uint8: a view, never a copy of
-    a dense payload."""
-    if isinstance(arr, torch.Tensor):
-        t = arr.permute(order) if order else arr
-        return t.contiguous().reshape(-1).view(torch.uint8)
-    a = arr.transpose(order) if order else arr
-    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-
-
-def from_wire_bytes(data, shape, order: tuple[int, ...] = ()):
-    """The inverse of `wire_bytes`, for bytes already viewed as the dtype: the array of
-    logical `shape` whose bytes lie in `order` (a view)."""
-    if not order:
-        return data.reshape(shape)
-    phys = data.reshape([shape[i] for i in order])
-    back = tuple(order.index(i) for i in range(len(order)))
-    return phys.permute(back) if isinstance(phys, torch.Tensor) else phys.transpose(back)
-
-
-def _dense(t):
-    """A tensor or array as it lies when that is dense (row-major or channels-last),
-    else a row-major copy."""
-    if layout(t) is not None:
-        return t
-    return t.contiguous() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
-
-
 def _to_payload(t):
     """A message's payload: a numpy array on the host; a tensor on an accelerator stays
     one (contiguous, detached) -- copying it to the host here would cost every GPU
@@ -219,10 +168,10 @@ def _to_payload(t):
         if t.dtype == torch.bfloat16:
             raise TypeError("bfloat16 payloads are not supported on the wire yet")
         if t.device.type != "cpu":
-            return _dense(t)
-        return _dense(t).numpy()
+            return dense(t)
+        return dense(t).numpy()
     if isinstance(t, np.ndarray):
-        return _dense(t)
+        return dense(t)
     raise TypeError(f"a message payload must be a tensor or ndarray, got {type(t).__name__}")
 
 
@@ -281,18 +230,6 @@ class Message:
     def host(self) -> np.ndarray:
         """The payload in host memory (a copy off the device for a device payload)."""
         return host(self.payload)
-
-
-def on_device(payload) -> bool:
-    """Is this payload a tensor on an accelerator (not host memory)?"""
-    return isinstance(payload, torch.Tensor) and payload.device.type != "cpu"
-
-
-def host(payload) -> np.ndarray:
-    """A payload as a host array: itself, or a device tensor copied to the host."""
-    if isinstance(payload, torch.Tensor):
-        return _dense(payload.detach().cpu()).numpy()  # in the layout its header names
-    return payload
 
 
 def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, *,
