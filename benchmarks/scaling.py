@@ -27,6 +27,9 @@ synthetic input, one torch thread per actor, an embedded Ray of its own):
                profile (each actor's compute, the rest of the machine's CPU per message):
                how far the costs are off, and how far the model of the schedule is
   preflight    runtime/memory.py's estimate; a partition it refuses is reported as such
+  at most      the ratio's bounds on the run's CPU account (`bounds`): what Ray could
+               reach with every core busy, as measured, with a data plane that cost
+               nothing, and with only the actors' compute
 
 Then a projection past this machine: a cluster of 1..64 actors with one GPU each running
 ResNet-56 per layer (56 layers, grouped into consecutive stages; one each at most), from a stated cost model
@@ -350,6 +353,20 @@ def on_ray(cfg, data, steps: int) -> dict:
     return out
 
 
+def bounds(inprocess_s: float, cpu: dict, cores: int | None = None) -> dict:
+    """The most Ray ÷ in-process could be on this run's CPU account, if the Ray run kept
+    every core busy: the in-process run's seconds per batch against the Ray run's CPU
+    per batch spread over the cores -- as measured ("all"), without the data plane's CPU
+    (its main-thread send and recv, and gloo's socket threads: "free plane"), and with
+    only the actors' compute ("compute only").  The gap between the first two is the
+    most any data plane could give back; between the last two, what the rest costs."""
+    cores = cores or os.cpu_count() or 1
+    plane = cpu["main_plane"] + cpu["gloo_io"]
+    need = {"all": cpu["machine"], "free_plane": cpu["machine"] - plane,
+            "compute_only": cpu["compute"]}
+    return {k: round(inprocess_s * cores / v, 3) for k, v in need.items() if v > 0}
+
+
 def predicted(cfg, hop_cost: float, per_mib: float) -> float:
     """A priori: every unit timed alone in-process, a message's CPU from the data plane's
     hop (a frame's cost plus its payload's MiB)."""
@@ -508,6 +525,7 @@ def main(argv=None) -> dict:
             if "samples_per_s" in row["ray"]:
                 row["ray"]["samples_per_s"] = round(row["ray"]["samples_per_s"], 1)
                 row["ratio"] = round(row["ray"]["samples_per_s"] / row["inprocess"], 3)
+                row["bounds"] = bounds(args.batch / rate, row["ray"]["cpu_per_batch"])
             print(json.dumps(row), flush=True)
             rows.append(row)
             if ray.is_initialized():
@@ -534,6 +552,11 @@ def rewrite(log: str) -> None:
 def _heap_cell(ray_: dict) -> str:
     h = ray_.get("actor_heap_mb")  # absent in runs saved before it was measured
     return f"{h['live']:.1f} / {h['kept']:.1f}" if h else "—"
+
+
+def _bounds_cell(row: dict) -> str:
+    b = row.get("bounds") or {}
+    return " / ".join(str(b.get(k, "-")) for k in ("all", "free_plane", "compute_only"))
 
 
 def _allocators(r: dict) -> list[str]:
@@ -583,11 +606,15 @@ def write_results(r: dict, args) -> None:
                       "*interpreter* (the action lists, the messages' framing and checks) "
                       "and *Ray calls* (outside the batch calls: Ray's task machinery); "
                       "*gloo I/O* gloo's socket threads; *outside* the driver, Ray's own "
-                      "processes and the rest of the machine.", "",
+                      "processes and the rest of the machine.  *At most*: the in-process "
+                      "run's seconds per batch against the Ray run's CPU per batch spread "
+                      "over every core (`bounds`): as measured, without the data plane's "
+                      "CPU (plane and gloo I/O), and with only the actors' compute.", "",
                   "| model | partition | in-process CPU | Ray: machine | compute | main, "
                   "other | of which plane / interpreter / Ray calls | gloo I/O | other actor "
-                  "threads | outside the actors |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "threads | outside the actors | Ray ÷ in-process at most: as measured / "
+                  "free data plane / compute only |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in cpu_rows:
             c = row["ray"]["cpu_per_batch"]
             split = " / ".join(str(c.get(k, "-")) for k in
@@ -595,7 +622,7 @@ def write_results(r: dict, args) -> None:
             lines.append(f"| {row['model']} | {row['partition']} | "
                          f"{row.get('inprocess_cpu_per_batch', '-')} | {c['machine']} | "
                          f"{c['compute']} | {c['main_other']} | {split} | {c['gloo_io']} | "
-                         f"{c['actor_rest']} | {c['outside_actors']} |")
+                         f"{c['actor_rest']} | {c['outside_actors']} | {_bounds_cell(row)} |")
     refused = [row for row in r["rows"] if "refused" in row["ray"]]
     for row in refused:
         lines += ["", f"{row['model']} {row['partition']}: {row['ray']['refused']}"]
