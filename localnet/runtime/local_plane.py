@@ -9,8 +9,7 @@ from collections import deque
 
 import numpy as np
 
-from .payload import host as to_host
-from .payload import layout, wire_bytes
+from .payload import host as to_host, layout, wire_bytes
 from .plane import as_array, frame, unframe
 
 

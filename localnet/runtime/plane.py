@@ -67,8 +67,7 @@ import numpy as np
 import torch
 
 from .messages import Header, MessageError
-from .payload import from_wire_bytes, layout, wire_bytes
-from .payload import host as to_host
+from .payload import from_wire_bytes, host as to_host, layout, wire_bytes
 
 FRAME = 1024                 # bytes: lengths + header (a header is ~110-300 bytes)
 ZERO_COPY = 256 << 10        # bytes: payloads from here on are sent from where they lie
