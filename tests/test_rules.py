@@ -776,17 +776,15 @@ def test_corrupting_w_after_forward_changes_nothing_but_bp(rule, geom):
     """LocalOp keeps x and F, never W: a local rule's backward cannot read W."""
     x, delta = inputs(geom, seed=14)
     gen = torch.Generator().manual_seed(99)
+    clean = make_layer(geom, rule, seed=21)
+    clean_state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in clean.state_dict().items()}
+    clean_params = [p.detach().clone() for p in clean.parameters()]
     results = []
     for corrupt in (False, True):
         layer = make_layer(geom, rule, seed=21)
-        if results:  # the very same layer state as the clean run
-            layer.load_state_dict(clean_state)
-            for a, b in zip(layer.parameters(), clean_params):
-                assert torch.equal(a, b)
-        else:
-            clean_state = {k: (v.clone() if torch.is_tensor(v) else v)
-                           for k, v in layer.state_dict().items()}
-            clean_params = [p.detach().clone() for p in layer.parameters()]
+        layer.load_state_dict(clean_state)  # both runs start from the very same state
+        for a, b in zip(layer.parameters(), clean_params):
+            assert torch.equal(a, b)
         xx = x.clone().requires_grad_(True)
         y = layer(xx)
         if corrupt:
