@@ -455,7 +455,8 @@ def _read_yaml(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open() as f:  # a stream, so YAML's error names the file and line
+            data = yaml.safe_load(f) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

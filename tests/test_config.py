@@ -56,8 +56,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="YAML"):
+    with pytest.raises(ConfigError, match="YAML") as err:
         load_config(broken)
+    assert f'in "{broken}", line 2' in str(err.value)  # where in which file
 
 
 def test_validate_cli_exit_codes(tmp_path):
