@@ -159,11 +159,25 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             return done
     if not resume:  # a resumed run's is rewritten once its checkpoint has loaded
         write_text(run_dir / "config.yaml", dump_config(cfg))
-    data, rule, model, ex = build(cfg)
+    data, rule, model, ex = build(_saved_cuts(cfg, ckpt))
     try:
         return _train(cfg, run_dir, ckpt, progress, data, rule, ex)
     finally:
         ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
+
+
+def _saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
+    """The config to build a resumed run's executor from.  `{stages: N, balance: cost}`
+    times the units afresh at every start, and on a busy machine the timings can cut the
+    units elsewhere than they were cut when the checkpoint was written; each actor's
+    saved state then fits no actor.  The cut is the run's own, so a resumed run takes
+    it from its checkpoint (the run's config.yaml keeps `balance: cost`)."""
+    part = cfg.runtime.partition
+    saved = ((ckpt or {}).get("executor") or {}).get("boundaries")
+    if getattr(part, "balance", None) != "cost" or saved is None or len(saved) != part.stages - 1:
+        return cfg
+    runtime = cfg.runtime.model_copy(update={"partition": [int(b) for b in saved]})
+    return cfg.model_copy(update={"runtime": runtime})
 
 
 def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:

@@ -224,3 +224,26 @@ def test_train_device_cpu_and_a_clear_error_without_a_gpu(tmp_path, capsys):
                "--set", "data.name=synthetic", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "train.device: cuda" in err and "Traceback" not in err
+
+
+def test_resume_keeps_the_cut_that_cost_balancing_made(tmp_path, monkeypatch):
+    """`{stages: N, balance: cost}` times the units at every start.  A resume whose
+    timings would cut elsewhere still continues the run: it takes the checkpoint's cut,
+    and ends where the uninterrupted run ends."""
+    import localnet.runtime.cost as cost
+
+    timings = {"now": [1.0, 1.0, 1.0, 1.0]}  # fc1, fc2, fc3, head: cut after fc2
+    monkeypatch.setattr(cost, "measure_unit_costs",
+                        lambda *a, **k: (timings["now"], [0.0] * 4))
+    cfg = lambda epochs: small("rule.name=fa", "model.widths=[32,32,32]",  # noqa: E731
+                               "runtime.executor=local", f"train.epochs={epochs}",
+                               "runtime.partition={stages: 2, balance: cost}")
+    full = train(cfg(2), tmp_path / "full", progress=False)
+    train(cfg(1), tmp_path / "part", progress=False)
+    saved = lambda d: torch.load(d / "checkpoint.pt", weights_only=True)["executor"]  # noqa: E731
+    assert saved(tmp_path / "part")["boundaries"] == [2]
+    timings["now"] = [5.0, 1.0, 1.0, 1.0]  # a busy machine: now it would cut after fc1
+    resumed = train(cfg(2), tmp_path / "part", resume=True, progress=False)
+    assert saved(tmp_path / "part")["boundaries"] == [2]
+    assert resumed["steps"] == full["steps"] and resumed["test_loss"] == full["test_loss"]
+    assert load_config(tmp_path / "part/config.yaml") == cfg(2)  # still balanced by cost
