@@ -203,7 +203,9 @@ class PartitionStages(Section):
 
     stages: int = Field(..., ge=1, description="number of pipeline stages (actors)")
     balance: Literal["params", "cost"] = Field(
-        "params", description="balance groups by parameter count or by measured fwd+bwd time")
+        "params", description="balance groups by parameter count (the same cut everywhere) "
+                              "or by fwd+bwd time, measured at start (faster stages, but the "
+                              "cut may differ between machines; a resume keeps its own)")
 
 
 class ScheduleConfig(PluginSection):
