@@ -100,6 +100,8 @@ def _cmd_simulate(args) -> int:
     print(f"makespan: {plan['makespan_s'] * 1e3:.3f} ms per batch of {plan['batch_size']}")
     print(f"bubble fraction: {plan['bubble_fraction']:.4f} "
           f"(gpipe with equal costs: {plan['gpipe_equal_cost_bubble']:.4f})")
+    if plan["balance_hint"]:
+        print(f"hint: {plan['balance_hint']}")
     print(f"predicted samples/s: {plan['samples_per_s']:.1f}"
           + (f" ({plan['cores']} core{'s' * (plan['cores'] != 1)}" if plan["cores"]
              else " (a core per actor")

@@ -256,6 +256,17 @@ def test_simulate_config_given_and_measured_costs():
     assert 0 <= plan["bubble_fraction"] < 1 and plan["samples_per_s"] > 0
 
 
+def test_simulate_hints_at_cost_balance_when_parameters_cut_unevenly():
+    """fwd+bwd per stage 6 and 2: the busiest does 1.5x the mean, so balancing by
+    parameters missed; by cost, or even work, no hint."""
+    params = cfg_for("fa", "1f1b", partition={"stages": 2})
+    plan = simulate_config(params, SHAPE, NC, fwd=[3, 1], bwd=[3, 1])
+    assert "1.50x" in plan["balance_hint"] and "balance: cost" in plan["balance_hint"]
+    assert simulate_config(params, SHAPE, NC, fwd=[1, 1], bwd=[1, 1])["balance_hint"] is None
+    cost = cfg_for("fa", "1f1b", partition={"stages": 2, "balance": "cost"})
+    assert simulate_config(cost, SHAPE, NC, fwd=[3, 1], bwd=[3, 1])["balance_hint"] is None
+
+
 def test_cli_simulate(tmp_path, capsys):
     from localnet.cli import main
     p = tmp_path / "c.yaml"

@@ -141,8 +141,23 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "makespan_s": sim.makespan / K, "bubble_fraction": sim.bubble_fraction,
         "samples_per_s": sim.samples_per_s,
         "gpipe_equal_cost_bubble": (S - 1) / (M + S - 1),
+        "balance_hint": balance_hint(rt.partition, [f + b_ for f, b_ in zip(fwd, bwd)]),
         "memory_estimate": mem,
     }
+
+
+def balance_hint(partition, work: list[float], limit: float = 1.25) -> str | None:
+    """A line for a user whose `{stages: N}` cut by parameters leaves the stages' work
+    uneven: parameters stand in for compute only roughly (a ResNet's last blocks hold
+    16x the first blocks' weights on 1/16 of the pixels), and the busiest stage paces
+    the pipeline.  None when the cut is even enough, or not balanced by parameters."""
+    if getattr(partition, "balance", None) != "params" or len(work) < 2 or sum(work) <= 0:
+        return None
+    ratio = max(work) / (sum(work) / len(work))
+    if ratio <= limit:
+        return None
+    return (f"the busiest stage does {ratio:.2f}x the mean stage's work: runtime.partition "
+            f"{{stages: {len(work)}, balance: cost}} cuts the units by measured time instead")
 
 
 def payload_bytes(pl, model, input_shape, micro_batch: int) -> list[int]:
