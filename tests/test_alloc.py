@@ -103,9 +103,9 @@ def test_under_jemalloc_freed_memory_is_kept_until_purged_and_booked():
     assert 63 <= b["live"] - a["live"] <= 66, books     # 64 MiB allocated ...
     assert abs(c["live"] - a["live"]) <= 1, books       # ... freed ...
     assert c["kept"] - a["kept"] >= 63, books           # ... kept for reuse ...
-    # ... until purged: the purge gives those 64 MiB back.  (Against `a` the books may
-    # differ by a few MiB that import-time threads free meanwhile, so each side of the
-    # purge is compared with the moment next to it.)
+    # ... until purged: the purge gives those 64 MiB back.  (Other allocations in the
+    # process moved `kept` by 2.1 MiB between `a` and `d` in one CI run, so each side
+    # of the purge is compared with the moment next to it.)
     assert c["kept"] - d["kept"] >= 63, books
     assert d["kept"] <= b["kept"] + 1, books
 
