@@ -25,6 +25,9 @@ def _cmd_run(args) -> int:
                   f"rule and codecs never used: {', '.join(dropped)}", file=sys.stderr)
     else:
         cfg = load_config(args.config, args.set)
+        from .runtime.plan import check_partition
+
+        check_partition(cfg)  # a partition the model cannot take leaves no run directory
         run_dir = new_run_dir(cfg, args.out)
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
                                f"{cfg.data.name} -> {run_dir}")
@@ -44,7 +47,12 @@ def _cmd_validate(args) -> int:
     if args.print:
         print(dump_config(cfg), end="")
     else:
-        print(f"{args.config}: ok ({cfg.rule.name} / {cfg.model.name} / {cfg.data.name})")
+        from .runtime.plan import check_partition
+
+        actors = check_partition(cfg)
+        where = (f"; runtime.partition makes {actors} actors"
+                 if actors and cfg.runtime.executor != "inprocess" else "")
+        print(f"{args.config}: ok ({cfg.rule.name} / {cfg.model.name} / {cfg.data.name}{where})")
     return 0
 
 

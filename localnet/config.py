@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
@@ -286,6 +287,25 @@ class RuntimeConfig(Section):
     @classmethod
     def _bare_name(cls, v):
         return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("partition", mode="wrap")
+    @classmethod
+    def _one_partition_error(cls, v, handler):
+        """pydantic reports a bad union value once per form it might have been; say
+        once which forms there are, and what is wrong with the one the value looks like."""
+        try:
+            return handler(v)
+        except ValidationError as err:
+            form = ("PartitionStages" if isinstance(v, dict) else "list" if isinstance(v, list)
+                    else "literal")
+            detail = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'value'}: "
+                      + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                      for e in err.errors() if str(e["loc"][0]).startswith(form)]
+            detail = "; ".join(detail) if form != "literal" else ""
+            raise PydanticCustomError(
+                "partition", "expected per_unit, per_layer, {stages: N, balance: params|cost}, "
+                "boundaries [b1, b2, ...] or groups [[unit, ...], ...]"
+                + (f" ({detail})" if detail else "")) from None
 
     @model_validator(mode="after")
     def _check(self):

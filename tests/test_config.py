@@ -1,5 +1,6 @@
 """Config: typed schema, YAML + --set overrides, errors that name the key."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,41 @@ def test_resume_keeps_what_the_run_set_over_its_rule_recipe(tmp_path):
     (tmp_path / "config.yaml").write_text(dump_config(cfg))
     again, dropped = load_run_config(tmp_path)
     assert again == cfg and dropped == []
+
+
+@pytest.mark.parametrize("value, detail", [
+    ("bogus", None),
+    ("{stages: 0}", "stages: Input should be greater than or equal to 1"),
+    ("{stages: 2, balance: speed}", "balance: Input should be 'params' or 'cost'"),
+    ("{stage: 2}", "stage: unknown key"),
+])
+def test_a_bad_partition_is_one_error_naming_its_forms(value, detail):
+    """pydantic would report the value once per form of the union; the user gets one line
+    naming the forms, and what is wrong with the form the value has."""
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs/resnet_pfa.yaml", [f"runtime.partition={value}"])
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].strip().startswith("runtime.partition: expected per_unit")
+    assert detail is None or detail in lines[0]
+    assert "literal" not in lines[0] and "PartitionStages" not in lines[0]
+
+
+@pytest.mark.parametrize("value, says", [
+    ("{stages: 40}", "stages=40 exceeds the model's 11 units"),
+    ("[[stem, nope]]", "no unit named 'nope'"),
+    ("[3, 11]", "within 1..10 (11 units)"),
+])
+def test_validate_and_run_check_the_partition_against_the_model(tmp_path, value, says):
+    """What only the built model can tell (its units) is still a config error, found
+    before any data loads, and `run` leaves no run directory behind."""
+    args = ["configs/resnet_pfa.yaml", "--set", f"runtime.partition={value}"]
+    for cmd in (["validate"], ["run", "--out", str(tmp_path / "runs"), "--no-progress"]):
+        r = subprocess.run([sys.executable, "-m", "localnet", *cmd, *args], cwd=ROOT,
+                           capture_output=True, text=True, env={**os.environ, "LOCALNET_DATA": str(tmp_path)})
+        assert r.returncode == 2, r.stderr
+        assert says in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+    ok = subprocess.run([sys.executable, "-m", "localnet", "validate", "configs/resnet_pfa.yaml",
+                         "--set", "runtime.partition={stages: 3}"], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "makes 3 actors" in ok.stdout, ok.stderr

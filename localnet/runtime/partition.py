@@ -15,6 +15,8 @@ Boundaries are cut points between units, as for `InProcessExecutor(boundaries=..
 
 from __future__ import annotations
 
+from ..errors import ConfigError
+
 
 def balanced_boundaries(weights: list[float], n: int) -> list[int]:
     """Cut `weights` (one per unit) into n contiguous non-empty groups minimising the
@@ -55,7 +57,7 @@ def resolve_partition(spec, num_units: int, params_per_unit: list[int] | None = 
     if isinstance(spec, (list, tuple)):
         bounds = [int(b) for b in spec]
         if any(not 0 < b < num_units for b in bounds) or bounds != sorted(set(bounds)):
-            raise ValueError(f"runtime.partition: boundaries {bounds} must be strictly "
+            raise ConfigError(f"runtime.partition: boundaries {bounds} must be strictly "
                              f"increasing and within 1..{num_units - 1} ({num_units} units)")
         return bounds
     stages = getattr(spec, "stages", None) or (spec.get("stages") if isinstance(spec, dict) else None)
@@ -63,7 +65,7 @@ def resolve_partition(spec, num_units: int, params_per_unit: list[int] | None = 
     if stages is None:
         raise ValueError(f"runtime.partition: cannot interpret {spec!r}")
     if stages > num_units:
-        raise ValueError(f"runtime.partition.stages={stages} exceeds the model's {num_units} units")
+        raise ConfigError(f"runtime.partition.stages={stages} exceeds the model's {num_units} units")
     if balance == "cost":
         weights = cost_per_unit() if callable(cost_per_unit) else cost_per_unit
     else:
@@ -80,21 +82,22 @@ def groups(boundaries: list[int], num_units: int) -> list[tuple[int, int]]:
 
 def groups_to_boundaries(spec, unit_names: list[str]) -> list[int]:
     """[[stem, layer1.0], [layer1.1, ...], ...] (names or indices) -> boundaries.  The
-    groups must list every unit once, in order."""
+    groups must list every unit once, in order.  What a config cannot know before the
+    model is built (its units' names and number) is a ConfigError here."""
     flat = []
     for g in spec:
         if not g:
-            raise ValueError("runtime.partition: an empty group")
+            raise ConfigError("runtime.partition: an empty group")
         for u in g:
             if isinstance(u, str):
                 if u not in unit_names:
-                    raise ValueError(f"runtime.partition: no unit named {u!r}; units are "
+                    raise ConfigError(f"runtime.partition: no unit named {u!r}; units are "
                                      f"{unit_names}")
                 flat.append(unit_names.index(u))
             else:
                 flat.append(int(u))
     if flat != list(range(len(unit_names))):
-        raise ValueError(f"runtime.partition: groups must cover the units {unit_names} "
+        raise ConfigError(f"runtime.partition: groups must cover the units {unit_names} "
                          f"once each, in order")
     bounds, n = [], 0
     for g in spec[:-1]:

@@ -52,6 +52,23 @@ def data_shape(cfg, input_shape=None, num_classes=None):
     return tuple(input_shape or shape), int(num_classes or nc)
 
 
+def check_partition(cfg) -> int | None:
+    """How many actors cfg's `runtime.partition` makes of its model, for `localnet
+    validate`: a partition that the model cannot take (more stages than units, a unit
+    name it lacks) is a ConfigError before any data loads or actor starts.  None for a
+    dataset whose shape only its data tells.  `{balance: cost}` is cut by parameters
+    here: the number of stages, not where they fall, is what can be wrong."""
+    cfg = as_config(cfg)
+    if cfg.data.name not in KNOWN_SHAPES:
+        return None
+    _, model = build_rule_and_model(cfg, *KNOWN_SHAPES[cfg.data.name])
+
+    def by_params():
+        return [sum(p.numel() for p in u.parameters()) for u in model.units]
+
+    return resolve_placement(cfg.runtime.partition, model, by_params).num_actors
+
+
 def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
                     comm: float = 0.0, repeats: int = 3, step=None,
                     batches: int | None = None, cores: int | None = None,
