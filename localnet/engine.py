@@ -237,6 +237,10 @@ class InProcessExecutor:
         self.load_state_dict(saved)
         self._steps_base = [s.steps for s in self.stages]
 
+    def crowding(self) -> None:
+        """No actors take turns on the cores here (the runtime's `crowding`)."""
+        return None
+
     def runtime_info(self) -> dict:
         return {"executor": self.name, "actors": 0, "schedule": "sequential",
                 "micro_batches": self.micro_batches, "staleness": 0,

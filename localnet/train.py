@@ -259,6 +259,12 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         save_state(state, ckpt_path)
     if obs.url:
         bar.note(f"metrics: {obs.url}")
+    crowded = ex.crowding()
+    if crowded:
+        bar.note(f"note: {crowded[0]} actors share {crowded[1]} CPU cores, so each message "
+                 f"costs CPU that the computation waits for.  Fewer, larger actors run "
+                 f"faster: --set 'runtime.partition={{stages: {crowded[1]}, balance: cost}}' "
+                 f"(README, \"How fast, on few cores\")")
     try:
         for epoch in range(start_epoch, t.epochs):
             if step >= total_steps:

@@ -150,6 +150,9 @@ def test_the_readmes_cluster_route_spreads_actors_over_every_node(cluster, tmp_p
     nodes = summary["runtime"]["actor_nodes"]
     assert summary["runtime"]["actors"] == len(nodes) == 11
     assert all(nodes) and len(set(nodes)) == 3  # every actor named, on all three nodes
+    # three Ray nodes on one machine share its cores: counted once, per host
+    cores = len(os.sched_getaffinity(0))
+    assert summary["runtime"]["crowding"] == ([11, cores] if cores < 11 else None)
     # CPU actors: every payload over gloo, none through a device group
     assert summary["runtime"]["device_edges"] == []
     assert summary["runtime"]["data_plane"] == "torch.distributed gloo"

@@ -210,6 +210,26 @@ def test_ledger_merge_and_summary():
     assert Ledger.from_dict(m.to_dict()).as_summary() == s
 
 
+def test_crowding_counts_cores_per_machine_and_only_cpu_actors():
+    """More CPU actors than their machines' cores is what `localnet run` warns about;
+    Ray nodes on one machine share its cores, GPU actors do not compute on them."""
+    from types import SimpleNamespace
+
+    from localnet.runtime.executor_state import StateMixin
+
+    def crowding(hosts, devices=None, local=False):
+        info = [{"host": h, "host_cores": c, "device": d}
+                for (h, c), d in zip(hosts, devices or ["cpu"] * len(hosts))]
+        return StateMixin.crowding(SimpleNamespace(local=local, stage_info=info))
+
+    assert crowding([("box", 2)] * 11) == (11, 2)
+    assert crowding([("a", 2)] * 5 + [("b", 4)] * 6) == (11, 6)  # two machines' cores
+    assert crowding([("a", 8)] * 5 + [("b", 8)] * 6) is None
+    assert crowding([("box", 2)] * 3, ["cuda:0", "cuda:0", "cpu"]) is None  # one CPU actor
+    assert crowding([("box", 2)] * 3, ["cuda:0", "cpu", "cpu"]) is None
+    assert crowding([("box", 2)] * 11, local=True) is None  # one process: no messages
+
+
 # ---------------------------------------------------------------------------- partition / plan
 def test_partition():
     assert resolve_partition("per_unit", 4) == [1, 2, 3]

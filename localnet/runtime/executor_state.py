@@ -215,6 +215,17 @@ class StateMixin:
         return [f"{stage_name(p)}->{stage_name(c)}" for p, c in self.placement.edges()
                 if c in self.device_peers[p]]
 
+    def crowding(self) -> tuple[int, int] | None:
+        """(actors computing on CPU, the cores of the machines they run on), when there
+        are more such actors than cores: each message then costs CPU that the
+        computation waits for (README, "How fast, on few cores").  Ray nodes started on
+        one machine share its cores, so cores are counted per host."""
+        cpu = [i for i in self.stage_info if str(i.get("device", "cpu")) == "cpu"]
+        cores = {i["host"]: i["host_cores"] for i in cpu if i.get("host_cores")}
+        if self.local or not cpu or not cores or len(cpu) <= sum(cores.values()):
+            return None
+        return len(cpu), sum(cores.values())
+
     def _cross_node_edges(self) -> list[str]:
         nodes = [i.get("ray_node") for i in self.stage_info]
         return [f"{stage_name(p)}->{stage_name(c)}" for p, c in self.placement.edges()
@@ -297,6 +308,8 @@ class StateMixin:
                 # edges whose two actors sit on different Ray nodes: their messages go
                 # between machines (gloo over TCP, as every edge; there is no shortcut)
                 "cross_node_edges": self._cross_node_edges(),
+                # (CPU actors, their machines' cores) when the actors outnumber the cores
+                "crowding": self.crowding(),
                 "actor_info": self.stage_info, "run_id": self.run_id, "step": self._step,
                 "checkpoint": str(self._ckpt) if self._ckpt else None,
                 "recoveries": list(self.recoveries)}

@@ -216,6 +216,7 @@ class StageWorker(WireEnd, StageState):
                 "rule": self.rule.name, "broadcast_output_error": self.broadcast_output_error,
                 "device": str(self.device), "stash": self.stage.stash,
                 "pid": os.getpid(), "host": socket.gethostname(), "ray_node": _ray_node(),
+                "host_cores": len(os.sched_getaffinity(0)),
                 "threads": torch.get_num_threads(), "cpu_policy": cpu_policy_current(),
                 "allocator": allocator(),
                 # CPU this process has used so far: at setup, what starting an actor costs
