@@ -31,7 +31,16 @@ def _cmd_run(args) -> int:
         run_dir = new_run_dir(cfg, args.out)
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
                                f"{cfg.data.name} -> {run_dir}")
-    summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    except KeyboardInterrupt:
+        # the step in progress is dropped; what the last checkpoint holds stays
+        ckpt = run_dir / "checkpoint.pt"
+        print("localnet: interrupted; " + (
+            f"resume from the last checkpoint with: localnet run --resume {run_dir}"
+            if ckpt.exists() else f"no checkpoint yet in {run_dir}, nothing to resume"),
+              file=sys.stderr)
+        return 130
     if summary.get("finished"):
         print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
               f"epochs); nothing to resume, nothing changed.  Its summary: "
@@ -241,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"localnet: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("localnet: interrupted", file=sys.stderr)
+        return 130
     except (RuntimeError, TimeoutError, MemoryError) as exc:
         # a bad message (names the edge and step), a dead actor after its recoveries, a
         # silent peer: the run's saved work stays in its run directory

@@ -152,6 +152,35 @@ def test_cli_run_and_rules(tmp_path):
     assert "Li & Benna" in rules.stdout
 
 
+def test_ctrl_c_ends_a_run_with_one_line_and_its_checkpoint_kept(tmp_path):
+    """Ctrl-C in the middle of a run: no traceback; the line says how to resume, and the
+    checkpoint it points to is intact."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "localnet", "run", str(ROOT / "configs/mnist_mlp.yaml"),
+                             "--set", "data.name=synthetic", "--set", "data.subset=256",
+                             "--set", "train.epochs=100000", "--set", "model.widths=[16]",
+                             "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "checkpoint.pt").exists() and proc.poll() is None
+        time.sleep(0.5)  # into the next epoch
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"localnet: interrupted; resume from the last checkpoint with: localnet run --resume {out}" in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] >= 256 // 64
+
+
 def test_cli_missing_dataset_message(tmp_path):
     res = subprocess.run([sys.executable, "-m", "localnet", "run", str(ROOT / "configs/mnist_mlp.yaml"),
                           "--set", f"data.root={tmp_path}", "--out", str(tmp_path / "r"), "--no-progress"],
