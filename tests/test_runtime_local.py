@@ -843,3 +843,43 @@ def test_cpu_policy_covers_every_thread_and_those_started_later():
     from localnet.runtime import cpu_policy
     with pytest.raises(ValueError, match="runtime.cpu_policy"):
         cpu_policy.apply("realtime")
+
+
+def test_an_address_where_no_cluster_answers_is_an_error_naming_it(monkeypatch):
+    """Ray retries an unreachable GCS for minutes; the coordinator fails at once, naming
+    the setting, and never calls ray.init for it.  `auto` with no cluster is the same
+    error, from what Ray says."""
+    import socket
+
+    import ray
+
+    from localnet.runtime import session
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(session.ClusterUnreachable,
+                       match=rf"runtime.address=127.0.0.1:{port}: nothing answers there"):
+        session.ensure_ray(RuntimeConfig(address=f"127.0.0.1:{port}"))
+    assert calls == []
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(session.ClusterUnreachable, match=r"\$RAY_ADDRESS=127.0.0.1"):
+        session.ensure_ray(RuntimeConfig())
+    with socket.socket() as live:  # something answers: ray.init is called with it
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        addr = f"127.0.0.1:{live.getsockname()[1]}"
+        assert session.ensure_ray(RuntimeConfig(address=addr)) is True
+    assert calls == [{"address": addr}]
+
+    def no_cluster(**kw):
+        raise ConnectionError("Could not find any running Ray instance.")
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(session.ClusterUnreachable,
+                       match=r"runtime.address=auto: Could not find any running Ray instance\.  Start"):
+        session.ensure_ray(RuntimeConfig(address="auto"))

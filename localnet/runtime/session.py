@@ -8,6 +8,7 @@ per batch.  Activations and errors do not go through Ray (`plane.py`).
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from .messages import MessageError
@@ -17,6 +18,28 @@ from .plane import PeerFailed
 def cluster_address(runtime) -> str | None:
     """The Ray cluster to join (runtime.address, else $RAY_ADDRESS); None: embedded."""
     return runtime.address or os.environ.get("RAY_ADDRESS") or None
+
+
+class ClusterUnreachable(RuntimeError):
+    """runtime.address / $RAY_ADDRESS names no Ray cluster that answers."""
+
+
+def _answers(address: str, where: str, timeout_s: float = 10.0) -> None:
+    """A host:port address must accept a connection before ray.init gets it: Ray itself
+    retries an unreachable GCS for minutes, printing warnings, instead of failing."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in address:
+        return  # auto, ray://..., a URL: Ray resolves (and reports) those itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterUnreachable(_unreachable(where, f"nothing answers there ({err})")) from None
+
+
+def _unreachable(where: str, why: str) -> str:
+    return (f"no Ray cluster at {where}: {why.rstrip('.')}.  Start one there (`ray start "
+            f"--head`), or leave runtime.address and $RAY_ADDRESS unset for an embedded Ray "
+            f"on this machine")
 
 
 def ensure_ray(runtime) -> bool:
@@ -29,7 +52,12 @@ def ensure_ray(runtime) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cluster_address(runtime)
     if address:
-        ray.init(address=address)
+        where = f"{'runtime.address' if runtime.address else '$RAY_ADDRESS'}={address}"
+        _answers(address, where)
+        try:
+            ray.init(address=address)
+        except ConnectionError as err:  # `auto` with no cluster on this machine
+            raise ClusterUnreachable(_unreachable(where, str(err))) from None
     else:
         # Ray starts workers at nice 15 so that its own processes stay responsive; here
         # the actors *are* the training, and at 15 they lose every core to whatever else
