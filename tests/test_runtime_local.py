@@ -883,3 +883,17 @@ def test_an_address_where_no_cluster_answers_is_an_error_naming_it(monkeypatch):
     with pytest.raises(session.ClusterUnreachable,
                        match=r"runtime.address=auto: Could not find any running Ray instance\.  Start"):
         session.ensure_ray(RuntimeConfig(address="auto"))
+
+
+def test_actors_the_cluster_can_never_hold_are_refused_before_placement():
+    """Identical bundles, each on one node: counted per node, never pooled across nodes."""
+    from localnet.runtime.session import places, unplaceable
+
+    two = [{"CPU": 2.0}, {"CPU": 2.0}]
+    assert places({"CPU": 1.0}, 4, two) == 4 and unplaceable({"CPU": 1.0}, 4, two) is None
+    assert places({"CPU": 1.5}, 2, two) == 2
+    assert places({"CPU": 3.0}, 1, two) == 0  # 4 CPUs in all, but no node holds 3
+    why = unplaceable({"CPU": 0.001, "GPU": 1.0}, 11, [{"CPU": 4.0}])
+    assert "11 actors" in why and "runtime.num_gpus" in why and "at most 0" in why
+    assert unplaceable({"CPU": 0.001}, 20, [{"CPU": 4.0}]) is None  # the token share
+    assert places({"CPU": 0.5, "GPU": 0.25}, 8, [{"CPU": 16.0, "GPU": 1.0}]) == 4

@@ -11,6 +11,7 @@ import os
 import socket
 from pathlib import Path
 
+from ..errors import ConfigError
 from .messages import MessageError
 from .plane import PeerFailed
 
@@ -119,6 +120,29 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def places(bundle: dict, n: int, nodes: list[dict]) -> int:
+    """How many of n identical `bundle`s the nodes' total resources hold (each bundle on
+    one node).  Fewer than n: the placement group would never be ready."""
+    fits = 0
+    for have in nodes:
+        fits += min(int(have.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
+    return min(fits, n)
+
+
+def unplaceable(bundle: dict, n: int, nodes: list[dict]) -> str | None:
+    """Why n actors asking for `bundle` can never all be placed on these nodes (their
+    total resources, whatever runs now), naming the settings; None if they can."""
+    fits = places(bundle, n, nodes)
+    if fits >= n:
+        return None
+    total = {k: sum(h.get(k, 0.0) for h in nodes) for k in bundle}
+    return (f"{n} actors each asking for {bundle} (runtime.num_cpus, runtime.num_gpus) do "
+            f"not fit the Ray cluster's {len(nodes)} node(s), {total} in all: at most {fits} "
+            f"would be placed.  Ask for less per actor, use fewer actors "
+            f"(runtime.partition), or add nodes; an embedded Ray offers runtime.local_cpus "
+            f"CPUs and the GPUs it finds")
+
+
 class Placer:
     """Spawns StageWorker actors, each in its own bundle of one placement group."""
 
@@ -133,6 +157,9 @@ class Placer:
         rt = self.rt
         # a bundle may not be all zeros: reserve a token CPU share when num_cpus is 0
         bundle = {"CPU": rt.num_cpus or 0.001, **({"GPU": rt.num_gpus} if rt.num_gpus else {})}
+        why = unplaceable(bundle, S, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if why:  # else the group would wait for runtime.timeout_s, then fail
+            raise ConfigError(why)
         self.pg = placement_group([dict(bundle) for _ in range(S)], strategy=rt.placement)
         try:
             ray.get(self.pg.ready(), timeout=self.timeout)
