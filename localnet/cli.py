@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from .config import ConfigError, dump_config, load_config, load_run_config
+from .data import DatasetError
 
 
 def _cmd_run(args) -> int:
     from .train import new_run_dir, train  # torch import only when needed
 
     if args.resume:
-        from pathlib import Path
         run_dir = Path(args.resume)
         cfg, dropped = load_run_config(run_dir, args.set)
         if dropped:
@@ -28,6 +33,7 @@ def _cmd_run(args) -> int:
         from .runtime.plan import check_partition
 
         check_partition(cfg)  # a partition the model cannot take leaves no run directory
+        fresh = not (args.out and Path(args.out).exists())
         run_dir = new_run_dir(cfg, args.out)
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
                                f"{cfg.data.name} -> {run_dir}")
@@ -41,6 +47,10 @@ def _cmd_run(args) -> int:
             if ckpt.exists() else f"no checkpoint yet in {run_dir}, nothing to resume"),
               file=sys.stderr)
         return 130
+    except BaseException:
+        if not args.resume and fresh:
+            _drop_if_unstarted(run_dir)
+        raise
     if summary.get("finished"):
         print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
               f"epochs); nothing to resume, nothing changed.  Its summary: "
@@ -49,6 +59,17 @@ def _cmd_run(args) -> int:
                                               "test_accuracy", "test_loss", "samples_per_s")}))
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _drop_if_unstarted(run_dir: Path) -> None:
+    """Remove the directory a new run made when the run failed before it trained a step
+    worth keeping (a missing dataset, an unreachable cluster, a batch larger than the
+    data): nothing in it but its config and empty logs."""
+    files = list(run_dir.iterdir()) if run_dir.is_dir() else [run_dir]
+    if all(f.is_file() and (f.name == "config.yaml" or (f.suffix == ".jsonl" and
+                                                         f.stat().st_size == 0))
+           for f in files):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _cmd_validate(args) -> int:
@@ -257,6 +278,18 @@ def main(argv: list[str] | None = None) -> int:
         # a bad message (names the edge and step), a dead actor after its recoveries, a
         # silent peer: the run's saved work stays in its run directory
         print(f"localnet: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except DatasetError as exc:  # data that is there but unusable; the message names it
+        print(f"localnet: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: one line for the user, the traceback kept for a report
+        if os.environ.get("LOCALNET_DEBUG"):
+            raise
+        with tempfile.NamedTemporaryFile("w", prefix="localnet-error-", suffix=".txt",
+                                         delete=False) as f:
+            traceback.print_exc(file=f)
+        print(f"localnet: unexpected {type(exc).__name__}: {exc}\n(a bug in localnet: the "
+              f"traceback is in {f.name}; LOCALNET_DEBUG=1 prints it)", file=sys.stderr)
         return 1
 
 

@@ -85,6 +85,13 @@ class DataConfig(Section):
     download: bool = Field(False, description="allow torchvision downloads (needs a network)")
     image_size: int = Field(224, ge=8, description="imagefolder crop size")
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.augment and self.name in ("mnist", "fashion_mnist", "synthetic"):
+            raise ValueError(f"data.augment: {self.name} has no augmentation; set it to false "
+                             f"or null")
+        return self
+
 
 class TrainConfig(Section):
     epochs: int = Field(1, ge=1)

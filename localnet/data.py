@@ -42,6 +42,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """The data is not where we looked; the message says where we looked and what to do."""
 
 
+class DatasetError(ValueError):
+    """The data is there but unusable (an image that does not decode, images of different
+    sizes, splits with different classes); the message names the file or folder."""
+
+
 # -----------------------------------------------------------------------------
 # where things live
 
@@ -228,7 +233,11 @@ def _decode_tree(src: Path) -> dict:
     from PIL import Image
     items = {"train": [], "test": []}
     for split, cls, fname, data in _image_files(src):
-        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (H,W,3) uint8
+        try:
+            img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (H,W,3) uint8
+        except (OSError, SyntaxError):  # PIL's errors for a truncated or foreign file
+            raise DatasetError(f"{src}: {split}/{cls}/{fname} is not an image PIL can read; "
+                               f"remove or replace it") from None
         items[split].append((cls, fname, img))
     classes = sorted({c for c, _, _ in items["train"]})  # same class indices as ImageFolder
     index = {c: i for i, c in enumerate(classes)}
@@ -240,8 +249,12 @@ def _decode_tree(src: Path) -> dict:
         ranked = [(k, index[c], img) for c, group in groupby(its, key=lambda t: t[0])
                   for k, (_, _, img) in enumerate(group)]
         ranked.sort(key=lambda t: t[:2])
-        if len({im.shape for _, _, im in ranked}) > 1:
-            raise ValueError(f"{src}: {split} images differ in size; expected all 32x32")
+        sizes = {im.shape[:2] for _, _, im in ranked}
+        if len(sizes) > 1:
+            odd = next(f"{split}/{c}/{f}" for c, f, im in its if im.shape[:2] != (32, 32))
+            seen = ", ".join(f"{w}x{h}" for h, w in sorted(sizes))
+            raise DatasetError(f"{src}: {split} images differ in size ({seen}; {odd} is one); "
+                               f"expected all 32x32")
         out[f"{split}_x"] = torch.from_numpy(np.stack([im for _, _, im in ranked])).permute(0, 3, 1, 2).contiguous()
         out[f"{split}_y"] = torch.tensor([c for _, c, _ in ranked], dtype=torch.long)
     return out
@@ -326,10 +339,15 @@ def _load_imagefolder(root, augment, image_size):
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     test_tf = v2.Compose([v2.Resize(round(image_size * 256 / 224)), v2.CenterCrop(image_size), *tail])
     train_tf = v2.Compose([v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip(), *tail]) if augment else test_tf
-    train = torchvision.datasets.ImageFolder(str(train_dir))
-    test = torchvision.datasets.ImageFolder(str(test_dir))
+    try:
+        train = torchvision.datasets.ImageFolder(str(train_dir))
+        test = torchvision.datasets.ImageFolder(str(test_dir))
+    except FileNotFoundError as err:  # torchvision names the class, not the folder
+        raise DatasetError(f"{root}: {err}") from None
     if test.classes != train.classes:
-        raise ValueError(f"{test_dir} and {train_dir} have different class folders")
+        raise DatasetError(f"{test_dir} and {train_dir} have different class folders "
+                           f"({', '.join(sorted(set(test.classes) ^ set(train.classes)))} "
+                           f"in only one)")
     return SeededTransformDataset(train, train_tf), SeededTransformDataset(test, test_tf), train.classes
 
 

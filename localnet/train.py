@@ -157,10 +157,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         done = finished_summary(run_dir, ckpt, cfg)
         if done is not None:  # a retried command: the run is final, leave it as it is
             return done
-    if not resume:  # a resumed run's is rewritten once its checkpoint has loaded
-        write_text(run_dir / "config.yaml", dump_config(cfg))
     data, rule, model, ex = build(_saved_cuts(cfg, ckpt))
     try:
+        # only once the data and the actors are there: a run that cannot start leaves its
+        # new directory empty (the CLI removes it).  A resumed run's config.yaml is
+        # rewritten once its checkpoint has loaded.
+        if not resume:
+            write_text(run_dir / "config.yaml", dump_config(cfg))
         return _train(cfg, run_dir, ckpt, progress, data, rule, ex)
     finally:
         ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
@@ -239,8 +242,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     test_loader = data.test_loader(t.eval_batch_size, pin_memory=pin)
     steps_per_epoch = len(data.train) // t.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size={t.batch_size} exceeds the {len(data.train)} "
-                         f"training samples (data.subset?)")
+        raise ConfigError(f"train.batch_size: {t.batch_size} is more than the "
+                          f"{len(data.train)} training samples"
+                          + (f" (data.subset: {cfg.data.subset})" if cfg.data.subset else ""))
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or 10**18)
     obs = RunObserver(cfg, run_dir, ex, resume=resume, total_steps=total_steps, step=step,
                       epoch=start_epoch)  # Prometheus endpoint (metrics.port), messages.json

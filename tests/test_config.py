@@ -38,6 +38,7 @@ def test_overrides_are_typed_and_nested():
     (["bogus=1"], "bogus"),
     (["data.subset=0"], "data.subset"),
     (["train.batch_size=10", "train.micro_batches=3"], "micro_batches"),
+    (["data.augment=true"], "data.augment: mnist has no augmentation"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as info:

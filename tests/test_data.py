@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 
 from localnet import data as D
-from localnet.data import DatasetNotFoundError, load_data
+from localnet.data import DatasetError, DatasetNotFoundError, load_data
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -239,6 +239,27 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
         assert p in msg
     with pytest.raises(DatasetNotFoundError, match="val"):
         load_data("imagefolder", root=str(tmp_path))
+
+
+def test_unusable_data_names_the_file(tmp_path, monkeypatch):
+    """Data that is there but cannot be used is a DatasetError naming the culprit."""
+    monkeypatch.setenv("LOCALNET_CACHE", str(tmp_path / "cache"))
+    make_tree(tmp_path / "odd" / "cifar10")
+    Image.new("RGB", (30, 32)).save(tmp_path / "odd" / "cifar10" / "train" / "cat" / "9.png")
+    with pytest.raises(DatasetError, match=r"30x32, 32x32; train/cat/9.png is one"):
+        load_data("cifar10", root=str(tmp_path / "odd"))
+    make_tree(tmp_path / "junk" / "cifar10")
+    (tmp_path / "junk" / "cifar10" / "test" / "dog" / "x.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="test/dog/x.png is not an image"):
+        load_data("cifar10", root=str(tmp_path / "junk"))
+    for split, cls in (("train", "ant"), ("val", "bee")):
+        (tmp_path / "f" / split / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "f" / split / cls / "0.png")
+    with pytest.raises(DatasetError, match="different class folders .ant, bee in only one"):
+        load_data("imagefolder", root=str(tmp_path / "f"))
+    (tmp_path / "f" / "val" / "ant").mkdir()  # a class folder with no image in it
+    with pytest.raises(DatasetError, match=str(tmp_path / "f")):
+        load_data("imagefolder", root=str(tmp_path / "f"))
 
 
 def test_unknown_name():

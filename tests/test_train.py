@@ -187,6 +187,47 @@ def test_cli_missing_dataset_message(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert str(tmp_path) in res.stderr and "MNIST" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()  # a run that never started leaves no directory
+
+
+def test_a_run_that_cannot_start_leaves_no_directory_but_keeps_a_given_one(tmp_path, capsys):
+    from localnet.cli import main
+
+    args = ["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+            "--set", "data.subset=50", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "new")]) == 2
+    assert "train.batch_size: 64 is more than the 50 training samples (data.subset: 50)" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's own")
+    assert main(args + ["--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own"
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, capsys, monkeypatch):
+    import localnet.train as T
+    from localnet.cli import main
+
+    def bug(*a, **k):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(T, "build", bug)
+    monkeypatch.delenv("LOCALNET_DEBUG", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR afresh
+    args = ["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+            "--out", str(tmp_path / "r"), "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "localnet: unexpected KeyError: 'a bug'" in err and "Traceback" not in err
+    (trace,) = tmp_path.glob("localnet-error-*.txt")
+    assert trace.name in err and "raise KeyError" in trace.read_text()
+    monkeypatch.setenv("LOCALNET_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(args)
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
