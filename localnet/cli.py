@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .config import ConfigError, dump_config, load_config, load_run_config
 from .data import DatasetError
+from .report import RunDirError
 
 
 def _cmd_run(args) -> int:
@@ -108,18 +109,35 @@ def _options(model) -> str:
     return ", ".join(out) or "-"
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+def _numbers(text: str, option: str, kind=float, n: int | None = None) -> list:
+    """An option's comma-separated numbers; a bad one is an error naming the option."""
+    try:
+        vals = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or (n and len(vals) != n) or min(vals) < (kind is int):
+        raise ConfigError(f"{option}: expected {n or 'one or more'} "
+                          f"{'positive' if kind is int else 'non-negative'} "
+                          f"{kind.__name__}s separated by commas, got {text!r}")
+    return vals
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _cmd_simulate(args) -> int:
     from .runtime.plan import simulate_config
 
     cfg = load_config(args.config, args.set)
-    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    shape = tuple(_numbers(args.input_shape, "--input-shape (C,H,W)", int, 3)) \
+        if args.input_shape else None
     plan = simulate_config(cfg, shape, args.num_classes,
-                           _floats(args.fwd) if args.fwd else None,
-                           _floats(args.bwd) if args.bwd else None, args.comm, args.repeats,
+                           _numbers(args.fwd, "--fwd") if args.fwd else None,
+                           _numbers(args.bwd, "--bwd") if args.bwd else None, args.comm, args.repeats,
                            cores=args.cores, hop_cost=args.hop_cost,
                            call_cost=args.call_cost, hop_cost_per_mib=args.hop_cost_per_mib)
     if args.json:
@@ -211,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
                                                      "(default: measured in-process)")
     si.add_argument("--bwd", metavar="S0,S1,...", help="backward seconds per micro-batch per stage")
     si.add_argument("--comm", type=float, default=0.0, help="seconds per cross-stage message")
-    si.add_argument("--cores", type=int, default=None,
+    si.add_argument("--cores", type=_count, default=None,
                     help="the actors share this many cores (default: one core each)")
     si.add_argument("--hop-cost", type=float, default=0.0, metavar="S",
                     help="seconds of CPU per message between actors on the data plane "
@@ -222,8 +240,8 @@ def parser() -> argparse.ArgumentParser:
     si.add_argument("--call-cost", type=float, default=0.0, metavar="S",
                     help="seconds of CPU per coordinator call (one per actor per batch)")
     si.add_argument("--input-shape", metavar="C,H,W", help="skip loading data: the input shape")
-    si.add_argument("--num-classes", type=int, help="skip loading data: the class count")
-    si.add_argument("--repeats", type=int, default=3, help="timed repeats per unit")
+    si.add_argument("--num-classes", type=_count, help="skip loading data: the class count")
+    si.add_argument("--repeats", type=_count, default=3, help="timed repeats per unit")
     si.add_argument("--json", action="store_true", help="print the plan as JSON")
     si.set_defaults(func=_cmd_simulate)
 
@@ -244,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="one restriction at a time: each value is one more point per grid "
                          "point, with only this key changed (repeatable)")
-    sw.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own "
+    sw.add_argument("--jobs", type=_count, default=1, help="points run at once, each in its own "
                                                         "process (default 1)")
     sw.add_argument("--ray", action="store_true",
                     help="run every point as a Ray task (runtime.address / RAY_ADDRESS, else "
@@ -279,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         # silent peer: the run's saved work stays in its run directory
         print(f"localnet: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    except DatasetError as exc:  # data that is there but unusable; the message names it
+    except (DatasetError, RunDirError) as exc:  # data, or a run's file, that is there
+        # but unusable; the message names it
         print(f"localnet: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug: one line for the user, the traceback kept for a report

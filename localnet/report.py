@@ -94,6 +94,18 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
+class RunDirError(ValueError):
+    """A run directory's file that does not parse; the message names it."""
+
+
+def _parsed(path: Path, parse):
+    try:
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as err:  # json's decode error is a ValueError
+        raise RunDirError(f"report: {path} does not parse ({err}); repair or remove "
+                          f"it") from None
+
+
 def load_run(path: str | Path, label: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
@@ -104,13 +116,13 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
                                 f"metrics.jsonl or steps.jsonl)")
     run = Run(path=path, label=label or path.name)
     if (path / "summary.json").exists():
-        run.summary = json.loads((path / "summary.json").read_text())
+        run.summary = _parsed(path / "summary.json", json.loads)
     if (path / "config.yaml").exists():
-        run.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        run.config = _parsed(path / "config.yaml", yaml.safe_load) or {}
     run.epochs = _jsonl(path / "metrics.jsonl")
     run.steps = _jsonl(path / "steps.jsonl")
     if (path / "messages.json").exists():
-        run.messages = json.loads((path / "messages.json").read_text())
+        run.messages = _parsed(path / "messages.json", json.loads)
     return run
 
 

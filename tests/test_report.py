@@ -107,3 +107,9 @@ def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "summary.json").write_text('{"rule": "fa",')
+    assert main(["report", str(tmp_path / "torn")]) == 2
+    err = capsys.readouterr().err
+    assert f"report: {tmp_path / 'torn' / 'summary.json'} does not parse" in err
+    assert "Traceback" not in err and not (tmp_path / "torn" / "report").exists()

@@ -309,6 +309,14 @@ def test_cli_simulate(tmp_path, capsys):
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--repeats", "1"]) == 0
     assert "bubble fraction" in capsys.readouterr().out
+    capsys.readouterr()
+    for bad, says in ((["--fwd", "1,1", "--bwd", "2,2"], "makes 3 actors, so give 3 costs each"),
+                      (["--fwd", "1,x,1", "--bwd", "2,2,2"], "--fwd: expected one or more"),
+                      (["--input-shape", "8,8"], "--input-shape (C,H,W): expected 3 positive")):
+        args = ["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10", *bad]
+        assert main(args) == 2 and says in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a usage error
+        main(["simulate", str(p), "--num-classes", "0"])
 
 
 def test_leak_detector_catches_weights_transposes_and_signs():

@@ -113,7 +113,8 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         source = "given"
     step = 0.0 if step is None else step
     if len(fwd) != S or len(bwd) != S:
-        raise ValueError(f"{S} actors but {len(fwd)} forward / {len(bwd)} backward costs")
+        raise ConfigError(f"--fwd / --bwd: runtime.partition makes {S} actors, so give {S} "
+                          f"costs each (got {len(fwd)} forward, {len(bwd)} backward)")
     from ..rules import RULES
     dfa = RULES.get(cfg.rule.name).broadcast_output_error
     graph = None if pl.is_chain else pl.inputs
