@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         # silent peer: the run's saved work stays in its run directory
         print(f"localnet: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the machine's, not ours: a full disk, a read-only mount
+        print(f"localnet: {exc}", file=sys.stderr)
+        return 1
     except (DatasetError, RunDirError) as exc:  # data, or a run's file, that is there
         # but unusable; the message names it
         print(f"localnet: {exc}", file=sys.stderr)

@@ -229,6 +229,14 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, caps
     with pytest.raises(KeyError):
         main(args)
 
+    def full(*a, **k):  # the machine's error, not a bug: said as it is
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "build", full)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "localnet: [Errno 28] No space left on device" in err and "unexpected" not in err
+
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     """A retried command on a run that completed: every file stays byte-identical, and
