@@ -235,7 +235,7 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, caps
     monkeypatch.setattr(T, "build", full)
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "localnet: [Errno 28] No space left on device" in err and "unexpected" not in err
+    assert "localnet: [Errno 28] No space left on device" in err and "localnet: unexpected" not in err
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
