@@ -234,6 +234,13 @@ class InProcessExecutor:
         return self.state_dict()
 
     def load_saved_state(self, run_dir, saved: dict) -> None:
+        if "stages" not in saved:  # the actors' checkpoint: each wrote its own file
+            from .errors import ConfigError
+
+            raise ConfigError("--resume: the checkpoint was written by actors "
+                              "(runtime.executor: ray or local), each saving its own part; "
+                              "resume it with the executor and runtime.partition that "
+                              "wrote it")
         self.load_state_dict(saved)
         self._steps_base = [s.steps for s in self.stages]
 

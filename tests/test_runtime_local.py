@@ -96,7 +96,7 @@ def test_local_bp_angles_state_and_eval():
     ex2.load_state_dict(st)
     assert state_diff(ex.model_state_dict(), ex2.model_state_dict()) == (0.0, [])
     bad = RayExecutor(cfg_for("fa", partition=[2]), SHAPE, NC, local=True)
-    with pytest.raises(ValueError, match="same runtime.partition"):
+    with pytest.raises(ValueError, match="runtime.partition that wrote it"):
         bad.load_state_dict(st)
 
 
@@ -525,7 +525,7 @@ def test_save_state_writes_one_file_per_actor_and_a_manifest(tmp_path):
     ex2.load_saved_state(tmp_path, ex.save_state(tmp_path))
     assert state_diff(ex.model_state_dict(), ex2.model_state_dict()) == (0.0, [])
     other = RayExecutor(cfg_for("wm", "1f1b", RESNET8, "per_unit", M=2, bs=8), IMG, NC, local=True)
-    with pytest.raises(ValueError, match="same runtime.partition"):
+    with pytest.raises(ValueError, match="runtime.partition that wrote it"):
         other.load_saved_state(tmp_path, ex.save_state(tmp_path))
 
 

@@ -1,6 +1,7 @@
 """The trainer and the `localnet run` CLI, end to end on small data."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,25 @@ def test_a_resume_the_checkpoint_does_not_fit_changes_no_file(tmp_path):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     cfg, _ = load_run_config(tmp_path, ["train.epochs=2", "rule.r=3"])
     with pytest.raises(RuntimeError, match="size mismatch"):
+        train(cfg, tmp_path, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("wrote, resumes, says", [
+    ("inprocess", "local", "the checkpoint has 1 stage (boundaries None); this run's "
+                           "runtime.partition makes 2"),
+    ("local", "inprocess", "written by actors (runtime.executor: ray or local)"),
+])
+def test_a_resume_on_another_executor_names_it_and_changes_no_file(tmp_path, wrote, resumes,
+                                                                    says):
+    """The in-process executor keeps one state; the actors each keep their own part: a
+    checkpoint resumes on the kind of executor, and the partition, that wrote it."""
+    from localnet.config import ConfigError, load_run_config
+
+    train(small(f"runtime.executor={wrote}", "train.epochs=1"), tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    cfg, _ = load_run_config(tmp_path, ["train.epochs=2", f"runtime.executor={resumes}"])
+    with pytest.raises(ConfigError, match=f"--resume: .*{re.escape(says)}"):
         train(cfg, tmp_path, resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 

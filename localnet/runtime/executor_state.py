@@ -8,6 +8,7 @@ import functools
 import time
 from collections import Counter
 
+from ..errors import ConfigError
 from ..engine import StepStats
 from . import checkpoint
 from .graph import Placement
@@ -131,9 +132,11 @@ class StateMixin:
         same = (Placement.from_dict(pl).same_layout(self.placement) if pl is not None
                 else state.get("boundaries", self.boundaries) == self.boundaries)
         if n != self.num_stages or not same:
-            raise ValueError(f"checkpoint has {n} stages (boundaries {state.get('boundaries')}"
-                             f"); this runtime has {self.num_stages} (boundaries "
-                             f"{self.boundaries}): use the same runtime.partition")
+            raise ConfigError(f"--resume: the checkpoint has {n} stage"
+                              f"{'s' * (n != 1)} (boundaries {state.get('boundaries')}); "
+                              f"this run's runtime.partition makes {self.num_stages} "
+                              f"(boundaries {self.boundaries}): resume with the executor "
+                              f"and runtime.partition that wrote it")
 
     def load_state_dict(self, state: dict) -> None:
         stages = state["stages"]
