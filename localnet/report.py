@@ -203,8 +203,9 @@ def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str) -> Pat
         for (layer, pts), c in zip(s.items(), _colors(len(s), "viridis")):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.2, label=layer)
         ax.set(title=f"{run.label} ({run.rule})", xlabel="optimizer step", ylabel=ylabel)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
+        top = max(p[1] for pts in s.values() for p in pts)
+        ax.set_ylim(0, max(95.0, 1.05 * top))  # room above 90 degrees: where untrained
+        ax.grid(alpha=0.3)                      # feedback starts, on the frame otherwise
         ax.legend(fontsize="xx-small", ncol=1 + len(s) // 12, title="layer (input -> output)",
                   title_fontsize="xx-small")
     fig.savefig(path, dpi=110)
@@ -236,7 +237,9 @@ def plot_messages(runs: list[Run], path: Path) -> Path | None:
         ax.set(title=f"{run.label} ({run.rule}): bytes per edge", xlabel="bytes sent (log)")
         ax.tick_params(axis="y", labelsize="x-small")
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize="x-small")
+        # below the axes: the longest bars reach the right edge, where a legend would hide them
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.12),
+                  ncol=len(present), frameon=False)
     fig.savefig(path, dpi=110)
     return path
 
