@@ -1,9 +1,33 @@
-"""A live progress bar (rich) with loss, accuracy and samples/s."""
+"""Live progress (rich): start-up's phases, then a bar with loss, accuracy and samples/s."""
 
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+
+class StartupStatus:
+    """A spinner with what start-up is doing and for how long; gone once training
+    starts.  Loading data, then (Ray) starting Ray, placing and starting the actors:
+    tens of seconds with many actors, which would otherwise pass in silence."""
+
+    def __init__(self, enabled: bool = True):
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                  TimeElapsedColumn(), console=Console(stderr=True),
+                                  transient=True, disable=not enabled)
+        self._task = None
+
+    def __enter__(self) -> "StartupStatus":
+        self._progress.start()
+        self._task = self._progress.add_task("loading the data and building the model")
+        return self
+
+    def phase(self, text: str) -> None:
+        self._progress.update(self._task, description=text)
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
 
 
 class TrainProgress:
@@ -12,16 +36,17 @@ class TrainProgress:
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  "
-                       "{task.fields[sps]:.0f} samples/s"),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  "
+                       "{task.fields[sps]} samples/s"),
             TimeRemainingColumn(), console=self.console, disable=not enabled, transient=False)
         self._task = self._progress.add_task("train", total=total, completed=initial,
-                                             loss=float("nan"), acc=float("nan"), sps=0.0)
+                                             loss="-", acc="-", sps="-")
         if enabled:
             self._progress.start()
 
     def update(self, loss: float, acc: float, samples_per_s: float) -> None:
-        self._progress.update(self._task, advance=1, loss=loss, acc=acc, sps=samples_per_s)
+        self._progress.update(self._task, advance=1, loss=f"{loss:.3f}", acc=f"{acc:.3f}",
+                              sps=f"{samples_per_s:.0f}")
 
     def note(self, text: str) -> None:
         """A line above the bar (e.g. the metrics endpoint's URL); printed with the bar

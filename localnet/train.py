@@ -32,7 +32,7 @@ from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
 from .files import load_state, save_state, write_json, write_text
 from .metrics import RunObserver
-from .progress import TrainProgress
+from .progress import StartupStatus, TrainProgress
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,8 +86,9 @@ def _channel_cuts(cfg: Config, data, model) -> list[int]:
                                                      data.num_classes)).boundaries
 
 
-def build(cfg: Config):
-    """Data, rule, model and executor for a config."""
+def build(cfg: Config, on_phase=None):
+    """Data, rule, model and executor for a config.  on_phase: told what start-up is
+    doing (the Ray runtime's actors take a while to start)."""
     keep_freed_memory()  # training reallocates the same big buffers every step (alloc.py)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -101,7 +102,7 @@ def build(cfg: Config):
     if cfg.runtime.executor in ("ray", "local"):  # one actor per stage (local: no Ray, same
         from .runtime.ray_executor import RayExecutor  # workers); the model only gives the layout
         executor = RayExecutor(cfg, data.input_shape, data.num_classes, model=model,
-                               local=cfg.runtime.executor == "local")
+                               local=cfg.runtime.executor == "local", on_phase=on_phase)
     else:
         ch = cfg.channel  # localnet/channels: only when restricted (else bit-identical as before)
         executor = InProcessExecutor(model, optim, micro_batches=cfg.train.micro_batches,
@@ -157,7 +158,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         done = finished_summary(run_dir, ckpt, cfg)
         if done is not None:  # a retried command: the run is final, leave it as it is
             return done
-    data, rule, model, ex = build(_saved_cuts(cfg, ckpt))
+    with StartupStatus(enabled=progress) as status:
+        data, rule, model, ex = build(_saved_cuts(cfg, ckpt), on_phase=status.phase)
     try:
         # only once the data and the actors are there: a run that cannot start leaves its
         # new directory empty (the CLI removes it).  A resumed run's config.yaml is

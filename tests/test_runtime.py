@@ -51,8 +51,12 @@ def ray_session():
 def spawner(ray_session):
     """An executor that spawned the module's eight actors (in a PACK placement group):
     ResNet-8, one actor per layer."""
-    ex = RayExecutor(cfg_for("fa", model=RESNET8, partition="per_layer", m=2, bs=8), IMG, NC)
+    said = []  # what a user's start-up display shows, phase by phase
+    ex = RayExecutor(cfg_for("fa", model=RESNET8, partition="per_layer", m=2, bs=8), IMG, NC,
+                     on_phase=said.append)
     assert ex.num_stages == 8 and len({a["pid"] for a in ex.stage_info}) == 8
+    assert said[-3:] == ["placing 8 actors", "starting 8 actors (each imports torch, builds "
+                         "its part)", "connecting the actors' data plane"]
     yield ex
     ex.close()
 

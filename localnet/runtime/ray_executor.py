@@ -58,14 +58,17 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
     name = "ray"
 
     def __init__(self, cfg, input_shape, num_classes: int, *, model=None, actors=None,
-                 audit: bool = False, run_id: str | None = None, local: bool = False):
+                 audit: bool = False, run_id: str | None = None, local: bool = False,
+                 on_phase=None):
         """cfg: a Config (runtime section: schedule, partition, resources, address).
         model: the driver's copy, only read for its structure (built when omitted).
         actors: existing StageWorker actor handles to reuse (at least one per stage);
         the executor then neither spawns nor kills them (but replaces a dead one).
         audit: workers keep a copy of every message they receive (`audit_log()`), for
         tests.  local: no Ray at all -- plain StageWorker objects in this process, the
-        same interpreter over in-process queues (for debugging and fast tests)."""
+        same interpreter over in-process queues (for debugging and fast tests).
+        on_phase: called with a line saying what start-up is doing now (a progress
+        display: starting the actors takes a while, and nothing else shows)."""
         t0 = time.perf_counter()
         self.cfg = cfg = as_config(cfg)
         rt = cfg.runtime
@@ -122,6 +125,8 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                 self.stage_info = [w._obj.setup(s, shared) for w, s in zip(self.workers, self._specs)]
                 del shared
             else:
+                say = on_phase or (lambda text: None)
+                say("connecting to Ray" if rt.address else "starting a local Ray")
                 self._owns_ray = ensure_ray(rt)
                 phases["ray_init"] = time.perf_counter()
                 self._placer = session.Placer(rt, self.timeout)
@@ -130,6 +135,7 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                                     1.0, 1.0, dfa=self.broadcast_output_error).peak_activations
                     self.memory = memory.check(cfg, pl, model, self.input_shape, peak)
                 if actors is None:
+                    say(f"placing {S} actors")
                     self.workers = self._placer.spawn(StageWorker, S)
                     self._owned = set(range(S))
                     phases["placement"] = time.perf_counter()
@@ -137,9 +143,11 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                     if len(actors) < S:
                         raise ValueError(f"{len(actors)} actors given for {S} stages")
                     self.workers = list(actors[:S])
+                say(f"starting {S} actors (each imports torch, builds its part)")
                 self.stage_info = self._get([w.setup.remote(s) for w, s in
                                              zip(self.workers, self._specs)], "setup")
                 phases["actors_built"] = time.perf_counter()
+                say("connecting the actors' data plane")
             self._open_plane()
         except BaseException:
             self.close()

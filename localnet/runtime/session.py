@@ -7,6 +7,7 @@ per batch.  Activations and errors do not go through Ray (`plane.py`).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -69,8 +70,11 @@ def ensure_ray(runtime) -> bool:
         os.environ["RAY_LD_PRELOAD_ON_WORKERS"] = "1" if runtime.allocator == "jemalloc" else "0"
         # Ray reserves its object store out of the memory it offers workers; the actors
         # here need that memory more (memory.py's preflight counts on it)
+        # logging_level: Ray's notes on starting a private instance (that it started, that
+        # token auth is on) would break into the start-up display; its errors still show
         ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=runtime.local_object_store_mb << 20)
+                 object_store_memory=runtime.local_object_store_mb << 20,
+                 logging_level=logging.ERROR)
     return True
 
 
