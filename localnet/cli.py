@@ -34,6 +34,8 @@ def _cmd_run(args) -> int:
         from .runtime.plan import check_partition
 
         check_partition(cfg)  # a partition the model cannot take leaves no run directory
+        if args.out:
+            _refuse_a_run_in(Path(args.out))
         fresh = not (args.out and Path(args.out).exists())
         run_dir = new_run_dir(cfg, args.out)
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
@@ -60,6 +62,15 @@ def _cmd_run(args) -> int:
                                               "test_accuracy", "test_loss", "samples_per_s")}))
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _refuse_a_run_in(out: Path) -> None:
+    """A new run would start its logs afresh and write its checkpoint over the one there:
+    a directory holding a run is resumed or left alone."""
+    held = [f for f in ("checkpoint.pt", "summary.json", "metrics.jsonl") if (out / f).exists()]
+    if held:
+        raise ConfigError(f"--out {out} already holds a run ({', '.join(held)}); continue it "
+                          f"with: localnet run --resume {out}, or give another --out")
 
 
 def _drop_if_unstarted(run_dir: Path) -> None:

@@ -412,6 +412,16 @@ class Config(Section):
     def run_name(self) -> str:
         return self.name or f"{self.model.name}_{self.rule.name}_{self.data.name}"
 
+    @model_validator(mode="after")
+    def _device(self):
+        # asked for a GPU where this setting does nothing: the actors would run on CPUs
+        if self.train.device == "cuda" and self.runtime.executor != "inprocess" \
+                and not self.runtime.num_gpus:
+            raise ValueError("train.device: cuda is the in-process executor's; the actors "
+                             "(runtime.executor: ray, local) take a GPU with "
+                             "runtime.num_gpus (a fraction shares one, e.g. 0.25)")
+        return self
+
 
 def _keyed(where: str, e: dict) -> str:
     """One pydantic error as `section.key: message`.  A section's own check (a

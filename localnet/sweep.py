@@ -8,7 +8,9 @@ The points are the cartesian product of the --grid lists; each --vary list adds,
 every product point, one point per value with only that key changed (so rules x codecs
 plus rules x delays plus rules x drops, not their product).  Each point is an ordinary run directory
 under the sweep directory, named after its settings.  A point whose run directory already
-holds a summary.json is not run again, so rerunning the same command (same --out) resumes.
+holds a summary.json is not run again, and one holding only a checkpoint goes on from it,
+so rerunning the same command (same --out) resumes; a point's directory that ran another
+config is an error naming the keys that differ.
 Every point runs with `channel.enabled=true` (unless --set/--grid says otherwise), so even
 an unrestricted fp32 point reports its error bits per sample.
 
@@ -59,13 +61,46 @@ def points(grid: list[tuple[str, list[str]]],
 
 
 def _run_point(cfg, run_dir: Path) -> tuple[dict, str]:
-    """One point (also in a worker process): its summary and status."""
+    """One point (also in a worker process): its summary and status.  A point an earlier
+    sweep left unfinished goes on from its last checkpoint (`sweep` checked that it ran
+    this same config)."""
     from .train import train
 
     try:
-        return train(cfg, run_dir, progress=False), "ok"
+        return train(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
+                     progress=False), "ok"
     except Exception as exc:  # one bad point must not lose the others
         return {}, f"failed: {type(exc).__name__}: {exc}"
+
+
+def _same_config(run_dir: Path, cfg) -> None:
+    """A point's directory from an earlier sweep is reused (skipped when finished, resumed
+    when not) only if it ran this point's config; otherwise its results would be reported
+    under settings they were not run with."""
+    import yaml
+
+    from .config import dump_config
+
+    f = run_dir / "config.yaml"
+    if not f.exists():
+        return
+    there, here = _flat(yaml.safe_load(f.read_text()) or {}), _flat(yaml.safe_load(dump_config(cfg)))
+    diff = sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} now" for k in diff[:3])
+        raise ConfigError(f"sweep: {run_dir} was run with another config ({shown}"
+                          f"{', ...' if len(diff) > 3 else ''}); give another --out, or "
+                          f"remove that point's directory to run it again")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def point_name(point: list[tuple[str, str]]) -> str:
@@ -114,6 +149,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     skipped, todo = [], []
     for p, cfg in zip(pts, cfgs):
         name = point_name(p)
+        _same_config(out / name, cfg)
         done = out / name / "summary.json"
         if done.exists():
             skipped.append(name)

@@ -335,6 +335,13 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         metrics_f.close()
         steps_f.close()
 
+    if epochs_done == start_epoch and step > 0 and not math.isfinite(last["test_accuracy"]):
+        # resumed with nothing left to train (killed after its last checkpoint, before
+        # its summary): the summary reports what the checkpoint holds
+        last["test_loss"], last["test_accuracy"] = ex.evaluate(test_loader)
+        logged = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+                  if ln.strip() and _parses(ln)]
+        last["train_loss"] = logged[-1].get("train_loss", float("nan")) if logged else float("nan")
     alignment = ex.alignment()
     summary = {
         "rule": cfg.rule.name, "model": cfg.model.name, "dataset": cfg.data.name,

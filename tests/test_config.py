@@ -39,6 +39,7 @@ def test_overrides_are_typed_and_nested():
     (["data.subset=0"], "data.subset"),
     (["train.batch_size=10", "train.micro_batches=3"], "micro_batches"),
     (["data.augment=true"], "data.augment: mnist has no augmentation"),
+    (["runtime.executor=ray", "train.device=cuda"], "train.device: cuda is the in-process"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as info:

@@ -286,7 +286,7 @@ def _local_ray_build(monkeypatch):
 
     orig = train_mod.build
 
-    def build(cfg):
+    def build(cfg, on_phase=None):
         data, rule, model, _ = orig(cfg)
         return data, rule, model, RayExecutor(cfg, data.input_shape, data.num_classes,
                                               model=model, local=True)

@@ -51,10 +51,20 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert "ran 0, skipped 4 finished" in capsys.readouterr().out
     assert summary.stat().st_mtime_ns == stamp
-    # an unfinished point is run again
-    (out / "rule.name-kp__channel.error.codec-sign" / "summary.json").unlink()
+    # an unfinished point goes on from its checkpoint: here it had nothing left to
+    # train, so it reports what its checkpoint holds, as it did
+    point = out / "rule.name-kp__channel.error.codec-sign"
+    first = json.loads((point / "summary.json").read_text())
+    (point / "summary.json").unlink()
     res = sweep(cfg, grid, ["seed=1"], out, log=lambda m: None)
-    assert res["ran"] == ["rule.name-kp__channel.error.codec-sign"] and len(res["skipped"]) == 3
+    assert res["ran"] == [point.name] and len(res["skipped"]) == 3
+    again = json.loads((point / "summary.json").read_text())
+    assert (again["steps"], again["test_accuracy"]) == (first["steps"], first["test_accuracy"])
+    # a rerun with another config reports nothing under settings it did not run with
+    stamp = summary.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"was run with another config \(seed: 1 there, 2 now"):
+        sweep(cfg, grid, ["seed=2"], out, log=lambda m: None)
+    assert summary.stat().st_mtime_ns == stamp
 
 
 def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):

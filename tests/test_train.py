@@ -226,6 +226,18 @@ def test_a_run_that_cannot_start_leaves_no_directory_but_keeps_a_given_one(tmp_p
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own"
 
 
+def test_a_new_run_into_a_directory_holding_a_run_changes_nothing(tmp_path, capsys):
+    """It would restart the logs and write over the checkpoint: refused, naming --resume."""
+    from localnet.cli import main
+
+    train(small("train.epochs=1"), tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert main(["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+                 "--out", str(tmp_path), "--no-progress"]) == 2
+    assert f"continue it with: localnet run --resume {tmp_path}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, capsys, monkeypatch):
     import localnet.train as T
     from localnet.cli import main
@@ -277,6 +289,17 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     # asking for more epochs is a continuation, not a finished run
     more = train(small("rule.name=fa", "train.epochs=2"), run, resume=True, progress=False)
     assert more["steps"] == 2 * summary["steps"] and "finished" not in more
+
+
+def test_a_run_killed_before_its_summary_resumes_to_the_same_summary(tmp_path):
+    """Killed after its last checkpoint but before summary.json: the resume has nothing
+    to train, and reports what the checkpoint holds -- the same accuracy and losses."""
+    summary = train(small("rule.name=fa", "train.epochs=1"), tmp_path, progress=False)
+    (tmp_path / "summary.json").unlink()
+    again = train(small("rule.name=fa", "train.epochs=1"), tmp_path, resume=True, progress=False)
+    assert again["steps"] == summary["steps"]
+    for k in ("test_accuracy", "test_loss", "train_loss"):
+        assert again[k] == pytest.approx(summary[k], rel=1e-6), k
 
 
 def test_a_non_finite_value_never_replaces_a_recorded_one(tmp_path):
