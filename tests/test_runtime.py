@@ -55,8 +55,9 @@ def spawner(ray_session):
     ex = RayExecutor(cfg_for("fa", model=RESNET8, partition="per_layer", m=2, bs=8), IMG, NC,
                      on_phase=said.append)
     assert ex.num_stages == 8 and len({a["pid"] for a in ex.stage_info}) == 8
-    assert said[-3:] == ["placing 8 actors", "starting 8 actors (each imports torch, builds "
-                         "its part)", "connecting the actors' data plane"]
+    starting = "starting 8 actors (each imports torch, builds its part): "
+    assert said[said.index("placing 8 actors") + 1] == starting + "0/8 ready"
+    assert said[-2:] == [starting + "8/8 ready", "connecting the actors' data plane"]
     yield ex
     ex.close()
 

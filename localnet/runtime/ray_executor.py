@@ -143,9 +143,12 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                     if len(actors) < S:
                         raise ValueError(f"{len(actors)} actors given for {S} stages")
                     self.workers = list(actors[:S])
-                say(f"starting {S} actors (each imports torch, builds its part)")
-                self.stage_info = self._get([w.setup.remote(s) for w, s in
-                                             zip(self.workers, self._specs)], "setup")
+                refs = [w.setup.remote(s) for w, s in zip(self.workers, self._specs)]
+                if on_phase:
+                    session.count_ready(refs, self.timeout, lambda n: say(
+                        f"starting {S} actors (each imports torch, builds its part): "
+                        f"{n}/{S} ready"))
+                self.stage_info = self._get(refs, "setup")
                 phases["actors_built"] = time.perf_counter()
                 say("connecting the actors' data plane")
             self._open_plane()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -222,6 +223,19 @@ def get(refs, timeout: float, what: str):
                            f"{type(cause).__name__ if cause else ''} {cause or err}") from err
     except RayActorError as err:
         raise RuntimeError(f"a stage actor died during {what}: {err}") from err
+
+
+def count_ready(refs: list, timeout: float, tell) -> None:
+    """tell(how many of refs have finished), as they finish, until all have or timeout
+    seconds pass; a failed one counts as finished (`get` then raises its error)."""
+    import ray
+
+    deadline, pending = time.monotonic() + timeout, list(refs)
+    tell(0)
+    while pending and time.monotonic() < deadline:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        if done:
+            tell(len(refs) - len(pending))
 
 
 def gather(refs: list, timeout: float, what: str, order=None) -> list:
