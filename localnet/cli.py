@@ -42,18 +42,18 @@ def _cmd_run(args) -> int:
                                f"{cfg.data.name} -> {run_dir}")
     try:
         summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    except KeyboardInterrupt:
-        # the step in progress is dropped; what the last checkpoint holds stays
-        ckpt = run_dir / "checkpoint.pt"
-        print("localnet: interrupted; " + (
-            f"resume from the last checkpoint with: localnet run --resume {run_dir}"
-            if ckpt.exists() else f"no checkpoint yet in {run_dir}, nothing to resume"),
-              file=sys.stderr)
-        return 130
-    except BaseException:
+    except BaseException as exc:
         if not args.resume and fresh:
             _drop_if_unstarted(run_dir)
-        raise
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
+        # the step in progress is dropped; what the last checkpoint holds stays
+        print("localnet: interrupted; " + (
+            f"resume from the last checkpoint with: localnet run --resume {run_dir}"
+            if (run_dir / "checkpoint.pt").exists() else
+            f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
+            "it had not trained yet, so nothing was kept"), file=sys.stderr)
+        return 130
     if summary.get("finished"):
         print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
               f"epochs); nothing to resume, nothing changed.  Its summary: "

@@ -226,6 +226,21 @@ def test_a_run_that_cannot_start_leaves_no_directory_but_keeps_a_given_one(tmp_p
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own"
 
 
+def test_ctrl_c_during_start_up_leaves_no_directory(tmp_path, capsys, monkeypatch):
+    import localnet.train as T
+    from localnet.cli import main
+
+    def interrupted(*a, **k):  # Ctrl-C while the actors start
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "build", interrupted)
+    assert main(["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "localnet: interrupted; it had not trained yet, so nothing was kept" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_new_run_into_a_directory_holding_a_run_changes_nothing(tmp_path, capsys):
     """It would restart the logs and write over the checkpoint: refused, naming --resume."""
     from localnet.cli import main
