@@ -159,17 +159,19 @@ def plot_curves(runs: list[Run], path: Path) -> Path:
         if run.steps:
             xs = [r["step"] for r in run.steps if "loss" in r]
             ax_loss.plot(xs, [r["loss"] for r in run.steps if "loss" in r], color=c, lw=0.8,
-                         alpha=0.45, label=f"{run.label} train (batch)")
+                         alpha=0.45, label=f"{run.label} train (batch)",
+                         marker="." if len(xs) < 3 else None)  # a lone point shows too
         ep = [e for e in run.epochs if "step" in e]
         if ep:
             xs = [e["step"] for e in ep]
-            for key, style, what in (("train", "--", "train"), ("test", "-", "test")):
+            # train and test differ in marker too: one epoch draws points, not lines
+            for key, style, mk in (("train", "--", "s"), ("test", "-", "o")):
                 if any(f"{key}_loss" in e for e in ep):
                     ax_loss.plot(xs, [e.get(f"{key}_loss", math.nan) for e in ep], style,
-                                 color=c, marker="o", ms=3, label=f"{run.label} {what}")
+                                 color=c, marker=mk, ms=3, label=f"{run.label} {key}")
                 if any(f"{key}_accuracy" in e for e in ep):
                     ax_acc.plot(xs, [e.get(f"{key}_accuracy", math.nan) for e in ep], style,
-                                color=c, marker="o", ms=3, label=f"{run.label} {what}")
+                                color=c, marker=mk, ms=3, label=f"{run.label} {key}")
     ax_loss.set(title="loss", xlabel="optimizer step", ylabel="cross-entropy")
     if all(v > 0 for line in ax_loss.get_lines() for v in line.get_ydata() if not math.isnan(v)) \
             and ax_loss.get_lines():
