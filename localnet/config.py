@@ -34,7 +34,8 @@ def _plugin_options(section: Section, registry, name: str, name_key: str, prefix
     if name not in registry:
         raise ValueError(f"{name_key}: unknown {registry.kind} {name!r}; choose one of "
                          f"{', '.join(registry.names())}")
-    opts = registry.options(name, section.__pydantic_extra__, prefix)
+    opts = registry.options(name, section.__pydantic_extra__, prefix,
+                            also=list(type(section).model_fields))
     object.__setattr__(section, "__pydantic_extra__", opts.model_dump())
     return section
 
@@ -433,9 +434,25 @@ def _keyed(where: str, e: dict) -> str:
         return "\n  ".join(ln if ln.startswith(key) or key == "<root>" else f"{key}.{ln}"
                             for ln in lines)
     msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    if e["type"] == "extra_forbidden" and not where:
+        msg += _did_you_mean(e["loc"])
     if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
         msg += f" (got {e['input']!r})"
     return f"{key}: {msg}"
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """' (did you mean train.lr?)' for a misspelt key of a section of the schema."""
+    import difflib
+
+    section = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        section = field.annotation if field is not None else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return ""
+    near = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?)" if near else ""
 
 
 def _format(err: ValidationError) -> str:

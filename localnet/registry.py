@@ -15,6 +15,7 @@ checks its options against the model that file declares.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 
@@ -75,7 +76,8 @@ class Registry:
             raise ValueError(f"unknown {self.kind} {name!r}; choose one of "
                              f"{', '.join(self.names())}") from None
 
-    def options(self, name: str, values: dict | None, where: str) -> BaseModel:
+    def options(self, name: str, values: dict | None, where: str,
+                also: list[str] = ()) -> BaseModel:
         """values checked against the plugin's Options model; a ValueError naming each bad
         key as `where.key` (`rule.r: ...`), with the plugin's own keys for an unknown one."""
         cls = self.get(name)
@@ -88,8 +90,12 @@ class Registry:
             for e in err.errors():
                 key = ".".join(p for p in [where, *map(str, e["loc"])] if p)
                 if e["type"] == "extra_forbidden":
+                    # also: the section's own keys, beside the options (a misspelt `codec`)
+                    near = difflib.get_close_matches(str(e["loc"][-1]),
+                                                     [*model.model_fields, *also], n=1)
+                    hint = f"; did you mean {near[0]}?" if near else ""
                     lines.append(f"{key}: unknown key (the options of {self.kind} "
-                                 f"{name!r}: {known})")
+                                 f"{name!r}: {known}{hint})")
                 else:
                     lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
             raise ValueError("\n  ".join(lines)) from None

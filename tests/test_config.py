@@ -39,6 +39,10 @@ def test_overrides_are_typed_and_nested():
     (["data.subset=0"], "data.subset"),
     (["train.batch_size=10", "train.micro_batches=3"], "micro_batches"),
     (["data.augment=true"], "data.augment: mnist has no augmentation"),
+    (["train.lrr=0.1"], "train.lrr: unknown key (did you mean train.lr?)"),
+    (["trian.lr=0.1"], "trian: unknown key (did you mean train?)"),
+    (["channel.error.codc=int8"], "channel.error.codc: unknown key (the options of codec "
+                                  "'fp32': none; did you mean codec?)"),
     (["runtime.executor=ray", "train.device=cuda"], "train.device: cuda is the in-process"),
 ])
 def test_bad_config_names_the_key(override, key):
