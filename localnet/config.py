@@ -530,7 +530,12 @@ def load_run_config(run_dir, overrides: list[str] | None = None) -> tuple[Config
     rule's and every codec's options in one flat section; the options the run's rule or
     codec does not take had no effect on it, so they are dropped (and named), and
     `pfa_mode` is PFA's `mode` now.  Any other bad key is the usual error."""
-    data = _read_yaml(Path(run_dir) / "config.yaml")
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"--resume: {run_dir} is not a run directory (no config.yaml)" if run_dir.is_dir()
+            else f"--resume: no run directory {run_dir}")
+    data = _read_yaml(run_dir / "config.yaml")
     # a run's config.yaml is already resolved: its per_rule recipe was applied, and then
     # beaten by the run's --set, so applying it again would undo those
     try:

@@ -241,6 +241,16 @@ def test_ctrl_c_during_start_up_leaves_no_directory(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "r").exists()
 
 
+def test_resume_of_what_is_not_a_run_says_so(tmp_path, capsys):
+    from localnet.cli import main
+
+    assert main(["run", "--resume", str(tmp_path / "nope")]) == 2
+    assert f"--resume: no run directory {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert f"--resume: {tmp_path} is not a run directory (no config.yaml)" in \
+        capsys.readouterr().err
+
+
 def test_a_new_run_into_a_directory_holding_a_run_changes_nothing(tmp_path, capsys):
     """It would restart the logs and write over the checkpoint: refused, naming --resume."""
     from localnet.cli import main
