@@ -198,6 +198,18 @@ def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
     return {**summary, "finished": True, "summary_path": str(f)}
 
 
+def _tell_recoveries(bar, ex, told: int) -> int:
+    """A line for each actor death the runtime recovered from since the last call (Ray's
+    own report of the death says nothing of what localnet did about it)."""
+    recs = getattr(ex, "recoveries", ())
+    for r in recs[told:]:
+        n = r["replayed_steps"]
+        bar.note(f"recovered: {', '.join(r['dead'])} died at step {r['at_step']}; every actor "
+                 f"went back to the checkpoint of step {r['restored_step']} and replayed {n} "
+                 f"step{'s' * (n != 1)} in {r['seconds']:.1f} s ({r['lost_steps']} lost)")
+    return len(recs)
+
+
 def _keep_recorded(summary: dict, path: Path) -> dict:
     """A value that is not finite never replaces a finite one already recorded (a run
     resumed with nothing left to evaluate would otherwise write NaN over its results)."""
@@ -271,6 +283,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  f"costs CPU that the computation waits for.  Fewer, larger actors run "
                  f"faster: --set 'runtime.partition={{stages: {crowded[1]}, balance: cost}}' "
                  f"(README, \"How fast, on few cores\")")
+    told = len(getattr(ex, "recoveries", ()))  # the ones a resumed checkpoint lists
     try:
         for epoch in range(start_epoch, t.epochs):
             if step >= total_steps:
@@ -289,6 +302,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                 angles = obs.untimed(ex.bp_update_angles, x, y) if (record and cfg.metrics.bp_angle) else None
                 st = obs.timed_step(ex.train_step, x, y, lr, wd)
                 step += 1
+                told = _tell_recoveries(bar, ex, told)
                 if not math.isfinite(st.loss_sum):
                     raise NonFiniteLossError(
                         f"loss became {st.loss_sum} at step {step} (epoch {epoch}); the last good "

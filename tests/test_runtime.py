@@ -8,6 +8,7 @@ teardown kills them and shuts Ray down.
 """
 
 import os
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -410,6 +411,15 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
         got = ex.model_state_dict()
         info = ex.runtime_info()
         assert info["recoveries"] == [rec]
+        from types import SimpleNamespace
+
+        from localnet.train import _tell_recoveries
+        said = []  # what `localnet run` prints about it
+        assert _tell_recoveries(SimpleNamespace(note=said.append), ex, 0) == 1
+        assert re.fullmatch(r"recovered: stage1 died at step 5; every actor went back to the "
+                            r"checkpoint of step 3 and replayed 1 step in \d+\.\d s \(0 lost\)",
+                            said[0]), said
+        assert _tell_recoveries(SimpleNamespace(note=said.append), ex, 1) == 1 and len(said) == 1
     finally:
         for i in ex._owned:  # hand the replacement back to the module's pool
             spawner.workers[i] = ex.workers[i]
