@@ -191,3 +191,16 @@ def test_validate_and_run_check_the_partition_against_the_model(tmp_path, value,
                          "--set", "runtime.partition={stages: 3}"], cwd=ROOT,
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "makes 3 actors" in ok.stdout, ok.stderr
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
+    """YAML would keep the last silently: a second `train:` section would drop the first."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"the key 'epochs' appears twice \(lines 2 and 4\)"):
+        load_config(p)
+    p.write_text("base: &b {lr: 0.5, epochs: 2}\ntrain:\n  <<: *b\n  lr: 0.2\n")  # merge keys
+    with pytest.raises(ConfigError, match="base: unknown key"):  # ... are no duplicates
+        load_config(p)
+    p.write_text("train: &b {lr: 0.5, epochs: 2}\nmodel: {name: mlp}\n")
+    assert load_config(p).train.lr == 0.5
