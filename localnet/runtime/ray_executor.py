@@ -144,11 +144,10 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                         raise ValueError(f"{len(actors)} actors given for {S} stages")
                     self.workers = list(actors[:S])
                 refs = [w.setup.remote(s) for w, s in zip(self.workers, self._specs)]
-                if on_phase:
-                    session.count_ready(refs, self.timeout, lambda n: say(
-                        f"starting {S} actors (each imports torch, builds its part): "
-                        f"{n}/{S} ready"))
-                self.stage_info = self._get(refs, "setup")
+                waited = session.count_ready(refs, self.timeout, lambda n: say(
+                    f"starting {S} actors (each imports torch, builds its part): "
+                    f"{n}/{S} ready")) if on_phase else 0.0
+                self.stage_info = session.get(refs, self.timeout, "setup", waited)
                 phases["actors_built"] = time.perf_counter()
                 say("connecting the actors' data plane")
             self._open_plane()

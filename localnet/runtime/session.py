@@ -203,14 +203,15 @@ class Placer:
             self.pg = None
 
 
-def get(refs, timeout: float, what: str):
+def get(refs, timeout: float, what: str, waited: float = 0.0):
     """ray.get with the runtime's errors: a MessageError as itself (naming the edge),
-    a timeout naming the call, an actor's death as RuntimeError (recovery looks)."""
+    a timeout naming the call, an actor's death as RuntimeError (recovery looks).
+    waited: seconds already spent waiting on refs (`count_ready`), out of timeout."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     try:
-        return ray.get(refs, timeout=timeout)
+        return ray.get(refs, timeout=max(timeout - waited, 0.1))
     except GetTimeoutError:
         raise TimeoutError(f"ray executor: no reply within {timeout:g}s during {what} "
                            f"(runtime.timeout_s)") from None
@@ -225,17 +226,19 @@ def get(refs, timeout: float, what: str):
         raise RuntimeError(f"a stage actor died during {what}: {err}") from err
 
 
-def count_ready(refs: list, timeout: float, tell) -> None:
+def count_ready(refs: list, timeout: float, tell) -> float:
     """tell(how many of refs have finished), as they finish, until all have or timeout
-    seconds pass; a failed one counts as finished (`get` then raises its error)."""
+    seconds pass; a failed one counts as finished (`get` then raises its error).
+    Returns the seconds it waited (`get`'s `waited`)."""
     import ray
 
-    deadline, pending = time.monotonic() + timeout, list(refs)
+    t0, pending = time.monotonic(), list(refs)
     tell(0)
-    while pending and time.monotonic() < deadline:
+    while pending and time.monotonic() - t0 < timeout:
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
         if done:
             tell(len(refs) - len(pending))
+    return time.monotonic() - t0
 
 
 def gather(refs: list, timeout: float, what: str, order=None) -> list:
