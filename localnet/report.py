@@ -106,14 +106,16 @@ def _parsed(path: Path, parse):
                           f"it") from None
 
 
+_RUN_FILES = ("summary.json", "metrics.jsonl", "steps.jsonl")
+
+
 def load_run(path: str | Path, label: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"report: no run directory {path}")
-    files = [path / f for f in ("summary.json", "metrics.jsonl", "steps.jsonl")]
-    if not any(f.exists() for f in files):
+    if not any((path / f).exists() for f in _RUN_FILES):
         raise FileNotFoundError(f"report: {path} is not a run directory (no summary.json, "
-                                f"metrics.jsonl or steps.jsonl)")
+                                f"metrics.jsonl or steps.jsonl), nor a directory of runs")
     run = Run(path=path, label=label or path.name)
     if (path / "summary.json").exists():
         run.summary = _parsed(path / "summary.json", json.loads)
@@ -126,8 +128,18 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     return run
 
 
+def _expand(path: Path) -> list[Path]:
+    """A run directory as itself; a directory of runs (a sweep's, or an `out_dir`) as
+    the run directories in it, in name order."""
+    if not path.is_dir() or any((path / f).exists() for f in _RUN_FILES):
+        return [path]
+    inner = sorted(p for p in path.iterdir()
+                   if p.is_dir() and any((p / f).exists() for f in _RUN_FILES))
+    return inner or [path]
+
+
 def load_runs(paths) -> list[Run]:
-    paths = [Path(p) for p in paths]
+    paths = [q for p in paths for q in _expand(Path(p))]
     labels = [p.resolve().name for p in paths]
     if len(set(labels)) < len(labels):  # same directory names: add the parent
         labels = [f"{p.resolve().parent.name}/{p.resolve().name}" for p in paths]
@@ -277,7 +289,8 @@ def report(paths, out: str | Path | None = None) -> dict:
     runs = load_runs(paths)
     if not runs:
         raise ValueError("report: give at least one run directory")
-    out = Path(out) if out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    paths = list(paths)  # one directory (a run, or a sweep's runs): its report/ beside them
+    out = Path(out) if out else (Path(paths[0]) / "report" if len(paths) == 1 else Path("report"))
     out.mkdir(parents=True, exist_ok=True)
     files, skipped = [plot_curves(runs, out / "curves.png")], {}
     for name, key, ylabel, why in (

@@ -107,6 +107,12 @@ def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    # a directory of runs stands for the runs in it; its report sits beside them
+    assert main(["report", str(runs), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert sorted(r["run"] for r in rows) == sorted(p.name for p in runs.iterdir()
+                                                    if p.name != "report")  # all three
+    assert (runs / "report" / "curves.png").exists()
     (tmp_path / "torn").mkdir()
     (tmp_path / "torn" / "summary.json").write_text('{"rule": "fa",')
     assert main(["report", str(tmp_path / "torn")]) == 2
