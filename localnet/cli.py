@@ -37,6 +37,8 @@ def _cmd_run(args) -> int:
         if args.out:
             _refuse_a_run_in(Path(args.out))
         fresh = not (args.out and Path(args.out).exists())
+        made = _missing(Path(args.out).absolute().parent if args.out else
+                        Path(cfg.out_dir).absolute())  # parents the run directory brings
         run_dir = new_run_dir(cfg, args.out)
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
                                f"{cfg.data.name} -> {run_dir}")
@@ -44,7 +46,7 @@ def _cmd_run(args) -> int:
         summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     except BaseException as exc:
         if not args.resume and fresh:
-            _drop_if_unstarted(run_dir)
+            _drop_if_unstarted(run_dir, made)
         if not isinstance(exc, KeyboardInterrupt):
             raise
         # the step in progress is dropped; what the last checkpoint holds stays
@@ -73,15 +75,30 @@ def _refuse_a_run_in(out: Path) -> None:
                           f"with: localnet run --resume {out}, or give another --out")
 
 
-def _drop_if_unstarted(run_dir: Path) -> None:
+def _missing(path: Path) -> list[Path]:
+    """path and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _drop_if_unstarted(run_dir: Path, made: list[Path]) -> None:
     """Remove the directory a new run made when the run failed before it trained a step
     worth keeping (a missing dataset, an unreachable cluster, a batch larger than the
-    data): nothing in it but its config and empty logs."""
+    data): nothing in it but its config and empty logs.  So go the parents it brought
+    (`runs/`), where nothing else came to live in them."""
     files = list(run_dir.iterdir()) if run_dir.is_dir() else [run_dir]
     if all(f.is_file() and (f.name == "config.yaml" or (f.suffix == ".jsonl" and
                                                          f.stat().st_size == 0))
            for f in files):
         shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in made:
+            try:
+                parent.rmdir()  # only if empty
+            except OSError:
+                break
 
 
 def _cmd_validate(args) -> int:

@@ -216,10 +216,10 @@ def test_a_run_that_cannot_start_leaves_no_directory_but_keeps_a_given_one(tmp_p
 
     args = ["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
             "--set", "data.subset=50", "--no-progress"]
-    assert main(args + ["--out", str(tmp_path / "new")]) == 2
+    assert main(args + ["--out", str(tmp_path / "new" / "run")]) == 2
     assert "train.batch_size: 64 is more than the 50 training samples (data.subset: 50)" \
         in capsys.readouterr().err
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists()  # nor the parent it brought
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the user's own")
     assert main(args + ["--out", str(tmp_path / "mine")]) == 2
