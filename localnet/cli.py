@@ -63,6 +63,7 @@ def _cmd_run(args) -> int:
     print(json.dumps({k: summary[k] for k in ("rule", "model", "dataset", "epochs", "steps",
                                               "test_accuracy", "test_loss", "samples_per_s")}))
     print(f"run directory: {run_dir}")
+    print(f"plots and a table: localnet report {run_dir}", file=sys.stderr)
     return 0
 
 
