@@ -109,9 +109,20 @@ def _cmd_validate(args) -> int:
     else:
         from .runtime.plan import check_partition
 
-        actors = check_partition(cfg)
-        where = (f"; runtime.partition makes {actors} actors"
-                 if actors and cfg.runtime.executor != "inprocess" else "")
+        actors, mem = check_partition(cfg, memory_too=True)
+        mem = mem if cfg.runtime.executor == "ray" else None  # local: one process
+        where = ""
+        if actors and cfg.runtime.executor != "inprocess":
+            where = f"; runtime.partition makes {actors} actors"
+        if mem:
+            where += f", about {mem['total_mb']} MB in all"
+            here = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+            if not cfg.runtime.address and mem["total_mb"] > here:
+                raise ConfigError(
+                    f"runtime.partition makes {actors} actors, estimated at {mem['total_mb']} "
+                    f"MB in all (the largest {mem['per_actor_mb_max']} MB), more than this "
+                    f"machine's {here} MB: the embedded Ray would refuse it.  Use fewer, "
+                    f"larger actors ('{{stages: N}}'), or a cluster (runtime.address)")
         print(f"{args.config}: ok ({cfg.rule.name} / {cfg.model.name} / {cfg.data.name}{where})")
     return 0
 

@@ -204,3 +204,26 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
         load_config(p)
     p.write_text("train: &b {lr: 0.5, epochs: 2}\nmodel: {name: mlp}\n")
     assert load_config(p).train.lr == 0.5
+
+
+def test_validate_estimates_the_actors_memory_and_refuses_what_this_machine_cannot_hold(
+        capsys, monkeypatch):
+    """The runtime's preflight, before anything starts: on the embedded Ray, actors that
+    need more memory than this machine has are an error naming the estimate."""
+    from localnet.cli import main
+    from localnet.runtime.plan import check_partition
+
+    cfg = load_config(ROOT / "configs/resnet_pfa.yaml")
+    actors, mem = check_partition(cfg, memory_too=True)
+    assert actors == 11 and mem["actors"] == 11
+    # each actor at least its process floor, and the floors are not all of it
+    assert mem["total_mb"] > 11 * cfg.runtime.actor_baseline_mb
+    assert main(["validate", str(ROOT / "configs/resnet_pfa.yaml")]) == 0
+    assert f"makes 11 actors, about {mem['total_mb']} MB in all" in capsys.readouterr().out
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (2 << 30) // 4096}  # a 2 GB machine
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    assert main(["validate", str(ROOT / "configs/resnet_pfa.yaml")]) == 2
+    assert "more than this machine's 2048 MB: the embedded Ray would refuse it" in \
+        capsys.readouterr().err
+    assert main(["validate", str(ROOT / "configs/resnet_pfa.yaml"), "--set",
+                 "runtime.address=10.0.0.1:6379"]) == 0  # a cluster's memory is its own

@@ -52,21 +52,32 @@ def data_shape(cfg, input_shape=None, num_classes=None):
     return tuple(input_shape or shape), int(num_classes or nc)
 
 
-def check_partition(cfg) -> int | None:
+def check_partition(cfg, memory_too: bool = False):
     """How many actors cfg's `runtime.partition` makes of its model, for `localnet
     validate`: a partition that the model cannot take (more stages than units, a unit
     name it lacks) is a ConfigError before any data loads or actor starts.  None for a
     dataset whose shape only its data tells.  `{balance: cost}` is cut by parameters
-    here: the number of stages, not where they fall, is what can be wrong."""
+    here: the number of stages, not where they fall, is what can be wrong.
+    memory_too: (actors, the memory preflight's estimate of them, `memory.summarize`)."""
     cfg = as_config(cfg)
     if cfg.data.name not in KNOWN_SHAPES:
-        return None
+        return (None, None) if memory_too else None
+    shape, _ = KNOWN_SHAPES[cfg.data.name]
     _, model = build_rule_and_model(cfg, *KNOWN_SHAPES[cfg.data.name])
 
     def by_params():
         return [sum(p.numel() for p in u.parameters()) for u in model.units]
 
-    return resolve_placement(cfg.runtime.partition, model, by_params).num_actors
+    pl = resolve_placement(cfg.runtime.partition, model, by_params)
+    if not memory_too:
+        return pl.num_actors
+    sched = make_schedule(cfg.runtime.schedule.name, pl.num_actors, cfg.train.micro_batches,
+                          None if pl.is_chain else pl.inputs, **cfg.runtime.schedule.options())
+    from ..rules import RULES
+
+    dfa = RULES.get(cfg.rule.name).broadcast_output_error
+    peak = simulate(sched, 1.0, 1.0, dfa=dfa).peak_activations
+    return pl.num_actors, memory.summarize(memory.estimate(cfg, pl, model, shape, peak))
 
 
 def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
