@@ -120,7 +120,7 @@ def _run_on_ray(todo, out: Path, runtime, log) -> dict[str, tuple[dict, str]]:
     from .runtime.session import run_tasks
 
     jobs = [(name, (cfg, out / name), max(1, cfg.train.threads or 1)) for name, cfg in todo]
-    return run_tasks(_run_point, jobs, runtime, log=lambda name, r: log(f"[sweep] {name}: {r[1]}"),
+    return run_tasks(_run_point, jobs, runtime, log=log,
                      failed=lambda exc: ({}, f"failed: {type(exc).__name__}: {exc}"))
 
 
@@ -147,6 +147,15 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[dict, str]] = {}
     skipped, todo = [], []
+    count = [0]  # points settled so far, for the [sweep k/N] lines
+
+    def ended(name: str, result: tuple[dict, str]) -> None:
+        count[0] += 1
+        summary, status = result
+        if status == "ok" and "test_accuracy" in summary:
+            status = f"ok, test accuracy {summary['test_accuracy']:.4f} in {summary['wall_s']:.0f} s"
+        log(f"[sweep {count[0]}/{len(pts)}] {name}: {status}")
+
     for p, cfg in zip(pts, cfgs):
         name = point_name(p)
         _same_config(out / name, cfg)
@@ -154,11 +163,11 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
         if done.exists():
             skipped.append(name)
             results[name] = (json.loads(done.read_text()), "ok")
-            log(f"[sweep] {name}: done already, skipped")
+            ended(name, ({}, "done already, skipped"))
         else:
             todo.append((name, cfg))
     if use_ray and todo:
-        results.update(_run_on_ray(todo, out, cfgs[0].runtime, log))
+        results.update(_run_on_ray(todo, out, cfgs[0].runtime, ended))
     elif jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -168,13 +177,12 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
             for fut in as_completed(futs):
                 name = futs[fut]
                 results[name] = fut.result()
-                log(f"[sweep] {name}: {results[name][1]}")
+                ended(name, results[name])
     else:
         for name, cfg in todo:
-            log(f"[sweep] {name}: running")
+            log(f"[sweep {count[0] + 1}/{len(pts)}] {name}: running")
             results[name] = _run_point(cfg, out / name)
-            if results[name][1] != "ok":
-                log(f"[sweep] {name}: {results[name][1]}")
+            ended(name, results[name])
     ran = [n for n, _ in todo if results[n][1] == "ok"]
     rows = []
     for p, cfg in zip(pts, cfgs):
