@@ -249,12 +249,15 @@ def _decode_tree(src: Path) -> dict:
         ranked = [(k, index[c], img) for c, group in groupby(its, key=lambda t: t[0])
                   for k, (_, _, img) in enumerate(group)]
         ranked.sort(key=lambda t: t[:2])
+        if not ranked:
+            raise DatasetError(f"{src}: no {split} images (expected {split}/<class>/*.jpg "
+                               f"or *.png)")
         sizes = {im.shape[:2] for _, _, im in ranked}
-        if len(sizes) > 1:
+        if sizes != {(32, 32)}:  # the models are built for CIFAR's 32x32
             odd = next(f"{split}/{c}/{f}" for c, f, im in its if im.shape[:2] != (32, 32))
             seen = ", ".join(f"{w}x{h}" for h, w in sorted(sizes))
-            raise DatasetError(f"{src}: {split} images differ in size ({seen}; {odd} is one); "
-                               f"expected all 32x32")
+            raise DatasetError(f"{src}: {split} images of {seen} ({odd} is one); expected "
+                               f"all 32x32")
         out[f"{split}_x"] = torch.from_numpy(np.stack([im for _, _, im in ranked])).permute(0, 3, 1, 2).contiguous()
         out[f"{split}_y"] = torch.tensor([c for _, c, _ in ranked], dtype=torch.long)
     return out

@@ -246,12 +246,18 @@ def test_unusable_data_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCALNET_CACHE", str(tmp_path / "cache"))
     make_tree(tmp_path / "odd" / "cifar10")
     Image.new("RGB", (30, 32)).save(tmp_path / "odd" / "cifar10" / "train" / "cat" / "9.png")
-    with pytest.raises(DatasetError, match=r"30x32, 32x32; train/cat/9.png is one"):
+    with pytest.raises(DatasetError, match=r"train images of 30x32, 32x32 \(train/cat/9.png is one"):
         load_data("cifar10", root=str(tmp_path / "odd"))
     make_tree(tmp_path / "junk" / "cifar10")
     (tmp_path / "junk" / "cifar10" / "test" / "dog" / "x.png").write_bytes(b"not an image")
     with pytest.raises(DatasetError, match="test/dog/x.png is not an image"):
         load_data("cifar10", root=str(tmp_path / "junk"))
+    with tarfile.open(tmp_path / "cifar10.tar", "w") as tf:  # a tar without test images
+        tf.add(tmp_path / "odd" / "cifar10" / "train" / "dog", arcname="train/dog")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "cifar10.tar").symlink_to(tmp_path / "cifar10.tar")
+    with pytest.raises(DatasetError, match="no test images"):
+        load_data("cifar10", root=str(tmp_path / "t"))
     for split, cls in (("train", "ant"), ("val", "bee")):
         (tmp_path / "f" / split / cls).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "f" / split / cls / "0.png")
