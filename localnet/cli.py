@@ -102,6 +102,19 @@ def _drop_if_unstarted(run_dir: Path, made: list[Path]) -> None:
                 break
 
 
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"localnet {of('localnet')} (torch {of('torch')}, ray {of('ray')}, "
+            f"Python {sys.version.split()[0]})")
+
+
 def _cmd_validate(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.print:
@@ -244,6 +257,8 @@ def _cmd_sweep(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localnet", description=__doc__)
+    p.add_argument("--version", action="version", version=_versions(),
+                   help="localnet's version and its engines' (for a bug report)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train a model per a config")
@@ -349,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         with tempfile.NamedTemporaryFile("w", prefix="localnet-error-", suffix=".txt",
                                          delete=False) as f:
+            f.write(f"{_versions()}\n{' '.join(sys.argv)}\n\n")  # what a report needs
             traceback.print_exc(file=f)
         print(f"localnet: unexpected {type(exc).__name__}: {exc}\n(a bug in localnet: the "
               f"traceback is in {f.name}; LOCALNET_DEBUG=1 prints it)", file=sys.stderr)

@@ -155,6 +155,16 @@ def test_schedules():
     assert lr_at(cos, 5, 0, 10) == pytest.approx(0.5)
 
 
+def test_version_names_localnet_and_its_engines(capsys):
+    from localnet.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("localnet ") and f"torch {torch.__version__.split('+')[0]}" in out
+
+
 def test_cli_run_and_rules(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "localnet", "run", str(ROOT / "configs/mnist_mlp.yaml"),
@@ -282,6 +292,7 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, caps
     assert "localnet: unexpected KeyError: 'a bug'" in err and "Traceback" not in err
     (trace,) = tmp_path.glob("localnet-error-*.txt")
     assert trace.name in err and "raise KeyError" in trace.read_text()
+    assert trace.read_text().startswith("localnet ") and "torch " in trace.read_text()
     monkeypatch.setenv("LOCALNET_DEBUG", "1")
     with pytest.raises(KeyError):
         main(args)
