@@ -115,6 +115,15 @@ def _versions() -> str:
             f"Python {sys.version.split()[0]})")
 
 
+class _Version(argparse.Action):
+    """--version, looked up only when asked for (every other command skips the package
+    metadata reads)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_versions())
+        parser.exit()
+
+
 def _cmd_validate(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.print:
@@ -257,7 +266,7 @@ def _cmd_sweep(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localnet", description=__doc__)
-    p.add_argument("--version", action="version", version=_versions(),
+    p.add_argument("--version", action=_Version, nargs=0,
                    help="localnet's version and its engines' (for a bug report)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -338,10 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("run: give a CONFIG or --resume RUN_DIR")
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"localnet: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+    except (ConfigError, FileNotFoundError, DatasetError, RunDirError) as exc:
+        # a config, a path, data or a run's file to fix; the message names it
         print(f"localnet: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -355,10 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the machine's, not ours: a full disk, a read-only mount
         print(f"localnet: {exc}", file=sys.stderr)
         return 1
-    except (DatasetError, RunDirError) as exc:  # data, or a run's file, that is there
-        # but unusable; the message names it
-        print(f"localnet: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:  # a bug: one line for the user, the traceback kept for a report
         if os.environ.get("LOCALNET_DEBUG"):
             raise

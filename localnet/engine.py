@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .alignment import update_angles
+from .errors import ConfigError
 from .layers import local_layers, restore_rules, set_rule
 from .rules import make_rule
 from .stage import NodeStage, OptimConfig, Stage
@@ -235,8 +236,6 @@ class InProcessExecutor:
 
     def load_saved_state(self, run_dir, saved: dict) -> None:
         if "stages" not in saved:  # the actors' checkpoint: each wrote its own file
-            from .errors import ConfigError
-
             raise ConfigError("--resume: the checkpoint was written by actors "
                               "(runtime.executor: ray or local), each saving its own part; "
                               "resume it with the executor and runtime.partition that "
