@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .config import ConfigError, dump_config, load_config, load_run_config
 from .data import DatasetError
+from .errors import DivergedError
 from .report import RunDirError
 
 
@@ -71,9 +72,13 @@ def _refuse_a_run_in(out: Path) -> None:
     """A new run would start its logs afresh and write its checkpoint over the one there:
     a directory holding a run is resumed or left alone."""
     held = [f for f in ("checkpoint.pt", "summary.json", "metrics.jsonl") if (out / f).exists()]
-    if held:
+    if "checkpoint.pt" in held:
         raise ConfigError(f"--out {out} already holds a run ({', '.join(held)}); continue it "
                           f"with: localnet run --resume {out}, or give another --out")
+    if held:  # its logs are what is left of it (a NaN before the first checkpoint, say)
+        raise ConfigError(f"--out {out} holds a run that stopped before its first checkpoint "
+                          f"({', '.join(held)}), so there is nothing to resume; give another "
+                          f"--out, or remove it to reuse the name")
 
 
 def _missing(path: Path) -> list[Path]:
@@ -354,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("localnet: interrupted", file=sys.stderr)
         return 130
+    except DivergedError as exc:  # NaN: the message says which step, and how to go on
+        print(f"localnet: {exc}", file=sys.stderr)
+        return 1
     except (RuntimeError, TimeoutError, MemoryError) as exc:
         # a bad message (names the edge and step), a dead actor after its recoveries, a
         # silent peer: the run's saved work stays in its run directory

@@ -64,11 +64,13 @@ def _run_point(cfg, run_dir: Path) -> tuple[dict, str]:
     """One point (also in a worker process): its summary and status.  A point an earlier
     sweep left unfinished goes on from its last checkpoint (`sweep` checked that it ran
     this same config)."""
-    from .train import train
+    from .train import NonFiniteLossError, train
 
     try:
         return train(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
                      progress=False), "ok"
+    except NonFiniteLossError as exc:  # a result of the sweep (too high a rate), not a fault
+        return {}, f"diverged at step {exc.step} (NaN or inf; {run_dir.name}/steps.jsonl)"
     except Exception as exc:  # one bad point must not lose the others
         return {}, f"failed: {type(exc).__name__}: {exc}"
 

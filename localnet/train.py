@@ -27,6 +27,7 @@ import torch
 
 from .alloc import keep_freed_memory
 from .config import Config, ConfigError, dump_config
+from .errors import DivergedError
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
@@ -35,8 +36,51 @@ from .metrics import RunObserver
 from .progress import StartupStatus, TrainProgress
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(DivergedError):
+    """The run diverged at `step`; the message says where, and how to go on."""
+
+    def __init__(self, msg: str, step: int):
+        super().__init__(msg)
+        self.step = step
+
+    def __reduce__(self):  # a sweep point's worker process sends it back
+        return (type(self), (str(self), self.step))
+
+
+class _LossTrail:
+    """The losses a divergence message quotes, so a user can tell whether the last
+    checkpoint is worth going on from.  Step k's loss is computed on the weights that
+    step k-1 left, so a checkpoint saved at step s is judged by the loss of step s+1."""
+
+    def __init__(self, saved: int | None):
+        self.saved, self.on_saved = saved, None  # the last checkpoint's step; its loss
+        self.first = self.last = None  # (step, loss) of this process's first and last steps
+
+    def step(self, step: int, loss: float) -> None:
+        self.first = self.first or (step, loss)
+        self.last = (step, loss)
+        if self.saved == step - 1:
+            self.on_saved = loss
+
+    def diverged(self, what: str, step: int, epoch: int, cfg: Config,
+                 run_dir: Path) -> NonFiniteLossError:
+        lr = cfg.train.lr
+        msg = f"training diverged at step {step} (epoch {epoch}): {what}"
+        if self.first and self.last != self.first:
+            msg += f" (the loss: {self.first[1]:.4g} at step {self.first[0]}, " \
+                   f"{self.last[1]:.4g} at step {self.last[0]})"
+        again = f"start again at a smaller rate, for example --set train.lr={lr / 10:g} " \
+                f"(train.lr is {lr:g})"
+        if self.saved is None:
+            return NonFiniteLossError(f"{msg}.  No checkpoint was saved before it: {again}.", step)
+        if self.saved >= step - 1:  # its weights are the ones that gave NaN
+            return NonFiniteLossError(f"{msg}.  The last checkpoint (step {self.saved}) holds "
+                                      f"the weights that diverged: {again}.", step)
+        on = f" (the loss on its weights: {self.on_saved:.4g})" if self.on_saved is not None else ""
+        return NonFiniteLossError(
+            f"{msg}.  The last checkpoint is from step {self.saved}{on}.  To go on from it "
+            f"at a smaller rate (train.lr is {lr:g}): localnet run --resume {run_dir} "
+            f"--set train.lr={lr / 10:g}", step)
 
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -153,7 +197,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     ckpt = None
     if resume:  # read (and refuse) the checkpoint before anything in run_dir is written
         if not (run_dir / "checkpoint.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint.pt in {run_dir}")
+            raise FileNotFoundError(f"--resume: no checkpoint.pt in {run_dir}: the run stopped "
+                                    f"before its first one, so there is nothing to resume; "
+                                    f"start a new run (localnet run CONFIG)")
         ckpt = load_state(run_dir / "checkpoint.pt")
         done = finished_summary(run_dir, ckpt, cfg)
         if done is not None:  # a retried command: the run is final, leave it as it is
@@ -275,6 +321,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  "train_time": train_time, "samples": samples, **mid_epoch,
                  "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
         save_state(state, ckpt_path)
+        trail.saved = step
+    trail = _LossTrail(step if resume else None)
     if obs.url:
         bar.note(f"metrics: {obs.url}")
     crowded = ex.crowding()
@@ -300,14 +348,15 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                 lr = lr_at(cfg, epoch, i, steps_per_epoch)
                 record = cfg.metrics.alignment_every and step % cfg.metrics.alignment_every == 0
                 angles = obs.untimed(ex.bp_update_angles, x, y) if (record and cfg.metrics.bp_angle) else None
-                st = obs.timed_step(ex.train_step, x, y, lr, wd)
+                try:
+                    st = obs.timed_step(ex.train_step, x, y, lr, wd)
+                except DivergedError as err:  # between actors: an error or activation
+                    raise trail.diverged(err.what, step + 1, epoch, cfg, run_dir) from None
                 step += 1
                 told = _tell_recoveries(bar, ex, told)
                 if not math.isfinite(st.loss_sum):
-                    raise NonFiniteLossError(
-                        f"loss became {st.loss_sum} at step {step} (epoch {epoch}); the last good "
-                        f"checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}. "
-                        f"Try a smaller train.lr.")
+                    raise trail.diverged(f"the loss is {st.loss_sum}", step, epoch, cfg, run_dir)
+                trail.step(step, st.loss_sum / st.samples)
                 loss_sum, correct, seen = loss_sum + st.loss_sum, correct + st.correct, seen + st.samples
                 if record:
                     line = {"step": step, "epoch": epoch, "loss": st.loss_sum / st.samples, "lr": lr,

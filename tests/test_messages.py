@@ -1,5 +1,6 @@
 """Wire messages: typed, versioned headers; receiver-side validation; no parameters."""
 
+import pickle
 
 import msgpack
 import numpy as np
@@ -7,8 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from localnet.errors import DivergedError
 from localnet.runtime.messages import (ACTIVATION, ERROR, OUTPUT, SCHEMA_VERSION, TARGET, Control,
-                                       Header, Message, MessageError, all_finite, validate)
+                                       Header, Message, MessageError, NonFiniteMessage, all_finite,
+                                       validate)
 
 
 def _act(t=None, **kw):
@@ -97,6 +100,15 @@ def test_non_finite_error_is_rejected(bad):
         validate(m, ERROR, (4, 10), torch.float32)
     assert info.value.edge == "stage2->stage1" and info.value.step == 7
     assert "bad error message on edge stage2->stage1 at step 7" in str(info.value)
+    # a divergence, not a transport fault (the run's advice is about the rate), and it
+    # stays one through pickling (how it leaves an actor)
+    assert isinstance(info.value, DivergedError) and isinstance(info.value, NonFiniteMessage)
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is NonFiniteMessage and str(back) == str(info.value)
+    assert info.value.what.startswith("the error on edge stage2->stage1 (micro-batch 0): 1 of 40")
+    with pytest.raises(MessageError) as other:
+        validate(m, ERROR, (4, 11), torch.float32)
+    assert not isinstance(other.value, DivergedError)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from localnet.config import Config, RuntimeConfig
+from localnet.errors import DivergedError
 from localnet.runtime.messages import MessageError
 from localnet.runtime.testing import (batches, codec_on_every_edge, leaks, reference,
                                       state_diff, tensors_of)
@@ -245,6 +246,8 @@ def test_nan_in_error_fails_the_run_naming_edge_and_step(actors):
         ex.train_step(*data[1], 0.05, 0.0)
     assert info.value.edge == "stage2->stage1" and info.value.kind == "error"
     assert "bad error message on edge stage2->stage1 at step 2" in str(info.value)
+    # through Ray it is still a divergence, which the trainer words as one
+    assert isinstance(info.value, DivergedError)
 
 
 def test_nan_in_dfa_broadcast_error(actors):

@@ -67,6 +67,24 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert summary.stat().st_mtime_ns == stamp
 
 
+def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path):
+    """Too high a rate is what a sweep over rates finds: its row says where it diverged,
+    and the other points run and report as usual."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, max_steps: 4, lr: 0.05}\n"
+                   "metrics: {alignment_every: 1}\n")
+    lines = []
+    res = sweep(cfg, ["train.lr=1e12,0.05"], [], tmp_path / "s", log=lines.append)
+    rows = {r["point"]: r for r in res["rows"]}
+    bad, good = rows["train.lr-1e12"], rows["train.lr-0.05"]
+    step = len((tmp_path / "s" / "train.lr-1e12" / "steps.jsonl").read_text().splitlines()) + 1
+    assert bad["status"] == f"diverged at step {step} (NaN or inf; train.lr-1e12/steps.jsonl)"
+    assert good["status"] == "ok" and 0 <= good["test_accuracy"] <= 1
+    assert res["ran"] == ["train.lr-0.05"]
+    assert f"[sweep 1/2] train.lr-1e12: diverged at step {step}" in "\n".join(lines)
+
+
 def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):
     grid, vary = parse_grid(["rule.name=fa,kp"]), parse_grid(["channel.error.codec=int8",
                                                               "channel.error.drop=0.5,1.0"])

@@ -136,13 +136,52 @@ def test_a_resume_on_another_executor_names_it_and_changes_no_file(tmp_path, wro
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
-def test_nan_fails_clearly_and_keeps_checkpoint(tmp_path):
+def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path):
+    """A rate that blows up stops the run at the first non-finite loss, names the step,
+    quotes the losses, leaves the checkpoint as it was -- and the command it suggests
+    (resume at a tenth of the rate) does finish."""
+    from localnet.config import load_run_config
+
     train(small("rule.name=fa", "train.epochs=1"), tmp_path, progress=False)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(NonFiniteLossError, match="step"):
+    with pytest.raises(NonFiniteLossError) as info:
         train(small("rule.name=fa", "train.epochs=3", "train.lr=1e12"), tmp_path, resume=True,
               progress=False)
+    msg = str(info.value)
+    # the checkpoint's own weights gave the finite loss of step 17; the 1e12 update after
+    # it is what diverged, so it is worth going on from
+    assert re.search(r"diverged at step (1[89]|2\d) \(epoch 1\): the loss is (nan|inf)", msg)
+    assert "The last checkpoint is from step 16 (the loss on its weights: " in msg
+    assert msg.endswith(f"localnet run --resume {tmp_path} --set train.lr=1e+11")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    cfg, _ = load_run_config(tmp_path, ["train.epochs=2", "train.lr=0.05"])
+    summary = train(cfg, tmp_path, resume=True, progress=False)
+    assert summary["steps"] == 32 and summary["test_loss"] < 10
+
+
+@pytest.mark.parametrize("saved,says", [
+    (None, "No checkpoint was saved before it: start again at a smaller rate, for example "
+           "--set train.lr=0.5 (train.lr is 5)."),
+    (7, "The last checkpoint (step 7) holds the weights that diverged: start again"),
+    (6, "The last checkpoint is from step 6 (the loss on its weights: 40).  To go on from it "
+        "at a smaller rate (train.lr is 5): localnet run --resume RUN --set train.lr=0.5"),
+])
+def test_a_divergence_judges_the_checkpoint_by_the_loss_on_its_weights(saved, says):
+    """Step k's forward runs on the weights step k-1 left: a NaN at step 8 condemns a
+    checkpoint of step 7, not one of step 6 (whose weights step 7's finite loss tested)."""
+    from localnet.train import _LossTrail
+
+    trail = _LossTrail(None)
+    for step, loss in enumerate([2.5, 3.0, 5.0, 9.0, 20.0, 30.0, 40.0], start=1):
+        trail.step(step, loss)
+        if step == saved:
+            trail.saved = step
+    trail.saved = saved
+    err = trail.diverged("the loss is nan", 8, 0, small("train.lr=5"), Path("RUN"))
+    assert str(err).startswith("training diverged at step 8 (epoch 0): the loss is nan (the "
+                               "loss: 2.5 at step 1, 40 at step 7).")
+    assert says in str(err)
+    assert ("--resume" in str(err)) == (saved == 6)
 
 
 def test_schedules():
@@ -271,6 +310,29 @@ def test_a_new_run_into_a_directory_holding_a_run_changes_nothing(tmp_path, caps
                  "--out", str(tmp_path), "--no-progress"]) == 2
     assert f"continue it with: localnet run --resume {tmp_path}" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_says_what_to_do(tmp_path, capsys):
+    """One line, exit 1, naming the step and a smaller rate; its logs stay, and neither a
+    --resume nor a new run into the same --out touches them."""
+    from localnet.cli import main
+
+    run = ["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+           "--set", "train.lr=1e12", "--out", str(tmp_path / "r"), "--no-progress"]
+    assert main(run) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"localnet: training diverged at step \d+ \(epoch 0\): the loss is "
+                        r"(nan|inf)( \(the loss: .*\))?\.  No checkpoint was saved before it: start again at a "
+                        r"smaller rate, for example --set train.lr=1e\+11 \(train.lr is "
+                        r"1e\+12\)\.", err)
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    assert "steps.jsonl" in kept and "checkpoint.pt" not in kept
+    assert main(["run", "--resume", str(tmp_path / "r")]) == 2
+    assert "the run stopped before its first one, so there is nothing to resume" in \
+        capsys.readouterr().err
+    assert main(run) == 2
+    assert "holds a run that stopped before its first checkpoint" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == kept
 
 
 def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, capsys, monkeypatch):

@@ -177,8 +177,8 @@ class WireEnd:
         try:
             msg = Message.from_wire(raw, payload)
         except MessageError as err:
-            raise MessageError(err.reason, err.src if err.src != "?" else src, self.name,
-                               err.kind if err.kind != "?" else kind, err.step, err.mb) from None
+            raise type(err)(err.reason, err.src if err.src != "?" else src, self.name,
+                            err.kind if err.kind != "?" else kind, err.step, err.mb) from None
         if self.audit_enabled:
             self._audit.append({"src": msg.header.src, "dst": self.name, "kind": msg.header.kind,
                                 "detail": msg.header.detail, "step": msg.header.step,

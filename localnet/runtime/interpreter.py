@@ -133,7 +133,7 @@ def _recv(plane, want):
     except MessageError as err:  # the plane knows the edge; the interpreter what it waited for
         if err.kind != "?":
             raise
-        raise MessageError(err.reason, err.src, err.dst, kind, step, mb) from None
+        raise type(err)(err.reason, err.src, err.dst, kind, step, mb) from None
 
 
 def drive_all(gens: list, ends: list) -> list:

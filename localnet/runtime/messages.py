@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import DivergedError
 from .payload import dense, host, layout, on_device
 
 SCHEMA_VERSION = 2  # 2: `order`, the payload's layout
@@ -89,6 +90,16 @@ class MessageError(RuntimeError):
     def __reduce__(self):  # survives pickling through Ray
         return (type(self), (self.reason, self.src, self.dst, self.kind, self.step, self.mb,
                              self.t))
+
+
+class NonFiniteMessage(MessageError, DivergedError):
+    """A well-formed message whose values are NaN or inf: the run diverged upstream of this
+    edge.  Kept apart from a malformed message because its fix is the config, not the
+    runtime."""
+
+    @property
+    def what(self) -> str:
+        return f"the {self.kind} on edge {self.edge} (micro-batch {self.mb}): {self.reason}"
 
 
 # ------------------------------------------------------------------------------ header
@@ -271,7 +282,8 @@ def validate(msg: Message, expected_kind: str, expected_shape=None, dtype=None, 
         dev = isinstance(arr, torch.Tensor)
         n = arr.numel() if dev else arr.size
         good = int((torch if dev else np).isfinite(arr).sum())
-        raise h.error(f"{n - good} of {n} values are not finite (NaN/inf)", who)
+        raise NonFiniteMessage(f"{n - good} of {n} values are not finite (NaN/inf)", h.src,
+                               who or h.dst, h.kind, h.step, h.mb)
     return msg
 
 

@@ -218,8 +218,8 @@ def get(refs, timeout: float, what: str, waited: float = 0.0):
     except RayTaskError as err:
         cause = getattr(err, "cause", None)
         if isinstance(cause, MessageError):
-            raise MessageError(cause.reason, cause.src, cause.dst, cause.kind, cause.step,
-                               cause.mb) from None
+            raise type(cause)(cause.reason, cause.src, cause.dst, cause.kind, cause.step,
+                              cause.mb) from None
         raise RuntimeError(f"a stage actor failed during {what}: "
                            f"{type(cause).__name__ if cause else ''} {cause or err}") from err
     except RayActorError as err:
@@ -270,7 +270,7 @@ def gather(refs: list, timeout: float, what: str, order=None) -> list:
         own.sort(key=order or (lambda e: getattr(e, "t", float("inf"))))
         if own and isinstance(own[0], MessageError):
             e = own[0]
-            raise MessageError(e.reason, e.src, e.dst, e.kind, e.step, e.mb, e.t) from None
+            raise type(e)(e.reason, e.src, e.dst, e.kind, e.step, e.mb, e.t) from None
         if own and not isinstance(first, MessageError):
             raise RuntimeError(f"a stage actor failed during {what}: "
                                f"{type(own[0]).__name__} {own[0]}") from first
