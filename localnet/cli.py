@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -20,8 +22,28 @@ from .errors import DivergedError
 from .report import RunDirError
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM -- a scheduler's, `ray job stop`'s, a container's: the run stops as Ctrl-C
+    stops it, its last checkpoint kept and --resume named (Python would exit at once)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def _cmd_run(args) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)  # only the main thread may set a handler
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run(args) -> int:
     from .train import new_run_dir, train  # torch import only when needed
+
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -51,12 +73,13 @@ def _cmd_run(args) -> int:
         if not isinstance(exc, KeyboardInterrupt):
             raise
         # the step in progress is dropped; what the last checkpoint holds stays
-        print("localnet: interrupted; " + (
+        term = isinstance(exc, _Terminated)
+        print(f"localnet: {'terminated (SIGTERM)' if term else 'interrupted'}; " + (
             f"resume from the last checkpoint with: localnet run --resume {run_dir}"
             if (run_dir / "checkpoint.pt").exists() else
             f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
             "it had not trained yet, so nothing was kept"), file=sys.stderr)
-        return 130
+        return 143 if term else 130  # 128 + the signal, as a shell reports it
     if summary.get("finished"):
         print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
               f"epochs); nothing to resume, nothing changed.  Its summary: "

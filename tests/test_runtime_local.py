@@ -893,6 +893,55 @@ def test_an_address_where_no_cluster_answers_is_an_error_naming_it(monkeypatch):
         session.ensure_ray(RuntimeConfig(address="auto"))
 
 
+def test_the_process_keeps_its_sigterm_handler_over_ray_init(monkeypatch):
+    """ray.init makes SIGTERM a bare exit: a handler the process had (`localnet run`'s,
+    which stops the run as Ctrl-C does) is put back, and a SIGTERM that came during
+    ray.init reaches it, after Ray's half-started processes are shut down."""
+    import signal
+
+    import ray
+
+    from localnet.runtime import session
+
+    class Stop(Exception):
+        pass
+
+    def ours(signum, frame):
+        raise Stop
+
+    def rays(signum, frame):
+        sys.exit(signum)
+
+    def init(**kw):  # what ray.init does to the handler
+        signal.signal(signal.SIGTERM, rays)
+
+    def init_hit(**kw):  # ... and a SIGTERM while it starts the node
+        init()
+        rays(signal.SIGTERM, None)
+
+    shut = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(1))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        monkeypatch.setattr(ray, "init", init)
+        assert session.ensure_ray(RuntimeConfig()) is True
+        assert signal.getsignal(signal.SIGTERM) is ours and shut == []
+        monkeypatch.setattr(ray, "init", init_hit)
+        with pytest.raises(Stop):
+            session.ensure_ray(RuntimeConfig())
+        assert signal.getsignal(signal.SIGTERM) is ours and shut == [1]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # no handler of its own: Ray's stays
+        with pytest.raises(SystemExit):
+            session.ensure_ray(RuntimeConfig())
+        monkeypatch.setattr(ray, "init", init)
+        session.ensure_ray(RuntimeConfig())
+        assert signal.getsignal(signal.SIGTERM) is rays
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_actors_the_cluster_can_never_hold_are_refused_before_placement():
     """Identical bundles, each on one node: counted per node, never pooled across nodes."""
     from localnet.runtime.session import places, unplaceable

@@ -221,9 +221,12 @@ def test_cli_run_and_rules(tmp_path):
     assert "Li & Benna" in rules.stdout
 
 
-def test_ctrl_c_ends_a_run_with_one_line_and_its_checkpoint_kept(tmp_path):
-    """Ctrl-C in the middle of a run: no traceback; the line says how to resume, and the
-    checkpoint it points to is intact."""
+@pytest.mark.parametrize("sig,code,says", [("SIGINT", 130, "interrupted"),
+                                           ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_ends_a_run_with_one_line_and_its_checkpoint_kept(tmp_path, sig, code, says):
+    """Ctrl-C in the middle of a run -- or SIGTERM, what a scheduler or `ray job stop`
+    sends: no traceback; the line says how to resume, and the checkpoint it points to is
+    intact."""
     import signal
     import time
 
@@ -239,13 +242,13 @@ def test_ctrl_c_ends_a_run_with_one_line_and_its_checkpoint_kept(tmp_path):
             time.sleep(0.2)
         assert (out / "checkpoint.pt").exists() and proc.poll() is None
         time.sleep(0.5)  # into the next epoch
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
-    assert f"localnet: interrupted; resume from the last checkpoint with: localnet run --resume {out}" in err
+    assert f"localnet: {says}; resume from the last checkpoint with: localnet run --resume {out}" in err
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] >= 256 // 64
 

@@ -152,7 +152,10 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                 say("connecting the actors' data plane")
             self._open_plane()
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - e.g. Ray half-imported when Ctrl-C came:
+                pass           # what stopped the start-up is the error to report
             raise
         phases["plane"] = time.perf_counter()
         self.startup_s = time.perf_counter() - t0  # until every actor is ready

@@ -7,9 +7,12 @@ per batch.  Activations and errors do not go through Ray (`plane.py`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +56,34 @@ def ensure_ray(runtime) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    with _own_sigterm():
+        _init(ray, runtime)
+    return True
+
+
+@contextlib.contextmanager
+def _own_sigterm():
+    """ray.init makes SIGTERM a bare exit, and Ray's core worker dumps a stack for it: a
+    SIGTERM handler the process had set before (`localnet run` stops as Ctrl-C stops it,
+    keeping the checkpoint and naming --resume) is put back over both."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    except SystemExit as exc:  # Ray's handler, for a SIGTERM that came during ray.init
+        if exc.code != signal.SIGTERM or not callable(before):
+            raise
+        import ray
+
+        ray.shutdown()  # what it had started (its agents outlive a bare exit)
+        before(signal.SIGTERM, None)
+        raise
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init(ray, runtime) -> None:
     address = cluster_address(runtime)
     if address:
         where = f"{'runtime.address' if runtime.address else '$RAY_ADDRESS'}={address}"
@@ -76,7 +107,6 @@ def ensure_ray(runtime) -> bool:
         ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=runtime.local_object_store_mb << 20,
                  logging_level=logging.ERROR)
-    return True
 
 
 def run_tasks(fn, jobs: list[tuple], runtime, *, log, failed) -> dict:
