@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -166,15 +167,44 @@ def _cmd_validate(args) -> int:
             where = f"; runtime.partition makes {actors} actors"
         if mem:
             where += f", about {mem['total_mb']} MB in all"
-            here = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
-            if not cfg.runtime.address and mem["total_mb"] > here:
-                raise ConfigError(
-                    f"runtime.partition makes {actors} actors, estimated at {mem['total_mb']} "
-                    f"MB in all (the largest {mem['per_actor_mb_max']} MB), more than this "
-                    f"machine's {here} MB: the embedded Ray would refuse it.  Use fewer, "
-                    f"larger actors ('{{stages: N}}'), or a cluster (runtime.address)")
+            _fits_this_machine(cfg, actors, mem)
         print(f"{args.config}: ok ({cfg.rule.name} / {cfg.model.name} / {cfg.data.name}{where})")
     return 0
+
+
+def _fits_this_machine(cfg, actors: int, mem: dict) -> None:
+    """An embedded Ray has this machine and no more: what its actors ask for in memory
+    and GPUs is checked here, before a run finds out at placement."""
+    from .runtime.session import cluster_address
+
+    if cluster_address(cfg.runtime):
+        return
+    here = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    if mem["total_mb"] > here:
+        raise ConfigError(
+            f"runtime.partition makes {actors} actors, estimated at {mem['total_mb']} MB in "
+            f"all (the largest {mem['per_actor_mb_max']} MB), more than this machine's {here} "
+            f"MB: the embedded Ray would refuse it.  Use fewer, larger actors "
+            f"('{{stages: N}}'), or a cluster (runtime.address)")
+    each = cfg.runtime.num_gpus
+    if each:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        share = gpus / actors
+        if share:  # rounded down, so that the shares fit
+            unit = 10.0 ** (math.floor(math.log10(share)) - 2)
+            share = math.floor(share / unit) * unit
+        if actors * each > gpus + 1e-9:
+            raise ConfigError(
+                f"runtime.num_gpus: {actors} actors asking for {each:g} GPU each need "
+                f"{actors * each:g} GPUs; this machine has {gpus}, and the embedded Ray offers "
+                f"only those.  Ask for a fraction (runtime.num_gpus={share:.3g} shares "
+                f"them), use fewer actors ('{{stages: N}}'), or a cluster (runtime.address)"
+                if gpus else
+                f"runtime.num_gpus: {each:g} asked for each actor, but this machine has no GPU "
+                f"that torch can see; leave runtime.num_gpus at 0 here, or use a cluster "
+                f"(runtime.address)")
 
 
 def _cmd_rules(args) -> int:

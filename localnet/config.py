@@ -530,6 +530,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _read_yaml(path) -> dict:
     path = Path(path)
+    if path.is_dir():  # a run directory, say: its config is one file in it
+        yaml_files = sorted(path.glob("*.yaml"))
+        raise ConfigError(f"{path} is a directory, not a config file" + (
+            f"; it holds {', '.join(f.name for f in yaml_files[:3])}" if yaml_files else "")
+            + (f"; a run directory goes on with: localnet run --resume {path}"
+               if (path / "checkpoint.pt").exists() else ""))
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

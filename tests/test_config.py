@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from localnet.config import ConfigError, load_config
 
@@ -227,3 +228,42 @@ def test_validate_estimates_the_actors_memory_and_refuses_what_this_machine_cann
         capsys.readouterr().err
     assert main(["validate", str(ROOT / "configs/resnet_pfa.yaml"), "--set",
                  "runtime.address=10.0.0.1:6379"]) == 0  # a cluster's memory is its own
+
+
+@pytest.mark.parametrize("gpus,each,says", [
+    (0, "1", "1 asked for each actor, but this machine has no GPU that torch can see"),
+    (4, "1", "11 actors asking for 1 GPU each need 11 GPUs; this machine has 4, and the "
+             "embedded Ray offers only those.  Ask for a fraction (runtime.num_gpus=0.363"),
+    (4, "0.363", None),  # 11 x 0.363 = 3.99: fits
+    (1, "0.1", "need 1.1 GPUs; this machine has 1"),
+])
+def test_validate_refuses_gpus_the_embedded_ray_cannot_offer(capsys, monkeypatch, gpus, each,
+                                                             says):
+    """On the embedded Ray, the actors' GPUs are this machine's: asking for more is an
+    error at validate (a run would stop at placement); a cluster's GPUs are its own."""
+    from localnet.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["validate", str(ROOT / "configs/resnet_pfa.yaml"), "--set",
+            f"runtime.num_gpus={each}", "--set", "train.device=cuda"]
+    assert main(args) == (2 if says else 0)
+    err = capsys.readouterr().err
+    assert says is None or says in err
+    assert main(args + ["--set", "runtime.address=10.0.0.1:6379"]) == 0
+
+
+def test_a_directory_given_as_the_config_names_what_it_holds(tmp_path):
+    """`localnet run configs/` or a run directory instead of its config: the error says
+    it is a directory, names the YAML files in it, and for a run the --resume command."""
+    with pytest.raises(ConfigError, match=r"configs is a directory, not a config file; it "
+                                          r"holds cifar10_resnet20.yaml, mnist_mlp.yaml"):
+        load_config(ROOT / "configs")
+    (tmp_path / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert str(info.value).endswith(f"it holds config.yaml; a run directory goes on with: "
+                                    f"localnet run --resume {tmp_path}")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
