@@ -45,7 +45,7 @@ class TrainProgress:
             self._progress.start()
 
     def update(self, loss: float, acc: float, samples_per_s: float) -> None:
-        self._progress.update(self._task, advance=1, loss=f"{loss:.3f}", acc=f"{acc:.3f}",
+        self._progress.update(self._task, advance=1, loss=_loss(loss), acc=f"{acc:.3f}",
                               sps=f"{samples_per_s:.0f}")
 
     def note(self, text: str) -> None:
@@ -53,10 +53,20 @@ class TrainProgress:
         off too."""
         self._progress.console.print(text)
 
-    def epoch_done(self, epoch: int, test_acc: float) -> None:
+    def epoch_done(self, epoch: int, epochs: int, line: dict, seconds: float) -> None:
+        """One line per epoch above the bar: what a long run's log is read for."""
         if self.enabled:
-            self._progress.console.print(f"epoch {epoch}: test accuracy {test_acc:.4f}")
+            self._progress.console.print(
+                f"epoch {epoch + 1}/{epochs}: train loss {_loss(line['train_loss'])}  "
+                f"test loss {_loss(line['test_loss'])}  test accuracy "
+                f"{line['test_accuracy']:.4f}  ({seconds:.0f} s)")
 
     def close(self) -> None:
         if self.enabled:
             self._progress.stop()
+
+
+def _loss(x: float) -> str:
+    """Three decimals, as long as that stays short: a diverging loss is 7.44e+18, not
+    nineteen digits that push the rest of the bar off the line."""
+    return f"{x:.3f}" if abs(x) < 1e4 else f"{x:.3g}"

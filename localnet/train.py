@@ -65,7 +65,7 @@ class _LossTrail:
     def diverged(self, what: str, step: int, epoch: int, cfg: Config,
                  run_dir: Path) -> NonFiniteLossError:
         lr = cfg.train.lr
-        msg = f"training diverged at step {step} (epoch {epoch}): {what}"
+        msg = f"training diverged at step {step} (epoch {epoch + 1} of {cfg.train.epochs}): {what}"
         if self.first and self.last != self.first:
             msg += f" (the loss: {self.first[1]:.4g} at step {self.first[0]}, " \
                    f"{self.last[1]:.4g} at step {self.last[0]})"
@@ -387,7 +387,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             metrics_f.write(json.dumps(line) + "\n")
             metrics_f.flush()
             obs.epoch_end(line, samples_seen)
-            bar.epoch_done(epoch, test_acc)
+            bar.epoch_done(epoch, t.epochs, last, time.perf_counter() - tic)
             epochs_done = epoch + 1
             save(epoch, step, train_time, samples_seen)
     except BaseException:

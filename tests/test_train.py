@@ -150,7 +150,7 @@ def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path):
     msg = str(info.value)
     # the checkpoint's own weights gave the finite loss of step 17; the 1e12 update after
     # it is what diverged, so it is worth going on from
-    assert re.search(r"diverged at step (1[89]|2\d) \(epoch 1\): the loss is (nan|inf)", msg)
+    assert re.search(r"diverged at step (1[89]|2\d) \(epoch 2 of 3\): the loss is (nan|inf)", msg)
     assert "The last checkpoint is from step 16 (the loss on its weights: " in msg
     assert msg.endswith(f"localnet run --resume {tmp_path} --set train.lr=1e+11")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
@@ -178,10 +178,25 @@ def test_a_divergence_judges_the_checkpoint_by_the_loss_on_its_weights(saved, sa
             trail.saved = step
     trail.saved = saved
     err = trail.diverged("the loss is nan", 8, 0, small("train.lr=5"), Path("RUN"))
-    assert str(err).startswith("training diverged at step 8 (epoch 0): the loss is nan (the "
+    assert str(err).startswith("training diverged at step 8 (epoch 1 of 2): the loss is nan (the "
                                "loss: 2.5 at step 1, 40 at step 7).")
     assert says in str(err)
     assert ("--resume" in str(err)) == (saved == 6)
+
+
+def test_the_progress_display_keeps_a_diverging_loss_short_and_reports_each_epoch(capsys):
+    """A loss of 7e18 is 7.44e+18 on the bar, not nineteen digits that push the rest off
+    the line; each epoch's line has its number out of all, losses, accuracy and time."""
+    from localnet.progress import TrainProgress, _loss
+
+    assert (_loss(2.302585), _loss(9999.4), _loss(7.441e18), _loss(float("nan"))) == \
+        ("2.303", "9999.400", "7.44e+18", "nan")
+    bar = TrainProgress(10, enabled=True)
+    bar.epoch_done(2, 40, {"train_loss": 1.23456, "test_loss": 1.5, "test_accuracy": 0.4213},
+                   41.6)
+    bar.close()
+    assert "epoch 3/40: train loss 1.235  test loss 1.500  test accuracy 0.4213  (42 s)" in \
+        capsys.readouterr().err
 
 
 def test_schedules():
@@ -324,7 +339,7 @@ def test_a_run_that_diverged_before_its_first_checkpoint_says_what_to_do(tmp_pat
            "--set", "train.lr=1e12", "--out", str(tmp_path / "r"), "--no-progress"]
     assert main(run) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"localnet: training diverged at step \d+ \(epoch 0\): the loss is "
+    assert re.fullmatch(r"localnet: training diverged at step \d+ \(epoch 1 of 40\): the loss is "
                         r"(nan|inf)( \(the loss: .*\))?\.  No checkpoint was saved before it: start again at a "
                         r"smaller rate, for example --set train.lr=1e\+11 \(train.lr is "
                         r"1e\+12\)\.", err)
