@@ -77,7 +77,16 @@ class Run:
                 "samples_per_s": s.get("samples_per_s"),
                 "bytes_per_sample": bps,
                 "executor": (s.get("runtime") or {}).get("executor")
-                            or (self.config.get("runtime") or {}).get("executor")}
+                            or (self.config.get("runtime") or {}).get("executor"),
+                "state": self.state()}
+
+    def state(self) -> str:
+        """"done" (a summary was written), else the last step its logs reach: a run
+        still going, or one stopped (killed, diverged) before its end."""
+        if self.summary:
+            return "done"
+        last = max((int(r.get("step", 0)) for r in self.steps + self.epochs), default=0)
+        return f"at step {last}" if last else "no step"
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -270,16 +279,21 @@ def _fmt(v, spec: str) -> str:
 def table(runs: list[Run]):
     from rich.table import Table
 
-    t = Table(title="runs (alignment: mean over layers of the final angle(W, feedback))")
-    for col, just in (("run", "left"), ("rule", "left"), ("test acc", "right"),
-                      ("align. deg", "right"), ("samples/s", "right"),
-                      ("bytes/sample", "right")):
+    rows = [run.row() for run in runs]
+    unfinished = any(r["state"] != "done" for r in rows)
+    t = Table(title="runs (alignment: mean over layers of the final angle(W, feedback))",
+              caption="state \"at step N\": no summary yet -- a run still going, or stopped "
+                      "before its end (test acc: its last epoch's; localnet run --resume "
+                      "continues it)"
+              if unfinished else None)
+    cols = [("run", "left"), ("rule", "left"), ("test acc", "right"), ("align. deg", "right"),
+            ("samples/s", "right"), ("bytes/sample", "right")]
+    for col, just in cols + ([("state", "left")] if unfinished else []):
         t.add_column(col, justify=just, overflow="fold")
-    for run in runs:
-        r = run.row()
+    for r in rows:
         t.add_row(r["run"], r["rule"], _fmt(r["test_accuracy"], ".4f"),
                   _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),
-                  _fmt(r["bytes_per_sample"], ",.0f"))
+                  _fmt(r["bytes_per_sample"], ",.0f"), *([r["state"]] if unfinished else []))
     return t
 
 

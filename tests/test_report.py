@@ -79,6 +79,8 @@ def test_report_writes_plots_and_rows(runs, tmp_path):
     assert pfa["rule"] == "pfa" and pfa["alignment_deg"] == 60.0
     assert pfa["bytes_per_sample"] == pytest.approx((300 + 8000) / 64)  # eval bytes left out
     assert live["rule"] == "?" and live["test_accuracy"] is None
+    # a run with no summary says how far its logs reach (the half-written line is not a step)
+    assert (fa["state"], pfa["state"], live["state"]) == ("done", "done", "at step 1")
     assert load_run(runs / "live").alignment_series()["head"] == [(1, 40.0)]
 
 
@@ -88,6 +90,10 @@ def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, caps
     for word in ("rule", "test acc", "samples/s", "bytes/sample", "fa", "pfa", "0.7000", "130",
                  "curves.png", "messages.png"):
         assert word in out, word
+    assert "state" not in out  # every run is done: no column for it
+    assert main(["report", str(runs / "fa"), str(runs / "live"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "state" in out and "at step 1" in out and "no summary yet" in out
     assert main(["report", str(runs / "fa"), "--json", "--out", str(tmp_path / "one")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [r["rule"] for r in doc["rows"]] == ["fa"]
