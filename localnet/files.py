@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 
@@ -49,7 +50,24 @@ def save_state(state, path) -> None:
     """torch.save, atomically.  `state` must be data (see load_state)."""
     import torch  # here: the modules that only write json need no torch
 
-    atomic_write(path, lambda p: torch.save(state, p))
+    try:
+        atomic_write(path, lambda p: torch.save(state, p))
+    except RuntimeError as err:  # torch's writer reports a short write as "unexpected pos"
+        raise _unwritable(path, str(err).splitlines()[0]) from None
+    except OSError as err:
+        raise _unwritable(path, err.strerror or str(err)) from None
+
+
+def _unwritable(path, why: str) -> OSError:
+    """A state file that could not be written, with what a user checks first: the free
+    space where it goes.  The file it would have replaced is untouched (atomic_write)."""
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there"
+    except OSError:
+        free = "its directory cannot be read"
+    return OSError(f"cannot write {path} ({why}; {free}: a full disk or quota?).  The file "
+                   f"it would have replaced, if any, is unchanged")
 
 
 def load_state(path, what: str = "checkpoint"):

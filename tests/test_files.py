@@ -7,6 +7,7 @@ loader, and the marker must never appear.
 
 import builtins
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,23 @@ def test_resume_refuses_a_malicious_checkpoint(tmp_path, capsys):
     assert "Traceback" not in err
     assert not (tmp_path / "marker").exists()
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing lost
+
+
+def test_a_state_file_that_cannot_be_written_names_it_and_keeps_the_old_one(tmp_path,
+                                                                           monkeypatch):
+    """torch.save's short write (a full disk) is a RuntimeError about "unexpected pos":
+    it becomes an OSError naming the file and the free space there, and the file it was
+    to replace is as it was."""
+    path = tmp_path / "checkpoint.pt"
+    save_state({"w": torch.ones(3)}, path)
+
+    def short_write(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(path))} \(\[enforce fail.*"
+                                      r"unexpected pos 64 vs 0; \d+ MB free there: a full disk"):
+        save_state({"w": torch.zeros(3)}, path)
+    assert torch.equal(load_state(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left

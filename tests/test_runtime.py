@@ -504,6 +504,38 @@ def test_recovery_refuses_a_checkpoint_that_would_run_code(actors, spawner, tmp_
         ex.detach_actors()
 
 
+def test_a_checkpoint_an_actor_cannot_write_is_the_machines_error_and_keeps_the_last(
+        actors, spawner, tmp_path):
+    """An actor whose file cannot be written (a full disk, here a directory in its way):
+    an OSError naming the file, as the CLI shows the machine's errors; the unfinished
+    generation is removed, the last whole one stays the one the manifest names."""
+    import json
+
+    from localnet.runtime.checkpoint import CHECKPOINT_DIR
+
+    cfg = cfg_for("fa", "1f1b")
+    data = batches(3, BS, SHAPE, NC, seed=14)
+    ex = RayExecutor(cfg, SHAPE, NC, actors=actors)
+    try:
+        ex.train_step(*data[0], 0.05, 1e-3)
+        first = ex.save_state(tmp_path)
+        ex.train_step(*data[1], 0.05, 1e-3)
+        root = tmp_path / CHECKPOINT_DIR
+        blocked = root / "step-000000002" / "stage1.pt"
+        blocked.mkdir(parents=True)
+        with pytest.raises(OSError, match=rf"during checkpoint, on an actor: cannot write "
+                                          rf"{blocked} \(.*MB free there"):
+            ex.save_state(tmp_path)
+        assert not (root / "step-000000002").exists()
+        assert json.loads((root / "manifest.json").read_text())["generation"] == \
+            Path(first["checkpoint"]).name
+        ex.train_step(*data[2], 0.05, 1e-3)  # and the run goes on
+    finally:
+        for i in ex._owned:
+            spawner.workers[i] = ex.workers[i]
+        ex.detach_actors()
+
+
 # ---------------------------------------------------------------------------- train()
 def test_train_on_ray_checkpoints_per_actor_and_summarises(ray_session, tmp_path):
     import json

@@ -26,7 +26,12 @@ def save(ex, run_dir) -> tuple[Path, dict]:
     generation's directory and its manifest."""
     root = Path(run_dir).resolve() / CHECKPOINT_DIR
     gen = root / f"step-{ex._step:09d}"
-    receipts = ex._get([w.save_checkpoint.remote(str(gen)) for w in ex.workers], "checkpoint")
+    try:
+        receipts = ex._get([w.save_checkpoint.remote(str(gen)) for w in ex.workers],
+                           "checkpoint")
+    except BaseException:  # a generation without its manifest is never read: free its space
+        shutil.rmtree(gen, ignore_errors=True)
+        raise
     manifest = {"version": 1, "run_id": ex.run_id, "step": ex._step, "time": time.time(),
                 "schedule": ex.schedule_name, "micro_batches": ex.micro_batches,
                 **ex._layout(), "actors": receipts, "bytes": sum(r["bytes"] for r in receipts)}

@@ -250,6 +250,8 @@ def get(refs, timeout: float, what: str, waited: float = 0.0):
         if isinstance(cause, MessageError):
             raise type(cause)(cause.reason, cause.src, cause.dst, cause.kind, cause.step,
                               cause.mb) from None
+        if isinstance(cause, OSError):  # the machine's (a full disk): the CLI's one line
+            raise OSError(f"during {what}, on an actor: {cause}") from None
         raise RuntimeError(f"a stage actor failed during {what}: "
                            f"{type(cause).__name__ if cause else ''} {cause or err}") from err
     except RayActorError as err:
