@@ -417,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (RuntimeError, TimeoutError, MemoryError) as exc:
         # a bad message (names the edge and step), a dead actor after its recoveries, a
-        # silent peer: the run's saved work stays in its run directory
-        print(f"localnet: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # silent peer: the run's saved work stays in its run directory.  Our own errors'
+        # messages say what happened; another library's need its class to be read.
+        ours = type(exc).__module__.startswith("localnet.")
+        print(f"localnet: {'' if ours else type(exc).__name__ + ': '}{exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the machine's, not ours: a full disk, a read-only mount
         print(f"localnet: {exc}", file=sys.stderr)
