@@ -353,6 +353,30 @@ def test_a_run_that_diverged_before_its_first_checkpoint_says_what_to_do(tmp_pat
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == kept
 
 
+@pytest.mark.parametrize("raised,says", [
+    ("ours", "localnet: no Ray cluster at runtime.address=x:1: nothing answers"),
+    ("theirs", "localnet: RuntimeError: CUDA error: out of memory"),
+])
+def test_a_runtime_error_is_one_line_named_by_class_only_when_not_ours(tmp_path, capsys,
+                                                                       monkeypatch, raised,
+                                                                       says):
+    """localnet's own errors say what happened; a library's RuntimeError needs its class
+    to be read.  Either way: one line, exit 1, no traceback."""
+    import localnet.train as T
+    from localnet.cli import main
+    from localnet.runtime.session import ClusterUnreachable
+
+    def fail(*a, **k):
+        raise (ClusterUnreachable("no Ray cluster at runtime.address=x:1: nothing answers")
+               if raised == "ours" else RuntimeError("CUDA error: out of memory"))
+
+    monkeypatch.setattr(T, "build", fail)
+    assert main(["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == says and "Traceback" not in "\n".join(err)
+
+
 def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, capsys, monkeypatch):
     import localnet.train as T
     from localnet.cli import main
