@@ -13,6 +13,7 @@ import copy
 import hashlib
 import io
 import os
+import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .files import load_state, save_state
+from .files import UnwritableError, load_state, save_state
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
 
@@ -271,7 +272,12 @@ def load_cifar_tree(src: Path) -> dict:
     t0 = time.time()
     data = _decode_tree(src)
     data["source"], data["decode_s"] = str(src), time.time() - t0
-    save_state(data, path)  # atomic: parallel workers never read a half-written file
+    try:
+        save_state(data, path)  # atomic: parallel workers never read a half-written file
+    except UnwritableError as err:  # the data is decoded: no cache costs time only
+        print(f"localnet: cannot cache the decoded CIFAR-10 at {err.path} ({err.why}), so the "
+              f"next run decodes it again; $LOCALNET_CACHE names a writable folder for it",
+              file=sys.stderr)
     return data
 
 

@@ -14,6 +14,7 @@ only, and a file holding anything else is refused before any of it runs.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -53,21 +54,33 @@ def save_state(state, path) -> None:
     try:
         atomic_write(path, lambda p: torch.save(state, p))
     except RuntimeError as err:  # torch's writer reports a short write as "unexpected pos"
-        raise _unwritable(path, str(err).splitlines()[0]) from None
+        raise _unwritable(path, str(err).splitlines()[0], full=True) from None
     except OSError as err:
-        raise _unwritable(path, err.strerror or str(err)) from None
+        raise _unwritable(path, err.strerror or str(err),
+                          full=err.errno in (errno.ENOSPC, errno.EDQUOT)) from None
 
 
-def _unwritable(path, why: str) -> OSError:
-    """A state file that could not be written, with what a user checks first: the free
-    space where it goes.  The file it would have replaced is untouched (atomic_write)."""
+class UnwritableError(OSError):
+    """A state file that could not be written: `path`, and `why`."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"cannot write {path} ({why}).  The file it would have replaced, "
+                         f"if any, is unchanged")
+        self.path, self.why = path, why
+
+
+def _unwritable(path, why: str, full: bool) -> UnwritableError:
+    """A state file that could not be written; for a short write, what a user checks
+    first: the free space where it goes.  The file it would have replaced is untouched
+    (atomic_write)."""
     path = Path(path)
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there"
-    except OSError:
-        free = "its directory cannot be read"
-    return OSError(f"cannot write {path} ({why}; {free}: a full disk or quota?).  The file "
-                   f"it would have replaced, if any, is unchanged")
+    if full:
+        try:
+            why += f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there: a " \
+                   f"full disk or quota?"
+        except OSError:
+            pass
+    return UnwritableError(path, why)
 
 
 def load_state(path, what: str = "checkpoint"):

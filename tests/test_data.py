@@ -223,6 +223,20 @@ def test_cifar_folder_and_tar(tmp_path, monkeypatch):
     assert torch.equal(again.train.x, b.train.x)
 
 
+def test_a_cache_that_cannot_be_written_costs_a_note_not_the_run(tmp_path, monkeypatch,
+                                                                  capsys):
+    """The images are decoded either way: a cache folder that cannot be made is one line
+    naming it and $LOCALNET_CACHE, and the data is the same."""
+    (tmp_path / "not-a-dir").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("LOCALNET_CACHE", str(tmp_path / "not-a-dir"))
+    truth = make_tree(tmp_path / "a" / "cifar10")
+    b = load_data("cifar10", root=str(tmp_path / "a"))
+    assert torch.equal(b.train.x[0], truth[("train", "cat", 0)])
+    err = capsys.readouterr().err
+    assert f"localnet: cannot cache the decoded CIFAR-10 at {tmp_path / 'not-a-dir'}/cifar10-" \
+        in err and "$LOCALNET_CACHE names a writable folder" in err
+
+
 # -----------------------------------------------------------------------------
 # errors and paths
 
