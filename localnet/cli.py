@@ -19,7 +19,6 @@ from rich.table import Table
 
 from .config import ConfigError, dump_config, load_config, load_run_config
 from .data import DatasetError
-from .errors import DivergedError
 from .report import RunDirError
 
 
@@ -44,7 +43,6 @@ def _cmd_run(args) -> int:
 
 def _run(args) -> int:
     from .train import new_run_dir, train  # torch import only when needed
-
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -412,13 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("localnet: interrupted", file=sys.stderr)
         return 130
-    except DivergedError as exc:  # NaN: the message says which step, and how to go on
-        print(f"localnet: {exc}", file=sys.stderr)
-        return 1
     except (RuntimeError, TimeoutError, MemoryError) as exc:
-        # a bad message (names the edge and step), a dead actor after its recoveries, a
-        # silent peer: the run's saved work stays in its run directory.  Our own errors'
-        # messages say what happened; another library's need its class to be read.
+        # a divergence, a bad message (names the edge and step), a dead actor after its
+        # recoveries, a silent peer: the run's saved work stays in its run directory.  Our
+        # own errors' messages say what happened; another library's need its class read.
         ours = type(exc).__module__.startswith("localnet.")
         print(f"localnet: {'' if ours else type(exc).__name__ + ': '}{exc}", file=sys.stderr)
         return 1

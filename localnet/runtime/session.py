@@ -75,7 +75,7 @@ def _own_sigterm():
             raise
         import ray
 
-        ray.shutdown()  # what it had started (its agents outlive a bare exit)
+        ray.shutdown()  # what it had started so far
         before(signal.SIGTERM, None)
         raise
     finally:
