@@ -19,6 +19,7 @@ from rich.table import Table
 
 from .config import ConfigError, dump_config, load_config, load_run_config
 from .data import DatasetError
+from .errors import DivergedError
 from .report import RunDirError
 
 
@@ -70,6 +71,10 @@ def _run(args) -> int:
         if not args.resume and fresh:
             _drop_if_unstarted(run_dir, made)
         if not isinstance(exc, KeyboardInterrupt):
+            if (run_dir / "checkpoint.pt").exists() and \
+                    not isinstance(exc, (ConfigError, DivergedError)):  # these say what to do
+                exc.add_note(f"its last checkpoint is kept; once that is fixed, go on from it "
+                             f"with: localnet run --resume {run_dir}")
             raise
         # the step in progress is dropped; what the last checkpoint holds stays
         term = isinstance(exc, _Terminated)
@@ -415,10 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         # recoveries, a silent peer: the run's saved work stays in its run directory.  Our
         # own errors' messages say what happened; another library's need its class read.
         ours = type(exc).__module__.startswith("localnet.")
-        print(f"localnet: {'' if ours else type(exc).__name__ + ': '}{exc}", file=sys.stderr)
+        _say(f"{'' if ours else type(exc).__name__ + ': '}{exc}", exc)
         return 1
     except OSError as exc:  # the machine's, not ours: a full disk, a read-only mount
-        print(f"localnet: {exc}", file=sys.stderr)
+        _say(str(exc), exc)
         return 1
     except Exception as exc:  # a bug: one line for the user, the traceback kept for a report
         if os.environ.get("LOCALNET_DEBUG"):
@@ -427,9 +432,16 @@ def main(argv: list[str] | None = None) -> int:
                                          delete=False) as f:
             f.write(f"{_versions()}\n{' '.join(sys.argv)}\n\n")  # what a report needs
             traceback.print_exc(file=f)
-        print(f"localnet: unexpected {type(exc).__name__}: {exc}\n(a bug in localnet: the "
-              f"traceback is in {f.name}; LOCALNET_DEBUG=1 prints it)", file=sys.stderr)
+        _say(f"unexpected {type(exc).__name__}: {exc}\n(a bug in localnet: the traceback is in "
+             f"{f.name}; LOCALNET_DEBUG=1 prints it)", exc)
         return 1
+
+
+def _say(line: str, exc: BaseException) -> None:
+    """An error for the user, and what `run` added to it (where its saved work is)."""
+    print(f"localnet: {line}", file=sys.stderr)
+    for note in getattr(exc, "__notes__", ()):
+        print(f"localnet: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -410,6 +410,36 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, caps
     assert "localnet: [Errno 28] No space left on device" in err and "localnet: unexpected" not in err
 
 
+def test_a_run_that_fails_after_a_checkpoint_names_the_resume_command(tmp_path, capsys,
+                                                                       monkeypatch):
+    """A failure mid-run (a peer that went silent, say) is its one line, then where the
+    saved work is and the command that goes on from it -- which does."""
+    from localnet.cli import main
+    from localnet.engine import InProcessExecutor
+
+    step, calls = InProcessExecutor.train_step, []
+
+    def silent_on_the_sixth(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise TimeoutError("nothing arrived within 60 s on edge stage2->stage1")
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(InProcessExecutor, "train_step", silent_on_the_sixth)
+    run = tmp_path / "r"
+    args = ["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+            "--set", "runtime.checkpoint_every=4", "--set", "train.epochs=1",
+            "--out", str(run), "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2:] == [
+        "localnet: TimeoutError: nothing arrived within 60 s on edge stage2->stage1",
+        f"localnet: its last checkpoint is kept; once that is fixed, go on from it with: "
+        f"localnet run --resume {run}"]
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 512 // 64
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     """A retried command on a run that completed: every file stays byte-identical, and
     the command says the run finished, where and with what."""
