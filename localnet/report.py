@@ -35,6 +35,7 @@ class Run:
     epochs: list = field(default_factory=list)
     steps: list = field(default_factory=list)
     messages: dict | None = None
+    stopped: dict | None = None  # stopped.json: why it ended before its summary
 
     @property
     def rule(self) -> str:
@@ -78,13 +79,16 @@ class Run:
                 "bytes_per_sample": bps,
                 "executor": (s.get("runtime") or {}).get("executor")
                             or (self.config.get("runtime") or {}).get("executor"),
-                "state": self.state()}
+                "state": self.state(), "stopped": self.stopped}
 
     def state(self) -> str:
-        """"done" (a summary was written), else the last step its logs reach: a run
-        still going, or one stopped (killed, diverged) before its end."""
+        """"done" (a summary was written); how it ended, for a run that recorded it
+        (stopped.json: diverged, interrupted, failed); else the last step its logs reach:
+        a run still going, or one killed before it could say."""
         if self.summary:
             return "done"
+        if self.stopped:
+            return f"{self.stopped.get('how', 'stopped')} after step {self.stopped.get('after_step', '?')}"
         last = max((int(r.get("step", 0)) for r in self.steps + self.epochs), default=0)
         return f"at step {last}" if last else "no step"
 
@@ -130,6 +134,8 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         run.summary = _parsed(path / "summary.json", json.loads)
     if (path / "config.yaml").exists():
         run.config = _parsed(path / "config.yaml", yaml.safe_load) or {}
+    if (path / "stopped.json").exists():
+        run.stopped = _parsed(path / "stopped.json", json.loads)
     run.epochs = _jsonl(path / "metrics.jsonl")
     run.steps = _jsonl(path / "steps.jsonl")
     if (path / "messages.json").exists():
@@ -282,9 +288,9 @@ def table(runs: list[Run]):
     rows = [run.row() for run in runs]
     unfinished = any(r["state"] != "done" for r in rows)
     t = Table(title="runs (alignment: mean over layers of the final angle(W, feedback))",
-              caption="state \"at step N\": no summary yet -- a run still going, or stopped "
-                      "before its end (test acc: its last epoch's; localnet run --resume "
-                      "continues it)"
+              caption="not done: no summary yet (test acc: its last epoch's).  \"at step N\": "
+                      "still going, or killed; why the others stopped: stopped.json in the "
+                      "run.  localnet run --resume goes on"
               if unfinished else None)
     cols = [("run", "left"), ("rule", "left"), ("test acc", "right"), ("align. deg", "right"),
             ("samples/s", "right"), ("bytes/sample", "right")]

@@ -9,6 +9,9 @@ A run directory holds:
                   checkpoint/step-<N>/<actor>.pt themselves, next to a manifest, and
                   checkpoint.pt only records where (localnet/runtime/README.md)
   summary.json    the headline numbers (see `Summary`)
+  stopped.json    why a run that had started ended before its summary: diverged,
+                  interrupted or failed, after which step, and the message (removed
+                  when a resumed run reaches its summary)
   messages.json   Ray executor: messages and bytes per edge and kind (localnet/metrics.py)
 
 With `metrics.port` set, the run also serves its metrics in the Prometheus format
@@ -231,6 +234,21 @@ def _saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
     return cfg.model_copy(update={"runtime": runtime})
 
 
+STOPPED = "stopped.json"
+
+
+def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None) -> None:
+    """Why a run that had started training ended before its summary, for `localnet
+    report` and whoever reads the directory later (a night's runs on a cluster)."""
+    how = ("diverged" if isinstance(exc, DivergedError) else
+           "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+    if isinstance(exc, NonFiniteLossError):  # the step that gave NaN does not count
+        step = exc.step - 1
+    write_json(run_dir / STOPPED, {
+        "how": how, "after_step": step, "checkpoint_step": saved, "error": type(exc).__name__,
+        "message": str(exc) or type(exc).__name__, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
 def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
     """The recorded summary (plus `"finished": True`) when the run in run_dir has nothing
     left to train under `cfg`: its summary was written at the checkpoint's step, by this
@@ -390,8 +408,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             bar.epoch_done(epoch, t.epochs, last, time.perf_counter() - tic)
             epochs_done = epoch + 1
             save(epoch, step, train_time, samples_seen)
-    except BaseException:
+    except BaseException as exc:
         obs.close()
+        _record_stop(run_dir, exc, step, trail.saved)
         raise
     finally:
         bar.close()
@@ -423,6 +442,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     }
     if getattr(ex, "channel_summary", None) and ex.channel_summary() is not None:
         summary["channels"] = ex.channel_summary()
+    (run_dir / STOPPED).unlink(missing_ok=True)  # this run went on past it, to its end
     write_json(run_dir / "summary.json", _keep_recorded(summary, run_dir / "summary.json"),
                indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values

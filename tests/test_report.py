@@ -56,6 +56,13 @@ def runs(tmp_path_factory):
     ex.led.record("driver", "stage0", "activation", 100, 900)  # evaluation traffic
     log.write(epoch=1, step=16, samples=64)
 
+    stopped = root / "stopped"
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text("")
+    (stopped / "stopped.json").write_text(json.dumps(
+        {"how": "diverged", "after_step": 5, "checkpoint_step": 4, "error": "NonFiniteLossError",
+         "message": "training diverged at step 6 (epoch 1 of 3): the loss is nan"}))
+
     live = root / "live"
     live.mkdir()
     (live / "steps.jsonl").write_text(json.dumps({"step": 1, "epoch": 0, "loss": 2.3, "lr": 0.1,
@@ -94,6 +101,10 @@ def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, caps
     assert main(["report", str(runs / "fa"), str(runs / "live"), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "state" in out and "at step 1" in out and "no summary yet" in out
+    assert main(["report", str(runs / "stopped"), "--json", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["state"] == "diverged after step 5"
+    assert row["stopped"]["message"].startswith("training diverged at step 6")
     assert main(["report", str(runs / "fa"), "--json", "--out", str(tmp_path / "one")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [r["rule"] for r in doc["rows"]] == ["fa"]

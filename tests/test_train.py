@@ -154,9 +154,15 @@ def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path):
     assert "The last checkpoint is from step 16 (the loss on its weights: " in msg
     assert msg.endswith(f"localnet run --resume {tmp_path} --set train.lr=1e+11")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    # the directory says why it stopped, for whoever reads it later
+    stopped = json.loads((tmp_path / "stopped.json").read_text())
+    assert stopped["how"] == "diverged" and stopped["message"] == msg
+    assert (stopped["checkpoint_step"], stopped["error"]) == (16, "NonFiniteLossError")
+    assert stopped["after_step"] == int(re.search(r"at step (\d+)", msg).group(1)) - 1
     cfg, _ = load_run_config(tmp_path, ["train.epochs=2", "train.lr=0.05"])
     summary = train(cfg, tmp_path, resume=True, progress=False)
     assert summary["steps"] == 32 and summary["test_loss"] < 10
+    assert not (tmp_path / "stopped.json").exists()  # it went on, to its end
 
 
 @pytest.mark.parametrize("saved,says", [
