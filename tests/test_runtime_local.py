@@ -893,6 +893,29 @@ def test_an_address_where_no_cluster_answers_is_an_error_naming_it(monkeypatch):
         session.ensure_ray(RuntimeConfig(address="auto"))
 
 
+def test_actors_that_do_not_answer_are_a_timeout_naming_the_setting(monkeypatch):
+    """No reply within runtime.timeout_s: a TimeoutError naming the call and the setting;
+    at start-up it also says why starting takes time, and what to raise."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    from localnet.runtime import session
+
+    def slow(refs, timeout):
+        raise GetTimeoutError("timed out")
+
+    monkeypatch.setattr(ray, "get", slow)
+    with pytest.raises(TimeoutError) as info:
+        session.get([], 2.0, "setup")
+    assert str(info.value).startswith("ray executor: no reply within 2 s during setup "
+                                      "(runtime.timeout_s).  Each actor starts a process")
+    assert str(info.value).endswith("Raise runtime.timeout_s")
+    with pytest.raises(TimeoutError) as info:
+        session.get([], 30.0, "checkpoint")
+    assert str(info.value) == ("ray executor: no reply within 30 s during checkpoint "
+                               "(runtime.timeout_s)")
+
+
 def test_the_process_keeps_its_sigterm_handler_over_ray_init(monkeypatch):
     """ray.init makes SIGTERM a bare exit: a handler the process had (`localnet run`'s,
     which stops the run as Ctrl-C does) is put back, and a SIGTERM that came during

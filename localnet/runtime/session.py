@@ -26,6 +26,10 @@ def cluster_address(runtime) -> str | None:
     return runtime.address or os.environ.get("RAY_ADDRESS") or None
 
 
+class NoReply(TimeoutError):
+    """Actors that did not answer a call within runtime.timeout_s."""
+
+
 class ClusterUnreachable(RuntimeError):
     """runtime.address / $RAY_ADDRESS names no Ray cluster that answers."""
 
@@ -243,8 +247,11 @@ def get(refs, timeout: float, what: str, waited: float = 0.0):
     try:
         return ray.get(refs, timeout=max(timeout - waited, 0.1))
     except GetTimeoutError:
-        raise TimeoutError(f"ray executor: no reply within {timeout:g}s during {what} "
-                           f"(runtime.timeout_s)") from None
+        hint = (".  Each actor starts a process, imports torch and builds its part: seconds "
+                "of CPU each, and actors that outnumber the cores take turns.  Raise "
+                "runtime.timeout_s") if what == "setup" else ""
+        raise NoReply(f"ray executor: no reply within {timeout:g} s during {what} "
+                      f"(runtime.timeout_s){hint}") from None
     except RayTaskError as err:
         cause = getattr(err, "cause", None)
         if isinstance(cause, MessageError):
