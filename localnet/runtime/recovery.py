@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from .messages import stage_name
+from .session import NoReply
 from .worker import StageWorker
 
 
@@ -29,8 +30,8 @@ class RecoveryMixin:
             except RayActorError:
                 dead.append(i)
             except GetTimeoutError:
-                raise TimeoutError(f"{stage_name(i)} does not answer a ping within "
-                                   f"{self.timeout}s") from None
+                raise NoReply(f"{stage_name(i)} does not answer a ping within "
+                              f"{self.timeout}s (runtime.timeout_s)") from None
         return dead
 
     def _revive(self, err: BaseException) -> bool:

@@ -27,7 +27,7 @@ def cluster_address(runtime) -> str | None:
 
 
 class NoReply(TimeoutError):
-    """Actors that did not answer a call within runtime.timeout_s."""
+    """Ray or the actors did not answer within runtime.timeout_s."""
 
 
 class ClusterUnreachable(RuntimeError):
@@ -203,9 +203,9 @@ class Placer:
         try:
             ray.get(self.pg.ready(), timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"placement group of {S} bundles {bundle} ({rt.placement}) not "
-                               f"ready within {self.timeout}s: does the cluster have the "
-                               f"resources (runtime.num_cpus / num_gpus)?") from None
+            raise NoReply(f"placement group of {S} bundles {bundle} ({rt.placement}) not "
+                          f"ready within {self.timeout}s: does the cluster have the "
+                          f"resources (runtime.num_cpus / num_gpus)?") from None
         return [self.spawn_one(cls, i) for i in range(S)]
 
     def spawn_one(self, cls, i: int):
