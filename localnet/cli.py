@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -32,17 +34,27 @@ def _on_sigterm(signum, frame):
     raise _Terminated
 
 
+def _sigterm_stops(cmd):
+    """The command stops on SIGTERM as on Ctrl-C (its own handler says what is kept)."""
+    @functools.wraps(cmd)
+    def run(args) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            return cmd(args)  # only the main thread may set a handler
+        before = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return cmd(args)
+        finally:
+            signal.signal(signal.SIGTERM, before)
+    return run
+
+
+def _stopped_by(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped a command, in words, and its exit status (128 + the signal)."""
+    return ("terminated (SIGTERM)", 143) if isinstance(exc, _Terminated) else ("interrupted", 130)
+
+
+@_sigterm_stops
 def _cmd_run(args) -> int:
-    if threading.current_thread() is not threading.main_thread():
-        return _run(args)  # only the main thread may set a handler
-    before = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return _run(args)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-def _run(args) -> int:
     from .train import new_run_dir, train  # torch import only when needed
 
     if args.resume:
@@ -77,13 +89,13 @@ def _run(args) -> int:
                              f"with: localnet run --resume {run_dir}")
             raise
         # the step in progress is dropped; what the last checkpoint holds stays
-        term = isinstance(exc, _Terminated)
-        print(f"localnet: {'terminated (SIGTERM)' if term else 'interrupted'}; " + (
+        said, code = _stopped_by(exc)
+        print(f"localnet: {said}; " + (
             f"resume from the last checkpoint with: localnet run --resume {run_dir}"
             if (run_dir / "checkpoint.pt").exists() else
             f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
             "it had not trained yet, so nothing was kept"), file=sys.stderr)
-        return 143 if term else 130  # 128 + the signal, as a shell reports it
+        return code
     if summary.get("finished"):
         print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
               f"epochs); nothing to resume, nothing changed.  Its summary: "
@@ -313,16 +325,42 @@ def _cmd_report(args) -> int:
     return 0
 
 
+@_sigterm_stops
 def _cmd_sweep(args) -> int:
     from .sweep import sweep
 
-    res = sweep(args.config, args.grid, args.set, args.out,
-                log=lambda m: Console(stderr=True).print(m, markup=False),
-                vary_items=args.vary, jobs=args.jobs, use_ray=args.ray)
+    where: list[Path] = []
+    say = lambda m: Console(stderr=True).print(m, markup=False)  # noqa: E731
+    try:
+        res = sweep(args.config, args.grid, args.set, args.out, log=say,
+                    vary_items=args.vary, jobs=args.jobs, use_ray=args.ray,
+                    started=lambda d: (where.append(d), say(f"sweep directory: {d}")))
+    except KeyboardInterrupt as exc:
+        if not where:
+            raise
+        said, code = _stopped_by(exc)
+        # the finished points are kept; the one running goes on from its checkpoint
+        print(f"localnet: {said}; the points that ended are kept.  Go on with: "
+              f"{shlex.join(['localnet', *_without_out(args.argv), '--out', str(where[0])])}",
+              file=sys.stderr)
+        return code
     print((res["dir"] / "sweep.md").read_text(), end="")
     print(f"sweep directory: {res['dir']} (ran {len(res['ran'])}, "
           f"skipped {len(res['skipped'])} finished)")
     return 0 if all(r["status"] == "ok" for r in res["rows"]) else 1
+
+
+def _without_out(argv: list[str]) -> list[str]:
+    """A command line less its --out DIR (or --out=DIR)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+        elif a == "--out":
+            skip = True
+        else:
+            out.append(a)
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -404,6 +442,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to say a command again
     if getattr(args, "command", None) == "run" and not args.config and not args.resume:
         parser().error("run: give a CONFIG or --resume RUN_DIR")
     try:

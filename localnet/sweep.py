@@ -128,12 +128,13 @@ def _run_on_ray(todo, out: Path, runtime, log) -> dict[str, tuple[dict, str]]:
 
 def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | None = None,
           out: str | Path | None = None, log=print, vary_items: list[str] | None = None,
-          jobs: int = 1, use_ray: bool = False) -> dict:
+          jobs: int = 1, use_ray: bool = False, started=None) -> dict:
     """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran", "skipped"}.
     jobs > 1: that many points at once, each in its own process (give each run
     `train.threads` so that jobs x threads fits the machine).  use_ray: every point a
     Ray task on the cluster (runtime.address / $RAY_ADDRESS, else a local Ray), as many
-    at once as the cluster has CPUs for."""
+    at once as the cluster has CPUs for.  started(dir): called once the sweep directory
+    is known (a stopped sweep goes on when rerun with --out it)."""
     sets = list(sets or [])
     grid, vary = parse_grid(grid_items), parse_grid(vary_items or [])
     pts = points(grid, vary)
@@ -147,6 +148,8 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
         out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if started:
+        started(out)
     results: dict[str, tuple[dict, str]] = {}
     skipped, todo = [], []
     count = [0]  # points settled so far, for the [sweep k/N] lines

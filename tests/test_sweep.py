@@ -85,6 +85,46 @@ def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path):
     assert f"[sweep 1/2] train.lr-1e12: diverged at step {step}" in "\n".join(lines)
 
 
+def test_a_stopped_sweep_names_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
+    """SIGTERM (or Ctrl-C) mid-sweep: one line with the command that goes on -- the same
+    one, with --out the sweep's directory -- which then runs only what is left."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, max_steps: 400, lr: 0.05, threads: 1}\n"
+                   "metrics: {alignment_every: 0}\n")
+    cmd = ["sweep", str(cfg), "--grid", "rule.name=fa,kp,dfa", "--set", "seed=3"]
+    proc = subprocess.Popen([sys.executable, "-m", "localnet", *cmd], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("runs/sweep-*/rule.name-fa/summary.json")) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    (out,) = tmp_path.glob("runs/sweep-*")
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("localnet: terminated (SIGTERM); the points that ended are kept."
+                           "  Go on with: localnet sweep ") and "Traceback" not in err
+    again = shlex.split(line.split("Go on with: ", 1)[1])
+    assert again == ["localnet", *cmd, "--out", str(out.relative_to(tmp_path))]
+    monkeypatch.chdir(tmp_path)  # where it was said
+    assert main(again[1:]) == 0
+    assert "ran 2, skipped 1 finished" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["rule"], r["status"]) for r in rows] == [("fa", "ok"), ("kp", "ok"), ("dfa", "ok")]
+
+
 def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):
     grid, vary = parse_grid(["rule.name=fa,kp"]), parse_grid(["channel.error.codec=int8",
                                                               "channel.error.drop=0.5,1.0"])
