@@ -347,7 +347,9 @@ def _cmd_sweep(args) -> int:
     print((res["dir"] / "sweep.md").read_text(), end="")
     print(f"sweep directory: {res['dir']} (ran {len(res['ran'])}, "
           f"skipped {len(res['skipped'])} finished)")
-    return 0 if all(r["status"] == "ok" for r in res["rows"]) else 1
+    # a diverged point is a finding of the sweep (too high a rate), not a failure of it
+    return 0 if all(r["status"] == "ok" or r["status"].startswith("diverged")
+                    for r in res["rows"]) else 1
 
 
 def _without_out(argv: list[str]) -> list[str]:

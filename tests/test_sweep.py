@@ -67,7 +67,7 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert summary.stat().st_mtime_ns == stamp
 
 
-def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path):
+def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path, capsys):
     """Too high a rate is what a sweep over rates finds: its row says where it diverged,
     and the other points run and report as usual."""
     cfg = tmp_path / "c.yaml"
@@ -83,6 +83,11 @@ def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path):
     assert good["status"] == "ok" and 0 <= good["test_accuracy"] <= 1
     assert res["ran"] == ["train.lr-0.05"]
     assert f"[sweep 1/2] train.lr-1e12: diverged at step {step}" in "\n".join(lines)
+    # the command succeeds: the sweep found what it was run for (it reruns the diverged
+    # point, which has nothing to resume, and diverges the same way)
+    assert main(["sweep", str(cfg), "--grid", "train.lr=1e12,0.05", "--out",
+                 str(tmp_path / "s")]) == 0
+    assert "ran 0, skipped 1 finished" in capsys.readouterr().out
 
 
 def test_a_stopped_sweep_names_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
