@@ -25,13 +25,13 @@ from .errors import DivergedError
 from .report import RunDirError
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM -- a scheduler's, `ray job stop`'s, a container's: the run stops as Ctrl-C
     stops it, its last checkpoint kept and --resume named (Python would exit at once)."""
 
 
 def _on_sigterm(signum, frame):
-    raise _Terminated
+    raise Terminated("SIGTERM")
 
 
 def _sigterm_stops(cmd):
@@ -50,7 +50,7 @@ def _sigterm_stops(cmd):
 
 def _stopped_by(exc: KeyboardInterrupt) -> tuple[str, int]:
     """What stopped a command, in words, and its exit status (128 + the signal)."""
-    return ("terminated (SIGTERM)", 143) if isinstance(exc, _Terminated) else ("interrupted", 130)
+    return ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
 
 
 @_sigterm_stops

@@ -88,7 +88,7 @@ class Run:
         if self.summary:
             return "done"
         if self.stopped:
-            return f"{self.stopped.get('how', 'stopped')} after step {self.stopped.get('after_step', '?')}"
+            return f"{self.stopped.get('how', 'stopped')}, step {self.stopped.get('after_step', '?')}"
         last = max((int(r.get("step", 0)) for r in self.steps + self.epochs), default=0)
         return f"at step {last}" if last else "no step"
 
@@ -288,14 +288,14 @@ def table(runs: list[Run]):
     rows = [run.row() for run in runs]
     unfinished = any(r["state"] != "done" for r in rows)
     t = Table(title="runs (alignment: mean over layers of the final angle(W, feedback))",
-              caption="not done: no summary yet (test acc: its last epoch's).  \"at step N\": "
-                      "still going, or killed; why the others stopped: stopped.json in the "
-                      "run.  localnet run --resume goes on"
+              caption="state: the last step done of a run with no summary yet (test acc: "
+                      "its last epoch's); \"at step N\": still going, or killed; why the "
+                      "others stopped: stopped.json in the run.  localnet run --resume goes on"
               if unfinished else None)
     cols = [("run", "left"), ("rule", "left"), ("test acc", "right"), ("align. deg", "right"),
             ("samples/s", "right"), ("bytes/sample", "right")]
     for col, just in cols + ([("state", "left")] if unfinished else []):
-        t.add_column(col, justify=just, overflow="fold")
+        t.add_column(col, justify=just, overflow="fold", no_wrap=col == "state")
     for r in rows:
         t.add_row(r["run"], r["rule"], _fmt(r["test_accuracy"], ".4f"),
                   _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),

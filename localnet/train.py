@@ -246,7 +246,9 @@ def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None
         step = exc.step - 1
     write_json(run_dir / STOPPED, {
         "how": how, "after_step": step, "checkpoint_step": saved, "error": type(exc).__name__,
-        "message": str(exc) or type(exc).__name__, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        "message": str(exc) or ("Ctrl-C" if isinstance(exc, KeyboardInterrupt) else
+                                type(exc).__name__),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:

@@ -272,6 +272,10 @@ def test_ctrl_c_ends_a_run_with_one_line_and_its_checkpoint_kept(tmp_path, sig, 
     assert f"localnet: {says}; resume from the last checkpoint with: localnet run --resume {out}" in err
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] >= 256 // 64
+    stopped = json.loads((out / "stopped.json").read_text())
+    assert (stopped["how"], stopped["message"]) == (
+        "interrupted", "SIGTERM" if sig == "SIGTERM" else "Ctrl-C")
+    assert stopped["checkpoint_step"] <= stopped["after_step"]
 
 
 def test_cli_missing_dataset_message(tmp_path):
