@@ -184,7 +184,21 @@ def _cmd_validate(args) -> int:
             where += f", about {mem['total_mb']} MB in all"
             _fits_this_machine(cfg, actors, mem)
         print(f"{args.config}: ok ({cfg.rule.name} / {cfg.model.name} / {cfg.data.name}{where})")
+        _data_here(cfg)
     return 0
+
+
+def _data_here(cfg) -> None:
+    """The data is the machine's, not the config's: where it is missing, say so (a run
+    here would stop at once; a cluster's driver node may well have it)."""
+    from .data import DatasetNotFoundError, find_data
+
+    try:
+        find_data(cfg.data.name, cfg.data.root, cfg.data.download)
+    except DatasetNotFoundError as err:
+        print(f"localnet: note: on this machine, {err}\n(a `localnet run` here would stop "
+              f"at its start; on a cluster, the node that runs it needs the data)",
+              file=sys.stderr)
 
 
 def _fits_this_machine(cfg, actors: int, mem: dict) -> None:

@@ -179,15 +179,29 @@ def _collate_for(ds):
 # -----------------------------------------------------------------------------
 # MNIST / Fashion-MNIST
 
+_MNIST_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
+
+
+def _mnist_source(name, root, download) -> Path:
+    raw = root / _MNIST_DIRS[name] / "raw"
+    legacy = root / _MNIST_DIRS[name] / "processed" / "training.pt"  # torchvision still reads it
+    if not download and not legacy.is_file() and not all((raw / f).is_file() for f in _MNIST_FILES):
+        raise _how_to_get(name, [raw], f"{_MNIST_DIRS[name]}/raw/ with the four uncompressed "
+                                       f"idx files (train-images-idx3-ubyte, ...)")
+    return raw
+
+
 def _load_mnist(name, root, download):
     import torchvision
     cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    raw = _mnist_source(name, root, download)
     try:
         splits = [cls(str(root), train=t, download=download) for t in (True, False)]
-    except RuntimeError as e:  # torchvision's "Dataset not found"
-        raise _how_to_get(name, [root / cls.__name__ / "raw"],
-                          f"{cls.__name__}/raw/ with the four uncompressed idx files "
-                          f"(train-images-idx3-ubyte, ...)") from e
+    except RuntimeError as e:  # torchvision's "Dataset not found" (a download that failed)
+        raise _how_to_get(name, [raw], f"{cls.__name__}/raw/ with the four uncompressed idx "
+                                       f"files (train-images-idx3-ubyte, ...)") from e
     mean, std = MEAN_STD[name]
     # normalise once up front: the whole set is ~190 MB as float and batches are then plain slices
     out = [TensorImageDataset(((s.data.float() / 255 - mean[0]) / std[0]).unsqueeze(1), s.targets.long())
@@ -281,22 +295,28 @@ def load_cifar_tree(src: Path) -> dict:
     return data
 
 
-def _load_cifar10(root, download):
-    import torchvision
+def _cifar_source(root, download) -> Path | None:
+    """An image-folder tree or its tar; None: torchvision's own layout (or its download)."""
     # (a) torchvision's own layout
     tv = root / "cifar-10-batches-py"
     # (b) an image-folder tree, (c) a tar of that tree
     trees = [root / "cifar10", root / "cifar10-jpeg", root]
     tars = [root / "cifar10-jpeg.tar", root / "cifar10.tar"]
-    src = None
-    if not tv.is_dir():
-        src = next((t for t in trees if (t / "train").is_dir() and (t / "test").is_dir()), None)
-        src = src or next((t for t in tars if t.is_file()), None)
-        if src is None and not download:
-            looked = [tv] + [t / s for t in trees for s in ("train", "test")] + tars
-            raise _how_to_get("cifar10", looked, "cifar-10-batches-py/ (torchvision), or "
-                              "cifar10-jpeg.tar / a cifar10/ folder with train/<class>/*.jpg and "
-                              "test/<class>/*.jpg")
+    if tv.is_dir():
+        return None
+    src = next((t for t in trees if (t / "train").is_dir() and (t / "test").is_dir()), None)
+    src = src or next((t for t in tars if t.is_file()), None)
+    if src is None and not download:
+        looked = [tv] + [t / s for t in trees for s in ("train", "test")] + tars
+        raise _how_to_get("cifar10", looked, "cifar-10-batches-py/ (torchvision), or "
+                          "cifar10-jpeg.tar / a cifar10/ folder with train/<class>/*.jpg and "
+                          "test/<class>/*.jpg")
+    return src
+
+
+def _load_cifar10(root, download):
+    import torchvision
+    src = _cifar_source(root, download)
     if src is None:  # torchvision layout, downloading it only if asked to
         splits = [torchvision.datasets.CIFAR10(str(root), train=t, download=download) for t in (True, False)]
         xs = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in splits]
@@ -336,14 +356,34 @@ class SeededTransformDataset(Dataset):
             return self.transform(img), label
 
 
-def _load_imagefolder(root, augment, image_size):
-    import torchvision
-    from torchvision.transforms import v2
+def _imagefolder_source(root) -> tuple[Path, Path]:
     train_dir = root / "train"
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise _how_to_get("imagefolder", [train_dir, root / "val", root / "test"],
                           "train/<class>/*.jpg and val/<class>/*.jpg (or test/)")
+    return train_dir, test_dir
+
+
+def find_data(name: str, root: str | None = None, download: bool = False) -> Path | None:
+    """Where load_data would read `name` from (None: generated, or downloaded), without
+    reading it; DatasetNotFoundError, naming where it looked, when it is not there.
+    `localnet validate` asks it before a run would."""
+    name = _canonical(name)
+    root = resolve_root(root)
+    if name in _MNIST_DIRS:
+        return _mnist_source(name, root, download)
+    if name == "cifar10":
+        return _cifar_source(root, download) or root / "cifar-10-batches-py"
+    if name == "imagefolder":
+        return _imagefolder_source(root)[0].parent
+    return None
+
+
+def _load_imagefolder(root, augment, image_size):
+    import torchvision
+    from torchvision.transforms import v2
+    train_dir, test_dir = _imagefolder_source(root)
     mean, std = MEAN_STD["imagenet"]
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     test_tf = v2.Compose([v2.Resize(round(image_size * 256 / 224)), v2.CenterCrop(image_size), *tail])
@@ -384,8 +424,7 @@ def load_data(name: str, root: str | None = None, subset: int | None = None, tes
     """Load a dataset by name. subset / test_subset keep the first N samples in dataset order.
     augment=None means the dataset's default (on for cifar10 and imagefolder train sets).
     seed only matters for 'synthetic'; shuffling is seeded in DataBundle.train_loader."""
-    name = name.lower().replace("-", "_")
-    name = {"fashionmnist": "fashion_mnist", "cifar_10": "cifar10"}.get(name, name)
+    name = _canonical(name)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
     if augment and name in ("mnist", "fashion_mnist", "synthetic"):
@@ -409,6 +448,11 @@ def load_data(name: str, root: str | None = None, subset: int | None = None, tes
         shape, num_classes = (3, image_size, image_size), len(classes)
     train, test = _take(train, subset), _take(test, test_subset)
     return DataBundle(train, test, shape, num_classes, name, classes)
+
+
+def _canonical(name: str) -> str:
+    name = name.lower().replace("-", "_")
+    return {"fashionmnist": "fashion_mnist", "cifar_10": "cifar10"}.get(name, name)
 
 
 def _take(ds, n):

@@ -267,3 +267,18 @@ def test_a_directory_given_as_the_config_names_what_it_holds(tmp_path):
                                     f"localnet run --resume {tmp_path}")
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_validate_notes_data_this_machine_lacks(tmp_path, capsys, monkeypatch):
+    """The config is fine either way (exit 0); a dataset missing here is a note saying
+    where it looked, since a run here would stop at its start."""
+    from localnet.cli import main
+
+    monkeypatch.setenv("LOCALNET_DATA", str(tmp_path))
+    assert main(["validate", str(ROOT / "configs/mnist_mlp.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("localnet: note: on this machine, dataset 'mnist' not found. Looked at:")
+    assert str(tmp_path / "MNIST" / "raw") in err
+    assert main(["validate", str(ROOT / "configs/mnist_mlp.yaml"), "--set",
+                 "data.name=synthetic"]) == 0
+    assert capsys.readouterr().err == ""

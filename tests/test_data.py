@@ -4,6 +4,7 @@ PIL, brute-force search), not with the module's own helpers."""
 
 import io
 import os
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -253,6 +254,34 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
         assert p in msg
     with pytest.raises(DatasetNotFoundError, match="val"):
         load_data("imagefolder", root=str(tmp_path))
+
+
+def test_find_data_says_where_each_dataset_is_without_reading_it(tmp_path, monkeypatch):
+    """What `validate` asks: the same places load_data reads, the same error when
+    absent, and nothing decoded."""
+    from localnet.data import find_data
+
+    monkeypatch.setattr(D, "_decode_tree", lambda src: pytest.fail("decoded"))
+    for name, where in (("mnist", "MNIST/raw"), ("fashion-mnist", "FashionMNIST/raw"),
+                        ("cifar10", "cifar10.tar"), ("imagefolder", "train")):
+        with pytest.raises(DatasetNotFoundError, match=re.escape(str(tmp_path / where))):
+            find_data(name, str(tmp_path))
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in D._MNIST_FILES[:3]:
+        (raw / f).write_bytes(b"")
+    with pytest.raises(DatasetNotFoundError):  # all four, or torchvision would not load it
+        find_data("mnist", str(tmp_path))
+    (raw / D._MNIST_FILES[3]).write_bytes(b"")
+    assert find_data("mnist", str(tmp_path)) == raw
+    (tmp_path / "cifar10-jpeg.tar").write_bytes(b"")
+    assert find_data("cifar10", str(tmp_path)) == tmp_path / "cifar10-jpeg.tar"
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    assert find_data("imagefolder", str(tmp_path)) == tmp_path
+    assert find_data("synthetic", str(tmp_path)) is None
+    monkeypatch.setenv("LOCALNET_DATA", str(tmp_path))
+    assert find_data("mnist") == raw  # the root from the environment, as load_data takes it
 
 
 def test_unusable_data_names_the_file(tmp_path, monkeypatch):
