@@ -20,6 +20,7 @@ With `metrics.port` set, the run also serves its metrics in the Prometheus forma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -244,11 +245,13 @@ def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None
            "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
     if isinstance(exc, NonFiniteLossError):  # the step that gave NaN does not count
         step = exc.step - 1
-    write_json(run_dir / STOPPED, {
-        "how": how, "after_step": step, "checkpoint_step": saved, "error": type(exc).__name__,
-        "message": str(exc) or ("Ctrl-C" if isinstance(exc, KeyboardInterrupt) else
-                                type(exc).__name__),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    with contextlib.suppress(OSError):  # a full disk: the error being raised says more
+        write_json(run_dir / STOPPED, {
+            "how": how, "after_step": step, "checkpoint_step": saved,
+            "error": type(exc).__name__,
+            "message": str(exc) or ("Ctrl-C" if isinstance(exc, KeyboardInterrupt) else
+                                    type(exc).__name__),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:

@@ -115,3 +115,21 @@ def test_a_state_file_that_cannot_be_written_names_it_and_keeps_the_old_one(tmp_
         save_state({"w": torch.zeros(3)}, path)
     assert torch.equal(load_state(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+
+
+def test_a_full_disk_is_reported_by_the_write_that_failed(tmp_path, monkeypatch):
+    """When the checkpoint cannot be written, stopped.json cannot be either: the error
+    the user sees is still the checkpoint's, naming its file."""
+    import localnet.train as T
+    from localnet.files import UnwritableError
+
+    def full(state, path):
+        raise UnwritableError(path, "No space left on device")
+
+    def also_full(path, doc, indent=1):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "save_state", full)
+    monkeypatch.setattr(T, "write_json", also_full)
+    with pytest.raises(UnwritableError, match=re.escape(f"cannot write {tmp_path / 'checkpoint.pt'}")):
+        train(small("train.epochs=1"), tmp_path, progress=False)
