@@ -64,6 +64,7 @@ def _cmd_run(args) -> int:
             print(f"localnet: {run_dir / 'config.yaml'} was written by an earlier localnet, "
                   f"which kept every rule's and codec's options; dropped the ones this run's "
                   f"rule and codecs never used: {', '.join(dropped)}", file=sys.stderr)
+        _same_divergence_ahead(run_dir, cfg)
     else:
         cfg = load_config(args.config, args.set)
         from .runtime.plan import check_partition
@@ -105,6 +106,24 @@ def _cmd_run(args) -> int:
     print(f"run directory: {run_dir}")
     print(f"plots and a table: localnet report {run_dir}", file=sys.stderr)
     return 0
+
+
+def _same_divergence_ahead(run_dir: Path, cfg) -> None:
+    """A run that diverged, resumed with the config it diverged with: a resumed run
+    retraces the uninterrupted one step for step, so it will diverge at the same step."""
+    stopped = run_dir / "stopped.json"
+    if not stopped.is_file():
+        return
+    try:
+        record = json.loads(stopped.read_text())
+        before, _ = load_run_config(run_dir)
+    except (ValueError, ConfigError):
+        return  # only advice: a record it cannot read gives none
+    if record.get("how") == "diverged" and before == cfg:
+        print(f"localnet: note: this run diverged after step {record.get('after_step')}, and "
+              f"it goes on with the same config, so it retraces those steps and diverges "
+              f"again; a smaller rate goes on differently: --set train.lr="
+              f"{cfg.train.lr / 10:g}", file=sys.stderr)
 
 
 def _refuse_a_run_in(out: Path) -> None:

@@ -136,7 +136,7 @@ def test_a_resume_on_another_executor_names_it_and_changes_no_file(tmp_path, wro
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
-def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path):
+def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path, capsys):
     """A rate that blows up stops the run at the first non-finite loss, names the step,
     quotes the losses, leaves the checkpoint as it was -- and the command it suggests
     (resume at a tenth of the rate) does finish."""
@@ -159,6 +159,14 @@ def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path):
     assert stopped["how"] == "diverged" and stopped["message"] == msg
     assert (stopped["checkpoint_step"], stopped["error"]) == (16, "NonFiniteLossError")
     assert stopped["after_step"] == int(re.search(r"at step (\d+)", msg).group(1)) - 1
+    # resumed as it was, it says it will diverge again -- and it does, at the same step
+    from localnet.cli import main
+
+    assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert (f"localnet: note: this run diverged after step {stopped['after_step']}, and it "
+            f"goes on with the same config") in err
+    assert re.search(r"diverged at step (\d+)", err).group(1) == str(stopped["after_step"] + 1)
     cfg, _ = load_run_config(tmp_path, ["train.epochs=2", "train.lr=0.05"])
     summary = train(cfg, tmp_path, resume=True, progress=False)
     assert summary["steps"] == 32 and summary["test_loss"] < 10
