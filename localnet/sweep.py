@@ -70,7 +70,7 @@ def _run_point(cfg, run_dir: Path) -> tuple[dict, str]:
         return train(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
                      progress=False), "ok"
     except NonFiniteLossError as exc:  # a result of the sweep (too high a rate), not a fault
-        return {}, f"diverged at step {exc.step} (NaN or inf; {run_dir.name}/steps.jsonl)"
+        return {}, f"diverged at step {exc.step} (NaN or inf; {run_dir.name}/stopped.json)"
     except Exception as exc:  # one bad point must not lose the others
         return {}, f"failed: {type(exc).__name__}: {exc}"
 

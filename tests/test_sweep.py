@@ -79,7 +79,7 @@ def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path, capsy
     rows = {r["point"]: r for r in res["rows"]}
     bad, good = rows["train.lr-1e12"], rows["train.lr-0.05"]
     step = len((tmp_path / "s" / "train.lr-1e12" / "steps.jsonl").read_text().splitlines()) + 1
-    assert bad["status"] == f"diverged at step {step} (NaN or inf; train.lr-1e12/steps.jsonl)"
+    assert bad["status"] == f"diverged at step {step} (NaN or inf; train.lr-1e12/stopped.json)"
     assert good["status"] == "ok" and 0 <= good["test_accuracy"] <= 1
     assert res["ran"] == ["train.lr-0.05"]
     assert f"[sweep 1/2] train.lr-1e12: diverged at step {step}" in "\n".join(lines)
