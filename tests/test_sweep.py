@@ -80,6 +80,8 @@ def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path, capsy
     bad, good = rows["train.lr-1e12"], rows["train.lr-0.05"]
     step = len((tmp_path / "s" / "train.lr-1e12" / "steps.jsonl").read_text().splitlines()) + 1
     assert bad["status"] == f"diverged at step {step} (NaN or inf; train.lr-1e12/stopped.json)"
+    stopped = json.loads((tmp_path / "s" / "train.lr-1e12" / "stopped.json").read_text())
+    assert (stopped["how"], stopped["after_step"]) == ("diverged", step - 1)
     assert good["status"] == "ok" and 0 <= good["test_accuracy"] <= 1
     assert res["ran"] == ["train.lr-0.05"]
     assert f"[sweep 1/2] train.lr-1e12: diverged at step {step}" in "\n".join(lines)
