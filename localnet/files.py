@@ -68,6 +68,9 @@ class UnwritableError(OSError):
                          f"if any, is unchanged")
         self.path, self.why = path, why
 
+    def __reduce__(self):  # leaves an actor through Ray's pickling
+        return (type(self), (self.path, self.why))
+
 
 def _unwritable(path, why: str, full: bool) -> UnwritableError:
     """A state file that could not be written; for a short write, what a user checks

@@ -7,6 +7,7 @@ loader, and the marker must never appear.
 
 import builtins
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def test_a_state_file_that_cannot_be_written_names_it_and_keeps_the_old_one(tmp_
         save_state({"w": torch.zeros(3)}, path)
     assert torch.equal(load_state(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+    with pytest.raises(OSError) as info:
+        save_state({"w": torch.zeros(3)}, path)
+    back = pickle.loads(pickle.dumps(info.value))  # how it leaves an actor
+    assert type(back) is type(info.value) and str(back) == str(info.value)
 
 
 def test_a_full_disk_is_reported_by_the_write_that_failed(tmp_path, monkeypatch):

@@ -524,7 +524,7 @@ def test_a_checkpoint_an_actor_cannot_write_is_the_machines_error_and_keeps_the_
         blocked = root / "step-000000002" / "stage1.pt"
         blocked.mkdir(parents=True)
         with pytest.raises(OSError, match=rf"during checkpoint, on an actor: cannot write "
-                                          rf"{blocked} \(.*MB free there"):
+                                          rf"{blocked} \(Is a directory\)"):
             ex.save_state(tmp_path)
         assert not (root / "step-000000002").exists()
         assert json.loads((root / "manifest.json").read_text())["generation"] == \
