@@ -103,7 +103,7 @@ def test_a_stopped_sweep_names_the_command_that_goes_on(tmp_path, monkeypatch, c
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
-                   "train: {batch_size: 32, max_steps: 400, lr: 0.05, threads: 1}\n"
+                   "train: {batch_size: 32, epochs: 100, lr: 0.05, threads: 1}\n"
                    "metrics: {alignment_every: 0}\n")
     cmd = ["sweep", str(cfg), "--grid", "rule.name=fa,kp,dfa", "--set", "seed=3"]
     proc = subprocess.Popen([sys.executable, "-m", "localnet", *cmd], cwd=tmp_path,
@@ -120,6 +120,8 @@ def test_a_stopped_sweep_names_the_command_that_goes_on(tmp_path, monkeypatch, c
         proc.kill()
     assert proc.returncode == 143, err
     (out,) = tmp_path.glob("runs/sweep-*")
+    done = sorted(p.parent.name for p in out.glob("*/summary.json"))
+    assert "rule.name-fa" in done and len(done) < 3
     line = err.strip().splitlines()[-1]
     assert line.startswith("localnet: terminated (SIGTERM); the points that ended are kept."
                            "  Go on with: localnet sweep ") and "Traceback" not in err
@@ -127,7 +129,7 @@ def test_a_stopped_sweep_names_the_command_that_goes_on(tmp_path, monkeypatch, c
     assert again == ["localnet", *cmd, "--out", str(out.relative_to(tmp_path))]
     monkeypatch.chdir(tmp_path)  # where it was said
     assert main(again[1:]) == 0
-    assert "ran 2, skipped 1 finished" in capsys.readouterr().out
+    assert f"ran {3 - len(done)}, skipped {len(done)} finished" in capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["rule"], r["status"]) for r in rows] == [("fa", "ok"), ("kp", "ok"), ("dfa", "ok")]
 
