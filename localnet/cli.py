@@ -203,21 +203,30 @@ def _cmd_validate(args) -> int:
             where += f", about {mem['total_mb']} MB in all"
             _fits_this_machine(cfg, actors, mem)
         print(f"{args.config}: ok ({cfg.rule.name} / {cfg.model.name} / {cfg.data.name}{where})")
-        _data_here(cfg)
+        _machine_notes(cfg)
     return 0
 
 
-def _data_here(cfg) -> None:
-    """The data is the machine's, not the config's: where it is missing, say so (a run
-    here would stop at once; a cluster's driver node may well have it)."""
+def _machine_notes(cfg) -> None:
+    """The data and the in-process GPU are the machine's, not the config's: where this
+    one lacks them, say so (a run here would stop at once; the machine that runs it may
+    well have them)."""
     from .data import DatasetNotFoundError, find_data
+    from .train import train_device
 
+    lacks = []
     try:
         find_data(cfg.data.name, cfg.data.root, cfg.data.download)
     except DatasetNotFoundError as err:
-        print(f"localnet: note: on this machine, {err}\n(a `localnet run` here would stop "
-              f"at its start; on a cluster, the node that runs it needs the data)",
-              file=sys.stderr)
+        lacks.append(str(err))
+    if cfg.runtime.executor == "inprocess":
+        try:
+            train_device(cfg)
+        except ConfigError as err:
+            lacks.append(str(err))
+    for what in lacks:
+        print(f"localnet: note: on this machine, {what}\n(a `localnet run` here would stop at "
+              f"its start; the machine that runs it needs what it lacks here)", file=sys.stderr)
 
 
 def _fits_this_machine(cfg, actors: int, mem: dict) -> None:

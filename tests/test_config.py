@@ -269,7 +269,7 @@ def test_a_directory_given_as_the_config_names_what_it_holds(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
-def test_validate_notes_data_this_machine_lacks(tmp_path, capsys, monkeypatch):
+def test_validate_notes_what_this_machine_lacks(tmp_path, capsys, monkeypatch):
     """The config is fine either way (exit 0); a dataset missing here is a note saying
     where it looked, since a run here would stop at its start."""
     from localnet.cli import main
@@ -282,3 +282,8 @@ def test_validate_notes_data_this_machine_lacks(tmp_path, capsys, monkeypatch):
     assert main(["validate", str(ROOT / "configs/mnist_mlp.yaml"), "--set",
                  "data.name=synthetic"]) == 0
     assert capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["validate", str(ROOT / "configs/mnist_mlp.yaml"), "--set",
+                 "data.name=synthetic", "--set", "train.device=cuda"]) == 0
+    assert capsys.readouterr().err.startswith(
+        "localnet: note: on this machine, train.device: cuda, but torch sees no GPU here")
