@@ -190,7 +190,11 @@ def new_run_dir(cfg: Config, out: str | None) -> Path:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(cfg.out_dir) / f"{cfg.run_name()}-{stamp}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot make the run directory {path} ({err.strerror or err}); "
+                      f"{'--out' if out else 'out_dir'} names where it goes") from None
     return path
 
 

@@ -458,6 +458,20 @@ def test_a_run_that_fails_after_a_checkpoint_names_the_resume_command(tmp_path, 
     assert json.loads((run / "summary.json").read_text())["steps"] == 512 // 64
 
 
+def test_a_run_directory_that_cannot_be_made_names_it_and_the_setting(tmp_path, capsys):
+    from localnet.cli import main
+
+    (tmp_path / "file").write_text("not a directory")
+    args = ["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+            "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "file" / "run")]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"localnet: cannot make the run directory {tmp_path / 'file' / 'run'} (Not a "
+        f"directory); --out names where it goes")
+    assert main(args + ["--set", f"out_dir={tmp_path / 'file'}"]) == 1
+    assert "); out_dir names where it goes" in capsys.readouterr().err
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     """A retried command on a run that completed: every file stays byte-identical, and
     the command says the run finished, where and with what."""
