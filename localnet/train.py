@@ -11,7 +11,7 @@ A run directory holds:
   summary.json    the headline numbers (see `Summary`)
   stopped.json    why a run that had started ended before its summary: diverged,
                   interrupted or failed, after which step, and the message (removed
-                  when a resumed run reaches its summary)
+                  when the run goes on: --resume)
   messages.json   Ray executor: messages and bytes per edge and kind (localnet/metrics.py)
 
 With `metrics.port` set, the run also serves its metrics in the Prometheus format
@@ -313,6 +313,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                                f"{err}") from None
         # only now: a config the checkpoint does not fit leaves the run's own in place
         write_text(run_dir / "config.yaml", dump_config(cfg))
+        (run_dir / STOPPED).unlink(missing_ok=True)  # it goes on: the record would be stale
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         train_time, samples_seen = ckpt["train_time"], ckpt["samples"]
         torch.set_rng_state(ckpt["torch_rng"])
@@ -320,7 +321,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             start_epoch, skip, sums = ckpt["epoch"], ckpt["batch"], tuple(ckpt["epoch_sums"])
         _drop_lines_after(run_dir, step, start_epoch)  # what a killed run wrote past it
     else:
-        for f in ("metrics.jsonl", "steps.jsonl"):
+        for f in ("metrics.jsonl", "steps.jsonl", STOPPED):  # a sweep point run afresh
             (run_dir / f).unlink(missing_ok=True)
         rule.on_start(ex)
 
@@ -451,7 +452,6 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     }
     if getattr(ex, "channel_summary", None) and ex.channel_summary() is not None:
         summary["channels"] = ex.channel_summary()
-    (run_dir / STOPPED).unlink(missing_ok=True)  # this run went on past it, to its end
     write_json(run_dir / "summary.json", _keep_recorded(summary, run_dir / "summary.json"),
                indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values

@@ -170,7 +170,7 @@ def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path, c
     cfg, _ = load_run_config(tmp_path, ["train.epochs=2", "train.lr=0.05"])
     summary = train(cfg, tmp_path, resume=True, progress=False)
     assert summary["steps"] == 32 and summary["test_loss"] < 10
-    assert not (tmp_path / "stopped.json").exists()  # it went on, to its end
+    assert not (tmp_path / "stopped.json").exists()  # it went on
 
 
 @pytest.mark.parametrize("saved,says", [
@@ -441,6 +441,8 @@ def test_a_run_that_fails_after_a_checkpoint_names_the_resume_command(tmp_path, 
         calls.append(1)
         if len(calls) == 6:
             raise TimeoutError("nothing arrived within 60 s on edge stage2->stage1")
+        if len(calls) > 6:  # resumed: a run going on has no record of having stopped
+            assert not (run / "stopped.json").exists()
         return step(self, *a, **k)
 
     monkeypatch.setattr(InProcessExecutor, "train_step", silent_on_the_sixth)
@@ -454,6 +456,8 @@ def test_a_run_that_fails_after_a_checkpoint_names_the_resume_command(tmp_path, 
         "localnet: TimeoutError: nothing arrived within 60 s on edge stage2->stage1",
         f"localnet: its last checkpoint is kept; once that is fixed, go on from it with: "
         f"localnet run --resume {run}"]
+    stopped = json.loads((run / "stopped.json").read_text())
+    assert (stopped["how"], stopped["after_step"], stopped["checkpoint_step"]) == ("failed", 5, 4)
     assert main(["run", "--resume", str(run), "--no-progress"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 512 // 64
 
