@@ -3,166 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import shlex
-import shutil
-import signal
 import sys
 import tempfile
-import threading
 import traceback
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError, dump_config, load_config, load_run_config
+from .cli_run import cmd_run, sigterm_stops, stopped_by
+from .config import ConfigError, dump_config, load_config
 from .data import DatasetError
-from .errors import DivergedError
 from .report import RunDirError
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM -- a scheduler's, `ray job stop`'s, a container's: the run stops as Ctrl-C
-    stops it, its last checkpoint kept and --resume named (Python would exit at once)."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated("SIGTERM")
-
-
-def _sigterm_stops(cmd):
-    """The command stops on SIGTERM as on Ctrl-C (its own handler says what is kept)."""
-    @functools.wraps(cmd)
-    def run(args) -> int:
-        if threading.current_thread() is not threading.main_thread():
-            return cmd(args)  # only the main thread may set a handler
-        before = signal.signal(signal.SIGTERM, _on_sigterm)
-        try:
-            return cmd(args)
-        finally:
-            signal.signal(signal.SIGTERM, before)
-    return run
-
-
-def _stopped_by(exc: KeyboardInterrupt) -> tuple[str, int]:
-    """What stopped a command, in words, and its exit status (128 + the signal)."""
-    return ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-
-
-@_sigterm_stops
-def _cmd_run(args) -> int:
-    from .train import new_run_dir, train  # torch import only when needed
-
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg, dropped = load_run_config(run_dir, args.set)
-        if dropped:
-            print(f"localnet: {run_dir / 'config.yaml'} was written by an earlier localnet, "
-                  f"which kept every rule's and codec's options; dropped the ones this run's "
-                  f"rule and codecs never used: {', '.join(dropped)}", file=sys.stderr)
-        _same_divergence_ahead(run_dir, cfg)
-    else:
-        cfg = load_config(args.config, args.set)
-        from .runtime.plan import check_partition
-
-        check_partition(cfg)  # a partition the model cannot take leaves no run directory
-        if args.out:
-            _refuse_a_run_in(Path(args.out))
-        fresh = not (args.out and Path(args.out).exists())
-        made = _missing(Path(args.out).absolute().parent if args.out else
-                        Path(cfg.out_dir).absolute())  # parents the run directory brings
-        run_dir = new_run_dir(cfg, args.out)
-    Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
-                               f"{cfg.data.name} -> {run_dir}")
-    try:
-        summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    except BaseException as exc:
-        if not args.resume and fresh:
-            _drop_if_unstarted(run_dir, made)
-        if not isinstance(exc, KeyboardInterrupt):
-            if (run_dir / "checkpoint.pt").exists() and \
-                    not isinstance(exc, (ConfigError, DivergedError)):  # these say what to do
-                exc.add_note(f"its last checkpoint is kept; once that is fixed, go on from it "
-                             f"with: localnet run --resume {run_dir}")
-            raise
-        # the step in progress is dropped; what the last checkpoint holds stays
-        said, code = _stopped_by(exc)
-        print(f"localnet: {said}; " + (
-            f"resume from the last checkpoint with: localnet run --resume {run_dir}"
-            if (run_dir / "checkpoint.pt").exists() else
-            f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
-            "it had not trained yet, so nothing was kept"), file=sys.stderr)
-        return code
-    if summary.get("finished"):
-        print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
-              f"epochs); nothing to resume, nothing changed.  Its summary: "
-              f"{summary['summary_path']}", file=sys.stderr)
-    print(json.dumps({k: summary[k] for k in ("rule", "model", "dataset", "epochs", "steps",
-                                              "test_accuracy", "test_loss", "samples_per_s")}))
-    print(f"run directory: {run_dir}")
-    print(f"plots and a table: localnet report {run_dir}", file=sys.stderr)
-    return 0
-
-
-def _same_divergence_ahead(run_dir: Path, cfg) -> None:
-    """A run that diverged, resumed with the config it diverged with: a resumed run
-    retraces the uninterrupted one step for step, so it will diverge at the same step."""
-    stopped = run_dir / "stopped.json"
-    if not stopped.is_file():
-        return
-    try:
-        record = json.loads(stopped.read_text())
-        before, _ = load_run_config(run_dir)
-    except (ValueError, ConfigError):
-        return  # only advice: a record it cannot read gives none
-    if record.get("how") == "diverged" and before == cfg:
-        print(f"localnet: note: this run diverged after step {record.get('after_step')}, and "
-              f"it goes on with the same config, so it retraces those steps and diverges "
-              f"again; a smaller rate goes on differently: --set train.lr="
-              f"{cfg.train.lr / 10:g}", file=sys.stderr)
-
-
-def _refuse_a_run_in(out: Path) -> None:
-    """A new run would start its logs afresh and write its checkpoint over the one there:
-    a directory holding a run is resumed or left alone."""
-    held = [f for f in ("checkpoint.pt", "summary.json", "metrics.jsonl") if (out / f).exists()]
-    if "checkpoint.pt" in held:
-        raise ConfigError(f"--out {out} already holds a run ({', '.join(held)}); continue it "
-                          f"with: localnet run --resume {out}, or give another --out")
-    if held:  # its logs are what is left of it (a NaN before the first checkpoint, say)
-        raise ConfigError(f"--out {out} holds a run that stopped before its first checkpoint "
-                          f"({', '.join(held)}), so there is nothing to resume; give another "
-                          f"--out, or remove it to reuse the name")
-
-
-def _missing(path: Path) -> list[Path]:
-    """path and its ancestors that do not exist yet, deepest first."""
-    out = []
-    while not path.exists() and path != path.parent:
-        out.append(path)
-        path = path.parent
-    return out
-
-
-def _drop_if_unstarted(run_dir: Path, made: list[Path]) -> None:
-    """Remove the directory a new run made when the run failed before it trained a step
-    worth keeping (a missing dataset, an unreachable cluster, a batch larger than the
-    data): nothing in it but its config and empty logs.  So go the parents it brought
-    (`runs/`), where nothing else came to live in them."""
-    files = list(run_dir.iterdir()) if run_dir.is_dir() else [run_dir]
-    if all(f.is_file() and (f.name == "config.yaml" or (f.suffix == ".jsonl" and
-                                                         f.stat().st_size == 0))
-           for f in files):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in made:
-            try:
-                parent.rmdir()  # only if empty
-            except OSError:
-                break
 
 
 def _versions() -> str:
@@ -367,7 +223,7 @@ def _cmd_report(args) -> int:
     return 0
 
 
-@_sigterm_stops
+@sigterm_stops
 def _cmd_sweep(args) -> int:
     from .sweep import sweep
 
@@ -380,7 +236,7 @@ def _cmd_sweep(args) -> int:
     except KeyboardInterrupt as exc:
         if not where:
             raise
-        said, code = _stopped_by(exc)
+        said, code = stopped_by(exc)
         # the finished points are kept; the one running goes on from its checkpoint
         print(f"localnet: {said}; the points that ended are kept.  Go on with: "
               f"{shlex.join(['localnet', *_without_out(args.argv), '--out', str(where[0])])}",
@@ -420,7 +276,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: <out_dir>/<name>-<time>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.set_defaults(func=_cmd_run)
+    r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a config; non-zero exit names the bad key")
     v.add_argument("config")
