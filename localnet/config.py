@@ -264,6 +264,12 @@ class RuntimeConfig(Section):
                                 "into each actor) keeps size classes apart, so a layer's "
                                 "actor holds little beyond its live activations; glibc "
                                 "fragments around them (localnet/alloc.py)")
+    start_window: int | None = Field(
+        None, ge=0, description="actors that start at once: each imports torch and builds "
+                                "its part, seconds of CPU, and more starting at once than "
+                                "there are cores only makes them take turns and slows every "
+                                "one.  Default: the cores (this machine's for an embedded "
+                                "Ray, the nodes' CPUs for a cluster) plus one; 0: all at once")
     local_cpus: int = Field(4, ge=1, description="num_cpus of the embedded local Ray")
     local_object_store_mb: int = Field(
         1024, ge=100, description="object store of the embedded local Ray.  Only the "

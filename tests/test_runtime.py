@@ -60,6 +60,10 @@ def spawner(ray_session):
     starting = "starting 8 actors (each imports torch, builds its part): "
     assert said[said.index("placing 8 actors") + 1] == starting + "0/8 ready"
     assert said[-2:] == [starting + "8/8 ready", "connecting the actors' data plane"]
+    # started a few at a time (runtime.start_window: this machine's cores + 1): at no
+    # moment were more actors loading torch or building their parts
+    window = len(os.sched_getaffinity(0)) + 1
+    assert ex.starting_at_once() <= min(window, 8)
     yield ex
     ex.close()
 
@@ -286,7 +290,8 @@ def test_a_partition_that_cannot_fit_is_refused_before_any_actor_starts(ray_sess
 
     def spawn(*a, **k):
         raise AssertionError("an actor was started")
-    monkeypatch.setattr(session.Placer, "spawn", spawn)
+    monkeypatch.setattr(session.Placer, "reserve", spawn)
+    monkeypatch.setattr(session.Placer, "spawn_one", spawn)
     monkeypatch.setattr(memory, "node_memory", lambda: (2 * 400 * memory.MB, 1))
     cfg = cfg_for("pfa", "1f1b", RESNET8, "per_layer", m=2, bs=8)
     with pytest.raises(memory.MemoryPreflightError) as info:

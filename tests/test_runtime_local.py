@@ -977,3 +977,72 @@ def test_actors_the_cluster_can_never_hold_are_refused_before_placement():
     assert "11 actors" in why and "runtime.num_gpus" in why and "at most 0" in why
     assert unplaceable({"CPU": 0.001}, 20, [{"CPU": 4.0}]) is None  # the token share
     assert places({"CPU": 0.5, "GPU": 0.25}, 8, [{"CPU": 16.0, "GPU": 1.0}]) == 4
+
+
+def test_actors_start_a_few_at_a_time(monkeypatch):
+    """runtime.start_window: the next actor is spawned only when one of those starting
+    has finished its setup, so no more than the window import torch at once; every
+    actor still gets its own spec, in order, and the display counts them as they end."""
+    import ray
+
+    from localnet.runtime import session
+
+    starting, most, told = set(), [0], []
+
+    class Handle:
+        def __init__(self, i):
+            self.i = i
+            self.setup = self
+
+        def remote(self, spec):
+            assert spec == {"index": self.i}
+            starting.add(self.i)
+            most[0] = max(most[0], len(starting))
+            return ("ref", self.i)
+
+    def wait(refs, num_returns, timeout):  # the oldest one finishes first
+        done = min(refs)
+        starting.discard(done[1])
+        return [done], [r for r in refs if r != done]
+
+    monkeypatch.setattr(ray, "wait", wait)
+    placer = session.Placer(RuntimeConfig(), timeout=60)
+    monkeypatch.setattr(placer, "spawn_one", lambda cls, i: Handle(i))
+    specs = [{"index": i} for i in range(7)]
+    out = []
+    refs, _ = placer.start(object, specs, 3, told.append, out)
+    assert most[0] == 3 and [h.i for h in out] == list(range(7))
+    assert refs == [("ref", i) for i in range(7)]
+    assert told == list(range(8)) and not starting
+    most[0] = 0
+    placer.start(object, specs, 0, told.append, [])  # 0: all at once
+    assert most[0] == 7
+
+    # the default: the cores the actors start on, plus one
+    assert session.start_window(RuntimeConfig(start_window=5)) == 5
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert session.start_window(RuntimeConfig()) == len(os.sched_getaffinity(0)) + 1
+    # on a cluster, Ray nodes on one machine share its cores: each host counted once
+    nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 2.0}},
+             {"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 2.0}},
+             {"Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8.0}},
+             {"Alive": False, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 64.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert session.start_window(RuntimeConfig(address="10.0.0.1:6379")) == 11
+
+
+def test_the_actors_starting_at_once_are_counted_from_their_spans():
+    """The start-up account's overlap: the most actors between loading localnet and the
+    end of their setup at one moment."""
+    from types import SimpleNamespace
+
+    from localnet.runtime.executor_state import StateMixin
+
+    def most(spans, local=False):
+        info = [{"loaded_at": a, "ready_at": b} for a, b in spans]
+        return StateMixin.starting_at_once(SimpleNamespace(stage_info=info, local=local))
+
+    assert most([(0, 2), (2, 4), (4, 6)]) == 1  # one after another
+    assert most([(0, 3), (1, 4), (2, 5), (6, 7)]) == 3
+    assert most([(0, 9)] * 5) == 5
+    assert most([(0, 1)], local=True) is None

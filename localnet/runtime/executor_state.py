@@ -229,6 +229,15 @@ class StateMixin:
             return None
         return len(cpu), sum(cores.values())
 
+    def starting_at_once(self) -> int | None:
+        """The most actors that were starting at one moment (from loading localnet to
+        the end of setup: `import torch`, building their parts), which
+        runtime.start_window bounds.  None in local mode (one process)."""
+        spans = [(i["loaded_at"], i["ready_at"]) for i in self.stage_info if "ready_at" in i]
+        if self.local or not spans:
+            return None
+        return max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+
     def _cross_node_edges(self) -> list[str]:
         nodes = [i.get("ray_node") for i in self.stage_info]
         return [f"{stage_name(p)}->{stage_name(c)}" for p, c in self.placement.edges()
@@ -304,6 +313,12 @@ class StateMixin:
                 # per actor, the CPU its process had used when set up: Ray's worker,
                 # `import torch`, building its units
                 "actor_startup_cpu_s": [i.get("process_cpu_s") for i in self.stage_info],
+                # seconds from each actor's process loading localnet to its setup's end
+                # (`import torch` and building its part), and how many actors started
+                # at once at most (runtime.start_window)
+                "actor_startup_s": [round(i["ready_at"] - i["loaded_at"], 2)
+                                    for i in self.stage_info if "ready_at" in i],
+                "actors_starting_at_once": self.starting_at_once(),
                 "memory_estimate": self.memory,
                 "bubble_fraction_equal_costs": sim.bubble_fraction,
                 "ray_address": None if self.local else ray_address(),

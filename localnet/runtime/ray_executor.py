@@ -134,19 +134,22 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                     peak = simulate(self._schedule(self.schedule_name, self.micro_batches),
                                     1.0, 1.0, dfa=self.broadcast_output_error).peak_activations
                     self.memory = memory.check(cfg, pl, model, self.input_shape, peak)
+                tell = lambda n: say(f"starting {S} actors (each imports torch, builds "  # noqa: E731
+                                     f"its part): {n}/{S} ready")
                 if actors is None:
                     say(f"placing {S} actors")
-                    self.workers = self._placer.spawn(StageWorker, S)
-                    self._owned = set(range(S))
+                    self._placer.reserve(S)
                     phases["placement"] = time.perf_counter()
+                    self._owned = set(range(S))  # close() kills each one as it starts
+                    refs, waited = self._placer.start(StageWorker, self._specs,
+                                                      session.start_window(rt), tell,
+                                                      self.workers)
                 else:
                     if len(actors) < S:
                         raise ValueError(f"{len(actors)} actors given for {S} stages")
                     self.workers = list(actors[:S])
-                refs = [w.setup.remote(s) for w, s in zip(self.workers, self._specs)]
-                waited = session.count_ready(refs, self.timeout, lambda n: say(
-                    f"starting {S} actors (each imports torch, builds its part): "
-                    f"{n}/{S} ready")) if on_phase else 0.0
+                    refs = [w.setup.remote(s) for w, s in zip(self.workers, self._specs)]
+                    waited = session.count_ready(refs, self.timeout, tell) if on_phase else 0.0
                 self.stage_info = session.get(refs, self.timeout, "setup", waited)
                 phases["actors_built"] = time.perf_counter()
                 say("connecting the actors' data plane")

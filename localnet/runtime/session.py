@@ -182,6 +182,32 @@ def unplaceable(bundle: dict, n: int, nodes: list[dict]) -> str | None:
             f"CPUs and the GPUs it finds")
 
 
+SETUP_HINT = (".  Each actor starts a process, imports torch and builds its part: seconds "
+              "of CPU each, and actors that outnumber the cores take turns.  Raise "
+              "runtime.timeout_s")
+
+
+def start_window(runtime) -> int:
+    """How many actors start at once (`runtime.start_window`): by default the cores
+    they start on, plus one to cover the moments a starting process is not computing
+    (its spawn, its registration with Ray)."""
+    if runtime.start_window is not None:
+        return runtime.start_window
+    if cluster_address(runtime):
+        import ray
+
+        # Ray nodes started on one machine share its cores: count each host once
+        hosts: dict[str, float] = {}
+        for n in ray.nodes():
+            if n.get("Alive"):
+                host = n.get("NodeManagerAddress", "")
+                hosts[host] = max(hosts.get(host, 0.0), n["Resources"].get("CPU", 0.0))
+        cores = sum(hosts.values())
+    else:  # the embedded Ray's num_cpus is a setting; its actors share this machine's cores
+        cores = len(os.sched_getaffinity(0))
+    return max(int(cores), 1) + 1
+
+
 class Placer:
     """Spawns StageWorker actors, each in its own bundle of one placement group."""
 
@@ -189,7 +215,8 @@ class Placer:
         self.rt, self.timeout, self.pg = runtime, timeout, None
         self._remote: dict = {}  # cls -> its Ray actor class
 
-    def spawn(self, cls, S: int) -> list:
+    def reserve(self, S: int) -> None:
+        """One placement group of S bundles (one per actor), ready."""
         import ray
         from ray.util.placement_group import placement_group
 
@@ -206,7 +233,37 @@ class Placer:
             raise NoReply(f"placement group of {S} bundles {bundle} ({rt.placement}) not "
                           f"ready within {self.timeout}s: does the cluster have the "
                           f"resources (runtime.num_cpus / num_gpus)?") from None
-        return [self.spawn_one(cls, i) for i in range(S)]
+
+    def start(self, cls, specs: list, window: int, tell, out: list) -> tuple[list, float]:
+        """Actor i in bundle i, and its setup(specs[i]) called, with at most `window`
+        actors starting at once (0: all).  Starting is `import torch` and building a
+        part, seconds of CPU each: started together on few cores, they take turns and
+        each one costs more (caches, switches), so the last is ready later than if
+        they had started a few at a time.  Each handle is appended to `out` as it
+        starts, so that a caller interrupted here can still kill it.  tell(n) as n
+        setups finish.  Returns the setup refs, in order, and the seconds waited."""
+        import ray
+
+        S, window = len(specs), window or len(specs)
+        refs, pending, t0 = [], set(), time.monotonic()
+        tell(0)
+        while len(refs) < S or pending:
+            while len(refs) < S and len(pending) < window:
+                worker = self.spawn_one(cls, len(refs))
+                out.append(worker)
+                refs.append(worker.setup.remote(specs[len(refs)]))
+                pending.add(refs[-1])
+            if time.monotonic() - t0 > self.timeout:
+                if len(refs) < S:  # else get() says it, with any actor's own error
+                    raise NoReply(f"ray executor: {len(refs) - len(pending)} of {S} actors "
+                                  f"ready after {self.timeout:g} s (runtime.timeout_s)"
+                                  f"{SETUP_HINT}")
+                break
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            if done:
+                pending.difference_update(done)
+                tell(len(refs) - len(pending))
+        return refs, time.monotonic() - t0
 
     def spawn_one(self, cls, i: int):
         import ray
@@ -247,9 +304,7 @@ def get(refs, timeout: float, what: str, waited: float = 0.0):
     try:
         return ray.get(refs, timeout=max(timeout - waited, 0.1))
     except GetTimeoutError:
-        hint = (".  Each actor starts a process, imports torch and builds its part: seconds "
-                "of CPU each, and actors that outnumber the cores take turns.  Raise "
-                "runtime.timeout_s") if what == "setup" else ""
+        hint = SETUP_HINT if what == "setup" else ""
         raise NoReply(f"ray executor: no reply within {timeout:g} s during {what} "
                       f"(runtime.timeout_s){hint}") from None
     except RayTaskError as err:

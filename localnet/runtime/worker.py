@@ -38,6 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .. import LOADED_AT
 from ..alloc import allocator, keep_freed_memory, release_free_memory
 from ..builders import as_config, build_rule_and_model, optim_config
 from ..channels.channel import DATA, WAIT, error_delays
@@ -221,7 +222,10 @@ class StageWorker(WireEnd, StageState):
                 "allocator": allocator(),
                 # CPU this process has used so far: at setup, what starting an actor costs
                 # (Ray's worker, `import torch`, building its units)
-                "process_cpu_s": round(time.process_time(), 3)}
+                "process_cpu_s": round(time.process_time(), 3),
+                # wall clock: when the process began loading localnet, and when this
+                # setup ended (how many actors were starting at once: Placer.start)
+                "loaded_at": LOADED_AT, "ready_at": time.time()}
 
     def ping(self) -> str:
         return self.name
