@@ -1005,7 +1005,15 @@ def test_actors_start_a_few_at_a_time(monkeypatch):
         starting.discard(done[1])
         return [done], [r for r in refs if r != done]
 
+    failed = set()
+
+    def get(refs, timeout):  # a setup's reply, or its actor's death
+        if any(r[1] in failed for r in refs):
+            raise ray.exceptions.RayActorError()
+        return [{} for _ in refs]
+
     monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "get", get)
     placer = session.Placer(RuntimeConfig(), timeout=60)
     monkeypatch.setattr(placer, "spawn_one", lambda cls, i: Handle(i))
     specs = [{"index": i} for i in range(7)]
@@ -1017,6 +1025,12 @@ def test_actors_start_a_few_at_a_time(monkeypatch):
     most[0] = 0
     placer.start(object, specs, 0, told.append, [])  # 0: all at once
     assert most[0] == 7
+    # an actor whose setup fails: its error, and no actor starts after it
+    failed.add(1)
+    out.clear()
+    with pytest.raises(RuntimeError, match="a stage actor died during setup"):
+        placer.start(object, specs, 3, told.append, out)
+    assert [h.i for h in out] == [0, 1, 2, 3]  # 3 started as 0 finished; 1 then failed
 
     # the default: the cores the actors start on, plus one
     assert session.start_window(RuntimeConfig(start_window=5)) == 5

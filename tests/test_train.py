@@ -1,6 +1,8 @@
 """The trainer and the `localnet run` CLI, end to end on small data."""
 
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -284,6 +286,46 @@ def test_ctrl_c_ends_a_run_with_one_line_and_its_checkpoint_kept(tmp_path, sig, 
     assert (stopped["how"], stopped["message"]) == (
         "interrupted", "SIGTERM" if sig == "SIGTERM" else "Ctrl-C")
     assert stopped["checkpoint_step"] <= stopped["after_step"]
+
+
+def test_sigterm_to_the_whole_process_group_stops_a_ray_run_with_its_line(tmp_path):
+    """`timeout`, a job scheduler or a systemd stop sends SIGTERM to every process of
+    the group at once, so the embedded Ray's GCS ends with the driver.  The run still
+    stops with its one line and its checkpoint, in seconds: without the GCS, removing
+    the placement group would wait 60 s, and then Ray would end the process before the
+    line is printed."""
+    import signal
+    import time
+
+    pytest.importorskip("ray")
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "localnet", "run", str(ROOT / "configs/mnist_mlp.yaml"),
+                             "--set", "data.name=synthetic", "--set", "data.subset=256",
+                             "--set", "train.epochs=100000", "--set", "model.widths=[16]",
+                             "--set", "runtime.executor=ray", "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own group, as under a shell
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "checkpoint.pt").exists() and proc.poll() is None
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert took < 45, f"{took:.0f} s to stop"
+    assert "Traceback" not in err and "Failed to connect to GCS" not in err
+    assert ("localnet: terminated (SIGTERM); resume from the last checkpoint with: "
+            f"localnet run --resume {out}") in err
+    stopped = json.loads((out / "stopped.json").read_text())
+    assert (stopped["how"], stopped["message"]) == ("interrupted", "SIGTERM")
 
 
 def test_cli_missing_dataset_message(tmp_path):

@@ -208,15 +208,16 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
 
         if not ray.is_initialized():
             return
-        for i, w in enumerate(self.workers):
-            if i in self._owned:
-                try:
-                    ray.kill(w)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+        if session.gcs_answers():  # else the actors and their group went with the GCS
+            for i, w in enumerate(self.workers):
+                if i in self._owned:
+                    try:
+                        ray.kill(w)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+            if self._placer is not None:
+                self._placer.close()
         self.workers, self._owned = [], set()
-        if self._placer is not None:
-            self._placer.close()
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False

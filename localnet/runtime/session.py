@@ -46,6 +46,22 @@ def _answers(address: str, where: str, timeout_s: float = 10.0) -> None:
         raise ClusterUnreachable(_unreachable(where, f"nothing answers there ({err})")) from None
 
 
+def gcs_answers(timeout_s: float = 2.0) -> bool:
+    """Whether the connected Ray cluster's GCS still accepts a connection.  A SIGTERM to
+    the whole process group -- what `timeout`, a job scheduler or a systemd stop sends --
+    ends an embedded Ray's GCS with the driver; every later call that needs the GCS
+    (removing a placement group) then waits 60 s and Ray ends the process, before
+    localnet can say how to resume."""
+    import ray
+
+    try:
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        return True
+    except Exception:  # noqa: BLE001 - no address, refused, unreachable: not answering
+        return False
+
+
 def _unreachable(where: str, why: str) -> str:
     return (f"no Ray cluster at {where}: {why.rstrip('.')}.  Start one there (`ray start "
             f"--head`), or leave runtime.address and $RAY_ADDRESS unset for an embedded Ray "
@@ -241,7 +257,8 @@ class Placer:
         each one costs more (caches, switches), so the last is ready later than if
         they had started a few at a time.  Each handle is appended to `out` as it
         starts, so that a caller interrupted here can still kill it.  tell(n) as n
-        setups finish.  Returns the setup refs, in order, and the seconds waited."""
+        setups finish; the first setup that fails raises its error (`get`), and no
+        more actors start.  Returns the setup refs, in order, and the seconds waited."""
         import ray
 
         S, window = len(specs), window or len(specs)
@@ -261,6 +278,7 @@ class Placer:
                 break
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             if done:
+                get(done, self.timeout, "setup")  # an actor that failed: stop starting more
                 pending.difference_update(done)
                 tell(len(refs) - len(pending))
         return refs, time.monotonic() - t0
