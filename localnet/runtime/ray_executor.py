@@ -208,7 +208,10 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
 
         if not ray.is_initialized():
             return
-        if session.gcs_answers():  # else the actors and their group went with the GCS
+        # An embedded Ray's shutdown ends its actors and their group with it, and its
+        # GCS may be ending already (a SIGTERM to the whole process group), when a call
+        # to it would wait 60 s; a cluster's GCS that stopped answering took them along
+        if not self._owns_ray and session.gcs_answers():
             for i, w in enumerate(self.workers):
                 if i in self._owned:
                     try:
