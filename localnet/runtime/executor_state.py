@@ -233,7 +233,7 @@ class StateMixin:
         """The most actors that were starting at one moment (from loading localnet to
         the end of setup: `import torch`, building their parts), which
         runtime.start_window bounds.  None in local mode (one process)."""
-        spans = [(i["loaded_at"], i["ready_at"]) for i in self.stage_info if "ready_at" in i]
+        spans = [(i["loaded_at"], i["ready_at"]) for i in self.stage_info]
         if self.local or not spans:
             return None
         return max(sum(a <= t < b for a, b in spans) for t, _ in spans)
@@ -317,7 +317,7 @@ class StateMixin:
                 # (`import torch` and building its part), and how many actors started
                 # at once at most (runtime.start_window)
                 "actor_startup_s": [round(i["ready_at"] - i["loaded_at"], 2)
-                                    for i in self.stage_info if "ready_at" in i],
+                                    for i in self.stage_info],
                 "actors_starting_at_once": self.starting_at_once(),
                 "memory_estimate": self.memory,
                 "bubble_fraction_equal_costs": sim.bubble_fraction,

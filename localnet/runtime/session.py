@@ -34,6 +34,12 @@ class ClusterUnreachable(RuntimeError):
     """runtime.address / $RAY_ADDRESS names no Ray cluster that answers."""
 
 
+def _connect(address: str, timeout_s: float) -> None:
+    """Open and close a TCP connection to host:port (OSError when nothing accepts it)."""
+    host, _, port = address.rpartition(":")
+    socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+
+
 def _answers(address: str, where: str, timeout_s: float = 10.0) -> None:
     """A host:port address must accept a connection before ray.init gets it: Ray itself
     retries an unreachable GCS for minutes, printing warnings, instead of failing."""
@@ -41,7 +47,7 @@ def _answers(address: str, where: str, timeout_s: float = 10.0) -> None:
     if not host or not port.isdigit() or "/" in address:
         return  # auto, ray://..., a URL: Ray resolves (and reports) those itself
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        _connect(address, timeout_s)
     except OSError as err:
         raise ClusterUnreachable(_unreachable(where, f"nothing answers there ({err})")) from None
 
@@ -55,8 +61,7 @@ def gcs_answers(timeout_s: float = 2.0) -> bool:
     import ray
 
     try:
-        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        _connect(ray.get_runtime_context().gcs_address, timeout_s)
         return True
     except Exception:  # noqa: BLE001 - no address, refused, unreachable: not answering
         return False

@@ -189,6 +189,7 @@ class StageWorker(WireEnd, StageState):
         self._fault_silent = False
         self._failed = None
         release_free_memory()  # the build's temporaries (and a replaced stage's memory)
+        self._ready_at = time.time()  # info() is asked again after a recovery
         return self.info()
 
     def _ends_with_tap(self) -> bool:
@@ -225,7 +226,7 @@ class StageWorker(WireEnd, StageState):
                 "process_cpu_s": round(time.process_time(), 3),
                 # wall clock: when the process began loading localnet, and when this
                 # setup ended (how many actors were starting at once: Placer.start)
-                "loaded_at": LOADED_AT, "ready_at": time.time()}
+                "loaded_at": LOADED_AT, "ready_at": self._ready_at}
 
     def ping(self) -> str:
         return self.name
