@@ -58,7 +58,7 @@ class InProcessExecutor:
         units = list(model.units)
         if channels is not None and boundaries is None:  # channels sit between stages
             boundaries = list(range(1, len(units)))
-        cuts = [0] + list(boundaries or []) + [len(units)]
+        self.cuts = cuts = [0] + list(boundaries or []) + [len(units)]
         names = model.unit_names
         self.stages = [Stage(units[a:b], optim, first=(i == 0), names=names[a:b])
                        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
@@ -211,7 +211,8 @@ class InProcessExecutor:
         return update_angles(grads[0], grads[1])
 
     def state_dict(self) -> dict:
-        st = {"stages": [s.state_dict() for s in self.stages]}
+        # where the units were cut into stages: a resume under another cut re-cuts it
+        st = {"stages": [s.state_dict() for s in self.stages], "boundaries": self.cuts[1:-1]}
         if self.channels is not None:  # each link's random stream, codec state and queue
             st["channels"] = [c.state_dict() for c in self.channels.all()]
             # the forwards still waiting for a delayed error, in the order they pair
@@ -242,6 +243,10 @@ class InProcessExecutor:
                               "wrote it")
         self.load_state_dict(saved)
         self._steps_base = [s.steps for s in self.stages]
+
+    def unit_cuts(self) -> list[int]:
+        """[0, b1, ..., n_units]: where the units are cut into stages (recut.py)."""
+        return list(self.cuts)
 
     def crowding(self) -> None:
         """No actors take turns on the cores here (the runtime's `crowding`)."""

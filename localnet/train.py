@@ -35,6 +35,7 @@ from .errors import DivergedError
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
+from . import recut
 from .files import load_state, save_state, write_json, write_text
 from .metrics import RunObserver
 from .progress import StartupStatus, TrainProgress
@@ -220,7 +221,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         # rewritten once its checkpoint has loaded.
         if not resume:
             write_text(run_dir / "config.yaml", dump_config(cfg))
-        return _train(cfg, run_dir, ckpt, progress, data, rule, ex)
+        return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model)
     finally:
         ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
 
@@ -237,6 +238,21 @@ def _saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
         return cfg
     runtime = cfg.runtime.model_copy(update={"partition": [int(b) for b in saved]})
     return cfg.model_copy(update={"runtime": runtime})
+
+
+def _load_checkpoint(ex, model, run_dir: Path, ckpt: dict) -> list[int] | None:
+    """Load the checkpoint into `ex`; a checkpoint cut into other stages (another
+    runtime.partition or executor) is re-cut first (recut.py).  Returns the old cut's
+    boundaries when it was re-cut, else None."""
+    saved = ckpt["executor"]
+    fitted = recut.fit(saved, run_dir, ex.unit_cuts(), model.units,
+                       actors=not isinstance(ex, InProcessExecutor))
+    if fitted is None:
+        ex.load_saved_state(run_dir, saved)
+        return None
+    ex.load_saved_state(run_dir, {**fitted, "step": ckpt["step"],
+                                  "recoveries": saved.get("recoveries", [])})
+    return fitted["recut"]
 
 
 STOPPED = "stopped.json"
@@ -296,21 +312,28 @@ def _keep_recorded(summary: dict, path: Path) -> dict:
     return summary
 
 
-def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, rule, ex) -> dict:
+def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, rule, ex,
+           model) -> dict:
     t = cfg.train
     resume = ckpt is not None
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, step, train_time, samples_seen = 0, 0, 0.0, 0
     skip, sums = 0, (0.0, 0, 0)  # a mid-epoch checkpoint: batches done, their loss/correct/seen
+    recut_from = None
     if resume:
         try:
-            ex.load_saved_state(run_dir, ckpt["executor"])
+            recut_from = _load_checkpoint(ex, model, run_dir, ckpt)
         except RuntimeError as err:
             if "size mismatch" not in str(err) and "Missing key" not in str(err):
                 raise
             raise RuntimeError(f"--resume: {run_dir / 'checkpoint.pt'} does not fit this config "
                                f"(did a --set change the model, the rule or its options?): "
                                f"{err}") from None
+        if recut_from is not None:
+            # at once, in the new cut: what a later --resume, and a recovery from a lost
+            # actor before the next checkpoint, go back to (the old cut's files stay)
+            save_state({**ckpt, "executor": ex.save_state(run_dir),
+                        "config": cfg.model_dump(mode="json")}, ckpt_path)
         # only now: a config the checkpoint does not fit leaves the run's own in place
         write_text(run_dir / "config.yaml", dump_config(cfg))
         (run_dir / STOPPED).unlink(missing_ok=True)  # it goes on: the record would be stale
@@ -353,6 +376,11 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     trail = _LossTrail(step if resume else None)
     if obs.url:
         bar.note(f"metrics: {obs.url}")
+    if recut_from is not None:
+        cuts = ex.unit_cuts()
+        bar.note(f"resumed from a checkpoint cut into {len(recut_from) + 1} stage(s) (units "
+                 f"cut at {recut_from or 'none'}), re-cut into this run's {len(cuts) - 1} "
+                 f"(at {cuts[1:-1] or 'none'}); checkpoint.pt now holds the new cut")
     crowded = ex.crowding()
     if crowded:
         bar.note(f"note: {crowded[0]} actors share {crowded[1]} CPU cores, so each message "

@@ -119,23 +119,83 @@ def test_a_resume_the_checkpoint_does_not_fit_changes_no_file(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def _final_states(run_dir: Path) -> list[dict]:
+    """The stage states of a run's last checkpoint, in-process or the actors' files."""
+    from localnet.recut import read_actor_states
+
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["executor"]
+    return saved["stages"] if "stages" in saved else read_actor_states(run_dir, saved)
+
+
+def _files(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+THREE = ("model.widths=[32,32]", "rule.name=fa", "train.lr=0.01")  # 3 units
+
+
+@pytest.mark.parametrize("wrote, resumes", [
+    (("runtime.executor=inprocess",), ("runtime.executor=local",)),
+    (("runtime.executor=local",), ("runtime.executor=inprocess",)),
+    (("runtime.executor=local",), ("runtime.executor=local", "runtime.partition={stages: 2}")),
+], ids=["one-stage-to-actors", "actors-to-one-stage", "three-actors-to-two"])
+def test_a_resume_under_another_cut_goes_on_as_that_run_would_have(tmp_path, wrote, resumes):
+    """A checkpoint written by one cut of the units (one in-process stage, or actors)
+    resumed under another: every weight, feedback weight and momentum is dealt out to
+    the new stages, so the run ends where a run in the new cut from the start ends
+    (1f1b's maths does not depend on the cut).  Dropping the momenta, or a unit's
+    tensors landing in another's place, would leave them apart."""
+    from localnet.config import load_run_config
+
+    full = train(small(*THREE, "train.epochs=3", *resumes), tmp_path / "full", progress=False)
+    train(small(*THREE, *wrote), tmp_path / "part", progress=False)
+    old_files = set(_files(tmp_path / "part"))
+    cfg, _ = load_run_config(tmp_path / "part", ["train.epochs=3", *resumes])
+    resumed = train(cfg, tmp_path / "part", resume=True, progress=False)
+    assert resumed["steps"] == full["steps"] == 48
+    want, got = _final_states(tmp_path / "full"), _final_states(tmp_path / "part")
+    assert len(got) == len(want) and len(want) in (1, 2, 3)
+    for a, b in zip(want, got):
+        assert a["module"].keys() == b["module"].keys()
+        for k, v in a["module"].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.allclose(v, b["module"][k], atol=1e-5, rtol=0), k
+        moms = [s["momentum_buffer"] for s in a["opt"]["state"].values()]
+        assert len(moms) == len(b["opt"]["state"]) > 0
+        for m, s in zip(moms, b["opt"]["state"].values()):
+            assert torch.allclose(m, s["momentum_buffer"], atol=1e-5, rtol=0)
+    lines = (tmp_path / "part/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
+    # the old cut's files are kept until newer checkpoints replace them: a re-cut at the
+    # same step writes a generation of its own, never over what it read
+    if "runtime.executor=local" in wrote and "runtime.executor=local" in resumes:
+        gens = sorted(p.name for p in (tmp_path / "part/checkpoint").glob("step-*"))
+        assert gens == ["step-000000032.1", "step-000000048"]
+    assert "checkpoint.pt" in old_files
+
+
 @pytest.mark.parametrize("wrote, resumes, says", [
-    ("inprocess", "local", "the checkpoint has 1 stage (boundaries None); this run's "
-                           "runtime.partition makes 2"),
-    ("local", "inprocess", "written by actors (runtime.executor: ray or local)"),
+    (("runtime.executor=local", "runtime.partition=per_layer"), ("runtime.executor=inprocess",),
+     "actors each hold one layer (runtime.partition: per_layer); a layer graph cannot be re-cut"),
+    (("runtime.executor=local",), ("runtime.executor=local", "runtime.partition=per_layer"),
+     "per_layer cannot take a checkpoint written by stages of whole units"),
+    (("runtime.executor=local", "channel.error.codec=sign"), ("runtime.executor=inprocess",),
+     "has communication channels"),
+    (("channel.error.codec=sign",), ("runtime.executor=local",), "has communication channels"),
 ])
-def test_a_resume_on_another_executor_names_it_and_changes_no_file(tmp_path, wrote, resumes,
-                                                                    says):
-    """The in-process executor keeps one state; the actors each keep their own part: a
-    checkpoint resumes on the kind of executor, and the partition, that wrote it."""
+def test_a_resume_that_cannot_be_re_cut_names_why_and_changes_no_file(tmp_path, wrote, resumes,
+                                                                      says):
+    """What no other cut can take: a layer graph's actors hold parts of units, and a
+    channel's state (codec residuals, queued messages) belongs to an edge of its cut.
+    The error says so, and the run directory is left byte for byte as it was."""
     from localnet.config import ConfigError, load_run_config
 
-    train(small(f"runtime.executor={wrote}", "train.epochs=1"), tmp_path, progress=False)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    cfg, _ = load_run_config(tmp_path, ["train.epochs=2", f"runtime.executor={resumes}"])
+    train(small(*THREE, "train.epochs=1", *wrote), tmp_path, progress=False)
+    before = _files(tmp_path)
+    cfg, _ = load_run_config(tmp_path, ["train.epochs=2", *resumes])
     with pytest.raises(ConfigError, match=f"--resume: .*{re.escape(says)}"):
         train(cfg, tmp_path, resume=True, progress=False)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert _files(tmp_path) == before
 
 
 def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path, capsys):

@@ -25,7 +25,10 @@ def save(ex, run_dir) -> tuple[Path, dict]:
     """Every actor of executor `ex` writes its own file; then the manifests.  Returns the
     generation's directory and its manifest."""
     root = Path(run_dir).resolve() / CHECKPOINT_DIR
-    gen = root / f"step-{ex._step:09d}"
+    gen, n = root / f"step-{ex._step:09d}", 0
+    while _other_layout(gen, ex._layout()["placement"]):
+        n += 1  # a resume that re-cut this step's checkpoint: keep the old cut's files
+        gen = root / f"step-{ex._step:09d}.{n}"
     try:
         receipts = ex._get([w.save_checkpoint.remote(str(gen)) for w in ex.workers],
                            "checkpoint")
@@ -41,6 +44,16 @@ def save(ex, run_dir) -> tuple[Path, dict]:
         if old != gen:
             shutil.rmtree(old, ignore_errors=True)
     return gen, manifest
+
+
+def _other_layout(gen: Path, placement: dict) -> bool:
+    """Does generation `gen` hold a whole checkpoint cut otherwise?  (Writing the same
+    step again in the same cut, e.g. an epoch's end on a checkpoint_every step, may
+    overwrite it: its files hold the same state.)"""
+    try:
+        return json.loads((gen / "manifest.json").read_text()).get("placement") != placement
+    except (OSError, ValueError):
+        return False  # none, or no manifest: a generation never read
 
 
 def read_manifest(run_dir, saved: dict) -> tuple[Path, dict]:

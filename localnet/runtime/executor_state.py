@@ -162,8 +162,9 @@ class StateMixin:
 
     def load_saved_state(self, run_dir, saved: dict) -> None:
         """Resume from what `save_state` returned: each actor loads its own file."""
-        if "stages" in saved:  # a checkpoint gathered on the driver (state_dict)
+        if "stages" in saved:  # gathered on the driver (state_dict), or re-cut (recut.py)
             self.load_state_dict(saved)
+            self.recoveries = list(saved.get("recoveries", self.recoveries))
             return
         gen, manifest = checkpoint.read_manifest(run_dir, saved)
         self._check_layout(manifest, len(manifest["actors"]))
@@ -173,6 +174,10 @@ class StateMixin:
         self._ckpt, self._ckpt_step = gen, self._step
         self._replay.clear()
         self.recoveries = list(saved.get("recoveries", []))
+
+    def unit_cuts(self) -> list[int] | None:
+        """[0, b1, ..., n_units] where the actors cut the units; None for a layer graph."""
+        return None if self.boundaries is None else [0, *self.boundaries, len(self.unit_names)]
 
     def model_state_dict(self) -> dict:
         """The full model's state dict ("units.<i>...."), gathered from the stages."""
