@@ -193,6 +193,7 @@ def test_prometheus_scrapes_a_run_over_tls_with_a_client_certificate(tmp_path):
                        lambda r: r and float(r[0]["value"][1]) == summary["steps"])
         assert [r["metric"]["job"] for r in res] == ["localnet"]
         assert float(res[0]["value"][1]) == summary["steps"]
-        up = {r["metric"]["job"]: float(r["value"][1])
-              for r in query(base, "max_over_time(up[10m])")}
+        # each job scrapes on its own phase: the refused one may not have tried yet
+        res = wait_for(base, "max_over_time(up[10m])", lambda r: len(r) == 2)
+        up = {r["metric"]["job"]: float(r["value"][1]) for r in res}
         assert up == {"localnet": 1.0, "nocert": 0.0}  # the same target, without the cert

@@ -408,10 +408,15 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
         files = sorted(p.name for p in (tmp_path / saved["checkpoint"]).iterdir())
         assert files == ["manifest.json", "stage0.pt", "stage1.pt", "stage2.pt"]
         ex.train_step(*data[3], 0.05, 1e-3)      # after the checkpoint: replayed
+        seen = ex.ledger().rows                  # (what a metrics poll asks)
         old_pid = ex.stage_info[1]["pid"]
         _kill(ex.workers[1])
         st = ex.train_step(*data[4], 0.05, 1e-3)  # fails, recovers, retries
         assert st.samples == BS
+        # what the dead actor had sent stays counted, and what it sent again is added
+        # (its own ledger died with it: 2 of its 5 steps' messages would be left)
+        mine = [k for k in seen if k[0] == "stage1"]
+        assert mine and all(ex.ledger().rows[k][0] > seen[k][0] for k in mine)
         (rec,) = ex.recoveries
         assert rec["dead"] == ["stage1"] and rec["restored_step"] == 3
         assert rec["replayed_steps"] == 1 and rec["lost_steps"] == 0

@@ -155,6 +155,7 @@ class StateMixin:
         self._drain()
         gen, manifest = checkpoint.save(self, run_dir)
         self._ckpt, self._ckpt_step = gen, self._step
+        self._actor_ledgers()  # what an actor that dies before the next one had sent
         self._replay.clear()
         return {"executor": self.name, "checkpoint": f"{checkpoint.CHECKPOINT_DIR}/{gen.name}",
                 "step": self._step, "bytes": manifest["bytes"], **self._layout(),
@@ -212,10 +213,15 @@ class StateMixin:
 
     @recovering
     def ledger(self) -> Ledger:
-        led = Ledger().merge(self._ledger)
-        for d in self._get([w.ledger.remote() for w in self.workers], "ledger"):
-            led.merge(Ledger.from_dict(d))
-        return led
+        return Ledger.merged([self._ledger, *self._actor_ledgers()])
+
+    def _actor_ledgers(self) -> list[dict]:
+        """Every actor's ledger, kept as last seen: an actor that dies takes its own
+        with it, and a recovery then adds what was last seen of it to the driver's
+        (recovery.py), so only what it sent since is not counted."""
+        ds = self._get([w.ledger.remote() for w in self.workers], "ledger")
+        self._seen_ledgers = dict(enumerate(ds))
+        return ds
 
     def _device_edges(self) -> list[str]:
         """Edges whose payloads stay on the device: `device_peers[s]`, what the plane
@@ -253,6 +259,7 @@ class StateMixin:
 
     def reset_ledger(self) -> None:
         self._ledger.clear()
+        self._seen_ledgers = {}
         self._get([w.ledger.remote(clear=True) for w in self.workers], "ledger")
 
     def audit_log(self, clear: bool = True) -> list[dict]:

@@ -173,7 +173,8 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         self._g = 0                       # next global micro-batch id (async streams)
         self._mb: dict[int, tuple] = {}   # async: g -> (step, mb, lr, wd)
         self._outstanding: list = []      # async: replies not yet checked
-        self._ledger = Ledger()           # what the driver sends
+        self._ledger = Ledger()           # what the driver sends (and dead actors sent)
+        self._seen_ledgers: dict[int, dict] = {}  # each actor's ledger when last asked
         self._audit: list[dict] = []      # what the driver receives (audit mode)
         self._ckpt = None                 # the last checkpoint generation (recovery)
         self._ckpt_step = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from ..ledger import Ledger
 from .messages import stage_name
 from .session import NoReply
 from .worker import StageWorker
@@ -34,6 +35,12 @@ class RecoveryMixin:
                               f"{self.timeout}s (runtime.timeout_s)") from None
         return dead
 
+    def _keep_ledgers(self, dead) -> None:
+        """What the dead actors were last seen to have sent stays counted (their own
+        ledgers died with them): added to the driver's."""
+        for i in dead:
+            self._ledger.merge(Ledger.from_dict(self._seen_ledgers.pop(i, {"rows": []})))
+
     def _revive(self, err: BaseException) -> bool:
         """After a failed call: if actors died, recreate them, rebuild the plane and roll
         every actor back to the last checkpoint (or to the start); True when the call
@@ -52,6 +59,7 @@ class RecoveryMixin:
         t0 = time.perf_counter()
         self._outstanding = []
         lost = sorted(dead)
+        self._keep_ledgers(lost)
         for attempt in range(6):
             for i in dead:
                 try:
@@ -71,6 +79,7 @@ class RecoveryMixin:
                     raise
                 time.sleep(2 ** attempt)
                 dead = self._dead()
+                self._keep_ledgers(set(dead) - set(lost))  # (a replacement was never asked)
                 lost = sorted(set(lost) | set(dead))
         self._new_streams()
         self._mb.clear()
