@@ -244,9 +244,9 @@ class InProcessExecutor:
         self.load_state_dict(saved)
         self._steps_base = [s.steps for s in self.stages]
 
-    def unit_cuts(self) -> list[int]:
-        """[0, b1, ..., n_units]: where the units are cut into stages (recut.py)."""
-        return list(self.cuts)
+    def stage_members(self) -> list[tuple]:
+        """What each stage holds, ("units", a, b), as recut.py names it."""
+        return [("units", a, b) for a, b in zip(self.cuts, self.cuts[1:])]
 
     def crowding(self) -> None:
         """No actors take turns on the cores here (the runtime's `crowding`)."""

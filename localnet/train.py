@@ -240,12 +240,12 @@ def _saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
     return cfg.model_copy(update={"runtime": runtime})
 
 
-def _load_checkpoint(ex, model, run_dir: Path, ckpt: dict) -> list[int] | None:
+def _load_checkpoint(ex, model, run_dir: Path, ckpt: dict) -> list[tuple] | None:
     """Load the checkpoint into `ex`; a checkpoint cut into other stages (another
-    runtime.partition or executor) is re-cut first (recut.py).  Returns the old cut's
-    boundaries when it was re-cut, else None."""
+    runtime.partition or executor) is re-cut first (recut.py).  Returns the old stages'
+    members when it was re-cut, else None."""
     saved = ckpt["executor"]
-    fitted = recut.fit(saved, run_dir, ex.unit_cuts(), model.units,
+    fitted = recut.fit(saved, run_dir, ex.stage_members(), model,
                        actors=not isinstance(ex, InProcessExecutor))
     if fitted is None:
         ex.load_saved_state(run_dir, saved)
@@ -377,10 +377,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     if obs.url:
         bar.note(f"metrics: {obs.url}")
     if recut_from is not None:
-        cuts = ex.unit_cuts()
-        bar.note(f"resumed from a checkpoint cut into {len(recut_from) + 1} stage(s) (units "
-                 f"cut at {recut_from or 'none'}), re-cut into this run's {len(cuts) - 1} "
-                 f"(at {cuts[1:-1] or 'none'}); checkpoint.pt now holds the new cut")
+        bar.note(f"resumed: the checkpoint's {recut.describe(recut_from)} re-cut into this "
+                 f"run's {recut.describe(ex.stage_members())}; checkpoint.pt now holds the "
+                 f"new cut")
     crowded = ex.crowding()
     if crowded:
         bar.note(f"note: {crowded[0]} actors share {crowded[1]} CPU cores, so each message "

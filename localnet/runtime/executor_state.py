@@ -176,9 +176,9 @@ class StateMixin:
         self._replay.clear()
         self.recoveries = list(saved.get("recoveries", []))
 
-    def unit_cuts(self) -> list[int] | None:
-        """[0, b1, ..., n_units] where the actors cut the units; None for a layer graph."""
-        return None if self.boundaries is None else [0, *self.boundaries, len(self.unit_names)]
+    def stage_members(self) -> list[tuple]:
+        """What each actor holds, ("units", a, b) or ("node", layer), as recut.py names it."""
+        return self.placement.stage_members()
 
     def model_state_dict(self) -> dict:
         """The full model's state dict ("units.<i>...."), gathered from the stages."""

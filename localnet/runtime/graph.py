@@ -115,6 +115,13 @@ class Placement:
         return cls(d["kind"], list(d["members"]), [list(n) for n in d["names"]],
                    [list(i) for i in d["inputs"]], d.get("spec", "per_unit"))
 
+    def stage_members(self) -> list[tuple]:
+        """What each actor holds, as a resume re-cuts it (localnet/recut.py):
+        ("units", a, b), or ("node", layer name)."""
+        if self.kind == "units":
+            return [("units", int(a), int(b)) for a, b in self.members]
+        return [("node", names[0]) for names in self.names]
+
     def same_layout(self, other: "Placement") -> bool:
         return (self.kind, [list(m) if not isinstance(m, int) else m for m in self.members],
                 self.inputs) == (other.kind, [list(m) if not isinstance(m, int) else m
