@@ -319,7 +319,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, step, train_time, samples_seen = 0, 0, 0.0, 0
     skip, sums = 0, (0.0, 0, 0)  # a mid-epoch checkpoint: batches done, their loss/correct/seen
-    recut_from = None
+    recut_from, recuts = None, list((ckpt or {}).get("recuts", []))
     if resume:
         try:
             recut_from = _load_checkpoint(ex, model, run_dir, ckpt)
@@ -330,9 +330,11 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                                f"(did a --set change the model, the rule or its options?): "
                                f"{err}") from None
         if recut_from is not None:
+            recuts.append({"at_step": ckpt["step"], "from": recut.describe(recut_from),
+                           "to": recut.describe(ex.stage_members())})
             # at once, in the new cut: what a later --resume, and a recovery from a lost
             # actor before the next checkpoint, go back to (the old cut's files stay)
-            save_state({**ckpt, "executor": ex.save_state(run_dir),
+            save_state({**ckpt, "executor": ex.save_state(run_dir), "recuts": recuts,
                         "config": cfg.model_dump(mode="json")}, ckpt_path)
         # only now: a config the checkpoint does not fit leaves the run's own in place
         write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -370,16 +372,16 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         """checkpoint.pt; the executor saves its state (Ray: each actor to its own file)."""
         state = {"executor": ex.save_state(run_dir), "epoch": epoch, "step": step,
                  "train_time": train_time, "samples": samples, **mid_epoch,
-                 "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
+                 "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json"),
+                 "recuts": recuts}
         save_state(state, ckpt_path)
         trail.saved = step
     trail = _LossTrail(step if resume else None)
     if obs.url:
         bar.note(f"metrics: {obs.url}")
     if recut_from is not None:
-        bar.note(f"resumed: the checkpoint's {recut.describe(recut_from)} re-cut into this "
-                 f"run's {recut.describe(ex.stage_members())}; checkpoint.pt now holds the "
-                 f"new cut")
+        bar.note(f"resumed: the checkpoint's {recuts[-1]['from']} re-cut into this run's "
+                 f"{recuts[-1]['to']}; checkpoint.pt now holds the new cut")
     crowded = ex.crowding()
     if crowded:
         bar.note(f"note: {crowded[0]} actors share {crowded[1]} CPU cores, so each message "
@@ -479,6 +481,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     }
     if getattr(ex, "channel_summary", None) and ex.channel_summary() is not None:
         summary["channels"] = ex.channel_summary()
+    if recuts:  # resumed under other cuts of the model (recut.py)
+        summary["recuts"] = recuts
     write_json(run_dir / "summary.json", _keep_recorded(summary, run_dir / "summary.json"),
                indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values

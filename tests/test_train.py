@@ -173,6 +173,9 @@ def test_a_resume_under_another_cut_goes_on_as_that_run_would_have(tmp_path, wro
             assert torch.allclose(m, s["momentum_buffer"], atol=1e-5, rtol=0)
     lines = (tmp_path / "part/metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
+    (rec,) = resumed["recuts"]  # the summary keeps the run's history
+    assert rec["at_step"] == resumed["steps"] * 2 // 3 and rec["from"] != rec["to"]
+    assert "recuts" not in full
     # the old cut's files are kept until newer checkpoints replace them: a re-cut at the
     # same step writes a generation of its own, never over what it read
     if "runtime.executor=local" in wrote and "runtime.executor=local" in resumes:
