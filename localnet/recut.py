@@ -181,8 +181,9 @@ def fit(saved: dict, run_dir, members: list[tuple], model, actors: bool) -> dict
 
 
 def describe(members: list[tuple]) -> str:
-    """"3 stages of units cut at [1, 2]" or "20 layers (per_layer)", for a note."""
-    if all(m[0] == "units" for m in members):
-        cuts = [m[1] for m in members[1:]]
-        return f"{len(members)} stage(s) of units cut at {cuts or 'none'}"
-    return f"{len(members)} actors of single layers (per_layer)"
+    """"11 stages of units, cut at [1, 2, ...]", for a note and the summary."""
+    if any(m[0] == "node" for m in members):
+        return f"{len(members)} actors of one layer each (per_layer)"
+    if len(members) == 1:
+        return "1 stage of every unit"
+    return f"{len(members)} stages of units, cut at {[m[1] for m in members[1:]]}"
