@@ -69,6 +69,12 @@ METRICS: list[tuple[str, MetricSpec]] = [
                      "training samples per second over the epoch so far")),
     (RUN, MetricSpec("localnet_train_samples_total", "counter", (),
                      "training samples processed by this process")),
+    (RUN, MetricSpec("localnet_recoveries_total", "counter", (),
+                     "actor deaths the runtime recovered from in this process: the actors "
+                     "recreated, every actor back to the last checkpoint")),
+    (RUN, MetricSpec("localnet_recovery_steps_total", "counter", ("outcome",),
+                     "steps recoveries went back over: outcome=replayed (trained again on "
+                     "the same batches), outcome=lost (past the replay buffer)")),
     (RUN, MetricSpec("localnet_bubble_fraction", "gauge", (),
                      "idle share of the stages' time during training steps: summed wait over "
                      "(stages x step wall time), over the last poll window")),
@@ -234,6 +240,10 @@ class Metrics:
                      "bp_update_angle_degrees", "actor_gpu_memory_bytes"):
             setattr(self, name, make(f"localnet_{name}"))
         self.train_samples = make("localnet_train_samples_total")
+        self.recoveries = make("localnet_recoveries_total")
+        self.recovery_steps = make("localnet_recovery_steps_total")
+        for outcome in ("replayed", "lost"):  # from the start: a rate needs the zero
+            self.recovery_steps.labels(outcome)
         self.actor_samples = make("localnet_actor_samples_total")
         self.actor_cpu = make("localnet_actor_cpu_seconds_total")
         self.actor_time = {op: make(f"localnet_actor_{op}_seconds") for op in (*OPS, "wait")}
@@ -527,6 +537,13 @@ class RunObserver:
         if seen:
             mt.loss.labels("train").set(loss_sum / seen)
             mt.accuracy.labels("train").set(correct / seen)
+
+    def recovered(self, rec: dict) -> None:
+        """One recovery, as the runtime lists it (`runtime_info()["recoveries"]`)."""
+        if self.enabled:
+            self.metrics.recoveries.inc()
+            self.metrics.recovery_steps.labels("replayed").inc(rec["replayed_steps"])
+            self.metrics.recovery_steps.labels("lost").inc(rec["lost_steps"])
 
     def record(self, alignment: dict, bp_angles: dict | None = None) -> None:
         if self.enabled:

@@ -287,11 +287,14 @@ def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
     return {**summary, "finished": True, "summary_path": str(f)}
 
 
-def _tell_recoveries(bar, ex, told: int) -> int:
+def _tell_recoveries(bar, ex, told: int, obs=None) -> int:
     """A line for each actor death the runtime recovered from since the last call (Ray's
-    own report of the death says nothing of what localnet did about it)."""
+    own report of the death says nothing of what localnet did about it), and its count
+    on the metrics endpoint."""
     recs = getattr(ex, "recoveries", ())
     for r in recs[told:]:
+        if obs is not None:
+            obs.recovered(r)
         n = r["replayed_steps"]
         bar.note(f"recovered: {', '.join(r['dead'])} died at step {r['at_step']}; every actor "
                  f"went back to the checkpoint of step {r['restored_step']} and replayed {n} "
@@ -410,7 +413,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                 except DivergedError as err:  # between actors: an error or activation
                     raise trail.diverged(err.what, step + 1, epoch, cfg, run_dir) from None
                 step += 1
-                told = _tell_recoveries(bar, ex, told)
+                told = _tell_recoveries(bar, ex, told, obs)
                 if not math.isfinite(st.loss_sum):
                     raise trail.diverged(f"the loss is {st.loss_sum}", step, epoch, cfg, run_dir)
                 trail.step(step, st.loss_sum / st.samples)

@@ -438,3 +438,33 @@ def test_allow_insecure_serves_plain_http_with_a_warning(tmp_path, capsys):
         assert "localnet_step 0.0" in text
     finally:
         obs.close()
+
+
+def test_recoveries_are_counted_with_the_steps_they_replayed_and_lost(tmp_path):
+    """What `localnet run` tells the endpoint of each recovery the runtime lists: the
+    count, and the steps replayed and lost (zero from the start, so a rate exists)."""
+    from types import SimpleNamespace
+
+    cfg = small("metrics.port=0")
+    _, _, _, ex = train_mod.build(cfg)
+    obs = RunObserver(cfg, tmp_path / "run", ex)
+    try:
+        before = samples(obs.metrics.exposition())
+        assert value(before, "localnet_recoveries_total") == 0
+        assert value(before, "localnet_recovery_steps_total", outcome="lost") == 0
+        fake = SimpleNamespace(recoveries=[
+            {"dead": ["stage1"], "at_step": 9, "restored_step": 6, "replayed_steps": 2,
+             "lost_steps": 0, "seconds": 1.0},
+            {"dead": ["stage0", "stage2"], "at_step": 30, "restored_step": 24,
+             "replayed_steps": 3, "lost_steps": 2, "seconds": 2.0}])
+        said = []
+        bar = SimpleNamespace(note=said.append)
+        assert train_mod._tell_recoveries(bar, fake, 0, obs) == 2
+        assert train_mod._tell_recoveries(bar, fake, 2, obs) == 2  # nothing new: not again
+        got = samples(obs.metrics.exposition())
+        assert value(got, "localnet_recoveries_total") == 2
+        assert value(got, "localnet_recovery_steps_total", outcome="replayed") == 5
+        assert value(got, "localnet_recovery_steps_total", outcome="lost") == 2
+        assert len(said) == 2 and "stage0, stage2 died at step 30" in said[1]
+    finally:
+        obs.close()
