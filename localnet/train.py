@@ -35,10 +35,11 @@ from .errors import DivergedError
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
-from . import recut
 from .files import load_state, save_state, write_json, write_text
 from .metrics import RunObserver
 from .progress import StartupStatus, TrainProgress
+from .resume import (STOPPED, finished_summary, keep_recorded, logged_train_loss, restore,
+                     saved_cuts)
 
 
 class NonFiniteLossError(DivergedError):
@@ -162,29 +163,6 @@ def build(cfg: Config, on_phase=None):
     return data, rule, model, executor
 
 
-def _parses(line: str) -> bool:
-    """False for a line a killed writer left half-written."""
-    try:
-        json.loads(line)
-        return True
-    except ValueError:
-        return False
-
-
-def _drop_lines_after(run_dir: Path, step: int, epoch: int) -> None:
-    """On resume: forget steps.jsonl lines past the checkpoint's step and metrics.jsonl
-    lines of epochs it had not finished (a killed run may have written them), and any
-    line it was killed in the middle of."""
-    for name, keep in (("steps.jsonl", lambda d: d.get("step", 0) <= step),
-                       ("metrics.jsonl", lambda d: d.get("epoch", 0) < epoch)):
-        f = run_dir / name
-        if f.exists():
-            lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if _parses(ln) and keep(json.loads(ln))]
-            if len(kept) != len(lines):
-                write_text(f, "".join(k + "\n" for k in kept))
-
-
 def new_run_dir(cfg: Config, out: str | None) -> Path:
     if out:
         path = Path(out)
@@ -214,7 +192,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         if done is not None:  # a retried command: the run is final, leave it as it is
             return done
     with StartupStatus(enabled=progress) as status:
-        data, rule, model, ex = build(_saved_cuts(cfg, ckpt), on_phase=status.phase)
+        data, rule, model, ex = build(saved_cuts(cfg, ckpt), on_phase=status.phase)
     try:
         # only once the data and the actors are there: a run that cannot start leaves its
         # new directory empty (the CLI removes it).  A resumed run's config.yaml is
@@ -224,38 +202,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model)
     finally:
         ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
-
-
-def _saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
-    """The config to build a resumed run's executor from.  `{stages: N, balance: cost}`
-    times the units afresh at every start, and on a busy machine the timings can cut the
-    units elsewhere than they were cut when the checkpoint was written; each actor's
-    saved state then fits no actor.  The cut is the run's own, so a resumed run takes
-    it from its checkpoint (the run's config.yaml keeps `balance: cost`)."""
-    part = cfg.runtime.partition
-    saved = ((ckpt or {}).get("executor") or {}).get("boundaries")
-    if getattr(part, "balance", None) != "cost" or saved is None or len(saved) != part.stages - 1:
-        return cfg
-    runtime = cfg.runtime.model_copy(update={"partition": [int(b) for b in saved]})
-    return cfg.model_copy(update={"runtime": runtime})
-
-
-def _load_checkpoint(ex, model, run_dir: Path, ckpt: dict) -> list[tuple] | None:
-    """Load the checkpoint into `ex`; a checkpoint cut into other stages (another
-    runtime.partition or executor) is re-cut first (recut.py).  Returns the old stages'
-    members when it was re-cut, else None."""
-    saved = ckpt["executor"]
-    fitted = recut.fit(saved, run_dir, ex.stage_members(), model,
-                       actors=not isinstance(ex, InProcessExecutor))
-    if fitted is None:
-        ex.load_saved_state(run_dir, saved)
-        return None
-    ex.load_saved_state(run_dir, {**fitted, "step": ckpt["step"],
-                                  "recoveries": saved.get("recoveries", [])})
-    return fitted["recut"]
-
-
-STOPPED = "stopped.json"
 
 
 def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None) -> None:
@@ -274,19 +220,6 @@ def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None
             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
-    """The recorded summary (plus `"finished": True`) when the run in run_dir has nothing
-    left to train under `cfg`: its summary was written at the checkpoint's step, by this
-    same config.  A config that asks for more (train.epochs) is a continuation instead."""
-    f = run_dir / "summary.json"
-    if not f.exists():
-        return None
-    summary = json.loads(f.read_text())
-    if summary.get("steps") != ckpt.get("step") or ckpt.get("config") != cfg.model_dump(mode="json"):
-        return None
-    return {**summary, "finished": True, "summary_path": str(f)}
-
-
 def _tell_recoveries(bar, ex, told: int, obs=None) -> int:
     """A line for each actor death the runtime recovered from since the last call (Ray's
     own report of the death says nothing of what localnet did about it), and its count
@@ -302,52 +235,17 @@ def _tell_recoveries(bar, ex, told: int, obs=None) -> int:
     return len(recs)
 
 
-def _keep_recorded(summary: dict, path: Path) -> dict:
-    """A value that is not finite never replaces a finite one already recorded (a run
-    resumed with nothing left to evaluate would otherwise write NaN over its results)."""
-    if not path.exists():
-        return summary
-    old = json.loads(path.read_text())
-    for k, v in summary.items():
-        if isinstance(v, float) and not math.isfinite(v) and isinstance(old.get(k), (int, float)) \
-                and math.isfinite(old[k]):
-            summary[k] = old[k]
-    return summary
-
-
 def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, rule, ex,
            model) -> dict:
     t = cfg.train
     resume = ckpt is not None
     ckpt_path = run_dir / "checkpoint.pt"
-    start_epoch, step, train_time, samples_seen = 0, 0, 0.0, 0
+    start_epoch, step, train_time, samples_seen, recuts = 0, 0, 0.0, 0, []
     skip, sums = 0, (0.0, 0, 0)  # a mid-epoch checkpoint: batches done, their loss/correct/seen
-    recut_from, recuts = None, list((ckpt or {}).get("recuts", []))
     if resume:
-        try:
-            recut_from = _load_checkpoint(ex, model, run_dir, ckpt)
-        except RuntimeError as err:
-            if "size mismatch" not in str(err) and "Missing key" not in str(err):
-                raise
-            raise RuntimeError(f"--resume: {run_dir / 'checkpoint.pt'} does not fit this config "
-                               f"(did a --set change the model, the rule or its options?): "
-                               f"{err}") from None
-        if recut_from is not None:
-            recuts.append({"at_step": ckpt["step"], "from": recut.describe(recut_from),
-                           "to": recut.describe(ex.stage_members())})
-            # at once, in the new cut: what a later --resume, and a recovery from a lost
-            # actor before the next checkpoint, go back to (the old cut's files stay)
-            save_state({**ckpt, "executor": ex.save_state(run_dir), "recuts": recuts,
-                        "config": cfg.model_dump(mode="json")}, ckpt_path)
-        # only now: a config the checkpoint does not fit leaves the run's own in place
-        write_text(run_dir / "config.yaml", dump_config(cfg))
-        (run_dir / STOPPED).unlink(missing_ok=True)  # it goes on: the record would be stale
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        train_time, samples_seen = ckpt["train_time"], ckpt["samples"]
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt.get("batch") is not None:  # runtime.checkpoint_every: resume inside the epoch
-            start_epoch, skip, sums = ckpt["epoch"], ckpt["batch"], tuple(ckpt["epoch_sums"])
-        _drop_lines_after(run_dir, step, start_epoch)  # what a killed run wrote past it
+        at = restore(ex, model, cfg, run_dir, ckpt)
+        start_epoch, step, skip, sums = at.epoch, at.step, at.skip, at.sums
+        train_time, samples_seen, recuts = at.train_time, at.samples, at.recuts
     else:
         for f in ("metrics.jsonl", "steps.jsonl", STOPPED):  # a sweep point run afresh
             (run_dir / f).unlink(missing_ok=True)
@@ -382,7 +280,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     trail = _LossTrail(step if resume else None)
     if obs.url:
         bar.note(f"metrics: {obs.url}")
-    if recut_from is not None:
+    if resume and at.recut:
         bar.note(f"resumed: the checkpoint's {recuts[-1]['from']} re-cut into this run's "
                  f"{recuts[-1]['to']}; checkpoint.pt now holds the new cut")
     crowded = ex.crowding()
@@ -463,9 +361,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         # resumed with nothing left to train (killed after its last checkpoint, before
         # its summary): the summary reports what the checkpoint holds
         last["test_loss"], last["test_accuracy"] = ex.evaluate(test_loader)
-        logged = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
-                  if ln.strip() and _parses(ln)]
-        last["train_loss"] = logged[-1].get("train_loss", float("nan")) if logged else float("nan")
+        last["train_loss"] = logged_train_loss(run_dir)
     alignment = ex.alignment()
     summary = {
         "rule": cfg.rule.name, "model": cfg.model.name, "dataset": cfg.data.name,
@@ -486,7 +382,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         summary["channels"] = ex.channel_summary()
     if recuts:  # resumed under other cuts of the model (recut.py)
         summary["recuts"] = recuts
-    write_json(run_dir / "summary.json", _keep_recorded(summary, run_dir / "summary.json"),
+    write_json(run_dir / "summary.json", keep_recorded(summary, run_dir / "summary.json"),
                indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values
     return summary

@@ -617,11 +617,11 @@ def test_a_run_killed_before_its_summary_resumes_to_the_same_summary(tmp_path):
 
 
 def test_a_non_finite_value_never_replaces_a_recorded_one(tmp_path):
-    from localnet.train import _keep_recorded
+    from localnet.resume import keep_recorded
 
     f = tmp_path / "summary.json"
     f.write_text(json.dumps({"test_loss": 1.25, "train_loss": 2.0, "steps": 3}))
-    got = _keep_recorded({"test_loss": float("nan"), "train_loss": 1.5, "steps": 4}, f)
+    got = keep_recorded({"test_loss": float("nan"), "train_loss": 1.5, "steps": 4}, f)
     assert got == {"test_loss": 1.25, "train_loss": 1.5, "steps": 4}
 
 

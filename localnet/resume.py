@@ -1,0 +1,156 @@
+"""`--resume`: reading a run directory back, as the run left it.
+
+A run that stopped (killed, failed, Ctrl-C, a lost cluster) goes on from its last
+`checkpoint.pt`: the executor loads its state -- re-cut first when this run cuts the
+model into other stages (recut.py) -- the trainer takes back its counters and RNG, and
+what the stopped run logged past the checkpoint is dropped, so the run ends as an
+uninterrupted one would.  A run that had finished is left as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import recut
+from .config import Config, dump_config
+from .files import save_state, write_text
+
+STOPPED = "stopped.json"
+
+
+@dataclass
+class Restored:
+    """Where a resumed run picks up: the epoch, the step, batches of that epoch already
+    done (a mid-epoch checkpoint) and their (loss sum, correct, seen), and the run's
+    counters and re-cuts."""
+    epoch: int
+    step: int
+    train_time: float
+    samples: int
+    skip: int = 0
+    sums: tuple = (0.0, 0, 0)
+    recuts: list = field(default_factory=list)
+    recut: bool = False  # this resume re-cut the checkpoint
+
+
+def restore(ex, model, cfg: Config, run_dir: Path, ckpt: dict) -> Restored:
+    """Load checkpoint.pt's state into `ex` and the trainer's RNG; rewrite config.yaml
+    (only once the state loaded: a config it does not fit leaves the run as it was)."""
+    try:
+        recut_from = _load_checkpoint(ex, model, run_dir, ckpt)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err) and "Missing key" not in str(err):
+            raise
+        raise RuntimeError(f"--resume: {run_dir / 'checkpoint.pt'} does not fit this config "
+                           f"(did a --set change the model, the rule or its options?): "
+                           f"{err}") from None
+    recuts = list(ckpt.get("recuts", []))
+    if recut_from is not None:
+        recuts.append({"at_step": ckpt["step"], "from": recut.describe(recut_from),
+                       "to": recut.describe(ex.stage_members())})
+        # at once, in the new cut: what a later --resume, and a recovery from a lost
+        # actor before the next checkpoint, go back to (the old cut's files stay)
+        save_state({**ckpt, "executor": ex.save_state(run_dir), "recuts": recuts,
+                    "config": cfg.model_dump(mode="json")}, run_dir / "checkpoint.pt")
+    write_text(run_dir / "config.yaml", dump_config(cfg))
+    (run_dir / STOPPED).unlink(missing_ok=True)  # it goes on: the record would be stale
+    at = Restored(ckpt["epoch"] + 1, ckpt["step"], ckpt["train_time"], ckpt["samples"],
+                  recuts=recuts, recut=recut_from is not None)
+    torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt.get("batch") is not None:  # runtime.checkpoint_every: resume inside the epoch
+        at.epoch, at.skip, at.sums = ckpt["epoch"], ckpt["batch"], tuple(ckpt["epoch_sums"])
+    _drop_lines_after(run_dir, at.step, at.epoch)  # what a killed run wrote past it
+    return at
+
+
+def _load_checkpoint(ex, model, run_dir: Path, ckpt: dict) -> list[tuple] | None:
+    """Load the checkpoint into `ex`; a checkpoint cut into other stages (another
+    runtime.partition or executor) is re-cut first (recut.py).  Returns the old stages'
+    members when it was re-cut, else None."""
+    from .engine import InProcessExecutor
+
+    saved = ckpt["executor"]
+    fitted = recut.fit(saved, run_dir, ex.stage_members(), model,
+                       actors=not isinstance(ex, InProcessExecutor))
+    if fitted is None:
+        ex.load_saved_state(run_dir, saved)
+        return None
+    ex.load_saved_state(run_dir, {**fitted, "step": ckpt["step"],
+                                  "recoveries": saved.get("recoveries", [])})
+    return fitted["recut"]
+
+
+def saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
+    """The config to build a resumed run's executor from.  `{stages: N, balance: cost}`
+    times the units afresh at every start, and on a busy machine the timings can cut the
+    units elsewhere than they were cut when the checkpoint was written; each actor's
+    saved state then fits no actor.  The cut is the run's own, so a resumed run takes
+    it from its checkpoint (the run's config.yaml keeps `balance: cost`)."""
+    part = cfg.runtime.partition
+    saved = ((ckpt or {}).get("executor") or {}).get("boundaries")
+    if getattr(part, "balance", None) != "cost" or saved is None or len(saved) != part.stages - 1:
+        return cfg
+    runtime = cfg.runtime.model_copy(update={"partition": [int(b) for b in saved]})
+    return cfg.model_copy(update={"runtime": runtime})
+
+
+def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
+    """The recorded summary (plus `"finished": True`) when the run in run_dir has nothing
+    left to train under `cfg`: its summary was written at the checkpoint's step, by this
+    same config.  A config that asks for more (train.epochs) is a continuation instead."""
+    f = run_dir / "summary.json"
+    if not f.exists():
+        return None
+    summary = json.loads(f.read_text())
+    if summary.get("steps") != ckpt.get("step") or ckpt.get("config") != cfg.model_dump(mode="json"):
+        return None
+    return {**summary, "finished": True, "summary_path": str(f)}
+
+
+def keep_recorded(summary: dict, path: Path) -> dict:
+    """A value that is not finite never replaces a finite one already recorded (a run
+    resumed with nothing left to evaluate would otherwise write NaN over its results)."""
+    if not path.exists():
+        return summary
+    old = json.loads(path.read_text())
+    for k, v in summary.items():
+        if isinstance(v, float) and not math.isfinite(v) and isinstance(old.get(k), (int, float)) \
+                and math.isfinite(old[k]):
+            summary[k] = old[k]
+    return summary
+
+
+def logged_train_loss(run_dir: Path) -> float:
+    """The last epoch's training loss in metrics.jsonl (NaN without one)."""
+    f = run_dir / "metrics.jsonl"
+    logged = [json.loads(ln) for ln in (f.read_text().splitlines() if f.exists() else [])
+              if ln.strip() and _parses(ln)]
+    return logged[-1].get("train_loss", float("nan")) if logged else float("nan")
+
+
+def _parses(line: str) -> bool:
+    """False for a line a killed writer left half-written."""
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+def _drop_lines_after(run_dir: Path, step: int, epoch: int) -> None:
+    """On resume: forget steps.jsonl lines past the checkpoint's step and metrics.jsonl
+    lines of epochs it had not finished (a killed run may have written them), and any
+    line it was killed in the middle of."""
+    for name, keep in (("steps.jsonl", lambda d: d.get("step", 0) <= step),
+                       ("metrics.jsonl", lambda d: d.get("epoch", 0) < epoch)):
+        f = run_dir / name
+        if f.exists():
+            lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if _parses(ln) and keep(json.loads(ln))]
+            if len(kept) != len(lines):
+                write_text(f, "".join(k + "\n" for k in kept))
