@@ -274,7 +274,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set rule.name=fa (repeatable)")
     r.add_argument("--out", help="run directory (default: <out_dir>/<name>-<time>)")
-    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (with its own config.yaml; --set may change train.epochs, or runtime.partition / runtime.executor: the checkpoint is re-cut)")
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its checkpoint (with its own config.yaml; --set "
+                        "may change train.epochs, or runtime.partition / runtime.executor: "
+                        "the checkpoint is re-cut)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 

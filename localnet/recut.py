@@ -31,6 +31,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 _WHY = "resume with the runtime.partition (and runtime.executor) that wrote it"
+_CHANNELS = ("--resume: the checkpoint has communication channels (each link's state "
+             "belongs to an edge of its cut); " + _WHY)
 
 
 @dataclass
@@ -61,9 +63,15 @@ def _cuts_members(cuts: list[int]) -> list[tuple]:
     return [("units", a, b) for a, b in zip(cuts, cuts[1:])]
 
 
+def _by_actors(saved: dict) -> bool:
+    """Was `saved` written by actors (their files' record, or their gathered states with
+    the placement), not by InProcessExecutor.state_dict?"""
+    return "stages" not in saved or "placement" in saved
+
+
 def saved_members(saved: dict, n_units: int, run_dir=None) -> list[tuple]:
     """The stage members of what an executor's `save_state` returned."""
-    if "stages" in saved and "placement" not in saved:  # InProcessExecutor.state_dict
+    if not _by_actors(saved):  # InProcessExecutor.state_dict
         b = saved.get("boundaries")
         if b is None and len(saved["stages"]) == 1:  # written before cuts were recorded
             b = []
@@ -98,8 +106,7 @@ def recut(states: list[dict], old: list[tuple], new: list[tuple], model) -> list
     `new`.  model: the run's model (its structure only)."""
     for st in states:
         if "channels" in st or st.get("pending") or st.get("inflight"):
-            raise ConfigError("--resume: the checkpoint has communication channels (each "
-                              "link's state belongs to an edge of its cut); " + _WHY)
+            raise ConfigError(_CHANNELS)
     counts = {int(st["steps"]) for st in states}
     if len(counts) != 1:
         raise ConfigError(f"--resume: the checkpoint's stages stepped {sorted(counts)} "
@@ -170,12 +177,10 @@ def fit(saved: dict, run_dir, members: list[tuple], model, actors: bool) -> dict
     actors: whether the resuming executor runs actors (their states add an RNG and
     their links' own channel states)."""
     old = saved_members(saved, len(model.units), run_dir)
-    by_actors = "stages" not in saved or "placement" in saved
-    if old == list(members) and by_actors == actors:
+    if old == list(members) and _by_actors(saved) == actors:
         return None
     if "channels" in saved:  # the in-process executor keeps its links' state apart
-        raise ConfigError("--resume: the checkpoint has communication channels (each "
-                          "link's state belongs to an edge of its cut); " + _WHY)
+        raise ConfigError(_CHANNELS)
     states = saved["stages"] if "stages" in saved else read_actor_states(run_dir, saved)
     return {"stages": recut(states, old, list(members), model), "recut": old}
 

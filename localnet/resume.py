@@ -18,6 +18,7 @@ import torch
 
 from . import recut
 from .config import Config, dump_config
+from .engine import InProcessExecutor
 from .files import save_state, write_text
 
 STOPPED = "stopped.json"
@@ -72,8 +73,6 @@ def _load_checkpoint(ex, model, run_dir: Path, ckpt: dict) -> list[tuple] | None
     """Load the checkpoint into `ex`; a checkpoint cut into other stages (another
     runtime.partition or executor) is re-cut first (recut.py).  Returns the old stages'
     members when it was re-cut, else None."""
-    from .engine import InProcessExecutor
-
     saved = ckpt["executor"]
     fitted = recut.fit(saved, run_dir, ex.stage_members(), model,
                        actors=not isinstance(ex, InProcessExecutor))
