@@ -29,10 +29,11 @@ def save(ex, run_dir) -> tuple[Path, dict]:
     while _other_layout(gen, ex._layout()["placement"]):
         n += 1  # a resume that re-cut this step's checkpoint: keep the old cut's files
         gen = root / f"step-{ex._step:09d}.{n}"
+    refs = [w.save_checkpoint.remote(str(gen)) for w in ex.workers]
     try:
-        receipts = ex._get([w.save_checkpoint.remote(str(gen)) for w in ex.workers],
-                           "checkpoint")
+        receipts = ex._get(refs, "checkpoint")
     except BaseException:  # a generation without its manifest is never read: free its space
+        ex._settle(refs)  # once the other actors are done writing into it
         shutil.rmtree(gen, ignore_errors=True)
         raise
     manifest = {"version": 1, "run_id": ex.run_id, "step": ex._step, "time": time.time(),

@@ -241,6 +241,12 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
     def _get(self, refs, what: str):
         return refs if self.local else session.get(refs, self.timeout, what)
 
+    def _settle(self, refs) -> None:
+        """Wait until every call of `refs` has ended, failed or not (at most
+        runtime.timeout_s): `_get` raises at the first failure, while the others go on."""
+        if not self.local:
+            session.count_ready(refs, self.timeout, lambda n: None)
+
     # ------------------------------------------------------------------ one call per actor
     def _wire_in(self, x, y, step: int, mbs: list[int], n: int, detail: str,
                  size: int | None = None) -> tuple[dict, dict]:
