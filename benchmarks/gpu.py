@@ -1,8 +1,8 @@
 """One GPU: plain PyTorch backprop, localnet's rules in-process, and Ray actors sharing it.
 
-    python benchmarks/gpu.py                          # ResNet-20, batch 128, CUDA
+    python benchmarks/gpu.py                          # ResNet-20 and -18, batch 128, CUDA
     python benchmarks/gpu.py --no-ray                 # a machine without Ray
-    python benchmarks/gpu.py --device cpu --steps 3 --no-write    # a dry run anywhere
+    python benchmarks/gpu.py --device cpu --models resnet8 --steps 3 --no-write   # anywhere
 
 Three rows, images/s of training steps on CIFAR-shaped synthetic input (nothing to
 download), each the median step time after a warm-up, with torch.cuda.synchronize()
@@ -22,15 +22,20 @@ around every timed step:
 The issue's target: in-process PFA at >= 0.85x plain BP's images/s.  Results go to
 benchmarks/RESULTS.md between <!-- gpu --> markers (--no-write: not).
 
-The GPU machine has torch but not Ray.  To carry Ray there, build wheels on this machine
-and install them beside the checkout before running:
+The GPU machine has torch but not Ray (nor pydantic).  Carry them as wheels for its
+Python, downloaded on a machine with network access, and install them beside the checkout:
 
-    pip download 'ray[default]' msgpack pydantic pyyaml rich prometheus-client -d wheels/
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl ray==2.60.0 pydantic pydantic-core \
+        annotated-types typing-inspection jsonschema jsonschema-specifications referencing rpds-py
     # on the GPU machine (no network):
-    pip install --no-index --find-links wheels/ 'ray[default]' && pip install --no-deps -e .
+    pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python benchmarks/gpu.py --json out.json --profile out/
 
-`wheels/` and the data are ignored by git, so the device tool must be told to carry them.
-Without Ray, `--no-ray` runs the first two rows.
+Ray's wheel is about 80 MB, most of it Java (`ray/jars`) and the dashboard's web client,
+which these rows never use; a transfer with a size limit can carry it without them (drop
+those members from the zip and from its RECORD).  PYTHONPATH reaches Ray's workers, so the
+actors import the same localnet.  Without Ray, `--no-ray` runs the in-process rows.
 """
 
 from __future__ import annotations
@@ -74,7 +79,25 @@ def timed(step, x, y, device, warmup: int, steps: int) -> float:
     return statistics.median(out)
 
 
-def plain(model_name: str, device, batch, warmup, steps) -> float:
+def profiled(step, x, y, device, steps: int, path: Path) -> None:
+    """torch.profiler over `steps` steps: the ops by their own CPU time, and the kernels
+    launched per step -- on a GPU, a small network's step is bound by its launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step(x, y)
+        _sync(device)
+    ev = prof.key_averages()
+    kernels = sum(e.count for e in ev if getattr(e, "device_type", None) is not None
+                  and "CUDA" in str(e.device_type))
+    path.write_text(f"kernels per step: {kernels / steps:.0f}\n\n"
+                    + ev.table(sort_by="self_cpu_time_total", row_limit=40))
+
+
+def plain(model_name: str, device):
+    """A training step of the stock-module ResNet and stock SGD."""
     from localnet.models import build_model
 
     model = build_model(model_name, None, SHAPE, NC).to(device)
@@ -85,10 +108,11 @@ def plain(model_name: str, device, batch, warmup, steps) -> float:
         F.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return batch / timed(step, *data(batch, device), device, warmup, steps)
+    return step
 
 
-def inprocess(model_name: str, rule: str, device, batch, warmup, steps) -> float:
+def inprocess(model_name: str, rule: str, device):
+    """A training step of localnet's in-process executor under `rule`."""
     from localnet.engine import InProcessExecutor, OptimConfig
     from localnet.models import build_model
     from localnet.rules import make_rule
@@ -96,8 +120,7 @@ def inprocess(model_name: str, rule: str, device, batch, warmup, steps) -> float
     model = build_model(model_name, make_rule(rule), SHAPE, NC)
     ex = InProcessExecutor(model, OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
                            device=device)
-    return batch / timed(lambda x, y: ex.train_step(x, y, 0.1, 1e-4), *data(batch, device),
-                         device, warmup, steps)
+    return lambda x, y: ex.train_step(x, y, 0.1, 1e-4)
 
 
 def on_ray(model_name: str, rule: str, device, batch, micro, warmup, steps) -> dict:
@@ -116,7 +139,8 @@ def on_ray(model_name: str, rule: str, device, batch, micro, warmup, steps) -> d
         "runtime": {"executor": "ray", "schedule": "1f1b", "partition": "per_unit",
                     "num_gpus": round(1 / units, 4) if gpus else 0, "timeout_s": 600}})
     if gpus:  # one GPU shared by all actors: Ray must be told it has it
-        ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=2 << 30)  # not 30% of the RAM: /dev/shm may be small
     ex = RayExecutor(cfg, SHAPE, NC)
     try:
         x, y = data(batch, torch.device("cpu"))  # the driver sends from host memory
@@ -138,9 +162,36 @@ def data(batch: int, device):
     return x, y
 
 
+def one_model(model: str, rules: list[str], device, args) -> dict:
+    """The rows of one model: images/s, each row's ratio to plain BP, the Ray rows."""
+    x, y = data(args.batch, device)
+    builds = {"plain": lambda: plain(model, device)}
+    builds.update({f"inprocess:{r}": (lambda r=r: inprocess(model, r, device)) for r in rules})
+    res = {}
+    for row, build in builds.items():
+        step = build()
+        res[row] = args.batch / timed(step, x, y, device, args.warmup, args.steps)
+        print(f"{model} {row}: {res[row]:.1f} images/s", flush=True)
+        if args.profile:
+            profiled(step, x, y, device, 5, Path(args.profile) / f"profile-{model}-{row.replace(':', '-')}.txt")
+        del step
+    ray_rows = {}
+    if not args.no_ray and model in args.ray_models.split(","):
+        for r in rules:
+            try:
+                ray_rows[r] = on_ray(model, r, device, args.batch, args.micro, args.warmup,
+                                     args.steps)
+            except Exception as exc:  # noqa: BLE001 -- one row's failure is a result too
+                ray_rows[r] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+            print(f"{model} ray:{r}: {ray_rows[r]}", flush=True)
+    return {"images_per_s": {k: round(v, 1) for k, v in res.items()},
+            "ratio_to_plain": {k: round(v / res["plain"], 3) for k, v in res.items()},
+            "ray": ray_rows}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet20")
+    p.add_argument("--models", default="resnet20,resnet18")
     p.add_argument("--rules", default="bp,pfa")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--micro", type=int, default=4, help="micro-batches (the Ray row)")
@@ -148,6 +199,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--ray-models", default="resnet20", help="the models with Ray rows")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler table per row")
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -155,37 +209,39 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     rules = args.rules.split(",")
-    res = {"plain": plain(args.model, device, args.batch, args.warmup, args.steps)}
-    for r in rules:
-        res[f"inprocess:{r}"] = inprocess(args.model, r, device, args.batch, args.warmup,
-                                          args.steps)
-    ray_rows = {}
-    if not args.no_ray:
-        for r in rules:
-            ray_rows[r] = on_ray(args.model, r, device, args.batch, args.micro, args.warmup,
-                                 args.steps)
     hw = (torch.cuda.get_device_name(device) if device.type == "cuda"
           else f"CPU, {os.cpu_count()} cores")
-    out = {"device": hw, "torch": torch.__version__, "commit": commit(), "model": args.model,
-           "batch": args.batch, "images_per_s": {k: round(v, 1) for k, v in res.items()},
-           "ratio_to_plain": {k: round(v / res["plain"], 3) for k, v in res.items()},
-           "ray": ray_rows, "command": "python benchmarks/gpu.py " + " ".join(argv or sys.argv[1:])}
+    out = {"device": hw, "torch": torch.__version__, "commit": os.environ.get(
+               "LOCALNET_COMMIT", commit()), "batch": args.batch,
+           "command": "python benchmarks/gpu.py " + " ".join(argv or sys.argv[1:]), "models": {}}
+    for model in args.models.split(","):
+        out["models"][model] = one_model(model, rules, device, args)
+        if args.json:  # after each model: a later failure keeps the rows before it
+            Path(args.json).write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
     if not args.no_write:
-        lines = ["### One GPU: plain PyTorch, the rules in-process, Ray actors sharing it", "",
-                 f"Device: {hw}, torch {torch.__version__}.  Commit `{out['commit']}`.  "
-                 f"Command: `{out['command'].strip()}`.  {args.model}, batch {args.batch}, "
-                 f"synthetic CIFAR-shaped input, median of {args.steps} steps after "
-                 f"{args.warmup}.", "",
-                 "| row | images/s | ÷ plain PyTorch BP |", "| --- | --- | --- |"]
-        for k, v in res.items():
-            lines.append(f"| {k} | {v:.1f} | {v / res['plain']:.3f} |")
-        for r, row in ray_rows.items():
-            lines.append(f"| ray:{r} ({row['actors']} actors sharing the device, "
-                         f"{args.micro} micro-batches) | {row['samples_per_s']:.1f} | "
-                         f"{row['samples_per_s'] / res['plain']:.3f} |")
-        write_section("gpu", lines)
+        write_section("gpu", report(out, args))
     return out
+
+
+def report(out: dict, args) -> list[str]:
+    lines = ["### One GPU: plain PyTorch, the rules in-process, Ray actors sharing it", "",
+             f"Device: {out['device']}, torch {out['torch']}.  Commit `{out['commit']}`.  "
+             f"Command: `{out['command'].strip()}`.  Batch {args.batch}, synthetic "
+             f"CIFAR-shaped input, median of {args.steps} steps after {args.warmup}.", "",
+             "| model | row | images/s | ÷ plain PyTorch BP |", "| --- | --- | --- | --- |"]
+    for model, res in out["models"].items():
+        plain_ips = res["images_per_s"]["plain"]
+        for k, v in res["images_per_s"].items():
+            lines.append(f"| {model} | {k} | {v:.1f} | {res['ratio_to_plain'][k]:.3f} |")
+        for r, row in res["ray"].items():
+            if "error" in row:
+                lines.append(f"| {model} | ray:{r} | failed: {row['error']} | |")
+                continue
+            lines.append(f"| {model} | ray:{r} ({row['actors']} actors sharing the device, "
+                         f"{args.micro} micro-batches, start-up {row['startup_s']} s) | "
+                         f"{row['samples_per_s']:.1f} | {row['samples_per_s'] / plain_ips:.3f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -29,13 +29,17 @@ def _first(dx):
 
 
 def loss_and_error(logits: torch.Tensor, targets: torch.Tensor, batch_total: int):
-    """Cross-entropy (mean over the *whole* batch, so micro-batch errors add up to the
-    batch's) and e = dL/dlogits, the error that enters the network."""
+    """The summed cross-entropy and the count of correct samples, as 0-d tensors on the
+    logits' device, and e = dL/dlogits for the loss averaged over the *whole* batch (so
+    micro-batch errors add up to the batch's), the error that enters the network.
+
+    The sums stay tensors because reading one is a host sync: on a GPU, a sync between
+    the forward and the backward leaves the device idle while the backward is launched,
+    so callers read them once per step."""
     logits = logits.detach().requires_grad_(True)
-    loss = F.cross_entropy(logits, targets, reduction="sum") / batch_total
-    loss.backward()
-    correct = (logits.argmax(1) == targets).sum().item()
-    return loss.item() * batch_total, correct, logits.grad
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    (loss / batch_total).backward()
+    return loss.detach(), (logits.argmax(1) == targets).sum(), logits.grad
 
 
 @dataclass
@@ -43,6 +47,15 @@ class StepStats:
     loss_sum: float   # summed over samples
     correct: int
     samples: int
+
+
+def _add_sums(stats: StepStats, sums: list) -> None:
+    """Add the micro-batches' (loss_sum, correct) tensors to stats: one host sync."""
+    if sums:
+        total = torch.stack([torch.stack((l.float(), c.float())) for l, c in sums]).sum(0)
+        loss, correct = total.tolist()
+        stats.loss_sum += loss
+        stats.correct += int(correct)
 
 
 class InProcessExecutor:
@@ -96,7 +109,7 @@ class InProcessExecutor:
         return stats
 
     def forward_backward(self, x, y, stats: StepStats) -> None:
-        n = x.shape[0]
+        n, sums = x.shape[0], []
         for xm, ym in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
             h = xm
             for stage in self.stages:
@@ -105,9 +118,9 @@ class InProcessExecutor:
             g = e
             for stage in reversed(self.stages):
                 g = stage.backward(g, e=e)
-            stats.loss_sum += loss_sum
-            stats.correct += correct
+            sums.append((loss_sum, correct))
             stats.samples += xm.shape[0]
+        _add_sums(stats, sums)
 
     def _train_step_channels(self, x, y, lr: float, wd: float) -> StepStats:
         """train_step with every activation and error through its channel.
@@ -120,7 +133,7 @@ class InProcessExecutor:
 
         ch, stages, last = self.channels, self.stages, len(self.stages) - 1
         bcast = ch.broadcast_output_error  # DFA: e goes to every stage, no chain error
-        stats, n = StepStats(0.0, 0, 0), x.shape[0]
+        stats, n, sums = StepStats(0.0, 0, 0), x.shape[0], []
         updated = [False] * len(stages)
         for xm, ym in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
             key, self._mb_id = self._mb_id, self._mb_id + 1
@@ -143,9 +156,9 @@ class InProcessExecutor:
                     continue
                 g = _first(stage.backward(None, old, e=got) if bcast else stage.backward(got, old))
                 updated[i] = True
-            stats.loss_sum += loss_sum
-            stats.correct += correct
+            sums.append((loss_sum, correct))
             stats.samples += xm.shape[0]
+        _add_sums(stats, sums)
         ch.samples += n
         for stage, up in zip(stages, updated):
             if up:

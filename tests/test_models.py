@@ -324,8 +324,8 @@ def test_loss_and_error_is_softmax_minus_onehot():
     y = torch.tensor([0, 4, 2, 2])
     loss_sum, correct, e = loss_and_error(logits, y, batch_total=10)
     close(e, (logits.softmax(1) - F.one_hot(y, 5).to(DT)) / 10)
-    assert loss_sum == pytest.approx(-logits.log_softmax(1)[torch.arange(4), y].sum().item())
-    assert correct == int((logits.argmax(1) == y).sum())
+    assert float(loss_sum) == pytest.approx(-logits.log_softmax(1)[torch.arange(4), y].sum().item())
+    assert int(correct) == int((logits.argmax(1) == y).sum())
 
 
 def test_engine_bp_step_equals_hand_written_sgd():
