@@ -111,16 +111,82 @@ def plain(model_name: str, device):
     return step
 
 
-def inprocess(model_name: str, rule: str, device):
-    """A training step of localnet's in-process executor under `rule`."""
+def plain_graph(model_name: str, device):
+    """plain(), captured whole as a CUDA graph the way PyTorch's docs capture a network
+    (warm-up on a side stream, then forward, backward and step in one graph): the fair
+    baseline for localnet's captured steps."""
+    from localnet.models import build_model
+
+    model = build_model(model_name, None, SHAPE, NC).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    state = {}
+
+    def work():
+        F.cross_entropy(model(state["x"]), state["y"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step(x, y):
+        if "replay" not in state:
+            state["x"], state["y"] = x.to(device), y.to(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    work()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                work()
+            state["replay"] = graph.replay
+        state["x"].copy_(x, non_blocking=True)
+        state["y"].copy_(y, non_blocking=True)
+        state["replay"]()
+    return step
+
+
+def executor(model_name: str, rule: str, device, cuda_graph: bool = True, seed: int = 0):
     from localnet.engine import InProcessExecutor, OptimConfig
     from localnet.models import build_model
     from localnet.rules import make_rule
 
-    model = build_model(model_name, make_rule(rule), SHAPE, NC)
-    ex = InProcessExecutor(model, OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
-                           device=device)
+    model = build_model(model_name, make_rule(rule), SHAPE, NC, seed=seed)
+    return InProcessExecutor(model, OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4),
+                             device=device, cuda_graph=cuda_graph)
+
+
+def inprocess(model_name: str, rule: str, device, cuda_graph: bool = True):
+    """A training step of localnet's in-process executor under `rule`, as `localnet run`
+    takes it: captured as a CUDA graph on a GPU unless cuda_graph is False."""
+    ex = executor(model_name, rule, device, cuda_graph)
     return lambda x, y: ex.train_step(x, y, 0.1, 1e-4)
+
+
+def graph_check(model_name: str, rule: str, device, steps: int = 20) -> dict:
+    """Captured steps against eager ones, from one seed, on the same batches and a
+    learning rate that changes every step: the largest weight difference, beside the
+    one between two eager runs (cuDNN kept deterministic for both)."""
+    det = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        runs = [executor(model_name, rule, device, g) for g in (False, False, True)]
+        g = torch.Generator().manual_seed(1)
+        for i in range(steps):
+            x, y = torch.randn(128, *SHAPE, generator=g), torch.randint(0, NC, (128,), generator=g)
+            for ex in runs:
+                ex.train_step(x, y, 0.1 / (1 + i), 1e-4)
+        states = [ex.model.state_dict() for ex in runs]
+
+        def diff(a, b):
+            return max((a[k].double() - b[k].double()).abs().max().item() for k in a
+                       if a[k].is_floating_point())
+        return {"steps": steps, "replayed": runs[2].graphs is not None,
+                "eager_vs_eager": diff(states[0], states[1]),
+                "graph_vs_eager": diff(states[0], states[2]),
+                "weight_scale": max(v.abs().max().item() for v in states[0].values()
+                                    if v.is_floating_point())}
+    finally:
+        torch.backends.cudnn.deterministic = det
 
 
 def on_ray(model_name: str, rule: str, device, batch, micro, warmup, steps) -> dict:
@@ -166,7 +232,12 @@ def one_model(model: str, rules: list[str], device, args) -> dict:
     """The rows of one model: images/s, each row's ratio to plain BP, the Ray rows."""
     x, y = data(args.batch, device)
     builds = {"plain": lambda: plain(model, device)}
+    if device.type == "cuda":
+        builds["plain:graph"] = lambda: plain_graph(model, device)
     builds.update({f"inprocess:{r}": (lambda r=r: inprocess(model, r, device)) for r in rules})
+    if device.type == "cuda":
+        builds.update({f"inprocess:{r}:eager": (lambda r=r: inprocess(model, r, device, False))
+                       for r in rules})
     res = {}
     for row, build in builds.items():
         step = build()
@@ -184,7 +255,11 @@ def one_model(model: str, rules: list[str], device, args) -> dict:
             except Exception as exc:  # noqa: BLE001 -- one row's failure is a result too
                 ray_rows[r] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
             print(f"{model} ray:{r}: {ray_rows[r]}", flush=True)
-    return {"images_per_s": {k: round(v, 1) for k, v in res.items()},
+    check = None
+    if device.type == "cuda" and args.check:
+        check = graph_check(model, rules[-1], device)
+        print(f"{model} graph check ({rules[-1]}): {check}", flush=True)
+    return {"images_per_s": {k: round(v, 1) for k, v in res.items()}, "graph_check": check,
             "ratio_to_plain": {k: round(v / res["plain"], 3) for k, v in res.items()},
             "ray": ray_rows}
 
@@ -202,6 +277,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ray-models", default="resnet20", help="the models with Ray rows")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler table per row")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip comparing captured steps with eager ones (GPU)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -228,19 +305,33 @@ def report(out: dict, args) -> list[str]:
     lines = ["### One GPU: plain PyTorch, the rules in-process, Ray actors sharing it", "",
              f"Device: {out['device']}, torch {out['torch']}.  Commit `{out['commit']}`.  "
              f"Command: `{out['command'].strip()}`.  Batch {args.batch}, synthetic "
-             f"CIFAR-shaped input, median of {args.steps} steps after {args.warmup}.", "",
-             "| model | row | images/s | ÷ plain PyTorch BP |", "| --- | --- | --- | --- |"]
+             f"CIFAR-shaped input, median of {args.steps} steps after {args.warmup}.  "
+             "`inprocess:<rule>` is the step as `localnet run` takes it on a GPU, captured "
+             "as a CUDA graph (`train.cuda_graph`); `:eager` launches every kernel; "
+             "`plain:graph` is plain PyTorch captured the same way.", "",
+             "| model | row | images/s | ÷ plain PyTorch BP | ÷ plain, captured |",
+             "| --- | --- | --- | --- | --- |"]
     for model, res in out["models"].items():
-        plain_ips = res["images_per_s"]["plain"]
-        for k, v in res["images_per_s"].items():
-            lines.append(f"| {model} | {k} | {v:.1f} | {res['ratio_to_plain'][k]:.3f} |")
+        ips = res["images_per_s"]
+        plain_ips, graphed = ips["plain"], ips.get("plain:graph")
+        for k, v in ips.items():
+            vs_graph = f"{v / graphed:.3f}" if graphed else ""
+            lines.append(f"| {model} | {k} | {v:.1f} | {res['ratio_to_plain'][k]:.3f} | {vs_graph} |")
         for r, row in res["ray"].items():
             if "error" in row:
-                lines.append(f"| {model} | ray:{r} | failed: {row['error']} | |")
+                lines.append(f"| {model} | ray:{r} | failed: {row['error']} | | |")
                 continue
             lines.append(f"| {model} | ray:{r} ({row['actors']} actors sharing the device, "
                          f"{args.micro} micro-batches, start-up {row['startup_s']} s) | "
-                         f"{row['samples_per_s']:.1f} | {row['samples_per_s'] / plain_ips:.3f} |")
+                         f"{row['samples_per_s']:.1f} | {row['samples_per_s'] / plain_ips:.3f} | |")
+    for model, res in out["models"].items():
+        c = res.get("graph_check")
+        if c:
+            lines += ["", f"{model}, captured against eager steps ({c['steps']} steps, the "
+                      f"learning rate changing every step, cuDNN deterministic): largest "
+                      f"weight difference {c['graph_vs_eager']:.3g}, against "
+                      f"{c['eager_vs_eager']:.3g} between two eager runs (weights up to "
+                      f"{c['weight_scale']:.3g})."]
     return lines
 
 

@@ -113,6 +113,10 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="in-process executor: where the model and each batch live "
         "(auto: cuda when torch sees a GPU); Ray actors use runtime.num_gpus")
+    cuda_graph: bool = Field(
+        True, description="on a GPU, the in-process executor captures each step once as a "
+        "CUDA graph and replays it: one launch instead of hundreds (localnet/graphs.py "
+        "says which steps cannot be captured; those run eagerly)")
     memory_format: Literal["channels_last", "contiguous"] = Field(
         "channels_last", description="how conv weights, and so every 4-d activation and "
         "error, lie in memory: channels_last lets oneDNN convolve without reordering "

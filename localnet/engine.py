@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .alignment import update_angles
 from .errors import ConfigError
+from .graphs import GraphedSteps
 from .layers import local_layers, restore_rules, set_rule
 from .rules import make_rule
 from .stage import NodeStage, OptimConfig, Stage
@@ -49,13 +50,16 @@ class StepStats:
     samples: int
 
 
-def _add_sums(stats: StepStats, sums: list) -> None:
-    """Add the micro-batches' (loss_sum, correct) tensors to stats: one host sync."""
-    if sums:
-        total = torch.stack([torch.stack((l.float(), c.float())) for l, c in sums]).sum(0)
-        loss, correct = total.tolist()
-        stats.loss_sum += loss
-        stats.correct += int(correct)
+def _sums(pairs: list) -> torch.Tensor:
+    """The micro-batches' (loss_sum, correct) 0-d tensors as one tensor [loss, correct]."""
+    return torch.stack([torch.stack((l, c.to(l.dtype))) for l, c in pairs]).sum(0)
+
+
+def _add_sums(stats: StepStats, sums: torch.Tensor) -> None:
+    """Add a [loss, correct] tensor to stats: the step's one host sync."""
+    loss, correct = sums.tolist()
+    stats.loss_sum += loss
+    stats.correct += int(correct)
 
 
 class InProcessExecutor:
@@ -65,7 +69,7 @@ class InProcessExecutor:
 
     def __init__(self, model: nn.Module, optim: OptimConfig, micro_batches: int = 1,
                  boundaries: list[int] | None = None, channels=None, channel_seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", cuda_graph: bool = True):
         self.device = torch.device(device)
         model.to(self.device)
         units = list(model.units)
@@ -91,6 +95,8 @@ class InProcessExecutor:
                                for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
             self._waiting = [StoredForwards() for _ in self.stages]
             self._mb_id = 1  # (forward_backward, which bypasses channels, uses key 0)
+        # on a GPU, whole steps captured once and replayed (graphs.py); None: eager
+        self.graphs = GraphedSteps.for_executor(self, cuda_graph)
 
     def _on_device(self, x: torch.Tensor, y: torch.Tensor):
         """The batch on the executor's device: one copy each, asynchronous from pinned
@@ -100,6 +106,13 @@ class InProcessExecutor:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
+        if self.graphs is not None:
+            stats = self.graphs.step(x, y, lr, wd)
+            if stats is not None:
+                return stats
+        return self.eager_step(x, y, lr, wd)
+
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
         x, y = self._on_device(x, y)
         if self.channels is not None:
             return self._train_step_channels(x, y, lr, wd)
@@ -109,7 +122,15 @@ class InProcessExecutor:
         return stats
 
     def forward_backward(self, x, y, stats: StepStats) -> None:
-        n, sums = x.shape[0], []
+        sums, samples = self.passes(x, y)
+        _add_sums(stats, sums)
+        stats.samples += samples
+
+    def passes(self, x, y) -> tuple[torch.Tensor, int]:
+        """Every micro-batch's forward and backward: the [loss, correct] sums, still on
+        the device, and the samples.  Nothing here reads a tensor back on the host, so a
+        CUDA graph can capture it (graphs.py)."""
+        n, pairs = x.shape[0], []
         for xm, ym in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
             h = xm
             for stage in self.stages:
@@ -118,9 +139,8 @@ class InProcessExecutor:
             g = e
             for stage in reversed(self.stages):
                 g = stage.backward(g, e=e)
-            sums.append((loss_sum, correct))
-            stats.samples += xm.shape[0]
-        _add_sums(stats, sums)
+            pairs.append((loss_sum, correct))
+        return _sums(pairs), n
 
     def _train_step_channels(self, x, y, lr: float, wd: float) -> StepStats:
         """train_step with every activation and error through its channel.
@@ -133,7 +153,7 @@ class InProcessExecutor:
 
         ch, stages, last = self.channels, self.stages, len(self.stages) - 1
         bcast = ch.broadcast_output_error  # DFA: e goes to every stage, no chain error
-        stats, n, sums = StepStats(0.0, 0, 0), x.shape[0], []
+        stats, n, pairs = StepStats(0.0, 0, 0), x.shape[0], []
         updated = [False] * len(stages)
         for xm, ym in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
             key, self._mb_id = self._mb_id, self._mb_id + 1
@@ -156,9 +176,9 @@ class InProcessExecutor:
                     continue
                 g = _first(stage.backward(None, old, e=got) if bcast else stage.backward(got, old))
                 updated[i] = True
-            sums.append((loss_sum, correct))
+            pairs.append((loss_sum, correct))
             stats.samples += xm.shape[0]
-        _add_sums(stats, sums)
+        _add_sums(stats, _sums(pairs))
         ch.samples += n
         for stage, up in zip(stages, updated):
             if up:
@@ -234,6 +254,8 @@ class InProcessExecutor:
         return st
 
     def load_state_dict(self, state: dict) -> None:
+        if self.graphs is not None:  # the optimizer's loaded state is new tensors
+            self.graphs.drop()
         for s, st in zip(self.stages, state["stages"]):
             s.load_state_dict(st)
         if self.channels is not None and "channels" in state:
@@ -268,7 +290,7 @@ class InProcessExecutor:
     def runtime_info(self) -> dict:
         return {"executor": self.name, "actors": 0, "schedule": "sequential",
                 "micro_batches": self.micro_batches, "staleness": 0,
-                "stages": len(self.stages)}
+                "stages": len(self.stages), "cuda_graph": self.graphs is not None}
 
     def ledger_summary(self) -> dict:
         """No messages: nothing crosses a wire.  parameter_bytes counts weight transport

@@ -123,6 +123,12 @@ class Stage:
 
     # -- learning ---------------------------------------------------------------------
     def step(self, lr: float, weight_decay: float) -> None:
+        self.update(lr, weight_decay)
+        self.count_step()
+
+    def update(self, lr, weight_decay: float) -> None:
+        """The step's tensor work, and nothing that reads a tensor back on the host, so
+        that a CUDA graph can capture it (graphs.py); lr may be a 0-d device tensor."""
         for _, layer in self.layers:
             layer.rule.before_step(layer)  # gradients a rule forms once per step (PFA's g_R)
         if self.opt is not None:
@@ -143,6 +149,9 @@ class Stage:
                         layer.weight.mul_(self.norm_limits[n] / norm)
             for _, layer in self.layers:
                 layer.rule.after_step(layer)
+
+    def count_step(self) -> None:
+        """The step's bookkeeping on the host, after its tensor work."""
         self.steps += 1
         for _, layer in self.layers:  # a no-op but for rules that mirror (wm)
             if self.steps % layer.rule.mirror_every == 0:

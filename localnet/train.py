@@ -156,7 +156,7 @@ def build(cfg: Config, on_phase=None):
     else:
         ch = cfg.channel  # localnet/channels: only when restricted (else bit-identical as before)
         executor = InProcessExecutor(model, optim, micro_batches=cfg.train.micro_batches,
-                                     device=train_device(cfg),
+                                     device=train_device(cfg), cuda_graph=cfg.train.cuda_graph,
                                      **({"channels": ch, "channel_seed": cfg.seed,
                                          "boundaries": _channel_cuts(cfg, data, model)}
                                         if ch.active() else {}))

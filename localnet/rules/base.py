@@ -139,6 +139,9 @@ class Rule:
     broadcast_output_error: bool = False
     # mirror_step(layer) runs after every `mirror_every`-th update (wm's option).
     mirror_every: int = 1
+    # False for a rule whose step draws random numbers on the host or reads tensors
+    # back (brsf, wm): a CUDA graph of the step would replay one draw forever (graphs.py).
+    graph_safe: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -195,6 +198,10 @@ class Rule:
 
     def mirror_step(self, layer) -> None:
         """One weight-mirror step (only `wm` does anything)."""
+
+    def weights_changed(self, layer) -> None:
+        """The layer's tensors were changed where the rule did not see it (a replayed
+        CUDA graph of whole steps): forget anything derived from them (PFA's B_p R)."""
 
     def effective_feedback(self, layer) -> torch.Tensor | None:
         """The matrix compared with W by the alignment metrics (None when not W-shaped)."""

@@ -12,6 +12,7 @@ from .base import draw_like_weights
 class BatchRandomSignConcordant(FixedRandomSignConcordant):
     name = "brsf"
     paper = "Moskovitz et al. 2018 (batchwise random-magnitude sign-concordant feedback)"
+    graph_safe = False  # a fresh draw from the layer's host RNG every step
 
     def after_step(self, layer):
         m = layer.feedback_magnitude

@@ -160,6 +160,9 @@ class ProductFeedbackAlignment(Rule):
         r.grad = g_r if r.grad is None else r.grad.add_(g_r)
         grads.total = None
 
+    def weights_changed(self, layer):
+        layer.__dict__.pop("_pfa_w_eff", None)
+
     def drop_grads(self, layer):
         grads = layer.__dict__.get("_pfa_grads")
         if grads is not None:

@@ -37,6 +37,7 @@ class MirrorOptions(NoOptions):
 
 class WeightMirror(Rule):
     name = "wm"
+    graph_safe = False  # mirror steps draw from the layer's host RNG between updates
     paper = "Akrout et al. 2019, 'Deep Learning without Weight Transport' (weight mirror)"
 
     class Options(RandomFeedbackOptions):
