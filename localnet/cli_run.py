@@ -70,8 +70,20 @@ def cmd_run(args) -> int:
         run_dir = new_run_dir(cfg, args.out)
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
                                f"{cfg.data.name} -> {run_dir}")
+    told = []
+
+    def tell(exc: KeyboardInterrupt) -> None:
+        # the step in progress is dropped; what the last checkpoint holds stays
+        print(f"localnet: {stopped_by(exc)[0]}; " + (
+            f"resume from the last checkpoint with: localnet run --resume {run_dir}"
+            if (run_dir / "checkpoint.pt").exists() else
+            f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
+            "it had not trained yet, so nothing was kept"), file=sys.stderr, flush=True)
+        told.append(exc)
+
     try:
-        summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+        summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress,
+                        on_interrupt=tell)
     except BaseException as exc:
         if not args.resume and fresh:
             _drop_if_unstarted(run_dir, made)
@@ -81,14 +93,9 @@ def cmd_run(args) -> int:
                 exc.add_note(f"its last checkpoint is kept; once that is fixed, go on from it "
                              f"with: localnet run --resume {run_dir}")
             raise
-        # the step in progress is dropped; what the last checkpoint holds stays
-        said, code = stopped_by(exc)
-        print(f"localnet: {said}; " + (
-            f"resume from the last checkpoint with: localnet run --resume {run_dir}"
-            if (run_dir / "checkpoint.pt").exists() else
-            f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
-            "it had not trained yet, so nothing was kept"), file=sys.stderr)
-        return code
+        if not told:  # stopped before training began
+            tell(exc)
+        return stopped_by(exc)[1]
     if summary.get("finished"):
         print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
               f"epochs); nothing to resume, nothing changed.  Its summary: "

@@ -177,8 +177,10 @@ def new_run_dir(cfg: Config, out: str | None) -> Path:
     return path
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train per `cfg`, writing into run_dir; returns the summary dict."""
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+          on_interrupt=None) -> dict:
+    """Train per `cfg`, writing into run_dir; returns the summary dict.  on_interrupt(exc)
+    is told of a Ctrl-C or SIGTERM once the stop is recorded, before the executor closes."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = None
@@ -200,6 +202,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         if not resume:
             write_text(run_dir / "config.yaml", dump_config(cfg))
         return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model)
+    except KeyboardInterrupt as exc:
+        # said first: after a SIGTERM to the whole process group, Ray's own processes are
+        # going too, and closing the actors can take seconds or end this process
+        if on_interrupt is not None:
+            on_interrupt(exc)
+        raise
     finally:
         ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
 

@@ -434,6 +434,26 @@ def test_ctrl_c_during_start_up_leaves_no_directory(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "r").exists()
 
 
+def test_the_stop_line_comes_before_the_executor_closes(tmp_path, capsys, monkeypatch):
+    """After a SIGTERM to the whole process group, closing a Ray executor can take
+    seconds, or Ray can end the process: the line naming --resume is said first."""
+    import localnet.train as T
+    from localnet.cli import main
+    from localnet.engine import InProcessExecutor
+
+    def stopped(cfg, run_dir, *a):
+        (run_dir / "checkpoint.pt").write_bytes(b"")  # as if a checkpoint were kept
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_train", stopped)
+    monkeypatch.setattr(InProcessExecutor, "close", lambda self: print("closing", file=sys.stderr))
+    assert main(["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    line = f"localnet: interrupted; resume from the last checkpoint with: localnet run --resume {tmp_path / 'r'}"
+    assert err.count(line) == 1 and err.index(line) < err.index("closing")
+
+
 def test_resume_of_what_is_not_a_run_says_so(tmp_path, capsys):
     from localnet.cli import main
 
