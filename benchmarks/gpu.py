@@ -4,20 +4,27 @@
     python benchmarks/gpu.py --no-ray                 # a machine without Ray
     python benchmarks/gpu.py --device cpu --models resnet8 --steps 3 --no-write   # anywhere
 
-Three rows, images/s of training steps on CIFAR-shaped synthetic input (nothing to
+Rows of images/s of training steps on CIFAR-shaped synthetic input (nothing to
 download), each the median step time after a warm-up, with torch.cuda.synchronize()
 around every timed step:
 
-  plain      the same ResNet built from stock nn.Conv2d / nn.Linear (rule=None), stock
-             torch.optim.SGD -- the baseline every other row is divided by
-  in-process localnet's InProcessExecutor with each rule (default: bp and pfa), the model
-             and every batch on the GPU (`train.device: cuda`); the batch comes from
-             pinned memory in one asynchronous copy, as `localnet run` does
-  ray        RayExecutor, per_unit, its actors sharing the one GPU through fractional
-             `runtime.num_gpus` (1 / actors each); actors on one GPU cannot form NCCL
-             pairs, so activations and errors cross through host memory over the gloo
-             data plane (on several GPUs they would stay on the devices), and this row
-             measures the runtime's overhead on a GPU, not a multi-GPU speed-up
+  plain        the same ResNet built from stock nn.Conv2d / nn.Linear (rule=None), stock
+               torch.optim.SGD -- the baseline every other row is divided by
+  plain:graph  plain, captured whole as one CUDA graph the way PyTorch's docs do it:
+               the fair baseline for captured steps (GPU only)
+  inprocess:R  localnet's InProcessExecutor under rule R (default: bp and pfa), the model
+               and every batch on the GPU (`train.device: cuda`), each step captured as
+               a CUDA graph (`train.cuda_graph`, localnet/graphs.py): what `localnet
+               run` does on a GPU.  The batch comes from pinned memory in one copy
+  inprocess:R:eager  the same with every kernel launched from Python (GPU only)
+  ray:R        RayExecutor, per_unit, its actors sharing the one GPU through fractional
+               `runtime.num_gpus` (1 / actors each); actors on one GPU cannot form NCCL
+               pairs, so activations and errors cross through host memory over the gloo
+               data plane (on several GPUs they would stay on the devices), and this row
+               measures the runtime's overhead on a GPU, not a multi-GPU speed-up
+
+Then a check (GPU, `--no-check` skips it): captured and eager steps from one seed, on
+the same batches, must leave the same weights (`graph_check`).
 
 The issue's target: in-process PFA at >= 0.85x plain BP's images/s.  Results go to
 benchmarks/RESULTS.md between <!-- gpu --> markers (--no-write: not).
