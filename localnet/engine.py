@@ -106,11 +106,16 @@ class InProcessExecutor:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
-        if self.graphs is not None:
-            stats = self.graphs.step(x, y, lr, wd)
-            if stats is not None:
-                return stats
-        return self.eager_step(x, y, lr, wd)
+        graphs = self.graphs
+        if graphs is None:
+            return self.eager_step(x, y, lr, wd)
+        sums = graphs.replay(x, y, lr, wd)
+        if sums is None:  # a warm-up, or a step that cannot be captured
+            with graphs.eager_context():
+                return self.eager_step(x, y, lr, wd)
+        stats = StepStats(0.0, 0, x.shape[0])
+        _add_sums(stats, sums)
+        return stats
 
     def eager_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
         x, y = self._on_device(x, y)

@@ -79,8 +79,7 @@ class _Captured:
 
 
 class GraphedSteps:
-    """Replays captured steps for an InProcessExecutor; `step` returns None where the
-    executor must run the step itself."""
+    """Captures and replays an InProcessExecutor's steps."""
 
     def __init__(self, ex, backend=None):
         self.ex = ex
@@ -88,6 +87,7 @@ class GraphedSteps:
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: Counter = Counter()
         self.failed: str | None = None
+        self._warming = False
         self.layers = [layer for _, layer in local_layers(ex.model)]
 
     @classmethod
@@ -102,7 +102,10 @@ class GraphedSteps:
         self.graphs.clear()
         self.seen.clear()
 
-    def step(self, x, y, lr: float, wd: float):
+    def replay(self, x, y, lr: float, wd: float):
+        """The step on (x, y) replayed: its [loss, correct] sums on the device.  None
+        when the executor must run this step eagerly itself, in `eager_context()`."""
+        self._warming = False
         if self.failed:
             return None
         key = (tuple(x.shape), x.dtype, tuple(y.shape), float(wd), self.ex.micro_batches)
@@ -110,8 +113,8 @@ class GraphedSteps:
         if cap is None:
             self.seen[key] += 1
             if self.seen[key] <= WARMUP:
-                with self.backend.side_stream():
-                    return self.ex.eager_step(x, y, lr, wd)
+                self._warming = True
+                return None
             cap = self._capture(key, x, y, wd)
             if cap is None:
                 return None
@@ -123,11 +126,11 @@ class GraphedSteps:
             stage.count_step()
         for layer in self.layers:
             layer.rule.weights_changed(layer)
-        from .engine import StepStats, _add_sums
+        return cap.sums
 
-        stats = StepStats(0.0, 0, x.shape[0])
-        _add_sums(stats, cap.sums)
-        return stats
+    def eager_context(self):
+        """Where an eager step runs: a warm-up on a side stream, as PyTorch's docs do."""
+        return self.backend.side_stream() if self._warming else contextlib.nullcontext()
 
     def _capture(self, key, x, y, wd: float):
         ex, dev = self.ex, self.ex.device
