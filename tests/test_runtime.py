@@ -447,6 +447,46 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
     assert state_diff(ref.model_state_dict(), got)[0] < 1e-6
 
 
+def test_an_actor_lost_right_after_a_checkpoint_is_written_replays_nothing(
+        actors, spawner, tmp_path, monkeypatch):
+    """Once its manifest is written, the checkpoint holds every step so far.  An actor
+    that dies right after (as the coordinator reads the ledgers) rolls every actor back
+    to it with nothing to replay: the steps it holds must not be trained twice (a node
+    lost in the CI of dbd7f6a did that)."""
+    cfg = cfg_for("fa", "1f1b")
+    data = batches(3, BS, SHAPE, NC, seed=5)
+    ex = RayExecutor(cfg, SHAPE, NC, actors=actors)
+    read = type(ex)._actor_ledgers
+    killed = []
+
+    def dying(self):
+        if not killed:
+            killed.append(1)
+            _kill(self.workers[1])
+        return read(self)
+    try:
+        for x, y in data[:2]:
+            ex.train_step(x, y, 0.05, 1e-3)
+        monkeypatch.setattr(type(ex), "_actor_ledgers", dying)
+        saved = ex.save_state(tmp_path)
+        monkeypatch.undo()
+        assert killed and saved["step"] == 2
+        (rec,) = ex.recoveries
+        assert (rec["restored_step"], rec["replayed_steps"], rec["lost_steps"]) == (2, 0, 0), rec
+        ex.train_step(*data[2], 0.05, 1e-3)
+        got = ex.model_state_dict()
+    finally:
+        for i in ex._owned:  # hand the replacement back to the module's pool
+            spawner.workers[i] = ex.workers[i]
+        ex.detach_actors()
+    ref = RayExecutor(cfg, SHAPE, NC, local=True)
+    for x, y in data[:2]:
+        ref.train_step(x, y, 0.05, 1e-3)
+    ref.save_state(tmp_path / "ref")
+    ref.train_step(*data[2], 0.05, 1e-3)
+    assert state_diff(ref.model_state_dict(), got)[0] < 1e-6
+
+
 LOSSY = {"activation": {"codec": "topk", "k": 0.3, "error_feedback": True},
          "error": {"codec": "lowrank", "q": 2, "drop": 0.1, "delay": 1}}
 

@@ -154,9 +154,11 @@ class StateMixin:
         driver."""
         self._drain()
         gen, manifest = checkpoint.save(self, run_dir)
+        # the checkpoint holds every step so far: from here on, a recovery goes back to it
+        # with nothing to replay -- so both change together, before any other call
         self._ckpt, self._ckpt_step = gen, self._step
-        self._actor_ledgers()  # what an actor that dies before the next one had sent
         self._replay.clear()
+        self._actor_ledgers()  # what an actor that dies before the next one had sent
         return {"executor": self.name, "checkpoint": f"{checkpoint.CHECKPOINT_DIR}/{gen.name}",
                 "step": self._step, "bytes": manifest["bytes"], **self._layout(),
                 "recoveries": list(self.recoveries)}  # a resumed run's summary lists them all
