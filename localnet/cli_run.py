@@ -15,6 +15,7 @@ from rich.console import Console
 
 from .config import ConfigError, load_config, load_run_config
 from .errors import DivergedError
+from .watchdog import Watchdog
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,32 +71,38 @@ def cmd_run(args) -> int:
         run_dir = new_run_dir(cfg, args.out)
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
                                f"{cfg.data.name} -> {run_dir}")
-    told = []
+    told, lock = [], threading.Lock()
 
     def tell(exc: KeyboardInterrupt) -> None:
+        with lock:  # the watchdog's thread may say it too: once
+            if told:
+                return
+            told.append(exc)
+            dog.said.set()
         # the step in progress is dropped; what the last checkpoint holds stays
         print(f"localnet: {stopped_by(exc)[0]}; " + (
             f"resume from the last checkpoint with: localnet run --resume {run_dir}"
             if (run_dir / "checkpoint.pt").exists() else
             f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
             "it had not trained yet, so nothing was kept"), file=sys.stderr, flush=True)
-        told.append(exc)
 
-    try:
-        summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress,
-                        on_interrupt=tell)
-    except BaseException as exc:
-        if not args.resume and fresh:
-            _drop_if_unstarted(run_dir, made)
-        if not isinstance(exc, KeyboardInterrupt):
-            if (run_dir / "checkpoint.pt").exists() and \
-                    not isinstance(exc, (ConfigError, DivergedError)):  # these say what to do
-                exc.add_note(f"its last checkpoint is kept; once that is fixed, go on from it "
-                             f"with: localnet run --resume {run_dir}")
-            raise
-        if not told:  # stopped before training began
-            tell(exc)
-        return stopped_by(exc)[1]
+    # a main thread stuck in a Ray call after the signal still gets the line said
+    with Watchdog(lambda signum: tell(Terminated("SIGTERM") if signum == signal.SIGTERM
+                                      else KeyboardInterrupt())) as dog:
+        try:
+            summary = train(cfg, run_dir, resume=bool(args.resume),
+                            progress=not args.no_progress, on_interrupt=tell)
+        except BaseException as exc:
+            if not args.resume and fresh:
+                _drop_if_unstarted(run_dir, made)
+            if not isinstance(exc, KeyboardInterrupt):
+                if (run_dir / "checkpoint.pt").exists() and \
+                        not isinstance(exc, (ConfigError, DivergedError)):  # these say what to do
+                    exc.add_note(f"its last checkpoint is kept; once that is fixed, go on from "
+                                 f"it with: localnet run --resume {run_dir}")
+                raise
+            tell(exc)  # unless said already (stopped before training began: not yet)
+            return stopped_by(exc)[1]
     if summary.get("finished"):
         print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
               f"epochs); nothing to resume, nothing changed.  Its summary: "
