@@ -434,17 +434,27 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
                             said[0]), said
         assert _tell_recoveries(SimpleNamespace(note=said.append), ex, 1) == 1 and len(said) == 1
     finally:
-        for i in ex._owned:  # hand the replacement back to the module's pool
-            spawner.workers[i] = ex.workers[i]
-        ex.detach_actors()
+        _give_back(ex, spawner)
     # the same run in-process, never interrupted: 3 steps, (checkpoint: drain), 2 steps
+    assert state_diff(_uninterrupted(cfg, data[:5], 3, tmp_path), got)[0] < 1e-6
+
+
+def _give_back(ex, spawner) -> None:
+    """Hand the actors a recovery made back to the module's pool, and detach."""
+    for i in ex._owned:
+        spawner.workers[i] = ex.workers[i]
+    ex.detach_actors()
+
+
+def _uninterrupted(cfg, data, checkpoint_at: int, tmp_path) -> dict:
+    """The model state of the same run in-process, never interrupted, with its
+    checkpoint (which drains the pipeline) after `checkpoint_at` steps."""
     ref = RayExecutor(cfg, SHAPE, NC, local=True)
-    for x, y in data[:3]:
+    for i, (x, y) in enumerate(data):
+        if i == checkpoint_at:
+            ref.save_state(tmp_path / "ref")
         ref.train_step(x, y, 0.05, 1e-3)
-    ref.save_state(tmp_path / "ref")
-    for x, y in data[3:5]:
-        ref.train_step(x, y, 0.05, 1e-3)
-    assert state_diff(ref.model_state_dict(), got)[0] < 1e-6
+    return ref.model_state_dict()
 
 
 def test_an_actor_lost_right_after_a_checkpoint_is_written_replays_nothing(
@@ -476,15 +486,8 @@ def test_an_actor_lost_right_after_a_checkpoint_is_written_replays_nothing(
         ex.train_step(*data[2], 0.05, 1e-3)
         got = ex.model_state_dict()
     finally:
-        for i in ex._owned:  # hand the replacement back to the module's pool
-            spawner.workers[i] = ex.workers[i]
-        ex.detach_actors()
-    ref = RayExecutor(cfg, SHAPE, NC, local=True)
-    for x, y in data[:2]:
-        ref.train_step(x, y, 0.05, 1e-3)
-    ref.save_state(tmp_path / "ref")
-    ref.train_step(*data[2], 0.05, 1e-3)
-    assert state_diff(ref.model_state_dict(), got)[0] < 1e-6
+        _give_back(ex, spawner)
+    assert state_diff(_uninterrupted(cfg, data, 2, tmp_path), got)[0] < 1e-6
 
 
 LOSSY = {"activation": {"codec": "topk", "k": 0.3, "error_feedback": True},
