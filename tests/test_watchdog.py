@@ -85,3 +85,30 @@ def test_a_process_whose_main_thread_cannot_run_the_handler_still_says_it_and_en
     assert proc.returncode == 143, err
     assert time.monotonic() - t0 < 15
     assert "the line 15" in err and "ending now" in err
+
+
+def test_a_sigterm_that_ray_turned_into_a_bare_keyboardinterrupt_still_ends_with_143():
+    """Inside `ray.get`, Ray's core worker runs the pending signal handlers itself and
+    turns whatever they raise into a bare KeyboardInterrupt (its check_status).  The
+    command still says SIGTERM and exits 143; a later command's Ctrl-C is Ctrl-C."""
+    from localnet.cli_run import sigterm_stops, stopped_by
+
+    def like_ray_get():
+        try:
+            signal.raise_signal(signal.SIGTERM)  # our handler raises Terminated here
+        except BaseException:
+            raise KeyboardInterrupt() from None  # what check_status raises instead
+
+    @sigterm_stops
+    def command(stop):
+        try:
+            stop()
+        except KeyboardInterrupt as exc:
+            assert type(exc) is KeyboardInterrupt
+            return stopped_by(exc)
+
+    def ctrl_c():
+        raise KeyboardInterrupt()
+
+    assert command(like_ray_get) == ("terminated (SIGTERM)", 143)
+    assert command(ctrl_c) == ("interrupted", 130)
