@@ -403,7 +403,7 @@ def _load_imagefolder(root, augment, image_size):
 # -----------------------------------------------------------------------------
 # synthetic: a learnable problem for tests
 
-def _synthetic(seed, shape, size, num_classes=10):
+def _synthetic(seed, shape, size, num_classes=10, test_size=None):
     g = _generator(seed, -1)
     protos = torch.randn(num_classes, *shape, generator=g)  # one mean pattern per class
 
@@ -411,7 +411,7 @@ def _synthetic(seed, shape, size, num_classes=10):
         y = torch.randperm(n, generator=g) % num_classes  # balanced classes, shuffled
         return 0.5 * protos[y] + torch.randn(n, *shape, generator=g), y
 
-    (xtr, ytr), (xte, yte) = draw(size), draw(max(size // 2, 1))
+    (xtr, ytr), (xte, yte) = draw(size), draw(max(test_size or size // 2, 1))
     return TensorImageDataset(xtr, ytr), TensorImageDataset(xte, yte)
 
 
@@ -432,7 +432,10 @@ def load_data(name: str, root: str | None = None, subset: int | None = None, tes
     classes = None
     if name == "synthetic":
         shape = tuple(synthetic_shape or (3, 32, 32))
-        train, test = _synthetic(seed, shape, synthetic_size)
+        # a subset larger than the default draws that many (a benchmark on a machine
+        # without the datasets); smaller ones keep the same first images
+        size = max(synthetic_size, subset or 0)
+        train, test = _synthetic(seed, shape, size, test_size=max(size // 2, test_subset or 0))
         num_classes = 10
     elif name in ("mnist", "fashion_mnist"):
         train, test, classes = _load_mnist(name, resolve_root(root), download)

@@ -348,6 +348,18 @@ def test_synthetic_deterministic_and_learnable():
     assert (pred == m.test.y).float().mean() > 0.9
 
 
+def test_synthetic_draws_as_many_as_a_larger_subset_asks_and_keeps_smaller_ones():
+    """data.subset beyond the default 512 gets that many images (a benchmark where no
+    dataset is), test_subset likewise; a smaller subset is the default set's first N."""
+    full = load_data("synthetic", seed=1)
+    big = load_data("synthetic", seed=1, subset=1500, test_subset=900)
+    assert (len(big.train), len(big.test)) == (1500, 900)
+    assert torch.equal(big.train.y.bincount(), torch.full((10,), 150))
+    small = load_data("synthetic", seed=1, subset=100, test_subset=50)
+    assert torch.equal(small.train.x, full.train.x[:100])
+    assert torch.equal(small.test.y, full.test.y[:50])
+
+
 def test_imagefolder(tmp_path):
     g = torch.Generator().manual_seed(0)
     for split, cls in [(s, c) for s in ("train", "val") for c in ("ant", "bee", "cow")]:
