@@ -292,6 +292,10 @@ class InProcessExecutor:
         """No actors take turns on the cores here (the runtime's `crowding`)."""
         return None
 
+    def gpu_sharing(self) -> None:
+        """No actors share a GPU here (the runtime's `gpu_sharing`)."""
+        return None
+
     def runtime_info(self) -> dict:
         return {"executor": self.name, "actors": 0, "schedule": "sequential",
                 "micro_batches": self.micro_batches, "staleness": 0,

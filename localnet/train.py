@@ -297,6 +297,12 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  f"costs CPU that the computation waits for.  Fewer, larger actors run "
                  f"faster: --set 'runtime.partition={{stages: {crowded[1]}, balance: cost}}' "
                  f"(README, \"How fast, on few cores\")")
+    shared = ex.gpu_sharing()
+    if shared:
+        bar.note(f"note: {shared[0]} actors share {shared[1]} GPU{'s' * (shared[1] > 1)}, each "
+                 f"launching its own layers' kernels through its own CUDA context.  On "
+                 f"one GPU, one process that captures the whole step as a CUDA graph "
+                 f"runs faster: --set runtime.executor=inprocess (README, \"On a GPU\")")
     told = len(getattr(ex, "recoveries", ()))  # the ones a resumed checkpoint lists
     try:
         for epoch in range(start_epoch, t.epochs):

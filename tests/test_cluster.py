@@ -153,6 +153,7 @@ def test_the_readmes_cluster_route_spreads_actors_over_every_node(cluster, tmp_p
     # three Ray nodes on one machine share its cores: counted once, per host
     cores = len(os.sched_getaffinity(0))
     assert summary["runtime"]["crowding"] == ([11, cores] if cores < 11 else None)
+    assert summary["runtime"]["gpu_sharing"] is None  # CPU actors
     # CPU actors: every payload over gloo, none through a device group
     assert summary["runtime"]["device_edges"] == []
     assert summary["runtime"]["data_plane"] == "torch.distributed gloo"

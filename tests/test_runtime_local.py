@@ -230,6 +230,24 @@ def test_crowding_counts_cores_per_machine_and_only_cpu_actors():
     assert crowding([("box", 2)] * 11, local=True) is None  # one process: no messages
 
 
+def test_gpu_sharing_counts_actors_per_gpu_by_its_identity():
+    """Actors on one GPU (by UUID: `cuda:0` names a different GPU on each machine) are
+    what `localnet run` advises against; one actor per GPU, or CPU actors, are not."""
+    from types import SimpleNamespace
+
+    from localnet.runtime.executor_state import StateMixin
+
+    def sharing(gpus, local=False):
+        info = [{"gpu": g, "device": "cuda" if g else "cpu"} for g in gpus]
+        return StateMixin.gpu_sharing(SimpleNamespace(local=local, stage_info=info))
+
+    assert sharing(["GPU-a"] * 11) == (11, 1)
+    assert sharing(["GPU-a", "GPU-a", "GPU-b", None]) == (3, 2)
+    assert sharing(["GPU-a", "GPU-b", "GPU-c"]) is None  # one each, on any machines
+    assert sharing([None] * 11) is None
+    assert sharing(["GPU-a"] * 2, local=True) is None
+
+
 # ---------------------------------------------------------------------------- partition / plan
 def test_partition():
     assert resolve_partition("per_unit", 4) == [1, 2, 3]

@@ -454,6 +454,20 @@ def test_the_stop_line_comes_before_the_executor_closes(tmp_path, capsys, monkey
     assert err.count(line) == 1 and err.index(line) < err.index("closing")
 
 
+def test_actors_sharing_a_gpu_get_the_advice_to_run_in_one_process(tmp_path, capsys, monkeypatch):
+    """What the runtime reports as GPU sharing (executor_state.gpu_sharing) is said once,
+    with the setting that fixes it; a run without it says nothing of GPUs."""
+    from localnet.engine import InProcessExecutor
+
+    train(small("train.epochs=1"), tmp_path / "alone", progress=False)
+    assert "GPU" not in capsys.readouterr().err
+    monkeypatch.setattr(InProcessExecutor, "gpu_sharing", lambda self: (11, 1))
+    train(small("train.epochs=1"), tmp_path / "shared", progress=False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("note: 11 actors share 1 GPU, each") == 1
+    assert "--set runtime.executor=inprocess" in err
+
+
 def test_resume_of_what_is_not_a_run_says_so(tmp_path, capsys):
     from localnet.cli import main
 

@@ -242,6 +242,17 @@ class StateMixin:
             return None
         return len(cpu), sum(cores.values())
 
+    def gpu_sharing(self) -> tuple[int, int] | None:
+        """(actors computing on GPUs, how many GPUs they are on), when some share one:
+        each actor is a process with its own CUDA context that launches every kernel
+        of its layers itself and hands activations over through host memory, so one
+        GPU time-shared by several does far less than one process capturing the whole
+        step as a CUDA graph (README, "On a GPU")."""
+        gpus = [i.get("gpu") for i in self.stage_info if i.get("gpu")]
+        if self.local or len(gpus) <= len(set(gpus)):
+            return None
+        return len(gpus), len(set(gpus))
+
     def starting_at_once(self) -> int | None:
         """The most actors that were starting at one moment (from loading localnet to
         the end of setup: `import torch`, building their parts), which
@@ -342,6 +353,7 @@ class StateMixin:
                 "cross_node_edges": self._cross_node_edges(),
                 # (CPU actors, their machines' cores) when the actors outnumber the cores
                 "crowding": self.crowding(),
+                "gpu_sharing": self.gpu_sharing(),  # (GPU actors, GPUs) when some share
                 "actor_info": self.stage_info, "run_id": self.run_id, "step": self._step,
                 "checkpoint": str(self._ckpt) if self._ckpt else None,
                 "recoveries": list(self.recoveries)}

@@ -52,6 +52,7 @@ from ..stage import NodeStage
 from .cpu_policy import apply as cpu_policy_apply, current as cpu_policy_current
 from .endpoint import WireEnd
 from .graph import Placement, actor_units, modules_for
+from .plane import device_key
 from .messages import (BROADCAST, CHAIN, DRIVER, ERROR, OUTPUT, TARGET, MessageError,
                        stage_name)
 from .stage_state import StageState
@@ -217,6 +218,8 @@ class StageWorker(WireEnd, StageState):
                 "params": sum(p.numel() for p in self.stage.module.parameters()),
                 "rule": self.rule.name, "broadcast_output_error": self.broadcast_output_error,
                 "device": str(self.device), "stash": self.stage.stash,
+                # which GPU (its UUID, the same in every process): actors sharing one
+                "gpu": device_key(self.device) if self.device.type == "cuda" else None,
                 "pid": os.getpid(), "host": socket.gethostname(), "ray_node": _ray_node(),
                 "host_cores": len(os.sched_getaffinity(0)),
                 "threads": torch.get_num_threads(), "cpu_policy": cpu_policy_current(),
