@@ -292,6 +292,10 @@ class InProcessExecutor:
         """No actors take turns on the cores here (the runtime's `crowding`)."""
         return None
 
+    def flush(self) -> None:
+        """Every step has finished when train_step returns here (the runtime's `flush`
+        waits for the actors' replies it has not checked yet)."""
+
     def gpu_sharing(self) -> None:
         """No actors share a GPU here (the runtime's `gpu_sharing`)."""
         return None

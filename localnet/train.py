@@ -277,6 +277,18 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     wall_start = time.perf_counter()
     bar = TrainProgress(total_steps, enabled=progress, initial=step)
 
+    def finish(at: int, epoch: int, call, *args):
+        """call(*args), for a step or a flush.  A NaN or inf between actors (an error or
+        activation) ends the run as a diverged loss does.  The runtime checks the first
+        actors' part of a batch while the next one runs, so the message names its step
+        (`at`: the step to blame when it does not)."""
+        try:
+            return call(*args)
+        except DivergedError as err:
+            where = getattr(err, "step", None)
+            where = where if isinstance(where, int) and 0 < where <= at else at
+            raise trail.diverged(err.what, where, epoch, cfg, run_dir) from None
+
     def save(epoch, step, train_time, samples, **mid_epoch):
         """checkpoint.pt; the executor saves its state (Ray: each actor to its own file)."""
         state = {"executor": ex.save_state(run_dir), "epoch": epoch, "step": step,
@@ -320,10 +332,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                 lr = lr_at(cfg, epoch, i, steps_per_epoch)
                 record = cfg.metrics.alignment_every and step % cfg.metrics.alignment_every == 0
                 angles = obs.untimed(ex.bp_update_angles, x, y) if (record and cfg.metrics.bp_angle) else None
-                try:
-                    st = obs.timed_step(ex.train_step, x, y, lr, wd)
-                except DivergedError as err:  # between actors: an error or activation
-                    raise trail.diverged(err.what, step + 1, epoch, cfg, run_dir) from None
+                st = finish(step + 1, epoch, obs.timed_step, ex.train_step, x, y, lr, wd)
                 step += 1
                 told = _tell_recoveries(bar, ex, told, obs)
                 if not math.isfinite(st.loss_sum):
@@ -346,8 +355,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                            samples_per_s=sps)
                 every = cfg.runtime.checkpoint_every
                 if every and step % every == 0 and step < total_steps:
+                    finish(step, epoch, ex.flush)
                     save(epoch, step, train_time + time.perf_counter() - tic, samples_seen,
                          batch=i + 1, epoch_sums=(loss_sum, correct, seen))
+            finish(step, epoch, ex.flush)  # the last batch's tail is training time
             train_time += time.perf_counter() - tic
             samples_seen += seen
             obs.eval_begin()

@@ -254,6 +254,30 @@ def test_nan_in_error_fails_the_run_naming_edge_and_step(actors):
     assert isinstance(info.value, DivergedError)
 
 
+def test_a_nan_in_a_batchs_tail_is_found_at_once_and_names_its_own_step(actors):
+    """The driver has a batch's loss from the last actor while the first ones still run
+    their backward passes; a NaN error the last actor sends them then fails the run at
+    the next step or flush at the latest, naming its edge and its own step, without
+    waiting for runtime.timeout_s."""
+    import time
+
+    ex = RayExecutor(cfg_for("fa", "1f1b"), SHAPE, NC, actors=actors)
+    last = ex.num_stages - 1
+    data = batches(3, BS, SHAPE, NC, seed=6)
+    ex.train_step(*data[0], 0.05, 0.0)
+    ex.inject_fault(last, "error", "nan", step=2, mb=M - 1)  # its last message of step 2
+    t0 = time.perf_counter()
+    with pytest.raises(MessageError, match="not finite") as info:
+        for x, y in data[1:]:
+            ex.train_step(x, y, 0.05, 0.0)
+        ex.flush()
+    assert time.perf_counter() - t0 < 30  # runtime.timeout_s is 120 here
+    err = info.value
+    assert (err.edge, err.kind, err.step, err.mb) == (f"stage{last}->stage{last - 1}", "error",
+                                                      2, M - 1)
+    assert isinstance(err, DivergedError)
+
+
 def test_nan_in_dfa_broadcast_error(actors):
     ex = RayExecutor(cfg_for("dfa", "1f1b"), SHAPE, NC, actors=actors)
     ex.inject_fault(2, "error", "nan", step=1, mb=0)

@@ -172,7 +172,7 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         self._step = 0
         self._g = 0                       # next global micro-batch id (async streams)
         self._mb: dict[int, tuple] = {}   # async: g -> (step, mb, lr, wd)
-        self._outstanding: list = []      # async: replies not yet checked
+        self._outstanding: list = []      # replies not yet checked (_last_reply)
         self._ledger = Ledger()           # what the driver sends (and dead actors sent)
         self._seen_ledgers: dict[int, dict] = {}  # each actor's ledger when last asked
         self._audit: list[dict] = []      # what the driver receives (audit mode)
@@ -352,7 +352,8 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
     def _run(self, x, y, step: int, step_args: dict | None, schedule: str | None = None) -> StepStats:
         """One batch through a flushing schedule (gpipe / 1f1b); the update only when
         step_args is given (else the gradients stay, for probes)."""
-        self._drain()
+        if self.streamed or step_args is None:
+            self._drain()  # the last training batch's replies may still be outstanding
         name = schedule or self.flush_name
         M = min(self.micro_batches, int(x.shape[0]))
         lr, wd = (step_args or {}).get("lr", 0.0), (step_args or {}).get("wd", 0.0)
@@ -360,8 +361,10 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                  for a in stage if a.op != "STEP" or step_args is not None]
                 for stage in self._schedule(name, M).stages]
         inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
-        outs = self._gather(self._issue(acts, inputs, targets), f"step {step}")
-        return self._stats_of(outs[-1])
+        refs = self._issue(acts, inputs, targets)
+        if step_args is not None:
+            return self._last_reply(refs, step)
+        return self._stats_of(self._gather(refs, f"step {step}")[-1])
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:

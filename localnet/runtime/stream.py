@@ -7,7 +7,8 @@ as soon as the *last* actor has the batch's loss: its piece ends at the batch's 
 forward, and the backward and update of that micro-batch open its next piece
 (`AsyncStream.take`), so the first actor's forward of the next batch overlaps them.
 Earlier actors still run that batch's backward passes -- their replies are checked later
-(`_check_outstanding`).
+(`_check_outstanding`).  A flushing schedule's batch returns the same way
+(`_last_reply`), so the driver's turn between batches overlaps the first actors' tail.
 Anything that reads or writes whole-model state (evaluation, probes, checkpoints) first
 drains the stream (`_drain`), so it sees every update the issued batches make.
 """
@@ -40,7 +41,17 @@ class StreamMixin:
         acts = [self._stream_acts(st.take(self._g, to_forward=s == last))
                 for s, st in enumerate(self._streams)]
         inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
-        refs = self._issue(acts, inputs, targets)
+        st = self._last_reply(self._issue(acts, inputs, targets), step)
+        for g in [g for g in self._mb if g < base - 2 * (self.num_stages + M)]:
+            del self._mb[g]  # every actor is past it (staleness < S)
+        return st
+
+    def _last_reply(self, refs: list, step: int) -> StepStats:
+        """The batch's stats, as soon as the last actor (the one with the loss) replied;
+        the earlier actors' replies are checked later.  An actor runs its calls in
+        order, so whatever is issued next starts on each actor right after its part of
+        this batch -- the driver's turn between batches overlaps their last backward
+        passes and updates instead of leaving the first actors idle."""
         if self.local:
             return self._stats_of(refs[-1])
         self._outstanding += refs[:-1]
@@ -51,8 +62,6 @@ class StreamMixin:
             self._gather(refs, f"step {step}")  # raises the first actor's own error
             raise
         self._check_outstanding()
-        for g in [g for g in self._mb if g < base - 2 * (self.num_stages + M)]:
-            del self._mb[g]  # every actor is past it (staleness < S)
         return self._stats_of(out)
 
     def _stream_acts(self, actions) -> list:
@@ -80,16 +89,16 @@ class StreamMixin:
                 raise
 
     def _drain(self) -> None:
-        """async: finish every micro-batch in flight (their backwards and updates)."""
-        if not self.streamed:
-            return
-        if self._streams and self._streams[0].start < self._g:
+        """Finish every issued batch: wait for the replies not yet checked (async: first
+        issue the backwards and updates of the micro-batches still in flight)."""
+        if self.streamed and self._streams and self._streams[0].start < self._g:
             acts = [self._stream_acts(st.drain(self._g)) for st in self._streams]
             self._outstanding += [r for r in self._issue(acts, {}, {}) if not self.local]
         refs, self._outstanding = self._outstanding, []
         if refs:
             self._gather(refs, "drain")
-        self._mb.clear()
+        if self.streamed:
+            self._mb.clear()
 
     def flush(self) -> None:
         """Wait until every issued step has finished (async: drain the stream)."""
