@@ -109,7 +109,8 @@ class TrainConfig(Section):
     lr_schedule: Literal["constant", "milestones", "cosine"] = "constant"
     lr_milestones: list[int] = Field(default_factory=list, description="epochs where lr *= lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
-    threads: int | None = Field(None, ge=1, description="torch threads; default: torch's choice")
+    threads: int | None = Field(None, ge=1, description="torch threads of this process; default: "
+                                "torch's choice in-process, 1 for a Ray run's coordinator")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="in-process executor: where the model and each batch live "
         "(auto: cuda when torch sees a GPU); Ray actors use runtime.num_gpus")

@@ -136,12 +136,22 @@ def _channel_cuts(cfg: Config, data, model) -> list[int]:
                                                      data.num_classes)).boundaries
 
 
+def process_threads(cfg: Config) -> int | None:
+    """This process's torch threads: train.threads, else 1 for a Ray run's coordinator,
+    else torch's choice (None).  The coordinator only cuts batches, on the cores its
+    actors compute on, and a team of torch threads there spins at each op's barrier
+    while an actor holds the other cores (benchmarks/RESULTS.md, "the coordinator's
+    torch threads")."""
+    return cfg.train.threads or (1 if cfg.runtime.executor == "ray" else None)
+
+
 def build(cfg: Config, on_phase=None):
     """Data, rule, model and executor for a config.  on_phase: told what start-up is
     doing (the Ray runtime's actors take a while to start)."""
     keep_freed_memory()  # training reallocates the same big buffers every step (alloc.py)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = process_threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     d = cfg.data
     data = load_data(d.name, root=d.root, subset=d.subset, test_subset=d.test_subset,
@@ -193,23 +203,27 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         done = finished_summary(run_dir, ckpt, cfg)
         if done is not None:  # a retried command: the run is final, leave it as it is
             return done
-    with StartupStatus(enabled=progress) as status:
-        data, rule, model, ex = build(saved_cuts(cfg, ckpt), on_phase=status.phase)
+    threads = torch.get_num_threads()  # build() sets this process's (train.threads)
     try:
-        # only once the data and the actors are there: a run that cannot start leaves its
-        # new directory empty (the CLI removes it).  A resumed run's config.yaml is
-        # rewritten once its checkpoint has loaded.
-        if not resume:
-            write_text(run_dir / "config.yaml", dump_config(cfg))
-        return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model)
-    except KeyboardInterrupt as exc:
-        # said first: after a SIGTERM to the whole process group, Ray's own processes are
-        # going too, and closing the actors can take seconds or end this process
-        if on_interrupt is not None:
-            on_interrupt(exc)
-        raise
+        with StartupStatus(enabled=progress) as status:
+            data, rule, model, ex = build(saved_cuts(cfg, ckpt), on_phase=status.phase)
+        try:
+            # only once the data and the actors are there: a run that cannot start leaves its
+            # new directory empty (the CLI removes it).  A resumed run's config.yaml is
+            # rewritten once its checkpoint has loaded.
+            if not resume:
+                write_text(run_dir / "config.yaml", dump_config(cfg))
+            return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model)
+        except KeyboardInterrupt as exc:
+            # said first: after a SIGTERM to the whole process group, Ray's own processes are
+            # going too, and closing the actors can take seconds or end this process
+            if on_interrupt is not None:
+                on_interrupt(exc)
+            raise
+        finally:
+            ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
     finally:
-        ex.close()  # the Ray runtime's actors (and Ray, if the executor started it)
+        torch.set_num_threads(threads)  # a caller in the same process gets its own back
 
 
 def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None) -> None:

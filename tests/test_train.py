@@ -468,6 +468,23 @@ def test_actors_sharing_a_gpu_get_the_advice_to_run_in_one_process(tmp_path, cap
     assert "--set runtime.executor=inprocess" in err
 
 
+def test_a_ray_runs_coordinator_is_single_threaded_and_a_caller_gets_its_threads_back(tmp_path):
+    """The coordinator only cuts batches on the cores its actors use (one torch thread
+    unless train.threads says otherwise); train() leaves the caller's own count as it was."""
+    from localnet.train import process_threads
+
+    assert process_threads(small("runtime.executor=ray")) == 1
+    assert process_threads(small("runtime.executor=ray", "train.threads=3")) == 3
+    assert process_threads(small("runtime.executor=inprocess")) is None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(small("train.epochs=1", "train.threads=1"), tmp_path, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resume_of_what_is_not_a_run_says_so(tmp_path, capsys):
     from localnet.cli import main
 
