@@ -380,6 +380,13 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         return self._run(x, y, step, {"lr": lr, "wd": wd})
 
     _train_recovering = recovering(_train)  # a recovery's own replay calls _train
+
+    @recovering
+    def flush(self) -> None:
+        """Wait until every issued step has finished (async: drain the stream).  An actor
+        lost in a batch's tail is recovered as in a step: the replay includes that batch."""
+        self._drain()
+
     @recovering
     def evaluate(self, loader) -> tuple[float, float]:
         """Loss and accuracy through the same actors, forward only: one call per actor

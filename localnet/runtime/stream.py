@@ -99,7 +99,3 @@ class StreamMixin:
             self._gather(refs, "drain")
         if self.streamed:
             self._mb.clear()
-
-    def flush(self) -> None:
-        """Wait until every issued step has finished (async: drain the stream)."""
-        self._drain()
