@@ -77,6 +77,9 @@ def test_a_process_whose_main_thread_cannot_run_the_handler_still_says_it_and_en
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
+        # until the main thread is asleep: a signal that comes while it still runs
+        # bytecode (finishing the print) is handled there, whatever its signal mask
+        time.sleep(1.0)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
