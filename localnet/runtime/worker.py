@@ -219,7 +219,7 @@ class StageWorker(WireEnd, StageState):
                 "rule": self.rule.name, "broadcast_output_error": self.broadcast_output_error,
                 "device": str(self.device), "stash": self.stage.stash,
                 # which GPU (its UUID, the same in every process): actors sharing one
-                "gpu": device_key(self.device) if self.device.type == "cuda" else None,
+                "gpu": device_key(self.device),
                 "pid": os.getpid(), "host": socket.gethostname(), "ray_node": _ray_node(),
                 "host_cores": len(os.sched_getaffinity(0)),
                 "threads": torch.get_num_threads(), "cpu_policy": cpu_policy_current(),
