@@ -15,13 +15,13 @@ import itertools
 import numpy as np
 import torch
 
-from ..channels.channel import (DATA, StoredForwards, check_edge_keys, error_delays,
+from ..channels.channel import (DATA, WAIT, StoredForwards, check_edge_keys, error_delays,
                                 make_channel)
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
 from ..errors import ConfigError
 from .graph import Placement
-from .messages import (ACTIVATION, CONTROL, ERROR, Control, Header, Message, MessageError,
-                       dtype_name, host, stage_name, validate)
+from .messages import (ACTIVATION, CHAIN, CONTROL, ERROR, OUTPUT, Control, Header, Message,
+                       MessageError, dtype_name, host, stage_name, validate)
 
 
 def check_channel_graph(channel, pl: Placement, dfa: bool, unit_names: list[str]) -> None:
@@ -114,6 +114,51 @@ class WireEnd:
             if k.endswith("_in"):
                 out["recv"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})
         return out
+
+    def _coded_errors(self, wire, step, mb, batch):
+        """A backward's error slots through the channels: (key, batch, grad, e, state).
+        The slots belong to the oldest stored forward (StoredForwards), whose key and
+        batch come back; state WAIT (none arrived yet: key None, batch as given) or LOST
+        (all lost or empty: that forward is dropped) leaves grad and e None."""
+        srcs = [self.last_rank] if self.broadcast_output_error else self.consumer_ranks
+        if len(wire) != 2 * len(srcs):
+            raise MessageError(f"{self.name} expects {len(srcs)} error message(s), got "
+                               f"{len(wire) // 2}", "?", self.name, ERROR, step, mb)
+        old_batch, old_shape = self._inflight[self._order.oldest()]
+        if self.broadcast_output_error:
+            detail, shape = OUTPUT, (old_batch, self.num_classes)
+        else:
+            detail, shape = CHAIN, old_shape
+        slots = [self._receive_coded(self.ch[f"{c}:err_in"], wire[2 * j], wire[2 * j + 1],
+                                     ERROR, shape, self.dtype, src=stage_name(c),
+                                     detail=detail, step=step, mb=mb)
+                 for j, c in enumerate(srcs)]
+        state = self._slot_state(slots, step, mb)
+        key = self._order.pair(state, self.stage)
+        if key is None:
+            return None, batch, None, None, WAIT
+        batch, out_shape = self._inflight[key]
+        if state != DATA:
+            del self._inflight[key]
+            return key, batch, None, None, state
+        got = [m.tensor() for st, m in slots if st == DATA]
+        if self.broadcast_output_error:
+            return key, batch, torch.zeros((), dtype=self.dtype).expand(out_shape), got[0], DATA
+        grad = got[0]  # the slots that arrived, summed as autograd sums a tensor's uses
+        for g in got[1:]:
+            grad = grad + g
+        return key, batch, grad, None, DATA
+
+    def _slot_state(self, slots, step, mb) -> str:
+        """One state for the error slots of a backward, one per consumer: DATA when any
+        arrived (the rest count as zero), LOST when all were lost or sent empty, WAIT
+        when none has arrived yet.  Without delays on a graph (`check_channel_graph`) a
+        slot can only wait on every link at once."""
+        states = {st for st, _ in slots}
+        if WAIT in states and len(states) > 1:
+            raise MessageError(f"error slots of step {step} micro-batch {mb} disagree: "
+                               f"{sorted(states)}", "?", self.name, ERROR, step, mb)
+        return DATA if DATA in states else states.pop()
 
     def _send_coded(self, kind, x, ch, dst, step, mb, detail) -> Message:
         """Send x through channel ch (x None: an empty slot; WAIT: a waiting one).  The

@@ -44,12 +44,12 @@ from .executor_state import StateMixin, recovering
 from .graph import Placement
 from .interpreter import drive_all, interpret
 from ..ledger import Ledger
-from .messages import ACTIVATION, DRIVER, TARGET, Message, MessageError, stage_name
+from .messages import ACTIVATION, DRIVER, TARGET, Message, stage_name
 from .partition import resolve_placement
 from .local_plane import LocalHandle, LocalPlane
 from .recovery import RecoveryMixin, Replay
 from .stream import StreamMixin
-from ..schedules import SCHEDULES, Action, make_schedule, simulate
+from ..schedules import SCHEDULES, make_schedule, simulate
 from .session import ensure_ray  # noqa: F401 - the public name (sweep.py)
 from .worker import StageWorker, worker_specs
 
@@ -295,24 +295,6 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
             self._recover()
             raise
 
-    def _cause_order(self, err) -> tuple:
-        """Sort key for several actors' errors: the one whose message comes first in the
-        schedule is the cause -- actors waiting for a silent peer time out together, and
-        every one but the first waits for something that needed the first message."""
-        if not isinstance(err, MessageError) or not err.src.startswith("stage"):
-            return (-1, 0.0, getattr(err, "t", 0.0))
-        src, S = int(err.src[len("stage"):]), self.num_stages
-        dfa_e = err.kind == "error" and src == S - 1
-        key = (src, Action("F" if err.kind == "activation" or dfa_e else "B", max(err.mb, 0)))
-        order = self._order(max(err.mb + 1, self.micro_batches))
-        return (err.step, order.get(key, float("inf")), err.t)
-
-    def _order(self, M: int) -> dict:
-        """(stage, action) -> when it ends in a dry run of this schedule, unit costs."""
-        name = self.flush_name
-        res = simulate(self._schedule(name, M), 1.0, 1.0, dfa=self.broadcast_output_error)
-        return {(s, a): t1 for s, a, _, t1 in res.trace}
-
     def _stats_of(self, raws) -> StepStats:
         st = StepStats(0.0, 0, 0)
         for raw in raws:
@@ -321,16 +303,6 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
             st.correct += d["correct"]
             st.samples += d["samples"]
         return st
-
-    def _recover(self) -> None:
-        """After a failed batch: clear every actor's in-flight state and rebuild the
-        plane (best effort: a dead actor is `_revive`'s)."""
-        self._new_streams()
-        try:
-            self._get([w.reset.remote() for w in self.workers], "reset")
-            self._open_plane()
-        except Exception:  # noqa: BLE001 - the original error is what matters
-            pass
 
     # ------------------------------------------------------------------ schedules
     def _schedule(self, name: str, M: int):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 
 from ..ledger import Ledger
-from .messages import stage_name
+from ..schedules import Action, simulate
+from .messages import MessageError, stage_name
 from .session import NoReply
 from .worker import StageWorker
 
@@ -17,6 +18,34 @@ from .worker import StageWorker
 class RecoveryMixin:
     """Mixed into `RayExecutor`: workers, timeout, cfg, _placer, _specs, _ckpt,
     _ckpt_step, _replay and the rest come from it."""
+
+    def _cause_order(self, err) -> tuple:
+        """Sort key for several actors' errors: the one whose message comes first in the
+        schedule is the cause -- actors waiting for a silent peer time out together, and
+        every one but the first waits for something that needed the first message."""
+        if not isinstance(err, MessageError) or not err.src.startswith("stage"):
+            return (-1, 0.0, getattr(err, "t", 0.0))
+        src, S = int(err.src[len("stage"):]), self.num_stages
+        dfa_e = err.kind == "error" and src == S - 1
+        key = (src, Action("F" if err.kind == "activation" or dfa_e else "B", max(err.mb, 0)))
+        order = self._order(max(err.mb + 1, self.micro_batches))
+        return (err.step, order.get(key, float("inf")), err.t)
+
+    def _order(self, M: int) -> dict:
+        """(stage, action) -> when it ends in a dry run of this schedule, unit costs."""
+        name = self.flush_name
+        res = simulate(self._schedule(name, M), 1.0, 1.0, dfa=self.broadcast_output_error)
+        return {(s, a): t1 for s, a, _, t1 in res.trace}
+
+    def _recover(self) -> None:
+        """After a failed batch: clear every actor's in-flight state and rebuild the
+        plane (best effort: a dead actor is `_revive`'s)."""
+        self._new_streams()
+        try:
+            self._get([w.reset.remote() for w in self.workers], "reset")
+            self._open_plane()
+        except Exception:  # noqa: BLE001 - the original error is what matters
+            pass
 
     def _dead(self) -> list[int]:
         """Indices of actors that are gone (RayActorError on a ping)."""

@@ -332,35 +332,9 @@ class StageWorker(WireEnd, StageState):
         if self.is_last:
             grad = e = self._errors.pop(key)
         elif self._ch_on:
-            srcs = [self.last_rank] if self.broadcast_output_error else self.consumer_ranks
-            if len(wire) != 2 * len(srcs):
-                raise MessageError(f"{self.name} expects {len(srcs)} error message(s), got "
-                                   f"{len(wire) // 2}", "?", self.name, ERROR, step, mb)
-            # the slots belong to the oldest stored forward (StoredForwards)
-            old_batch, old_shape = self._inflight[self._order.oldest()]
-            if self.broadcast_output_error:
-                detail, shape = OUTPUT, (old_batch, self.num_classes)
-            else:
-                detail, shape = CHAIN, old_shape
-            slots = [self._receive_coded(self.ch[f"{c}:err_in"], wire[2 * j], wire[2 * j + 1],
-                                         ERROR, shape, self.dtype, src=stage_name(c),
-                                         detail=detail, step=step, mb=mb)
-                     for j, c in enumerate(srcs)]
-            state = self._slot_state(slots, step, mb)
-            key = self._order.pair(state, self.stage)
-            if key is None:  # WAIT
-                return self._send_errors_down(WAIT, batch, step, mb)
-            batch, out_shape = self._inflight[key]
-            if state != DATA:  # LOST: that forward was dropped, no update from it
-                del self._inflight[key]
-                return self._send_errors_down(None, batch, step, mb)
-            got = [m.tensor() for st, m in slots if st == DATA]
-            if self.broadcast_output_error:
-                e, grad = got[0], torch.zeros((), dtype=self.dtype).expand(out_shape)
-            else:  # the slots that arrived, summed as autograd sums a tensor's uses
-                grad, e = got[0], None
-                for g in got[1:]:
-                    grad = grad + g
+            key, batch, grad, e, slot = self._coded_errors(wire, step, mb, batch)
+            if slot != DATA:  # WAIT: no slot yet; LOST: that forward was dropped, no update
+                return self._send_errors_down(WAIT if slot == WAIT else None, batch, step, mb)
         elif self.broadcast_output_error:
             if len(wire) < 2:
                 raise MessageError("DFA backward without the output error", self.last_name,
@@ -383,17 +357,6 @@ class StageWorker(WireEnd, StageState):
         dxs = self.stage.backward(grad, key, e)
         self._bwd_since_step += 1
         return self._send_errors_down(dxs, batch, step, mb)
-
-    def _slot_state(self, slots, step, mb) -> str:
-        """One state for the error slots of a backward, one per consumer: DATA when any
-        arrived (the rest count as zero), LOST when all were lost or sent empty, WAIT
-        when none has arrived yet.  Without delays on a graph (`check_channel_graph`) a
-        slot can only wait on every link at once."""
-        states = {st for st, _ in slots}
-        if WAIT in states and len(states) > 1:
-            raise MessageError(f"error slots of step {step} micro-batch {mb} disagree: "
-                               f"{sorted(states)}", "?", self.name, ERROR, step, mb)
-        return DATA if DATA in states else states.pop()
 
     def _send_errors_down(self, dxs, batch, step, mb):
         """One error per input fed by another actor (dxs None: this micro-batch had no
