@@ -199,7 +199,9 @@ def _cmd_simulate(args) -> int:
              f"{plan['call_cost_s'] * 1e3:.2f} ms per coordinator call)"
              if plan["hop_cost_s"] or plan["call_cost_s"] or plan["hop_cost_per_mib_s"]
              else ", no runtime overhead)"))
-    print(f"coordinator calls per batch: {plan['calls_per_batch']:g} (one per actor)")
+    print(f"coordinator calls per batch: {plan['calls_per_batch']:g} (one per actor)"
+          + (f"; each batch issued {plan['batches_ahead']} ahead of the loss it waits for"
+             if plan.get("batches_ahead") else ""))
     m = plan["memory_estimate"]
     print(f"memory estimate: {m['total_mb']} MB for {m['actors']} actors (the largest "
           f"{m['per_actor_mb_max']} MB; process floor {m['baseline_mb']} MB each, "

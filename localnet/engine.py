@@ -105,7 +105,10 @@ class InProcessExecutor:
             return x, y
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float,
+                   upcoming: tuple | None = None) -> StepStats:
+        """upcoming: the next step's batch, a hint for the Ray runtime's async stream
+        (which issues it early); one process has nothing to overlap, so it is unused."""
         graphs = self.graphs
         if graphs is None:
             return self.eager_step(x, y, lr, wd)

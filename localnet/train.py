@@ -257,6 +257,30 @@ def _tell_recoveries(bar, ex, told: int, obs=None) -> int:
     return len(recs)
 
 
+def _with_next(items):
+    """(item, the one after it or None) for each item: the loop looks one batch ahead."""
+    it = iter(items)
+    cur = next(it, None)
+    while cur is not None:
+        nxt = next(it, None)
+        yield cur, nxt
+        cur = nxt
+
+
+def _records(cfg: Config, step: int) -> bool:
+    """Whether the step after `step` records alignment (and probes before it)."""
+    return bool(cfg.metrics.alignment_every) and step % cfg.metrics.alignment_every == 0
+
+
+def _straight_on(cfg: Config, done: int, total: int, record: bool) -> bool:
+    """Whether step `done` + 1 follows step `done` with nothing reading or saving the
+    model in between (no alignment record after `done`, no probe before the next, no
+    checkpoint), so the runtime may issue it early (`train_step(upcoming=)`)."""
+    every = cfg.runtime.checkpoint_every
+    return (done < total and not record and not (every and done % every == 0)
+            and not (_records(cfg, done) and cfg.metrics.bp_angle))
+
+
 def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, rule, ex,
            model) -> dict:
     t = cfg.train
@@ -337,16 +361,20 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             loss_sum, correct, seen = sums if epoch == start_epoch else (0.0, 0, 0)
             wd = wd_at(cfg, epoch)
             tic = time.perf_counter()
-            for i, (x, y) in enumerate(data.train_loader(t.batch_size, cfg.seed, epoch,
-                                                           pin_memory=pin)):
+            loader = data.train_loader(t.batch_size, cfg.seed, epoch, pin_memory=pin)
+            # (skipped: done before the mid-epoch checkpoint we resumed from)
+            todo = ((i, b) for i, b in enumerate(loader) if epoch != start_epoch or i >= skip)
+            for (i, (x, y)), then in _with_next(todo):
                 if step >= total_steps:
                     break
-                if epoch == start_epoch and i < skip:
-                    continue  # done before the (mid-epoch) checkpoint we resumed from
                 lr = lr_at(cfg, epoch, i, steps_per_epoch)
-                record = cfg.metrics.alignment_every and step % cfg.metrics.alignment_every == 0
+                record = _records(cfg, step)
                 angles = obs.untimed(ex.bp_update_angles, x, y) if (record and cfg.metrics.bp_angle) else None
-                st = finish(step + 1, epoch, obs.timed_step, ex.train_step, x, y, lr, wd)
+                upcoming = None  # the next batch, if nothing reads the model before it
+                if then is not None and _straight_on(cfg, step + 1, total_steps, record):
+                    upcoming = (*then[1], lr_at(cfg, epoch, then[0], steps_per_epoch), wd)
+                st = finish(step + 1, epoch, obs.timed_step, ex.train_step, x, y, lr, wd,
+                            upcoming)
                 step += 1
                 told = _tell_recoveries(bar, ex, told, obs)
                 if not math.isfinite(st.loss_sum):

@@ -7,6 +7,7 @@ the whole module: executors reuse the actors (`RayExecutor(..., actors=...)`), a
 teardown kills them and shuts Ray down.
 """
 
+import math
 import os
 import re
 import time
@@ -409,7 +410,13 @@ def test_ray_async_equals_the_local_interpreter_and_drains(actors):
     outs = []
     for local in (True, False):
         ex = RayExecutor(cfg, IMG, NC, **({"local": True} if local else {"actors": actors}))
-        losses = [ex.train_step(x, y, 0.05, 1e-3).loss_sum for x, y in data]
+        losses = []
+        for i, (x, y) in enumerate(data):
+            # on Ray each next batch is issued ahead, behind this one (local ignores it)
+            up = (*data[i + 1], 0.05, 1e-3) if i + 1 < len(data) else None
+            losses.append(ex.train_step(x, y, 0.05, 1e-3, up).loss_sum)
+            if not local and up is not None:
+                assert ex._ahead.step == i + 2 and ex._ahead.refs
         if not local:
             assert ex._outstanding or ex._streams[0].start < ex._g  # work still in flight
         outs.append((losses, ex.model_state_dict(), ex.runtime_info()))
@@ -417,6 +424,16 @@ def test_ray_async_equals_the_local_interpreter_and_drains(actors):
     assert lb == pytest.approx(la, rel=1e-6)
     assert state_diff(sa, sb)[0] < 1e-6
     assert ib["staleness"] == 7 and ib["staleness_per_actor"] == [7, 6, 5, 4, 3, 2, 1, 0]
+    # the batch issued ahead must be the one trained next; a drain (here for the state)
+    # finishes it, and its own step then returns its loss
+    ex.train_step(*data[0], 0.05, 1e-3, (*data[1], 0.05, 1e-3))
+    with pytest.raises(RuntimeError, match="upcoming"):
+        ex.train_step(*data[2], 0.05, 1e-3)
+    ex.model_state_dict()
+    assert ex._ahead.refs is None and ex._step == 7
+    st = ex.train_step(*data[1], 0.05, 1e-3)
+    assert st.samples == 8 and math.isfinite(st.loss_sum) and ex._step == 8
+    assert ex._ahead is None
 
 
 # ---------------------------------------------------------------------------- recovery

@@ -237,6 +237,32 @@ def test_feed_holds_each_batch_until_the_last_forward_of_the_one_before():
     assert simulate(gpipe(S, M), 1.0, 2.0, feed=M).makespan == simulate(gpipe(S, M), 1.0, 2.0).makespan
 
 
+def test_a_batch_issued_ahead_waits_only_for_the_loss_two_batches_back():
+    """ahead=1: the coordinator issues batch b once batch b-2's loss is back, so the
+    first stage never idles through a forward across the pipeline; the steady period
+    is then the busiest stage's own work, M x (F + B), not the 1.67x of one at a time."""
+    S, M, K = 11, 4, 6
+    sched = async_(S, M * K)
+    one, two = (simulate(sched, 1.0, 2.0, feed=M, ahead=a) for a in (0, 1))
+    t = {(s, a): (t0, t1) for s, a, t0, t1 in two.trace}
+    assert all(t[(0, F(b * M))][0] >= t[(S - 1, F((b - 1) * M - 1))][1] for b in range(2, K))
+    # ... and no later: batch b's first forward starts before b-1's loss is back
+    assert any(t[(0, F(b * M))][0] < t[(S - 1, F(b * M - 1))][1] for b in range(2, K))
+
+    def period(a):
+        spans = [simulate(async_(S, M * k), 1.0, 2.0, feed=M, ahead=a).makespan
+                 for k in (4, 10)]
+        return (spans[1] - spans[0]) / 6
+    assert period(1) == pytest.approx(M * 3.0) and period(0) == pytest.approx(20.0)
+    assert two.makespan < one.makespan
+    # the maths is the same: every stage runs the same list in the same order
+    for s in range(S):
+        order = [[a for st, a, *_ in r.trace if st == s] for r in (one, two)]
+        assert order[0] == order[1]
+    with pytest.raises(ValueError, match="ahead"):
+        simulate(sched, 1.0, 2.0, feed=M, ahead=-1)
+
+
 def test_an_update_does_not_hold_back_the_error_below():
     """The last stage's STEP is a call of its own (it sends errors down): stage 0's
     last backward starts when that error exists, not after the update.  gpipe, 2 x 2,

@@ -78,6 +78,36 @@ def test_max_steps_and_determinism(tmp_path):
             assert torch.equal(v, wb["stages"][0]["module"][k]), k
 
 
+def test_each_step_names_the_next_batch_unless_something_reads_the_model_between(
+        tmp_path, monkeypatch):
+    """The loop looks one batch ahead (`train_step(..., upcoming=)`, which the async
+    runtime issues early): upcoming is exactly the next call's batch, lr and wd, and
+    None where an alignment record, a probe, a checkpoint or the epoch's end comes
+    between."""
+    from localnet.engine import InProcessExecutor
+
+    calls, step = [], InProcessExecutor.train_step
+
+    def record(self, x, y, lr, wd, upcoming=None):
+        calls.append((x, y, lr, wd, upcoming))
+        return step(self, x, y, lr, wd, upcoming)
+
+    monkeypatch.setattr(InProcessExecutor, "train_step", record)
+    train(small("rule.name=fa", "train.max_steps=30", "runtime.checkpoint_every=6",
+                "metrics.bp_angle=true", "train.lr_schedule=cosine"), tmp_path, progress=False)
+    assert len(calls) == 30
+    records = {n for n in range(1, 31) if (n - 1) % 4 == 0}   # alignment after step n
+    probes = {n - 1 for n in records}                          # bp angle before step n
+    saves = {6, 12, 18, 24}                                     # checkpoint after step n
+    ends = {16, 30}                                             # the epoch's, the run's
+    for n, (_, _, _, _, up) in enumerate(calls, 1):
+        assert (up is None) == (n in records | probes | saves | ends), n
+        if up is not None:
+            x, y, lr, wd, _ = calls[n]
+            assert up[0] is x and up[1] is y and (up[2], up[3]) == (lr, wd), n
+    assert len({c[2] for c in calls}) > 10  # (a cosine lr: each step's own)
+
+
 DELAYED = ("channel.error.delay=1", "channel.error.codec=lowrank", "channel.error.q=2",
            "channel.error.drop=0.2", "train.micro_batches=2")
 

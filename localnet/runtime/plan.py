@@ -113,6 +113,8 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     S, M = pl.num_actors, t.micro_batches
     name, opts = rt.schedule.name, rt.schedule.options()
     is_async = SCHEDULES.get(name).streamed
+    # async: how many batches the coordinator issues before the loss it waits for
+    ahead = getattr(SCHEDULES.get(name)(**opts).options, "ahead", 0) if is_async else 0
     if fwd is None or bwd is None:
         measured["f"], measured["b"], measured["s"] = measure_costs(
             cfg, shape, nc, pl, mb, repeats, rt.threads, stash=is_async)
@@ -147,7 +149,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     # async steps after every micro-batch; gpipe / 1f1b once per batch
     sim = simulate(sched, fwd, bwd, comm, step_cost=step, hop_cost=hop,
                    call_cost=float(call_cost), dfa=dfa, batch_size=t.batch_size * K,
-                   cores=cores, feed=M if is_async else None)
+                   cores=cores, feed=M if is_async else None, ahead=ahead)
     stale = stream_staleness(graph, S) if is_async else staleness(sched)
     one = simulate(make_schedule(name, S, M, graph, **opts), 1.0, 1.0, dfa=dfa)
     mem = memory.summarize(memory.estimate(cfg, pl, model, shape, one.peak_activations))
@@ -160,6 +162,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "hop_cost_s": float(hop_cost), "hop_cost_per_mib_s": float(hop_cost_per_mib),
         "call_cost_s": float(call_cost), "payload_bytes": payload,
         "calls_per_batch": S,  # the coordinator's: one per actor (interpreter.py)
+        "batches_ahead": ahead,
         "deadlock_free": checked, "staleness": max(stale), "staleness_per_actor": stale,
         "per_stage": [{"stage": i, "units": list(pl.names[i]), "fwd_s": f, "bwd_s": b_,
                        "step_s": (step[i] if isinstance(step, (list, tuple)) else step),

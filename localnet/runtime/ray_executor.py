@@ -339,16 +339,20 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         return self._stats_of(self._gather(refs, f"step {step}")[-1])
 
     # ------------------------------------------------------------------ training
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float) -> StepStats:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float,
+                   upcoming: tuple | None = None) -> StepStats:
+        """upcoming: (x, y, lr, wd) of the very next train_step, when nothing reads or
+        changes the model in between; async issues it now, behind this batch (stream.py)."""
+        self._check_upcoming(self._step + 1, x, y, lr, wd)
         self._step += 1
         self._ch_samples += int(x.shape[0])
-        st = self._train_recovering(x, y, self._step, float(lr), float(wd))
+        st = self._train_recovering(x, y, self._step, float(lr), float(wd), upcoming)
         self._replay.remember(x, y, self._step, float(lr), float(wd))
         return st
 
-    def _train(self, x, y, step: int, lr: float, wd: float) -> StepStats:
+    def _train(self, x, y, step: int, lr: float, wd: float, upcoming=None) -> StepStats:
         if self.streamed:
-            return self._run_async(x, y, step, lr, wd)
+            return self._run_async(x, y, step, lr, wd, upcoming)
         return self._run(x, y, step, {"lr": lr, "wd": wd})
 
     _train_recovering = recovering(_train)  # a recovery's own replay calls _train

@@ -11,13 +11,33 @@ Earlier actors still run that batch's backward passes -- their replies are check
 (`_last_reply`), so the driver's turn between batches overlaps the first actors' tail.
 Anything that reads or writes whole-model state (evaluation, probes, checkpoints) first
 drains the stream (`_drain`), so it sees every update the issued batches make.
+
+A batch ahead (the schedule's `ahead`, default 1).  Fed one at a time, the first actor
+would still wait, every batch, for the last forward to cross the whole pipeline and the
+driver's reply to come back.  So when the caller says which batch it trains next
+(`train_step(..., upcoming=...)`: the training loop looks one batch ahead), that batch's
+pieces are issued right behind this one's and wait in each actor's queue; its own
+`train_step` then only waits for its loss.  Each actor runs the same list in the same
+order, so the maths is unchanged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..engine import StepStats
 from ..schedules import stream_staleness
 from . import session
+
+
+@dataclass
+class _Ahead:
+    """A batch issued before its own `train_step`: the calls, or (once a drain waited for
+    them) the last actor's reply."""
+    step: int
+    batch: tuple     # (x, y, lr, wd) as the caller announced them
+    refs: list | None
+    reply: object = None
 
 
 class StreamMixin:
@@ -28,10 +48,32 @@ class StreamMixin:
         depth = stream_staleness(self.graph, self.num_stages)
         start = getattr(self, "_g", 0)
         self._streams = [self._sched.stream(d, start) for d in depth] if self.streamed else []
+        self._ahead = None  # a batch issued ahead went with the old streams
 
-    def _run_async(self, x, y, step: int, lr: float, wd: float) -> StepStats:
-        """Stream one batch into the async pipeline; returns when the last actor has its
-        loss.  Each micro-batch's update uses lr and wd/M (M updates make a batch's)."""
+    def _run_async(self, x, y, step: int, lr: float, wd: float, upcoming=None) -> StepStats:
+        """Stream one batch into the async pipeline (unless it was issued ahead), and the
+        upcoming one behind it; returns when the last actor has this batch's loss."""
+        ahead, self._ahead = self._ahead, None
+        refs = ahead.refs if ahead is not None else self._feed(x, y, step, lr, wd)
+        if upcoming is not None and self._sched.options.ahead and not self.local:
+            ux, uy, ulr, uwd = upcoming
+            self._ahead = _Ahead(step + 1, tuple(upcoming), self._feed(ux, uy, step + 1, ulr, uwd))
+        if ahead is not None and ahead.refs is None:  # a drain already waited for it
+            return self._stats_of(ahead.reply)
+        return self._last_reply(refs, step)
+
+    def _check_upcoming(self, step: int, x, y, lr, wd) -> None:
+        """Before step `step` starts: if a batch was issued ahead, it must be this one."""
+        ahead = getattr(self, "_ahead", None)
+        if ahead is not None and not _same(ahead, step, (x, y, lr, wd)):
+            raise RuntimeError(f"step {step} is not the batch announced as upcoming at step "
+                               f"{ahead.step - 1}: train_step(..., upcoming=) must name the "
+                               f"very batch, lr and wd trained next")
+
+    def _feed(self, x, y, step: int, lr: float, wd: float) -> list:
+        """Issue one batch's pieces of every actor's stream.  Each micro-batch's update
+        uses lr and wd/M (M updates make a batch's)."""
+        lr, wd = float(lr), float(wd)
         M = min(self.micro_batches, int(x.shape[0]))
         base = self._g
         self._g += M
@@ -41,10 +83,10 @@ class StreamMixin:
         acts = [self._stream_acts(st.take(self._g, to_forward=s == last))
                 for s, st in enumerate(self._streams)]
         inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
-        st = self._last_reply(self._issue(acts, inputs, targets), step)
-        for g in [g for g in self._mb if g < base - 2 * (self.num_stages + M)]:
-            del self._mb[g]  # every actor is past it (staleness < S)
-        return st
+        refs = self._issue(acts, inputs, targets)
+        for g in [g for g in self._mb if g < base - 2 * (self.num_stages + 2 * M)]:
+            del self._mb[g]  # every actor is past it (staleness < S, one batch ahead)
+        return refs
 
     def _last_reply(self, refs: list, step: int) -> StepStats:
         """The batch's stats, as soon as the last actor (the one with the loss) replied;
@@ -90,12 +132,29 @@ class StreamMixin:
 
     def _drain(self) -> None:
         """Finish every issued batch: wait for the replies not yet checked (async: first
-        issue the backwards and updates of the micro-batches still in flight)."""
+        issue the backwards and updates of the micro-batches still in flight).  A batch
+        issued ahead is finished too; its step returns the reply kept here."""
+        ahead = getattr(self, "_ahead", None)
+        if ahead is not None and ahead.refs is None:
+            ahead = None  # drained before
+        if ahead is not None:
+            self._outstanding += ahead.refs
         if self.streamed and self._streams and self._streams[0].start < self._g:
             acts = [self._stream_acts(st.drain(self._g)) for st in self._streams]
             self._outstanding += [r for r in self._issue(acts, {}, {}) if not self.local]
         refs, self._outstanding = self._outstanding, []
         if refs:
             self._gather(refs, "drain")
+        if ahead is not None:  # (done: the gather waited for it)
+            ahead.reply = session.get(ahead.refs[-1], self.timeout, f"step {ahead.step}")
+            ahead.refs = None
         if self.streamed:
             self._mb.clear()
+
+
+def _same(ahead: _Ahead, step: int, batch: tuple) -> bool:
+    """Whether (step, batch) is the one issued ahead: the very tensors, lr and wd."""
+    x, y, lr, wd = batch
+    ax, ay, alr, awd = ahead.batch
+    return (ahead.step == step and x is ax and y is ay and float(lr) == float(alr)
+            and float(wd) == float(awd))

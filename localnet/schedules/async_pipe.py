@@ -1,6 +1,9 @@
 """async: 1F1B with an update after every backward and no flush (PipeDream's
 weight-stashing pipeline, Narayanan et al. 2019), streamed across batches."""
 
+from pydantic import Field
+
+from ..registry import NoOptions
 from .base import STEP_MB, Action, B, F, PipelineSchedule, _graph, depths
 
 
@@ -14,6 +17,17 @@ class Async(PipelineSchedule):
     name = "async"
     streamed = True
     flush_with = "1f1b"
+
+    class Options(NoOptions):
+        # A coordinator that issues batch b+1 only once batch b's loss is back leaves the
+        # first actor idle for a forward through the whole pipeline every batch.  Issued
+        # ahead, b+1 waits in each actor's queue; every actor runs its own list in the
+        # same order either way, so the maths is the same.  One is the training loop's
+        # look-ahead (train.py), and enough to keep the first actor fed.
+        ahead: int = Field(1, ge=0, le=1, description="batches the coordinator issues "
+                           "before the loss of the one it returns is back: 1 keeps the "
+                           "first actor busy across batches, 0 feeds one at a time "
+                           "(the same maths)")
 
     def stages(self, S, M, graph):
         out = []

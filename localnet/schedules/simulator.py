@@ -65,7 +65,7 @@ class SimResult:
 def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
              step_cost=0.0, hop_cost=0.0, call_cost=0.0, dfa: bool = False,
              batch_size: int | None = None, cores: int | None = None,
-             feed: int | None = None) -> SimResult:
+             feed: int | None = None, ahead: int = 0) -> SimResult:
     """Dry-run a schedule as the runtime runs it: each stage works through its own list
     (`interpreter.py`); an action starts when its stage is free and every action it
     depends on is done (+comm_cost for a message from another stage).
@@ -81,7 +81,8 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
     cores: at most this many actions run at once (actors sharing a machine with fewer
     cores than actors); None: every actor has its own.  feed: micro-batches come in
     batches of `feed`, and the coordinator feeds batch b once the last stage has done
-    batch b-1's last forward (its call returns with the loss; `AsyncStream.take`) -- a
+    batch b-1-ahead's last forward (its call returns with the loss; `AsyncStream.take`;
+    ahead: batches issued before that loss is back, the async schedule's `ahead`) -- a
     streamed async schedule; None: every micro-batch
     is there from the start.  Raises DeadlockError when no stage can progress.
     """
@@ -102,11 +103,15 @@ def simulate(schedule: Schedule, fwd_cost, bwd_cost, comm_cost=0.0, *,
     def needs(s, a):
         return _deps(s, a, S, M, dfa, graph, cons)
 
-    def fed(s, a):  # the previous batch's last forward on the last stage: then the
-        # driver's step returns, and it feeds the next batch
-        if not feed or -1 not in graph[s] or a.op != "F" or a.mb < feed:
+    if ahead < 0:
+        raise ValueError(f"ahead must be >= 0, got {ahead}")
+
+    def fed(s, a):  # the last forward on the last stage of the batch `ahead` before the
+        # previous one: then the driver's step returns, and it feeds this batch
+        b = a.mb // feed if feed else 0
+        if not feed or -1 not in graph[s] or a.op != "F" or b <= ahead:
             return []
-        return [(S - 1, F(a.mb // feed * feed - 1))]
+        return [(S - 1, F((b - ahead) * feed - 1))]
 
     def cost(s, a, deps):
         c = fc[s] if a.op == "F" else bc[s] if a.op == "B" else sc[s]
