@@ -491,9 +491,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         for i, k in enumerate(path[:-1]):
             child = node.setdefault(k, {})
-            if isinstance(child, str) and path[i + 1] != "name":
+            if isinstance(child, str):
                 # a plugin given by its bare name (runtime.schedule: 1f1b): its options
-                # go beside the name
+                # go beside the name, and a new name replaces it
                 child = node[k] = {"name": child}
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")

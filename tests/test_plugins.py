@@ -132,6 +132,12 @@ def test_a_schedules_options_sit_beside_its_name(toys):
     ex = RayExecutor(_cfg("runtime.schedule={name: toy_reversed, reverse: false}"), SHAPE, NC,
                      local=True)
     assert ex._schedule(ex.schedule_name, 4).stages[0][4:8] == [B(0), B(1), B(2), B(3)]
+    # a config's bare name takes a new name and that schedule's options by key
+    rt = load_config(None, ["runtime.schedule=1f1b", "runtime.schedule.name=async",
+                            "runtime.schedule.ahead=0"]).runtime
+    assert (rt.schedule.name, rt.schedule.options()) == ("async", {"ahead": 0})
+    with pytest.raises(ConfigError, match=r"runtime\.schedule\.ahead: .*less than or equal to 1"):
+        load_config(None, ["runtime.schedule=async", "runtime.schedule.ahead=2"])
     with pytest.raises(ConfigError, match=r"runtime\.schedule\.k: unknown key \(the options "
                                           r"of schedule 'toy_reversed': reverse\)"):
         load_config(None, ["runtime.schedule=toy_reversed", "runtime.schedule.k=1"])
