@@ -68,9 +68,10 @@ def test_heap_books_a_freed_block_as_kept_once_thresholds_are_raised():
     if books is None:
         pytest.skip("this libc has no mallinfo2")
     a, b, c = books
-    assert b["live"] - a["live"] >= 64 and b["mapped"] == a["mapped"]  # 64 MiB, in the heap
+    mib = 64 - 0.1  # 64 MiB, as books rounded to 0.1 MiB can show it
+    assert b["live"] - a["live"] >= mib and b["mapped"] == a["mapped"]  # in the heap
     assert a["live"] - 1 <= c["live"] <= a["live"] + 1   # freed ...
-    assert c["kept"] - a["kept"] >= 64                    # ... and kept for reuse
+    assert c["kept"] - a["kept"] >= mib                   # ... and kept for reuse
 
 
 def _ray_jemalloc():
