@@ -21,6 +21,7 @@ With `metrics.port` set, the run also serves its metrics in the Prometheus forma
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import platform
@@ -257,16 +258,6 @@ def _tell_recoveries(bar, ex, told: int, obs=None) -> int:
     return len(recs)
 
 
-def _with_next(items):
-    """(item, the one after it or None) for each item: the loop looks one batch ahead."""
-    it = iter(items)
-    cur = next(it, None)
-    while cur is not None:
-        nxt = next(it, None)
-        yield cur, nxt
-        cur = nxt
-
-
 def _records(cfg: Config, step: int) -> bool:
     """Whether the step after `step` records alignment (and probes before it)."""
     return bool(cfg.metrics.alignment_every) and step % cfg.metrics.alignment_every == 0
@@ -364,7 +355,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             loader = data.train_loader(t.batch_size, cfg.seed, epoch, pin_memory=pin)
             # (skipped: done before the mid-epoch checkpoint we resumed from)
             todo = ((i, b) for i, b in enumerate(loader) if epoch != start_epoch or i >= skip)
-            for (i, (x, y)), then in _with_next(todo):
+            # each batch with the one after it (None last): the loop looks one ahead
+            for (i, (x, y)), then in itertools.pairwise(itertools.chain(todo, [None])):
                 if step >= total_steps:
                     break
                 lr = lr_at(cfg, epoch, i, steps_per_epoch)

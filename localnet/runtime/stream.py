@@ -135,10 +135,10 @@ class StreamMixin:
         issue the backwards and updates of the micro-batches still in flight).  A batch
         issued ahead is finished too; its step returns the reply kept here."""
         ahead = getattr(self, "_ahead", None)
-        if ahead is not None and ahead.refs is None:
-            ahead = None  # drained before
-        if ahead is not None:
+        if ahead is not None and ahead.refs is not None:  # (not drained before)
             self._outstanding += ahead.refs
+        else:
+            ahead = None
         if self.streamed and self._streams and self._streams[0].start < self._g:
             acts = [self._stream_acts(st.drain(self._g)) for st in self._streams]
             self._outstanding += [r for r in self._issue(acts, {}, {}) if not self.local]
