@@ -66,6 +66,7 @@ from localnet.engine import InProcessExecutor  # noqa: E402
 from localnet.runtime.cost import measure_costs  # noqa: E402
 from localnet.runtime.messages import Message, validate  # noqa: E402
 from localnet.runtime.partition import balanced_boundaries  # noqa: E402
+from localnet.runtime.plan import batches_ahead  # noqa: E402
 from localnet.schedules import make_schedule, simulate  # noqa: E402
 
 SHAPE, NC = (3, 32, 32), 10
@@ -219,7 +220,8 @@ def interp(curve, nbytes: float, col: int) -> float:
 
 
 # ------------------------------------------------------------------------------ simulator
-def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_hop=None):
+def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_hop=None,
+            ahead=0):
     """Samples/s that `schedule.simulate` predicts from per-stage costs f, b, u (seconds
     per forward / backward / update call) and the measured Ray hop curve `tr`.
 
@@ -232,7 +234,8 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_hop=N
     it takes the actors' cores, so it is charged to the call.  The rest of a hop's time
     is latency on the edge (`interp` over the measured curve).  boundary_bytes[i]: the
     payload across the cut after stage i (activation up, error down: the same shape).
-    async: the steady state, (makespan of 6 streamed batches - of 2) / 4."""
+    async: the steady state, (makespan of 6 streamed batches - of 2) / 4, with `ahead`
+    batches issued before the loss the coordinator waits for."""
     curve = tr["curve"]
     hop_cpu = lambda n: max(interp(curve, n, 2) - interp(curve, 0, 2), 0.0)  # noqa: E731
     lat = lambda n: max(interp(curve, n, 1) - interp(curve, 0, 2) - hop_cpu(n), 0.0)  # noqa: E731
@@ -247,7 +250,7 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_hop=N
         return lat(boundary_bytes[src] if op == "F" else boundary_bytes[dst])
 
     sims = [simulate(make_schedule(schedule, S, M * k), fc, bc, comm, step_cost=u,
-                     hop_cost=per_hop, cores=cores, feed=M)
+                     hop_cost=per_hop, cores=cores, feed=M, ahead=ahead)
             for k in ((2, 6) if schedule == "async" else (1,))]
     per_batch = (sims[-1].makespan - sims[0].makespan) / 4 if len(sims) > 1 else sims[0].makespan
     return batch / per_batch, sims[-1].bubble_fraction
@@ -258,14 +261,22 @@ def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[flo
     """Seconds between consecutive step returns, after `warmup` untimed steps.  The
     throughput reported is batch / median of these: robust to other jobs' bursts on a
     shared machine, and for async the steady state (a step returns when the last actor
-    has its loss; the pipeline stays full across steps)."""
+    has its loss; the pipeline stays full across steps).  `step(x, y, upcoming)`:
+    upcoming is the next call's batch, as the training loop passes it (async issues it
+    behind this one), None on the last call, so nothing is left issued ahead."""
+    n = warmup + steps
+    feed = [batches[i % len(batches)] for i in range(n)]
+
+    def call(i):
+        step(*feed[i], feed[i + 1] if i + 1 < n else None)
+
     for i in range(warmup):
-        step(*batches[i % len(batches)])
+        call(i)
     if profile:
         profile()  # drop the warm-up's timings (allocations, lazy init)
     out, c0, t0 = [], busy_cpu_s(), time.perf_counter()
-    for i in range(steps):
-        step(*batches[i % len(batches)])
+    for i in range(warmup, n):
+        call(i)
         t1 = time.perf_counter()
         out.append(t1 - t0)
         t0 = t1
@@ -273,6 +284,15 @@ def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[flo
         profile.machine_cpu_s = busy_cpu_s() - c0
         profile.result = profile()
     return out
+
+
+def step_of(ex):
+    """A `time_steps` step on a Ray executor: the next batch goes with each call, as
+    the training loop sends it (async issues it ahead; the other schedules ignore it)."""
+    def step(x, y, upcoming):
+        nxt = None if upcoming is None else (*upcoming, 0.01, 1e-4)
+        return ex.train_step(x, y, 0.01, 1e-4, upcoming=nxt)
+    return step
 
 
 def unit_output_bytes() -> list[int]:
@@ -304,7 +324,7 @@ class InProcess:
                 self._ex[(threads, M)] = InProcessExecutor(model, optim_config(cfg),
                                                            micro_batches=M)
             ex = self._ex[(threads, M)]
-            return time_steps(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), self.batches,
+            return time_steps(lambda x, y, _: ex.train_step(x, y, 0.01, 1e-4), self.batches,
                               warmup, steps)
         finally:
             torch.set_num_threads(old)
@@ -416,7 +436,7 @@ def main(argv=None) -> dict:
                 for r in range(args.rounds):
                     a = ip.times(S, 1, args.steps)
                     am = ip.times(S, M, args.steps) if M > 1 else a
-                    d = time_steps(lambda x, y: ex.train_step(x, y, 0.01, 1e-4), batches,
+                    d = time_steps(step_of(ex), batches,
                                    args.warmup if r == 0 else 1, args.steps, profile=prof)
                     ex.flush()  # (async) drained: the next in-process block runs alone
                     dts, ip1, ipm = dts + d, ip1 + a, ipm + am
@@ -432,8 +452,9 @@ def main(argv=None) -> dict:
                 ratio, ratio_m = statistics.median(pair), statistics.median(pair_m)
 
                 pb = [per_sample[c - 1] * (args.batch // M) for c in cut]
+                ahead = batches_ahead(cfg.runtime.schedule)
                 pred = lambda f, b, u, pc=None: predict(schedule, S, M, f, b, u, pb, tr,  # noqa: E731
-                                                        cores, args.batch, pc)
+                                                        cores, args.batch, pc, ahead)
 
                 med = lambda t, op: statistics.median(t[op]) if t[op] else 0.0  # noqa: E731
                 ops = ("forward", "backward", "update")

@@ -113,8 +113,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     S, M = pl.num_actors, t.micro_batches
     name, opts = rt.schedule.name, rt.schedule.options()
     is_async = SCHEDULES.get(name).streamed
-    # async: how many batches the coordinator issues before the loss it waits for
-    ahead = getattr(SCHEDULES.get(name)(**opts).options, "ahead", 0) if is_async else 0
+    ahead = batches_ahead(rt.schedule)
     if fwd is None or bwd is None:
         measured["f"], measured["b"], measured["s"] = measure_costs(
             cfg, shape, nc, pl, mb, repeats, rt.threads, stash=is_async)
@@ -176,6 +175,13 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "balance_hint": balance_hint(rt.partition, [f + b_ for f, b_ in zip(fwd, bwd)]),
         "memory_estimate": mem,
     }
+
+
+def batches_ahead(schedule) -> int:
+    """How many batches the coordinator issues before the loss it waits for: async's
+    `ahead` (runtime.schedule, a ScheduleConfig); 0 for a schedule that flushes."""
+    cls = SCHEDULES.get(schedule.name)
+    return getattr(cls(**schedule.options()).options, "ahead", 0) if cls.streamed else 0
 
 
 def balance_hint(partition, work: list[float], limit: float = 1.25) -> str | None:
