@@ -58,6 +58,7 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 from localnet.alloc import release_free_memory  # noqa: E402
 from localnet.config import Config  # noqa: E402
+from localnet.runtime.cpu_policy import POLICIES  # noqa: E402
 from localnet.timing import cpu_parts  # noqa: E402
 
 MAIN = "ray::StageWorke"  # an actor's main thread: Ray names it after the class (15 chars)
@@ -344,7 +345,8 @@ def on_ray(cfg, data, steps: int) -> dict:
                                                     (m1 - m0) / steps - compute / steps), 1),
                # the median actor's main thread: preempted while runnable, per batch
                "preemptions_per_batch": round(statistics.median(pre), 1),
-               "cpu_policy": cfg.runtime.cpu_policy,
+               # what the actors ran (rr falls back to batch where the kernel refuses it)
+               "cpu_policy": ",".join(sorted({str(i.get("cpu_policy")) for i in ex.stage_info})),
                "allocators": sorted({str(i.get("allocator")) for i in ex.stage_info}),
                "memory_estimate": ex.memory}
     finally:
@@ -492,7 +494,7 @@ def main(argv=None) -> dict:
                         "benchmarks/dataplane.py's localnet row at 4 KiB")
     p.add_argument("--hop-cost-per-mib", type=float, default=4.9e-4,
                    help="... plus this per MiB of payload (s): the same row, 4 KiB to 4 MiB")
-    p.add_argument("--cpu-policy", choices=["batch", "normal"], default=None,
+    p.add_argument("--cpu-policy", choices=POLICIES, default=None,
                    help="runtime.cpu_policy of the actors (default: the config's)")
     p.add_argument("--allocator", choices=["jemalloc", "glibc"], default=None,
                    help="runtime.allocator of the actors (default: the config's)")

@@ -259,11 +259,14 @@ class RuntimeConfig(Section):
                                                    "holding one computes on it")
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement group strategy")
     threads: int = Field(1, ge=1, description="torch threads inside each actor")
-    cpu_policy: Literal["batch", "normal"] = Field(
-        "batch", description="Linux scheduling policy of the actors' threads: batch "
-                             "(SCHED_BATCH) lets a thread that a message wakes wait for the "
-                             "running computation's time slice instead of preempting it; "
-                             "normal leaves the default (runtime/cpu_policy.py)")
+    cpu_policy: Literal["rr", "batch", "normal"] = Field(
+        "rr", description="Linux scheduling policy of the actors' threads: rr (SCHED_RR at "
+                          "the lowest real-time priority) runs each action to its end "
+                          "before another actor takes the core, and falls back to batch "
+                          "where the kernel refuses it; batch (SCHED_BATCH) lets a thread "
+                          "that a message wakes wait for the running one's time slice "
+                          "instead of preempting it; normal leaves Linux's default "
+                          "(runtime/cpu_policy.py)")
     allocator: Literal["jemalloc", "glibc"] = Field(
         "jemalloc", description="the actors' malloc: jemalloc (the one Ray ships, preloaded "
                                 "into each actor) keeps size classes apart, so a layer's "

@@ -303,6 +303,10 @@ class InProcessExecutor:
         """No actors share a GPU here (the runtime's `gpu_sharing`)."""
         return None
 
+    def cpu_policy_fallback(self) -> None:
+        """No actor threads to schedule here (the runtime's `cpu_policy_fallback`)."""
+        return None
+
     def runtime_info(self) -> dict:
         return {"executor": self.name, "actors": 0, "schedule": "sequential",
                 "micro_batches": self.micro_batches, "staleness": 0,

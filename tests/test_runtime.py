@@ -22,6 +22,7 @@ from localnet.errors import DivergedError
 from localnet.runtime.messages import MessageError
 from localnet.runtime.testing import (batches, codec_on_every_edge, leaks, reference,
                                       state_diff, tensors_of)
+from policies import rr_allowed
 
 ray = pytest.importorskip("ray")
 from localnet.runtime.ray_executor import RayExecutor  # noqa: E402
@@ -364,16 +365,20 @@ def test_train_build_chooses_the_ray_executor(ray_session):
         assert loss > 0 and 0 <= acc <= 1
         info = ex.runtime_info()
         assert info["schedule"] == "1f1b" and info["units"] == [["fc1"], ["head"]]
-        # runtime.cpu_policy (default batch) reached every thread of every actor, the
-        # data plane's gloo threads (started after it was set) too; the driver keeps its own
-        assert info["cpu_policies"] == ["batch"]
+        # runtime.cpu_policy (default rr; batch where the kernel refuses real-time
+        # scheduling) reached every thread of every actor, the data plane's gloo threads
+        # (started after it was set) too; the driver keeps its own
+        want = "rr" if rr_allowed() else "batch"
+        kernel = os.SCHED_RR if want == "rr" else os.SCHED_BATCH
+        assert info["cpu_policies"] == [want]
+        assert ex.cpu_policy_fallback() == (None if want == "rr" else ["batch"])
         # runtime.allocator (default jemalloc): the embedded Ray gave it to every actor
         assert info["allocators"] == ["jemalloc"]
         for a in info["actor_info"]:
             tids = os.listdir(f"/proc/{a['pid']}/task")
             names = {Path(f"/proc/{a['pid']}/task/{t}/comm").read_text().strip() for t in tids}
             assert "gloo_tcp_loop" in names, names
-            assert {os.sched_getscheduler(int(t)) for t in tids} == {os.SCHED_BATCH}
+            assert {os.sched_getscheduler(int(t)) for t in tids} == {kernel}
         assert os.sched_getscheduler(0) == driver_policy
         assert [s["units"] for s in ex.state_dict()["stages"]] == [[0, 1], [1, 2]]
     finally:

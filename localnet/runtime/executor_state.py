@@ -253,6 +253,16 @@ class StateMixin:
             return None
         return len(gpus), len(set(gpus))
 
+    def cpu_policy_fallback(self) -> list[str] | None:
+        """The policies the actors run, when some could not take runtime.cpu_policy (rr
+        where the kernel refuses real-time scheduling, or with several torch threads:
+        cpu_policy.py); None when every actor runs it, and in local mode (the driver's
+        threads are left alone)."""
+        got = sorted({str(i["cpu_policy"]) for i in self.stage_info if i.get("cpu_policy")})
+        if self.local or not got or got == [self.cfg.runtime.cpu_policy]:
+            return None
+        return got
+
     def starting_at_once(self) -> int | None:
         """The most actors that were starting at one moment (from loading localnet to
         the end of setup: `import torch`, building their parts), which

@@ -83,10 +83,10 @@ class StageWorker(WireEnd, StageState):
     def __init__(self, spec: dict | None = None, threads: int = 1, model=None,
                  cpu_policy: str | None = None):
         keep_freed_memory()  # an actor reallocates its activations every step (alloc.py)
-        if cpu_policy:  # an actor process's own (None in-process: not the driver's)
-            cpu_policy_apply(cpu_policy)
         if threads:  # 0: leave the process's setting alone (in-process use)
             torch.set_num_threads(int(threads))
+        if cpu_policy:  # an actor process's own (None in-process: not the driver's)
+            cpu_policy_apply(cpu_policy, torch.get_num_threads())
         self._ledger = Ledger()
         self._audit: list[dict] = []
         self._fault: dict | None = None
