@@ -259,9 +259,10 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_hop=N
 # ------------------------------------------------------------------------------ runs
 def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[float]:
     """Seconds between consecutive step returns, after `warmup` untimed steps.  The
-    throughput reported is batch / median of these: robust to other jobs' bursts on a
-    shared machine, and for async the steady state (a step returns when the last actor
-    has its loss; the pipeline stays full across steps).  `step(x, y, upcoming)`:
+    throughput reported for a Ray block is batch / their mean, for async the steady
+    state (a step returns when the last actor has its loss; the pipeline stays full
+    across steps); the in-process blocks' steps are regular, and their median is robust
+    to other jobs' bursts on a shared machine.  `step(x, y, upcoming)`:
     upcoming is the next call's batch, as the training loop passes it (async issues it
     behind this one), None on the last call, so nothing is left issued ahead."""
     n = warmup + steps
@@ -431,7 +432,7 @@ def main(argv=None) -> dict:
                 prof = lambda: ex.stage_timings(True)  # noqa: E731
                 # rounds of: in-process at S threads (whole batch, and the same M), then
                 # Ray; the ratios pair each Ray block with the in-process blocks next to it
-                dts, ip1, ipm, tm, machine = [], [], [], None, 0.0
+                dts, ip1, ipm, tm, machine, rates = [], [], [], None, 0.0, []
                 pair, pair_m = [], []
                 for r in range(args.rounds):
                     a = ip.times(S, 1, args.steps)
@@ -444,9 +445,13 @@ def main(argv=None) -> dict:
                     tm = prof.result if tm is None else [  # per stage, every round's calls
                         {k: v + more[k] if isinstance(v, list) else v for k, v in seen.items()}
                         for seen, more in zip(tm, prof.result)]
-                    pair.append(statistics.median(a) / statistics.median(d))
-                    pair_m.append(statistics.median(am) / statistics.median(d))
-                measured = args.batch / statistics.median(dts)
+                    # Ray's block by its mean step: with a batch issued ahead (async) a
+                    # step whose batch finished meanwhile returns at once, so its steps
+                    # alternate short and long and their median is not the rate
+                    pair.append(statistics.median(a) / statistics.mean(d))
+                    pair_m.append(statistics.median(am) / statistics.mean(d))
+                    rates.append(args.batch / statistics.mean(d))
+                measured = statistics.median(rates)
                 base_row = args.batch / statistics.median(ip1)
                 base_row_m = args.batch / statistics.median(ipm)
                 ratio, ratio_m = statistics.median(pair), statistics.median(pair_m)
@@ -551,8 +556,10 @@ def write_results(r: dict) -> None:
         f"`RAY_worker_niceness=0`, like the in-process baseline).  Batch {r['batch']}, one torch thread per actor; the "
         f"in-process baseline gets as many threads as there are actors.  Each row is "
         f"{r['rounds']} rounds of (in-process block, Ray block), {r['steps']} timed steps "
-        f"per block: samples/s = batch / median step time over the rounds, and a ratio is "
-        f"the median over rounds of Ray / the in-process blocks of the same round (this "
+        f"per block: samples/s = the median over rounds of batch / a Ray block's mean "
+        f"step (async issues each next batch ahead, so its steps alternate short and "
+        f"long), and a ratio is the median over rounds of Ray / the in-process block of "
+        f"the same round, by its median step (this "
         f"machine's speed drifts by 10-30% within minutes).  1-minute load average (the "
         f"benchmark's own processes count) was {r['load_average']['start']} at the start, "
         f"mean {r['load_average']['mean']}, max {r['load_average']['max']} (on {r['cores']} "
