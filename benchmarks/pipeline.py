@@ -262,10 +262,12 @@ def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[flo
     throughput reported for a Ray block is batch / their mean, for async the steady
     state (a step returns when the last actor has its loss; the pipeline stays full
     across steps); the in-process blocks' steps are regular, and their median is robust
-    to other jobs' bursts on a shared machine.  `step(x, y, upcoming)`:
-    upcoming is the next call's batch, as the training loop passes it (async issues it
-    behind this one), None on the last call, so nothing is left issued ahead."""
-    n = warmup + steps
+    to other jobs' bursts on a shared machine.  `step(x, y, upcoming)`: upcoming is the
+    next call's batch, as the training loop passes it (async issues it behind this one).
+    One more untimed step ends the block with None, so nothing is left issued ahead,
+    and every timed step starts and ends with the next batch in flight: the last step
+    of a block, with nothing behind it, would run alone and read fast."""
+    n = warmup + steps + 1
     feed = [batches[i % len(batches)] for i in range(n)]
 
     def call(i):
@@ -276,13 +278,15 @@ def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[flo
     if profile:
         profile()  # drop the warm-up's timings (allocations, lazy init)
     out, c0, t0 = [], busy_cpu_s(), time.perf_counter()
-    for i in range(warmup, n):
+    for i in range(warmup, n - 1):
         call(i)
         t1 = time.perf_counter()
         out.append(t1 - t0)
         t0 = t1
-    if profile:  # what each actor's calls took during the timed steps, and the machine
-        profile.machine_cpu_s = busy_cpu_s() - c0
+    machine = busy_cpu_s() - c0
+    call(n - 1)
+    if profile:  # what each actor's calls took (medians), and the machine in the timed steps
+        profile.machine_cpu_s = machine
         profile.result = profile()
     return out
 
