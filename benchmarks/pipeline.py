@@ -258,37 +258,39 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_hop=N
 
 # ------------------------------------------------------------------------------ runs
 def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[float]:
-    """Seconds between consecutive step returns, after `warmup` untimed steps.  The
-    throughput reported for a Ray block is batch / their mean, for async the steady
-    state (a step returns when the last actor has its loss; the pipeline stays full
-    across steps); the in-process blocks' steps are regular, and their median is robust
-    to other jobs' bursts on a shared machine.  `step(x, y, upcoming)`: upcoming is the
-    next call's batch, as the training loop passes it (async issues it behind this one).
-    One more untimed step ends the block with None, so nothing is left issued ahead,
-    and every timed step starts and ends with the next batch in flight: the last step
-    of a block, with nothing behind it, would run alone and read fast."""
-    n = warmup + steps + 1
+    """Seconds between consecutive step returns in the steady state.  The throughput
+    reported for a Ray block is batch / their mean, for async the steady state (a step
+    returns when the last actor has its loss; the pipeline stays full across steps);
+    the in-process blocks' steps are regular, and their median is robust to other
+    jobs' bursts on a shared machine.  `step(x, y, upcoming)`: upcoming is the next
+    call's batch, as the training loop passes it (async issues it behind this one).
+
+    A block: `warmup` untimed steps, the last with nothing behind it, so the pipeline is
+    empty; then steps + 2.  Every timed step starts and ends with the next batch in
+    flight: the first of the steps + 2 fills the pipeline, and the last runs with
+    nothing behind it (it would read fast), so neither is timed.  `profile` (reset
+    with the pipeline empty, read once it is empty again) covers all steps + 2 batches:
+    `profile.batches`."""
+    n = warmup + steps + 2
     feed = [batches[i % len(batches)] for i in range(n)]
 
     def call(i):
-        step(*feed[i], feed[i + 1] if i + 1 < n else None)
+        last = i + 1 in (warmup, n)
+        step(*feed[i], None if last else feed[i + 1])
 
     for i in range(warmup):
         call(i)
     if profile:
         profile()  # drop the warm-up's timings (allocations, lazy init)
-    out, c0, t0 = [], busy_cpu_s(), time.perf_counter()
-    for i in range(warmup, n - 1):
+    c0, ends = busy_cpu_s(), []
+    for i in range(warmup, n):
         call(i)
-        t1 = time.perf_counter()
-        out.append(t1 - t0)
-        t0 = t1
-    machine = busy_cpu_s() - c0
-    call(n - 1)
-    if profile:  # what each actor's calls took (medians), and the machine in the timed steps
-        profile.machine_cpu_s = machine
+        ends.append(time.perf_counter())
+    if profile:  # what each actor's calls took, and the machine, in these steps + 2
+        profile.machine_cpu_s = busy_cpu_s() - c0
+        profile.batches = steps + 2
         profile.result = profile()
-    return out
+    return [b - a for a, b in zip(ends[:steps], ends[1:steps + 1])]
 
 
 def step_of(ex):
@@ -469,10 +471,10 @@ def main(argv=None) -> dict:
                 ops = ("forward", "backward", "update")
                 costs = [[med(t, op) for t in tm] for op in ops]
                 cpu_costs = [[med(t, op + "_cpu") for t in tm] for op in ops]
-                # the machine's CPU in the timed steps beyond the actors' compute: the
+                # the machine's CPU in the block's steps beyond the actors' compute: the
                 # data plane and the coordinator, per message between stages (an
                 # activation up and an error down per cut and micro-batch)
-                hops = 2 * (S - 1) * M * args.rounds * args.steps
+                hops = 2 * (S - 1) * M * args.rounds * prof.batches
                 in_calls = sum(sum(t[op + "_cpu"]) for t in tm for op in ops)
                 per_call = max(machine - in_calls, 0.0) / max(hops, 1)
                 # fewer cores than actors: a call's wall time counts the time slices the
