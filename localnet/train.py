@@ -346,10 +346,12 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  f"runs faster: --set runtime.executor=inprocess (README, \"On a GPU\")")
     fallback = ex.cpu_policy_fallback()
     if fallback:
-        why = ("runtime.threads > 1: OpenMP's idle workers spin, and a spinning real-time "
-               "thread would keep its core from the other actors" if cfg.runtime.threads > 1
-               else "the kernel refused real-time scheduling (it needs root, CAP_SYS_NICE "
-                    "or `ulimit -r` of at least 1)")
+        if cfg.runtime.threads > 1:
+            why = ("runtime.threads > 1: OpenMP's idle workers spin, and a spinning "
+                   "real-time thread would keep its core from the other actors")
+        else:
+            why = ("the kernel refused real-time scheduling (it needs root, CAP_SYS_NICE "
+                   "or `ulimit -r` of at least 1)")
         bar.note(f"note: the actors run cpu_policy {', '.join(fallback)}, not "
                  f"{cfg.runtime.cpu_policy}: {why}.  On few cores that costs some speed "
                  f"(localnet/runtime/README.md, \"Who gets the core\")")

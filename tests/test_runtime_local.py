@@ -895,14 +895,29 @@ def test_rr_falls_back_to_batch_where_refused_or_with_spinning_threads():
                   " cpu_policy.current())") == ["batch", "batch"]
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_an_actor_on_a_gpu_leaves_rr_for_batch():
+    """Once an actor knows its device: rr stays on a CPU actor; one on a GPU (whose
+    CUDA and NCCL threads may poll) moves every thread to batch."""
+    if not rr_allowed():
+        pytest.skip("this machine refuses SCHED_RR")
+    code = ("import os; from localnet.runtime import cpu_policy; cpu_policy.apply('rr'); "
+            "a = cpu_policy.for_device('cpu'); b = cpu_policy.for_device('cuda'); "
+            "print(a, b, {os.sched_getscheduler(int(t)) for t in os.listdir('/proc/self/task')}"
+            " == {os.SCHED_BATCH})")
+    assert child(code) == ["rr", "batch", "True"]
+
+
 def test_cpu_policy_fallback_names_what_the_actors_run():
     """The note at start-up: actors whose policy is not the configured one."""
     from types import SimpleNamespace
 
     from localnet.runtime.executor_state import StateMixin
 
-    def fallback(got, want="rr", local=False):
-        ns = SimpleNamespace(local=local, stage_info=[{"cpu_policy": g} for g in got],
+    def fallback(got, want="rr", local=False, devices=None):
+        info = [{"cpu_policy": g, "device": d}
+                for g, d in zip(got, devices or ["cpu"] * len(got))]
+        ns = SimpleNamespace(local=local, stage_info=info,
                              cfg=SimpleNamespace(runtime=SimpleNamespace(cpu_policy=want)))
         return StateMixin.cpu_policy_fallback(ns)
 
@@ -911,6 +926,9 @@ def test_cpu_policy_fallback_names_what_the_actors_run():
     assert fallback(["rr", "batch", "rr"]) == ["batch", "rr"]  # one node refused
     assert fallback(["batch"] * 3, want="batch") is None
     assert fallback(["normal"] * 3, local=True) is None  # the driver's own threads
+    # GPU actors run batch by design (cpu_policy.for_device): nothing to tell
+    assert fallback(["batch", "rr"], devices=["cuda:0", "cpu"]) is None
+    assert fallback(["batch", "batch"], devices=["cuda:0", "cpu"]) == ["batch"]
 
 
 def test_an_address_where_no_cluster_answers_is_an_error_naming_it(monkeypatch):

@@ -23,7 +23,9 @@ gloo's I/O thread, then the thread waiting for it.
 actor falls back to `batch`, which any process may set on its own threads, and says so
 (`summary.json`'s `runtime.cpu_policies`, and a note when the run starts).  It also
 falls back with several torch threads per actor: OpenMP's idle workers spin before they
-sleep, and a spinning real-time thread keeps its core from every other actor.  The
+sleep, and a spinning real-time thread keeps its core from every other actor; and on
+an actor that computes on a GPU (`for_device`): it waits for its device, and CUDA's and
+NCCL's threads may poll while they wait.  The
 kernel's real-time throttling (`/proc/sys/kernel/sched_rt_runtime_us`, 95% by default)
 leaves the driver, Ray's daemons and everything else on the machine a share of every
 core even when the actors could use all of it.  Off Linux this does nothing.
@@ -64,6 +66,17 @@ def apply(policy: str, threads: int = 1) -> str | None:
             if policy == "rr":
                 return apply("batch")
             # batch and normal need no privilege; a container may still forbid them
+    return current()
+
+
+def for_device(device_type: str) -> str | None:
+    """Once an actor knows its device (setup): rr is for actors that compute on the CPU.
+    One on a GPU spends its time waiting for the device, and CUDA's synchronisation and
+    NCCL's proxy threads may poll meanwhile; as real-time threads they would keep cores
+    from the driver, Ray and the other actors.  Such an actor moves to batch before its
+    data plane starts those threads.  Returns the policy in effect."""
+    if device_type != "cpu" and current() == "rr":
+        return apply("batch")
     return current()
 
 

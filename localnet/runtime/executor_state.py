@@ -254,11 +254,12 @@ class StateMixin:
         return len(gpus), len(set(gpus))
 
     def cpu_policy_fallback(self) -> list[str] | None:
-        """The policies the actors run, when some could not take runtime.cpu_policy (rr
-        where the kernel refuses real-time scheduling, or with several torch threads:
-        cpu_policy.py); None when every actor runs it, and in local mode (the driver's
-        threads are left alone)."""
-        got = sorted({str(i["cpu_policy"]) for i in self.stage_info if i.get("cpu_policy")})
+        """The policies the CPU actors run, when some could not take runtime.cpu_policy
+        (rr where the kernel refuses real-time scheduling, or with several torch threads:
+        cpu_policy.py); None when every one runs it, and in local mode (the driver's
+        threads are left alone).  GPU actors run batch by design (`for_device`)."""
+        got = sorted({str(i["cpu_policy"]) for i in self.stage_info
+                      if i.get("cpu_policy") and str(i.get("device", "cpu")) == "cpu"})
         if self.local or not got or got == [self.cfg.runtime.cpu_policy]:
             return None
         return got

@@ -49,7 +49,8 @@ from ..timing import StageTimer
 from ..models import unit_shapes
 from ..rules import make_rule
 from ..stage import NodeStage
-from .cpu_policy import apply as cpu_policy_apply, current as cpu_policy_current
+from .cpu_policy import (apply as cpu_policy_apply, current as cpu_policy_current,
+                         for_device as cpu_policy_for_device)
 from .endpoint import WireEnd
 from .graph import Placement, actor_units, modules_for
 from .plane import device_key
@@ -140,6 +141,7 @@ class StageWorker(WireEnd, StageState):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"{self.name}: runtime.num_gpus > 0 but this actor sees no GPU "
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+        cpu_policy_for_device(self.device.type)  # rr is for CPU actors (cpu_policy.py)
         torch.manual_seed(cfg.seed)
 
         shapes = [tuple(s) for s in spec["unit_shapes"]]
