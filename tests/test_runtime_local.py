@@ -902,10 +902,13 @@ def test_an_actor_on_a_gpu_leaves_rr_for_batch():
     if not rr_allowed():
         pytest.skip("this machine refuses SCHED_RR")
     code = ("import os; from localnet.runtime import cpu_policy; cpu_policy.apply('rr'); "
-            "a = cpu_policy.for_device('cpu'); b = cpu_policy.for_device('cuda'); "
+            "a = cpu_policy.for_actor('cpu', 1); b = cpu_policy.for_actor('cuda', 1); "
             "print(a, b, {os.sched_getscheduler(int(t)) for t in os.listdir('/proc/self/task')}"
             " == {os.SCHED_BATCH})")
     assert child(code) == ["rr", "batch", "True"]
+    # threads raised after start (a spec's runtime.threads): batch as well
+    assert child("from localnet.runtime import cpu_policy; cpu_policy.apply('rr'); "
+                 "print(cpu_policy.for_actor('cpu', 2))") == ["batch"]
 
 
 def test_cpu_policy_fallback_names_what_the_actors_run():
@@ -926,7 +929,7 @@ def test_cpu_policy_fallback_names_what_the_actors_run():
     assert fallback(["rr", "batch", "rr"]) == ["batch", "rr"]  # one node refused
     assert fallback(["batch"] * 3, want="batch") is None
     assert fallback(["normal"] * 3, local=True) is None  # the driver's own threads
-    # GPU actors run batch by design (cpu_policy.for_device): nothing to tell
+    # GPU actors run batch by design (cpu_policy.for_actor): nothing to tell
     assert fallback(["batch", "rr"], devices=["cuda:0", "cpu"]) is None
     assert fallback(["batch", "batch"], devices=["cuda:0", "cpu"]) == ["batch"]
 

@@ -24,7 +24,7 @@ actor falls back to `batch`, which any process may set on its own threads, and s
 (`summary.json`'s `runtime.cpu_policies`, and a note when the run starts).  It also
 falls back with several torch threads per actor: OpenMP's idle workers spin before they
 sleep, and a spinning real-time thread keeps its core from every other actor; and on
-an actor that computes on a GPU (`for_device`): it waits for its device, and CUDA's and
+an actor that computes on a GPU (`for_actor`): it waits for its device, and CUDA's and
 NCCL's threads may poll while they wait.  The
 kernel's real-time throttling (`/proc/sys/kernel/sched_rt_runtime_us`, 95% by default)
 leaves the driver, Ray's daemons and everything else on the machine a share of every
@@ -69,13 +69,15 @@ def apply(policy: str, threads: int = 1) -> str | None:
     return current()
 
 
-def for_device(device_type: str) -> str | None:
-    """Once an actor knows its device (setup): rr is for actors that compute on the CPU.
-    One on a GPU spends its time waiting for the device, and CUDA's synchronisation and
+def for_actor(device_type: str, threads: int) -> str | None:
+    """Once an actor knows its device and torch threads (setup), which may differ from
+    what it started with: rr is for single-threaded actors that compute on the CPU.  One
+    on a GPU spends its time waiting for the device, and CUDA's synchronisation and
     NCCL's proxy threads may poll meanwhile; as real-time threads they would keep cores
-    from the driver, Ray and the other actors.  Such an actor moves to batch before its
-    data plane starts those threads.  Returns the policy in effect."""
-    if device_type != "cpu" and current() == "rr":
+    from the driver, Ray and the other actors.  Such an actor, or one with several
+    threads (`apply`), moves to batch before its data plane starts more threads.
+    Returns the policy in effect."""
+    if current() == "rr" and (device_type != "cpu" or threads > 1):
         return apply("batch")
     return current()
 

@@ -257,7 +257,7 @@ class StateMixin:
         """The policies the CPU actors run, when some could not take runtime.cpu_policy
         (rr where the kernel refuses real-time scheduling, or with several torch threads:
         cpu_policy.py); None when every one runs it, and in local mode (the driver's
-        threads are left alone).  GPU actors run batch by design (`for_device`)."""
+        threads are left alone).  GPU actors run batch by design (`for_actor`)."""
         got = sorted({str(i["cpu_policy"]) for i in self.stage_info
                       if i.get("cpu_policy") and str(i.get("device", "cpu")) == "cpu"})
         if self.local or not got or got == [self.cfg.runtime.cpu_policy]:

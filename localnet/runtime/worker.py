@@ -50,7 +50,7 @@ from ..models import unit_shapes
 from ..rules import make_rule
 from ..stage import NodeStage
 from .cpu_policy import (apply as cpu_policy_apply, current as cpu_policy_current,
-                         for_device as cpu_policy_for_device)
+                         for_actor as cpu_policy_for_actor)
 from .endpoint import WireEnd
 from .graph import Placement, actor_units, modules_for
 from .plane import device_key
@@ -86,7 +86,10 @@ class StageWorker(WireEnd, StageState):
         keep_freed_memory()  # an actor reallocates its activations every step (alloc.py)
         if threads:  # 0: leave the process's setting alone (in-process use)
             torch.set_num_threads(int(threads))
-        if cpu_policy:  # an actor process's own (None in-process: not the driver's)
+        # an actor process's own policy (None in-process: the driver's threads stay as
+        # they are)
+        self._own_policy = bool(cpu_policy)
+        if cpu_policy:
             cpu_policy_apply(cpu_policy, torch.get_num_threads())
         self._ledger = Ledger()
         self._audit: list[dict] = []
@@ -141,7 +144,8 @@ class StageWorker(WireEnd, StageState):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"{self.name}: runtime.num_gpus > 0 but this actor sees no GPU "
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
-        cpu_policy_for_device(self.device.type)  # rr is for CPU actors (cpu_policy.py)
+        if self._own_policy:  # rr is for single-threaded CPU actors (cpu_policy.py)
+            cpu_policy_for_actor(self.device.type, torch.get_num_threads())
         torch.manual_seed(cfg.seed)
 
         shapes = [tuple(s) for s in spec["unit_shapes"]]
