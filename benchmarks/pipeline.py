@@ -258,12 +258,11 @@ def predict(schedule, S, M, f, b, u, boundary_bytes, tr, cores, batch, per_hop=N
 
 # ------------------------------------------------------------------------------ runs
 def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[float]:
-    """Seconds between consecutive step returns in the steady state.  The throughput
-    reported for a Ray block is batch / their mean, for async the steady state (a step
-    returns when the last actor has its loss; the pipeline stays full across steps);
-    the in-process blocks' steps are regular, and their median is robust to other
-    jobs' bursts on a shared machine.  `step(x, y, upcoming)`: upcoming is the next
-    call's batch, as the training loop passes it (async issues it behind this one).
+    """Seconds between consecutive step returns in the steady state, for schedules that
+    flush (async: `drained_s`).  The throughput reported for a Ray block is batch /
+    their mean; the in-process blocks' steps are regular, and their median is robust
+    to other jobs' bursts on a shared machine.  `step(x, y, upcoming)`: upcoming is the
+    next call's batch, as the training loop passes it.
 
     A block: `warmup` untimed steps, the last with nothing behind it, so the pipeline is
     empty; then steps + 2.  Every timed step starts and ends with the next batch in
@@ -291,6 +290,31 @@ def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[flo
         profile.batches = steps + 2
         profile.result = profile()
     return [b - a for a, b in zip(ends[:steps], ends[1:steps + 1])]
+
+
+def drained_s(step, flush, batches, n: int, profile=None) -> float:
+    """Seconds for n batches from an empty pipeline until it is empty again (`flush`).
+
+    async's steady state is the difference of two such blocks: (T(2 + steps) - T(2)) /
+    steps, as the simulator takes it from two makespans.  Its steps cannot be timed one
+    by one: a step returns when the last actor has its loss, and with a batch issued
+    ahead that loss may be there already, so steps return at irregular times (a few ms,
+    then half a second).  A window of a few such steps counts a half-finished batch at
+    one end or the other, by up to a fifth of its length; both ends drained count none.
+    `profile` as in `time_steps`, over these n batches."""
+    feed = [batches[i % len(batches)] for i in range(n)]
+    if profile:
+        profile()
+    c0, t0 = busy_cpu_s(), time.perf_counter()
+    for i in range(n):
+        step(*feed[i], None if i == n - 1 else feed[i + 1])
+    flush()
+    took = time.perf_counter() - t0
+    if profile:
+        profile.machine_cpu_s = busy_cpu_s() - c0
+        profile.batches = n
+        profile.result = profile()
+    return took
 
 
 def step_of(ex):
@@ -443,17 +467,21 @@ def main(argv=None) -> dict:
                 for r in range(args.rounds):
                     a = ip.times(S, 1, args.steps)
                     am = ip.times(S, M, args.steps) if M > 1 else a
-                    d = time_steps(step_of(ex), batches,
-                                   args.warmup if r == 0 else 1, args.steps, profile=prof)
-                    ex.flush()  # (async) drained: the next in-process block runs alone
+                    warmup = args.warmup if r == 0 else 1
+                    if schedule == "async":  # the steady state between drained ends
+                        drained_s(step_of(ex), ex.flush, batches, warmup)
+                        short = drained_s(step_of(ex), ex.flush, batches, 2)
+                        long = drained_s(step_of(ex), ex.flush, batches, 2 + args.steps,
+                                         profile=prof)
+                        d = [(long - short) / args.steps] * args.steps
+                    else:
+                        d = time_steps(step_of(ex), batches, warmup, args.steps, profile=prof)
                     dts, ip1, ipm = dts + d, ip1 + a, ipm + am
                     machine += prof.machine_cpu_s
                     tm = prof.result if tm is None else [  # per stage, every round's calls
                         {k: v + more[k] if isinstance(v, list) else v for k, v in seen.items()}
                         for seen, more in zip(tm, prof.result)]
-                    # Ray's block by its mean step: with a batch issued ahead (async) a
-                    # step whose batch finished meanwhile returns at once, so its steps
-                    # alternate short and long and their median is not the rate
+                    # Ray's block by its mean step (async: its steady-state step)
                     pair.append(statistics.median(a) / statistics.mean(d))
                     pair_m.append(statistics.median(am) / statistics.mean(d))
                     rates.append(args.batch / statistics.mean(d))
@@ -563,8 +591,9 @@ def write_results(r: dict) -> None:
         f"in-process baseline gets as many threads as there are actors.  Each row is "
         f"{r['rounds']} rounds of (in-process block, Ray block), {r['steps']} timed steps "
         f"per block: samples/s = the median over rounds of batch / a Ray block's mean "
-        f"step (async issues each next batch ahead, so its steps alternate short and "
-        f"long), and a ratio is the median over rounds of Ray / the in-process block of "
+        f"step -- for async, whose steps return at irregular times (each next batch is "
+        f"issued ahead), the steady-state step (T(2 + steps) - T(2)) / steps between "
+        f"drained pipelines --, and a ratio is the median over rounds of Ray / the in-process block of "
         f"the same round, by its median step (this "
         f"machine's speed drifts by 10-30% within minutes).  1-minute load average (the "
         f"benchmark's own processes count) was {r['load_average']['start']} at the start, "
