@@ -53,14 +53,14 @@ import numpy as np  # noqa: E402
 
 from common import commit, hardware_cpu, write_section  # noqa: E402
 
+from localnet.timing import busy_s, machine_cpu_s  # noqa: E402
+
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20]
 
 
 def machine_busy() -> float:
     """Seconds of CPU the whole machine has spent not idle (all cores, /proc/stat)."""
-    f = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    idle = f[3] + (f[4] if len(f) > 4 else 0)
-    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return busy_s(machine_cpu_s())
 
 
 class Peer:

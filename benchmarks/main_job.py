@@ -8,7 +8,9 @@ Runs `localnet run configs/resnet_pfa.yaml` (11 actors, 1f1b, 4 micro-batches of
 CIFAR-10 subset with `runtime.executor=inprocess`, then with the config's Ray executor,
 once each per round, and reads what each run reports in summary.json: samples/s (training
 steps only), and for Ray the start-up until every actor is ready (`runtime.startup_s`:
-ray.init, spawning, building, the data plane) and the coordinator's calls per batch.
+ray.init, spawning, building, the data plane) and the coordinator's calls per batch,
+and where the CPU went: the actors' main threads by part, the coordinator, and the whole
+machine over the training (`machine_cpu_s`: busy, the kernel's share, idle cores).
 This machine's speed drifts by 10-30% within minutes, so each Ray run is compared with
 the in-process run of the same round, and the ratios' median is reported.  Results go to
 benchmarks/RESULTS.md between <!-- main-job:TAG --> markers (--no-write: not).
@@ -32,6 +34,8 @@ sys.path.insert(0, str(HERE))
 
 from common import commit, hardware_cpu, write_section  # noqa: E402
 
+from localnet.timing import busy_s  # noqa: E402
+
 SHORT = ["data.subset=6400", "train.epochs=1", "data.test_subset=500", "metrics.alignment_every=0"]
 
 
@@ -53,6 +57,7 @@ def run_once(sets: list[str], out: Path, timeout: float) -> dict:
             "phases": rt.get("startup_phases_s") or {},
             "actor_cpu_s": statistics.mean(cpu) if cpu else None,
             "peak_used_gb": s.get("peak_used_gb"),
+            "machine": _machine(s.get("machine_cpu_s"), s["steps"]),
             # the run's CPU per training step, evaluation included: the actors' main
             # threads by part, and the coordinator's process
             "cpu_per_step": {**{k: v / s["steps"] for k, v in (rt.get("actor_cpu_s") or {}).items()},
@@ -89,6 +94,7 @@ def main(argv=None) -> dict:
               "wall_s": {k: [round(x["wall_s"]) for x in v] for k, v in runs.items()},
               "cpu_per_step": [{k: round(v, 4) for k, v in x["cpu_per_step"].items()}
                                for x in ray_runs],
+              "machine": [x["machine"] for x in ray_runs],
               "command": "python benchmarks/main_job.py " + " ".join(argv or sys.argv[1:])}
     if not args.no_write:
         sets = "".join(f" --set {s}" for s in SHORT + args.set)
@@ -101,8 +107,9 @@ def main(argv=None) -> dict:
                  "until every actor is ready (s) | of which ray.init / placement / actors "
                  "built / data plane (s) | CPU each actor used to get ready (s, mean) | "
                  "wall in-process / Ray (s) | Ray, CPU per step (s): actors' compute / data "
-                 "plane / interpreter / Ray calls; coordinator |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "plane / interpreter / Ray calls; coordinator | Ray, the machine over "
+                 "training: busy CPU per step (s) / of which the kernel's / idle |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for i in range(args.rounds):
             ph = ray_runs[i]["phases"]
             phases = " / ".join(f"{ph[k]:.1f}" if k in ph else "-"
@@ -112,11 +119,30 @@ def main(argv=None) -> dict:
                          f"{result['ratios'][i]} | {ray_runs[i]['startup_s']:.1f} | {phases} | "
                          f"{'-' if cpu is None else f'{cpu:.2f}'} | "
                          f"{result['wall_s']['inprocess'][i]} / {result['wall_s']['ray'][i]} | "
-                         f"{_cpu_cell(ray_runs[i]['cpu_per_step'])} |")
+                         f"{_cpu_cell(ray_runs[i]['cpu_per_step'])} | "
+                         f"{_machine_cell(ray_runs[i]['machine'])} |")
         lines += ["", f"Median Ray ÷ in-process: **{result['ratio_median']}**.  Coordinator "
                       f"calls per training batch: {result['calls_per_batch']} (one per actor)."]
         write_section(f"main-job:{args.tag}", lines)
     return result
+
+
+def _machine(cpu: dict | None, steps: int) -> dict | None:
+    """The whole machine over the run's training (summary.json `machine_cpu_s`): busy CPU
+    seconds per step, of which the kernel's (system, softirq: a message's copies through
+    the kernel are there), and the share of the cores left idle."""
+    if not cpu or not steps:
+        return None
+    busy = busy_s(cpu)
+    return {"busy_per_step": busy / steps,
+            "kernel_per_step": (cpu.get("system", 0.0) + cpu.get("softirq", 0.0)) / steps,
+            "idle": 1.0 - busy / max(sum(cpu.values()), 1e-9)}
+
+
+def _machine_cell(m: dict | None) -> str:
+    if not m:
+        return "-"
+    return f"{m['busy_per_step']:.3f} / {m['kernel_per_step']:.3f} / {m['idle']:.1%}"
 
 
 def _cpu_cell(c: dict) -> str:

@@ -50,7 +50,6 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 from common import commit, hardware_cpu, ray_benchmark_env, write_section
 
@@ -68,6 +67,7 @@ from localnet.runtime.messages import Message, validate  # noqa: E402
 from localnet.runtime.partition import balanced_boundaries  # noqa: E402
 from localnet.runtime.plan import batches_ahead  # noqa: E402
 from localnet.schedules import make_schedule, simulate  # noqa: E402
+from localnet.timing import busy_s, machine_cpu_s  # noqa: E402
 
 SHAPE, NC = (3, 32, 32), 10
 TARGETS = {"sim_error_max": 0.15, "framing_overhead_1mb": 0.05,
@@ -206,11 +206,7 @@ def ray_transfer(reps: int, sizes=()) -> dict:
 
 def busy_cpu_s() -> float:
     """Non-idle CPU seconds of the whole machine since boot (/proc/stat), every process."""
-    try:
-        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    return busy_s(machine_cpu_s())
 
 
 def interp(curve, nbytes: float, col: int) -> float:

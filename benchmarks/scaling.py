@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 from localnet.alloc import release_free_memory  # noqa: E402
 from localnet.config import Config  # noqa: E402
 from localnet.runtime.cpu_policy import POLICIES  # noqa: E402
-from localnet.timing import cpu_parts  # noqa: E402
+from localnet.timing import busy_s, cpu_parts, machine_cpu_s  # noqa: E402
 
 MAIN = "ray::StageWorke"  # an actor's main thread: Ray names it after the class (15 chars)
 
@@ -129,8 +129,7 @@ def preemptions(pid: int) -> int:
 
 def machine_cpu() -> float:
     """CPU seconds all processes of the machine used (busy time in /proc/stat)."""
-    v = list(map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]))
-    return (sum(v) - v[3] - v[4]) / HZ
+    return busy_s(machine_cpu_s())
 
 
 class Idle:

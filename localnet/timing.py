@@ -1,4 +1,5 @@
-"""`StageTimer`: the time each forward, backward and update of a stage takes.
+"""`StageTimer`: the time each forward, backward and update of a stage takes; and
+`machine_cpu_s`: what the whole machine's cores did meanwhile.
 
 Shared by both executors (the in-process run times its stages, each Ray actor its own)
 and read by metrics.py, so it lives with neither.
@@ -6,6 +7,7 @@ and read by metrics.py, so it lives with neither.
 
 from __future__ import annotations
 
+import os
 import time
 
 OPS = ("forward", "backward", "update")
@@ -91,3 +93,34 @@ def cpu_parts(t: dict) -> dict:
         out["interpreter"] = max(t["run_cpu"] - out["compute"] - out["plane"], 0.0)
         out["calls"] = t.get("calls_cpu", 0.0)
     return out
+
+
+# /proc/stat's first line, in its order; guest time is counted in user already
+CPU_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+IDLE_KINDS = ("idle", "iowait")
+
+
+def machine_cpu_s() -> dict[str, float] | None:
+    """The whole machine's CPU seconds since boot by kind (every core, every process,
+    the kernel's own work: a message's copies through the kernel land in `system` and
+    `softirq`); None without /proc/stat (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:1 + len(CPU_KINDS)]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return {k: v / hz for k, v in zip(CPU_KINDS, ticks)}
+
+
+def busy_s(cpu: dict[str, float] | None) -> float:
+    """CPU seconds not idle, of a `machine_cpu_s` reading (or a difference of two)."""
+    return sum(v for k, v in (cpu or {}).items() if k not in IDLE_KINDS)
+
+
+def cpu_since(before: dict | None) -> dict[str, float]:
+    """What the machine's cores did since `before` (a `machine_cpu_s` reading), by kind."""
+    now = machine_cpu_s()
+    if before is None or now is None:
+        return {}
+    return {k: now[k] - before[k] for k in now}

@@ -41,6 +41,7 @@ from .metrics import RunObserver
 from .progress import StartupStatus, TrainProgress
 from .resume import (STOPPED, finished_summary, keep_recorded, logged_train_loss, restore,
                      saved_cuts)
+from .timing import cpu_since, machine_cpu_s
 
 
 class NonFiniteLossError(DivergedError):
@@ -304,6 +305,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     last = {"train_loss": float("nan"), "test_loss": float("nan"), "test_accuracy": float("nan")}
     epochs_done = start_epoch
     wall_start = time.perf_counter()
+    # the machine's cores over this process's training (its epochs' timed spans): how
+    # busy the run kept them, and how much went to the kernel's copies
+    machine: dict[str, float] = {}
     bar = TrainProgress(total_steps, enabled=progress, initial=step)
 
     def finish(at: int, epoch: int, call, *args):
@@ -362,7 +366,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                 break
             loss_sum, correct, seen = sums if epoch == start_epoch else (0.0, 0, 0)
             wd = wd_at(cfg, epoch)
-            tic = time.perf_counter()
+            tic, cpu0 = time.perf_counter(), machine_cpu_s()
             loader = data.train_loader(t.batch_size, cfg.seed, epoch, pin_memory=pin)
             # (skipped: done before the mid-epoch checkpoint we resumed from)
             todo = ((i, b) for i, b in enumerate(loader) if epoch != start_epoch or i >= skip)
@@ -405,6 +409,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                          batch=i + 1, epoch_sums=(loss_sum, correct, seen))
             finish(step, epoch, ex.flush)  # the last batch's tail is training time
             train_time += time.perf_counter() - tic
+            for k, v in cpu_since(cpu0).items():
+                machine[k] = machine.get(k, 0.0) + v
             samples_seen += seen
             obs.eval_begin()
             test_loss, test_acc = ex.evaluate(test_loader)
@@ -440,6 +446,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         "train_loss": last["train_loss"],
         "samples_per_s": samples_seen / train_time if train_time else 0.0,
         "train_s": train_time,
+        # (this process's epochs only: a resumed run's earlier ones are not in it)
+        "machine_cpu_s": {k: round(v, 2) for k, v in machine.items()} or None,
         "wall_s": time.perf_counter() - wall_start,
         "alignment": {n: a["angle"] for n, a in alignment.items()},
         "norm_ratio": {n: a["norm_ratio"] for n, a in alignment.items()},

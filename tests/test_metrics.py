@@ -3,6 +3,7 @@ that it goes away, and the per-actor and per-edge series of the Ray executor (in
 mode: the same StageWorkers and ledger, no Ray processes)."""
 
 import json
+import os
 import re
 import socket
 import threading
@@ -279,6 +280,38 @@ def test_cpu_parts_split_the_main_thread_as_the_actor_accounted_it():
     # in-process, or local mode's queues: the compute only
     assert cpu_parts({**t, "plane_cpu": None}) == pytest.approx({"compute": 0.45})
     assert cpu_parts({"forward_cpu": [0.2]}) == {"compute": 0.2}
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc/stat")
+def test_the_machines_cpu_accounts_every_core_for_the_time_and_counts_a_busy_thread():
+    from localnet.timing import busy_s, cpu_since, machine_cpu_s
+
+    hz, cores = os.sysconf("SC_CLK_TCK"), os.cpu_count()
+    t0, before = time.perf_counter(), machine_cpu_s()
+    c0 = time.thread_time()
+    while time.thread_time() - c0 < 0.3:  # this thread alone keeps a core busy
+        pass
+    spent = cpu_since(before)
+    wall = time.perf_counter() - t0
+    # every core's time is in one kind or another (to the kernel's tick, per core)
+    assert sum(spent.values()) == pytest.approx(cores * wall, abs=2 * cores / hz + 0.02)
+    assert busy_s(spent) >= 0.3 - 2 / hz
+    assert cpu_since(None) == {}
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc/stat")
+def test_a_runs_summary_has_the_machines_cpu_over_its_training(tmp_path):
+    from localnet.train import train
+
+    cfg = load_config(None, ["data.name=synthetic", "model.name=mlp", "model.widths=[32]",
+                             "train.epochs=2", "train.batch_size=32", "metrics.alignment_every=0"])
+    s = train(cfg, tmp_path, progress=False)
+    cpu = s["machine_cpu_s"]
+    assert {"user", "system", "idle", "softirq"} <= set(cpu)
+    # over the same spans as train_s (two epochs): all cores' time, to the tick
+    hz, cores = os.sysconf("SC_CLK_TCK"), os.cpu_count()
+    assert sum(cpu.values()) == pytest.approx(cores * s["train_s"], abs=4 * cores / hz + 0.05)
+    assert cpu["user"] > 0
 
 
 def _local_ray_build(monkeypatch):
