@@ -10,8 +10,8 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
   messages.png         message bytes per edge, stacked by kind (only for runs with a
                        messages.json: the Ray executor)
 
-and prints one row per run: rule, test accuracy, mean alignment angle, samples/s and
-message bytes per training sample.  Reads metrics.jsonl, steps.jsonl, summary.json,
+and prints one row per run: rule, test accuracy, mean alignment angle, samples/s, the
+share of the machine's cores busy while it trained, and message bytes per training sample.  Reads metrics.jsonl, steps.jsonl, summary.json,
 messages.json and config.yaml; a run still in progress (no summary.json yet) is read from
 its jsonl files.
 """
@@ -77,9 +77,20 @@ class Run:
                 "alignment_deg": sum(angles) / len(angles) if angles else None,
                 "samples_per_s": s.get("samples_per_s"),
                 "bytes_per_sample": bps,
+                "cores_busy": self.cores_busy(),
                 "executor": (s.get("runtime") or {}).get("executor")
                             or (self.config.get("runtime") or {}).get("executor"),
                 "state": self.state(), "stopped": self.stopped}
+
+    def cores_busy(self) -> float | None:
+        """The share of the machine's cores busy while the run trained (summary.json
+        `machine_cpu_s`; every process on the machine counts): near 1, the run was bound
+        by CPU; well below, by waiting (a pipeline's bubble, a slow peer)."""
+        cpu = self.summary.get("machine_cpu_s") or {}
+        total = sum(cpu.values())
+        if not total:
+            return None
+        return 1.0 - (cpu.get("idle", 0.0) + cpu.get("iowait", 0.0)) / total
 
     def state(self) -> str:
         """"done" (a summary was written); how it ended, for a run that recorded it
@@ -293,13 +304,13 @@ def table(runs: list[Run]):
                       "others stopped: stopped.json in the run.  localnet run --resume goes on"
               if unfinished else None)
     cols = [("run", "left"), ("rule", "left"), ("test acc", "right"), ("align. deg", "right"),
-            ("samples/s", "right"), ("bytes/sample", "right")]
+            ("samples/s", "right"), ("cores busy", "right"), ("bytes/sample", "right")]
     for col, just in cols + ([("state", "left")] if unfinished else []):
         t.add_column(col, justify=just, overflow="fold", no_wrap=col == "state")
     for r in rows:
         t.add_row(r["run"], r["rule"], _fmt(r["test_accuracy"], ".4f"),
                   _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),
-                  _fmt(r["bytes_per_sample"], ",.0f"), *([r["state"]] if unfinished else []))
+                  _fmt(r["cores_busy"], ".0%"), _fmt(r["bytes_per_sample"], ",.0f"), *([r["state"]] if unfinished else []))
     return t
 
 

@@ -38,7 +38,10 @@ def runs(tmp_path_factory):
     (ray / "summary.json").write_text(json.dumps(
         {"rule": "pfa", "model": "mlp", "dataset": "synthetic", "epochs": 2, "steps": 16,
          "test_accuracy": 0.7, "samples_per_s": 123.0, "alignment": {"fc1.linear": 80.0, "head": 40.0},
-         "runtime": {"executor": "ray"}}))
+         "runtime": {"executor": "ray"},
+         # 2 cores for 4 s: 3 s of them idle
+         "machine_cpu_s": {"user": 4.0, "system": 0.5, "idle": 2.5, "iowait": 0.5,
+                           "softirq": 0.5}}))
 
     class FakeExecutor:  # what MessageLog reads off a RayExecutor
         def __init__(self):
@@ -86,6 +89,10 @@ def test_report_writes_plots_and_rows(runs, tmp_path):
     assert pfa["rule"] == "pfa" and pfa["alignment_deg"] == 60.0
     assert pfa["bytes_per_sample"] == pytest.approx((300 + 8000) / 64)  # eval bytes left out
     assert live["rule"] == "?" and live["test_accuracy"] is None
+    # the share of the machine's cores busy while it trained: 5 of 8 core-seconds
+    assert pfa["cores_busy"] == pytest.approx(5 / 8) and live["cores_busy"] is None
+    if Path("/proc/stat").exists():  # a real run records its machine (Linux)
+        assert 0.0 < fa["cores_busy"] <= 1.0
     # a run with no summary says how far its logs reach (the half-written line is not a step)
     assert (fa["state"], pfa["state"], live["state"]) == ("done", "done", "at step 1")
     assert load_run(runs / "live").alignment_series()["head"] == [(1, 40.0)]
