@@ -11,9 +11,9 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
                        messages.json: the Ray executor)
 
 and prints one row per run: rule, test accuracy, mean alignment angle, samples/s, the
-share of the machine's cores busy while it trained, and message bytes per training sample.  Reads metrics.jsonl, steps.jsonl, summary.json,
-messages.json and config.yaml; a run still in progress (no summary.json yet) is read from
-its jsonl files.
+share of the machine's cores busy while it trained, and message bytes per training
+sample.  Reads metrics.jsonl, steps.jsonl, summary.json, messages.json and config.yaml;
+a run still in progress (no summary.json yet) is read from its jsonl files.
 """
 
 from __future__ import annotations
@@ -310,7 +310,8 @@ def table(runs: list[Run]):
     for r in rows:
         t.add_row(r["run"], r["rule"], _fmt(r["test_accuracy"], ".4f"),
                   _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),
-                  _fmt(r["cores_busy"], ".0%"), _fmt(r["bytes_per_sample"], ",.0f"), *([r["state"]] if unfinished else []))
+                  _fmt(r["cores_busy"], ".0%"), _fmt(r["bytes_per_sample"], ",.0f"),
+                  *([r["state"]] if unfinished else []))
     return t
 
 
