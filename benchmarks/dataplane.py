@@ -53,14 +53,10 @@ import numpy as np  # noqa: E402
 
 from common import commit, hardware_cpu, write_section  # noqa: E402
 
-from localnet.timing import busy_s, machine_cpu_s  # noqa: E402
+from localnet.timing import machine_busy_s  # noqa: E402
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20]
 
-
-def machine_busy() -> float:
-    """Seconds of CPU the whole machine has spent not idle (all cores, /proc/stat)."""
-    return busy_s(machine_cpu_s())
 
 
 class Peer:
@@ -237,18 +233,18 @@ CHANNEL_PART = 1 << 20  # bytes: Ray copies a larger buffer into a channel with 
 
 def measure(run, hops: int, per_call_hops: int) -> tuple[float, float]:
     """(median latency per hop, machine CPU per hop) of run() -> list of round times."""
-    c0 = machine_busy()
+    c0 = machine_busy_s()
     times = run()
-    c1 = machine_busy()
+    c1 = machine_busy_s()
     n = len(times) * per_call_hops
     return statistics.median(times) / per_call_hops, (c1 - c0) / n
 
 
 def idle_cpu(fn, seconds: float = 2.0) -> float:
     """Machine CPU (cores busy) during `seconds` of a receiver waiting."""
-    c0, t0 = machine_busy(), time.perf_counter()
+    c0, t0 = machine_busy_s(), time.perf_counter()
     fn(seconds)
-    return (machine_busy() - c0) / (time.perf_counter() - t0)
+    return (machine_busy_s() - c0) / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:

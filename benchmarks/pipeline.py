@@ -67,7 +67,7 @@ from localnet.runtime.messages import Message, validate  # noqa: E402
 from localnet.runtime.partition import balanced_boundaries  # noqa: E402
 from localnet.runtime.plan import batches_ahead  # noqa: E402
 from localnet.schedules import make_schedule, simulate  # noqa: E402
-from localnet.timing import busy_s, machine_cpu_s  # noqa: E402
+from localnet.timing import machine_busy_s  # noqa: E402
 
 SHAPE, NC = (3, 32, 32), 10
 TARGETS = {"sim_error_max": 0.15, "framing_overhead_1mb": 0.05,
@@ -187,9 +187,9 @@ def ray_transfer(reps: int, sizes=()) -> dict:
         """(seconds per hop, CPU seconds per hop summed over every process)."""
         ts, cs = [], []
         for _ in range(5):
-            c0 = busy_cpu_s()
+            c0 = machine_busy_s()
             ts.append(chain(max(nbytes // 4, 1)))
-            cs.append(busy_cpu_s() - c0)
+            cs.append(machine_busy_s() - c0)
         return statistics.median(ts), statistics.median(cs) / 20
 
     chain(1)
@@ -203,10 +203,6 @@ def ray_transfer(reps: int, sizes=()) -> dict:
             "hop_1mb_us": hop_1mb * 1e6, "service_s": service, "hop_s": hop,
             "transfer_1mb_s": hop_1mb, "curve": curve}
 
-
-def busy_cpu_s() -> float:
-    """Non-idle CPU seconds of the whole machine since boot (/proc/stat), every process."""
-    return busy_s(machine_cpu_s())
 
 
 def interp(curve, nbytes: float, col: int) -> float:
@@ -277,12 +273,12 @@ def time_steps(step, batches, warmup: int, steps: int, profile=None) -> list[flo
         call(i)
     if profile:
         profile()  # drop the warm-up's timings (allocations, lazy init)
-    c0, ends = busy_cpu_s(), []
+    c0, ends = machine_busy_s(), []
     for i in range(warmup, n):
         call(i)
         ends.append(time.perf_counter())
     if profile:  # what each actor's calls took, and the machine, in these steps + 2
-        profile.machine_cpu_s = busy_cpu_s() - c0
+        profile.machine_cpu_s = machine_busy_s() - c0
         profile.batches = steps + 2
         profile.result = profile()
     return [b - a for a, b in zip(ends[:steps], ends[1:steps + 1])]
@@ -301,13 +297,13 @@ def drained_s(step, flush, batches, n: int, profile=None) -> float:
     feed = [batches[i % len(batches)] for i in range(n)]
     if profile:
         profile()
-    c0, t0 = busy_cpu_s(), time.perf_counter()
+    c0, t0 = machine_busy_s(), time.perf_counter()
     for i in range(n):
         step(*feed[i], None if i == n - 1 else feed[i + 1])
     flush()
     took = time.perf_counter() - t0
     if profile:
-        profile.machine_cpu_s = busy_cpu_s() - c0
+        profile.machine_cpu_s = machine_busy_s() - c0
         profile.batches = n
         profile.result = profile()
     return took

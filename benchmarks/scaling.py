@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 from localnet.alloc import release_free_memory  # noqa: E402
 from localnet.config import Config  # noqa: E402
 from localnet.runtime.cpu_policy import POLICIES  # noqa: E402
-from localnet.timing import busy_s, cpu_parts, machine_cpu_s  # noqa: E402
+from localnet.timing import cpu_parts, machine_busy_s  # noqa: E402
 
 MAIN = "ray::StageWorke"  # an actor's main thread: Ray names it after the class (15 chars)
 
@@ -126,10 +126,6 @@ def preemptions(pid: int) -> int:
             return int(line.split()[1])
     return 0
 
-
-def machine_cpu() -> float:
-    """CPU seconds all processes of the machine used (busy time in /proc/stat)."""
-    return busy_s(machine_cpu_s())
 
 
 class Idle:
@@ -295,11 +291,11 @@ def on_ray(cfg, data, steps: int) -> dict:
         ex.stage_timings()  # clears them
         pids = [i["pid"] for i in ex.stage_info]
         sent0 = messages_between_actors(ex)
-        before, m0 = [thread_cpu(p) for p in pids], machine_cpu()
+        before, m0 = [thread_cpu(p) for p in pids], machine_busy_s()
         pre0 = [preemptions(p) for p in pids]
         t = step_times(step, data, 0, steps)
         ex.flush()
-        after, m1 = [thread_cpu(p) for p in pids], machine_cpu()
+        after, m1 = [thread_cpu(p) for p in pids], machine_busy_s()
         pre = [(preemptions(p) - b) / steps for p, b in zip(pids, pre0)]
         tms = ex.stage_timings()
         messages = (messages_between_actors(ex) - sent0) / steps

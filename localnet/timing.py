@@ -118,6 +118,12 @@ def busy_s(cpu: dict[str, float] | None) -> float:
     return sum(v for k, v in (cpu or {}).items() if k not in IDLE_KINDS)
 
 
+def machine_busy_s() -> float:
+    """The machine's CPU seconds not idle since boot (0.0 without /proc/stat): two
+    readings apart, what every process on it used in between."""
+    return busy_s(machine_cpu_s())
+
+
 def cpu_since(before: dict | None) -> dict[str, float]:
     """What the machine's cores did since `before` (a `machine_cpu_s` reading), by kind."""
     now = machine_cpu_s()
