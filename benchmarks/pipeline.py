@@ -204,7 +204,6 @@ def ray_transfer(reps: int, sizes=()) -> dict:
             "transfer_1mb_s": hop_1mb, "curve": curve}
 
 
-
 def interp(curve, nbytes: float, col: int) -> float:
     """Piecewise-linear in bytes through the measured (bytes, hop_s, cpu_s) points."""
     pts = sorted(curve)

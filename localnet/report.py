@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from .timing import busy_s
+
 
 @dataclass
 class Run:
@@ -88,9 +90,7 @@ class Run:
         by CPU; well below, by waiting (a pipeline's bubble, a slow peer)."""
         cpu = self.summary.get("machine_cpu_s") or {}
         total = sum(cpu.values())
-        if not total:
-            return None
-        return 1.0 - (cpu.get("idle", 0.0) + cpu.get("iowait", 0.0)) / total
+        return busy_s(cpu) / total if total else None
 
     def state(self) -> str:
         """"done" (a summary was written); how it ended, for a run that recorded it
