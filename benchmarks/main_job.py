@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
                          f"{_cpu_cell(ray_runs[i]['cpu_per_step'])} | "
                          f"{_machine_cell(ray_runs[i]['machine'])} |")
         lines += ["", f"Median Ray ÷ in-process: **{result['ratio_median']}**.  Coordinator "
-                      f"calls per training batch: {result['calls_per_batch']} (one per actor)."]
+                      f"calls per training batch: {result['calls_per_batch']} (one per actor "
+                      f"per call; runtime.batches_per_call)."]
         write_section(f"main-job:{args.tag}", lines)
     return result
 

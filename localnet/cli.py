@@ -199,7 +199,9 @@ def _cmd_simulate(args) -> int:
              f"{plan['call_cost_s'] * 1e3:.2f} ms per coordinator call)"
              if plan["hop_cost_s"] or plan["call_cost_s"] or plan["hop_cost_per_mib_s"]
              else ", no runtime overhead)"))
-    print(f"coordinator calls per batch: {plan['calls_per_batch']:g} (one per actor)"
+    per_call = plan.get("batches_per_call", 1)
+    print(f"coordinator calls per batch: {plan['calls_per_batch']:g} (one per actor"
+          + (f" per {per_call} batches)" if per_call > 1 else ")")
           + (f"; each batch issued {plan['batches_ahead']} ahead of the loss it waits for"
              if plan.get("batches_ahead") else ""))
     m = plan["memory_estimate"]

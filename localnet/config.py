@@ -295,6 +295,13 @@ class RuntimeConfig(Section):
     memory_preflight: bool = Field(True, description="refuse, before any actor starts, a "
                                                      "partition whose estimated memory "
                                                      "exceeds the Ray nodes' (runtime/memory.py)")
+    batches_per_call: int = Field(
+        2, ge=1, le=2, description="training batches in each actor's call under a flushing "
+                                   "schedule (gpipe, 1f1b): 2 puts the next batch, when the "
+                                   "training loop knows it, in the same calls right behind "
+                                   "this one -- half the coordinator's calls and the "
+                                   "actors' call overhead, the same maths; 1 calls per batch "
+                                   "(async has its own runtime.schedule.ahead)")
     timeout_s: float = Field(600.0, gt=0, description="longest wait for any actor reply, and "
                                                       "for any message on the data plane (a "
                                                       "silent peer is an error naming the "

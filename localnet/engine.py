@@ -107,8 +107,9 @@ class InProcessExecutor:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float,
                    upcoming: tuple | None = None) -> StepStats:
-        """upcoming: the next step's batch, a hint for the Ray runtime's async stream
-        (which issues it early); one process has nothing to overlap, so it is unused."""
+        """upcoming: the next step's batch, a hint for the Ray runtime (which trains it in
+        the same calls, or issues it early under async); one process has no calls to
+        save, so it is unused."""
         graphs = self.graphs
         if graphs is None:
             return self.eager_step(x, y, lr, wd)

@@ -80,14 +80,18 @@ def actors(spawner):
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
-def train_both(cfg, actors, steps, shape=SHAPE, bs=BS, **kw):
+def train_both(cfg, actors, steps, shape=SHAPE, bs=BS, ahead=False, **kw):
+    """ahead: each step names the next batch (as the training loop does), so with
+    runtime.batches_per_call 2 one call per actor carries two batches."""
     ref, model = reference(cfg, shape, NC)
     ex = RayExecutor(cfg, shape, NC, actors=actors, model=model, **kw)  # model: layout only
     if cfg.rule.name == "wm":
         ref.mirror_steps(5)
         ex.mirror_steps(5)
-    for x, y in batches(steps, bs, shape, NC, seed=2):
-        a, b = ref.train_step(x, y, 0.05, 1e-3), ex.train_step(x, y, 0.05, 1e-3)
+    data = batches(steps, bs, shape, NC, seed=2)
+    for i, (x, y) in enumerate(data):
+        up = (*data[i + 1], 0.05, 1e-3) if ahead and i + 1 < steps else None
+        a, b = ref.train_step(x, y, 0.05, 1e-3), ex.train_step(x, y, 0.05, 1e-3, up)
         assert (a.correct, a.samples) == (b.correct, b.samples)
         assert b.loss_sum == pytest.approx(a.loss_sum, rel=1e-5, abs=1e-5)
     return ref, model, ex
@@ -97,8 +101,12 @@ def train_both(cfg, actors, steps, shape=SHAPE, bs=BS, **kw):
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("rule", ["fa", "kp", "pfa", "dfa", "wm"])
 def test_ray_matches_inprocess_after_20_steps(actors, rule, schedule):
-    ref, model, ex = train_both(cfg_for(rule, schedule), actors, steps=20)
-    assert ex.calls == 20 * ex.num_stages  # one driver call per actor per batch
+    # 1f1b as the training loop drives it: each call carries two batches
+    paired = schedule == "1f1b"
+    ref, model, ex = train_both(cfg_for(rule, schedule), actors, steps=20, ahead=paired)
+    # one driver call per actor per batch, or per two
+    assert ex.calls == (10 if paired else 20) * ex.num_stages
+    assert ex.runtime_info()["driver_calls_per_batch"] == ex.num_stages / (2 if paired else 1)
     worst, rng = state_diff(model.state_dict(), ex.model_state_dict())
     assert worst < 1e-5, f"{rule}/{schedule}: weights differ by {worst}"
     assert not rng, f"layer RNG states differ: {rng}"
@@ -493,6 +501,33 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
         _give_back(ex, spawner)
     # the same run in-process, never interrupted: 3 steps, (checkpoint: drain), 2 steps
     assert state_diff(_uninterrupted(cfg, data[:5], 3, tmp_path), got)[0] < 1e-6
+
+
+def test_an_actor_killed_after_a_call_of_two_batches_replays_both(actors, spawner, tmp_path):
+    """1f1b, two batches per call: steps 4 and 5 went in one call, and stage1 dies right
+    after it.  The next step's call fails, and the recovery goes back to the checkpoint
+    of step 3 and replays both before it retries: the weights are an uninterrupted
+    run's."""
+    cfg = cfg_for("kp", "1f1b")
+    data = batches(6, BS, SHAPE, NC, seed=13)
+    ex = RayExecutor(cfg, SHAPE, NC, actors=actors)
+    try:
+        for x, y in data[:3]:
+            ex.train_step(x, y, 0.05, 1e-3)
+        ex.save_state(tmp_path)
+        ex.train_step(*data[3], 0.05, 1e-3, (*data[4], 0.05, 1e-3))
+        assert ex._ahead.step == 5 and ex._ahead.refs is None  # trained, its stats kept
+        ex.flush()
+        _kill(ex.workers[1])
+        assert ex.train_step(*data[4], 0.05, 1e-3).samples == BS  # the kept stats
+        assert ex.train_step(*data[5], 0.05, 1e-3).samples == BS  # fails, recovers, retries
+        (rec,) = ex.recoveries
+        assert rec["restored_step"] == 3 and rec["replayed_steps"] == 2
+        assert rec["lost_steps"] == 0
+        got = ex.model_state_dict()
+    finally:
+        _give_back(ex, spawner)
+    assert state_diff(_uninterrupted(cfg, data, 3, tmp_path), got)[0] < 1e-6
 
 
 def _give_back(ex, spawner) -> None:

@@ -279,9 +279,13 @@ def test_simulate_config_given_and_measured_costs():
     per_mib = 0.5 * 2**20 / 256
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], hop_cost_per_mib=per_mib)
     assert plan["makespan_s"] == pytest.approx(15.5)
-    assert plan["calls_per_batch"] == 3  # the coordinator's: one per actor
+    # the coordinator's: one per actor per call, and each call carries two batches
+    assert plan["calls_per_batch"] == 1.5 and plan["batches_per_call"] == 2
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_cost=0.25)
-    assert plan["makespan_s"] == pytest.approx(12 + 3 * 0.25)  # once per actor, along the fill
+    assert plan["makespan_s"] == pytest.approx(12 + 3 * 0.125)  # half per batch, along the fill
+    one = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"batches_per_call": 1})})
+    plan = simulate_config(one, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], call_cost=0.25)
+    assert plan["makespan_s"] == pytest.approx(12 + 3 * 0.25) and plan["calls_per_batch"] == 3
     # one core for three actors: nothing overlaps, the makespan is all the work
     plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], cores=1)
     assert plan["makespan_s"] == pytest.approx(3 * 4 * 2) and plan["bubble_fraction"] > 0.6
@@ -315,7 +319,7 @@ def test_cli_simulate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bubble fraction: 0.3333" in out and "predicted samples/s: 0.9" in out
     assert "no runtime overhead" in out
-    assert "coordinator calls per batch: 3 (one per actor)" in out
+    assert "coordinator calls per batch: 1.5 (one per actor per 2 batches)" in out
     floor = RuntimeConfig().actor_baseline_mb
     assert "memory estimate:" in out and f"process floor {floor:.0f} MB each" in out
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
@@ -495,6 +499,44 @@ def test_async_staleness_is_the_depth_below_each_actor(model, partition, depth):
             want = max(g - depth[s], 0) if op == "forward" else g
             assert steps == want, (s, op, g, steps)
         assert order["forward"] == order["backward"] == list(range(10))
+
+
+@pytest.mark.parametrize("rule, schedule, model, partition, shape", [
+    ("pfa", "1f1b", None, "per_unit", SHAPE),
+    ("dfa", "gpipe", RESNET8, "per_layer", (3, 8, 8)),   # DFA's e, a layer graph
+    ("kp", "1f1b", None, "per_unit", SHAPE),             # + delayed errors across batches
+])
+def test_two_batches_per_call_are_the_same_maths(rule, schedule, model, partition, shape):
+    """runtime.batches_per_call 2: when the step says which batch comes next, each actor's
+    call carries both lists, one after the other, and the next step returns the stats
+    kept for it.  Every loss and weight is what one call per batch gives; a batch that
+    is not the one announced is refused."""
+    channel = {"error": {"delay": 1}} if rule == "kp" else {}
+    data = batches(5, 8, shape, NC, seed=2)
+    outs = []
+    for k in (1, 2):
+        cfg = cfg_for(rule, schedule, model, partition, M=2, bs=8)
+        cfg = Config.model_validate({**cfg.model_dump(), "channel": channel,
+                                     "runtime": {**cfg.runtime.model_dump(),
+                                                 "batches_per_call": k}})
+        ex = RayExecutor(cfg, shape, NC, local=True)
+        losses = []
+        for i, (x, y) in enumerate(data):
+            up = (*data[i + 1], 0.05, 1e-3) if i + 1 < len(data) else None
+            losses.append(ex.train_step(x, y, 0.05, 1e-3, up).loss_sum)
+            # steps 1, 3: the next one went in the same calls; 2, 4 returned it, and
+            # their own next one waits for its step
+            paired = k == 2 and i % 2 == 0 and up is not None
+            assert (ex._ahead is not None) == paired
+            if paired:
+                assert ex._ahead.step == i + 2 and ex._ahead.refs is None
+        outs.append((losses, ex.model_state_dict()))
+    (la, sa), (lb, sb) = outs
+    assert lb == la  # the very same numbers, batch by batch
+    assert state_diff(sa, sb) == (0.0, [])
+    ex.train_step(*data[0], 0.05, 1e-3, (*data[1], 0.05, 1e-3))
+    with pytest.raises(RuntimeError, match="upcoming"):
+        ex.train_step(*data[2], 0.05, 1e-3)
 
 
 def test_async_learns_and_drains_for_state_eval_and_probes():

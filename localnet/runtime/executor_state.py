@@ -339,7 +339,11 @@ class StateMixin:
                     "torch.distributed gloo" + ("; NCCL between GPUs" if device_edges else "")),
                 # edges whose payloads stay on the device (two actors on different GPUs)
                 "device_edges": device_edges,
-                "driver_calls_per_batch": self.num_stages, "driver_calls": self.calls,
+                # training calls per training batch: one per actor, or half that when each
+                # call carries two batches (runtime.batches_per_call)
+                "driver_calls_per_batch": (round(self.calls_trained / self.calls_batches, 2)
+                                           if self.calls_batches else self.num_stages),
+                "driver_calls": self.calls,
                 "startup_s": self.startup_s,
                 # where the actors' main threads spent their CPU over the run, and the
                 # coordinator's process since its actors were ready (data, calls, metrics)

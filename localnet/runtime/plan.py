@@ -93,7 +93,9 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     per payload size: a frame's fixed cost, then the bytes'), charged to the receiving
     action; a payload is the sending actor's output at the micro-batch size (an error
     has the shape of the activation it answers).  call_cost: the coordinator's one call
-    per actor per batch, charged once per actor per batch."""
+    per actor, charged once per actor per batch -- or half of it per batch where each
+    call carries two (a flushing schedule's `runtime.batches_per_call`: the steady state
+    of a training loop that looks one batch ahead)."""
     for name, v in (("hop_cost", hop_cost), ("call_cost", call_cost),
                     ("hop_cost_per_mib", hop_cost_per_mib)):
         if v < 0:
@@ -139,6 +141,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
                 raise ScheduleDeadlock(other, err) from None
         checked[other] = "ok"
     K = (batches or 8) if is_async else 1
+    per_call = 1 if is_async else rt.batches_per_call  # training batches in one call
     sched = make_schedule(name, S, M * K, graph, **opts)
     payload = payload_bytes(pl, model, shape, mb)
 
@@ -147,7 +150,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
 
     # async steps after every micro-batch; gpipe / 1f1b once per batch
     sim = simulate(sched, fwd, bwd, comm, step_cost=step, hop_cost=hop,
-                   call_cost=float(call_cost), dfa=dfa, batch_size=t.batch_size * K,
+                   call_cost=float(call_cost) / per_call, dfa=dfa, batch_size=t.batch_size * K,
                    cores=cores, feed=M if is_async else None, ahead=ahead)
     stale = stream_staleness(graph, S) if is_async else staleness(sched)
     one = simulate(make_schedule(name, S, M, graph, **opts), 1.0, 1.0, dfa=dfa)
@@ -160,7 +163,8 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "dfa_broadcast": dfa, "cost_source": source, "comm_s": comm, "cores": cores,
         "hop_cost_s": float(hop_cost), "hop_cost_per_mib_s": float(hop_cost_per_mib),
         "call_cost_s": float(call_cost), "payload_bytes": payload,
-        "calls_per_batch": S,  # the coordinator's: one per actor (interpreter.py)
+        # the coordinator's: one per actor per call (interpreter.py)
+        "calls_per_batch": S / per_call, "batches_per_call": per_call,
         "batches_ahead": ahead,
         "deadlock_free": checked, "staleness": max(stale), "staleness_per_actor": stale,
         "per_stage": [{"stage": i, "units": list(pl.names[i]), "fwd_s": f, "bwd_s": b_,

@@ -48,7 +48,7 @@ from .messages import ACTIVATION, DRIVER, TARGET, Message, stage_name
 from .partition import resolve_placement
 from .local_plane import LocalHandle, LocalPlane
 from .recovery import RecoveryMixin, Replay
-from .stream import StreamMixin
+from .stream import StreamMixin, _Ahead
 from ..schedules import SCHEDULES, make_schedule, simulate
 from .session import ensure_ray  # noqa: F401 - the public name (sweep.py)
 from .worker import StageWorker, worker_specs
@@ -182,6 +182,8 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         self.recoveries: list[dict] = []
         self._replay = Replay()  # the batches since the last checkpoint (recovery replays them)
         self.calls = 0                    # driver-issued actor calls for batches
+        self.calls_trained = 0            # of them, the calls that carried training batches,
+        self.calls_batches = 0            # and how many batches those carried
         self._new_streams()
 
     # ------------------------------------------------------------------ actors and plane
@@ -269,8 +271,9 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         self._ledger.record(DRIVER, dst, kind, msg.header_bytes, msg.payload_bytes)
         return msg.wire()
 
-    def _issue(self, acts: list[list], inputs: dict, targets: dict) -> list:
-        """Each actor's list for this batch, one call each.  Local: run them here."""
+    def _issue(self, acts: list[list], inputs: dict, targets: dict, batches: int = 0) -> list:
+        """Each actor's list for this batch, one call each (carrying `batches` training
+        batches).  Local: run them here."""
         last = self.num_stages - 1
         if self.local:
             ws = [w._obj for w in self.workers]
@@ -282,6 +285,9 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                 self._recover()
                 raise
         self.calls += self.num_stages
+        if batches:
+            self.calls_trained += self.num_stages
+            self.calls_batches += batches
         return [w.run.remote(acts[s], inputs.get(s), targets if s == last else None)
                 for s, w in enumerate(self.workers)]
 
@@ -321,28 +327,47 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
                 simulate(self._schedule(name, M), 1.0, 1.0, dfa=dfa)
         return self._schedule(self.schedule_name, M)
 
-    def _run(self, x, y, step: int, step_args: dict | None, schedule: str | None = None) -> StepStats:
+    def _run(self, x, y, step: int, step_args: dict | None, schedule: str | None = None,
+             then: tuple | None = None) -> StepStats:
         """One batch through a flushing schedule (gpipe / 1f1b); the update only when
-        step_args is given (else the gradients stay, for probes)."""
+        step_args is given (else the gradients stay, for probes).  then: (x, y, lr, wd)
+        of step + 1, trained in the same calls right behind this batch
+        (`runtime.batches_per_call`); its stats wait in `_ahead` for its own step."""
         if self.streamed or step_args is None:
             self._drain()  # the last training batch's replies may still be outstanding
         name = schedule or self.flush_name
-        M = min(self.micro_batches, int(x.shape[0]))
-        lr, wd = (step_args or {}).get("lr", 0.0), (step_args or {}).get("wd", 0.0)
-        acts = [[("S", step, float(lr), float(wd)) if a.op == "STEP" else (a.op, step, a.mb)
-                 for a in stage if a.op != "STEP" or step_args is not None]
-                for stage in self._schedule(name, M).stages]
-        inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
-        refs = self._issue(acts, inputs, targets)
-        if step_args is not None:
-            return self._last_reply(refs, step)
-        return self._stats_of(self._gather(refs, f"step {step}")[-1])
+        batches = [(x, y, step, step_args)]
+        if then is not None:
+            batches.append((then[0], then[1], step + 1, {"lr": then[2], "wd": then[3]}))
+        acts: list[list] = [[] for _ in range(self.num_stages)]
+        inputs, targets, forwards = {}, {}, []
+        for bx, by, bstep, args in batches:  # each actor's lists, one after the other
+            M = min(self.micro_batches, int(bx.shape[0]))
+            lr, wd = (args or {}).get("lr", 0.0), (args or {}).get("wd", 0.0)
+            for mine, stage in zip(acts, self._schedule(name, M).stages):
+                mine += [("S", bstep, float(lr), float(wd)) if a.op == "STEP" else
+                         (a.op, bstep, a.mb) for a in stage if a.op != "STEP" or args is not None]
+            ins, tgs = self._wire_in(bx, by, bstep, list(range(M)), int(bx.shape[0]), "train")
+            for s, d in ins.items():  # keyed (step, micro-batch): the batches never collide
+                inputs.setdefault(s, {}).update(d)
+            targets.update(tgs)
+            forwards.append(M)  # the last actor's reply: one stats message per forward
+        refs = self._issue(acts, inputs, targets, len(batches) if step_args else 0)
+        if step_args is None:
+            return self._stats_of(self._gather(refs, f"step {step}")[-1])
+        reply = self._last_reply(refs, step)
+        if then is not None:
+            self._ahead = _Ahead(step + 1, tuple(then), None, reply[forwards[0]:])
+        return self._stats_of(reply[:forwards[0]])
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float,
                    upcoming: tuple | None = None) -> StepStats:
         """upcoming: (x, y, lr, wd) of the very next train_step, when nothing reads or
-        changes the model in between; async issues it now, behind this batch (stream.py)."""
+        changes the model in between: a flushing schedule trains it in this step's calls,
+        right behind this batch (`runtime.batches_per_call`); async issues it now, behind
+        this batch (stream.py).  Its own train_step then returns its stats.  Reading the
+        model in between (state, probes) finds its update already made."""
         self._check_upcoming(self._step + 1, x, y, lr, wd)
         self._step += 1
         self._ch_samples += int(x.shape[0])
@@ -353,7 +378,11 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
     def _train(self, x, y, step: int, lr: float, wd: float, upcoming=None) -> StepStats:
         if self.streamed:
             return self._run_async(x, y, step, lr, wd, upcoming)
-        return self._run(x, y, step, {"lr": lr, "wd": wd})
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # trained in the calls of the step before (`_run`'s then)
+            return self._stats_of(ahead.reply)
+        then = upcoming if self.cfg.runtime.batches_per_call > 1 else None
+        return self._run(x, y, step, {"lr": lr, "wd": wd}, then=then)
 
     _train_recovering = recovering(_train)  # a recovery's own replay calls _train
 

@@ -60,7 +60,7 @@ class StreamMixin:
             self._ahead = _Ahead(step + 1, tuple(upcoming), self._feed(ux, uy, step + 1, ulr, uwd))
         if ahead is not None and ahead.refs is None:  # a drain already waited for it
             return self._stats_of(ahead.reply)
-        return self._last_reply(refs, step)
+        return self._stats_of(self._last_reply(refs, step))
 
     def _check_upcoming(self, step: int, x, y, lr, wd) -> None:
         """Before step `step` starts: if a batch was issued ahead, it must be this one."""
@@ -83,19 +83,19 @@ class StreamMixin:
         acts = [self._stream_acts(st.take(self._g, to_forward=s == last))
                 for s, st in enumerate(self._streams)]
         inputs, targets = self._wire_in(x, y, step, list(range(M)), int(x.shape[0]), "train")
-        refs = self._issue(acts, inputs, targets)
+        refs = self._issue(acts, inputs, targets, 1)
         for g in [g for g in self._mb if g < base - 2 * (self.num_stages + 2 * M)]:
             del self._mb[g]  # every actor is past it (staleness < S, one batch ahead)
         return refs
 
-    def _last_reply(self, refs: list, step: int) -> StepStats:
-        """The batch's stats, as soon as the last actor (the one with the loss) replied;
+    def _last_reply(self, refs: list, step: int) -> list:
+        """The last actor's reply (its stats messages), as soon as it came;
         the earlier actors' replies are checked later.  An actor runs its calls in
         order, so whatever is issued next starts on each actor right after its part of
         this batch -- the driver's turn between batches overlaps their last backward
         passes and updates instead of leaving the first actors idle."""
         if self.local:
-            return self._stats_of(refs[-1])
+            return refs[-1]
         self._outstanding += refs[:-1]
         try:
             out = session.get(refs[-1], self.timeout * 1.5 + 10, f"step {step}")
@@ -104,7 +104,7 @@ class StreamMixin:
             self._gather(refs, f"step {step}")  # raises the first actor's own error
             raise
         self._check_outstanding()
-        return self._stats_of(out)
+        return out
 
     def _stream_acts(self, actions) -> list:
         out = []
