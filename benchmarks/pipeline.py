@@ -309,10 +309,14 @@ def drained_s(step, flush, batches, n: int, profile=None) -> float:
 
 
 def step_of(ex):
-    """A `time_steps` step on a Ray executor: the next batch goes with each call, as
-    the training loop sends it (async issues it ahead; the other schedules ignore it)."""
+    """A `time_steps` step on a Ray executor.  async gets the next batch with each call,
+    as the training loop sends it, and issues it ahead.  A flushing schedule gets none:
+    with it, the next batch would ride in the same calls (`runtime.batches_per_call`),
+    its step would return at once and the steps would alternate long and short, so a
+    window of single steps would count one batch too many or too few.  One call per
+    batch is what these rows time and what the simulator's flushing batch models."""
     def step(x, y, upcoming):
-        nxt = None if upcoming is None else (*upcoming, 0.01, 1e-4)
+        nxt = None if upcoming is None or not ex.streamed else (*upcoming, 0.01, 1e-4)
         return ex.train_step(x, y, 0.01, 1e-4, upcoming=nxt)
     return step
 

@@ -48,7 +48,7 @@ from .messages import ACTIVATION, DRIVER, TARGET, Message, stage_name
 from .partition import resolve_placement
 from .local_plane import LocalHandle, LocalPlane
 from .recovery import RecoveryMixin, Replay
-from .stream import StreamMixin, _Ahead
+from .stream import StreamMixin
 from ..schedules import SCHEDULES, make_schedule, simulate
 from .session import ensure_ray  # noqa: F401 - the public name (sweep.py)
 from .worker import StageWorker, worker_specs
@@ -326,39 +326,6 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
             for dfa in {self.broadcast_output_error, False}:
                 simulate(self._schedule(name, M), 1.0, 1.0, dfa=dfa)
         return self._schedule(self.schedule_name, M)
-
-    def _run(self, x, y, step: int, step_args: dict | None, schedule: str | None = None,
-             then: tuple | None = None) -> StepStats:
-        """One batch through a flushing schedule (gpipe / 1f1b); the update only when
-        step_args is given (else the gradients stay, for probes).  then: (x, y, lr, wd)
-        of step + 1, trained in the same calls right behind this batch
-        (`runtime.batches_per_call`); its stats wait in `_ahead` for its own step."""
-        if self.streamed or step_args is None:
-            self._drain()  # the last training batch's replies may still be outstanding
-        name = schedule or self.flush_name
-        batches = [(x, y, step, step_args)]
-        if then is not None:
-            batches.append((then[0], then[1], step + 1, {"lr": then[2], "wd": then[3]}))
-        acts: list[list] = [[] for _ in range(self.num_stages)]
-        inputs, targets, forwards = {}, {}, []
-        for bx, by, bstep, args in batches:  # each actor's lists, one after the other
-            M = min(self.micro_batches, int(bx.shape[0]))
-            lr, wd = (args or {}).get("lr", 0.0), (args or {}).get("wd", 0.0)
-            for mine, stage in zip(acts, self._schedule(name, M).stages):
-                mine += [("S", bstep, float(lr), float(wd)) if a.op == "STEP" else
-                         (a.op, bstep, a.mb) for a in stage if a.op != "STEP" or args is not None]
-            ins, tgs = self._wire_in(bx, by, bstep, list(range(M)), int(bx.shape[0]), "train")
-            for s, d in ins.items():  # keyed (step, micro-batch): the batches never collide
-                inputs.setdefault(s, {}).update(d)
-            targets.update(tgs)
-            forwards.append(M)  # the last actor's reply: one stats message per forward
-        refs = self._issue(acts, inputs, targets, len(batches) if step_args else 0)
-        if step_args is None:
-            return self._stats_of(self._gather(refs, f"step {step}")[-1])
-        reply = self._last_reply(refs, step)
-        if then is not None:
-            self._ahead = _Ahead(step + 1, tuple(then), None, reply[forwards[0]:])
-        return self._stats_of(reply[:forwards[0]])
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, wd: float,

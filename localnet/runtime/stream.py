@@ -1,4 +1,5 @@
-"""`StreamMixin`: the async schedule's stream, a part of `RayExecutor` (ray_executor.py).
+"""`StreamMixin`: how training batches reach the actors, a part of `RayExecutor`
+(ray_executor.py) -- a flushing schedule's batch (`_run`), and the async schedule's stream.
 
 Under `runtime.schedule: async` there is no flush between batches.  Each actor's action
 list is an endless stream (`schedules.async_pipe`), cut at batch boundaries: every
@@ -19,6 +20,11 @@ driver's reply to come back.  So when the caller says which batch it trains next
 pieces are issued right behind this one's and wait in each actor's queue; its own
 `train_step` then only waits for its loss.  Each actor runs the same list in the same
 order, so the maths is unchanged.
+
+Two batches per call (`runtime.batches_per_call`).  A flushing schedule uses the same
+look-ahead another way: the next batch's lists go in the same calls, right behind this
+batch's, so each actor has one call for two batches; the next `train_step` returns the
+stats kept for it (`Ahead` with its reply and no calls left).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from . import session
 
 
 @dataclass
-class _Ahead:
+class Ahead:
     """A batch issued before its own `train_step`: the calls, or (once a drain waited for
     them) the last actor's reply."""
     step: int
@@ -42,13 +48,47 @@ class _Ahead:
 
 class StreamMixin:
     """Mixed into `RayExecutor`, which provides graph, num_stages, micro_batches, local,
-    timeout, streamed, _sched, _issue, _gather, _wire_in and _stats_of."""
+    timeout, streamed, flush_name, _sched, _schedule, _issue, _gather, _wire_in and
+    _stats_of."""
 
     def _new_streams(self) -> None:
         depth = stream_staleness(self.graph, self.num_stages)
         start = getattr(self, "_g", 0)
         self._streams = [self._sched.stream(d, start) for d in depth] if self.streamed else []
         self._ahead = None  # a batch issued ahead went with the old streams
+
+    def _run(self, x, y, step: int, step_args: dict | None, schedule: str | None = None,
+             then: tuple | None = None) -> StepStats:
+        """One batch through a flushing schedule (gpipe / 1f1b); the update only when
+        step_args is given (else the gradients stay, for probes).  then: (x, y, lr, wd)
+        of step + 1, trained in the same calls right behind this batch
+        (`runtime.batches_per_call`); its stats wait in `_ahead` for its own step."""
+        if self.streamed or step_args is None:
+            self._drain()  # the last training batch's replies may still be outstanding
+        name = schedule or self.flush_name
+        batches = [(x, y, step, step_args)]
+        if then is not None:
+            batches.append((then[0], then[1], step + 1, {"lr": then[2], "wd": then[3]}))
+        acts: list[list] = [[] for _ in range(self.num_stages)]
+        inputs, targets, forwards = {}, {}, []
+        for bx, by, bstep, args in batches:  # each actor's lists, one after the other
+            M = min(self.micro_batches, int(bx.shape[0]))
+            lr, wd = (args or {}).get("lr", 0.0), (args or {}).get("wd", 0.0)
+            for mine, stage in zip(acts, self._schedule(name, M).stages):
+                mine += [("S", bstep, float(lr), float(wd)) if a.op == "STEP" else
+                         (a.op, bstep, a.mb) for a in stage if a.op != "STEP" or args is not None]
+            ins, tgs = self._wire_in(bx, by, bstep, list(range(M)), int(bx.shape[0]), "train")
+            for s, d in ins.items():  # keyed (step, micro-batch): the batches never collide
+                inputs.setdefault(s, {}).update(d)
+            targets.update(tgs)
+            forwards.append(M)  # the last actor's reply: one stats message per forward
+        refs = self._issue(acts, inputs, targets, len(batches) if step_args else 0)
+        if step_args is None:
+            return self._stats_of(self._gather(refs, f"step {step}")[-1])
+        reply = self._last_reply(refs, step)
+        if then is not None:
+            self._ahead = Ahead(step + 1, tuple(then), None, reply[forwards[0]:])
+        return self._stats_of(reply[:forwards[0]])
 
     def _run_async(self, x, y, step: int, lr: float, wd: float, upcoming=None) -> StepStats:
         """Stream one batch into the async pipeline (unless it was issued ahead), and the
@@ -57,7 +97,7 @@ class StreamMixin:
         refs = ahead.refs if ahead is not None else self._feed(x, y, step, lr, wd)
         if upcoming is not None and self._sched.options.ahead and not self.local:
             ux, uy, ulr, uwd = upcoming
-            self._ahead = _Ahead(step + 1, tuple(upcoming), self._feed(ux, uy, step + 1, ulr, uwd))
+            self._ahead = Ahead(step + 1, tuple(upcoming), self._feed(ux, uy, step + 1, ulr, uwd))
         if ahead is not None and ahead.refs is None:  # a drain already waited for it
             return self._stats_of(ahead.reply)
         return self._stats_of(self._last_reply(refs, step))
@@ -152,7 +192,7 @@ class StreamMixin:
             self._mb.clear()
 
 
-def _same(ahead: _Ahead, step: int, batch: tuple) -> bool:
+def _same(ahead: Ahead, step: int, batch: tuple) -> bool:
     """Whether (step, batch) is the one issued ahead: the very tensors, lr and wd."""
     x, y, lr, wd = batch
     ax, ay, alr, awd = ahead.batch
