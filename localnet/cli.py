@@ -163,16 +163,18 @@ def _count(text: str) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from .runtime.plan import simulate_config
+    from .runtime.plan import run_costs, simulate_config
 
     cfg = load_config(args.config, args.set)
+    costs = run_costs(args.costs_from) if args.costs_from else None
     shape = tuple(_numbers(args.input_shape, "--input-shape (C,H,W)", int, 3)) \
         if args.input_shape else None
     plan = simulate_config(cfg, shape, args.num_classes,
                            _numbers(args.fwd, "--fwd") if args.fwd else None,
                            _numbers(args.bwd, "--bwd") if args.bwd else None, args.comm, args.repeats,
                            cores=args.cores, hop_cost=args.hop_cost,
-                           call_cost=args.call_cost, hop_cost_per_mib=args.hop_cost_per_mib)
+                           call_cost=args.call_cost, hop_cost_per_mib=args.hop_cost_per_mib,
+                           costs=costs)
     if args.json:
         print(json.dumps(plan))
         return 0
@@ -198,7 +200,17 @@ def _cmd_simulate(args) -> int:
              f"{plan['hop_cost_per_mib_s'] * 1e3:.3f} ms per MiB, "
              f"{plan['call_cost_s'] * 1e3:.2f} ms per coordinator call)"
              if plan["hop_cost_s"] or plan["call_cost_s"] or plan["hop_cost_per_mib_s"]
-             else ", no runtime overhead)"))
+             else ", no runtime overhead: --costs-from RUN_DIR adds what a run's messages "
+                  "cost its machine)"))
+    cf = plan["costs_from"]
+    if cf:
+        scale = (f"; its actors' compute {cf['compute_scale']:.2f}x the units measured now"
+                 if cf["compute_scale"] is not None else "")
+        print(f"costs from {cf['run']}: {cf['hop_cost_s'] * 1e3:.3f} ms of the machine's CPU "
+              f"per message between actors ({cf['messages_per_batch']} a batch: all it spent "
+              f"beyond its actors' compute){scale}")
+        if cf["same_plan"] and cf["samples_per_s"]:
+            print(f"that run trained at {cf['samples_per_s']:.1f} samples/s")
     per_call = plan.get("batches_per_call", 1)
     print(f"coordinator calls per batch: {plan['calls_per_batch']:g} (one per actor"
           + (f" per {per_call} batches)" if per_call > 1 else ")")
@@ -309,6 +321,10 @@ def parser() -> argparse.ArgumentParser:
                          "--hop-cost (benchmarks/dataplane.py: the 4 KiB and 4 MiB rows)")
     si.add_argument("--call-cost", type=float, default=0.0, metavar="S",
                     help="seconds of CPU per coordinator call (one per actor per batch)")
+    si.add_argument("--costs-from", metavar="RUN_DIR",
+                    help="a finished Ray run on this machine: its cores, what each message "
+                         "between its actors cost the machine, and its compute, for "
+                         "predicting this config (another partition or schedule) there")
     si.add_argument("--input-shape", metavar="C,H,W", help="skip loading data: the input shape")
     si.add_argument("--num-classes", type=_count, help="skip loading data: the class count")
     si.add_argument("--repeats", type=_count, default=3, help="timed repeats per unit")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,6 +253,12 @@ def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str) -> Pat
     return path
 
 
+def natural_key(name: str) -> list:
+    """Sort key that reads the numbers in a name as numbers: stage2->stage1 comes before
+    stage10->stage9, so a plot lists the edges in the pipeline's order."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def plot_messages(runs: list[Run], path: Path) -> Path | None:
     with_msgs = [r for r in runs if r.messages and r.messages.get("edges")]
     if not with_msgs:
@@ -263,7 +270,7 @@ def plot_messages(runs: list[Run], path: Path) -> Path | None:
     colors = dict(zip(kinds, _colors(len(kinds))))
     for ax, run in zip(axes, with_msgs):
         edges = run.messages["edges"]
-        names = list(edges)
+        names = sorted(edges, key=natural_key)
         present = [k for k in kinds if any(edges[e].get(k, {}).get("bytes") for e in names)]
         h = 0.8 / max(len(present), 1)
         for j, kind in enumerate(present):  # grouped, not stacked: a log axis

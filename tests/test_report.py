@@ -143,3 +143,14 @@ def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert f"report: {tmp_path / 'torn' / 'summary.json'} does not parse" in err
     assert "Traceback" not in err and not (tmp_path / "torn" / "report").exists()
+
+
+def test_edges_are_listed_in_the_pipelines_order():
+    """stage10->stage9 after stage2->stage1, not between stage1 and stage2 as plain string
+    order puts it (messages.png lists the edges by this key)."""
+    from localnet.report import natural_key
+    names = ["stage10->stage9", "stage2->stage1", "driver->stage0", "stage9->stage10",
+             "stage1->stage2", "stage10->driver"]
+    assert sorted(names, key=natural_key) == [
+        "driver->stage0", "stage1->stage2", "stage2->stage1", "stage9->stage10",
+        "stage10->driver", "stage10->stage9"]

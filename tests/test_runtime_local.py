@@ -340,6 +340,95 @@ def test_cli_simulate(tmp_path, capsys):
         main(["simulate", str(p), "--num-classes", "0"])
 
 
+def _finished_run(path, cfg, compute_s, hop_s, steps=10, **runtime):
+    """A run directory as a finished Ray run of cfg leaves it, with the CPU account of
+    one whose actors computed compute_s per batch and whose 3 actors (2 edges, 4
+    micro-batches: 16 messages a batch) cost the machine hop_s more per message."""
+    from localnet.config import dump_config
+    path.mkdir()
+    (path / "config.yaml").write_text(dump_config(cfg))
+    busy = steps * (compute_s + 16 * hop_s)
+    rt = {"executor": "ray", "actors": 3, "edges": [[0, 1], [1, 2]], "micro_batches": 4,
+          "dfa_broadcast": False, "partition": "per_unit", "schedule": "1f1b",
+          "crowding": [3, 1], "actor_cpu_s": {"compute": steps * compute_s}, **runtime}
+    (path / "summary.json").write_text(json.dumps({
+        "steps": steps, "samples_per_s": 0.37, "runtime": rt,
+        "machine_cpu_s": {"user": 0.75 * busy, "system": 0.25 * busy, "idle": 3.0}}))
+    return path
+
+
+def test_simulate_calibrated_on_a_finished_runs_own_account(tmp_path, monkeypatch):
+    """--costs-from: the run's machine CPU beyond its actors' compute, spread over its
+    messages, is each message's hop cost; its cores come along; and the unit costs
+    measured now are scaled to what its actors spent on the same work."""
+    from localnet.runtime import plan as plan_mod
+    cfg = cfg_for("pfa", "1f1b")
+    run = _finished_run(tmp_path / "run", cfg, compute_s=72.0, hop_s=0.5)
+    costs = plan_mod.run_costs(run)
+    assert costs["messages"] == 16 and costs["hop_cost_s"] == pytest.approx(0.5)
+    assert costs["cores"] == 1 and costs["compute_s"] == pytest.approx(72.0)
+    # given costs are left as given: one core, 3 x 4 x (1 + 2) s of work + 16 x 0.5 s
+    plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[2, 2, 2], costs=costs)
+    assert plan["makespan_s"] == pytest.approx(36 + 8)
+    assert plan["costs_from"]["compute_scale"] is None and plan["costs_from"]["same_plan"]
+    # measured ones are scaled: the units take 36 s a batch now, the run's actors 72
+    monkeypatch.setattr(plan_mod, "measure_costs",
+                        lambda *a, **k: ([1.0] * 3, [2.0] * 3, [0.0] * 3))
+    plan = simulate_config(cfg, SHAPE, NC, costs=costs)
+    assert plan["costs_from"]["compute_scale"] == pytest.approx(2.0)
+    assert [s["fwd_s"] for s in plan["per_stage"]] == pytest.approx([2.0] * 3)
+    assert plan["makespan_s"] == pytest.approx(72 + 8)
+    # what is given explicitly wins over the run's: a core each, a free plane
+    plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[2, 2, 2], costs=costs,
+                           cores=3, hop_cost=1e-9)
+    assert plan["makespan_s"] == pytest.approx(simulate_config(
+        cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[2, 2, 2])["makespan_s"], rel=1e-6)
+    # DFA's e goes from the last actor to each other one instead of down every edge
+    dfa = _finished_run(tmp_path / "dfa", cfg, 72.0, 0.5, dfa_broadcast=True, edges=[[0, 1]])
+    assert plan_mod.run_costs(dfa)["messages"] == 4 * (1 + 2)
+
+
+def test_the_compute_lost_to_crowding_grows_with_actors_per_core():
+    """11 actors on 2 cores computed 1.2x the units timed alone: 4.5 actors too many
+    per core cost 0.2, so 20 (9 too many) cost 0.4, 4 cost 0.04, and 2 -- a core each --
+    nothing; a run with a core per actor, or faster than now, carries over as it is."""
+    from localnet.runtime.plan import compute_scale
+    assert compute_scale(1.2, 11, 20, 2, 2) == pytest.approx(1.4)
+    assert compute_scale(1.2, 11, 4, 2, 2) == pytest.approx(1 + 0.2 / 4.5)
+    assert compute_scale(1.2, 11, 2, 2, 2) == pytest.approx(1.0)
+    assert compute_scale(1.2, 11, 11, 2, 11) == pytest.approx(1.0)  # given a core each
+    assert compute_scale(1.2, 2, 20, 2, 2) == 1.2  # the run said nothing of crowding
+    assert compute_scale(1.2, 11, 20, None, 2) == 1.2
+    assert compute_scale(0.9, 11, 20, 2, 2) == 0.9
+
+
+def test_costs_from_a_run_that_cannot_give_them_names_why(tmp_path, capsys):
+    from localnet.cli import main
+    from localnet.config import ConfigError, dump_config
+    from localnet.runtime.plan import run_costs
+    cfg = cfg_for("pfa", "1f1b")
+    with pytest.raises(ConfigError, match="no summary.json there"):
+        run_costs(tmp_path)
+    inproc = _finished_run(tmp_path / "inproc", cfg, 1.0, 0.1, executor="inprocess")
+    with pytest.raises(ConfigError, match="runtime.executor=inprocess"):
+        run_costs(inproc)
+    blank = _finished_run(tmp_path / "blank", cfg, 1.0, 0.1, actor_cpu_s={})
+    with pytest.raises(ConfigError, match="no CPU account"):
+        run_costs(blank)
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--costs-from", str(inproc)]) == 2
+    assert "only Ray actors account" in capsys.readouterr().err
+    good = _finished_run(tmp_path / "good", cfg, 36.0, 0.5)
+    assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--fwd", "1,1,1", "--bwd", "2,2,2", "--costs-from", str(good)]) == 0
+    out = capsys.readouterr().out  # one core from the run: (36 + 8) s a batch of 16
+    assert "predicted samples/s: 0.4 (1 core, 500.000 ms CPU per hop" in out
+    assert f"costs from {good}: 500.000 ms of the machine's CPU per message" in out
+    assert "(16 a batch" in out and "that run trained at 0.4 samples/s" in out
+
+
 def test_leak_detector_catches_weights_transposes_and_signs():
     from localnet.runtime.testing import leaks, tensors_of
     _, model = reference(cfg_for("fa"), SHAPE, NC)

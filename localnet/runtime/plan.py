@@ -10,6 +10,9 @@ and reported per batch.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ..builders import as_config, build_rule_and_model
 from ..config import ConfigError
 from . import memory
@@ -84,7 +87,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
                     comm: float = 0.0, repeats: int = 3, step=None,
                     batches: int | None = None, cores: int | None = None,
                     hop_cost: float = 0.0, call_cost: float = 0.0,
-                    hop_cost_per_mib: float = 0.0) -> dict:
+                    hop_cost_per_mib: float = 0.0, costs: dict | None = None) -> dict:
     """Plan for cfg.runtime: actors, per-actor costs (s per micro-batch), and the
     simulated makespan, bubble fraction and samples/s of one batch (async: the mean
     over `batches` streamed batches).  cores: actors share that many cores (None: one
@@ -95,7 +98,10 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     has the shape of the activation it answers).  call_cost: the coordinator's one call
     per actor, charged once per actor per batch -- or half of it per batch where each
     call carries two (a flushing schedule's `runtime.batches_per_call`: the steady state
-    of a training loop that looks one batch ahead)."""
+    of a training loop that looks one batch ahead).
+    costs: a finished Ray run's own account (`run_costs`), for what it does not give:
+    the machine's cores, a message's CPU (hop_cost), and the measured unit costs scaled
+    to what that run's actors spent on the same work."""
     for name, v in (("hop_cost", hop_cost), ("call_cost", call_cost),
                     ("hop_cost_per_mib", hop_cost_per_mib)):
         if v < 0:
@@ -126,6 +132,22 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     else:
         source = "given"
     step = 0.0 if step is None else step
+    scale = None
+    if costs is not None:
+        cores = costs["cores"] if cores is None else cores
+        if not (hop_cost or hop_cost_per_mib or call_cost):
+            hop_cost = costs["hop_cost_s"]  # call_cost is in it: the coordinator's CPU too
+        if source == "measured":
+            run = costs["config"]  # the run's own cut measured once, not twice
+            same = ((run.model, run.rule, costs["partition"], costs["schedule"],
+                     costs["micro_batch"]) == (cfg.model, cfg.rule, pl.spec, name, mb))
+            now = (batch_compute(fwd, bwd, step, M, is_async) if same
+                   else _measured_batch(run, shape, nc, repeats))
+            scale = compute_scale(costs["compute_s"] / now if now > 0 else 1.0,
+                                  costs["actors"], S, costs["cores"], cores)
+            fwd, bwd = [f * scale for f in fwd], [b_ * scale for b_ in bwd]
+            step = ([v * scale for v in step] if isinstance(step, (list, tuple))
+                    else step * scale)
     if len(fwd) != S or len(bwd) != S:
         raise ConfigError(f"--fwd / --bwd: runtime.partition makes {S} actors, so give {S} "
                           f"costs each (got {len(fwd)} forward, {len(bwd)} backward)")
@@ -178,7 +200,103 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
         "gpipe_equal_cost_bubble": (S - 1) / (M + S - 1),
         "balance_hint": balance_hint(rt.partition, [f + b_ for f, b_ in zip(fwd, bwd)]),
         "memory_estimate": mem,
+        "costs_from": None if costs is None else {
+            "run": costs["run"], "hop_cost_s": float(hop_cost), "compute_scale": scale,
+            "messages_per_batch": costs["messages"], "samples_per_s": costs["samples_per_s"],
+            "same_plan": (costs["partition"], costs["schedule"], costs["micro_batches"])
+            == (pl.spec, sched.name, M)},
     }
+
+
+def compute_scale(run_scale: float, run_actors: int, actors: int, run_cores, cores) -> float:
+    """How much slower than the units timed alone the actors compute, for `actors` on
+    `cores`, from a run where `run_actors` on `run_cores` computed `run_scale` times
+    slower.  Each actor that shares a core finds the caches cold at each of its actions
+    (others ran in between), so the loss grows with actors per core: 1 + a (actors /
+    cores - 1), with a fitted to the run.  On 2 Xeon cores ResNet-20's actors spent
+    1.05x, 1.21x and 1.35x the CPU of its 2-actor cut on a batch's compute with 4, 11 and
+    20 actors (RESULTS.md, "Notes: the simulator calibrated on a run").  A run with a
+    core per actor (or on a machine faster than now) says nothing of crowding: its
+    scale then holds as it is."""
+    def crowd(n, c):
+        return max(n / c - 1.0, 0.0) if c else 0.0
+
+    if run_scale <= 1.0 or not crowd(run_actors, run_cores):
+        return run_scale
+    return 1.0 + (run_scale - 1.0) / crowd(run_actors, run_cores) * crowd(actors, cores)
+
+
+def batch_compute(fwd, bwd, step, M: int, per_micro_batch_step: bool) -> float:
+    """One batch's compute over all actors: M forwards and backwards each, and the
+    updates (one per batch; async: one per micro-batch)."""
+    steps = sum(step) if isinstance(step, (list, tuple)) else step * len(fwd)
+    return M * (sum(fwd) + sum(bwd)) + steps * (M if per_micro_batch_step else 1)
+
+
+def _measured_batch(cfg, shape, nc, repeats: int) -> float:
+    """`batch_compute` of cfg's own actors, their costs measured now."""
+    _, model = build_rule_and_model(cfg, shape, nc)
+    t, rt = cfg.train, cfg.runtime
+    streamed = SCHEDULES.get(rt.schedule.name).streamed
+
+    def unit_costs():
+        f, b, _ = measure_costs(cfg, shape, nc, None, t.micro_batch_size, repeats, rt.threads)
+        return [a + b_ for a, b_ in zip(f, b)]
+
+    pl = resolve_placement(rt.partition, model, unit_costs)
+    f, b, s = measure_costs(cfg, shape, nc, pl, t.micro_batch_size, repeats, rt.threads,
+                            stash=streamed)
+    return batch_compute(f, b, s, t.micro_batches, streamed)
+
+
+def run_costs(run_dir) -> dict:
+    """What a finished Ray run tells `simulate_config` about the machine it ran on, from
+    its own CPU account (summary.json): its actors' compute per batch, and everything
+    else the machine's cores did during its training -- data plane, interpreter and
+    checks, Ray's calls, the coordinator, the kernel's copies -- spread evenly over its
+    messages between actors.  That is what one message cost there all told, about
+    twice what `benchmarks/dataplane.py` measures for the plane alone, and what
+    `benchmarks/scaling.py` predicts each run from ("on the run's own profile",
+    RESULTS.md).  The compute includes the actors' evaluation forwards, a few percent
+    on a run that evaluates once."""
+    from ..config import load_run_config
+    from ..timing import busy_s
+
+    where = f"--costs-from {run_dir}"
+    try:
+        s = json.loads((Path(run_dir) / "summary.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no summary.json there; give the directory of a "
+                          f"finished `localnet run`") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: summary.json is unreadable ({err})") from None
+    rt = s.get("runtime") or {}
+    if rt.get("executor") != "ray":
+        raise ConfigError(f"{where}: a run with runtime.executor="
+                          f"{rt.get('executor') or 'inprocess'}; only Ray actors account for "
+                          f"what their messages cost")
+    steps = int(s.get("steps") or 0)
+    compute = (rt.get("actor_cpu_s") or {}).get("compute") or 0.0
+    busy = busy_s(s.get("machine_cpu_s"))
+    edges = rt.get("edges") or []
+    if steps < 1 or compute <= 0 or busy <= 0 or not edges:
+        raise ConfigError(f"{where}: its summary.json has no CPU account to calibrate on "
+                          f"(steps, machine_cpu_s, runtime.actor_cpu_s, runtime.edges: "
+                          f"a Linux run of a model cut into several actors)")
+    M = int(rt["micro_batches"])
+    # each micro-batch: an activation up every edge, and an error back down it -- or
+    # DFA's e from the last actor to every other one
+    errors = int(rt["actors"]) - 1 if rt.get("dfa_broadcast") else len(edges)
+    messages = M * (len(edges) + errors)
+    cfg, _ = load_run_config(run_dir)
+    crowding = rt.get("crowding") or [None, None]
+    return {"run": str(run_dir), "config": cfg, "steps": steps,
+            "compute_s": compute / steps, "busy_s": busy / steps, "messages": messages,
+            "hop_cost_s": max(busy - compute, 0.0) / steps / messages,
+            "cores": crowding[1], "actors": int(rt["actors"]),
+            "samples_per_s": s.get("samples_per_s"),
+            "partition": rt.get("partition"), "schedule": rt.get("schedule"),
+            "micro_batches": M, "micro_batch": cfg.train.micro_batch_size}
 
 
 def batches_ahead(schedule) -> int:
