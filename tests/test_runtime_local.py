@@ -340,10 +340,11 @@ def test_cli_simulate(tmp_path, capsys):
         main(["simulate", str(p), "--num-classes", "0"])
 
 
-def _finished_run(path, cfg, compute_s, hop_s, steps=10, **runtime):
+def _finished_run(path, cfg, compute_s, hop_s, steps=10, before=0, **runtime):
     """A run directory as a finished Ray run of cfg leaves it, with the CPU account of
     one whose actors computed compute_s per batch and whose 3 actors (2 edges, 4
-    micro-batches: 16 messages a batch) cost the machine hop_s more per message."""
+    micro-batches: 16 messages a batch) cost the machine hop_s more per message, over
+    `steps` batches -- after `before` that an earlier process trained (resumed)."""
     from localnet.config import dump_config
     path.mkdir()
     (path / "config.yaml").write_text(dump_config(cfg))
@@ -352,7 +353,8 @@ def _finished_run(path, cfg, compute_s, hop_s, steps=10, **runtime):
           "dfa_broadcast": False, "partition": "per_unit", "schedule": "1f1b",
           "crowding": [3, 1], "actor_cpu_s": {"compute": steps * compute_s}, **runtime}
     (path / "summary.json").write_text(json.dumps({
-        "steps": steps, "samples_per_s": 0.37, "runtime": rt,
+        "steps": before + steps, "samples_per_s": 0.37, "train_s": steps * 16 / 0.37,
+        "runtime": rt,
         "machine_cpu_s": {"user": 0.75 * busy, "system": 0.25 * busy, "idle": 3.0}}))
     return path
 
@@ -383,6 +385,9 @@ def test_simulate_calibrated_on_a_finished_runs_own_account(tmp_path, monkeypatc
                            cores=3, hop_cost=1e-9)
     assert plan["makespan_s"] == pytest.approx(simulate_config(
         cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[2, 2, 2])["makespan_s"], rel=1e-6)
+    # a resumed run: its account is this process's 10 batches, not all 30 steps
+    resumed = plan_mod.run_costs(_finished_run(tmp_path / "resumed", cfg, 72.0, 0.5, before=20))
+    assert resumed["hop_cost_s"] == pytest.approx(0.5) and resumed["compute_s"] == pytest.approx(72)
     # DFA's e goes from the last actor to each other one instead of down every edge
     dfa = _finished_run(tmp_path / "dfa", cfg, 72.0, 0.5, dfa_broadcast=True, edges=[[0, 1]])
     assert plan_mod.run_costs(dfa)["messages"] == 4 * (1 + 2)

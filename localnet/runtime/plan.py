@@ -275,11 +275,15 @@ def run_costs(run_dir) -> dict:
         raise ConfigError(f"{where}: a run with runtime.executor="
                           f"{rt.get('executor') or 'inprocess'}; only Ray actors account for "
                           f"what their messages cost")
-    steps = int(s.get("steps") or 0)
+    cfg, _ = load_run_config(run_dir)
+    # the batches this process trained: a resumed run's `steps` counts the earlier
+    # processes' too, its CPU account only its own (the same samples its speed counts)
+    rate, secs = s.get("samples_per_s") or 0.0, s.get("train_s") or 0.0
+    steps = rate * secs / cfg.train.batch_size if rate and secs else int(s.get("steps") or 0)
     compute = (rt.get("actor_cpu_s") or {}).get("compute") or 0.0
     busy = busy_s(s.get("machine_cpu_s"))
     edges = rt.get("edges") or []
-    if steps < 1 or compute <= 0 or busy <= 0 or not edges:
+    if steps <= 0 or compute <= 0 or busy <= 0 or not edges:
         raise ConfigError(f"{where}: its summary.json has no CPU account to calibrate on "
                           f"(steps, machine_cpu_s, runtime.actor_cpu_s, runtime.edges: "
                           f"a Linux run of a model cut into several actors)")
@@ -288,7 +292,6 @@ def run_costs(run_dir) -> dict:
     # DFA's e from the last actor to every other one
     errors = int(rt["actors"]) - 1 if rt.get("dfa_broadcast") else len(edges)
     messages = M * (len(edges) + errors)
-    cfg, _ = load_run_config(run_dir)
     crowding = rt.get("crowding") or [None, None]
     return {"run": str(run_dir), "config": cfg, "steps": steps,
             "compute_s": compute / steps, "busy_s": busy / steps, "messages": messages,
