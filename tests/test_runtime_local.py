@@ -417,6 +417,10 @@ def test_costs_from_a_run_that_cannot_give_them_names_why(tmp_path, capsys):
     inproc = _finished_run(tmp_path / "inproc", cfg, 1.0, 0.1, executor="inprocess")
     with pytest.raises(ConfigError, match="runtime.executor=inprocess"):
         run_costs(inproc)
+    nocfg = _finished_run(tmp_path / "nocfg", cfg, 1.0, 0.1)
+    (nocfg / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match="no config.yaml beside its summary.json"):
+        run_costs(nocfg)
     blank = _finished_run(tmp_path / "blank", cfg, 1.0, 0.1, actor_cpu_s={})
     with pytest.raises(ConfigError, match="no CPU account"):
         run_costs(blank)

@@ -275,6 +275,9 @@ def run_costs(run_dir) -> dict:
         raise ConfigError(f"{where}: a run with runtime.executor="
                           f"{rt.get('executor') or 'inprocess'}; only Ray actors account for "
                           f"what their messages cost")
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise ConfigError(f"{where}: no config.yaml beside its summary.json; give the "
+                          f"directory of a finished `localnet run`")
     cfg, _ = load_run_config(run_dir)
     # the batches this process trained: a resumed run's `steps` counts the earlier
     # processes' too, its CPU account only its own (the same samples its speed counts)
