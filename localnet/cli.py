@@ -166,6 +166,9 @@ def _cmd_simulate(args) -> int:
     from .runtime.plan import run_costs, simulate_config
 
     cfg = load_config(args.config, args.set)
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():  # before any timing
+        raise ConfigError(f"--plot {args.plot}: no directory {Path(args.plot).parent} to "
+                          f"write it in")
     costs = run_costs(args.costs_from) if args.costs_from else None
     shape = tuple(_numbers(args.input_shape, "--input-shape (C,H,W)", int, 3)) \
         if args.input_shape else None
@@ -175,6 +178,10 @@ def _cmd_simulate(args) -> int:
                            cores=args.cores, hop_cost=args.hop_cost,
                            call_cost=args.call_cost, hop_cost_per_mib=args.hop_cost_per_mib,
                            costs=costs)
+    if args.plot:
+        from .report import plot_timeline  # matplotlib only when asked for
+
+        plot_timeline(plan, Path(args.plot))
     if args.json:
         print(json.dumps(plan))
         return 0
@@ -220,6 +227,8 @@ def _cmd_simulate(args) -> int:
     print(f"memory estimate: {m['total_mb']} MB for {m['actors']} actors (the largest "
           f"{m['per_actor_mb_max']} MB; process floor {m['baseline_mb']} MB each, "
           f"runtime.actor_baseline_mb)")
+    if args.plot:
+        print(f"timeline: {args.plot}")
     return 0
 
 
@@ -329,6 +338,8 @@ def parser() -> argparse.ArgumentParser:
     si.add_argument("--num-classes", type=_count, help="skip loading data: the class count")
     si.add_argument("--repeats", type=_count, default=3, help="timed repeats per unit")
     si.add_argument("--json", action="store_true", help="print the plan as JSON")
+    si.add_argument("--plot", metavar="PNG", help="also draw the simulated schedule there: "
+                                                  "a row per actor, a bar per action")
     si.set_defaults(func=_cmd_simulate)
 
     rp = sub.add_parser("report", help="plots (curves, alignment, message bytes per edge) "

@@ -291,6 +291,48 @@ def plot_messages(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
+def plot_timeline(plan: dict, path: Path) -> Path:
+    """`localnet simulate --plot`: the simulated schedule as a Gantt chart, a row per
+    actor, each action a bar from its start to its end (a received message's CPU
+    included, as the simulator charges it).  The gaps in a row are that actor's bubble;
+    with fewer cores than actors (--cores, --costs-from), also the time it waited for a
+    core."""
+    from matplotlib.patches import Patch
+
+    S, lines = plan["stages"], plan["timeline"]
+    names = plan.get("names") or [f"stage{i}" for i in range(S)]
+    fig = _figure(11, 1.2 + 0.32 * S)
+    ax = fig.subplots()
+    kinds = {"F": "forward", "B": "backward", "STEP": "update"}
+    colors = dict(zip(kinds, _colors(len(kinds))))
+    span = max((t1 for *_, t1 in lines), default=0.0) or 1.0
+    for s, op, mb, t0, t1 in lines:
+        ax.barh(s, (t1 - t0) * 1e3, left=t0 * 1e3, height=0.7, color=colors[op],
+                edgecolor="white", linewidth=0.4)
+        if mb >= 0 and (t1 - t0) > 0.025 * span:  # the micro-batch, where it fits
+            ax.text((t0 + t1) / 2 * 1e3, s, str(mb), ha="center", va="center",
+                    fontsize="xx-small", color="white")
+    ax.set_yticks(range(S), [n if len(n) <= 28 else n[:25] + "..." for n in names])
+    ax.invert_yaxis()  # the first actor on top, as the data flows down the page
+    ax.tick_params(axis="y", labelsize="x-small")
+    ax.set_xlabel("time (ms)")
+    ax.grid(axis="x", alpha=0.3)
+    cores = plan.get("cores")
+    batches = plan.get("batches", 1)
+    if cores:  # with fewer cores than actors every row has gaps: how full the cores were
+        busy = sum(t1 - t0 for *_, t0, t1 in lines) / (cores * span)
+        where = f"{cores} core{'s' * (cores != 1)}, {busy:.0%} busy"
+    else:
+        where = f"a core per actor; bubble {plan['bubble_fraction']:.0%}"
+    ax.set_title(f"{plan['schedule']}: {S} actors x {plan['micro_batches']} micro-batches"
+                 f"{f', {batches} batches streamed' if batches > 1 else ''}, {where}; "
+                 f"{plan['samples_per_s']:.0f} samples/s predicted", fontsize="small")
+    ax.legend(handles=[Patch(color=colors[k], label=v) for k, v in kinds.items()],
+              fontsize="x-small", loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 # ------------------------------------------------------------------ the command
 
 

@@ -297,6 +297,34 @@ def test_simulate_config_given_and_measured_costs():
     assert 0 <= plan["bubble_fraction"] < 1 and plan["samples_per_s"] > 0
 
 
+def test_simulate_timeline_is_the_schedule_as_run():
+    """The plan's timeline holds every action once, each actor's one after another, each
+    after what it waits for; on one core nothing overlaps at all."""
+    cfg = cfg_for("fa", "gpipe")  # 3 actors, 4 micro-batches, 1 s per F and per B
+    for cores in (None, 1):
+        plan = simulate_config(cfg, SHAPE, NC, fwd=[1, 1, 1], bwd=[1, 1, 1], cores=cores)
+        tl = plan["timeline"]
+        assert sorted((s, op, mb) for s, op, mb, _, _ in tl) == sorted(
+            [(s, op, m) for s in range(3) for op in "FB" for m in range(4)]
+            + [(s, "STEP", -1) for s in range(3)])
+        at = {(s, op, mb): (t0, t1) for s, op, mb, t0, t1 in tl}
+        for s in range(3):
+            mine = sorted((t0, t1) for st, _, _, t0, t1 in tl if st == s)
+            assert all(a[1] <= b[0] + 1e-12 for a, b in zip(mine, mine[1:]))
+            for m in range(4):
+                assert at[(s, "B", m)][0] >= at[(s, "F", m)][1]
+                if s:
+                    assert at[(s, "F", m)][0] >= at[(s - 1, "F", m)][1]
+                if s < 2:
+                    assert at[(s, "B", m)][0] >= at[(s + 1, "B", m)][1]
+        assert max(t1 for *_, t1 in tl) == pytest.approx(plan["makespan_s"])
+        if cores is None:  # the first actor never waits: its forwards back to back
+            assert [at[(0, "F", m)] for m in range(4)] == [(m, m + 1) for m in range(4)]
+        else:
+            spans = sorted((t0, t1) for *_, t0, t1 in tl if t1 > t0)
+            assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:]))
+
+
 def test_simulate_hints_at_cost_balance_when_parameters_cut_unevenly():
     """fwd+bwd per stage 6 and 2: the busiest does 1.5x the mean, so balancing by
     parameters missed; by cost, or even work, no hint."""
@@ -330,6 +358,14 @@ def test_cli_simulate(tmp_path, capsys):
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--repeats", "1"]) == 0
     assert "bubble fraction" in capsys.readouterr().out
+    png = tmp_path / "timeline.png"
+    assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--fwd", "1,1,1", "--bwd", "2,2,2", "--plot", str(png), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["timeline"]) == 3 * (4 + 4 + 1)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--fwd", "1,1,1", "--bwd", "2,2,2", "--plot", str(tmp_path / "no" / "t.png")]) == 2
+    assert "--plot" in (err := capsys.readouterr().err) and "no directory" in err
     capsys.readouterr()
     for bad, says in ((["--fwd", "1,1", "--bwd", "2,2"], "makes 3 actors, so give 3 costs each"),
                       (["--fwd", "1,x,1", "--bwd", "2,2,2"], "--fwd: expected one or more"),

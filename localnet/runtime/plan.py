@@ -196,6 +196,9 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
                           zip(fwd, bwd, sim.busy, sim.peak_activations))],
         "names": names,
         "makespan_s": sim.makespan / K, "bubble_fraction": sim.bubble_fraction,
+        # every action as simulated, over all K batches: [actor, op, micro-batch (-1: a
+        # batch's STEP), start s, end s], in start order (`localnet simulate --plot`)
+        "timeline": [[st, a.op, a.mb, t0, t1] for st, a, t0, t1 in sim.trace],
         "samples_per_s": sim.samples_per_s,
         "gpipe_equal_cost_bubble": (S - 1) / (M + S - 1),
         "balance_hint": balance_hint(rt.partition, [f + b_ for f, b_ in zip(fwd, bwd)]),
