@@ -195,6 +195,10 @@ class MetricsConfig(Section):
                             "ledger every N steps (in-process stages are timed every step)")
     sd_dir: str | None = Field(None, description="write a Prometheus file-SD target file "
                                "<sd_dir>/<run>.json while the endpoint is up")
+    timeline_steps: int = Field(2, ge=0, description="actors (ray, local): note when each "
+                                "actor runs each action over this many training steps, after "
+                                "the first 10 when the run has them, into timeline.json "
+                                "(localnet report draws it); 0: off")
 
     @model_validator(mode="after")
     def _secure_binding(self):

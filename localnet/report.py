@@ -9,11 +9,14 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
                        for runs with metrics.bp_angle)
   messages.png         message bytes per edge, stacked by kind (only for runs with a
                        messages.json: the Ray executor)
+  timeline.png         each actor's forwards, backwards and updates over a few steps, as
+                       they ran (only for runs with a timeline.json: the Ray executor)
 
 and prints one row per run: rule, test accuracy, mean alignment angle, samples/s, the
 share of the machine's cores busy while it trained, and message bytes per training
-sample.  Reads metrics.jsonl, steps.jsonl, summary.json, messages.json and config.yaml;
-a run still in progress (no summary.json yet) is read from its jsonl files.
+sample.  Reads metrics.jsonl, steps.jsonl, summary.json, messages.json, timeline.json
+and config.yaml; a run still in progress (no summary.json yet) is read from its jsonl
+files.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Run:
     steps: list = field(default_factory=list)
     messages: dict | None = None
     stopped: dict | None = None  # stopped.json: why it ended before its summary
+    timeline: dict | None = None  # timeline.json: the actors' actions over a few steps
 
     @property
     def rule(self) -> str:
@@ -152,6 +156,8 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     run.steps = _jsonl(path / "steps.jsonl")
     if (path / "messages.json").exists():
         run.messages = _parsed(path / "messages.json", json.loads)
+    if (path / "timeline.json").exists():
+        run.timeline = _parsed(path / "timeline.json", json.loads)
     return run
 
 
@@ -291,20 +297,15 @@ def plot_messages(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
-def plot_timeline(plan: dict, path: Path) -> Path:
-    """`localnet simulate --plot`: the simulated schedule as a Gantt chart, a row per
-    actor, each action a bar from its start to its end (a received message's CPU
-    included, as the simulator charges it).  The gaps in a row are that actor's bubble;
-    with fewer cores than actors (--cores, --costs-from), also the time it waited for a
-    core."""
+_ACTIONS = {"F": "forward", "B": "backward", "STEP": "update"}
+
+
+def _gantt(ax, lines, names: list[str], title: str) -> float:
+    """Bars [actor, op, micro-batch, start s, end s] on ax, a row per actor; returns the
+    time they span."""
     from matplotlib.patches import Patch
 
-    S, lines = plan["stages"], plan["timeline"]
-    names = plan.get("names") or [f"stage{i}" for i in range(S)]
-    fig = _figure(11, 1.2 + 0.32 * S)
-    ax = fig.subplots()
-    kinds = {"F": "forward", "B": "backward", "STEP": "update"}
-    colors = dict(zip(kinds, _colors(len(kinds))))
+    colors = dict(zip(_ACTIONS, _colors(len(_ACTIONS))))
     span = max((t1 for *_, t1 in lines), default=0.0) or 1.0
     for s, op, mb, t0, t1 in lines:
         ax.barh(s, (t1 - t0) * 1e3, left=t0 * 1e3, height=0.7, color=colors[op],
@@ -312,23 +313,56 @@ def plot_timeline(plan: dict, path: Path) -> Path:
         if mb >= 0 and (t1 - t0) > 0.025 * span:  # the micro-batch, where it fits
             ax.text((t0 + t1) / 2 * 1e3, s, str(mb), ha="center", va="center",
                     fontsize="xx-small", color="white")
-    ax.set_yticks(range(S), [n if len(n) <= 28 else n[:25] + "..." for n in names])
+    ax.set_yticks(range(len(names)), [n if len(n) <= 28 else n[:25] + "..." for n in names])
     ax.invert_yaxis()  # the first actor on top, as the data flows down the page
     ax.tick_params(axis="y", labelsize="x-small")
     ax.set_xlabel("time (ms)")
     ax.grid(axis="x", alpha=0.3)
-    cores = plan.get("cores")
-    batches = plan.get("batches", 1)
+    ax.set_title(title, fontsize="small")
+    ax.legend(handles=[Patch(color=colors[k], label=v) for k, v in _ACTIONS.items()],
+              fontsize="x-small", loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
+    return span
+
+
+def plot_timeline(plan: dict, path: Path) -> Path:
+    """`localnet simulate --plot`: the simulated schedule as a Gantt chart, a row per
+    actor, each action a bar from its start to its end (a received message's CPU
+    included, as the simulator charges it).  The gaps in a row are that actor's bubble;
+    with fewer cores than actors (--cores, --costs-from), also the time it waited for a
+    core."""
+    S, lines = plan["stages"], plan["timeline"]
+    fig = _figure(11, 1.2 + 0.32 * S)
+    cores, batches = plan.get("cores"), plan.get("batches", 1)
     if cores:  # with fewer cores than actors every row has gaps: how full the cores were
+        span = max((t1 for *_, t1 in lines), default=0.0) or 1.0
         busy = sum(t1 - t0 for *_, t0, t1 in lines) / (cores * span)
         where = f"{cores} core{'s' * (cores != 1)}, {busy:.0%} busy"
     else:
         where = f"a core per actor; bubble {plan['bubble_fraction']:.0%}"
-    ax.set_title(f"{plan['schedule']}: {S} actors x {plan['micro_batches']} micro-batches"
-                 f"{f', {batches} batches streamed' if batches > 1 else ''}, {where}; "
-                 f"{plan['samples_per_s']:.0f} samples/s predicted", fontsize="small")
-    ax.legend(handles=[Patch(color=colors[k], label=v) for k, v in kinds.items()],
-              fontsize="x-small", loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
+    _gantt(fig.subplots(), lines, plan.get("names") or [f"stage{i}" for i in range(S)],
+           f"{plan['schedule']}: {S} actors x {plan['micro_batches']} micro-batches"
+           f"{f', {batches} batches streamed' if batches > 1 else ''}, {where}; "
+           f"{plan['samples_per_s']:.0f} samples/s predicted")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_run_timelines(runs: list[Run], path: Path) -> Path | None:
+    """timeline.json of each run that has one (localnet/timeline.py): its actors'
+    actions as they ran, one panel per run."""
+    with_tl = [r for r in runs if r.timeline and r.timeline.get("spans")]
+    if not with_tl:
+        return None
+    rows = [len(r.timeline["actors"]) for r in with_tl]
+    fig = _figure(11, sum(1.4 + 0.32 * n for n in rows))
+    axes = fig.subplots(len(with_tl), 1, squeeze=False, height_ratios=rows).ravel()
+    for ax, run in zip(axes, with_tl):
+        tl = run.timeline
+        first, last = tl["steps"]
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        _gantt(ax, [[a, op, mb, t0, t1] for a, op, _, mb, t0, t1 in tl["spans"]],
+               tl["actors"], f"{run.label}: {tl['schedule']}, {len(tl['actors'])} actors x "
+                             f"{tl['micro_batches']} micro-batches, {steps} as they ran")
     fig.savefig(path, dpi=110)
     return path
 
@@ -391,5 +425,11 @@ def report(paths, out: str | Path | None = None) -> dict:
     else:
         skipped["messages.png"] = ("no messages.json: only the Ray executor sends messages "
                                    "(runtime.executor: ray)")
+    p = plot_run_timelines(runs, out / "timeline.png")
+    if p:
+        files.append(p)
+    else:
+        skipped["timeline.png"] = ("no timeline.json: only actors note their actions "
+                                   "(runtime.executor: ray, metrics.timeline_steps > 0)")
     return {"files": [str(f) for f in files], "rows": [r.row() for r in runs],
             "skipped": skipped, "runs": runs}

@@ -13,6 +13,8 @@ A run directory holds:
                   interrupted or failed, after which step, and the message (removed
                   when the run goes on: --resume)
   messages.json   Ray executor: messages and bytes per edge and kind (localnet/metrics.py)
+  timeline.json   Ray executor: when each actor ran each action over a few steps
+                  (localnet/timeline.py; `localnet report` draws it)
 
 With `metrics.port` set, the run also serves its metrics in the Prometheus format
 (localnet/metrics.py, deploy/README.md).
@@ -38,6 +40,7 @@ from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
 from .files import load_state, save_state, write_json, write_text
 from .metrics import RunObserver
+from .timeline import Timeline
 from .progress import StartupStatus, TrainProgress
 from .resume import (STOPPED, finished_summary, keep_recorded, logged_train_loss, restore,
                      saved_cuts)
@@ -300,6 +303,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or 10**18)
     obs = RunObserver(cfg, run_dir, ex, resume=resume, total_steps=total_steps, step=step,
                       epoch=start_epoch)  # Prometheus endpoint (metrics.port), messages.json
+    timeline = Timeline(cfg, ex, run_dir, step, total_steps)  # timeline.json
     metrics_f = open(run_dir / "metrics.jsonl", "a")
     steps_f = open(run_dir / "steps.jsonl", "a")
     last = {"train_loss": float("nan"), "test_loss": float("nan"), "test_accuracy": float("nan")}
@@ -405,9 +409,11 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                 every = cfg.runtime.checkpoint_every
                 if every and step % every == 0 and step < total_steps:
                     finish(step, epoch, ex.flush)
+                    timeline.flushed(step)
                     save(epoch, step, train_time + time.perf_counter() - tic, samples_seen,
                          batch=i + 1, epoch_sums=(loss_sum, correct, seen))
             finish(step, epoch, ex.flush)  # the last batch's tail is training time
+            timeline.flushed(step)
             train_time += time.perf_counter() - tic
             for k, v in cpu_since(cpu0).items():
                 machine[k] = machine.get(k, 0.0) + v

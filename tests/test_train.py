@@ -763,3 +763,44 @@ def test_resume_keeps_the_cut_that_cost_balancing_made(tmp_path, monkeypatch):
     assert saved(tmp_path / "part")["boundaries"] == [2]
     assert resumed["steps"] == full["steps"] and resumed["test_loss"] == full["test_loss"]
     assert load_config(tmp_path / "part/config.yaml") == cfg(2)  # still balanced by cost
+
+
+def test_timeline_notes_each_actors_actions_as_they_ran(tmp_path):
+    """timeline.json holds every actor's forwards, backwards and updates of the noted
+    steps (the two after the first ten), each actor's one after another, each after
+    the message it waited for; `localnet report` draws it.  In-process, or with
+    metrics.timeline_steps=0, there is none."""
+    from localnet.report import report
+    from localnet.timeline import window
+
+    assert window(0, 16, 2) == (11, 13)   # after the first 10 steps
+    assert window(0, 5, 2) == (4, 6)      # a short run: its last steps
+    assert window(14, 16, 2) == (15, 17)  # resumed near the end
+    assert window(16, 16, 2) is None and window(0, 16, 0) is None
+    sets = ("rule.name=fa", "runtime.executor=local", "runtime.schedule=1f1b",
+            "train.micro_batches=2", "train.epochs=1")
+    train(small(*sets), tmp_path / "a", progress=False)
+    tl = json.loads((tmp_path / "a/timeline.json").read_text())
+    assert tl["steps"] == [11, 12] and tl["schedule"] == "1f1b" and tl["micro_batches"] == 2
+    assert tl["actors"] == ["fc1", "head"]
+    at = {(a, op, step, mb): (t0, t1) for a, op, step, mb, t0, t1 in tl["spans"]}
+    assert sorted(at) == sorted(
+        [(a, op, s, m) for a in (0, 1) for op in "FB" for s in (11, 12) for m in (0, 1)]
+        + [(a, "STEP", s, -1) for a in (0, 1) for s in (11, 12)])
+    assert min(t0 for t0, _ in at.values()) == 0.0
+    for a in (0, 1):
+        mine = sorted(v for k, v in at.items() if k[0] == a)
+        assert all(t0 <= t1 <= n0 for (t0, t1), (n0, _) in zip(mine, mine[1:]))
+        for s in (11, 12):
+            assert at[(a, "STEP", s, -1)][0] >= max(at[(a, "B", s, m)][1] for m in (0, 1))
+    for s in (11, 12):
+        for m in (0, 1):
+            assert at[(1, "F", s, m)][0] >= at[(0, "F", s, m)][1]  # the activation came
+            assert at[(0, "B", s, m)][0] >= at[(1, "B", s, m)][1]  # the error came back
+    res = report([tmp_path / "a"], tmp_path / "r")
+    assert str(tmp_path / "r/timeline.png") in res["files"]
+    train(small(*sets, "metrics.timeline_steps=0"), tmp_path / "off", progress=False)
+    train(small("rule.name=fa", "train.epochs=1"), tmp_path / "one", progress=False)
+    assert not (tmp_path / "off/timeline.json").exists()
+    assert not (tmp_path / "one/timeline.json").exists()
+    assert "timeline.png" in report([tmp_path / "one"], tmp_path / "r1")["skipped"]

@@ -201,6 +201,15 @@ class StateMixin:
                 self._cpu_taken.update(cpu_parts(t))  # a Counter: adds
         return out
 
+    def record_spans(self, first: int, last: int) -> None:
+        """Every actor notes when its training actions of steps first..last-1 run."""
+        self._get([w.record_spans.remote(first, last) for w in self.workers], "record_spans")
+
+    def spans(self) -> list[list]:
+        """Per actor, the actions it noted (`StageWorker.spans`); an actor recreated since
+        `record_spans` has none."""
+        return self._get([w.spans.remote() for w in self.workers], "spans")
+
     def actor_cpu_s(self) -> dict:
         """The actors' main-thread CPU seconds so far, summed over actors, by part
         (`timing.cpu_parts`): what metrics polls took, plus what is not yet taken."""

@@ -28,6 +28,7 @@ errors down it, DFA's e from the last actor), in the order both lists agree on
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from .messages import ACTIVATION, ERROR, MessageError
@@ -36,10 +37,19 @@ from .messages import ACTIVATION, ERROR, MessageError
 def interpret(w, actions, inputs: dict, targets: dict):
     """Run `actions` on worker `w`; returns the stats messages of the last actor."""
     stats = []
+    win = getattr(w, "_span_window", None)  # the steps whose actions are noted (timeline)
+
+    def note(op, step, mb, t0):
+        """An action's span, from its messages in to its messages out."""
+        if t0 is not None:
+            w._spans.append([op, step, mb, t0, time.time()])
+
     for a in actions:
         op = a[0]
+        t0 = time.time() if win and win[0] <= a[1] < win[1] and op != "I" else None
         if op == "S":
             w.step(a[2], a[3])
+            note("STEP", a[1], -1, t0)
             continue
         step, mb = a[1], a[2]
         if op in ("F", "I"):
@@ -55,6 +65,7 @@ def interpret(w, actions, inputs: dict, targets: dict):
                 else:
                     _ship(w, w.receiver_ranks, out)
                 continue
+            t0 = None if t0 is None else time.time()  # the span starts once its inputs are in
             _, out = w._forward(wire, at=(step, mb))
             if not w.is_last:
                 _ship_each(w, w.receiver_ranks, out)
@@ -63,14 +74,17 @@ def interpret(w, actions, inputs: dict, targets: dict):
             else:  # DFA: e for every other actor -- one message, or one per channel
                 stats.append(out[0])
                 _ship_each(w, [r for r in range(w.num_stages) if r != w.index], out[1:])
+            note("F", step, mb, t0)
         elif op == "B":
             wire = []
             for c in _error_sources(w):
                 wire += yield c, ERROR, step, mb
+            t0 = None if t0 is None else time.time()
             errs = w._backward(step, mb, wire)
             if errs:
                 for j, r in enumerate(w.producer_ranks[:len(errs) // 2]):
                     _ship(w, [r], errs[2 * j:2 * j + 2])
+            note("B", step, mb, t0)
         else:
             raise ValueError(f"{w.name}: unknown action {a!r}")
     return stats

@@ -174,6 +174,18 @@ class StageState:
                 plane["send"] = plane["recv"] = 0.0
         return out
 
+    # -- the timeline (localnet/timeline.py) --
+    def record_spans(self, first: int, last: int) -> None:
+        """From now on, note when each training action of steps first..last-1 runs
+        (`interpreter.interpret`); what was noted before is dropped."""
+        self._span_window, self._spans = (int(first), int(last)), []
+
+    def spans(self) -> list:
+        """The noted actions, [op, step, micro-batch, start, end] (wall-clock seconds, so
+        that actors' notes line up), and forget them."""
+        out, self._spans = getattr(self, "_spans", []), []
+        return out
+
     # ------------------------------------------------------------------ control path
     def control(self, raw: bytes):
         """Run a driver command (step / mirror / mode / reset)."""
