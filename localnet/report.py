@@ -408,28 +408,23 @@ def report(paths, out: str | Path | None = None) -> dict:
     out = Path(out) if out else (Path(paths[0]) / "report" if len(paths) == 1 else Path("report"))
     out.mkdir(parents=True, exist_ok=True)
     files, skipped = [plot_curves(runs, out / "curves.png")], {}
-    for name, key, ylabel, why in (
-            ("alignment.png", "alignment", "angle(W, feedback) (deg)",
+    angles = lambda key, ylabel: lambda path: plot_layer_angles(runs, path, key, ylabel)  # noqa: E731
+    for name, draw, why in (
+            ("alignment.png", angles("alignment", "angle(W, feedback) (deg)"),
              "no alignment recorded (metrics.alignment_every, or a rule without feedback "
              "weights)"),
-            ("bp_update_angle.png", "bp_update_angle", "angle(update, BP gradient) (deg)",
-             "no run measured it (metrics.bp_angle: true)")):
-        p = plot_layer_angles(runs, out / name, key, ylabel)
+            ("bp_update_angle.png",
+             angles("bp_update_angle", "angle(update, BP gradient) (deg)"),
+             "no run measured it (metrics.bp_angle: true)"),
+            ("messages.png", lambda path: plot_messages(runs, path),
+             "no messages.json: only the Ray executor sends messages (runtime.executor: ray)"),
+            ("timeline.png", lambda path: plot_run_timelines(runs, path),
+             "no timeline.json: only actors note their actions (runtime.executor: ray, "
+             "metrics.timeline_steps > 0)")):
+        p = draw(out / name)
         if p:
             files.append(p)
         else:
             skipped[name] = why
-    p = plot_messages(runs, out / "messages.png")
-    if p:
-        files.append(p)
-    else:
-        skipped["messages.png"] = ("no messages.json: only the Ray executor sends messages "
-                                   "(runtime.executor: ray)")
-    p = plot_run_timelines(runs, out / "timeline.png")
-    if p:
-        files.append(p)
-    else:
-        skipped["timeline.png"] = ("no timeline.json: only actors note their actions "
-                                   "(runtime.executor: ray, metrics.timeline_steps > 0)")
     return {"files": [str(f) for f in files], "rows": [r.row() for r in runs],
             "skipped": skipped, "runs": runs}
