@@ -347,6 +347,14 @@ def plot_timeline(plan: dict, path: Path) -> Path:
     return path
 
 
+def actions_fill(timeline: dict, cores: int) -> float:
+    """The share of `cores` that a timeline's actions kept busy from its first start to
+    its last end (each action runs on one core, to its end, under runtime.cpu_policy rr)."""
+    spans = timeline["spans"]
+    wall = max((s[5] for s in spans), default=0.0) - min((s[4] for s in spans), default=0.0)
+    return sum(s[5] - s[4] for s in spans) / (cores * wall) if wall > 0 else 0.0
+
+
 def plot_run_timelines(runs: list[Run], path: Path) -> Path | None:
     """timeline.json of each run that has one (localnet/timeline.py): its actors'
     actions as they ran, one panel per run."""
@@ -360,9 +368,15 @@ def plot_run_timelines(runs: list[Run], path: Path) -> Path | None:
         tl = run.timeline
         first, last = tl["steps"]
         steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        # actors sharing fewer cores (summary.json runtime.crowding): how much of those
+        # cores the actions filled; the rest went to receiving, the data plane's
+        # threads, the coordinator -- or stood idle
+        cores = ((run.summary.get("runtime") or {}).get("crowding") or [None, None])[1]
+        fill = f"; the actions fill {actions_fill(tl, cores):.0%} of {cores} cores" \
+            if cores else ""
         _gantt(ax, [[a, op, mb, t0, t1] for a, op, _, mb, t0, t1 in tl["spans"]],
                tl["actors"], f"{run.label}: {tl['schedule']}, {len(tl['actors'])} actors x "
-                             f"{tl['micro_batches']} micro-batches, {steps} as they ran")
+                             f"{tl['micro_batches']} micro-batches, {steps} as they ran{fill}")
     fig.savefig(path, dpi=110)
     return path
 

@@ -154,3 +154,12 @@ def test_edges_are_listed_in_the_pipelines_order():
     assert sorted(names, key=natural_key) == [
         "driver->stage0", "stage1->stage2", "stage2->stage1", "stage9->stage10",
         "stage10->driver", "stage10->stage9"]
+
+
+def test_actions_fill_is_the_share_of_the_cores_the_actions_kept_busy():
+    from localnet.report import actions_fill
+    tl = {"spans": [[0, "F", 1, 0, 0.0, 1.0], [1, "F", 1, 0, 1.0, 2.0],
+                    [0, "B", 1, 0, 2.0, 3.0], [1, "B", 1, 0, 1.5, 4.0]]}
+    assert actions_fill(tl, 1) == pytest.approx(5.5 / 4)  # more than one core's worth
+    assert actions_fill(tl, 2) == pytest.approx(5.5 / 8)
+    assert actions_fill({"spans": []}, 2) == 0.0
