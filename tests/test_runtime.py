@@ -470,12 +470,18 @@ def test_killed_actor_is_recreated_from_the_last_checkpoint(actors, spawner, tmp
         old_pid = ex.stage_info[1]["pid"]
         # after the checkpoint: replayed; data[4] goes in behind it, and stage1 dies
         # while it runs or just after (the race decides which: both are exactly once)
+        ex.record_spans(4, 6)  # the timeline of steps 4 and 5, across the recovery
         ex.train_step(*data[3], 0.05, 1e-3, (*data[4], 0.05, 1e-3))
         assert ex._ahead.step == 5 and ex._ahead.refs
         _kill(ex.workers[1])
         st = ex.train_step(*data[4], 0.05, 1e-3)  # fails, recovers, retries
         ex.flush()  # (or here, if step 5 was done before the kill)
         assert st.samples == BS
+        # every actor noted each forward and backward of those steps once: the recovery
+        # asked the new actor too, and the replay's notes replaced the first attempt's
+        for mine in ex.spans():
+            assert sorted((op, step, mb) for op, step, mb, *_ in mine if op != "STEP") == \
+                sorted((op, step, mb) for op in "FB" for step in (4, 5) for mb in range(M))
         # what the dead actor had sent stays counted, and what it sent again is added
         # (its own ledger died with it: 2 of its 5 steps' messages would be left)
         mine = [k for k in seen if k[0] == "stage1"]

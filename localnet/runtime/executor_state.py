@@ -202,12 +202,14 @@ class StateMixin:
         return out
 
     def record_spans(self, first: int, last: int) -> None:
-        """Every actor notes when its training actions of steps first..last-1 run."""
+        """Every actor notes when its training actions of steps first..last-1 run (a
+        recovery asks again of every actor: the replay notes them afresh)."""
+        self._span_window = (first, last)
         self._get([w.record_spans.remote(first, last) for w in self.workers], "record_spans")
 
     def spans(self) -> list[list]:
-        """Per actor, the actions it noted (`StageWorker.spans`); an actor recreated since
-        `record_spans` has none."""
+        """Per actor, the actions it noted (`StageWorker.spans`), once."""
+        self._span_window = None
         return self._get([w.spans.remote() for w in self.workers], "spans")
 
     def actor_cpu_s(self) -> dict:

@@ -125,6 +125,8 @@ class RecoveryMixin:
             restored = 0
         self._open_plane()
         self.stage_info = self._get([w.info.remote() for w in self.workers], "info")
+        if getattr(self, "_span_window", None):  # the timeline's steps, noted once each
+            self.record_spans(*self._span_window)
         # exactly once: retrain the steps since the checkpoint on the very batches, lr
         # and wd they had; every actor's weights, optimizer state and RNG streams are
         # the checkpoint's, so each step computes what it computed the first time (under
