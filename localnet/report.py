@@ -300,9 +300,8 @@ def plot_messages(runs: list[Run], path: Path) -> Path | None:
 _ACTIONS = {"F": "forward", "B": "backward", "STEP": "update"}
 
 
-def _gantt(ax, lines, names: list[str], title: str) -> float:
-    """Bars [actor, op, micro-batch, start s, end s] on ax, a row per actor; returns the
-    time they span."""
+def _gantt(ax, lines, names: list[str], title: str) -> None:
+    """Bars [actor, op, micro-batch, start s, end s] on ax, a row per actor."""
     from matplotlib.patches import Patch
 
     colors = dict(zip(_ACTIONS, _colors(len(_ACTIONS))))
@@ -321,7 +320,6 @@ def _gantt(ax, lines, names: list[str], title: str) -> float:
     ax.set_title(title, fontsize="small")
     ax.legend(handles=[Patch(color=colors[k], label=v) for k, v in _ACTIONS.items()],
               fontsize="x-small", loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
-    return span
 
 
 def plot_timeline(plan: dict, path: Path) -> Path:
