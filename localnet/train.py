@@ -369,6 +369,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             if step >= total_steps:
                 break
             loss_sum, correct, seen = sums if epoch == start_epoch else (0.0, 0, 0)
+            seen0 = seen  # a resumed epoch's samples before the resume: not timed here
             wd = wd_at(cfg, epoch)
             tic, cpu0 = time.perf_counter(), machine_cpu_s()
             loader = data.train_loader(t.batch_size, cfg.seed, epoch, pin_memory=pin)
@@ -414,7 +415,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                          batch=i + 1, epoch_sums=(loss_sum, correct, seen))
             finish(step, epoch, ex.flush)  # the last batch's tail is training time
             timeline.flushed(step)
-            train_time += time.perf_counter() - tic
+            epoch_s = time.perf_counter() - tic
+            train_time += epoch_s
             for k, v in cpu_since(cpu0).items():
                 machine[k] = machine.get(k, 0.0) + v
             samples_seen += seen
@@ -422,8 +424,12 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             test_loss, test_acc = ex.evaluate(test_loader)
             last = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                     "test_loss": test_loss, "test_accuracy": test_acc}
+            # this epoch's own speed: a run's first epoch also pays for warming up (each
+            # actor's first batches allocate and build its kernels), the later ones not
             line = {"epoch": epoch, "step": step, **last, "lr": lr_at(cfg, epoch, 0, steps_per_epoch),
-                    "weight_decay": wd, "alignment": ex.alignment()}
+                    "weight_decay": wd, "train_s": epoch_s,
+                    "samples_per_s": (seen - seen0) / epoch_s if epoch_s > 0 else 0.0,
+                    "alignment": ex.alignment()}
             metrics_f.write(json.dumps(line) + "\n")
             metrics_f.flush()
             obs.epoch_end(line, samples_seen)

@@ -39,6 +39,9 @@ def test_run_directory_contents(tmp_path):
     for e in epochs:
         assert {"train_loss", "test_loss", "test_accuracy", "lr", "alignment"} <= set(e)
         assert set(e["alignment"]) == {"fc1.linear", "head"}
+        # each epoch's own speed: its 512 samples over its training seconds
+        assert e["train_s"] > 0 and e["samples_per_s"] == pytest.approx(512 / e["train_s"])
+    assert sum(e["train_s"] for e in epochs) == pytest.approx(summary["train_s"])
     steps = [json.loads(l) for l in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, 33, 4))
     assert load_config(tmp_path / "config.yaml") == small("rule.name=fa")
