@@ -2,6 +2,7 @@
 
     python benchmarks/machine_profile.py                              # per unit (11 actors)
     python benchmarks/machine_profile.py --set runtime.partition=per_layer --tag per-layer
+    python benchmarks/machine_profile.py --set runtime.executor=inprocess --tag inprocess
 
 The actors' own CPU account (summary.json `runtime.actor_cpu_s`) times their main threads
 by part; it cannot see inside a part (how much of "compute" is the Python interpreter),
@@ -16,7 +17,9 @@ trained, so the window is cut afterwards, by perf's timestamps (CLOCK_MONOTONIC)
 sorts the samples: the actors' compute kernels (libtorch_cpu and oneDNN's generated
 code), their Python interpreter, their other libraries, their kernel time, gloo's I/O
 threads, the coordinator, everything else, idle; and machine-wide the kernel's TCP sends
-and receives and the bytes' copies inside them.  It also counts, per training step, the
+and receives and the bytes' copies inside them.  The in-process run, the ratios'
+denominator, is sorted the same way into its process's rows, with OpenMP's runtime apart
+from the compute (its threads wait there for each other).  It also counts, per training step, the
 kernel's context switches, migrations between cores and page faults.  Needs `perf`
 (Debian: linux-perf) and the right to sample every CPU (root, or
 kernel.perf_event_paranoid <= 0).  Results go to
@@ -45,8 +48,19 @@ from main_job import SHORT  # noqa: E402
 
 from localnet.config import load_run_config  # noqa: E402
 
+# main_job.py's short run, over one epoch of twice its images: one epoch, so the run ends
+# (main_job.py sets its epochs itself), and long enough for a window well inside it
+RUN = SHORT + ["data.subset=12800", "train.epochs=1"]
+
 ROWS = ("actors: compute kernels", "actors: Python interpreter", "actors: other libraries",
         "actors: kernel", "gloo I/O threads", "coordinator", "everything else", "idle")
+# the in-process run (`--set runtime.executor=inprocess`): one process trains on every
+# core, its torch threads meeting at OpenMP's barrier after each operator, where the
+# threads that finished first wait -- in libgomp, which the actors (one thread each)
+# barely enter; so it gets a row of its own there
+ROWS_INPROCESS = ("process: compute kernels", "process: OpenMP runtime (libgomp)",
+                  "process: Python interpreter", "process: other libraries",
+                  "process: kernel", "everything else", "idle")
 COMPUTE = ("libtorch_cpu", "[JIT]", "libgomp", "mkl")
 # the kernel's own counts, which need no hardware counters (a VM has none): how often a
 # core switched threads, moved a thread to the other core, or mapped a fresh page
@@ -55,8 +69,20 @@ KERNEL_PATHS = {"TCP sends and receives (writev, recvfrom)": ("do_writev", "__sy
                 "the bytes' copies in them": ("_copy_from_iter", "_copy_to_iter")}
 
 
-def row_of(comm: str, dso: str) -> str:
+def row_of(comm: str, dso: str, inprocess: bool = False) -> str:
     """Which row a sample of thread `comm` in object `dso` counts in."""
+    if inprocess:
+        if comm == "swapper":
+            return ROWS_INPROCESS[6]
+        if comm != "python":  # the training process and its torch threads
+            return ROWS_INPROCESS[5]
+        if "libgomp" in dso:
+            return ROWS_INPROCESS[1]
+        if any(k in dso for k in COMPUTE):
+            return ROWS_INPROCESS[0]
+        if "libpython" in dso:
+            return ROWS_INPROCESS[2]
+        return ROWS_INPROCESS[4] if "kernel" in dso else ROWS_INPROCESS[3]
     if comm.startswith("ray::StageWorke"):  # the kernel truncates names to 15 characters
         if any(k in dso for k in COMPUTE):
             return ROWS[0]
@@ -82,18 +108,19 @@ def _report(data: Path, window: str, *args: str) -> list[tuple[float, list[str]]
     return rows
 
 
-def shares(data: Path, window: str) -> dict[str, float]:
+def shares(data: Path, window: str, inprocess: bool = False) -> dict[str, float]:
     """Percent of all samples in `window` ("start,stop", perf's seconds) per row, and per
     kernel path (any thread)."""
     out: Counter = Counter()
     for pct, rest in _report(data, window, "--no-children", "--sort", "comm,dso"):
-        out[row_of(rest[0], " ".join(rest[1:]))] += pct
+        out[row_of(rest[0], " ".join(rest[1:]), inprocess)] += pct
     for pct, rest in _report(data, window, "--children", "--sort", "sym"):
         # rest: self%, [k], symbol
         for name, syms in KERNEL_PATHS.items():
             if len(rest) >= 3 and rest[2] in syms:
                 out[name] += pct
-    return {k: round(out[k], 2) for k in (*ROWS, *KERNEL_PATHS)}
+    return {k: round(out[k], 2) for k in (*(ROWS_INPROCESS if inprocess else ROWS),
+                                          *KERNEL_PATHS)}
 
 
 def _window(run_dir: Path, clock_offset: float, seconds: float | None) -> tuple[float, float]:
@@ -139,7 +166,7 @@ def profile(sets: list[str], seconds: float | None, freq: int, timeout: float) -
         run_dir, data = Path(tmp) / "run", Path(tmp) / "perf.data"
         cmd = [sys.executable, "-m", "localnet", "run", "--no-progress",
                "configs/resnet_pfa.yaml", "--out", str(run_dir)]
-        for s in SHORT + ["data.subset=12800"] + sets:
+        for s in RUN + sets:
             cmd += ["--set", s]
         # perf's samples carry CLOCK_MONOTONIC times; the summary's mtime is wall time
         offset = time.time() - time.monotonic()
@@ -167,7 +194,8 @@ def profile(sets: list[str], seconds: float | None, freq: int, timeout: float) -
         cfg, _ = load_run_config(run_dir)
         steps = (b - a) * s["samples_per_s"] / cfg.train.batch_size
         events = counts(stat_csv, a, b, stat_started)
-        return {"shares": shares(data, f"{a:.6f},{b:.6f}"),
+        inprocess = s["runtime"]["executor"] == "inprocess"
+        return {"shares": shares(data, f"{a:.6f},{b:.6f}", inprocess), "inprocess": inprocess,
                 "window_s": round(b - a, 1), "train_s": round(s["train_s"], 1),
                 "per_step": {e: round(events.get(e, 0.0) / steps, 1) for e in EVENTS},
                 "samples_per_s": round(s["samples_per_s"], 1), "actors": s["runtime"]["actors"]}
@@ -195,15 +223,17 @@ def main(argv=None) -> dict:
         print(f"{v:8.1f}  {k} per training step")
     print(json.dumps(r))
     if not args.no_write:
-        sets = "".join(f" --set {s}" for s in SHORT + ["data.subset=12800"] + args.set)
-        lines = [f"### Where the machine's CPU goes on Ray, by perf ({args.tag})", "",
+        sets = "".join(f" --set {s}" for s in RUN + args.set)
+        where, who = (("in one process", "one process") if r["inprocess"] else
+                      ("on Ray", f"{r['actors']} actors"))
+        lines = [f"### Where the machine's CPU goes {where}, by perf ({args.tag})", "",
                  f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: "
                  f"`{r['command'].strip()}`: `perf record -a -g` at {args.freq} Hz per core "
-                 f"through `localnet run configs/resnet_pfa.yaml{sets}` ({r['actors']} "
-                 f"actors, {r['samples_per_s']} samples/s), of which {r['window_s']} s in "
+                 f"through `localnet run configs/resnet_pfa.yaml{sets}` ({who}, "
+                 f"{r['samples_per_s']} samples/s), of which {r['window_s']} s in "
                  f"the middle of its {r['train_s']} s of training count.  Percent of all "
                  f"samples, the whole machine; the two rows in italics count any thread and "
-                 f"overlap the others (gloo's I/O threads do most of the receives).  The "
+                 f"overlap the others (on Ray, gloo's I/O threads do most of the receives).  The "
                  f"second table: the kernel's counts over the same seconds (`perf stat "
                  f"-a`) per training step.", "",
                  "| where | share of the machine |", "| --- | --- |"]
