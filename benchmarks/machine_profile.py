@@ -19,8 +19,8 @@ code), their Python interpreter, their other libraries, their kernel time, gloo'
 threads, the coordinator, everything else, idle; and machine-wide the kernel's TCP sends
 and receives and the bytes' copies inside them.  The in-process run, the ratios'
 denominator, is sorted the same way into its process's rows, with OpenMP's runtime apart
-from the compute (its threads wait there for each other).  It also counts, per training step, the
-kernel's context switches, migrations between cores and page faults.  Needs `perf`
+from the compute (its threads wait there for each other).  It also counts, per training
+step, the kernel's context switches, migrations between cores and page faults.  Needs `perf`
 (Debian: linux-perf) and the right to sample every CPU (root, or
 kernel.perf_event_paranoid <= 0).  Results go to
 benchmarks/RESULTS.md between <!-- machine-profile:TAG --> markers (--no-write: not).
@@ -74,7 +74,7 @@ def row_of(comm: str, dso: str, inprocess: bool = False) -> str:
     if inprocess:
         if comm == "swapper":
             return ROWS_INPROCESS[6]
-        if comm != "python":  # the training process and its torch threads
+        if not comm.startswith("python"):  # the training process and its torch threads
             return ROWS_INPROCESS[5]
         if "libgomp" in dso:
             return ROWS_INPROCESS[1]
@@ -91,7 +91,7 @@ def row_of(comm: str, dso: str, inprocess: bool = False) -> str:
         return ROWS[3] if "kernel" in dso else ROWS[2]
     if comm.startswith("gloo_tcp"):
         return ROWS[4]
-    if comm == "python":
+    if comm.startswith("python"):  # the coordinator: `python -m localnet run`
         return ROWS[5]
     return ROWS[7] if comm == "swapper" else ROWS[6]
 
