@@ -289,16 +289,16 @@ def test_gloo_plane_carries_payloads_of_any_size_in_order():
     # a second transfer where the payload outgrew the last one, or follows a large one
     # (then into the posted body; a filler byte there if it outgrew that or is empty); a
     # third where both
-    assert [len(e[1]) for e in a._pending] == [1 + (x or o) + (x and o)
+    assert [len(e[2]) for e in a._pending] == [1 + (x or o) + (x and o)
                                                for x, o in zip(big, outgrew)]
-    assert [e[3] is not None for e in a._pending] == [(x or o) and not z
+    assert [e[4] is not None for e in a._pending] == [(x or o) and not z
                                                       for x, o, z in zip(big, outgrew, empty)]
     assert sum(x and not o and not z for x, o, z in zip(big, outgrew, empty)) >= 2
     assert sum(x and o for x, o in zip(big, outgrew)) >= 1
     assert sum(x and z for x, z in zip(big, empty)) == 1
     for e, m, x, z in zip(a._pending, sent, big, empty):
         if x and not z:  # sent from where it lies: no copy, and a frame without room
-            assert np.shares_memory(e[3].numpy(), m.payload) and e[2].numel() == FRAME
+            assert np.shares_memory(e[4].numpy(), m.payload) and e[3].numel() == FRAME
     for m in sent:
         raw, got = b.recv(0)
         assert raw == m.raw_header and got.dtype == m.payload.dtype
@@ -435,10 +435,31 @@ def test_gloo_plane_frees_every_send_of_a_flushing_batch():
         a.send(1, m.raw_header, m.payload)
         raw, got = b.recv(0)
         assert raw == m.raw_header and np.array_equal(got, m.payload)
+    a.settle(2, later={1: 4})  # a receiver that takes them calls later: none waited for
+    assert [e[0] for e in a._pending] == [1, 2, 3]
     a.settle(calls_back=2)
     assert [e[0] for e in a._pending] == [2, 3]  # the last two calls' sends stay
     a.settle(calls_back=0)
     assert a._pending == []
+    a.close(), b.close()
+
+
+def test_a_send_its_receiver_never_takes_names_the_edge_and_the_message():
+    """gloo completes a send only once its receiver took it, so a sender that waits for
+    one too soon (or a receiver that stopped taking) fails at runtime.timeout_s with the
+    edge, the message and how many calls ago it went -- not gloo's bare timeout."""
+    import datetime
+
+    a, b = _gloo_pair(["stage0", "stage1"])
+    a.timeout = datetime.timedelta(seconds=1)
+    m = _act(torch.randn(64, 1024))
+    a.next_call()
+    a.send(1, m.raw_header, m.payload)
+    a.next_call()
+    with pytest.raises(MessageError, match=r"activation message on edge stage0->stage1 at "
+                       r"step 3 \(micro-batch 1\): stage1 did not take it within 1 s "
+                       r"\(runtime.timeout_s; sent 1 calls ago\)"):
+        a.settle(calls_back=0)
     a.close(), b.close()
 
 

@@ -417,10 +417,14 @@ def test_ray_per_layer_resnet8_matches_inprocess_after_20_steps(actors, rule, sc
 
 
 # ---------------------------------------------------------------------------- async
-def test_ray_async_equals_the_local_interpreter_and_drains(actors):
+@pytest.mark.parametrize("rule", ["pfa", "dfa"])
+def test_ray_async_equals_the_local_interpreter_and_drains(actors, rule):
     """The async stream on Ray does exactly what the in-process interpreter does (each
-    actor runs its list in order), with backwards still in flight between steps."""
-    cfg = cfg_for("pfa", "async", RESNET8, "per_layer", m=2, bs=8)
+    actor runs its list in order), with backwards still in flight between steps.  DFA:
+    the last actor's error reaches the first actor's backward 7 micro-batches (4 calls)
+    after it was sent, and the sender must not wait for it sooner (`take_lags`)."""
+    cfg = cfg_for(rule, "async", RESNET8, "per_layer", m=2, bs=8)
+    cfg.runtime.timeout_s = 30  # a sender that waits too soon: an error, not a long hang
     data = batches(6, 8, IMG, NC, seed=11)
     outs = []
     for local in (True, False):

@@ -121,7 +121,7 @@ def test_comm_cost_and_structure_checks():
 
 # ---------------------------------------------------------------------------- graphs, async
 from localnet.schedules import (STEP_MB, AsyncStream, depths, staleness,  # noqa: E402
-                                stream_staleness)
+                                stream_staleness, take_lags)
 
 # ResNet-8 per layer: stem, (conv1, merge) x 3, head; a merge reads conv1 and the skip
 RESNET8 = [[-1], [0], [1, 0], [2], [3, 2], [4], [5, 4], [6]]
@@ -195,6 +195,38 @@ def test_the_last_stage_stream_cut_after_its_forward_keeps_every_action_in_order
                 assert piece[-1] == F(M * k - 1)
                 got_b += piece
             assert got_a + a.drain(5 * M) == got_b + b.drain(5 * M)
+
+
+@pytest.mark.parametrize("graph", [None, RESNET8, PROJ])
+@pytest.mark.parametrize("dfa", [False, True])
+def test_take_lags_bound_every_error_of_the_streamed_pieces(graph, dfa):
+    """Cut every stage's stream into batch pieces as the runtime does (the last stage
+    right after its forwards), and find in which piece each error is sent and taken: a
+    chain error at the sender's B(g), DFA's e at the last stage's F(g), each taken at the
+    receiver's B(g).  A sender may wait for a send only `take_lags` (default 2) calls
+    later, so every lag must stay below that; with one micro-batch per batch, DFA's e to
+    the first stage takes exactly d(0) calls, the bound's tightest case."""
+    S = len(graph) if graph else 5
+    g8 = graph or [[-1]] + [[s - 1] for s in range(1, S)]
+    d, last = stream_staleness(graph, S), S - 1
+    for M in (1, 2, 3, 4):
+        streams, where = [AsyncStream(x) for x in d], {}
+        K = 3 * S  # batches: enough that every stage reaches its steady state
+        for k in range(K):
+            for s, st in enumerate(streams):
+                for a in st.take(M * (k + 1), to_forward=s == last):
+                    where[(s, a)] = k
+        lags = []
+        for g in range(M * K - 2 * S):  # micro-batches every stage finished in the pieces
+            for t in range(last):
+                senders = [last] if dfa else [c for c in range(S) if t in g8[c]]
+                for src in senders:
+                    sent = where[(src, F(g) if dfa else B(g))]
+                    lag = where[(t, B(g))] - sent
+                    assert 0 <= lag < take_lags(graph, S, src).get(t, 2), (src, t, g, M)
+                    lags.append((lag, src, t))
+        if dfa and M == 1:
+            assert max(lags) == (d[0], last, 0) and take_lags(graph, S, last)[0] == d[0] + 1
 
 
 def test_streamed_two_stages_keep_both_busy():

@@ -44,7 +44,7 @@ class LocalEnd:
         return raw, as_array(raw, wire_bytes(arr, layout(arr) or ()), self.names[src],
                              self.names[self.rank])
 
-    def settle(self, calls_back: int = 0) -> None:
+    def settle(self, calls_back: int = 0, later=None) -> None:
         pass
 
     def next_call(self) -> None:

@@ -191,7 +191,7 @@ class GlooPlane:
         self._dev = (device_group(dist.PrefixStore("device", self._store), rank, world,
                                   self.timeout) if self.device_peers else None)
         self._connect_device_peers()
-        self._pending: list = []   # (call, works, buffers...) of sends not yet waited for
+        self._pending: list = []   # (call, dst, works, buffers...) of sends not yet waited for
         self._call = 0
         # payload bytes of the last message on each edge: the room the receiver posts
         self._sent: dict[int, int] = {}    # dst -> sent there last
@@ -263,7 +263,7 @@ class GlooPlane:
         # the payload itself only through `body`, which views it: an inline payload was
         # copied into `buf`, and keeping the array too would keep the error it came from
         # (often nothing else holds it) for the rest of the call
-        self._pending.append((self._call, works, buf, body))
+        self._pending.append((self._call, dst, works, buf, body))
 
     def _send_device(self, dst: int, raw: bytes, payload: torch.Tensor) -> None:
         """The frame over gloo, the payload from where it lies through the device group."""
@@ -276,24 +276,47 @@ class GlooPlane:
         if n:
             works.append(self._dev.send([body], dst, _DEV))
         self._sent[dst] = 0  # the receiver posts a bare frame next (see recv)
-        self._pending.append((self._call, works, buf, body))
+        self._pending.append((self._call, dst, works, buf, body))
 
-    def settle(self, calls_back: int = 0) -> None:
+    def settle(self, calls_back: int = 0, later: dict[int, int] | None = None) -> None:
         """Wait until the receivers took what this actor sent before its last
         `calls_back` calls, and free those buffers.  A gloo send is done only once
         waited for (`is_completed` stays False until then), so without this every
         payload ever sent would stay in memory.  calls_back=0 once a flushing batch is
         over (every message, the last call's too, was taken within it); 2 at the start
-        of an async call (a message may be taken in the receiver's next call)."""
-        last = self._call - calls_back  # the newest call whose sends are waited for
+        of an async call (a message may be taken in the receiver's next call).
+        later: receivers that take a message more calls after it was sent, dst -> their
+        calls_back (async DFA: the last actor's error reaches each earlier actor's
+        backward many micro-batches later, `schedules.take_lags`).  Waiting for those
+        sooner would block this actor until a call of theirs that the coordinator
+        issues only after this one's reply: a deadlock until the timeout."""
+        later = later or {}
         rest = []
         for entry in self._pending:
-            if entry[0] <= last:
-                for w in entry[1]:
-                    w.wait(self.timeout)
+            if entry[0] <= self._call - later.get(entry[1], calls_back):
+                for w in entry[2]:
+                    self._wait_sent(w, entry)
             else:
                 rest.append(entry)
         self._pending = rest
+
+    def _wait_sent(self, work, entry) -> None:
+        """A send's wait, its failure named by the edge and the message (from its frame)."""
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as err:
+            call, dst, _, buf = entry[:4]
+            me, peer = self.names[self.rank], self.names[dst]
+            if "imed out" not in str(err):
+                raise PeerFailed(peer, me, str(err).splitlines()[0][-200:]) from None
+            reason = (f"{peer} did not take it within {self.timeout.total_seconds():g} s "
+                      f"(runtime.timeout_s; sent {self._call - call} calls ago)")
+            try:
+                h = Header.decode(unframe(buf, me, peer)[0])
+            except (MessageError, PeerFailed, ValueError):  # an abort frame: no message
+                raise MessageError(reason, me, peer) from None
+            # the edge's own ends: a broadcast's header names no single receiver
+            raise MessageError(reason, me, peer, h.kind, h.step, h.mb) from None
 
     def next_call(self) -> None:
         self._call += 1
@@ -387,7 +410,7 @@ class GlooPlane:
         for dst in range(len(self.names)):
             if dst != self.rank:
                 try:
-                    self._pending.append((self._call, [self.pg.send([f], dst, _TAG)], f))
+                    self._pending.append((self._call, dst, [self.pg.send([f], dst, _TAG)], f))
                 except RuntimeError:
                     pass  # that peer's connection is gone already
 

@@ -11,6 +11,7 @@ import time
 from ..ledger import Ledger
 from ..schedules import Action, simulate
 from .messages import MessageError, stage_name
+from . import session
 from .session import NoReply
 from .worker import StageWorker
 
@@ -40,6 +41,12 @@ class RecoveryMixin:
     def _recover(self) -> None:
         """After a failed batch: clear every actor's in-flight state and rebuild the
         plane (best effort: a dead actor is `_revive`'s)."""
+        ahead = getattr(self, "_ahead", None)
+        echoes = list(getattr(self, "_outstanding", []))
+        echoes += list(ahead.refs) if ahead is not None and ahead.refs else []
+        self._outstanding = []
+        if echoes and not self.local:
+            session.forget(echoes, self.timeout)
         self._new_streams()
         try:
             self._get([w.reset.remote() for w in self.workers], "reset")

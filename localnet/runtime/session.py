@@ -358,6 +358,21 @@ def count_ready(refs: list, timeout: float, tell) -> float:
     return time.monotonic() - t0
 
 
+def forget(refs: list, timeout: float) -> None:
+    """Calls whose errors are only echoes of one already raised (the batch issued ahead,
+    which each actor refuses once it failed): wait for them and take their errors, so Ray
+    does not print each actor's traceback as an unhandled error when the refs go."""
+    import ray
+
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for r in refs:
+        try:
+            ray.get(r, timeout=0)
+        except Exception:  # noqa: BLE001 - taken, not raised: the cause was raised already
+            pass
+
+
 def gather(refs: list, timeout: float, what: str, order=None) -> list:
     """Every actor's reply to a batch.  When one failed, wait for the rest (the abort
     frames make them stop at once) and raise the *cause*: a peer that stopped because of

@@ -48,6 +48,7 @@ from ..ledger import Ledger
 from ..timing import StageTimer
 from ..models import unit_shapes
 from ..rules import make_rule
+from ..schedules import take_lags
 from ..stage import NodeStage
 from .cpu_policy import (apply as cpu_policy_apply, current as cpu_policy_current,
                          for_actor as cpu_policy_for_actor)
@@ -174,6 +175,9 @@ class StageWorker(WireEnd, StageState):
                                grad_inputs=[p != DRIVER for p in self.inputs],
                                device=self.device, stash=stash)
         self.stage.train(True)
+        # async: whom this actor's sends may reach several calls later (DFA's error)
+        self._take_lags = take_lags([list(i) for i in pl.inputs], pl.num_actors,
+                                    self.index) if stash else {}
         self._timer = StageTimer(self.stage)  # observability: see timings()
         self._setup_channels(cfg, pl, list(model.unit_names), rule.broadcast_output_error)
         del model
@@ -275,7 +279,7 @@ class StageWorker(WireEnd, StageState):
             # coordinator rebuilt the plane, which drops them); async ones may be taken
             # in the receiver's next call.  Not at the end of this call: a peer that
             # failed mid-batch never takes them, and the wait would last the timeout.
-            self.plane.settle(calls_back=2 if self.stage.stash else 0)
+            self.plane.settle(2 if self.stage.stash else 0, self._take_lags)
             self.plane.next_call()
             self.plane.expect(receives(self, actions))
             return drive(interpret(self, actions, inputs or {}, targets or {}), self.plane)

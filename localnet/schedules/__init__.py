@@ -17,10 +17,10 @@ from .base import (SCHEDULES, STEP, STEP_MB, Action, B, F, PipelineSchedule, Sch
 
 discover(__name__, __path__)
 
-from .async_pipe import AsyncStream, stream_staleness  # noqa: E402 - registered above
+from .async_pipe import AsyncStream, stream_staleness, take_lags  # noqa: E402 - registered above
 from .simulator import DeadlockError, SimResult, simulate  # noqa: E402
 
 __all__ = ["SCHEDULES", "STEP", "STEP_MB", "Action", "AsyncStream", "B", "DeadlockError",
            "F", "PipelineSchedule", "Schedule", "SimResult", "chain", "check_schedule",
            "consumers", "depths", "make_schedule", "simulate", "staleness",
-           "stream_staleness"]
+           "stream_staleness", "take_lags"]

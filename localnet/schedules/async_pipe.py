@@ -46,6 +46,21 @@ def stream_staleness(graph: list[list[int]] | None, S: int) -> list[int]:
     return depths(_graph(S, graph))
 
 
+def take_lags(graph: list[list[int]] | None, S: int, s: int) -> dict[int, int]:
+    """For stage s streaming async: the stages that may take a message from s more than
+    one call (batch piece) after the call that sent it, each with that many calls, plus
+    one.  Stage t runs B(g) right after F(g + d(t)), and each call's piece holds the
+    forwards of that batch's micro-batches, so t takes micro-batch g's error in the
+    piece of micro-batch g + d(t).  An error s sends for g (at its own B(g), or, from
+    the last stage, with its loss) therefore waits up to d(t) - d(s) micro-batches, so
+    at most that many calls (M = 1; fewer with more micro-batches per batch).  Along a
+    chain d(t) - d(s) = 1; DFA's error goes from the last stage to every stage, the first
+    of them d(0) micro-batches behind.  Forwards are taken within the call that sent
+    them.  The sender must not wait for such a message sooner (`GlooPlane.settle`)."""
+    d = stream_staleness(graph, S)
+    return {t: 1 + d[t] - d[s] for t in range(S) if d[t] - d[s] > 1}
+
+
 class AsyncStream:
     """One stage's endless async action list, from micro-batch `start` on:
     F(start) .. F(start+d-1), then F(g+d) B(g) STEP(g) for g = start, start+1, ...
