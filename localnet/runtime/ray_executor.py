@@ -297,7 +297,9 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         try:
             # a silent peer is the plane's error (naming the edge) first: wait longer
             return session.gather(refs, self.timeout * 1.5 + 10, what, self._cause_order)
-        except BaseException:
+        except BaseException as err:
+            if not isinstance(err, KeyboardInterrupt):
+                self._forget_echoes()
             self._recover()
             raise
 

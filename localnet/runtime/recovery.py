@@ -41,18 +41,25 @@ class RecoveryMixin:
     def _recover(self) -> None:
         """After a failed batch: clear every actor's in-flight state and rebuild the
         plane (best effort: a dead actor is `_revive`'s)."""
-        ahead = getattr(self, "_ahead", None)
-        echoes = list(getattr(self, "_outstanding", []))
-        echoes += list(ahead.refs) if ahead is not None and ahead.refs else []
-        self._outstanding = []
-        if echoes and not self.local:
-            session.forget(echoes, self.timeout)
         self._new_streams()
         try:
             self._get([w.reset.remote() for w in self.workers], "reset")
             self._open_plane()
         except Exception:  # noqa: BLE001 - the original error is what matters
             pass
+
+    def _forget_echoes(self) -> None:
+        """After a failed call, before `_recover`: the calls issued behind it (the batch
+        issued ahead, replies not yet checked) fail too, at once, as echoes of its error
+        (each actor refuses calls once it failed); take their errors, so Ray does not
+        print each actor's traceback as unhandled.  Not after Ctrl-C or SIGTERM: Ray's own
+        processes may be gone, and the run must stop in seconds."""
+        ahead = getattr(self, "_ahead", None)
+        echoes = list(getattr(self, "_outstanding", []))
+        echoes += list(ahead.refs) if ahead is not None and ahead.refs else []
+        self._outstanding = []
+        if echoes and not self.local:
+            session.forget(echoes, min(self.timeout, 10.0))
 
     def _dead(self) -> list[int]:
         """Indices of actors that are gone (RayActorError on a ping)."""
