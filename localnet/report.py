@@ -429,10 +429,11 @@ def report(paths, out: str | Path | None = None) -> dict:
              angles("bp_update_angle", "angle(update, BP gradient) (deg)"),
              "no run measured it (metrics.bp_angle: true)"),
             ("messages.png", lambda path: plot_messages(runs, path),
-             "no messages.json: only the Ray executor sends messages (runtime.executor: ray)"),
+             "no messages.json: the Ray executor writes it at each epoch's end "
+             "(runtime.executor: ray; a run that stopped in its first epoch has none)"),
             ("timeline.png", lambda path: plot_run_timelines(runs, path),
              "no timeline.json: only actors note their actions (runtime.executor: ray, "
-             "metrics.timeline_steps > 0)")):
+             "metrics.timeline_steps > 0), once those steps are done")):
         p = draw(out / name)
         if p:
             files.append(p)
