@@ -285,38 +285,32 @@ class GlooPlane:
         payload ever sent would stay in memory.  calls_back=0 once a flushing batch is
         over (every message, the last call's too, was taken within it); 2 at the start
         of an async call (a message may be taken in the receiver's next call).
-        later: receivers that take a message more calls after it was sent, dst -> their
-        calls_back (async DFA: the last actor's error reaches each earlier actor's
-        backward many micro-batches later, `schedules.take_lags`).  Waiting for those
-        sooner would block this actor until a call of theirs that the coordinator
-        issues only after this one's reply: a deadlock until the timeout."""
+        later: dst -> calls_back for receivers that take a message calls later still
+        (async DFA's error, `schedules.take_lags`); waiting for one sooner would block
+        on a call the coordinator issues only after this one's reply."""
         later = later or {}
         rest = []
         for entry in self._pending:
             if entry[0] <= self._call - later.get(entry[1], calls_back):
                 for w in entry[2]:
-                    self._wait_sent(w, entry)
+                    self._wait(w, self.names[entry[1]], self.names[self.rank], entry)
             else:
                 rest.append(entry)
         self._pending = rest
 
-    def _wait_sent(self, work, entry) -> None:
-        """A send's wait, its failure named by the edge and the message (from its frame)."""
+    def _untaken(self, entry) -> MessageError:
+        """A send its receiver did not take in time, named by the edge and (from its
+        frame) the message."""
+        call, dst, _, buf = entry[:4]
+        me, peer = self.names[self.rank], self.names[dst]
+        reason = (f"{peer} did not take it within {self.timeout.total_seconds():g} s "
+                  f"(runtime.timeout_s; sent {self._call - call} calls ago)")
         try:
-            work.wait(self.timeout)
-        except RuntimeError as err:
-            call, dst, _, buf = entry[:4]
-            me, peer = self.names[self.rank], self.names[dst]
-            if "imed out" not in str(err):
-                raise PeerFailed(peer, me, str(err).splitlines()[0][-200:]) from None
-            reason = (f"{peer} did not take it within {self.timeout.total_seconds():g} s "
-                      f"(runtime.timeout_s; sent {self._call - call} calls ago)")
-            try:
-                h = Header.decode(unframe(buf, me, peer)[0])
-            except (MessageError, PeerFailed, ValueError):  # an abort frame: no message
-                raise MessageError(reason, me, peer) from None
-            # the edge's own ends: a broadcast's header names no single receiver
-            raise MessageError(reason, me, peer, h.kind, h.step, h.mb) from None
+            h = Header.decode(unframe(buf, me, peer)[0])
+        except (MessageError, PeerFailed, ValueError):  # an abort frame: no message
+            return MessageError(reason, me, peer)
+        # the edge's own ends: a broadcast's header names no single receiver
+        return MessageError(reason, me, peer, h.kind, h.step, h.mb)
 
     def next_call(self) -> None:
         self._call += 1
@@ -390,15 +384,18 @@ class GlooPlane:
         buf = torch.empty(FRAME + room, dtype=torch.uint8)
         return self.pg.recv([buf], src, _TAG), buf, None
 
-    def _wait(self, work, peer: str, me: str) -> None:
+    def _wait(self, work, peer: str, me: str, sent=None) -> None:
+        """A receive from peer, or (sent: its pending entry) a send to it."""
         try:
             work.wait(self.timeout)
         except RuntimeError as err:
             text = str(err)
-            if "imed out" in text:
-                raise MessageError(f"nothing arrived within {self.timeout.total_seconds():g} s "
-                                   f"(runtime.timeout_s)", peer, me) from None
-            raise PeerFailed(peer, me, text.splitlines()[0][-200:]) from None
+            if "imed out" not in text:
+                raise PeerFailed(peer, me, text.splitlines()[0][-200:]) from None
+            if sent is not None:
+                raise self._untaken(sent) from None
+            raise MessageError(f"nothing arrived within {self.timeout.total_seconds():g} s "
+                               f"(runtime.timeout_s)", peer, me) from None
 
 
     def abort(self, reason: str) -> None:
