@@ -210,7 +210,7 @@ def test_plane_frames_carry_the_header_and_rebuild_the_payload():
     import numpy as np
 
     from localnet.runtime.local_plane import LocalPlane
-    from localnet.runtime.plane import PeerFailed, abort_frame, as_array, frame, unframe
+    from localnet.runtime.frames import PeerFailed, abort_frame, as_array, frame, unframe
 
     m = _act(torch.randn(3, 5))
     raw, n, on_dev = unframe(frame(m.raw_header, m.payload_bytes), "stage0", "stage1")
@@ -267,7 +267,8 @@ def test_gloo_plane_carries_payloads_of_any_size_in_order():
     dtypes, several sent before any is taken, and both directions at once."""
     import numpy as np
 
-    from localnet.runtime.plane import FRAME, ZERO_COPY
+    from localnet.runtime.frames import FRAME
+    from localnet.runtime.plane import ZERO_COPY
 
     a, b = _gloo_pair(["stage0", "stage1"])
     assert a._dev is None and not b.device_peers  # CPU actors: no device group
@@ -471,7 +472,7 @@ def test_a_channels_last_payload_travels_as_it_lies():
     neither dense layout is copied into row-major order first."""
     from localnet.runtime.payload import CHANNELS_LAST, layout, wire_bytes
     from localnet.runtime.local_plane import LocalPlane
-    from localnet.runtime.plane import as_array
+    from localnet.runtime.frames import as_array
 
     t = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     m = _act(t)

@@ -10,6 +10,7 @@
   stage_state.py   its state, checkpoint file, BP-angle probes, timings, and the
                    coordinator's commands (step, mirror, mode, reset)
   interpreter.py   the actor's own loop: its action list for a batch, messages in and out
+  frames.py        the frame every message starts with (lengths, header, payload)
   plane.py         the data plane: actor to actor over torch.distributed (gloo; NCCL
                    between GPUs)
   local_plane.py   in-process queues and actor stand-ins for `executor: local`

@@ -1,6 +1,6 @@
 """The data plane of `runtime.executor: local`: every actor's worker in this process, the
 messages between them in queues.  No Ray and no sockets, but each message still goes
-through the plane's framing and the receiver's checks (`plane.py`), so the local mode
+through the framing and the receiver's checks (`frames.py`), so the local mode
 tests the same wire contract as the real plane."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections import deque
 import numpy as np
 
 from .payload import host as to_host, layout, wire_bytes
-from .plane import as_array, frame, unframe
+from .frames import as_array, frame, unframe
 
 
 class LocalPlane:

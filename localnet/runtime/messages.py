@@ -33,7 +33,7 @@ Every receiver calls `validate` on what it gets; a bad message raises `MessageEr
 naming the edge (src->dst), the kind and the step.
 
 Between actors a message travels over the data plane (`plane.py`) as a frame holding the
-header, then the payload's bytes; the receiver rebuilds the array from the header.
+header (`frames.py`), then the payload's bytes; the receiver rebuilds the array from the header.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .messages import MessageError
-from .plane import PeerFailed
+from .frames import PeerFailed
 
 
 def cluster_address(runtime) -> str | None:
