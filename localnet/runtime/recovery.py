@@ -10,8 +10,8 @@ import time
 
 from ..ledger import Ledger
 from ..schedules import Action, simulate
-from .messages import MessageError, stage_name
 from . import session
+from .messages import MessageError, stage_name
 from .session import NoReply
 from .worker import StageWorker
 

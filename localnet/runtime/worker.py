@@ -277,8 +277,9 @@ class StageWorker(WireEnd, StageState):
             # Free what this actor sent in earlier calls, before this one allocates: a
             # flushing batch's messages were all taken within it (had it failed, the
             # coordinator rebuilt the plane, which drops them); async ones may be taken
-            # in the receiver's next call.  Not at the end of this call: a peer that
-            # failed mid-batch never takes them, and the wait would last the timeout.
+            # in the receiver's next call, or calls later (DFA's error: take_lags).  Not
+            # at the end of this call: a peer that failed mid-batch never takes them,
+            # and the wait would last the timeout.
             self.plane.settle(2 if self.stage.stash else 0, self._take_lags)
             self.plane.next_call()
             self.plane.expect(receives(self, actions))
