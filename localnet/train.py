@@ -38,6 +38,7 @@ from .errors import DivergedError
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
+from .schedules import SCHEDULES
 from .files import load_state, save_state, write_json, write_text
 from .metrics import RunObserver
 from .timeline import Timeline
@@ -291,6 +292,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         for f in ("metrics.jsonl", "steps.jsonl", STOPPED):  # a sweep point run afresh
             (run_dir / f).unlink(missing_ok=True)
         rule.on_start(ex)
+    step0, own_s = step, 0.0  # this process's training: what its CPU account covers
 
     # a GPU in this process: batches come in pinned memory, one asynchronous copy each
     pin = isinstance(ex, InProcessExecutor) and ex.device.type == "cuda"
@@ -340,6 +342,14 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     if resume and at.recut:
         bar.note(f"resumed: the checkpoint's {recuts[-1]['from']} re-cut into this run's "
                  f"{recuts[-1]['to']}; checkpoint.pt now holds the new cut")
+    if isinstance(ex, InProcessExecutor) and SCHEDULES.get(cfg.runtime.schedule.name).streamed:
+        # no error: async actors against this synchronous reference is a comparison
+        # users make (benchmarks/pipeline.py), and an async run may be resumed here
+        bar.note(f"note: runtime.schedule {cfg.runtime.schedule.name} updates each actor per "
+                 f"micro-batch, stale by the pipeline's depth; the in-process executor "
+                 f"has no pipeline, so it trains one update per batch (the maths of gpipe "
+                 f"and 1f1b).  runtime.executor=local runs {cfg.runtime.schedule.name} in "
+                 f"this process")
     crowded = ex.crowding()
     if crowded:
         bar.note(f"note: {crowded[0]} actors share {crowded[1]} CPU cores, so each message "
@@ -401,7 +411,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                     steps_f.write(json.dumps(line) + "\n")
                     steps_f.flush()
                     obs.record(line["alignment"], angles)
-                sps = seen / (time.perf_counter() - tic)
+                sps = (seen - seen0) / (time.perf_counter() - tic)  # tic: this process's
                 obs.step(step=step, epoch=epoch, lr=lr, wd=wd, batch_loss=st.loss_sum / st.samples,
                          loss_sum=loss_sum, correct=correct, seen=seen, samples=st.samples,
                          samples_per_s=sps)
@@ -417,6 +427,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             timeline.flushed(step)
             epoch_s = time.perf_counter() - tic
             train_time += epoch_s
+            own_s += epoch_s
             for k, v in cpu_since(cpu0).items():
                 machine[k] = machine.get(k, 0.0) + v
             samples_seen += seen
@@ -460,6 +471,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         "train_s": train_time,
         # (this process's epochs only: a resumed run's earlier ones are not in it)
         "machine_cpu_s": {k: round(v, 2) for k, v in machine.items()} or None,
+        # what this process trained, which machine_cpu_s and the actors' CPU account
+        # cover (samples_per_s and train_s count a resumed run's earlier processes too)
+        "trained_here": {"steps": step - step0, "train_s": own_s},
         "wall_s": time.perf_counter() - wall_start,
         "alignment": {n: a["angle"] for n, a in alignment.items()},
         "norm_ratio": {n: a["norm_ratio"] for n, a in alignment.items()},

@@ -388,9 +388,10 @@ def _finished_run(path, cfg, compute_s, hop_s, steps=10, before=0, **runtime):
     rt = {"executor": "ray", "actors": 3, "edges": [[0, 1], [1, 2]], "micro_batches": 4,
           "dfa_broadcast": False, "partition": "per_unit", "schedule": "1f1b",
           "crowding": [3, 1], "actor_cpu_s": {"compute": steps * compute_s}, **runtime}
+    # as train.py writes it: steps, speed and seconds count the earlier processes too
     (path / "summary.json").write_text(json.dumps({
-        "steps": before + steps, "samples_per_s": 0.37, "train_s": steps * 16 / 0.37,
-        "runtime": rt,
+        "steps": before + steps, "samples_per_s": 0.37, "train_s": (before + steps) * 16 / 0.37,
+        "trained_here": {"steps": steps, "train_s": steps * 16 / 0.37}, "runtime": rt,
         "machine_cpu_s": {"user": 0.75 * busy, "system": 0.25 * busy, "idle": 3.0}}))
     return path
 

@@ -129,6 +129,9 @@ def test_resume_continues_to_the_same_result(tmp_path, extra):
                     resume=True, progress=False)
     assert resumed["steps"] == full["steps"]
     assert resumed["test_loss"] == full["test_loss"]
+    # what the resumed process's own CPU account covers: the third epoch's batches only
+    assert resumed["trained_here"]["steps"] == full["steps"] // 3 == full["trained_here"]["steps"] // 3
+    assert 0 < resumed["trained_here"]["train_s"] < resumed["train_s"]
     a = torch.load(tmp_path / "full/checkpoint.pt", weights_only=True)["executor"]["stages"]
     b = torch.load(tmp_path / "part/checkpoint.pt", weights_only=True)["executor"]["stages"]
     for sa, sb in zip(a, b):
@@ -807,3 +810,19 @@ def test_timeline_notes_each_actors_actions_as_they_ran(tmp_path):
     assert not (tmp_path / "off/timeline.json").exists()
     assert not (tmp_path / "one/timeline.json").exists()
     assert "timeline.png" in report([tmp_path / "one"], tmp_path / "r1")["skipped"]
+
+
+def test_an_async_schedule_in_process_says_it_trains_the_synchronous_maths(tmp_path, capsys):
+    """The in-process executor has no pipeline: under runtime.schedule=async it trains
+    what 1f1b gives (the same weights), says so once, and names the executor that runs
+    async in one process; a 1f1b run gets no such note."""
+    sync = train(small("train.epochs=1", "train.micro_batches=2", "runtime.schedule=1f1b"),
+                 tmp_path / "sync", progress=False)
+    assert "micro-batch, stale" not in capsys.readouterr().err
+    stale = train(small("train.epochs=1", "train.micro_batches=2", "runtime.schedule=async"),
+                  tmp_path / "async", progress=False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("note: runtime.schedule async updates each actor per micro-batch") == 1
+    assert "runtime.executor=local runs async in this process" in err
+    assert stale["runtime"]["schedule"] == "sequential"
+    assert stale["test_loss"] == sync["test_loss"]

@@ -282,10 +282,10 @@ def run_costs(run_dir) -> dict:
         raise ConfigError(f"{where}: no config.yaml beside its summary.json; give the "
                           f"directory of a finished `localnet run`")
     cfg, _ = load_run_config(run_dir)
-    # the batches this process trained: a resumed run's `steps` counts the earlier
-    # processes' too, its CPU account only its own (the same samples its speed counts)
-    rate, secs = s.get("samples_per_s") or 0.0, s.get("train_s") or 0.0
-    steps = rate * secs / cfg.train.batch_size if rate and secs else int(s.get("steps") or 0)
+    # the batches its last process trained, which its CPU account covers: a resumed
+    # run's `steps`, `samples_per_s` and `train_s` count the earlier processes' too
+    here = s.get("trained_here")
+    steps = here["steps"] if isinstance(here, dict) else int(s.get("steps") or 0)
     compute = (rt.get("actor_cpu_s") or {}).get("compute") or 0.0
     busy = busy_s(s.get("machine_cpu_s"))
     edges = rt.get("edges") or []
