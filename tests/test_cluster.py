@@ -7,6 +7,7 @@ custom resource (node0, node1, node2), with token authentication on.
 - Node loss: a worker node's raylet is killed mid-run; the coordinator recreates that
   node's actors on the surviving nodes from the last checkpoint, replays the steps since,
   and the run finishes with the recovery in summary.json.
+- A run with no address beside the cluster starts its own embedded Ray.
 
 Needs `ray[default]` (the Jobs CLI; `pip install -e '.[cluster]'`, which .ci/run does).
 Without it the module is skipped, except under CI, where that is a failure.  The cluster's
@@ -168,6 +169,34 @@ def test_the_readmes_cluster_route_spreads_actors_over_every_node(cluster, tmp_p
         src, dst = e.split("->")
         assert edges[e]["activation"]["payload_bytes"] > 0, e
         assert edges[f"{dst}->{src}"]["error"]["payload_bytes"] > 0, e
+
+
+def test_a_run_without_an_address_beside_a_ray_start_gets_its_own_ray(cluster, tmp_path):
+    """`ray start` on this machine records its address where a bare ray.init() looks for
+    one to join (the temp dir's ray_current_cluster).  A run with no runtime.address and
+    no $RAY_ADDRESS still starts its embedded Ray, as the README says, rather than
+    joining that cluster -- where Ray refuses the embedded Ray's CPU count -- and leaves
+    the record pointing at the cluster."""
+    env, _, gcs, _ = cluster
+    tmp = Path(f"/tmp/lnr{os.getpid()}")  # short: Ray's socket paths live under it
+    record = tmp / "ray" / "ray_current_cluster"
+    record.parent.mkdir(parents=True)
+    record.write_text(gcs)
+    try:
+        sets = ["data.name=synthetic", "model.name=mlp", "model.widths=[32]", "rule.name=fa",
+                "train.epochs=1", "train.batch_size=32", "data.subset=128",
+                "runtime.executor=ray"]
+        r = subprocess.run([sys.executable, "-m", "localnet", "run",
+                            str(ROOT / "configs/mnist_mlp.yaml"), "--no-progress", "--out",
+                            str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)],
+                           cwd=ROOT, env={**env, "RAY_TMPDIR": str(tmp)}, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["steps"] == 128 // 32 and len(set(summary["runtime"]["actor_nodes"])) == 1
+        assert record.read_text() == gcs
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp)], timeout=60)
 
 
 def test_a_lost_node_costs_no_step(cluster, tmp_path):

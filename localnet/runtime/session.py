@@ -128,8 +128,11 @@ def _init(ray, runtime) -> None:
         # Ray reserves its object store out of the memory it offers workers; the actors
         # here need that memory more (memory.py's preflight counts on it)
         # logging_level: Ray's notes on starting a private instance (that it started, that
-        # token auth is on) would break into the start-up display; its errors still show
-        ray.init(num_cpus=runtime.local_cpus, include_dashboard=False, log_to_driver=False,
+        # token auth is on) would break into the start-up display; its errors still show.
+        # "local": a private instance even beside a `ray start` on this machine, which
+        # ray.init would otherwise join -- and refuse, as it takes no num_cpus there
+        ray.init(address="local", num_cpus=runtime.local_cpus, include_dashboard=False,
+                 log_to_driver=False,
                  object_store_memory=runtime.local_object_store_mb << 20,
                  logging_level=logging.ERROR)
 
