@@ -395,6 +395,33 @@ def test_train_build_chooses_the_ray_executor(ray_session):
         ex.close()
 
 
+def test_actors_with_several_threads_on_shared_cores_let_openmp_sleep(ray_session):
+    """runtime.threads=2 with no CPU reserved per thread: every actor starts with
+    OMP_WAIT_POLICY=PASSIVE, so its idle OpenMP worker sleeps instead of spinning on a
+    core another actor needs (cpu_policy.openmp_env); one thread, or a CPU reserved per
+    thread, leaves libgomp's default; and a policy the user set is never overridden."""
+    from localnet.runtime.cpu_policy import openmp_env
+    from localnet.train import build
+
+    assert openmp_env(2, 0.0, {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_env(1, 0.0, {}) == {} and openmp_env(2, 2.0, {}) == {}
+    assert openmp_env(4, 2.0, {"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    cfg = Config.model_validate({
+        "seed": 1, "rule": {"name": "fa"}, "model": {"name": "mlp", "widths": [16]},
+        "data": {"name": "synthetic", "subset": 64, "test_subset": 32},
+        "train": {"batch_size": 16, "eval_batch_size": 32},
+        "runtime": {"executor": "ray", "threads": 2, "timeout_s": 120}})
+    data, rule, model, ex = build(cfg)
+    try:
+        st = ex.train_step(*next(iter(data.train_loader(16, cfg.seed, 0))), 0.01, 0.0)
+        assert st.samples == 16
+        for a in ex.runtime_info()["actor_info"]:
+            env = Path(f"/proc/{a['pid']}/environ").read_bytes().split(b"\0")
+            assert b"OMP_WAIT_POLICY=PASSIVE" in env and a["threads"] == 2
+    finally:
+        ex.close()
+
+
 # ---------------------------------------------------------------------------- per layer
 @pytest.mark.parametrize("rule, schedule", [("fa", "gpipe"), ("kp", "1f1b"), ("pfa", "gpipe"),
                                             ("dfa", "1f1b"), ("wm", "gpipe")])

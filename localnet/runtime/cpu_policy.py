@@ -69,6 +69,21 @@ def apply(policy: str, threads: int = 1) -> str | None:
     return current()
 
 
+def openmp_env(threads: int, cpus_each: float, env=os.environ) -> dict:
+    """Environment for actors with `threads` torch threads that reserve `cpus_each` CPUs
+    each (runtime.threads, runtime.num_cpus).  OpenMP's idle workers spin at every
+    operator's barrier before they sleep (libgomp, 300,000 rounds by default), which
+    pays where each thread has a core of its own; where several actors' threads share
+    the cores, each spin takes the core from an actor with work to do (the main job at
+    runtime.threads=2 on 2 cores: 8x slower; benchmarks/RESULTS.md).  So unless each
+    actor reserves a CPU per thread, its workers sleep at once (OMP_WAIT_POLICY=PASSIVE),
+    and a policy the user set wins.  libgomp reads it as it loads, so it goes in the
+    actor's environment, not in its code."""
+    if threads > 1 and cpus_each < threads and "OMP_WAIT_POLICY" not in env:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {}
+
+
 def for_actor(device_type: str, threads: int) -> str | None:
     """Once an actor knows its device and torch threads (setup), which may differ from
     what it started with: rr is for single-threaded actors that compute on the CPU.  One

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .messages import MessageError
+from .cpu_policy import openmp_env
 from .frames import PeerFailed
 
 
@@ -302,7 +303,8 @@ class Placer:
             # actors start
             # a cluster's nodes were started by someone else: ask for the allocator per
             # actor (an embedded Ray gives it to every worker: ensure_ray)
-            env = actor_env(rt) if cluster_address(rt) else {}
+            env = {**(actor_env(rt) if cluster_address(rt) else {}),
+                   **openmp_env(rt.threads, rt.num_cpus)}
             self._remote[cls] = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus,
                                            max_concurrency=1,
                                            **({"runtime_env": {"env_vars": env}} if env else {})
