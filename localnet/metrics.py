@@ -14,9 +14,10 @@ deploy/README.md documents it (a test keeps the two in step).
 
 Per-actor times come from `StageTimer` (timing.py), which wraps a `Stage`'s forward /
 backward / step.
-In-process the driver reads it after every step.  On Ray each StageWorker holds one and
-`RayExecutor.stage_timings()` collects them every `metrics.poll_every` steps, together with
-the message ledger.  Wait (idle) time of a stage is the step's wall time on the driver
+In-process the driver reads it after every step.  On Ray each StageWorker holds one, and
+every `metrics.poll_every` steps the driver asks for them, together with the message
+ledger, and reads the answers at the next poll (`RayExecutor.ask_timings`), so that it
+never waits for the actors between steps.  Wait (idle) time of a stage is the step's wall time on the driver
 minus the stage's busy time in it; the bubble fraction is the summed wait over
 (stages x wall time).
 
@@ -436,6 +437,7 @@ class RunObserver:
         self.stages = _Stages(ex)
         self.poll_every = 1 if not self.stages.remote else m.poll_every
         self._walls: list[float] = []
+        self._asked_walls: list[float] | None = None  # the window asked for, unread
         mt = self.metrics
         mt.run_info.info({"run": self.run_dir.name, "rule": cfg.rule.name,
                           "model": cfg.model.name, "dataset": cfg.data.name,
@@ -493,7 +495,7 @@ class RunObserver:
         out = fn(*args, **kwargs)
         self._walls.append(time.perf_counter() - t0)
         if len(self._walls) >= self.poll_every:
-            self.poll()
+            self.poll(wait=False)
         return out
 
     def untimed(self, fn, *args, **kwargs):
@@ -511,9 +513,21 @@ class RunObserver:
         finally:
             self.messages.end("probe")
 
-    def poll(self) -> None:
-        """Stage timings since the last poll, and the ledger's edge counters."""
+    def poll(self, wait: bool = True) -> None:
+        """Stage timings since the last poll, and the ledger's edge counters.  Between
+        training steps (wait=False) a Ray run's actors are asked now and their answers
+        read at the next poll, so the metrics never drain the pipeline (runtime/polls.py)."""
         if not self.enabled:
+            return
+        if self._asked_walls is not None:  # the window asked for last time
+            got, walls, self._asked_walls = self.ex.asked_timings(), self._asked_walls, None
+            if got is not None:
+                self.metrics.stage_values(self.stages.labels, got[0], walls)
+                if self.messages.enabled:
+                    self.metrics.ledger.update(got[1])
+        if not wait and hasattr(self.ex, "ask_timings"):
+            self.ex.ask_timings()
+            self._asked_walls, self._walls = self._walls, []
             return
         timings = self.stages.take()
         self.metrics.stage_values(self.stages.labels, timings, self._walls)
@@ -551,7 +565,7 @@ class RunObserver:
 
     # -- epochs --------------------------------------------------------------------
     def eval_begin(self) -> None:
-        if self.enabled and self._walls:
+        if self.enabled and (self._walls or self._asked_walls is not None):
             self.poll()
         self.messages.begin("eval")
 

@@ -422,6 +422,46 @@ def test_actors_with_several_threads_on_shared_cores_let_openmp_sleep(ray_sessio
         ex.close()
 
 
+def test_a_metrics_poll_between_steps_waits_for_no_actor(ray_session, tmp_path, monkeypatch):
+    """With metrics on, the coordinator asks every actor for its timings and ledger each
+    metrics.poll_every steps and reads the answers a poll later.  An actor answers after
+    the calls issued to it before, and the later batches' replies came meanwhile, so
+    every answer read between steps has come already: no poll drains the pipeline.
+    Every step's window still reaches the metrics, and the actors' CPU account."""
+    import ray as ray_mod
+
+    from localnet.metrics import Metrics
+    from localnet.runtime.polls import PollMixin
+    from localnet.train import train
+
+    waited, windows = [], []
+    asked_timings = PollMixin.asked_timings
+
+    def read(self):
+        refs = list(self._asked or ())
+        if refs:
+            ready, _ = ray_mod.wait(refs, num_returns=len(refs), timeout=0)
+            waited.append(len(refs) - len(ready))
+        return asked_timings(self)
+
+    stage_values = Metrics.stage_values
+    monkeypatch.setattr(PollMixin, "asked_timings", read)
+    monkeypatch.setattr(Metrics, "stage_values",
+                        lambda self, labels, t, walls: (windows.append(len(walls)),
+                                                        stage_values(self, labels, t, walls)))
+    cfg = Config.model_validate({
+        "seed": 1, "rule": {"name": "fa"}, "model": {"name": "mlp", "widths": [16, 16]},
+        "data": {"name": "synthetic", "subset": 160, "test_subset": 32},
+        "train": {"batch_size": 16, "micro_batches": 2, "eval_batch_size": 32, "epochs": 1},
+        "metrics": {"port": 0, "poll_every": 2, "alignment_every": 0},
+        "runtime": {"executor": "ray", "schedule": "1f1b", "timeout_s": 120}})
+    summary = train(cfg, tmp_path, progress=False)
+    assert summary["steps"] == 10
+    assert len(waited) == 5 and waited == [0] * 5  # 4 between steps, 1 before evaluation
+    assert sum(windows) == 10  # every step's wall time, in one window or another
+    assert summary["runtime"]["actor_cpu_s"]["compute"] > 0
+
+
 # ---------------------------------------------------------------------------- per layer
 @pytest.mark.parametrize("rule, schedule", [("fa", "gpipe"), ("kp", "1f1b"), ("pfa", "gpipe"),
                                             ("dfa", "1f1b"), ("wm", "gpipe")])

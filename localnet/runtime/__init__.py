@@ -19,6 +19,8 @@
   recovery.py      a dead actor recreated, every actor back at the checkpoint, the lost
                    steps retrained
   executor_state.py the coordinator's whole-model operations (state, probes, reports)
+  polls.py         what it reads off the actors for metrics and reports (timings,
+                   CPU account, ledgers), between steps without waiting for them
   checkpoint.py    per-actor checkpoints and their manifests
   session.py       the Ray session, placement groups, replies and their errors
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import Counter
 
 from ..errors import ConfigError
 from ..engine import StepStats
@@ -15,7 +14,6 @@ from .graph import Placement
 from ..ledger import Ledger
 from .messages import CONTROL, Control, MessageError
 from ..schedules import simulate, stream_staleness
-from ..timing import cpu_parts
 from .messages import DRIVER, stage_name
 
 
@@ -191,16 +189,6 @@ class StateMixin:
         return out
 
     # ------------------------------------------------------------------ observability
-    @recovering
-    def stage_timings(self, clear: bool = True) -> list[dict]:
-        """Per stage, `StageWorker.timings()`: call times since the last call (metrics).
-        What a clearing call takes is added to the run's CPU account (`actor_cpu_s`)."""
-        out = self._get([w.timings.remote(clear) for w in self.workers], "timings")
-        if clear:
-            for t in out:
-                self._cpu_taken.update(cpu_parts(t))  # a Counter: adds
-        return out
-
     def record_spans(self, first: int, last: int) -> None:
         """Every actor notes when its training actions of steps first..last-1 run (a
         recovery asks again of every actor: the replay notes them afresh)."""
@@ -211,30 +199,6 @@ class StateMixin:
         """Per actor, the actions it noted (`StageWorker.spans`), once."""
         self._span_window = None
         return self._get([w.spans.remote() for w in self.workers], "spans")
-
-    def actor_cpu_s(self) -> dict:
-        """The actors' main-thread CPU seconds so far, summed over actors, by part
-        (`timing.cpu_parts`): what metrics polls took, plus what is not yet taken."""
-        total = Counter(self._cpu_taken)
-        try:  # a report: never a recovery, and actors that are gone just add nothing
-            fresh = self._get([w.timings.remote(False) for w in self.workers], "timings")
-        except Exception:  # noqa: BLE001
-            fresh = []
-        for t in fresh:
-            total.update(cpu_parts(t))
-        return dict(total)
-
-    @recovering
-    def ledger(self) -> Ledger:
-        return Ledger.merged([self._ledger, *self._actor_ledgers()])
-
-    def _actor_ledgers(self) -> list[dict]:
-        """Every actor's ledger, kept as last seen: an actor that dies takes its own
-        with it, and a recovery then adds what was last seen of it to the driver's
-        (recovery.py), so only what it sent since is not counted."""
-        ds = self._get([w.ledger.remote() for w in self.workers], "ledger")
-        self._seen_ledgers = dict(enumerate(ds))
-        return ds
 
     def _device_edges(self) -> list[str]:
         """Edges whose payloads stay on the device: `device_peers[s]`, what the plane

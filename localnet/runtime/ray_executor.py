@@ -46,6 +46,7 @@ from .interpreter import drive_all, interpret
 from ..ledger import Ledger
 from .messages import ACTIVATION, DRIVER, TARGET, Message, stage_name
 from .partition import resolve_placement
+from .polls import PollMixin
 from .local_plane import LocalHandle, LocalPlane
 from .recovery import RecoveryMixin, Replay
 from .stream import StreamMixin
@@ -54,7 +55,7 @@ from .session import ensure_ray  # noqa: F401 - the public name (sweep.py)
 from .worker import StageWorker, worker_specs
 
 
-class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
+class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
     name = "ray"
 
     def __init__(self, cfg, input_shape, num_classes: int, *, model=None, actors=None,
@@ -164,6 +165,7 @@ class RayExecutor(StateMixin, RecoveryMixin, StreamMixin):
         self.startup_s = time.perf_counter() - t0  # until every actor is ready
         self._cpu0 = time.process_time()  # runtime_info's coordinator_cpu_s
         self._cpu_taken: Counter = Counter()  # the actors' CPU account, as polled
+        self._asked = None  # a metrics poll's calls, read at the next (polls.py)
         # where start-up went: each phase's seconds since the previous one (the actors
         # start their processes and import torch between "placement" and "actors_built")
         marks = [("start", t0)] + list(phases.items())

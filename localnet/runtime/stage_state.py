@@ -157,13 +157,16 @@ class StageState:
         return out
 
     # -- observability (localnet/metrics.py) --
-    def timings(self, clear: bool = True) -> dict:
+    def timings(self, clear: bool = True, ledger: bool = False) -> dict:
         """Seconds per forward / backward / update call since the last call, training
         samples forwarded, and torch's GPU memory in use (None without CUDA); and the
         main thread's CPU seconds since then: `run_cpu` inside the batch calls (of which
         `plane_cpu` in the data plane's send and recv, and the compute the *_cpu lists
-        hold), `calls_cpu` between them (Ray's task machinery, other calls)."""
+        hold), `calls_cpu` between them (Ray's task machinery, other calls).  ledger:
+        this actor's ledger too (`WireEnd.ledger`), as "ledger": a metrics poll's one call."""
         out = self._timer.take(clear)
+        if ledger:
+            out["ledger"] = self.ledger()
         own = self._cpu
         plane = getattr(self.plane, "cpu", None)  # local mode's queues keep no account
         out["run_cpu"], out["calls_cpu"] = own["run"], own["calls"]
