@@ -17,9 +17,9 @@ backward / step.
 In-process the driver reads it after every step.  On Ray each StageWorker holds one, and
 every `metrics.poll_every` steps the driver asks for them, together with the message
 ledger, and reads the answers at the next poll (`RayExecutor.ask_timings`), so that it
-never waits for the actors between steps.  Wait (idle) time of a stage is the step's wall time on the driver
-minus the stage's busy time in it; the bubble fraction is the summed wait over
-(stages x wall time).
+never waits for the actors between steps.  Wait (idle) time of a stage is the step's
+wall time on the driver minus the stage's busy time in it; the bubble fraction is the
+summed wait over (stages x wall time).
 
 Without a ledger (the in-process executor) there is no message traffic to count.
 """

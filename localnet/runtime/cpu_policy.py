@@ -75,7 +75,7 @@ def openmp_env(threads: int, cpus_each: float, env=os.environ) -> dict:
     operator's barrier before they sleep (libgomp, 300,000 rounds by default), which
     pays where each thread has a core of its own; where several actors' threads share
     the cores, each spin takes the core from an actor with work to do (the main job at
-    runtime.threads=2 on 2 cores: 8x slower; benchmarks/RESULTS.md).  So unless each
+    runtime.threads=2 on 2 cores ran several times slower: benchmarks/RESULTS.md).  So unless each
     actor reserves a CPU per thread, its workers sleep at once (OMP_WAIT_POLICY=PASSIVE),
     and a policy the user set wins.  libgomp reads it as it loads, so it goes in the
     actor's environment, not in its code."""

@@ -46,8 +46,8 @@ class PollMixin:
 
     def asked_timings(self) -> tuple[list[dict], Ledger] | None:
         """The answers to the last `ask_timings`: per stage its timings, and the merged
-        ledger.  None when nothing was asked, or when an actor died since: a recovery
-        restarts the account from a checkpoint, and the window's metrics are lost."""
+        ledger.  None when nothing was asked, or when an actor died since: its answers
+        died with it, and the window is lost to the metrics and the CPU account."""
         asked, self._asked = getattr(self, "_asked", None), None
         if asked is None:
             return None
