@@ -15,6 +15,7 @@ from rich.console import Console
 
 from .config import ConfigError, load_config, load_run_config
 from .errors import DivergedError
+from .files import RunInUseError
 from .watchdog import Watchdog
 
 
@@ -102,11 +103,11 @@ def cmd_run(args) -> int:
             summary = train(cfg, run_dir, resume=bool(args.resume),
                             progress=not args.no_progress, on_interrupt=tell)
         except BaseException as exc:
-            if not args.resume and fresh:
-                _drop_if_unstarted(run_dir, made)
+            if not args.resume and fresh and not isinstance(exc, RunInUseError):
+                _drop_if_unstarted(run_dir, made)  # (held: another run just made it)
             if not isinstance(exc, KeyboardInterrupt):
                 if (run_dir / "checkpoint.pt").exists() and \
-                        not isinstance(exc, (ConfigError, DivergedError)):  # these say what to do
+                        not isinstance(exc, (ConfigError, DivergedError, RunInUseError)):  # these say what to do
                     exc.add_note(f"its last checkpoint is kept; once that is fixed, go on from "
                                  f"it with: localnet run --resume {run_dir}")
                 raise

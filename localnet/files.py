@@ -15,16 +15,77 @@ only, and a file holding anything else is refused before any of it runs.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import pickle
 import re
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be loaded as plain data (nothing from it ran)."""
+
+
+class RunInUseError(RuntimeError):
+    """A run directory another live process is training in."""
+
+
+LOCK = "run.lock"
+
+
+@contextmanager
+def run_lock(run_dir):
+    """Hold `run_dir` for this process's run.  Two runs in one directory (a `--resume` of
+    a run still going in another terminal, a sweep started twice) would write their
+    checkpoints over each other's and each truncate the other's logs, so the second is
+    refused, naming the first.  An advisory flock: the kernel drops it when its holder
+    dies, even by kill -9, so a crashed run never leaves its directory held."""
+    path = Path(run_dir) / LOCK
+    fd = _lock(path, run_dir)
+    if fd is None:  # a filesystem without locks (ENOLCK): run unguarded
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a run directory keeps no lock file
+        os.close(fd)
+
+
+def _lock(path: Path, run_dir) -> int | None:
+    """The held lock file's descriptor; None where the filesystem has no locks or the
+    file cannot be made (the run's own writes then say what is wrong there)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise RunInUseError(
+                f"{run_dir} is in use by another localnet run ({holder}): a run directory "
+                f"takes one run at a time.  Wait for that run to end, or stop it (Ctrl-C, or "
+                f"kill its pid) and go on with: localnet run --resume {run_dir}") from None
+        except OSError:
+            os.close(fd)
+            return None
+        try:  # the holder before us removed the file we opened: lock the one there now
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def atomic_write(path, write) -> None:

@@ -39,7 +39,7 @@ from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
 from .schedules import SCHEDULES
-from .files import load_state, save_state, write_json, write_text
+from .files import load_state, run_lock, save_state, write_json, write_text
 from .metrics import RunObserver
 from .timeline import Timeline
 from .progress import StartupStatus, TrainProgress
@@ -199,6 +199,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     is told of a Ctrl-C or SIGTERM once the stop is recorded, before the executor closes."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):  # before the checkpoint is read: another run may be writing it
+        return _held(cfg, run_dir, resume, progress, on_interrupt)
+
+
+def _held(cfg: Config, run_dir: Path, resume: bool, progress: bool, on_interrupt) -> dict:
     ckpt = None
     if resume:  # read (and refuse) the checkpoint before anything in run_dir is written
         if not (run_dir / "checkpoint.pt").exists():

@@ -9,13 +9,17 @@ import builtins
 import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from localnet.cli import main
-from localnet.files import CheckpointError, atomic_write, load_state, save_state
+from localnet.files import (LOCK, CheckpointError, RunInUseError, atomic_write, load_state,
+                            run_lock, save_state)
 from localnet.train import train
 
 from test_train import small
@@ -96,6 +100,50 @@ def test_resume_refuses_a_malicious_checkpoint(tmp_path, capsys):
     assert "Traceback" not in err
     assert not (tmp_path / "marker").exists()
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing lost
+
+
+def test_a_run_directory_in_use_is_refused_and_nothing_in_it_changes(tmp_path, capsys):
+    """A --resume (or a new run given its --out) of a run still training elsewhere would
+    write its checkpoint over the other's: refused, naming the holder, with no file
+    touched and no advice to resume over it."""
+    run = tmp_path / "run"
+    train(small("rule.name=fa", "train.epochs=1"), run, progress=False)
+    assert not (run / LOCK).exists()  # a finished run keeps no lock file
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with run_lock(run):
+        held = {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK}
+        with pytest.raises(RunInUseError, match=f"pid {os.getpid()} on "):
+            train(small("rule.name=fa", "train.epochs=2"), run, resume=True, progress=False)
+        assert main(["run", "--resume", str(run), "--set", "train.epochs=2",
+                     "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"localnet: {run} is in use by another localnet run (pid {os.getpid()}" in err
+        assert "checkpoint is kept" not in err and "Traceback" not in err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK} == held
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert train(small("rule.name=fa", "train.epochs=2"), run, resume=True,
+                 progress=False)["epochs"] == 2  # free again once the holder let go
+
+
+def test_a_run_directory_held_by_a_killed_run_is_free(tmp_path):
+    """kill -9 runs no cleanup, and leaves the lock file with the dead pid in it; the
+    kernel dropped the lock with the process, so the next run gets the directory."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from localnet.files import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunInUseError, match=f"pid {holder.pid} on "):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert f"pid {holder.pid} " in (tmp_path / LOCK).read_text()  # left behind
+    with run_lock(tmp_path):
+        assert f"pid {os.getpid()} " in (tmp_path / LOCK).read_text()
+    assert not (tmp_path / LOCK).exists()
 
 
 def test_a_state_file_that_cannot_be_written_names_it_and_keeps_the_old_one(tmp_path,
