@@ -241,8 +241,8 @@ def _cmd_report(args) -> int:
         return 0
     console = Console()
     console.print(table(res["runs"]))
-    for f in res["files"]:
-        console.print(f"wrote {f}")
+    for f in res["files"]:  # unwrapped: a path split over two lines cannot be copied
+        console.print(f"wrote {f}", soft_wrap=True, markup=False)
     for name, why in res["skipped"].items():
         console.print(f"[dim]no {name}: {why}[/]")
     return 0

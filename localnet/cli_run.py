@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from .config import ConfigError, load_config, load_run_config
 from .errors import DivergedError
@@ -79,8 +80,9 @@ def cmd_run(args) -> int:
         made = _missing(Path(args.out).absolute().parent if args.out else
                         Path(cfg.out_dir).absolute())  # parents the run directory brings
         run_dir = new_run_dir(cfg, args.out)
+    # the path whole and as given (a "[x]" in it is no markup): it is copied into --resume
     Console(stderr=True).print(f"[bold]localnet[/] {cfg.rule.name} / {cfg.model.name} / "
-                               f"{cfg.data.name} -> {run_dir}")
+                               f"{cfg.data.name} -> {escape(str(run_dir))}", soft_wrap=True)
     told, lock = [], threading.Lock()
 
     def tell(exc: KeyboardInterrupt) -> None:

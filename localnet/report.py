@@ -389,6 +389,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(runs: list[Run]):
+    from rich import box
     from rich.table import Table
 
     rows = [run.row() for run in runs]
@@ -397,11 +398,14 @@ def table(runs: list[Run]):
               caption="state: the last step done of a run with no summary yet (test acc: "
                       "its last epoch's); \"at step N\": still going, or killed; why the "
                       "others stopped: stopped.json in the run.  localnet run --resume goes on"
-              if unfinished else None)
-    cols = [("run", "left"), ("rule", "left"), ("test acc", "right"), ("align. deg", "right"),
-            ("samples/s", "right"), ("cores busy", "right"), ("bytes/sample", "right")]
+              if unfinished else None, box=box.SIMPLE_HEAD)
+    # headers of two short lines, so the numbers fit a terminal of 80 columns beside a
+    # run's name; a narrow one wraps the name and the state, never a number or a rule
+    cols = [("run", "left"), ("rule", "left"), ("test\nacc", "right"), ("align.\ndeg", "right"),
+            ("samples\n/s", "right"), ("cores\nbusy", "right"), ("bytes\n/sample", "right")]
     for col, just in cols + ([("state", "left")] if unfinished else []):
-        t.add_column(col, justify=just, overflow="fold", no_wrap=col == "state")
+        t.add_column(col, justify=just, overflow="fold", no_wrap=col not in ("run", "state"),
+                     min_width={"run": 10, "state": 12}.get(col))
     for r in rows:
         t.add_row(r["run"], r["rule"], _fmt(r["test_accuracy"], ".4f"),
                   _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),

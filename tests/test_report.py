@@ -1,6 +1,7 @@
 """`localnet report`: plots of run directories and the side-by-side table."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,10 @@ def test_report_writes_plots_and_rows(runs, tmp_path):
 def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, capsys):
     assert main(["report", str(runs / "fa"), str(runs / "pfa"), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for word in ("rule", "test acc", "samples/s", "bytes/sample", "fa", "pfa", "0.7000", "130",
+    # a console of 80 columns (not a terminal): every number whole, on its run's line
+    assert re.search(r"^ +pfa +pfa +0\.7000 +60\.0 +123\.0 +62% +130 *$", out, re.M), out
+    assert f"wrote {tmp_path / 'bp_update_angle.png'}\n" in out  # a path whole, to copy
+    for word in ("rule", "acc", "samples", "/sample", "fa", "pfa", "0.7000", "130",
                  "curves.png", "messages.png"):
         assert word in out, word
     assert "state" not in out  # every run is done: no column for it
