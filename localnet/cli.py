@@ -186,9 +186,12 @@ def _cmd_simulate(args) -> int:
         print(json.dumps(plan))
         return 0
     table = Table(title=f"{plan['schedule']}: {plan['stages']} stages x {plan['micro_batches']} "
-                        f"micro-batches ({plan['cost_source']} costs, ms per micro-batch)")
-    for col in ("stage", "units", "fwd ms", "bwd ms", "busy ms", "peak act."):
-        table.add_column(col)
+                        f"micro-batches ({plan['cost_source']} costs, ms per micro-batch)",
+                  caption="stashed: the most micro-batches whose inputs a stage holds at once, "
+                          "for their backward")
+    for col in ("stage", "units", "fwd ms", "bwd ms", "busy ms", "stashed"):
+        table.add_column(col, justify="left" if col == "units" else "right",
+                         no_wrap=col != "units")
     for st in plan["per_stage"]:
         units = st["units"] if len(st["units"]) <= 3 else st["units"][:1] + ["..."] + st["units"][-1:]
         table.add_row(str(st["stage"]), " ".join(units), f"{st['fwd_s'] * 1e3:.3f}",
@@ -288,6 +291,9 @@ def _without_out(argv: list[str]) -> list[str]:
     return out
 
 
+SET_HELP = "override a config key, e.g. --set rule.name=fa (repeatable)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localnet", description=__doc__)
     p.add_argument("--version", action=_Version, nargs=0,
@@ -296,8 +302,7 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train a model per a config")
     r.add_argument("config", nargs="?", help="YAML config (not needed with --resume)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set rule.name=fa (repeatable)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     r.add_argument("--out", help="run directory (default: <out_dir>/<name>-<time>)")
     r.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its checkpoint (with its own config.yaml; --set "
@@ -307,15 +312,15 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a config; non-zero exit names the bad key")
-    v.add_argument("config")
-    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("config", help="YAML config")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     v.add_argument("--print", action="store_true", help="print the resolved config")
     v.set_defaults(func=_cmd_validate)
 
     si = sub.add_parser("simulate", help="predict the pipeline's bubble fraction and samples/s "
                                          "(runtime.schedule / runtime.partition), no Ray")
-    si.add_argument("config")
-    si.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    si.add_argument("config", help="YAML config")
+    si.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     si.add_argument("--fwd", metavar="S0,S1,...", help="forward seconds per micro-batch per stage "
                                                      "(default: measured in-process)")
     si.add_argument("--bwd", metavar="S0,S1,...", help="backward seconds per micro-batch per stage")
@@ -352,7 +357,7 @@ def parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="one run per grid point (resumable), then sweep.csv, "
                                       "sweep.md and sweep.png (accuracy vs error bits/sample)")
-    sw.add_argument("config")
+    sw.add_argument("config", help="YAML config: every point's keys but the swept ones")
     sw.add_argument("--grid", action="append", default=[],
                     metavar="KEY=V1,V2,...", help="a swept key, e.g. channel.error.codec=fp32,"
                                                    "int8,sign (repeatable: cartesian product)")
@@ -364,7 +369,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--ray", action="store_true",
                     help="run every point as a Ray task (runtime.address / RAY_ADDRESS, else "
                          "a local Ray): as many at once as the cluster has CPUs for")
-    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     sw.add_argument("--out", help="sweep directory (default: <out_dir>/sweep-<time>); "
                                   "rerun with the same --out to resume")
     sw.set_defaults(func=_cmd_sweep)
