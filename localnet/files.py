@@ -39,14 +39,18 @@ LOCK = "run.lock"
 
 
 @contextmanager
-def run_lock(run_dir):
-    """Hold `run_dir` for this process's run.  Two runs in one directory (a `--resume` of
-    a run still going in another terminal, a sweep started twice) would write their
-    checkpoints over each other's and each truncate the other's logs, so the second is
-    refused, naming the first.  An advisory flock: the kernel drops it when its holder
-    dies, even by kill -9, so a crashed run never leaves its directory held."""
+def run_lock(run_dir, what: str = "run", then: str | None = None):
+    """Hold `run_dir` for this process's run (or sweep).  Two runs in one directory (a
+    `--resume` of a run still going in another terminal, a sweep started twice) would
+    write their checkpoints over each other's and each truncate the other's logs, so the
+    second is refused, naming the first; `then` says how to go on once it is free.  An
+    advisory flock: the kernel drops it when its holder dies, even by kill -9, so a
+    crashed run never leaves its directory held."""
     path = Path(run_dir) / LOCK
-    fd = _lock(path, run_dir)
+    fd = _lock(path, f"{run_dir} is in use by another localnet {what} ({{holder}}): a "
+                     f"{what} directory takes one at a time.  Wait for that one to end, or "
+                     f"stop it (Ctrl-C, or kill its pid) and "
+                     f"{then or f'go on with: localnet run --resume {run_dir}'}")
     if fd is None:  # a filesystem without locks (ENOLCK): run unguarded
         yield
         return
@@ -60,7 +64,7 @@ def run_lock(run_dir):
         os.close(fd)
 
 
-def _lock(path: Path, run_dir) -> int | None:
+def _lock(path: Path, busy: str) -> int | None:
     """The held lock file's descriptor; None where the filesystem has no locks or the
     file cannot be made (the run's own writes then say what is wrong there)."""
     while True:
@@ -73,10 +77,7 @@ def _lock(path: Path, run_dir) -> int | None:
         except BlockingIOError:
             holder = os.read(fd, 256).decode(errors="replace").strip() or "a process"
             os.close(fd)
-            raise RunInUseError(
-                f"{run_dir} is in use by another localnet run ({holder}): a run directory "
-                f"takes one run at a time.  Wait for that run to end, or stop it (Ctrl-C, or "
-                f"kill its pid) and go on with: localnet run --resume {run_dir}") from None
+            raise RunInUseError(busy.format(holder=holder)) from None
         except OSError:
             os.close(fd)
             return None

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .files import run_lock
 
 COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
            "point"]
@@ -150,6 +151,14 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     out.mkdir(parents=True, exist_ok=True)
     if started:
         started(out)
+    # two sweeps in one directory would run the same points twice and write each other's
+    # tables; the second is refused (each point's run holds its own directory as well)
+    with run_lock(out, "sweep", "run this command again: it goes on with the points that "
+                                "did not finish"):
+        return _sweep(pts, cfgs, out, log, jobs, use_ray)
+
+
+def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool) -> dict:
     results: dict[str, tuple[dict, str]] = {}
     skipped, todo = [], []
     count = [0]  # points settled so far, for the [sweep k/N] lines

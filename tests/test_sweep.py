@@ -2,11 +2,13 @@
 
 import csv
 import json
+import os
 
 import pytest
 
 from localnet.cli import main
 from localnet.config import ConfigError
+from localnet.files import run_lock
 from localnet.sweep import parse_grid, point_name, points, sweep
 
 
@@ -65,6 +67,17 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"was run with another config \(seed: 1 there, 2 now"):
         sweep(cfg, grid, ["seed=2"], out, log=lambda m: None)
     assert summary.stat().st_mtime_ns == stamp
+    # a second sweep into a directory a sweep is running in is refused before any point
+    tables = {f: (out / f).read_bytes() for f in ("sweep.csv", "sweep.md")}
+    (point / "summary.json").unlink()
+    with run_lock(out, "sweep"):
+        assert main(["sweep", str(cfg), "--grid", grid[0], "--grid", grid[1], "--set",
+                     "seed=1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{out} is in use by another localnet sweep (pid {os.getpid()} " in err
+    assert "run this command again" in err and "Traceback" not in err
+    assert not (point / "summary.json").exists()  # the unfinished point did not run
+    assert {f: (out / f).read_bytes() for f in tables} == tables
 
 
 def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path, capsys):
