@@ -256,7 +256,7 @@ def _cmd_sweep(args) -> int:
     from .sweep import sweep
 
     where: list[Path] = []
-    say = lambda m: Console(stderr=True).print(m, markup=False)  # noqa: E731
+    say = lambda m: Console(stderr=True).print(m, markup=False, soft_wrap=True)  # noqa: E731
     try:
         res = sweep(args.config, args.grid, args.set, args.out, log=say,
                     vary_items=args.vary, jobs=args.jobs, use_ray=args.ray,
