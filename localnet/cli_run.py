@@ -108,8 +108,8 @@ def cmd_run(args) -> int:
             if not args.resume and fresh and not isinstance(exc, RunInUseError):
                 _drop_if_unstarted(run_dir, made)  # (held: another run just made it)
             if not isinstance(exc, KeyboardInterrupt):
-                if (run_dir / "checkpoint.pt").exists() and \
-                        not isinstance(exc, (ConfigError, DivergedError, RunInUseError)):  # these say what to do
+                said = (ConfigError, DivergedError, RunInUseError)  # these say what to do
+                if (run_dir / "checkpoint.pt").exists() and not isinstance(exc, said):
                     exc.add_note(f"its last checkpoint is kept; once that is fixed, go on from "
                                  f"it with: localnet run --resume {run_dir}")
                 raise

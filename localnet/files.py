@@ -47,7 +47,7 @@ def run_lock(run_dir, what: str = "run", then: str | None = None):
     advisory flock: the kernel drops it when its holder dies, even by kill -9, so a
     crashed run never leaves its directory held."""
     path = Path(run_dir) / LOCK
-    fd = _lock(path, f"{run_dir} is in use by another localnet {what} ({{holder}}): a "
+    fd = _lock(path, f"{run_dir} is in use by another localnet {what} (HOLDER): a "
                      f"{what} directory takes one at a time.  Wait for that one to end, or "
                      f"stop it (Ctrl-C, or kill its pid) and "
                      f"{then or f'go on with: localnet run --resume {run_dir}'}")
@@ -77,7 +77,8 @@ def _lock(path: Path, busy: str) -> int | None:
         except BlockingIOError:
             holder = os.read(fd, 256).decode(errors="replace").strip() or "a process"
             os.close(fd)
-            raise RunInUseError(busy.format(holder=holder)) from None
+            # replace, not format: a directory's name may hold braces
+            raise RunInUseError(busy.replace("(HOLDER)", f"({holder})", 1)) from None
         except OSError:
             os.close(fd)
             return None

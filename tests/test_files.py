@@ -127,14 +127,18 @@ def test_a_run_directory_in_use_is_refused_and_nothing_in_it_changes(tmp_path, c
 
 def test_a_run_directory_held_by_a_killed_run_is_free(tmp_path):
     """kill -9 runs no cleanup, and leaves the lock file with the dead pid in it; the
-    kernel dropped the lock with the process, so the next run gets the directory."""
+    kernel dropped the lock with the process, so the next run gets the directory.  (The
+    directory's name has braces: the refusal names it as it is.)"""
+    tmp_path = tmp_path / "{braces} in a name"
+    tmp_path.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from localnet.files import run_lock\n"
          "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
          str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(RunInUseError, match=f"pid {holder.pid} on "):
+        said = re.escape(f"{tmp_path} is in use") + f".*pid {holder.pid} on "
+        with pytest.raises(RunInUseError, match=said):
             with run_lock(tmp_path):
                 pass
     finally:
