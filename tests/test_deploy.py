@@ -105,14 +105,62 @@ def test_prometheus_config():
 
 
 def test_promtool_accepts_the_config():
+    promtool = promtool_binary()
+    r = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus/prometheus.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def promtool_binary() -> str:
     promtool = shutil.which("promtool")
     if promtool is None:
         if os.environ.get("CI"):
             pytest.fail("CI: promtool (Debian's prometheus package) is missing")
         pytest.skip("no promtool")
-    r = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus/prometheus.yml")],
+    return promtool
+
+
+def alert_rules() -> list[dict]:
+    (doc,) = load_yaml("prometheus/alerts.yml")
+    return doc["groups"]
+
+
+def test_the_prometheus_configs_load_the_alerts():
+    for rel in ("prometheus/prometheus.yml", "prometheus/prometheus-tls.yml"):
+        (cfg,) = load_yaml(rel)
+        assert cfg["rule_files"] == ["alerts.yml"], rel  # beside the config
+    (compose,) = load_yaml("compose.yaml")
+    mounts = dict(v.split(":")[:2] for v in compose["services"]["prometheus"]["volumes"])
+    assert mounts["./prometheus/alerts.yml"] == "/etc/prometheus/alerts.yml"
+    assert mounts["./prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    # the operator's copy is the same rules, for kube-prometheus-stack
+    (rule,) = load_yaml("kuberay/prometheusrule.yaml")
+    assert rule["kind"] == "PrometheusRule" and rule["spec"]["groups"] == alert_rules()
+    (mon, _) = load_yaml("kuberay/podmonitor.yaml")
+    assert rule["metadata"]["labels"]["release"] == mon["metadata"]["labels"]["release"]
+
+
+def test_alerts_read_only_series_a_run_serves():
+    known = exposed_names() | {"up"}
+    rules = [r for g in alert_rules() for r in g["rules"]]
+    assert len({r["alert"] for r in rules}) == len(rules)
+    for r in rules:
+        names = set(re.findall(r"\b(localnet_\w+|up)\b(?=[\[{\s]|$)", r["expr"]))
+        assert names and names <= known, (r["alert"], names - known)
+        assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
+        assert r["annotations"]["summary"] and r["annotations"]["description"], r["alert"]
+
+
+def test_alerts_fire_when_they_should_and_only_then():
+    """promtool evaluates the rules on the series of tests/prometheus/alerts_test.yml: each
+    alert fires on its case, with its text rendered, and stays quiet on the others."""
+    promtool = promtool_binary()
+    r = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus/alerts.yml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT / "tests/prometheus")
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------ Grafana

@@ -56,10 +56,13 @@ def sd_job(name: str, sd) -> dict:
 @pytest.fixture
 def prometheus(tmp_path):
     """A Prometheus on 127.0.0.1:<free port> scraping every 1 s the targets that runs
-    announce in tmp_path/sd (metrics.sd_dir).  Yields (api base URL, sd dir)."""
+    announce in tmp_path/sd (metrics.sd_dir), with deploy/'s alerting rules.  Yields (api
+    base URL, sd dir)."""
     sd = tmp_path / "sd"
     sd.mkdir()
-    for base in serve(tmp_path, {"global": FAST, "scrape_configs": [sd_job("localnet", sd)]}):
+    doc = {"global": FAST, "scrape_configs": [sd_job("localnet", sd)],
+           "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")]}
+    for base in serve(tmp_path, doc):
         yield base, sd
 
 
@@ -149,6 +152,19 @@ def test_prometheus_scrapes_a_run(prometheus, tmp_path):
     res = query(base, "last_over_time(localnet_actor_update_seconds_count[10m])")
     assert [(r["metric"]["rank"], r["metric"]["unit"], float(r["value"][1])) for r in res] \
         == [("0", "fc1..head", float(steps))]
+
+    # deploy/'s alerts, evaluated on the run's real series: every rule without an error,
+    # and none firing for a healthy run -- the audit's counter among them, at 0
+    res = query(base, "last_over_time(localnet_message_parameter_bytes_total[10m])")
+    assert [float(r["value"][1]) for r in res] == [0.0]
+    rules = [r for g in get_json(f"{base}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+    assert {r["name"] for r in rules} >= {"LocalnetWeightTransport", "LocalnetRunStalled"}
+    for r in rules:
+        assert r["health"] == "ok" and r["state"] == "inactive", r
+        assert not r["lastEvaluation"].startswith("0001"), r  # evaluated, not just loaded
+    # nor pending or firing at any evaluation while the run was up (its series are stale
+    # now, so a rule that fired would read inactive again)
+    assert query(base, "last_over_time(ALERTS[10m])") == []
 
     # the series the run left behind, all named localnet_*
     d = get_json(f"{base}/api/v1/label/__name__/values?"
