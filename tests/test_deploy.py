@@ -195,8 +195,11 @@ def test_dashboard_panels_and_queries():
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"].lower() for p in panels)
     for topic in ("loss", "accuracy", "angle between w and the feedback", "throughput per actor",
-                  "wait per step per actor", "message bytes/s per edge"):
+                  "wait per step per actor", "message bytes/s per edge", "alerts"):
         assert topic in titles, topic
+    # the alerts' panel reads the series Prometheus keeps for deploy/'s rules
+    (alerts,) = [p for p in panels if "alerts" in p["title"].lower()]
+    assert [t["expr"] for t in alerts["targets"]] == ['ALERTS{instance=~"$instance"}']
     known = exposed_names()
     used = set()
     for p in panels:
