@@ -90,6 +90,53 @@ def _lock(path: Path, busy: str) -> int | None:
         os.close(fd)
 
 
+_HOLDER = re.compile(r"pid (\d+) on (\S+), since (.+)")
+
+
+def lock_holder(run_dir) -> dict | None:
+    """Who holds `run_dir`, read without taking its lock -- a reader that took it, even
+    for a moment, could make a run starting there fail as in use.  None where no lock
+    file is left (no run there, or it ended and removed it); else {"pid", "host",
+    "since", "alive"}: alive is True or False on the holder's own host, and None on
+    another host, whose processes this one cannot see.  A lock file whose holder is
+    gone is what kill -9, the out-of-memory killer or a lost machine leaves."""
+    try:
+        text = (Path(run_dir) / LOCK).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    m = _HOLDER.fullmatch(text)
+    if m is None:  # opened, not yet written (its holder is starting up): unknown
+        return {"pid": None, "host": None, "since": None, "alive": None}
+    pid, host = int(m[1]), m[2]
+    alive = _holds(Path(run_dir) / LOCK, pid) if host == socket.gethostname() else None
+    return {"pid": pid, "host": host, "since": m[3], "alive": alive}
+
+
+def _holds(path: Path, pid: int) -> bool:
+    """Whether process `pid` holds the flock on `path`: Linux lists every lock with its
+    holder's pid and the file's inode in /proc/locks (a pid reused since by another
+    process holds no lock there).  Elsewhere, whether that pid is alive."""
+    try:
+        ino = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except FileNotFoundError:  # the lock file went (its run just ended), or no /proc
+        if not path.exists():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's
+            pass
+        return True
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 12079 fe:00:2318702 0 EOF"
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[4] == str(pid) \
+                and f[5].rsplit(":", 1)[-1] == str(ino):
+            return True
+    return False
+
+
 def atomic_write(path, write) -> None:
     """write(tmp) a file beside `path`, then rename it over `path`."""
     path = Path(path)

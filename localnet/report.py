@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from .files import lock_holder
 from .timing import busy_s
 
 
@@ -99,14 +100,21 @@ class Run:
 
     def state(self) -> str:
         """"done" (a summary was written); how it ended, for a run that recorded it
-        (stopped.json: diverged, interrupted, failed); else the last step its logs reach:
-        a run still going, or one killed before it could say."""
+        (stopped.json: diverged, interrupted, failed); else the last step its logs reach,
+        and whether the process holding the run directory is still there: "running",
+        or "killed" when it died without a word (kill -9, out of memory, a lost
+        machine); a holder on another host is named, as this one cannot see it."""
         if self.summary:
             return "done"
         if self.stopped:
             return f"{self.stopped.get('how', 'stopped')}, step {self.stopped.get('after_step', '?')}"
         last = max((int(r.get("step", 0)) for r in self.steps + self.epochs), default=0)
-        return f"at step {last}" if last else "no step"
+        at = f"step {last}" if last else "no step"
+        holder = lock_holder(self.path)
+        if holder is None or holder["alive"] is None:
+            where = f" (pid {holder['pid']} on {holder['host']})" if holder and holder["host"] else ""
+            return f"at {at}{where}" if last else f"{at}{where}"
+        return f"{'running' if holder['alive'] else 'killed'}, {at}"
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -396,8 +404,10 @@ def table(runs: list[Run]):
     unfinished = any(r["state"] != "done" for r in rows)
     t = Table(title="runs (alignment: mean over layers of the final angle(W, feedback))",
               caption="state: the last step done of a run with no summary yet (test acc: "
-                      "its last epoch's); \"at step N\": still going, or killed; why the "
-                      "others stopped: stopped.json in the run.  localnet run --resume goes on"
+                      "its last epoch's): \"running\", its process alive; \"killed\", gone "
+                      "without a word (kill -9, out of memory); \"at step N\", still going "
+                      "or killed, on another host or before run locks; why the others "
+                      "stopped: stopped.json in the run.  localnet run --resume goes on"
               if unfinished else None, box=box.SIMPLE_HEAD)
     # headers of two short lines, so the numbers fit a terminal of 80 columns beside a
     # run's name; a narrow one wraps the name and the state, never a number or a rule

@@ -6,20 +6,23 @@ loader, and the marker must never appear.
 """
 
 import builtins
+import fcntl
 import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
 
 from localnet.cli import main
 from localnet.files import (LOCK, CheckpointError, RunInUseError, atomic_write, load_state,
-                            run_lock, save_state)
+                            lock_holder, run_lock, save_state)
 from localnet.train import train
 
 from test_train import small
@@ -141,13 +144,33 @@ def test_a_run_directory_held_by_a_killed_run_is_free(tmp_path):
         with pytest.raises(RunInUseError, match=said):
             with run_lock(tmp_path):
                 pass
+        # what `localnet report` reads: the holder, alive
+        assert lock_holder(tmp_path) == {"pid": holder.pid, "host": socket.gethostname(),
+                                         "since": ANY, "alive": True}
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     assert f"pid {holder.pid} " in (tmp_path / LOCK).read_text()  # left behind
+    assert lock_holder(tmp_path)["alive"] is False  # ... by a process that is gone
     with run_lock(tmp_path):
         assert f"pid {os.getpid()} " in (tmp_path / LOCK).read_text()
-    assert not (tmp_path / LOCK).exists()
+        assert lock_holder(tmp_path)["alive"] is True
+    assert not (tmp_path / LOCK).exists() and lock_holder(tmp_path) is None
+
+
+def test_reading_who_holds_a_run_directory_never_takes_its_lock(tmp_path, monkeypatch):
+    """Had `localnet report` taken the lock to look, even for a moment, a run starting
+    in that directory just then would have been refused as in use."""
+    with run_lock(tmp_path):
+        before = (tmp_path / LOCK).read_text()
+        monkeypatch.setattr(fcntl, "flock", lambda *a: pytest.fail("flock called"))
+        assert lock_holder(tmp_path)["alive"] is True
+        monkeypatch.undo()
+        assert (tmp_path / LOCK).read_text() == before
+    # a holder on another host is named, not judged: this one cannot see its processes
+    (tmp_path / LOCK).write_text("pid 7 on elsewhere.example, since 2026-12-01 10:00:00")
+    assert lock_holder(tmp_path) == {"pid": 7, "host": "elsewhere.example",
+                                     "since": "2026-12-01 10:00:00", "alive": None}
 
 
 def test_a_state_file_that_cannot_be_written_names_it_and_keeps_the_old_one(tmp_path,

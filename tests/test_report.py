@@ -2,12 +2,17 @@
 
 import json
 import re
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from localnet.cli import main
 from localnet.config import load_config
+from localnet.files import run_lock
 from localnet.metrics import MessageLog
 from localnet.report import load_run, report
 from localnet.ledger import Ledger
@@ -97,6 +102,23 @@ def test_report_writes_plots_and_rows(runs, tmp_path):
     # a run with no summary says how far its logs reach (the half-written line is not a step)
     assert (fa["state"], pfa["state"], live["state"]) == ("done", "done", "at step 1")
     assert load_run(runs / "live").alignment_series()["head"] == [(1, 40.0)]
+
+
+def test_a_run_without_a_summary_is_running_killed_or_elsewhere(runs, tmp_path):
+    """The run directory's lock file (files.run_lock) tells a run still training from one
+    whose process died without a word, which the logs alone cannot."""
+    live = tmp_path / "live"
+    shutil.copytree(runs / "live", live)
+    with run_lock(live):  # this process trains there
+        assert load_run(live).row()["state"] == "running, step 1"
+    # kill -9 leaves the lock file, naming a process that holds no lock any more
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (live / "run.lock").write_text(f"pid {gone.stdout.strip()} on {socket.gethostname()}, "
+                                   f"since 2026-12-01 10:00:00")
+    assert load_run(live).row()["state"] == "killed, step 1"
+    (live / "run.lock").write_text("pid 7 on elsewhere.example, since 2026-12-01 10:00:00")
+    assert load_run(live).row()["state"] == "at step 1 (pid 7 on elsewhere.example)"
 
 
 def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, capsys):
