@@ -396,19 +396,23 @@ def _fmt(v, spec: str) -> str:
     return format(v, spec)
 
 
+STATE_LEGEND = ("state of a run with no summary yet, at the last step it logged (test acc: its "
+                "last epoch's): running; killed (gone without a word: kill -9, out of "
+                "memory); how it stopped (stopped.json); or \"at step N\" (on another host, "
+                "or from before run locks).  localnet run --resume goes on.")
+
+
 def table(runs: list[Run]):
+    """The side-by-side table, with the legend of its state column when it has one."""
     from rich import box
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     rows = [run.row() for run in runs]
     unfinished = any(r["state"] != "done" for r in rows)
     t = Table(title="runs (alignment: mean over layers of the final angle(W, feedback))",
-              caption="state: the last step done of a run with no summary yet (test acc: "
-                      "its last epoch's): \"running\", its process alive; \"killed\", gone "
-                      "without a word (kill -9, out of memory); \"at step N\", still going "
-                      "or killed, on another host or before run locks; why the others "
-                      "stopped: stopped.json in the run.  localnet run --resume goes on"
-              if unfinished else None, box=box.SIMPLE_HEAD)
+              box=box.SIMPLE_HEAD)
     # headers of two short lines, so the numbers fit a terminal of 80 columns beside a
     # run's name; a narrow one wraps the name and the state, never a number or a rule
     cols = [("run", "left"), ("rule", "left"), ("test\nacc", "right"), ("align.\ndeg", "right"),
@@ -421,7 +425,11 @@ def table(runs: list[Run]):
                   _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),
                   _fmt(r["cores_busy"], ".0%"), _fmt(r["bytes_per_sample"], ",.0f"),
                   *([r["state"]] if unfinished else []))
-    return t
+    if not unfinished:
+        return t
+    # below the table, not its caption: rich sizes a caption to the table, which at the
+    # terminal's full width crops the caption's lines instead of wrapping them
+    return Group(t, Text(STATE_LEGEND, style="dim"))
 
 
 def report(paths, out: str | Path | None = None) -> dict:
