@@ -39,7 +39,7 @@ from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
 from .schedules import SCHEDULES
-from .files import load_state, run_lock, save_state, write_json, write_text
+from .files import load_state, lock_holder, run_lock, save_state, write_json, write_text
 from .metrics import RunObserver
 from .timeline import Timeline
 from .progress import StartupStatus, TrainProgress
@@ -199,11 +199,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     is told of a Ctrl-C or SIGTERM once the stop is recorded, before the executor closes."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # read before taking the lock, which rewrites the file: a lock file whose holder is
+    # gone means the process before this one was killed outright (files.lock_holder)
+    before = lock_holder(run_dir) if resume else None
     with run_lock(run_dir):  # before the checkpoint is read: another run may be writing it
-        return _held(cfg, run_dir, resume, progress, on_interrupt)
+        return _held(cfg, run_dir, resume, progress, on_interrupt,
+                     killed=before if before and before["alive"] is False else None)
 
 
-def _held(cfg: Config, run_dir: Path, resume: bool, progress: bool, on_interrupt) -> dict:
+def _held(cfg: Config, run_dir: Path, resume: bool, progress: bool, on_interrupt,
+          killed: dict | None = None) -> dict:
     ckpt = None
     if resume:  # read (and refuse) the checkpoint before anything in run_dir is written
         if not (run_dir / "checkpoint.pt").exists():
@@ -224,7 +229,7 @@ def _held(cfg: Config, run_dir: Path, resume: bool, progress: bool, on_interrupt
             # rewritten once its checkpoint has loaded.
             if not resume:
                 write_text(run_dir / "config.yaml", dump_config(cfg))
-            return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model)
+            return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model, killed)
         except KeyboardInterrupt as exc:
             # said first: after a SIGTERM to the whole process group, Ray's own processes are
             # going too, and closing the actors can take seconds or end this process
@@ -283,7 +288,7 @@ def _straight_on(cfg: Config, done: int, total: int, record: bool) -> bool:
 
 
 def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, rule, ex,
-           model) -> dict:
+           model, killed: dict | None = None) -> dict:
     t = cfg.train
     resume = ckpt is not None
     ckpt_path = run_dir / "checkpoint.pt"
@@ -344,6 +349,12 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     trail = _LossTrail(step if resume else None)
     if obs.url:
         bar.note(f"metrics: {obs.url}")
+    if resume:
+        bar.note(f"resumed at step {step} of {total_steps} (epoch {start_epoch + 1} of "
+                 f"{t.epochs}), from the last checkpoint"
+                 + (f"; the process before (pid {killed['pid']}, since {killed['since']}) "
+                    f"was killed outright, so the steps it took after that checkpoint are "
+                    f"trained again" if killed else ""))
     if resume and at.recut:
         bar.note(f"resumed: the checkpoint's {recuts[-1]['from']} re-cut into this run's "
                  f"{recuts[-1]['to']}; checkpoint.pt now holds the new cut")

@@ -7,6 +7,7 @@ loader, and the marker must never appear.
 
 import builtins
 import fcntl
+import json
 import os
 import pickle
 import re
@@ -156,6 +157,26 @@ def test_a_run_directory_held_by_a_killed_run_is_free(tmp_path):
         assert f"pid {os.getpid()} " in (tmp_path / LOCK).read_text()
         assert lock_holder(tmp_path)["alive"] is True
     assert not (tmp_path / LOCK).exists() and lock_holder(tmp_path) is None
+
+
+def test_a_resume_says_where_it_goes_on_and_that_the_run_before_was_killed(tmp_path, capsys):
+    """A lock file left by a process that is gone: the run before died without a word
+    (kill -9, out of memory), so the steps it took after its checkpoint come again."""
+    run = tmp_path / "run"
+    train(small("rule.name=fa", "train.epochs=1"), run, progress=False)
+    steps = json.loads((run / "summary.json").read_text())["steps"]
+    assert main(["run", "--resume", str(run), "--set", "train.epochs=2", "--no-progress"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"resumed at step {steps} of {2 * steps} (epoch 2 of 2), from the last checkpoint" in err
+    assert "killed" not in err  # it ended as it should, and took its lock file with it
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (run / LOCK).write_text(f"pid {gone} on {socket.gethostname()}, since 2026-12-01 10:00:00")
+    assert main(["run", "--resume", str(run), "--set", "train.epochs=3", "--no-progress"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"resumed at step {2 * steps} of {3 * steps} (epoch 3 of 3), from the last "
+            f"checkpoint; the process before (pid {gone}, since 2026-12-01 10:00:00) was "
+            f"killed outright") in err
 
 
 def test_reading_who_holds_a_run_directory_never_takes_its_lock(tmp_path, monkeypatch):
