@@ -98,8 +98,9 @@ def lock_holder(run_dir) -> dict | None:
     for a moment, could make a run starting there fail as in use.  None where no lock
     file is left (no run there, or it ended and removed it); else {"pid", "host",
     "since", "alive"}: alive is True or False on the holder's own host, and None on
-    another host, whose processes this one cannot see.  A lock file whose holder is
-    gone is what kill -9, the out-of-memory killer or a lost machine leaves."""
+    another host, whose processes this one cannot see (or when the holder is just
+    ending).  A lock file whose holder is gone is what kill -9, the out-of-memory killer
+    or a lost machine leaves."""
     try:
         text = (Path(run_dir) / LOCK).read_text(errors="replace").strip()
     except OSError:
@@ -112,16 +113,18 @@ def lock_holder(run_dir) -> dict | None:
     return {"pid": pid, "host": host, "since": m[3], "alive": alive}
 
 
-def _holds(path: Path, pid: int) -> bool:
+def _holds(path: Path, pid: int) -> bool | None:
     """Whether process `pid` holds the flock on `path`: Linux lists every lock with its
     holder's pid and the file's inode in /proc/locks (a pid reused since by another
-    process holds no lock there).  Elsewhere, whether that pid is alive."""
+    process holds no lock there).  Elsewhere, whether that pid is alive.  None if the
+    file went just now: its holder ended as it should."""
     try:
         ino = os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+    try:
         lines = Path("/proc/locks").read_text().splitlines()
-    except FileNotFoundError:  # the lock file went (its run just ended), or no /proc
-        if not path.exists():
-            return False
+    except OSError:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

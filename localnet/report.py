@@ -111,10 +111,10 @@ class Run:
         last = max((int(r.get("step", 0)) for r in self.steps + self.epochs), default=0)
         at = f"step {last}" if last else "no step"
         holder = lock_holder(self.path)
-        if holder is None or holder["alive"] is None:
-            where = f" (pid {holder['pid']} on {holder['host']})" if holder and holder["host"] else ""
-            return f"at {at}{where}" if last else f"{at}{where}"
-        return f"{'running' if holder['alive'] else 'killed'}, {at}"
+        if holder and holder["alive"] is not None:
+            return f"{'running' if holder['alive'] else 'killed'}, {at}"
+        where = f" (pid {holder['pid']} on {holder['host']})" if holder and holder["host"] else ""
+        return (f"at {at}" if last else at) + where
 
 
 def _jsonl(path: Path) -> list[dict]:
