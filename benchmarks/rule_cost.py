@@ -1,6 +1,7 @@
 """Cost of one SGD step of each rule, relative to plain backprop.
 
     python benchmarks/rule_cost.py [--model resnet20] [--batch 128] [--repeats 15] [--threads 2]
+    python benchmarks/rule_cost.py --model mlp --batch 64    # configs/mnist_mlp.yaml's setting
 
 Plain BP is the same network built from stock nn.Conv2d / nn.Linear (rule=None), trained
 with the same SGD.  Steps of all rules are interleaved in one process, in a fresh random
@@ -30,6 +31,10 @@ from localnet.models import build_model
 from localnet.rules import make_rule
 
 RULES = ["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "pfa", "pfa-o"]
+# Each model at its own dataset's image size: an MLP fed CIFAR's 3072 inputs would
+# overstate the rules whose feedback grows with the input width (PFA's R is r times W).
+INPUT = {"mlp": (1, 28, 28)}
+CIFAR = (3, 32, 32)
 
 
 class PlainStep:
@@ -80,7 +85,7 @@ def main():
         keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    shape = (3, 32, 32)
+    shape = INPUT.get(args.model, CIFAR)
     x = torch.randn(args.batch, *shape)
     y = torch.randint(0, 10, (args.batch,))
     steps = {r: make(r, args.model, shape, args.memory_format) for r in ["plain", *args.rules]}
@@ -99,7 +104,8 @@ def main():
                 times[r].append(time.perf_counter() - tic)
     med = {r: statistics.median(t) for r, t in times.items()}
     base = med.pop("plain")
-    print(f"{args.model}, batch {args.batch}, {args.threads} threads: plain BP step "
+    size = "x".join(map(str, shape))
+    print(f"{args.model}, batch {args.batch} of {size}, {args.threads} threads: plain BP step "
           f"{1000 * base:.1f} ms (median of {args.repeats})")
     for r, t in med.items():
         print(f"  {r:6s} {1000 * t:8.1f} ms   x{t / base:.3f}")
