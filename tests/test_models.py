@@ -54,6 +54,16 @@ def grads_of(model, x, c):
     return x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def assert_same_grads(model, reference, x, c):
+    """Every input and parameter gradient of `model` equals plain autograd's on `reference`."""
+    gx, gp = grads_of(model, x, c)
+    rx, rp = grads_of(plain_autograd(reference), x, c)
+    close(gx, rx, 1e-10)
+    assert gp.keys() == rp.keys()
+    for n in gp:
+        close(gp[n], rp[n], 1e-10)
+
+
 # ----------------------------------------------------------------------------- bp == autograd
 @pytest.mark.parametrize("name, shape", [("mlp", (1, 4, 4)), ("resnet20", (3, 8, 8))])
 def test_bp_model_gradients_equal_plain_autograd(name, shape):
@@ -61,12 +71,7 @@ def test_bp_model_gradients_equal_plain_autograd(name, shape):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, *shape, generator=gen, dtype=DT)
     c = torch.randn(2, 3, generator=gen, dtype=DT)
-    gx, gp = grads_of(model, x, c)
-    rx, rp = grads_of(plain_autograd(build(name, "bp", shape).to(DT).train()), x, c)
-    close(gx, rx, 1e-10)
-    assert gp.keys() == rp.keys()
-    for n in gp:
-        close(gp[n], rp[n], 1e-10)
+    assert_same_grads(model, build(name, "bp", shape).to(DT).train(), x, c)
 
 
 def test_fa_with_b_equal_w_in_a_resnet_is_bp():
@@ -77,11 +82,7 @@ def test_fa_with_b_equal_w_in_a_resnet_is_bp():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 8, 8, generator=gen, dtype=DT)
     c = torch.randn(2, 3, generator=gen, dtype=DT)
-    gx, gp = grads_of(model, x, c)
-    rx, rp = grads_of(plain_autograd(build("resnet20", "fa").to(DT).train()), x, c)
-    close(gx, rx, 1e-10)
-    for n in rp:
-        close(gp[n], rp[n], 1e-10)
+    assert_same_grads(model, build("resnet20", "fa").to(DT).train(), x, c)
 
 
 @pytest.mark.parametrize("name, shape", [("mlp", (1, 4, 4)), ("resnet20", (3, 7, 7))])

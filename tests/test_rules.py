@@ -454,14 +454,11 @@ def test_pfa_linear_error_and_r_gradient(geom, mode):
     assert bp.grad is None
 
 
-@pytest.mark.parametrize("geom", ["conv_s2_p1", "conv_dil2_p2", "conv_s2_p0_odd", "conv_1x1_s2"])
-def test_pfa_conv_error_is_two_transposed_convs(geom):
-    g = GEOMS[geom]
-    layer = make_layer(geom, make_rule("pfa", r=2), seed=15)
+def assert_pfa_conv_two_step(layer, g, x, delta):
+    """PFA at r = 2 sends R^T B_p^T delta and gives R the gradient B_p^T g_W (Li & Benna
+    2024), both computed here the long way, apart from the layer's fused W_eff = B_p R."""
     bp, r = layer.feedback_fixed, layer.feedback_plastic
     c_out = layer.weight.shape[0]
-    assert bp.shape == (c_out, 2 * c_out) and r.shape == (2 * c_out, *layer.weight.shape[1:])
-    x, delta = inputs(geom, seed=10)
     _, gx, gw, _ = run_layer(layer, x, delta)
     # first B_p^T delta: a transposed 1x1 conv (B_p as a kernel maps r*C_out -> C_out)
     d = F.conv_transpose2d(delta, bp.reshape(c_out, 2 * c_out, 1, 1))
@@ -472,25 +469,30 @@ def test_pfa_conv_error_is_two_transposed_convs(geom):
     close(r.grad, (bp.t() @ gw.flatten(1)).reshape(r.shape))
 
 
+@pytest.mark.parametrize("geom", ["conv_s2_p1", "conv_dil2_p2", "conv_s2_p0_odd", "conv_1x1_s2"])
+def test_pfa_conv_error_is_two_transposed_convs(geom):
+    g = GEOMS[geom]
+    layer = make_layer(geom, make_rule("pfa", r=2), seed=15)
+    bp, r = layer.feedback_fixed, layer.feedback_plastic
+    c_out = layer.weight.shape[0]
+    assert bp.shape == (c_out, 2 * c_out) and r.shape == (2 * c_out, *layer.weight.shape[1:])
+    assert_pfa_conv_two_step(layer, g, *inputs(geom, seed=10))
+
+
 # Grouped convolutions: B_p is block-diagonal per group, so the fused W_eff = B_p R
 # sends exactly the two-step R^T B_p^T delta (a 1x1 transposed conv, then a grouped one).
 def test_pfa_grouped_conv_matches_two_step():
     geom = "conv_s2_p1_g2"
     g = GEOMS[geom]
     layer = make_layer(geom, make_rule("pfa", r=2), seed=16)
-    bp, r = layer.feedback_fixed, layer.feedback_plastic
+    bp = layer.feedback_fixed
     c_out = layer.weight.shape[0]
     x, delta = inputs(geom, seed=11)
     # B_p couples an output channel only to hidden channels of its own group
     n, h = c_out // g["groups"], 2 * c_out // g["groups"]
     mask = torch.block_diag(*[torch.ones(n, h, dtype=DT)] * g["groups"])
     assert not (bp * (1 - mask)).any()
-    _, gx, gw, _ = run_layer(layer, x, delta)
-    d = F.conv_transpose2d(delta, bp.reshape(c_out, 2 * c_out, 1, 1))
-    two_step = torch.nn.grad.conv2d_input(x.shape, r.detach(), d, g["stride"], g["padding"],
-                                          g["dilation"], g["groups"])
-    close(gx, two_step)
-    close(r.grad, (bp.t() @ gw.flatten(1)).reshape(r.shape))
+    assert_pfa_conv_two_step(layer, g, x, delta)
 
 
 def test_pfa_factored_mode_on_conv_agrees_with_fused():
