@@ -85,9 +85,13 @@ def _machine_notes(cfg) -> None:
               f"its start; the machine that runs it needs what it lacks here)", file=sys.stderr)
 
 
+STAGES_N = "'{stages: N}'"
+
+
 def _fits_this_machine(cfg, actors: int, mem: dict) -> None:
     """An embedded Ray has this machine and no more: what its actors ask for in memory
     and GPUs is checked here, before a run finds out at placement."""
+    from .runtime.memory import remedy
     from .runtime.session import cluster_address
 
     if cluster_address(cfg.runtime):
@@ -97,8 +101,8 @@ def _fits_this_machine(cfg, actors: int, mem: dict) -> None:
         raise ConfigError(
             f"runtime.partition makes {actors} actors, estimated at {mem['total_mb']} MB in "
             f"all (the largest {mem['per_actor_mb_max']} MB), more than this machine's {here} "
-            f"MB: the embedded Ray would refuse it.  Use fewer, larger actors "
-            f"('{{stages: N}}'), or a cluster (runtime.address)")
+            f"MB: the embedded Ray would refuse it.  {remedy(mem, STAGES_N)} a cluster "
+            f"(runtime.address)")
     each = cfg.runtime.num_gpus
     if each:
         import torch

@@ -345,7 +345,13 @@ class NodeStage(Stage):
         if state.get("pending"):
             self._rebuild(state["pending"])
             # the rebuilt forwards moved BatchNorm's running statistics: the checkpoint's
-            self.module.load_state_dict(state["module"])
+            # go back through .data, whose writes autograd does not count -- a plain copy
+            # would bump the version the rebuilt graphs saved, and their backward refuse
+            live = dict(self.module.named_buffers())
+            with torch.no_grad():
+                for n, t in state["module"].items():
+                    if n in live:
+                        live[n].data.copy_(t)
 
     def _rebuild(self, pending: list) -> None:
         """Run each saved forward again on its own inputs and stashed weights, in train

@@ -175,6 +175,32 @@ def test_channel_delay_and_drop():
     assert all(ch.transmit(torch.ones(3)) is None for _ in range(10))
 
 
+def test_joined_errors_wait_for_every_part_of_the_same_forward():
+    """Two links, the second a forward behind: each forward's parts join in order, a lost
+    part counts as zero, all lost is LOST, and the parts held survive a state round trip."""
+    from localnet.channels.channel import DATA, LOST, WAIT, JoinedErrors
+
+    j = JoinedErrors(2)
+    one, two = torch.ones(2), torch.full((2,), 2.0)
+    j.arrive(0, DATA, one)   # forward 0's first part
+    j.arrive(1, WAIT, None)  # the second link has nothing yet
+    assert j.take() == (WAIT, []) and (j.ahead(0), j.ahead(1)) == (1, 0)
+    j.arrive(0, LOST, None)  # forward 1's first part was lost
+    j.arrive(1, DATA, two)   # forward 0's second part
+    state, got = j.take()
+    assert state == DATA and [g.tolist() for g in got] == [[1, 1], [2, 2]]
+    again = JoinedErrors(2)
+    again.load_state_dict(j.state_dict())  # forward 1's lost part is still held
+    again.arrive(0, WAIT, None)
+    again.arrive(1, DATA, two)
+    assert again.take() == (DATA, [two])
+    j.arrive(0, WAIT, None)
+    j.arrive(1, LOST, None)
+    assert j.take() == (LOST, []) and not j
+    with pytest.raises(ValueError, match="2 links saved, 3 here"):
+        JoinedErrors(3).load_state_dict(j.state_dict())
+
+
 def test_bandwidth_is_accounted():
     ch = Channel(make_codec("fp16"), src="a", dst="b", kind="activation", bandwidth=1000.0)
     for _ in range(5):

@@ -226,6 +226,10 @@ def test_validate_estimates_the_actors_memory_and_refuses_what_this_machine_cann
     assert main(["validate", str(ROOT / "configs/resnet_pfa.yaml")]) == 2
     assert "more than this machine's 2048 MB: the embedded Ray would refuse it" in \
         capsys.readouterr().err
+    # delayed errors keep forwards stored for the delays down to each actor: 10 links of 2
+    assert main(["validate", str(ROOT / "configs/resnet_pfa.yaml"), "--set",
+                 "channel.error.delay=2"]) == 2
+    assert "a shorter channel.error.delay (forwards wait up to 20 steps" in capsys.readouterr().err
     assert main(["validate", str(ROOT / "configs/resnet_pfa.yaml"), "--set",
                  "runtime.address=10.0.0.1:6379"]) == 0  # a cluster's memory is its own
 

@@ -770,8 +770,9 @@ def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule, variant)
              "channel.error.q=2", "channel.error.drop=0.1"]
     if variant == "channels":
         sets += [*lossy, "channel.error.delay=1"]
-    if variant == "graph_channels":  # per layer with skips: a link on every edge, no delay
-        sets += ["model.name=resnet8", *lossy]
+    if variant == "graph_channels":  # per layer with skips: a link on every edge, whose
+        # delays differ by path, so error parts wait in the checkpoint for their forward's rest
+        sets += ["model.name=resnet8", *lossy, "channel.error.delay=1"]
     full = train(_small(*sets), tmp_path / "full", progress=False)
     if variant == "graph_channels":  # the skip's own link is among them
         assert "layer1.0.conv2->stem" in full["channels"]["error"]
@@ -969,10 +970,97 @@ def test_per_layer_channels_are_a_codec_on_every_edge_of_the_layer_graph(rule, s
     assert all(v["messages"] == 40 for v in [*s["activation"].values(), *s["error"].values()])
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_per_layer_delayed_errors_join_each_forwards_parts(schedule):
+    """A delay on the skip's error link alone: the stem, read by layer1.0's conv1 and
+    (through the skip) its conv2, gets conv1's part at once and the skip's a step later,
+    and joins the two parts of the same forward.  That is the in-process executor's
+    result with the delay on the edge between the stem's unit and layer1.0's, and per
+    layer's with the delay on both of the stem's links (parts that arrive together)."""
+    from localnet.builders import build_rule_and_model, optim_config
+    from localnet.engine import InProcessExecutor
+
+    data = batches(12, 8, IMG, NC, seed=1)
+
+    def per_layer(edges):
+        cfg = cfg_for("fa", schedule, RESNET8, "per_layer", M=2, bs=8)
+        ex = RayExecutor(Config.model_validate({**cfg.model_dump(),
+                                                "channel": {"edges": edges}}), IMG, NC,
+                         local=True)
+        for x, y in data:
+            ex.train_step(x, y, 0.05, 1e-3)
+        return ex
+
+    late = {"error": {"delay": 1}}
+    skip = per_layer({"layer1.0.conv2->stem": late})
+    both = per_layer({"layer1.0.conv2->stem": late, "layer1.0.conv1->stem": late})
+    cfg = Config.model_validate({**cfg_for("fa", schedule, RESNET8, M=2, bs=8).model_dump(),
+                                 "channel": {"edges": {"layer1.0->stem": late}}})
+    _, model = build_rule_and_model(cfg, IMG, NC)
+    ref = InProcessExecutor(model, optim_config(cfg), micro_batches=2, channels=cfg.channel,
+                            channel_seed=cfg.seed)
+    for x, y in data:
+        ref.train_step(x, y, 0.05, 1e-3)
+    for ex in (skip, both):
+        worst, rng = state_diff(model.state_dict(), ex.model_state_dict())
+        assert worst < 1e-5 and not rng
+    errors = skip.channel_summary()["error"]
+    assert errors["layer1.0.conv2->stem"]["delivered"] == 22  # a step's 2 slots still queued
+    assert errors["layer1.0.conv1->stem"]["delivered"] == 24
+    # and the delay does change the result: without it the stem ends elsewhere
+    assert state_diff(model.state_dict(), per_layer({}).model_state_dict())[0] > 1e-3
+
+
+def test_per_layer_delay_on_every_error_link_lags_each_layer_by_its_longest_path():
+    """channel.error.delay=1 per layer: a layer's error parts come down paths of
+    different lengths, and it learns from a forward once the longest path's part has
+    arrived -- so its weights first move at step 1 + the most links between it and the
+    head, and not before.  The memory preflight counts the forwards that wait that long."""
+    from localnet.builders import build_rule_and_model
+    from localnet.runtime import memory
+    from localnet.runtime.endpoint import error_lags
+
+    plain = cfg_for("fa", "gpipe", RESNET8, "per_layer", M=2, bs=8)
+    cfg = Config.model_validate({**plain.model_dump(), "channel": {"error": {"delay": 1}}})
+    ex = RayExecutor(cfg, IMG, NC, local=True)
+    pl = ex.placement
+    lag = {pl.sink: 0}
+    for s in reversed(range(pl.num_actors)):  # consumers come after their producers
+        if s != pl.sink:
+            lag[s] = max(lag[c] + 1 for c, _ in pl.consumers[s])
+    assert max(lag.values()) == 7 and lag[0] == 7  # the stem: 7 links by the convolutions
+    assert error_lags(cfg.channel, pl, ex.unit_names, dfa=False) == [lag[s] for s in sorted(lag)]
+    model = build_rule_and_model(cfg, IMG, NC)[1]
+    grows = [b["total"] - a["total"] for a, b in zip(
+        memory.estimate(plain, pl, model, IMG, [2] * pl.num_actors),
+        memory.estimate(cfg, pl, model, IMG, [2] * pl.num_actors))]
+    assert [g > 0 for g in grows] == [lag[s] > 0 for s in sorted(lag)]
+
+    def prefix(s):  # the actor's layer in the model's state: "layer2.0.conv1" -> units.2.conv1.
+        unit, _, part = pl.names[s][0].partition(".conv")
+        return f"units.{ex.unit_names.index(unit)}." + (f"conv{part}." if part else "")
+
+    def weights():
+        st = ex.model_state_dict()
+        return {s: torch.cat([v.flatten() for k, v in st.items() if k.startswith(prefix(s))
+                              and k.endswith(("conv.weight", "fc.weight"))])
+                for s in lag}
+
+    first, before = {}, weights()
+    for step, (x, y) in enumerate(batches(9, 8, IMG, NC, seed=1), 1):
+        ex.train_step(x, y, 0.05, 1e-3)
+        now = weights()
+        for s in lag:
+            if s not in first and not torch.equal(now[s], before[s]):
+                first[s] = step
+        before = now
+    assert first == {s: 1 + lag[s] for s in lag}
+
+
 def test_per_layer_lost_errors_and_the_limits_of_channels_on_a_graph(tmp_path):
-    """Every error lost: no actor below the last gets one, so none of them updates; a
-    delayed chain error cannot join at a residual block's input, and the in-process
-    executor, whose channels sit between units, does not pretend to run per-layer ones."""
+    """Every error lost: no actor below the last gets one, so none of them updates; the
+    in-process executor, whose channels sit between units, does not pretend to run
+    per-layer ones."""
     from localnet.config import ConfigError, load_config
 
     cfg = Config.model_validate({**cfg_for("fa", "1f1b", RESNET8, "per_layer", M=2,
@@ -999,10 +1087,6 @@ def test_per_layer_lost_errors_and_the_limits_of_channels_on_a_graph(tmp_path):
     with pytest.raises(ConfigError, match="channel.edges.layer1.0->stem: no edge"):
         RayExecutor(Config.model_validate({**cfg.model_dump(), "channel": {
             "edges": {"layer1.0->stem": {"error": {"codec": "sign"}}}}}), IMG, NC, local=True)
-    with pytest.raises(ConfigError, match="channel.error.delay.*per_layer"):
-        RayExecutor(Config.model_validate({**cfg.model_dump(),
-                                           "channel": {"error": {"delay": 1}}}),
-                    IMG, NC, local=True)
     dfa = Config.model_validate({**cfg_for("dfa", "1f1b", RESNET8, "per_layer", M=2,
                                            bs=8).model_dump(),
                                  "channel": {"error": {"delay": 1, "codec": "fp16"}}})
@@ -1010,6 +1094,8 @@ def test_per_layer_lost_errors_and_the_limits_of_channels_on_a_graph(tmp_path):
     for x, y in batches(3, 8, IMG, NC, seed=1):
         ex.train_step(x, y, 0.05, 1e-3)
     assert ex.channel_summary()["error"]["head->layer1.0.conv1"]["delivered"] == 4
+    from localnet.runtime.endpoint import error_lags  # each actor waits for its own link
+    assert error_lags(dfa.channel, ex.placement, ex.unit_names, dfa=True) == [1] * 7 + [0]
 
     from localnet.train import build
     sets = ["model.name=resnet8", "data.name=synthetic", "runtime.partition=per_layer",

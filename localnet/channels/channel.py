@@ -210,6 +210,58 @@ class StoredForwards:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __getitem__(self, k: int):
+        return self._keys[k]
+
+
+class JoinedErrors:
+    """The error slots of a stage whose output several others read, one link each -- a
+    residual block's input, per layer, feeds the block's first layer and its merge.  Each
+    link delivers a slot per forward, in the order the forwards went up, but links can lag
+    by different numbers of steps: with a delay on every link the skip's error comes down
+    one link and the block's down two.  A slot that arrives ahead waits here for the same
+    forward's slots on the other links, so the stage gets a forward's error when its last
+    part has arrived (the longest path's delay), never parts of different forwards.
+
+    A forward's joined slot is DATA when any link's was (a lost part counts as zero, as
+    autograd sums a tensor's uses), LOST when every part was lost or empty, and WAIT while
+    some link has not delivered it.  One link is a plain chain: each slot passes straight
+    through."""
+
+    def __init__(self, links: int):
+        self._parts: list[deque] = [deque() for _ in range(links)]
+
+    def ahead(self, link: int) -> int:
+        """How many forwards' slots `link` has delivered that wait for the others: its
+        next slot belongs to the stored forward at that index, oldest first."""
+        return len(self._parts[link])
+
+    def arrive(self, link: int, state: str, x: torch.Tensor | None) -> None:
+        if state != WAIT:  # WAIT: nothing new on this link
+            self._parts[link].append((state, x if state == DATA else None))
+
+    def take(self) -> tuple[str, list[torch.Tensor]]:
+        """The oldest forward's joined slot: (state, the parts that arrived as DATA)."""
+        if not all(self._parts):
+            return WAIT, []
+        got = [x for st, x in (q.popleft() for q in self._parts) if st == DATA]
+        return (DATA if got else LOST), got
+
+    def clear(self) -> None:
+        for q in self._parts:
+            q.clear()
+
+    def state_dict(self) -> list:
+        return [[[st, x] for st, x in q] for q in self._parts]
+
+    def load_state_dict(self, parts: list) -> None:
+        if len(parts) != len(self._parts):
+            raise ValueError(f"joined errors: {len(parts)} links saved, {len(self._parts)} here")
+        self._parts = [deque((st, x) for st, x in q) for q in parts]
+
+    def __bool__(self) -> bool:
+        return any(self._parts)
+
 
 LINK_FAULTS = ("delay", "drop", "bandwidth")
 

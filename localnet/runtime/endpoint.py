@@ -15,8 +15,8 @@ import itertools
 import numpy as np
 import torch
 
-from ..channels.channel import (DATA, WAIT, StoredForwards, check_edge_keys, error_delays,
-                                make_channel)
+from ..channels.channel import (DATA, WAIT, JoinedErrors, StoredForwards, check_edge_keys,
+                                link_options, make_channel)
 from ..channels.wire import EMPTY, LOST, WAITING, marker, pack, unpack
 from ..errors import ConfigError
 from .graph import Placement
@@ -24,16 +24,11 @@ from .messages import (ACTIVATION, CHAIN, CONTROL, ERROR, OUTPUT, Control, Heade
                        MessageError, dtype_name, host, stage_name, validate)
 
 
-def check_channel_graph(channel, pl: Placement, dfa: bool, unit_names: list[str]) -> None:
+def check_channel_graph(channel, pl: Placement, unit_names: list[str]) -> None:
     """Refuse channels an actor graph cannot keep, before any actor starts: a
-    `channel.edges` key that names no edge of it, and delayed errors on a graph.
-
-    An actor with several consumers (a residual block's input, per layer) sums the error
-    slots that arrive and drops its forward only when all are lost.  A delayed error link
-    cannot join that: the errors reach such an actor along paths of different lengths
-    (the skip's one link, the block's two), each adding its delay, so their slots would
-    belong to different micro-batches.  DFA is fine: every error link runs straight from
-    the last actor."""
+    `channel.edges` key that names no edge of it, and two edges between one pair of
+    actors (a link is keyed by the pair).  Delays are fine on a graph: an actor read by
+    several others joins each forward's error parts as they arrive (`JoinedErrors`)."""
     if not channel.active():
         return
     check_edge_keys(channel, pl.links(unit_names))
@@ -44,12 +39,32 @@ def check_channel_graph(channel, pl: Placement, dfa: bool, unit_names: list[str]
         if len(set(ranks)) < len(ranks):
             raise ConfigError(f"channel: actor {s} ({pl.names[s][0]}) feeds one actor through "
                               f"two inputs; channels need one edge per pair of actors")
-    if not dfa and error_delays(channel):
-        raise ConfigError("channel.error.delay: delayed errors need a chain of actors or a "
-                          "rule that broadcasts the output error (dfa); with "
-                          "runtime.partition per_layer an actor sums errors that come along "
-                          "paths of different lengths.  Use per_unit or {stages: N}, or drop "
-                          "the delay")
+
+
+def error_lags(channel, pl: Placement, unit_names: list[str], dfa: bool) -> list[int]:
+    """Steps each actor's forwards wait for their whole error: the delays of the error
+    links along its longest path to the last actor (`JoinedErrors` waits for the last
+    part), or under DFA its own link's from the last actor.  Each of those steps keeps
+    `train.micro_batches` more forwards stored (the memory preflight counts them)."""
+    S = pl.num_actors
+    if not channel.active() or S == 1:
+        return [0] * S
+    ends = lambda j: pl.link_names(j, unit_names)  # noqa: E731
+
+    def delay(src, dst, boundary):  # the error link src -> dst, as the workers build it
+        return int(link_options(channel, "error", ends(src)[0], ends(dst)[1], boundary)["delay"])
+
+    if dfa:
+        return [0 if i == pl.sink else delay(pl.sink, i, ends(i)[3]) for i in range(S)]
+    lag: dict[int, int] = {}
+
+    def longest(i):
+        if i not in lag:
+            lag[i] = max((longest(c) + delay(c, i, ends(c)[2]) for c, _ in pl.consumers[i]),
+                         default=0)
+        return lag[i]
+
+    return [longest(i) for i in range(S)]
 
 
 class WireEnd:
@@ -69,9 +84,11 @@ class WireEnd:
         self._ch_on = self._ch_cfg = False
         self._bwd_since_step = 0
         self._order = StoredForwards()  # the forwards that wait for their error slot
+        # the error parts that came ahead of another link's (one link per consumer)
+        self._join = JoinedErrors(1 if dfa else len(self.consumer_ranks))
         if not cfg.channel.active() or self.num_stages == 1:
             return
-        check_channel_graph(cfg.channel, pl, dfa, unit_names)
+        check_channel_graph(cfg.channel, pl, unit_names)
         i, sink = self.index, pl.sink
 
         def ends(j):  # (first name, last name, boundary below j, boundary above j)
@@ -116,24 +133,31 @@ class WireEnd:
         return out
 
     def _coded_errors(self, wire, step, mb, batch):
-        """A backward's error slots through the channels: (key, batch, grad, e, state).
-        The slots belong to the oldest stored forward (StoredForwards), whose key and
-        batch come back; state WAIT (none arrived yet: key None, batch as given) or LOST
-        (all lost or empty: that forward is dropped) leaves grad and e None."""
+        """A backward's error slots through the channels, one per link: (key, batch, grad,
+        e, state).  Each link's slot belongs to the oldest stored forward that link has
+        not yet delivered (StoredForwards); `JoinedErrors` holds parts that arrive ahead.
+        The key and batch of the oldest forward come back once all its parts are in;
+        state WAIT (a part still to come: key None, batch as given) or LOST (all lost or
+        empty: that forward is dropped) leaves grad and e None."""
         srcs = [self.last_rank] if self.broadcast_output_error else self.consumer_ranks
         if len(wire) != 2 * len(srcs):
             raise MessageError(f"{self.name} expects {len(srcs)} error message(s), got "
                                f"{len(wire) // 2}", "?", self.name, ERROR, step, mb)
-        old_batch, old_shape = self._inflight[self._order.oldest()]
-        if self.broadcast_output_error:
-            detail, shape = OUTPUT, (old_batch, self.num_classes)
-        else:
-            detail, shape = CHAIN, old_shape
-        slots = [self._receive_coded(self.ch[f"{c}:err_in"], wire[2 * j], wire[2 * j + 1],
-                                     ERROR, shape, self.dtype, src=stage_name(c),
-                                     detail=detail, step=step, mb=mb)
-                 for j, c in enumerate(srcs)]
-        state = self._slot_state(slots, step, mb)
+        detail = OUTPUT if self.broadcast_output_error else CHAIN
+        for j, c in enumerate(srcs):
+            ahead = self._join.ahead(j)
+            fwd = self._inflight[self._order[ahead]] if ahead < len(self._order) else None
+            shape = None if fwd is None else (
+                (fwd[0], self.num_classes) if self.broadcast_output_error else fwd[1])
+            state, msg = self._receive_coded(self.ch[f"{c}:err_in"], wire[2 * j],
+                                             wire[2 * j + 1], ERROR, shape, self.dtype,
+                                             src=stage_name(c), detail=detail, step=step, mb=mb)
+            if state != WAIT and fwd is None:
+                raise MessageError(f"an error slot for a forward {self.name} has not sent "
+                                   f"(it holds {len(self._order)})", stage_name(c), self.name,
+                                   ERROR, step, mb)
+            self._join.arrive(j, state, msg.tensor() if state == DATA else None)
+        state, got = self._join.take()
         key = self._order.pair(state, self.stage)
         if key is None:
             return None, batch, None, None, WAIT
@@ -141,24 +165,12 @@ class WireEnd:
         if state != DATA:
             del self._inflight[key]
             return key, batch, None, None, state
-        got = [m.tensor() for st, m in slots if st == DATA]
         if self.broadcast_output_error:
             return key, batch, torch.zeros((), dtype=self.dtype).expand(out_shape), got[0], DATA
-        grad = got[0]  # the slots that arrived, summed as autograd sums a tensor's uses
+        grad = got[0]  # the parts that arrived, summed as autograd sums a tensor's uses
         for g in got[1:]:
             grad = grad + g
         return key, batch, grad, None, DATA
-
-    def _slot_state(self, slots, step, mb) -> str:
-        """One state for the error slots of a backward, one per consumer: DATA when any
-        arrived (the rest count as zero), LOST when all were lost or sent empty, WAIT
-        when none has arrived yet.  Without delays on a graph (`check_channel_graph`) a
-        slot can only wait on every link at once."""
-        states = {st for st, _ in slots}
-        if WAIT in states and len(states) > 1:
-            raise MessageError(f"error slots of step {step} micro-batch {mb} disagree: "
-                               f"{sorted(states)}", "?", self.name, ERROR, step, mb)
-        return DATA if DATA in states else states.pop()
 
     def _send_coded(self, kind, x, ch, dst, step, mb, detail) -> Message:
         """Send x through channel ch (x None: an empty slot; WAIT: a waiting one).  The

@@ -3,7 +3,9 @@
 Each actor is a process: the process floor (Ray's worker, `import torch` and the runtime's
 own; `runtime.actor_baseline_mb`, which `benchmarks/scaling.py` measures), plus its
 weights, feedback weights, gradients and optimizer state, plus the activations autograd
-keeps for the micro-batches the schedule holds in flight (`schedule.simulate`'s peak).
+keeps for the micro-batches the schedule holds in flight (`schedule.simulate`'s peak), and
+for the forwards that wait for delayed errors (`channel.error.delay`), with the weights
+each of those steps stashed.
 Ray would otherwise start actors until the node runs out and kill them for memory at
 setup -- a traceback instead of an answer, minutes in.
 """
@@ -36,21 +38,29 @@ def estimate(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> l
     """Per actor of `placement` (built from `model`): the estimate in bytes and its
     parts."""
     from ..models import unit_shapes
+    from ..rules import RULES
+    from .endpoint import error_lags
     from .graph import modules_for
 
     rt, t = cfg.runtime, cfg.train
     shapes = unit_shapes(model, input_shape)
     mb = t.micro_batch_size
     base = int(rt.actor_baseline_mb * MB)
+    lags = error_lags(cfg.channel, placement, list(model.unit_names),
+                      RULES.get(cfg.rule.name).broadcast_output_error)
     out = []
     for i in range(placement.num_actors):
         mods, names, _, in_shapes, out_shape = modules_for(placement, i, model, shapes)
         p, b = map(sum, zip(*[_bytes(m) for m in mods])) if mods else (0, 0)
-        state = 3 * p + b  # weights (and feedback weights), gradients, momentum; buffers
+        # weights (and feedback weights), gradients, momentum; buffers; and one stashed
+        # copy of the weights per step of forwards waiting for a delayed error
+        state = (3 + lags[i]) * p + b
         act = 4 * mb * (math.prod(out_shape) + sum(math.prod(s) for s in in_shapes))
-        inflight = SAVED_PER_OUTPUT * act * max(peak_in_flight[i], 1)
+        held = max(peak_in_flight[i], 1) + lags[i] * t.micro_batches
+        inflight = SAVED_PER_OUTPUT * act * held
         out.append({"actor": i, "units": names, "baseline": base, "state": state,
-                    "activations": inflight, "total": base + state + inflight})
+                    "activations": inflight, "total": base + state + inflight,
+                    "error_wait_steps": lags[i]})
     return out
 
 
@@ -64,9 +74,20 @@ def node_memory() -> tuple[int, int]:
 
 def summarize(per: list[dict]) -> dict:
     worst = max(per, key=lambda r: r["total"])
-    return {"actors": len(per), "total_mb": round(sum(r["total"] for r in per) / MB),
-            "per_actor_mb_max": round(worst["total"] / MB),
-            "baseline_mb": round(worst["baseline"] / MB)}
+    out = {"actors": len(per), "total_mb": round(sum(r["total"] for r in per) / MB),
+           "per_actor_mb_max": round(worst["total"] / MB),
+           "baseline_mb": round(worst["baseline"] / MB)}
+    wait = max(r.get("error_wait_steps", 0) for r in per)
+    return {**out, "error_wait_steps": wait} if wait else out
+
+
+def remedy(summary: dict, fewer: str) -> str:
+    """What to change when the actors do not fit: fewer actors (`fewer` says how), more
+    memory, and with delayed errors a shorter delay."""
+    wait = summary.get("error_wait_steps")
+    late = (f", a shorter channel.error.delay (forwards wait up to {wait} steps for "
+            f"their errors, each step's micro-batches kept)" if wait else "")
+    return f"Use fewer, larger actors ({fewer}){late}, or"
 
 
 def check(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> dict:
@@ -85,6 +106,6 @@ def check(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> dict
             f"{summary['total_mb']} MB in all (each at least the process floor of "
             f"{summary['baseline_mb']} MB, runtime.actor_baseline_mb; the largest "
             f"{summary['per_actor_mb_max']} MB), but the {n_nodes} Ray node(s) offer "
-            f"{summary['nodes_memory_mb']} MB.  Use fewer, larger actors ({fewer}), or "
-            f"add nodes.  Nothing was started.")
+            f"{summary['nodes_memory_mb']} MB.  {remedy(summary, fewer)} add nodes.  "
+            f"Nothing was started.")
     return summary

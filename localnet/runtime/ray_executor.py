@@ -108,8 +108,7 @@ class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
         self.broadcast_output_error = RULES.get(cfg.rule.name).broadcast_output_error
         self.channels = cfg.channel.active() and pl.num_actors > 1
         if self.channels:  # before any actor starts
-            check_channel_graph(cfg.channel, pl, self.broadcast_output_error,
-                                list(model.unit_names))
+            check_channel_graph(cfg.channel, pl, list(model.unit_names))
         self._ch_now = self.channels
         self._ch_samples = 0
         self.device = "cuda" if rt.num_gpus > 0 else "cpu"

@@ -91,6 +91,8 @@ class StageState:
             st["inflight"] = [[list(k), n, list(shape)]
                               for k, (n, shape) in self._inflight.items()]
             st["order"] = [list(k) for k in self._order.state_dict()]
+        if self._join:  # error parts that came ahead of another link's (JoinedErrors)
+            st["joined"] = self._join.state_dict()
         if self.device.type == "cuda":
             st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return _cpu(st)
@@ -113,6 +115,9 @@ class StageState:
                 c.load_state_dict(s)
         self._inflight = {tuple(k): (n, tuple(shape)) for k, n, shape in state.get("inflight", [])}
         self._order.load_state_dict(state.get("order", []))
+        self._join.clear()
+        if "joined" in state:
+            self._join.load_state_dict(state["joined"])
         if "rng" in state:
             torch.set_rng_state(state["rng"].cpu() if hasattr(state["rng"], "cpu") else state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
@@ -236,6 +241,7 @@ class StageState:
         self._failed = None
         self._inflight.clear()
         self._order.clear()
+        self._join.clear()
         self._errors.clear()
         self.stage.drop()
         self.stage.zero_grad()
