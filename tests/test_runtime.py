@@ -840,3 +840,23 @@ def test_ray_per_layer_channels_are_a_codec_on_every_edge(actors, schedule):
     s = ex.channel_summary()
     assert len(s["error"]) == len(ex.placement.edges()) and s["error_bytes"] > 0
     assert ex.ledger_summary()["parameter_bytes"] == 0
+
+
+def test_ray_per_layer_delayed_errors_are_the_local_actors(actors):
+    """A delay on every error link of ResNet-8's layer graph: through Ray's data plane each
+    actor joins the parts of a forward's error that come down paths of different lengths
+    just as the same actors do in one process (`runtime.executor: local`, whose lags the
+    tests of test_runtime_local.py check), every loss and weight."""
+    cfg = Config.model_validate({**cfg_for("kp", "1f1b", model=RESNET8, m=2, bs=8,
+                                           partition="per_layer").model_dump(),
+                                 "channel": {"error": {"delay": 1, "codec": "fp16"}}})
+    ex = RayExecutor(cfg, IMG, NC, actors=actors)
+    here = RayExecutor(cfg, IMG, NC, local=True)
+    for x, y in batches(10, 8, IMG, NC, seed=5):
+        a, b = here.train_step(x, y, 0.05, 1e-3), ex.train_step(x, y, 0.05, 1e-3)
+        assert b.loss_sum == pytest.approx(a.loss_sum, rel=1e-5, abs=1e-5)
+    worst, _ = state_diff(here.model_state_dict(), ex.model_state_dict())
+    assert worst < 1e-5, worst
+    errors = ex.channel_summary()["error"]
+    assert errors["layer1.0.conv1->stem"]["delivered"] == 2 * (10 - 7)  # the stem lags 7
+    assert ex.ledger_summary()["parameter_bytes"] == 0

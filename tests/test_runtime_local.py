@@ -1057,6 +1057,20 @@ def test_per_layer_delay_on_every_error_link_lags_each_layer_by_its_longest_path
     assert first == {s: 1 + lag[s] for s in lag}
 
 
+def test_a_waiting_forward_holds_its_input_and_what_autograd_saves():
+    """The preflight's bytes per stored forward: Linear keeps its input (and W, which the
+    state counts), ReLU its output; the modules themselves are left as they were."""
+    from localnet.runtime.memory import saved_bytes
+
+    lin, bn = torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(8)
+    assert saved_bytes([lin, torch.nn.ReLU()], [(8,)], 4) == 4 * 8 * 4 + 4 * 16 * 4
+    before = bn.running_var.clone()
+    # BatchNorm: its input, and four vectors of 8 (the batch's mean and inverse std, the
+    # running mean and variance)
+    assert saved_bytes([bn], [(8,)], 4) == 4 * 8 * 4 + 4 * 8 * 4
+    assert torch.equal(bn.running_var, before) and bn.num_batches_tracked == 0
+
+
 def test_per_layer_lost_errors_and_the_limits_of_channels_on_a_graph(tmp_path):
     """Every error lost: no actor below the last gets one, so none of them updates; the
     in-process executor, whose channels sit between units, does not pretend to run

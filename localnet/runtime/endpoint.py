@@ -41,30 +41,39 @@ def check_channel_graph(channel, pl: Placement, unit_names: list[str]) -> None:
                               f"two inputs; channels need one edge per pair of actors")
 
 
-def error_lags(channel, pl: Placement, unit_names: list[str], dfa: bool) -> list[int]:
-    """Steps each actor's forwards wait for their whole error: the delays of the error
-    links along its longest path to the last actor (`JoinedErrors` waits for the last
-    part), or under DFA its own link's from the last actor.  Each of those steps keeps
-    `train.micro_batches` more forwards stored (the memory preflight counts them)."""
+def error_delays_in(channel, pl: Placement, unit_names: list[str], dfa: bool) -> list[dict]:
+    """Per actor, the delay in steps of each error link into it, by the sending actor's
+    rank: one link from each consumer, or under DFA one from the last actor."""
     S = pl.num_actors
     if not channel.active() or S == 1:
-        return [0] * S
+        return [{} for _ in range(S)]
     ends = lambda j: pl.link_names(j, unit_names)  # noqa: E731
 
     def delay(src, dst, boundary):  # the error link src -> dst, as the workers build it
         return int(link_options(channel, "error", ends(src)[0], ends(dst)[1], boundary)["delay"])
 
     if dfa:
-        return [0 if i == pl.sink else delay(pl.sink, i, ends(i)[3]) for i in range(S)]
+        return [{} if i == pl.sink else {pl.sink: delay(pl.sink, i, ends(i)[3])}
+                for i in range(S)]
+    return [{c: delay(c, i, ends(c)[2]) for c, _ in pl.consumers[i]} for i in range(S)]
+
+
+def error_lags(channel, pl: Placement, unit_names: list[str], dfa: bool) -> list[int]:
+    """Steps each actor's forwards wait for their whole error: the delays of the error
+    links along its longest path to the last actor (`JoinedErrors` waits for the last
+    part), or under DFA its own link's from the last actor.  Each of those steps keeps
+    `train.micro_batches` more forwards stored (the memory preflight counts them)."""
+    links = error_delays_in(channel, pl, unit_names, dfa)
+    if dfa:
+        return [sum(d.values()) for d in links]
     lag: dict[int, int] = {}
 
     def longest(i):
         if i not in lag:
-            lag[i] = max((longest(c) + delay(c, i, ends(c)[2]) for c, _ in pl.consumers[i]),
-                         default=0)
+            lag[i] = max((longest(c) + d for c, d in links[i].items()), default=0)
         return lag[i]
 
-    return [longest(i) for i in range(S)]
+    return [longest(i) for i in range(pl.num_actors)]
 
 
 class WireEnd:

@@ -12,6 +12,7 @@ setup -- a traceback instead of an answer, minutes in.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -34,20 +35,48 @@ def _bytes(module: torch.nn.Module) -> tuple[int, int]:
     return params, buffers
 
 
+def saved_bytes(mods: list[torch.nn.Module], in_shapes, micro_batch: int) -> int:
+    """Bytes one stored forward of an actor's modules holds: its inputs and what autograd
+    saves for the backward (parameters aside: the state counts them), measured by running
+    one forward on zeros through copies of the modules (their BatchNorm statistics stay
+    put).  A forward waiting steps for a delayed error holds exactly this, unlike the
+    forwards inside a step, whose estimate (SAVED_PER_OUTPUT) also covers the backward's
+    working memory."""
+    from ..stage import _Chain
+
+    chain = _Chain(*copy.deepcopy(mods)).train()
+    params = {p.untyped_storage().data_ptr() for p in chain.parameters()}
+    held: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            held[s.data_ptr()] = s.nbytes()
+        return t
+
+    xs = [torch.zeros(micro_batch, *s, requires_grad=True) for s in in_shapes]
+    for x in xs:
+        pack(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chain(*xs)
+    return sum(held.values())
+
+
 def estimate(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> list[dict]:
     """Per actor of `placement` (built from `model`): the estimate in bytes and its
     parts."""
     from ..models import unit_shapes
     from ..rules import RULES
-    from .endpoint import error_lags
+    from .endpoint import error_delays_in, error_lags
     from .graph import modules_for
 
     rt, t = cfg.runtime, cfg.train
     shapes = unit_shapes(model, input_shape)
     mb = t.micro_batch_size
     base = int(rt.actor_baseline_mb * MB)
-    lags = error_lags(cfg.channel, placement, list(model.unit_names),
-                      RULES.get(cfg.rule.name).broadcast_output_error)
+    dfa = RULES.get(cfg.rule.name).broadcast_output_error
+    lags = error_lags(cfg.channel, placement, list(model.unit_names), dfa)
+    links = error_delays_in(cfg.channel, placement, list(model.unit_names), dfa)
     out = []
     for i in range(placement.num_actors):
         mods, names, _, in_shapes, out_shape = modules_for(placement, i, model, shapes)
@@ -56,8 +85,14 @@ def estimate(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> l
         # copy of the weights per step of forwards waiting for a delayed error
         state = (3 + lags[i]) * p + b
         act = 4 * mb * (math.prod(out_shape) + sum(math.prod(s) for s in in_shapes))
-        held = max(peak_in_flight[i], 1) + lags[i] * t.micro_batches
-        inflight = SAVED_PER_OUTPUT * act * held
+        inflight = SAVED_PER_OUTPUT * act * max(peak_in_flight[i], 1)
+        if lags[i]:  # the forwards of `lags[i]` steps waiting for their errors, and the
+            # errors queued on the delayed links into this actor (fp32 at most; DFA's are
+            # the output error, a few numbers per sample)
+            inflight += lags[i] * t.micro_batches * saved_bytes(mods, in_shapes, mb)
+            if not dfa:
+                inflight += (sum(links[i].values()) * t.micro_batches * 4 * mb
+                             * math.prod(out_shape))
         out.append({"actor": i, "units": names, "baseline": base, "state": state,
                     "activations": inflight, "total": base + state + inflight,
                     "error_wait_steps": lags[i]})
