@@ -1,6 +1,6 @@
 """The memory preflight against the machine: each run's estimate beside what it took.
 
-    python benchmarks/preflight.py                      # error links delayed 0, 2 and 6 steps
+    python benchmarks/preflight.py                      # error links delayed 0, 2 and 8 steps
     python benchmarks/preflight.py --variants "channel.error.delay=1;runtime.partition=per_layer"
     python benchmarks/preflight.py --no-write
 
@@ -34,7 +34,7 @@ from common import Peak, commit, hardware_cpu, ray_benchmark_env, used_mb, write
 
 CONFIG = HERE.parent / "configs" / "resnet_pfa.yaml"
 SHAPE, NC = (3, 32, 32), 10
-DEFAULT = "channel.error.delay=0;channel.error.delay=2;channel.error.delay=6"
+DEFAULT = "channel.error.delay=0;channel.error.delay=2;channel.error.delay=8"
 
 
 def settled_mb(limit_s: float = 120.0) -> float:
