@@ -57,7 +57,8 @@ def saved_bytes(mods: list[torch.nn.Module], in_shapes, micro_batch: int) -> int
     xs = [torch.zeros(micro_batch, *s, requires_grad=True) for s in in_shapes]
     for x in xs:
         pack(x)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # grad mode on: a caller under no_grad would otherwise see nothing saved
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         chain(*xs)
     return sum(held.values())
 
