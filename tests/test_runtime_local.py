@@ -544,14 +544,38 @@ def test_per_layer_resnet8_matches_inprocess_after_20_steps(rule, schedule):
         assert e["stage1->stage0"]["error"]["count"] == e["stage2->stage0"]["error"]["count"]
 
 
-def test_per_layer_projection_shortcut_and_dfa_limit():
-    cfg = cfg_for("kp", "1f1b", {"model": {"name": "resnet18"}}, "per_layer", M=2, bs=4)
-    ref, model, ex = run_both(cfg, IMG, NC, steps=2, bs=4)
-    assert ex.num_stages == 21
-    assert state_diff(model.state_dict(), ex.model_state_dict())[0] < 1e-5
+@pytest.mark.parametrize("rule", ["kp", "dfa"])
+def test_per_layer_projection_shortcut(rule):
+    """ResNet-18's projection shortcuts per layer.  Under kp each is an actor of its
+    own, and the merge sends its error back to it.  Under DFA no error goes down, and a
+    shortcut (no tap after it) would get none: it stays in its merge's actor, whose
+    autograd gives it the merge's error -- so both agree with one process."""
+    cfg = cfg_for(rule, "1f1b", {"model": {"name": "resnet18"}}, "per_layer", M=2, bs=4)
+    ref, model, ex = run_both(cfg, IMG, NC, steps=3, bs=4)
+    shortcuts = [n for n in ex.placement.names if ".shortcut" in n[0]]
+    if rule == "kp":
+        assert ex.num_stages == 21 and shortcuts == [[f"layer{i}.0.shortcut"] for i in (2, 3, 4)]
+    else:
+        assert ex.num_stages == 18 and not shortcuts
+        merge = ex.placement.names.index(["layer2.0.conv2"])
+        assert ex.placement.inputs[merge] == [merge - 1, merge - 2]  # conv1, the block input
+    want, got = model.state_dict(), ex.model_state_dict()
+    assert state_diff(want, got)[0] < 1e-5
+    # the shortcuts learned, as in one process (not merely left alone)
+    key = "units.3.shortcut.conv.weight"
+    assert not torch.equal(got[key], reference(cfg, IMG, NC)[1].state_dict()[key])
+
+
+def test_dfa_refuses_an_actor_that_ends_without_a_tap(monkeypatch):
+    """The actor's own check, should a model's layer graph cut where DFA delivers no
+    error (here: blocks that split their projection shortcut out whatever the rule)."""
+    from localnet.models.resnet_imagenet import BasicBlock, residual_nodes
+
+    monkeypatch.setattr(BasicBlock, "layer_nodes",
+                        lambda self, own_shortcut=True: residual_nodes(self, ["conv1"], "conv2"))
+    cfg = cfg_for("dfa", "1f1b", {"model": {"name": "resnet18"}}, "per_layer", M=2, bs=4)
     with pytest.raises(ValueError, match="layer2.0.shortcut.*does not end with"):
-        RayExecutor(cfg_for("dfa", "1f1b", {"model": {"name": "resnet18"}}, "per_layer",
-                            M=2, bs=4), IMG, NC, local=True)
+        RayExecutor(cfg, IMG, NC, local=True)
 
 
 def test_explicit_groups_and_placement_checks():

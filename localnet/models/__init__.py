@@ -53,6 +53,7 @@ def build_model(name: str, rule: Rule | None, input_shape, num_classes: int, see
         mods = [spec.build(factory.for_unit(u)) if u in keep else Absent(spec.name)
                 for u, spec in enumerate(specs)]
     model = UnitModel(mods, [spec.name for spec in specs])
+    model.cut_only_at_taps = bool(rule is not None and rule.broadcast_output_error)
     # One dry forward so state whose shape depends on activations (DFA's D_l) exists
     # before anything reads the state dict.
     was_training = model.training

@@ -41,6 +41,12 @@ class UnitModel(nn.Module):
         assert len(units) == len(names)
         self.units = nn.ModuleList(units)
         self.unit_names = list(names)
+        # Where the layer graph may cut a unit.  A rule that delivers every hidden
+        # layer's error at its error tap and sends none down (DFA) leaves a layer that
+        # ends without a tap -- a projection shortcut, whose error is the merge's --
+        # with no error at all on an actor of its own: such a layer stays in the node
+        # that reads it.  `build_model` sets it from the rule.
+        self.cut_only_at_taps = False
 
     def forward(self, x):
         for unit in self.units:
@@ -50,11 +56,14 @@ class UnitModel(nn.Module):
     def unit_layers(self, u: int) -> list["LayerNode"]:
         """Unit u's nodes of the layer graph, their inputs numbered within the unit
         (-1: the unit's input).  A unit with a `layer_nodes()` method (a residual block)
-        splits into its layers; any other unit (stem, head, an MLP layer) is one node."""
+        splits into its layers; any other unit (stem, head, an MLP layer) is one node.
+        With `cut_only_at_taps`, a block's projection shortcut is part of its merge's
+        node rather than a node of its own."""
         unit, name = self.units[u], self.unit_names[u]
         if isinstance(unit, Absent):
             raise RuntimeError(f"unit {name!r} was not built in this process")
-        parts = unit.layer_nodes() if hasattr(unit, "layer_nodes") else [("", unit, ["in"])]
+        parts = (unit.layer_nodes(own_shortcut=not self.cut_only_at_taps)
+                 if hasattr(unit, "layer_nodes") else [("", unit, ["in"])])
         return [LayerNode(f"{name}.{suffix}" if suffix else name, u, name, module,
                           [-1 if i == "in" else int(i) for i in inputs])
                 for suffix, module, inputs in parts]

@@ -46,20 +46,20 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         return self.tap(F.relu(self.conv2(self.conv1(x)) + self.shortcut(x), inplace=True))
 
-    def layer_nodes(self):
+    def layer_nodes(self, own_shortcut: bool = True):
         """Layers for `UnitModel.layer_graph`: (suffix, module, inputs); an input is "in"
         (the block's input) or the index of an earlier node of this block.  conv1 reads
         the input; the merge reads conv1's output and the skip.  A shortcut with weights
-        (option B) is a layer of its own."""
-        return residual_nodes(self, ["conv1"], "conv2")
+        (option B) is a layer of its own, or with own_shortcut=False part of the merge."""
+        return residual_nodes(self, ["conv1"], "conv2", own_shortcut)
 
 
-def residual_nodes(block, chain: list[str], last: str):
+def residual_nodes(block, chain: list[str], last: str, own_shortcut: bool = True):
     nodes = [(name, Part(**{name: getattr(block, name)}), ["in" if i == 0 else i - 1])
              for i, name in enumerate(chain)]
     skip = "in"
     shortcut = block.shortcut
-    if has_parameters(shortcut):
+    if own_shortcut and has_parameters(shortcut):
         nodes.append(("shortcut", Part(shortcut=shortcut), ["in"]))
         skip, shortcut = len(nodes) - 1, nn.Identity()
     nodes.append((last, Merge(last, getattr(block, last), shortcut, block.tap),

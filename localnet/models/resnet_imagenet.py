@@ -27,9 +27,9 @@ class Bottleneck(nn.Module):
     def forward(self, x):
         return self.tap(F.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x), inplace=True))
 
-    def layer_nodes(self):
+    def layer_nodes(self, own_shortcut: bool = True):
         """conv1 -> conv2 -> merge(conv3, skip); see BasicBlock.layer_nodes."""
-        return residual_nodes(self, ["conv1", "conv2"], "conv3")
+        return residual_nodes(self, ["conv1", "conv2"], "conv3", own_shortcut)
 
 
 class Stem(nn.Sequential):
