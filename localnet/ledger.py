@@ -52,6 +52,21 @@ class Ledger:
 
     __iadd__ = merge
 
+    def minus(self, earlier: "Ledger") -> "Ledger":
+        """What this ledger counts beyond `earlier`, a reading of the same traffic
+        taken before it (the rows that did not change are left out)."""
+        out = Ledger()
+        for key, row in self.rows.items():
+            d = [a - b for a, b in zip(row, earlier.rows.get(key, (0, 0, 0)))]
+            if any(d):
+                out.rows[key] = d
+        out.parameter_bytes = self.parameter_bytes - earlier.parameter_bytes
+        out.transport_bytes = self.transport_bytes - earlier.transport_bytes
+        return out
+
+    def copy(self) -> "Ledger":
+        return Ledger().merge(self)
+
     @classmethod
     def merged(cls, ledgers) -> "Ledger":
         out = cls()
@@ -60,7 +75,7 @@ class Ledger:
         return out
 
     def to_dict(self) -> dict:
-        out = {"rows": [[s, d, k, c, h, p] for (s, d, k), (c, h, p) in self.rows.items()],
+        out = {"rows": [[s, d, k, c, h, p] for (s, d, k), (c, h, p) in sorted(self.rows.items())],
                "parameter_bytes": self.parameter_bytes}
         if self.transport_bytes:
             out["transport_bytes"] = self.transport_bytes

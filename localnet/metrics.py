@@ -350,9 +350,11 @@ class MessageLog:
         per_epoch: [{epoch, step, samples, bytes, train_bytes}]
         ledger: the raw ledger (resume adds to it)
 
+    A resumed run goes on from what its checkpoint recorded (`state()`, saved in
+    checkpoint.pt), so the steps since the last epoch's end are counted once too.
     A no-op for an executor without a ledger (in-process: nothing crosses a wire)."""
 
-    def __init__(self, run_dir: Path, ex, resume: bool = False):
+    def __init__(self, run_dir: Path, ex, resume: bool = False, saved: dict | None = None):
         from .ledger import Ledger
 
         self.path = Path(run_dir) / "messages.json"
@@ -363,8 +365,9 @@ class MessageLog:
         self._marks: dict[str, int] = {}
         if not self.enabled:
             return
-        if resume and self.path.exists():
-            old = json.loads(self.path.read_text())
+        if resume and (saved is not None or self.path.exists()):
+            # (a checkpoint from before `state()` was saved: the last epoch's end)
+            old = saved if saved is not None else json.loads(self.path.read_text())
             self.base = Ledger.from_dict(old.get("ledger", {"rows": []}))
             self.excluded = {k: int(old.get(f"{k}_bytes", 0)) for k in self.excluded}
             self.per_epoch = list(old.get("per_epoch", []))
@@ -383,6 +386,13 @@ class MessageLog:
 
     def ledger(self):
         return self.fetch()[1]
+
+    def state(self) -> dict | None:
+        """What a checkpoint keeps (between steps: no evaluation or probe under way)."""
+        if not self.enabled:
+            return None
+        return {"ledger": self.ledger().to_dict(), "per_epoch": list(self.per_epoch),
+                **{f"{k}_bytes": v for k, v in self.excluded.items()}}
 
     @staticmethod
     def _total(led) -> int:
@@ -424,10 +434,10 @@ class RunObserver:
     `metrics.port` is set) and messages.json (when the executor has a ledger)."""
 
     def __init__(self, cfg, run_dir, ex, *, resume: bool = False, total_steps: int = 0,
-                 step: int = 0, epoch: int = 0):
+                 step: int = 0, epoch: int = 0, saved_messages: dict | None = None):
         m = cfg.metrics
         self.cfg, self.ex, self.run_dir = cfg, ex, Path(run_dir)
-        self.messages = MessageLog(self.run_dir, ex, resume=resume)
+        self.messages = MessageLog(self.run_dir, ex, resume=resume, saved=saved_messages)
         self.metrics = None
         self.url = None
         self.sd_file = None

@@ -314,7 +314,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                           + (f" (data.subset: {cfg.data.subset})" if cfg.data.subset else ""))
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or 10**18)
     obs = RunObserver(cfg, run_dir, ex, resume=resume, total_steps=total_steps, step=step,
-                      epoch=start_epoch)  # Prometheus endpoint (metrics.port), messages.json
+                      epoch=start_epoch, saved_messages=(ckpt or {}).get("messages"))
+    # (obs: the Prometheus endpoint, metrics.port; messages.json)
     timeline = Timeline(cfg, ex, run_dir, step, total_steps)  # timeline.json
     metrics_f = open(run_dir / "metrics.jsonl", "a")
     steps_f = open(run_dir / "steps.jsonl", "a")
@@ -340,7 +341,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
 
     def save(epoch, step, train_time, samples, **mid_epoch):
         """checkpoint.pt; the executor saves its state (Ray: each actor to its own file)."""
-        state = {"executor": ex.save_state(run_dir), "epoch": epoch, "step": step,
+        state = {"executor": ex.save_state(run_dir), "messages": obs.messages.state(),
+                 "epoch": epoch, "step": step,
                  "train_time": train_time, "samples": samples, **mid_epoch,
                  "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json"),
                  "recuts": recuts}
@@ -496,7 +498,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         "transports_weights": rule.transports_weights,
         "seed": cfg.seed, "torch": torch.__version__, "host": platform.node(),
         "runtime": {k: v for k, v in ex.runtime_info().items() if k != "actor_info"},
-        "messages": ex.ledger_summary(),  # per kind count and bytes; parameter_bytes
+        # per kind count and bytes, parameter_bytes: the run's (a resumed one's earlier
+        # processes too), as messages.json counts them
+        "messages": (obs.messages.ledger().run_summary() if obs.messages.enabled
+                     else ex.ledger_summary()),
     }
     if getattr(ex, "channel_summary", None) and ex.channel_summary() is not None:
         summary["channels"] = ex.channel_summary()

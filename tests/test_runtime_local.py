@@ -782,7 +782,7 @@ def same(a, b, path="") -> list[str]:
 def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule, variant):
     """runtime.checkpoint_every=3; the run dies at step 5; `--resume` continues from
     step 3 and ends exactly where an uninterrupted run does: every weight, feedback
-    weight, optimizer and RNG state bit for bit."""
+    weight, optimizer and RNG state bit for bit, and every count of messages.json."""
     from localnet.train import train
 
     per_layer = variant in ("per_layer", "graph_channels")
@@ -821,6 +821,10 @@ def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule, variant)
     # local mode: every worker's "rng" is this one process's global torch RNG, which the
     # driver draws from too (data order); the layers' own RNG streams are compared
     assert [d for d in diff if not d.endswith(".rng")] == []
+    # and every message counted once: the checkpoint kept the count of steps 1-3
+    msgs = lambda d: json.loads((d / "messages.json").read_text())
+    assert msgs(tmp_path / "part") == msgs(tmp_path / "full")
+    assert res["messages"] == full["messages"]
 
 
 def test_summary_runtime_and_messages_for_every_executor(tmp_path):

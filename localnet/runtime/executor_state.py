@@ -33,6 +33,23 @@ def recovering(method):
     return call
 
 
+def keeps_traffic(method):
+    """A coordinator call whose messages no recovery sends again (an evaluation, a
+    measuring pass, mirror steps): its traffic is set apart, so that it stays counted
+    when a recovery takes the ledger back to the checkpoint's (`_rewind_ledgers`)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        self.flush()  # an async stream's training traffic is not this call's
+        self._kept_from = self.ledger()  # (a recovery inside moves it to the rewound one)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self._kept_from is not None:
+                self._kept.merge(self.ledger().minus(self._kept_from))
+            self._kept_from = None
+    return call
+
+
 class StateMixin:
     # ------------------------------------------------------------------ commands
     def _control(self, op, s, step, **args) -> bytes:
@@ -57,6 +74,7 @@ class StateMixin:
     def train(self, mode: bool) -> None:
         self._broadcast("mode", train=bool(mode))
 
+    @keeps_traffic
     def mirror_steps(self, n: int) -> None:
         if n:
             self._drain()
@@ -84,6 +102,7 @@ class StateMixin:
         stats.correct += st.correct
         stats.samples += st.samples
 
+    @keeps_traffic
     def bp_update_angles(self, x, y) -> dict[str, float]:
         """As InProcessExecutor.bp_update_angles: angle between each layer's update under
         its rule and the BP gradient on the same batch; BatchNorm statistics restored."""
@@ -144,6 +163,7 @@ class StateMixin:
                   "load_state_dict")
         self._step = int(state.get("step", self._step))
         self._replay.clear()
+        self._ckpt_ledger, self._kept = self.ledger(), Ledger()
 
     @recovering
     def save_state(self, run_dir) -> dict:
@@ -151,12 +171,15 @@ class StateMixin:
         record train.py keeps in checkpoint.pt; the actors' files never pass through the
         driver."""
         self._drain()
+        # the traffic of every step so far, which a recovery to this checkpoint restores:
+        # read before the actors write, as nothing is sent while they do
+        ledger = self.ledger()
         gen, manifest = checkpoint.save(self, run_dir)
         # the checkpoint holds every step so far: from here on, a recovery goes back to it
-        # with nothing to replay -- so both change together, before any other call
+        # with nothing to replay -- so they all change together, before any other call
         self._ckpt, self._ckpt_step = gen, self._step
         self._replay.clear()
-        self._actor_ledgers()  # what an actor that dies before the next one had sent
+        self._ckpt_ledger, self._kept = ledger, Ledger()
         return {"executor": self.name, "checkpoint": f"{checkpoint.CHECKPOINT_DIR}/{gen.name}",
                 "step": self._step, "bytes": manifest["bytes"], **self._layout(),
                 "recoveries": list(self.recoveries)}  # a resumed run's summary lists them all
@@ -174,6 +197,7 @@ class StateMixin:
         self._step = int(manifest["step"])
         self._ckpt, self._ckpt_step = gen, self._step
         self._replay.clear()
+        self._ckpt_ledger, self._kept = self.ledger(), Ledger()
         self.recoveries = list(saved.get("recoveries", []))
 
     def stage_members(self) -> list[tuple]:
@@ -257,8 +281,10 @@ class StateMixin:
         return self.ledger().run_summary()
 
     def reset_ledger(self) -> None:
+        """Count from zero (a benchmark's warm-up done); a later recovery counts the steps
+        it replays from here too."""
         self._ledger.clear()
-        self._seen_ledgers = {}
+        self._ckpt_ledger, self._kept = Ledger(), Ledger()
         self._get([w.ledger.remote(clear=True) for w in self.workers], "ledger")
 
     def audit_log(self, clear: bool = True) -> list[dict]:

@@ -20,8 +20,8 @@ from .executor_state import recovering
 
 
 class PollMixin:
-    """Mixed into `RayExecutor`, which provides workers, local, _get, _ledger,
-    _cpu_taken and _seen_ledgers."""
+    """Mixed into `RayExecutor`, which provides workers, local, _get, _ledger and
+    _cpu_taken."""
 
     def _took(self, timings: list[dict]) -> None:
         """Timings that cleared their actors' counters join the run's CPU account."""
@@ -57,7 +57,6 @@ class PollMixin:
             return None
         ledgers = [t.pop("ledger") for t in timings]
         self._took(timings)
-        self._seen_ledgers = dict(enumerate(ledgers))
         return timings, Ledger.merged([self._ledger, *ledgers])
 
     def actor_cpu_s(self) -> dict:
@@ -78,9 +77,6 @@ class PollMixin:
         return Ledger.merged([self._ledger, *self._actor_ledgers()])
 
     def _actor_ledgers(self) -> list[dict]:
-        """Every actor's ledger, kept as last seen: an actor that dies takes its own
-        with it, and a recovery then adds what was last seen of it to the driver's
-        (recovery.py), so only what it sent since is not counted."""
-        ds = self._get([w.ledger.remote() for w in self.workers], "ledger")
-        self._seen_ledgers = dict(enumerate(ds))
-        return ds
+        """Every actor's ledger (what it sent since it was set up, or since the last
+        recovery: recovery.py, `_rewind_ledgers`)."""
+        return self._get([w.ledger.remote() for w in self.workers], "ledger")

@@ -40,7 +40,7 @@ from ..rules import RULES
 from . import memory, session
 from .cost import unit_costs
 from .endpoint import check_channel_graph
-from .executor_state import StateMixin, recovering
+from .executor_state import StateMixin, keeps_traffic, recovering
 from .graph import Placement
 from .interpreter import drive_all, interpret
 from ..ledger import Ledger
@@ -174,8 +174,8 @@ class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
         self._g = 0                       # next global micro-batch id (async streams)
         self._mb: dict[int, tuple] = {}   # async: g -> (step, mb, lr, wd)
         self._outstanding: list = []      # replies not yet checked (_last_reply)
-        self._ledger = Ledger()           # what the driver sends (and dead actors sent)
-        self._seen_ledgers: dict[int, dict] = {}  # each actor's ledger when last asked
+        self._ledger = Ledger()           # what the driver sends (after a recovery: all)
+        self._ckpt_ledger, self._kept, self._kept_from = Ledger(), Ledger(), None  # recovery.py
         self._audit: list[dict] = []      # what the driver receives (audit mode)
         self._ckpt = None                 # the last checkpoint generation (recovery)
         self._ckpt_step = 0
@@ -362,6 +362,7 @@ class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
         lost in a batch's tail is recovered as in a step: the replay includes that batch."""
         self._drain()
 
+    @keeps_traffic
     @recovering
     def evaluate(self, loader) -> tuple[float, float]:
         """Loss and accuracy through the same actors, forward only: one call per actor

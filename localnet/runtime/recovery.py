@@ -1,11 +1,16 @@
 """Recovery, a part of the coordinator (`RayExecutor`, ray_executor.py): an actor that
 died is recreated in its placement-group bundle, every actor reloads the last
 checkpoint, and the steps since then are retrained on the very batches they had, so the
-run ends where an uninterrupted one would (exactly once).
+run ends where an uninterrupted one would (exactly once).  The ledger too: it goes
+back to the checkpoint's counts, plus the traffic no replay repeats (evaluations,
+measuring passes: `keeps_traffic`), so a run's messages.json counts each training
+step's messages once, as an uninterrupted run's does -- whichever actor died, and
+whatever it had sent since it was last asked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from ..ledger import Ledger
@@ -78,11 +83,13 @@ class RecoveryMixin:
                               f"{self.timeout}s (runtime.timeout_s)") from None
         return dead
 
-    def _keep_ledgers(self, dead) -> None:
-        """What the dead actors were last seen to have sent stays counted (their own
-        ledgers died with them): added to the driver's."""
-        for i in dead:
-            self._ledger.merge(Ledger.from_dict(self._seen_ledgers.pop(i, {"rows": []})))
+    def _rewind_ledgers(self) -> None:
+        """Before the replay: every actor's count from zero, the driver's the checkpoint's
+        (every actor's then) and what was set apart since.  What the failed attempt sent,
+        and the recovery's own setting up, are not counted; the replay counts its steps
+        once more, so each is counted once."""
+        self._get([w.ledger.remote(clear=True) for w in self.workers], "ledger")
+        self._ledger = self._ckpt_ledger.copy().merge(self._kept)
 
     def _revive(self, err: BaseException) -> bool:
         """After a failed call: if actors died, recreate them, rebuild the plane and roll
@@ -102,7 +109,6 @@ class RecoveryMixin:
         t0 = time.perf_counter()
         self._outstanding = []
         lost = sorted(dead)
-        self._keep_ledgers(lost)
         for attempt in range(6):
             for i in dead:
                 try:
@@ -122,7 +128,6 @@ class RecoveryMixin:
                     raise
                 time.sleep(2 ** attempt)
                 dead = self._dead()
-                self._keep_ledgers(set(dead) - set(lost))  # (a replacement was never asked)
                 lost = sorted(set(lost) | set(dead))
         self._new_streams()
         self._mb.clear()
@@ -141,15 +146,24 @@ class RecoveryMixin:
         self.stage_info = self._get([w.info.remote() for w in self.workers], "info")
         if getattr(self, "_span_window", None):  # the timeline's steps, noted once each
             self.record_spans(*self._span_window)
+        self._rewind_ledgers()
         # exactly once: retrain the steps since the checkpoint on the very batches, lr
         # and wd they had; every actor's weights, optimizer state and RNG streams are
         # the checkpoint's, so each step computes what it computed the first time (under
         # async too: the checkpoint drained the stream, and the replay refills it as the
         # run did after the checkpoint)
         replayed = 0
-        for x, y, step, lr, wd in self._replay.batches():
-            self._train(x, y, step, lr, wd)
-            replayed += 1
+        with self._replay.replaying():
+            for x, y, step, lr, wd, drained in self._replay.batches():
+                self._train(x, y, step, lr, wd)
+                if drained:  # as the run did after this step (async: an evaluation)
+                    self._drain()
+                replayed += 1
+            if self._kept_from is not None:
+                # a call that sets its traffic apart (`keeps_traffic`) is retried next:
+                # its traffic starts after the replay's
+                self._drain()
+                self._kept_from = Ledger.merged([self._ledger, *self._actor_ledgers()])
         self.recoveries.append({
             "at_step": self._step, "dead": [stage_name(i) for i in lost],
             "restored_step": restored, "replayed_steps": replayed,
@@ -168,6 +182,7 @@ class Replay:
 
     def __init__(self, limit_bytes: int = 1 << 30):
         self.limit = limit_bytes
+        self._replaying = False
         self.clear()
 
     def clear(self) -> None:
@@ -181,7 +196,21 @@ class Replay:
         if self._bytes > self.limit:
             self._items = None
             return
-        self._items.append((x, y, step, lr, wd))
+        self._items.append([x, y, step, lr, wd, False])
+
+    def drained(self) -> None:
+        """The stream was drained after the last batch remembered (not by a replay's own
+        drains, which follow the batches they replay)."""
+        if self._items and not self._replaying:
+            self._items[-1][-1] = True
+
+    @contextlib.contextmanager
+    def replaying(self):
+        was, self._replaying = self._replaying, True
+        try:
+            yield
+        finally:
+            self._replaying = was
 
     def batches(self) -> list:
         return list(self._items or [])

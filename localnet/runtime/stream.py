@@ -180,6 +180,9 @@ class StreamMixin:
         else:
             ahead = None
         if self.streamed and self._streams and self._streams[0].start < self._g:
+            # a drain changes what the next micro-batches compute (async: how stale their
+            # weights are), so a recovery's replay must drain here too
+            self._replay.drained()
             acts = [self._stream_acts(st.drain(self._g)) for st in self._streams]
             self._outstanding += [r for r in self._issue(acts, {}, {}) if not self.local]
         refs, self._outstanding = self._outstanding, []
