@@ -14,7 +14,9 @@ Each actor death costs a recovery: the coordinator recreates the actor, every ac
 the last checkpoint, and the steps since it are replayed.  Reported: each recovery
 (cause, step restored, steps replayed, seconds) from the resumed run's summary.json, and
 the largest difference of any tensor (weights, feedback weights, optimizer and RNG
-states) between the two runs' final checkpoints -- 0 means exactly once.
+states) between the two runs' final checkpoints -- 0 means exactly once -- and which
+counts of their messages.json differ (none: each message was counted once, through the
+kills).
 """
 
 from __future__ import annotations
@@ -121,6 +123,15 @@ def largest_difference(a, b) -> float:
     return 0.0 if a == b else float("inf")
 
 
+def messages_differences(a: Path, b: Path) -> tuple[list[str], int]:
+    """The counts of messages.json that differ between two runs (per edge and kind,
+    training, evaluation and probe bytes, samples, steps), and the first run's training
+    bytes."""
+    ma, mb = (json.loads((r / "messages.json").read_text()) for r in (a, b))
+    keys = ("edges", "train_bytes", "eval_bytes", "probe_bytes", "samples", "steps")
+    return [k for k in keys if ma.get(k) != mb.get(k)], int(ma["train_bytes"])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="/tmp/localnet-chaos")
@@ -159,10 +170,12 @@ def main(argv=None) -> dict:
     ref = json.loads((out / "reference/summary.json").read_text())
     recoveries = summary["runtime"].get("recoveries", [])
     diff = largest_difference(final_state(out / "reference"), final_state(chaos))
+    msg_diff, train_bytes = messages_differences(out / "reference", chaos)
     result = {"hardware": hardware_cpu(), "commit": commit(),
               "command": "python benchmarks/chaos.py " + " ".join(argv or sys.argv[1:]),
               "steps": summary["steps"], "kills": kills, "recoveries": recoveries,
-              "largest_difference": diff, "reference_s": round(ref_s, 1),
+              "largest_difference": diff, "messages_differ": msg_diff,
+              "train_bytes": train_bytes, "reference_s": round(ref_s, 1),
               "chaos_s": round(chaos_s, 1), "test_loss": [ref["test_loss"], summary["test_loss"]]}
     print(json.dumps(result))
     if not args.no_write:
@@ -186,8 +199,12 @@ def write(r: dict) -> None:
         f"Largest difference of any tensor of the final checkpoints (weights, feedback "
         f"weights, optimizer and RNG states) from the uninterrupted run: "
         f"**{r['largest_difference']:g}**.  Test loss {r['test_loss'][0]:.6f} uninterrupted, "
-        f"{r['test_loss'][1]:.6f} with the kills.  Wall time {r['reference_s']} s "
-        f"uninterrupted, {r['chaos_s']} s with the kills."])
+        f"{r['test_loss'][1]:.6f} with the kills.  `messages.json`: "
+        + (f"**every count equal** to the uninterrupted run's (each edge's messages and "
+           f"bytes per kind; {r['train_bytes']:,} training bytes)" if not r["messages_differ"]
+           else f"**{', '.join(r['messages_differ'])} differ** from the uninterrupted run's")
+        + f".  Wall time {r['reference_s']} s uninterrupted, {r['chaos_s']} s with the "
+        f"kills."])
 
 
 if __name__ == "__main__":
