@@ -101,7 +101,8 @@ METRICS: list[tuple[str, MetricSpec]] = [
                        "GPU memory allocated by torch in the stage's process (only with CUDA)")),
     (EDGE, MetricSpec("localnet_messages_total", "counter", ("src", "dst", "kind"),
                       "messages sent on an edge (driver, stage0, ...), per kind (activation, "
-                      "error, target, control); from the runtime's ledger")),
+                      "error, target, control); from the runtime's ledger, a recovery's "
+                      "replayed steps counted again")),
     (EDGE, MetricSpec("localnet_message_bytes_total", "counter", ("src", "dst", "kind"),
                       "header plus payload bytes sent on an edge, per kind")),
     (EDGE, MetricSpec("localnet_message_parameter_bytes_total", "counter", (),
@@ -155,15 +156,28 @@ class _Stages:
 
 
 class _LedgerCollector:
-    """Edge counters mirrored from the latest ledger snapshot."""
+    """Edge counters from the latest ledger snapshot.  They never go back, which
+    Prometheus would read as a reset: when a recovery takes the ledger back to its
+    checkpoint's counts (runtime/recovery.py), what it took back stays in `_gone`, so the
+    counters go on counting what crossed the wire -- a replay's messages a second time,
+    which messages.json counts once."""
 
     def __init__(self):
         self.rows: dict = {}
         self.parameter_bytes = 0
+        self._last: dict = {}   # the latest snapshot's rows
+        self._gone: dict = {}   # per row, what rewinds took back
 
     def update(self, ledger) -> None:
-        self.rows = {k: list(v) for k, v in ledger.rows.items()}
-        self.parameter_bytes = ledger.parameter_bytes
+        for k in self._last.keys() | ledger.rows.keys():
+            last, now = self._last.get(k, (0, 0, 0)), ledger.rows.get(k, (0, 0, 0))
+            gone = self._gone.setdefault(k, [0, 0, 0])
+            for i in range(3):
+                gone[i] += max(last[i] - now[i], 0)
+        self._last = {k: list(v) for k, v in ledger.rows.items()}
+        self.rows = {k: [a + b for a, b in zip(self._last.get(k, (0, 0, 0)), g)]
+                     for k, g in self._gone.items()}
+        self.parameter_bytes = max(self.parameter_bytes, ledger.parameter_bytes)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily

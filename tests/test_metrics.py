@@ -381,6 +381,28 @@ def test_a_failed_run_closes_its_endpoint(tmp_path, monkeypatch):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
+def test_exported_message_counters_never_go_back():
+    """A recovery takes the ledger back to its checkpoint's counts; the Prometheus
+    counters go on from where they were (what crossed the wire), never down."""
+    from localnet.metrics import _LedgerCollector
+
+    def led(**rows):
+        out = Ledger()
+        for edge, (c, nbytes) in rows.items():
+            out.rows[(*edge.split("_"), "error")] = [c, 0, nbytes]
+        return out
+
+    col = _LedgerCollector()
+    col.update(led(stage1_stage0=(10, 1000)))
+    col.update(led(stage1_stage0=(6, 600)))            # rewound to the checkpoint's
+    assert col.rows[("stage1", "stage0", "error")] == [10, 0, 1000]
+    col.update(led(stage1_stage0=(12, 1200), stage2_stage1=(3, 30)))  # the replay, and on
+    assert col.rows == {("stage1", "stage0", "error"): [16, 0, 1600],
+                        ("stage2", "stage1", "error"): [3, 0, 30]}
+    col.update(led(stage1_stage0=(12, 1200)))         # a row rewound to nothing
+    assert col.rows[("stage2", "stage1", "error")] == [3, 0, 30]
+
+
 def test_resume_adds_to_messages_json(tmp_path, monkeypatch):
     _local_ray_build(monkeypatch)
     base = ["data.name=synthetic", "model.name=mlp", "model.widths=[16]", "data.subset=128",
