@@ -40,13 +40,15 @@ def keeps_traffic(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         self.flush()  # an async stream's training traffic is not this call's
-        self._kept_from = self.ledger()  # (a recovery inside moves it to the rewound one)
+        self._kept_from = self.ledger()  # (a recovery inside moves it past its replay)
         try:
-            return method(self, *args, **kwargs)
-        finally:
-            if self._kept_from is not None:
-                self._kept.merge(self.ledger().minus(self._kept_from))
+            out = method(self, *args, **kwargs)
+        except BaseException:  # the call's own error is the one to report
             self._kept_from = None
+            raise
+        self._kept.merge(self.ledger().minus(self._kept_from))
+        self._kept_from = None
+        return out
     return call
 
 
