@@ -32,7 +32,12 @@ from .errors import ConfigError
 
 _WHY = "resume with the runtime.partition (and runtime.executor) that wrote it"
 _CHANNELS = ("--resume: the checkpoint has communication channels (each link's state "
-             "belongs to an edge of its cut); " + _WHY)
+             "belongs to an edge of its cut); resume with the runtime.partition that wrote "
+             "it: on Ray (a smaller cluster takes the same actors, which then share its "
+             "cores), or in this one process with --set runtime.executor=local")
+_CHANNELS_INPROCESS = ("--resume: the checkpoint has communication channels (each link's "
+                       "state belongs to an edge of its cut); resume with "
+                       "runtime.executor=inprocess and the runtime.partition that wrote it")
 
 
 @dataclass
@@ -180,7 +185,7 @@ def fit(saved: dict, run_dir, members: list[tuple], model, actors: bool) -> dict
     if old == list(members) and _by_actors(saved) == actors:
         return None
     if "channels" in saved:  # the in-process executor keeps its links' state apart
-        raise ConfigError(_CHANNELS)
+        raise ConfigError(_CHANNELS_INPROCESS)
     states = saved["stages"] if "stages" in saved else read_actor_states(run_dir, saved)
     return {"stages": recut(states, old, list(members), model), "recut": old}
 

@@ -220,24 +220,27 @@ def test_a_resume_under_another_cut_goes_on_as_that_run_would_have(tmp_path, wro
     assert "checkpoint.pt" in old_files
 
 
-@pytest.mark.parametrize("wrote, resumes, says", [
+@pytest.mark.parametrize("wrote, resumes, advice", [
     (("runtime.executor=local", "channel.error.codec=sign"), ("runtime.executor=inprocess",),
-     "has communication channels"),
-    (("channel.error.codec=sign",), ("runtime.executor=local",), "has communication channels"),
+     "runtime.executor=local"),
+    (("channel.error.codec=sign",), ("runtime.executor=local",), "runtime.executor=inprocess"),
 ])
 def test_a_resume_that_cannot_be_re_cut_names_why_and_changes_no_file(tmp_path, wrote, resumes,
-                                                                      says):
+                                                                      advice):
     """What no other cut can take: a channel's state (codec residuals, queued messages)
     belongs to an edge of its cut.  The error says so, and the run directory is left
-    byte for byte as it was."""
+    byte for byte as it was; the executor it advises goes on from the checkpoint."""
     from localnet.config import ConfigError, load_run_config
 
     train(small(*THREE, "train.epochs=1", *wrote), tmp_path, progress=False)
     before = _files(tmp_path)
     cfg, _ = load_run_config(tmp_path, ["train.epochs=2", *resumes])
-    with pytest.raises(ConfigError, match=f"--resume: .*{re.escape(says)}"):
+    with pytest.raises(ConfigError, match=f"--resume: the checkpoint has communication "
+                                          f"channels .*{re.escape(advice)}"):
         train(cfg, tmp_path, resume=True, progress=False)
     assert _files(tmp_path) == before
+    cfg, _ = load_run_config(tmp_path, ["train.epochs=2", advice])
+    assert train(cfg, tmp_path, resume=True, progress=False)["steps"] == 32  # 2 epochs
 
 
 def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path, capsys):
