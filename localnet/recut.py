@@ -33,8 +33,9 @@ from .errors import ConfigError
 _WHY = "resume with the runtime.partition (and runtime.executor) that wrote it"
 _CHANNELS = ("--resume: the checkpoint has communication channels (each link's state "
              "belongs to an edge of its cut); resume with the runtime.partition that wrote "
-             "it: on Ray (a smaller cluster takes the same actors, which then share its "
-             "cores), or in this one process with --set runtime.executor=local")
+             "it: on Ray (a smaller cluster takes the same actors where their "
+             "runtime.num_cpus fit; they share its cores), or in this one process with "
+             "--set runtime.executor=local")
 _CHANNELS_INPROCESS = ("--resume: the checkpoint has communication channels (each link's "
                        "state belongs to an edge of its cut); resume with "
                        "runtime.executor=inprocess and the runtime.partition that wrote it")
