@@ -43,11 +43,12 @@ SETS = ["data.name=synthetic", "data.test_subset=256", "model.name=mlp",
         "runtime.max_recoveries=10", "runtime.timeout_s=60"]
 
 
-def command(out: Path, every: int, resume: bool = False) -> list[str]:
+def command(out: Path, every: int, resume: bool = False, extra=()) -> list[str]:
     base = [sys.executable, "-m", "localnet", "run", "--no-progress"]
     if resume:
         return base + ["--resume", str(out)]
-    sets = [a for s in SETS + [f"runtime.checkpoint_every={every}"] for a in ("--set", s)]
+    sets = [a for s in SETS + [f"runtime.checkpoint_every={every}", *extra]
+            for a in ("--set", s)]
     return base + [str(ROOT / "configs/mnist_mlp.yaml"), *sets, "--out", str(out)]
 
 
@@ -140,6 +141,8 @@ def main(argv=None) -> dict:
     p.add_argument("--kill-driver", type=int, default=40)
     p.add_argument("--kill-after", default="50,58", help="actor kills after the resume")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another config override for both runs, e.g. runtime.schedule=async")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -150,14 +153,15 @@ def main(argv=None) -> dict:
     log = open(out / "log.txt", "wb")
 
     t0 = time.perf_counter()
-    rc = subprocess.run(command(out / "reference", args.every), stdout=log,
+    rc = subprocess.run(command(out / "reference", args.every, extra=args.set), stdout=log,
                         stderr=subprocess.STDOUT).returncode
     assert rc == 0, f"the reference run failed; see {out / 'log.txt'}"
     ref_s = time.perf_counter() - t0
 
     chaos = out / "chaos"
     t0 = time.perf_counter()
-    rc, kills = run_with_kills(command(chaos, args.every), chaos, steps(args.kill_actors),
+    rc, kills = run_with_kills(command(chaos, args.every, extra=args.set), chaos,
+                               steps(args.kill_actors),
                                args.kill_driver, rng, log)
     assert rc == -9, f"the run ended (exit {rc}) before the driver was killed; see the log"
     rc, more = run_with_kills(command(chaos, args.every, resume=True), chaos,
@@ -173,7 +177,8 @@ def main(argv=None) -> dict:
     msg_diff, train_bytes = messages_differences(out / "reference", chaos)
     result = {"hardware": hardware_cpu(), "commit": commit(),
               "command": "python benchmarks/chaos.py " + " ".join(argv or sys.argv[1:]),
-              "steps": summary["steps"], "kills": kills, "recoveries": recoveries,
+              "sets": args.set, "steps": summary["steps"], "kills": kills,
+              "recoveries": recoveries,
               "largest_difference": diff, "messages_differ": msg_diff,
               "train_bytes": train_bytes, "reference_s": round(ref_s, 1),
               "chaos_s": round(chaos_s, 1), "test_loss": [ref["test_loss"], summary["test_loss"]]}
@@ -192,7 +197,8 @@ def write(r: dict) -> None:
         "### Chaos: actors and the driver killed during one epoch", "",
         f"Hardware: {r['hardware']}.  Commit `{r['commit']}`.  Command: `{r['command']}`: "
         f"`localnet run` on Ray (MLP 256-256-256, 4 actors, PFA, 1f1b, a checkpoint every 6 "
-        f"steps, {r['steps']} steps), once uninterrupted and once with `kill -9`: {kills}; "
+        f"steps, {r['steps']} steps{''.join(f', `--set {x}`' for x in r.get('sets', []))}), once "
+        f"uninterrupted and once with `kill -9`: {kills}; "
         f"the driver's run resumed with `--resume`.", "",
         "| recovery | at step | dead | restored step | steps replayed | steps lost | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- |", *rows, "",
