@@ -709,6 +709,56 @@ def test_recovery_replays_to_exactly_the_uninterrupted_run(actors, spawner, tmp_
     assert counted.edges() == sent.edges() and counted.parameter_bytes == 0
 
 
+@pytest.mark.parametrize("during", ["probe", "evaluation"])
+def test_an_actor_killed_during_a_probe_or_an_evaluation(actors, spawner, tmp_path, during):
+    """An actor dies in the middle of a BP-angle probe (the others' layers switched to
+    BP, their channels bypassed) or of an evaluation (the others' BatchNorm layers in
+    eval mode).  The recovery leaves every actor as training expects it, replays, and
+    measures or evaluates again: the run ends as one that was never interrupted, the
+    probe's angles and the evaluation's loss included, its ledger too."""
+    cfg = cfg_for("kp", "async", model=RESNET8, m=2, bs=8)
+    cfg = Config.model_validate({**cfg.model_dump(), "channel": {
+        "error": {"codec": "topk", "k": 0.5, "error_feedback": True}}})
+    data = batches(5, 8, IMG, NC, seed=23)
+    held = batches(1, 8, IMG, NC, seed=24)
+
+    def run(kill: bool):
+        ex = RayExecutor(cfg, IMG, NC, actors=spawner.workers)
+        run_, wire_in = ex._run, ex._wire_in
+
+        def dying(*a, **k):
+            if kill and not ex.recoveries and not getattr(ex, "_killed", False):
+                ex._killed = True
+                _kill(ex.workers[1])
+        if during == "probe":  # the probe's forward and backward carry no settings
+            ex._run = lambda x, y, step, settings, *a, **k: (
+                dying() if settings is None else None, run_(x, y, step, settings, *a, **k))[1]
+        else:
+            ex._wire_in = lambda *a, **k: (dying() if a[5] == "eval" else None,
+                                           wire_in(*a, **k))[1]
+        try:
+            seen = None
+            for i, (x, y) in enumerate(data):
+                if i == 2:
+                    ex.save_state(tmp_path / f"kill{kill}")
+                if i == 3:
+                    seen = (ex.bp_update_angles(*held[0]) if during == "probe"
+                            else ex.evaluate(held))
+                ex.train_step(x, y, 0.05, 1e-3)
+            return ex.model_state_dict(), list(ex.recoveries), ex.ledger(), seen
+        finally:
+            for i in ex._owned:
+                spawner.workers[i] = ex.workers[i]
+            ex.detach_actors()
+
+    want, none, sent, seen = run(False)
+    got, (rec,), counted, again = run(True)
+    assert none == [] and rec["restored_step"] == 2 and rec["replayed_steps"] == 1
+    assert state_diff(want, got) == (0.0, [])
+    assert again == seen
+    assert counted.edges() == sent.edges()
+
+
 def test_recovery_refuses_a_checkpoint_that_would_run_code(actors, spawner, tmp_path):
     """An actor's checkpoint file replaced by one whose pickle runs code: the recovery
     that would load it is refused with an error naming the file, and nothing runs."""

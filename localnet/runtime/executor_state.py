@@ -105,6 +105,7 @@ class StateMixin:
         stats.samples += st.samples
 
     @keeps_traffic
+    @recovering
     def bp_update_angles(self, x, y) -> dict[str, float]:
         """As InProcessExecutor.bp_update_angles: angle between each layer's update under
         its rule and the BP gradient on the same batch; BatchNorm statistics restored."""

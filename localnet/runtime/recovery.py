@@ -47,6 +47,7 @@ class RecoveryMixin:
         """After a failed batch: clear every actor's in-flight state and rebuild the
         plane (best effort: a dead actor is `_revive`'s)."""
         self._new_streams()
+        self._ch_now = self.channels  # (what reset leaves every actor with)
         try:
             self._get([w.reset.remote() for w in self.workers], "reset")
             self._open_plane()
@@ -131,6 +132,7 @@ class RecoveryMixin:
                 lost = sorted(set(lost) | set(dead))
         self._new_streams()
         self._mb.clear()
+        self._ch_now = self.channels  # every actor's load or setup routes through them
         if self._ckpt is not None:
             self._get([w.load_checkpoint.remote(str(self._ckpt)) for w in self.workers],
                       "recovery")

@@ -237,7 +237,14 @@ class StageState:
         self.stage.train(mode)
 
     def reset(self) -> None:
-        """Drop every in-flight micro-batch and gradient (after a failed step)."""
+        """Drop every in-flight micro-batch and gradient (after a failed step), and leave
+        this actor as training expects it: a measuring pass or an evaluation that failed
+        midway left its rule swapped, its channels bypassed or its layers in eval mode
+        (whoever measures or evaluates again sets them so again)."""
+        if self._probe is not None:
+            self.probe_end()
+        self.set_channels(True)
+        self.stage.train(True)
         self._failed = None
         self._inflight.clear()
         self._order.clear()
