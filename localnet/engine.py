@@ -260,6 +260,7 @@ class InProcessExecutor:
             # the forwards still waiting for a delayed error, in the order they pair
             st["waiting"] = [w.state_dict() for w in self._waiting]
             st["mb_id"] = self._mb_id
+            st["channel_samples"] = self.channels.samples  # what the links' counts cover
         return st
 
     def load_state_dict(self, state: dict) -> None:
@@ -273,6 +274,7 @@ class InProcessExecutor:
             for w, keys in zip(self._waiting, state.get("waiting", [[]] * len(self._waiting))):
                 w.load_state_dict(keys)
             self._mb_id = state.get("mb_id", self._mb_id)
+            self.channels.samples = int(state.get("channel_samples", 0))
 
     # -- what train.py uses of every executor (the distributed runtime has the same) --
     def save_state(self, run_dir) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from localnet.channels import Channel, make_codec
+from localnet.channels.channel import summarize
 from localnet.channels.codecs import Int8, LowRank, TopK
 from localnet.config import ConfigError, load_config
 from localnet.train import build
@@ -150,9 +151,12 @@ def test_channel_bytes_equal_encoded_sizes():
         x = torch.randn(n)
         sizes.append(ch.codec.encode(x, torch.Generator()).nbytes)
         ch.transmit(x)
-    assert ch.bytes == sum(sizes) == sum(n + 4 for n in (10, 20, 30))
-    assert ch.ledger.edges()["a->b"]["error"] == {"count": 3, "header_bytes": 0,
-                                                 "payload_bytes": ch.bytes, "bytes": ch.bytes}
+    assert ch.bytes == sum(sizes) == sum(n + 4 for n in (10, 20, 30)) and ch.sent == 3
+    # the run summary's ledger of the encoded payloads, from those counts
+    s = summarize([], [{"edge": ch.edge, **ch.stats(6)}], 6, dfa=False)
+    assert s["ledger"]["error"] == {"count": 3, "header_bytes": 0, "payload_bytes": ch.bytes,
+                                    "bytes": ch.bytes}
+    assert s["error_bytes_per_sample"] == ch.bytes / 6
 
 
 def test_channel_delay_and_drop():

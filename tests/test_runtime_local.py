@@ -825,6 +825,8 @@ def test_resume_a_killed_run_mid_epoch(tmp_path, monkeypatch, schedule, variant)
     msgs = lambda d: json.loads((d / "messages.json").read_text())
     assert msgs(tmp_path / "part") == msgs(tmp_path / "full")
     assert res["messages"] == full["messages"]
+    # the links' counts (checkpointed) over the whole run's samples, not this process's
+    assert res.get("channels") == full.get("channels")
 
 
 def test_summary_runtime_and_messages_for_every_executor(tmp_path):

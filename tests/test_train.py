@@ -129,6 +129,8 @@ def test_resume_continues_to_the_same_result(tmp_path, extra):
                     resume=True, progress=False)
     assert resumed["steps"] == full["steps"]
     assert resumed["test_loss"] == full["test_loss"]
+    # the links' bytes over the run's samples, the earlier process's too
+    assert resumed.get("channels") == full.get("channels")
     # what the resumed process's own CPU account covers: the third epoch's batches only
     assert resumed["trained_here"]["steps"] == full["steps"] // 3 == full["trained_here"]["steps"] // 3
     assert 0 < resumed["trained_here"]["train_s"] < resumed["train_s"]

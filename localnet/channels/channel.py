@@ -7,7 +7,7 @@
 Semantics (per message; a step carries `slots_per_step` messages, one per micro-batch):
 
   codec      the sender encodes, the receiver decodes; the encoded payload bytes are
-             counted (in `ch.ledger`, a runtime `Ledger`, header bytes 0) when sent.
+             counted when sent (`ch.bytes`, which a checkpoint keeps).
   drop p     each sent message is lost with probability p, drawn from the channel's own
              seeded generator.  Lost messages are still counted as sent bytes.
   delay k    a message arrives k steps late (a FIFO of k·slots_per_step messages).  The
@@ -48,14 +48,13 @@ def edge_seed(seed: int, kind: str, src: str, dst: str) -> int:
 class Channel:
     def __init__(self, codec: Codec, *, src: str, dst: str, kind: str, delay: int = 0,
                  drop: float = 0.0, bandwidth: float | None = None, enforce: bool = False,
-                 seed: int = 0, slots_per_step: int = 1, ledger: Ledger | None = None):
+                 seed: int = 0, slots_per_step: int = 1):
         if delay < 0 or not 0.0 <= drop <= 1.0:
             raise ValueError(f"channel {src}->{dst}: delay must be >= 0 and drop in [0, 1]")
         self.codec, self.src, self.dst, self.kind = codec, src, dst, kind
         self.delay, self.drop, self.bandwidth, self.enforce = delay, drop, bandwidth, enforce
         self.slots_per_step = slots_per_step
         self.rng = torch.Generator().manual_seed(seed)  # codec randomness and drops
-        self.ledger = ledger if ledger is not None else Ledger()
         self.fifo: deque = deque()
         self.sent = self.delivered = self.dropped = self.missing = 0
         self.bytes = 0
@@ -82,7 +81,6 @@ class Channel:
         n = enc.nbytes
         self.sent += 1
         self.bytes += n
-        self.ledger.record(self.src, self.dst, self.kind, 0, n)
         if self.enforce and self.bandwidth:
             time.sleep(n / self.bandwidth)
         lost = self.drop > 0 and (self.drop >= 1.0 or
@@ -309,7 +307,7 @@ def error_delays(cfg) -> bool:
 
 
 def make_channel(cfg, kind: str, src: str, dst: str, *, boundary: int | None = None,
-                 seed: int = 0, slots_per_step: int = 1, ledger: Ledger | None = None) -> Channel:
+                 seed: int = 0, slots_per_step: int = 1) -> Channel:
     """The channel of one link from a ChannelConfig.  Sender and receiver build it from
     the same config and seed, so they share the codec's seed (low-rank) and nothing else."""
     o = link_options(cfg, kind, src, dst, boundary)
@@ -318,14 +316,19 @@ def make_channel(cfg, kind: str, src: str, dst: str, *, boundary: int | None = N
                        **{k: v for k, v in o.items() if k not in ("codec", *LINK_FAULTS)})
     return Channel(codec, src=src, dst=dst, kind=kind, delay=o["delay"], drop=o["drop"],
                    bandwidth=o["bandwidth"], enforce=cfg.enforce_bandwidth, seed=s,
-                   slots_per_step=slots_per_step, ledger=ledger)
+                   slots_per_step=slots_per_step)
 
 
-def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bool,
-              ledger: Ledger) -> dict:
+def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bool) -> dict:
     """The run summary's `channels` section from per-channel `Channel.stats` dicts
-    (each with its "edge")."""
+    (each with its "edge").  samples: the training samples of the whole run (a resumed
+    one's too, as the checkpointed counts are)."""
     out = {"samples": samples, "dfa_broadcast": dfa}
+    ledger = Ledger()  # the encoded payloads as the runtime's ledger counts messages
+    for kind, chans in ((ACTIVATION, activations), (ERROR, errors)):
+        for c in chans:
+            src, dst = c["edge"].split("->", 1)
+            ledger.rows[(src, dst, kind)] = [c["messages"], 0, c["bytes"]]
     for kind, chans in ((ACTIVATION, activations), (ERROR, errors)):
         out[kind] = {c["edge"]: {k: v for k, v in c.items() if k != "edge"} for c in chans}
         total = sum(c["bytes"] for c in chans)
@@ -359,7 +362,6 @@ class ChannelSet:
                  broadcast_output_error: bool = False, seed: int = 0, slots_per_step: int = 1):
         self.cfg, self.broadcast_output_error = cfg, broadcast_output_error
         dfa = broadcast_output_error
-        self.ledger = Ledger()
         n = len(cuts) - 1
         first = lambda i: unit_names[cuts[i]]
         last = lambda i: unit_names[cuts[i + 1] - 1]
@@ -376,7 +378,7 @@ class ChannelSet:
 
     def _make(self, kind, boundary, src, dst, seed, slots) -> Channel:
         return make_channel(self.cfg, kind, src, dst, boundary=boundary, seed=seed,
-                            slots_per_step=slots, ledger=self.ledger)
+                            slots_per_step=slots)
 
     def all(self) -> list[Channel]:
         return self.activations + self.errors
@@ -385,5 +387,4 @@ class ChannelSet:
         s = self.samples
         return summarize([{"edge": c.edge, **c.stats(s)} for c in self.activations],
                          [{"edge": c.edge, **c.stats(s)} for c in self.errors], s,
-                         self.broadcast_output_error,
-                         self.ledger)
+                         self.broadcast_output_error)

@@ -133,9 +133,8 @@ class WireEnd:
         and the receiver's (delivered, not yet arrived), by kind and edge."""
         out = {"send": [], "recv": []}
         senders = [c for k, c in self.ch.items() if k.endswith("_out")] + self.ch_dfa
-        for c in senders:  # the sender's ledger holds what it put on the wire
-            out["send"].append({"edge": c.edge, "kind": c.kind, **c.stats(0),
-                                "ledger": c.ledger.to_dict()})
+        for c in senders:  # the sender counts what it put on the wire
+            out["send"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})
         for k, c in self.ch.items():
             if k.endswith("_in"):
                 out["recv"].append({"edge": c.edge, "kind": c.kind, **c.stats(0)})

@@ -185,7 +185,8 @@ class StateMixin:
         self._ckpt_ledger, self._kept = ledger, Ledger()
         return {"executor": self.name, "checkpoint": f"{checkpoint.CHECKPOINT_DIR}/{gen.name}",
                 "step": self._step, "bytes": manifest["bytes"], **self._layout(),
-                "recoveries": list(self.recoveries)}  # a resumed run's summary lists them all
+                "recoveries": list(self.recoveries),  # a resumed run's summary lists them all
+                "channel_samples": self._ch_samples}  # what the links' counts cover
 
     def load_saved_state(self, run_dir, saved: dict) -> None:
         """Resume from what `save_state` returned: each actor loads its own file."""
@@ -202,6 +203,7 @@ class StateMixin:
         self._replay.clear()
         self._ckpt_ledger, self._kept = self.ledger(), Ledger()
         self.recoveries = list(saved.get("recoveries", []))
+        self._ch_samples = int(saved.get("channel_samples", 0))
 
     def stage_members(self) -> list[tuple]:
         """What each actor holds, ("units", a, b) or ("node", layer), as recut.py names it."""
@@ -395,7 +397,5 @@ class StateMixin:
             row = {**d, "delivered": r.get("delivered", 0),
                    "not_yet_arrived": r.get("not_yet_arrived", 0),
                    "bytes_per_sample": d["bytes"] / n if n else 0.0}
-            del row["ledger"]
             kinds[row.pop("kind")].append(row)
-        ledger = Ledger.merged(d["ledger"] for d in sends)
-        return summarize(kinds["activation"], kinds["error"], n, self.broadcast_output_error, ledger)
+        return summarize(kinds["activation"], kinds["error"], n, self.broadcast_output_error)
