@@ -249,6 +249,19 @@ def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None
            "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
     if isinstance(exc, NonFiniteLossError):  # the step that gave NaN does not count
         step = exc.step - 1
+    try:
+        _write_stop(run_dir, exc, how, step, saved)
+    except KeyboardInterrupt as signalled:
+        # a SIGTERM to the whole process group also ends Ray's processes: a Ray call
+        # that failed for that may bring the run here just before the signal's own
+        # handler runs, which then raises in the middle of the write.  The signal is
+        # what stopped the run: record that, and stop as it says.
+        _write_stop(run_dir, signalled, "interrupted", step, saved)
+        raise
+
+
+def _write_stop(run_dir: Path, exc: BaseException, how: str, step: int,
+                saved: int | None) -> None:
     with contextlib.suppress(OSError):  # a full disk: the error being raised says more
         write_json(run_dir / STOPPED, {
             "how": how, "after_step": step, "checkpoint_step": saved,
@@ -466,8 +479,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             epochs_done = epoch + 1
             save(epoch, step, train_time, samples_seen)
     except BaseException as exc:
-        obs.close()
-        _record_stop(run_dir, exc, step, trail.saved)
+        try:
+            _record_stop(run_dir, exc, step, trail.saved)
+        finally:
+            obs.close()
         raise
     finally:
         bar.close()
