@@ -329,7 +329,6 @@ def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bo
         for c in chans:
             src, dst = c["edge"].split("->", 1)
             ledger.rows[(src, dst, kind)] = [c["messages"], 0, c["bytes"]]
-    for kind, chans in ((ACTIVATION, activations), (ERROR, errors)):
         out[kind] = {c["edge"]: {k: v for k, v in c.items() if k != "edge"} for c in chans}
         total = sum(c["bytes"] for c in chans)
         out[f"{kind}_bytes"] = total
