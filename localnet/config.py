@@ -640,3 +640,20 @@ def _config_from(data: dict, overrides: list[str] | None, recipes: bool = True) 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="python"), sort_keys=False)
+
+
+def config_diff(there: dict, here: dict) -> list[tuple[str, object, object]]:
+    """The dotted keys whose values differ between two configs given as dicts (a run's
+    recorded one and another), each with its two values, sorted by key."""
+    a, b = _flat(there), _flat(here)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

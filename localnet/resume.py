@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from . import recut
-from .config import Config, dump_config
+from .config import Config, config_diff, dump_config
+from .errors import ConfigError
 from .engine import InProcessExecutor
 from .files import save_state, write_text
 
@@ -109,6 +110,39 @@ def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
     if summary.get("steps") != ckpt.get("step") or ckpt.get("config") != cfg.model_dump(mode="json"):
         return None
     return {**summary, "finished": True, "summary_path": str(f)}
+
+
+def refuse_nothing_to_train(run_dir: Path, ckpt: dict, cfg: Config) -> None:
+    """A resume that would train no step under `cfg` and yet record `cfg` as the run's is
+    refused before anything is built or written: one that asks for fewer epochs (or
+    steps) than the checkpoint has trained -- its summary would misreport the run --, and
+    one of a finished run with a `--set` that could apply to no step (config.yaml would
+    name settings the run never trained with).  A run killed between its last checkpoint
+    and its summary still goes on, under any executor, to write that summary."""
+    t, step, mid = cfg.train, ckpt["step"], ckpt.get("batch") is not None
+    full = ckpt["epoch"] + (0 if mid else 1)  # epochs trained to their end
+    if t.epochs < full + mid:
+        raise ConfigError(
+            f"train.epochs: {run_dir} has trained {full} epoch{'s' * (full != 1)}"
+            f"{' and part of the next' if mid else ''} (step {step}); --resume goes on from "
+            f"there, so train.epochs must be at least {full + mid} (it is {t.epochs}).  "
+            f"Nothing changed")
+    if t.max_steps and t.max_steps < step:
+        raise ConfigError(f"train.max_steps: {run_dir} has trained {step} steps; --resume goes "
+                          f"on from there, so train.max_steps must be at least {step} (it is "
+                          f"{t.max_steps}).  Nothing changed")
+    f = run_dir / "summary.json"
+    left = not ((not mid and t.epochs == full) or t.max_steps == step)
+    if left or not f.exists() or json.loads(f.read_text()).get("steps") != step \
+            or "config" not in ckpt:
+        return
+    diff = config_diff(ckpt["config"], cfg.model_dump(mode="json"))
+    if diff:
+        shown = ", ".join(f"{k}={b} (the run's: {a})" for k, a, b in diff[:3])
+        raise ConfigError(
+            f"{diff[0][0]}: {run_dir} finished at step {step} ({full} epochs), so --set "
+            f"{shown}{', ...' if len(diff) > 3 else ''} would apply to no step.  Nothing "
+            f"changed.  To train on with it, raise train.epochs above {full} as well")
 
 
 def keep_recorded(summary: dict, path: Path) -> dict:

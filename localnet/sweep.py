@@ -82,28 +82,17 @@ def _same_config(run_dir: Path, cfg) -> None:
     under settings they were not run with."""
     import yaml
 
-    from .config import dump_config
+    from .config import config_diff, dump_config
 
     f = run_dir / "config.yaml"
     if not f.exists():
         return
-    there, here = _flat(yaml.safe_load(f.read_text()) or {}), _flat(yaml.safe_load(dump_config(cfg)))
-    diff = sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
+    diff = config_diff(yaml.safe_load(f.read_text()) or {}, yaml.safe_load(dump_config(cfg)))
     if diff:
-        shown = ", ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} now" for k in diff[:3])
+        shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:3])
         raise ConfigError(f"sweep: {run_dir} was run with another config ({shown}"
                           f"{', ...' if len(diff) > 3 else ''}); give another --out, or "
                           f"remove that point's directory to run it again")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def point_name(point: list[tuple[str, str]]) -> str:

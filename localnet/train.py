@@ -43,8 +43,8 @@ from .files import load_state, lock_holder, run_lock, save_state, write_json, wr
 from .metrics import RunObserver
 from .timeline import Timeline
 from .progress import StartupStatus, TrainProgress
-from .resume import (STOPPED, finished_summary, keep_recorded, logged_train_loss, restore,
-                     saved_cuts)
+from .resume import (STOPPED, finished_summary, keep_recorded, logged_train_loss,
+                     refuse_nothing_to_train, restore, saved_cuts)
 from .timing import cpu_since, machine_cpu_s
 
 
@@ -219,6 +219,7 @@ def _held(cfg: Config, run_dir: Path, resume: bool, progress: bool, on_interrupt
         done = finished_summary(run_dir, ckpt, cfg)
         if done is not None:  # a retried command: the run is final, leave it as it is
             return done
+        refuse_nothing_to_train(run_dir, ckpt, cfg)
     threads = torch.get_num_threads()  # build() sets this process's (train.threads)
     try:
         with StartupStatus(enabled=progress) as status:
@@ -365,8 +366,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     if obs.url:
         bar.note(f"metrics: {obs.url}")
     if resume:
-        bar.note(f"resumed at step {step} of {total_steps} (epoch {start_epoch + 1} of "
-                 f"{t.epochs}), from the last checkpoint"
+        bar.note((f"resumed at step {step} of {total_steps} (epoch {start_epoch + 1} of "
+                  f"{t.epochs}), from the last checkpoint" if step < total_steps else
+                  f"resumed at its last step ({step}), from the last checkpoint: nothing "
+                  f"is left to train; evaluating for the summary")
                  + (f"; the process before (pid {killed['pid']}, since {killed['since']}) "
                     f"was killed outright, so the steps it took after that checkpoint are "
                     f"trained again" if killed else ""))

@@ -697,12 +697,73 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     assert more["steps"] == 2 * summary["steps"] and "finished" not in more
 
 
-def test_a_run_killed_before_its_summary_resumes_to_the_same_summary(tmp_path):
+def _killed_mid_epoch(run: Path, monkeypatch, *extra) -> None:
+    """A run of 2 epochs of 16 steps, a checkpoint every 4, killed in step 22."""
+    from localnet.engine import InProcessExecutor
+
+    orig, calls = InProcessExecutor.train_step, []
+
+    def dies_at_22(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 22:
+            raise KeyboardInterrupt("killed")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(InProcessExecutor, "train_step", dies_at_22)
+    with pytest.raises(KeyboardInterrupt):
+        train(small("rule.name=fa", "runtime.checkpoint_every=4", *extra), run, progress=False)
+    monkeypatch.setattr(InProcessExecutor, "train_step", orig)
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["train.epochs=1"], "train.epochs: {run} has trained 2 epochs (step 32); --resume goes "
+                         "on from there, so train.epochs must be at least 2 (it is 1)"),
+    (["train.max_steps=5"], "train.max_steps: {run} has trained 32 steps; --resume goes on "
+                            "from there, so train.max_steps must be at least 32 (it is 5)"),
+    (["train.lr=0.5"], "train.lr: {run} finished at step 32 (2 epochs), so --set "
+                       "train.lr=0.5 (the run's: 0.05) would apply to no step"),
+    (["runtime.executor=local", "train.momentum=0.5"],
+     "runtime.executor: {run} finished at step 32 (2 epochs), so --set "
+     "runtime.executor=local (the run's: inprocess), train.momentum=0.5 (the run's: 0.9)"),
+    (["train.epochs=1", "mid-epoch"], "train.epochs: {run} has trained 1 epoch and part of "
+                                      "the next (step 20); --resume goes on from there, so "
+                                      "train.epochs must be at least 2 (it is 1)"),
+], ids=["fewer-epochs", "fewer-steps", "finished-other-lr", "finished-other-executor",
+        "mid-epoch-fewer-epochs"])
+def test_a_resume_that_would_train_no_step_is_refused_naming_the_key(tmp_path, capsys,
+                                                                       monkeypatch, sets, says):
+    """--resume with a --set under which the run has nothing left to train, or has
+    trained more than it asks: the command fails naming the key, and no file changes --
+    no summary that misreports the run's epochs, no config.yaml naming settings it never
+    trained with."""
+    from localnet.cli import main
+
+    run = tmp_path / "run"
+    if "mid-epoch" in sets:
+        _killed_mid_epoch(run, monkeypatch)
+        sets = [s for s in sets if s != "mid-epoch"]
+    else:
+        train(small("rule.name=fa"), run, progress=False)
+    before = _files(run)
+    mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    args = ["run", "--resume", str(run), "--no-progress"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 2
+    err = capsys.readouterr().err
+    assert f"localnet: {says.format(run=run)}" in err and "Nothing changed" in err
+    assert _files(run) == before
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == mtimes
+
+
+@pytest.mark.parametrize("extra", [(), ("runtime.executor=local",)], ids=["same", "actors"])
+def test_a_run_killed_before_its_summary_resumes_to_the_same_summary(tmp_path, extra):
     """Killed after its last checkpoint but before summary.json: the resume has nothing
-    to train, and reports what the checkpoint holds -- the same accuracy and losses."""
+    to train, and reports what the checkpoint holds -- the same accuracy and losses --,
+    on the executor it ran on or another (a cluster lost at the very end)."""
     summary = train(small("rule.name=fa", "train.epochs=1"), tmp_path, progress=False)
     (tmp_path / "summary.json").unlink()
-    again = train(small("rule.name=fa", "train.epochs=1"), tmp_path, resume=True, progress=False)
+    again = train(small("rule.name=fa", "train.epochs=1", *extra), tmp_path, resume=True,
+                  progress=False)
     assert again["steps"] == summary["steps"]
     for k in ("test_accuracy", "test_loss", "train_loss"):
         assert again[k] == pytest.approx(summary[k], rel=1e-6), k
