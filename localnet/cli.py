@@ -388,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to say a command again
     if getattr(args, "command", None) == "run" and not args.config and not args.resume:
         parser().error("run: give a CONFIG or --resume RUN_DIR")
+    if getattr(args, "command", None) == "run" and args.resume and (args.config or args.out):
+        # either would be ignored, and a run resumed under a config the user did not mean
+        parser().error(f"run: --resume {args.resume} goes on with that run's own config.yaml, "
+                       f"in its own directory: give no "
+                       + (f"CONFIG ({args.config}); --set what should change"
+                          if args.config else f"--out ({args.out})"))
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, DatasetError, RunDirError) as exc:

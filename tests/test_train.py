@@ -536,6 +536,28 @@ def test_resume_of_what_is_not_a_run_says_so(tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_resume_with_a_config_or_an_out_that_it_would_ignore_is_refused(tmp_path, capsys):
+    """--resume goes on with the run's own config.yaml in its own directory: a CONFIG
+    (perhaps another model's) or an --out beside it would be ignored, so the command is
+    refused, naming what to leave out, and nothing is written anywhere."""
+    from localnet.cli import main
+
+    run = tmp_path / "run"
+    train(small("rule.name=fa", "train.epochs=1"), run, progress=False)
+    before = _files(tmp_path)
+    config = str(ROOT / "configs/resnet_pfa.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", config, "--resume", str(run), "--set", "train.epochs=2"])
+    assert exit_.value.code == 2
+    assert (f"--resume {run} goes on with that run's own config.yaml, in its own directory: "
+            f"give no CONFIG ({config}); --set what should change") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--resume", str(run), "--out", str(tmp_path / "elsewhere")])
+    assert exit_.value.code == 2
+    assert f"give no --out ({tmp_path / 'elsewhere'})" in capsys.readouterr().err
+    assert _files(tmp_path) == before
+
+
 def test_a_new_run_into_a_directory_holding_a_run_changes_nothing(tmp_path, capsys):
     """It would restart the logs and write over the checkpoint: refused, naming --resume."""
     from localnet.cli import main
