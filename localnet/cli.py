@@ -368,9 +368,10 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="one restriction at a time: each value is one more point per grid "
                          "point, with only this key changed (repeatable)")
-    sw.add_argument("--jobs", type=_count, default=1, help="points run at once, each in its own "
-                                                        "process (default 1)")
-    sw.add_argument("--ray", action="store_true",
+    at_once = sw.add_mutually_exclusive_group()  # each would be ignored beside the other
+    at_once.add_argument("--jobs", type=_count, default=1, help="points run at once, each in "
+                                                             "its own process (default 1)")
+    at_once.add_argument("--ray", action="store_true",
                     help="run every point as a Ray task (runtime.address / RAY_ADDRESS, else "
                          "a local Ray): as many at once as the cluster has CPUs for")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)

@@ -96,7 +96,7 @@ def _same_config(run_dir: Path, cfg) -> None:
 
 
 def point_name(point: list[tuple[str, str]]) -> str:
-    text = "__".join(f"{k}-{v}" for k, v in point) or "base"
+    text = "__".join(f"{k}-{v}" for k, v in point)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
@@ -127,9 +127,10 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     is known (a stopped sweep goes on when rerun with --out it)."""
     sets = list(sets or [])
     grid, vary = parse_grid(grid_items), parse_grid(vary_items or [])
+    if not grid and not vary:  # (the product of no axes is one point: the config itself)
+        raise ConfigError("sweep: nothing to sweep: give --grid and/or --vary (one run of "
+                          "the config as it is: localnet run CONFIG)")
     pts = points(grid, vary)
-    if not pts:
-        raise ConfigError("sweep: no points (give --grid and/or --vary)")
     keys = [k for k, _ in grid + vary]
     forced = [] if any(s.split("=", 1)[0].strip() == "channel.enabled" for s in sets) or \
         "channel.enabled" in keys else ["channel.enabled=true"]

@@ -24,6 +24,24 @@ def test_grid_points_and_names():
         parse_grid(["rule.name"])
 
 
+def test_a_sweep_with_nothing_to_sweep_or_two_ways_to_run_is_refused(tmp_path, capsys):
+    """No --grid and no --vary would run the config once, as `localnet run` does, under a
+    sweep's name; --jobs beside --ray would be ignored.  Both are refused, and no sweep
+    directory is made."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n")
+    out = tmp_path / "sw"
+    assert main(["sweep", str(cfg), "--out", str(out)]) == 2
+    assert ("localnet: sweep: nothing to sweep: give --grid and/or --vary (one run of the "
+            "config as it is: localnet run CONFIG)") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(cfg), "--grid", "rule.name=fa,kp", "--jobs", "2", "--ray",
+              "--out", str(out)])
+    assert exit_.value.code == 2
+    assert "argument --ray: not allowed with argument --jobs" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
