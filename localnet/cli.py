@@ -159,6 +159,17 @@ def _numbers(text: str, option: str, kind=float, n: int | None = None) -> list:
     return vals
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return v
+
+
 def _count(text: str) -> int:
     """argparse type: a whole number >= 1."""
     if not text.strip().isdigit() or int(text) < 1:
@@ -173,6 +184,10 @@ def _cmd_simulate(args) -> int:
     if args.plot and not Path(args.plot).resolve().parent.is_dir():  # before any timing
         raise ConfigError(f"--plot {args.plot}: no directory {Path(args.plot).parent} to "
                           f"write it in")
+    if bool(args.fwd) != bool(args.bwd):  # half given, half measured: neither one's plan
+        raise ConfigError(f"{'--bwd' if args.fwd else '--fwd'}: give it beside "
+                          f"{'--fwd' if args.fwd else '--bwd'} (or neither: both are then "
+                          f"measured in-process)")
     costs = run_costs(args.costs_from) if args.costs_from else None
     shape = tuple(_numbers(args.input_shape, "--input-shape (C,H,W)", int, 3)) \
         if args.input_shape else None
@@ -328,16 +343,16 @@ def parser() -> argparse.ArgumentParser:
     si.add_argument("--fwd", metavar="S0,S1,...", help="forward seconds per micro-batch per stage "
                                                      "(default: measured in-process)")
     si.add_argument("--bwd", metavar="S0,S1,...", help="backward seconds per micro-batch per stage")
-    si.add_argument("--comm", type=float, default=0.0, help="seconds per cross-stage message")
+    si.add_argument("--comm", type=_seconds, default=0.0, help="seconds per cross-stage message")
     si.add_argument("--cores", type=_count, default=None,
                     help="the actors share this many cores (default: one core each)")
-    si.add_argument("--hop-cost", type=float, default=0.0, metavar="S",
+    si.add_argument("--hop-cost", type=_seconds, default=0.0, metavar="S",
                     help="seconds of CPU per message between actors on the data plane "
                          "(benchmarks/dataplane.py measures it)")
-    si.add_argument("--hop-cost-per-mib", type=float, default=0.0, metavar="S",
+    si.add_argument("--hop-cost-per-mib", type=_seconds, default=0.0, metavar="S",
                     help="seconds of CPU per MiB of a message's payload, on top of "
                          "--hop-cost (benchmarks/dataplane.py: the 4 KiB and 4 MiB rows)")
-    si.add_argument("--call-cost", type=float, default=0.0, metavar="S",
+    si.add_argument("--call-cost", type=_seconds, default=0.0, metavar="S",
                     help="seconds of CPU per coordinator call (one per actor per batch)")
     si.add_argument("--costs-from", metavar="RUN_DIR",
                     help="a finished Ray run on this machine: its cores, what each message "

@@ -369,11 +369,24 @@ def test_cli_simulate(tmp_path, capsys):
     capsys.readouterr()
     for bad, says in ((["--fwd", "1,1", "--bwd", "2,2"], "makes 3 actors, so give 3 costs each"),
                       (["--fwd", "1,x,1", "--bwd", "2,2,2"], "--fwd: expected one or more"),
-                      (["--input-shape", "8,8"], "--input-shape (C,H,W): expected 3 positive")):
+                      (["--input-shape", "8,8"], "--input-shape (C,H,W): expected 3 positive"),
+                      # half the costs given: the plan would be neither the given nor the
+                      # measured one (and was labelled measured)
+                      (["--fwd", "1,1,1"], "--bwd: give it beside --fwd"),
+                      (["--bwd", "1,1,1"], "--fwd: give it beside --bwd")):
         args = ["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10", *bad]
         assert main(args) == 2 and says in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: a usage error
         main(["simulate", str(p), "--num-classes", "0"])
+    # a negative cost shortened the batch (--comm), or was a "bug in localnet" (the others)
+    for option in ("--comm", "--hop-cost", "--hop-cost-per-mib", "--call-cost"):
+        for bad in ("-1", "nan", "inf"):
+            with pytest.raises(SystemExit) as exit_:
+                main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                      "--fwd", "1,1,1", "--bwd", "2,2,2", option, bad])
+            assert exit_.value.code == 2
+            assert (f"argument {option}: expected seconds >= 0, got '{bad}'"
+                    in capsys.readouterr().err)
 
 
 def _finished_run(path, cfg, compute_s, hop_s, steps=10, before=0, **runtime):

@@ -102,7 +102,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
     costs: a finished Ray run's own account (`run_costs`), for what it does not give:
     the machine's cores, a message's CPU (hop_cost), and the measured unit costs scaled
     to what that run's actors spent on the same work."""
-    for name, v in (("hop_cost", hop_cost), ("call_cost", call_cost),
+    for name, v in (("comm", comm), ("hop_cost", hop_cost), ("call_cost", call_cost),
                     ("hop_cost_per_mib", hop_cost_per_mib)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
