@@ -23,7 +23,8 @@ DataName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "syntheti
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no setting of localnet means anything at inf or NaN (and `gt=0` lets inf through)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _plugin_options(section: Section, registry, name: str, name_key: str, prefix: str):
@@ -44,7 +45,7 @@ class PluginSection(Section):
     """A section naming a plugin (rule, schedule, a link's codec) with that plugin's
     options beside the name; its validator checks them (`_plugin_options`)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     def options(self) -> dict:
         """The chosen plugin's options, checked: what its constructor takes."""
@@ -419,7 +420,8 @@ class ChannelConfig(Section):
 
 
 class Config(Section):
-    seed: int = 0
+    # the range every RNG it seeds takes (torch's own takes more, numpy's and Ray's not)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     per_rule: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="rule name -> {dotted.key: value} applied when that rule is chosen "

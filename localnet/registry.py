@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 class NoOptions(BaseModel):
     """A plugin without options: any key is an error naming it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as the config's sections
 
 
 class Registry:

@@ -45,6 +45,15 @@ def test_overrides_are_typed_and_nested():
     (["channel.error.codc=int8"], "channel.error.codc: unknown key (the options of codec "
                                   "'fp32': none; did you mean codec?)"),
     (["runtime.executor=ray", "train.device=cuda"], "train.device: cuda is the in-process"),
+    # `gt=0` alone lets inf through: every float of the schema and of a plugin's options
+    (["train.lr=inf"], "train.lr: Input should be a finite number (got 'inf')"),
+    (["train.weight_decay=nan"], "train.weight_decay: Input should be a finite number"),
+    (["train.wd_milestones={1: .inf}"], "train.wd_milestones.1: Input should be a finite"),
+    (["runtime.timeout_s=inf"], "runtime.timeout_s: Input should be a finite number"),
+    (["rule.name=fa", "rule.feedback_gain=inf"], "rule.feedback_gain: Input should be a finite"),
+    # the range the RNGs it seeds take: one beyond it was a crash at the run's start
+    (["seed=99999999999999999999"], "seed: Input should be less than or equal to 4294967295"),
+    (["seed=-1"], "seed: Input should be greater than or equal to 0"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as info:
