@@ -440,6 +440,27 @@ class Config(Section):
     def run_name(self) -> str:
         return self.name or f"{self.model.name}_{self.rule.name}_{self.data.name}"
 
+    @field_validator("rule", mode="before")
+    @classmethod
+    def _bare_rule(cls, v):  # `rule: fa`, as `runtime.schedule: 1f1b`
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("per_rule")
+    @classmethod
+    def _recipes_of_rules(cls, v):
+        # a misspelt rule's recipe would never apply, and say nothing
+        import difflib
+
+        from .rules import RULES
+
+        for name in v:
+            if name not in RULES:
+                near = difflib.get_close_matches(name, RULES.names(), n=1, cutoff=0.6)
+                raise ValueError(f"per_rule.{name}: unknown rule" + (
+                    f" (did you mean per_rule.{near[0]}?)" if near else
+                    f"; choose one of {', '.join(RULES.names())}"))
+        return v
+
     @model_validator(mode="after")
     def _device(self):
         # asked for a GPU where this setting does nothing: the actors would run on CPUs
@@ -491,9 +512,12 @@ def parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
-    path = [k for k in key.strip().split(".") if k]
-    if not path:
+    path = key.strip().split(".")
+    if not key.strip():
         raise ConfigError(f"--set has an empty key: {item!r}")
+    if not all(path):
+        raise ConfigError(f"--set {key.strip()}: a key's parts are names between dots, and "
+                          f"one is empty")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
@@ -521,7 +545,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _rule_recipe(data: dict, overrides: list[str]) -> list[str]:
     """The `per_rule` entries for the chosen rule, as --set style items."""
     per_rule = data.get("per_rule") or {}
-    rule = (data.get("rule") or {}).get("name", "bp")
+    rule = data.get("rule") or {}
+    rule = rule if isinstance(rule, str) else rule.get("name", "bp") if isinstance(rule, dict) \
+        else None  # (not a rule: the schema's check says so)
     if not isinstance(per_rule, dict) or not isinstance(per_rule.get(rule, {}), dict):
         raise ConfigError("per_rule must map rule names to {dotted.key: value} mappings")
     items = []
@@ -632,8 +658,16 @@ def _config_from(data: dict, overrides: list[str] | None, recipes: bool = True) 
     overrides = list(overrides or [])
     data = apply_overrides(data, overrides)
     if recipes:
-        data = apply_overrides(data, _rule_recipe(data, overrides))
-        data = apply_overrides(data, overrides)  # explicit --set beats the rule's recipe
+        try:
+            recipe = apply_overrides(copy.deepcopy(data), _rule_recipe(data, overrides))
+        except ConfigError:
+            _validate(data)  # a section the recipe sets into is no section: that is the error
+            raise
+        data = apply_overrides(recipe, overrides)  # explicit --set beats the rule's recipe
+    return _validate(data)
+
+
+def _validate(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:

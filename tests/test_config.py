@@ -54,11 +54,27 @@ def test_overrides_are_typed_and_nested():
     # the range the RNGs it seeds take: one beyond it was a crash at the run's start
     (["seed=99999999999999999999"], "seed: Input should be less than or equal to 4294967295"),
     (["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    # each was a crash reported as a bug, an error naming the recipe's key, or ignored
+    (["rule=5"], "rule: Input should be a valid dictionary"),
+    (["train=5"], "train: Input should be a valid dictionary"),
+    (["train..lr=1"], "--set train..lr: a key's parts are names between dots, and one is empty"),
+    (["per_rule.pfaa={train.lr: 1}"], "per_rule.pfaa: unknown rule (did you mean per_rule.pfa?)"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(ROOT / "configs/mnist_mlp.yaml", override)
     assert key in str(info.value)
+
+
+def test_a_rule_by_its_bare_name(tmp_path):
+    """`rule: fa`, as `runtime.schedule: 1f1b` may be written; --set rule=NAME too, which
+    replaces the section (the old rule's options go with it) and so chooses the recipe."""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("rule: fa\nmodel: {name: mlp}\ndata: {name: synthetic}\n")
+    assert load_config(bare) == load_config(None, ["rule.name=fa", "model.name=mlp",
+                                                  "data.name=synthetic"])
+    kp = load_config(ROOT / "configs/mnist_mlp.yaml", ["rule=kp"])
+    assert kp.rule.name == "kp" and kp.train.weight_decay == 9e-5  # not PFA's recipe
 
 
 def test_unknown_key_in_yaml(tmp_path):
