@@ -202,6 +202,15 @@ class MetricsConfig(Section):
                                 "(localnet report draws it); 0: off")
 
     @model_validator(mode="after")
+    def _bp_angle_recorded(self):
+        # the probe runs before each step-level alignment record, and there would be none
+        if self.bp_angle and not self.alignment_every:
+            raise ValueError("metrics.bp_angle: measured with each alignment record every "
+                             "metrics.alignment_every steps, which is 0 (per epoch only), so "
+                             "it would never be measured; set metrics.alignment_every to N > 0")
+        return self
+
+    @model_validator(mode="after")
     def _secure_binding(self):
         # a routable endpoint without TLS serves anyone on the network, unauthenticated
         if not is_loopback(self.address) and not self.tls.enabled and not self.allow_insecure:
