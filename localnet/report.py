@@ -440,7 +440,11 @@ def report(paths, out: str | Path | None = None) -> dict:
         raise ValueError("report: give at least one run directory")
     paths = list(paths)  # one directory (a run, or a sweep's runs): its report/ beside them
     out = Path(out) if out else (Path(paths[0]) / "report" if len(paths) == 1 else Path("report"))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the plots go into a directory
+        raise RunDirError(f"report: --out {out}: a file is in the way (it names the "
+                          f"directory the plots go into)") from None
     files, skipped = [plot_curves(runs, out / "curves.png")], {}
     angles = lambda key, ylabel: lambda path: plot_layer_angles(runs, path, key, ylabel)  # noqa: E731
     for name, draw, why in (

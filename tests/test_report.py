@@ -170,6 +170,12 @@ def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert f"report: {tmp_path / 'torn' / 'summary.json'} does not parse" in err
     assert "Traceback" not in err and not (tmp_path / "torn" / "report").exists()
+    (tmp_path / "a_file").write_text("mine")  # --out naming a file: the file stays as it was
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        assert main(["report", str(runs / "pfa"), "--out", str(out)]) == 2
+        assert (f"localnet: report: --out {out}: a file is in the way"
+                in capsys.readouterr().err)
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_edges_are_listed_in_the_pipelines_order():
