@@ -138,7 +138,11 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     if out is None:
         out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"sweep: --out {out}: a file is in the way (it names the sweep's "
+                          f"directory)") from None
     if started:
         started(out)
     # two sweeps in one directory would run the same points twice and write each other's

@@ -24,7 +24,7 @@ def test_grid_points_and_names():
         parse_grid(["rule.name"])
 
 
-def test_a_sweep_with_nothing_to_sweep_or_two_ways_to_run_is_refused(tmp_path, capsys):
+def test_a_sweep_with_nothing_to_sweep_two_ways_to_run_or_a_file_for_out_is_refused(tmp_path, capsys):
     """No --grid and no --vary would run the config once, as `localnet run` does, under a
     sweep's name; --jobs beside --ray would be ignored.  Both are refused, and no sweep
     directory is made."""
@@ -40,6 +40,11 @@ def test_a_sweep_with_nothing_to_sweep_or_two_ways_to_run_is_refused(tmp_path, c
     assert exit_.value.code == 2
     assert "argument --ray: not allowed with argument --jobs" in capsys.readouterr().err
     assert not out.exists()
+    for out in (cfg, cfg / "sub"):  # a file in --out's way is named, and left as it was
+        assert main(["sweep", str(cfg), "--grid", "rule.name=fa", "--out", str(out)]) == 2
+        assert (f"localnet: sweep: --out {out}: a file is in the way"
+                in capsys.readouterr().err)
+    assert cfg.read_text().startswith("data: {name: synthetic}")
 
 
 def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
