@@ -38,6 +38,9 @@ class Restored:
     sums: tuple = (0.0, 0, 0)
     recuts: list = field(default_factory=list)
     recut: bool = False  # this resume re-cut the checkpoint
+    # each resume under other settings: {"at_step", "settings": {key: [before, after]}}
+    changes: list = field(default_factory=list)
+    changed: dict = field(default_factory=dict)  # this resume's: {key: [before, after]}
 
 
 def restore(ex, model, cfg: Config, run_dir: Path, ckpt: dict) -> Restored:
@@ -52,17 +55,25 @@ def restore(ex, model, cfg: Config, run_dir: Path, ckpt: dict) -> Restored:
                            f"(did a --set change the model, the rule or its options?): "
                            f"{err}") from None
     recuts = list(ckpt.get("recuts", []))
+    # config.yaml holds the settings the run goes on with; what it trained with before
+    # stays on record here (and in summary.json)
+    changes = list(ckpt.get("changes", []))
+    diff = config_diff(ckpt["config"], cfg.model_dump(mode="json")) if "config" in ckpt else []
+    if diff:
+        changes.append({"at_step": ckpt["step"], "settings": {k: [a, b] for k, a, b in diff}})
     if recut_from is not None:
         recuts.append({"at_step": ckpt["step"], "from": recut.describe(recut_from),
                        "to": recut.describe(ex.stage_members())})
         # at once, in the new cut: what a later --resume, and a recovery from a lost
         # actor before the next checkpoint, go back to (the old cut's files stay)
         save_state({**ckpt, "executor": ex.save_state(run_dir), "recuts": recuts,
-                    "config": cfg.model_dump(mode="json")}, run_dir / "checkpoint.pt")
+                    "changes": changes, "config": cfg.model_dump(mode="json")},
+                   run_dir / "checkpoint.pt")
     write_text(run_dir / "config.yaml", dump_config(cfg))
     (run_dir / STOPPED).unlink(missing_ok=True)  # it goes on: the record would be stale
     at = Restored(ckpt["epoch"] + 1, ckpt["step"], ckpt["train_time"], ckpt["samples"],
-                  recuts=recuts, recut=recut_from is not None)
+                  recuts=recuts, recut=recut_from is not None, changes=changes,
+                  changed=changes[-1]["settings"] if diff else {})
     torch.set_rng_state(ckpt["torch_rng"])
     if ckpt.get("batch") is not None:  # runtime.checkpoint_every: resume inside the epoch
         at.epoch, at.skip, at.sums = ckpt["epoch"], ckpt["batch"], tuple(ckpt["epoch_sums"])
@@ -102,14 +113,34 @@ def saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
 def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
     """The recorded summary (plus `"finished": True`) when the run in run_dir has nothing
     left to train under `cfg`: its summary was written at the checkpoint's step, by this
-    same config.  A config that asks for more (train.epochs) is a continuation instead."""
+    same config, which asks for no more steps.  A config that asks for more
+    (train.epochs) is a continuation instead -- and so is this same config when a
+    resume that re-cut the checkpoint (and so rewrote it at once, under this config)
+    was killed before training on: the summary there is the steps before's."""
+    summary = _summary_at(run_dir, ckpt["step"])
+    if summary is None or _left(ckpt, cfg) or ckpt.get("config") != cfg.model_dump(mode="json"):
+        return None
+    return {**summary, "finished": True, "summary_path": str(run_dir / "summary.json")}
+
+
+def _summary_at(run_dir: Path, step: int) -> dict | None:
+    """summary.json, if it was written at `step`."""
     f = run_dir / "summary.json"
-    if not f.exists():
-        return None
-    summary = json.loads(f.read_text())
-    if summary.get("steps") != ckpt.get("step") or ckpt.get("config") != cfg.model_dump(mode="json"):
-        return None
-    return {**summary, "finished": True, "summary_path": str(f)}
+    summary = json.loads(f.read_text()) if f.exists() else None
+    return summary if summary is not None and summary.get("steps") == step else None
+
+
+def _trained(ckpt: dict) -> tuple[int, bool]:
+    """(epochs the checkpoint has trained to their end, whether it is inside the next)."""
+    mid = ckpt.get("batch") is not None  # runtime.checkpoint_every: a mid-epoch one
+    return ckpt["epoch"] + (0 if mid else 1), mid
+
+
+def _left(ckpt: dict, cfg: Config) -> bool:
+    """Whether `cfg` asks for steps beyond the checkpoint's (no fewer: see
+    refuse_nothing_to_train)."""
+    full, mid = _trained(ckpt)
+    return not ((not mid and cfg.train.epochs == full) or cfg.train.max_steps == ckpt["step"])
 
 
 def refuse_nothing_to_train(run_dir: Path, ckpt: dict, cfg: Config) -> None:
@@ -119,8 +150,8 @@ def refuse_nothing_to_train(run_dir: Path, ckpt: dict, cfg: Config) -> None:
     one of a finished run with a `--set` that could apply to no step (config.yaml would
     name settings the run never trained with).  A run killed between its last checkpoint
     and its summary still goes on, under any executor, to write that summary."""
-    t, step, mid = cfg.train, ckpt["step"], ckpt.get("batch") is not None
-    full = ckpt["epoch"] + (0 if mid else 1)  # epochs trained to their end
+    t, step = cfg.train, ckpt["step"]
+    full, mid = _trained(ckpt)
     if t.epochs < full + mid:
         raise ConfigError(
             f"train.epochs: {run_dir} has trained {full} epoch{'s' * (full != 1)}"
@@ -131,10 +162,7 @@ def refuse_nothing_to_train(run_dir: Path, ckpt: dict, cfg: Config) -> None:
         raise ConfigError(f"train.max_steps: {run_dir} has trained {step} steps; --resume goes "
                           f"on from there, so train.max_steps must be at least {step} (it is "
                           f"{t.max_steps}).  Nothing changed")
-    f = run_dir / "summary.json"
-    left = not ((not mid and t.epochs == full) or t.max_steps == step)
-    if left or not f.exists() or json.loads(f.read_text()).get("steps") != step \
-            or "config" not in ckpt:
+    if _left(ckpt, cfg) or _summary_at(run_dir, step) is None or "config" not in ckpt:
         return
     diff = config_diff(ckpt["config"], cfg.model_dump(mode="json"))
     if diff:

@@ -306,12 +306,13 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     t = cfg.train
     resume = ckpt is not None
     ckpt_path = run_dir / "checkpoint.pt"
-    start_epoch, step, train_time, samples_seen, recuts = 0, 0, 0.0, 0, []
+    start_epoch, step, train_time, samples_seen, recuts, changes = 0, 0, 0.0, 0, [], []
     skip, sums = 0, (0.0, 0, 0)  # a mid-epoch checkpoint: batches done, their loss/correct/seen
     if resume:
         at = restore(ex, model, cfg, run_dir, ckpt)
         start_epoch, step, skip, sums = at.epoch, at.step, at.skip, at.sums
         train_time, samples_seen, recuts = at.train_time, at.samples, at.recuts
+        changes = at.changes
     else:
         for f in ("metrics.jsonl", "steps.jsonl", STOPPED):  # a sweep point run afresh
             (run_dir / f).unlink(missing_ok=True)
@@ -359,7 +360,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  "epoch": epoch, "step": step,
                  "train_time": train_time, "samples": samples, **mid_epoch,
                  "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json"),
-                 "recuts": recuts}
+                 "recuts": recuts, "changes": changes}
         save_state(state, ckpt_path)
         trail.saved = step
     trail = _LossTrail(step if resume else None)
@@ -373,6 +374,12 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  + (f"; the process before (pid {killed['pid']}, since {killed['since']}) "
                     f"was killed outright, so the steps it took after that checkpoint are "
                     f"trained again" if killed else ""))
+    if resume and at.changed:
+        changed = at.changed
+        bar.note("resumed with other settings: " + ", ".join(
+            f"{k} {a} -> {b}" for k, (a, b) in list(changed.items())[:4])
+            + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            + "; config.yaml now holds them, summary.json also what came before")
     if resume and at.recut:
         bar.note(f"resumed: the checkpoint's {recuts[-1]['from']} re-cut into this run's "
                  f"{recuts[-1]['to']}; checkpoint.pt now holds the new cut")
@@ -525,6 +532,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         summary["channels"] = ex.channel_summary()
     if recuts:  # resumed under other cuts of the model (recut.py)
         summary["recuts"] = recuts
+    if changes:  # resumed under other settings: what the steps before each trained with
+        summary["resumed_with"] = changes
     write_json(run_dir / "summary.json", keep_recorded(summary, run_dir / "summary.json"),
                indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values

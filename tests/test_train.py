@@ -144,6 +144,46 @@ def test_resume_continues_to_the_same_result(tmp_path, extra):
     assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
 
 
+def test_a_run_resumed_under_other_settings_keeps_what_each_step_trained_with(tmp_path,
+                                                                               monkeypatch):
+    """config.yaml holds the settings a run goes on with; summary.json's `resumed_with`
+    keeps, per resume that changed any, the step and each key's value before and after,
+    and agrees with the rates metrics.jsonl logged per epoch.  A re-cut's resume writes
+    the checkpoint at once, so a process killed before its own first checkpoint loses
+    nothing of the record."""
+    from localnet.runtime.ray_executor import RayExecutor
+
+    run = tmp_path / "run"
+    train(small("rule.name=fa", "train.epochs=1"), run, progress=False)
+    from localnet.config import load_run_config
+
+    cfg, _ = load_run_config(run, ["train.epochs=2", "train.lr=0.01"])
+    train(cfg, run, resume=True, progress=False)
+    cfg, _ = load_run_config(run, ["train.epochs=3", "runtime.executor=local"])
+    monkeypatch.setattr(RayExecutor, "train_step", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, resume=True, progress=False)
+    monkeypatch.undo()
+    cfg, _ = load_run_config(run)  # the same command again: nothing changes now
+    summary = train(cfg, run, resume=True, progress=False)
+    assert summary["resumed_with"] == [
+        {"at_step": 16, "settings": {"train.epochs": [1, 2], "train.lr": [0.05, 0.01]}},
+        {"at_step": 32, "settings": {"runtime.executor": ["inprocess", "local"],
+                                     "train.epochs": [2, 3]}}]
+    assert json.loads((run / "summary.json").read_text())["resumed_with"] == summary["resumed_with"]
+    assert [json.loads(ln)["lr"] for ln in (run / "metrics.jsonl").read_text().splitlines()] \
+        == [0.05, 0.01, 0.01]
+    now = load_config(run / "config.yaml")
+    assert (now.train.lr, now.runtime.executor, now.train.epochs) == (0.01, "local", 3)
+    # an unchanged resume records nothing
+    again = tmp_path / "again"
+    train(small("rule.name=fa", "train.epochs=1"), again, progress=False)
+    (again / "summary.json").unlink()
+    assert "resumed_with" not in train(small("rule.name=fa", "train.epochs=1"), again,
+                                       resume=True, progress=False)
+
+
 def test_a_resume_the_checkpoint_does_not_fit_changes_no_file(tmp_path):
     """--resume with a config the checkpoint cannot load into (PFA's r changed): the
     error names the mismatch, and the run directory is left byte for byte as it was."""
