@@ -71,6 +71,11 @@ def restore(ex, model, cfg: Config, run_dir: Path, ckpt: dict) -> Restored:
                    run_dir / "checkpoint.pt")
     write_text(run_dir / "config.yaml", dump_config(cfg))
     (run_dir / STOPPED).unlink(missing_ok=True)  # it goes on: the record would be stale
+    # and so would the summary of an earlier finish (train.epochs raised): `localnet
+    # report` would call the run done, with the old accuracy, while it trains on or after
+    # it was killed; and the next --resume would take it for finished.  The run's next
+    # end writes its own.
+    (run_dir / "summary.json").unlink(missing_ok=True)
     at = Restored(ckpt["epoch"] + 1, ckpt["step"], ckpt["train_time"], ckpt["samples"],
                   recuts=recuts, recut=recut_from is not None, changes=changes,
                   changed=changes[-1]["settings"] if diff else {})

@@ -165,6 +165,12 @@ def test_a_run_resumed_under_other_settings_keeps_what_each_step_trained_with(tm
     with pytest.raises(KeyboardInterrupt):
         train(cfg, run, resume=True, progress=False)
     monkeypatch.undo()
+    # the 2-epoch run's summary went as the run went on: it is not done, and says how
+    # it stopped (the summary kept would have made it "done" with the old accuracy)
+    from localnet.report import load_run
+
+    assert not (run / "summary.json").exists()
+    assert load_run(run).state() == "interrupted, step 32"
     cfg, _ = load_run_config(run)  # the same command again: nothing changes now
     summary = train(cfg, run, resume=True, progress=False)
     assert summary["resumed_with"] == [
