@@ -67,14 +67,16 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else _user_cache()
 
 
-def _how_to_get(name: str, looked: list[Path], layout: str) -> DatasetNotFoundError:
+def _how_to_get(name: str, looked: list[Path], layout: str,
+                downloads: bool = True) -> DatasetNotFoundError:
     where = "\n".join(f"  - {p}" for p in looked)
     env = os.environ.get("LOCALNET_DATA")
     return DatasetNotFoundError(
         f"dataset '{name}' not found. Looked at:\n{where}\n"
         f"($LOCALNET_DATA is {'set to ' + env if env else 'not set'}.) To fix: point data.root "
-        f"(or $LOCALNET_DATA) at a folder holding {layout}; or set data.download=true "
-        f"when a network is available."
+        f"(or $LOCALNET_DATA) at a folder holding {layout}"
+        + ("; or set data.download=true when a network is available." if downloads else
+           " (your own images: there is nothing to download).")
     )
 
 
@@ -361,7 +363,8 @@ def _imagefolder_source(root) -> tuple[Path, Path]:
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise _how_to_get("imagefolder", [train_dir, root / "val", root / "test"],
-                          "train/<class>/*.jpg and val/<class>/*.jpg (or test/)")
+                          "train/<class>/*.jpg and val/<class>/*.jpg (or test/)",
+                          downloads=False)
     return train_dir, test_dir
 
 

@@ -252,8 +252,11 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
     msg = str(e.value)
     for p in ("cifar-10-batches-py", "cifar10-jpeg.tar", "cifar10.tar", str(tmp_path / "cifar10" / "train")):
         assert p in msg
-    with pytest.raises(DatasetNotFoundError, match="val"):
+    assert "data.download=true" in msg
+    with pytest.raises(DatasetNotFoundError, match="val") as e:
         load_data("imagefolder", root=str(tmp_path))
+    # one's own images: no download to offer
+    assert "data.download" not in str(e.value) and "nothing to download" in str(e.value)
 
 
 def test_find_data_says_where_each_dataset_is_without_reading_it(tmp_path, monkeypatch):
