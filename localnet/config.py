@@ -137,6 +137,9 @@ class TrainConfig(Section):
         for e, wd in self.wd_milestones.items():
             if e < 0 or wd < 0:
                 raise ValueError(f"train.wd_milestones: epoch and decay must be >= 0, got {e}: {wd}")
+        if self.nesterov and not self.momentum:  # (torch's SGD would refuse it at the start)
+            raise ValueError("train.nesterov: Nesterov's step needs momentum, and "
+                             "train.momentum is 0")
         return self
 
 

@@ -59,6 +59,7 @@ def test_overrides_are_typed_and_nested():
     (["train=5"], "train: Input should be a valid dictionary"),
     (["train..lr=1"], "--set train..lr: a key's parts are names between dots, and one is empty"),
     (["per_rule.pfaa={train.lr: 1}"], "per_rule.pfaa: unknown rule (did you mean per_rule.pfa?)"),
+    (["train.nesterov=true", "train.momentum=0"], "train.nesterov: Nesterov's step needs"),
     (["metrics.bp_angle=true", "metrics.alignment_every=0"],
      "metrics.bp_angle: measured with each alignment record every metrics.alignment_every"),
 ])
