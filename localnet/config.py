@@ -669,14 +669,22 @@ def _migrate_flat_plugins(data: dict) -> tuple[dict, list[str]]:
 def _config_from(data: dict, overrides: list[str] | None, recipes: bool = True) -> Config:
     overrides = list(overrides or [])
     data = apply_overrides(data, overrides)
-    if recipes:
-        try:
-            recipe = apply_overrides(copy.deepcopy(data), _rule_recipe(data, overrides))
-        except ConfigError:
-            _validate(data)  # a section the recipe sets into is no section: that is the error
-            raise
-        data = apply_overrides(recipe, overrides)  # explicit --set beats the rule's recipe
-    return _validate(data)
+    if not recipes:
+        return _validate(data)
+    try:
+        recipe = apply_overrides(copy.deepcopy(data), _rule_recipe(data, overrides))
+    except ConfigError:
+        _validate(data)  # a section the recipe sets into is no section: that is the error
+        raise
+    cfg = _validate(apply_overrides(recipe, overrides))  # explicit --set beats the recipe
+    # the chosen rule's recipe as applied: with the values the run has, which a --set may
+    # have beaten.  Its config.yaml, given to `localnet run` again, applies the recipe
+    # again -- and PFA's would otherwise undo a run's --set train.weight_decay.
+    own = cfg.per_rule.get(cfg.rule.name)
+    if own:
+        now = cfg.model_dump(mode="python")
+        cfg.per_rule[cfg.rule.name] = {key: _at(now, key) for key in own}
+    return cfg
 
 
 def _validate(data: dict) -> Config:
@@ -688,6 +696,12 @@ def _validate(data: dict) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="python"), sort_keys=False)
+
+
+def _at(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
 
 
 def config_diff(there: dict, here: dict) -> list[tuple[str, object, object]]:

@@ -133,6 +133,25 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(out) == cfg
 
 
+def test_a_runs_config_yaml_run_again_is_the_same_run(tmp_path):
+    """A run's config.yaml given to `localnet run` trains with the run's settings: its
+    --set that beat the rule's recipe too (loading applies the recipe again, and PFA's
+    would put train.weight_decay back at 5e-3 and rule.r at 10)."""
+    from localnet.config import dump_config
+    sets = ["train.weight_decay=0.1", "rule.r=4", "train.wd_milestones={1: 0.001}"]
+    cfg = load_config(ROOT / "configs/resnet_pfa.yaml", sets)
+    out = tmp_path / "config.yaml"
+    out.write_text(dump_config(cfg))
+    again = load_config(out)
+    assert (again.train.weight_decay, again.rule.r, again.train.wd_milestones) == \
+        (0.1, 4, {1: 0.001})
+    assert again.model_dump(exclude={"per_rule"}) == cfg.model_dump(exclude={"per_rule"})
+    assert dump_config(again) == out.read_text()
+    # another rule's recipe stays as written; the run's own shows the values it ran with
+    assert again.per_rule["pfa"] == {"rule.r": 4, "train.weight_decay": 0.1,
+                                     "train.wd_milestones": {1: 0.001}}
+
+
 OLD_FLAT = """
 rule: {name: pfa, r: 4, ortho: false, pfa_mode: fused, batch_manhattan: false,
        norm_constraint: false, feedback_gain: 0.5,
