@@ -99,6 +99,28 @@ def _same_config(run_dir: Path, cfg) -> None:
                           f"remove that point's directory to run it again")
 
 
+def _each_key_once(grid, vary, sets: list[str]) -> None:
+    """A key swept twice, a value given twice, or a key both set and swept would run
+    points whose settings are not what their names say (the last of them wins), or the
+    same point twice into one directory: refused, naming the key."""
+    seen: dict[str, str] = {}
+    for flag, axes in (("--grid", grid), ("--vary", vary)):
+        for key, values in axes:
+            if key in seen:
+                raise ConfigError(f"sweep: {key} is swept twice ({seen[key]} and {flag}); "
+                                  f"give its values in one list")
+            seen[key] = flag
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ConfigError(f"{flag} {key}: {', '.join(twice)} given twice; each value "
+                                  f"is one point")
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        if key in seen:
+            raise ConfigError(f"sweep: {key} is both --set and swept ({seen[key]}), and the "
+                              f"swept values would win; give it once")
+
+
 def point_name(point: list[tuple[str, str]]) -> str:
     text = "__".join(f"{k}-{v}" for k, v in point)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
@@ -134,6 +156,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     if not grid and not vary:  # (the product of no axes is one point: the config itself)
         raise ConfigError("sweep: nothing to sweep: give --grid and/or --vary (one run of "
                           "the config as it is: localnet run CONFIG)")
+    _each_key_once(grid, vary, sets)
     pts = points(grid, vary)
     keys = [k for k, _ in grid + vary]
     forced = [] if any(s.split("=", 1)[0].strip() == "channel.enabled" for s in sets) or \

@@ -40,6 +40,18 @@ def test_a_sweep_with_nothing_to_sweep_two_ways_to_run_or_a_file_for_out_is_refu
     assert exit_.value.code == 2
     assert "argument --ray: not allowed with argument --jobs" in capsys.readouterr().err
     assert not out.exists()
+    # a key swept twice, a value twice, a key both set and swept: points whose names lie,
+    # or one point run twice into one directory
+    for args, says in ((["--grid", "rule.name=fa,fa"], "--grid rule.name: fa given twice"),
+                       (["--grid", "rule.name=fa", "--vary", "rule.name=kp"],
+                        "sweep: rule.name is swept twice (--grid and --vary)"),
+                       (["--grid", "rule.name=fa", "--grid", "rule.name=kp"],
+                        "sweep: rule.name is swept twice (--grid and --grid)"),
+                       (["--grid", "rule.name=fa,kp", "--set", "rule.name=pfa"],
+                        "sweep: rule.name is both --set and swept (--grid)")):
+        assert main(["sweep", str(cfg), *args, "--out", str(out)]) == 2
+        assert f"localnet: {says}" in capsys.readouterr().err
+    assert not out.exists()
     for out in (cfg, cfg / "sub"):  # a file in --out's way is named, and left as it was
         assert main(["sweep", str(cfg), "--grid", "rule.name=fa", "--out", str(out)]) == 2
         assert (f"localnet: sweep: --out {out}: a file is in the way"
