@@ -263,6 +263,8 @@ def test_prometheus_scrapes_localnet_and_every_ray_node(cluster, tmp_path):
     jobs["localnet"].pop("static_configs")
     jobs["localnet"]["file_sd_configs"] = [{"files": [str(sd / "*.json")], "refresh_interval": "1s"}]
     jobs["ray"]["file_sd_configs"] = [{"files": [str(ray_sd)], "refresh_interval": "1s"}]
+    # Ray's agents render every node's series: on a busy 2-core box that can take over FAST's 1 s
+    jobs["ray"].update(scrape_interval="3s", scrape_timeout="3s")
     doc["global"] = FAST
     for base in serve(tmp_path, doc):
         sets = ["data.name=synthetic", "model.name=mlp", "model.widths=[32,32]",
