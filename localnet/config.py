@@ -214,6 +214,19 @@ class MetricsConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _endpoint_settings_need_one(self):
+        # each of these acts on the endpoint; without one it would do nothing, silently
+        # (a run announced nowhere is a run Prometheus never watches)
+        if self.port is None:
+            for key, value in (("sd_dir", self.sd_dir), ("tls.certfile", self.tls.certfile),
+                               ("linger_s", self.linger_s)):
+                if value:
+                    raise ValueError(f"metrics.{key}: it acts on the metrics endpoint, and "
+                                     f"metrics.port is null (no endpoint); set metrics.port "
+                                     f"(0: an ephemeral one)")
+        return self
+
+    @model_validator(mode="after")
     def _secure_binding(self):
         # a routable endpoint without TLS serves anyone on the network, unauthenticated
         if not is_loopback(self.address) and not self.tls.enabled and not self.allow_insecure:

@@ -60,6 +60,12 @@ def test_overrides_are_typed_and_nested():
     (["train..lr=1"], "--set train..lr: a key's parts are names between dots, and one is empty"),
     (["per_rule.pfaa={train.lr: 1}"], "per_rule.pfaa: unknown rule (did you mean per_rule.pfa?)"),
     (["train.nesterov=true", "train.momentum=0"], "train.nesterov: Nesterov's step needs"),
+    # settings of the metrics endpoint with none: a run announced nowhere, silently
+    (["metrics.sd_dir=/tmp/sd"], "metrics.sd_dir: it acts on the metrics endpoint, and "
+                                 "metrics.port is null"),
+    (["metrics.linger_s=5"], "metrics.linger_s: it acts on the metrics endpoint"),
+    (["metrics.tls.certfile=a.pem", "metrics.tls.keyfile=a.key"],
+     "metrics.tls.certfile: it acts on the metrics endpoint"),
     (["metrics.bp_angle=true", "metrics.alignment_every=0"],
      "metrics.bp_angle: measured with each alignment record every metrics.alignment_every"),
 ])
