@@ -88,7 +88,8 @@ class Run:
                 "cores_busy": self.cores_busy(),
                 "executor": (s.get("runtime") or {}).get("executor")
                             or (self.config.get("runtime") or {}).get("executor"),
-                "state": self.state(), "stopped": self.stopped}
+                "state": self.state(), "stopped": self.stopped,
+                "resumed_with": s.get("resumed_with")}
 
     def cores_busy(self) -> float | None:
         """The share of the machine's cores busy while the run trained (summary.json
@@ -425,11 +426,15 @@ def table(runs: list[Run]):
                   _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),
                   _fmt(r["cores_busy"], ".0%"), _fmt(r["bytes_per_sample"], ",.0f"),
                   *([r["state"]] if unfinished else []))
-    if not unfinished:
-        return t
     # below the table, not its caption: rich sizes a caption to the table, which at the
     # terminal's full width crops the caption's lines instead of wrapping them
-    return Group(t, Text(STATE_LEGEND, style="dim"))
+    below = [Text(STATE_LEGEND, style="dim")] if unfinished else []
+    # a run whose settings changed on a resume is not the run its config.yaml describes
+    below += [Text(f"{r['run']}: resumed with other settings, " + "; ".join(
+        f"at step {c['at_step']} " + ", ".join(f"{k} {a} -> {b}"
+                                               for k, (a, b) in c["settings"].items())
+        for c in r["resumed_with"])) for r in rows if r.get("resumed_with")]
+    return Group(t, *below) if below else t
 
 
 def report(paths, out: str | Path | None = None) -> dict:

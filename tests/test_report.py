@@ -145,6 +145,18 @@ def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, caps
     assert "runtime.executor: ray" in doc["skipped"]["messages.png"]  # an in-process run
     assert {Path(f).name for f in doc["files"]} == {"curves.png", "alignment.png",
                                                     "bp_update_angle.png"}
+    assert doc["rows"][0]["resumed_with"] is None
+    # a run resumed under other settings says so below the table: its config.yaml holds
+    # only the last ones
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    summary = json.loads((runs / "fa" / "summary.json").read_text())
+    summary["resumed_with"] = [{"at_step": 16, "settings": {"train.lr": [0.05, 0.01]}},
+                               {"at_step": 32, "settings": {"train.epochs": [2, 3]}}]
+    (changed / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(changed), "--out", str(tmp_path / "two")]) == 0
+    assert ("changed: resumed with other settings, at step 16 train.lr 0.05 -> 0.01; at "
+            "step 32 train.epochs 2 -> 3") in " ".join(capsys.readouterr().out.split())
 
 
 def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch):
