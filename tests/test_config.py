@@ -42,6 +42,10 @@ def test_overrides_are_typed_and_nested():
     (["data.augment=true"], "data.augment: mnist has no augmentation"),
     (["train.lrr=0.1"], "train.lrr: unknown key (did you mean train.lr?)"),
     (["trian.lr=0.1"], "trian: unknown key (did you mean train?)"),
+    # a key in the wrong section has no near name in its own: name the section holding it
+    (["runtime.micro_batches=2"], "runtime.micro_batches: unknown key (did you mean "
+                                  "train.micro_batches?)"),
+    (["data.executor=ray"], "data.executor: unknown key (did you mean runtime.executor?)"),
     (["channel.error.codc=int8"], "channel.error.codc: unknown key (the options of codec "
                                   "'fp32': none; did you mean codec?)"),
     (["runtime.executor=ray", "train.device=cuda"], "train.device: cuda is the in-process"),
