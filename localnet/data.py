@@ -12,6 +12,7 @@ the same batches as an uninterrupted one.
 import copy
 import hashlib
 import io
+import math
 import os
 import sys
 import tarfile
@@ -195,10 +196,36 @@ def _mnist_source(name, root, download) -> Path:
     return raw
 
 
+def _idx_defect(path: Path) -> str | None:
+    """What is wrong with an idx file (LeCun's MNIST format: a 4-byte magic whose last
+    byte is the number of dimensions, a big-endian uint32 per dimension, then uint8
+    data), or None for a whole one or one that is not there."""
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        ndim = head[3] if len(head) == 4 and head[:3] == b"\0\0\x08" else None
+        dims = f.read(4 * ndim) if ndim else b""
+    if ndim is None or len(dims) < 4 * ndim:
+        return f"{path} is not an idx file of uint8 (its first bytes are not an idx header)"
+    want = 4 + len(dims) + math.prod(int.from_bytes(dims[i:i + 4], "big")
+                                     for i in range(0, len(dims), 4))
+    if size != want:
+        return (f"{path} is {size:,} bytes, but its header says {want:,} "
+                f"({'cut short' if size < want else 'with bytes after its data'})")
+    return None
+
+
 def _load_mnist(name, root, download):
     import torchvision
     cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
     raw = _mnist_source(name, root, download)
+    # A file cut short (a copy that stopped) or not idx at all (an HTML error page saved
+    # under its name) is there: torchvision would fail on it with a bare reshape or assert
+    bad = next(filter(None, map(_idx_defect, (raw / f for f in _MNIST_FILES))), None)
+    if bad:
+        raise DatasetError(f"{bad}; replace it with a whole copy")
     try:
         splits = [cls(str(root), train=t, download=download) for t in (True, False)]
     except RuntimeError as e:  # torchvision's "Dataset not found" (a download that failed)

@@ -314,6 +314,23 @@ def test_unusable_data_names_the_file(tmp_path, monkeypatch):
         load_data("imagefolder", root=str(tmp_path / "f"))
 
 
+def test_mnist_file_cut_short_is_named(data_root, tmp_path):
+    """A copy that stopped part-way is there, so it is named, not called missing."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in D._MNIST_FILES:
+        (raw / f).symlink_to(data_root / "MNIST" / "raw" / f)
+    (raw / "train-images-idx3-ubyte").unlink()
+    whole = (data_root / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes()
+    (raw / "train-images-idx3-ubyte").write_bytes(whole[:100_000])
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte is 100,000 bytes, but its "
+                                           r"header says 47,040,016 \(cut short\)"):
+        load_data("mnist", root=str(tmp_path))
+    (raw / "train-images-idx3-ubyte").write_bytes(b"<html>404</html>" + whole[16:])
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte is not an idx file"):
+        load_data("mnist", root=str(tmp_path))
+
+
 def test_unknown_name():
     with pytest.raises(ValueError, match="mnist.*cifar10.*synthetic"):
         load_data("imagenet21k")
