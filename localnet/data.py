@@ -264,11 +264,24 @@ def _image_files(src: Path):
                 if f.suffix.lower() in IMAGE_EXTS:
                     yield split, f.parent.name, f.name, f.read_bytes()
     else:
-        with tarfile.open(src) as tf:  # read members in place: no extraction to disk
-            for m in tf:
-                sc = _split_class(m.name.split("/")) if m.isfile() else None
-                if sc:
-                    yield *sc, m.name.rsplit("/", 1)[1], tf.extractfile(m).read()
+        last = None
+        try:
+            with tarfile.open(src) as tf:  # read members in place: no extraction to disk
+                for m in tf:
+                    sc = _split_class(m.name.split("/")) if m.isfile() else None
+                    if sc:
+                        yield *sc, m.name.rsplit("/", 1)[1], tf.extractfile(m).read()
+                    last = m.name
+                # tarfile ends its loop quietly at a header cut short: a tar whose copy stopped
+                # part-way would give a partial dataset.  A whole tar ends in two zero blocks.
+                if (size := src.stat().st_size) - tf.offset < 2 * tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError(f"it stops at byte {size:,} with no "
+                                            f"end-of-archive blocks")
+        except tarfile.TarError as e:  # a tar cut inside a member, or no tar at all
+            why = str(e).splitlines()[-1].strip("- ")  # open's error lists each method tried
+            where = f"after {last}" if last else "at its start"
+            raise DatasetError(f"{src} is cut short or not a tar ({why}; {where}): "
+                               f"replace it with a whole copy") from None
 
 
 def _decode_tree(src: Path) -> dict:
@@ -284,6 +297,9 @@ def _decode_tree(src: Path) -> dict:
                                f"remove or replace it") from None
         items[split].append((cls, fname, img))
     classes = sorted({c for c, _, _ in items["train"]})  # same class indices as ImageFolder
+    if extra := sorted({c for c, _, _ in items["test"]} - set(classes)):
+        raise DatasetError(f"{src}: test images of classes with no train images ("
+                           f"{', '.join(extra)}): the model could never predict them")
     index = {c: i for i, c in enumerate(classes)}
     out = {"classes": classes}
     for split, its in items.items():

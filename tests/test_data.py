@@ -5,6 +5,7 @@ PIL, brute-force search), not with the module's own helpers."""
 import io
 import os
 import re
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -329,6 +330,35 @@ def test_mnist_file_cut_short_is_named(data_root, tmp_path):
     (raw / "train-images-idx3-ubyte").write_bytes(b"<html>404</html>" + whole[16:])
     with pytest.raises(DatasetError, match="train-images-idx3-ubyte is not an idx file"):
         load_data("mnist", root=str(tmp_path))
+
+
+def test_cifar_tar_cut_short_is_named(tmp_path, monkeypatch):
+    """tarfile ends its loop quietly at a header cut short: a copy that stopped part-way
+    must not train on the part it holds (a test class without train images was a crash)."""
+    monkeypatch.setenv("LOCALNET_CACHE", str(tmp_path / "cache"))
+    tree = tmp_path / "a" / "cifar10"
+    make_tree(tree)
+    with tarfile.open(tmp_path / "whole.tar", "w") as tf:  # test/ first, as the shared copy
+        for split in ("test", "train"):
+            tf.add(tree / split, arcname=split)
+    whole = (tmp_path / "whole.tar").read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tf:
+        members = tf.getmembers()
+    cut = next(m for m in members if m.name.startswith("train/dog/")).offset  # at a header
+    inside = members[-1].offset_data + 100  # inside the last image's bytes
+    for n, why in ((cut, f"it stops at byte {cut:,} with no end-of-archive blocks"),
+                   (inside, "unexpected end of data"), (0, "empty file")):
+        d = tmp_path / f"cut{n}"
+        d.mkdir()
+        (d / "cifar10.tar").write_bytes(whole[:n])
+        with pytest.raises(DatasetError, match=re.escape(f"cifar10.tar is cut short or not a "
+                                                         f"tar") + ".*" + re.escape(why)):
+            load_data("cifar10", root=str(d))
+    (d / "cifar10.tar").write_bytes(whole)  # the whole copy loads
+    assert load_data("cifar10", root=str(d)).train.y.tolist() == [0, 1, 0, 1, 0, 1]
+    shutil.rmtree(tree / "train" / "dog")
+    with pytest.raises(DatasetError, match=r"test images of classes with no train images \(dog\)"):
+        load_data("cifar10", root=str(tmp_path / "a"))
 
 
 def test_unknown_name():
