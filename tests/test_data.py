@@ -351,8 +351,8 @@ def test_cifar_tar_cut_short_is_named(tmp_path, monkeypatch):
         d = tmp_path / f"cut{n}"
         d.mkdir()
         (d / "cifar10.tar").write_bytes(whole[:n])
-        with pytest.raises(DatasetError, match=re.escape(f"cifar10.tar is cut short or not a "
-                                                         f"tar") + ".*" + re.escape(why)):
+        with pytest.raises(DatasetError, match=re.escape("cifar10.tar is cut short or not a "
+                                                         "tar") + ".*" + re.escape(why)):
             load_data("cifar10", root=str(d))
     (d / "cifar10.tar").write_bytes(whole)  # the whole copy loads
     assert load_data("cifar10", root=str(d)).train.y.tolist() == [0, 1, 0, 1, 0, 1]
