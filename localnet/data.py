@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .files import UnwritableError, load_state, save_state
+from .files import CheckpointError, UnwritableError, load_state, save_state
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
 
@@ -327,7 +327,10 @@ def load_cifar_tree(src: Path) -> dict:
     """Decode an image-folder tree or tar once; later calls read the cached uint8 tensors."""
     path = cache_dir() / f"cifar10-{_fingerprint(src)}.pt"
     if path.exists():
-        return load_state(path, "decoded CIFAR-10 cache")
+        try:
+            return load_state(path, "decoded CIFAR-10 cache")
+        except CheckpointError as err:  # a cache holds nothing the source does not: remake it
+            print(f"localnet: {err}; decoding {src} again, to replace it", file=sys.stderr)
     t0 = time.time()
     data = _decode_tree(src)
     data["source"], data["decode_s"] = str(src), time.time() - t0

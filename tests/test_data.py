@@ -225,6 +225,21 @@ def test_cifar_folder_and_tar(tmp_path, monkeypatch):
     assert torch.equal(again.train.x, b.train.x)
 
 
+def test_a_cache_cut_short_is_decoded_again(tmp_path, monkeypatch, capsys):
+    """The cache holds nothing its source does not: a cache file cut short (a disk that
+    filled) costs a note and a decode, not the run."""
+    monkeypatch.setenv("LOCALNET_CACHE", str(tmp_path / "cache"))
+    truth = make_tree(tmp_path / "a" / "cifar10")
+    load_data("cifar10", root=str(tmp_path / "a"))
+    [cache] = (tmp_path / "cache").glob("cifar10-*.pt")
+    cache.write_bytes(cache.read_bytes()[:200])
+    b = load_data("cifar10", root=str(tmp_path / "a"))
+    assert torch.equal(b.train.x[0], truth[("train", "cat", 0)])
+    assert f"decoded CIFAR-10 cache {cache} cannot be read" in capsys.readouterr().err
+    monkeypatch.setattr(D, "_decode_tree", lambda src: pytest.fail("decoded again"))
+    assert torch.equal(load_data("cifar10", root=str(tmp_path / "a")).train.x, b.train.x)
+
+
 def test_a_cache_that_cannot_be_written_costs_a_note_not_the_run(tmp_path, monkeypatch,
                                                                   capsys):
     """The images are decoded either way: a cache folder that cannot be made is one line
