@@ -16,14 +16,14 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .registry import Checked
 
 ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                     "resnet18", "resnet34", "resnet50"]
 DataName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic"]
 
 
-class Section(BaseModel):
-    # no setting of localnet means anything at inf or NaN (and `gt=0` lets inf through)
+class Section(Checked):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 

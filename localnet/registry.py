@@ -18,14 +18,50 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+import types
+import typing
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 
-class NoOptions(BaseModel):
+def bool_as_number(annotation, value) -> bool:
+    """Whether `value` holds a boolean where `annotation` wants a number.  pydantic's lax
+    mode reads true as 1, so `train.batch_size: true` trained on batches of one."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return bool_as_number(args[0], value)
+    if origin in (typing.Union, types.UnionType):
+        return not (isinstance(value, bool) and bool in args) and any(
+            bool_as_number(a, value) for a in args)
+    if isinstance(value, bool):
+        return annotation in (int, float)
+    if isinstance(value, (list, tuple)) and origin in (list, tuple) and args:
+        each = args[:1] * len(value) if origin is list or args[-1] is Ellipsis else args
+        return any(bool_as_number(a, v) for a, v in zip(each, value))
+    if isinstance(value, dict) and origin is dict and args:
+        return any(bool_as_number(args[0], k) or bool_as_number(args[1], v)
+                   for k, v in value.items())
+    return False
+
+
+class Checked(BaseModel):
+    """The base of every model of the config: an unknown key, inf or NaN, and a boolean
+    given for a number are errors naming the key."""
+
+    # no setting of localnet means anything at inf or NaN (and `gt=0` lets inf through)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info):
+        if bool_as_number(cls.model_fields[info.field_name].annotation, v):
+            raise PydanticCustomError("bool_as_number", "expected a number, not true or false")
+        return v
+
+
+class NoOptions(Checked):
     """A plugin without options: any key is an error naming it."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as the config's sections
 
 
 class Registry:

@@ -55,6 +55,12 @@ def test_overrides_are_typed_and_nested():
     (["train.wd_milestones={1: .inf}"], "train.wd_milestones.1: Input should be a finite"),
     (["runtime.timeout_s=inf"], "runtime.timeout_s: Input should be a finite number"),
     (["rule.name=fa", "rule.feedback_gain=inf"], "rule.feedback_gain: Input should be a finite"),
+    # pydantic's lax mode read true as 1: batches of one, a rate of 1.0
+    (["train.batch_size=true"], "train.batch_size: expected a number, not true or false"),
+    (["train.wd_milestones={1: false}"], "train.wd_milestones: expected a number, not true"),
+    (["model.widths=[512, true]"], "model.widths: expected a number, not true or false"),
+    (["rule.r=true"], "rule.r: expected a number, not true or false"),
+    (["channel.error.codec=topk", "channel.error.k=true"], "channel.error.k: expected a number"),
     # the range the RNGs it seeds take: one beyond it was a crash at the run's start
     (["seed=99999999999999999999"], "seed: Input should be less than or equal to 4294967295"),
     (["seed=-1"], "seed: Input should be greater than or equal to 0"),
