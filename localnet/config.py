@@ -465,6 +465,16 @@ class Config(Section):
     def run_name(self) -> str:
         return self.name or f"{self.model.name}_{self.rule.name}_{self.data.name}"
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v):
+        # the run directory is out_dir/<name>-<stamp>: a '/' or a leading '.' ('../x')
+        # put it somewhere else, where `localnet report out_dir` and sweeps never look
+        if v is not None and (not v.strip() or v.startswith(".") or any(c in v for c in "/\\\0")):
+            raise PydanticCustomError("run_name", "a run's name is one folder name: not blank, "
+                                      "no '/' or '\\', and not starting with '.'")
+        return v
+
     @field_validator("rule", mode="before")
     @classmethod
     def _bare_rule(cls, v):  # `rule: fa`, as `runtime.schedule: 1f1b`

@@ -61,6 +61,9 @@ def test_overrides_are_typed_and_nested():
     (["model.widths=[512, true]"], "model.widths: expected a number, not true or false"),
     (["rule.r=true"], "rule.r: expected a number, not true or false"),
     (["channel.error.codec=topk", "channel.error.k=true"], "channel.error.k: expected a number"),
+    # the run directory is out_dir/<name>-<stamp>: these put it elsewhere
+    (["name=../up"], "name: a run's name is one folder name"),
+    (["name=a/b"], "name: a run's name is one folder name"),
     # the range the RNGs it seeds take: one beyond it was a crash at the run's start
     (["seed=99999999999999999999"], "seed: Input should be less than or equal to 4294967295"),
     (["seed=-1"], "seed: Input should be greater than or equal to 0"),
