@@ -54,7 +54,7 @@ def _cmd_validate(args) -> int:
         mem = mem if cfg.runtime.executor == "ray" else None  # local: one process
         where = ""
         if actors and cfg.runtime.executor != "inprocess":
-            where = f"; runtime.partition makes {actors} actors"
+            where = f"; runtime.partition makes {actors} actor{'s' * (actors != 1)}"
         if mem:
             where += f", about {mem['total_mb']} MB in all"
             _fits_this_machine(cfg, actors, mem)
