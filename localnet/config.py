@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
@@ -108,7 +108,9 @@ class TrainConfig(Section):
     wd_milestones: dict[int, float] = Field(
         default_factory=dict, description="epoch -> weight decay from that epoch on (PFA: {1: 1e-4})")
     lr_schedule: Literal["constant", "milestones", "cosine"] = "constant"
-    lr_milestones: list[int] = Field(default_factory=list, description="epochs where lr *= lr_gamma")
+    # an epoch is counted from 0, so a milestone at 0 or below is a smaller train.lr
+    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="epochs where lr *= lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
     threads: int | None = Field(None, ge=1, description="torch threads of this process; default: "
                                 "torch's choice in-process, 1 for a Ray run's coordinator")

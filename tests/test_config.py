@@ -61,6 +61,9 @@ def test_overrides_are_typed_and_nested():
     (["model.widths=[512, true]"], "model.widths: expected a number, not true or false"),
     (["rule.r=true"], "rule.r: expected a number, not true or false"),
     (["channel.error.codec=topk", "channel.error.k=true"], "channel.error.k: expected a number"),
+    # epochs count from 0: a milestone at 0 or below lowered the rate from the start
+    (["train.lr_milestones=[-1]"], "train.lr_milestones.0: Input should be greater than or "
+                                   "equal to 1"),
     # the run directory is out_dir/<name>-<stamp>: these put it elsewhere
     (["name=../up"], "name: a run's name is one folder name"),
     (["name=a/b"], "name: a run's name is one folder name"),
