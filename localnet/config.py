@@ -71,7 +71,8 @@ class RuleConfig(PluginSection):
 
 class ModelConfig(Section):
     name: ModelName = "mlp"
-    widths: list[int] = Field(default_factory=lambda: [512, 512], description="mlp hidden widths")
+    widths: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [512, 512], description="mlp hidden widths ([]: one linear layer)")
     init: Literal["torch", "xavier"] = Field(
         "torch", description="forward weights: torch's default (Kaiming-uniform a=sqrt(5), "
         "random biases) or xavier (Xavier-uniform, zero biases: BioTorch's and the PFA "

@@ -61,6 +61,8 @@ def test_overrides_are_typed_and_nested():
     (["model.widths=[512, true]"], "model.widths: expected a number, not true or false"),
     (["rule.r=true"], "rule.r: expected a number, not true or false"),
     (["channel.error.codec=topk", "channel.error.k=true"], "channel.error.k: expected a number"),
+    # a layer of no units was a ZeroDivisionError in its init, reported as a bug
+    (["model.widths=[512, 0]"], "model.widths.1: Input should be greater than or equal to 1"),
     # epochs count from 0: a milestone at 0 or below lowered the rate from the start
     (["train.lr_milestones=[-1]"], "train.lr_milestones.0: Input should be greater than or "
                                    "equal to 1"),
