@@ -137,7 +137,7 @@ def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, caps
     assert " ".join(STATE_LEGEND.split()) in " ".join(out.split())  # whole, not cropped
     assert main(["report", str(runs / "stopped"), "--json", "--out", str(tmp_path)]) == 0
     (row,) = json.loads(capsys.readouterr().out)["rows"]
-    assert row["state"] == "diverged, step 5"
+    assert row["state"] == "diverged at step 6"  # the step its message names
     assert row["stopped"]["message"].startswith("training diverged at step 6")
     assert main(["report", str(runs / "fa"), "--json", "--out", str(tmp_path / "one")]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -170,7 +170,7 @@ def test_a_run_resumed_under_other_settings_keeps_what_each_step_trained_with(tm
     from localnet.report import load_run
 
     assert not (run / "summary.json").exists()
-    assert load_run(run).state() == "interrupted, step 32"
+    assert load_run(run).state() == "interrupted after step 32"
     cfg, _ = load_run_config(run)  # the same command again: nothing changes now
     summary = train(cfg, run, resume=True, progress=False)
     assert summary["resumed_with"] == [
