@@ -290,8 +290,11 @@ def _cmd_sweep(args) -> int:
               file=sys.stderr)
         return code
     print((res["dir"] / "sweep.md").read_text(), end="")
-    print(f"sweep directory: {res['dir']} (ran {len(res['ran'])}, "
-          f"skipped {len(res['skipped'])} finished)")
+    # every point run this time counts, and those that did not finish say how they ended
+    ended = [f"{len(res[k])} {k}" for k in ("diverged", "failed") if res[k]]
+    ran = len(res["ran"]) + len(res["diverged"]) + len(res["failed"])
+    print(f"sweep directory: {res['dir']} (ran {ran}{' (' + ', '.join(ended) + ')' if ended else ''}"
+          f", skipped {len(res['skipped'])} finished)")
     # a diverged point is a finding of the sweep (too high a rate), not a failure of it
     return 0 if all(r["status"] == "ok" or r["status"].startswith("diverged")
                     for r in res["rows"]) else 1

@@ -145,7 +145,8 @@ def _run_on_ray(todo, out: Path, runtime, log) -> dict[str, tuple[dict, str]]:
 def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | None = None,
           out: str | Path | None = None, log=print, vary_items: list[str] | None = None,
           jobs: int = 1, use_ray: bool = False, started=None) -> dict:
-    """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran", "skipped"}.
+    """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran" (the points run
+    to their end this time), "diverged", "failed", "skipped"}.
     jobs > 1: that many points at once, each in its own process (give each run
     `train.threads` so that jobs x threads fits the machine).  use_ray: every point a
     Ray task on the cluster (runtime.address / $RAY_ADDRESS, else a local Ray), as many
@@ -219,6 +220,8 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool) -> dict:
             results[name] = _run_point(cfg, out / name)
             ended(name, results[name])
     ran = [n for n, _ in todo if results[n][1] == "ok"]
+    diverged = [n for n, _ in todo if results[n][1].startswith("diverged")]
+    failed = [n for n, _ in todo if n not in ran and n not in diverged]
     rows = []
     for p, cfg in zip(pts, cfgs):
         name = point_name(p)
@@ -233,7 +236,8 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool) -> dict:
     png = write_png(rows, out / "sweep.png")
     if png:
         files.append(png)
-    return {"dir": out, "rows": rows, "files": files, "ran": ran, "skipped": skipped}
+    return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
+            "failed": failed, "skipped": skipped}
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:

@@ -131,13 +131,13 @@ def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path, capsy
     stopped = json.loads((tmp_path / "s" / "train.lr-1e12" / "stopped.json").read_text())
     assert (stopped["how"], stopped["after_step"]) == ("diverged", step - 1)
     assert good["status"] == "ok" and 0 <= good["test_accuracy"] <= 1
-    assert res["ran"] == ["train.lr-0.05"]
+    assert res["ran"] == ["train.lr-0.05"] and res["diverged"] == ["train.lr-1e12"]
     assert f"[sweep 1/2] train.lr-1e12: diverged at step {step}" in "\n".join(lines)
     # the command succeeds: the sweep found what it was run for (it reruns the diverged
     # point, which has nothing to resume, and diverges the same way)
     assert main(["sweep", str(cfg), "--grid", "train.lr=1e12,0.05", "--out",
                  str(tmp_path / "s")]) == 0
-    assert "ran 0, skipped 1 finished" in capsys.readouterr().out
+    assert "(ran 1 (1 diverged), skipped 1 finished)" in capsys.readouterr().out
 
 
 def test_a_stopped_sweep_names_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
