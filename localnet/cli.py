@@ -293,8 +293,9 @@ def _cmd_sweep(args) -> int:
     # every point run this time counts, and those that did not finish say how they ended
     ended = [f"{len(res[k])} {k}" for k in ("diverged", "failed") if res[k]]
     ran = len(res["ran"]) + len(res["diverged"]) + len(res["failed"])
-    print(f"sweep directory: {res['dir']} (ran {ran}{' (' + ', '.join(ended) + ')' if ended else ''}"
-          f", skipped {len(res['skipped'])} finished)")
+    how = f" ({', '.join(ended)})" if ended else ""
+    print(f"sweep directory: {res['dir']} (ran {ran}{how}, skipped {len(res['skipped'])} "
+          f"finished)")
     # a diverged point is a finding of the sweep (too high a rate), not a failure of it
     return 0 if all(r["status"] == "ok" or r["status"].startswith("diverged")
                     for r in res["rows"]) else 1

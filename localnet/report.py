@@ -112,7 +112,8 @@ class Run:
             if after is None:
                 return how
             # a divergence is the step whose loss was not finite (its error message's step)
-            return f"diverged at step {after + 1}" if how == "diverged" else f"{how} after step {after}"
+            return (f"diverged at step {after + 1}" if how == "diverged" else
+                    f"{how} after step {after}")
         last = max((int(r.get("step", 0)) for r in self.steps + self.epochs), default=0)
         at = f"step {last}" if last else "no step"
         holder = lock_holder(self.path)
