@@ -155,6 +155,13 @@ def _refuse_a_run_in(out: Path) -> None:
         raise ConfigError(f"--out {out} holds a run that stopped before its first checkpoint "
                           f"({', '.join(held)}), so there is nothing to resume; give another "
                           f"--out, or remove it to reuse the name")
+    # a run's files among others (`--out .`, a data folder) are hard to tell apart and to
+    # remove; what a run that stopped before its first step left is no one else's
+    others = sorted(f.name for f in out.iterdir() if not _unstarted(f)) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        raise ConfigError(f"--out {out} holds other files ({shown}): a run goes into a new or "
+                          f"empty directory; give another --out")
 
 
 def _missing(path: Path) -> list[Path]:
@@ -166,15 +173,19 @@ def _missing(path: Path) -> list[Path]:
     return out
 
 
+def _unstarted(f: Path) -> bool:
+    """A file a run writes before its first step: its config, its logs while empty."""
+    return f.is_file() and (f.name == "config.yaml" or (f.suffix == ".jsonl" and
+                                                         f.stat().st_size == 0))
+
+
 def _drop_if_unstarted(run_dir: Path, made: list[Path]) -> None:
     """Remove the directory a new run made when the run failed before it trained a step
     worth keeping (a missing dataset, an unreachable cluster, a batch larger than the
     data): nothing in it but its config and empty logs.  So go the parents it brought
     (`runs/`), where nothing else came to live in them."""
     files = list(run_dir.iterdir()) if run_dir.is_dir() else [run_dir]
-    if all(f.is_file() and (f.name == "config.yaml" or (f.suffix == ".jsonl" and
-                                                         f.stat().st_size == 0))
-           for f in files):
+    if all(map(_unstarted, files)):
         shutil.rmtree(run_dir, ignore_errors=True)
         for parent in made:
             try:

@@ -500,10 +500,19 @@ def test_a_run_that_cannot_start_leaves_no_directory_but_keeps_a_given_one(tmp_p
     assert "train.batch_size: 64 is more than the 50 training samples (data.subset: 50)" \
         in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # nor the parent it brought
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("the user's own")
+    (tmp_path / "mine").mkdir()  # given empty: kept, with what the failed start wrote
     assert main(args + ["--out", str(tmp_path / "mine")]) == 2
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own"
+    assert (tmp_path / "mine").is_dir()
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "mine")]) == 2  # those leftovers are no bar
+    assert "more than the 50 training samples" in capsys.readouterr().err
+    # a run's files among the user's would be hard to tell apart: refused, nothing written
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("the user's own")
+    assert main(args + ["--out", str(tmp_path / "theirs")]) == 2
+    assert (f"--out {tmp_path / 'theirs'} holds other files (notes.txt): a run goes into a new "
+            f"or empty directory") in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["notes.txt"]
 
 
 def test_ctrl_c_during_start_up_leaves_no_directory(tmp_path, capsys, monkeypatch):
