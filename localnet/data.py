@@ -452,6 +452,32 @@ def _load_imagefolder(root, augment, image_size):
 # -----------------------------------------------------------------------------
 # synthetic: a learnable problem for tests
 
+def _available_bytes() -> int:
+    """Memory a new allocation can take: Linux's MemAvailable (free pages plus the page
+    cache it can drop), else the free pages alone."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _synthetic_fits(size: int, test_size: int, shape: tuple) -> None:
+    """Drawn images are held whole, as float32, and a split takes about three times
+    its size while it is drawn (the noise, the prototypes picked, their sum): a size
+    that cannot fit is named before torch's allocator fails with a byte count."""
+    need = (3 * max(size, test_size) + size + test_size) * math.prod(shape) * 4
+    free = _available_bytes()
+    if need > free:
+        raise DatasetError(f"data.subset / data.test_subset: {size:,} synthetic training and "
+                           f"{test_size:,} test images of {'x'.join(map(str, shape))} take "
+                           f"about {need / 2**30:,.1f} GiB while drawn, and this machine has "
+                           f"{free / 2**30:,.1f} GiB free; ask for fewer")
+
+
 def _synthetic(seed, shape, size, num_classes=10, test_size=None):
     g = _generator(seed, -1)
     protos = torch.randn(num_classes, *shape, generator=g)  # one mean pattern per class
@@ -484,7 +510,9 @@ def load_data(name: str, root: str | None = None, subset: int | None = None, tes
         # a subset larger than the default draws that many (a benchmark on a machine
         # without the datasets); smaller ones keep the same first images
         size = max(synthetic_size, subset or 0)
-        train, test = _synthetic(seed, shape, size, test_size=max(size // 2, test_subset or 0))
+        test_size = max(size // 2, test_subset or 0)
+        _synthetic_fits(size, test_size, shape)
+        train, test = _synthetic(seed, shape, size, test_size=test_size)
         num_classes = 10
     elif name in ("mnist", "fashion_mnist"):
         train, test, classes = _load_mnist(name, resolve_root(root), download)

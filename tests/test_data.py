@@ -426,6 +426,22 @@ def test_synthetic_draws_as_many_as_a_larger_subset_asks_and_keeps_smaller_ones(
     assert torch.equal(small.test.y, full.test.y[:50])
 
 
+def test_synthetic_that_cannot_fit_is_named_before_it_is_drawn(monkeypatch):
+    """Its images are held whole: 10,000 of 3x32x32 are 123 MB as float32 (and more while
+    drawn), which a machine with 100 MB free cannot take; torch's allocator would fail
+    with a byte count and no key."""
+    monkeypatch.setattr(D, "_available_bytes", lambda: 100 * 2**20)
+    monkeypatch.setattr(D, "_synthetic", lambda *a, **k: pytest.fail("drawn"))
+    with pytest.raises(DatasetError, match=r"data.subset / data.test_subset: 10,000 synthetic "
+                                           r"training and 5,000 test images of 3x32x32 take "
+                                           r"about 0.5 GiB while drawn, and this machine has "
+                                           r"0.1 GiB free"):
+        load_data("synthetic", subset=10_000)
+    monkeypatch.undo()
+    assert D._available_bytes() > 2**20  # this machine's, read from /proc/meminfo
+    assert len(load_data("synthetic", subset=1000).train) == 1000
+
+
 def test_imagefolder(tmp_path):
     g = torch.Generator().manual_seed(0)
     for split, cls in [(s, c) for s in ("train", "val") for c in ("ant", "bee", "cow")]:
