@@ -103,6 +103,13 @@ def _fits_this_machine(cfg, actors: int, mem: dict) -> None:
             f"all (the largest {mem['per_actor_mb_max']} MB), more than this machine's {here} "
             f"MB: the embedded Ray would refuse it.  {remedy(mem, STAGES_N)} a cluster "
             f"(runtime.address)")
+    cpus, offered = actors * cfg.runtime.num_cpus, cfg.runtime.local_cpus
+    if cpus > offered + 1e-9:  # (the run finds it out at placement, after Ray's start)
+        raise ConfigError(
+            f"runtime.num_cpus: {actors} actors asking for {cfg.runtime.num_cpus:g} CPU each "
+            f"need {cpus:g}; the embedded Ray offers runtime.local_cpus={offered}.  Ask for "
+            f"less (runtime.num_cpus={math.floor(offered / actors * 100) / 100:g}), use fewer "
+            f"actors ({STAGES_N}), raise runtime.local_cpus, or use a cluster (runtime.address)")
     each = cfg.runtime.num_gpus
     if each:
         import torch

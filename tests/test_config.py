@@ -328,6 +328,23 @@ def test_validate_refuses_gpus_the_embedded_ray_cannot_offer(capsys, monkeypatch
     assert main(args + ["--set", "runtime.address=10.0.0.1:6379"]) == 0
 
 
+@pytest.mark.parametrize("each,says", [
+    ("0.363", None),  # 11 x 0.363 = 3.99 of runtime.local_cpus' 4
+    ("0.5", "runtime.num_cpus: 11 actors asking for 0.5 CPU each need 5.5; the embedded Ray "
+            "offers runtime.local_cpus=4.  Ask for less (runtime.num_cpus=0.36)"),
+])
+def test_validate_refuses_cpus_the_embedded_ray_cannot_offer(capsys, monkeypatch, each, says):
+    """A run would find it out at placement, after Ray's start; a cluster's are its own."""
+    from localnet.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["validate", str(ROOT / "configs/resnet_pfa.yaml"), "--set", f"runtime.num_cpus={each}"]
+    assert main(args) == (2 if says else 0)
+    assert says is None or says in capsys.readouterr().err
+    assert main(args + ["--set", "runtime.local_cpus=6"]) == 0
+    assert main(args + ["--set", "runtime.address=10.0.0.1:6379"]) == 0
+
+
 def test_a_directory_given_as_the_config_names_what_it_holds(tmp_path):
     """`localnet run configs/` or a run directory instead of its config: the error says
     it is a directory, names the YAML files in it, and for a run the --resume command."""
