@@ -265,6 +265,19 @@ def test_validate_and_run_check_the_partition_against_the_model(tmp_path, value,
     assert ok.returncode == 0 and "makes 3 actors" in ok.stdout, ok.stderr
 
 
+def test_validate_checks_channel_edges_against_the_actors_edges(capsys):
+    """A `channel.edges` key that names no edge would change nothing: the run refuses it
+    as its actors start, and validate as well, before any."""
+    from localnet.cli import main
+
+    args = ["validate", str(ROOT / "configs/resnet_pfa.yaml"), "--set"]
+    assert main(args + ["channel.edges={99: {error: {drop: 0.5}}}"]) == 2
+    assert ("channel.edges.99: no edge of this run is called that; its edges are 1, "
+            "stem->layer1.0, 2,") in capsys.readouterr().err
+    for key in ("3", "layer1.1->layer1.0"):  # a boundary, or a pair either way round
+        assert main(args + [f"channel.edges={{{key}: {{error: {{drop: 0.5}}}}}}"]) == 0
+
+
 def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
     """YAML would keep the last silently: a second `train:` section would drop the first."""
     p = tmp_path / "c.yaml"

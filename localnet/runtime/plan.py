@@ -72,6 +72,10 @@ def check_partition(cfg, memory_too: bool = False):
         return [sum(p.numel() for p in u.parameters()) for u in model.units]
 
     pl = resolve_placement(cfg.runtime.partition, model, by_params)
+    if cfg.runtime.executor != "inprocess":  # (in one process the run checks its own cut)
+        from .endpoint import check_channel_graph
+
+        check_channel_graph(cfg.channel, pl, list(model.unit_names))  # channel.edges keys
     if not memory_too:
         return pl.num_actors
     sched = make_schedule(cfg.runtime.schedule.name, pl.num_actors, cfg.train.micro_batches,
