@@ -489,7 +489,13 @@ class RunObserver:
                              f"{m.address} (metrics.allow_insecure): anyone who can reach "
                              f"{self.url} can read them\n")
         if m.sd_dir:
-            self._write_sd(Path(m.sd_dir))
+            try:
+                self._write_sd(Path(m.sd_dir))
+            except OSError as err:  # a run announced nowhere would be scraped by no one
+                self.metrics.stop()  # (it was up: its port is what the target names)
+                raise ConfigError(f"metrics.sd_dir={m.sd_dir}: cannot write this run's "
+                                  f"Prometheus target there ({err.strerror or err}); name a "
+                                  f"writable folder that Prometheus reads") from None
 
     @property
     def enabled(self) -> bool:

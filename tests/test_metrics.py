@@ -470,6 +470,20 @@ def test_tls_settings_are_checked_naming_the_key(tmp_path):
         RunObserver(cfg, tmp_path / "run", ex)
 
 
+def test_an_sd_dir_that_cannot_be_written_is_named_and_serves_nothing(tmp_path):
+    """A run announced nowhere would be scraped by no one: it stops at its start, naming
+    the key, and the endpoint it had opened to learn its port is shut."""
+    (tmp_path / "a-file").write_text("not a folder")
+    cfg = small("metrics.port=0", f"metrics.sd_dir={tmp_path / 'a-file' / 'sd'}")
+    _, _, _, ex = train_mod.build(cfg)
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(ConfigError, match=rf"metrics.sd_dir={tmp_path / 'a-file' / 'sd'}: "
+                                          rf"cannot write this run's Prometheus target there"):
+        RunObserver(cfg, tmp_path / "run", ex)
+    time.sleep(0.2)
+    assert {t.ident for t in threading.enumerate() if t.is_alive()} <= before
+
+
 @pytest.mark.parametrize("address", ["0.0.0.0", "'::'", "192.0.2.7", "node1.example"])
 def test_a_routable_binding_without_tls_is_refused(address):
     with pytest.raises(ConfigError, match=r"metrics.address: .* is not a loopback address") as info:
