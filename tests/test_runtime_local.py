@@ -486,6 +486,13 @@ def test_costs_from_a_run_that_cannot_give_them_names_why(tmp_path, capsys):
     assert "predicted samples/s: 0.4 (1 core, 500.000 ms CPU per hop" in out
     assert f"costs from {good}: 500.000 ms of the machine's CPU per message" in out
     assert "(16 a batch" in out and "that run trained at 0.4 samples/s" in out
+    # its compute per batch over another model's measured now would be no scale at all
+    other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"widths": [64]})})
+    p.write_text(dump_config(other))
+    assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--costs-from", str(good)]) == 2
+    assert (f"--costs-from {good}: a run of mlp[16-16] on synthetic, and "
+            f"this config is mlp[64] on synthetic") in capsys.readouterr().err
 
 
 def test_leak_detector_catches_weights_transposes_and_signs():

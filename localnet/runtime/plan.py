@@ -143,6 +143,12 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
             hop_cost = costs["hop_cost_s"]  # call_cost is in it: the coordinator's CPU too
         if source == "measured":
             run = costs["config"]  # the run's own cut measured once, not twice
+            mine, its = (_work(c) for c in (cfg, run))
+            if mine != its:  # its compute per batch, over another model's measured now
+                raise ConfigError(
+                    f"--costs-from {costs['run']}: a run of {its}, and this config is "
+                    f"{mine}: its actors' compute says nothing of this model's.  Give a run "
+                    f"of this model and data, or this config's costs (--fwd and --bwd)")
             same = ((run.model, run.rule, costs["partition"], costs["schedule"],
                      costs["micro_batch"]) == (cfg.model, cfg.rule, pl.spec, name, mb))
             now = (batch_compute(fwd, bwd, step, M, is_async) if same
@@ -254,6 +260,14 @@ def _measured_batch(cfg, shape, nc, repeats: int) -> float:
     f, b, s = measure_costs(cfg, shape, nc, pl, t.micro_batch_size, repeats, rt.threads,
                             stash=streamed)
     return batch_compute(f, b, s, t.micro_batches, streamed)
+
+
+def _work(cfg) -> str:
+    """What sets a config's compute per sample: its model (and an MLP's widths) and its
+    data's shape."""
+    m = cfg.model
+    return (f"{m.name}{m.widths if m.name == 'mlp' else ''} on {cfg.data.name}"
+            .replace(", ", "-"))
 
 
 def run_costs(run_dir) -> dict:
