@@ -526,6 +526,11 @@ def load_data(name: str, root: str | None = None, subset: int | None = None, tes
     else:
         train, test, classes = _load_imagefolder(resolve_root(root), augment is not False, image_size)
         shape, num_classes = (3, image_size, image_size), len(classes)
+    for key, n, ds, split in (("data.subset", subset, train, "training"),
+                              ("data.test_subset", test_subset, test, "test")):
+        if n is not None and n > len(ds):  # a run's figures then count fewer than asked for
+            print(f"localnet: note: {key}: {n:,} is more than {name}'s {len(ds):,} {split} "
+                  f"samples; all {len(ds):,} are used", file=sys.stderr)
     train, test = _take(train, subset), _take(test, test_subset)
     return DataBundle(train, test, shape, num_classes, name, classes)
 

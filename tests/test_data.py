@@ -330,6 +330,16 @@ def test_unusable_data_names_the_file(tmp_path, monkeypatch):
         load_data("imagefolder", root=str(tmp_path / "f"))
 
 
+def test_a_subset_beyond_the_data_is_all_of_it_with_a_note(data_root, capsys):
+    """A run's figures would count fewer samples than its config asks for, silently."""
+    b = load_data("mnist", root=str(data_root), subset=70_000, test_subset=500)
+    assert (len(b.train), len(b.test)) == (60_000, 500)
+    assert capsys.readouterr().err == ("localnet: note: data.subset: 70,000 is more than "
+                                       "mnist's 60,000 training samples; all 60,000 are used\n")
+    load_data("synthetic", subset=2000, test_subset=1500)  # draws as many as asked
+    assert capsys.readouterr().err == ""
+
+
 def test_mnist_file_cut_short_is_named(data_root, tmp_path):
     """A copy that stopped part-way is there, so it is named, not called missing."""
     raw = tmp_path / "MNIST" / "raw"
