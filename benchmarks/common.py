@@ -39,13 +39,30 @@ def hardware_cpu() -> str:
             f"Python {platform.python_version()}")
 
 
-def commit() -> str:
-    """The short hash of HEAD ("unknown" outside a git checkout)."""
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=10).stdout.strip()
+
+
+def _head() -> str:
+    """The short hash of HEAD, "+changes" when the code measured is not that commit's
+    (edits to localnet/, configs/ or a benchmark script); "unknown" outside git."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        head = _git("rev-parse", "--short", "HEAD") or "unknown"
+        edited = _git("status", "--porcelain", "--", "localnet", "configs", "benchmarks/*.py")
+        return head + ("+changes" if edited and head != "unknown" else "")
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+# read as the benchmark starts: a commit made while it runs (they take minutes) is not
+# the code it measured
+_HEAD = _head()
+
+
+def commit() -> str:
+    """The commit the benchmark's code came from, read as it started (`_head`)."""
+    return _HEAD
 
 
 def write_section(tag: str, lines: list[str]) -> None:
