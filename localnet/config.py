@@ -7,12 +7,13 @@ Every section forbids unknown keys, so a typo is an error that names the key
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -21,6 +22,16 @@ from .registry import Checked
 ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                     "resnet18", "resnet34", "resnet50"]
 DataName = Literal["mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic"]
+
+
+def _absolute(v: str | None) -> str | None:
+    # a path is taken from the directory the command runs in, and a run's config.yaml
+    # must name the same file when --resume runs elsewhere (or a sweep's Ray task does)
+    return os.path.abspath(os.path.expanduser(v)) if v else v
+
+
+# a file or folder a setting names: kept absolute, as resolved where the command ran
+PathSetting = Annotated[str | None, AfterValidator(_absolute)]
 
 
 class Section(Checked):
@@ -81,7 +92,7 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     name: DataName = "synthetic"
-    root: str | None = Field(None, description="data root; else $LOCALNET_DATA; else the user cache dir")
+    root: PathSetting = Field(None, description="data root; else $LOCALNET_DATA; else the user cache dir")
     subset: int | None = Field(None, ge=1, description="use only the first N training samples")
     test_subset: int | None = Field(None, ge=1, description="use only the first N test samples")
     augment: bool | None = Field(None, description="None: the dataset's default (CIFAR: crop+flip)")
@@ -149,10 +160,10 @@ class TrainConfig(Section):
 class MetricsTLS(Section):
     """HTTPS for the metrics endpoint (prometheus-client's TLS server).  PEM files."""
 
-    certfile: str | None = Field(None, description="the endpoint's certificate (PEM); "
+    certfile: PathSetting = Field(None, description="the endpoint's certificate (PEM); "
                                  "set with keyfile to serve HTTPS")
-    keyfile: str | None = Field(None, description="its private key (PEM)")
-    client_cafile: str | None = Field(None, description="require client certificates "
+    keyfile: PathSetting = Field(None, description="its private key (PEM)")
+    client_cafile: PathSetting = Field(None, description="require client certificates "
                                       "signed by this CA (PEM): only scrapers holding one "
                                       "are served")
 
@@ -200,7 +211,7 @@ class MetricsConfig(Section):
                             "it is scraped once more, or at most this many seconds")
     poll_every: int = Field(10, ge=1, description="ray: collect actor timings and the message "
                             "ledger every N steps (in-process stages are timed every step)")
-    sd_dir: str | None = Field(None, description="write a Prometheus file-SD target file "
+    sd_dir: PathSetting = Field(None, description="write a Prometheus file-SD target file "
                                "<sd_dir>/<run>.json while the endpoint is up")
     timeline_steps: int = Field(2, ge=0, description="actors (ray, local): note when each "
                                 "actor runs each action over this many training steps, after "

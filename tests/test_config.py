@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from localnet.config import ConfigError, load_config
+from localnet.config import ConfigError, dump_config, load_config, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -263,6 +263,25 @@ def test_validate_and_run_check_the_partition_against_the_model(tmp_path, value,
                          "--set", "runtime.partition={stages: 3}"], cwd=ROOT,
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "makes 3 actors" in ok.stdout, ok.stderr
+
+
+def test_paths_are_kept_absolute_as_resolved_where_the_command_ran(tmp_path, monkeypatch):
+    """A run's config.yaml must name the same data when --resume (or a sweep's Ray task)
+    runs in another directory: a relative data.root there named another place."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, ["data.root=../data", "metrics.port=0", "metrics.sd_dir=~/sd",
+                             "metrics.tls.certfile=c.pem", "metrics.tls.keyfile=k.pem"])
+    assert cfg.data.root == str(tmp_path.parent / "data")
+    assert cfg.metrics.sd_dir == str(tmp_path / "home" / "sd")
+    assert (cfg.metrics.tls.certfile, cfg.metrics.tls.keyfile) == (str(tmp_path / "c.pem"),
+                                                                   str(tmp_path / "k.pem"))
+    assert load_config(None, []).data.root is None  # unset: $LOCALNET_DATA, as before
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(dump_config(cfg))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_run_config(tmp_path / "run")[0].data.root == str(tmp_path.parent / "data")
 
 
 def test_validate_checks_channel_edges_against_the_actors_edges(capsys):
