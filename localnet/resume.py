@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from . import recut
 from .config import Config, config_diff, dump_config
@@ -58,7 +59,7 @@ def restore(ex, model, cfg: Config, run_dir: Path, ckpt: dict) -> Restored:
     # config.yaml holds the settings the run goes on with; what it trained with before
     # stays on record here (and in summary.json)
     changes = list(ckpt.get("changes", []))
-    diff = config_diff(ckpt["config"], cfg.model_dump(mode="json")) if "config" in ckpt else []
+    diff = config_diff(_recorded(ckpt), cfg.model_dump(mode="json")) if "config" in ckpt else []
     if diff:
         changes.append({"at_step": ckpt["step"], "settings": {k: [a, b] for k, a, b in diff}})
     if recut_from is not None:
@@ -115,6 +116,16 @@ def saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
     return cfg.model_copy(update={"runtime": runtime})
 
 
+def _recorded(ckpt: dict) -> dict:
+    """The config a checkpoint recorded, read as this localnet reads config.yaml: a path
+    that an earlier localnet kept relative is resolved the same way on both sides, so
+    it is no change of settings."""
+    try:
+        return Config.model_validate(ckpt["config"]).model_dump(mode="json")
+    except ValidationError:  # an older schema's: compared as it is
+        return ckpt["config"]
+
+
 def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
     """The recorded summary (plus `"finished": True`) when the run in run_dir has nothing
     left to train under `cfg`: its summary was written at the checkpoint's step, by this
@@ -123,7 +134,8 @@ def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:
     resume that re-cut the checkpoint (and so rewrote it at once, under this config)
     was killed before training on: the summary there is the steps before's."""
     summary = _summary_at(run_dir, ckpt["step"])
-    if summary is None or _left(ckpt, cfg) or ckpt.get("config") != cfg.model_dump(mode="json"):
+    if summary is None or _left(ckpt, cfg) or "config" not in ckpt or \
+            _recorded(ckpt) != cfg.model_dump(mode="json"):
         return None
     return {**summary, "finished": True, "summary_path": str(run_dir / "summary.json")}
 
@@ -169,7 +181,7 @@ def refuse_nothing_to_train(run_dir: Path, ckpt: dict, cfg: Config) -> None:
                           f"{t.max_steps}).  Nothing changed")
     if _left(ckpt, cfg) or _summary_at(run_dir, step) is None or "config" not in ckpt:
         return
-    diff = config_diff(ckpt["config"], cfg.model_dump(mode="json"))
+    diff = config_diff(_recorded(ckpt), cfg.model_dump(mode="json"))
     if diff:
         shown = ", ".join(f"{k}={b} (the run's: {a})" for k, a, b in diff[:3])
         raise ConfigError(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from localnet.config import load_config
+from localnet.config import load_config, load_run_config
 from localnet.train import NonFiniteLossError, lr_at, train, wd_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -772,6 +772,29 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     # asking for more epochs is a continuation, not a finished run
     more = train(small("rule.name=fa", "train.epochs=2"), run, resume=True, progress=False)
     assert more["steps"] == 2 * summary["steps"] and "finished" not in more
+
+
+def test_a_path_an_earlier_localnet_kept_relative_is_no_change_of_settings(tmp_path, capsys,
+                                                                           monkeypatch):
+    """Paths are kept absolute now; a run recorded with `data.root: data` (relative) reads
+    as the same path on both sides of the comparison, not as a --set of another root:
+    its finished run stays finished, and nothing is refused or recorded as a change."""
+    from localnet.cli import main
+    from localnet.files import load_state, save_state
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    summary = train(small("rule.name=fa", "train.epochs=1"), run, progress=False)
+    ckpt = load_state(run / "checkpoint.pt")
+    ckpt["config"]["data"]["root"] = "data"  # as an earlier localnet wrote it
+    save_state(ckpt, run / "checkpoint.pt")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(
+        "root: null", "root: data"))
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    assert f"finished at step {summary['steps']}" in capsys.readouterr().err
+    more = train(load_run_config(run, ["train.epochs=2"])[0], run, resume=True, progress=False)
+    assert [c["settings"] for c in more.get("resumed_with", [])] == [
+        {"train.epochs": [1, 2]}]
 
 
 def _killed_mid_epoch(run: Path, monkeypatch, *extra) -> None:
