@@ -17,7 +17,7 @@ from rich.markup import escape
 from .config import ConfigError, load_config, load_run_config
 from .errors import DivergedError
 from .files import RunInUseError
-from .watchdog import Watchdog
+from .watchdog import SIGTERM_SEEN, Watchdog
 
 
 class Terminated(KeyboardInterrupt):
@@ -25,7 +25,7 @@ class Terminated(KeyboardInterrupt):
     stops it, its last checkpoint kept and --resume named (Python would exit at once)."""
 
 
-_sigterm = threading.Event()  # a SIGTERM came since the command began
+_sigterm = SIGTERM_SEEN  # a SIGTERM came since the command began
 
 
 def _on_sigterm(signum, frame):

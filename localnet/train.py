@@ -46,6 +46,7 @@ from .progress import StartupStatus, TrainProgress
 from .resume import (STOPPED, finished_summary, keep_recorded, logged_train_loss,
                      refuse_nothing_to_train, restore, saved_cuts)
 from .timing import cpu_since, machine_cpu_s
+from .watchdog import SIGTERM_SEEN
 
 
 class NonFiniteLossError(DivergedError):
@@ -267,8 +268,8 @@ def _write_stop(run_dir: Path, exc: BaseException, how: str, step: int,
         write_json(run_dir / STOPPED, {
             "how": how, "after_step": step, "checkpoint_step": saved,
             "error": type(exc).__name__,
-            "message": str(exc) or ("Ctrl-C" if isinstance(exc, KeyboardInterrupt) else
-                                    type(exc).__name__),
+            "message": str(exc) or (type(exc).__name__ if not isinstance(exc, KeyboardInterrupt)
+                                    else "SIGTERM" if SIGTERM_SEEN.is_set() else "Ctrl-C"),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 

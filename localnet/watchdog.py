@@ -20,6 +20,11 @@ import sys
 import threading
 
 
+# set by `localnet run`'s SIGTERM handler.  Inside `ray.get` Ray turns what a handler
+# raises into a bare KeyboardInterrupt, so this, not the exception, says it was SIGTERM.
+SIGTERM_SEEN = threading.Event()
+
+
 class Watchdog:
     """`with Watchdog(say):` around a command; `say(signum)` says the line, and the
     command sets `said` when it has said it itself."""

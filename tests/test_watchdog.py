@@ -115,3 +115,24 @@ def test_a_sigterm_that_ray_turned_into_a_bare_keyboardinterrupt_still_ends_with
 
     assert command(like_ray_get) == ("terminated (SIGTERM)", 143)
     assert command(ctrl_c) == ("interrupted", 130)
+
+
+def test_stopped_json_says_sigterm_for_the_bare_keyboardinterrupt_ray_made_of_it(tmp_path):
+    """The same replacement, where the run records how it stopped: stopped.json said
+    "Ctrl-C" for a SIGTERM to the whole process group whenever Ray's call took it."""
+    import json
+
+    from localnet.train import _write_stop
+    from localnet.watchdog import SIGTERM_SEEN
+
+    def recorded():
+        return json.loads((tmp_path / "stopped.json").read_text())["message"]
+
+    _write_stop(tmp_path, KeyboardInterrupt(), "interrupted", 3, 2)
+    assert recorded() == "Ctrl-C"
+    SIGTERM_SEEN.set()
+    try:
+        _write_stop(tmp_path, KeyboardInterrupt(), "interrupted", 3, 2)
+        assert recorded() == "SIGTERM"
+    finally:
+        SIGTERM_SEEN.clear()
