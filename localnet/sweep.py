@@ -137,7 +137,9 @@ def _run_on_ray(todo, out: Path, runtime, log) -> dict[str, tuple[dict, str]]:
     filesystem the nodes share (they are written by the tasks)."""
     from .runtime.session import run_tasks
 
-    jobs = [(name, (cfg, out / name), max(1, cfg.train.threads or 1)) for name, cfg in todo]
+    # absolute: a task's working directory is its worker's, not this command's
+    jobs = [(name, (cfg, (out / name).absolute()), max(1, cfg.train.threads or 1))
+            for name, cfg in todo]
     return run_tasks(_run_point, jobs, runtime, log=log,
                      failed=lambda exc: ({}, f"failed: {type(exc).__name__}: {exc}"))
 

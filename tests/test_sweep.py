@@ -213,3 +213,18 @@ def test_sweep_points_run_as_ray_tasks(tmp_path):
     assert bits == {"error.codec=fp32": 16 * 32, "error.codec=sign": (16 * 32 // 8 + 4) * 8 / 32}
     import ray
     assert not ray.is_initialized()  # the sweep shut down the Ray it started
+
+
+def test_ray_tasks_get_absolute_run_directories(tmp_path, monkeypatch):
+    """A task runs in its worker's directory, which on another node is not this
+    command's: a sweep given a relative --out hands each point an absolute one."""
+    from localnet.runtime import session
+
+    seen = []
+    monkeypatch.setattr(session, "run_tasks", lambda fn, jobs, runtime, log, failed: {
+        name: seen.append(args[1]) or ({}, "ok") for name, args, _ in jobs})
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n")
+    sweep(cfg, ["train.lr=0.1,0.2"], [], "s", log=lambda m: None, use_ray=True)
+    assert seen == [tmp_path / "s" / "train.lr-0.1", tmp_path / "s" / "train.lr-0.2"]
