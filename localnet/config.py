@@ -481,9 +481,12 @@ class Config(Section):
 
     @field_validator("name")
     @classmethod
-    def _one_folder(cls, v):
+    def _one_folder(cls, v, info):
         # the run directory is out_dir/<name>-<stamp>: a '/' or a leading '.' ('../x')
-        # put it somewhere else, where `localnet report out_dir` and sweeps never look
+        # put it somewhere else, where `localnet report out_dir` and sweeps never look.
+        # A run that has its directory (an earlier localnet's) still resumes.
+        if (info.context or {}).get("recorded"):
+            return v
         if v is not None and (not v.strip() or v.startswith(".") or any(c in v for c in "/\\\0")):
             raise PydanticCustomError("run_name", "a run's name is one folder name: not blank, "
                                       "no '/' or '\\', and not starting with '.'")
@@ -716,8 +719,8 @@ def _migrate_flat_plugins(data: dict) -> tuple[dict, list[str]]:
 def _config_from(data: dict, overrides: list[str] | None, recipes: bool = True) -> Config:
     overrides = list(overrides or [])
     data = apply_overrides(data, overrides)
-    if not recipes:
-        return _validate(data)
+    if not recipes:  # a run's own config.yaml: what made its directory is no longer asked
+        return _validate(data, {"recorded": True})
     try:
         recipe = apply_overrides(copy.deepcopy(data), _rule_recipe(data, overrides))
     except ConfigError:
@@ -734,9 +737,9 @@ def _config_from(data: dict, overrides: list[str] | None, recipes: bool = True) 
     return cfg
 
 
-def _validate(data: dict) -> Config:
+def _validate(data: dict, context: dict | None = None) -> Config:
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context=context)
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
 

@@ -121,7 +121,8 @@ def _recorded(ckpt: dict) -> dict:
     that an earlier localnet kept relative is resolved the same way on both sides, so
     it is no change of settings."""
     try:
-        return Config.model_validate(ckpt["config"]).model_dump(mode="json")
+        return Config.model_validate(ckpt["config"], context={"recorded": True}).model_dump(
+            mode="json")
     except ValidationError:  # an older schema's: compared as it is
         return ckpt["config"]
 

@@ -778,7 +778,8 @@ def test_a_path_an_earlier_localnet_kept_relative_is_no_change_of_settings(tmp_p
                                                                            monkeypatch):
     """Paths are kept absolute now; a run recorded with `data.root: data` (relative) reads
     as the same path on both sides of the comparison, not as a --set of another root:
-    its finished run stays finished, and nothing is refused or recorded as a change."""
+    its finished run stays finished, and nothing is refused or recorded as a change.
+    A name that a new run may no longer take (`old/style`) is its directory's already."""
     from localnet.cli import main
     from localnet.files import load_state, save_state
 
@@ -787,9 +788,10 @@ def test_a_path_an_earlier_localnet_kept_relative_is_no_change_of_settings(tmp_p
     summary = train(small("rule.name=fa", "train.epochs=1"), run, progress=False)
     ckpt = load_state(run / "checkpoint.pt")
     ckpt["config"]["data"]["root"] = "data"  # as an earlier localnet wrote it
+    ckpt["config"]["name"] = "old/style"
     save_state(ckpt, run / "checkpoint.pt")
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(
-        "root: null", "root: data"))
+        "root: null", "root: data").replace("name: null", "name: old/style"))
     assert main(["run", "--resume", str(run), "--no-progress"]) == 0
     assert f"finished at step {summary['steps']}" in capsys.readouterr().err
     more = train(load_run_config(run, ["train.epochs=2"])[0], run, resume=True, progress=False)
