@@ -25,11 +25,8 @@ class Terminated(KeyboardInterrupt):
     stops it, its last checkpoint kept and --resume named (Python would exit at once)."""
 
 
-_sigterm = SIGTERM_SEEN  # a SIGTERM came since the command began
-
-
 def _on_sigterm(signum, frame):
-    _sigterm.set()
+    SIGTERM_SEEN.set()
     raise Terminated("SIGTERM")
 
 
@@ -40,7 +37,7 @@ def sigterm_stops(cmd):
         if threading.current_thread() is not threading.main_thread():
             return cmd(args)  # only the main thread may set a handler
         before = signal.signal(signal.SIGTERM, _on_sigterm)
-        _sigterm.clear()
+        SIGTERM_SEEN.clear()
         try:
             return cmd(args)
         finally:
@@ -52,7 +49,7 @@ def stopped_by(exc: KeyboardInterrupt) -> tuple[str, int]:
     """What stopped a command, in words, and its exit status (128 + the signal).  A
     handler that raises inside `ray.get` has its exception replaced: Ray's check of the
     signals turns any into a bare KeyboardInterrupt, so the flag says it was SIGTERM."""
-    if isinstance(exc, Terminated) or _sigterm.is_set():
+    if isinstance(exc, Terminated) or SIGTERM_SEEN.is_set():
         return "terminated (SIGTERM)", 143
     return "interrupted", 130
 
