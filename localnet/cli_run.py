@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from .config import ConfigError, load_config, load_run_config
 from .errors import DivergedError
-from .files import RunInUseError
+from .files import RunInUseError, first_few
 from .watchdog import SIGTERM_SEEN, Watchdog
 
 
@@ -156,9 +156,8 @@ def _refuse_a_run_in(out: Path) -> None:
     # remove; what a run that stopped before its first step left is no one else's
     others = sorted(f.name for f in out.iterdir() if not _unstarted(f)) if out.is_dir() else []
     if others:
-        shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
-        raise ConfigError(f"--out {out} holds other files ({shown}): a run goes into a new or "
-                          f"empty directory; give another --out")
+        raise ConfigError(f"--out {out} holds other files ({first_few(others)}): a run goes "
+                          f"into a new or empty directory; give another --out")
 
 
 def _missing(path: Path) -> list[Path]:

@@ -38,6 +38,11 @@ class RunInUseError(RuntimeError):
 LOCK = "run.lock"
 
 
+def first_few(names: list[str], n: int = 4) -> str:
+    """The first n of names, then how many more: a line a terminal holds."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 @contextmanager
 def run_lock(run_dir, what: str = "run", then: str | None = None):
     """Hold `run_dir` for this process's run (or sweep).  Two runs in one directory (a

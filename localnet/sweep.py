@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .files import run_lock
+from .files import LOCK, first_few, run_lock
 
 COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
            "point"]
@@ -168,6 +168,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     if out is None:
         out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
+    _refuse_others_in(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -180,6 +181,25 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     with run_lock(out, "sweep", "run this command again: it goes on with the points that "
                                 "did not finish"):
         return _sweep(pts, cfgs, out, log, jobs, use_ray)
+
+
+_TABLES = ("sweep.csv", "sweep.md", "sweep.png", LOCK)
+
+
+def _refuse_others_in(out: Path) -> None:
+    """A sweep writes its tables over any `sweep.csv` there and its points' runs beside
+    whatever else is there (`--out .`, a data folder), so it goes into a new or empty
+    directory, or one a sweep made: its tables, and points' runs (each holding the
+    config.yaml its run wrote first, or nothing yet)."""
+    if not out.is_dir():
+        return
+    others = sorted(f.name for f in out.iterdir() if f.name not in _TABLES and
+                    not (f.is_dir() and ((f / "config.yaml").is_file() or
+                                         not any(f.iterdir()))))
+    if others:
+        raise ConfigError(f"sweep: --out {out} holds other files ({first_few(others)}): a "
+                          f"sweep goes into a new or empty directory, or one a sweep made; "
+                          f"give another --out")
 
 
 def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool) -> dict:

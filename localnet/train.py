@@ -39,7 +39,7 @@ from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
 from .schedules import SCHEDULES
-from .files import load_state, lock_holder, run_lock, save_state, write_json, write_text
+from .files import first_few, load_state, lock_holder, run_lock, save_state, write_json, write_text
 from .metrics import RunObserver
 from .timeline import Timeline
 from .progress import StartupStatus, TrainProgress
@@ -377,9 +377,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                     f"trained again" if killed else ""))
     if resume and at.changed:
         changed = at.changed
-        bar.note("resumed with other settings: " + ", ".join(
-            f"{k} {a} -> {b}" for k, (a, b) in list(changed.items())[:4])
-            + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        bar.note("resumed with other settings: " + first_few(
+            [f"{k} {a} -> {b}" for k, (a, b) in changed.items()])
             + "; config.yaml now holds them, summary.json also what came before")
     if resume and at.recut:
         bar.note(f"resumed: the checkpoint's {recuts[-1]['from']} re-cut into this run's "

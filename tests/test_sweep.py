@@ -57,6 +57,15 @@ def test_a_sweep_with_nothing_to_sweep_two_ways_to_run_or_a_file_for_out_is_refu
         assert (f"localnet: sweep: --out {out}: a file is in the way"
                 in capsys.readouterr().err)
     assert cfg.read_text().startswith("data: {name: synthetic}")
+    # a directory of other files (`--out .`): its own sweep.csv would be written over,
+    # and the points' runs put among its files
+    (tmp_path / "sweep.csv").write_text("mine\n")
+    (tmp_path / "empty").mkdir()  # a point's directory before its run began holds nothing
+    assert main(["sweep", str(cfg), "--grid", "rule.name=fa", "--out", str(tmp_path)]) == 2
+    assert (f"localnet: sweep: --out {tmp_path} holds other files (c.yaml): a sweep goes into "
+            f"a new or empty directory, or one a sweep made" in capsys.readouterr().err)
+    assert (tmp_path / "sweep.csv").read_text() == "mine\n"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.yaml", "empty", "sweep.csv"]
 
 
 def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
