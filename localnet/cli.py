@@ -159,7 +159,9 @@ def _numbers(text: str, option: str, kind=float, n: int | None = None) -> list:
         vals = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         vals = []
-    if not vals or (n and len(vals) != n) or min(vals) < (kind is int):
+    # (nan passes a comparison with 0 either way; inf makes every timing inf)
+    if not vals or (n and len(vals) != n) or not all(kind is int or math.isfinite(v)
+                                                   for v in vals) or min(vals) < (kind is int):
         raise ConfigError(f"{option}: expected {n or 'one or more'} "
                           f"{'positive' if kind is int else 'non-negative'} "
                           f"{kind.__name__}s separated by commas, got {text!r}")
@@ -229,7 +231,9 @@ def _cmd_simulate(args) -> int:
           f"(gpipe with equal costs: {plan['gpipe_equal_cost_bubble']:.4f})")
     if plan["balance_hint"]:
         print(f"hint: {plan['balance_hint']}")
-    print(f"predicted samples/s: {plan['samples_per_s']:.1f}"
+    rate = plan["samples_per_s"]  # None where every cost is 0 (--fwd 0,... --bwd 0,...)
+    rate = "unbounded, a batch taking no time" if rate is None else f"{rate:.1f}"
+    print(f"predicted samples/s: {rate}"
           + (f" ({plan['cores']} core{'s' * (plan['cores'] != 1)}" if plan["cores"]
              else " (a core per actor")
           + (f", {plan['hop_cost_s'] * 1e3:.3f} ms CPU per hop + "

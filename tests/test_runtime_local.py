@@ -355,6 +355,10 @@ def test_cli_simulate(tmp_path, capsys):
                  "--hop-cost", "0.5"]) == 0
     out = capsys.readouterr().out  # one core: 3 x 4 x (1 + 2) + 16 hops x 0.5 s = 44 s
     assert "predicted samples/s: 0.4" in out and "(1 core, 500.000 ms CPU per hop" in out
+    # no cost at all: no batch time to divide by (it was a bug in localnet)
+    assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--fwd", "0,0,0", "--bwd", "0,0,0"]) == 0
+    assert "predicted samples/s: unbounded, a batch taking no time" in capsys.readouterr().out
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--repeats", "1"]) == 0
     assert "bubble fraction" in capsys.readouterr().out
@@ -369,6 +373,9 @@ def test_cli_simulate(tmp_path, capsys):
     capsys.readouterr()
     for bad, says in ((["--fwd", "1,1", "--bwd", "2,2"], "makes 3 actors, so give 3 costs each"),
                       (["--fwd", "1,x,1", "--bwd", "2,2,2"], "--fwd: expected one or more"),
+                      # nan passed the check that a cost is not negative: a bug in localnet
+                      (["--fwd", "1,nan,1", "--bwd", "2,2,2"], "--fwd: expected one or more"),
+                      (["--fwd", "1,1,1", "--bwd", "2,inf,2"], "--bwd: expected one or more"),
                       (["--input-shape", "8,8"], "--input-shape (C,H,W): expected 3 positive"),
                       # half the costs given: the plan would be neither the given nor the
                       # measured one (and was labelled measured)
