@@ -654,7 +654,9 @@ def _read_yaml(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        with path.open() as f:  # a stream, so YAML's error names the file and line
+        # a stream, so YAML's error names the file and line; of bytes, so it also names a
+        # byte that is no text (a binary file given by mistake) and reads UTF-16
+        with path.open("rb") as f:
             data = yaml.load(f, _UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None

@@ -310,6 +310,17 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
     assert load_config(p).train.lr == 0.5
 
 
+def test_a_config_that_is_not_text_is_named_and_utf16_is_read(tmp_path):
+    """A binary file given by mistake (a checkpoint, an image) was a bug in localnet: a
+    UnicodeDecodeError from the locale's decoder.  YAML itself names the byte."""
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"train: {lr: 0.5}\n\x80\x81 junk")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: .*#x0080"):
+        load_config(p)
+    p.write_text("train: {lr: 0.5}  # caf\u00e9\n", encoding="utf-16")  # an editor's choice
+    assert load_config(p).train.lr == 0.5
+
+
 def test_validate_estimates_the_actors_memory_and_refuses_what_this_machine_cannot_hold(
         capsys, monkeypatch):
     """The runtime's preflight, before anything starts: on the embedded Ray, actors that
