@@ -4,7 +4,8 @@
                    [--vary channel.error.delay=1,4 --vary channel.error.drop=0.1,0.5]
                    [--set KEY=VALUE ...] [--out DIR] [--jobs N | --ray]
 
-The points are the cartesian product of the --grid lists; each --vary list adds, for
+The points are the cartesian product of the --grid lists (a list or map in brackets is one
+value: --grid 'model.widths=[64],[64,64]'); each --vary list adds, for
 every product point, one point per value with only that key changed (so rules x codecs
 plus rules x delays plus rules x drops, not their product).  Each point is an ordinary run directory
 under the sweep directory, named after its settings.  A point whose run directory already
@@ -43,11 +44,30 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
         if "=" not in item:
             raise ConfigError(f"--grid expects key=v1,v2,..., got {item!r}")
         key, raw = item.split("=", 1)
-        values = [v.strip() for v in raw.split(",") if v.strip()]
+        values = [v.strip() for v in _top_level_split(raw) if v.strip()]
         if not key.strip() or not values:
             raise ConfigError(f"--grid {item!r}: needs a key and at least one value")
         grid.append((key.strip(), values))
     return grid
+
+
+def _top_level_split(raw: str) -> list[str]:
+    """Split at the commas outside brackets and quotes, so that a list or a map is one
+    value: 'model.widths=[16,16],[32]' sweeps two widths, not '[16' and '16]'."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(raw):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)  # an unbalanced one: YAML names it, value by value
+        elif ch == "," and depth == 0:
+            parts.append(raw[start:i])
+            start = i + 1
+    return parts + [raw[start:]]
 
 
 def points(grid: list[tuple[str, list[str]]],
@@ -114,6 +134,14 @@ def _each_key_once(grid, vary, sets: list[str]) -> None:
             if twice:
                 raise ConfigError(f"{flag} {key}: {', '.join(twice)} given twice; each value "
                                   f"is one point")
+            # values a directory name cannot tell apart ('[16, 16]' and '[16,16]') would
+            # run into one point's directory
+            named: dict[str, str] = {}
+            for v in values:
+                other = named.setdefault(point_name([(key, v)]), v)
+                if other != v:
+                    raise ConfigError(f"{flag} {key}: {other} and {v} would share one point's "
+                                      f"directory, {point_name([(key, v)])}; give one of them")
     for item in sets:
         key = item.split("=", 1)[0].strip()
         if key in seen:

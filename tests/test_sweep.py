@@ -22,6 +22,19 @@ def test_grid_points_and_names():
     assert point_name(pts[-1]) == "rule.name-kp__channel.error.codec-sign"
     with pytest.raises(ConfigError):
         parse_grid(["rule.name"])
+    # a list or a map is one value (its commas split it into '[64' and '64]' before)
+    assert parse_grid(["model.widths=[64],[64, 64]", "runtime.partition={stages: 2},'a,b'"]) == [
+        ("model.widths", ["[64]", "[64, 64]"]), ("runtime.partition", ["{stages: 2}", "'a,b'"])]
+
+
+def test_values_one_directory_name_cannot_tell_apart_are_refused(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n")
+    out = tmp_path / "sw"
+    assert main(["sweep", str(cfg), "--grid", "model.widths=[8,8],[8, 8]", "--out", str(out)]) == 2
+    assert ("localnet: --grid model.widths: [8,8] and [8, 8] would share one point's directory, "
+            "model.widths-_8_8_; give one of them") in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_a_sweep_with_nothing_to_sweep_two_ways_to_run_or_a_file_for_out_is_refused(tmp_path, capsys):
