@@ -6,8 +6,9 @@
 
 The points are the cartesian product of the --grid lists (a list or map in brackets is one
 value: --grid 'model.widths=[64],[64,64]'); each --vary list adds, for
-every product point, one point per value with only that key changed (so rules x codecs
-plus rules x delays plus rules x drops, not their product).  Each point is an ordinary run directory
+every product point, one point per value with only that key changed (so rules x codecs,
+plus each of those with each delay, plus each with each drop: not delays x drops).  A
+vary value that restates the config's own is its product point's run, named after it.  Each point is an ordinary run directory
 under the sweep directory, named after its settings.  A point whose run directory already
 holds a summary.json is not run again, and one holding only a checkpoint goes on from it,
 so rerunning the same command (same --out) resumes; a point's directory that ran another
@@ -72,13 +73,33 @@ def _top_level_split(raw: str) -> list[str]:
 
 def points(grid: list[tuple[str, list[str]]],
            vary: list[tuple[str, list[str]]] | None = None) -> list[list[tuple[str, str]]]:
-    """The cartesian product of the grid axes; with `vary` axes, each product point once
-    per value of each vary axis (one restriction at a time, the rest at the config's)."""
+    """The cartesian product of the grid axes; with `vary` axes, each product point, then
+    that point once per value of each vary axis (one restriction at a time, the rest at
+    the config's): the reference each restriction is read against comes with it."""
     keys = [k for k, _ in grid]
     base = [list(zip(keys, combo)) for combo in itertools.product(*(v for _, v in grid))]
-    if not vary:
-        return base
-    return [b + [(k, v)] for b in base for k, values in vary for v in values]
+    return [q for b in base for q in [b] + [b + [(k, v)] for k, values in vary or []
+                                            for v in values]]
+
+
+def _one_run_each(pts: list, cfgs: list) -> tuple[list, list]:
+    """Points whose configs are one and the same run once.  A vary value that restates the
+    config's own (`--vary channel.error.codec=fp32,int8` on an fp32 config) is its grid
+    point's run, kept under the name that says it; two points of equal standing (`--grid
+    channel.error.drop=0.5,.5`) are refused, as running one thing twice."""
+    from .config import dump_config
+
+    kept: dict[str, int] = {}  # config text -> the index of the point that runs it
+    for i, cfg in enumerate(cfgs):
+        j = kept.setdefault(dump_config(cfg), i)
+        if j != i:
+            if len(pts[j]) == len(pts[i]):
+                raise ConfigError(f"sweep: {point_name(pts[j])} and {point_name(pts[i])} are "
+                                  f"the same run (the same config); give one of them")
+            if len(pts[i]) > len(pts[j]):
+                kept[dump_config(cfg)] = i
+    order = sorted(kept.values())
+    return [pts[i] for i in order], [cfgs[i] for i in order]
 
 
 def _run_point(cfg, run_dir: Path) -> tuple[dict, str]:
@@ -193,6 +214,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     forced = [] if any(s.split("=", 1)[0].strip() == "channel.enabled" for s in sets) or \
         "channel.enabled" in keys else ["channel.enabled=true"]
     cfgs = [load_config(config, forced + sets + [f"{k}={v}" for k, v in p]) for p in pts]
+    pts, cfgs = _one_run_each(pts, cfgs)
     if out is None:
         out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)

@@ -27,6 +27,20 @@ def test_grid_points_and_names():
         ("model.widths", ["[64]", "[64, 64]"]), ("runtime.partition", ["{stages: 2}", "'a,b'"])]
 
 
+def test_points_that_are_one_run_are_refused_or_run_once(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n")
+    out = tmp_path / "sw"
+    assert main(["sweep", str(cfg), "--grid", "channel.error.drop=0.5,.5", "--out", str(out)]) == 2
+    assert ("localnet: sweep: channel.error.drop-0.5 and channel.error.drop-.5 are the same run "
+            "(the same config); give one of them") in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--grid", "rule.name=fa", "--vary", "channel.error.drop=0",
+                 "--vary", "channel.error.delay=0", "--out", str(out)]) == 2
+    assert "rule.name-fa__channel.error.drop-0 and rule.name-fa__channel.error.delay-0 are the " \
+           "same run" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_values_one_directory_name_cannot_tell_apart_are_refused(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n")
@@ -207,17 +221,25 @@ def test_a_stopped_sweep_names_the_command_that_goes_on(tmp_path, monkeypatch, c
 def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):
     grid, vary = parse_grid(["rule.name=fa,kp"]), parse_grid(["channel.error.codec=int8",
                                                               "channel.error.drop=0.5,1.0"])
-    pts = points(grid, vary)
-    assert len(pts) == 2 * 3 and pts[1] == [("rule.name", "fa"), ("channel.error.drop", "0.5")]
+    pts = points(grid, vary)  # each grid point, then it with each restriction in turn
+    assert pts[:4] == [[("rule.name", "fa")], [("rule.name", "fa"), ("channel.error.codec", "int8")],
+                       [("rule.name", "fa"), ("channel.error.drop", "0.5")],
+                       [("rule.name", "fa"), ("channel.error.drop", "1.0")]]
+    assert len(pts) == 2 * 4 and pts[4] == [("rule.name", "kp")]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
                    "train: {batch_size: 32, max_steps: 3, lr: 0.05, threads: 1}\n"
                    "metrics: {alignment_every: 0}\n")
+    # the reference each restriction is read against runs too (it did not: a sweep's
+    # table held only restricted points), once: the drop of 0 restates the config's
     res = sweep(cfg, ["rule.name=fa"], [], tmp_path / "s", log=lambda m: None,
-                vary_items=["channel.error.drop=0.5,1.0"], jobs=2)
-    assert sorted(res["ran"]) == ["rule.name-fa__channel.error.drop-0.5",
+                vary_items=["channel.error.drop=0,0.5,1.0"], jobs=2)
+    assert sorted(res["ran"]) == ["rule.name-fa__channel.error.drop-0",
+                                  "rule.name-fa__channel.error.drop-0.5",
                                   "rule.name-fa__channel.error.drop-1.0"]
-    dead = json.loads((tmp_path / "s" / res["ran"][1] / "summary.json").read_text())
+    assert [r["restriction"] for r in res["rows"]] == [
+        "error.drop=0", "error.drop=0.5", "error.drop=1.0"]
+    dead = json.loads((tmp_path / "s" / res["ran"][2] / "summary.json").read_text())
     err = dead["channels"]["error"]["head->fc1"]
     assert err["drop"] == 1.0 and err["delivered"] == 0 and err["dropped"] == err["messages"] == 3
 
