@@ -390,7 +390,8 @@ def parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     sw = sub.add_parser("sweep", help="one run per grid point (resumable), then sweep.csv, "
-                                      "sweep.md and sweep.png (accuracy vs error bits/sample)")
+                                      "sweep.md and sweep.png (accuracy vs error bits/sample, "
+                                      "and vs each swept key)")
     sw.add_argument("config", help="YAML config: every point's keys but the swept ones")
     sw.add_argument("--grid", action="append", default=[],
                     metavar="KEY=V1,V2,...", help="a swept key, e.g. channel.error.codec=fp32,"

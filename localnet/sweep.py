@@ -18,7 +18,7 @@ an unrestricted fp32 point reports its error bits per sample.
 
 Writes into the sweep directory: sweep.csv, sweep.md (rule, restriction, test accuracy,
 error bits per sample, wall time) and sweep.png (accuracy against error bits per sample,
-one line per rule, log x).
+a colour per rule, and against each swept key: localnet/sweep_plot.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .files import LOCK, first_few, run_lock
+from .sweep_plot import write_png
 
 COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
            "point"]
@@ -82,24 +83,27 @@ def points(grid: list[tuple[str, list[str]]],
                                             for v in values]]
 
 
-def _one_run_each(pts: list, cfgs: list) -> tuple[list, list]:
+def _one_run_each(pts: list, cfgs: list) -> tuple[list, list, dict]:
     """Points whose configs are one and the same run once.  A vary value that restates the
     config's own (`--vary channel.error.codec=fp32,int8` on an fp32 config) is its grid
     point's run, kept under the name that says it; two points of equal standing (`--grid
-    channel.error.drop=0.5,.5`) are refused, as running one thing twice."""
+    channel.error.drop=0.5,.5`) are refused, as running one thing twice.  Also returns
+    {kept point's name: the grid point it stands for}, for the plot's references."""
     from .config import dump_config
 
     kept: dict[str, int] = {}  # config text -> the index of the point that runs it
+    same = {}
     for i, cfg in enumerate(cfgs):
-        j = kept.setdefault(dump_config(cfg), i)
+        text = dump_config(cfg)
+        j = kept.setdefault(text, i)
         if j != i:
             if len(pts[j]) == len(pts[i]):
                 raise ConfigError(f"sweep: {point_name(pts[j])} and {point_name(pts[i])} are "
                                   f"the same run (the same config); give one of them")
             if len(pts[i]) > len(pts[j]):
-                kept[dump_config(cfg)] = i
+                kept[text], same[point_name(pts[i])] = i, pts[j]
     order = sorted(kept.values())
-    return [pts[i] for i in order], [cfgs[i] for i in order]
+    return [pts[i] for i in order], [cfgs[i] for i in order], same
 
 
 def _run_point(cfg, run_dir: Path) -> tuple[dict, str]:
@@ -214,7 +218,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     forced = [] if any(s.split("=", 1)[0].strip() == "channel.enabled" for s in sets) or \
         "channel.enabled" in keys else ["channel.enabled=true"]
     cfgs = [load_config(config, forced + sets + [f"{k}={v}" for k, v in p]) for p in pts]
-    pts, cfgs = _one_run_each(pts, cfgs)
+    pts, cfgs, same = _one_run_each(pts, cfgs)
     if out is None:
         out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
@@ -230,7 +234,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     # tables; the second is refused (each point's run holds its own directory as well)
     with run_lock(out, "sweep", "run this command again: it goes on with the points that "
                                 "did not finish"):
-        return _sweep(pts, cfgs, out, log, jobs, use_ray)
+        return _sweep(pts, cfgs, out, log, jobs, use_ray, same)
 
 
 _TABLES = ("sweep.csv", "sweep.md", "sweep.png", LOCK)
@@ -252,7 +256,7 @@ def _refuse_others_in(out: Path) -> None:
                           f"give another --out")
 
 
-def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool) -> dict:
+def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> dict:
     results: dict[str, tuple[dict, str]] = {}
     skipped, todo = [], []
     count = [0]  # points settled so far, for the [sweep k/N] lines
@@ -305,9 +309,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool) -> dict:
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name})
     files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md")]
-    png = write_png(rows, out / "sweep.png")
-    if png:
-        files.append(png)
+    files.append(write_png(rows, pts, out / "sweep.png", same))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
             "failed": failed, "skipped": skipped}
 
@@ -327,30 +329,4 @@ def write_md(rows: list[dict], path: Path) -> Path:
         lines.append(f"| {r['rule']} | {r['restriction']} | {r['test_accuracy']:.4f} | "
                      f"{r['error_bits_per_sample']:.1f} | {r['wall_s']:.1f} | {r['status']} |")
     path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_png(rows: list[dict], path: Path) -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "ok" and r["error_bits_per_sample"] > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for rule in dict.fromkeys(r["rule"] for r in ok):
-        pts = sorted((r["error_bits_per_sample"], r["test_accuracy"], r["restriction"])
-                     for r in ok if r["rule"] == rule)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=rule)
-        for x, y, label in pts:
-            ax.annotate(label, (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
-    ax.set_xscale("log")
-    ax.set_xlabel("error bits per sample (all edges)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("accuracy vs. error-path communication")
-    ax.grid(True, which="both", alpha=0.3)
-    if ok:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -27,7 +27,7 @@ def test_grid_points_and_names():
         ("model.widths", ["[64]", "[64, 64]"]), ("runtime.partition", ["{stages: 2}", "'a,b'"])]
 
 
-def test_points_that_are_one_run_are_refused_or_run_once(tmp_path, capsys):
+def test_points_that_are_one_run_or_share_a_directory_are_refused(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n")
     out = tmp_path / "sw"
@@ -38,13 +38,7 @@ def test_points_that_are_one_run_are_refused_or_run_once(tmp_path, capsys):
                  "--vary", "channel.error.delay=0", "--out", str(out)]) == 2
     assert "rule.name-fa__channel.error.drop-0 and rule.name-fa__channel.error.delay-0 are the " \
            "same run" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_values_one_directory_name_cannot_tell_apart_are_refused(tmp_path, capsys):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n")
-    out = tmp_path / "sw"
+    # values a directory name cannot tell apart
     assert main(["sweep", str(cfg), "--grid", "model.widths=[8,8],[8, 8]", "--out", str(out)]) == 2
     assert ("localnet: --grid model.widths: [8,8] and [8, 8] would share one point's directory, "
             "model.widths-_8_8_; give one of them") in capsys.readouterr().err
@@ -272,3 +266,24 @@ def test_ray_tasks_get_absolute_run_directories(tmp_path, monkeypatch):
     cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n")
     sweep(cfg, ["train.lr=0.1,0.2"], [], "s", log=lambda m: None, use_ray=True)
     assert seen == [tmp_path / "s" / "train.lr-0.1", tmp_path / "s" / "train.lr-0.2"]
+
+
+def test_the_plot_joins_points_that_differ_in_one_key_from_their_reference():
+    """sweep.png's per-key panels: a line joins one rule's points that differ in that key
+    alone, a --vary key's starting at the point without it, which a restated value
+    (codec=fp32 on an fp32 config) ran under its own name."""
+    from localnet.sweep_plot import panels
+    pts = points(parse_grid(["rule.name=fa,kp"]),
+                 parse_grid(["channel.error.codec=fp32,int8", "channel.error.drop=0.5"]))
+    pts = [p for p in pts if len(p) > 1]  # each grid point ran as its codec=fp32 point
+    same = {point_name(p): p[:1] for p in pts if p[1] == ("channel.error.codec", "fp32")}
+    acc = {"fa": [0.9, 0.8, 0.5], "kp": [0.7, 0.6, float("nan")]}  # kp's drop diverged
+    rows = [{"rule": p[0][1], "point": point_name(p), "test_accuracy": acc[p[0][1]][i % 3],
+             "status": "ok" if i != 5 else "diverged at step 3"} for i, p in enumerate(pts)]
+    codec, drop = panels(rows, pts, same)
+    assert (codec["key"], codec["values"]) == ("channel.error.codec", ["fp32", "int8"])
+    assert [(ln["rule"], ln["others"], ln["points"]) for ln in codec["lines"]] == [
+        ("fa", "", [(0, 0.9), (1, 0.8)]), ("kp", "", [(0, 0.7), (1, 0.6)])]
+    assert (drop["key"], drop["values"]) == ("channel.error.drop", ["none", "0.5"])
+    # kp's drop did not finish: its reference alone makes no line
+    assert [(ln["rule"], ln["points"]) for ln in drop["lines"]] == [("fa", [(0, 0.9), (1, 0.5)])]

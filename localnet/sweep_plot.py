@@ -1,0 +1,103 @@
+"""sweep.png: a sweep's accuracy against its error bits, and against each swept key.
+
+One label per point, on one log axis, made an unreadable heap wherever points share their
+bits (every codec's fp32 reference, every delay, every drop near it), and one line per rule
+through all its points, sorted by bits, joined restrictions that have nothing to do with
+each other.  So the first panel only scatters accuracy against error bits per sample (a
+colour per rule), and each swept key but the rule gets a panel of its own: its values along
+x in the order given, a line through the points that differ in that key alone.  A `--vary`
+key's line starts at its reference, the point without it ("none").
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
+           same: dict | None = None) -> list[dict]:
+    """For each swept key but rule.name: {"key", "values" (x categories), "lines"}, each
+    line {"rule", "others" (the other keys' settings, as text), "points": [(x index,
+    accuracy)]}.  rows[i] is the result of pts[i]; points that did not finish are left out.
+    same: {a point's name: the grid point it also stands for} (a `--vary` value that
+    restates the config's own ran once, under its own name): the other keys' reference."""
+    keys = list(dict.fromkeys(k for p in pts for k, _ in p if k != "rule.name"))
+    finished = [(p, r) for p, r in zip(pts, rows)
+                if r["status"] == "ok" and math.isfinite(r["test_accuracy"])]
+    out = []
+    for key in keys:
+        done = [(dict(p), r) for p, r in finished]
+        done += [(dict(same[r["point"]]), r) for p, r in finished
+                 if r["point"] in (same or {}) and key not in dict(p)]
+        values = list(dict.fromkeys(v for p in pts for k, v in p if k == key))
+        # a point without the key is the reference of the points that add it to its keys
+        has_reference = any(key not in s and any(key in t and _without(t, key) == s
+                                                 for t, _ in done) for s, _ in done)
+        categories = (["none"] if has_reference else []) + values
+        lines: dict[tuple, list] = {}
+        for s, r in done:
+            if key in s:
+                at, others = categories.index(s[key]), _without(s, key)
+            elif has_reference and any(key in t and _without(t, key) == s for t, _ in done):
+                at, others = 0, s
+            else:
+                continue
+            text = " ".join(f"{k.removeprefix('channel.')}={v}" for k, v in others.items()
+                            if k != "rule.name")
+            lines.setdefault((r["rule"], text), []).append((at, r["test_accuracy"]))
+        out.append({"key": key, "values": categories,
+                    "lines": [{"rule": rule, "others": others, "points": sorted(p)}
+                              for (rule, others), p in lines.items()]})
+    return out
+
+
+def _without(settings: dict, key: str) -> dict:
+    return {k: v for k, v in settings.items() if k != key}
+
+
+def write_png(rows: list[dict], pts: list[list[tuple[str, str]]], path: Path,
+              same: dict | None = None) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_key = panels(rows, pts, same)
+    n = 1 + len(per_key)
+    cols = min(n, 3)
+    rows_of_panels = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.2 * cols, 4.0 * rows_of_panels),
+                             squeeze=False)
+    rules = list(dict.fromkeys(r["rule"] for r in rows))
+    colour = {rule: f"C{i % 10}" for i, rule in enumerate(rules)}
+    ax = axes.flat[0]
+    for rule in rules:
+        mine = [r for r in rows if r["rule"] == rule and r["status"] == "ok"
+                and r["error_bits_per_sample"] > 0]
+        ax.scatter([r["error_bits_per_sample"] for r in mine],
+                   [r["test_accuracy"] for r in mine], color=colour[rule], label=rule, s=18)
+    ax.set_xscale("log")
+    ax.set(xlabel="error bits per sample (all edges)", ylabel="test accuracy",
+           title="accuracy vs. error-path communication")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    styles = ["-", "--", ":", "-."]
+    for ax, panel in zip(axes.flat[1:], per_key):
+        seen: dict[str, str] = {}  # the other keys' settings -> its line style
+        for line in panel["lines"]:
+            style = seen.setdefault(line["others"], styles[len(seen) % len(styles)])
+            xs, ys = zip(*line["points"])
+            ax.plot(xs, ys, style, marker="o", color=colour[line["rule"]], ms=4)
+        ax.set_xticks(range(len(panel["values"])), panel["values"], rotation=30, ha="right",
+                      fontsize=8)
+        ax.set(xlabel=panel["key"], ylabel="test accuracy", title=f"by {panel['key']}")
+        ax.grid(True, alpha=0.3)
+        if 1 < len(seen) <= len(styles):  # which line is which, beyond its rule's colour
+            ax.legend([plt.Line2D([], [], linestyle=s, color="grey") for s in seen.values()],
+                      [o or "none" for o in seen], fontsize=7)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
