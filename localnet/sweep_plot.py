@@ -58,19 +58,15 @@ def _without(settings: dict, key: str) -> dict:
 
 def write_png(rows: list[dict], pts: list[list[tuple[str, str]]], path: Path,
               same: dict | None = None) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from .report import _colors, _panels
 
     per_key = panels(rows, pts, same)
-    n = 1 + len(per_key)
-    cols = min(n, 3)
-    rows_of_panels = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.2 * cols, 4.0 * rows_of_panels),
-                             squeeze=False)
+    fig, axes = _panels(1 + len(per_key))
     rules = list(dict.fromkeys(r["rule"] for r in rows))
-    colour = {rule: f"C{i % 10}" for i, rule in enumerate(rules)}
-    ax = axes.flat[0]
+    colour = dict(zip(rules, _colors(len(rules))))
+    ax = axes[0]
     for rule in rules:
         mine = [r for r in rows if r["rule"] == rule and r["status"] == "ok"
                 and r["error_bits_per_sample"] > 0]
@@ -80,24 +76,20 @@ def write_png(rows: list[dict], pts: list[list[tuple[str, str]]], path: Path,
     ax.set(xlabel="error bits per sample (all edges)", ylabel="test accuracy",
            title="accuracy vs. error-path communication")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize="x-small")
     styles = ["-", "--", ":", "-."]
-    for ax, panel in zip(axes.flat[1:], per_key):
+    for ax, panel in zip(axes[1:], per_key):
         seen: dict[str, str] = {}  # the other keys' settings -> its line style
         for line in panel["lines"]:
             style = seen.setdefault(line["others"], styles[len(seen) % len(styles)])
             xs, ys = zip(*line["points"])
             ax.plot(xs, ys, style, marker="o", color=colour[line["rule"]], ms=4)
         ax.set_xticks(range(len(panel["values"])), panel["values"], rotation=30, ha="right",
-                      fontsize=8)
+                      fontsize="small")
         ax.set(xlabel=panel["key"], ylabel="test accuracy", title=f"by {panel['key']}")
         ax.grid(True, alpha=0.3)
         if 1 < len(seen) <= len(styles):  # which line is which, beyond its rule's colour
-            ax.legend([plt.Line2D([], [], linestyle=s, color="grey") for s in seen.values()],
-                      [o or "none" for o in seen], fontsize=7)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    fig.tight_layout()
+            ax.legend([Line2D([], [], linestyle=s, color="grey") for s in seen.values()],
+                      [o or "none" for o in seen], fontsize="xx-small")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
