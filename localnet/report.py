@@ -212,36 +212,60 @@ def _colors(n: int, cmap: str = "tab10"):
 
 
 def plot_curves(runs: list[Run], path: Path) -> Path:
-    fig = _figure(11, 4.2)
+    curves_figure(runs).savefig(path, dpi=110)
+    return path
+
+
+def curves_figure(runs: list[Run]):
+    """Loss and accuracy against steps: a colour per run, a line style per series, and one
+    legend beside both panels.  A sweep's directory brings dozens of runs: ten colours
+    repeated, a legend per panel covered them, and a diverged run's loss (1e16) flattened
+    every other run against the axis."""
+    from matplotlib.lines import Line2D
+
+    columns = math.ceil((len(runs) + 3) / 28)  # the legend's: a run each, and 3 styles
+    fig = _figure(8.5 + 3 * columns, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for run, c in zip(runs, _colors(len(runs))):
+    colours = _colors(len(runs), "tab10" if len(runs) <= 10 else "tab20" if len(runs) <= 20
+                      else "turbo")
+    firsts = []  # each run's first logged loss: what an untrained network scores
+    for run, c in zip(runs, colours):
         if run.steps:
             xs = [r["step"] for r in run.steps if "loss" in r]
-            ax_loss.plot(xs, [r["loss"] for r in run.steps if "loss" in r], color=c, lw=0.8,
-                         alpha=0.45, label=f"{run.label} train (batch)",
+            ys = [r["loss"] for r in run.steps if "loss" in r]
+            ax_loss.plot(xs, ys, color=c, lw=0.8, alpha=0.45,
                          marker="." if len(xs) < 3 else None)  # a lone point shows too
+            firsts += ys[:1]
         ep = [e for e in run.epochs if "step" in e]
         if ep:
             xs = [e["step"] for e in ep]
             # train and test differ in marker too: one epoch draws points, not lines
             for key, style, mk in (("train", "--", "s"), ("test", "-", "o")):
                 if any(f"{key}_loss" in e for e in ep):
-                    ax_loss.plot(xs, [e.get(f"{key}_loss", math.nan) for e in ep], style,
-                                 color=c, marker=mk, ms=3, label=f"{run.label} {key}")
+                    ys = [e.get(f"{key}_loss", math.nan) for e in ep]
+                    ax_loss.plot(xs, ys, style, color=c, marker=mk, ms=3)
+                    firsts += [y for y in ys[:1] if not run.steps]
                 if any(f"{key}_accuracy" in e for e in ep):
                     ax_acc.plot(xs, [e.get(f"{key}_accuracy", math.nan) for e in ep], style,
-                                color=c, marker=mk, ms=3, label=f"{run.label} {key}")
+                                color=c, marker=mk, ms=3)
     ax_loss.set(title="loss", xlabel="optimizer step", ylabel="cross-entropy")
-    if all(v > 0 for line in ax_loss.get_lines() for v in line.get_ydata() if not math.isnan(v)) \
-            and ax_loss.get_lines():
+    losses = [v for line in ax_loss.get_lines() for v in line.get_ydata() if math.isfinite(v)]
+    if losses and min(losses) > 0:
         ax_loss.set_yscale("log")
+    firsts = sorted(v for v in firsts if math.isfinite(v) and v > 0)
+    if firsts and max(losses) > 10 * firsts[len(firsts) // 2]:
+        # a run that diverged: its loss would set the scale for all
+        ax_loss.set_ylim(top=10 * firsts[len(firsts) // 2])
+        ax_loss.set_title("loss (a run diverged: cut at 10x the first)")
     ax_acc.set(title="accuracy", xlabel="optimizer step", ylabel="fraction correct")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize="x-small")
-    fig.savefig(path, dpi=110)
-    return path
+    handles = [Line2D([], [], color=c, lw=2, label=run.label) for run, c in zip(runs, colours)]
+    handles += [Line2D([], [], color="grey", lw=0.8, alpha=0.45, label="train (batch)"),
+                Line2D([], [], color="grey", ls="--", marker="s", ms=3, label="train (epoch)"),
+                Line2D([], [], color="grey", marker="o", ms=3, label="test")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="x-small", ncol=columns)
+    return fig
 
 
 def _panels(n: int):
@@ -262,7 +286,8 @@ def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str) -> Pat
     fig, axes = _panels(len(series))
     for ax, (run, s) in zip(axes, series):
         for (layer, pts), c in zip(s.items(), _colors(len(s), "viridis")):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.2, label=layer)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.2, label=layer,
+                    marker="." if len(pts) < 3 else None)  # a lone point shows too
         ax.set(title=f"{run.label} ({run.rule})", xlabel="optimizer step", ylabel=ylabel)
         top = max(p[1] for pts in s.values() for p in pts)
         ax.set_ylim(0, max(95.0, 1.05 * top))  # room above 90 degrees: where untrained

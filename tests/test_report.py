@@ -208,3 +208,28 @@ def test_actions_fill_is_the_share_of_the_cores_the_actions_kept_busy():
     assert actions_fill(tl, 1) == pytest.approx(5.5 / 4)  # more than one core's worth
     assert actions_fill(tl, 2) == pytest.approx(5.5 / 8)
     assert actions_fill({"spans": []}, 2) == 0.0
+
+
+def test_curves_of_many_runs_keep_them_apart_and_a_diverged_one_off_the_scale():
+    """A sweep's directory: 12 runs, one of which diverged.  Ten colours repeated, each
+    panel's legend listed every series over the curves, and the diverged run's loss set the
+    scale (1e16), pressing the others against the axis."""
+    from localnet.report import Run, curves_figure
+    runs = []
+    for i in range(12):
+        loss = [2.3, 1.0, 0.5] if i else [2.3, 40.0, 1e16]
+        runs.append(Run(Path(f"p{i}"), f"p{i}", epochs=[
+            {"step": 10 * (e + 1), "train_loss": v, "test_loss": v, "test_accuracy": 0.5}
+            for e, v in enumerate(loss)]))
+    fig = curves_figure(runs)
+    ax_loss, ax_acc = fig.axes
+    assert ax_loss.get_yscale() == "log" and ax_loss.get_ylim()[1] == pytest.approx(23.0)
+    assert "a run diverged" in ax_loss.get_title()
+    assert ax_loss.get_legend() is None and ax_acc.get_legend() is None
+    (legend,) = fig.legends  # one, beside both: a line per run, then the three styles
+    assert [t.get_text() for t in legend.get_texts()] == [f"p{i}" for i in range(12)] + [
+        "train (batch)", "train (epoch)", "test"]
+    colours = {tuple(h.get_color()) for h in legend.legend_handles[:12]}
+    assert len(colours) == 12
+    fig = curves_figure(runs[1:3])  # no run diverged: the scale is the data's
+    assert fig.axes[0].get_ylim()[1] < 3 and fig.axes[0].get_title() == "loss"
