@@ -5,14 +5,14 @@
                    [--set KEY=VALUE ...] [--out DIR] [--jobs N | --ray]
 
 The points are the cartesian product of the --grid lists (a list or map in brackets is one
-value: --grid 'model.widths=[64],[64,64]'); each --vary list adds, for
-every product point, one point per value with only that key changed (so rules x codecs,
-plus each of those with each delay, plus each with each drop: not delays x drops).  A
-vary value that restates the config's own is its product point's run, named after it.  Each point is an ordinary run directory
-under the sweep directory, named after its settings.  A point whose run directory already
-holds a summary.json is not run again, and one holding only a checkpoint goes on from it,
-so rerunning the same command (same --out) resumes; a point's directory that ran another
-config is an error naming the keys that differ.
+value: --grid 'model.widths=[64],[64,64]'); each --vary list adds, for every product point,
+one point per value with only that key changed (so rules x codecs, plus each of those with
+each delay, plus each with each drop: not delays x drops).  A vary value that restates the
+config's own is its product point's run, named after it.  Each point is an ordinary run
+directory under the sweep directory, named after its settings.  A point whose run
+directory already holds a summary.json is not run again, and one holding only a checkpoint
+goes on from it, so rerunning the same command (same --out) resumes; a point's directory
+that ran another config is an error naming the keys that differ.
 Every point runs with `channel.enabled=true` (unless --set/--grid says otherwise), so even
 an unrestricted fp32 point reports its error bits per sample.
 
