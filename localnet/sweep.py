@@ -237,7 +237,8 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
         return _sweep(pts, cfgs, out, log, jobs, use_ray, same)
 
 
-_TABLES = ("sweep.csv", "sweep.md", "sweep.png", LOCK)
+# and `report/`, where `localnet report SWEEP_DIR` puts its plots
+_TABLES = ("sweep.csv", "sweep.md", "sweep.png", LOCK, "report")
 
 
 def _refuse_others_in(out: Path) -> None:

@@ -113,7 +113,8 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert json.loads(summary.read_text())["channels"]["error"]["head->fc1"]["codec"] == "sign"
     stamp = summary.stat().st_mtime_ns
 
-    # a rerun (through the CLI) does not redo finished points
+    # a rerun (through the CLI) does not redo finished points, beside the report of them
+    assert main(["report", str(out)]) == 0 and (out / "report" / "curves.png").exists()
     assert main(["sweep", str(cfg), "--grid", grid[0], "--grid", grid[1], "--set", "seed=1",
                  "--out", str(out)]) == 0
     assert "ran 0, skipped 4 finished" in capsys.readouterr().out
