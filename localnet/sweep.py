@@ -249,6 +249,7 @@ def _refuse_others_in(out: Path) -> None:
     if not out.is_dir():
         return
     others = sorted(f.name for f in out.iterdir() if f.name not in _TABLES and
+                    not f.name.startswith(".") and  # NFS's .nfs* of files still open
                     not (f.is_dir() and ((f / "config.yaml").is_file() or
                                          not any(f.iterdir()))))
     if others:

@@ -82,11 +82,13 @@ def test_a_sweep_with_nothing_to_sweep_two_ways_to_run_or_a_file_for_out_is_refu
     # and the points' runs put among its files
     (tmp_path / "sweep.csv").write_text("mine\n")
     (tmp_path / "empty").mkdir()  # a point's directory before its run began holds nothing
+    (tmp_path / ".nfs0001").write_text("")  # a shared filesystem's, for a file still open
     assert main(["sweep", str(cfg), "--grid", "rule.name=fa", "--out", str(tmp_path)]) == 2
     assert (f"localnet: sweep: --out {tmp_path} holds other files (c.yaml): a sweep goes into "
             f"a new or empty directory, or one a sweep made" in capsys.readouterr().err)
     assert (tmp_path / "sweep.csv").read_text() == "mine\n"
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.yaml", "empty", "sweep.csv"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".nfs0001", "c.yaml", "empty",
+                                                          "sweep.csv"]
 
 
 def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
