@@ -677,8 +677,11 @@ def load_run_config(run_dir, overrides: list[str] | None = None) -> tuple[Config
     `pfa_mode` is PFA's `mode` now.  Any other bad key is the usual error."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"--resume: {run_dir} is not a run directory (no config.yaml)" if run_dir.is_dir()
+        sweep = (run_dir / "sweep.csv").is_file()  # its points are runs; the sweep goes on
+        raise FileNotFoundError(                   # with its own command
+            f"--resume: {run_dir} is not a run directory (no config.yaml)" + (
+                f"; it is a sweep's: run the sweep's command again with --out {run_dir}, or "
+                f"--resume one of its points" if sweep else "") if run_dir.is_dir()
             else f"--resume: no run directory {run_dir}")
     data = _read_yaml(run_dir / "config.yaml")
     # a run's config.yaml is already resolved: its per_rule recipe was applied, and then

@@ -589,6 +589,10 @@ def test_resume_of_what_is_not_a_run_says_so(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert f"--resume: {tmp_path} is not a run directory (no config.yaml)" in \
         capsys.readouterr().err
+    (tmp_path / "sweep.csv").write_text("rule\n")  # a sweep's directory
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert (f"no config.yaml); it is a sweep's: run the sweep's command again with --out "
+            f"{tmp_path}, or --resume one of its points") in capsys.readouterr().err
 
 
 def test_resume_with_a_config_or_an_out_that_it_would_ignore_is_refused(tmp_path, capsys):
