@@ -175,7 +175,9 @@ def _each_key_once(grid, vary, sets: list[str]) -> None:
 
 
 def point_name(point: list[tuple[str, str]]) -> str:
-    text = "__".join(f"{k}-{v}" for k, v in point)
+    # the point of no keys: the config as it is, the reference of a sweep of --vary alone
+    # (a name of "" would be the sweep's own directory)
+    text = "__".join(f"{k}-{v}" for k, v in point) or "reference"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 

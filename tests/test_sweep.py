@@ -237,6 +237,12 @@ def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):
     assert [r["restriction"] for r in res["rows"]] == [
         "error.drop=0", "error.drop=0.5", "error.drop=1.0"]
     dead = json.loads((tmp_path / "s" / res["ran"][2] / "summary.json").read_text())
+    # --vary alone: the reference is the config as it is, in a directory of its own (it
+    # was the sweep's own directory, where its run and the sweep's lock met)
+    res = sweep(cfg, [], [], tmp_path / "v", log=lambda m: None,
+                vary_items=["channel.error.drop=0.5"])
+    assert res["ran"] == ["reference", "channel.error.drop-0.5"] and not res["failed"]
+    assert (tmp_path / "v" / "reference" / "summary.json").is_file()
     err = dead["channels"]["error"]["head->fc1"]
     assert err["drop"] == 1.0 and err["delivered"] == 0 and err["dropped"] == err["messages"] == 3
 
