@@ -32,14 +32,14 @@ def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
                  if r["point"] in (same or {}) and key not in dict(p)]
         values = list(dict.fromkeys(v for p in pts for k, v in p if k == key))
         # a point without the key is the reference of the points that add it to its keys
-        has_reference = any(key not in s and any(key in t and _without(t, key) == s
-                                                 for t, _ in done) for s, _ in done)
-        categories = (["none"] if has_reference else []) + values
+        added_to = {frozenset(_without(t, key).items()) for t, _ in done if key in t}
+        refs = [key not in s and frozenset(s.items()) in added_to for s, _ in done]
+        categories = (["none"] if any(refs) else []) + values
         lines: dict[tuple, list] = {}
-        for s, r in done:
+        for (s, r), ref in zip(done, refs):
             if key in s:
                 at, others = categories.index(s[key]), _without(s, key)
-            elif has_reference and any(key in t and _without(t, key) == s for t, _ in done):
+            elif ref:
                 at, others = 0, s
             else:
                 continue
