@@ -38,17 +38,17 @@ COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wal
            "point"]
 
 
-def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+def parse_grid(items: list[str], flag: str = "--grid") -> list[tuple[str, list[str]]]:
     """['rule.name=fa,kp'] -> [('rule.name', ['fa', 'kp'])]; values stay text (YAML-parsed
     by the config loader like --set)."""
     grid = []
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--grid expects key=v1,v2,..., got {item!r}")
+            raise ConfigError(f"{flag} expects key=v1,v2,..., got {item!r}")
         key, raw = item.split("=", 1)
         values = [v.strip() for v in _top_level_split(raw) if v.strip()]
         if not key.strip() or not values:
-            raise ConfigError(f"--grid {item!r}: needs a key and at least one value")
+            raise ConfigError(f"{flag} {item!r}: needs a key and at least one value")
         grid.append((key.strip(), values))
     return grid
 
@@ -210,7 +210,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     at once as the cluster has CPUs for.  started(dir): called once the sweep directory
     is known (a stopped sweep goes on when rerun with --out it)."""
     sets = list(sets or [])
-    grid, vary = parse_grid(grid_items), parse_grid(vary_items or [])
+    grid, vary = parse_grid(grid_items), parse_grid(vary_items or [], "--vary")
     if not grid and not vary:  # (the product of no axes is one point: the config itself)
         raise ConfigError("sweep: nothing to sweep: give --grid and/or --vary (one run of "
                           "the config as it is: localnet run CONFIG)")

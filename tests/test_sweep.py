@@ -20,8 +20,10 @@ def test_grid_points_and_names():
     pts = points(grid)
     assert len(pts) == 6 and pts[0] == [("rule.name", "fa"), ("channel.error.codec", "fp32")]
     assert point_name(pts[-1]) == "rule.name-kp__channel.error.codec-sign"
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^--grid expects key=v1,v2,\.\.\., got 'rule.name'"):
         parse_grid(["rule.name"])
+    with pytest.raises(ConfigError, match=r"^--vary 'channel.error.drop=': needs a key"):
+        parse_grid(["channel.error.drop="], "--vary")  # named as given (it said --grid)
     # a list or a map is one value (its commas split it into '[64' and '64]' before)
     assert parse_grid(["model.widths=[64],[64, 64]", "runtime.partition={stages: 2},'a,b'"]) == [
         ("model.widths", ["[64]", "[64, 64]"]), ("runtime.partition", ["{stages: 2}", "'a,b'"])]
