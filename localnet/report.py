@@ -186,7 +186,12 @@ def _expand(path: Path) -> list[Path]:
 
 
 def load_runs(paths) -> list[Run]:
-    paths = [q for p in paths for q in _expand(Path(p))]
+    # a run named twice (`report runs/sweep/a runs/sweep`, a shell glob beside its folder)
+    # is one run: listed twice, its row and curves would read as two results
+    first: dict[Path, Path] = {}
+    for q in (q for p in paths for q in _expand(Path(p))):
+        first.setdefault(q.resolve(), q)
+    paths = list(first.values())
     labels = [p.resolve().name for p in paths]
     if len(set(labels)) < len(labels):  # same directory names: add the parent
         labels = [f"{p.resolve().parent.name}/{p.resolve().name}" for p in paths]

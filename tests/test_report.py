@@ -175,6 +175,12 @@ def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert sorted(r["run"] for r in rows) == sorted(p.name for p in runs.iterdir()
                                                     if p.name != "report")  # all three
+    # a run named beside the directory that holds it is one run (it was two rows, and
+    # two curves in one colour)
+    assert main(["report", str(runs / "fa"), str(runs), f"{runs}/./fa", "--json",
+                 "--out", str(tmp_path / "twice")]) == 0
+    again = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["run"] for r in again] == ["fa"] + sorted(r["run"] for r in rows if r["run"] != "fa")
     assert (runs / "report" / "curves.png").exists()
     (tmp_path / "torn").mkdir()
     (tmp_path / "torn" / "summary.json").write_text('{"rule": "fa",')
