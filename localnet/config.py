@@ -738,7 +738,7 @@ def _config_from(data: dict, overrides: list[str] | None, recipes: bool = True) 
     own = cfg.per_rule.get(cfg.rule.name)
     if own:
         now = cfg.model_dump(mode="python")
-        cfg.per_rule[cfg.rule.name] = {key: _at(now, key) for key in own}
+        cfg.per_rule[cfg.rule.name] = {key: value_at(now, key) for key in own}
     return cfg
 
 
@@ -753,7 +753,7 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="python"), sort_keys=False)
 
 
-def _at(data: dict, dotted: str):
+def value_at(data: dict, dotted: str):
     for part in dotted.split("."):
         data = data[part]
     return data

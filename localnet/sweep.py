@@ -30,7 +30,7 @@ import re
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, value_at
 from .files import LOCK, first_few, run_lock
 from .sweep_plot import write_png
 
@@ -303,6 +303,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
     diverged = [n for n, _ in todo if results[n][1].startswith("diverged")]
     failed = [n for n, _ in todo if n not in ran and n not in diverged]
     rows = []
+    swept = list(dict.fromkeys(k for p in pts for k, _ in p if k != "rule.name"))
     for p, cfg in zip(pts, cfgs):
         name = point_name(p)
         summary, status = results[name]
@@ -311,16 +312,35 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
                      "test_accuracy": summary.get("test_accuracy", float("nan")),
                      "error_bits_per_sample": ch.get("error_bits_per_sample", float("nan")),
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
-                     "point": name})
+                     "point": name, **_settings(p, cfg, swept)})
     files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md")]
     files.append(write_png(rows, pts, out / "sweep.png", same))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
             "failed": failed, "skipped": skipped}
 
 
+def _settings(point: list[tuple[str, str]], cfg, swept: list[str]) -> dict:
+    """Each swept key's value at this point, as given, or the config's where the point
+    leaves it (a --vary point's other keys): a column each in sweep.csv, so a table tool
+    can group and filter by them without parsing the restriction."""
+    given, data = dict(point), cfg.model_dump(mode="json")
+    out = {}
+    for key in swept:
+        if key in given:
+            out[key] = given[key]
+            continue
+        try:
+            value = value_at(data, key)
+        except (KeyError, TypeError):  # an option that this point's rule or codec lacks
+            value = ""
+        out[key] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+    with open(path, "w", newline="") as f:  # the swept keys' columns after the fixed ones
+        w = csv.DictWriter(f, fieldnames=COLUMNS + [k for k in (rows[0] if rows else {})
+                                                    if k not in COLUMNS])
         w.writeheader()
         w.writerows(rows)
     return path

@@ -238,12 +238,18 @@ def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):
                                   "rule.name-fa__channel.error.drop-1.0"]
     assert [r["restriction"] for r in res["rows"]] == [
         "error.drop=0", "error.drop=0.5", "error.drop=1.0"]
+    # a column per swept key, so a table tool can group by it
+    table = list(csv.DictReader(open(tmp_path / "s" / "sweep.csv")))
+    assert [r["channel.error.drop"] for r in table] == ["0", "0.5", "1.0"]
     dead = json.loads((tmp_path / "s" / res["ran"][2] / "summary.json").read_text())
     # --vary alone: the reference is the config as it is, in a directory of its own (it
     # was the sweep's own directory, where its run and the sweep's lock met)
     res = sweep(cfg, [], [], tmp_path / "v", log=lambda m: None,
-                vary_items=["channel.error.drop=0.5"])
-    assert res["ran"] == ["reference", "channel.error.drop-0.5"] and not res["failed"]
+                vary_items=["channel.error.drop=0.5", "channel.error.codec=int8"])
+    assert res["ran"] == ["reference", "channel.error.drop-0.5", "channel.error.codec-int8"]
+    table = list(csv.DictReader(open(tmp_path / "v" / "sweep.csv")))  # the config's values
+    assert [(r["channel.error.drop"], r["channel.error.codec"]) for r in table] == [
+        ("0.0", "fp32"), ("0.5", "fp32"), ("0.0", "int8")]
     assert (tmp_path / "v" / "reference" / "summary.json").is_file()
     err = dead["channels"]["error"]["head->fc1"]
     assert err["drop"] == 1.0 and err["delivered"] == 0 and err["dropped"] == err["messages"] == 3
