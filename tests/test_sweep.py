@@ -231,8 +231,11 @@ def test_vary_is_one_restriction_at_a_time_and_jobs_run_in_processes(tmp_path):
                    "metrics: {alignment_every: 0}\n")
     # the reference each restriction is read against runs too (it did not: a sweep's
     # table held only restricted points), once: the drop of 0 restates the config's
-    res = sweep(cfg, ["rule.name=fa"], [], tmp_path / "s", log=lambda m: None,
+    said = []
+    res = sweep(cfg, ["rule.name=fa"], [], tmp_path / "s", log=said.append,
                 vary_items=["channel.error.drop=0,0.5,1.0"], jobs=2)
+    # before the first point ends, a line says what runs (nothing did, for minutes)
+    assert said[0] == "[sweep] 3 points to run, 2 at a time"
     assert sorted(res["ran"]) == ["rule.name-fa__channel.error.drop-0",
                                   "rule.name-fa__channel.error.drop-0.5",
                                   "rule.name-fa__channel.error.drop-1.0"]
