@@ -56,7 +56,7 @@ def stopped_by(exc: KeyboardInterrupt) -> tuple[str, int]:
 
 @sigterm_stops
 def cmd_run(args) -> int:
-    from .train import new_run_dir, train  # torch import only when needed
+    from .train import new_run_dir, record_signal_stop, train  # torch only when needed
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -95,12 +95,19 @@ def cmd_run(args) -> int:
             f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
             "it had not trained yet, so nothing was kept"), file=sys.stderr, flush=True)
 
-    # a main thread stuck in a Ray call after the signal still gets the line said
-    with Watchdog(lambda signum: tell(Terminated("SIGTERM") if signum == signal.SIGTERM
-                                      else KeyboardInterrupt())) as dog:
+    # a main thread stuck in a Ray call after the signal still gets its stop recorded and
+    # the line said
+    position: dict = {}
+
+    def stuck(signum: int) -> None:
+        record_signal_stop(run_dir, signum, position)
+        tell(Terminated("SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt())
+
+    with Watchdog(stuck) as dog:
         try:
             summary = train(cfg, run_dir, resume=bool(args.resume),
-                            progress=not args.no_progress, on_interrupt=tell)
+                            progress=not args.no_progress, on_interrupt=tell,
+                            position=position)
         except BaseException as exc:
             if not args.resume and fresh and not isinstance(exc, RunInUseError):
                 _drop_if_unstarted(run_dir, made)  # (held: another run just made it)

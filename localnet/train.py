@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import platform
+import signal
 import time
 from pathlib import Path
 
@@ -195,9 +196,11 @@ def new_run_dir(cfg: Config, out: str | None) -> Path:
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-          on_interrupt=None) -> dict:
+          on_interrupt=None, position: dict | None = None) -> dict:
     """Train per `cfg`, writing into run_dir; returns the summary dict.  on_interrupt(exc)
-    is told of a Ctrl-C or SIGTERM once the stop is recorded, before the executor closes."""
+    is told of a Ctrl-C or SIGTERM once the stop is recorded, before the executor closes.
+    position: kept at {"step": the last step trained, "saved": the checkpoint's step}, for
+    record_signal_stop from another thread."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # read before taking the lock, which rewrites the file: a lock file whose holder is
@@ -205,11 +208,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     before = lock_holder(run_dir) if resume else None
     with run_lock(run_dir):  # before the checkpoint is read: another run may be writing it
         return _held(cfg, run_dir, resume, progress, on_interrupt,
-                     killed=before if before and before["alive"] is False else None)
+                     killed=before if before and before["alive"] is False else None,
+                     position={} if position is None else position)
 
 
 def _held(cfg: Config, run_dir: Path, resume: bool, progress: bool, on_interrupt,
-          killed: dict | None = None) -> dict:
+          killed: dict | None, position: dict) -> dict:
     ckpt = None
     if resume:  # read (and refuse) the checkpoint before anything in run_dir is written
         if not (run_dir / "checkpoint.pt").exists():
@@ -231,7 +235,7 @@ def _held(cfg: Config, run_dir: Path, resume: bool, progress: bool, on_interrupt
             # rewritten once its checkpoint has loaded.
             if not resume:
                 write_text(run_dir / "config.yaml", dump_config(cfg))
-            return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model, killed)
+            return _train(cfg, run_dir, ckpt, progress, data, rule, ex, model, killed, position)
         except KeyboardInterrupt as exc:
             # said first: after a SIGTERM to the whole process group, Ray's own processes are
             # going too, and closing the actors can take seconds or end this process
@@ -260,6 +264,17 @@ def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None
         # what stopped the run: record that, and stop as it says.
         _write_stop(run_dir, signalled, "interrupted", step, saved)
         raise
+
+
+def record_signal_stop(run_dir: Path, signum: int, position: dict) -> None:
+    """stopped.json for a run whose main thread has not recorded its stop `grace` seconds
+    after the signal (localnet/watchdog.py): stuck in a Ray call that waits for Ray's
+    processes, which the same signal to the process group ended.  The process may be
+    ended before that thread gets out, and the run's record would be missing."""
+    if (run_dir / STOPPED).exists() or "step" not in position:
+        return  # recorded already, or no step trained: nothing to record beside the line
+    _write_stop(run_dir, KeyboardInterrupt("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"),
+                "interrupted", position["step"], position.get("saved"))
 
 
 def _write_stop(run_dir: Path, exc: BaseException, how: str, step: int,
@@ -303,7 +318,7 @@ def _straight_on(cfg: Config, done: int, total: int, record: bool) -> bool:
 
 
 def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, rule, ex,
-           model, killed: dict | None = None) -> dict:
+           model, killed: dict | None, position: dict) -> dict:
     t = cfg.train
     resume = ckpt is not None
     ckpt_path = run_dir / "checkpoint.pt"
@@ -363,8 +378,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json"),
                  "recuts": recuts, "changes": changes}
         save_state(state, ckpt_path)
-        trail.saved = step
+        trail.saved = position["saved"] = step
     trail = _LossTrail(step if resume else None)
+    position.update(step=step, saved=trail.saved)  # from here on, a stop is recorded
     if obs.url:
         bar.note(f"metrics: {obs.url}")
     if resume:
@@ -439,6 +455,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                 st = finish(step + 1, epoch, obs.timed_step, ex.train_step, x, y, lr, wd,
                             upcoming)
                 step += 1
+                position["step"] = step
                 told = _tell_recoveries(bar, ex, told, obs)
                 if not math.isfinite(st.loss_sum):
                     raise trail.diverged(f"the loss is {st.loss_sum}", step, epoch, cfg, run_dir)

@@ -481,6 +481,25 @@ def test_sigterm_to_the_whole_process_group_stops_a_ray_run_with_its_line(tmp_pa
     assert (stopped["how"], stopped["message"]) == ("interrupted", "SIGTERM")
 
 
+def test_a_stop_the_main_thread_could_not_record_is_recorded_for_it(tmp_path):
+    """A SIGTERM to the process group can leave the main thread in a Ray call that waits
+    for Ray's ended processes; the watchdog then says the line and ends the process, and
+    the run's stopped.json was missing (a flaky CI failure of the test above)."""
+    import signal
+    from localnet.train import record_signal_stop
+    record_signal_stop(tmp_path, signal.SIGTERM, {})  # no step reached: only the line
+    assert not (tmp_path / "stopped.json").exists()
+    record_signal_stop(tmp_path, signal.SIGTERM, {"step": 7, "saved": 4})
+    rec = json.loads((tmp_path / "stopped.json").read_text())
+    assert (rec["how"], rec["message"], rec["after_step"], rec["checkpoint_step"]) == (
+        "interrupted", "SIGTERM", 7, 4)
+    record_signal_stop(tmp_path, signal.SIGINT, {"step": 9, "saved": 8})  # recorded already
+    assert json.loads((tmp_path / "stopped.json").read_text()) == rec
+    (tmp_path / "stopped.json").unlink()
+    record_signal_stop(tmp_path, signal.SIGINT, {"step": 9, "saved": None})
+    assert json.loads((tmp_path / "stopped.json").read_text())["message"] == "Ctrl-C"
+
+
 def test_cli_missing_dataset_message(tmp_path):
     res = subprocess.run([sys.executable, "-m", "localnet", "run", str(ROOT / "configs/mnist_mlp.yaml"),
                           "--set", f"data.root={tmp_path}", "--out", str(tmp_path / "r"), "--no-progress"],
