@@ -551,17 +551,18 @@ def _did_you_mean(loc: tuple) -> str:
         section = field.annotation if field is not None else None
         if not (isinstance(section, type) and issubclass(section, BaseModel)):
             return ""
-    near = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
-    if near:
-        return f" (did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?)"
-    # A key put in the wrong section (`runtime.micro_batches`) has no near name in its
-    # own section; the section that does hold it is what the user was looking for.
+    # A key put in the wrong section (`runtime.micro_batches`): the section that holds
+    # that very name is what the user was looking for, before a near name in its own
+    # (`data.batch_size` is train.batch_size, not data.image_size).
     if len(loc) == 2:
         home = [name for name, f in Config.model_fields.items()
                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
                 and str(loc[-1]) in f.annotation.model_fields]
         if home:
             return f" (did you mean {' or '.join(f'{h}.{loc[-1]}' for h in home)}?)"
+    near = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    if near:
+        return f" (did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?)"
     return ""
 
 
