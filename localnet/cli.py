@@ -18,6 +18,7 @@ from rich.table import Table
 from .cli_run import cmd_run, sigterm_stops, stopped_by
 from .config import ConfigError, dump_config, load_config
 from .data import DatasetError
+from .files import counted
 from .report import RunDirError
 
 
@@ -213,8 +214,8 @@ def _cmd_simulate(args) -> int:
     if args.json:
         print(json.dumps(plan))
         return 0
-    table = Table(title=f"{plan['schedule']}: {plan['stages']} stages x {plan['micro_batches']} "
-                        f"micro-batches ({plan['cost_source']} costs, ms per micro-batch)",
+    table = Table(title=f"{plan['schedule']}: {counted(plan['stages'], 'stage')} x "
+                        f"{counted(plan['micro_batches'], 'micro-batch')} ({plan['cost_source']} costs, ms per micro-batch)",
                   caption="stashed: the most micro-batches whose inputs a stage holds at once, "
                           "for their backward")
     for col in ("stage", "units", "fwd ms", "bwd ms", "busy ms", "stashed"):

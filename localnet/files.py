@@ -43,6 +43,11 @@ def first_few(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 micro-batch', '4 micro-batches': a count in a title or a line."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'h')) else 's'}"
+
+
 @contextmanager
 def run_lock(run_dir, what: str = "run", then: str | None = None):
     """Hold `run_dir` for this process's run (or sweep).  Two runs in one directory (a

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .files import lock_holder
+from .files import counted, lock_holder
 from .timing import busy_s
 
 
@@ -382,7 +382,7 @@ def plot_timeline(plan: dict, path: Path) -> Path:
     else:
         where = f"a core per actor; bubble {plan['bubble_fraction']:.0%}"
     _gantt(fig.subplots(), lines, plan.get("names") or [f"stage{i}" for i in range(S)],
-           f"{plan['schedule']}: {S} actors x {plan['micro_batches']} micro-batches"
+           f"{plan['schedule']}: {counted(S, 'actor')} x {counted(plan['micro_batches'], 'micro-batch')}"
            f"{f', {batches} batches streamed' if batches > 1 else ''}, {where}; "
            f"{plan['samples_per_s']:.0f} samples/s predicted")
     fig.savefig(path, dpi=110)
@@ -417,8 +417,8 @@ def plot_run_timelines(runs: list[Run], path: Path) -> Path | None:
         fill = f"; the actions fill {actions_fill(tl, cores):.0%} of {cores} cores" \
             if cores else ""
         _gantt(ax, [[a, op, mb, t0, t1] for a, op, _, mb, t0, t1 in tl["spans"]],
-               tl["actors"], f"{run.label}: {tl['schedule']}, {len(tl['actors'])} actors x "
-                             f"{tl['micro_batches']} micro-batches, {steps} as they ran{fill}")
+               tl["actors"], f"{run.label}: {tl['schedule']}, {counted(len(tl['actors']), 'actor')} x "
+                             f"{counted(tl['micro_batches'], 'micro-batch')}, {steps} as they ran{fill}")
     fig.savefig(path, dpi=110)
     return path
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from localnet.cli import main
-from localnet.files import (LOCK, CheckpointError, RunInUseError, atomic_write, load_state,
+from localnet.files import (LOCK, CheckpointError, counted, RunInUseError, atomic_write, load_state,
                             lock_holder, run_lock, save_state)
 from localnet.train import train
 
@@ -234,3 +234,9 @@ def test_a_full_disk_is_reported_by_the_write_that_failed(tmp_path, monkeypatch)
     monkeypatch.setattr(T, "write_json", also_full)
     with pytest.raises(UnwritableError, match=re.escape(f"cannot write {tmp_path / 'checkpoint.pt'}")):
         train(small("train.epochs=1"), tmp_path, progress=False)
+
+
+def test_counted_says_one_in_the_singular():
+    assert [counted(n, "micro-batch") for n in (0, 1, 4)] == \
+        ["0 micro-batches", "1 micro-batch", "4 micro-batches"]
+    assert [counted(n, "actor") for n in (1, 11)] == ["1 actor", "11 actors"]

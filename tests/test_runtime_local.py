@@ -348,6 +348,7 @@ def test_cli_simulate(tmp_path, capsys):
     assert "bubble fraction: 0.3333" in out and "predicted samples/s: 0.9" in out
     assert "no runtime overhead" in out
     assert "coordinator calls per batch: 1.5 (one per actor per 2 batches)" in out
+    assert "1f1b: 3 stages x 4 micro-batches" in " ".join(out.split())
     floor = RuntimeConfig().actor_baseline_mb
     assert "memory estimate:" in out and f"process floor {floor:.0f} MB each" in out
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
@@ -362,6 +363,11 @@ def test_cli_simulate(tmp_path, capsys):
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--repeats", "1"]) == 0
     assert "bubble fraction" in capsys.readouterr().out
+    p1 = tmp_path / "one.yaml"  # one micro-batch is named in the singular
+    p1.write_text(p.read_text().replace("micro_batches: 4", "micro_batches: 1"))
+    assert main(["simulate", str(p1), "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--fwd", "1,1,1", "--bwd", "2,2,2"]) == 0
+    assert "3 stages x 1 micro-batch (given costs" in " ".join(capsys.readouterr().out.split())
     png = tmp_path / "timeline.png"
     assert main(["simulate", str(p), "--input-shape", "1,8,8", "--num-classes", "10",
                  "--fwd", "1,1,1", "--bwd", "2,2,2", "--plot", str(png), "--json"]) == 0
