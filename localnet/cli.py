@@ -397,7 +397,9 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--grid", action="append", default=[],
                     metavar="KEY=V1,V2,...", help="a swept key, e.g. channel.error.codec=fp32,"
                                                    "int8,sign (repeatable: cartesian product; "
-                                                   "a list or map in brackets is one value)")
+                                                   "a list or map in brackets is one value; "
+                                                   "seed=0,1,2 makes replicates: their mean "
+                                                   "and sd)")
     sw.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="one restriction at a time: each value is one more point per grid "
                          "point, with only this key changed (repeatable)")

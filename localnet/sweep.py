@@ -18,7 +18,9 @@ an unrestricted fp32 point reports its error bits per sample.
 
 Writes into the sweep directory: sweep.csv, sweep.md (rule, restriction, test accuracy,
 error bits per sample, wall time) and sweep.png (accuracy against error bits per sample,
-a colour per rule, and against each swept key: localnet/sweep_plot.py).
+a colour per rule, and against each swept key: localnet/sweep_plot.py).  A swept `seed`
+(--grid seed=0,1,2) makes replicates: sweep.md first gives each point's mean and standard
+deviation over its seeds, and sweep.png draws them.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import re
+import statistics
 import time
 from pathlib import Path
 
 from .config import ConfigError, load_config, value_at
 from .files import LOCK, first_few, run_lock
-from .sweep_plot import write_png
+from .sweep_plot import SEED, write_png
 
 COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
            "point"]
@@ -221,6 +225,8 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
         "channel.enabled" in keys else ["channel.enabled=true"]
     cfgs = [load_config(config, forced + sets + [f"{k}={v}" for k, v in p]) for p in pts]
     pts, cfgs, same = _one_run_each(pts, cfgs)
+    if not use_ray:  # (a Ray task reads its data on its own node, which may have it)
+        _data_is_there(cfgs)
     if out is None:
         out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
@@ -237,6 +243,15 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     with run_lock(out, "sweep", "run this command again: it goes on with the points that "
                                 "did not finish"):
         return _sweep(pts, cfgs, out, log, jobs, use_ray, same)
+
+
+def _data_is_there(cfgs) -> None:
+    """A missing dataset is said once, before any point: each point would otherwise fail
+    on it in turn, with the same lines."""
+    from .data import find_data
+
+    for where in dict.fromkeys((c.data.name, c.data.root, c.data.download) for c in cfgs):
+        find_data(*where)
 
 
 # and `report/`, where `localnet report SWEEP_DIR` puts its plots
@@ -316,7 +331,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
                      "error_bits_per_sample": ch.get("error_bits_per_sample", float("nan")),
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name, **_settings(p, cfg, swept)})
-    files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md")]
+    files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md", pts)]
     files.append(write_png(rows, pts, out / "sweep.png", same))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
             "failed": failed, "skipped": skipped}
@@ -349,9 +364,43 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def write_md(rows: list[dict], path: Path) -> Path:
-    lines = ["| rule | restriction | test accuracy | error bits/sample | wall s | status |",
-             "|---|---|---:|---:|---:|---|"]
+def over_seeds(rows: list[dict], pts: list[list[tuple[str, str]]]) -> list[dict]:
+    """The runs of each point that differ in their seed alone, as one row: how many
+    finished of how many, and their test accuracy's mean and standard deviation (one
+    seed's noise can exceed the difference a restriction makes).  [] without a swept
+    seed."""
+    if not any(k == SEED for p in pts for k, _ in p):
+        return []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p, r in zip(pts, rows):
+        groups.setdefault((r["rule"], restriction([kv for kv in p if kv[0] != SEED])),
+                          []).append(r)
+    out = []
+    for (rule, restr), runs in groups.items():
+        ok = [r for r in runs if r["status"] == "ok" and math.isfinite(r["test_accuracy"])]
+        acc = [r["test_accuracy"] for r in ok]
+        out.append({"rule": rule, "restriction": restr, "seeds": f"{len(ok)}/{len(runs)}",
+                    "mean": statistics.fmean(acc) if acc else math.nan,
+                    "sd": statistics.stdev(acc) if len(acc) > 1 else math.nan,
+                    "bits": statistics.fmean([r["error_bits_per_sample"] for r in ok])
+                    if ok else math.nan,
+                    "wall_s": statistics.fmean([r["wall_s"] for r in ok]) if ok else math.nan})
+    return out
+
+
+def write_md(rows: list[dict], path: Path, pts: list | None = None) -> Path:
+    lines = []
+    seeds = over_seeds(rows, pts or [])
+    if seeds:
+        lines += ["Over seeds (runs that finished / runs; the mean test accuracy and its "
+                  "standard deviation):", "",
+                  "| rule | restriction | seeds | test accuracy | sd | error bits/sample | "
+                  "wall s |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {g['rule']} | {g['restriction']} | {g['seeds']} | {g['mean']:.4f} | "
+                  f"{g['sd']:.4f}".replace("nan", "—") + f" | {g['bits']:.1f} | {g['wall_s']:.1f} |" for g in seeds]
+        lines += ["", "Each run:", ""]
+    lines += ["| rule | restriction | test accuracy | error bits/sample | wall s | status |",
+              "|---|---|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['rule']} | {r['restriction']} | {r['test_accuracy']:.4f} | "
                      f"{r['error_bits_per_sample']:.1f} | {r['wall_s']:.1f} | {r['status']} |")

@@ -6,13 +6,17 @@ through all its points, sorted by bits, joined restrictions that have nothing to
 each other.  So the first panel only scatters accuracy against error bits per sample (a
 colour per rule), and each swept key but the rule gets a panel of its own: its values along
 x in the order given, a line through the points that differ in that key alone.  A `--vary`
-key's line starts at its reference, the point without it ("none").
+key's line starts at its reference, the point without it ("none").  A swept `seed` gets no
+panel: each line is drawn through its seeds' mean, with their standard deviation as bars.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
+
+SEED = "seed"  # swept, its values are replicates of each point (localnet/sweep.py)
 
 
 def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
@@ -22,13 +26,15 @@ def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
     accuracy)]}.  rows[i] is the result of pts[i]; points that did not finish are left out.
     same: {a point's name: the grid point it also stands for} (a `--vary` value that
     restates the config's own ran once, under its own name): the other keys' reference."""
-    keys = list(dict.fromkeys(k for p in pts for k, _ in p if k != "rule.name"))
+    # a swept seed is no axis: its runs are replicates of one point, drawn as their mean
+    # and standard deviation
+    keys = list(dict.fromkeys(k for p in pts for k, _ in p if k not in ("rule.name", SEED)))
     finished = [(p, r) for p, r in zip(pts, rows)
                 if r["status"] == "ok" and math.isfinite(r["test_accuracy"])]
     out = []
     for key in keys:
-        done = [(dict(p), r) for p, r in finished]
-        done += [(dict(same[r["point"]]), r) for p, r in finished
+        done = [(_without(dict(p), SEED), r) for p, r in finished]
+        done += [(_without(dict(same[r["point"]]), SEED), r) for p, r in finished
                  if r["point"] in (same or {}) and key not in dict(p)]
         values = list(dict.fromkeys(v for p in pts for k, v in p if k == key))
         # a point without the key is the reference of the points that add it to its keys
@@ -47,9 +53,20 @@ def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
                             if k != "rule.name")
             lines.setdefault((r["rule"], text), []).append((at, r["test_accuracy"]))
         out.append({"key": key, "values": categories,
-                    "lines": [{"rule": rule, "others": others, "points": sorted(p)}
+                    "lines": [{"rule": rule, "others": others, **_mean_sd(p)}
                               for (rule, others), p in lines.items()]})
     return out
+
+
+def _mean_sd(points: list[tuple[int, float]]) -> dict:
+    """{"points": [(x, mean accuracy)], "sd": [standard deviation at each x]}: the seeds
+    of one setting (one run each, sd 0, without a swept seed)."""
+    at: dict[int, list[float]] = {}
+    for x, acc in points:
+        at.setdefault(x, []).append(acc)
+    xs = sorted(at)
+    return {"points": [(x, statistics.fmean(at[x])) for x in xs],
+            "sd": [statistics.stdev(at[x]) if len(at[x]) > 1 else 0.0 for x in xs]}
 
 
 def _without(settings: dict, key: str) -> dict:
@@ -67,26 +84,34 @@ def write_png(rows: list[dict], pts: list[list[tuple[str, str]]], path: Path,
     rules = list(dict.fromkeys(r["rule"] for r in rows))
     colour = dict(zip(rules, _colors(len(rules))))
     ax = axes[0]
+    drawn = 0
     for rule in rules:
         mine = [r for r in rows if r["rule"] == rule and r["status"] == "ok"
                 and r["error_bits_per_sample"] > 0]
         ax.scatter([r["error_bits_per_sample"] for r in mine],
                    [r["test_accuracy"] for r in mine], color=colour[rule], label=rule, s=18)
-    ax.set_xscale("log")
+        drawn += len(mine)
+    if drawn:  # (a log axis of no points is an error; the table says why none finished)
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no point finished", ha="center", transform=ax.transAxes)
     ax.set(xlabel="error bits per sample (all edges)", ylabel="test accuracy",
            title="accuracy vs. error-path communication")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="x-small")
     styles = ["-", "--", ":", "-."]
+    seeds = {v for p in pts for k, v in p if k == SEED}
     for ax, panel in zip(axes[1:], per_key):
         seen: dict[str, str] = {}  # the other keys' settings -> its line style
         for line in panel["lines"]:
             style = seen.setdefault(line["others"], styles[len(seen) % len(styles)])
             xs, ys = zip(*line["points"])
-            ax.plot(xs, ys, style, marker="o", color=colour[line["rule"]], ms=4)
+            ax.errorbar(xs, ys, yerr=line["sd"] if any(line["sd"]) else None, fmt=style,
+                        marker="o", color=colour[line["rule"]], ms=4, capsize=3)
         ax.set_xticks(range(len(panel["values"])), panel["values"], rotation=30, ha="right",
                       fontsize="small")
-        ax.set(xlabel=panel["key"], ylabel="test accuracy", title=f"by {panel['key']}")
+        ax.set(xlabel=panel["key"], ylabel="test accuracy", title=f"by {panel['key']}"
+               + (f" (mean, sd of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
         ax.grid(True, alpha=0.3)
         if 1 < len(seen) <= len(styles):  # which line is which, beyond its rule's colour
             ax.legend([Line2D([], [], linestyle=s, color="grey") for s in seen.values()],

@@ -307,3 +307,59 @@ def test_the_plot_joins_points_that_differ_in_one_key_from_their_reference():
     assert (drop["key"], drop["values"]) == ("channel.error.drop", ["none", "0.5"])
     # kp's drop did not finish: its reference alone makes no line
     assert [(ln["rule"], ln["points"]) for ln in drop["lines"]] == [("fa", [(0, 0.9), (1, 0.5)])]
+
+
+def test_seeds_are_replicates_summed_up_by_their_mean_and_deviation(tmp_path):
+    """--grid seed=...: each point's runs over the seeds are one row of sweep.md (mean and
+    sample standard deviation of the runs' own accuracies, and how many finished), and one
+    point per x in the plot's panels, not an axis of their own."""
+    import statistics
+
+    from localnet.sweep_plot import panels
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, max_steps: 3, lr: 0.05}\n"
+                   "metrics: {alignment_every: 0}\n")
+    out = tmp_path / "sweep"
+    res = sweep(cfg, ["rule.name=fa", "seed=0,1,2"], [], out, log=lambda m: None,
+                vary_items=["channel.error.codec=sign"])
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert len(rows) == 6 and {r["seed"] for r in rows} == {"0", "1", "2"}
+    acc = {}
+    for r in rows:
+        acc.setdefault(r["restriction"].replace(f"seed={r['seed']}", "").strip() or "none",
+                       []).append(float(r["test_accuracy"]))
+    assert len(set(acc["none"])) > 1  # the seeds did differ
+    md = (out / "sweep.md").read_text()
+    assert md.startswith("Over seeds")
+    for restr, a in acc.items():
+        assert (f"| fa | {restr} | 3/3 | {statistics.mean(a):.4f} | {statistics.stdev(a):.4f} |"
+                in md)
+    assert md.count("| fa |") == 2 + 6  # the per-run table follows
+    (codec,) = panels(res["rows"], points(parse_grid(["rule.name=fa", "seed=0,1,2"]),
+                                          parse_grid(["channel.error.codec=sign"])))
+    assert codec["values"] == ["none", "sign"]
+    (line,) = codec["lines"]
+    assert line["points"] == [(0, pytest.approx(statistics.mean(acc["none"]))),
+                              (1, pytest.approx(statistics.mean(acc["error.codec=sign"])))]
+    assert line["sd"] == [pytest.approx(statistics.stdev(acc["none"])),
+                          pytest.approx(statistics.stdev(acc["error.codec=sign"]))]
+
+
+def test_a_missing_dataset_is_said_once_before_any_point(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{name: mnist, root: {tmp_path / 'nowhere'}}}\n"
+                   "model: {name: mlp, widths: [16]}\n")
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(cfg), "--grid", "rule.name=fa,kp", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("dataset 'mnist' not found") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_plot_of_a_sweep_where_no_point_finished_is_drawn(tmp_path):
+    from localnet.sweep_plot import write_png
+    pts = points(parse_grid(["rule.name=fa,kp"]))  # two rules, no point: a log axis failed
+    rows = [{"rule": p[0][1], "point": point_name(p), "status": "failed: X",
+             "test_accuracy": float("nan"), "error_bits_per_sample": float("nan")} for p in pts]
+    assert write_png(rows, pts, tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
