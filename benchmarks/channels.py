@@ -3,6 +3,7 @@
     python benchmarks/channels.py --setting mnist            # mlp 784-512-512-10, 1 epoch
     python benchmarks/channels.py --setting cifar10 --epochs 3 --subset 5000 --test-subset 1000
     python benchmarks/channels.py --setting mnist --jobs 2   # two points at once
+    python benchmarks/channels.py --setting mnist --jobs 2 --seeds 3  # each point 3 times
 
 One `localnet sweep` per setting (resumable: rerun the same command to finish it):
 rules bp, fa, kp, pfa, usf, dfa (--rules) x {every error codec, delay 1 and 4, drop 0.1
@@ -49,6 +50,8 @@ def main(argv=None) -> dict:
     p.add_argument("--subset", type=int, default=None, help="training images (default: all)")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per point, seeds 0..N-1; the int8 check compares their means")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     command = "python benchmarks/channels.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -58,14 +61,24 @@ def main(argv=None) -> dict:
         sets.append(f"data.subset={args.subset}")
     if args.test_subset:
         sets.append(f"data.test_subset={args.test_subset}")
-    out = HERE / "runs" / f"channels-{args.setting}"
+    grid = [f"rule.name={args.rules}"]
+    if args.seeds > 1:  # (a sweep of its own: its points' names carry their seed)
+        grid.append(f"seed={','.join(map(str, range(args.seeds)))}")
+    out = HERE / "runs" / (f"channels-{args.setting}"
+                           + (f"-{args.seeds}seeds" if args.seeds > 1 else ""))
     t0 = time.perf_counter()
-    res = sweep(ROOT / CONFIGS[args.setting], [f"rule.name={args.rules}"], sets, out,
+    res = sweep(ROOT / CONFIGS[args.setting], grid, sets, out,
                 log=lambda m: print(m, flush=True), jobs=args.jobs,
                 vary_items=[f"channel.error.codec={CODECS}", "channel.error.delay=1,4",
                             "channel.error.drop=0.1,0.5"])
     rows = res["rows"]
-    by = {(r["rule"], r["restriction"]): r for r in rows}
+    if args.seeds > 1:  # every seed of a point finished, or the point has no mean to compare
+        by = {(g["rule"], g["restriction"]): {
+            "test_accuracy": g["mean"], "error_bits_per_sample": g["bits"],
+            "status": "ok" if g["seeds"] == f"{args.seeds}/{args.seeds}" else g["seeds"]}
+            for g in res["over_seeds"]}
+    else:
+        by = {(r["rule"], r["restriction"]): r for r in rows}
     checks = {}
     for rule in args.rules.split(","):
         a, b = by.get((rule, "error.codec=fp32")), by.get((rule, "error.codec=int8"))
@@ -79,8 +92,8 @@ def main(argv=None) -> dict:
               "targets": {"int8_max_loss_points": 0.5, "int8_max_bytes_ratio": 0.26},
               "points": len(rows), "failed": [r["point"] for r in rows if r["status"] != "ok"],
               "ran": len(res["ran"]), "wall_s": round(time.perf_counter() - t0, 1),
-              "command": command, "sets": sets}
-    png = HERE / f"channels_{args.setting}.png"
+              "command": command, "sets": sets, "seeds": args.seeds}
+    png = HERE / f"channels_{out.name.removeprefix('channels-').replace('-', '_')}.png"
     if (out / "sweep.png").exists():
         shutil.copy(out / "sweep.png", png)
     if not args.no_write:
@@ -89,12 +102,16 @@ def main(argv=None) -> dict:
 
 
 def write_results(r: dict, table: str, png: str) -> None:
-    tag = f"channels:{r['setting']}"
+    seeds = r["seeds"]
+    tag = f"channels:{r['setting']}" + (f"-{seeds}seeds" if seeds > 1 else "")
     c = r["int8_vs_fp32"]
-    lines = [f"### Restricted error channels: {r['setting']}, accuracy vs error bits per sample",
+    lines = [f"### Restricted error channels: {r['setting']}, accuracy vs error bits per sample"
+             + (f", {seeds} seeds" if seeds > 1 else ""),
              "",
              f"Hardware: {hardware_cpu()}.  Commit `{commit()}`.  Command: `{r['command'].strip()}` "
-             f"(settings: {', '.join(r['sets'])}; one seed; activations fp32; one restriction "
+             f"(settings: {', '.join(r['sets'])}; "
+             f"{f'seeds 0-{seeds - 1}, compared by their means' if seeds > 1 else 'one seed'}; "
+             f"activations fp32; one restriction "
              f"at a time on every error edge).  Plot: `benchmarks/{png}`.",
              "", table.strip(), "",
              "int8 against fp32 errors, per rule (accuracy points lost, error-byte ratio): "
@@ -102,7 +119,7 @@ def write_results(r: dict, table: str, png: str) -> None:
                          for k, v in c.items()) + ".",
              f"Largest loss {r['int8_max_loss_points']} points (target <= 0.5), largest byte "
              f"ratio {r['int8_max_bytes_ratio']} (target <= 0.26).  Negative loss means int8 "
-             f"did better (noise of one seed).",
+             f"did better" + (" (noise of one seed)." if seeds == 1 else "."),
              ]
     write_section(tag, lines)
 

@@ -207,7 +207,8 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
           out: str | Path | None = None, log=print, vary_items: list[str] | None = None,
           jobs: int = 1, use_ray: bool = False, started=None) -> dict:
     """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran" (the points run
-    to their end this time), "diverged", "failed", "skipped"}.
+    to their end this time), "diverged", "failed", "skipped", "over_seeds" (each point's
+    mean over a swept seed: `over_seeds`)}.
     jobs > 1: that many points at once, each in its own process (give each run
     `train.threads` so that jobs x threads fits the machine).  use_ray: every point a
     Ray task on the cluster (runtime.address / $RAY_ADDRESS, else a local Ray), as many
@@ -334,7 +335,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
     files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md", pts)]
     files.append(write_png(rows, pts, out / "sweep.png", same))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
-            "failed": failed, "skipped": skipped}
+            "failed": failed, "skipped": skipped, "over_seeds": over_seeds(rows, pts)}
 
 
 def _settings(point: list[tuple[str, str]], cfg, swept: list[str]) -> dict:
