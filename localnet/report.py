@@ -14,7 +14,8 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
 
 and prints one row per run: rule, test accuracy, mean alignment angle, samples/s, the
 share of the machine's cores busy while it trained, and message bytes per training
-sample.  Reads metrics.jsonl, steps.jsonl, summary.json, messages.json, timeline.json
+sample (the Ray executor's messages; in-process, the encoded activations and errors of a
+run with `channel.enabled`).  Reads metrics.jsonl, steps.jsonl, summary.json, messages.json, timeline.json
 and config.yaml; a run still in progress (no summary.json yet) is read from its jsonl
 files.
 """
@@ -77,6 +78,9 @@ class Run:
         bps = None
         if self.messages and self.messages.get("bytes_per_sample") is not None:
             bps = float(self.messages["bytes_per_sample"])
+        elif s.get("channels"):  # in-process there is no wire: what the channels carried
+            ch = s["channels"]
+            bps = ch.get("activation_bytes_per_sample", 0) + ch.get("error_bytes_per_sample", 0)
         return {"run": self.label, "rule": self.rule,
                 "model": s.get("model") or (self.config.get("model") or {}).get("name"),
                 "dataset": s.get("dataset") or (self.config.get("data") or {}).get("name"),

@@ -239,3 +239,16 @@ def test_curves_of_many_runs_keep_them_apart_and_a_diverged_one_off_the_scale():
     assert len(colours) == 12
     fig = curves_figure(runs[1:3])  # no run diverged: the scale is the data's
     assert fig.axes[0].get_ylim()[1] < 3 and fig.axes[0].get_title() == "loss"
+
+
+def test_an_in_process_run_with_channels_reports_the_bytes_they_carried(tmp_path):
+    """No messages.json in-process: bytes per sample are the channels' encoded payloads.
+    mlp 16 wide, batch 32, one boundary: activations fp32, 16 x 4 bytes a sample; errors
+    int8, 16 bytes a sample plus a 4-byte scale per message of 32 samples."""
+    cfg = load_config(None, ["data.name=synthetic", "model.name=mlp", "model.widths=[16]",
+                             "train.batch_size=32", "train.max_steps=3", "rule.name=fa",
+                             "metrics.alignment_every=0", "channel.enabled=true",
+                             "channel.error.codec=int8"])
+    train(cfg, tmp_path / "run", progress=False)
+    (row,) = report([tmp_path / "run"], tmp_path / "out")["rows"]
+    assert row["bytes_per_sample"] == pytest.approx(16 * 4 + 16 + 4 / 32)
