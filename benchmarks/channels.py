@@ -97,7 +97,10 @@ def main(argv=None) -> dict:
     if (out / "sweep.png").exists():
         shutil.copy(out / "sweep.png", png)
     if not args.no_write:
-        write_results(result, (out / "sweep.md").read_text(), png.name)
+        table = (out / "sweep.md").read_text()
+        # with seeds, their means: each run's row (3 times as many) stays in sweep.md
+        write_results(result, table.split("\nEach run:")[0] if args.seeds > 1 else table,
+                      png.name)
     return result
 
 

@@ -7,7 +7,8 @@ each other.  So the first panel only scatters accuracy against error bits per sa
 colour per rule), and each swept key but the rule gets a panel of its own: its values along
 x in the order given, a line through the points that differ in that key alone.  A `--vary`
 key's line starts at its reference, the point without it ("none").  A swept `seed` gets no
-panel: each line is drawn through its seeds' mean, with their standard deviation as bars.
+panel: each line is drawn through its seeds' mean, with their standard deviation as bars,
+and a hollow marker where some of its seeds did not finish (the mean is of the others).
 """
 
 from __future__ import annotations
@@ -29,20 +30,22 @@ def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
     # a swept seed is no axis: its runs are replicates of one point, drawn as their mean
     # and standard deviation
     keys = list(dict.fromkeys(k for p in pts for k, _ in p if k not in ("rule.name", SEED)))
-    finished = [(p, r) for p, r in zip(pts, rows)
-                if r["status"] == "ok" and math.isfinite(r["test_accuracy"])]
+    ran = [(p, r, r["status"] == "ok" and math.isfinite(r["test_accuracy"]))
+           for p, r in zip(pts, rows)]
     out = []
     for key in keys:
-        done = [(_without(dict(p), SEED), r) for p, r in finished]
-        done += [(_without(dict(same[r["point"]]), SEED), r) for p, r in finished
-                 if r["point"] in (same or {}) and key not in dict(p)]
+        every = [(_without(dict(p), SEED), r, ok) for p, r, ok in ran]
+        every += [(_without(dict(same[r["point"]]), SEED), r, ok) for p, r, ok in ran
+                  if r["point"] in (same or {}) and key not in dict(p)]
         values = list(dict.fromkeys(v for p in pts for k, v in p if k == key))
         # a point without the key is the reference of the points that add it to its keys
-        added_to = {frozenset(_without(t, key).items()) for t, _ in done if key in t}
-        refs = [key not in s and frozenset(s.items()) in added_to for s, _ in done]
-        categories = (["none"] if any(refs) else []) + values
+        added_to = {frozenset(_without(t, key).items()) for t, _, ok in every if key in t and ok}
+        refs = [key not in s and frozenset(s.items()) in added_to for s, _, _ in every]
+        categories = (["none"] if any(r for r, (*_, ok) in zip(refs, every) if ok) else []) \
+            + values
         lines: dict[tuple, list] = {}
-        for (s, r), ref in zip(done, refs):
+        runs: dict[tuple, int] = {}  # (line, x) -> its runs, finished or not (its seeds)
+        for (s, r, ok), ref in zip(every, refs):
             if key in s:
                 at, others = categories.index(s[key]), _without(s, key)
             elif ref:
@@ -51,9 +54,14 @@ def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
                 continue
             text = " ".join(f"{k.removeprefix('channel.')}={v}" for k, v in others.items()
                             if k != "rule.name")
-            lines.setdefault((r["rule"], text), []).append((at, r["test_accuracy"]))
+            runs[(r["rule"], text, at)] = runs.get((r["rule"], text, at), 0) + 1
+            if ok:
+                lines.setdefault((r["rule"], text), []).append((at, r["test_accuracy"]))
         out.append({"key": key, "values": categories,
-                    "lines": [{"rule": rule, "others": others, **_mean_sd(p)}
+                    "lines": [{"rule": rule, "others": others, **_mean_sd(p),
+                               # a mean of the seeds that finished: not the others'
+                               "partial": sorted({x for x, _ in p if runs[(rule, others, x)]
+                                                  > sum(1 for y, _ in p if y == x)})}
                               for (rule, others), p in lines.items()]})
     return out
 
@@ -108,13 +116,23 @@ def write_png(rows: list[dict], pts: list[list[tuple[str, str]]], path: Path,
             xs, ys = zip(*line["points"])
             ax.errorbar(xs, ys, yerr=line["sd"] if any(line["sd"]) else None, fmt=style,
                         marker="o", color=colour[line["rule"]], ms=4, capsize=3)
+            part = [(x, y) for x, y in line["points"] if x in line["partial"]]
+            if part:  # the mean of fewer seeds than ran (the others diverged or failed)
+                ax.plot(*zip(*part), "o", ms=7, mfc="white", mec=colour[line["rule"]],
+                        zorder=3)
         ax.set_xticks(range(len(panel["values"])), panel["values"], rotation=30, ha="right",
                       fontsize="small")
         ax.set(xlabel=panel["key"], ylabel="test accuracy", title=f"by {panel['key']}"
                + (f" (mean, sd of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
         ax.grid(True, alpha=0.3)
+        handles, labels = [], []
         if 1 < len(seen) <= len(styles):  # which line is which, beyond its rule's colour
-            ax.legend([Line2D([], [], linestyle=s, color="grey") for s in seen.values()],
-                      [o or "none" for o in seen], fontsize="xx-small")
+            handles += [Line2D([], [], linestyle=s, color="grey") for s in seen.values()]
+            labels += [o or "none" for o in seen]
+        if any(line["partial"] for line in panel["lines"]):
+            handles.append(Line2D([], [], ls="none", marker="o", mfc="white", mec="grey"))
+            labels.append("not every seed finished")
+        if handles:
+            ax.legend(handles, labels, fontsize="xx-small")
     fig.savefig(path, dpi=110)
     return path

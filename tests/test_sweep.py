@@ -363,3 +363,16 @@ def test_the_plot_of_a_sweep_where_no_point_finished_is_drawn(tmp_path):
     rows = [{"rule": p[0][1], "point": point_name(p), "status": "failed: X",
              "test_accuracy": float("nan"), "error_bits_per_sample": float("nan")} for p in pts]
     assert write_png(rows, pts, tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_mean_over_fewer_seeds_than_ran_is_marked():
+    from localnet.sweep_plot import panels
+    pts = points(parse_grid(["rule.name=fa", "seed=0,1"]), parse_grid(["channel.error.drop=0.5"]))
+    acc = {"seed-0": 0.9, "seed-1": 0.7, "seed-0__channel.error.drop-0.5": 0.6,
+           "seed-1__channel.error.drop-0.5": float("nan")}  # seed 1 diverged with drops
+    rows = [{"rule": "fa", "point": point_name(p), "status": "ok" if i != 3 else "diverged",
+             "test_accuracy": acc[point_name(p).removeprefix("rule.name-fa__")]}
+            for i, p in enumerate(pts)]
+    (drop,) = panels(rows, pts)
+    (line,) = drop["lines"]
+    assert line["points"] == [(0, pytest.approx(0.8)), (1, 0.6)] and line["partial"] == [1]
