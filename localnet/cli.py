@@ -271,12 +271,15 @@ def _cmd_report(args) -> int:
 
     res = report(args.run_dirs, args.out)
     if args.json:
-        print(json.dumps({"files": res["files"], "rows": res["rows"], "skipped": res["skipped"]}))
+        print(json.dumps({"files": res["files"], "rows": res["rows"], "skipped": res["skipped"],
+                          "notes": res["notes"]}))
         return 0
     console = Console()
     console.print(table(res["runs"]))
     for f in res["files"]:  # unwrapped: a path split over two lines cannot be copied
         console.print(f"wrote {f}", soft_wrap=True, markup=False)
+    for name, what in res["notes"].items():
+        console.print(f"[dim]{name}: {what}[/]")
     for name, why in res["skipped"].items():
         console.print(f"[dim]no {name}: {why}[/]")
     return 0

@@ -2,9 +2,10 @@
 side-by-side table.
 
 Writes into --out (default RUN_DIR/report for one run, ./report for several):
-  curves.png           loss and accuracy against optimizer steps (train and test)
+  curves.png           loss and accuracy against optimizer steps (train and test; a colour
+                       per run, or per rule beyond 20 runs)
   alignment.png        per-layer angle between W and the feedback, over steps (one panel
-                       per run)
+                       per run, for the first MAX_PANELS runs)
   bp_update_angle.png  per-layer angle between the rule's update and BP's gradient (only
                        for runs with metrics.bp_angle)
   messages.png         message bytes per edge, stacked by kind (only for runs with a
@@ -232,11 +233,17 @@ def curves_figure(runs: list[Run]):
     every other run against the axis."""
     from matplotlib.lines import Line2D
 
-    columns = math.ceil((len(runs) + 3) / 28)  # the legend's: a run each, and 3 styles
+    # beyond 20 runs (a sweep's directory) no colour or legend line a run tells them
+    # apart: a colour per rule, which is what a sweep compares
+    by_rule = len(runs) > 20
+    names = list(dict.fromkeys(run.rule for run in runs)) if by_rule else \
+        [run.label for run in runs]
+    columns = math.ceil((len(names) + 3) / 28)  # the legend's: a name each, and 3 styles
     fig = _figure(8.5 + 3 * columns, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    colours = _colors(len(runs), "tab10" if len(runs) <= 10 else "tab20" if len(runs) <= 20
-                      else "turbo")
+    palette = dict(zip(names, _colors(len(names), "tab10" if len(names) <= 10 else "tab20"
+                                      if len(names) <= 20 else "turbo")))
+    colours = [palette[run.rule if by_rule else run.label] for run in runs]
     firsts = []  # each run's first logged loss: what an untrained network scores
     for run, c in zip(runs, colours):
         if run.steps:
@@ -269,7 +276,9 @@ def curves_figure(runs: list[Run]):
     ax_acc.set(title="accuracy", xlabel="optimizer step", ylabel="fraction correct")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=c, lw=2, label=run.label) for run, c in zip(runs, colours)]
+    counts = {n: sum(run.rule == n for run in runs) for n in names} if by_rule else {}
+    handles = [Line2D([], [], color=c, lw=2, label=f"{n} ({counts[n]} runs)" if by_rule else n)
+               for n, c in palette.items()]
     handles += [Line2D([], [], color="grey", lw=0.8, alpha=0.45, label="train (batch)"),
                 Line2D([], [], color="grey", ls="--", marker="s", ms=3, label="train (epoch)"),
                 Line2D([], [], color="grey", marker="o", ms=3, label="test")]
@@ -476,9 +485,12 @@ def table(runs: list[Run]):
     return Group(t, *below) if below else t
 
 
+MAX_PANELS = 24  # runs drawn in a plot of a panel per run
+
+
 def report(paths, out: str | Path | None = None) -> dict:
     """Plots for the runs at `paths`; returns {"files": [...], "rows": [...],
-    "skipped": {plot: why}}."""
+    "skipped": {plot: why}, "notes": {plot: what it leaves out}}."""
     runs = load_runs(paths)
     if not runs:
         raise ValueError("report: give at least one run directory")
@@ -489,8 +501,19 @@ def report(paths, out: str | Path | None = None) -> dict:
     except (FileExistsError, NotADirectoryError):  # the plots go into a directory
         raise RunDirError(f"report: --out {out}: a file is in the way (it names the "
                           f"directory the plots go into)") from None
-    files, skipped = [plot_curves(runs, out / "curves.png")], {}
-    angles = lambda key, ylabel: lambda path: plot_layer_angles(runs, path, key, ylabel)  # noqa: E731
+    files, skipped, notes = [plot_curves(runs, out / "curves.png")], {}, {}
+
+    def angles(key: str, ylabel: str):
+        def draw(path: Path) -> Path | None:
+            # a panel each: a sweep's 198 runs drew a figure 23,000 pixels tall
+            having = [run for run in runs if run.alignment_series(key)]
+            if len(having) > MAX_PANELS:
+                notes[path.name] = (f"the first {MAX_PANELS} of the {len(having)} runs that "
+                                    f"have it, a panel each; name the runs to see others "
+                                    f"(localnet report DIR/RUN ...)")
+            return plot_layer_angles(having[:MAX_PANELS], path, key, ylabel)
+        return draw
+
     for name, draw, why in (
             ("alignment.png", angles("alignment", "angle(W, feedback) (deg)"),
              "no alignment recorded (metrics.alignment_every, or a rule without feedback "
@@ -510,4 +533,4 @@ def report(paths, out: str | Path | None = None) -> dict:
         else:
             skipped[name] = why
     return {"files": [str(f) for f in files], "rows": [r.row() for r in runs],
-            "skipped": skipped, "runs": runs}
+            "skipped": skipped, "notes": notes, "runs": runs}

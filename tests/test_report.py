@@ -14,7 +14,7 @@ from localnet.cli import main
 from localnet.config import load_config
 from localnet.files import run_lock
 from localnet.metrics import MessageLog
-from localnet.report import STATE_LEGEND, load_run, report
+from localnet.report import MAX_PANELS, STATE_LEGEND, load_run, report
 from localnet.ledger import Ledger
 from localnet.train import train
 
@@ -252,3 +252,39 @@ def test_an_in_process_run_with_channels_reports_the_bytes_they_carried(tmp_path
     train(cfg, tmp_path / "run", progress=False)
     (row,) = report([tmp_path / "run"], tmp_path / "out")["rows"]
     assert row["bytes_per_sample"] == pytest.approx(16 * 4 + 16 + 4 / 32)
+
+
+def test_curves_of_a_sweeps_many_runs_are_coloured_by_rule():
+    """Beyond 20 runs no colour tells a run apart, and a line each filled the legend (198
+    runs: a figure 3,500 pixels wide, the panels a strip): a colour per rule instead."""
+    from localnet.report import Run, curves_figure
+    rules = ["fa", "kp", "pfa"]
+    runs = [Run(Path(f"p{i}"), f"p{i}", summary={"rule": rules[i % 3]}, epochs=[
+        {"step": 10, "test_loss": 1.0, "test_accuracy": 0.5}]) for i in range(21)]
+    fig = curves_figure(runs)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "fa (7 runs)", "kp (7 runs)", "pfa (7 runs)", "train (batch)", "train (epoch)", "test"]
+    colour = {t.get_text().split()[0]: h.get_color()
+              for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    ax_acc = fig.axes[1]
+    assert [line.get_color() for line in ax_acc.get_lines()] == [colour[r.rule] for r in runs]
+    assert len({str(c) for c in colour.values()}) == 4  # three rules' colours, the styles' grey
+
+
+def test_a_plot_of_a_panel_per_run_draws_the_first_runs_and_says_so(tmp_path, capsys):
+    from PIL import Image
+    for i in range(MAX_PANELS + 2):
+        run = tmp_path / "sweep" / f"p{i:02d}"
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps(
+            {"epoch": 0, "step": 5, "test_accuracy": 0.5,
+             "alignment": {"fc1": {"angle": 80.0 - i}}}) + "\n")
+    assert main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "all")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"alignment.png: the first {MAX_PANELS} of the {MAX_PANELS + 2} runs that have it, "
+            f"a panel each" in out)
+    few = report(sorted((tmp_path / "sweep").iterdir())[:MAX_PANELS], tmp_path / "few")
+    assert few["notes"] == {}
+    size = lambda d: Image.open(d / "alignment.png").size  # noqa: E731
+    assert size(tmp_path / "all") == size(tmp_path / "few")
