@@ -11,7 +11,8 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
   messages.png         message bytes per edge, stacked by kind (only for runs with a
                        messages.json: the Ray executor)
   timeline.png         each actor's forwards, backwards and updates over a few steps, as
-                       they ran (only for runs with a timeline.json: the Ray executor)
+                       they ran (only for runs with a timeline.json: the Ray executor;
+                       one panel per run, for the first MAX_PANELS runs)
 
 and prints one row per run: rule, test accuracy, mean alignment angle, samples/s, the
 share of the machine's cores busy while it trained, and message bytes per training
@@ -503,16 +504,21 @@ def report(paths, out: str | Path | None = None) -> dict:
                           f"directory the plots go into)") from None
     files, skipped, notes = [plot_curves(runs, out / "curves.png")], {}, {}
 
-    def angles(key: str, ylabel: str):
+    def panel_each(has, plot):
+        """A plot of a panel per run that has what it draws, for the first MAX_PANELS of
+        them: a sweep's 198 runs drew a figure 23,000 pixels tall."""
         def draw(path: Path) -> Path | None:
-            # a panel each: a sweep's 198 runs drew a figure 23,000 pixels tall
-            having = [run for run in runs if run.alignment_series(key)]
+            having = [run for run in runs if has(run)]
             if len(having) > MAX_PANELS:
                 notes[path.name] = (f"the first {MAX_PANELS} of the {len(having)} runs that "
                                     f"have it, a panel each; name the runs to see others "
                                     f"(localnet report DIR/RUN ...)")
-            return plot_layer_angles(having[:MAX_PANELS], path, key, ylabel)
+            return plot(having[:MAX_PANELS], path)
         return draw
+
+    def angles(key: str, ylabel: str):
+        return panel_each(lambda run: run.alignment_series(key),
+                          lambda having, path: plot_layer_angles(having, path, key, ylabel))
 
     for name, draw, why in (
             ("alignment.png", angles("alignment", "angle(W, feedback) (deg)"),
@@ -524,7 +530,8 @@ def report(paths, out: str | Path | None = None) -> dict:
             ("messages.png", lambda path: plot_messages(runs, path),
              "no messages.json: the Ray executor writes it at each epoch's end "
              "(runtime.executor: ray; a run that stopped in its first epoch has none)"),
-            ("timeline.png", lambda path: plot_run_timelines(runs, path),
+            ("timeline.png", panel_each(lambda run: run.timeline and run.timeline.get("spans"),
+                                        plot_run_timelines),
              "no timeline.json: only actors note their actions (runtime.executor: ray, "
              "metrics.timeline_steps > 0), once those steps are done")):
         p = draw(out / name)
