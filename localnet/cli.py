@@ -294,7 +294,8 @@ def _cmd_sweep(args) -> int:
     try:
         res = sweep(args.config, args.grid, args.set, args.out, log=say,
                     vary_items=args.vary, jobs=args.jobs, use_ray=args.ray,
-                    started=lambda d: (where.append(d), say(f"sweep directory: {d}")))
+                    started=lambda d: (where.append(d), say(f"sweep directory: {d}")),
+                    dry_run=args.dry_run)
     except KeyboardInterrupt as exc:
         if not where:
             raise
@@ -304,6 +305,13 @@ def _cmd_sweep(args) -> int:
               f"{shlex.join(['localnet', *_without_out(args.argv), '--out', str(where[0])])}",
               file=sys.stderr)
         return code
+    if args.dry_run:
+        for name, what in res["points"]:
+            print(f"{name}: {what}")
+        todo = sum(what != "finished: skipped" for _, what in res["points"])
+        print(f"{len(res['points'])} points, {todo} to run, in {res['dir']}; nothing was run "
+              f"(--dry-run)")
+        return 0
     print((res["dir"] / "sweep.md").read_text(), end="")
     # every point run this time counts, and those that did not finish say how they ended
     ended = [f"{len(res[k])} {k}" for k in ("diverged", "failed") if res[k]]
@@ -415,6 +423,10 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     sw.add_argument("--out", help="sweep directory (default: <out_dir>/sweep-<time>); "
                                   "rerun with the same --out to resume")
+    sw.add_argument("--dry-run", action="store_true",
+                    help="check every point's config and the data, list the points and "
+                         "what a run would do with each (with --out: which are finished); "
+                         "run and write nothing")
     sw.set_defaults(func=_cmd_sweep)
 
     ru = sub.add_parser("rules", help="list the learning rules and their papers")

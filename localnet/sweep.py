@@ -205,7 +205,7 @@ def _run_on_ray(todo, out: Path, runtime, log) -> dict[str, tuple[dict, str]]:
 
 def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | None = None,
           out: str | Path | None = None, log=print, vary_items: list[str] | None = None,
-          jobs: int = 1, use_ray: bool = False, started=None) -> dict:
+          jobs: int = 1, use_ray: bool = False, started=None, dry_run: bool = False) -> dict:
     """Run (or resume) the sweep; returns {"dir", "rows", "files", "ran" (the points run
     to their end this time), "diverged", "failed", "skipped", "over_seeds" (each point's
     mean over a swept seed: `over_seeds`)}.
@@ -213,7 +213,9 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     `train.threads` so that jobs x threads fits the machine).  use_ray: every point a
     Ray task on the cluster (runtime.address / $RAY_ADDRESS, else a local Ray), as many
     at once as the cluster has CPUs for.  started(dir): called once the sweep directory
-    is known (a stopped sweep goes on when rerun with --out it)."""
+    is known (a stopped sweep goes on when rerun with --out it).  dry_run: check every
+    point's config (and the data, and an --out's earlier points), run and write nothing;
+    returns {"dir", "points": [(name, what a run would do with it)]}."""
     sets = list(sets or [])
     grid, vary = parse_grid(grid_items), parse_grid(vary_items or [], "--vary")
     if not grid and not vary:  # (the product of no axes is one point: the config itself)
@@ -228,6 +230,9 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     pts, cfgs, same = _one_run_each(pts, cfgs)
     if not use_ray:  # (a Ray task reads its data on its own node, which may have it)
         _data_is_there(cfgs)
+    if dry_run:
+        return {"dir": out or Path(cfgs[0].out_dir) / "sweep-<time>",
+                "points": _plan(pts, cfgs, Path(out) if out else None)}
     if out is None:
         out = Path(cfgs[0].out_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
@@ -253,6 +258,26 @@ def _data_is_there(cfgs) -> None:
 
     for where in dict.fromkeys((c.data.name, c.data.root, c.data.download) for c in cfgs):
         find_data(*where)
+
+
+def _plan(pts, cfgs, out: Path | None) -> list[tuple[str, str]]:
+    """What a run of the sweep would do with each point: run it, go on from its
+    checkpoint, or skip it, finished (an --out of an earlier sweep)."""
+    if out is not None:
+        _refuse_others_in(out)
+    plan = []
+    for p, cfg in zip(pts, cfgs):
+        name = point_name(p)
+        run_dir = out / name if out is not None else None
+        if run_dir is not None:
+            _same_config(run_dir, cfg)
+        if run_dir is not None and (run_dir / "summary.json").exists():
+            plan.append((name, "finished: skipped"))
+        elif run_dir is not None and (run_dir / "checkpoint.pt").exists():
+            plan.append((name, "goes on from its checkpoint"))
+        else:
+            plan.append((name, "to run"))
+    return plan
 
 
 # and `report/`, where `localnet report SWEEP_DIR` puts its plots

@@ -376,3 +376,29 @@ def test_a_mean_over_fewer_seeds_than_ran_is_marked():
     (drop,) = panels(rows, pts)
     (line,) = drop["lines"]
     assert line["points"] == [(0, pytest.approx(0.8)), (1, 0.6)] and line["partial"] == [1]
+
+
+def test_a_dry_run_lists_the_points_and_what_a_run_would_do_and_writes_nothing(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, max_steps: 2}\nmetrics: {alignment_every: 0}\n")
+    out = tmp_path / "sweep"
+    args = ["sweep", str(cfg), "--grid", "rule.name=fa,kp", "--vary", "channel.error.drop=0.5",
+            "--out", str(out)]
+    assert main([*args, "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "rule.name-fa: to run", "rule.name-fa__channel.error.drop-0.5: to run",
+        "rule.name-kp: to run", "rule.name-kp__channel.error.drop-0.5: to run",
+        f"4 points, 4 to run, in {out}; nothing was run (--dry-run)"]
+    assert not out.exists()
+    sweep(cfg, ["rule.name=fa"], [], out, log=lambda m: None, vary_items=["channel.error.drop=0.5"])
+    (out / "rule.name-fa__channel.error.drop-0.5" / "summary.json").unlink()  # a checkpoint left
+    before = sorted(str(f) for f in out.rglob("*"))
+    assert main([*args, "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "rule.name-fa: finished: skipped",
+        "rule.name-fa__channel.error.drop-0.5: goes on from its checkpoint"]
+    assert sorted(str(f) for f in out.rglob("*")) == before
+    # a point's directory that ran another config is named before anything runs
+    assert main([*args, "--set", "train.lr=0.5", "--dry-run"]) == 2
+    assert "was run with another config (train.lr" in capsys.readouterr().err
