@@ -331,12 +331,22 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
         log(f"[sweep] {len(todo)} points to run, {min(jobs, len(todo))} at a time")
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
 
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
             futs = {pool.submit(_run_point, cfg, out / name): name for name, cfg in todo}
             for fut in as_completed(futs):
                 name = futs[fut]
-                results[name] = fut.result()
+                try:
+                    results[name] = fut.result()
+                except BrokenProcessPool:
+                    # a point's process killed (kill -9, the out-of-memory killer): the pool
+                    # ends every point still in it (it may notice only when another point
+                    # ends), and which one died is not known; those that finished are kept,
+                    # and a rerun goes on with the rest
+                    results[name] = ({}, "failed: a point's process ended abruptly "
+                                         "(killed, or out of memory?); run the sweep again "
+                                         "to go on")
                 ended(name, results[name])
     else:
         for name, cfg in todo:

@@ -402,3 +402,36 @@ def test_a_dry_run_lists_the_points_and_what_a_run_would_do_and_writes_nothing(t
     # a point's directory that ran another config is named before anything runs
     assert main([*args, "--set", "train.lr=0.5", "--dry-run"]) == 2
     assert "was run with another config (train.lr" in capsys.readouterr().err
+
+
+def test_a_points_process_killed_ends_those_points_not_the_sweep(tmp_path):
+    """kill -9 of a --jobs worker (or the out-of-memory killer) broke the whole pool, and
+    the sweep ended on BrokenProcessPool with no table; now the points it ended are rows
+    that say so, and the sweep's tables are written."""
+    import multiprocessing as mp
+    import signal
+    import threading
+    import time
+
+    cfg = tmp_path / "c.yaml"  # long enough that the kill comes first
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, epochs: 100000}\nmetrics: {alignment_every: 0}\n")
+    out = tmp_path / "sweep"
+    res = {}
+    t = threading.Thread(target=lambda: res.update(sweep(
+        cfg, ["rule.name=fa,kp"], [], out, log=lambda m: None, jobs=2)))
+    t.start()
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*/config.yaml")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # a point has begun its run
+    # the pool's first worker: its death is seen at once.  (The pool may be waiting on its
+    # workers as they were before the second one started, and then sees that one's death
+    # only at the next result: when the other point ends.)
+    first = min(mp.active_children(), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    os.kill(first.pid, signal.SIGKILL)
+    t.join(120)
+    assert not t.is_alive()
+    assert [r["status"] for r in res["rows"]] == ["failed: a point's process ended abruptly "
+                                                  "(killed, or out of memory?); run the sweep "
+                                                  "again to go on"] * 2
+    assert "ended abruptly" in (out / "sweep.md").read_text() and (out / "sweep.csv").exists()
