@@ -215,7 +215,8 @@ def _cmd_simulate(args) -> int:
         print(json.dumps(plan))
         return 0
     table = Table(title=f"{plan['schedule']}: {counted(plan['stages'], 'stage')} x "
-                        f"{counted(plan['micro_batches'], 'micro-batch')} ({plan['cost_source']} costs, ms per micro-batch)",
+                        f"{counted(plan['micro_batches'], 'micro-batch')} "
+                        f"({plan['cost_source']} costs, ms per micro-batch)",
                   caption="stashed: the most micro-batches whose inputs a stage holds at once, "
                           "for their backward")
     for col in ("stage", "units", "fwd ms", "bwd ms", "busy ms", "stashed"):

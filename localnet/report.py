@@ -17,9 +17,9 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
 and prints one row per run: rule, test accuracy, mean alignment angle, samples/s, the
 share of the machine's cores busy while it trained, and message bytes per training
 sample (the Ray executor's messages; in-process, the encoded activations and errors of a
-run with `channel.enabled`).  Reads metrics.jsonl, steps.jsonl, summary.json, messages.json, timeline.json
-and config.yaml; a run still in progress (no summary.json yet) is read from its jsonl
-files.
+run with `channel.enabled`).  Reads metrics.jsonl, steps.jsonl, summary.json,
+messages.json, timeline.json and config.yaml; a run still in progress (no summary.json
+yet) is read from its jsonl files.
 """
 
 from __future__ import annotations
@@ -396,7 +396,8 @@ def plot_timeline(plan: dict, path: Path) -> Path:
     else:
         where = f"a core per actor; bubble {plan['bubble_fraction']:.0%}"
     _gantt(fig.subplots(), lines, plan.get("names") or [f"stage{i}" for i in range(S)],
-           f"{plan['schedule']}: {counted(S, 'actor')} x {counted(plan['micro_batches'], 'micro-batch')}"
+           f"{plan['schedule']}: {counted(S, 'actor')} x "
+           f"{counted(plan['micro_batches'], 'micro-batch')}"
            f"{f', {batches} batches streamed' if batches > 1 else ''}, {where}; "
            f"{plan['samples_per_s']:.0f} samples/s predicted")
     fig.savefig(path, dpi=110)
@@ -431,8 +432,10 @@ def plot_run_timelines(runs: list[Run], path: Path) -> Path | None:
         fill = f"; the actions fill {actions_fill(tl, cores):.0%} of {cores} cores" \
             if cores else ""
         _gantt(ax, [[a, op, mb, t0, t1] for a, op, _, mb, t0, t1 in tl["spans"]],
-               tl["actors"], f"{run.label}: {tl['schedule']}, {counted(len(tl['actors']), 'actor')} x "
-                             f"{counted(tl['micro_batches'], 'micro-batch')}, {steps} as they ran{fill}")
+               tl["actors"], f"{run.label}: {tl['schedule']}, "
+                             f"{counted(len(tl['actors']), 'actor')} x "
+                             f"{counted(tl['micro_batches'], 'micro-batch')}, "
+                             f"{steps} as they ran{fill}")
     fig.savefig(path, dpi=110)
     return path
 

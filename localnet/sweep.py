@@ -424,6 +424,10 @@ def over_seeds(rows: list[dict], pts: list[list[tuple[str, str]]]) -> list[dict]
     return out
 
 
+def _or_dash(v: float) -> str:
+    return "—" if math.isnan(v) else f"{v:.4f}"  # a deviation of one seed: none
+
+
 def write_md(rows: list[dict], path: Path, pts: list | None = None) -> Path:
     lines = []
     seeds = over_seeds(rows, pts or [])
@@ -433,7 +437,7 @@ def write_md(rows: list[dict], path: Path, pts: list | None = None) -> Path:
                   "| rule | restriction | seeds | test accuracy | sd | error bits/sample | "
                   "wall s |", "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {g['rule']} | {g['restriction']} | {g['seeds']} | {g['mean']:.4f} | "
-                  f"{g['sd']:.4f}".replace("nan", "—") + f" | {g['bits']:.1f} | {g['wall_s']:.1f} |" for g in seeds]
+                  f"{_or_dash(g['sd'])} | {g['bits']:.1f} | {g['wall_s']:.1f} |" for g in seeds]
         lines += ["", "Each run:", ""]
     lines += ["| rule | restriction | test accuracy | error bits/sample | wall s | status |",
               "|---|---|---:|---:|---:|---|"]
