@@ -560,6 +560,8 @@ def _did_you_mean(loc: tuple) -> str:
                 and str(loc[-1]) in f.annotation.model_fields]
         if home:
             return f" (did you mean {' or '.join(f'{h}.{loc[-1]}' for h in home)}?)"
+        if str(loc[-1]) in Config.model_fields:  # a top-level key put in a section (seed)
+            return f" (did you mean {loc[-1]}?)"
     near = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
     if near:
         return f" (did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?)"

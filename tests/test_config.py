@@ -48,6 +48,8 @@ def test_overrides_are_typed_and_nested():
     (["data.executor=ray"], "data.executor: unknown key (did you mean runtime.executor?)"),
     # ... even where its own section has a near name (data.image_size)
     (["data.batch_size=3"], "data.batch_size: unknown key (did you mean train.batch_size?)"),
+    # ... or at the top level
+    (["train.seed=1"], "train.seed: unknown key (did you mean seed?)"),
     (["channel.error.codc=int8"], "channel.error.codc: unknown key (the options of codec "
                                   "'fp32': none; did you mean codec?)"),
     (["runtime.executor=ray", "train.device=cuda"], "train.device: cuda is the in-process"),
