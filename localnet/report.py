@@ -162,7 +162,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"report: no run directory {path}")
-    if not any((path / f).exists() for f in _RUN_FILES):
+    if not _is_run(path):
         raise FileNotFoundError(f"report: {path} is not a run directory (no summary.json, "
                                 f"metrics.jsonl or steps.jsonl), nor a directory of runs")
     run = Run(path=path, label=label or path.name)
@@ -181,24 +181,34 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     return run
 
 
-def _expand(path: Path) -> list[Path]:
+def _is_run(path: Path) -> bool:
+    return any((path / f).exists() for f in _RUN_FILES)
+
+
+def _expand(path: Path) -> list[tuple[Path, str]]:
     """A run directory as itself; a directory of runs (a sweep's, or an `out_dir`) as
-    the run directories in it, in name order."""
-    if not path.is_dir() or any((path / f).exists() for f in _RUN_FILES):
-        return [path]
-    inner = sorted(p for p in path.iterdir()
-                   if p.is_dir() and any((p / f).exists() for f in _RUN_FILES))
-    return inner or [path]
+    the run directories in it, in name order, and those of the directories of runs in it
+    (`runs/` holds its sweeps' directories: `runs/sweep-<time>/<point>`), each with its
+    label (`sweep-<time>/<point>`)."""
+    if not path.is_dir() or _is_run(path):
+        return [(path, path.resolve().name)]
+    found = []
+    for p in sorted(q for q in path.iterdir() if q.is_dir()):
+        if _is_run(p):
+            found.append((p, p.name))
+        else:
+            found += [(q, f"{p.name}/{q.name}")
+                      for q in sorted(r for r in p.iterdir() if r.is_dir() and _is_run(r))]
+    return found or [(path, path.resolve().name)]
 
 
 def load_runs(paths) -> list[Run]:
     # a run named twice (`report runs/sweep/a runs/sweep`, a shell glob beside its folder)
     # is one run: listed twice, its row and curves would read as two results
-    first: dict[Path, Path] = {}
-    for q in (q for p in paths for q in _expand(Path(p))):
-        first.setdefault(q.resolve(), q)
-    paths = list(first.values())
-    labels = [p.resolve().name for p in paths]
+    first: dict[Path, tuple[Path, str]] = {}
+    for q, label in (q for p in paths for q in _expand(Path(p))):
+        first.setdefault(q.resolve(), (q, label))
+    paths, labels = [q for q, _ in first.values()], [lab for _, lab in first.values()]
     if len(set(labels)) < len(labels):  # same directory names: add the parent
         labels = [f"{p.resolve().parent.name}/{p.resolve().name}" for p in paths]
     return [load_run(p, lab) for p, lab in zip(paths, labels)]

@@ -288,3 +288,17 @@ def test_a_plot_of_a_panel_per_run_draws_the_first_runs_and_says_so(tmp_path, ca
     assert few["notes"] == {}
     size = lambda d: Image.open(d / "alignment.png").size  # noqa: E731
     assert size(tmp_path / "all") == size(tmp_path / "few")
+
+
+def test_a_directory_of_runs_stands_for_the_runs_of_its_sweeps_too(runs, tmp_path, capsys):
+    """`localnet report runs` (the out_dir): a sweep's points sit a level deeper, in
+    runs/sweep-<time>/, and were left out without a word."""
+    out_dir = tmp_path / "runs"
+    shutil.copytree(runs / "fa", out_dir / "fa")
+    for name in ("pfa", "live"):
+        shutil.copytree(runs / name, out_dir / "sweep-1" / name)
+    (out_dir / "sweep-1" / "sweep.csv").write_text("rule\n")
+    (out_dir / "sweep-1" / "report").mkdir()  # its report: no run
+    assert main(["report", str(out_dir), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["run"] for r in rows] == ["fa", "sweep-1/live", "sweep-1/pfa"]
