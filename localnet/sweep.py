@@ -20,7 +20,7 @@ Writes into the sweep directory: sweep.csv, sweep.md (rule, restriction, test ac
 error bits per sample, wall time) and sweep.png (accuracy against error bits per sample,
 a colour per rule, and against each swept key: localnet/sweep_plot.py).  A swept `seed`
 (--grid seed=0,1,2) makes replicates: sweep.md first gives each point's mean and standard
-deviation over its seeds, and sweep.png draws them.
+deviation over its seeds (sweep_seeds.csv holds them too), and sweep.png draws them.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def _plan(pts, cfgs, out: Path | None) -> list[tuple[str, str]]:
 
 
 # and `report/`, where `localnet report SWEEP_DIR` puts its plots
-_TABLES = ("sweep.csv", "sweep.md", "sweep.png", LOCK, "report")
+_TABLES = ("sweep.csv", "sweep_seeds.csv", "sweep.md", "sweep.png", LOCK, "report")
 
 
 def _refuse_others_in(out: Path) -> None:
@@ -368,9 +368,18 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name, **_settings(p, cfg, swept)})
     files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md", pts)]
+    seeds = over_seeds(rows, pts)
+    if seeds:  # the means a plotting tool reads, beside each run's row in sweep.csv
+        with open(out / "sweep_seeds.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(seeds[0]))
+            w.writeheader()
+            w.writerows(seeds)
+        files.append(out / "sweep_seeds.csv")
+    else:  # an earlier sweep's in this directory: not these points' means
+        (out / "sweep_seeds.csv").unlink(missing_ok=True)
     files.append(write_png(rows, pts, out / "sweep.png", same))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
-            "failed": failed, "skipped": skipped, "over_seeds": over_seeds(rows, pts)}
+            "failed": failed, "skipped": skipped, "over_seeds": seeds}
 
 
 def _settings(point: list[tuple[str, str]], cfg, swept: list[str]) -> dict:

@@ -336,6 +336,9 @@ def test_seeds_are_replicates_summed_up_by_their_mean_and_deviation(tmp_path):
         assert (f"| fa | {restr} | 3/3 | {statistics.mean(a):.4f} | {statistics.stdev(a):.4f} |"
                 in md)
     assert md.count("| fa |") == 2 + 6  # the per-run table follows
+    means = list(csv.DictReader(open(out / "sweep_seeds.csv")))
+    assert [(m["restriction"], m["seeds"], float(m["mean"])) for m in means] == [
+        (r, "3/3", pytest.approx(statistics.mean(a))) for r, a in acc.items()]
     (codec,) = panels(res["rows"], points(parse_grid(["rule.name=fa", "seed=0,1,2"]),
                                           parse_grid(["channel.error.codec=sign"])))
     assert codec["values"] == ["none", "sign"]
