@@ -438,3 +438,14 @@ def test_a_points_process_killed_ends_those_points_not_the_sweep(tmp_path):
                                                   "(killed, or out of memory?); run the sweep "
                                                   "again to go on"] * 2
     assert "ended abruptly" in (out / "sweep.md").read_text() and (out / "sweep.csv").exists()
+
+
+def test_the_means_over_seeds_of_an_earlier_sweep_in_its_directory_are_not_kept(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, max_steps: 2}\nmetrics: {alignment_every: 0}\n")
+    out = tmp_path / "sweep"
+    sweep(cfg, ["rule.name=fa", "seed=0,1"], [], out, log=lambda m: None)
+    assert (out / "sweep_seeds.csv").exists()
+    sweep(cfg, ["rule.name=fa,kp"], [], out, log=lambda m: None)  # the same directory
+    assert not (out / "sweep_seeds.csv").exists()
