@@ -263,20 +263,16 @@ def _data_is_there(cfgs) -> None:
 def _plan(pts, cfgs, out: Path | None) -> list[tuple[str, str]]:
     """What a run of the sweep would do with each point: run it, go on from its
     checkpoint, or skip it, finished (an --out of an earlier sweep)."""
-    if out is not None:
-        _refuse_others_in(out)
+    if out is None:  # a new directory
+        return [(point_name(p), "to run") for p in pts]
+    _refuse_others_in(out)
     plan = []
     for p, cfg in zip(pts, cfgs):
-        name = point_name(p)
-        run_dir = out / name if out is not None else None
-        if run_dir is not None:
-            _same_config(run_dir, cfg)
-        if run_dir is not None and (run_dir / "summary.json").exists():
-            plan.append((name, "finished: skipped"))
-        elif run_dir is not None and (run_dir / "checkpoint.pt").exists():
-            plan.append((name, "goes on from its checkpoint"))
-        else:
-            plan.append((name, "to run"))
+        run_dir = out / point_name(p)
+        _same_config(run_dir, cfg)
+        plan.append((run_dir.name, "finished: skipped" if (run_dir / "summary.json").exists()
+                     else "goes on from its checkpoint" if (run_dir / "checkpoint.pt").exists()
+                     else "to run"))
     return plan
 
 
@@ -367,8 +363,8 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
                      "error_bits_per_sample": ch.get("error_bits_per_sample", float("nan")),
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name, **_settings(p, cfg, swept)})
-    files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md", pts)]
     seeds = over_seeds(rows, pts)
+    files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md", seeds)]
     if seeds:  # the means a plotting tool reads, beside each run's row in sweep.csv
         with open(out / "sweep_seeds.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(seeds[0]))
@@ -437,9 +433,9 @@ def _or_dash(v: float) -> str:
     return "—" if math.isnan(v) else f"{v:.4f}"  # a deviation of one seed: none
 
 
-def write_md(rows: list[dict], path: Path, pts: list | None = None) -> Path:
+def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None) -> Path:
+    """Each run's row; first, with `seeds` (`over_seeds`), each point's over its seeds."""
     lines = []
-    seeds = over_seeds(rows, pts or [])
     if seeds:
         lines += ["Over seeds (runs that finished / runs; the mean test accuracy and its "
                   "standard deviation):", "",

@@ -58,23 +58,23 @@ def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
             if ok:
                 lines.setdefault((r["rule"], text), []).append((at, r["test_accuracy"]))
         out.append({"key": key, "values": categories,
-                    "lines": [{"rule": rule, "others": others, **_mean_sd(p),
-                               # a mean of the seeds that finished: not the others'
-                               "partial": sorted({x for x, _ in p if runs[(rule, others, x)]
-                                                  > sum(1 for y, _ in p if y == x)})}
-                              for (rule, others), p in lines.items()]})
+                    "lines": [_line(rule, others, p, runs) for (rule, others), p in lines.items()]})
     return out
 
 
-def _mean_sd(points: list[tuple[int, float]]) -> dict:
-    """{"points": [(x, mean accuracy)], "sd": [standard deviation at each x]}: the seeds
-    of one setting (one run each, sd 0, without a swept seed)."""
+def _line(rule: str, others: str, points: list[tuple[int, float]], runs: dict) -> dict:
+    """One line of a panel: {"rule", "others", "points": [(x, mean accuracy)], "sd": [the
+    standard deviation at each x], "partial": [x where fewer runs finished than ran]}, the
+    seeds of one setting averaged (without a swept seed: one run each, sd 0)."""
     at: dict[int, list[float]] = {}
     for x, acc in points:
         at.setdefault(x, []).append(acc)
     xs = sorted(at)
-    return {"points": [(x, statistics.fmean(at[x])) for x in xs],
-            "sd": [statistics.stdev(at[x]) if len(at[x]) > 1 else 0.0 for x in xs]}
+    return {"rule": rule, "others": others,
+            "points": [(x, statistics.fmean(at[x])) for x in xs],
+            "sd": [statistics.stdev(at[x]) if len(at[x]) > 1 else 0.0 for x in xs],
+            # a mean of the seeds that finished, not of the others
+            "partial": [x for x in xs if runs[(rule, others, x)] > len(at[x])]}
 
 
 def _without(settings: dict, key: str) -> dict:
