@@ -55,7 +55,7 @@ def _cmd_validate(args) -> int:
         mem = mem if cfg.runtime.executor == "ray" else None  # local: one process
         where = ""
         if actors and cfg.runtime.executor != "inprocess":
-            where = f"; runtime.partition makes {actors} actor{'s' * (actors != 1)}"
+            where = f"; runtime.partition makes {counted(actors, 'actor')}"
         if mem:
             where += f", about {mem['total_mb']} MB in all"
             _fits_this_machine(cfg, actors, mem)
@@ -236,7 +236,7 @@ def _cmd_simulate(args) -> int:
     rate = plan["samples_per_s"]  # None where every cost is 0 (--fwd 0,... --bwd 0,...)
     rate = "unbounded, a batch taking no time" if rate is None else f"{rate:.1f}"
     print(f"predicted samples/s: {rate}"
-          + (f" ({plan['cores']} core{'s' * (plan['cores'] != 1)}" if plan["cores"]
+          + (f" ({counted(plan['cores'], 'core')}" if plan["cores"]
              else " (a core per actor")
           + (f", {plan['hop_cost_s'] * 1e3:.3f} ms CPU per hop + "
              f"{plan['hop_cost_per_mib_s'] * 1e3:.3f} ms per MiB, "

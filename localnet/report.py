@@ -402,7 +402,7 @@ def plot_timeline(plan: dict, path: Path) -> Path:
     if cores:  # with fewer cores than actors every row has gaps: how full the cores were
         span = max((t1 for *_, t1 in lines), default=0.0) or 1.0
         busy = sum(t1 - t0 for *_, t0, t1 in lines) / (cores * span)
-        where = f"{cores} core{'s' * (cores != 1)}, {busy:.0%} busy"
+        where = f"{counted(cores, 'core')}, {busy:.0%} busy"
     else:
         where = f"a core per actor; bubble {plan['bubble_fraction']:.0%}"
     _gantt(fig.subplots(), lines, plan.get("names") or [f"stage{i}" for i in range(S)],
