@@ -100,14 +100,14 @@ def _fits_this_machine(cfg, actors: int, mem: dict) -> None:
     here = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
     if mem["total_mb"] > here:
         raise ConfigError(
-            f"runtime.partition makes {actors} actors, estimated at {mem['total_mb']} MB in "
+            f"runtime.partition makes {counted(actors, 'actor')}, estimated at {mem['total_mb']} MB in "
             f"all (the largest {mem['per_actor_mb_max']} MB), more than this machine's {here} "
             f"MB: the embedded Ray would refuse it.  {remedy(mem, STAGES_N)} a cluster "
             f"(runtime.address)")
     cpus, offered = actors * cfg.runtime.num_cpus, cfg.runtime.local_cpus
     if cpus > offered + 1e-9:  # (the run finds it out at placement, after Ray's start)
         raise ConfigError(
-            f"runtime.num_cpus: {actors} actors asking for {cfg.runtime.num_cpus:g} CPU each "
+            f"runtime.num_cpus: {counted(actors, 'actor')} asking for {cfg.runtime.num_cpus:g} CPU each "
             f"need {cpus:g}; the embedded Ray offers runtime.local_cpus={offered}.  Ask for "
             f"less (runtime.num_cpus={math.floor(offered / actors * 100) / 100:g}), use fewer "
             f"actors ({STAGES_N}), raise runtime.local_cpus, or use a cluster (runtime.address)")
@@ -122,7 +122,7 @@ def _fits_this_machine(cfg, actors: int, mem: dict) -> None:
             share = math.floor(share / unit) * unit
         if actors * each > gpus + 1e-9:
             raise ConfigError(
-                f"runtime.num_gpus: {actors} actors asking for {each:g} GPU each need "
+                f"runtime.num_gpus: {counted(actors, 'actor')} asking for {each:g} GPU each need "
                 f"{actors * each:g} GPUs; this machine has {gpus}, and the embedded Ray offers "
                 f"only those.  Ask for a fraction (runtime.num_gpus={share:.3g} shares "
                 f"them), use fewer actors ('{{stages: N}}'), or a cluster (runtime.address)"
@@ -259,7 +259,7 @@ def _cmd_simulate(args) -> int:
           + (f"; each batch issued {plan['batches_ahead']} ahead of the loss it waits for"
              if plan.get("batches_ahead") else ""))
     m = plan["memory_estimate"]
-    print(f"memory estimate: {m['total_mb']} MB for {m['actors']} actors (the largest "
+    print(f"memory estimate: {m['total_mb']} MB for {counted(m['actors'], 'actor')} (the largest "
           f"{m['per_actor_mb_max']} MB; process floor {m['baseline_mb']} MB each, "
           f"runtime.actor_baseline_mb)")
     if args.plot:
@@ -310,7 +310,7 @@ def _cmd_sweep(args) -> int:
         for name, what in res["points"]:
             print(f"{name}: {what}")
         todo = sum(what != "finished: skipped" for _, what in res["points"])
-        print(f"{len(res['points'])} points, {todo} to run, in {res['dir']}; nothing was run "
+        print(f"{counted(len(res['points']), 'point')}, {todo} to run, in {res['dir']}; nothing was run "
               f"(--dry-run)")
         return 0
     print((res["dir"] / "sweep.md").read_text(), end="")

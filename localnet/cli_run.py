@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from .config import ConfigError, load_config, load_run_config
 from .errors import DivergedError
-from .files import RunInUseError, first_few
+from .files import RunInUseError, counted, first_few
 from .watchdog import SIGTERM_SEEN, Watchdog
 
 
@@ -120,8 +120,8 @@ def cmd_run(args) -> int:
             tell(exc)  # unless said already (stopped before training began: not yet)
             return stopped_by(exc)[1]
     if summary.get("finished"):
-        print(f"localnet: {run_dir} finished at step {summary['steps']} ({summary['epochs']} "
-              f"epochs); nothing to resume, nothing changed.  Its summary: "
+        print(f"localnet: {run_dir} finished at step {summary['steps']} "
+              f"({counted(summary['epochs'], 'epoch')}); nothing to resume, nothing changed.  Its summary: "
               f"{summary['summary_path']}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("rule", "model", "dataset", "epochs", "steps",
                                               "test_accuracy", "test_loss", "samples_per_s")}))

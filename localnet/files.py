@@ -44,8 +44,10 @@ def first_few(names: list[str], n: int = 4) -> str:
 
 
 def counted(n: int, noun: str) -> str:
-    """'1 micro-batch', '4 micro-batches': a count in a title or a line."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'h')) else 's'}"
+    """'1 micro-batch', '4 micro-batches': a count in a title or a line ('2 epochs': a
+    hard 'ch' takes a plain s)."""
+    es = noun.endswith(("s", "x", "sh", "tch"))
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if es else 's'}"
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from . import recut
 from .config import Config, config_diff, dump_config
 from .errors import ConfigError
 from .engine import InProcessExecutor
-from .files import save_state, write_text
+from .files import counted, save_state, write_text
 
 STOPPED = "stopped.json"
 
@@ -172,12 +172,12 @@ def refuse_nothing_to_train(run_dir: Path, ckpt: dict, cfg: Config) -> None:
     full, mid = _trained(ckpt)
     if t.epochs < full + mid:
         raise ConfigError(
-            f"train.epochs: {run_dir} has trained {full} epoch{'s' * (full != 1)}"
+            f"train.epochs: {run_dir} has trained {counted(full, 'epoch')}"
             f"{' and part of the next' if mid else ''} (step {step}); --resume goes on from "
             f"there, so train.epochs must be at least {full + mid} (it is {t.epochs}).  "
             f"Nothing changed")
     if t.max_steps and t.max_steps < step:
-        raise ConfigError(f"train.max_steps: {run_dir} has trained {step} steps; --resume goes "
+        raise ConfigError(f"train.max_steps: {run_dir} has trained {counted(step, 'step')}; --resume goes "
                           f"on from there, so train.max_steps must be at least {step} (it is "
                           f"{t.max_steps}).  Nothing changed")
     if _left(ckpt, cfg) or _summary_at(run_dir, step) is None or "config" not in ckpt:
@@ -186,7 +186,7 @@ def refuse_nothing_to_train(run_dir: Path, ckpt: dict, cfg: Config) -> None:
     if diff:
         shown = ", ".join(f"{k}={b} (the run's: {a})" for k, a, b in diff[:3])
         raise ConfigError(
-            f"{diff[0][0]}: {run_dir} finished at step {step} ({full} epochs), so --set "
+            f"{diff[0][0]}: {run_dir} finished at step {step} ({counted(full, 'epoch')}), so --set "
             f"{shown}{', ...' if len(diff) > 3 else ''} would apply to no step.  Nothing "
             f"changed.  To train on with it, raise train.epochs above {full} as well")
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config, value_at
-from .files import LOCK, first_few, run_lock
+from .files import LOCK, counted, first_few, run_lock
 from .sweep_plot import SEED, write_png
 
 COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
@@ -320,7 +320,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
         else:
             todo.append((name, cfg))
     if use_ray and todo:
-        log(f"[sweep] {len(todo)} points to run as Ray tasks, as many at once as the cluster "
+        log(f"[sweep] {counted(len(todo), 'point')} to run as Ray tasks, as many at once as the cluster "
             f"has CPUs for")  # the first line otherwise comes when the first point ends
         results.update(_run_on_ray(todo, out, cfgs[0].runtime, ended))
     elif jobs > 1 and len(todo) > 1:

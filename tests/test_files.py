@@ -240,3 +240,4 @@ def test_counted_says_one_in_the_singular():
     assert [counted(n, "micro-batch") for n in (0, 1, 4)] == \
         ["0 micro-batches", "1 micro-batch", "4 micro-batches"]
     assert [counted(n, "actor") for n in (1, 11)] == ["1 actor", "11 actors"]
+    assert [counted(n, "epoch") for n in (1, 2)] == ["1 epoch", "2 epochs"]

@@ -405,6 +405,10 @@ def test_a_dry_run_lists_the_points_and_what_a_run_would_do_and_writes_nothing(t
     # a point's directory that ran another config is named before anything runs
     assert main([*args, "--set", "train.lr=0.5", "--dry-run"]) == 2
     assert "was run with another config (train.lr" in capsys.readouterr().err
+    # one point of one value: counted in the singular
+    assert main(["sweep", str(cfg), "--grid", "rule.name=fa", "--out", str(tmp_path / "one"),
+                 "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("1 point, 1 to run, in ")
 
 
 def test_a_points_process_killed_ends_those_points_not_the_sweep(tmp_path):

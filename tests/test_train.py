@@ -787,7 +787,8 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     assert main(["run", "--resume", str(run), "--no-progress"]) == 0
     out, err = capsys.readouterr()
-    assert f"finished at step {summary['steps']}" in err and str(run / "summary.json") in err
+    assert f"finished at step {summary['steps']} (1 epoch);" in err
+    assert str(run / "summary.json") in err
     assert json.loads(out.splitlines()[0])["test_accuracy"] == summary["test_accuracy"]
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..config import ConfigError
+from ..files import counted
 
 # autograd keeps about this many activation-sized tensors per layer for the backward
 # (input of the conv, BN's normalised input, ReLU's mask, ...): a conv + BN + ReLU unit
@@ -138,7 +139,7 @@ def check(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> dict
         fewer = ("runtime.partition=per_unit, or '{stages: N}'" if pl.spec == "per_layer"
                  else "'{stages: N}' with fewer stages than now")
         raise MemoryPreflightError(
-            f"runtime.partition={pl.spec!r} needs {len(per)} actors, estimated at "
+            f"runtime.partition={pl.spec!r} needs {counted(len(per), 'actor')}, estimated at "
             f"{summary['total_mb']} MB in all (each at least the process floor of "
             f"{summary['baseline_mb']} MB, runtime.actor_baseline_mb; the largest "
             f"{summary['per_actor_mb_max']} MB), but the {n_nodes} Ray node(s) offer "

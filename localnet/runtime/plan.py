@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..builders import as_config, build_rule_and_model
 from ..config import ConfigError
+from ..files import counted
 from . import memory
 from .cost import measure_costs
 from .partition import resolve_placement
@@ -159,7 +160,7 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
             step = ([v * scale for v in step] if isinstance(step, (list, tuple))
                     else step * scale)
     if len(fwd) != S or len(bwd) != S:
-        raise ConfigError(f"--fwd / --bwd: runtime.partition makes {S} actors, so give {S} "
+        raise ConfigError(f"--fwd / --bwd: runtime.partition makes {counted(S, 'actor')}, so give {S} "
                           f"costs each (got {len(fwd)} forward, {len(bwd)} backward)")
     from ..rules import RULES
     dfa = RULES.get(cfg.rule.name).broadcast_output_error

@@ -36,6 +36,7 @@ import torch
 
 from ..builders import as_config, build_rule_and_model
 from ..engine import StepStats
+from ..files import counted
 from ..rules import RULES
 from . import memory, session
 from .cost import unit_costs
@@ -134,10 +135,10 @@ class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
                     peak = simulate(self._schedule(self.schedule_name, self.micro_batches),
                                     1.0, 1.0, dfa=self.broadcast_output_error).peak_activations
                     self.memory = memory.check(cfg, pl, model, self.input_shape, peak)
-                tell = lambda n: say(f"starting {S} actors (each imports torch, builds "  # noqa: E731
+                tell = lambda n: say(f"starting {counted(S, 'actor')} (each imports torch, builds "  # noqa: E731
                                      f"its part): {n}/{S} ready")
                 if actors is None:
-                    say(f"placing {S} actors")
+                    say(f"placing {counted(S, 'actor')}")
                     self._placer.reserve(S)
                     phases["placement"] = time.perf_counter()
                     self._owned = set(range(S))  # close() kills each one as it starts

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import counted
 from .messages import MessageError
 from .cpu_policy import openmp_env
 from .frames import PeerFailed
@@ -200,7 +201,7 @@ def unplaceable(bundle: dict, n: int, nodes: list[dict]) -> str | None:
     if fits >= n:
         return None
     total = {k: sum(h.get(k, 0.0) for h in nodes) for k in bundle}
-    return (f"{n} actors each asking for {bundle} (runtime.num_cpus, runtime.num_gpus) do "
+    return (f"{counted(n, 'actor')} each asking for {bundle} (runtime.num_cpus, runtime.num_gpus) do "
             f"not fit the Ray cluster's {len(nodes)} node(s), {total} in all: at most {fits} "
             f"would be placed.  Ask for less per actor, use fewer actors "
             f"(runtime.partition), or add nodes; an embedded Ray offers runtime.local_cpus "
