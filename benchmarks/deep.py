@@ -33,13 +33,16 @@ sys.path.insert(0, str(HERE))
 from common import Peak, commit, hardware_cpu, used_mb, write_section  # noqa: E402
 
 CIFAR = ["data.name=cifar10", "data.test_subset=1000"]
+# at 0.1 from the first step these depths fall to a constant output (RESULTS.md, "Notes: a
+# warm-up for deep ResNets"), so the rate ramps up over the short epoch's steps
+WARM_10K, WARM_5K = "train.lr_warmup_steps=78", "train.lr_warmup_steps=40"
 ROWS = {  # name -> settings
     "resnet44-per_layer": ["model.name=resnet44", "runtime.partition=per_layer",
-                           "data.subset=10000", *CIFAR],
+                           "data.subset=10000", WARM_10K, *CIFAR],
     "resnet56-per_layer": ["model.name=resnet56", "runtime.partition=per_layer",
-                           "data.subset=10000", *CIFAR],
+                           "data.subset=10000", WARM_10K, *CIFAR],
     "resnet110-per_unit": ["model.name=resnet110", "runtime.partition=per_unit",
-                           "data.subset=5120", *CIFAR],
+                           "data.subset=5120", WARM_5K, *CIFAR],
     # lr 0.01: He et al. (2016, sec. 4.2) found 0.1 too large for ResNet-110 to start
     # converging and warmed up at 0.01; one short epoch stays there
     "resnet110-stages16": ["model.name=resnet110", "runtime.partition={stages: 16}",

@@ -124,6 +124,11 @@ class TrainConfig(Section):
     lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=list, description="epochs where lr *= lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
+    # deep ResNets at a rate of 0.1 from their first step can fall to a constant output
+    # (the loss at ln 10 for good); He et al. 2016 (sec. 4.2) warmed ResNet-110 up
+    lr_warmup_steps: int = Field(0, ge=0, description="the first N optimizer steps ramp "
+                                 "the rate linearly up to the schedule's: step s (from 0) "
+                                 "at (s+1)/N of it")
     threads: int | None = Field(None, ge=1, description="torch threads of this process; default: "
                                 "torch's choice in-process, 1 for a Ray run's coordinator")
     device: Literal["auto", "cpu", "cuda"] = Field(

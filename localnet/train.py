@@ -98,13 +98,20 @@ class _LossTrail:
 
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """The rate of an optimizer step: the schedule's, times the warm-up's ramp.  A function
+    of the step alone, so a resumed run (and every actor) gets the same rates."""
     t = cfg.train
     if t.lr_schedule == "milestones":
-        return t.lr * t.lr_gamma ** sum(epoch >= m for m in t.lr_milestones)
-    if t.lr_schedule == "cosine":
+        lr = t.lr * t.lr_gamma ** sum(epoch >= m for m in t.lr_milestones)
+    elif t.lr_schedule == "cosine":
         progress = (epoch + step_in_epoch / max(steps_per_epoch, 1)) / t.epochs
-        return 0.5 * t.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return t.lr
+        lr = 0.5 * t.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+    else:
+        lr = t.lr
+    step = epoch * steps_per_epoch + step_in_epoch
+    if step < t.lr_warmup_steps:
+        lr *= (step + 1) / t.lr_warmup_steps
+    return lr
 
 
 def wd_at(cfg: Config, epoch: int) -> float:

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from localnet.config import load_config, load_run_config
+from localnet.errors import ConfigError
 from localnet.train import NonFiniteLossError, lr_at, train, wd_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,14 +117,15 @@ DELAYED = ("channel.error.delay=1", "channel.error.codec=lowrank", "channel.erro
            "channel.error.drop=0.2", "train.micro_batches=2")
 
 
-@pytest.mark.parametrize("extra", [(), DELAYED], ids=["plain", "delayed-errors"])
+@pytest.mark.parametrize("extra", [(), DELAYED, ("train.lr_warmup_steps=40",)],
+                         ids=["plain", "delayed-errors", "warm-up"])
 def test_resume_continues_to_the_same_result(tmp_path, extra):
     """Stopped after epoch 2 and resumed: the same run, bit for bit.  With a delayed error
     link, the checkpoint holds the messages queued on it and the forwards still waiting
     for them (rebuilt from their inputs and stashed weights on resume)."""
     full = train(small("rule.name=kp", "train.epochs=3", *extra), tmp_path / "full", progress=False)
     train(small("rule.name=kp", "train.epochs=2", *extra), tmp_path / "part", progress=False)
-    if extra:
+    if extra == DELAYED:
         saved = torch.load(tmp_path / "part/checkpoint.pt", weights_only=True)["executor"]
         assert saved["stages"][0]["pending"] and saved["channels"][-1]["fifo"]
     resumed = train(small("rule.name=kp", "train.epochs=3", *extra), tmp_path / "part",
@@ -376,6 +379,49 @@ def test_schedules():
     cos = load_config(None, ["train.lr_schedule=cosine", "train.lr=1.0", "train.epochs=10"])
     assert lr_at(cos, 0, 0, 10) == 1.0
     assert lr_at(cos, 5, 0, 10) == pytest.approx(0.5)
+
+
+def test_a_warm_up_ramps_the_schedules_rate_by_the_step():
+    """Step s (counted from 0 over the whole run) of a warm-up over N steps gets (s+1)/N
+    of the schedule's rate, across an epoch's end, and then the schedule's own."""
+    cfg = load_config(None, ["train.lr=0.1", "train.lr_warmup_steps=4", "train.epochs=3",
+                             "train.lr_schedule=milestones", "train.lr_milestones=[2]"])
+    assert [lr_at(cfg, e, i, 3) for e in range(3) for i in range(3)] == pytest.approx(
+        [0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
+    cos = load_config(None, ["train.lr_schedule=cosine", "train.lr=1.0", "train.epochs=10",
+                             "train.lr_warmup_steps=10"])
+    assert lr_at(cos, 0, 4, 10) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.04)))
+    with pytest.raises(ConfigError, match="train.lr_warmup_steps"):
+        load_config(None, ["train.lr_warmup_steps=-1"])
+
+
+@pytest.mark.parametrize("executor", ["inprocess", "local"])
+def test_a_warm_up_reaches_the_optimizer(tmp_path, executor):
+    """The first step of a 2-step warm-up at lr 0.1 is a step at 0.05: the same weights
+    to the bit, in one process and in the actors' code."""
+    at = {}
+    for name, sets in {"warm": ["train.lr=0.1", "train.lr_warmup_steps=2"],
+                       "half": ["train.lr=0.05"]}.items():
+        train(small("rule.name=fa", "train.max_steps=1", "train.micro_batches=2",
+                    "train.weight_decay=1e-3", f"runtime.executor={executor}", *sets),
+              tmp_path / name, progress=False)
+        # in-process: the model in checkpoint.pt; actors: a file each beside it
+        files = [tmp_path / name / "checkpoint.pt",
+                 *sorted((tmp_path / name).glob("checkpoint/*/*.pt"))]
+        at[name] = dict(_tensors([torch.load(f, weights_only=True) for f in files]))
+    assert at["warm"].keys() == at["half"].keys() and len(at["warm"]) > 4
+    assert all(torch.equal(v, at["half"][k]) for k, v in at["warm"].items())
+
+
+def _tensors(tree, path=""):
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for k in sorted(tree, key=str):
+            yield from _tensors(tree[k], f"{path}.{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{path}[{i}]")
 
 
 def test_version_names_localnet_and_its_engines(capsys):
