@@ -86,6 +86,9 @@ class _LossTrail:
         again = f"start again at a smaller rate, for example --set train.lr={lr / 10:g} " \
                 f"(train.lr is {lr:g})"
         if self.saved is None:
+            if not cfg.train.lr_warmup_steps:  # early on, the usual cure for a deep net
+                again += (f", or ramp the rate up past this step: --set "
+                          f"train.lr_warmup_steps={max(100, 2 * step)}")
             return NonFiniteLossError(f"{msg}.  No checkpoint was saved before it: {again}.", step)
         if self.saved >= step - 1:  # its weights are the ones that gave NaN
             return NonFiniteLossError(f"{msg}.  The last checkpoint (step {self.saved}) holds "

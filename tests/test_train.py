@@ -333,7 +333,8 @@ def test_nan_fails_clearly_keeps_the_checkpoint_and_its_advice_works(tmp_path, c
 
 @pytest.mark.parametrize("saved,says", [
     (None, "No checkpoint was saved before it: start again at a smaller rate, for example "
-           "--set train.lr=0.5 (train.lr is 5)."),
+           "--set train.lr=0.5 (train.lr is 5), or ramp the rate up past this step: --set "
+           "train.lr_warmup_steps=100."),
     (7, "The last checkpoint (step 7) holds the weights that diverged: start again"),
     (6, "The last checkpoint is from step 6 (the loss on its weights: 40).  To go on from it "
         "at a smaller rate (train.lr is 5): localnet run --resume RUN --set train.lr=0.5"),
@@ -706,7 +707,8 @@ def test_a_run_that_diverged_before_its_first_checkpoint_says_what_to_do(tmp_pat
     assert re.fullmatch(r"localnet: training diverged at step \d+ \(epoch 1 of 40\): the loss is "
                         r"(nan|inf)( \(the loss: .*\))?\.  No checkpoint was saved before it: start again at a "
                         r"smaller rate, for example --set train.lr=1e\+11 \(train.lr is "
-                        r"1e\+12\)\.", err)
+                        r"1e\+12\), or ramp the rate up past this step: --set "
+                        r"train.lr_warmup_steps=100\.", err)
     kept = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
     assert "steps.jsonl" in kept and "checkpoint.pt" not in kept
     assert main(["run", "--resume", str(tmp_path / "r")]) == 2
