@@ -100,17 +100,18 @@ def _fits_this_machine(cfg, actors: int, mem: dict) -> None:
     here = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
     if mem["total_mb"] > here:
         raise ConfigError(
-            f"runtime.partition makes {counted(actors, 'actor')}, estimated at {mem['total_mb']} MB in "
-            f"all (the largest {mem['per_actor_mb_max']} MB), more than this machine's {here} "
-            f"MB: the embedded Ray would refuse it.  {remedy(mem, STAGES_N)} a cluster "
-            f"(runtime.address)")
+            f"runtime.partition makes {counted(actors, 'actor')}, estimated at "
+            f"{mem['total_mb']} MB in all (the largest {mem['per_actor_mb_max']} MB), more "
+            f"than this machine's {here} MB: the embedded Ray would refuse it.  "
+            f"{remedy(mem, STAGES_N)} a cluster (runtime.address)")
     cpus, offered = actors * cfg.runtime.num_cpus, cfg.runtime.local_cpus
     if cpus > offered + 1e-9:  # (the run finds it out at placement, after Ray's start)
         raise ConfigError(
-            f"runtime.num_cpus: {counted(actors, 'actor')} asking for {cfg.runtime.num_cpus:g} CPU each "
-            f"need {cpus:g}; the embedded Ray offers runtime.local_cpus={offered}.  Ask for "
-            f"less (runtime.num_cpus={math.floor(offered / actors * 100) / 100:g}), use fewer "
-            f"actors ({STAGES_N}), raise runtime.local_cpus, or use a cluster (runtime.address)")
+            f"runtime.num_cpus: {counted(actors, 'actor')} asking for "
+            f"{cfg.runtime.num_cpus:g} CPU each need {cpus:g}; the embedded Ray offers "
+            f"runtime.local_cpus={offered}.  Ask for less (runtime.num_cpus="
+            f"{math.floor(offered / actors * 100) / 100:g}), use fewer actors ({STAGES_N}), "
+            f"raise runtime.local_cpus, or use a cluster (runtime.address)")
     each = cfg.runtime.num_gpus
     if each:
         import torch
@@ -310,8 +311,8 @@ def _cmd_sweep(args) -> int:
         for name, what in res["points"]:
             print(f"{name}: {what}")
         todo = sum(what != "finished: skipped" for _, what in res["points"])
-        print(f"{counted(len(res['points']), 'point')}, {todo} to run, in {res['dir']}; nothing was run "
-              f"(--dry-run)")
+        print(f"{counted(len(res['points']), 'point')}, {todo} to run, in {res['dir']}; "
+              f"nothing was run (--dry-run)")
         return 0
     print((res["dir"] / "sweep.md").read_text(), end="")
     # every point run this time counts, and those that did not finish say how they ended

@@ -121,8 +121,8 @@ def cmd_run(args) -> int:
             return stopped_by(exc)[1]
     if summary.get("finished"):
         print(f"localnet: {run_dir} finished at step {summary['steps']} "
-              f"({counted(summary['epochs'], 'epoch')}); nothing to resume, nothing changed.  Its summary: "
-              f"{summary['summary_path']}", file=sys.stderr)
+              f"({counted(summary['epochs'], 'epoch')}); nothing to resume, nothing "
+              f"changed.  Its summary: {summary['summary_path']}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("rule", "model", "dataset", "epochs", "steps",
                                               "test_accuracy", "test_loss", "samples_per_s")}))
     print(f"run directory: {run_dir}")

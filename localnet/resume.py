@@ -177,9 +177,9 @@ def refuse_nothing_to_train(run_dir: Path, ckpt: dict, cfg: Config) -> None:
             f"there, so train.epochs must be at least {full + mid} (it is {t.epochs}).  "
             f"Nothing changed")
     if t.max_steps and t.max_steps < step:
-        raise ConfigError(f"train.max_steps: {run_dir} has trained {counted(step, 'step')}; --resume goes "
-                          f"on from there, so train.max_steps must be at least {step} (it is "
-                          f"{t.max_steps}).  Nothing changed")
+        raise ConfigError(f"train.max_steps: {run_dir} has trained {counted(step, 'step')}; "
+                          f"--resume goes on from there, so train.max_steps must be at least "
+                          f"{step} (it is {t.max_steps}).  Nothing changed")
     if _left(ckpt, cfg) or _summary_at(run_dir, step) is None or "config" not in ckpt:
         return
     diff = config_diff(_recorded(ckpt), cfg.model_dump(mode="json"))

@@ -320,8 +320,8 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
         else:
             todo.append((name, cfg))
     if use_ray and todo:
-        log(f"[sweep] {counted(len(todo), 'point')} to run as Ray tasks, as many at once as the cluster "
-            f"has CPUs for")  # the first line otherwise comes when the first point ends
+        log(f"[sweep] {counted(len(todo), 'point')} to run as Ray tasks, as many at once as "
+            f"the cluster has CPUs for")  # the first line otherwise comes when the first point ends
         results.update(_run_on_ray(todo, out, cfgs[0].runtime, ended))
     elif jobs > 1 and len(todo) > 1:
         log(f"[sweep] {len(todo)} points to run, {min(jobs, len(todo))} at a time")

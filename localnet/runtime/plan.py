@@ -160,8 +160,8 @@ def simulate_config(cfg, input_shape=None, num_classes=None, fwd=None, bwd=None,
             step = ([v * scale for v in step] if isinstance(step, (list, tuple))
                     else step * scale)
     if len(fwd) != S or len(bwd) != S:
-        raise ConfigError(f"--fwd / --bwd: runtime.partition makes {counted(S, 'actor')}, so give {S} "
-                          f"costs each (got {len(fwd)} forward, {len(bwd)} backward)")
+        raise ConfigError(f"--fwd / --bwd: runtime.partition makes {counted(S, 'actor')}, so "
+                          f"give {S} costs each (got {len(fwd)} forward, {len(bwd)} backward)")
     from ..rules import RULES
     dfa = RULES.get(cfg.rule.name).broadcast_output_error
     graph = None if pl.is_chain else pl.inputs

@@ -135,8 +135,8 @@ class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
                     peak = simulate(self._schedule(self.schedule_name, self.micro_batches),
                                     1.0, 1.0, dfa=self.broadcast_output_error).peak_activations
                     self.memory = memory.check(cfg, pl, model, self.input_shape, peak)
-                tell = lambda n: say(f"starting {counted(S, 'actor')} (each imports torch, builds "  # noqa: E731
-                                     f"its part): {n}/{S} ready")
+                tell = lambda n: say(f"starting {counted(S, 'actor')} (each imports "  # noqa: E731
+                                     f"torch, builds its part): {n}/{S} ready")
                 if actors is None:
                     say(f"placing {counted(S, 'actor')}")
                     self._placer.reserve(S)
