@@ -13,11 +13,17 @@ backward pass reads under a rule that transports weights (bp), once per update -
 physically separate feedback pathway would have to receive to stay equal to W.  Nothing
 crosses the wire for it; it is 0 for every rule but bp.  `as_summary()["parameter_bytes"]`
 is the sum of both.
+
+`MessageLog` writes a run's ledger to `RUN_DIR/messages.json` at every epoch's end.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
+
+from .files import write_json
 
 
 class Ledger:
@@ -132,3 +138,86 @@ class Ledger:
 
     def __repr__(self):
         return f"Ledger({self.as_summary()})"
+
+
+class MessageLog:
+    """`RUN_DIR/messages.json`, rewritten at every epoch end from the executor's ledger:
+
+        edges:  "src->dst" -> kind -> {count, header_bytes, payload_bytes, bytes}
+        kinds:  kind -> {count, bytes, ...}, total_bytes, total_count, parameter_bytes
+        eval_bytes (evaluation), probe_bytes (metrics.bp_angle's measuring passes),
+        train_bytes (the rest: training steps, mirror steps, control), samples (training
+        samples), steps, bytes_per_sample = train_bytes / samples,
+        per_epoch: [{epoch, step, samples, bytes, train_bytes}]
+        ledger: the raw ledger (resume adds to it)
+
+    A resumed run goes on from what its checkpoint recorded (`state()`, saved in
+    checkpoint.pt), so the steps since the last epoch's end are counted once too.
+    A no-op for an executor without a ledger (in-process: nothing crosses a wire)."""
+
+    def __init__(self, run_dir: Path, ex, resume: bool = False, saved: dict | None = None):
+        self.path = Path(run_dir) / "messages.json"
+        self.ex = ex
+        self.enabled = hasattr(ex, "ledger") and callable(getattr(ex, "ledger"))
+        self.base, self.per_epoch = Ledger(), []
+        self.excluded = {"eval": 0, "probe": 0}
+        self._marks: dict[str, int] = {}
+        if not self.enabled:
+            return
+        if resume and (saved is not None or self.path.exists()):
+            # (a checkpoint from before `state()` was saved: the last epoch's end)
+            old = saved if saved is not None else json.loads(self.path.read_text())
+            self.base = Ledger.from_dict(old.get("ledger", {"rows": []}))
+            self.excluded = {k: int(old.get(f"{k}_bytes", 0)) for k in self.excluded}
+            self.per_epoch = list(old.get("per_epoch", []))
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def fetch(self):
+        """(this process's ledger, the run's: base + this process's); (None, None)
+        without a ledger."""
+        if not self.enabled:
+            return None, None
+        cur = self.ex.ledger()
+        return cur, Ledger().merge(self.base).merge(cur)
+
+    def ledger(self):
+        return self.fetch()[1]
+
+    def state(self) -> dict | None:
+        """What a checkpoint keeps (between steps: no evaluation or probe under way)."""
+        if not self.enabled:
+            return None
+        return {"ledger": self.ledger().to_dict(), "per_epoch": list(self.per_epoch),
+                **{f"{k}_bytes": v for k, v in self.excluded.items()}}
+
+    @staticmethod
+    def _total(led) -> int:
+        return sum(h + p for _, h, p in led.rows.values())
+
+    def begin(self, what: str, led=None) -> None:
+        """Bytes from here to end(what) (or the next write) count as `what`_bytes."""
+        if self.enabled:
+            self._marks[what] = self._total(led or self.ledger())
+
+    def end(self, what: str, led=None) -> None:
+        if self.enabled and what in self._marks:
+            self.excluded[what] += self._total(led or self.ledger()) - self._marks.pop(what)
+
+    def write(self, epoch: int, step: int, samples: int, led=None) -> dict | None:
+        if not self.enabled:
+            return None
+        led = led or self.ledger()
+        total = self._total(led)
+        for what in list(self._marks):
+            self.end(what, led)
+        train_bytes = total - sum(self.excluded.values())
+        self.per_epoch.append({"epoch": epoch, "step": step, "samples": samples,
+                               "bytes": total, "train_bytes": train_bytes})
+        doc = {"edges": led.edges(), "kinds": led.as_summary(),
+               **{f"{k}_bytes": v for k, v in self.excluded.items()},
+               "train_bytes": train_bytes, "samples": samples, "steps": step,
+               "bytes_per_sample": train_bytes / samples if samples else None,
+               "per_epoch": self.per_epoch, "ledger": led.to_dict()}
+        write_json(self.path, doc)
+        return doc

@@ -1,4 +1,5 @@
-"""Live metrics of a training run, in the Prometheus format, and the run's message log.
+"""Live metrics of a training run, in the Prometheus format; the observer that also keeps
+the run's message log (`MessageLog`, ledger.py).
 
     obs = RunObserver(cfg, run_dir, executor, total_steps=..., step=..., epoch=...)
     st = obs.timed_step(ex.train_step, x, y, lr, wd)      # wall time of the step
@@ -26,7 +27,6 @@ Without a ledger (the in-process executor) there is no message traffic to count.
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import sys
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import write_json
+from .ledger import MessageLog
 from .timing import OPS, StageTimer, cpu_parts
 
 # ------------------------------------------------------------------ the metric list
@@ -351,93 +352,6 @@ class Metrics:
 
 
 # ------------------------------------------------------------------ messages.json
-
-
-class MessageLog:
-    """`RUN_DIR/messages.json`, rewritten at every epoch end from the executor's ledger:
-
-        edges:  "src->dst" -> kind -> {count, header_bytes, payload_bytes, bytes}
-        kinds:  kind -> {count, bytes, ...}, total_bytes, total_count, parameter_bytes
-        eval_bytes (evaluation), probe_bytes (metrics.bp_angle's measuring passes),
-        train_bytes (the rest: training steps, mirror steps, control), samples (training
-        samples), steps, bytes_per_sample = train_bytes / samples,
-        per_epoch: [{epoch, step, samples, bytes, train_bytes}]
-        ledger: the raw ledger (resume adds to it)
-
-    A resumed run goes on from what its checkpoint recorded (`state()`, saved in
-    checkpoint.pt), so the steps since the last epoch's end are counted once too.
-    A no-op for an executor without a ledger (in-process: nothing crosses a wire)."""
-
-    def __init__(self, run_dir: Path, ex, resume: bool = False, saved: dict | None = None):
-        from .ledger import Ledger
-
-        self.path = Path(run_dir) / "messages.json"
-        self.ex = ex
-        self.enabled = hasattr(ex, "ledger") and callable(getattr(ex, "ledger"))
-        self.base, self.per_epoch = Ledger(), []
-        self.excluded = {"eval": 0, "probe": 0}
-        self._marks: dict[str, int] = {}
-        if not self.enabled:
-            return
-        if resume and (saved is not None or self.path.exists()):
-            # (a checkpoint from before `state()` was saved: the last epoch's end)
-            old = saved if saved is not None else json.loads(self.path.read_text())
-            self.base = Ledger.from_dict(old.get("ledger", {"rows": []}))
-            self.excluded = {k: int(old.get(f"{k}_bytes", 0)) for k in self.excluded}
-            self.per_epoch = list(old.get("per_epoch", []))
-        else:
-            self.path.unlink(missing_ok=True)
-
-    def fetch(self):
-        """(this process's ledger, the run's: base + this process's); (None, None)
-        without a ledger."""
-        if not self.enabled:
-            return None, None
-        from .ledger import Ledger
-
-        cur = self.ex.ledger()
-        return cur, Ledger().merge(self.base).merge(cur)
-
-    def ledger(self):
-        return self.fetch()[1]
-
-    def state(self) -> dict | None:
-        """What a checkpoint keeps (between steps: no evaluation or probe under way)."""
-        if not self.enabled:
-            return None
-        return {"ledger": self.ledger().to_dict(), "per_epoch": list(self.per_epoch),
-                **{f"{k}_bytes": v for k, v in self.excluded.items()}}
-
-    @staticmethod
-    def _total(led) -> int:
-        return sum(h + p for _, h, p in led.rows.values())
-
-    def begin(self, what: str, led=None) -> None:
-        """Bytes from here to end(what) (or the next write) count as `what`_bytes."""
-        if self.enabled:
-            self._marks[what] = self._total(led or self.ledger())
-
-    def end(self, what: str, led=None) -> None:
-        if self.enabled and what in self._marks:
-            self.excluded[what] += self._total(led or self.ledger()) - self._marks.pop(what)
-
-    def write(self, epoch: int, step: int, samples: int, led=None) -> dict | None:
-        if not self.enabled:
-            return None
-        led = led or self.ledger()
-        total = self._total(led)
-        for what in list(self._marks):
-            self.end(what, led)
-        train_bytes = total - sum(self.excluded.values())
-        self.per_epoch.append({"epoch": epoch, "step": step, "samples": samples,
-                               "bytes": total, "train_bytes": train_bytes})
-        doc = {"edges": led.edges(), "kinds": led.as_summary(),
-               **{f"{k}_bytes": v for k, v in self.excluded.items()},
-               "train_bytes": train_bytes, "samples": samples, "steps": step,
-               "bytes_per_sample": train_bytes / samples if samples else None,
-               "per_epoch": self.per_epoch, "ledger": led.to_dict()}
-        write_json(self.path, doc)
-        return doc
 
 
 # ------------------------------------------------------------------ the trainer's view

@@ -12,7 +12,7 @@ A run directory holds:
   stopped.json    why a run that had started ended before its summary: diverged,
                   interrupted or failed, after which step, and the message (removed
                   when the run goes on: --resume)
-  messages.json   Ray executor: messages and bytes per edge and kind (localnet/metrics.py)
+  messages.json   Ray executor: messages and bytes per edge and kind (localnet/ledger.py)
   timeline.json   Ray executor: when each actor ran each action over a few steps
                   (localnet/timeline.py; `localnet report` draws it)
 

@@ -13,7 +13,7 @@ import pytest
 from localnet.cli import main
 from localnet.config import load_config
 from localnet.files import run_lock
-from localnet.metrics import MessageLog
+from localnet.ledger import MessageLog
 from localnet.report import MAX_PANELS, STATE_LEGEND, load_run, report
 from localnet.ledger import Ledger
 from localnet.train import train
