@@ -22,6 +22,7 @@ With `metrics.port` set, the run also serves its metrics in the Prometheus forma
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -66,15 +67,36 @@ class _LossTrail:
     checkpoint is worth going on from.  Step k's loss is computed on the weights that
     step k-1 left, so a checkpoint saved at step s is judged by the loss of step s+1."""
 
+    FLAT, BAND = 20, 0.02  # steps, and how close to ln C their losses are
+
     def __init__(self, saved: int | None):
         self.saved, self.on_saved = saved, None  # the last checkpoint's step; its loss
         self.first = self.last = None  # (step, loss) of this process's first and last steps
+        self.recent = collections.deque(maxlen=self.FLAT)
 
     def step(self, step: int, loss: float) -> None:
         self.first = self.first or (step, loss)
         self.last = (step, loss)
+        self.recent.append(loss)
         if self.saved == step - 1:
             self.on_saved = loss
+
+    def constant_output(self, num_classes: int, cfg: Config) -> str | None:
+        """A note when the last FLAT steps' losses all sit at ln C: the cross-entropy of an
+        output that no longer depends on the input (a deep ResNet at 0.1 from its first
+        step ends there, and stays).  Nothing stops: the accuracy would say it only as
+        chance, after the whole run."""
+        chance = math.log(num_classes)
+        if len(self.recent) < self.FLAT or any(abs(x - chance) >= self.BAND
+                                                for x in self.recent):
+            return None
+        return (f"note: the training loss has stayed within {self.BAND} of ln {num_classes} = "
+                f"{chance:.3f} for the last {self.FLAT} steps: the loss of an output that "
+                f"ignores its input.  A deep network at too high a rate from its first step "
+                f"ends there and stays, as does one whose weights the decay took to zero; "
+                f"start again with the rate ramped up "
+                f"(train.lr_warmup_steps is {cfg.train.lr_warmup_steps}) or lowered "
+                f"(train.lr is {cfg.train.lr:g}); README, \"Models\"")
 
     def diverged(self, what: str, step: int, epoch: int, cfg: Config,
                  run_dir: Path) -> NonFiniteLossError:
@@ -441,6 +463,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  f"{cfg.runtime.cpu_policy}: {why}.  On few cores that costs some speed "
                  f"(localnet/runtime/README.md, \"Who gets the core\")")
     told = len(getattr(ex, "recoveries", ()))  # the ones a resumed checkpoint lists
+    flat_told = False  # the constant-output note: once a process
     try:
         for epoch in range(start_epoch, t.epochs):
             if step >= total_steps:
@@ -513,6 +536,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             metrics_f.flush()
             obs.epoch_end(line, samples_seen)
             bar.epoch_done(epoch, t.epochs, last, time.perf_counter() - tic)
+            flat = None if flat_told else trail.constant_output(data.num_classes, cfg)
+            if flat:
+                bar.note(flat)
+                flat_told = True
             epochs_done = epoch + 1
             save(epoch, step, train_time, samples_seen)
     except BaseException as exc:

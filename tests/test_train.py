@@ -357,6 +357,42 @@ def test_a_divergence_judges_the_checkpoint_by_the_loss_on_its_weights(saved, sa
     assert ("--resume" in str(err)) == (saved == 6)
 
 
+def test_a_loss_that_sits_at_ln_c_is_noted_as_an_output_that_ignores_its_input(tmp_path,
+                                                                              capsys):
+    """ResNet-56 at 0.1 from its first step ended at a constant output, and nothing said so
+    but the chance accuracy at the end.  Twenty steps within 0.02 of ln C give a note (once);
+    a run that learns gives none, and neither do fewer steps or one step outside the band."""
+    from localnet.train import _LossTrail
+
+    measured = [2.296, 2.289, 2.302, 2.291, 2.289, 2.29, 2.301, 2.306, 2.311, 2.304] * 2
+    for losses, noted in [(measured, True), (measured[:19], False),
+                          (measured[:19] + [2.33], False), ([0.9] * 20, False)]:
+        trail = _LossTrail(None)
+        for step, loss in enumerate(losses, 1):
+            trail.step(step, loss)
+        note = trail.constant_output(10, small())
+        assert (note is not None) == noted
+    assert "within 0.02 of ln 10 = 2.303 for the last 20 steps" in \
+        _flat_trail().constant_output(10, small())
+    # end to end: weight decay takes an MLP's weights to zero, so its logits to 0
+    collapsed = small("rule.name=bp", "train.weight_decay=5", "train.lr=0.1", "train.momentum=0",
+                      "train.batch_size=16", "model.init=xavier")
+    summary = train(collapsed, tmp_path / "flat", progress=False)
+    assert summary["test_loss"] == pytest.approx(math.log(10), abs=1e-3)
+    assert capsys.readouterr().err.count("note: the training loss has stayed within") == 1
+    train(small("rule.name=bp"), tmp_path / "learns", progress=False)
+    assert "note: the training loss" not in capsys.readouterr().err
+
+
+def _flat_trail():
+    from localnet.train import _LossTrail
+
+    trail = _LossTrail(None)
+    for step in range(1, 21):
+        trail.step(step, math.log(10))
+    return trail
+
+
 def test_the_progress_display_keeps_a_diverging_loss_short_and_reports_each_epoch(capsys):
     """A loss of 7e18 is 7.44e+18 on the bar, not nineteen digits that push the rest off
     the line; each epoch's line has its number out of all, losses, accuracy and time."""
