@@ -95,7 +95,8 @@ class Run:
                 "executor": (s.get("runtime") or {}).get("executor")
                             or (self.config.get("runtime") or {}).get("executor"),
                 "state": self.state(), "stopped": self.stopped,
-                "resumed_with": s.get("resumed_with")}
+                "resumed_with": s.get("resumed_with"),
+                "constant_output": s.get("constant_output")}
 
     def cores_busy(self) -> float | None:
         """The share of the machine's cores busy while the run trained (summary.json
@@ -496,6 +497,11 @@ def table(runs: list[Run]):
         f"at step {c['at_step']} " + ", ".join(f"{k} {a} -> {b}"
                                                for k, (a, b) in c["settings"].items())
         for c in r["resumed_with"])) for r in rows if r.get("resumed_with")]
+    # a run that learned nothing after some step: its accuracy alone reads as a poor rule
+    below += [Text(f"{r['run']}: the training loss sat at {r['constant_output']['loss']:g} (ln "
+                   f"of the classes: an output that ignores its input) by step "
+                   f"{r['constant_output']['after_step']}; a warm-up or a lower rate (README)")
+              for r in rows if r.get("constant_output")]
     return Group(t, *below) if below else t
 
 

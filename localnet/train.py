@@ -463,7 +463,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  f"{cfg.runtime.cpu_policy}: {why}.  On few cores that costs some speed "
                  f"(localnet/runtime/README.md, \"Who gets the core\")")
     told = len(getattr(ex, "recoveries", ()))  # the ones a resumed checkpoint lists
-    flat_told = False  # the constant-output note: once a process
+    flat_at = None  # the step after which the constant-output note came (once a process)
     try:
         for epoch in range(start_epoch, t.epochs):
             if step >= total_steps:
@@ -536,10 +536,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             metrics_f.flush()
             obs.epoch_end(line, samples_seen)
             bar.epoch_done(epoch, t.epochs, last, time.perf_counter() - tic)
-            flat = None if flat_told else trail.constant_output(data.num_classes, cfg)
+            flat = None if flat_at else trail.constant_output(data.num_classes, cfg)
             if flat:
                 bar.note(flat)
-                flat_told = True
+                flat_at = step
             epochs_done = epoch + 1
             save(epoch, step, train_time, samples_seen)
     except BaseException as exc:
@@ -588,6 +588,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         summary["recuts"] = recuts
     if changes:  # resumed under other settings: what the steps before each trained with
         summary["resumed_with"] = changes
+    if flat_at:  # so a report of many runs (a sweep's) can say which ones
+        summary["constant_output"] = {"after_step": flat_at,
+                                      "loss": round(math.log(data.num_classes), 4)}
     write_json(run_dir / "summary.json", keep_recorded(summary, run_dir / "summary.json"),
                indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values

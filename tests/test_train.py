@@ -380,8 +380,17 @@ def test_a_loss_that_sits_at_ln_c_is_noted_as_an_output_that_ignores_its_input(t
     summary = train(collapsed, tmp_path / "flat", progress=False)
     assert summary["test_loss"] == pytest.approx(math.log(10), abs=1e-3)
     assert capsys.readouterr().err.count("note: the training loss has stayed within") == 1
-    train(small("rule.name=bp"), tmp_path / "learns", progress=False)
+    # noted after the first epoch's 32 steps; summary.json keeps it, and a report says it
+    assert summary["constant_output"] == {"after_step": 32, "loss": 2.3026}
+    learns = train(small("rule.name=bp"), tmp_path / "learns", progress=False)
     assert "note: the training loss" not in capsys.readouterr().err
+    assert "constant_output" not in learns
+    from localnet.cli import main
+
+    assert main(["report", str(tmp_path / "flat"), str(tmp_path / "learns")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("flat: the training loss sat at 2.3026 (ln of the classes: an output that ignores "
+            "its input) by step 32") in out and "learns: the training loss" not in out
 
 
 def _flat_trail():
