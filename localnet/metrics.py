@@ -351,9 +351,6 @@ class Metrics:
             self.bubble_fraction.set(sum(waits) / (len(waits) * wall))
 
 
-# ------------------------------------------------------------------ messages.json
-
-
 # ------------------------------------------------------------------ the trainer's view
 
 
