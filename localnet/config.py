@@ -213,7 +213,8 @@ class MetricsConfig(Section):
     allow_insecure: bool = Field(False, description="allow plain HTTP on a non-loopback "
                                  "address: anyone who can reach it reads the run's metrics")
     linger_s: float = Field(0.0, ge=0, description="after the run, keep the endpoint up until "
-                            "it is scraped once more, or at most this many seconds")
+                            "it is scraped once more (and, with sd_dir, until the scraper "
+                            "has dropped the target), at most this many seconds in all")
     poll_every: int = Field(10, ge=1, description="ray: collect actor timings and the message "
                             "ledger every N steps (in-process stages are timed every step)")
     sd_dir: PathSetting = Field(None, description="write a Prometheus file-SD target file "

@@ -206,6 +206,8 @@ class _ScrapeWatch:
     def __init__(self):
         self.armed = False
         self.scraped = threading.Event()
+        self.gap = None  # seconds between the last two scrapes: the scraper's interval
+        self._last_at = None
         self._local = threading.local()
         watch = self
 
@@ -216,6 +218,10 @@ class _ScrapeWatch:
 
         class Last:
             def collect(self):
+                now = time.monotonic()
+                if watch._last_at is not None:
+                    watch.gap = now - watch._last_at
+                watch._last_at = now
                 if getattr(watch._local, "armed", False):
                     watch.scraped.set()
                 return []
@@ -301,6 +307,17 @@ class Metrics:
             return self.watch.scraped.wait(timeout)
         finally:
             self.watch.armed = False
+
+    def wait_until_dropped(self, timeout: float) -> bool:
+        """Keep answering until the scraper has stopped coming: two of its intervals (at
+        least 1 s) pass with no scrape, or timeout.  Returns whether it went quiet."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            # no interval known yet (one scrape in all): the next scrape tells it
+            quiet = left if self.watch.gap is None else max(2 * self.watch.gap, 1.0)
+            if not self.wait_for_scrape(min(quiet, left)):
+                return quiet < left
+        return False
 
     def stop(self) -> None:
         if self._server is not None:
@@ -534,10 +551,22 @@ class RunObserver:
             return
         try:
             if linger and self.cfg.metrics.linger_s > 0:
+                deadline = time.monotonic() + self.cfg.metrics.linger_s
                 if self.metrics.wait_for_scrape(self.cfg.metrics.linger_s):
                     time.sleep(0.5)  # let the scraper receive and store the reply
+                    if self.sd_file is not None:
+                        # Prometheus drops a target seconds after its file goes (file SD
+                        # is watched, and discovery sends updates at most every 5 s); a
+                        # scrape meanwhile of a closed endpoint reads up == 0, a finished
+                        # run taken for a dead one (LocalnetRunUnreachable, pending).  So
+                        # take the announcement back first, and answer until it is dropped.
+                        self._unannounce()
+                        self.metrics.wait_until_dropped(deadline - time.monotonic())
         finally:
-            if self.sd_file is not None:
-                self.sd_file.unlink(missing_ok=True)
-                self.sd_file = None
+            self._unannounce()
             self.metrics.stop()
+
+    def _unannounce(self) -> None:
+        if self.sd_file is not None:
+            self.sd_file.unlink(missing_ok=True)
+            self.sd_file = None

@@ -49,23 +49,28 @@ def labelsets(scraped: dict, name: str) -> list[dict]:
     return [dict(lab) for (n, lab) in scraped if n == name]
 
 
-def run_and_scrape(cfg, run_dir: Path, sd_dir: Path):
-    """train() with its endpoint announced in sd_dir; a thread scrapes it until the run is
-    over.  Returns (summary, the last scrape as samples(), seconds train() took)."""
+def run_and_scrape(cfg, run_dir: Path, sd_dir: Path, failed: list | None = None):
+    """train() with its endpoint announced in sd_dir; a thread scrapes it, as file SD
+    would, until its target file has been gone for 0.3 s.  Returns (summary, the last
+    scrape as samples(), seconds train() took); each failed scrape goes into `failed`."""
     last, stop = {}, threading.Event()
 
     def scrape():
-        url = None
+        url, gone = None, None
         while not stop.is_set():
-            if url is None:
-                files = list(sd_dir.glob("*.json"))
-                if files:
-                    url = f"http://{json.loads(files[0].read_text())[0]['targets'][0]}/metrics"
+            files = list(sd_dir.glob("*.json"))
+            if url is None and files:
+                url = f"http://{json.loads(files[0].read_text())[0]['targets'][0]}/metrics"
+            if url is not None and not files:
+                gone = gone or time.monotonic()
+                if time.monotonic() - gone > 0.3:  # the scraper has dropped the target
+                    url = None
             if url is not None:
                 try:
                     last["text"] = urllib.request.urlopen(url, timeout=5).read().decode()
-                except OSError:
-                    pass
+                except OSError as err:
+                    if failed is not None:
+                        failed.append(err)
             time.sleep(0.05)
 
     th = threading.Thread(target=scrape, daemon=True)
@@ -227,10 +232,13 @@ def test_inprocess_run_exports_run_actor_and_layer_series(tmp_path):
     sd = tmp_path / "sd"
     cfg = small("rule.name=fa", "metrics.port=0", f"metrics.sd_dir={sd}", "metrics.linger_s=30",
                 "metrics.bp_angle=true", "train.micro_batches=2")
-    summary, s, took = run_and_scrape(cfg, tmp_path / "run", sd)
+    failed = []
+    summary, s, took = run_and_scrape(cfg, tmp_path / "run", sd, failed)
     steps = summary["steps"]
     assert steps == 16
-    assert took < 25, "linger must end at the first scrape after the run, not at linger_s"
+    assert took < 25, "linger must end once the scraper has dropped the target, not at linger_s"
+    # the endpoint answered every scrape, those after its file went among them
+    assert failed == []
     assert value(s, "localnet_step") == steps == value(s, "localnet_total_steps")
     assert value(s, "localnet_epoch") == 0
     assert value(s, "localnet_accuracy", split="test") == pytest.approx(summary["test_accuracy"])

@@ -128,6 +128,9 @@ def test_prometheus_scrapes_a_run(prometheus, tmp_path):
     summary = train(cfg, tmp_path / "run", progress=False)
     steps = summary["steps"]
     assert steps == 32
+    # train() returned once Prometheus had dropped the run's target, after its file went
+    active = get_json(f"{base}/api/v1/targets?state=active")["data"]["activeTargets"]
+    assert [t for t in active if t["labels"].get("job") == "localnet"] == [], active
 
     # the final values: the endpoint lingered until Prometheus had scraped them
     res = wait_for(base, "last_over_time(localnet_step[10m])",
@@ -165,6 +168,10 @@ def test_prometheus_scrapes_a_run(prometheus, tmp_path):
     # nor pending or firing at any evaluation while the run was up (its series are stale
     # now, so a rule that fired would read inactive again)
     assert query(base, "last_over_time(ALERTS[10m])") == []
+    # the run answered every scrape: it took its target file back and answered until
+    # Prometheus had dropped the target, so no scrape found it gone
+    res = query(base, 'min_over_time(up{job="localnet"}[10m])')
+    assert [float(r["value"][1]) for r in res] == [1.0], res
 
     # the series the run left behind, all named localnet_*
     d = get_json(f"{base}/api/v1/label/__name__/values?"
