@@ -1337,6 +1337,42 @@ def test_actors_that_do_not_answer_are_a_timeout_naming_the_setting(monkeypatch)
                                "(runtime.timeout_s)")
 
 
+def test_the_embedded_rays_raylet_does_not_warn_about_the_runs_own_actors(monkeypatch):
+    """The embedded Ray's raylet warns every driver once (workers - 8 I/O workers) // its
+    startup concurrency reaches 4 (worker_pool.cc, WarnAboutSize): with Ray's default of
+    the CPUs (2 here), at 16 workers, so twice for ResNet-20 per layer's 20 actors.  The
+    gate keeps the run's own actors under it, is Ray's own where they already are (the
+    main job's 11), and a concurrency the user set stays theirs."""
+    import ray
+
+    from localnet.runtime import session
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_worker_maximum_startup_concurrency", raising=False)
+
+    def gate(actors, **rt):
+        calls.clear()
+        session.ensure_ray(RuntimeConfig(**rt), actors)
+        return calls[0]["_system_config"]["worker_maximum_startup_concurrency"]
+
+    rays = min(os.cpu_count(), 4)  # ray.init's own: the CPUs, at most num_cpus (local_cpus)
+    for actors in (1, 3, 11, 20, 56, 112, 400):
+        g = gate(actors)
+        assert (actors + 4 - 8) // g < 4, (actors, g)  # no warning, nor with 4 workers more
+        assert g >= rays
+        if (actors + 4 - 8) // rays < 4:  # Ray's default already warns of nothing
+            assert g == rays, (actors, g)  # (the main job's 11 actors on 2 cores)
+    assert gate(20, local_cpus=1) == 5
+
+    monkeypatch.setenv("RAY_worker_maximum_startup_concurrency", "3")
+    calls.clear()
+    session.ensure_ray(RuntimeConfig(), 20)
+    assert "worker_maximum_startup_concurrency" not in calls[0].get("_system_config", {})
+
+
 def test_the_process_keeps_its_sigterm_handler_over_ray_init(monkeypatch):
     """ray.init makes SIGTERM a bare exit: a handler the process had (`localnet run`'s,
     which stops the run as Ctrl-C does) is put back, and a SIGTERM that came during

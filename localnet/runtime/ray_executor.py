@@ -128,7 +128,7 @@ class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
             else:
                 say = on_phase or (lambda text: None)
                 say("connecting to Ray" if rt.address else "starting a local Ray")
-                self._owns_ray = ensure_ray(rt)
+                self._owns_ray = ensure_ray(rt, S)
                 phases["ray_init"] = time.perf_counter()
                 self._placer = session.Placer(rt, self.timeout)
                 if actors is None and rt.memory_preflight:  # before any actor starts

@@ -75,17 +75,30 @@ def _unreachable(where: str, why: str) -> str:
             f"on this machine")
 
 
-def ensure_ray(runtime) -> bool:
-    """Connect to runtime.address / $RAY_ADDRESS, else start an embedded local Ray.
-    Returns True when this call started (and so owns) the Ray session."""
+def ensure_ray(runtime, actors: int = 0) -> bool:
+    """Connect to runtime.address / $RAY_ADDRESS, else start an embedded local Ray for
+    `actors` actors.  Returns True when this call started (and so owns) the Ray session."""
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with _own_sigterm():
-        _init(ray, runtime)
+        _init(ray, runtime, actors)
     return True
+
+
+def startup_gate(runtime, actors: int) -> int:
+    """How many worker processes the embedded Ray's raylet lets start at once.  Ray's
+    default is the CPUs, and the raylet tells every driver, once (workers - its 8 I/O
+    workers) reach 4x that many and at each multiple after, that too many have started
+    ("... tasks blocked in ray.get() calls ..."): twice for ResNet-20 per layer on 2
+    cores, more for deeper nets, where an actor per layer is the design and nothing to
+    fix.  So the gate widens to keep the run's own actors under the warning, with room
+    for a few more workers (a recovery's new actors before the dead are reaped); below
+    that, Ray's default stays (the start window paces the actors either way)."""
+    default = max(1, min(os.cpu_count() or 1, int(runtime.local_cpus)))
+    return max(default, (actors + 4 - 8) // 4 + 1)
 
 
 @contextlib.contextmanager
@@ -110,7 +123,7 @@ def _own_sigterm():
             signal.signal(signal.SIGTERM, before)
 
 
-def _init(ray, runtime) -> None:
+def _init(ray, runtime, actors: int) -> None:
     address = cluster_address(runtime)
     if address:
         where = f"{'runtime.address' if runtime.address else '$RAY_ADDRESS'}={address}"
@@ -133,10 +146,13 @@ def _init(ray, runtime) -> None:
         # token auth is on) would break into the start-up display; its errors still show.
         # "local": a private instance even beside a `ray start` on this machine, which
         # ray.init would otherwise join -- and refuse, as it takes no num_cpus there
+        system = {}
+        if "RAY_worker_maximum_startup_concurrency" not in os.environ:  # the user's wins
+            system["worker_maximum_startup_concurrency"] = startup_gate(runtime, actors)
         ray.init(address="local", num_cpus=runtime.local_cpus, include_dashboard=False,
                  log_to_driver=False,
                  object_store_memory=runtime.local_object_store_mb << 20,
-                 logging_level=logging.ERROR)
+                 logging_level=logging.ERROR, _system_config=system)
 
 
 def run_tasks(fn, jobs: list[tuple], runtime, *, log, failed) -> dict:
