@@ -298,10 +298,10 @@ def curves_figure(runs: list[Run]):
     return fig
 
 
-def _panels(n: int):
+def _panels(n: int, row_h: float = 3.9):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = _figure(5.2 * cols, 3.9 * rows)
+    fig = _figure(5.2 * cols, row_h * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -335,12 +335,24 @@ def natural_key(name: str) -> list:
 
 
 def plot_messages(runs: list[Run], path: Path) -> Path | None:
+    fig = messages_figure(runs)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def messages_figure(runs: list[Run]):
+    """Bytes per edge, a bar per kind, a panel per run that sent messages (None: no such
+    run).  A row's height grows with its panels' edges: ResNet-20 per layer has 61, and
+    their names ran into one another at the height of a per-unit run's 31."""
     with_msgs = [r for r in runs if r.messages and r.messages.get("edges")]
     if not with_msgs:
         return None
     from matplotlib.ticker import EngFormatter
 
-    fig, axes = _panels(len(with_msgs))
+    most = max(len(r.messages["edges"]) for r in with_msgs)
+    fig, axes = _panels(len(with_msgs), row_h=max(3.9, 1.3 + 0.14 * most))
     kinds = sorted({k for r in with_msgs for e in r.messages["edges"].values() for k in e})
     colors = dict(zip(kinds, _colors(len(kinds))))
     for ax, run in zip(axes, with_msgs):
@@ -351,7 +363,7 @@ def plot_messages(runs: list[Run], path: Path) -> Path | None:
         for j, kind in enumerate(present):  # grouped, not stacked: a log axis
             vals = [float(edges[e].get(kind, {}).get("bytes", 0)) for e in names]
             ys = [i - 0.4 + h * (j + 0.5) for i in range(len(names))]
-            ax.barh(ys, vals, height=h, color=colors[kind], label=kind)
+            ax.barh(ys, vals, height=h, color=colors[kind])
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_xscale("log")
@@ -359,11 +371,13 @@ def plot_messages(runs: list[Run], path: Path) -> Path | None:
         ax.set(title=f"{run.label} ({run.rule}): bytes per edge", xlabel="bytes sent (log)")
         ax.tick_params(axis="y", labelsize="x-small")
         ax.grid(axis="x", alpha=0.3)
-        # below the axes: the longest bars reach the right edge, where a legend would hide them
-        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.12),
-                  ncol=len(present), frameon=False)
-    fig.savefig(path, dpi=110)
-    return path
+    # one legend, below the panels: the longest bars reach the right edge, where a legend
+    # would hide them, and a kind has one colour in every panel
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=colors[k], label=k) for k in kinds],
+               loc="outside lower center", ncol=len(kinds), fontsize="x-small", frameon=False)
+    return fig
 
 
 _ACTIONS = {"F": "forward", "B": "backward", "STEP": "update"}

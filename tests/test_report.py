@@ -207,6 +207,35 @@ def test_edges_are_listed_in_the_pipelines_order():
         "stage10->driver", "stage10->stage9"]
 
 
+def test_the_edges_of_a_per_layer_run_have_room_for_their_names():
+    """ResNet-20 per layer sends over 61 edges: at the height of a per-unit run's panel
+    their names ran into one another.  Drawn, no two of a panel's edge names overlap, for
+    the per-layer run beside a per-unit one; and one legend below names every kind."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from localnet.report import Run, messages_figure
+
+    def run(label, stages):
+        edges = {"driver->stage0": {"activation": {"bytes": 4000}}}
+        for i in range(stages - 1):
+            edges[f"stage{i}->stage{i + 1}"] = {"activation": {"bytes": 1000}}
+            edges[f"stage{i + 1}->stage{i}"] = {"error": {"bytes": 900}}
+            edges[f"driver->stage{i + 1}"] = {"control": {"bytes": 10}}
+        return Run(Path(label), label, summary={"rule": "pfa"}, messages={"edges": edges})
+
+    fig = messages_figure([run("per_layer", 21), run("per_unit", 11)])
+    FigureCanvasAgg(fig).draw()
+    for ax, n in zip(fig.axes, (61, 31)):
+        boxes = sorted((t.get_window_extent() for t in ax.get_yticklabels()),
+                       key=lambda b: b.y0)
+        assert len(boxes) == n
+        assert all(a.y1 <= b.y0 + 0.5 for a, b in zip(boxes, boxes[1:])), ax.get_title()
+    (legend,) = fig.legends
+    assert sorted(t.get_text() for t in legend.get_texts()) == ["activation", "control",
+                                                                 "error"]
+    assert messages_figure([Run(Path("x"), "x")]) is None
+
+
 def test_actions_fill_is_the_share_of_the_cores_the_actions_kept_busy():
     from localnet.report import actions_fill
     tl = {"spans": [[0, "F", 1, 0, 0.0, 1.0], [1, "F", 1, 0, 1.0, 2.0],
