@@ -309,6 +309,15 @@ def _panels(n: int, row_h: float = 3.9):
 
 
 def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str) -> Path | None:
+    fig = layer_angles_figure(runs, key, ylabel)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def layer_angles_figure(runs: list[Run], key: str, ylabel: str):
+    """An angle per layer against steps, a panel per run that has them (None: none)."""
     series = [(run, run.alignment_series(key)) for run in runs]
     series = [(run, s) for run, s in series if s]
     if not series:
@@ -322,10 +331,28 @@ def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str) -> Pat
         top = max(p[1] for pts in s.values() for p in pts)
         ax.set_ylim(0, max(95.0, 1.05 * top))  # room above 90 degrees: where untrained
         ax.grid(alpha=0.3)                      # feedback starts, on the frame otherwise
-        ax.legend(fontsize="xx-small", ncol=1 + len(s) // 12, title="layer (input -> output)",
-                  title_fontsize="xx-small")
-    fig.savefig(path, dpi=110)
-    return path
+        _layer_key(fig, ax, list(s))
+    return fig
+
+
+LEGEND_LAYERS = 12  # beyond: a colour bar; ResNet-56's 57 layers' legend outgrew the panel
+
+
+def _layer_key(fig, ax, layers: list[str]) -> None:
+    """Which colour is which layer: a legend for a few layers, else a colour bar of depth
+    (viridis, input to output) that names a few of them."""
+    title = "layer (input -> output)"
+    if len(layers) <= LEGEND_LAYERS:
+        ax.legend(fontsize="xx-small", title=title, title_fontsize="xx-small")
+        return
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    n = len(layers)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, n - 1), "viridis"), ax=ax, aspect=30)
+    ticks = sorted({round(i * (n - 1) / 4) for i in range(5)})
+    bar.set_ticks(ticks, labels=[layers[i] for i in ticks], fontsize="xx-small")
+    bar.set_label(title, fontsize="xx-small")
 
 
 def natural_key(name: str) -> list:

@@ -236,6 +236,34 @@ def test_the_edges_of_a_per_layer_run_have_room_for_their_names():
     assert messages_figure([Run(Path("x"), "x")]) is None
 
 
+def test_the_layers_of_a_deep_run_are_told_apart_by_a_colour_bar():
+    """ResNet-56 has 57 layers: their legend, in five columns, outgrew its panel and
+    covered the curves and the next panel.  Beyond LEGEND_LAYERS layers a colour bar of
+    depth names the first and the last; a few layers keep a legend inside the panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from localnet.report import LEGEND_LAYERS, Run, layer_angles_figure
+
+    def run(n):
+        names = ["stem.conv"] + [f"layer{i}.conv" for i in range(1, n - 1)] + ["head.fc"]
+        steps = [{"step": k, "alignment": {m: {"angle": 90.0 - k * i / n} for i, m in
+                                           enumerate(names)}} for k in (1, 5, 9)]
+        return Run(Path(f"r{n}"), f"r{n}", summary={"rule": "fa"}, steps=steps), names
+
+    (deep, names), (shallow, few) = run(57), run(LEGEND_LAYERS)
+    fig = layer_angles_figure([deep, shallow], "alignment", "deg")
+    FigureCanvasAgg(fig).draw()
+    ax_deep, ax_shallow, bar = fig.axes
+    assert ax_deep.get_legend() is None
+    ticks = [t.get_text() for t in bar.get_yticklabels()]
+    assert ticks[0] == "stem.conv" and ticks[-1] == "head.fc" and len(ticks) == 5
+    legend = ax_shallow.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == few
+    box, frame = legend.get_window_extent(), ax_shallow.get_window_extent()
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 <= box.y1 <= frame.y1
+    assert layer_angles_figure([Run(Path("x"), "x")], "alignment", "deg") is None
+
+
 def test_actions_fill_is_the_share_of_the_cores_the_actions_kept_busy():
     from localnet.report import actions_fill
     tl = {"spans": [[0, "F", 1, 0, 0.0, 1.0], [1, "F", 1, 0, 1.0, 2.0],
