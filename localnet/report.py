@@ -5,10 +5,11 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
   curves.png           loss and accuracy against optimizer steps (train and test; a colour
                        per run, or per rule beyond 20 runs)
   alignment.png        per-layer angle between W and the feedback, over steps (one panel
-                       per run, for the first MAX_PANELS runs)
+                       per run, for the first MAX_PANELS runs; the layers by a legend, or
+                       beyond LEGEND_LAYERS by a colour bar of depth)
   bp_update_angle.png  per-layer angle between the rule's update and BP's gradient (only
                        for runs with metrics.bp_angle)
-  messages.png         message bytes per edge, stacked by kind (only for runs with a
+  messages.png         message bytes per edge, a bar per kind (only for runs with a
                        messages.json: the Ray executor)
   timeline.png         each actor's forwards, backwards and updates over a few steps, as
                        they ran (only for runs with a timeline.json: the Ray executor;

@@ -250,7 +250,7 @@ def test_the_layers_of_a_deep_run_are_told_apart_by_a_colour_bar():
                                            enumerate(names)}} for k in (1, 5, 9)]
         return Run(Path(f"r{n}"), f"r{n}", summary={"rule": "fa"}, steps=steps), names
 
-    (deep, names), (shallow, few) = run(57), run(LEGEND_LAYERS)
+    (deep, _), (shallow, few) = run(57), run(LEGEND_LAYERS)
     fig = layer_angles_figure([deep, shallow], "alignment", "deg")
     FigureCanvasAgg(fig).draw()
     ax_deep, ax_shallow, bar = fig.axes
