@@ -370,6 +370,14 @@ def plot_messages(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
+def _actor_names(run: Run) -> dict[str, str]:
+    """stageN -> what that actor holds (its unit, or first..last unit), from summary.json:
+    stage13->stage14 says nothing of where in the net an edge runs."""
+    units = ((run.summary.get("runtime") or {}).get("units")) or []
+    return {f"stage{i}": u[0] if len(u) == 1 else f"{u[0]}..{u[-1]}"
+            for i, u in enumerate(units) if u}
+
+
 def messages_figure(runs: list[Run]):
     """Bytes per edge, a bar per kind, a panel per run that sent messages (None: no such
     run).  A row's height grows with its panels' edges: ResNet-20 per layer has 61, and
@@ -392,7 +400,9 @@ def messages_figure(runs: list[Run]):
             vals = [float(edges[e].get(kind, {}).get("bytes", 0)) for e in names]
             ys = [i - 0.4 + h * (j + 0.5) for i in range(len(names))]
             ax.barh(ys, vals, height=h, color=colors[kind])
-        ax.set_yticks(range(len(names)), names)
+        actor = _actor_names(run)
+        ax.set_yticks(range(len(names)), ["->".join(actor.get(end, end) for end in e.split("->"))
+                                          for e in names])
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(EngFormatter(unit="B"))

@@ -221,7 +221,10 @@ def test_the_edges_of_a_per_layer_run_have_room_for_their_names():
             edges[f"stage{i}->stage{i + 1}"] = {"activation": {"bytes": 1000}}
             edges[f"stage{i + 1}->stage{i}"] = {"error": {"bytes": 900}}
             edges[f"driver->stage{i + 1}"] = {"control": {"bytes": 10}}
-        return Run(Path(label), label, summary={"rule": "pfa"}, messages={"edges": edges})
+        units = [[f"unit{i}"] for i in range(stages)]
+        units[-1].append("head")  # an actor of two units
+        return Run(Path(label), label, messages={"edges": edges},
+                   summary={"rule": "pfa", "runtime": {"units": units}})
 
     fig = messages_figure([run("per_layer", 21), run("per_unit", 11)])
     FigureCanvasAgg(fig).draw()
@@ -230,6 +233,10 @@ def test_the_edges_of_a_per_layer_run_have_room_for_their_names():
                        key=lambda b: b.y0)
         assert len(boxes) == n
         assert all(a.y1 <= b.y0 + 0.5 for a, b in zip(boxes, boxes[1:])), ax.get_title()
+    # the edges are named by what their actors hold, in the pipeline's order
+    labels = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    assert labels[:3] == ["driver->unit0", "driver->unit1", "driver->unit2"]
+    assert labels[-2:] == ["unit9->unit10..head", "unit10..head->unit9"]
     (legend,) = fig.legends
     assert sorted(t.get_text() for t in legend.get_texts()) == ["activation", "control",
                                                                  "error"]
