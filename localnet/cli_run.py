@@ -88,9 +88,17 @@ def cmd_run(args) -> int:
                 return
             told.append(exc)
             dog.said.set()
-        # the step in progress is dropped; what the last checkpoint holds stays
-        print(f"localnet: {stopped_by(exc)[0]}; " + (
-            f"resume from the last checkpoint with: localnet run --resume {run_dir}"
+        # the step in progress is dropped; what the last checkpoint holds stays, and the
+        # steps after it are trained again: worth knowing before stopping a long epoch
+        step, saved = position.get("step"), position.get("saved")
+        where = ""
+        if step is not None and saved is not None:
+            where = f" (step {saved}" + (
+                "" if step <= saved else f"; step {step} is trained again" if step == saved + 1
+                else f"; steps {saved + 1}-{step} are trained again") + ")"
+        print(f"localnet: {stopped_by(exc)[0]}"
+              f"{f' after step {step}' if step is not None else ''}; " + (
+            f"resume from the last checkpoint{where} with: localnet run --resume {run_dir}"
             if (run_dir / "checkpoint.pt").exists() else
             f"no checkpoint yet in {run_dir}, nothing to resume" if run_dir.exists() else
             "it had not trained yet, so nothing was kept"), file=sys.stderr, flush=True)

@@ -280,6 +280,16 @@ def _held(cfg: Config, run_dir: Path, resume: bool, progress: bool, on_interrupt
         torch.set_num_threads(threads)  # a caller in the same process gets its own back
 
 
+def _identity(path: Path) -> tuple | None:
+    """Which file `path` is now: a replaced file is another inode (atomic_write writes
+    the new one beside the old, so the two are alive at once and cannot share one)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _record_stop(run_dir: Path, exc: BaseException, step: int, saved: int | None) -> None:
     """Why a run that had started training ended before its summary, for `localnet
     report` and whoever reads the directory later (a night's runs on a cluster)."""
@@ -409,8 +419,15 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  "train_time": train_time, "samples": samples, **mid_epoch,
                  "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json"),
                  "recuts": recuts, "changes": changes}
-        save_state(state, ckpt_path)
-        trail.saved = position["saved"] = step
+        before = _identity(ckpt_path)
+        try:
+            save_state(state, ckpt_path)
+        finally:
+            # a Ctrl-C or SIGTERM is raised at the next bytecode, which can come after the
+            # new file has replaced the old: then the checkpoint on disk is this step's,
+            # and stopped.json and the stop line must say so
+            if _identity(ckpt_path) != before:
+                trail.saved = position["saved"] = step
     trail = _LossTrail(step if resume else None)
     position.update(step=step, saved=trail.saved)  # from here on, a stop is recorded
     if obs.url:

@@ -507,13 +507,18 @@ def test_ctrl_c_ends_a_run_with_one_line_and_its_checkpoint_kept(tmp_path, sig, 
         proc.kill()
     assert proc.returncode == code, err
     assert "Traceback" not in err
-    assert f"localnet: {says}; resume from the last checkpoint with: localnet run --resume {out}" in err
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] >= 256 // 64
     stopped = json.loads((out / "stopped.json").read_text())
     assert (stopped["how"], stopped["message"]) == (
         "interrupted", "SIGTERM" if sig == "SIGTERM" else "Ctrl-C")
-    assert stopped["checkpoint_step"] <= stopped["after_step"]
+    # the line names the last step trained and the checkpoint's, and so the steps lost
+    done, kept = stopped["after_step"], stopped["checkpoint_step"]
+    assert kept == state["step"] <= done, (stopped, state["step"], err)
+    lost = "" if done == kept else f"; step {done} is trained again" if done == kept + 1 \
+        else f"; steps {kept + 1}-{done} are trained again"
+    assert (f"localnet: {says} after step {done}; resume from the last checkpoint (step "
+            f"{kept}{lost}) with: localnet run --resume {out}") in err
 
 
 def test_sigterm_to_the_whole_process_group_stops_a_ray_run_with_its_line(tmp_path):
@@ -550,10 +555,11 @@ def test_sigterm_to_the_whole_process_group_stops_a_ray_run_with_its_line(tmp_pa
     assert proc.returncode == 143, err
     assert took < 45, f"{took:.0f} s to stop"
     assert "Traceback" not in err and "Failed to connect to GCS" not in err
-    assert ("localnet: terminated (SIGTERM); resume from the last checkpoint with: "
-            f"localnet run --resume {out}") in err
     stopped = json.loads((out / "stopped.json").read_text())
     assert (stopped["how"], stopped["message"]) == ("interrupted", "SIGTERM")
+    assert re.search(rf"localnet: terminated \(SIGTERM\) after step {stopped['after_step']}; "
+                     rf"resume from the last checkpoint \(step {stopped['checkpoint_step']}"
+                     rf"[^)]*\) with: localnet run --resume {re.escape(str(out))}", err), err
 
 
 def test_a_stop_the_main_thread_could_not_record_is_recorded_for_it(tmp_path):
@@ -642,6 +648,31 @@ def test_the_stop_line_comes_before_the_executor_closes(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     line = f"localnet: interrupted; resume from the last checkpoint with: localnet run --resume {tmp_path / 'r'}"
     assert err.count(line) == 1 and err.index(line) < err.index("closing")
+
+
+@pytest.mark.parametrize("step,saved,says", [
+    (8, 8, "after step 8; resume from the last checkpoint (step 8) with"),
+    (9, 8, "after step 9; resume from the last checkpoint (step 8; step 9 is trained "
+           "again) with"),
+    (40, 20, "after step 40; resume from the last checkpoint (step 20; steps 21-40 are "
+             "trained again) with")])
+def test_the_stop_line_says_which_steps_a_resume_trains_again(tmp_path, capsys, monkeypatch,
+                                                              step, saved, says):
+    """Stopped in the middle of an epoch, the steps since the last checkpoint are lost:
+    the line says how many, so a user can wait for the epoch's end instead."""
+    import localnet.train as T
+    from localnet.cli import main
+
+    def stopped(cfg, run_dir, ckpt, progress, data, rule, ex, model, killed, position):
+        (run_dir / "checkpoint.pt").write_bytes(b"")  # as if a checkpoint were kept
+        position.update(step=step, saved=saved)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_train", stopped)
+    assert main(["run", str(ROOT / "configs/mnist_mlp.yaml"), "--set", "data.name=synthetic",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert f"localnet: interrupted {says}: localnet run --resume {tmp_path / 'r'}" in err
 
 
 def test_actors_sharing_a_gpu_get_the_advice_to_run_in_one_process(tmp_path, capsys, monkeypatch):
