@@ -335,7 +335,7 @@ def test_a_partition_that_cannot_fit_is_refused_before_any_actor_starts(ray_sess
     with pytest.raises(memory.MemoryPreflightError) as info:
         RayExecutor(cfg, IMG, NC)
     msg = str(info.value)
-    for part in ("runtime.partition='per_layer'", "8 actors", "800 MB", "1 Ray node",
+    for part in ("runtime.partition='per_layer'", "8 actors", "but the Ray node offers 800 MB",
                  "per_unit", "{stages: N}", "add nodes", "Nothing was started"):
         assert part in msg, part
     est = memory.estimate(cfg, RayExecutor(cfg, IMG, NC, local=True).placement,

@@ -1432,6 +1432,8 @@ def test_actors_the_cluster_can_never_hold_are_refused_before_placement():
     assert places({"CPU": 3.0}, 1, two) == 0  # 4 CPUs in all, but no node holds 3
     why = unplaceable({"CPU": 0.001, "GPU": 1.0}, 11, [{"CPU": 4.0}])
     assert "11 actors" in why and "runtime.num_gpus" in why and "at most 0" in why
+    assert "the Ray cluster's 1 node," in why  # not "1 node(s)"
+    assert "cluster's 2 nodes," in unplaceable({"CPU": 3.0}, 1, two)
     assert unplaceable({"CPU": 0.001}, 20, [{"CPU": 4.0}]) is None  # the token share
     assert places({"CPU": 0.5, "GPU": 0.25}, 8, [{"CPU": 16.0, "GPU": 1.0}]) == 4
 

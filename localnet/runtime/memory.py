@@ -142,7 +142,8 @@ def check(cfg, placement, model, input_shape, peak_in_flight: list[int]) -> dict
             f"runtime.partition={pl.spec!r} needs {counted(len(per), 'actor')}, estimated at "
             f"{summary['total_mb']} MB in all (each at least the process floor of "
             f"{summary['baseline_mb']} MB, runtime.actor_baseline_mb; the largest "
-            f"{summary['per_actor_mb_max']} MB), but the {n_nodes} Ray node(s) offer "
+            f"{summary['per_actor_mb_max']} MB), but "
+            f"{'the Ray node offers' if n_nodes == 1 else f'the {n_nodes} Ray nodes offer'} "
             f"{summary['nodes_memory_mb']} MB.  {remedy(summary, fewer)} add nodes.  "
             f"Nothing was started.")
     return summary

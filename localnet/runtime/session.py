@@ -218,10 +218,10 @@ def unplaceable(bundle: dict, n: int, nodes: list[dict]) -> str | None:
         return None
     total = {k: sum(h.get(k, 0.0) for h in nodes) for k in bundle}
     return (f"{counted(n, 'actor')} each asking for {bundle} (runtime.num_cpus, "
-            f"runtime.num_gpus) do not fit the Ray cluster's {len(nodes)} node(s), {total} "
-            f"in all: at most {fits} would be placed.  Ask for less per actor, use fewer actors "
-            f"(runtime.partition), or add nodes; an embedded Ray offers runtime.local_cpus "
-            f"CPUs and the GPUs it finds")
+            f"runtime.num_gpus) do not fit the Ray cluster's {counted(len(nodes), 'node')}, "
+            f"{total} in all: at most {fits} would be placed.  Ask for less per actor, use "
+            f"fewer actors (runtime.partition), or add nodes; an embedded Ray offers "
+            f"runtime.local_cpus CPUs and the GPUs it finds")
 
 
 SETUP_HINT = (".  Each actor starts a process, imports torch and builds its part: seconds "
