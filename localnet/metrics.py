@@ -308,13 +308,18 @@ class Metrics:
         finally:
             self.watch.armed = False
 
+    # With one scrape in all (a run shorter than the scrape interval) the interval is not
+    # known: 10 s is two of deploy/prometheus's 5-s intervals, and longer than the 5 s in
+    # which Prometheus's discovery hands on a dropped target, after which none comes.
+    QUIET_UNKNOWN_S = 10.0
+
     def wait_until_dropped(self, timeout: float) -> bool:
         """Keep answering until the scraper has stopped coming: two of its intervals (at
         least 1 s) pass with no scrape, or timeout.  Returns whether it went quiet."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            # no interval known yet (one scrape in all): the next scrape tells it
-            quiet = left if self.watch.gap is None else max(2 * self.watch.gap, 1.0)
+            gap = self.watch.gap
+            quiet = self.QUIET_UNKNOWN_S if gap is None else max(2 * gap, 1.0)
             if not self.wait_for_scrape(min(quiet, left)):
                 return quiet < left
         return False

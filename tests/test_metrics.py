@@ -133,6 +133,40 @@ def test_linger_waits_for_a_scrape_that_starts_after_the_run():
         m.stop()
 
 
+def test_after_the_run_the_endpoint_answers_until_the_scraper_stops_coming(monkeypatch):
+    """wait_until_dropped returns once no scrape came for two of the scraper's intervals
+    (at least 1 s), or for QUIET_UNKNOWN_S when one scrape in all gave no interval: a
+    run shorter than the scrape interval lingered its whole metrics.linger_s."""
+    m = Metrics()
+    m.start(0)
+    try:
+        monkeypatch.setattr(Metrics, "QUIET_UNKNOWN_S", 0.6)
+        urllib.request.urlopen(m.url, timeout=5).read()  # the run's one scrape
+        t0 = time.perf_counter()
+        assert m.wait_until_dropped(30)
+        assert 0.6 <= time.perf_counter() - t0 < 10
+
+        last = []
+
+        def scraper():  # every 0.2 s for 1.5 s, then dropped
+            end = time.perf_counter() + 1.5
+            while time.perf_counter() < end:
+                urllib.request.urlopen(m.url, timeout=5).read()
+                last[:] = [time.perf_counter()]
+                time.sleep(0.2)
+
+        th = threading.Thread(target=scraper)
+        th.start()
+        assert m.wait_until_dropped(30)
+        done = time.perf_counter()
+        th.join()
+        # quiet for 2 x 0.2 s, at least 1 s, after the last scrape: not the 0.6 s unknown
+        assert 1.0 - 0.05 <= done - last[0] < 5, done - last[0]
+        assert not m.wait_until_dropped(0.3)  # timed out while waiting: not quiet
+    finally:
+        m.stop()
+
+
 def test_a_taken_port_is_a_config_error_naming_the_key(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
