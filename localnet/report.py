@@ -120,8 +120,14 @@ class Run:
             if after is None:
                 return how
             # a divergence is the step whose loss was not finite (its error message's step)
-            return (f"diverged at step {after + 1}" if how == "diverged" else
-                    f"{how} after step {after}")
+            if how == "diverged":
+                return f"diverged at step {after + 1}"
+            # and a resume trains the steps since the checkpoint again: how many is worth
+            # a glance before resuming, or before stopping the next one mid-epoch
+            kept = self.stopped.get("checkpoint_step")
+            return f"{how} after step {after}" + (
+                f", checkpoint {kept}" if kept is not None and kept < after else
+                ", none saved" if kept is None else "")
         last = max((int(r.get("step", 0)) for r in self.steps + self.epochs), default=0)
         at = f"step {last}" if last else "no step"
         holder = lock_holder(self.path)

@@ -121,6 +121,19 @@ def test_a_run_without_a_summary_is_running_killed_or_elsewhere(runs, tmp_path):
     assert load_run(live).row()["state"] == "at step 1 (pid 7 on elsewhere.example)"
 
 
+def test_a_stopped_runs_state_says_where_its_checkpoint_is(tmp_path):
+    """A resume goes on from the checkpoint, so the state names it where it is behind the
+    last step trained (those steps are trained again), or says none was saved."""
+    from localnet.report import Run
+    def state(**stopped):
+        return Run(tmp_path, "r", stopped={"how": "interrupted", **stopped}).state()
+    assert state(after_step=40, checkpoint_step=20) == "interrupted after step 40, checkpoint 20"
+    assert state(after_step=40, checkpoint_step=40) == "interrupted after step 40"
+    assert state(after_step=7, checkpoint_step=None) == "interrupted after step 7, none saved"
+    assert Run(tmp_path, "r", stopped={"how": "failed", "after_step": 9, "checkpoint_step": 8}
+               ).state() == "failed after step 9, checkpoint 8"
+
+
 def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, capsys):
     assert main(["report", str(runs / "fa"), str(runs / "pfa"), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
