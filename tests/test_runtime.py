@@ -324,12 +324,12 @@ def test_a_partition_that_cannot_fit_is_refused_before_any_actor_starts(ray_sess
                                                                        monkeypatch):
     """The memory preflight compares the actors' estimate (process floor + state +
     activations in flight) with what the Ray nodes offer, and refuses before spawning."""
-    from localnet.runtime import memory, session
+    from localnet.runtime import memory, placement
 
     def spawn(*a, **k):
         raise AssertionError("an actor was started")
-    monkeypatch.setattr(session.Placer, "reserve", spawn)
-    monkeypatch.setattr(session.Placer, "spawn_one", spawn)
+    monkeypatch.setattr(placement.Placer, "reserve", spawn)
+    monkeypatch.setattr(placement.Placer, "spawn_one", spawn)
     monkeypatch.setattr(memory, "node_memory", lambda: (2 * 400 * memory.MB, 1))
     cfg = cfg_for("pfa", "1f1b", RESNET8, "per_layer", m=2, bs=8)
     with pytest.raises(memory.MemoryPreflightError) as info:

@@ -1424,7 +1424,7 @@ def test_the_process_keeps_its_sigterm_handler_over_ray_init(monkeypatch):
 
 def test_actors_the_cluster_can_never_hold_are_refused_before_placement():
     """Identical bundles, each on one node: counted per node, never pooled across nodes."""
-    from localnet.runtime.session import places, unplaceable
+    from localnet.runtime.placement import places, unplaceable
 
     two = [{"CPU": 2.0}, {"CPU": 2.0}]
     assert places({"CPU": 1.0}, 4, two) == 4 and unplaceable({"CPU": 1.0}, 4, two) is None
@@ -1444,7 +1444,7 @@ def test_actors_start_a_few_at_a_time(monkeypatch):
     actor still gets its own spec, in order, and the display counts them as they end."""
     import ray
 
-    from localnet.runtime import session
+    from localnet.runtime import placement
 
     starting, most, told = set(), [0], []
 
@@ -1473,7 +1473,7 @@ def test_actors_start_a_few_at_a_time(monkeypatch):
 
     monkeypatch.setattr(ray, "wait", wait)
     monkeypatch.setattr(ray, "get", get)
-    placer = session.Placer(RuntimeConfig(), timeout=60)
+    placer = placement.Placer(RuntimeConfig(), timeout=60)
     monkeypatch.setattr(placer, "spawn_one", lambda cls, i: Handle(i))
     specs = [{"index": i} for i in range(7)]
     out = []
@@ -1492,16 +1492,16 @@ def test_actors_start_a_few_at_a_time(monkeypatch):
     assert [h.i for h in out] == [0, 1, 2, 3]  # 3 started as 0 finished; 1 then failed
 
     # the default: the cores the actors start on, plus one
-    assert session.start_window(RuntimeConfig(start_window=5)) == 5
+    assert placement.start_window(RuntimeConfig(start_window=5)) == 5
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert session.start_window(RuntimeConfig()) == len(os.sched_getaffinity(0)) + 1
+    assert placement.start_window(RuntimeConfig()) == len(os.sched_getaffinity(0)) + 1
     # on a cluster, Ray nodes on one machine share its cores: each host counted once
     nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 2.0}},
              {"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 2.0}},
              {"Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8.0}},
              {"Alive": False, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 64.0}}]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    assert session.start_window(RuntimeConfig(address="10.0.0.1:6379")) == 11
+    assert placement.start_window(RuntimeConfig(address="10.0.0.1:6379")) == 11
 
 
 def test_the_actors_starting_at_once_are_counted_from_their_spans():

@@ -22,10 +22,12 @@
   polls.py         what it reads off the actors for metrics and reports (timings,
                    CPU account, ledgers), between steps without waiting for them
   checkpoint.py    per-actor checkpoints and their manifests
-  session.py       the Ray session, placement groups, replies and their errors
+  session.py       the Ray session, replies and their errors
+  placement.py     the actors' placement group, refused when it can never fit, and
+                   the actors started a few at a time into it
 
-Ray is imported only in this package (session, ray_executor, stream, recovery, memory
-and plane), and only when an executor is created.  The pieces both executors share live
+Ray is imported only in this package (session, placement, ray_executor, stream,
+recovery, memory and plane), and only when an executor is created.  The pieces both executors share live
 outside this package and import nothing from it: the stages (`localnet/stage.py`), the traffic ledger
 (`localnet/ledger.py`), the channels (`localnet/channels`) and the schedules, which the
 actors interpret and the simulator dry-runs (`localnet/schedules`).

@@ -38,7 +38,7 @@ from ..builders import as_config, build_rule_and_model
 from ..engine import StepStats
 from ..files import counted
 from ..rules import RULES
-from . import memory, session
+from . import memory, placement, session
 from .cost import unit_costs
 from .endpoint import check_channel_graph
 from .executor_state import StateMixin, keeps_traffic, recovering
@@ -130,7 +130,7 @@ class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
                 say("connecting to Ray" if rt.address else "starting a local Ray")
                 self._owns_ray = ensure_ray(rt, S)
                 phases["ray_init"] = time.perf_counter()
-                self._placer = session.Placer(rt, self.timeout)
+                self._placer = placement.Placer(rt, self.timeout)
                 if actors is None and rt.memory_preflight:  # before any actor starts
                     peak = simulate(self._schedule(self.schedule_name, self.micro_batches),
                                     1.0, 1.0, dfa=self.broadcast_output_error).peak_activations
@@ -143,7 +143,7 @@ class RayExecutor(StateMixin, PollMixin, RecoveryMixin, StreamMixin):
                     phases["placement"] = time.perf_counter()
                     self._owned = set(range(S))  # close() kills each one as it starts
                     refs, waited = self._placer.start(StageWorker, self._specs,
-                                                      session.start_window(rt), tell,
+                                                      placement.start_window(rt), tell,
                                                       self.workers)
                 else:
                     if len(actors) < S:
