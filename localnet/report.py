@@ -259,7 +259,9 @@ def curves_figure(runs: list[Run]):
         [run.label for run in runs]
     columns = math.ceil((len(names) + 3) / 28)  # the legend's: a name each, and 3 styles
     fig = _figure(8.5 + 3 * columns, 4.2)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    # one step axis for both: a one-epoch run's accuracy is a single step, and alone it
+    # was drawn on an axis of its own (9.6 to 10.4) beside the loss's steps 1 to 10
+    ax_loss, ax_acc = fig.subplots(1, 2, sharex=True)
     palette = dict(zip(names, _colors(len(names), "tab10" if len(names) <= 10 else "tab20"
                                       if len(names) <= 20 else "turbo")))
     colours = [palette[run.rule if by_rule else run.label] for run in runs]

@@ -318,6 +318,18 @@ def test_curves_of_many_runs_keep_them_apart_and_a_diverged_one_off_the_scale():
     assert fig.axes[0].get_ylim()[1] < 3 and fig.axes[0].get_title() == "loss"
 
 
+def test_curves_of_one_epoch_share_the_loss_panels_steps():
+    """A one-epoch run logs its batches' loss from step 1 and its accuracy only at the
+    epoch's end: both panels read optimizer steps, so both span the same steps."""
+    from localnet.report import Run, curves_figure
+    run = Run(Path("p"), "p", steps=[{"step": s, "loss": 2.3 - 0.1 * s} for s in (1, 5)],
+              epochs=[{"step": 10, "train_loss": 1.5, "test_loss": 1.4,
+                       "test_accuracy": 0.5}])
+    ax_loss, ax_acc = curves_figure([run]).axes
+    low, high = ax_acc.get_xlim()
+    assert ax_loss.get_xlim() == (low, high) and low <= 1 and high >= 10
+
+
 def test_an_in_process_run_with_channels_reports_the_bytes_they_carried(tmp_path):
     """No messages.json in-process: bytes per sample are the channels' encoded payloads.
     mlp 16 wide, batch 32, one boundary: activations fp32, 16 x 4 bytes a sample; errors
