@@ -168,6 +168,9 @@ _RUN_FILES = ("summary.json", "metrics.jsonl", "steps.jsonl")
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
     path = Path(path)
+    if path.is_file():  # a shell glob such as runs/* also matches each run's log file
+        raise FileNotFoundError(f"report: {path} is a file, not a run directory; name the "
+                                f"directories (a glob such as runs/*/ matches only them)")
     if not path.is_dir():
         raise FileNotFoundError(f"report: no run directory {path}")
     if not _is_run(path):

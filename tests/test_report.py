@@ -180,6 +180,10 @@ def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch
     assert (tmp_path / "report/messages.png").exists()
     capsys.readouterr()
     assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    (tmp_path / "pfa.log").write_text("a run's console output\n")  # what runs/* matches
+    assert main(["report", str(runs / "pfa"), str(tmp_path / "pfa.log")]) == 2
+    assert "pfa.log is a file, not a run directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "not a run directory" in capsys.readouterr().err
