@@ -1,7 +1,36 @@
 """Shared test fixtures."""
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkout_changes() -> set[str] | None:
+    """The checkout's changed and untracked paths, as `git status` lists them; None
+    where this is no git checkout (an unpacked sdist)."""
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(r.stdout.splitlines()) if r.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_checkout_is_left_as_found():
+    """Tests write under their tmp_path only.  One that ran `localnet report` on two runs
+    without --out wrote its default ./report into the checkout, and its figures were
+    committed with the next change."""
+    before = _checkout_changes()
+    yield
+    after = _checkout_changes()
+    if before is not None and after is not None:
+        new = sorted(after - before)
+        assert not new, f"the tests wrote into the checkout (git status): {new}"
 
 
 @pytest.fixture

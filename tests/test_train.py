@@ -387,7 +387,8 @@ def test_a_loss_that_sits_at_ln_c_is_noted_as_an_output_that_ignores_its_input(t
     assert "constant_output" not in learns
     from localnet.cli import main
 
-    assert main(["report", str(tmp_path / "flat"), str(tmp_path / "learns")]) == 0
+    assert main(["report", str(tmp_path / "flat"), str(tmp_path / "learns"),
+                 "--out", str(tmp_path / "report")]) == 0  # not the checkout's ./report
     out = " ".join(capsys.readouterr().out.split())
     assert ("flat: the training loss sat at 2.3026 (ln of the classes: an output that ignores "
             "its input) by step 32") in out and "learns: the training loss" not in out
