@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,7 +18,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .registry import Checked
+from .registry import Checked, did_you_mean
 
 ModelName = Literal["mlp", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                     "resnet18", "resnet34", "resnet50"]
@@ -44,7 +45,8 @@ def _plugin_options(section: Section, registry, name: str, name_key: str, prefix
     `Options` model, and every option kept explicit, defaults included (a run's
     config.yaml then shows what it ran with)."""
     if name not in registry:
-        raise ValueError(f"{name_key}: unknown {registry.kind} {name!r}; choose one of "
+        raise ValueError(f"{name_key}: unknown {registry.kind} {name!r}"
+                         f"{did_you_mean(name, registry.names())}; choose one of "
                          f"{', '.join(registry.names())}")
     opts = registry.options(name, section.__pydantic_extra__, prefix,
                             also=list(type(section).model_fields))
@@ -543,7 +545,11 @@ def _keyed(where: str, e: dict) -> str:
     if e["type"] == "extra_forbidden" and not where:
         msg += _did_you_mean(e["loc"])
     if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
-        msg += f" (got {e['input']!r})"
+        hint = ""
+        if e["type"] == "literal_error":  # `model.name: ResNet20`, `data.name: MNIST`
+            hint = did_you_mean(e["input"], re.findall(r"'([^']*)'", e["ctx"]["expected"]),
+                                "; did you mean {}?")
+        msg += f" (got {e['input']!r}{hint})"
     return f"{key}: {msg}"
 
 

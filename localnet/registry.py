@@ -45,6 +45,16 @@ def bool_as_number(annotation, value) -> bool:
     return False
 
 
+def did_you_mean(given, choices, form: str = " (did you mean {}?)") -> str:
+    """' (did you mean pfa?)' for a name given where one of `choices` was meant: the one
+    it spells in other case first (papers write PFA, GPipe, MNIST), else a near one."""
+    if not isinstance(given, str):
+        return ""
+    same = [c for c in choices if c.lower() == given.lower()]
+    near = same or difflib.get_close_matches(given, list(choices), n=1, cutoff=0.6)
+    return form.format(near[0]) if near else ""
+
+
 class Checked(BaseModel):
     """The base of every model of the config: an unknown key, inf or NaN, and a boolean
     given for a number are errors naming the key."""
@@ -109,8 +119,8 @@ class Registry:
         try:
             return self._by_name[name]
         except (KeyError, TypeError):
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of "
-                             f"{', '.join(self.names())}") from None
+            raise ValueError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; "
+                             f"choose one of {', '.join(self.names())}") from None
 
     def options(self, name: str, values: dict | None, where: str,
                 also: list[str] = ()) -> BaseModel:

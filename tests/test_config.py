@@ -81,6 +81,15 @@ def test_overrides_are_typed_and_nested():
     (["train=5"], "train: Input should be a valid dictionary"),
     (["train..lr=1"], "--set train..lr: a key's parts are names between dots, and one is empty"),
     (["per_rule.pfaa={train.lr: 1}"], "per_rule.pfaa: unknown rule (did you mean per_rule.pfa?)"),
+    # a name as the papers write it: the registry's and the schema's own spelling named
+    (["rule.name=PFA"], "rule.name: unknown rule 'PFA' (did you mean pfa?); choose one of"),
+    (["runtime.schedule=GPipe"], "unknown schedule 'GPipe' (did you mean gpipe?)"),
+    (["channel.error.codec=Sign"], "channel.error.codec: unknown codec 'Sign' (did you mean "
+                                   "sign?)"),
+    (["model.name=ResNet20"], "model.name: Input should be 'mlp', "),
+    (["model.name=ResNet20"], "(got 'ResNet20'; did you mean resnet20?)"),
+    (["data.name=mnsit"], "(got 'mnsit'; did you mean mnist?)"),
+    (["rule.name=xyz"], "rule.name: unknown rule 'xyz'; choose one of bp,"),  # none near
     (["train.nesterov=true", "train.momentum=0"], "train.nesterov: Nesterov's step needs"),
     # settings of the metrics endpoint with none: a run announced nowhere, silently
     (["metrics.sd_dir=/tmp/sd"], "metrics.sd_dir: it acts on the metrics endpoint, and "
