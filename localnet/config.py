@@ -509,15 +509,12 @@ class Config(Section):
     @classmethod
     def _recipes_of_rules(cls, v):
         # a misspelt rule's recipe would never apply, and say nothing
-        import difflib
-
         from .rules import RULES
 
         for name in v:
             if name not in RULES:
-                near = difflib.get_close_matches(name, RULES.names(), n=1, cutoff=0.6)
                 raise ValueError(f"per_rule.{name}: unknown rule" + (
-                    f" (did you mean per_rule.{near[0]}?)" if near else
+                    did_you_mean(name, RULES.names(), " (did you mean per_rule.{}?)") or
                     f"; choose one of {', '.join(RULES.names())}"))
         return v
 

@@ -81,6 +81,8 @@ def test_overrides_are_typed_and_nested():
     (["train=5"], "train: Input should be a valid dictionary"),
     (["train..lr=1"], "--set train..lr: a key's parts are names between dots, and one is empty"),
     (["per_rule.pfaa={train.lr: 1}"], "per_rule.pfaa: unknown rule (did you mean per_rule.pfa?)"),
+    (["per_rule.PFA={train.lr: 1}"], "per_rule.PFA: unknown rule (did you mean per_rule.pfa?)"),
+    (["per_rule.xyz={train.lr: 1}"], "per_rule.xyz: unknown rule; choose one of bp,"),
     # a name as the papers write it: the registry's and the schema's own spelling named
     (["rule.name=PFA"], "rule.name: unknown rule 'PFA' (did you mean pfa?); choose one of"),
     (["runtime.schedule=GPipe"], "unknown schedule 'GPipe' (did you mean gpipe?)"),
