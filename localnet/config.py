@@ -44,10 +44,10 @@ def _plugin_options(section: Section, registry, name: str, name_key: str, prefix
     the name: the name checked against the registry, the other keys against the plugin's
     `Options` model, and every option kept explicit, defaults included (a run's
     config.yaml then shows what it ran with)."""
-    if name not in registry:
-        raise ValueError(f"{name_key}: unknown {registry.kind} {name!r}"
-                         f"{did_you_mean(name, registry.names())}; choose one of "
-                         f"{', '.join(registry.names())}")
+    try:
+        registry.get(name)
+    except ValueError as err:  # the registry's own words, with the key in front
+        raise ValueError(f"{name_key}: {err}") from None
     opts = registry.options(name, section.__pydantic_extra__, prefix,
                             also=list(type(section).model_fields))
     object.__setattr__(section, "__pydantic_extra__", opts.model_dump())
