@@ -8,7 +8,9 @@ import torch
 from localnet.channels import Channel, make_codec
 from localnet.channels.channel import summarize
 from localnet.channels.codecs import Int8, LowRank, TopK
+from localnet.channels.wire import pack, unpack
 from localnet.config import ConfigError, load_config
+from localnet.engine import loss_and_error
 from localnet.train import build
 
 
@@ -123,6 +125,46 @@ def test_sign_bits_and_scale():
     assert d.shape == x.shape
     scale = x.abs().mean()
     assert torch.allclose(d, torch.where(x >= 0, scale, -scale))
+
+
+def test_sign_two_scales_keep_the_sum_and_l1_norm():
+    """Seide et al. 2014's 1-bit quantizer: each side of zero decodes to its own mean."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 11, generator=g).exp() - 0.8  # skewed: negatives only in (-0.8, 0)
+    c = make_codec("sign", two_scales=True)
+    enc = c.encode(x)
+    assert enc.nbytes == math.ceil(44 / 8) + 8
+    d = c.decode(enc)
+    pos, neg = x[x >= 0], x[x < 0]
+    assert torch.equal(d, torch.where(x >= 0, pos.mean(), neg.mean()))
+    torch.testing.assert_close(d.sum(), x.sum())
+    torch.testing.assert_close(d.abs().sum(), x.abs().sum())
+    # the same message off the runtime's wire: the two scales travel as one part
+    back = unpack(*pack(enc))
+    assert torch.equal(c.decode(back), d)
+    # one side empty: its magnitude is 0, not the NaN of an empty mean
+    ones = make_codec("sign", two_scales=True).decode(c.encode(torch.ones(9)))
+    assert torch.equal(ones, torch.ones(9))
+
+
+def test_sign_of_a_softmax_error_is_the_label_alone():
+    """Why DFA with `sign` errors stays at chance: e = softmax - onehot is + on every wrong
+    class and - on the target, whatever the logits, so one scale decodes it as
+    scale (1 - 2 onehot), a sum of (C - 2) scale per sample that never shrinks to the
+    true 0; two scales keep the true sum."""
+    g = torch.Generator().manual_seed(7)
+    targets = torch.randint(0, 10, (32,), generator=g)
+    label = torch.nn.functional.one_hot(targets, 10).float()
+    for spread in (0.1, 1.0, 10.0):  # flat, plain and confident predictions
+        logits = torch.randn(32, 10, generator=g) * spread
+        _, _, e = loss_and_error(logits, targets, 32)
+        one = make_codec("sign")
+        d = one.decode(one.encode(e))
+        scale = e.abs().mean()
+        assert torch.equal(d, scale * (1 - 2 * label))  # the logits are gone
+        torch.testing.assert_close(d.sum(1), torch.full((32,), 8 * scale.item()))
+        two = make_codec("sign", two_scales=True)
+        torch.testing.assert_close(two.decode(two.encode(e)).sum(), e.sum(), atol=1e-6, rtol=0)
 
 
 def test_lowrank_shares_only_a_seed_and_is_exact_in_span():

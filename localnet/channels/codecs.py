@@ -210,27 +210,51 @@ _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
 class Sign(Codec):
-    """1 bit per entry (x >= 0), packed 8 to a byte, plus one fp32 scale = mean |x|:
-    decode gives scale · sign(x).  ceil(n/8) + 4 bytes."""
+    """1 bit per entry (x >= 0), packed 8 to a byte, plus fp32 magnitudes: decode gives
+    scale · sign(x), with scale = mean |x| (`ceil(n/8) + 4` bytes).
+
+    `two_scales`: the entries >= 0 decode to their own mean and the others to minus the
+    mean of their magnitudes, the 1-bit quantizer of Seide et al. 2014 ("1-Bit
+    Stochastic Gradient Descent", Interspeech; there per column), `ceil(n/8) + 8` bytes.
+    The decoded tensor then keeps x's sum and its L1 norm.  That matters for DFA's
+    broadcast error e = softmax - onehot: its signs are + on every wrong class and - on
+    the target whatever the network predicts, so one scale decodes it as
+    scale · (1 - 2 onehot), whose sum over the classes is (C - 2) scale instead of 0,
+    and every hidden layer receives the same D·1 push at every step."""
 
     name = "sign"
+
+    class Options(NoOptions):
+        two_scales: bool = Field(False, description="one magnitude for the entries >= 0 "
+                                 "and one for the others (keeps the sum and L1 norm)")
 
     def encode(self, x, rng=None):
         flat = x.detach().reshape(-1)
         n = flat.numel()
-        bits = (flat >= 0).to(torch.uint8)
+        keep = flat >= 0
+        bits = keep.to(torch.uint8)
         pad = (-n) % 8
         if pad:
             bits = torch.cat([bits, bits.new_zeros(pad)])
         packed = (bits.reshape(-1, 8) * _BITS).sum(1, dtype=torch.int32).to(torch.uint8)
-        scale = flat.float().abs().mean().reshape(1) if n else torch.zeros(1)
+        mag = flat.float().abs()
+        if self.options.two_scales:
+            # an empty side decodes to nothing, so its magnitude is 0
+            scale = torch.stack([_mean_or_zero(mag[keep]), _mean_or_zero(mag[~keep])])
+        else:
+            scale = _mean_or_zero(mag).reshape(1)
         return self._enc(x, {"bits": packed, "scale": scale})
 
     def decode(self, enc):
         n = math.prod(enc.shape)
         bits = (enc.payload["bits"].unsqueeze(1) & _BITS).ne(0).reshape(-1)[:n]
-        out = torch.where(bits, 1.0, -1.0) * enc.payload["scale"]
+        scale = enc.payload["scale"]  # [s] or [s_plus, s_minus]
+        out = torch.where(bits, scale[0], -scale[-1])
         return out.reshape(enc.shape).to(enc.dtype)
+
+
+def _mean_or_zero(t: torch.Tensor) -> torch.Tensor:
+    return t.mean() if t.numel() else t.new_zeros(())
 
 
 class LowRank(Codec):
