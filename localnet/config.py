@@ -7,6 +7,7 @@ Every section forbids unknown keys, so a typo is an error that names the key
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from pathlib import Path
@@ -629,7 +630,7 @@ def _rule_recipe(data: dict, overrides: list[str]) -> list[str]:
         if not isinstance(key, str) or key.split(".")[0] == "per_rule" or key == "rule.name":
             raise ConfigError(f"per_rule.{rule}.{key}: a recipe may not change the rule itself "
                               f"(its options, rule.<option>, it may)")
-        items.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+        items.append(setting_text(key, value))
     return items
 
 
@@ -774,15 +775,24 @@ def value_at(data: dict, dotted: str):
 def config_diff(there: dict, here: dict) -> list[tuple[str, object, object]]:
     """The dotted keys whose values differ between two configs given as dicts (a run's
     recorded one and another), each with its two values, sorted by key."""
-    a, b = _flat(there), _flat(here)
+    a, b = flat_settings(there), flat_settings(here)
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_settings(d: dict, prefix: str = "") -> dict:
+    """A config given as nested dicts, as {dotted key: value}.  A mapping keyed by
+    numbers (epoch -> weight decay, edge index -> link) is one value, as --set takes it."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and v and all(isinstance(key, str) for key in v):
+            out.update(flat_settings(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def setting_text(key: str, value) -> str:
+    """'key=value' as --set takes it: the value in YAML's flow style, on one line (a
+    scalar without the '...' that ends a YAML document of one scalar)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)
+    return f"{key}={text.removesuffix(chr(10)).removesuffix('...').strip()}"

@@ -18,9 +18,9 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
 and prints one row per run: rule, test accuracy, mean alignment angle, samples/s, the
 share of the machine's cores busy while it trained, and message bytes per training
 sample (the Ray executor's messages; in-process, the encoded activations and errors of a
-run with `channel.enabled`).  Reads metrics.jsonl, steps.jsonl, summary.json,
-messages.json, timeline.json and config.yaml; a run still in progress (no summary.json
-yet) is read from its jsonl files.
+run with `channel.enabled`); under it, each run's settings that the others do not share.
+Reads metrics.jsonl, steps.jsonl, summary.json, messages.json, timeline.json and
+config.yaml; a run still in progress (no summary.json yet) is read from its jsonl files.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import flat_settings, setting_text
 from .files import counted, lock_holder
 from .timing import busy_s
 
@@ -560,6 +561,7 @@ def table(runs: list[Run]):
         f"at step {c['at_step']} " + ", ".join(f"{k} {a} -> {b}"
                                                for k, (a, b) in c["settings"].items())
         for c in r["resumed_with"])) for r in rows if r.get("resumed_with")]
+    below += _differences_below(runs)
     # a run that learned nothing after some step: its accuracy alone reads as a poor rule
     below += [Text(f"{r['run']}: the training loss sat at {r['constant_output']['loss']:g} (ln "
                    f"of the classes: an output that ignores its input) by step "
@@ -569,6 +571,44 @@ def table(runs: list[Run]):
 
 
 MAX_PANELS = 24  # runs drawn in a plot of a panel per run
+# keys that say where a run went, not how it trained; and the rule, which has its column
+_NOT_A_DIFFERENCE = ("name", "out_dir", "rule.name")
+
+
+def differences(runs: list[Run]) -> dict[str, list[str]]:
+    """label -> the settings ('key=value') in which that run differs from the others
+    (their config.yaml): a table of accuracies means little before one knows what set
+    the runs apart.  A key one run has and another lacks counts too: a rule's or codec's
+    options are recorded only where they were given."""
+    flat = {run.label: flat_settings(run.config) for run in runs if run.config}
+    if len(flat) < 2:
+        return {}
+    keys = sorted({k for settings in flat.values() for k in settings} - set(_NOT_A_DIFFERENCE))
+    keys = [k for k in keys if len({json.dumps(settings.get(k, "<absent>"), sort_keys=True,
+                                               default=str) for settings in flat.values()}) > 1]
+    return {label: [setting_text(k, settings[k]) for k in keys if k in settings]
+            for label, settings in flat.items()}
+
+
+def _differences_below(runs: list[Run]) -> list:
+    """What set the runs apart, under the table, unless the runs' names say it already
+    (a sweep names each point by its keys): a run's settings wrap beside its name."""
+    from rich.table import Table
+    from rich.text import Text
+
+    diff = {label: items for label, items in differences(runs).items() if items}
+    if not diff or all(all(item.split("=")[0] in label for item in items)
+                       for label, items in diff.items()):
+        return []
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(overflow="fold")
+    grid.add_column(overflow="fold")
+    for label in list(diff)[:MAX_PANELS]:
+        # Text, not markup: a value such as [64, 64] would read as a style
+        grid.add_row(Text(f"  {label}:"), Text(", ".join(diff[label])))
+    more = [Text(f"  ... the first {MAX_PANELS} of {len(diff)} runs; --json lists every run's")
+            ] if len(diff) > MAX_PANELS else []
+    return [Text("what differs between the runs (their config.yaml):"), grid, *more]
 
 
 def report(paths, out: str | Path | None = None) -> dict:
@@ -621,5 +661,8 @@ def report(paths, out: str | Path | None = None) -> dict:
             files.append(p)
         else:
             skipped[name] = why
-    return {"files": [str(f) for f in files], "rows": [r.row() for r in runs],
+    rows, diff = [r.row() for r in runs], differences(runs)
+    for row in rows:
+        row["differs"] = diff.get(row["run"], [])
+    return {"files": [str(f) for f in files], "rows": rows,
             "skipped": skipped, "notes": notes, "runs": runs}

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from localnet.cli import main
-from localnet.config import load_config
+from localnet.config import load_config, parse_override, value_at
 from localnet.files import run_lock
 from localnet.ledger import MessageLog
 from localnet.report import MAX_PANELS, STATE_LEGEND, load_run, report
@@ -395,3 +396,49 @@ def test_a_directory_of_runs_stands_for_the_runs_of_its_sweeps_too(runs, tmp_pat
     assert main(["report", str(out_dir), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["run"] for r in rows] == ["fa", "sweep-1/live", "sweep-1/pfa"]
+
+
+def test_the_table_says_what_set_the_runs_apart(tmp_path, capsys):
+    """Below the table, each run's settings that the others do not share, as --set takes
+    them back; the run's name and rule (a column of its own) are not differences."""
+    base = ["data.name=synthetic", "model.name=mlp", "train.batch_size=64",
+            "train.max_steps=1", "metrics.alignment_every=0"]
+    for name, sets in (("a", ["rule.name=fa", "model.widths=[32]"]),
+                       ("b", ["rule.name=fa", "model.widths=[32, 16]",
+                              "channel.error.codec=sign", "channel.error.two_scales=true"]),
+                       ("c", ["rule.name=bp", "model.widths=[32]",
+                              "train.wd_milestones={1: 0.001}"])):
+        train(load_config(None, base + sets + [f"name={name}"]), tmp_path / name,
+              progress=False)
+    dirs = [str(tmp_path / n) for n in "abc"]
+    assert main(["report", *dirs, "--json", "--out", str(tmp_path / "r")]) == 0
+    diff = {r["run"]: r["differs"] for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert diff == {  # fa's own option is recorded, and bp has none: a difference too
+        "a": ["channel.error.codec=fp32", "model.widths=[32]", "rule.feedback_gain=1.0",
+              "train.wd_milestones={}"],
+        "b": ["channel.error.codec=sign", "channel.error.two_scales=true",
+              "model.widths=[32, 16]", "rule.feedback_gain=1.0", "train.wd_milestones={}"],
+        "c": ["channel.error.codec=fp32", "model.widths=[32]",
+              "train.wd_milestones={1: 0.001}"]}, diff
+    # each is a --set item that gives the run's own value back
+    recorded = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
+    for item in diff["c"]:
+        key, value = parse_override(item)
+        assert value_at(recorded, ".".join(key)) == value, item
+    assert main(["report", *dirs, "--out", str(tmp_path / "r")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("what differs between the runs (their config.yaml): a: channel.error.codec=fp32, "
+            "model.widths=[32], rule.feedback_gain=1.0, train.wd_milestones={} b:") in out, out
+    assert "model.widths=[32, 16]" in out  # a list printed, not taken for a style
+    # one run, or runs whose names say it (a sweep's points): nothing to add
+    assert main(["report", dirs[0], "--out", str(tmp_path / "r")]) == 0
+    assert "what differs" not in capsys.readouterr().out
+    for names, said in ((["model.widths-1", "model.widths-2"], False),
+                        (["channel.error.codec-fp32__model.widths-1",
+                          "channel.error.codec-sign__channel.error.two_scales-true__"
+                          "model.widths-2"], True)):
+        sweep = tmp_path / f"sweep-{said}"
+        for n, name in zip("ab", names):
+            shutil.copytree(tmp_path / n, sweep / name)
+        assert main(["report", str(sweep), "--out", str(tmp_path / "r")]) == 0
+        assert ("what differs" in capsys.readouterr().out) is not said
