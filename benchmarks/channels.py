@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 from common import commit, hardware_cpu, write_section  # noqa: E402
 from localnet.sweep import sweep  # noqa: E402
 
-CODECS = "fp32,fp16,bf16,int8,topk,sign,lowrank"
+CODECS = "fp32,fp16,bf16,int8,topk,sign,ternary,lowrank"
 CONFIGS = {"mnist": "configs/mnist_mlp.yaml", "cifar10": "configs/resnet_pfa.yaml"}
 # resnet_pfa.yaml holds PFA's CIFAR recipe (per_rule); here it runs in-process, one batch
 # at a time, so that each point is one ordinary process

@@ -167,6 +167,30 @@ def test_sign_of_a_softmax_error_is_the_label_alone():
         torch.testing.assert_close(two.decode(two.encode(e)).sum(), e.sum(), atol=1e-6, rtol=0)
 
 
+def test_ternary_is_unbiased_keeps_zeros_and_packs_two_bits():
+    """TernGrad: s · sign(x) · Bernoulli(|x| / s), s = max |x|: the mean over draws is x,
+    an exact zero is never sent as anything else, and 4 entries share a byte."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 7, generator=g)
+    x[0, :3] = 0  # a ReLU's off units
+    c = make_codec("ternary")
+    enc = c.encode(x, g)
+    assert enc.nbytes == math.ceil(21 / 4) + 4
+    s = x.abs().max()
+    draws = torch.stack([c.decode(c.encode(x, g)) for _ in range(4000)])
+    assert set(draws.unique().tolist()) <= {-s.item(), 0.0, s.item()}
+    assert torch.equal(draws[:, 0, :3], torch.zeros(4000, 3))
+    # each entry's mean over 4000 draws: within 5 standard errors of x
+    sd = (x.abs() * (s - x.abs())).sqrt() / math.sqrt(4000)
+    assert ((draws.mean(0) - x).abs() <= 5 * sd + 1e-6).all()
+    # the largest entry is always sent; the same stream gives the same message
+    assert (draws.flatten(1)[:, x.abs().argmax()] == s * x.flatten()[x.abs().argmax()].sign()).all()
+    a, b = (make_codec("ternary").encode(x, torch.Generator().manual_seed(1)) for _ in "ab")
+    assert torch.equal(a.payload["codes"], b.payload["codes"])
+    assert torch.equal(c.decode(unpack(*pack(enc))), c.decode(enc))  # off the wire alike
+    assert torch.equal(c.decode(c.encode(torch.zeros(5), g)), torch.zeros(5))
+
+
 def test_lowrank_shares_only_a_seed_and_is_exact_in_span():
     sender, receiver = LowRank(q=4, seed=11), LowRank(q=4, seed=11)
     x = torch.randn(6, 2, 5, 5)

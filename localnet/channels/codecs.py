@@ -257,6 +257,41 @@ def _mean_or_zero(t: torch.Tensor) -> torch.Tensor:
     return t.mean() if t.numel() else t.new_zeros(())
 
 
+_TRITS = torch.tensor([64, 16, 4, 1], dtype=torch.uint8)  # four 2-bit codes to a byte
+
+
+class Ternary(Codec):
+    """TernGrad (Wen et al. 2017, "TernGrad: Ternary Gradients to Reduce Communication in
+    Distributed Deep Learning", NeurIPS, eq. 2-3): each entry is sent as s · sign(x) · b,
+    s = max |x| and b ~ Bernoulli(|x| / s), so E[decode(encode(x))] = x, and a zero stays
+    0 -- which `sign` cannot say (an error sent down through a ReLU is exactly 0 where
+    the unit was off, and one bit sends that as +scale).  Two bits an entry (0, +s, -s),
+    packed four to a byte, plus the fp32 s: ceil(n/4) + 4 bytes.  The draws come from
+    the channel's random stream, as int8's stochastic rounding does."""
+
+    name = "ternary"
+
+    def encode(self, x, rng=None):
+        flat = x.detach().float().reshape(-1)
+        n = flat.numel()
+        s = flat.abs().amax() if n else flat.new_zeros(())
+        p = flat.abs() / torch.where(s > 0, s, torch.ones_like(s))
+        sent = torch.rand(n, generator=rng) < p
+        code = torch.where(sent, torch.where(flat >= 0, 1, 2), 0).to(torch.uint8)
+        pad = (-n) % 4
+        if pad:
+            code = torch.cat([code, code.new_zeros(pad)])
+        packed = (code.reshape(-1, 4) * _TRITS).sum(1, dtype=torch.int32).to(torch.uint8)
+        return self._enc(x, {"codes": packed, "scale": s.reshape(1)})
+
+    def decode(self, enc):
+        n = math.prod(enc.shape)
+        code = (enc.payload["codes"].unsqueeze(1) // _TRITS % 4).reshape(-1)[:n]
+        s = enc.payload["scale"][0]
+        out = torch.where(code == 1, s, torch.where(code == 2, -s, torch.zeros_like(s)))
+        return out.reshape(enc.shape).to(enc.dtype)
+
+
 class LowRank(Codec):
     """Random projection of rank q.  Each sample (row of the flattened tensor) x is sent
     as z = x P, P an n×q matrix with orthonormal columns drawn from (seed, message
