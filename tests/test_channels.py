@@ -427,7 +427,8 @@ RUNTIME_LINKS = [
                      "channel.activation.codec=fp16"]),
     ("kp", "1f1b", ["channel.error.codec=topk", "channel.error.k=0.25",
                     "channel.error.error_feedback=true", "channel.error.delay=1"]),
-    ("dfa", "gpipe", ["channel.error.codec=sign", "channel.error.drop=0.5",
+    ("dfa", "gpipe", ["channel.error.codec=sign", "channel.error.two_scales=true",
+                      "channel.error.drop=0.5", "channel.activation.codec=ternary",
                       "channel.edges={1: {error: {codec: lowrank, q: 3}}}"]),
     ("pfa", "async", ["channel.error.codec=bf16", "channel.activation.codec=int8"]),
 ]
