@@ -206,7 +206,24 @@ class TopK(Codec):
         return {"residual": self.residual}
 
 
-_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # 1-bit codes, 8 a byte
+_TRITS = torch.tensor([64, 16, 4, 1], dtype=torch.uint8)  # 2-bit codes, 4 a byte
+
+
+def _pack(codes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Small uint8 codes, len(weights) to a byte (the first in the high bits); the last
+    byte padded with zeros."""
+    per = len(weights)
+    pad = (-codes.numel()) % per
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    return (codes.reshape(-1, per) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n codes of `_pack(codes, weights)` back."""
+    bits = 8 // len(weights)  # each code's width
+    return (packed.unsqueeze(1) // weights % (1 << bits)).reshape(-1)[:n]
 
 
 class Sign(Codec):
@@ -230,13 +247,8 @@ class Sign(Codec):
 
     def encode(self, x, rng=None):
         flat = x.detach().reshape(-1)
-        n = flat.numel()
         keep = flat >= 0
-        bits = keep.to(torch.uint8)
-        pad = (-n) % 8
-        if pad:
-            bits = torch.cat([bits, bits.new_zeros(pad)])
-        packed = (bits.reshape(-1, 8) * _BITS).sum(1, dtype=torch.int32).to(torch.uint8)
+        packed = _pack(keep.to(torch.uint8), _BITS)
         mag = flat.float().abs()
         if self.options.two_scales:
             # an empty side decodes to nothing, so its magnitude is 0
@@ -247,7 +259,7 @@ class Sign(Codec):
 
     def decode(self, enc):
         n = math.prod(enc.shape)
-        bits = (enc.payload["bits"].unsqueeze(1) & _BITS).ne(0).reshape(-1)[:n]
+        bits = _unpack(enc.payload["bits"], _BITS, n).bool()
         scale = enc.payload["scale"]  # [s] or [s_plus, s_minus]
         out = torch.where(bits, scale[0], -scale[-1])
         return out.reshape(enc.shape).to(enc.dtype)
@@ -255,9 +267,6 @@ class Sign(Codec):
 
 def _mean_or_zero(t: torch.Tensor) -> torch.Tensor:
     return t.mean() if t.numel() else t.new_zeros(())
-
-
-_TRITS = torch.tensor([64, 16, 4, 1], dtype=torch.uint8)  # four 2-bit codes to a byte
 
 
 class Ternary(Codec):
@@ -278,15 +287,11 @@ class Ternary(Codec):
         p = flat.abs() / torch.where(s > 0, s, torch.ones_like(s))
         sent = torch.rand(n, generator=rng) < p
         code = torch.where(sent, torch.where(flat >= 0, 1, 2), 0).to(torch.uint8)
-        pad = (-n) % 4
-        if pad:
-            code = torch.cat([code, code.new_zeros(pad)])
-        packed = (code.reshape(-1, 4) * _TRITS).sum(1, dtype=torch.int32).to(torch.uint8)
-        return self._enc(x, {"codes": packed, "scale": s.reshape(1)})
+        return self._enc(x, {"codes": _pack(code, _TRITS), "scale": s.reshape(1)})
 
     def decode(self, enc):
         n = math.prod(enc.shape)
-        code = (enc.payload["codes"].unsqueeze(1) // _TRITS % 4).reshape(-1)[:n]
+        code = _unpack(enc.payload["codes"], _TRITS, n)
         s = enc.payload["scale"][0]
         out = torch.where(code == 1, s, torch.where(code == 2, -s, torch.zeros_like(s)))
         return out.reshape(enc.shape).to(enc.dtype)
