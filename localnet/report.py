@@ -579,7 +579,7 @@ def differences(runs: list[Run]) -> dict[str, list[str]]:
     """label -> the settings ('key=value') in which that run differs from the others
     (their config.yaml): a table of accuracies means little before one knows what set
     the runs apart.  A key one run has and another lacks counts too: a rule's or codec's
-    options are recorded only where they were given."""
+    options exist only under that rule or codec (fa's feedback_gain, none for bp)."""
     flat = {run.label: flat_settings(run.config) for run in runs if run.config}
     if len(flat) < 2:
         return {}
