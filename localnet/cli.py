@@ -415,7 +415,8 @@ def parser() -> argparse.ArgumentParser:
                                                    "and sd)")
     sw.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="one restriction at a time: each value is one more point per grid "
-                         "point, with only this key changed (repeatable)")
+                         "point, with only this key changed (repeatable); sweep.md says "
+                         "what each costs against its grid point, paired by seed")
     at_once = sw.add_mutually_exclusive_group()  # each would be ignored beside the other
     at_once.add_argument("--jobs", type=_count, default=1, help="points run at once, each in "
                                                              "its own process (default 1)")

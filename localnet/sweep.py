@@ -21,25 +21,22 @@ error bits per sample, wall time) and sweep.png (accuracy against error bits per
 a colour per rule, and against each swept key: localnet/sweep_plot.py).  A swept `seed`
 (--grid seed=0,1,2) makes replicates: sweep.md first gives each point's mean and standard
 deviation over its seeds (sweep_seeds.csv holds them too), and sweep.png draws them.
+With --vary, sweep.md also gives what each restriction costs against its reference,
+paired by seed (sweep_costs.csv holds it too: localnet/sweep_costs.py).
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
-import math
 import re
-import statistics
 import time
 from pathlib import Path
 
 from .config import ConfigError, load_config, value_at
 from .files import LOCK, counted, first_few, run_lock
-from .sweep_plot import SEED, write_png
-
-COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
-           "point"]
+from .sweep_plot import write_png
+from .sweep_tables import restriction, write_tables
 
 
 def parse_grid(items: list[str], flag: str = "--grid") -> list[tuple[str, list[str]]]:
@@ -185,11 +182,6 @@ def point_name(point: list[tuple[str, str]]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-def restriction(point: list[tuple[str, str]]) -> str:
-    parts = [f"{k.removeprefix('channel.')}={v}" for k, v in point if k != "rule.name"]
-    return " ".join(parts) or "none"
-
-
 def _run_on_ray(todo, out: Path, runtime, log) -> dict[str, tuple[dict, str]]:
     """Every point as a Ray task (num_cpus = its train.threads, at least 1), so the
     cluster runs as many at once as it has room for.  The run directories must be on a
@@ -248,7 +240,7 @@ def sweep(config: str | Path | None, grid_items: list[str], sets: list[str] | No
     # tables; the second is refused (each point's run holds its own directory as well)
     with run_lock(out, "sweep", "run this command again: it goes on with the points that "
                                 "did not finish"):
-        return _sweep(pts, cfgs, out, log, jobs, use_ray, same)
+        return _sweep(pts, cfgs, out, log, jobs, use_ray, same, [k for k, _ in vary])
 
 
 def _data_is_there(cfgs) -> None:
@@ -277,7 +269,7 @@ def _plan(pts, cfgs, out: Path | None) -> list[tuple[str, str]]:
 
 
 # and `report/`, where `localnet report SWEEP_DIR` puts its plots
-_TABLES = ("sweep.csv", "sweep_seeds.csv", "sweep.md", "sweep.png", LOCK, "report")
+_TABLES = ("sweep.csv", "sweep_seeds.csv", "sweep_costs.csv", "sweep.md", "sweep.png", LOCK, "report")
 
 
 def _refuse_others_in(out: Path) -> None:
@@ -297,7 +289,8 @@ def _refuse_others_in(out: Path) -> None:
                           f"give another --out")
 
 
-def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> dict:
+def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict,
+           vary_keys: list[str]) -> dict:
     results: dict[str, tuple[dict, str]] = {}
     skipped, todo = [], []
     count = [0]  # points settled so far, for the [sweep k/N] lines
@@ -363,19 +356,10 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict) -> d
                      "error_bits_per_sample": ch.get("error_bits_per_sample", float("nan")),
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name, **_settings(p, cfg, swept)})
-    seeds = over_seeds(rows, pts)
-    files = [write_csv(rows, out / "sweep.csv"), write_md(rows, out / "sweep.md", seeds)]
-    if seeds:  # the means a plotting tool reads, beside each run's row in sweep.csv
-        with open(out / "sweep_seeds.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(seeds[0]))
-            w.writeheader()
-            w.writerows(seeds)
-        files.append(out / "sweep_seeds.csv")
-    else:  # an earlier sweep's in this directory: not these points' means
-        (out / "sweep_seeds.csv").unlink(missing_ok=True)
+    files, seeds, cost = write_tables(rows, pts, out, same, vary_keys)
     files.append(write_png(rows, pts, out / "sweep.png", same))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
-            "failed": failed, "skipped": skipped, "over_seeds": seeds}
+            "failed": failed, "skipped": skipped, "over_seeds": seeds, "costs": cost}
 
 
 def _settings(point: list[tuple[str, str]], cfg, swept: list[str]) -> dict:
@@ -394,60 +378,3 @@ def _settings(point: list[tuple[str, str]], cfg, swept: list[str]) -> dict:
             value = ""
         out[key] = value if isinstance(value, str) else json.dumps(value)
     return out
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:  # the swept keys' columns after the fixed ones
-        w = csv.DictWriter(f, fieldnames=COLUMNS + [k for k in (rows[0] if rows else {})
-                                                    if k not in COLUMNS])
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
-def over_seeds(rows: list[dict], pts: list[list[tuple[str, str]]]) -> list[dict]:
-    """The runs of each point that differ in their seed alone, as one row: how many
-    finished of how many, and their test accuracy's mean and standard deviation (one
-    seed's noise can exceed the difference a restriction makes).  [] without a swept
-    seed."""
-    if not any(k == SEED for p in pts for k, _ in p):
-        return []
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for p, r in zip(pts, rows):
-        groups.setdefault((r["rule"], restriction([kv for kv in p if kv[0] != SEED])),
-                          []).append(r)
-    out = []
-    for (rule, restr), runs in groups.items():
-        ok = [r for r in runs if r["status"] == "ok" and math.isfinite(r["test_accuracy"])]
-        acc = [r["test_accuracy"] for r in ok]
-        out.append({"rule": rule, "restriction": restr, "seeds": f"{len(ok)}/{len(runs)}",
-                    "mean": statistics.fmean(acc) if acc else math.nan,
-                    "sd": statistics.stdev(acc) if len(acc) > 1 else math.nan,
-                    "bits": statistics.fmean([r["error_bits_per_sample"] for r in ok])
-                    if ok else math.nan,
-                    "wall_s": statistics.fmean([r["wall_s"] for r in ok]) if ok else math.nan})
-    return out
-
-
-def _or_dash(v: float) -> str:
-    return "—" if math.isnan(v) else f"{v:.4f}"  # a deviation of one seed: none
-
-
-def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None) -> Path:
-    """Each run's row; first, with `seeds` (`over_seeds`), each point's over its seeds."""
-    lines = []
-    if seeds:
-        lines += ["Over seeds (runs that finished / runs; the mean test accuracy and its "
-                  "standard deviation):", "",
-                  "| rule | restriction | seeds | test accuracy | sd | error bits/sample | "
-                  "wall s |", "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {g['rule']} | {g['restriction']} | {g['seeds']} | {g['mean']:.4f} | "
-                  f"{_or_dash(g['sd'])} | {g['bits']:.1f} | {g['wall_s']:.1f} |" for g in seeds]
-        lines += ["", "Each run:", ""]
-    lines += ["| rule | restriction | test accuracy | error bits/sample | wall s | status |",
-              "|---|---|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['rule']} | {r['restriction']} | {r['test_accuracy']:.4f} | "
-                     f"{r['error_bits_per_sample']:.1f} | {r['wall_s']:.1f} | {r['status']} |")
-    path.write_text("\n".join(lines) + "\n")
-    return path

@@ -309,6 +309,15 @@ def test_the_plot_joins_points_that_differ_in_one_key_from_their_reference():
     assert [(ln["rule"], ln["points"]) for ln in drop["lines"]] == [("fa", [(0, 0.9), (1, 0.5)])]
 
 
+def _three_seeds(tmp_path):
+    """A config whose three seeds give three accuracies, and a sweep directory."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
+                   "train: {batch_size: 32, max_steps: 3, lr: 0.05}\n"
+                   "metrics: {alignment_every: 0}\n")
+    return cfg, tmp_path / "sweep"
+
+
 def test_seeds_are_replicates_summed_up_by_their_mean_and_deviation(tmp_path):
     """--grid seed=...: each point's runs over the seeds are one row of sweep.md (mean and
     sample standard deviation of the runs' own accuracies, and how many finished), and one
@@ -316,11 +325,7 @@ def test_seeds_are_replicates_summed_up_by_their_mean_and_deviation(tmp_path):
     import statistics
 
     from localnet.sweep_plot import panels
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [16]}\n"
-                   "train: {batch_size: 32, max_steps: 3, lr: 0.05}\n"
-                   "metrics: {alignment_every: 0}\n")
-    out = tmp_path / "sweep"
+    cfg, out = _three_seeds(tmp_path)
     res = sweep(cfg, ["rule.name=fa", "seed=0,1,2"], [], out, log=lambda m: None,
                 vary_items=["channel.error.codec=sign"])
     rows = list(csv.DictReader(open(out / "sweep.csv")))
@@ -335,7 +340,7 @@ def test_seeds_are_replicates_summed_up_by_their_mean_and_deviation(tmp_path):
     for restr, a in acc.items():
         assert (f"| fa | {restr} | 3/3 | {statistics.mean(a):.4f} | {statistics.stdev(a):.4f} |"
                 in md)
-    assert md.count("| fa |") == 2 + 6  # the per-run table follows
+    assert md.count("| fa |") == 2 + 1 + 6  # the sign's cost, then the per-run table
     means = list(csv.DictReader(open(out / "sweep_seeds.csv")))
     assert [(m["restriction"], m["seeds"], float(m["mean"])) for m in means] == [
         (r, "3/3", pytest.approx(statistics.mean(a))) for r, a in acc.items()]
@@ -453,3 +458,62 @@ def test_the_means_over_seeds_of_an_earlier_sweep_in_its_directory_are_not_kept(
     assert (out / "sweep_seeds.csv").exists()
     sweep(cfg, ["rule.name=fa,kp"], [], out, log=lambda m: None)  # the same directory
     assert not (out / "sweep_seeds.csv").exists()
+
+
+def test_each_vary_restriction_costs_its_reference_paired_seed_by_seed(tmp_path):
+    """sweep.md and sweep_costs.csv: a --vary restriction's cost is, seed by seed, its
+    reference's test accuracy minus its own, averaged over the seeds, with the standard
+    error of that mean; a vary value that restates the config's own (codec=fp32 here) is
+    the reference itself, not a restriction."""
+    import math
+    import statistics
+
+    cfg, out = _three_seeds(tmp_path)
+    res = sweep(cfg, ["rule.name=fa", "seed=0,1,2"], [], out, log=lambda m: None,
+                vary_items=["channel.error.codec=fp32,sign"])
+    acc, bits = {}, {}
+    for r in csv.DictReader(open(out / "sweep.csv")):
+        acc[r["channel.error.codec"], r["seed"]] = float(r["test_accuracy"])
+        bits[r["channel.error.codec"], r["seed"]] = float(r["error_bits_per_sample"])
+    lost = [100 * (acc["fp32", s] - acc["sign", s]) for s in "012"]
+    assert len(set(lost)) > 1  # the pairs did differ
+    (cost,) = res["costs"]
+    assert (cost["rule"], cost["against"], cost["restriction"], cost["pairs"]) == (
+        "fa", "none", "error.codec=sign", "3/3")
+    assert cost["points_lost"] == pytest.approx(statistics.mean(lost))
+    assert cost["se"] == pytest.approx(statistics.stdev(lost) / math.sqrt(3))
+    assert cost["bits_ratio"] == pytest.approx(bits["sign", "0"] / bits["fp32", "0"])
+    assert 0 < cost["bits_ratio"] < 1 / 16  # sign: about a bit an entry, against 32
+    md = (out / "sweep.md").read_text()
+    assert (f"| fa | none | error.codec=sign | 3/3 | {statistics.mean(lost):+.2f} | "
+            f"{statistics.stdev(lost) / math.sqrt(3):.2f} |") in md
+    (row,) = csv.DictReader(open(out / "sweep_costs.csv"))
+    assert float(row["points_lost"]) == pytest.approx(statistics.mean(lost))
+    # without --vary there is no reference to read a cost against: no table, no file
+    sweep(cfg, ["rule.name=fa", "seed=0,1"], [], out, log=lambda m: None)
+    assert "costs" not in (out / "sweep.md").read_text()
+    assert not (out / "sweep_costs.csv").exists()
+
+
+def test_a_restriction_that_diverged_at_a_seed_is_left_out_of_its_cost_and_marked():
+    from localnet.sweep_tables import costs
+    pts = points(parse_grid(["rule.name=fa", "seed=0,1,2"]),
+                 parse_grid(["channel.error.drop=0.5", "channel.error.delay=2"]))
+    acc = {"": [0.9, 0.8, 0.7], "channel.error.drop-0.5": [0.85, float("nan"), 0.6],
+           "channel.error.delay-2": [0.9, 0.9, 0.9]}
+    rows = []
+    for p in pts:
+        name = point_name(p)
+        seed = int(dict(p)["seed"])
+        extra = name.split(f"seed-{seed}")[1].removeprefix("__")
+        a = acc[extra][seed]
+        rows.append({"rule": "fa", "point": name, "test_accuracy": a,
+                     "status": "ok" if a == a else "diverged at step 2",
+                     "error_bits_per_sample": 640.0})
+    drop, delay = costs(rows, pts, ["channel.error.drop", "channel.error.delay"])
+    assert (drop["restriction"], drop["pairs"]) == ("error.drop=0.5", "2/3")
+    assert drop["points_lost"] == pytest.approx((5 + 10) / 2)
+    assert drop["se"] == pytest.approx(2.5)  # two values: their sd, |5 - 10| / 2 ** 0.5, over 2 ** 0.5
+    assert (delay["restriction"], delay["pairs"], delay["bits_ratio"]) == (
+        "error.delay=2", "3/3", 1.0)
+    assert delay["points_lost"] == pytest.approx((0 - 10 - 20) / 3)
