@@ -357,7 +357,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict,
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name, **_settings(p, cfg, swept)})
     files, seeds, cost = write_tables(rows, pts, out, same, vary_keys)
-    files.append(write_png(rows, pts, out / "sweep.png", same))
+    files.append(write_png(rows, pts, out / "sweep.png", same, cost))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
             "failed": failed, "skipped": skipped, "over_seeds": seeds, "costs": cost}
 

@@ -9,6 +9,11 @@ x in the order given, a line through the points that differ in that key alone.  
 key's line starts at its reference, the point without it ("none").  A swept `seed` gets no
 panel: each line is drawn through its seeds' mean, with their standard deviation as bars,
 and a hollow marker where some of its seeds did not finish (the mean is of the others).
+With --vary, a last panel draws what each restriction costs against its reference, seed
+by seed (localnet/sweep_tables.py): a row per restriction, a dot per rule at its mean
+points lost, a bar of one standard error each side.  Its x axis is linear within 1 point
+of zero and logarithmic beyond, so int8's fraction of a point and sign's tens of points
+both read.
 """
 
 from __future__ import annotations
@@ -77,18 +82,54 @@ def _line(rule: str, others: str, points: list[tuple[int, float]], runs: dict) -
             "partial": [x for x in xs if runs[(rule, others, x)] > len(at[x])]}
 
 
+def cost_rows(cost: list[dict]) -> dict:
+    """The cost panel's layout: {"labels": a row per restriction, in the sweep's order
+    (with the grid point it varies where that is not the config itself), "dots": [(rule,
+    y, points lost, its standard error (0: one seed))]}, each rule's dot shifted within
+    its row so that rules at the same cost stay apart; restrictions none of whose pairs
+    finished have a row and no dot."""
+    labels = list(dict.fromkeys(_label(c) for c in cost))
+    rules = list(dict.fromkeys(c["rule"] for c in cost))
+    step = 0.6 / max(1, len(rules) - 1)
+    dots = []
+    for c in cost:
+        if math.isnan(c["points_lost"]):
+            continue
+        y = labels.index(_label(c)) + (rules.index(c["rule"]) * step - 0.3 if len(rules) > 1 else 0)
+        dots.append((c["rule"], y, c["points_lost"], 0.0 if math.isnan(c["se"]) else c["se"]))
+    return {"labels": labels, "dots": dots}
+
+
+def _label(c: dict) -> str:
+    return c["restriction"] + ("" if c["against"] == "none" else f" at {c['against']}")
+
+
+def _cost_panel(ax, cost: list[dict], colour: dict) -> None:
+    layout = cost_rows(cost)
+    for rule, y, lost, se in layout["dots"]:
+        ax.errorbar(lost, y, xerr=se or None, fmt="o", color=colour[rule], ms=4, capsize=2)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_yticks(range(len(layout["labels"])), layout["labels"], fontsize="x-small")
+    ax.set_ylim(len(layout["labels"]) - 0.5, -0.5)  # the first restriction on top
+    seeds = any(c["se"] == c["se"] for c in cost)
+    ax.set(xlabel="test accuracy points lost against the reference",
+           title="cost of each restriction, paired by seed" + (" (mean, se)" if seeds else ""))
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+
+
 def _without(settings: dict, key: str) -> dict:
     return {k: v for k, v in settings.items() if k != key}
 
 
 def write_png(rows: list[dict], pts: list[list[tuple[str, str]]], path: Path,
-              same: dict | None = None) -> Path:
+              same: dict | None = None, cost: list[dict] | None = None) -> Path:
     from matplotlib.lines import Line2D
 
     from .report import _colors, _panels
 
     per_key = panels(rows, pts, same)
-    fig, axes = _panels(1 + len(per_key))
+    fig, axes = _panels(1 + len(per_key) + bool(cost))
     rules = list(dict.fromkeys(r["rule"] for r in rows))
     colour = dict(zip(rules, _colors(len(rules))))
     ax = axes[0]
@@ -134,5 +175,7 @@ def write_png(rows: list[dict], pts: list[list[tuple[str, str]]], path: Path,
             labels.append("not every seed finished")
         if handles:
             ax.legend(handles, labels, fontsize="xx-small")
+    if cost:
+        _cost_panel(axes[1 + len(per_key)], cost, colour)
     fig.savefig(path, dpi=110)
     return path

@@ -517,3 +517,27 @@ def test_a_restriction_that_diverged_at_a_seed_is_left_out_of_its_cost_and_marke
     assert (delay["restriction"], delay["pairs"], delay["bits_ratio"]) == (
         "error.delay=2", "3/3", 1.0)
     assert delay["points_lost"] == pytest.approx((0 - 10 - 20) / 3)
+
+
+def test_the_cost_panel_puts_each_restriction_on_a_row_and_each_rule_apart_within_it():
+    """sweep.png's cost panel: a row per restriction in the sweep's order (the grid point
+    it varies said where it is not the config itself), each rule's dot at its mean points
+    lost with its standard error, rules spread within the row; no dot where no pair
+    finished."""
+    from localnet.sweep_plot import cost_rows
+    nan = float("nan")
+    cost = [{"rule": r, "against": a, "restriction": x, "points_lost": lost, "se": se}
+            for r, a, x, lost, se in [
+                ("fa", "none", "error.codec=int8", 0.2, 0.1),
+                ("kp", "none", "error.codec=int8", 0.2, 0.3),
+                ("fa", "none", "error.drop=0.5", 4.0, nan),  # one seed: no bar
+                ("kp", "none", "error.drop=0.5", nan, nan),  # none of its pairs finished
+                ("fa", "error.codec=sign", "error.drop=0.5", 30.0, 2.0)]]
+    layout = cost_rows(cost)
+    assert layout["labels"] == ["error.codec=int8", "error.drop=0.5",
+                                "error.drop=0.5 at error.codec=sign"]
+    assert layout["dots"] == [("fa", pytest.approx(-0.3), 0.2, 0.1),
+                              ("kp", pytest.approx(0.3), 0.2, 0.3),
+                              ("fa", pytest.approx(0.7), 4.0, 0.0),
+                              ("fa", pytest.approx(1.7), 30.0, 2.0)]
+    assert cost_rows([dict(cost[0], se=nan)])["dots"] == [("fa", 0, 0.2, 0.0)]  # one rule
