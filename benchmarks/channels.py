@@ -51,7 +51,8 @@ def main(argv=None) -> dict:
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--seeds", type=int, default=1,
-                   help="runs per point, seeds 0..N-1; the int8 check compares their means")
+                   help="runs per point, seeds 0..N-1; the int8 check averages its cost "
+                        "over them, seed by seed")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     command = "python benchmarks/channels.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -72,20 +73,14 @@ def main(argv=None) -> dict:
                 vary_items=[f"channel.error.codec={CODECS}", "channel.error.delay=1,4",
                             "channel.error.drop=0.1,0.5"])
     rows = res["rows"]
-    if args.seeds > 1:  # every seed of a point finished, or the point has no mean to compare
-        by = {(g["rule"], g["restriction"]): {
-            "test_accuracy": g["mean"], "error_bits_per_sample": g["bits"],
-            "status": "ok" if g["seeds"] == f"{args.seeds}/{args.seeds}" else g["seeds"]}
-            for g in res["over_seeds"]}
-    else:
-        by = {(r["rule"], r["restriction"]): r for r in rows}
+    # int8's cost against the fp32 point, seed by seed (localnet/sweep_tables.py): with
+    # seeds, the mean and its standard error; a rule checks only where every pair finished
     checks = {}
-    for rule in args.rules.split(","):
-        a, b = by.get((rule, "error.codec=fp32")), by.get((rule, "error.codec=int8"))
-        if a and b and a["status"] == b["status"] == "ok":
-            checks[rule] = {"loss_points": round(100 * (a["test_accuracy"] - b["test_accuracy"]), 2),
-                            "bytes_ratio": round(b["error_bits_per_sample"] /
-                                                 a["error_bits_per_sample"], 4)}
+    for c in res["costs"]:
+        if c["restriction"] == "error.codec=int8" and c["pairs"] == f"{args.seeds}/{args.seeds}":
+            checks[c["rule"]] = {"loss_points": round(c["points_lost"], 2),
+                                 "se": None if c["se"] != c["se"] else round(c["se"], 2),
+                                 "bytes_ratio": round(c["bits_ratio"], 4)}
     result = {"setting": args.setting, "int8_vs_fp32": checks,
               "int8_max_loss_points": max((c["loss_points"] for c in checks.values()), default=None),
               "int8_max_bytes_ratio": max((c["bytes_ratio"] for c in checks.values()), default=None),
@@ -113,13 +108,16 @@ def write_results(r: dict, table: str, png: str) -> None:
              "",
              f"Hardware: {hardware_cpu()}.  Commit `{commit()}`.  Command: `{r['command'].strip()}` "
              f"(settings: {', '.join(r['sets'])}; "
-             f"{f'seeds 0-{seeds - 1}, compared by their means' if seeds > 1 else 'one seed'}; "
+             f"{f'seeds 0-{seeds - 1}, compared seed by seed' if seeds > 1 else 'one seed'}; "
              f"activations fp32; one restriction "
              f"at a time on every error edge).  Plot: `benchmarks/{png}`.",
              "", table.strip(), "",
-             "int8 against fp32 errors, per rule (accuracy points lost, error-byte ratio): "
-             + ", ".join(f"{k} {v['loss_points']:+.2f} / {v['bytes_ratio']:.1%}"
-                         for k, v in c.items()) + ".",
+             "int8 against fp32 errors, per rule (accuracy points lost"
+             + (", with its standard error over the seeds" if seeds > 1 else "")
+             + ", error-byte ratio): "
+             + ", ".join(f"{k} {v['loss_points']:+.2f}"
+                         + (f" ± {v['se']:.2f}" if v["se"] is not None else "")
+                         + f" / {v['bytes_ratio']:.1%}" for k, v in c.items()) + ".",
              f"Largest loss {r['int8_max_loss_points']} points (target <= 0.5), largest byte "
              f"ratio {r['int8_max_bytes_ratio']} (target <= 0.26).  Negative loss means int8 "
              f"did better" + (" (noise of one seed)." if seeds == 1 else "."),
