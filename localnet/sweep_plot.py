@@ -110,6 +110,9 @@ def _cost_panel(ax, cost: list[dict], colour: dict) -> None:
         ax.errorbar(lost, y, xerr=se or None, fmt="o", color=colour[rule], ms=4, capsize=2)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xscale("symlog", linthresh=1)
+    if layout["dots"]:  # room past the outermost bars, which autoscaling put on the frame
+        ax.set_xlim(1.5 * min(-1, *(lost - se for _, _, lost, se in layout["dots"])),
+                    1.5 * max(1, *(lost + se for _, _, lost, se in layout["dots"])))
     ax.set_yticks(range(len(layout["labels"])), layout["labels"], fontsize="x-small")
     ax.set_ylim(len(layout["labels"]) - 0.5, -0.5)  # the first restriction on top
     seeds = any(c["se"] == c["se"] for c in cost)

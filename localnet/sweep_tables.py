@@ -139,13 +139,17 @@ def costs(rows: list[dict], pts: list[list[tuple[str, str]]], vary_keys: list[st
 
 
 def costs_markdown(rows: list[dict]) -> list[str]:
-    """sweep.md's lines for `costs`' rows."""
+    """sweep.md's lines for `costs`' rows.  The grid point a restriction varies gets a
+    column only where some is not the config itself (a grid of more than rules and seeds)."""
+    against = any(c["against"] != "none" for c in rows)
     return ["What each --vary restriction costs, paired by seed (its reference's test "
             "accuracy minus its own, in points, over the pairs that finished; se: that "
             "mean's standard error; bits: its error bits per sample over the reference's):",
-            "", "| rule | against | restriction | pairs | points lost | se | bits |",
-            "|---|---|---|---:|---:|---:|---:|"] + [
-        f"| {c['rule']} | {c['against']} | {c['restriction']} | {c['pairs']} | "
+            "", "| rule |" + (" against |" if against else "")
+            + " restriction | pairs | points lost | se | bits |",
+            "|---|" + ("---|" if against else "") + "---|---:|---:|---:|---:|"] + [
+        f"| {c['rule']} |" + (f" {c['against']} |" if against else "")
+        + f" {c['restriction']} | {c['pairs']} | "
         f"{_num(c['points_lost'], '+.2f')} | {_num(c['se'], '.2f')} | "
         f"{_num(c['bits_ratio'], '.3f')} |" for c in rows]
 

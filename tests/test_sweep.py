@@ -485,7 +485,7 @@ def test_each_vary_restriction_costs_its_reference_paired_seed_by_seed(tmp_path)
     assert cost["bits_ratio"] == pytest.approx(bits["sign", "0"] / bits["fp32", "0"])
     assert 0 < cost["bits_ratio"] < 1 / 16  # sign: about a bit an entry, against 32
     md = (out / "sweep.md").read_text()
-    assert (f"| fa | none | error.codec=sign | 3/3 | {statistics.mean(lost):+.2f} | "
+    assert (f"| fa | error.codec=sign | 3/3 | {statistics.mean(lost):+.2f} | "
             f"{statistics.stdev(lost) / math.sqrt(3):.2f} |") in md
     (row,) = csv.DictReader(open(out / "sweep_costs.csv"))
     assert float(row["points_lost"]) == pytest.approx(statistics.mean(lost))
@@ -541,3 +541,12 @@ def test_the_cost_panel_puts_each_restriction_on_a_row_and_each_rule_apart_withi
                               ("fa", pytest.approx(0.7), 4.0, 0.0),
                               ("fa", pytest.approx(1.7), 30.0, 2.0)]
     assert cost_rows([dict(cost[0], se=nan)])["dots"] == [("fa", 0, 0.2, 0.0)]  # one rule
+    # sweep.md names the grid point a restriction varies where some is not the config
+    from localnet.sweep_tables import costs_markdown
+    md = costs_markdown([dict(c, pairs="3/3", bits_ratio=1.0) for c in cost])
+    assert md[2] == "| rule | against | restriction | pairs | points lost | se | bits |"
+    assert "| fa | error.codec=sign | error.drop=0.5 | 3/3 | +30.00 | 2.00 | 1.000 |" in md
+    assert "| kp | none | error.drop=0.5 | 3/3 | — | — | 1.000 |" in md
+    assert costs_markdown([dict(cost[0], pairs="3/3", bits_ratio=0.25)])[2:] == [
+        "| rule | restriction | pairs | points lost | se | bits |",
+        "|---|---|---:|---:|---:|---:|", "| fa | error.codec=int8 | 3/3 | +0.20 | 0.10 | 0.250 |"]
