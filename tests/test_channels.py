@@ -209,6 +209,25 @@ def test_lowrank_shares_only_a_seed_and_is_exact_in_span():
     assert all(not isinstance(v, torch.Tensor) for v in vars(sender).values())
 
 
+def test_lowrank_unbiased_decodes_x_on_average_where_the_projection_shrinks_it():
+    """Over the seeded projections E[P P^T] = (q/n) I: the plain decode's mean is (q/n) x,
+    the unbiased one's (n/q times it) is x, and their mean squared errors are (1 - q/n)
+    and (n/q - 1) times |x|^2 (stochastic subspace descent's scaling); same bytes."""
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(3))  # n = 16 a row
+    plain, unbiased = LowRank(q=4, seed=5), make_codec("lowrank", seed=5, q=4, unbiased=True)
+    encs = [plain.encode(x) for _ in range(3000)]
+    a = torch.stack([plain.decode(e) for e in encs])
+    b = torch.stack([unbiased.decode(e) for e in encs])
+    torch.testing.assert_close(b, a * 4)  # n/q
+    assert unbiased.encode(x).nbytes == encs[0].nbytes
+    se = b.std(0) / math.sqrt(3000)
+    assert ((b.mean(0) - x).abs() <= 5 * se).all()
+    assert ((a.mean(0) - x / 4).abs() <= 5 * se / 4).all()
+    norm2 = (x ** 2).sum(-1)
+    torch.testing.assert_close(((a - x) ** 2).sum(-1).mean(0), 0.75 * norm2, rtol=0.05, atol=0)
+    torch.testing.assert_close(((b - x) ** 2).sum(-1).mean(0), 3 * norm2, rtol=0.15, atol=0)
+
+
 # ------------------------------------------------------------------------ channels
 def test_channel_bytes_equal_encoded_sizes():
     ch = Channel(make_codec("int8"), src="a", dst="b", kind="error", seed=0)

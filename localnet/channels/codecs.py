@@ -303,13 +303,24 @@ class LowRank(Codec):
     counter); the receiver regenerates P from the same seed and counter and decodes
     x_hat = z P^T, the orthogonal projection of x onto span(P): exact for inputs in that
     span.  Sender and receiver share only the seed; the 4-byte counter travels with the
-    message.  Bytes: batch·q·4 + 4."""
+    message.  Bytes: batch·q·4 + 4.
+
+    Over the draws of P, E[P P^T] = (q/n) I: the decoded tensor is x shrunk by q/n on
+    average, as if the receiving layer learnt at q/n of the others' rate.  Where a
+    large weight decay pulls the weights down meanwhile (PFA's first-epoch recipe), that
+    shrunken signal loses to it, and the network falls to chance (benchmarks/RESULTS.md,
+    the channel tables).  `unbiased` decodes (n/q) x P P^T instead, whose mean over the
+    draws is x: the scaling of stochastic subspace descent (Kozak, Becker, Doostan &
+    Tenorio, arXiv:1904.01145).  It pays in variance: its mean squared error is
+    (n/q - 1) |x|^2, against the plain decode's (1 - q/n) |x|^2.  No byte changes."""
 
     name = "lowrank"
     seeded = True
 
     class Options(NoOptions):
         q: int = Field(8, ge=1, description="rank of the seeded random projection")
+        unbiased: bool = Field(False, description="decode (n/q) x P P^T, whose mean over "
+                               "projections is x (default: the projection x P P^T)")
 
     def __init__(self, seed: int = 0, **options):
         super().__init__(**options)
@@ -335,7 +346,10 @@ class LowRank(Codec):
     def decode(self, enc):
         b, n = self._rows(enc.shape)
         p = self.projection(n, enc.meta["counter"])
-        return (enc.payload["z"] @ p.T).reshape(enc.shape).to(enc.dtype)
+        out = enc.payload["z"] @ p.T
+        if self.options.unbiased:
+            out = out * (n / p.shape[1])
+        return out.reshape(enc.shape).to(enc.dtype)
 
     def reset(self):
         self.counter = 0
