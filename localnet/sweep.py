@@ -22,7 +22,7 @@ a colour per rule, and against each swept key: localnet/sweep_plot.py).  A swept
 (--grid seed=0,1,2) makes replicates: sweep.md first gives each point's mean and standard
 deviation over its seeds (sweep_seeds.csv holds them too), and sweep.png draws them.
 With --vary, sweep.md also gives what each restriction costs against its reference,
-paired by seed (sweep_costs.csv holds it too: localnet/sweep_costs.py).
+paired by seed (sweep_costs.csv holds it too: localnet/sweep_tables.py).
 """
 
 from __future__ import annotations
@@ -269,7 +269,8 @@ def _plan(pts, cfgs, out: Path | None) -> list[tuple[str, str]]:
 
 
 # and `report/`, where `localnet report SWEEP_DIR` puts its plots
-_TABLES = ("sweep.csv", "sweep_seeds.csv", "sweep_costs.csv", "sweep.md", "sweep.png", LOCK, "report")
+_TABLES = ("sweep.csv", "sweep_seeds.csv", "sweep_costs.csv", "sweep.md", "sweep.png", LOCK,
+           "report")
 
 
 def _refuse_others_in(out: Path) -> None:

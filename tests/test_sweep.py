@@ -513,7 +513,8 @@ def test_a_restriction_that_diverged_at_a_seed_is_left_out_of_its_cost_and_marke
     drop, delay = costs(rows, pts, ["channel.error.drop", "channel.error.delay"])
     assert (drop["restriction"], drop["pairs"]) == ("error.drop=0.5", "2/3")
     assert drop["points_lost"] == pytest.approx((5 + 10) / 2)
-    assert drop["se"] == pytest.approx(2.5)  # two values: their sd, |5 - 10| / 2 ** 0.5, over 2 ** 0.5
+    # two values: their sd, |5 - 10| / 2 ** 0.5, over 2 ** 0.5
+    assert drop["se"] == pytest.approx(2.5)
     assert (delay["restriction"], delay["pairs"], delay["bits_ratio"]) == (
         "error.delay=2", "3/3", 1.0)
     assert delay["points_lost"] == pytest.approx((0 - 10 - 20) / 3)
