@@ -25,6 +25,11 @@ from pathlib import Path
 SEED = "seed"  # swept, its values are replicates of each point (localnet/sweep.py)
 
 
+def finished(row: dict | None) -> bool:
+    """A run that ended with an accuracy: not diverged, failed or missing."""
+    return row is not None and row["status"] == "ok" and math.isfinite(row["test_accuracy"])
+
+
 def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
            same: dict | None = None) -> list[dict]:
     """For each swept key but rule.name: {"key", "values" (x categories), "lines"}, each
@@ -35,7 +40,7 @@ def panels(rows: list[dict], pts: list[list[tuple[str, str]]],
     # a swept seed is no axis: its runs are replicates of one point, drawn as their mean
     # and standard deviation
     keys = list(dict.fromkeys(k for p in pts for k, _ in p if k not in ("rule.name", SEED)))
-    ran = [(p, r, r["status"] == "ok" and math.isfinite(r["test_accuracy"]))
+    ran = [(p, r, finished(r))
            for p, r in zip(pts, rows)]
     out = []
     for key in keys:

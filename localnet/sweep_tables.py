@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .sweep_plot import SEED
+from .sweep_plot import SEED, finished
 
 COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
            "point"]
@@ -53,7 +53,7 @@ def over_seeds(rows: list[dict], pts: list[list[tuple[str, str]]]) -> list[dict]
                           []).append(r)
     out = []
     for (rule, restr), runs in groups.items():
-        ok = [r for r in runs if r["status"] == "ok" and math.isfinite(r["test_accuracy"])]
+        ok = [r for r in runs if finished(r)]
         acc = [r["test_accuracy"] for r in ok]
         out.append({"rule": rule, "restriction": restr, "seeds": f"{len(ok)}/{len(runs)}",
                     "mean": statistics.fmean(acc) if acc else math.nan,
@@ -93,10 +93,6 @@ def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None,
     return path
 
 
-def _finished(row: dict | None) -> bool:
-    return row is not None and row["status"] == "ok" and math.isfinite(row["test_accuracy"])
-
-
 def costs(rows: list[dict], pts: list[list[tuple[str, str]]], vary_keys: list[str],
           same: dict | None = None) -> list[dict]:
     """One row per --vary restriction (a vary value, at the grid point it varies, its
@@ -125,7 +121,7 @@ def costs(rows: list[dict], pts: list[list[tuple[str, str]]], vary_keys: list[st
         groups.setdefault(key, []).append((ref, r))
     out = []
     for (rule, against, restr), pairs in groups.items():
-        ok = [(a, b) for a, b in pairs if _finished(a) and _finished(b)]
+        ok = [(a, b) for a, b in pairs if finished(a) and finished(b)]
         lost = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in ok]
         ratio = [b["error_bits_per_sample"] / a["error_bits_per_sample"] for a, b in ok
                  if a["error_bits_per_sample"] > 0]  # (nan compares false: left out too)
