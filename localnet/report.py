@@ -98,7 +98,8 @@ class Run:
                             or (self.config.get("runtime") or {}).get("executor"),
                 "state": self.state(), "stopped": self.stopped,
                 "resumed_with": s.get("resumed_with"),
-                "constant_output": s.get("constant_output")}
+                "constant_output": s.get("constant_output"),
+                "loss_above_chance": s.get("loss_above_chance")}
 
     def cores_busy(self) -> float | None:
         """The share of the machine's cores busy while the run trained (summary.json
@@ -567,6 +568,12 @@ def table(runs: list[Run]):
                    f"of the classes: an output that ignores its input) by step "
                    f"{r['constant_output']['after_step']}; a warm-up or a lower rate (README)")
               for r in rows if r.get("constant_output")]
+    # a run that classifies most images right at a loss worse than chance's: its
+    # accuracy alone reads as a rule a little worse, not as weights grown unstable
+    below += [Text(f"{r['run']}: epoch {b['epoch']}'s {b['on']} loss {b['loss']:g} was above ln "
+                   f"of the classes ({b['chance_loss']:g}) at accuracy {b['accuracy']:.4f}: "
+                   f"huge logits, as past the rule's largest stable rate; a lower rate")
+              for r in rows if (b := r.get("loss_above_chance"))]
     return Group(t, *below) if below else t
 
 

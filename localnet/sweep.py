@@ -354,13 +354,24 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict,
         ch = summary.get("channels") or {}
         rows.append({"rule": summary.get("rule", cfg.rule.name), "restriction": restriction(p),
                      "test_accuracy": summary.get("test_accuracy", float("nan")),
+                     "test_loss": summary.get("test_loss", float("nan")),
                      "error_bits_per_sample": ch.get("error_bits_per_sample", float("nan")),
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
-                     "point": name, **_settings(p, cfg, swept)})
+                     "point": name, "loss_above_chance": _above_chance(summary),
+                     **_settings(p, cfg, swept)})
     files, seeds, cost = write_tables(rows, pts, out, same, vary_keys)
     files.append(write_png(rows, pts, out / "sweep.png", same, cost))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
             "failed": failed, "skipped": skipped, "over_seeds": seeds, "costs": cost}
+
+
+def _above_chance(summary: dict) -> str:
+    """Where the run's losses were above ln C at twice chance's accuracy (train.py,
+    `above_chance`), as sweep.csv's text: its logits grew huge, which its accuracy alone
+    does not show.  Empty where they were not."""
+    b = summary.get("loss_above_chance")
+    return (f"epoch {b['epoch']}: {b['on']} loss {b['loss']:.4g} > ln C = {b['chance_loss']:.4g} "
+            f"at accuracy {b['accuracy']:.4f}") if b else ""
 
 
 def _settings(point: list[tuple[str, str]], cfg, swept: list[str]) -> dict:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .sweep_plot import SEED, finished
 
-COLUMNS = ["rule", "restriction", "test_accuracy", "error_bits_per_sample", "wall_s", "status",
-           "point"]
+COLUMNS = ["rule", "restriction", "test_accuracy", "test_loss", "error_bits_per_sample", "wall_s",
+           "status", "point", "loss_above_chance"]
 
 
 def _text(pairs) -> str:
@@ -84,11 +84,20 @@ def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None,
         lines += ([""] if lines else []) + costs_markdown(cost)
     if lines:
         lines += ["", "Each run:", ""]
-    lines += ["| rule | restriction | test accuracy | error bits/sample | wall s | status |",
-              "|---|---|---:|---:|---:|---|"]
+    lines += ["| rule | restriction | test accuracy | test loss | error bits/sample | wall s | "
+              "status |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['rule']} | {r['restriction']} | {r['test_accuracy']:.4f} | "
-                     f"{r['error_bits_per_sample']:.1f} | {r['wall_s']:.1f} | {r['status']} |")
+                     f"{_num(r['test_loss'])} | {r['error_bits_per_sample']:.1f} | "
+                     f"{r['wall_s']:.1f} | {r['status']} |")
+    # an accuracy a little below its reference reads as a rule that learns a little
+    # worse; these runs' logits grew huge instead (a rate past the rule's stable one)
+    huge = [r for r in rows if r.get("loss_above_chance")]
+    if huge:
+        lines += ["", "Runs whose loss was above ln C (the loss of an output that ignores its "
+                  "input) at twice chance's accuracy or more: their logits grew huge, as "
+                  "past the largest rate at which the rule trains stably:", ""]
+        lines += [f"- {r['rule']}, {r['restriction']}: {r['loss_above_chance']}" for r in huge]
     path.write_text("\n".join(lines) + "\n")
     return path
 

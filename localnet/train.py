@@ -98,6 +98,30 @@ class _LossTrail:
                 f"(train.lr_warmup_steps is {cfg.train.lr_warmup_steps}) or lowered "
                 f"(train.lr is {cfg.train.lr:g}); README, \"Models\"")
 
+    @staticmethod
+    def above_chance(last: dict, num_classes: int, epoch: int,
+                     cfg: Config) -> tuple[dict, str] | None:
+        """A record and a note when an epoch's mean training loss or its test loss is above
+        ln C while the same images' accuracy is at least twice chance's.  An output that
+        ignores its input scores ln C; one that classifies most images right and still
+        scores worse gets its wrong ones wrong with huge logits: its weights have grown
+        past what the rate keeps stable.  The loss stays finite, so nothing stops, and the
+        accuracy alone reads as a rule that learns a little worse."""
+        chance = math.log(num_classes)
+        for where in ("train", "test"):
+            loss, acc = last[f"{where}_loss"], last[f"{where}_accuracy"]
+            if loss > chance and acc >= 2 / num_classes:
+                record = {"epoch": epoch + 1, "on": where, "loss": round(loss, 4),
+                          "accuracy": round(acc, 4), "chance_loss": round(chance, 4)}
+                return record, (
+                    f"note: epoch {epoch + 1}'s {where} loss, {loss:.4g}, is above ln "
+                    f"{num_classes} = {chance:.3f} (the loss of an output that ignores its "
+                    f"input), while {acc:.1%} of those images were classified right: the "
+                    f"logits have grown huge, as past the largest rate at which the rule "
+                    f"trains stably; try a lower rate (train.lr is {cfg.train.lr:g}); "
+                    f"README, \"Models\"")
+        return None
+
     def diverged(self, what: str, step: int, epoch: int, cfg: Config,
                  run_dir: Path) -> NonFiniteLossError:
         lr = cfg.train.lr
@@ -481,6 +505,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  f"(localnet/runtime/README.md, \"Who gets the core\")")
     told = len(getattr(ex, "recoveries", ()))  # the ones a resumed checkpoint lists
     flat_at = None  # the step after which the constant-output note came (once a process)
+    blown, blown_noted = None, False  # the last epoch's losses above ln C; its note (once)
     try:
         for epoch in range(start_epoch, t.epochs):
             if step >= total_steps:
@@ -557,6 +582,13 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             if flat:
                 bar.note(flat)
                 flat_at = step
+            huge = trail.above_chance(last, data.num_classes, epoch, cfg)
+            if huge and not blown_noted:
+                bar.note(huge[1])
+                blown_noted = True
+            # the summary's record is the last epoch's: a run that blew up at a rate
+            # that decayed later, and trained well after, reports as trained well
+            blown = huge[0] if huge else None
             epochs_done = epoch + 1
             save(epoch, step, train_time, samples_seen)
     except BaseException as exc:
@@ -608,6 +640,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
     if flat_at:  # so a report of many runs (a sweep's) can say which ones
         summary["constant_output"] = {"after_step": flat_at,
                                       "loss": round(math.log(data.num_classes), 4)}
+    if blown:  # so a sweep's table and a report can say which runs' logits grew huge
+        summary["loss_above_chance"] = blown
     write_json(run_dir / "summary.json", keep_recorded(summary, run_dir / "summary.json"),
                indent=2)
     obs.close(linger=True)  # metrics.linger_s: let a scraper take the final values

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -112,7 +113,7 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert bits == {"error.codec=fp32": 16 * 32, "error.codec=sign": (16 * 32 // 8 + 4) * 8 / 32}
     assert all(0 <= float(r["test_accuracy"]) <= 1 and r["status"] == "ok" for r in rows)
     md = (out / "sweep.md").read_text()
-    assert "| rule | restriction | test accuracy | error bits/sample | wall s |" in md
+    assert "| rule | restriction | test accuracy | test loss | error bits/sample | wall s |" in md
     summary = out / "rule.name-fa__channel.error.codec-sign" / "summary.json"
     assert json.loads(summary.read_text())["channels"]["error"]["head->fc1"]["codec"] == "sign"
     stamp = summary.stat().st_mtime_ns
@@ -148,6 +149,34 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert "run this command again" in err and "Traceback" not in err
     assert not (point / "summary.json").exists()  # the unfinished point did not run
     assert {f: (out / f).read_bytes() for f in tables} == tables
+
+
+def test_a_point_whose_logits_blew_up_is_named_beside_its_accuracy(tmp_path):
+    """A rate past a rule's stable one can end at a fair accuracy and a loss above ln C
+    (train.py, `above_chance`): the run's row gives its test loss, and sweep.md names it
+    under the table; the point at a stable rate is not named."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: mlp, widths: [32]}\n"
+                   "train: {batch_size: 32, epochs: 2}\nrule: {name: bp}\n"
+                   "metrics: {alignment_every: 0}\n")
+    res = sweep(cfg, ["train.lr=0.5,0.05"], [], tmp_path / "s", log=lambda m: None)
+    rows = {r["point"]: r for r in csv.DictReader(open(tmp_path / "s" / "sweep.csv"))}
+    blown, calm = rows["train.lr-0.5"], rows["train.lr-0.05"]
+    summaries = {}
+    for name, r in rows.items():
+        summaries[name] = json.loads((tmp_path / "s" / name / "summary.json").read_text())
+        assert float(r["test_loss"]) == summaries[name]["test_loss"]
+    b = summaries["train.lr-0.5"]["loss_above_chance"]
+    assert blown["loss_above_chance"] == (f"epoch 2: train loss {b['loss']:.4g} > ln C = 2.303 "
+                                          f"at accuracy {b['accuracy']:.4f}")
+    assert float(blown["test_accuracy"]) > 0.5  # a fair accuracy: not what it reads as
+    assert calm["loss_above_chance"] == "" and float(calm["test_loss"]) < math.log(10)
+    assert res["ran"] == ["train.lr-0.5", "train.lr-0.05"]
+    md = (tmp_path / "s" / "sweep.md").read_text()
+    assert "| rule | restriction | test accuracy | test loss | error bits/sample |" in md
+    named = md.split("trains stably:", 1)[1]
+    assert f"- bp, train.lr=0.5: {blown['loss_above_chance']}" in named
+    assert "train.lr=0.05" not in named
 
 
 def test_a_point_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path, capsys):

@@ -357,6 +357,51 @@ def test_a_divergence_judges_the_checkpoint_by_the_loss_on_its_weights(saved, sa
     assert ("--resume" in str(err)) == (saved == 6)
 
 
+def test_a_loss_above_ln_c_at_an_accuracy_far_above_chance_is_noted_as_huge_logits(tmp_path,
+                                                                                   capsys):
+    """FA on the MNIST MLP at twice its rate ended at 83% of its training images right and
+    a mean training loss of 92; with low-rank errors at 0.01, at 72% of its test images
+    right and a test loss of 2.74: worse than the ln 10 = 2.303 of an output that ignores
+    its input, which only logits grown huge on the images it gets wrong can score.  Its
+    accuracy alone read as a rule a little worse.  Such an epoch gives a note, and the
+    summary records the last epoch's; a run below ln C, or at chance's accuracy, none."""
+    from localnet.train import _LossTrail
+
+    cfg = small()
+    for last, on in [({"train_loss": 91.80, "train_accuracy": 0.8314,  # FA, lr 0.02
+                       "test_loss": 95.67, "test_accuracy": 0.9158}, "train"),
+                     ({"train_loss": 0.6530, "train_accuracy": 0.8360,  # lowrank q=256
+                       "test_loss": 2.7391, "test_accuracy": 0.7247}, "test"),
+                     ({"train_loss": 0.5243, "train_accuracy": 0.8673,  # FA at 0.01
+                       "test_loss": 0.2614, "test_accuracy": 0.9377}, None),
+                     ({"train_loss": 2.3100, "train_accuracy": 0.1130,  # a constant output
+                       "test_loss": 2.3050, "test_accuracy": 0.1135}, None),
+                     ({"train_loss": 2.4, "train_accuracy": 0.1999,  # under twice chance
+                       "test_loss": 2.0, "test_accuracy": 0.5}, None)]:
+        huge = _LossTrail.above_chance(last, 10, 0, cfg)
+        assert (huge[0]["on"] if huge else None) == on
+        if on:
+            assert huge[0] == {"epoch": 1, "on": on, "loss": round(last[f"{on}_loss"], 4),
+                               "accuracy": last[f"{on}_accuracy"], "chance_loss": 2.3026}
+            assert "is above ln 10 = 2.303" in huge[1] and "train.lr is 0.05" in huge[1]
+    # end to end: BP on the synthetic problem at ten times small()'s rate
+    blown = train(small("rule.name=bp", "train.lr=0.5"), tmp_path / "blown", progress=False)
+    assert blown["train_loss"] > math.log(10) and blown["test_accuracy"] > 0.5
+    b = blown["loss_above_chance"]
+    assert (b["epoch"], b["on"], b["loss"]) == (2, "train", round(blown["train_loss"], 4))
+    err = " ".join(capsys.readouterr().err.split())  # (the note is wrapped to the terminal)
+    assert err.count("the logits have grown huge") == 1  # noted once
+    calm = train(small("rule.name=bp"), tmp_path / "calm", progress=False)
+    assert "loss_above_chance" not in calm and "logits" not in capsys.readouterr().err
+    from localnet.cli import main
+
+    assert main(["report", str(tmp_path / "blown"), str(tmp_path / "calm"),
+                 "--out", str(tmp_path / "report")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"blown: epoch 2's train loss {b['loss']:g} was above ln of the classes (2.3026)" \
+        in out and "calm: epoch" not in out
+
+
 def test_a_loss_that_sits_at_ln_c_is_noted_as_an_output_that_ignores_its_input(tmp_path,
                                                                               capsys):
     """ResNet-56 at 0.1 from its first step ended at a constant output, and nothing said so
