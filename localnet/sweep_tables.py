@@ -60,7 +60,10 @@ def over_seeds(rows: list[dict], pts: list[list[tuple[str, str]]]) -> list[dict]
                     "sd": statistics.stdev(acc) if len(acc) > 1 else math.nan,
                     "bits": statistics.fmean([r["error_bits_per_sample"] for r in ok])
                     if ok else math.nan,
-                    "wall_s": statistics.fmean([r["wall_s"] for r in ok]) if ok else math.nan})
+                    "wall_s": statistics.fmean([r["wall_s"] for r in ok]) if ok else math.nan,
+                    # finished with huge logits: their mean is not a rule's accuracy at a
+                    # stable rate, and a table of means alone would not show it
+                    "huge": sum(1 for r in ok if r.get("loss_above_chance"))})
     return out
 
 
@@ -74,12 +77,17 @@ def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None,
     and with `cost` (`costs`), what each --vary restriction costs."""
     lines = []
     if seeds:
+        huge = any(g["huge"] for g in seeds)  # a column only where some run blew up
         lines += ["Over seeds (runs that finished / runs; the mean test accuracy and its "
-                  "standard deviation):", "",
+                  "standard deviation" + ("; of the runs that finished, those whose loss "
+                                          "ended above ln C: huge logits" if huge else "")
+                  + "):", "",
                   "| rule | restriction | seeds | test accuracy | sd | error bits/sample | "
-                  "wall s |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "wall s |" + (" huge logits |" if huge else ""),
+                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if huge else "")]
         lines += [f"| {g['rule']} | {g['restriction']} | {g['seeds']} | {g['mean']:.4f} | "
-                  f"{_num(g['sd'])} | {g['bits']:.1f} | {g['wall_s']:.1f} |" for g in seeds]
+                  f"{_num(g['sd'])} | {g['bits']:.1f} | {g['wall_s']:.1f} |"
+                  + (f" {g['huge']} |" if huge else "") for g in seeds]
     if cost:
         lines += ([""] if lines else []) + costs_markdown(cost)
     if lines:

@@ -549,6 +549,35 @@ def test_a_restriction_that_diverged_at_a_seed_is_left_out_of_its_cost_and_marke
     assert delay["points_lost"] == pytest.approx((0 - 10 - 20) / 3)
 
 
+def test_the_means_over_seeds_count_the_runs_whose_logits_blew_up(tmp_path):
+    """FA with lowrank errors at q = 256 and lr 0.01 finished at every seed with a mean of
+    0.74 and a loss above ln C at each: a table of means alone read it as a rule that
+    learns worse.  Its row counts such runs among those that finished; a table where none
+    blew up has no such column."""
+    from localnet.sweep_tables import over_seeds, write_md
+    pts = points(parse_grid(["rule.name=fa", "channel.error.q=64,256", "seed=0,1,2"]))
+    acc = {"64": [0.9036, 0.9094, 0.9038], "256": [0.7247, 0.7171, float("nan")]}
+    rows = []
+    for p in pts:
+        q, seed = dict(p)["channel.error.q"], int(dict(p)["seed"])
+        a = acc[q][seed]
+        rows.append({"rule": "fa", "restriction": f"error.q={q} seed={seed}", "point":
+                     point_name(p), "test_accuracy": a, "test_loss": 0.3 if q == "64" else 9.0,
+                     "status": "ok" if a == a else "diverged at step 9",
+                     "error_bits_per_sample": 128.0 * int(q), "wall_s": 1.0,
+                     "loss_above_chance": "" if q == "64" or a != a else "epoch 1: ..."})
+    means = over_seeds(rows, pts)
+    assert [(g["restriction"], g["seeds"], g["huge"]) for g in means] == [
+        ("error.q=64", "3/3", 0), ("error.q=256", "2/3", 2)]
+    md = write_md(rows, tmp_path / "sweep.md", means).read_text()
+    assert "| wall s | huge logits |" in md and "ended above ln C: huge logits" in md
+    assert "| fa | error.q=64 | 3/3 | 0.9056 | 0.0033 | 8192.0 | 1.0 | 0 |" in md
+    assert "| fa | error.q=256 | 2/3 | 0.7209 | 0.0054 | 32768.0 | 1.0 | 2 |" in md
+    calm = write_md(rows[:3], tmp_path / "calm.md", means[:1]).read_text()
+    assert "huge" not in calm and "| fa | error.q=64 | 3/3 | 0.9056 | 0.0033 | 8192.0 | 1.0 |\n" \
+        in calm
+
+
 def test_the_cost_panel_puts_each_restriction_on_a_row_and_each_rule_apart_within_it():
     """sweep.png's cost panel: a row per restriction in the sweep's order (the grid point
     it varies said where it is not the config itself), each rule's dot at its mean points
