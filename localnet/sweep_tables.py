@@ -147,7 +147,11 @@ def costs(rows: list[dict], pts: list[list[tuple[str, str]]], vary_keys: list[st
                     "points_lost": statistics.fmean(lost) if lost else math.nan,
                     "se": statistics.stdev(lost) / math.sqrt(len(lost)) if len(lost) > 1
                     else math.nan,
-                    "bits_ratio": statistics.fmean(ratio) if ratio else math.nan})
+                    "bits_ratio": statistics.fmean(ratio) if ratio else math.nan,
+                    # pairs with a run whose logits blew up: the points lost are then the
+                    # rate's edge moving, not what the restriction takes away at a stable one
+                    "huge": sum(1 for a, b in ok if a.get("loss_above_chance")
+                                or b.get("loss_above_chance"))})
     return out
 
 
@@ -155,16 +159,21 @@ def costs_markdown(rows: list[dict]) -> list[str]:
     """sweep.md's lines for `costs`' rows.  The grid point a restriction varies gets a
     column only where some is not the config itself (a grid of more than rules and seeds)."""
     against = any(c["against"] != "none" for c in rows)
+    huge = any(c.get("huge") for c in rows)
     return ["What each --vary restriction costs, paired by seed (its reference's test "
             "accuracy minus its own, in points, over the pairs that finished; se: that "
-            "mean's standard error; bits: its error bits per sample over the reference's):",
+            "mean's standard error; bits: its error bits per sample over the reference's"
+            + ("; huge logits: the pairs with a run whose loss ended above ln C" if huge
+               else "") + "):",
             "", "| rule |" + (" against |" if against else "")
-            + " restriction | pairs | points lost | se | bits |",
-            "|---|" + ("---|" if against else "") + "---|---:|---:|---:|---:|"] + [
+            + " restriction | pairs | points lost | se | bits |" + (" huge logits |" if huge
+                                                                     else ""),
+            "|---|" + ("---|" if against else "") + "---|---:|---:|---:|---:|"
+            + ("---:|" if huge else "")] + [
         f"| {c['rule']} |" + (f" {c['against']} |" if against else "")
         + f" {c['restriction']} | {c['pairs']} | "
         f"{_num(c['points_lost'], '+.2f')} | {_num(c['se'], '.2f')} | "
-        f"{_num(c['bits_ratio'], '.3f')} |" for c in rows]
+        f"{_num(c['bits_ratio'], '.3f')} |" + (f" {c['huge']} |" if huge else "") for c in rows]
 
 
 def write_tables(rows: list[dict], pts: list[list[tuple[str, str]]], out: Path,

@@ -578,6 +578,35 @@ def test_the_means_over_seeds_count_the_runs_whose_logits_blew_up(tmp_path):
         in calm
 
 
+def test_a_cost_counts_the_pairs_where_a_run_blew_up():
+    """On the MNIST channel table, FA with ternary errors lost points at every seed with
+    test losses in the thousands: the rate's edge moving, not what ternary takes away at
+    a stable rate.  Its cost row counts those pairs (a blown reference counts too); a
+    table where none blew up has no such column."""
+    from localnet.sweep_tables import costs, costs_markdown
+    pts = points(parse_grid(["rule.name=fa", "seed=0,1"]),
+                 parse_grid(["channel.error.codec=ternary", "channel.error.codec=int8"]))
+    rows = []
+    for p in pts:
+        name, seed = point_name(p), int(dict(p)["seed"])
+        codec = dict(p).get("channel.error.codec", "fp32")
+        rows.append({"rule": "fa", "point": name, "status": "ok",
+                     "test_accuracy": {"fp32": 0.93, "ternary": 0.80, "int8": 0.93}[codec],
+                     "error_bits_per_sample": 640.0,
+                     "loss_above_chance": "epoch 1: ..." if codec == "ternary"
+                     or (codec == "fp32" and seed == 1) else ""})
+    ternary, int8 = costs(rows, pts, ["channel.error.codec"])
+    assert (ternary["huge"], int8["huge"]) == (2, 1)  # seed 1's reference blew up
+    md = costs_markdown([ternary, int8])
+    assert "| rule | restriction | pairs | points lost | se | bits | huge logits |" in md
+    assert "| fa | error.codec=ternary | 2/2 | +13.00 | 0.00 | 1.000 | 2 |" in md
+    for r in rows:
+        r["loss_above_chance"] = ""
+    calm = "\n".join(costs_markdown(costs(rows, pts, ["channel.error.codec"])))
+    assert "huge" not in calm and "| fa | error.codec=ternary | 2/2 | +13.00 | 0.00 | 1.000 |\n" \
+        in calm
+
+
 def test_the_cost_panel_puts_each_restriction_on_a_row_and_each_rule_apart_within_it():
     """sweep.png's cost panel: a row per restriction in the sweep's order (the grid point
     it varies said where it is not the config itself), each rule's dot at its mean points
