@@ -572,7 +572,8 @@ def table(runs: list[Run]):
     # accuracy alone reads as a rule a little worse, not as weights grown unstable
     below += [Text(f"{r['run']}: epoch {b['epoch']}'s {b['on']} loss {b['loss']:g} was above ln "
                    f"of the classes ({b['chance_loss']:g}) at accuracy {b['accuracy']:.4f}: "
-                   f"huge logits, as past the rule's largest stable rate; a lower rate")
+                   f"huge logits (a rate past the rule's stable one, or an error channel; "
+                   f"README, \"Models\")")
               for r in rows if (b := r.get("loss_above_chance"))]
     return Group(t, *below) if below else t
 

@@ -99,12 +99,13 @@ def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None,
                      f"{_num(r['test_loss'])} | {r['error_bits_per_sample']:.1f} | "
                      f"{r['wall_s']:.1f} | {r['status']} |")
     # an accuracy a little below its reference reads as a rule that learns a little
-    # worse; these runs' logits grew huge instead (a rate past the rule's stable one)
+    # worse; these runs' logits grew huge instead
     huge = [r for r in rows if r.get("loss_above_chance")]
     if huge:
         lines += ["", "Runs whose loss was above ln C (the loss of an output that ignores its "
-                  "input) at twice chance's accuracy or more: their logits grew huge, as "
-                  "past the largest rate at which the rule trains stably:", ""]
+                  "input) at twice chance's accuracy or more: their logits grew huge.  A rate "
+                  "past the largest at which the rule trains stably does this, and so can an "
+                  "error channel that no lower rate mends:", ""]
         lines += [f"- {r['rule']}, {r['restriction']}: {r['loss_above_chance']}" for r in huge]
     path.write_text("\n".join(lines) + "\n")
     return path

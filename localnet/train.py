@@ -105,8 +105,9 @@ class _LossTrail:
         ln C while the same images' accuracy is at least twice chance's.  An output that
         ignores its input scores ln C; one that classifies most images right and still
         scores worse gets its wrong ones wrong with huge logits: its weights have grown
-        past what the rate keeps stable.  The loss stays finite, so nothing stops, and the
-        accuracy alone reads as a rule that learns a little worse."""
+        past what the rate keeps stable, or what a restricted error lets them keep (FA
+        with `topk` errors blows up at every rate tried).  The loss stays finite, so
+        nothing stops, and the accuracy alone reads as a rule that learns a little worse."""
         chance = math.log(num_classes)
         for where in ("train", "test"):
             loss, acc = last[f"{where}_loss"], last[f"{where}_accuracy"]
@@ -117,9 +118,10 @@ class _LossTrail:
                     f"note: epoch {epoch + 1}'s {where} loss, {loss:.4g}, is above ln "
                     f"{num_classes} = {chance:.3f} (the loss of an output that ignores its "
                     f"input), while {acc:.1%} of those images were classified right: the "
-                    f"logits have grown huge, as past the largest rate at which the rule "
-                    f"trains stably; try a lower rate (train.lr is {cfg.train.lr:g}); "
-                    f"README, \"Models\"")
+                    f"logits have grown huge.  A rate past the largest at which the rule "
+                    f"trains stably does this (train.lr is {cfg.train.lr:g}; try a lower "
+                    f"one), and so can an error channel that no lower rate mends; README, "
+                    f"\"Models\"")
         return None
 
     def diverged(self, what: str, step: int, epoch: int, cfg: Config,

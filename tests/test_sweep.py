@@ -174,7 +174,7 @@ def test_a_point_whose_logits_blew_up_is_named_beside_its_accuracy(tmp_path):
     assert res["ran"] == ["train.lr-0.5", "train.lr-0.05"]
     md = (tmp_path / "s" / "sweep.md").read_text()
     assert "| rule | restriction | test accuracy | test loss | error bits/sample |" in md
-    named = md.split("trains stably:", 1)[1]
+    named = md.split("that no lower rate mends:", 1)[1]
     assert f"- bp, train.lr=0.5: {blown['loss_above_chance']}" in named
     assert "train.lr=0.05" not in named
 
