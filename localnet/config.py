@@ -406,7 +406,8 @@ class RuntimeConfig(Section):
 class LinkConfig(PluginSection):
     """One direction of the messages between stages: a codec, with that codec's own
     options beside it -- the `Options` of its class in localnet/channels/codecs.py (topk:
-    k, error_feedback; int8: per_channel, stochastic; lowrank: q) -- and its faults."""
+    k, error_feedback; sign: two_scales, error_feedback; int8: per_channel, stochastic;
+    lowrank: q, unbiased) -- and its faults."""
 
     codec: str = "fp32"
     delay: int = Field(0, ge=0, description="messages arrive this many steps late")

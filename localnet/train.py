@@ -37,6 +37,7 @@ import torch
 from .alloc import keep_freed_memory
 from .config import Config, ConfigError, dump_config
 from .errors import DivergedError
+from .channels.channel import error_biases
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
@@ -105,15 +106,18 @@ class _LossTrail:
         ln C while the same images' accuracy is at least twice chance's.  An output that
         ignores its input scores ln C; one that classifies most images right and still
         scores worse gets its wrong ones wrong with huge logits: its weights have grown
-        past what the rate keeps stable, or what a restricted error lets them keep (FA
-        with `topk` errors blows up at every rate tried).  The loss stays finite, so
-        nothing stops, and the accuracy alone reads as a rule that learns a little worse."""
+        past what the rate keeps stable, or what a restricted error lets them keep.  Where
+        an error link's codec biases what arrives (topk without error feedback blows FA
+        and DFA up at every rate tried), the note names it and the option that mends it.
+        The loss stays finite, so nothing stops, and the accuracy alone reads as a rule
+        that learns a little worse."""
         chance = math.log(num_classes)
         for where in ("train", "test"):
             loss, acc = last[f"{where}_loss"], last[f"{where}_accuracy"]
             if loss > chance and acc >= 2 / num_classes:
                 record = {"epoch": epoch + 1, "on": where, "loss": round(loss, 4),
                           "accuracy": round(acc, 4), "chance_loss": round(chance, 4)}
+                biases = "".join(f"  Here {b}." for b in error_biases(cfg.channel))
                 return record, (
                     f"note: epoch {epoch + 1}'s {where} loss, {loss:.4g}, is above ln "
                     f"{num_classes} = {chance:.3f} (the loss of an output that ignores its "
@@ -121,7 +125,7 @@ class _LossTrail:
                     f"logits have grown huge.  A rate past the largest at which the rule "
                     f"trains stably does this (train.lr is {cfg.train.lr:g}; try a lower "
                     f"one), and so can an error channel that no lower rate mends; README, "
-                    f"\"Models\"")
+                    f"\"Models\".{biases}")
         return None
 
     def diverged(self, what: str, step: int, epoch: int, cfg: Config,

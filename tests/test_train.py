@@ -402,6 +402,36 @@ def test_a_loss_above_ln_c_at_an_accuracy_far_above_chance_is_noted_as_huge_logi
         in out and "calm: epoch" not in out
 
 
+def test_huge_logits_name_the_error_codec_that_biases_what_arrives():
+    """DFA on the MNIST MLP with topk errors (k = 0.1, no error feedback) blew up at every
+    seed at lr 0.01 and at 0.005: its mean training loss ended at 393 with 76% of the
+    images right.  With error feedback the same runs trained (0.949 at 0.01, none blown
+    up), and so did FA, uSF and KP with sign errors, which blew up without it; so the
+    note names the link and that option.  Error feedback, another codec, or channels off
+    leave the plain note; an edge's own topk override is named by its key."""
+    from localnet.train import _LossTrail
+
+    last = {"train_loss": 392.6, "train_accuracy": 0.7605,  # DFA, topk, lr 0.01, seed 0
+            "test_loss": 134.49, "test_accuracy": 0.8876}
+    named = "without error_feedback never sends"
+    for sets, key in [(["channel.error.codec=topk"], "channel.error"),
+                      (["channel.error.codec=topk", "channel.error.error_feedback=true"], None),
+                      (["channel.error.codec=int8"], None),
+                      ([], None),
+                      (["channel.error.codec=topk", "channel.enabled=false"], None),
+                      (["channel.edges={1: {error: {codec: topk, k: 0.05}}}"],
+                       "channel.edges.1.error"),
+                      (["channel.error.codec=sign"], "channel.error"),
+                      (["channel.error.codec=sign", "channel.error.error_feedback=true"], None)]:
+        record, note = _LossTrail.above_chance(last, 10, 0, small("rule.name=dfa", *sets))
+        assert record["on"] == "train" and "the logits have grown huge" in note
+        assert (named in note) == (key is not None), sets
+        if key:
+            codec = sets[0].split("=")[1] if sets[0].startswith("channel.error.") else "topk"
+            assert f"Here {key}: {codec} {named}" in note and "error_feedback: true" in note
+            assert note.count(named) == 1
+
+
 def test_a_loss_that_sits_at_ln_c_is_noted_as_an_output_that_ignores_its_input(tmp_path,
                                                                               capsys):
     """ResNet-56 at 0.1 from its first step ended at a constant output, and nothing said so

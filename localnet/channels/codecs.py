@@ -67,6 +67,12 @@ class Codec:
     def decode(self, enc: Encoded) -> torch.Tensor:
         raise NotImplementedError
 
+    def bias(self) -> str | None:
+        """Why, with these options, the decoded errors are biased in a way a lower rate
+        does not mend, naming the option that removes it; None where they are not (or
+        where no option mends it).  A run whose logits grow huge quotes it."""
+        return None
+
     def reset(self) -> None:
         """Forget per-edge state (residuals, counters)."""
 
@@ -155,42 +161,78 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int32
 
 
-class TopK(Codec):
+class _ErrorFeedback(Codec):
+    """`error_feedback`: the sender adds to each message what its codec left out of its
+    last one on this edge (the residual, x - decode(encode(x))), so nothing is lost, only
+    late -- the memory of Seide et al. 2014's 1-bit SGD, and of Stich, Cordonnier & Jaggi
+    2018 ("Sparsified SGD with Memory", NeurIPS) for top-k.  On an error edge the residual
+    of one micro-batch's sample i joins the next one's: what the receiver's update sums
+    over all messages keeps its total."""
+
+    class Options(NoOptions):
+        error_feedback: bool = Field(False, description="the sender re-sends what it left out")
+
+    residual: torch.Tensor | None = None
+
+    def _fed(self, x: torch.Tensor) -> torch.Tensor:
+        """x flat and in fp32, plus the residual where error feedback holds one."""
+        flat = x.detach().float().reshape(-1)
+        if self.options.error_feedback and self.residual is not None \
+                and self.residual.shape == flat.shape:
+            flat = flat + self.residual
+        return flat
+
+    def _keep_rest(self, fed: torch.Tensor, enc: Encoded) -> Encoded:
+        if self.options.error_feedback:
+            self.residual = fed - self.decode(enc).float().reshape(-1)
+        return enc
+
+    def reset(self):
+        self.residual = None
+
+    def state_dict(self):
+        return {"residual": self.residual}
+
+
+class TopK(_ErrorFeedback):
     """The k·n largest-magnitude entries (k a fraction), as fp32 values plus flat indices
     in the narrowest integer type that holds n (1, 2 or 4 bytes).  With `error_feedback`
     the sender keeps what it did not send and adds it to the next message on this edge."""
 
     name = "topk"
 
-    class Options(NoOptions):
+    class Options(_ErrorFeedback.Options):
         k: float = Field(0.1, gt=0, le=1, description="fraction of entries sent")
-        error_feedback: bool = Field(False, description="the sender re-sends what it left out")
 
     def __init__(self, **options):
         super().__init__(**options)
         self.k, self.error_feedback = self.options.k, self.options.error_feedback
-        self.residual: torch.Tensor | None = None
 
     def count(self, n: int) -> int:
         return min(n, max(1, int(round(self.k * n))))
 
+    def bias(self):
+        # DFA's softmax error's largest entry is always its target's (|p_y - 1| is the sum
+        # of the others), so the entries kept are the targets' and those dropped the wrong
+        # classes': the errors that arrive no longer sum to zero, and push every hidden
+        # layer one way at every step.  Fixed feedback (FA, DFA, uSF) cannot undo it.
+        if self.error_feedback:
+            return None
+        return ("topk without error_feedback never sends the entries it leaves out, so "
+                "the errors that arrive are biased (DFA's softmax error keeps its targets' "
+                "entries and loses the other classes'); error_feedback: true sends them "
+                "in later messages")
+
     def encode(self, x, rng=None):
-        flat = x.detach().float().reshape(-1)
-        if self.error_feedback and self.residual is not None and self.residual.shape == flat.shape:
-            flat = flat + self.residual
+        flat = self._fed(x)
         n = flat.numel()
         idx = flat.abs().topk(self.count(n), sorted=False).indices
-        vals = flat[idx]
-        if self.error_feedback:
-            res = flat.clone()
-            res[idx] = 0
-            self.residual = res
         ix = idx.to(torch.int32)
         if _index_dtype(n) == torch.uint8:
             ix = ix.to(torch.uint8)
         elif _index_dtype(n) == torch.int16:
             ix = ix.to(torch.int16)
-        return self._enc(x, {"values": vals, "index": ix})
+        return self._keep_rest(flat, self._enc(x, {"values": flat[idx], "index": ix}))
 
     def decode(self, enc):
         n = math.prod(enc.shape)
@@ -198,12 +240,6 @@ class TopK(Codec):
         idx = enc.payload["index"].long()
         out[idx] = enc.payload["values"]
         return out.reshape(enc.shape).to(enc.dtype)
-
-    def reset(self):
-        self.residual = None
-
-    def state_dict(self):
-        return {"residual": self.residual}
 
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # 1-bit codes, 8 a byte
@@ -226,7 +262,7 @@ def _unpack(packed: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor
     return (packed.unsqueeze(1) // weights % (1 << bits)).reshape(-1)[:n]
 
 
-class Sign(Codec):
+class Sign(_ErrorFeedback):
     """1 bit per entry (x >= 0), packed 8 to a byte, plus fp32 magnitudes: decode gives
     scale · sign(x), with scale = mean |x| (`ceil(n/8) + 4` bytes).
 
@@ -237,25 +273,37 @@ class Sign(Codec):
     broadcast error e = softmax - onehot: its signs are + on every wrong class and - on
     the target whatever the network predicts, so one scale decodes it as
     scale · (1 - 2 onehot), whose sum over the classes is (C - 2) scale instead of 0,
-    and every hidden layer receives the same D·1 push at every step."""
+    and every hidden layer receives the same D·1 push at every step.
+
+    `error_feedback`: Seide et al.'s memory -- each message adds what the last one's
+    quantization left out on this edge."""
 
     name = "sign"
 
-    class Options(NoOptions):
+    class Options(_ErrorFeedback.Options):
         two_scales: bool = Field(False, description="one magnitude for the entries >= 0 "
                                  "and one for the others (keeps the sum and L1 norm)")
 
     def encode(self, x, rng=None):
-        flat = x.detach().reshape(-1)
+        flat = self._fed(x)
         keep = flat >= 0
         packed = _pack(keep.to(torch.uint8), _BITS)
-        mag = flat.float().abs()
+        mag = flat.abs()
         if self.options.two_scales:
             # an empty side decodes to nothing, so its magnitude is 0
             scale = torch.stack([_mean_or_zero(mag[keep]), _mean_or_zero(mag[~keep])])
         else:
             scale = _mean_or_zero(mag).reshape(1)
-        return self._enc(x, {"bits": packed, "scale": scale})
+        return self._keep_rest(flat, self._enc(x, {"bits": packed, "scale": scale}))
+
+    def bias(self):
+        # one or two magnitudes for every entry: what each message rounds away is
+        # never sent, and fixed feedback (FA, uSF) or KP's slow B cannot undo it
+        if self.options.error_feedback:
+            return None
+        return ("sign without error_feedback never sends what its rounding to one "
+                "magnitude leaves out, so the errors that arrive are biased; "
+                "error_feedback: true sends it in later messages")
 
     def decode(self, enc):
         n = math.prod(enc.shape)
