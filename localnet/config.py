@@ -767,6 +767,18 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="python"), sort_keys=False)
 
 
+def read_recorded(data: dict) -> Config | None:
+    """A config a run recorded (its checkpoint's, a sweep point's config.yaml), read as
+    this localnet reads config.yaml: every key this schema has, so an option added since
+    comes in at its default -- the value that keeps what the run did -- and is no change
+    of settings; a path an earlier localnet kept relative resolves the same way on both
+    sides.  None where this schema refuses it (an older schema's: compare it as it is)."""
+    try:
+        return Config.model_validate(data, context={"recorded": True})
+    except ValidationError:
+        return None
+
+
 def value_at(data: dict, dotted: str):
     for part in dotted.split("."):
         data = data[part]

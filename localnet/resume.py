@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from . import recut
-from .config import Config, config_diff, dump_config
+from .config import Config, config_diff, dump_config, read_recorded
 from .errors import ConfigError
 from .engine import InProcessExecutor
 from .files import counted, save_state, write_text
@@ -117,14 +116,9 @@ def saved_cuts(cfg: Config, ckpt: dict | None) -> Config:
 
 
 def _recorded(ckpt: dict) -> dict:
-    """The config a checkpoint recorded, read as this localnet reads config.yaml: a path
-    that an earlier localnet kept relative is resolved the same way on both sides, so
-    it is no change of settings."""
-    try:
-        return Config.model_validate(ckpt["config"], context={"recorded": True}).model_dump(
-            mode="json")
-    except ValidationError:  # an older schema's: compared as it is
-        return ckpt["config"]
+    """The config a checkpoint recorded, as `read_recorded` reads it."""
+    cfg = read_recorded(ckpt["config"])
+    return cfg.model_dump(mode="json") if cfg else ckpt["config"]
 
 
 def finished_summary(run_dir: Path, ckpt: dict, cfg: Config) -> dict | None:

@@ -128,15 +128,18 @@ def _same_config(run_dir: Path, cfg) -> None:
     under settings they were not run with."""
     import yaml
 
-    from .config import config_diff, dump_config
+    from .config import config_diff, dump_config, read_recorded
 
     f = run_dir / "config.yaml"
     if not f.exists():
         return
+    there = yaml.safe_load(f.read_text()) or {}
+    recorded = read_recorded(there)  # (a codec's option added since: at its default)
+    if recorded is not None:
+        there = yaml.safe_load(dump_config(recorded))
     # (a recipe counts by the values it set, compared as the others; how it is written
     # changed once: it now holds the values a --set beat it with)
-    diff = [d for d in config_diff(yaml.safe_load(f.read_text()) or {},
-                                   yaml.safe_load(dump_config(cfg)))
+    diff = [d for d in config_diff(there, yaml.safe_load(dump_config(cfg)))
             if not d[0].startswith("per_rule.")]
     if diff:
         shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:3])

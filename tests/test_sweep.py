@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+import yaml
 
 from localnet.cli import main
 from localnet.config import ConfigError
@@ -138,6 +139,13 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"was run with another config \(seed: 1 there, 2 now"):
         sweep(cfg, grid, ["seed=2"], out, log=lambda m: None)
     assert summary.stat().st_mtime_ns == stamp
+    # a point an earlier localnet ran, before sign had `error_feedback`: the option comes
+    # in at its default, which is what that run did, so the point is no other config
+    saved = yaml.safe_load((summary.parent / "config.yaml").read_text())
+    assert saved["channel"]["error"].pop("error_feedback") is False
+    (summary.parent / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    res = sweep(cfg, grid, ["seed=1"], out, log=lambda m: None)
+    assert res["ran"] == [] and summary.stat().st_mtime_ns == stamp
     # a second sweep into a directory a sweep is running in is refused before any point
     tables = {f: (out / f).read_bytes() for f in ("sweep.csv", "sweep.md")}
     (point / "summary.json").unlink()
