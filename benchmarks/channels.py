@@ -6,9 +6,10 @@
     python benchmarks/channels.py --setting mnist --jobs 2 --seeds 3  # each point 3 times
 
 One `localnet sweep` per setting (resumable: rerun the same command to finish it):
-rules bp, fa, kp, pfa, usf, dfa (--rules) x {every error codec, delay 1 and 4, drop 0.1
-and 0.5}, one restriction at a time (`--vary`), activations fp32.  Every point is a full
-training run in-process with a channel on every unit boundary.
+rules bp, fa, kp, pfa, usf, dfa (--rules) x {every error codec, topk and sign with error
+feedback, delay 1 and 4, drop 0.1 and 0.5}, one restriction at a time (`--vary`),
+activations fp32.  Every point is a full training run in-process with a channel on every
+unit boundary.
 
 It writes the sweep's csv, md and png under benchmarks/runs/channels-<setting>, copies the
 plot to benchmarks/channels_<setting>.png, and puts a section into benchmarks/RESULTS.md
@@ -36,6 +37,9 @@ from common import commit, hardware_cpu, write_section  # noqa: E402
 from localnet.sweep import sweep  # noqa: E402
 
 CODECS = "fp32,fp16,bf16,int8,topk,sign,ternary,lowrank"
+# the two biased codecs again with the sender's memory, which mends their bias
+# (localnet/channels/README.md, "What error feedback keeps")
+FED = "{codec: topk, error_feedback: true},{codec: sign, error_feedback: true}"
 CONFIGS = {"mnist": "configs/mnist_mlp.yaml", "cifar10": "configs/resnet_pfa.yaml"}
 # resnet_pfa.yaml holds PFA's CIFAR recipe (per_rule); here it runs in-process, one batch
 # at a time, so that each point is one ordinary process
@@ -70,8 +74,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     res = sweep(ROOT / CONFIGS[args.setting], grid, sets, out,
                 log=lambda m: print(m, flush=True), jobs=args.jobs,
-                vary_items=[f"channel.error.codec={CODECS}", "channel.error.delay=1,4",
-                            "channel.error.drop=0.1,0.5"])
+                vary_items=[f"channel.error.codec={CODECS}", f"channel.error={FED}",
+                            "channel.error.delay=1,4", "channel.error.drop=0.1,0.5"])
     rows = res["rows"]
     # int8's cost against the fp32 point, seed by seed (localnet/sweep_tables.py): with
     # seeds, the mean and its standard error; a rule checks only where every pair finished
