@@ -467,6 +467,26 @@ class ChannelConfig(Section):
             return self.enabled
         return self != ChannelConfig()
 
+    def error_biases(self) -> list[str]:
+        """What biases the errors of each error link set here (channel.error, then each
+        channel.edges override of it), as "<key>: <why, and the option that mends it>"
+        (the codec's `bias`); empty where no codec says so or channels are off."""
+        if not self.active():
+            return []
+        from .channels.channel import merge_link
+        from .channels.codecs import make_codec
+
+        links = [("channel.error", self.error)] + [
+            (f"channel.edges.{key}.error",
+             LinkConfig(**merge_link(self.error.model_dump(), over.error)))
+            for key, over in self.edges.items() if over.error]
+        notes = []
+        for key, link in links:
+            why = make_codec(link.codec, **link.options()).bias()
+            if why:
+                notes.append(f"{key}: {why}")
+        return notes
+
 
 class Config(Section):
     # the range every RNG it seeds takes (torch's own takes more, numpy's and Ray's not)

@@ -37,7 +37,6 @@ import torch
 from .alloc import keep_freed_memory
 from .config import Config, ConfigError, dump_config
 from .errors import DivergedError
-from .channels.channel import error_biases
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
 from .engine import InProcessExecutor
@@ -117,7 +116,7 @@ class _LossTrail:
             if loss > chance and acc >= 2 / num_classes:
                 record = {"epoch": epoch + 1, "on": where, "loss": round(loss, 4),
                           "accuracy": round(acc, 4), "chance_loss": round(chance, 4)}
-                biases = "".join(f"  Here {b}." for b in error_biases(cfg.channel))
+                biases = "".join(f"  Here {b}." for b in cfg.channel.error_biases())
                 return record, (
                     f"note: epoch {epoch + 1}'s {where} loss, {loss:.4g}, is above ln "
                     f"{num_classes} = {chance:.3f} (the loss of an output that ignores its "

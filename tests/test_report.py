@@ -416,8 +416,9 @@ def test_the_table_says_what_set_the_runs_apart(tmp_path, capsys):
     assert diff == {  # fa's own option is recorded, and bp has none: a difference too
         "a": ["channel.error.codec=fp32", "model.widths=[32]", "rule.feedback_gain=1.0",
               "train.wd_milestones={}"],
-        "b": ["channel.error.codec=sign", "channel.error.two_scales=true",
-              "model.widths=[32, 16]", "rule.feedback_gain=1.0", "train.wd_milestones={}"],
+        "b": ["channel.error.codec=sign", "channel.error.error_feedback=false",
+              "channel.error.two_scales=true", "model.widths=[32, 16]",
+              "rule.feedback_gain=1.0", "train.wd_milestones={}"],
         "c": ["channel.error.codec=fp32", "model.widths=[32]",
               "train.wd_milestones={1: 0.001}"]}, diff
     # each is a --set item that gives the run's own value back
@@ -435,8 +436,8 @@ def test_the_table_says_what_set_the_runs_apart(tmp_path, capsys):
     assert "what differs" not in capsys.readouterr().out
     for names, said in ((["model.widths-1", "model.widths-2"], False),
                         (["channel.error.codec-fp32__model.widths-1",
-                          "channel.error.codec-sign__channel.error.two_scales-true__"
-                          "model.widths-2"], True)):
+                          "channel.error.codec-sign__channel.error.error_feedback-false__"
+                          "channel.error.two_scales-true__model.widths-2"], True)):
         sweep = tmp_path / f"sweep-{said}"
         for n, name in zip("ab", names):
             shutil.copytree(tmp_path / n, sweep / name)

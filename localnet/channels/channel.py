@@ -283,26 +283,6 @@ def link_options(cfg, kind: str, src: str, dst: str, boundary: int | None = None
     return base
 
 
-def error_biases(cfg) -> list[str]:
-    """What biases the errors of each error link the config sets (channel.error, then
-    each channel.edges override of it), as "<key>: <why, and the option that mends
-    it>"; empty where no codec says so or channels are off."""
-    if not cfg.active():
-        return []
-    from ..config import LinkConfig
-
-    links = [("channel.error", cfg.error)] + [
-        (f"channel.edges.{key}.error",
-         LinkConfig(**merge_link(cfg.error.model_dump(), over.error)))
-        for key, over in (cfg.edges or {}).items() if over.error]
-    notes = []
-    for key, link in links:
-        why = make_codec(link.codec, **link.options()).bias()
-        if why:
-            notes.append(f"{key}: {why}")
-    return notes
-
-
 def check_edge_keys(cfg, links) -> None:
     """Every `channel.edges` key must name a link of this run -- a boundary index, or
     "a->b" in either direction -- or the override would silently do nothing.  links:
