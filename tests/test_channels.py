@@ -98,11 +98,11 @@ def test_topk_keeps_exactly_k_entries():
     assert enc.nbytes == kept * (4 + 2)
 
 
-@pytest.mark.parametrize("name, lost", [("topk", 0.5), ("sign", 0.2)])
+@pytest.mark.parametrize("name, lost", [("topk", 0.5), ("sign", 0.2), ("lowrank", 0.5)])
 def test_error_feedback_resends_the_residual(name, lost):
-    """Top-k drops 90% of the entries, sign rounds each to one magnitude: over 200
-    messages their sum misses the inputs' by 64% and 31%.  With error feedback nothing
-    is lost, only late."""
+    """Top-k drops 90% of the entries, sign rounds each to one magnitude, a rank-8
+    projection keeps 8 of 50 dimensions: over 200 messages their sum misses the inputs'
+    by 64%, 31% and 85%.  With error feedback nothing is lost, only late."""
     g = torch.Generator().manual_seed(3)
     inputs = [torch.randn(50, generator=g) + 0.5 for _ in range(200)]
     total = torch.stack(inputs).sum(0)

@@ -345,7 +345,7 @@ class Ternary(Codec):
         return out.reshape(enc.shape).to(enc.dtype)
 
 
-class LowRank(Codec):
+class LowRank(_ErrorFeedback):
     """Random projection of rank q.  Each sample (row of the flattened tensor) x is sent
     as z = x P, P an n×q matrix with orthonormal columns drawn from (seed, message
     counter); the receiver regenerates P from the same seed and counter and decodes
@@ -364,12 +364,15 @@ class LowRank(Codec):
     the unbiased one at q/n of the receiving layer's rate, so which is better is a
     question of step size: on the MNIST MLP at lr 0.01 the unbiased decode learns better
     at q = n/2 and diverges at q = n/8 (RESULTS.md, "Notes: a low-rank error shrinks by
-    q/n").  No byte changes."""
+    q/n").  No byte changes.
+
+    `error_feedback`: the sender adds what the last message's projection left out, as
+    PowerSGD does (Vogels, Karimireddy & Jaggi 2019, NeurIPS)."""
 
     name = "lowrank"
     seeded = True
 
-    class Options(NoOptions):
+    class Options(_ErrorFeedback.Options):
         q: int = Field(8, ge=1, description="rank of the seeded random projection")
         unbiased: bool = Field(False, description="decode (n/q) x P P^T, whose mean over "
                                "projections is x (default: the projection x P P^T)")
@@ -379,11 +382,18 @@ class LowRank(Codec):
         self.q, self.seed = self.options.q, seed
         self.counter = 0
 
+    _last: tuple | None = None  # ((n, counter), P): the QR is most of a message's cost
+
     def projection(self, n: int, counter: int) -> torch.Tensor:
+        # the same P serves the encode, the residual's decode and, where one instance is
+        # both ends (in-process), the receiver's decode
+        if self._last is not None and self._last[0] == (n, counter):
+            return self._last[1]
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + counter) % (2**63 - 1))
         q = min(self.q, n)
-        p = torch.randn(n, q, generator=g)
-        return torch.linalg.qr(p).Q  # (n, q), orthonormal columns
+        p = torch.linalg.qr(torch.randn(n, q, generator=g)).Q  # (n, q), orthonormal columns
+        self._last = ((n, counter), p)
+        return p
 
     def _rows(self, shape):
         return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
@@ -392,8 +402,10 @@ class LowRank(Codec):
         b, n = self._rows(tuple(x.shape))
         counter = self.counter
         self.counter += 1
-        z = x.detach().float().reshape(b, n) @ self.projection(n, counter)
-        return self._enc(x, {"z": z}, {"counter": counter}, scalar_bytes=4)
+        flat = self._fed(x)
+        z = flat.reshape(b, n) @ self.projection(n, counter)
+        return self._keep_rest(flat, self._enc(x, {"z": z}, {"counter": counter},
+                                               scalar_bytes=4))
 
     def decode(self, enc):
         b, n = self._rows(enc.shape)
@@ -404,10 +416,11 @@ class LowRank(Codec):
         return out.reshape(enc.shape).to(enc.dtype)
 
     def reset(self):
+        super().reset()
         self.counter = 0
 
     def state_dict(self):
-        return {"counter": self.counter}
+        return {**super().state_dict(), "counter": self.counter}
 
 
 def make_codec(name: str, *, seed: int = 0, **options) -> Codec:
