@@ -4,6 +4,7 @@
     python benchmarks/channels.py --setting cifar10 --epochs 3 --subset 5000 --test-subset 1000
     python benchmarks/channels.py --setting mnist --jobs 2   # two points at once
     python benchmarks/channels.py --setting mnist --jobs 2 --seeds 3  # each point 3 times
+    python benchmarks/channels.py --setting mnist --jobs 2 --seeds 3 --lr 0.005  # another rate
 
 One `localnet sweep` per setting (resumable: rerun the same command to finish it):
 rules bp, fa, kp, pfa, usf, dfa (--rules) x {every error codec, topk and sign with error
@@ -57,6 +58,10 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per point, seeds 0..N-1; the int8 check averages its cost "
                         "over them, seed by seed")
+    p.add_argument("--lr", type=float, default=None,
+                   help="train.lr for every rule (default: the config's); a table of its "
+                        "own, where a rule's reference sits at the edge of its stable rate "
+                        "at the config's")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     command = "python benchmarks/channels.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -66,11 +71,14 @@ def main(argv=None) -> dict:
         sets.append(f"data.subset={args.subset}")
     if args.test_subset:
         sets.append(f"data.test_subset={args.test_subset}")
+    if args.lr is not None:
+        sets.append(f"train.lr={args.lr:g}")
     grid = [f"rule.name={args.rules}"]
     if args.seeds > 1:  # (a sweep of its own: its points' names carry their seed)
         grid.append(f"seed={','.join(map(str, range(args.seeds)))}")
     out = HERE / "runs" / (f"channels-{args.setting}"
-                           + (f"-{args.seeds}seeds" if args.seeds > 1 else ""))
+                           + (f"-{args.seeds}seeds" if args.seeds > 1 else "")
+                           + (f"-lr{args.lr:g}" if args.lr is not None else ""))
     t0 = time.perf_counter()
     res = sweep(ROOT / CONFIGS[args.setting], grid, sets, out,
                 log=lambda m: print(m, flush=True), jobs=args.jobs,
@@ -91,7 +99,7 @@ def main(argv=None) -> dict:
               "targets": {"int8_max_loss_points": 0.5, "int8_max_bytes_ratio": 0.26},
               "points": len(rows), "failed": [r["point"] for r in rows if r["status"] != "ok"],
               "ran": len(res["ran"]), "wall_s": round(time.perf_counter() - t0, 1),
-              "command": command, "sets": sets, "seeds": args.seeds}
+              "command": command, "sets": sets, "seeds": args.seeds, "lr": args.lr}
     png = HERE / f"channels_{out.name.removeprefix('channels-').replace('-', '_')}.png"
     if (out / "sweep.png").exists():
         shutil.copy(out / "sweep.png", png)
@@ -105,10 +113,12 @@ def main(argv=None) -> dict:
 
 def write_results(r: dict, table: str, png: str) -> None:
     seeds = r["seeds"]
-    tag = f"channels:{r['setting']}" + (f"-{seeds}seeds" if seeds > 1 else "")
+    tag = (f"channels:{r['setting']}" + (f"-{seeds}seeds" if seeds > 1 else "")
+           + (f"-lr{r['lr']:g}" if r["lr"] is not None else ""))
     c = r["int8_vs_fp32"]
     lines = [f"### Restricted error channels: {r['setting']}, accuracy vs error bits per sample"
-             + (f", {seeds} seeds" if seeds > 1 else ""),
+             + (f", {seeds} seeds" if seeds > 1 else "")
+             + (f", lr {r['lr']:g}" if r["lr"] is not None else ""),
              "",
              f"Hardware: {hardware_cpu()}.  Commit `{commit()}`.  Command: `{r['command'].strip()}` "
              f"(settings: {', '.join(r['sets'])}; "
