@@ -206,7 +206,7 @@ class TopK(_ErrorFeedback):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.k, self.error_feedback = self.options.k, self.options.error_feedback
+        self.k = self.options.k
 
     def count(self, n: int) -> int:
         return min(n, max(1, int(round(self.k * n))))
@@ -216,7 +216,7 @@ class TopK(_ErrorFeedback):
         # of the others), so the entries kept are the targets' and those dropped the wrong
         # classes': the errors that arrive no longer sum to zero, and push every hidden
         # layer one way at every step.  Fixed feedback (FA, DFA, uSF) cannot undo it.
-        if self.error_feedback:
+        if self.options.error_feedback:
             return None
         return ("topk without error_feedback never sends the entries it leaves out, so "
                 "the errors that arrive are biased (DFA's softmax error keeps its targets' "
