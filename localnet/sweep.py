@@ -359,6 +359,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict,
                      "test_accuracy": summary.get("test_accuracy", float("nan")),
                      "test_loss": summary.get("test_loss", float("nan")),
                      "error_bits_per_sample": ch.get("error_bits_per_sample", float("nan")),
+                     "error_cos": _or_nan(ch.get("error_cos")),
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name, "loss_above_chance": _above_chance(summary),
                      **_settings(p, cfg, swept)})
@@ -366,6 +367,10 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict,
     files.append(write_png(rows, pts, out / "sweep.png", same, cost))
     return {"dir": out, "rows": rows, "files": files, "ran": ran, "diverged": diverged,
             "failed": failed, "skipped": skipped, "over_seeds": seeds, "costs": cost}
+
+
+def _or_nan(v) -> float:
+    return float("nan") if v is None else float(v)  # (a run from before it was measured)
 
 
 def _above_chance(summary: dict) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .sweep_plot import SEED, finished
 
-COLUMNS = ["rule", "restriction", "test_accuracy", "test_loss", "error_bits_per_sample", "wall_s",
-           "status", "point", "loss_above_chance"]
+COLUMNS = ["rule", "restriction", "test_accuracy", "test_loss", "error_bits_per_sample",
+           "error_cos", "wall_s", "status", "point", "loss_above_chance"]
 
 
 def _text(pairs) -> str:
@@ -60,6 +60,8 @@ def over_seeds(rows: list[dict], pts: list[list[tuple[str, str]]]) -> list[dict]
                     "sd": statistics.stdev(acc) if len(acc) > 1 else math.nan,
                     "bits": statistics.fmean([r["error_bits_per_sample"] for r in ok])
                     if ok else math.nan,
+                    "cos": statistics.fmean([r.get("error_cos", math.nan) for r in ok])
+                    if ok else math.nan,
                     "wall_s": statistics.fmean([r["wall_s"] for r in ok]) if ok else math.nan,
                     # finished with huge logits: their mean is not a rule's accuracy at a
                     # stable rate, and a table of means alone would not show it
@@ -83,20 +85,22 @@ def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None,
                                           "ended above ln C: huge logits" if huge else "")
                   + "):", "",
                   "| rule | restriction | seeds | test accuracy | sd | error bits/sample | "
-                  "wall s |" + (" huge logits |" if huge else ""),
-                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if huge else "")]
+                  "error cos | wall s |" + (" huge logits |" if huge else ""),
+                  "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if huge else "")]
         lines += [f"| {g['rule']} | {g['restriction']} | {g['seeds']} | {g['mean']:.4f} | "
-                  f"{_num(g['sd'])} | {g['bits']:.1f} | {g['wall_s']:.1f} |"
+                  f"{_num(g['sd'])} | {g['bits']:.1f} | {_num(g['cos'], '.3f')} | "
+                  f"{g['wall_s']:.1f} |"
                   + (f" {g['huge']} |" if huge else "") for g in seeds]
     if cost:
         lines += ([""] if lines else []) + costs_markdown(cost)
     if lines:
         lines += ["", "Each run:", ""]
-    lines += ["| rule | restriction | test accuracy | test loss | error bits/sample | wall s | "
-              "status |", "|---|---|---:|---:|---:|---:|---|"]
+    lines += ["| rule | restriction | test accuracy | test loss | error bits/sample | "
+              "error cos | wall s | status |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['rule']} | {r['restriction']} | {r['test_accuracy']:.4f} | "
                      f"{_num(r['test_loss'])} | {r['error_bits_per_sample']:.1f} | "
+                     f"{_num(r.get('error_cos', math.nan), '.3f')} | "
                      f"{r['wall_s']:.1f} | {r['status']} |")
     # an accuracy a little below its reference reads as a rule that learns a little
     # worse; these runs' logits grew huge instead
@@ -107,6 +111,9 @@ def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None,
                   "past the largest at which the rule trains stably does this, and so can an "
                   "error channel that no lower rate mends:", ""]
         lines += [f"- {r['rule']}, {r['restriction']}: {r['loss_above_chance']}" for r in huge]
+    lines += ["", "error cos: the mean cosine between each error message its sender made and "
+              "what its receiver decoded (1: every message arrives in its own direction; "
+              "localnet/channels/README.md, \"What arrives of each message\")."]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -166,6 +166,81 @@ def test_lowrank_error_feedback_sends_the_full_norm_mostly_other_samples_residua
         assert torch.stack(own).mean() == pytest.approx(q / 512, rel=0.05)
 
 
+def test_fidelity_is_what_each_codec_keeps_of_its_messages_direction_and_norm():
+    """A link's fidelity (`Channel.stats`: the mean over messages of cos(d, x) and
+    |d| / |x|, d what the receiver decodes) against each codec's exact value: fp32 keeps
+    both (1, 1); one-scale sign decodes x as mean|x| sign(x), so both equal
+    |x|_1 / (sqrt(n) |x|_2); a projection d = x P P^T has <d, x> = |d|^2, so its cosine
+    equals its norm ratio (about sqrt(q/n) on random rows).  An all-zero message (an
+    error through ReLUs that were all off) has no direction and is not counted."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 64, generator=g) * (i + 1) for i in range(5)]
+
+    def link(name, **options):
+        ch = Channel(make_codec(name, **options), src="a", dst="b", kind="error", seed=0)
+        for x in xs + [torch.zeros(8, 64)]:
+            ch.transmit(x)
+        return ch.stats(1)
+
+    s = link("fp32")
+    assert (s["measured"], s["cos"], s["norm_ratio"]) == (6, 1.0, 1.0)
+    s = link("sign")
+    want = sum(x.abs().sum() / (math.sqrt(x.numel()) * x.norm()) for x in xs) / len(xs)
+    assert s["measured"] == 5
+    assert s["cos"] == pytest.approx(want.item(), rel=1e-5)
+    assert s["norm_ratio"] == pytest.approx(want.item(), rel=1e-5)
+    s = link("lowrank", q=16, seed=3)
+    assert s["cos"] == pytest.approx(s["norm_ratio"], rel=1e-5)
+    assert s["cos"] == pytest.approx(math.sqrt(16 / 64), rel=0.1)
+    s = link("int8")
+    assert 0.99 < s["cos"] <= 1 + 1e-6
+
+
+def test_fidelity_with_error_feedback_compares_with_the_senders_own_message():
+    """With error feedback the codec sends x plus earlier messages' rest; fidelity
+    compares what arrives with x alone, the error this message's sample made (top-k
+    rebuilt by hand here), so a link that sends mostly others' rest shows it."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(40, generator=g) for _ in range(4)]
+    ch = Channel(make_codec("topk", k=0.25, error_feedback=True), src="a", dst="b",
+                 kind="error", seed=0)
+    rest, cos, ratio = torch.zeros(40), [], []
+    for x in xs:
+        got = ch.transmit(x)
+        fed = x + rest
+        keep = fed.abs().topk(10).indices
+        d = torch.zeros(40)
+        d[keep] = fed[keep]
+        assert torch.equal(got, d)
+        rest = fed - d
+        cos.append((d @ x / (d.norm() * x.norm())).item())
+        ratio.append((d.norm() / x.norm()).item())
+    s = ch.stats(1)
+    assert s["cos"] == pytest.approx(sum(cos) / 4, rel=1e-5)
+    assert s["norm_ratio"] == pytest.approx(sum(ratio) / 4, rel=1e-5)
+    # the checkpoint keeps it (and one from before it was measured loads without it)
+    st = ch.state_dict()
+    back = Channel(make_codec("topk", k=0.25, error_feedback=True), src="a", dst="b",
+                   kind="error", seed=0)
+    back.load_state_dict(st)
+    assert back.stats(1)["cos"] == pytest.approx(s["cos"])
+    back.load_state_dict({k: v for k, v in st.items() if k != "fidelity"})
+    assert back.stats(1)["measured"] == 0 and back.stats(1)["cos"] is None
+
+
+def test_summary_fidelity_weighs_each_link_by_its_messages():
+    rows = [{"edge": "b->a", "messages": 1, "bytes": 4, "bandwidth_s": 0.0, "measured": 1,
+             "cos": 1.0, "norm_ratio": 2.0},
+            {"edge": "c->b", "messages": 3, "bytes": 4, "bandwidth_s": 0.0, "measured": 3,
+             "cos": 0.5, "norm_ratio": 1.0},
+            {"edge": "d->c", "messages": 0, "bytes": 0, "bandwidth_s": 0.0, "measured": 0,
+             "cos": None, "norm_ratio": None}]
+    s = summarize([], rows, 4, dfa=False)
+    assert s["error_cos"] == pytest.approx((1.0 + 3 * 0.5) / 4)
+    assert s["error_norm_ratio"] == pytest.approx((2.0 + 3 * 1.0) / 4)
+    assert s["activation_cos"] is None
+
+
 def test_sign_bits_and_scale():
     x = torch.randn(3, 13)  # 39 entries: not a multiple of 8
     c = make_codec("sign")
@@ -532,8 +607,10 @@ def test_runtime_actors_apply_channels_exactly_as_inprocess(rule, schedule, link
         assert got[kind].keys() == want[kind].keys()
         for edge, w in want[kind].items():
             g = got[kind][edge]
-            for k in ("codec", "messages", "delivered", "dropped", "not_yet_arrived", "bytes"):
+            for k in ("codec", "messages", "delivered", "dropped", "not_yet_arrived", "bytes",
+                      "measured"):
                 assert g[k] == w[k], (kind, edge, k)
+            assert g["cos"] == pytest.approx(w["cos"]) and g["cos"] is not None
     assert got["error_bits_per_sample"] == pytest.approx(want["error_bits_per_sample"])
     if any("drop" in s for s in links):
         assert sum(v["dropped"] for v in got["error"].values()) > 0  # the test bites

@@ -114,9 +114,18 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert bits == {"error.codec=fp32": 16 * 32, "error.codec=sign": (16 * 32 // 8 + 4) * 8 / 32}
     assert all(0 <= float(r["test_accuracy"]) <= 1 and r["status"] == "ok" for r in rows)
     md = (out / "sweep.md").read_text()
-    assert "| rule | restriction | test accuracy | test loss | error bits/sample | wall s |" in md
+    assert ("| rule | restriction | test accuracy | test loss | error bits/sample | error cos "
+            "| wall s |") in md
     summary = out / "rule.name-fa__channel.error.codec-sign" / "summary.json"
-    assert json.loads(summary.read_text())["channels"]["error"]["head->fc1"]["codec"] == "sign"
+    ch = json.loads(summary.read_text())["channels"]
+    assert ch["error"]["head->fc1"]["codec"] == "sign"
+    # what arrives of each error message: all of it under fp32, a direction's share under
+    # sign (about sqrt(2/pi) on errors near Gaussian), as the run's summary says
+    cos = {(r["rule"], r["restriction"]): float(r["error_cos"]) for r in rows}
+    assert cos["fa", "error.codec=fp32"] == 1.0
+    assert cos["fa", "error.codec=sign"] == pytest.approx(ch["error_cos"])
+    assert 0.3 < cos["fa", "error.codec=sign"] < 0.95
+    assert f"| {ch['error_cos']:.3f} |" in md
     stamp = summary.stat().st_mtime_ns
 
     # a rerun (through the CLI) does not redo finished points, beside the report of them

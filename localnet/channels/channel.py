@@ -18,6 +18,15 @@ Semantics (per message; a step carries `slots_per_step` messages, one per micro-
   bandwidth  bytes/s cap.  Accounted: `bandwidth_s` is the time the traffic would take at
              that cap.  With `enforce=True` the sender also sleeps that long per message.
 
+Fidelity (`stats`: `cos`, `norm_ratio`): how much of each message its codec delivers.
+Per message x, with d what the receiver decodes, the cosine <d, x> / (|d| |x|) and the
+norm ratio |d| / |x|, averaged over the messages sent (the codec's share alone: a lost
+message counts as sent).  x is the message the sender's stage made, before any error
+feedback adds earlier messages' rest, so a codec whose messages carry mostly others'
+rest shows a low cosine and a ratio near or above 1.  Measured on the sender, which
+decodes each message once more (error-feedback codecs reuse the decode their residual
+took); a lossless codec (fp32) is 1 and 1 unmeasured.
+
 A slot is DATA (a tensor), LOST (dropped, or the sender had nothing: that micro-batch
 gets no update) or WAIT (not arrived yet: its micro-batch's error is still to come).
 What a receiver does with each is the executor's business (localnet/channels/README.md).
@@ -58,6 +67,9 @@ class Channel:
         self.fifo: deque = deque()
         self.sent = self.delivered = self.dropped = self.missing = 0
         self.bytes = 0
+        # messages measured, sum of cosines, sum of norm ratios: kept as a tensor on the
+        # message's device, so measuring never waits for a GPU (read in `stats`)
+        self.fidelity: torch.Tensor | None = None
 
     @property
     def edge(self) -> str:
@@ -78,6 +90,8 @@ class Channel:
         """The sender's half: encode x, count its bytes (a lost message was still sent),
         enforce the bandwidth cap, and draw whether the message is lost."""
         enc = self.codec.encode(x, self.rng)
+        if not self.codec.lossless:
+            self._measure(x, self.codec.decoded(enc))
         n = enc.nbytes
         self.sent += 1
         self.bytes += n
@@ -88,6 +102,25 @@ class Channel:
         if lost:
             self.dropped += 1
         return enc, lost
+
+    def _measure(self, x: torch.Tensor, d: torch.Tensor) -> None:
+        x, d = x.detach().float().reshape(-1), d.detach().float().reshape(-1)
+        nx, nd = x.norm(), d.norm()
+        sent = nx > 0  # an all-zero message has no direction to keep: not counted
+        cos = torch.where(sent, (d @ x) / (nx * nd).clamp_min(1e-30), 0.0)
+        ratio = torch.where(sent, nd / nx.clamp_min(1e-30), 0.0)
+        one = torch.stack([sent.to(cos.dtype), cos, ratio]).double()
+        self.fidelity = one if self.fidelity is None else one + self.fidelity.to(one.device)
+
+    def fidelity_stats(self) -> dict:
+        """{"measured": messages, "cos": mean cosine, "norm_ratio": mean |d| / |x|}; the
+        means None where no message was measured, 1 for a lossless codec that sent."""
+        if self.codec.lossless:
+            return {"measured": self.sent, "cos": 1.0 if self.sent else None,
+                    "norm_ratio": 1.0 if self.sent else None}
+        n, cos, ratio = self.fidelity.tolist() if self.fidelity is not None else (0, 0, 0)
+        return {"measured": int(n), "cos": cos / n if n else None,
+                "norm_ratio": ratio / n if n else None}
 
     def arrive(self, enc) -> None:
         """The receiver's half, on arrival: queue the slot (an Encoded message, None for
@@ -127,7 +160,7 @@ class Channel:
                 "dropped": self.dropped, "not_yet_arrived": self.missing, "bytes": self.bytes,
                 "bytes_per_sample": self.bytes / samples if samples else 0.0,
                 "delay": self.delay, "drop": self.drop, "bandwidth": self.bandwidth,
-                "bandwidth_s": self.bandwidth_s}
+                "bandwidth_s": self.bandwidth_s, **self.fidelity_stats()}
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of this link: its random stream (codec noise, drops),
@@ -136,6 +169,7 @@ class Channel:
         deliver.  A queued message is kept as the wire has it (`wire.pack`)."""
         return {"rng": self.rng.get_state(), "codec": self.codec.state_dict(),
                 "counts": [self.sent, self.delivered, self.dropped, self.missing, self.bytes],
+                "fidelity": None if self.fidelity is None else self.fidelity.tolist(),
                 "fifo": [_slot_state(enc) for enc in self.fifo]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -144,6 +178,8 @@ class Channel:
         self.rng.set_state(state["rng"])
         self.codec.load_state_dict(state["codec"])
         self.sent, self.delivered, self.dropped, self.missing, self.bytes = state["counts"]
+        f = state.get("fidelity")  # (a checkpoint from before fidelity was measured: none)
+        self.fidelity = None if f is None else torch.tensor(f, dtype=torch.float64)
 
     def reset(self) -> None:
         """Forget queued messages and codec state (counters and bytes are kept)."""
@@ -334,6 +370,10 @@ def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bo
         out[f"{kind}_bytes"] = total
         out[f"{kind}_bytes_per_sample"] = total / samples if samples else 0.0
         out[f"{kind}_bandwidth_s"] = sum(c["bandwidth_s"] for c in chans)
+        for k in ("cos", "norm_ratio"):  # over every message measured on this kind's links
+            n = sum(c.get("measured", 0) for c in chans if c.get(k) is not None)
+            out[f"{kind}_{k}"] = sum(c["measured"] * c[k] for c in chans
+                                     if c.get(k) is not None) / n if n else None
     out["error_bits_per_sample"] = 8 * out["error_bytes_per_sample"]
     out["activation_bits_per_sample"] = 8 * out["activation_bytes_per_sample"]
     out["ledger"] = ledger.as_summary()

@@ -53,6 +53,8 @@ class Codec:
     # the codec draws from a seed that sender and receiver share (the link's), not from
     # the channel's random stream
     seeded: bool = False
+    # decode(encode(x)) == x for every x: a link's fidelity is 1 without measuring it
+    lossless: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -66,6 +68,11 @@ class Codec:
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         raise NotImplementedError
+
+    def decoded(self, enc: Encoded) -> torch.Tensor:
+        """What the receiver will decode from `enc`, on the sender's side (the link's
+        fidelity compares it with the message the sender meant to send)."""
+        return self.decode(enc)
 
     def bias(self) -> str | None:
         """Why, with these options, the decoded errors are biased in a way a lower rate
@@ -101,7 +108,7 @@ class Cast(Codec):
 
 
 class Fp32(Cast):
-    name, dtype = "fp32", torch.float32
+    name, dtype, lossless = "fp32", torch.float32, True
 
 
 class Fp16(Cast):
@@ -173,6 +180,7 @@ class _ErrorFeedback(Codec):
         error_feedback: bool = Field(False, description="the sender re-sends what it left out")
 
     residual: torch.Tensor | None = None
+    _last_decoded: tuple | None = None  # (enc, its decode): the residual's, reused
 
     def _fed(self, x: torch.Tensor) -> torch.Tensor:
         """x flat and in fp32, plus the residual where error feedback holds one."""
@@ -184,11 +192,17 @@ class _ErrorFeedback(Codec):
 
     def _keep_rest(self, fed: torch.Tensor, enc: Encoded) -> Encoded:
         if self.options.error_feedback:
-            self.residual = fed - self.decode(enc).float().reshape(-1)
+            d = self.decode(enc)
+            self._last_decoded = (enc, d)
+            self.residual = fed - d.float().reshape(-1)
         return enc
 
+    def decoded(self, enc):
+        last = self._last_decoded
+        return last[1] if last is not None and last[0] is enc else self.decode(enc)
+
     def reset(self):
-        self.residual = None
+        self.residual = self._last_decoded = None
 
     def state_dict(self):
         return {"residual": self.residual}
