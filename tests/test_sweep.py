@@ -582,17 +582,19 @@ def test_the_means_over_seeds_count_the_runs_whose_logits_blew_up(tmp_path):
                      point_name(p), "test_accuracy": a, "test_loss": 0.3 if q == "64" else 9.0,
                      "status": "ok" if a == a else "diverged at step 9",
                      "error_bits_per_sample": 128.0 * int(q), "wall_s": 1.0,
+                     "error_cos": 0.353 if q == "64" else 0.707 + 0.002 * seed,
                      "loss_above_chance": "" if q == "64" or a != a else "epoch 1: ..."})
     means = over_seeds(rows, pts)
     assert [(g["restriction"], g["seeds"], g["huge"]) for g in means] == [
         ("error.q=64", "3/3", 0), ("error.q=256", "2/3", 2)]
     md = write_md(rows, tmp_path / "sweep.md", means).read_text()
     assert "| wall s | huge logits |" in md and "ended above ln C: huge logits" in md
-    assert "| fa | error.q=64 | 3/3 | 0.9056 | 0.0033 | 8192.0 | 1.0 | 0 |" in md
-    assert "| fa | error.q=256 | 2/3 | 0.7209 | 0.0054 | 32768.0 | 1.0 | 2 |" in md
+    # (the error cos over the runs that finished: seeds 0 and 1 at q = 256)
+    assert "| fa | error.q=64 | 3/3 | 0.9056 | 0.0033 | 8192.0 | 0.353 | 1.0 | 0 |" in md
+    assert "| fa | error.q=256 | 2/3 | 0.7209 | 0.0054 | 32768.0 | 0.708 | 1.0 | 2 |" in md
     calm = write_md(rows[:3], tmp_path / "calm.md", means[:1]).read_text()
-    assert "huge" not in calm and "| fa | error.q=64 | 3/3 | 0.9056 | 0.0033 | 8192.0 | 1.0 |\n" \
-        in calm
+    assert "huge" not in calm and \
+        "| fa | error.q=64 | 3/3 | 0.9056 | 0.0033 | 8192.0 | 0.353 | 1.0 |\n" in calm
 
 
 def test_a_cost_counts_the_pairs_where_a_run_blew_up():

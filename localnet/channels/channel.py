@@ -91,7 +91,7 @@ class Channel:
         enforce the bandwidth cap, and draw whether the message is lost."""
         enc = self.codec.encode(x, self.rng)
         if not self.codec.lossless:
-            self._measure(x, self.codec.decoded(enc))
+            self._measure(x, self.codec.what_arrives(enc))
         n = enc.nbytes
         self.sent += 1
         self.bytes += n

@@ -69,7 +69,7 @@ class Codec:
     def decode(self, enc: Encoded) -> torch.Tensor:
         raise NotImplementedError
 
-    def decoded(self, enc: Encoded) -> torch.Tensor:
+    def what_arrives(self, enc: Encoded) -> torch.Tensor:
         """What the receiver will decode from `enc`, on the sender's side (the link's
         fidelity compares it with the message the sender meant to send)."""
         return self.decode(enc)
@@ -197,7 +197,7 @@ class _ErrorFeedback(Codec):
             self.residual = fed - d.float().reshape(-1)
         return enc
 
-    def decoded(self, enc):
+    def what_arrives(self, enc):
         last = self._last_decoded
         return last[1] if last is not None and last[0] is enc else self.decode(enc)
 
