@@ -105,9 +105,12 @@ def main(argv=None) -> dict:
         shutil.copy(out / "sweep.png", png)
     if not args.no_write:
         table = (out / "sweep.md").read_text()
-        # with seeds, their means: each run's row (3 times as many) stays in sweep.md
-        write_results(result, table.split("\nEach run:")[0] if args.seeds > 1 else table,
-                      png.name)
+        if args.seeds > 1:
+            # with seeds, their means: each run's row (3 times as many) stays in sweep.md;
+            # the tables' key (what "error cos" is) comes along
+            key = [line for line in table.splitlines() if line.startswith("error cos:")]
+            table = "\n\n".join([table.split("\nEach run:")[0].strip(), *key])
+        write_results(result, table, png.name)
     return result
 
 
