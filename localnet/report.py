@@ -93,6 +93,9 @@ class Run:
                 "alignment_deg": sum(angles) / len(angles) if angles else None,
                 "samples_per_s": s.get("samples_per_s"),
                 "bytes_per_sample": bps,
+                # what arrives of each error message (channels/README.md): beside the
+                # bytes, it says whether a restriction kept the errors' directions
+                "error_cos": (s.get("channels") or {}).get("error_cos"),
                 "cores_busy": self.cores_busy(),
                 "executor": (s.get("runtime") or {}).get("executor")
                             or (self.config.get("runtime") or {}).get("executor"),
@@ -546,13 +549,16 @@ def table(runs: list[Run]):
     # run's name; a narrow one wraps the name and the state, never a number or a rule
     cols = [("run", "left"), ("rule", "left"), ("test\nacc", "right"), ("align.\ndeg", "right"),
             ("samples\n/s", "right"), ("cores\nbusy", "right"), ("bytes\n/sample", "right")]
-    for col, just in cols + ([("state", "left")] if unfinished else []):
+    cos = any(r["error_cos"] is not None for r in rows)  # a column only where channels ran
+    for col, just in cols + ([("error\ncos", "right")] if cos else []) \
+            + ([("state", "left")] if unfinished else []):
         t.add_column(col, justify=just, overflow="fold", no_wrap=col not in ("run", "state"),
                      min_width={"run": 10, "state": 12}.get(col))
     for r in rows:
         t.add_row(r["run"], r["rule"], _fmt(r["test_accuracy"], ".4f"),
                   _fmt(r["alignment_deg"], ".1f"), _fmt(r["samples_per_s"], ".1f"),
                   _fmt(r["cores_busy"], ".0%"), _fmt(r["bytes_per_sample"], ",.0f"),
+                  *([_fmt(r["error_cos"], ".3f")] if cos else []),
                   *([r["state"]] if unfinished else []))
     # below the table, not its caption: rich sizes a caption to the table, which at the
     # terminal's full width crops the caption's lines instead of wrapping them

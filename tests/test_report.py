@@ -343,9 +343,27 @@ def test_an_in_process_run_with_channels_reports_the_bytes_they_carried(tmp_path
                              "train.batch_size=32", "train.max_steps=3", "rule.name=fa",
                              "metrics.alignment_every=0", "channel.enabled=true",
                              "channel.error.codec=int8"])
-    train(cfg, tmp_path / "run", progress=False)
+    summary = train(cfg, tmp_path / "run", progress=False)
     (row,) = report([tmp_path / "run"], tmp_path / "out")["rows"]
     assert row["bytes_per_sample"] == pytest.approx(16 * 4 + 16 + 4 / 32)
+    # and what arrived of each error message: int8 keeps nearly all of its direction
+    assert row["error_cos"] == summary["channels"]["error_cos"]
+    assert 0.99 < row["error_cos"] < 1
+
+
+def test_the_table_gives_the_error_cos_only_where_channels_ran(tmp_path, capsys):
+    base = ["data.name=synthetic", "model.name=mlp", "model.widths=[16]",
+            "train.batch_size=32", "train.max_steps=2", "rule.name=fa",
+            "metrics.alignment_every=0"]
+    train(load_config(None, base), tmp_path / "plain", progress=False)
+    assert main(["report", str(tmp_path / "plain"), "--out", str(tmp_path / "o1")]) == 0
+    assert "cos" not in capsys.readouterr().out
+    s = train(load_config(None, [*base, "channel.error.codec=sign"]), tmp_path / "sign",
+              progress=False)
+    assert main(["report", str(tmp_path / "plain"), str(tmp_path / "sign"),
+                 "--out", str(tmp_path / "o2")]) == 0
+    out = capsys.readouterr().out
+    assert "cos" in out and f"{s['channels']['error_cos']:.3f}" in out
 
 
 def test_curves_of_a_sweeps_many_runs_are_coloured_by_rule():
