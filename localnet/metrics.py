@@ -77,6 +77,13 @@ METRICS: list[tuple[str, MetricSpec]] = [
     (RUN, MetricSpec("localnet_recovery_steps_total", "counter", ("outcome",),
                      "steps recoveries went back over: outcome=replayed (trained again on "
                      "the same batches), outcome=lost (past the replay buffer)")),
+    (RUN, MetricSpec("localnet_channel_cos", "gauge", ("kind",),
+                     "with channels: the mean cosine between each message a sender made and "
+                     "what its receiver decoded, over the last epoch's messages, per kind "
+                     "(activation, error)")),
+    (RUN, MetricSpec("localnet_channel_norm_ratio", "gauge", ("kind",),
+                     "with channels: the mean of |decoded| / |sent| over the last epoch's "
+                     "messages, per kind")),
     (RUN, MetricSpec("localnet_bubble_fraction", "gauge", (),
                      "idle share of the stages' time during training steps: summed wait over "
                      "(stages x step wall time), over the last poll window")),
@@ -259,7 +266,8 @@ class Metrics:
         for name in ("step", "total_steps", "epoch", "loss", "batch_loss", "accuracy",
                      "learning_rate", "weight_decay", "samples_per_second", "bubble_fraction",
                      "alignment_angle_degrees", "feedback_norm_ratio",
-                     "bp_update_angle_degrees", "actor_gpu_memory_bytes"):
+                     "bp_update_angle_degrees", "actor_gpu_memory_bytes", "channel_cos",
+                     "channel_norm_ratio"):
             setattr(self, name, make(f"localnet_{name}"))
         self.train_samples = make("localnet_train_samples_total")
         self.recoveries = make("localnet_recoveries_total")
@@ -545,6 +553,10 @@ class RunObserver:
             if f"{split}_accuracy" in line:
                 mt.accuracy.labels(split).set(line[f"{split}_accuracy"])
         mt.alignment_values(line.get("alignment", {}))
+        for kind in ("activation", "error"):  # (kinds whose messages were measured)
+            for k in ("cos", "norm_ratio"):
+                if line.get(f"{kind}_{k}") is not None:
+                    getattr(mt, f"channel_{k}").labels(kind).set(line[f"{kind}_{k}"])
         if cur is not None:
             mt.ledger.update(cur)  # this process's counts: counters restart with it
 

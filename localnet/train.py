@@ -39,6 +39,7 @@ from .config import Config, ConfigError, dump_config
 from .errors import DivergedError
 from .data import load_data
 from .builders import build_rule_and_model, optim_config
+from .channels.channel import FidelityWindow
 from .engine import InProcessExecutor
 from .schedules import SCHEDULES
 from .files import first_few, load_state, lock_holder, run_lock, save_state, write_json, write_text
@@ -374,6 +375,12 @@ def _tell_recoveries(bar, ex, told: int, obs=None) -> int:
     return len(recs)
 
 
+def _channel_summary(ex) -> dict | None:
+    """What the run's channels carried and how much of it arrived (the executor's links'
+    counts); None without channels."""
+    return ex.channel_summary() if getattr(ex, "channel_summary", None) else None
+
+
 def _records(cfg: Config, step: int) -> bool:
     """Whether the step after `step` records alignment (and probes before it)."""
     return bool(cfg.metrics.alignment_every) and step % cfg.metrics.alignment_every == 0
@@ -509,6 +516,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                  f"{cfg.runtime.cpu_policy}: {why}.  On few cores that costs some speed "
                  f"(localnet/runtime/README.md, \"Who gets the core\")")
     told = len(getattr(ex, "recoveries", ()))  # the ones a resumed checkpoint lists
+    links = _channel_summary(ex)
+    # each epoch's record says what arrived of its own messages (the summary: the run's)
+    fidelity = FidelityWindow(links) if links is not None else None
     flat_at = None  # the step after which the constant-output note came (once a process)
     blown, blown_noted = None, False  # the last epoch's losses above ln C; its note (once)
     try:
@@ -579,6 +589,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                     "weight_decay": wd, "train_s": epoch_s,
                     "samples_per_s": (seen - seen0) / epoch_s if epoch_s > 0 else 0.0,
                     "alignment": ex.alignment()}
+            if fidelity is not None:
+                line.update(fidelity.since(_channel_summary(ex)))
             metrics_f.write(json.dumps(line) + "\n")
             metrics_f.flush()
             obs.epoch_end(line, samples_seen)
@@ -636,8 +648,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         "messages": (obs.messages.ledger().run_summary() if obs.messages.enabled
                      else ex.ledger_summary()),
     }
-    if getattr(ex, "channel_summary", None) and ex.channel_summary() is not None:
-        summary["channels"] = ex.channel_summary()
+    links = _channel_summary(ex)
+    if links is not None:
+        summary["channels"] = links
     if recuts:  # resumed under other cuts of the model (recut.py)
         summary["recuts"] = recuts
     if changes:  # resumed under other settings: what the steps before each trained with

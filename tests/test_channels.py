@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from localnet.channels import Channel, make_codec
-from localnet.channels.channel import summarize
+from localnet.channels.channel import FidelityWindow, summarize
 from localnet.channels.codecs import Int8, LowRank, TopK
 from localnet.channels.wire import pack, unpack
 from localnet.config import ConfigError, load_config
@@ -238,7 +238,14 @@ def test_summary_fidelity_weighs_each_link_by_its_messages():
     s = summarize([], rows, 4, dfa=False)
     assert s["error_cos"] == pytest.approx((1.0 + 3 * 0.5) / 4)
     assert s["error_norm_ratio"] == pytest.approx((2.0 + 3 * 1.0) / 4)
-    assert s["activation_cos"] is None
+    assert s["error_measured"] == 4 and s["activation_cos"] is None
+    # a window over the messages since: 4 more on the second link at cos 0.25 -> 0.25
+    w = FidelityWindow(s)
+    rows[1] = {**rows[1], "measured": 7, "cos": (3 * 0.5 + 4 * 0.25) / 7,
+               "norm_ratio": (3 * 1.0 + 4 * 3.0) / 7}
+    assert w.since(summarize([], rows, 8, dfa=False)) == pytest.approx(
+        {"error_cos": 0.25, "error_norm_ratio": 3.0})
+    assert w.since(summarize([], rows, 8, dfa=False)) == {}  # nothing sent since
 
 
 def test_sign_bits_and_scale():

@@ -306,6 +306,28 @@ def test_inprocess_run_exports_run_actor_and_layer_series(tmp_path):
     assert {a["part"] for a in labelsets(s, "localnet_actor_cpu_seconds_total")} == {"compute"}
     assert value(s, "localnet_actor_forward_seconds_bucket", le="+Inf", **actor) == steps * 2
     assert not list(sd.glob("*.json")), "the file-SD target outlives the endpoint"
+    assert labelsets(s, "localnet_channel_cos") == []  # no channels: no such series
+
+
+def test_each_epoch_says_what_arrived_of_its_own_messages_and_the_endpoint_the_last(tmp_path):
+    """With channels each epoch's metrics.jsonl record has its own messages' fidelity,
+    and the endpoint the last epoch's.  Every epoch sends as many messages, so the mean
+    of the epochs' figures is the run's, which summary.json has."""
+    sd = tmp_path / "sd"
+    cfg = small("rule.name=fa", "metrics.port=0", f"metrics.sd_dir={sd}", "metrics.linger_s=30",
+                "train.epochs=3", "channel.error.codec=sign", "channel.activation.codec=int8")
+    summary, s, _ = run_and_scrape(cfg, tmp_path / "run", sd)
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    ch = summary["channels"]
+    for kind in ("error", "activation"):
+        per_epoch = [line[f"{kind}_cos"] for line in lines]
+        assert len(per_epoch) == 3 and len(set(per_epoch)) == 3  # each epoch its own
+        assert sum(per_epoch) / 3 == pytest.approx(ch[f"{kind}_cos"])
+        assert value(s, "localnet_channel_cos", kind=kind) == pytest.approx(per_epoch[-1])
+        assert value(s, "localnet_channel_norm_ratio", kind=kind) == pytest.approx(
+            lines[-1][f"{kind}_norm_ratio"])
+    # one-scale sign: |x|_1 / (sqrt(n) |x|_2) of each message, in (0, 1]
+    assert 0 < lines[-1]["error_cos"] < 1 and lines[-1]["activation_cos"] > 0.99
 
 
 def test_cpu_parts_split_the_main_thread_as_the_actor_accounted_it():

@@ -370,14 +370,50 @@ def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bo
         out[f"{kind}_bytes"] = total
         out[f"{kind}_bytes_per_sample"] = total / samples if samples else 0.0
         out[f"{kind}_bandwidth_s"] = sum(c["bandwidth_s"] for c in chans)
+        measured = [c for c in chans if c.get("cos") is not None]
+        n = out[f"{kind}_measured"] = sum(c["measured"] for c in measured)
         for k in ("cos", "norm_ratio"):  # over every message measured on this kind's links
-            n = sum(c.get("measured", 0) for c in chans if c.get(k) is not None)
-            out[f"{kind}_{k}"] = sum(c["measured"] * c[k] for c in chans
-                                     if c.get(k) is not None) / n if n else None
+            out[f"{kind}_{k}"] = sum(c["measured"] * c[k] for c in measured) / n if n else None
     out["error_bits_per_sample"] = 8 * out["error_bytes_per_sample"]
     out["activation_bits_per_sample"] = 8 * out["activation_bytes_per_sample"]
     out["ledger"] = ledger.as_summary()
     return out
+
+
+class FidelityWindow:
+    """Each kind's fidelity over the messages sent since the last look, from two run
+    summaries' (`summarize`) running means: what an epoch's record says, where the
+    summary's figure is the whole run's.
+
+        w = FidelityWindow(ex.channel_summary())     # where training starts (or resumes)
+        w.since(ex.channel_summary())  # {"error_cos": ..., "error_norm_ratio": ..., ...}
+    """
+
+    KEYS = ("cos", "norm_ratio")
+
+    def __init__(self, summary: dict):
+        self._last = self._sums(summary)
+
+    @classmethod
+    def _sums(cls, summary: dict) -> dict:
+        out = {}
+        for kind in (ACTIVATION, ERROR):
+            n = summary.get(f"{kind}_measured") or 0
+            out[kind] = [n] + [n * (summary.get(f"{kind}_{k}") or 0.0) for k in cls.KEYS]
+        return out
+
+    def since(self, summary: dict) -> dict:
+        """The means over the messages measured since the last call, per kind that sent
+        any (a recovery that took the counts back to a checkpoint leaves the window short
+        of the messages sent twice; none measured: the kind is left out)."""
+        now, out = self._sums(summary), {}
+        for kind, (n, *sums) in now.items():
+            n0, *sums0 = self._last[kind]
+            if n > n0:
+                out.update({f"{kind}_{k}": (a - b) / (n - n0)
+                            for k, a, b in zip(self.KEYS, sums, sums0)})
+        self._last = now
+        return out
 
 
 class ChannelSet:
