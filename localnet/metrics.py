@@ -78,12 +78,12 @@ METRICS: list[tuple[str, MetricSpec]] = [
                      "steps recoveries went back over: outcome=replayed (trained again on "
                      "the same batches), outcome=lost (past the replay buffer)")),
     (RUN, MetricSpec("localnet_channel_cos", "gauge", ("kind",),
-                     "with channels: the mean cosine between each message a sender made and "
-                     "what its receiver decoded, over the last epoch's messages, per kind "
+                     "with channels: the cosine between the messages the senders made and "
+                     "what the receivers decoded, the last epoch's taken as one, per kind "
                      "(activation, error)")),
     (RUN, MetricSpec("localnet_channel_norm_ratio", "gauge", ("kind",),
-                     "with channels: the mean of |decoded| / |sent| over the last epoch's "
-                     "messages, per kind")),
+                     "with channels: |decoded| / |sent| over the last epoch's messages "
+                     "taken as one, per kind")),
     (RUN, MetricSpec("localnet_bubble_fraction", "gauge", (),
                      "idle share of the stages' time during training steps: summed wait over "
                      "(stages x step wall time), over the last poll window")),

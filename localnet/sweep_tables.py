@@ -111,9 +111,9 @@ def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None,
                   "past the largest at which the rule trains stably does this, and so can an "
                   "error channel that no lower rate mends:", ""]
         lines += [f"- {r['rule']}, {r['restriction']}: {r['loss_above_chance']}" for r in huge]
-    lines += ["", "error cos: the mean cosine between each error message its sender made and "
-              "what its receiver decoded (1: every message arrives in its own direction; "
-              "localnet/channels/README.md, \"What arrives of each message\")."]
+    lines += ["", "error cos: the cosine between the error messages the senders made and what "
+              "the receivers decoded, all of a run's taken as one (1: they arrive in their "
+              "own direction; localnet/channels/README.md, \"What arrives of each message\")."]
     path.write_text("\n".join(lines) + "\n")
     return path
 

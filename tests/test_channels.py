@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from localnet.channels import Channel, make_codec
-from localnet.channels.channel import FidelityWindow, summarize
+from localnet.channels.channel import FidelityWindow, fidelity, summarize
 from localnet.channels.codecs import Int8, LowRank, TopK
 from localnet.channels.wire import pack, unpack
 from localnet.config import ConfigError, load_config
@@ -167,12 +167,13 @@ def test_lowrank_error_feedback_sends_the_full_norm_mostly_other_samples_residua
 
 
 def test_fidelity_is_what_each_codec_keeps_of_its_messages_direction_and_norm():
-    """A link's fidelity (`Channel.stats`: the mean over messages of cos(d, x) and
-    |d| / |x|, d what the receiver decodes) against each codec's exact value: fp32 keeps
-    both (1, 1); one-scale sign decodes x as mean|x| sign(x), so both equal
-    |x|_1 / (sqrt(n) |x|_2); a projection d = x P P^T has <d, x> = |d|^2, so its cosine
-    equals its norm ratio (about sqrt(q/n) on random rows).  An all-zero message (an
-    error through ReLUs that were all off) has no direction and is not counted."""
+    """A link's fidelity (`Channel.stats`: over all its messages x and their decodes d
+    as one, cos = sum<d, x> / sqrt(sum|d|^2 sum|x|^2) and norm ratio sqrt(sum|d|^2 /
+    sum|x|^2)) against each codec's exact value: fp32 keeps both (1, 1); one-scale sign
+    decodes x as s sign(x), s = mean|x|, so <d, x> = |d|^2 = n s^2 and both are
+    sqrt(sum n s^2 / sum|x|^2); a projection d = x P P^T has <d, x> = |d|^2 too, so its
+    cosine equals its norm ratio (about sqrt(q/n) on random rows).  An all-zero message
+    (an error through ReLUs that were all off) adds nothing and is not counted."""
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(8, 64, generator=g) * (i + 1) for i in range(5)]
 
@@ -183,17 +184,33 @@ def test_fidelity_is_what_each_codec_keeps_of_its_messages_direction_and_norm():
         return ch.stats(1)
 
     s = link("fp32")
-    assert (s["measured"], s["cos"], s["norm_ratio"]) == (6, 1.0, 1.0)
+    assert (s["measured"], s["cos"], s["norm_ratio"]) == (5, 1.0, 1.0)
     s = link("sign")
-    want = sum(x.abs().sum() / (math.sqrt(x.numel()) * x.norm()) for x in xs) / len(xs)
+    want = math.sqrt(sum(x.numel() * x.abs().mean() ** 2 for x in xs)
+                     / sum(x.square().sum() for x in xs))
     assert s["measured"] == 5
-    assert s["cos"] == pytest.approx(want.item(), rel=1e-5)
-    assert s["norm_ratio"] == pytest.approx(want.item(), rel=1e-5)
+    assert s["cos"] == pytest.approx(want, rel=1e-5)
+    assert s["norm_ratio"] == pytest.approx(want, rel=1e-5)
     s = link("lowrank", q=16, seed=3)
     assert s["cos"] == pytest.approx(s["norm_ratio"], rel=1e-5)
     assert s["cos"] == pytest.approx(math.sqrt(16 / 64), rel=0.1)
     s = link("int8")
     assert 0.99 < s["cos"] <= 1 + 1e-6
+
+
+def test_fidelity_weighs_a_nearly_empty_message_by_what_it_carries():
+    """On FA with sign errors and error feedback, one message to fc2 of five epochs' had
+    |x| = 1.4e-5 and carried 5,176 times that in earlier messages' rest: a mean of the
+    messages' ratios read 8.9 where every other message's was about 1.  Pooled, such a
+    message weighs what it carries."""
+    ch = Channel(make_codec("fp16"), src="a", dst="b", kind="error", seed=0)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(99):
+        ch.transmit(torch.randn(64, generator=g))
+    ch._measure(torch.full((64,), 1e-5), torch.full((64,), 5e-2))  # as error feedback can
+    s = ch.stats(1)
+    assert s["measured"] == 100
+    assert s["norm_ratio"] == pytest.approx(1.0, abs=1e-3) and s["cos"] > 0.999
 
 
 def test_fidelity_with_error_feedback_compares_with_the_senders_own_message():
@@ -204,7 +221,7 @@ def test_fidelity_with_error_feedback_compares_with_the_senders_own_message():
     xs = [torch.randn(40, generator=g) for _ in range(4)]
     ch = Channel(make_codec("topk", k=0.25, error_feedback=True), src="a", dst="b",
                  kind="error", seed=0)
-    rest, cos, ratio = torch.zeros(40), [], []
+    rest, dot, sent, arrived = torch.zeros(40), 0.0, 0.0, 0.0
     for x in xs:
         got = ch.transmit(x)
         fed = x + rest
@@ -213,11 +230,10 @@ def test_fidelity_with_error_feedback_compares_with_the_senders_own_message():
         d[keep] = fed[keep]
         assert torch.equal(got, d)
         rest = fed - d
-        cos.append((d @ x / (d.norm() * x.norm())).item())
-        ratio.append((d.norm() / x.norm()).item())
+        dot, sent, arrived = dot + (d @ x).item(), sent + (x @ x).item(), arrived + (d @ d).item()
     s = ch.stats(1)
-    assert s["cos"] == pytest.approx(sum(cos) / 4, rel=1e-5)
-    assert s["norm_ratio"] == pytest.approx(sum(ratio) / 4, rel=1e-5)
+    assert s["cos"] == pytest.approx(dot / math.sqrt(sent * arrived), rel=1e-5)
+    assert s["norm_ratio"] == pytest.approx(math.sqrt(arrived / sent), rel=1e-5)
     # the checkpoint keeps it (and one from before it was measured loads without it)
     st = ch.state_dict()
     back = Channel(make_codec("topk", k=0.25, error_feedback=True), src="a", dst="b",
@@ -228,23 +244,23 @@ def test_fidelity_with_error_feedback_compares_with_the_senders_own_message():
     assert back.stats(1)["measured"] == 0 and back.stats(1)["cos"] is None
 
 
-def test_summary_fidelity_weighs_each_link_by_its_messages():
-    rows = [{"edge": "b->a", "messages": 1, "bytes": 4, "bandwidth_s": 0.0, "measured": 1,
-             "cos": 1.0, "norm_ratio": 2.0},
-            {"edge": "c->b", "messages": 3, "bytes": 4, "bandwidth_s": 0.0, "measured": 3,
-             "cos": 0.5, "norm_ratio": 1.0},
-            {"edge": "d->c", "messages": 0, "bytes": 0, "bandwidth_s": 0.0, "measured": 0,
-             "cos": None, "norm_ratio": None}]
+def test_summary_fidelity_pools_every_message_of_a_kind():
+    def row(edge, n, dot, sent, arrived):
+        return {"edge": edge, "messages": n, "bytes": 4, "bandwidth_s": 0.0,
+                **fidelity([n, dot, sent, arrived])}
+
+    rows = [row("b->a", 1, 2.0, 4.0, 1.0), row("c->b", 3, 1.0, 12.0, 3.0),
+            row("d->c", 0, 0.0, 0.0, 0.0)]
+    assert rows[2]["cos"] is None
     s = summarize([], rows, 4, dfa=False)
-    assert s["error_cos"] == pytest.approx((1.0 + 3 * 0.5) / 4)
-    assert s["error_norm_ratio"] == pytest.approx((2.0 + 3 * 1.0) / 4)
-    assert s["error_measured"] == 4 and s["activation_cos"] is None
-    # a window over the messages since: 4 more on the second link at cos 0.25 -> 0.25
+    assert s["error_cos"] == pytest.approx(3.0 / math.sqrt(16.0 * 4.0))
+    assert s["error_norm_ratio"] == pytest.approx(math.sqrt(4.0 / 16.0))
+    assert s["error_fidelity"]["measured"] == 4 and s["activation_cos"] is None
+    # a window over the messages since: 4 more on the second link, dot 2, |x|^2 4, |d|^2 1
     w = FidelityWindow(s)
-    rows[1] = {**rows[1], "measured": 7, "cos": (3 * 0.5 + 4 * 0.25) / 7,
-               "norm_ratio": (3 * 1.0 + 4 * 3.0) / 7}
+    rows[1] = row("c->b", 7, 3.0, 16.0, 4.0)
     assert w.since(summarize([], rows, 8, dfa=False)) == pytest.approx(
-        {"error_cos": 0.25, "error_norm_ratio": 3.0})
+        {"error_cos": 1.0, "error_norm_ratio": 0.5})
     assert w.since(summarize([], rows, 8, dfa=False)) == {}  # nothing sent since
 
 

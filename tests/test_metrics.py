@@ -311,18 +311,22 @@ def test_inprocess_run_exports_run_actor_and_layer_series(tmp_path):
 
 def test_each_epoch_says_what_arrived_of_its_own_messages_and_the_endpoint_the_last(tmp_path):
     """With channels each epoch's metrics.jsonl record has its own messages' fidelity,
-    and the endpoint the last epoch's.  Every epoch sends as many messages, so the mean
-    of the epochs' figures is the run's, which summary.json has."""
+    and the endpoint the last epoch's.  The run's, in summary.json, pools the epochs'
+    messages: its norm ratio lies between theirs, and its cosine is at most their
+    largest (Cauchy-Schwarz)."""
     sd = tmp_path / "sd"
     cfg = small("rule.name=fa", "metrics.port=0", f"metrics.sd_dir={sd}", "metrics.linger_s=30",
-                "train.epochs=3", "channel.error.codec=sign", "channel.activation.codec=int8")
+                "train.epochs=3", "train.lr=0.002", "channel.error.codec=sign",
+                "channel.activation.codec=int8")  # (a rate at which no epoch fits exactly)
     summary, s, _ = run_and_scrape(cfg, tmp_path / "run", sd)
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     ch = summary["channels"]
     for kind in ("error", "activation"):
         per_epoch = [line[f"{kind}_cos"] for line in lines]
+        ratios = [line[f"{kind}_norm_ratio"] for line in lines]
         assert len(per_epoch) == 3 and len(set(per_epoch)) == 3  # each epoch its own
-        assert sum(per_epoch) / 3 == pytest.approx(ch[f"{kind}_cos"])
+        assert ch[f"{kind}_cos"] <= max(per_epoch) + 1e-9
+        assert min(ratios) - 1e-9 <= ch[f"{kind}_norm_ratio"] <= max(ratios) + 1e-9
         assert value(s, "localnet_channel_cos", kind=kind) == pytest.approx(per_epoch[-1])
         assert value(s, "localnet_channel_norm_ratio", kind=kind) == pytest.approx(
             lines[-1][f"{kind}_norm_ratio"])

@@ -18,14 +18,15 @@ Semantics (per message; a step carries `slots_per_step` messages, one per micro-
   bandwidth  bytes/s cap.  Accounted: `bandwidth_s` is the time the traffic would take at
              that cap.  With `enforce=True` the sender also sleeps that long per message.
 
-Fidelity (`stats`: `cos`, `norm_ratio`): how much of each message its codec delivers.
-Per message x, with d what the receiver decodes, the cosine <d, x> / (|d| |x|) and the
-norm ratio |d| / |x|, averaged over the messages sent (the codec's share alone: a lost
-message counts as sent).  x is the message the sender's stage made, before any error
-feedback adds earlier messages' rest, so a codec whose messages carry mostly others'
-rest shows a low cosine and a ratio near or above 1.  Measured on the sender, which
-decodes each message once more (error-feedback codecs reuse the decode their residual
-took); a lossless codec (fp32) is 1 and 1 unmeasured.
+Fidelity (`stats`: `cos`, `norm_ratio`): how much of its messages a link delivers.
+With x each message the sender's stage made and d what the receiver decodes, taken over
+all the messages sent as one: the cosine sum<d, x> / sqrt(sum|d|^2 sum|x|^2) and the
+norm ratio sqrt(sum|d|^2 / sum|x|^2) (pooled, so that a message whose error is nearly
+zero weighs as little as it carries; a lost message counts as sent: the codec's share
+alone).  x is taken before any error feedback adds earlier messages' rest, so a codec
+whose messages carry mostly others' rest shows a low cosine at a ratio near or above 1.
+Measured on the sender, which decodes each message once more (error-feedback codecs
+reuse the decode their residual took; a lossless codec, fp32, not at all).
 
 A slot is DATA (a tensor), LOST (dropped, or the sender had nothing: that micro-batch
 gets no update) or WAIT (not arrived yet: its micro-batch's error is still to come).
@@ -34,6 +35,7 @@ What a receiver does with each is the executor's business (localnet/channels/REA
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections import deque
@@ -67,9 +69,9 @@ class Channel:
         self.fifo: deque = deque()
         self.sent = self.delivered = self.dropped = self.missing = 0
         self.bytes = 0
-        # messages measured, sum of cosines, sum of norm ratios: kept as a tensor on the
+        # messages measured, sum <d, x>, sum |x|^2, sum |d|^2: kept as a tensor on the
         # message's device, so measuring never waits for a GPU (read in `stats`)
-        self.fidelity: torch.Tensor | None = None
+        self._fid: torch.Tensor | None = None
 
     @property
     def edge(self) -> str:
@@ -90,8 +92,7 @@ class Channel:
         """The sender's half: encode x, count its bytes (a lost message was still sent),
         enforce the bandwidth cap, and draw whether the message is lost."""
         enc = self.codec.encode(x, self.rng)
-        if not self.codec.lossless:
-            self._measure(x, self.codec.what_arrives(enc))
+        self._measure(x, x if self.codec.lossless else self.codec.what_arrives(enc))
         n = enc.nbytes
         self.sent += 1
         self.bytes += n
@@ -105,22 +106,13 @@ class Channel:
 
     def _measure(self, x: torch.Tensor, d: torch.Tensor) -> None:
         x, d = x.detach().float().reshape(-1), d.detach().float().reshape(-1)
-        nx, nd = x.norm(), d.norm()
-        sent = nx > 0  # an all-zero message has no direction to keep: not counted
-        cos = torch.where(sent, (d @ x) / (nx * nd).clamp_min(1e-30), 0.0)
-        ratio = torch.where(sent, nd / nx.clamp_min(1e-30), 0.0)
-        one = torch.stack([sent.to(cos.dtype), cos, ratio]).double()
-        self.fidelity = one if self.fidelity is None else one + self.fidelity.to(one.device)
+        sent = x @ x
+        one = torch.stack([(sent > 0).to(sent.dtype), d @ x, sent, d @ d]).double()
+        self._fid = one if self._fid is None else one + self._fid.to(one.device)
 
-    def fidelity_stats(self) -> dict:
-        """{"measured": messages, "cos": mean cosine, "norm_ratio": mean |d| / |x|}; the
-        means None where no message was measured, 1 for a lossless codec that sent."""
-        if self.codec.lossless:
-            return {"measured": self.sent, "cos": 1.0 if self.sent else None,
-                    "norm_ratio": 1.0 if self.sent else None}
-        n, cos, ratio = self.fidelity.tolist() if self.fidelity is not None else (0, 0, 0)
-        return {"measured": int(n), "cos": cos / n if n else None,
-                "norm_ratio": ratio / n if n else None}
+    def fidelity_sums(self) -> list[float]:
+        """[messages measured (an all-zero one is not), sum <d, x>, sum |x|^2, sum |d|^2]."""
+        return self._fid.tolist() if self._fid is not None else [0.0] * 4
 
     def arrive(self, enc) -> None:
         """The receiver's half, on arrival: queue the slot (an Encoded message, None for
@@ -160,7 +152,7 @@ class Channel:
                 "dropped": self.dropped, "not_yet_arrived": self.missing, "bytes": self.bytes,
                 "bytes_per_sample": self.bytes / samples if samples else 0.0,
                 "delay": self.delay, "drop": self.drop, "bandwidth": self.bandwidth,
-                "bandwidth_s": self.bandwidth_s, **self.fidelity_stats()}
+                "bandwidth_s": self.bandwidth_s, **fidelity(self.fidelity_sums())}
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of this link: its random stream (codec noise, drops),
@@ -169,7 +161,7 @@ class Channel:
         deliver.  A queued message is kept as the wire has it (`wire.pack`)."""
         return {"rng": self.rng.get_state(), "codec": self.codec.state_dict(),
                 "counts": [self.sent, self.delivered, self.dropped, self.missing, self.bytes],
-                "fidelity": None if self.fidelity is None else self.fidelity.tolist(),
+                "fidelity": None if self._fid is None else self._fid.tolist(),
                 "fifo": [_slot_state(enc) for enc in self.fifo]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -179,12 +171,28 @@ class Channel:
         self.codec.load_state_dict(state["codec"])
         self.sent, self.delivered, self.dropped, self.missing, self.bytes = state["counts"]
         f = state.get("fidelity")  # (a checkpoint from before fidelity was measured: none)
-        self.fidelity = None if f is None else torch.tensor(f, dtype=torch.float64)
+        self._fid = torch.tensor(f, dtype=torch.float64) if f and len(f) == 4 else None
 
     def reset(self) -> None:
         """Forget queued messages and codec state (counters and bytes are kept)."""
         self.fifo.clear()
         self.codec.reset()
+
+
+def fidelity(sums) -> dict:
+    """A link's (or a kind's) fidelity from its `Channel.fidelity_sums`: {"measured",
+    "cos", "norm_ratio", and the sums, "dot", "sent_sq", "arrived_sq", which add up over
+    links and runs}; cos and norm_ratio None where nothing was measured."""
+    n, dot, sent, arrived = (float(v) for v in sums)
+    cos = ratio = None
+    if sent > 0:
+        ratio = math.sqrt(arrived / sent)
+        cos = dot / math.sqrt(sent * arrived) if arrived > 0 else 0.0
+    return {"measured": int(n), "cos": cos, "norm_ratio": ratio, "dot": dot,
+            "sent_sq": sent, "arrived_sq": arrived}
+
+
+SUMS = ("measured", "dot", "sent_sq", "arrived_sq")  # what `fidelity` adds up from
 
 
 def _slot_state(enc):
@@ -370,10 +378,10 @@ def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bo
         out[f"{kind}_bytes"] = total
         out[f"{kind}_bytes_per_sample"] = total / samples if samples else 0.0
         out[f"{kind}_bandwidth_s"] = sum(c["bandwidth_s"] for c in chans)
-        measured = [c for c in chans if c.get("cos") is not None]
-        n = out[f"{kind}_measured"] = sum(c["measured"] for c in measured)
-        for k in ("cos", "norm_ratio"):  # over every message measured on this kind's links
-            out[f"{kind}_{k}"] = sum(c["measured"] * c[k] for c in measured) / n if n else None
+        # over every message of this kind's links, as one
+        f = fidelity([sum(c.get(k, 0.0) for c in chans) for k in SUMS])
+        out[f"{kind}_cos"], out[f"{kind}_norm_ratio"] = f["cos"], f["norm_ratio"]
+        out[f"{kind}_fidelity"] = {k: f[k] for k in SUMS}
     out["error_bits_per_sample"] = 8 * out["error_bytes_per_sample"]
     out["activation_bits_per_sample"] = 8 * out["activation_bytes_per_sample"]
     out["ledger"] = ledger.as_summary()
@@ -382,36 +390,30 @@ def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bo
 
 class FidelityWindow:
     """Each kind's fidelity over the messages sent since the last look, from two run
-    summaries' (`summarize`) running means: what an epoch's record says, where the
-    summary's figure is the whole run's.
+    summaries' (`summarize`) sums: what an epoch's record says, where the summary's
+    figure is the whole run's.
 
         w = FidelityWindow(ex.channel_summary())     # where training starts (or resumes)
         w.since(ex.channel_summary())  # {"error_cos": ..., "error_norm_ratio": ..., ...}
     """
 
-    KEYS = ("cos", "norm_ratio")
-
     def __init__(self, summary: dict):
         self._last = self._sums(summary)
 
-    @classmethod
-    def _sums(cls, summary: dict) -> dict:
-        out = {}
-        for kind in (ACTIVATION, ERROR):
-            n = summary.get(f"{kind}_measured") or 0
-            out[kind] = [n] + [n * (summary.get(f"{kind}_{k}") or 0.0) for k in cls.KEYS]
-        return out
+    @staticmethod
+    def _sums(summary: dict) -> dict:
+        return {kind: [(summary.get(f"{kind}_fidelity") or {}).get(k, 0.0) for k in SUMS]
+                for kind in (ACTIVATION, ERROR)}
 
     def since(self, summary: dict) -> dict:
-        """The means over the messages measured since the last call, per kind that sent
-        any (a recovery that took the counts back to a checkpoint leaves the window short
-        of the messages sent twice; none measured: the kind is left out)."""
+        """cos and norm_ratio over the messages measured since the last call, per kind
+        that sent any (a recovery that took the counts back to a checkpoint leaves the
+        window short of the messages sent twice; none measured: the kind is left out)."""
         now, out = self._sums(summary), {}
-        for kind, (n, *sums) in now.items():
-            n0, *sums0 = self._last[kind]
-            if n > n0:
-                out.update({f"{kind}_{k}": (a - b) / (n - n0)
-                            for k, a, b in zip(self.KEYS, sums, sums0)})
+        for kind, sums in now.items():
+            f = fidelity([a - b for a, b in zip(sums, self._last[kind])])
+            if f["measured"] > 0 and f["cos"] is not None:
+                out[f"{kind}_cos"], out[f"{kind}_norm_ratio"] = f["cos"], f["norm_ratio"]
         self._last = now
         return out
 
