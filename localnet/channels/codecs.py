@@ -53,7 +53,7 @@ class Codec:
     # the codec draws from a seed that sender and receiver share (the link's), not from
     # the channel's random stream
     seeded: bool = False
-    # decode(encode(x)) == x for every x: a link's fidelity is 1 without measuring it
+    # decode(encode(x)) == x for every x: a link measures its fidelity without decoding
     lossless: bool = False
 
     def __init_subclass__(cls, **kwargs):
