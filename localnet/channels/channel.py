@@ -92,7 +92,7 @@ class Channel:
         """The sender's half: encode x, count its bytes (a lost message was still sent),
         enforce the bandwidth cap, and draw whether the message is lost."""
         enc = self.codec.encode(x, self.rng)
-        self._measure(x, x if self.codec.lossless else self.codec.what_arrives(enc))
+        self._measure(x, None if self.codec.lossless else self.codec.what_arrives(enc))
         n = enc.nbytes
         self.sent += 1
         self.bytes += n
@@ -104,10 +104,17 @@ class Channel:
             self.dropped += 1
         return enc, lost
 
-    def _measure(self, x: torch.Tensor, d: torch.Tensor) -> None:
-        x, d = x.detach().float().reshape(-1), d.detach().float().reshape(-1)
+    def _measure(self, x: torch.Tensor, d: torch.Tensor | None) -> None:
+        """Add one message to the sums; d None: it arrives as sent (a lossless codec),
+        so one product gives all three."""
+        x = x.detach().float().reshape(-1)
         sent = x @ x
-        one = torch.stack([(sent > 0).to(sent.dtype), d @ x, sent, d @ d]).double()
+        if d is None:
+            dot = arrived = sent
+        else:
+            d = d.detach().float().reshape(-1)
+            dot, arrived = d @ x, d @ d
+        one = torch.stack([(sent > 0).to(sent.dtype), dot, sent, arrived]).double()
         self._fid = one if self._fid is None else one + self._fid.to(one.device)
 
     def fidelity_sums(self) -> list[float]:
