@@ -116,6 +116,13 @@ METRICS: list[tuple[str, MetricSpec]] = [
     (EDGE, MetricSpec("localnet_message_parameter_bytes_total", "counter", (),
                       "payload bytes that alias a parameter of the sender (0: no weight "
                       "transport)")),
+    (EDGE, MetricSpec("localnet_link_cos", "gauge", ("kind", "link"),
+                      "with channels: the cosine between the messages a link's sender made "
+                      "and what its receiver decoded, the last epoch's taken as one; link: "
+                      "the units it joins (\"layer1.2->layer2.0\")")),
+    (EDGE, MetricSpec("localnet_link_norm_ratio", "gauge", ("kind", "link"),
+                      "with channels: |decoded| / |sent| over a link's last epoch's messages "
+                      "taken as one")),
     (LAYER, MetricSpec("localnet_alignment_angle_degrees", "gauge", ("layer",),
                        "angle between W and the feedback matrix the rule sends errors through "
                        "(B; B_p R for PFA; W for BP)")),
@@ -267,7 +274,7 @@ class Metrics:
                      "learning_rate", "weight_decay", "samples_per_second", "bubble_fraction",
                      "alignment_angle_degrees", "feedback_norm_ratio",
                      "bp_update_angle_degrees", "actor_gpu_memory_bytes", "channel_cos",
-                     "channel_norm_ratio"):
+                     "channel_norm_ratio", "link_cos", "link_norm_ratio"):
             setattr(self, name, make(f"localnet_{name}"))
         self.train_samples = make("localnet_train_samples_total")
         self.recoveries = make("localnet_recoveries_total")
@@ -557,6 +564,9 @@ class RunObserver:
             for k in ("cos", "norm_ratio"):
                 if line.get(f"{kind}_{k}") is not None:
                     getattr(mt, f"channel_{k}").labels(kind).set(line[f"{kind}_{k}"])
+            for link, f in (line.get("fidelity") or {}).get(kind, {}).items():
+                for k in ("cos", "norm_ratio"):
+                    getattr(mt, f"link_{k}").labels(kind, link).set(f[k])
         if cur is not None:
             mt.ledger.update(cur)  # this process's counts: counters restart with it
 

@@ -9,6 +9,8 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
                        beyond LEGEND_LAYERS by a colour bar of depth)
   bp_update_angle.png  per-layer angle between the rule's update and BP's gradient (only
                        for runs with metrics.bp_angle)
+  fidelity.png         what arrives of each link's messages, cos(sent, decoded), per link
+                       and epoch (only for runs with channels; one panel per run)
   messages.png         message bytes per edge, a bar per kind (only for runs with a
                        messages.json: the Ray executor)
   timeline.png         each actor's forwards, backwards and updates over a few steps, as
@@ -65,6 +67,16 @@ class Run:
             for layer, v in points[step].items():
                 deg = v["angle"] if isinstance(v, dict) else v
                 out.setdefault(layer, []).append((step, deg))
+        return out
+
+    def fidelity_series(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """kind -> link -> [(step, cosine)]: what arrived of each link's messages, epoch
+        by epoch (the epoch lines' "fidelity"), the links in the run's order."""
+        out: dict[str, dict] = {}
+        for rec in self.epochs:
+            for kind, links in (rec.get("fidelity") or {}).items():
+                for edge, f in links.items():
+                    out.setdefault(kind, {}).setdefault(edge, []).append((rec["step"], f["cos"]))
         return out
 
     def final_alignment(self) -> dict[str, float]:
@@ -352,13 +364,48 @@ def layer_angles_figure(runs: list[Run], key: str, ylabel: str):
     return fig
 
 
+def plot_fidelity(runs: list[Run], path: Path) -> Path | None:
+    fig = fidelity_figure(runs)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def fidelity_figure(runs: list[Run]):
+    """What arrives of each link's messages (cosine between what the sender made and what
+    the receiver decoded) against steps, a panel per run that measured it: a line per
+    link, coloured by depth, errors solid and activations dashed (None: no run did)."""
+    series = [(run, run.fidelity_series()) for run in runs]
+    series = [(run, s) for run, s in series if s]
+    if not series:
+        return None
+    fig, axes = _panels(len(series))
+    for ax, (run, s) in zip(axes, series):
+        low = 0.0
+        for kind, style in (("error", "-"), ("activation", "--")):
+            links = s.get(kind, {})
+            for (edge, pts), c in zip(links.items(), _colors(len(links), "viridis")):
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=c, lw=1.2,
+                        label=edge if kind == "error" or "error" not in s else None,
+                        marker="." if len(pts) < 3 else None)  # a lone point shows too
+                low = min(low, *(p[1] for p in pts))
+        kinds = " solid, ".join(k for k in ("error", "activation") if k in s)
+        ax.set(title=f"{run.label} ({run.rule})", xlabel="optimizer step",
+               ylabel=f"cos(sent, arrived): {kinds}{' dashed' if len(s) > 1 else ''}")
+        ax.set_ylim(low, 1.02)  # 1: the link delivers its messages' directions whole
+        ax.grid(alpha=0.3)
+        main = s.get("error") or s.get("activation")
+        _layer_key(fig, ax, list(main), title="link (input -> output)")
+    return fig
+
+
 LEGEND_LAYERS = 12  # beyond: a colour bar; ResNet-56's 57 layers' legend outgrew the panel
 
 
-def _layer_key(fig, ax, layers: list[str]) -> None:
+def _layer_key(fig, ax, layers: list[str], title: str = "layer (input -> output)") -> None:
     """Which colour is which layer: a legend for a few layers, else a colour bar of depth
     (viridis, input to output) that names a few of them."""
-    title = "layer (input -> output)"
     if len(layers) <= LEGEND_LAYERS:
         ax.legend(fontsize="xx-small", title=title, title_fontsize="xx-small")
         return
@@ -663,6 +710,9 @@ def report(paths, out: str | Path | None = None) -> dict:
             ("bp_update_angle.png",
              angles("bp_update_angle", "angle(update, BP gradient) (deg)"),
              "no run measured it (metrics.bp_angle: true)"),
+            ("fidelity.png", panel_each(lambda run: run.fidelity_series(), plot_fidelity),
+             "no run recorded what its links deliver (channel.enabled: each epoch's "
+             "line has it per link)"),
             ("messages.png", lambda path: plot_messages(runs, path),
              "no messages.json: the Ray executor writes it at each epoch's end "
              "(runtime.executor: ray; a run that stopped in its first epoch has none)"),

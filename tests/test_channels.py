@@ -260,9 +260,21 @@ def test_summary_fidelity_pools_every_message_of_a_kind():
     # a window over the messages since: 4 more on the second link, dot 2, |x|^2 4, |d|^2 1
     w = FidelityWindow(s)
     rows[1] = row("c->b", 7, 3.0, 16.0, 4.0)
-    assert w.since(summarize([], rows, 8, dfa=False)) == pytest.approx(
+    got = w.since(summarize([], rows, 8, dfa=False))
+    assert {k: got[k] for k in ("error_cos", "error_norm_ratio")} == pytest.approx(
         {"error_cos": 1.0, "error_norm_ratio": 0.5})
-    assert w.since(summarize([], rows, 8, dfa=False)) == {}  # nothing sent since
+    # and per link: only the one that sent since, with its own messages' figures
+    assert got["fidelity"] == {"error": {"c->b": pytest.approx({"cos": 1.0, "norm_ratio": 0.5})}}
+    # two links sending: each its own window, and the kind's pools both
+    rows[0] = row("b->a", 2, 2.0, 8.0, 2.0)  # one more: dot 0, |x|^2 4, |d|^2 1
+    rows[1] = row("c->b", 9, 5.0, 20.0, 6.0)  # two more: dot 2, |x|^2 4, |d|^2 2
+    got = w.since(summarize([], rows, 11, dfa=False))
+    assert list(got["fidelity"]["error"]) == ["b->a", "c->b"]  # the summary's order
+    assert got["fidelity"]["error"]["b->a"] == pytest.approx({"cos": 0.0, "norm_ratio": 0.5})
+    assert got["fidelity"]["error"]["c->b"] == pytest.approx(
+        {"cos": 2.0 / math.sqrt(8.0), "norm_ratio": math.sqrt(0.5)})
+    assert got["error_cos"] == pytest.approx(2.0 / math.sqrt(8.0 * 3.0))
+    assert w.since(summarize([], rows, 11, dfa=False)) == {}  # nothing sent since
 
 
 def test_sign_bits_and_scale():

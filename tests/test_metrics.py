@@ -306,7 +306,8 @@ def test_inprocess_run_exports_run_actor_and_layer_series(tmp_path):
     assert {a["part"] for a in labelsets(s, "localnet_actor_cpu_seconds_total")} == {"compute"}
     assert value(s, "localnet_actor_forward_seconds_bucket", le="+Inf", **actor) == steps * 2
     assert not list(sd.glob("*.json")), "the file-SD target outlives the endpoint"
-    assert labelsets(s, "localnet_channel_cos") == []  # no channels: no such series
+    for name in ("localnet_channel_cos", "localnet_link_cos"):
+        assert labelsets(s, name) == []  # no channels: no such series
 
 
 def test_each_epoch_says_what_arrived_of_its_own_messages_and_the_endpoint_the_last(tmp_path):
@@ -330,6 +331,13 @@ def test_each_epoch_says_what_arrived_of_its_own_messages_and_the_endpoint_the_l
         assert value(s, "localnet_channel_cos", kind=kind) == pytest.approx(per_epoch[-1])
         assert value(s, "localnet_channel_norm_ratio", kind=kind) == pytest.approx(
             lines[-1][f"{kind}_norm_ratio"])
+        # per link: the mlp's one boundary is one link of each kind, whose messages are
+        # all of the kind's, and the endpoint names it
+        (link, f), = lines[-1]["fidelity"][kind].items()
+        assert f == pytest.approx({"cos": per_epoch[-1], "norm_ratio": ratios[-1]})
+        assert value(s, "localnet_link_cos", kind=kind, link=link) == pytest.approx(f["cos"])
+        assert value(s, "localnet_link_norm_ratio", kind=kind, link=link) == pytest.approx(
+            f["norm_ratio"])
     # one-scale sign: |x|_1 / (sqrt(n) |x|_2) of each message, in (0, 1]
     assert 0 < lines[-1]["error_cos"] < 1 and lines[-1]["activation_cos"] > 0.99
 

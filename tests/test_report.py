@@ -366,6 +366,38 @@ def test_the_table_gives_the_error_cos_only_where_channels_ran(tmp_path, capsys)
     assert "cos" in out and f"{s['channels']['error_cos']:.3f}" in out
 
 
+def test_fidelity_plot_draws_what_arrived_on_each_link_each_epoch(tmp_path):
+    """A line per link through each epoch's own figure, in the model's order: mlp 16-16,
+    two boundaries, sign errors (cos below 1, each epoch its own) and lossless fp32
+    activations (cos 1), dashed.  A run without channels has no such plot."""
+    from localnet.report import fidelity_figure
+
+    base = ["data.name=synthetic", "model.name=mlp", "model.widths=[16,16]",
+            "train.batch_size=32", "train.epochs=2", "train.lr=0.002", "rule.name=fa",
+            "metrics.alignment_every=0"]
+    train(load_config(None, [*base, "channel.error.codec=sign"]), tmp_path / "sign",
+          progress=False)
+    train(load_config(None, base), tmp_path / "plain", progress=False)
+    res = report([tmp_path / "sign", tmp_path / "plain"], tmp_path / "out")
+    assert "fidelity.png" in [Path(f).name for f in res["files"]]
+    lines = [json.loads(x) for x in (tmp_path / "sign/metrics.jsonl").read_text().splitlines()]
+    assert list(lines[0]["fidelity"]["error"]) == ["fc2->fc1", "head->fc2"]
+    fig = fidelity_figure([load_run(tmp_path / "sign"), load_run(tmp_path / "plain")])
+    (ax,) = [a for a in fig.axes if a.get_visible() and a.get_lines()]  # one panel
+    drawn = [(ln.get_linestyle(), list(ln.get_xdata()), list(ln.get_ydata()))
+             for ln in ax.get_lines()]
+    steps = [line["step"] for line in lines]
+    solid = [y for style, x, y in drawn if style == "-" and x == steps]
+    assert solid == [[line["fidelity"]["error"][link]["cos"] for line in lines]
+                     for link in ("fc2->fc1", "head->fc2")]
+    assert all(0 < min(y) and max(y) < 1 and y[0] != y[1] for y in solid)
+    dashed = [y for style, x, y in drawn if style == "--" and x == steps]
+    assert len(dashed) == 2 and all(y == pytest.approx([1.0, 1.0]) for y in dashed)
+    assert len(drawn) == 4
+    res = report([tmp_path / "plain"], tmp_path / "out2")
+    assert "channel.enabled" in res["skipped"]["fidelity.png"]
+
+
 def test_curves_of_a_sweeps_many_runs_are_coloured_by_rule():
     """Beyond 20 runs no colour tells a run apart, and a line each filled the legend (198
     runs: a figure 3,500 pixels wide, the panels a strip): a colour per rule instead."""

@@ -900,6 +900,9 @@ def test_ray_per_layer_channels_are_a_codec_on_every_edge(actors, schedule):
     assert worst < 1e-5, worst
     s = ex.channel_summary()
     assert len(s["error"]) == len(ex.placement.edges()) and s["error_bytes"] > 0
+    # the links in the actors' order, input to output, as a plot by depth draws them
+    assert next(iter(s["activation"])).startswith("stem->")
+    assert list(s["error"])[-1].startswith("head->")
     assert ex.ledger_summary()["parameter_bytes"] == 0
 
 

@@ -396,12 +396,13 @@ def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bo
 
 
 class FidelityWindow:
-    """Each kind's fidelity over the messages sent since the last look, from two run
-    summaries' (`summarize`) sums: what an epoch's record says, where the summary's
-    figure is the whole run's.
+    """Each kind's and each link's fidelity over the messages sent since the last look,
+    from two run summaries' (`summarize`) sums: what an epoch's record says, where the
+    summary's figure is the whole run's.
 
         w = FidelityWindow(ex.channel_summary())     # where training starts (or resumes)
-        w.since(ex.channel_summary())  # {"error_cos": ..., "error_norm_ratio": ..., ...}
+        w.since(ex.channel_summary())  # {"error_cos": ..., "error_norm_ratio": ...,
+                                       #  "fidelity": {"error": {"b->a": {"cos": ..., ...
     """
 
     def __init__(self, summary: dict):
@@ -409,19 +410,33 @@ class FidelityWindow:
 
     @staticmethod
     def _sums(summary: dict) -> dict:
-        return {kind: [(summary.get(f"{kind}_fidelity") or {}).get(k, 0.0) for k in SUMS]
-                for kind in (ACTIVATION, ERROR)}
+        """{(kind, None): the kind's sums, (kind, edge): each link's}."""
+        out = {}
+        for kind in (ACTIVATION, ERROR):
+            out[(kind, None)] = [(summary.get(f"{kind}_fidelity") or {}).get(k, 0.0)
+                                 for k in SUMS]
+            for edge, st in (summary.get(kind) or {}).items():
+                out[(kind, edge)] = [st.get(k, 0.0) for k in SUMS]
+        return out
 
     def since(self, summary: dict) -> dict:
         """cos and norm_ratio over the messages measured since the last call, per kind
-        that sent any (a recovery that took the counts back to a checkpoint leaves the
-        window short of the messages sent twice; none measured: the kind is left out)."""
-        now, out = self._sums(summary), {}
-        for kind, sums in now.items():
-            f = fidelity([a - b for a, b in zip(sums, self._last[kind])])
-            if f["measured"] > 0 and f["cos"] is not None:
+        that sent any, and under "fidelity" per link that did ({kind: {edge: {"cos",
+        "norm_ratio"}}}, in the summary's order of links: input to output).  A recovery
+        that took the counts back to a checkpoint leaves the window short of the
+        messages sent twice; a kind or link with none measured is left out."""
+        now, out, links = self._sums(summary), {}, {}
+        for (kind, edge), sums in now.items():
+            f = fidelity([a - b for a, b in zip(sums, self._last.get((kind, edge), (0.0,) * 4))])
+            if f["measured"] <= 0 or f["cos"] is None:
+                continue
+            if edge is None:
                 out[f"{kind}_cos"], out[f"{kind}_norm_ratio"] = f["cos"], f["norm_ratio"]
+            else:
+                links.setdefault(kind, {})[edge] = {"cos": f["cos"], "norm_ratio": f["norm_ratio"]}
         self._last = now
+        if links:
+            out["fidelity"] = links
         return out
 
 

@@ -390,7 +390,9 @@ class StateMixin:
         parts = self._get([w.channel_stats.remote() for w in self.workers], "channel stats")
         recv = {(d["kind"], d["edge"]): d for p in parts for d in p["recv"]}
         kinds: dict[str, list] = {"activation": [], "error": []}
-        sends = sorted((d for p in parts for d in p["send"]), key=lambda d: d["edge"])
+        # in the actors' order: each kind's links input to output, as in-process (a
+        # plot of fidelity by link colours them by depth)
+        sends = [d for p in parts for d in p["send"]]
         n = self._ch_samples
         for d in sends:
             r = recv.get((d["kind"], d["edge"]), {})
