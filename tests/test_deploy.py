@@ -195,7 +195,8 @@ def test_dashboard_panels_and_queries():
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"].lower() for p in panels)
     for topic in ("loss", "accuracy", "angle between w and the feedback", "throughput per actor",
-                  "wait per step per actor", "message bytes/s per edge", "alerts"):
+                  "wait per step per actor", "message bytes/s per edge",
+                  "cos(sent, decoded) per link", "alerts"):
         assert topic in titles, topic
     # the alerts' panel reads the series Prometheus keeps for deploy/'s rules
     (alerts,) = [p for p in panels if "alerts" in p["title"].lower()]
@@ -211,7 +212,8 @@ def test_dashboard_panels_and_queries():
                 used.add(name)
     assert {"localnet_alignment_angle_degrees", "localnet_message_bytes_total",
             "localnet_actor_samples_total", "localnet_actor_wait_seconds_sum",
-            "localnet_loss", "localnet_accuracy"} <= used
+            "localnet_loss", "localnet_accuracy", "localnet_link_cos",
+            "localnet_link_norm_ratio"} <= used
     var = {v["name"]: v for v in d["templating"]["list"]}
     assert var["datasource"]["query"] == "prometheus" and "localnet_step" in var["instance"]["definition"]
 
