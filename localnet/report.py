@@ -7,6 +7,8 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
   alignment.png        per-layer angle between W and the feedback, over steps (one panel
                        per run, for the first MAX_PANELS runs; the layers by a legend, or
                        beyond LEGEND_LAYERS by a colour bar of depth)
+  norm_ratio.png       per-layer |feedback| / |W| over steps, as alignment.png (fixed
+                       feedback, FA's: a falling ratio is W growing)
   bp_update_angle.png  per-layer angle between the rule's update and BP's gradient (only
                        for runs with metrics.bp_angle)
   fidelity.png         what arrives of each link's messages, cos(sent, decoded), per link
@@ -56,8 +58,11 @@ class Run:
     def rule(self) -> str:
         return self.summary.get("rule") or (self.config.get("rule") or {}).get("name", "?")
 
-    def alignment_series(self, key: str = "alignment") -> dict[str, list[tuple[int, float]]]:
-        """layer -> [(step, degrees)], from steps.jsonl and the epoch lines, by step."""
+    def alignment_series(self, key: str = "alignment",
+                         field: str = "angle") -> dict[str, list[tuple[int, float]]]:
+        """layer -> [(step, value)], from steps.jsonl and the epoch lines, by step: the
+        angle in degrees, or with field="norm_ratio" |feedback| / |W| (records whose
+        values are plain numbers, bp_update_angle's, are the value itself)."""
         points: dict[int, dict] = {}
         for rec in self.steps + (self.epochs if key == "alignment" else []):
             if rec.get(key):
@@ -65,8 +70,9 @@ class Run:
         out: dict[str, list] = {}
         for step in sorted(points):
             for layer, v in points[step].items():
-                deg = v["angle"] if isinstance(v, dict) else v
-                out.setdefault(layer, []).append((step, deg))
+                v = v.get(field) if isinstance(v, dict) else v
+                if v is not None:
+                    out.setdefault(layer, []).append((step, v))
         return out
 
     def fidelity_series(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -337,17 +343,19 @@ def _panels(n: int, row_h: float = 3.9):
     return fig, axes
 
 
-def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str) -> Path | None:
-    fig = layer_angles_figure(runs, key, ylabel)
+def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str,
+                      field: str = "angle") -> Path | None:
+    fig = layer_angles_figure(runs, key, ylabel, field)
     if fig is None:
         return None
     fig.savefig(path, dpi=110)
     return path
 
 
-def layer_angles_figure(runs: list[Run], key: str, ylabel: str):
-    """An angle per layer against steps, a panel per run that has them (None: none)."""
-    series = [(run, run.alignment_series(key)) for run in runs]
+def layer_angles_figure(runs: list[Run], key: str, ylabel: str, field: str = "angle"):
+    """An angle (or with field="norm_ratio", |feedback| / |W|) per layer against steps, a
+    panel per run that has them (None: none)."""
+    series = [(run, run.alignment_series(key, field)) for run in runs]
     series = [(run, s) for run, s in series if s]
     if not series:
         return None
@@ -358,8 +366,10 @@ def layer_angles_figure(runs: list[Run], key: str, ylabel: str):
                     marker="." if len(pts) < 3 else None)  # a lone point shows too
         ax.set(title=f"{run.label} ({run.rule})", xlabel="optimizer step", ylabel=ylabel)
         top = max(p[1] for pts in s.values() for p in pts)
-        ax.set_ylim(0, max(95.0, 1.05 * top))  # room above 90 degrees: where untrained
-        ax.grid(alpha=0.3)                      # feedback starts, on the frame otherwise
+        # angles: room above 90 degrees, where untrained feedback starts (on the frame
+        # otherwise); ratios from 0, where a weight that outgrows its feedback heads
+        ax.set_ylim(0, max(95.0, 1.05 * top) if field == "angle" else 1.05 * top)
+        ax.grid(alpha=0.3)
         _layer_key(fig, ax, list(s))
     return fig
 
@@ -699,14 +709,17 @@ def report(paths, out: str | Path | None = None) -> dict:
             return plot(having[:MAX_PANELS], path)
         return draw
 
-    def angles(key: str, ylabel: str):
-        return panel_each(lambda run: run.alignment_series(key),
-                          lambda having, path: plot_layer_angles(having, path, key, ylabel))
+    def angles(key: str, ylabel: str, field: str = "angle"):
+        return panel_each(lambda run: run.alignment_series(key, field),
+                          lambda having, path: plot_layer_angles(having, path, key, ylabel,
+                                                                 field))
 
+    unaligned = ("no alignment recorded (metrics.alignment_every, or a rule without "
+                 "feedback weights)")
     for name, draw, why in (
-            ("alignment.png", angles("alignment", "angle(W, feedback) (deg)"),
-             "no alignment recorded (metrics.alignment_every, or a rule without feedback "
-             "weights)"),
+            ("alignment.png", angles("alignment", "angle(W, feedback) (deg)"), unaligned),
+            ("norm_ratio.png", angles("alignment", "|feedback| / |W|", "norm_ratio"),
+             unaligned),
             ("bp_update_angle.png",
              angles("bp_update_angle", "angle(update, BP gradient) (deg)"),
              "no run measured it (metrics.bp_angle: true)"),

@@ -83,7 +83,8 @@ def runs(tmp_path_factory):
 def test_report_writes_plots_and_rows(runs, tmp_path):
     res = report([runs / "fa", runs / "pfa", runs / "live"], tmp_path / "out")
     names = sorted(Path(f).name for f in res["files"])
-    assert names == ["alignment.png", "bp_update_angle.png", "curves.png", "messages.png"]
+    assert names == ["alignment.png", "bp_update_angle.png", "curves.png", "messages.png",
+                     "norm_ratio.png"]
     for f in res["files"]:
         data = Path(f).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
@@ -103,6 +104,27 @@ def test_report_writes_plots_and_rows(runs, tmp_path):
     # a run with no summary says how far its logs reach (the half-written line is not a step)
     assert (fa["state"], pfa["state"], live["state"]) == ("done", "done", "at step 1")
     assert load_run(runs / "live").alignment_series()["head"] == [(1, 40.0)]
+
+
+def test_norm_ratio_plot_draws_each_layers_feedback_over_weight_norm(runs):
+    """norm_ratio.png: the records' |feedback| / |W| per layer, on an axis from 0 (FA's
+    B is fixed, so a falling line is W growing); a record without the field is skipped."""
+    from localnet.report import Run, layer_angles_figure
+
+    fa = load_run(runs / "fa")
+    want = {layer: [(r["step"], r["alignment"][layer]["norm_ratio"]) for r in fa.steps]
+            for layer in fa.steps[0]["alignment"]}
+    got = fa.alignment_series("alignment", "norm_ratio")  # the epoch lines' among them
+    logged = {r["step"] for r in fa.steps}
+    assert {k: [p for p in v if p[0] in logged] for k, v in got.items()} == want
+    fig = layer_angles_figure([fa], "alignment", "|feedback| / |W|", "norm_ratio")
+    ax = fig.axes[0]
+    assert [list(ln.get_ydata()) for ln in ax.get_lines()] == [[v for _, v in pts]
+                                                               for pts in got.values()]
+    top = max(v for pts in got.values() for _, v in pts)
+    assert ax.get_ylim() == pytest.approx((0.0, 1.05 * top))  # not the angles' 95 degrees
+    old = Run(Path("o"), "o", steps=[{"step": 1, "alignment": {"head": {"angle": 40.0}}}])
+    assert old.alignment_series("alignment", "norm_ratio") == {}
 
 
 def test_a_run_without_a_summary_is_running_killed_or_elsewhere(runs, tmp_path):
@@ -158,7 +180,7 @@ def test_cli_prints_the_table_and_skips_what_it_cannot_plot(runs, tmp_path, caps
     assert [r["rule"] for r in doc["rows"]] == ["fa"]
     assert "runtime.executor: ray" in doc["skipped"]["messages.png"]  # an in-process run
     assert {Path(f).name for f in doc["files"]} == {"curves.png", "alignment.png",
-                                                    "bp_update_angle.png"}
+                                                    "norm_ratio.png", "bp_update_angle.png"}
     assert doc["rows"][0]["resumed_with"] is None
     # a run resumed under other settings says so below the table: its config.yaml holds
     # only the last ones
