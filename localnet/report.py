@@ -343,6 +343,14 @@ def _panels(n: int, row_h: float = 3.9):
     return fig, axes
 
 
+def _panel_title(ax, text: str) -> None:
+    """A panel's title, wrapped to its panel: a sweep's point names
+    (rule.name-fa__channel.edges-_2_error_codec_sign_...) ran into the next panel."""
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(text, 56)), fontsize="medium")
+
+
 def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str,
                       field: str = "angle") -> Path | None:
     fig = layer_angles_figure(runs, key, ylabel, field)
@@ -364,7 +372,8 @@ def layer_angles_figure(runs: list[Run], key: str, ylabel: str, field: str = "an
         for (layer, pts), c in zip(s.items(), _colors(len(s), "viridis")):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.2, label=layer,
                     marker="." if len(pts) < 3 else None)  # a lone point shows too
-        ax.set(title=f"{run.label} ({run.rule})", xlabel="optimizer step", ylabel=ylabel)
+        _panel_title(ax, f"{run.label} ({run.rule})")
+        ax.set(xlabel="optimizer step", ylabel=ylabel)
         top = max(p[1] for pts in s.values() for p in pts)
         # angles: room above 90 degrees, where untrained feedback starts (on the frame
         # otherwise); ratios from 0, where a weight that outgrows its feedback heads
@@ -401,7 +410,8 @@ def fidelity_figure(runs: list[Run]):
                         marker="." if len(pts) < 3 else None)  # a lone point shows too
                 low = min(low, *(p[1] for p in pts))
         kinds = " solid, ".join(k for k in ("error", "activation") if k in s)
-        ax.set(title=f"{run.label} ({run.rule})", xlabel="optimizer step",
+        _panel_title(ax, f"{run.label} ({run.rule})")
+        ax.set(xlabel="optimizer step",
                ylabel=f"cos(sent, arrived): {kinds}{' dashed' if len(s) > 1 else ''}")
         ax.set_ylim(low, 1.02)  # 1: the link delivers its messages' directions whole
         ax.grid(alpha=0.3)
@@ -479,7 +489,8 @@ def messages_figure(runs: list[Run]):
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
-        ax.set(title=f"{run.label} ({run.rule}): bytes per edge", xlabel="bytes sent (log)")
+        _panel_title(ax, f"{run.label} ({run.rule}): bytes per edge")
+        ax.set(xlabel="bytes sent (log)")
         ax.tick_params(axis="y", labelsize="x-small")
         ax.grid(axis="x", alpha=0.3)
     # one legend, below the panels: the longest bars reach the right edge, where a legend

@@ -311,6 +311,27 @@ def test_the_layers_of_a_deep_run_are_told_apart_by_a_colour_bar():
     assert layer_angles_figure([Run(Path("x"), "x")], "alignment", "deg") is None
 
 
+def test_a_sweep_points_long_name_stays_over_its_own_panel():
+    """A sweep's point is named by its settings; as one line its title ran across the
+    next panel.  Wrapped, each title lies within its panel's width."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from localnet.report import Run, layer_angles_figure
+
+    name = ("rule.name-fa__channel.edges-_1_error_codec_sign_error_feedback_true_2_error_"
+            "codec_sign_two_scales_true_error_feedback_true___seed-0")
+    steps = [{"step": k, "alignment": {"head": {"angle": 60.0 + k}}} for k in (1, 5)]
+    runs = [Run(Path(f"{name}{i}"), f"{name}{i}", summary={"rule": "fa"}, steps=steps)
+            for i in range(3)]
+    fig = layer_angles_figure(runs, "alignment", "deg")
+    FigureCanvasAgg(fig).draw()
+    for i, ax in enumerate(fig.axes[:3]):
+        box, frame = ax.title.get_window_extent(), ax.get_window_extent()
+        assert frame.x0 - 1 <= box.x0 and box.x1 <= frame.x1 + 1, (box, frame)
+        # the whole name, only broken into lines
+        assert ax.get_title().replace("\n", "").replace(" ", "") == f"{name}{i}(fa)"
+
+
 def test_actions_fill_is_the_share_of_the_cores_the_actions_kept_busy():
     from localnet.report import actions_fill
     tl = {"spans": [[0, "F", 1, 0, 0.0, 1.0], [1, "F", 1, 0, 1.0, 2.0],
