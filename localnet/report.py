@@ -343,6 +343,14 @@ def _panels(n: int, row_h: float = 3.9):
     return fig, axes
 
 
+def _saved(fig, path: Path) -> Path | None:
+    """The figure written to path (None, and nothing written, where there was none)."""
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _panel_title(ax, text: str) -> None:
     """A panel's title, wrapped to its panel: a sweep's point names
     (rule.name-fa__channel.edges-_2_error_codec_sign_...) ran into the next panel."""
@@ -353,11 +361,7 @@ def _panel_title(ax, text: str) -> None:
 
 def plot_layer_angles(runs: list[Run], path: Path, key: str, ylabel: str,
                       field: str = "angle") -> Path | None:
-    fig = layer_angles_figure(runs, key, ylabel, field)
-    if fig is None:
-        return None
-    fig.savefig(path, dpi=110)
-    return path
+    return _saved(layer_angles_figure(runs, key, ylabel, field), path)
 
 
 def layer_angles_figure(runs: list[Run], key: str, ylabel: str, field: str = "angle"):
@@ -384,11 +388,7 @@ def layer_angles_figure(runs: list[Run], key: str, ylabel: str, field: str = "an
 
 
 def plot_fidelity(runs: list[Run], path: Path) -> Path | None:
-    fig = fidelity_figure(runs)
-    if fig is None:
-        return None
-    fig.savefig(path, dpi=110)
-    return path
+    return _saved(fidelity_figure(runs), path)
 
 
 def fidelity_figure(runs: list[Run]):
@@ -446,11 +446,7 @@ def natural_key(name: str) -> list:
 
 
 def plot_messages(runs: list[Run], path: Path) -> Path | None:
-    fig = messages_figure(runs)
-    if fig is None:
-        return None
-    fig.savefig(path, dpi=110)
-    return path
+    return _saved(messages_figure(runs), path)
 
 
 def _actor_names(run: Run) -> dict[str, str]:
