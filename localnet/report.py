@@ -13,6 +13,9 @@ Writes into --out (default RUN_DIR/report for one run, ./report for several):
                        for runs with metrics.bp_angle)
   fidelity.png         what arrives of each link's messages, cos(sent, decoded), per link
                        and epoch (only for runs with channels; one panel per run)
+  fidelity_rest.png    what arrives besides each message's own direction, over its size
+                       (the same runs): read with fidelity.png, as one cosine can hide a
+                       small rest or a large one
   messages.png         message bytes per edge, a bar per kind (only for runs with a
                        messages.json: the Ray executor)
   timeline.png         each actor's forwards, backwards and updates over a few steps, as
@@ -75,14 +78,17 @@ class Run:
                     out.setdefault(layer, []).append((step, v))
         return out
 
-    def fidelity_series(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
-        """kind -> link -> [(step, cosine)]: what arrived of each link's messages, epoch
-        by epoch (the epoch lines' "fidelity"), the links in the run's order."""
+    def fidelity_series(self, field: str = "cos") -> dict[str, dict[str, list]]:
+        """kind -> link -> [(step, value)]: what arrived of each link's messages, epoch
+        by epoch (the epoch lines' "fidelity": "cos", or "rest"), the links in the run's
+        order; a record without the field (from before it was measured) is skipped."""
         out: dict[str, dict] = {}
         for rec in self.epochs:
             for kind, links in (rec.get("fidelity") or {}).items():
                 for edge, f in links.items():
-                    out.setdefault(kind, {}).setdefault(edge, []).append((rec["step"], f["cos"]))
+                    if f.get(field) is not None:
+                        out.setdefault(kind, {}).setdefault(edge, []).append(
+                            (rec["step"], f[field]))
         return out
 
     def final_alignment(self) -> dict[str, float]:
@@ -387,33 +393,41 @@ def layer_angles_figure(runs: list[Run], key: str, ylabel: str, field: str = "an
     return fig
 
 
-def plot_fidelity(runs: list[Run], path: Path) -> Path | None:
-    return _saved(fidelity_figure(runs), path)
+def plot_fidelity(runs: list[Run], path: Path, field: str = "cos") -> Path | None:
+    return _saved(fidelity_figure(runs, field), path)
 
 
-def fidelity_figure(runs: list[Run]):
-    """What arrives of each link's messages (cosine between what the sender made and what
-    the receiver decoded) against steps, a panel per run that measured it: a line per
-    link, coloured by depth, errors solid and activations dashed (None: no run did)."""
-    series = [(run, run.fidelity_series()) for run in runs]
+_FIDELITY_AXES = {  # field: what the axis says; 1 is always shown: for cos, the link
+    "cos": "cos(sent, arrived)",  # delivers its messages' directions whole; for rest
+    "rest": "rest of arrived / |sent|",  # (off the message's direction), the message's size
+}
+
+
+def fidelity_figure(runs: list[Run], field: str = "cos"):
+    """What arrives of each link's messages against steps, a panel per run that measured
+    it: the cosine between what the sender made and what the receiver decoded, or with
+    field="rest" the rest besides the message's own direction over the message's size
+    (channel.fidelity).  A line per link, coloured by depth, errors solid and
+    activations dashed (None: no run did)."""
+    series = [(run, run.fidelity_series(field)) for run in runs]
     series = [(run, s) for run, s in series if s]
     if not series:
         return None
     fig, axes = _panels(len(series))
     for ax, (run, s) in zip(axes, series):
-        low = 0.0
+        low, high = 0.0, 1.0
         for kind, style in (("error", "-"), ("activation", "--")):
             links = s.get(kind, {})
             for (edge, pts), c in zip(links.items(), _colors(len(links), "viridis")):
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=c, lw=1.2,
                         label=edge if kind == "error" or "error" not in s else None,
                         marker="." if len(pts) < 3 else None)  # a lone point shows too
-                low = min(low, *(p[1] for p in pts))
+                low, high = min(low, *(p[1] for p in pts)), max(high, *(p[1] for p in pts))
         kinds = " solid, ".join(k for k in ("error", "activation") if k in s)
         _panel_title(ax, f"{run.label} ({run.rule})")
         ax.set(xlabel="optimizer step",
-               ylabel=f"cos(sent, arrived): {kinds}{' dashed' if len(s) > 1 else ''}")
-        ax.set_ylim(low, 1.02)  # 1: the link delivers its messages' directions whole
+               ylabel=f"{_FIDELITY_AXES[field]}: {kinds}{' dashed' if len(s) > 1 else ''}")
+        ax.set_ylim(low, 1.02 * high)
         ax.grid(alpha=0.3)
         main = s.get("error") or s.get("activation")
         _layer_key(fig, ax, list(main), title="link (input -> output)")
@@ -733,6 +747,11 @@ def report(paths, out: str | Path | None = None) -> dict:
             ("fidelity.png", panel_each(lambda run: run.fidelity_series(), plot_fidelity),
              "no run recorded what its links deliver (channel.enabled: each epoch's "
              "line has it per link)"),
+            ("fidelity_rest.png",
+             panel_each(lambda run: run.fidelity_series("rest"),
+                        lambda having, path: plot_fidelity(having, path, "rest")),
+             "no run recorded the rest its links deliver (channel.enabled, from when "
+             "each epoch's line had it)"),
             ("messages.png", lambda path: plot_messages(runs, path),
              "no messages.json: the Ray executor writes it at each epoch's end "
              "(runtime.executor: ray; a run that stopped in its first epoch has none)"),

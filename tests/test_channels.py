@@ -184,7 +184,7 @@ def test_fidelity_is_what_each_codec_keeps_of_its_messages_direction_and_norm():
         return ch.stats(1)
 
     s = link("fp32")
-    assert (s["measured"], s["cos"], s["norm_ratio"]) == (5, 1.0, 1.0)
+    assert (s["measured"], s["cos"], s["norm_ratio"], s["rest"]) == (5, 1.0, 1.0, 0.0)
     s = link("sign")
     want = math.sqrt(sum(x.numel() * x.abs().mean() ** 2 for x in xs)
                      / sum(x.square().sum() for x in xs))
@@ -193,6 +193,9 @@ def test_fidelity_is_what_each_codec_keeps_of_its_messages_direction_and_norm():
     assert s["norm_ratio"] == pytest.approx(want, rel=1e-5)
     s = link("lowrank", q=16, seed=3)
     assert s["cos"] == pytest.approx(s["norm_ratio"], rel=1e-5)
+    # and what it leaves besides x's direction: |d|^2 - |d|^4/|x|^2, over |x|^2
+    r = s["norm_ratio"]
+    assert s["rest"] == pytest.approx(r * math.sqrt(1 - r * r), rel=1e-4)
     assert s["cos"] == pytest.approx(math.sqrt(16 / 64), rel=0.1)
     s = link("int8")
     assert 0.99 < s["cos"] <= 1 + 1e-6
@@ -223,6 +226,7 @@ def test_fidelity_with_error_feedback_compares_with_the_senders_own_message():
     ch = Channel(make_codec("topk", k=0.25, error_feedback=True), src="a", dst="b",
                  kind="error", seed=0)
     rest, dot, sent, arrived = torch.zeros(40), 0.0, 0.0, 0.0
+    X, D = [], []  # every message, and its decode, as one vector each
     for x in xs:
         got = ch.transmit(x)
         fed = x + rest
@@ -232,9 +236,16 @@ def test_fidelity_with_error_feedback_compares_with_the_senders_own_message():
         assert torch.equal(got, d)
         rest = fed - d
         dot, sent, arrived = dot + (d @ x).item(), sent + (x @ x).item(), arrived + (d @ d).item()
+        X.append(x)
+        D.append(d)
     s = ch.stats(1)
     assert s["cos"] == pytest.approx(dot / math.sqrt(sent * arrived), rel=1e-5)
     assert s["norm_ratio"] == pytest.approx(math.sqrt(arrived / sent), rel=1e-5)
+    # the rest: what arrived off the messages' own direction, taken as one vector
+    X, D = torch.cat(X).double(), torch.cat(D).double()
+    off = D - (D @ X) / (X @ X) * X
+    assert s["rest"] == pytest.approx((off.norm() / X.norm()).item(), rel=1e-5)
+    assert 0.3 < s["rest"] < 1  # earlier messages' rest: much of what arrives
     # the checkpoint keeps it (and one from before it was measured loads without it)
     st = ch.state_dict()
     back = Channel(make_codec("topk", k=0.25, error_feedback=True), src="a", dst="b",
@@ -261,19 +272,23 @@ def test_summary_fidelity_pools_every_message_of_a_kind():
     w = FidelityWindow(s)
     rows[1] = row("c->b", 7, 3.0, 16.0, 4.0)
     got = w.since(summarize([], rows, 8, dfa=False))
-    assert {k: got[k] for k in ("error_cos", "error_norm_ratio")} == pytest.approx(
-        {"error_cos": 1.0, "error_norm_ratio": 0.5})
+    assert {k: got[k] for k in ("error_cos", "error_norm_ratio", "error_rest")} == \
+        pytest.approx({"error_cos": 1.0, "error_norm_ratio": 0.5, "error_rest": 0.0})
     # and per link: only the one that sent since, with its own messages' figures
-    assert got["fidelity"] == {"error": {"c->b": pytest.approx({"cos": 1.0, "norm_ratio": 0.5})}}
+    assert got["fidelity"] == {"error": {"c->b": pytest.approx(
+        {"cos": 1.0, "norm_ratio": 0.5, "rest": 0.0})}}
     # two links sending: each its own window, and the kind's pools both
     rows[0] = row("b->a", 2, 2.0, 8.0, 2.0)  # one more: dot 0, |x|^2 4, |d|^2 1
     rows[1] = row("c->b", 9, 5.0, 20.0, 6.0)  # two more: dot 2, |x|^2 4, |d|^2 2
     got = w.since(summarize([], rows, 11, dfa=False))
     assert list(got["fidelity"]["error"]) == ["b->a", "c->b"]  # the summary's order
-    assert got["fidelity"]["error"]["b->a"] == pytest.approx({"cos": 0.0, "norm_ratio": 0.5})
+    # b->a: all of what arrived is off the message's direction (cos 0), |d| = |x| / 2
+    assert got["fidelity"]["error"]["b->a"] == pytest.approx(
+        {"cos": 0.0, "norm_ratio": 0.5, "rest": 0.5})
     assert got["fidelity"]["error"]["c->b"] == pytest.approx(
-        {"cos": 2.0 / math.sqrt(8.0), "norm_ratio": math.sqrt(0.5)})
+        {"cos": 2.0 / math.sqrt(8.0), "norm_ratio": math.sqrt(0.5), "rest": 0.5})
     assert got["error_cos"] == pytest.approx(2.0 / math.sqrt(8.0 * 3.0))
+    assert got["error_rest"] == pytest.approx(math.sqrt(3.0 / 8.0 - (2.0 / 8.0) ** 2))
     assert w.since(summarize([], rows, 11, dfa=False)) == {}  # nothing sent since
 
 

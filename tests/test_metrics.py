@@ -334,7 +334,8 @@ def test_each_epoch_says_what_arrived_of_its_own_messages_and_the_endpoint_the_l
         # per link: the mlp's one boundary is one link of each kind, whose messages are
         # all of the kind's, and the endpoint names it
         (link, f), = lines[-1]["fidelity"][kind].items()
-        assert f == pytest.approx({"cos": per_epoch[-1], "norm_ratio": ratios[-1]})
+        assert f == pytest.approx({"cos": per_epoch[-1], "norm_ratio": ratios[-1],
+                                   "rest": lines[-1][f"{kind}_rest"]})
         assert value(s, "localnet_link_cos", kind=kind, link=link) == pytest.approx(f["cos"])
         assert value(s, "localnet_link_norm_ratio", kind=kind, link=link) == pytest.approx(
             f["norm_ratio"])

@@ -437,6 +437,16 @@ def test_fidelity_plot_draws_what_arrived_on_each_link_each_epoch(tmp_path):
     dashed = [y for style, x, y in drawn if style == "--" and x == steps]
     assert len(dashed) == 2 and all(y == pytest.approx([1.0, 1.0]) for y in dashed)
     assert len(drawn) == 4
+    # beside it, the rest: sign's well off each error's direction, fp32's none at all
+    assert "fidelity_rest.png" in [Path(f).name for f in res["files"]]
+    fig = fidelity_figure([load_run(tmp_path / "sign")], "rest")
+    (ax,) = [a for a in fig.axes if a.get_visible() and a.get_lines()]
+    lines_drawn = [(ln.get_linestyle(), list(ln.get_ydata())) for ln in ax.get_lines()]
+    assert [y for style, y in lines_drawn if style == "-"] == [
+        [line["fidelity"]["error"][link]["rest"] for line in lines]
+        for link in ("fc2->fc1", "head->fc2")]
+    assert all(0.3 < v < 1 for style, y in lines_drawn if style == "-" for v in y)
+    assert [y for style, y in lines_drawn if style == "--"] == [[0.0, 0.0]] * 2
     res = report([tmp_path / "plain"], tmp_path / "out2")
     assert "channel.enabled" in res["skipped"]["fidelity.png"]
 
