@@ -360,6 +360,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict,
                      "test_loss": summary.get("test_loss", float("nan")),
                      "error_bits_per_sample": ch.get("error_bits_per_sample", float("nan")),
                      "error_cos": _or_nan(ch.get("error_cos")),
+                     "error_rest": _or_nan(ch.get("error_rest")),
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name, "loss_above_chance": _above_chance(summary),
                      **_settings(p, cfg, swept)})

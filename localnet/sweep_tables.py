@@ -20,7 +20,7 @@ from pathlib import Path
 from .sweep_plot import SEED, finished
 
 COLUMNS = ["rule", "restriction", "test_accuracy", "test_loss", "error_bits_per_sample",
-           "error_cos", "wall_s", "status", "point", "loss_above_chance"]
+           "error_cos", "error_rest", "wall_s", "status", "point", "loss_above_chance"]
 
 
 def _text(pairs) -> str:

@@ -125,6 +125,12 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert cos["fa", "error.codec=fp32"] == 1.0
     assert cos["fa", "error.codec=sign"] == pytest.approx(ch["error_cos"])
     assert 0.3 < cos["fa", "error.codec=sign"] < 0.95
+    # and what arrived besides each message's direction: none under fp32
+    rest = {(r["rule"], r["restriction"]): float(r["error_rest"]) for r in rows}
+    assert rest["fa", "error.codec=fp32"] == 0.0
+    assert rest["fa", "error.codec=sign"] == pytest.approx(ch["error_rest"])
+    assert rest["fa", "error.codec=sign"] == pytest.approx(
+        ch["error_norm_ratio"] * math.sqrt(1 - ch["error_cos"] ** 2))
     assert f"| {ch['error_cos']:.3f} |" in md
     stamp = summary.stat().st_mtime_ns
 
