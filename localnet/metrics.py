@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .channels.channel import FIGURES
 from .files import write_json
 from .ledger import MessageLog
 from .timing import OPS, StageTimer, cpu_parts
@@ -84,6 +85,10 @@ METRICS: list[tuple[str, MetricSpec]] = [
     (RUN, MetricSpec("localnet_channel_norm_ratio", "gauge", ("kind",),
                      "with channels: |decoded| / |sent| over the last epoch's messages "
                      "taken as one, per kind")),
+    (RUN, MetricSpec("localnet_channel_rest", "gauge", ("kind",),
+                     "with channels: what the receivers decoded besides the messages' own "
+                     "direction, over the messages' size, the last epoch's taken as one, "
+                     "per kind (norm ratio x sqrt(1 - cos^2))")),
     (RUN, MetricSpec("localnet_bubble_fraction", "gauge", (),
                      "idle share of the stages' time during training steps: summed wait over "
                      "(stages x step wall time), over the last poll window")),
@@ -123,6 +128,9 @@ METRICS: list[tuple[str, MetricSpec]] = [
     (EDGE, MetricSpec("localnet_link_norm_ratio", "gauge", ("kind", "link"),
                       "with channels: |decoded| / |sent| over a link's last epoch's messages "
                       "taken as one")),
+    (EDGE, MetricSpec("localnet_link_rest", "gauge", ("kind", "link"),
+                      "with channels: what a link's receiver decoded besides its messages' "
+                      "own direction, over their size, the last epoch's taken as one")),
     (LAYER, MetricSpec("localnet_alignment_angle_degrees", "gauge", ("layer",),
                        "angle between W and the feedback matrix the rule sends errors through "
                        "(B; B_p R for PFA; W for BP)")),
@@ -274,7 +282,8 @@ class Metrics:
                      "learning_rate", "weight_decay", "samples_per_second", "bubble_fraction",
                      "alignment_angle_degrees", "feedback_norm_ratio",
                      "bp_update_angle_degrees", "actor_gpu_memory_bytes", "channel_cos",
-                     "channel_norm_ratio", "link_cos", "link_norm_ratio"):
+                     "channel_norm_ratio", "channel_rest", "link_cos", "link_norm_ratio",
+                     "link_rest"):
             setattr(self, name, make(f"localnet_{name}"))
         self.train_samples = make("localnet_train_samples_total")
         self.recoveries = make("localnet_recoveries_total")
@@ -561,12 +570,13 @@ class RunObserver:
                 mt.accuracy.labels(split).set(line[f"{split}_accuracy"])
         mt.alignment_values(line.get("alignment", {}))
         for kind in ("activation", "error"):  # (kinds whose messages were measured)
-            for k in ("cos", "norm_ratio"):
+            for k in FIGURES:
                 if line.get(f"{kind}_{k}") is not None:
                     getattr(mt, f"channel_{k}").labels(kind).set(line[f"{kind}_{k}"])
             for link, f in (line.get("fidelity") or {}).get(kind, {}).items():
-                for k in ("cos", "norm_ratio"):
-                    getattr(mt, f"link_{k}").labels(kind, link).set(f[k])
+                for k in FIGURES:
+                    if f.get(k) is not None:
+                        getattr(mt, f"link_{k}").labels(kind, link).set(f[k])
         if cur is not None:
             mt.ledger.update(cur)  # this process's counts: counters restart with it
 

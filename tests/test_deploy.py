@@ -213,7 +213,7 @@ def test_dashboard_panels_and_queries():
     assert {"localnet_alignment_angle_degrees", "localnet_message_bytes_total",
             "localnet_actor_samples_total", "localnet_actor_wait_seconds_sum",
             "localnet_loss", "localnet_accuracy", "localnet_link_cos",
-            "localnet_link_norm_ratio"} <= used
+            "localnet_link_rest"} <= used
     var = {v["name"]: v for v in d["templating"]["list"]}
     assert var["datasource"]["query"] == "prometheus" and "localnet_step" in var["instance"]["definition"]
 

@@ -339,6 +339,9 @@ def test_each_epoch_says_what_arrived_of_its_own_messages_and_the_endpoint_the_l
         assert value(s, "localnet_link_cos", kind=kind, link=link) == pytest.approx(f["cos"])
         assert value(s, "localnet_link_norm_ratio", kind=kind, link=link) == pytest.approx(
             f["norm_ratio"])
+        assert value(s, "localnet_link_rest", kind=kind, link=link) == pytest.approx(f["rest"])
+        assert value(s, "localnet_channel_rest", kind=kind) == pytest.approx(
+            lines[-1][f"{kind}_rest"])
     # one-scale sign: |x|_1 / (sqrt(n) |x|_2) of each message, in (0, 1]
     assert 0 < lines[-1]["error_cos"] < 1 and lines[-1]["activation_cos"] > 0.99
 
