@@ -281,9 +281,9 @@ class Metrics:
         for name in ("step", "total_steps", "epoch", "loss", "batch_loss", "accuracy",
                      "learning_rate", "weight_decay", "samples_per_second", "bubble_fraction",
                      "alignment_angle_degrees", "feedback_norm_ratio",
-                     "bp_update_angle_degrees", "actor_gpu_memory_bytes", "channel_cos",
-                     "channel_norm_ratio", "channel_rest", "link_cos", "link_norm_ratio",
-                     "link_rest"):
+                     "bp_update_angle_degrees", "actor_gpu_memory_bytes",
+                     # each channel figure, per kind and per link (epoch_end sets them)
+                     *(f"{scope}_{k}" for scope in ("channel", "link") for k in FIGURES)):
             setattr(self, name, make(f"localnet_{name}"))
         self.train_samples = make("localnet_train_samples_total")
         self.recoveries = make("localnet_recoveries_total")
