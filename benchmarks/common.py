@@ -27,15 +27,9 @@ def hardware_cpu() -> str:
     """CPU model, cores, torch and Python versions."""
     import torch
 
-    model = platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    from localnet.timing import cpu_kind
+
+    return (f"{cpu_kind()['model']}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 

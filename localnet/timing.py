@@ -1,5 +1,6 @@
-"""`StageTimer`: the time each forward, backward and update of a stage takes; and
-`machine_cpu_s`: what the whole machine's cores did meanwhile.
+"""`StageTimer`: the time each forward, backward and update of a stage takes;
+`machine_cpu_s`: what the whole machine's cores did meanwhile; and `cpu_kind`: which
+CPU did it.
 
 Shared by both executors (the in-process run times its stages, each Ray actor its own)
 and read by metrics.py, so it lives with neither.
@@ -8,6 +9,7 @@ and read by metrics.py, so it lives with neither.
 from __future__ import annotations
 
 import os
+import platform
 import time
 
 OPS = ("forward", "backward", "update")
@@ -130,3 +132,30 @@ def cpu_since(before: dict | None) -> dict[str, float]:
     if before is None or now is None:
         return {}
     return {k: now[k] - before[k] for k in now}
+
+
+def cpu_kind() -> dict[str, str]:
+    """This machine's CPU as a run records it: {"model", "id", "capability"}.  torch picks
+    its kernels by the CPU's instruction set (`capability`: AVX2, AVX512, ...), so one
+    command computes the same to the bit on one kind of CPU and differs in the last bits
+    on another; a run that blows up grows those bits into other accuracies (RESULTS.md,
+    "the same command on two boxes").  `id` tells apart CPUs sold under one name (x86:
+    vendor, family, model, stepping)."""
+    import torch
+
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first core's block names them all
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    ident = [fields.get(k) for k in ("vendor_id", "cpu family", "model", "stepping")]
+    return {"model": fields.get("model name") or platform.processor() or platform.machine()
+            or "unknown",
+            "id": " ".join(f"{k} {v}" for k, v in zip(("vendor", "family", "model",
+                                                       "stepping"), ident) if v),
+            "capability": torch.backends.cpu.get_cpu_capability()}

@@ -48,7 +48,7 @@ from .timeline import Timeline
 from .progress import StartupStatus, TrainProgress
 from .resume import (STOPPED, finished_summary, keep_recorded, logged_train_loss,
                      refuse_nothing_to_train, restore, saved_cuts)
-from .timing import cpu_since, machine_cpu_s
+from .timing import cpu_kind, cpu_since, machine_cpu_s
 from .watchdog import SIGTERM_SEEN
 
 
@@ -642,6 +642,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
         "norm_ratio": {n: a["norm_ratio"] for n, a in alignment.items()},
         "transports_weights": rule.transports_weights,
         "seed": cfg.seed, "torch": torch.__version__, "host": platform.node(),
+        # this process's CPU (an in-process run's compute; a Ray run's actors may be on
+        # other nodes): one command ends differently on two kinds, so a sweep says when
+        # its runs mixed them
+        "cpu": cpu_kind(),
         "runtime": {k: v for k, v in ex.runtime_info().items() if k != "actor_info"},
         # per kind count and bytes, parameter_bytes: the run's (a resumed one's earlier
         # processes too), as messages.json counts them

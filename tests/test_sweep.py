@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+import torch
 import yaml
 
 from localnet.cli import main
@@ -132,6 +133,11 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert rest["fa", "error.codec=sign"] == pytest.approx(
         ch["error_norm_ratio"] * math.sqrt(1 - ch["error_cos"] ** 2))
     assert f"| {ch['error_cos']:.3f} |" in md
+    # each run's CPU, as its summary records it: one kind here, so sweep.md says nothing
+    kind = json.loads(summary.read_text())["cpu"]
+    assert kind["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert {r["cpu"] for r in rows} == {f"{kind['model']} ({kind['id']}; {kind['capability']})"}
+    assert "kinds of CPU" not in md
     stamp = summary.stat().st_mtime_ns
 
     # a rerun (through the CLI) does not redo finished points, beside the report of them
@@ -601,6 +607,24 @@ def test_the_means_over_seeds_count_the_runs_whose_logits_blew_up(tmp_path):
     calm = write_md(rows[:3], tmp_path / "calm.md", means[:1]).read_text()
     assert "huge" not in calm and \
         "| fa | error.q=64 | 3/3 | 0.9056 | 0.0033 | 8192.0 | 0.353 | 1.0 |\n" in calm
+
+
+def test_sweep_md_says_when_its_runs_ran_on_several_kinds_of_cpu(tmp_path):
+    """FA with one-bit errors on both links, seed 0, five epochs: 0.9163 on one AMD EPYC
+    box and a recorded 0.8844 on another, same command and training code (RESULTS.md).
+    A sweep whose runs ran on two kinds of CPU (--ray over a mixed cluster) names each
+    and its runs; one kind, or runs from before the CPU was recorded, add nothing."""
+    from localnet.sweep_tables import write_md
+    zen3, xeon = "AMD EPYC (vendor AuthenticAMD family 25 model 1; AVX2)", \
+        "Intel Xeon (vendor GenuineIntel family 6 model 143; AVX512)"
+    rows = [{"rule": "fa", "restriction": f"seed={i}", "point": f"p{i}", "test_accuracy": 0.9,
+             "test_loss": 0.3, "status": "ok", "error_bits_per_sample": 1025.0,
+             "wall_s": 1.0, "error_cos": 0.45, "cpu": cpu}
+            for i, cpu in enumerate([zen3, xeon, zen3, ""])]
+    md = write_md(rows, tmp_path / "mixed.md").read_text()
+    assert (f"These runs ran on 2 kinds of CPU: {zen3} (2 runs); {xeon} (1 run).") in md
+    for one in (rows[:1] + rows[2:], rows[1:2]):
+        assert "kinds of CPU" not in write_md(one, tmp_path / "one.md").read_text()
 
 
 def test_a_cost_counts_the_pairs_where_a_run_blew_up():
