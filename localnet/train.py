@@ -63,6 +63,21 @@ class NonFiniteLossError(DivergedError):
         return (type(self), (str(self), self.step))
 
 
+def _delivered(links: dict | None) -> str:
+    """The above-chance note's sentence on what each error link delivered this epoch."""
+    if not links:
+        return ""
+    each = "; ".join(f"{edge} cos {f['cos']:.2f}, rest {f['rest']:.2f}"
+                     for edge, f in links.items())
+    note = (f"  This epoch's error links, input to output, delivered: {each} (rest: what "
+            f"arrived besides each message's own direction, over its size).")
+    if max(f["rest"] for f in links.values()) >= 0.5:  # (fp32 links: nothing to spend on)
+        note += ("  A rest near 1 or more on one link can blow a rule up where a finer "
+                 "codec on that link alone (channel.edges) keeps it stable; "
+                 "localnet/channels/README.md, \"What error feedback keeps\".")
+    return note
+
+
 class _LossTrail:
     """The losses a divergence message quotes, so a user can tell whether the last
     checkpoint is worth going on from.  Step k's loss is computed on the weights that
@@ -100,8 +115,8 @@ class _LossTrail:
                 f"(train.lr is {cfg.train.lr:g}); README, \"Models\"")
 
     @staticmethod
-    def above_chance(last: dict, num_classes: int, epoch: int,
-                     cfg: Config) -> tuple[dict, str] | None:
+    def above_chance(last: dict, num_classes: int, epoch: int, cfg: Config,
+                     links: dict | None = None) -> tuple[dict, str] | None:
         """A record and a note when an epoch's mean training loss or its test loss is above
         ln C while the same images' accuracy is at least twice chance's.  An output that
         ignores its input scores ln C; one that classifies most images right and still
@@ -110,7 +125,10 @@ class _LossTrail:
         an error link's codec biases what arrives (topk without error feedback blows FA
         and DFA up at every rate tried), the note names it and the option that mends it.
         The loss stays finite, so nothing stops, and the accuracy alone reads as a rule
-        that learns a little worse."""
+        that learns a little worse.  `links`, the epoch's error links' fidelity ({edge:
+        {"cos", "rest", ...}}, input to output), goes into the note: which link delivered
+        what is where to spend bits (FA's one-bit errors blew it up through the last
+        link alone, at a rest near the message's own size)."""
         chance = math.log(num_classes)
         for where in ("train", "test"):
             loss, acc = last[f"{where}_loss"], last[f"{where}_accuracy"]
@@ -125,7 +143,7 @@ class _LossTrail:
                     f"logits have grown huge.  A rate past the largest at which the rule "
                     f"trains stably does this (train.lr is {cfg.train.lr:g}; try a lower "
                     f"one), and so can an error channel that no lower rate mends; README, "
-                    f"\"Models\".{biases}")
+                    f"\"Models\".{biases}{_delivered(links)}")
         return None
 
     def diverged(self, what: str, step: int, epoch: int, cfg: Config,
@@ -599,7 +617,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
             if flat:
                 bar.note(flat)
                 flat_at = step
-            huge = trail.above_chance(last, data.num_classes, epoch, cfg)
+            huge = trail.above_chance(last, data.num_classes, epoch, cfg,
+                                      line.get("fidelity", {}).get("error"))
             if huge and not blown_noted:
                 bar.note(huge[1])
                 blown_noted = True

@@ -432,6 +432,37 @@ def test_huge_logits_name_the_error_codec_that_biases_what_arrives():
             assert note.count(named) == 1
 
 
+def test_huge_logits_say_what_each_error_link_delivered(tmp_path, capsys):
+    """FA on the MNIST MLP with one-bit errors (error feedback) on both links passed ln C
+    in epoch 4 of 5 at lr 0.005, and the last link alone did it: in epoch 5 fc2->fc1
+    delivered a cosine of 0.644 and a rest of 0.726 of its messages' size, head->fc2 0.287
+    and 0.965 (RESULTS.md).  The note gives each link's two figures, input to output, and
+    where a rest is that large, that a finer codec on one link can mend it; exact links
+    get their figures alone, and a run without channels neither."""
+    from localnet.train import _LossTrail
+
+    last = {"train_loss": 6.142, "train_accuracy": 0.8691, "test_loss": 4.116,
+            "test_accuracy": 0.9163}
+    cfg = small("rule.name=fa", "channel.error.codec=sign", "channel.error.error_feedback=true")
+    one_bit = {"fc2->fc1": {"cos": 0.644, "norm_ratio": 1.0, "rest": 0.726},
+               "head->fc2": {"cos": 0.287, "norm_ratio": 1.006, "rest": 0.965}}
+    exact = {e: {"cos": 1.0, "norm_ratio": 1.0, "rest": 0.0} for e in one_bit}
+    advice = "A rest near 1 or more on one link can blow a rule up"
+    notes = [_LossTrail.above_chance(last, 10, 4, cfg, links)[1]
+             for links in (one_bit, exact, None)]
+    assert ("This epoch's error links, input to output, delivered: fc2->fc1 cos 0.64, "
+            "rest 0.73; head->fc2 cos 0.29, rest 0.96") in notes[0] and advice in notes[0]
+    assert "fc2->fc1 cos 1.00, rest 0.00; head->fc2 cos 1.00, rest 0.00" in notes[1] \
+        and advice not in notes[1]
+    assert "error links" not in notes[2]
+    # end to end: the run's own epoch records reach the note (exact links, accounted)
+    blown = train(small("rule.name=bp", "train.lr=0.5", "channel.enabled=true"),
+                  tmp_path / "blown", progress=False)
+    assert blown["loss_above_chance"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "delivered: head->fc1 cos 1.00, rest 0.00 (rest:" in err and advice not in err
+
+
 def test_a_loss_that_sits_at_ln_c_is_noted_as_an_output_that_ignores_its_input(tmp_path,
                                                                               capsys):
     """ResNet-56 at 0.1 from its first step ended at a constant output, and nothing said so
