@@ -41,8 +41,8 @@ from pathlib import Path
 import yaml
 
 from .config import flat_settings, setting_text
-from .files import counted, lock_holder
-from .timing import busy_s
+from .files import counted, first_few, lock_holder
+from .timing import busy_s, cpu_label
 
 
 @dataclass
@@ -126,7 +126,8 @@ class Run:
                 "state": self.state(), "stopped": self.stopped,
                 "resumed_with": s.get("resumed_with"),
                 "constant_output": s.get("constant_output"),
-                "loss_above_chance": s.get("loss_above_chance")}
+                "loss_above_chance": s.get("loss_above_chance"),
+                "cpu": cpu_label(s.get("cpu"))}
 
     def cores_busy(self) -> float | None:
         """The share of the machine's cores busy while the run trained (summary.json
@@ -647,6 +648,7 @@ def table(runs: list[Run]):
                                                for k, (a, b) in c["settings"].items())
         for c in r["resumed_with"])) for r in rows if r.get("resumed_with")]
     below += _differences_below(runs)
+    below += _cpus_below(rows)
     # a run that learned nothing after some step: its accuracy alone reads as a poor rule
     below += [Text(f"{r['run']}: the training loss sat at {r['constant_output']['loss']:g} (ln "
                    f"of the classes: an output that ignores its input) by step "
@@ -701,6 +703,25 @@ def _differences_below(runs: list[Run]) -> list:
     more = [Text(f"  ... the first {MAX_PANELS} of {len(diff)} runs; --json lists every run's")
             ] if len(diff) > MAX_PANELS else []
     return [Text("what differs between the runs (their config.yaml):"), grid, *more]
+
+
+def _cpus_below(rows: list[dict]) -> list:
+    """Which runs ran on which kind of CPU, where they ran on more than one: the same
+    settings end differently on two kinds (torch's kernels round differently), far
+    apart where the logits blew up, so such runs' accuracies compare less than their
+    settings say."""
+    from rich.text import Text
+
+    kinds: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("cpu"):
+            kinds.setdefault(r["cpu"], []).append(r["run"])
+    if len(kinds) < 2:
+        return []
+    return [Text(f"these runs ran on {len(kinds)} kinds of CPU, whose kernels round "
+                 f"differently (the same settings end elsewhere on each; RESULTS.md, \"the "
+                 f"same command on two boxes\"):")] + [
+        Text(f"  {kind}: {first_few(labels)}") for kind, labels in kinds.items()]
 
 
 def report(paths, out: str | Path | None = None) -> dict:

@@ -37,6 +37,7 @@ from .config import ConfigError, load_config, value_at
 from .files import LOCK, counted, first_few, run_lock
 from .sweep_plot import write_png
 from .sweep_tables import restriction, write_tables
+from .timing import cpu_label
 
 
 def parse_grid(items: list[str], flag: str = "--grid") -> list[tuple[str, list[str]]]:
@@ -363,7 +364,7 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict,
                      "error_rest": _or_nan(ch.get("error_rest")),
                      "wall_s": summary.get("wall_s", float("nan")), "status": status,
                      "point": name, "loss_above_chance": _above_chance(summary),
-                     "cpu": _cpu(summary.get("cpu")),
+                     "cpu": cpu_label(summary.get("cpu")),
                      **_settings(p, cfg, swept)})
     files, seeds, cost = write_tables(rows, pts, out, same, vary_keys)
     files.append(write_png(rows, pts, out / "sweep.png", same, cost))
@@ -373,12 +374,6 @@ def _sweep(pts, cfgs, out: Path, log, jobs: int, use_ray: bool, same: dict,
 
 def _or_nan(v) -> float:
     return float("nan") if v is None else float(v)  # (a run from before it was measured)
-
-
-def _cpu(kind: dict | None) -> str:
-    """A run's CPU (train.py's `cpu_kind`) as sweep.csv's text; empty for a run from
-    before runs recorded it."""
-    return f"{kind['model']} ({kind['id']}; {kind['capability']})" if kind else ""
 
 
 def _above_chance(summary: dict) -> str:

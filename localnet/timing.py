@@ -159,3 +159,9 @@ def cpu_kind() -> dict[str, str]:
             "id": " ".join(f"{k} {v}" for k, v in zip(("vendor", "family", "model",
                                                        "stepping"), ident) if v),
             "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def cpu_label(kind: dict | None) -> str:
+    """A recorded `cpu_kind` as one line of text; empty for a run from before runs
+    recorded it."""
+    return f"{kind['model']} ({kind['id']}; {kind['capability']})" if kind else ""
