@@ -41,8 +41,8 @@ from pathlib import Path
 import yaml
 
 from .config import flat_settings, setting_text
-from .files import counted, first_few, lock_holder
-from .timing import busy_s, cpu_label
+from .files import counted, lock_holder
+from .timing import busy_s, cpu_kinds, cpu_label
 
 
 @dataclass
@@ -706,22 +706,15 @@ def _differences_below(runs: list[Run]) -> list:
 
 
 def _cpus_below(rows: list[dict]) -> list:
-    """Which runs ran on which kind of CPU, where they ran on more than one: the same
-    settings end differently on two kinds (torch's kernels round differently), far
-    apart where the logits blew up, so such runs' accuracies compare less than their
-    settings say."""
+    """Which runs ran on which kind of CPU, where they ran on more than one."""
     from rich.text import Text
 
-    kinds: dict[str, list[str]] = {}
-    for r in rows:
-        if r.get("cpu"):
-            kinds.setdefault(r["cpu"], []).append(r["run"])
-    if len(kinds) < 2:
+    kinds = cpu_kinds(rows, "run")
+    if not kinds:
         return []
     return [Text(f"these runs ran on {len(kinds)} kinds of CPU, whose kernels round "
                  f"differently (the same settings end elsewhere on each; RESULTS.md, \"the "
-                 f"same command on two boxes\"):")] + [
-        Text(f"  {kind}: {first_few(labels)}") for kind, labels in kinds.items()]
+                 f"same command on two boxes\"):")] + [Text(f"  {k}") for k in kinds]
 
 
 def report(paths, out: str | Path | None = None) -> dict:

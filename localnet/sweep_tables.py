@@ -12,14 +12,13 @@ means with overlapping deviations do not.
 
 from __future__ import annotations
 
-import collections
 import csv
 import math
 import statistics
 from pathlib import Path
 
-from .files import counted
 from .sweep_plot import SEED, finished
+from .timing import cpu_kinds
 
 COLUMNS = ["rule", "restriction", "test_accuracy", "test_loss", "error_bits_per_sample",
            "error_cos", "error_rest", "wall_s", "status", "point", "loss_above_chance", "cpu"]
@@ -113,7 +112,13 @@ def write_md(rows: list[dict], path: Path, seeds: list[dict] | None = None,
                   "past the largest at which the rule trains stably does this, and so can an "
                   "error channel that no lower rate mends:", ""]
         lines += [f"- {r['rule']}, {r['restriction']}: {r['loss_above_chance']}" for r in huge]
-    lines += cpu_kinds(rows)
+    kinds = cpu_kinds(rows, "point")
+    if kinds:
+        lines += ["", f"These runs ran on {len(kinds)} kinds of CPU, whose kernels round "
+                  f"differently: the same point can end elsewhere on each, far apart where "
+                  f"its logits blew up, so compare such points on one kind "
+                  f"(benchmarks/RESULTS.md, \"the same command on two boxes\"):", ""]
+        lines += [f"- {k}" for k in kinds]
     lines += ["", "error cos: the cosine between the error messages the senders made and what "
               "the receivers decoded, all of a run's taken as one (1: they arrive in their "
               "own direction; localnet/channels/README.md, \"What arrives of each message\")."]
@@ -185,22 +190,6 @@ def costs_markdown(rows: list[dict]) -> list[str]:
         + f" {c['restriction']} | {c['pairs']} | "
         f"{_num(c['points_lost'], '+.2f')} | {_num(c['se'], '.2f')} | "
         f"{_num(c['bits_ratio'], '.3f')} |" + (f" {c['huge']} |" if huge else "") for c in rows]
-
-
-def cpu_kinds(rows: list[dict]) -> list[str]:
-    """A paragraph where the runs ran on more than one kind of CPU (`--ray` over a mixed
-    cluster, or a sweep resumed on another box), else none: one kind computes a point the
-    same to the bit every time, two differ in the last bits, and a run that blows up
-    grows them into accuracies far apart."""
-    kinds = collections.Counter(r["cpu"] for r in rows if r.get("cpu"))
-    if len(kinds) < 2:
-        return []
-    return ["", f"These runs ran on {len(kinds)} kinds of CPU: "
-            + "; ".join(f"{k} ({counted(n, 'run')})" for k, n in kinds.most_common())
-            + ".  torch's kernels differ in the last bits from one to another, so the same "
-            "point can end differently on each, and far apart where its logits blew up; "
-            "compare such points on one kind (benchmarks/RESULTS.md, \"the same command on "
-            "two boxes\")."]
 
 
 def write_tables(rows: list[dict], pts: list[list[tuple[str, str]]], out: Path,

@@ -12,6 +12,8 @@ import os
 import platform
 import time
 
+from .files import counted, first_few
+
 OPS = ("forward", "backward", "update")
 # calls per op kept one by one between two reads: with nobody reading (metrics off), a
 # long run would otherwise grow every actor's lists without bound; older calls fold into
@@ -165,3 +167,19 @@ def cpu_label(kind: dict | None) -> str:
     """A recorded `cpu_kind` as one line of text; empty for a run from before runs
     recorded it."""
     return f"{kind['model']} ({kind['id']}; {kind['capability']})" if kind else ""
+
+
+def cpu_kinds(rows: list[dict], name: str) -> list[str]:
+    """Where rows (a sweep's or a report's, each with its `cpu_label` under "cpu") ran
+    on more than one kind of CPU, a line per kind: its runs, counted and the first few
+    named by `name`; else none.  One kind computes a run the same to the bit every
+    time, two differ in the last bits, and a run that blows up grows them into
+    accuracies far apart, so such runs compare less than their settings say."""
+    kinds: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("cpu"):
+            kinds.setdefault(r["cpu"], []).append(str(r[name]))
+    if len(kinds) < 2:
+        return []
+    return [f"{kind}: {counted(len(names), 'run')} ({first_few(names)})"
+            for kind, names in kinds.items()]

@@ -572,5 +572,5 @@ def test_the_table_says_which_runs_ran_on_which_kind_of_cpu(tmp_path, capsys):
     assert main(["report", *dirs, "--out", str(tmp_path / "r")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "these runs ran on 2 kinds of CPU" in out
-    assert f"{here['model']} ({here['id']}; {here['capability']}): a " in out
-    assert "Intel Xeon (vendor GenuineIntel family 6 model 143; AVX512): b" in out
+    assert f"{here['model']} ({here['id']}; {here['capability']}): 1 run (a) " in out
+    assert "Intel Xeon (vendor GenuineIntel family 6 model 143; AVX512): 1 run (b)" in out

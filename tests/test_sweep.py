@@ -622,7 +622,8 @@ def test_sweep_md_says_when_its_runs_ran_on_several_kinds_of_cpu(tmp_path):
              "wall_s": 1.0, "error_cos": 0.45, "cpu": cpu}
             for i, cpu in enumerate([zen3, xeon, zen3, ""])]
     md = write_md(rows, tmp_path / "mixed.md").read_text()
-    assert (f"These runs ran on 2 kinds of CPU: {zen3} (2 runs); {xeon} (1 run).") in md
+    assert "These runs ran on 2 kinds of CPU, whose kernels round differently" in md
+    assert f"\n- {zen3}: 2 runs (p0, p2)\n- {xeon}: 1 run (p1)\n" in md
     for one in (rows[:1] + rows[2:], rows[1:2]):
         assert "kinds of CPU" not in write_md(one, tmp_path / "one.md").read_text()
 
