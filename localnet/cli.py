@@ -19,7 +19,7 @@ from .cli_run import cmd_run, sigterm_stops, stopped_by
 from .config import ConfigError, dump_config, load_config
 from .data import DatasetError
 from .files import counted
-from .report import RunDirError
+from .runs import RunDirError
 
 
 def _versions() -> str:
@@ -209,7 +209,7 @@ def _cmd_simulate(args) -> int:
                            call_cost=args.call_cost, hop_cost_per_mib=args.hop_cost_per_mib,
                            costs=costs)
     if args.plot:
-        from .report import plot_timeline  # matplotlib only when asked for
+        from .report_plots import plot_timeline  # matplotlib only when asked for
 
         plot_timeline(plan, Path(args.plot))
     if args.json:

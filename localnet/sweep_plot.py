@@ -134,12 +134,12 @@ def write_png(rows: list[dict], pts: list[list[tuple[str, str]]], path: Path,
               same: dict | None = None, cost: list[dict] | None = None) -> Path:
     from matplotlib.lines import Line2D
 
-    from .report import _colors, _panels
+    from .report_plots import color_list, panel_grid
 
     per_key = panels(rows, pts, same)
-    fig, axes = _panels(1 + len(per_key) + bool(cost))
+    fig, axes = panel_grid(1 + len(per_key) + bool(cost))
     rules = list(dict.fromkeys(r["rule"] for r in rows))
-    colour = dict(zip(rules, _colors(len(rules))))
+    colour = dict(zip(rules, color_list(len(rules))))
     ax = axes[0]
     drawn = 0
     for rule in rules:

@@ -16,7 +16,8 @@ from localnet.cli import main
 from localnet.config import load_config, parse_override, value_at
 from localnet.files import run_lock
 from localnet.ledger import MessageLog
-from localnet.report import MAX_PANELS, STATE_LEGEND, load_run, report
+from localnet.report import MAX_PANELS, STATE_LEGEND, report
+from localnet.runs import load_run
 from localnet.ledger import Ledger
 from localnet.train import train
 
@@ -110,7 +111,8 @@ def test_report_writes_plots_and_rows(runs, tmp_path):
 def test_norm_ratio_plot_draws_each_layers_feedback_over_weight_norm(runs):
     """norm_ratio.png: the records' |feedback| / |W| per layer, on an axis from 0 (FA's
     B is fixed, so a falling line is W growing); a record without the field is skipped."""
-    from localnet.report import Run, layer_angles_figure
+    from localnet.report_plots import layer_angles_figure
+    from localnet.runs import Run
 
     fa = load_run(runs / "fa")
     want = {layer: [(r["step"], r["alignment"][layer]["norm_ratio"]) for r in fa.steps]
@@ -148,7 +150,7 @@ def test_a_run_without_a_summary_is_running_killed_or_elsewhere(runs, tmp_path):
 def test_a_stopped_runs_state_says_where_its_checkpoint_is(tmp_path):
     """A resume goes on from the checkpoint, so the state names it where it is behind the
     last step trained (those steps are trained again), or says none was saved."""
-    from localnet.report import Run
+    from localnet.runs import Run
     def state(**stopped):
         return Run(tmp_path, "r", stopped={"how": "interrupted", **stopped}).state()
     assert state(after_step=40, checkpoint_step=20) == "interrupted after step 40, checkpoint 20"
@@ -240,7 +242,7 @@ def test_default_output_directory_and_errors(runs, tmp_path, capsys, monkeypatch
 def test_edges_are_listed_in_the_pipelines_order():
     """stage10->stage9 after stage2->stage1, not between stage1 and stage2 as plain string
     order puts it (messages.png lists the edges by this key)."""
-    from localnet.report import natural_key
+    from localnet.report_plots import natural_key
     names = ["stage10->stage9", "stage2->stage1", "driver->stage0", "stage9->stage10",
              "stage1->stage2", "stage10->driver"]
     assert sorted(names, key=natural_key) == [
@@ -254,7 +256,8 @@ def test_the_edges_of_a_per_layer_run_have_room_for_their_names():
     the per-layer run beside a per-unit one; and one legend below names every kind."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from localnet.report import Run, messages_figure
+    from localnet.report_plots import messages_figure
+    from localnet.runs import Run
 
     def run(label, stages):
         edges = {"driver->stage0": {"activation": {"bytes": 4000}}}
@@ -290,7 +293,8 @@ def test_the_layers_of_a_deep_run_are_told_apart_by_a_colour_bar():
     depth names the first and the last; a few layers keep a legend inside the panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from localnet.report import LEGEND_LAYERS, Run, layer_angles_figure
+    from localnet.report_plots import LEGEND_LAYERS, layer_angles_figure
+    from localnet.runs import Run
 
     def run(n):
         names = ["stem.conv"] + [f"layer{i}.conv" for i in range(1, n - 1)] + ["head.fc"]
@@ -317,7 +321,8 @@ def test_a_sweep_points_long_name_stays_over_its_own_panel():
     next panel.  Wrapped, each title lies within its panel's width."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from localnet.report import Run, layer_angles_figure
+    from localnet.report_plots import layer_angles_figure
+    from localnet.runs import Run
 
     name = ("rule.name-fa__channel.edges-_1_error_codec_sign_error_feedback_true_2_error_"
             "codec_sign_two_scales_true_error_feedback_true___seed-0")
@@ -334,7 +339,7 @@ def test_a_sweep_points_long_name_stays_over_its_own_panel():
 
 
 def test_actions_fill_is_the_share_of_the_cores_the_actions_kept_busy():
-    from localnet.report import actions_fill
+    from localnet.report_plots import actions_fill
     tl = {"spans": [[0, "F", 1, 0, 0.0, 1.0], [1, "F", 1, 0, 1.0, 2.0],
                     [0, "B", 1, 0, 2.0, 3.0], [1, "B", 1, 0, 1.5, 4.0]]}
     assert actions_fill(tl, 1) == pytest.approx(5.5 / 4)  # more than one core's worth
@@ -346,7 +351,8 @@ def test_curves_of_many_runs_keep_them_apart_and_a_diverged_one_off_the_scale():
     """A sweep's directory: 12 runs, one of which diverged.  Ten colours repeated, each
     panel's legend listed every series over the curves, and the diverged run's loss set the
     scale (1e16), pressing the others against the axis."""
-    from localnet.report import Run, curves_figure
+    from localnet.report_plots import curves_figure
+    from localnet.runs import Run
     runs = []
     for i in range(12):
         loss = [2.3, 1.0, 0.5] if i else [2.3, 40.0, 1e16]
@@ -370,7 +376,8 @@ def test_curves_of_many_runs_keep_them_apart_and_a_diverged_one_off_the_scale():
 def test_curves_of_one_epoch_share_the_loss_panels_steps():
     """A one-epoch run logs its batches' loss from step 1 and its accuracy only at the
     epoch's end: both panels read optimizer steps, so both span the same steps."""
-    from localnet.report import Run, curves_figure
+    from localnet.report_plots import curves_figure
+    from localnet.runs import Run
     run = Run(Path("p"), "p", steps=[{"step": s, "loss": 2.3 - 0.1 * s} for s in (1, 5)],
               epochs=[{"step": 10, "train_loss": 1.5, "test_loss": 1.4,
                        "test_accuracy": 0.5}])
@@ -414,7 +421,7 @@ def test_fidelity_plot_draws_what_arrived_on_each_link_each_epoch(tmp_path):
     """A line per link through each epoch's own figure, in the model's order: mlp 16-16,
     two boundaries, sign errors (cos below 1, each epoch its own) and lossless fp32
     activations (cos 1), dashed.  A run without channels has no such plot."""
-    from localnet.report import fidelity_figure
+    from localnet.report_plots import fidelity_figure
 
     base = ["data.name=synthetic", "model.name=mlp", "model.widths=[16,16]",
             "train.batch_size=32", "train.epochs=2", "train.lr=0.002", "rule.name=fa",
@@ -455,7 +462,8 @@ def test_fidelity_plot_draws_what_arrived_on_each_link_each_epoch(tmp_path):
 def test_curves_of_a_sweeps_many_runs_are_coloured_by_rule():
     """Beyond 20 runs no colour tells a run apart, and a line each filled the legend (198
     runs: a figure 3,500 pixels wide, the panels a strip): a colour per rule instead."""
-    from localnet.report import Run, curves_figure
+    from localnet.report_plots import curves_figure
+    from localnet.runs import Run
     rules = ["fa", "kp", "pfa"]
     runs = [Run(Path(f"p{i}"), f"p{i}", summary={"rule": rules[i % 3]}, epochs=[
         {"step": 10, "test_loss": 1.0, "test_accuracy": 0.5}]) for i in range(21)]

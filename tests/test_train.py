@@ -170,7 +170,7 @@ def test_a_run_resumed_under_other_settings_keeps_what_each_step_trained_with(tm
     monkeypatch.undo()
     # the 2-epoch run's summary went as the run went on: it is not done, and says how
     # it stopped (the summary kept would have made it "done" with the old accuracy)
-    from localnet.report import load_run
+    from localnet.runs import load_run
 
     assert not (run / "summary.json").exists()
     assert load_run(run).state() == "interrupted after step 32"
