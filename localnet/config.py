@@ -413,6 +413,9 @@ class LinkConfig(PluginSection):
     delay: int = Field(0, ge=0, description="messages arrive this many steps late")
     drop: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
     bandwidth: float | None = Field(None, gt=0, description="bytes/s cap (accounted)")
+    noise: float = Field(0.0, ge=0, description="Gaussian noise added to what arrives, each "
+                         "sample's at this many times its root mean square (an unbiased "
+                         "rest of about this size)")
 
     @model_validator(mode="after")
     def _codec_options(self):
@@ -430,8 +433,9 @@ class EdgeChannelConfig(Section):
 
 
 class ChannelConfig(Section):
-    """Communication-restricted learning (localnet/channels): codecs, delay, drop and
-    bandwidth on the activations (up) and errors (down) between stages."""
+    """Communication-restricted learning (localnet/channels): codecs and bandwidth on the
+    activations (up) and errors (down) between stages; delay, drop and noise on the
+    errors."""
 
     enabled: bool | None = Field(None, description="None: on iff anything differs from the "
                                  "defaults; true: always (fp32 is still accounted); false: off")
@@ -454,12 +458,13 @@ class ChannelConfig(Section):
                     raise ValueError("\n  ".join(
                         _keyed(f"channel.edges.{key}.{kind}", e) for e in err.errors())) from None
             link = merge_link(self.activation.model_dump(), over.activation)
-            if link["delay"] or link["drop"]:
-                raise ValueError(f"channel.edges.{key}.activation: delay/drop on "
+            if link["delay"] or link["drop"] or link["noise"]:
+                raise ValueError(f"channel.edges.{key}.activation: delay/drop/noise on "
                                  "activations are not modelled (use codecs/bandwidth)")
-        if self.activation.delay or self.activation.drop:
-            raise ValueError("channel.activation: delay/drop on activations are not modelled "
-                             "(faults apply to the error path; use codecs/bandwidth here)")
+        if self.activation.delay or self.activation.drop or self.activation.noise:
+            raise ValueError("channel.activation: delay/drop/noise on activations are not "
+                             "modelled (faults apply to the error path; use codecs/bandwidth "
+                             "here)")
         return self
 
     def active(self) -> bool:

@@ -68,14 +68,33 @@ def _delivered(links: dict | None) -> str:
     if not links:
         return ""
     each = "; ".join(f"{edge} cos {f['cos']:.2f}, rest {f['rest']:.2f}"
+                     + (f" (noise {f['noise']:g})" if f.get("noise") else "")
                      for edge, f in links.items())
     note = (f"  This epoch's error links, input to output, delivered: {each} (rest: what "
             f"arrived besides each message's own direction, over its size).")
-    if max(f["rest"] for f in links.values()) >= 0.5:  # (fp32 links: nothing to spend on)
+    # a link's noise r is a rest of about r by itself, orthogonal to the codec's: what
+    # is left is the codec's, which a finer one would spend bits on
+    codec_rest = [math.sqrt(max(f["rest"] ** 2 - (f.get("noise") or 0.0) ** 2, 0.0))
+                  for f in links.values()]
+    if max(codec_rest) >= 0.5:  # (fp32 links: nothing to spend on)
         note += ("  A rest near 1 or more on one link can blow a rule up where a finer "
                  "codec on that link alone (channel.edges) keeps it stable; "
                  "localnet/channels/README.md, \"What error feedback keeps\".")
+    noisy = [edge for edge, f in links.items() if (f.get("noise") or 0.0) >= 0.5]
+    if noisy:
+        note += (f"  The noise set on {', '.join(noisy)} is a rest of its size by itself "
+                 f"(channel: noise).")
     return note
+
+
+def _links_with_noise(fidelity: dict | None, links: dict | None) -> dict | None:
+    """An epoch's error-link fidelity ({edge: {"cos", "rest", ...}}), each link with the
+    noise it was set to (its channel summary's), for the above-chance note."""
+    if not fidelity:
+        return fidelity
+    errors = (links or {}).get("error") or {}
+    return {edge: {**f, "noise": (errors.get(edge) or {}).get("noise") or 0.0}
+            for edge, f in fidelity.items()}
 
 
 class _LossTrail:
@@ -607,8 +626,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                     "weight_decay": wd, "train_s": epoch_s,
                     "samples_per_s": (seen - seen0) / epoch_s if epoch_s > 0 else 0.0,
                     "alignment": ex.alignment()}
-            if fidelity is not None:
-                line.update(fidelity.since(_channel_summary(ex)))
+            links = _channel_summary(ex) if fidelity is not None else None
+            if links is not None:
+                line.update(fidelity.since(links))
             metrics_f.write(json.dumps(line) + "\n")
             metrics_f.flush()
             obs.epoch_end(line, samples_seen)
@@ -618,7 +638,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool, data, 
                 bar.note(flat)
                 flat_at = step
             huge = trail.above_chance(last, data.num_classes, epoch, cfg,
-                                      line.get("fidelity", {}).get("error"))
+                                      _links_with_noise(line.get("fidelity", {}).get("error"), links))
             if huge and not blown_noted:
                 bar.note(huge[1])
                 blown_noted = True

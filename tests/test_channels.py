@@ -440,6 +440,50 @@ def test_channel_delay_and_drop():
     assert all(ch.transmit(torch.ones(3)) is None for _ in range(10))
 
 
+def test_noise_is_an_unbiased_rest_of_its_size_per_sample_and_both_ends_agree():
+    """noise r: what arrives is x plus Gaussian noise r times each sample's own size,
+    for samples 10^-3 and 10^3 alike, and unbiased; so the link's rest is r and its
+    cosine 1/sqrt(1 + r^2).  The receiver decodes the very noise the sender measured."""
+    r = 0.7
+    ch = Channel(make_codec("fp32"), src="a", dst="b", kind="error", noise=r, seed=3)
+    scale = torch.logspace(-3, 3, 8).reshape(8, 1)
+    rel, standard, dot = [], [], 0.0
+    for _ in range(50):
+        x = torch.randn(8, 256, dtype=torch.float64).float() * scale
+        d = ch.transmit(x)
+        rel.append((d - x).norm(dim=1) / x.norm(dim=1))
+        standard.append((d - x) / (r * x.pow(2).mean(1, keepdim=True).sqrt()))
+        dot += float((d.double() * x.double()).sum())
+    per_sample = torch.stack(rel).mean(0)  # each sample scale's noise over its own size
+    assert torch.allclose(per_sample, torch.full((8,), r), rtol=0.02), per_sample
+    z = torch.stack(standard)
+    assert abs(float(z.mean())) < 0.03 and float(z.std()) == pytest.approx(1.0, abs=0.02)
+    st = ch.stats(8)
+    assert st["noise"] == r and st["bytes"] == 50 * 8 * 256 * 4  # no byte for the noise
+    assert st["rest"] == pytest.approx(r, rel=0.03)
+    assert st["cos"] == pytest.approx(1 / math.sqrt(1 + r * r), rel=0.01)
+    assert ch.fidelity_sums()[1] == pytest.approx(dot, rel=1e-5)  # the receiver's own d
+    # on a lossy codec the noise is sized to the decode, and adds to the codec's rest
+    plain = Channel(make_codec("sign"), src="a", dst="b", kind="error", seed=3)
+    noisy = Channel(make_codec("sign"), src="a", dst="b", kind="error", seed=3, noise=0.5)
+    x = torch.randn(64, 512)
+    a, b = plain.transmit(x), noisy.transmit(x)
+    assert float(((b - a).norm(dim=1) / a.norm(dim=1)).mean()) == pytest.approx(0.5, rel=0.03)
+    # orthogonal to x and to the codec's own rest: the squares add, the noise's at 0.5
+    # of the decode's size (sign's norm ratio, sqrt(2/pi) here)
+    p, n = plain.stats(64), noisy.stats(64)
+    assert n["rest"] == pytest.approx(math.hypot(p["rest"], 0.5 * p["norm_ratio"]), rel=0.02)
+    assert n["cos"] * n["norm_ratio"] == pytest.approx(p["cos"] * p["norm_ratio"], rel=0.01)
+    # the seed travels with the message, so a queued (delayed) message keeps its noise
+    enc, _ = noisy.encode(x)
+    back = unpack(*pack(enc))
+    assert back.noise == enc.noise and enc.noise[1] == 0.5
+    payload, meta = pack(enc)
+    for bad in ([1], [-1, 0.5], [1, -0.5], [1, float("nan")], "x"):
+        with pytest.raises(ValueError, match="noise"):
+            unpack(payload, {**meta, "nz": bad})
+
+
 def test_joined_errors_wait_for_every_part_of_the_same_forward():
     """Two links, the second a forward behind: each forward's parts join in order, a lost
     part counts as zero, all lost is LOST, and the parts held survive a state round trip."""
@@ -586,12 +630,15 @@ def test_edge_overrides_by_name_and_config_validation():
     assert [c.codec.name for c in ch.errors] == ["sign", "fp32"]
     assert [c.codec.name for c in ch.activations] == ["fp32", "fp16"]
     assert [c.edge for c in ch.errors] == ["fc2->fc1", "head->fc2"]
-    with pytest.raises(ConfigError, match="codec"):
-        small("channel.error.codec=float8")
-    with pytest.raises(ConfigError, match="edges.1.error"):
-        small("channel.edges={1: {error: {drop: 2}}}")
-    with pytest.raises(ConfigError, match="activation"):
-        small("channel.activation.delay=1")
+    for bad, named in [("channel.error.codec=float8", "codec"),
+                       ("channel.edges={1: {error: {drop: 2}}}", "edges.1.error"),
+                       ("channel.activation.delay=1", "activation"),
+                       ("channel.activation.noise=0.1", "activation"),
+                       ("channel.edges={fc1->fc2: {activation: {noise: 0.1}}}",
+                        "edges.fc1->fc2.activation"),
+                       ("channel.error.noise=-1", "channel.error.noise")]:
+        with pytest.raises(ConfigError, match=named):
+            small(bad)
     # in-process, the stages are cut where runtime.partition cuts the actors
     from localnet.runtime.ray_executor import RayExecutor
     two = small("channel.error.codec=sign", "runtime.partition={stages: 2}")
@@ -621,7 +668,8 @@ RUNTIME_LINKS = [
     ("fa", "gpipe", ["channel.error.codec=int8", "channel.error.drop=0.3",
                      "channel.activation.codec=fp16"]),
     ("kp", "1f1b", ["channel.error.codec=topk", "channel.error.k=0.25",
-                    "channel.error.error_feedback=true", "channel.error.delay=1"]),
+                    "channel.error.error_feedback=true", "channel.error.delay=1",
+                    "channel.error.noise=0.5"]),
     ("dfa", "gpipe", ["channel.error.codec=sign", "channel.error.two_scales=true",
                       "channel.error.drop=0.5", "channel.activation.codec=ternary",
                       "channel.edges={1: {error: {codec: lowrank, q: 3}}}"]),

@@ -665,7 +665,7 @@ def test_an_actor_lost_right_after_a_checkpoint_is_written_replays_nothing(
 
 
 LOSSY = {"activation": {"codec": "topk", "k": 0.3, "error_feedback": True},
-         "error": {"codec": "lowrank", "q": 2, "drop": 0.1, "delay": 1}}
+         "error": {"codec": "lowrank", "q": 2, "drop": 0.1, "delay": 1, "noise": 0.2}}
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "async"])
@@ -674,8 +674,9 @@ def test_recovery_replays_to_exactly_the_uninterrupted_run(actors, spawner, tmp_
                                                            schedule, partition):
     """An actor killed between checkpoints: the run ends with every weight and feedback
     weight bit-identical to the same run never interrupted -- also through lossy links
-    (top-k residuals, low-rank counters and drop draws are checkpointed) -- and its
-    ledger counts what that run's does, an evaluation since the checkpoint included."""
+    (top-k residuals, low-rank counters, drop draws and queued noise seeds are
+    checkpointed) -- and its ledger counts what that run's does, an evaluation since the
+    checkpoint included."""
     model, shape = (RESNET8, IMG) if partition == "per_layer" else (MLP, SHAPE)
     cfg = cfg_for("kp", schedule, model=model, m=2, bs=8,
                   partition="per_layer" if partition == "per_layer" else "per_unit")
@@ -853,7 +854,8 @@ def test_train_on_ray_checkpoints_per_actor_and_summarises(ray_session, tmp_path
 
 # ---------------------------------------------------------------------------- channels
 @pytest.mark.parametrize("rule, channel", [
-    ("fa", {"error": {"codec": "int8", "drop": 0.3}, "activation": {"codec": "fp16"}}),
+    ("fa", {"error": {"codec": "int8", "drop": 0.3, "noise": 0.5},
+            "activation": {"codec": "fp16"}}),
     ("dfa", {"error": {"codec": "sign", "delay": 1, "drop": 0.2}}),
 ])
 def test_ray_channels_match_inprocess_channels(actors, rule, channel):

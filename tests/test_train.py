@@ -455,12 +455,27 @@ def test_huge_logits_say_what_each_error_link_delivered(tmp_path, capsys):
     assert "fc2->fc1 cos 1.00, rest 0.00; head->fc2 cos 1.00, rest 0.00" in notes[1] \
         and advice not in notes[1]
     assert "error links" not in notes[2]
+    # a link's own noise is a rest by itself, not the codec's: no codec to refine there
+    noisy = {"fc2->fc1": {"cos": 0.99, "norm_ratio": 1.0, "rest": 0.1, "noise": 0.0},
+             "head->fc2": {"cos": 0.74, "norm_ratio": 1.35, "rest": 0.91, "noise": 0.9}}
+    note = _LossTrail.above_chance(last, 10, 4, cfg, noisy)[1]
+    assert "head->fc2 cos 0.74, rest 0.91 (noise 0.9)" in note and advice not in note
+    assert "The noise set on head->fc2 is a rest of its size by itself" in note
+    noisy["head->fc2"]["noise"] = 0.3  # the rest beyond it is the codec's, 0.86
+    note = _LossTrail.above_chance(last, 10, 4, cfg, noisy)[1]
+    assert advice in note and "The noise set on" not in note
     # end to end: the run's own epoch records reach the note (exact links, accounted)
     blown = train(small("rule.name=bp", "train.lr=0.5", "channel.enabled=true"),
                   tmp_path / "blown", progress=False)
     assert blown["loss_above_chance"]
     err = " ".join(capsys.readouterr().err.split())
     assert "delivered: head->fc1 cos 1.00, rest 0.00 (rest:" in err and advice not in err
+    # and the noise set on a link, from the run's own channel summary
+    train(small("rule.name=bp", "train.lr=0.5", "channel.error.noise=0.8"), tmp_path / "noisy",
+          progress=False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert re.search(r"delivered: head->fc1 cos 0\.\d\d, rest 0\.[78]\d \(noise 0\.8\)", err)
+    assert "The noise set on head->fc1 is a rest" in err
 
 
 def test_a_loss_that_sits_at_ln_c_is_noted_as_an_output_that_ignores_its_input(tmp_path,

@@ -17,6 +17,12 @@ Semantics (per message; a step carries `slots_per_step` messages, one per micro-
              WAIT down (a stage below a delayed edge waits for the sum of the delays).
   bandwidth  bytes/s cap.  Accounted: `bandwidth_s` is the time the traffic would take at
              that cap.  With `enforce=True` the sender also sleeps that long per message.
+  noise r    what arrives is the decode plus Gaussian noise, each sample's of standard
+             deviation r times that sample's root mean square, so its squared size is
+             r^2 times the sample's: an unbiased rest of about r on any codec
+             (`with_noise`).  The sender draws a seed from the channel's stream and the
+             message carries it, so the sender's fidelity and the receiver see the same
+             noise; it costs no byte (the channel's model, not a message).
 
 Fidelity (`stats`: `cos`, `norm_ratio`): how much of its messages a link delivers.
 With x each message the sender's stage made and d what the receiver decodes, taken over
@@ -59,11 +65,13 @@ def edge_seed(seed: int, kind: str, src: str, dst: str) -> int:
 class Channel:
     def __init__(self, codec: Codec, *, src: str, dst: str, kind: str, delay: int = 0,
                  drop: float = 0.0, bandwidth: float | None = None, enforce: bool = False,
-                 seed: int = 0, slots_per_step: int = 1):
-        if delay < 0 or not 0.0 <= drop <= 1.0:
-            raise ValueError(f"channel {src}->{dst}: delay must be >= 0 and drop in [0, 1]")
+                 seed: int = 0, slots_per_step: int = 1, noise: float = 0.0):
+        if delay < 0 or not 0.0 <= drop <= 1.0 or not 0.0 <= noise < math.inf:
+            raise ValueError(f"channel {src}->{dst}: delay must be >= 0, drop in [0, 1] and "
+                             f"noise finite and >= 0")
         self.codec, self.src, self.dst, self.kind = codec, src, dst, kind
         self.delay, self.drop, self.bandwidth, self.enforce = delay, drop, bandwidth, enforce
+        self.noise = noise
         self.slots_per_step = slots_per_step
         self.rng = torch.Generator().manual_seed(seed)  # codec randomness and drops
         self.fifo: deque = deque()
@@ -92,7 +100,11 @@ class Channel:
         """The sender's half: encode x, count its bytes (a lost message was still sent),
         enforce the bandwidth cap, and draw whether the message is lost."""
         enc = self.codec.encode(x, self.rng)
-        self._measure(x, None if self.codec.lossless else self.codec.what_arrives(enc))
+        arrives = None if self.codec.lossless else self.codec.what_arrives(enc)
+        if self.noise:  # (drawn only on a noisy link: the others' streams are as before)
+            enc.noise = (int(torch.randint(2**62, (), generator=self.rng)), self.noise)
+            arrives = with_noise(x if arrives is None else arrives, enc.noise)
+        self._measure(x, arrives)
         n = enc.nbytes
         self.sent += 1
         self.bytes += n
@@ -140,7 +152,8 @@ class Channel:
             self.missing += 1
             return WAIT, None
         self.delivered += 1
-        return DATA, self.codec.decode(enc)
+        x = self.codec.decode(enc)
+        return DATA, with_noise(x, enc.noise) if enc.noise else x
 
     def receive(self) -> torch.Tensor | None:
         """The tensor due now, or None (lost, empty, or not arrived yet)."""
@@ -158,7 +171,8 @@ class Channel:
         return {"codec": self.codec.name, "messages": self.sent, "delivered": self.delivered,
                 "dropped": self.dropped, "not_yet_arrived": self.missing, "bytes": self.bytes,
                 "bytes_per_sample": self.bytes / samples if samples else 0.0,
-                "delay": self.delay, "drop": self.drop, "bandwidth": self.bandwidth,
+                "delay": self.delay, "drop": self.drop, "noise": self.noise,
+                "bandwidth": self.bandwidth,
                 "bandwidth_s": self.bandwidth_s, **fidelity(self.fidelity_sums())}
 
     def state_dict(self) -> dict:
@@ -184,6 +198,21 @@ class Channel:
         """Forget queued messages and codec state (counters and bytes are kept)."""
         self.fifo.clear()
         self.codec.reset()
+
+
+def with_noise(d: torch.Tensor, noise: tuple[int, float]) -> torch.Tensor:
+    """d plus Gaussian noise drawn from noise = (seed, r): each sample's (d's first
+    dimension) of standard deviation r times that sample's root mean square, so that the
+    noise's squared size is about r^2 times the sample's own.  Per sample, not per
+    message: errors differ across samples by orders of magnitude, and noise sized to the
+    message would bury the small ones.  Drawn on the CPU from the seed alone, so the
+    sender and the receiver, on any device, add the same."""
+    seed, r = noise
+    xi = torch.randn(d.shape, generator=torch.Generator().manual_seed(int(seed)))
+    df = d.float()
+    rows = df.reshape(d.shape[0], -1) if d.dim() > 1 else df.reshape(1, -1)
+    rms = rows.pow(2).mean(1).sqrt().reshape(-1, *([1] * (d.dim() - 1)))
+    return (df + (r * rms) * xi.to(d.device)).to(d.dtype)
 
 
 def fidelity(sums) -> dict:
@@ -319,7 +348,7 @@ class JoinedErrors:
         return any(self._parts)
 
 
-LINK_FAULTS = ("delay", "drop", "bandwidth")
+LINK_FAULTS = ("delay", "drop", "bandwidth", "noise")
 
 
 def merge_link(base: dict, over: dict) -> dict:
@@ -374,7 +403,7 @@ def make_channel(cfg, kind: str, src: str, dst: str, *, boundary: int | None = N
                        **{k: v for k, v in o.items() if k not in ("codec", *LINK_FAULTS)})
     return Channel(codec, src=src, dst=dst, kind=kind, delay=o["delay"], drop=o["drop"],
                    bandwidth=o["bandwidth"], enforce=cfg.enforce_bandwidth, seed=s,
-                   slots_per_step=slots_per_step)
+                   slots_per_step=slots_per_step, noise=o["noise"])
 
 
 def summarize(activations: list[dict], errors: list[dict], samples: int, dfa: bool) -> dict:

@@ -41,6 +41,10 @@ class Encoded:
     payload: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     scalar_bytes: int = 0  # bytes of scalars sent besides the payload tensors (in meta)
+    # the link's noise on this message, (seed, size): the receiver draws it from the
+    # seed, so both ends of a link add the same noise (channel.with_noise); the channel's
+    # model, not what a real link would send, so no byte of it counts
+    noise: tuple[int, float] | None = None
 
     @property
     def nbytes(self) -> int:

@@ -8,6 +8,9 @@ end to end as raw bytes, and the header's meta says how to cut them apart again:
                      "parts": [["q", "int8", [16, 32, 8, 8]], ["scale", "float32", [1, 1, 1, 1]]],
                      "m": {...codec scalars, e.g. low-rank's counter...}, "sb": 4}
 
+and on a link with `noise`, "nz": [seed, size], from which the receiver draws the noise the
+sender measured (`channel.with_noise`).
+
 A message the channel lost is sent as {"name": ..., "lost": true} with an empty payload
 (the receiver's step bookkeeping stays aligned, and it learns that nothing arrived); a
 sender with nothing to send (it received no error itself) sends {"name": ..., "empty":
@@ -47,12 +50,25 @@ def pack(enc: Encoded) -> tuple[np.ndarray, dict]:
     flat = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
     meta = {"name": enc.codec, "x": [_name(enc.dtype), list(enc.shape)], "parts": parts,
             "m": dict(enc.meta), "sb": int(enc.scalar_bytes)}
+    if enc.noise:
+        meta["nz"] = [int(enc.noise[0]), float(enc.noise[1])]
     return flat.numpy(), meta
 
 
 def marker(codec: str, what: str) -> tuple[np.ndarray, dict]:
     """The payload and meta of a lost (LOST), empty (EMPTY) or waiting (WAITING) slot."""
     return np.zeros(0, np.uint8), {"name": codec, what: True}
+
+
+def _noise(nz) -> tuple[int, float] | None:
+    """A message's noise entry, [seed, size], checked: the receiver draws from it."""
+    if nz is None:
+        return None
+    ok = isinstance(nz, (list, tuple)) and len(nz) == 2 and isinstance(nz[0], int) \
+        and isinstance(nz[1], (int, float)) and nz[0] >= 0 and 0 <= nz[1] < math.inf
+    if not ok:
+        raise ValueError(f"noise {nz!r}: [seed >= 0, finite size >= 0] expected")
+    return int(nz[0]), float(nz[1])
 
 
 def unpack(payload: np.ndarray, meta: dict) -> Encoded | None:
@@ -66,6 +82,7 @@ def unpack(payload: np.ndarray, meta: dict) -> Encoded | None:
         xdtype, xshape = _dtype(meta["x"][0]), tuple(int(n) for n in meta["x"][1])
         parts = [(str(k), _dtype(d), tuple(int(n) for n in s)) for k, d, s in meta["parts"]]
         name, m, sb = str(meta["name"]), dict(meta.get("m") or {}), int(meta.get("sb", 0))
+        noise = _noise(meta.get("nz"))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"malformed codec meta ({type(exc).__name__}: {exc})") from None
     if payload.dtype != np.uint8 or payload.ndim != 1:
@@ -78,4 +95,4 @@ def unpack(payload: np.ndarray, meta: dict) -> Encoded | None:
     for (key, d, s), n in zip(parts, sizes):
         out[key] = raw[at:at + n].clone().view(d).reshape(s)  # clone: aligned storage
         at += n
-    return Encoded(name, xshape, xdtype, out, m, sb)
+    return Encoded(name, xshape, xdtype, out, m, sb, noise)
