@@ -82,8 +82,11 @@ def _delivered(links: dict | None) -> str:
                  "localnet/channels/README.md, \"What error feedback keeps\".")
     noisy = [edge for edge, f in links.items() if (f.get("noise") or 0.0) >= 0.5]
     if noisy:
+        # FA's blow-up under noise followed lr x r on MNIST: half the rate bore twice
+        # the noise (localnet/channels/README.md)
         note += (f"  The noise set on {', '.join(noisy)} is a rest of its size by itself "
-                 f"(channel: noise).")
+                 f"(channel: noise); with fixed feedback (fa, dfa) the rate times the noise "
+                 f"is what counts, so half the rate bears twice the noise.")
     return note
 
 

@@ -461,6 +461,7 @@ def test_huge_logits_say_what_each_error_link_delivered(tmp_path, capsys):
     note = _LossTrail.above_chance(last, 10, 4, cfg, noisy)[1]
     assert "head->fc2 cos 0.74, rest 0.91 (noise 0.9)" in note and advice not in note
     assert "The noise set on head->fc2 is a rest of its size by itself" in note
+    assert "half the rate bears twice the noise" in note
     noisy["head->fc2"]["noise"] = 0.3  # the rest beyond it is the codec's, 0.86
     note = _LossTrail.above_chance(last, 10, 4, cfg, noisy)[1]
     assert advice in note and "The noise set on" not in note
