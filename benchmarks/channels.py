@@ -8,7 +8,8 @@
 
 One `localnet sweep` per setting (resumable: rerun the same command to finish it):
 rules bp, fa, kp, pfa, usf, dfa (--rules) x {every error codec, topk and sign with error
-feedback, delay 1 and 4, drop 0.1 and 0.5}, one restriction at a time (`--vary`),
+feedback, delay 1 and 4, drop 0.1 and 0.5, Gaussian noise 0.5 and 1 of each sample's
+size}, one restriction at a time (`--vary`),
 activations fp32.  Every point is a full training run in-process with a channel on every
 unit boundary.
 
@@ -83,7 +84,8 @@ def main(argv=None) -> dict:
     res = sweep(ROOT / CONFIGS[args.setting], grid, sets, out,
                 log=lambda m: print(m, flush=True), jobs=args.jobs,
                 vary_items=[f"channel.error.codec={CODECS}", f"channel.error={FED}",
-                            "channel.error.delay=1,4", "channel.error.drop=0.1,0.5"])
+                            "channel.error.delay=1,4", "channel.error.drop=0.1,0.5",
+                            "channel.error.noise=0.5,1"])
     rows = res["rows"]
     # int8's cost against the fp32 point, seed by seed (localnet/sweep_tables.py): with
     # seeds, the mean and its standard error; a rule checks only where every pair finished
