@@ -210,7 +210,7 @@ def with_noise(d: torch.Tensor, noise: tuple[int, float]) -> torch.Tensor:
     seed, r = noise
     xi = torch.randn(d.shape, generator=torch.Generator().manual_seed(int(seed)))
     df = d.float()
-    rows = df.reshape(d.shape[0], -1) if d.dim() > 1 else df.reshape(1, -1)
+    rows = df.flatten(1) if d.dim() > 1 else df.reshape(1, -1)  # (an empty batch too)
     rms = rows.pow(2).mean(1).sqrt().reshape(-1, *([1] * (d.dim() - 1)))
     return (df + (r * rms) * xi.to(d.device)).to(d.dtype)
 
